@@ -1,0 +1,377 @@
+"""The REST API: upstream's routes and response shapes, with upstream's defects fixed.
+
+404 for a missing id, 400 for every validation error, never 500 for bad input; errors are JSON
+`{"error": "..."}`. The OpenAPI schema is served at /openapi.json and browsable at /docs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import ipaddress
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import datetime
+from typing import TYPE_CHECKING, Annotated, Any
+
+import orjson
+import uvicorn
+from fastapi import Body, FastAPI, File, Query, Request, Response, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from core import __version__
+from core.config import ManagerSettings
+from core.domain import ZERO_TIME, Proplet, Task, TaskEvent, TaskState
+from core.errors import CoreError, InvalidRequest
+from core.schemas import InvokeBody, TaskCreate, TaskUpdate, format_validation_error
+
+if TYPE_CHECKING:
+    from core.service import ManagerCore
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 100 * 1024 * 1024
+_JSON_ROUTES = ("/tasks",)
+
+
+class ORJSONResponse(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def rfc3339(value: datetime | None) -> str:
+    ts = value or ZERO_TIME
+    text = ts.isoformat()
+    return text.replace("+00:00", "Z")
+
+
+def task_view(task: Task) -> dict[str, Any]:
+    """A task as upstream serialises it (state as a number, zero times), plus our fields."""
+    return {
+        "id": task.id,
+        "name": task.name,
+        "kind": task.kind,
+        "state": int(task.state),
+        "state_name": task.state.label,
+        "image_url": task.image_url,
+        "wasm_digest": task.wasm_digest,
+        "cli_args": task.cli_args,
+        "inputs": task.inputs,
+        "env": task.env,
+        "daemon": task.daemon,
+        "latent": task.latent,
+        "encrypted": task.encrypted,
+        "kbs_resource_path": task.kbs_resource_path,
+        "proplet_id": task.proplet_id,
+        "pinned": task.pinned,
+        "broadcast": task.broadcast,
+        "priority": task.priority,
+        "metadata": task.metadata,
+        "monitoring_profile": task.monitoring_profile,
+        "hal_storage_path": task.hal_storage_path,
+        "mode": task.mode,
+        "depends_on": task.depends_on,
+        "run_if": task.run_if,
+        "workflow_id": task.workflow_id,
+        "job_id": task.job_id,
+        "limits": task.limits.to_dict(),
+        "max_retries": task.max_retries,
+        "attempt": task.attempt,
+        "retries": task.retries,
+        "results": task.results,
+        "error": task.error,
+        "reason": task.reason,
+        "queued_at": rfc3339(task.queued_at),
+        "start_time": rfc3339(task.start_time),
+        "finish_time": rfc3339(task.finish_time),
+        "created_at": rfc3339(task.created_at),
+        "updated_at": rfc3339(task.updated_at),
+    }
+
+
+def event_view(e: TaskEvent) -> dict[str, Any]:
+    return {"state": int(e.state), "state_name": e.state.label, "at": rfc3339(e.at),
+            "attempt": e.attempt, "proplet_id": e.proplet_id, "detail": e.detail}
+
+
+def proplet_view(p: Proplet, running: list[str] | None = None) -> dict[str, Any]:
+    view: dict[str, Any] = {
+        "id": p.id,
+        "name": p.name,
+        "task_count": p.task_count,
+        "alive": p.online,
+        "namespace": p.namespace,
+        "metadata": p.metadata,
+        "offline_reason": p.offline_reason,
+    }
+    if p.last_alive_at is not None:
+        view["last_alive_at"] = rfc3339(p.last_alive_at)
+    if running is not None:
+        view["running_tasks"] = running
+    return view
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> ORJSONResponse:
+    return ORJSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _task_id(task_id: str) -> str:
+    try:
+        uuid.UUID(task_id)
+    except ValueError:
+        raise InvalidRequest(f"invalid task id {task_id!r}: task ids are UUIDs") from None
+    return task_id
+
+
+def _page(offset: int, limit: int, *, max_limit: int) -> None:
+    if offset < 0:
+        raise InvalidRequest("offset must not be negative")
+    if not 1 <= limit <= max_limit:
+        raise InvalidRequest(f"invalid limit size: limit must be between 1 and {max_limit}")
+
+
+def check_bind_is_safe(settings: ManagerSettings) -> None:
+    """Refuse to expose an unauthenticated API beyond this machine, unless told to."""
+    if settings.http_tokens or settings.http_allow_insecure:
+        return
+    host = settings.http_host
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback:
+        raise InvalidRequest(
+            f"Refusing to serve the REST API on {host} without authentication. Set MANAGER_HTTP_TOKENS "
+            "(bearer tokens clients must send), or MANAGER_HTTP_ALLOW_INSECURE=true if something in "
+            "front of the manager authenticates requests."
+        )
+
+
+def create_app(core: ManagerCore) -> FastAPI:
+    app = FastAPI(
+        title="Propeller manager",
+        version=__version__,
+        description="Tasks and proplets of a Propeller fleet (upstream-compatible routes).",
+        default_response_class=ORJSONResponse,
+    )
+    tokens = [t.encode() for t in core.settings.http_tokens]
+    metrics = core.metrics
+
+    @app.exception_handler(CoreError)
+    async def _core_error(request: Request, exc: CoreError) -> Response:
+        return _error(exc.status, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return _error(400, format_validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unexpected error in %s %s", request.method, request.url.path)
+        return _error(500, f"internal error ({type(exc).__name__}); see the manager log")
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next: Any) -> Response:
+        started = time.perf_counter()
+        path = request.url.path
+        if tokens and path != "/health":
+            header = request.headers.get("authorization", "")
+            scheme, _, given = header.partition(" ")
+            if scheme.lower() != "bearer" or not any(hmac.compare_digest(given.encode(), t) for t in tokens):
+                return _error(401, "missing or invalid bearer token (send 'Authorization: Bearer <token>')",
+                              {"WWW-Authenticate": "Bearer"})
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
+            return _error(413, f"request body over {MAX_BODY_BYTES // (1024 * 1024)} MiB")
+        if (request.method in ("POST", "PUT") and path.startswith(_JSON_ROUTES)
+                and not path.endswith("/upload") and length not in (None, "0")
+                and "application/json" not in request.headers.get("content-type", "")):
+            return _error(400, "unsupported content type: send JSON with 'Content-Type: application/json'")
+        response: Response = await call_next(request)
+        route = request.scope.get("route")
+        name = getattr(route, "name", None) or "unmatched"
+        metrics.api_requests.labels(name).inc()
+        metrics.api_latency.labels(name).observe(time.perf_counter() - started)
+        return response
+
+    # ---- service ------------------------------------------------------------------------
+
+    @app.get("/health", name="health")
+    async def health() -> dict[str, Any]:
+        status = core.status()
+        return {
+            "status": "pass", "version": __version__, "commit": "none", "description": "manager service",
+            "build_time": "unknown", "instance_id": core.settings.entity_id,
+            "broker": {"url": status.broker_url, "connected": status.broker_connected,
+                       "embedded": status.broker_embedded},
+            "store": status.store,
+        }
+
+    @app.get("/metrics", name="metrics", response_class=Response)
+    async def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4")
+
+    # ---- tasks --------------------------------------------------------------------------
+
+    @app.post("/tasks", name="create-task", status_code=201)
+    async def create_task(body: Annotated[TaskCreate, Body()], response: Response) -> dict[str, Any]:
+        task = await core.create_task(body)
+        response.headers["Location"] = f"/tasks/{task.id}"
+        return task_view(task)
+
+    @app.get("/tasks", name="list-tasks")
+    async def list_tasks(
+        offset: int = 0,
+        limit: int = 100,
+        metadata: Annotated[str | None, Query(description="JSON object the task metadata must contain")] = None,
+        state: Annotated[str | None, Query(description="Comma-separated states (names or numbers)")] = None,
+        proplet_id: str | None = None,
+    ) -> dict[str, Any]:
+        _page(offset, limit, max_limit=100)
+        meta = None
+        if metadata is not None:
+            try:
+                meta = orjson.loads(metadata)
+            except orjson.JSONDecodeError:
+                raise InvalidRequest("metadata must be a JSON object, e.g. {\"site\":\"a\"}") from None
+            if not isinstance(meta, dict):
+                raise InvalidRequest("metadata must be a JSON object, e.g. {\"site\":\"a\"}")
+        states = None
+        if state:
+            try:
+                states = [TaskState.parse(s) for s in state.split(",") if s.strip()]
+            except (KeyError, ValueError):
+                raise InvalidRequest(
+                    f"unknown state in {state!r}: use {', '.join(s.label for s in TaskState)}") from None
+        page = await core.list_tasks(offset=offset, limit=limit, metadata=meta, states=states,
+                                     proplet_id=proplet_id)
+        return {"offset": offset, "limit": limit, "total": page.total,
+                "tasks": [task_view(t) for t in page.items]}
+
+    @app.get("/tasks/{task_id}", name="get-task")
+    async def get_task(task_id: str) -> dict[str, Any]:
+        return task_view(await core.get_task(_task_id(task_id)))
+
+    @app.put("/tasks/{task_id}", name="update-task")
+    async def update_task(task_id: str, body: Annotated[TaskUpdate, Body()]) -> dict[str, Any]:
+        return task_view(await core.update_task(_task_id(task_id), body))
+
+    @app.put("/tasks/{task_id}/upload", name="upload-task-file")
+    async def upload(task_id: str, file: Annotated[UploadFile, File(description="a .wasm module")]) -> dict[str, Any]:
+        data = await file.read()
+        return task_view(await core.upload_file(_task_id(task_id), file.filename or "", data))
+
+    @app.delete("/tasks/{task_id}", name="delete-task", status_code=204, response_class=Response)
+    async def delete_task(task_id: str) -> Response:
+        await core.delete_task(_task_id(task_id))
+        return Response(status_code=204)
+
+    @app.post("/tasks/{task_id}/start", name="start-task")
+    async def start_task(task_id: str) -> dict[str, Any]:
+        await core.start_task(_task_id(task_id))
+        return {"started": True}
+
+    @app.post("/tasks/{task_id}/stop", name="stop-task")
+    async def stop_task(task_id: str) -> dict[str, Any]:
+        await core.stop_task(_task_id(task_id))
+        return {"stopped": True}
+
+    @app.post("/tasks/{task_id}/invoke", name="invoke-task")
+    async def invoke_task(task_id: str, body: Annotated[InvokeBody | None, Body()] = None) -> dict[str, Any]:
+        body = body or InvokeBody()
+        results = await core.invoke_task(_task_id(task_id), body.inputs, body.env)
+        return {"invoked": True, "results": results}
+
+    @app.get("/tasks/{task_id}/results", name="get-task-results")
+    async def task_results(task_id: str) -> dict[str, Any]:
+        task = await core.get_task(_task_id(task_id))
+        # Upstream answers an empty body when there is no result yet; we answer null.
+        return {"results": task.results, "error": task.error or None, "state": int(task.state)}
+
+    @app.get("/tasks/{task_id}/events", name="get-task-events")
+    async def task_events(task_id: str) -> dict[str, Any]:
+        events = await core.task_events(_task_id(task_id))
+        return {"events": [event_view(e) for e in events]}
+
+    @app.get("/tasks/{task_id}/metrics", name="get-task-metrics")
+    async def task_metrics(task_id: str, offset: int = 0, limit: int = 100) -> dict[str, Any]:
+        _page(offset, limit, max_limit=1000)
+        page = await core.task_metrics(_task_id(task_id), offset, limit)
+        return {"offset": offset, "limit": limit, "total": page.total, "metrics": [
+            {"task_id": m.task_id, "proplet_id": m.proplet_id, "metrics": m.metrics,
+             "aggregated": m.aggregated, "timestamp": rfc3339(m.timestamp)} for m in page.items]}
+
+    # ---- proplets -----------------------------------------------------------------------
+
+    @app.get("/proplets", name="list-proplets")
+    async def list_proplets(
+        offset: int = 0,
+        limit: int = 100,
+        status: Annotated[str | None, Query(description="active or inactive")] = None,
+    ) -> dict[str, Any]:
+        _page(offset, limit, max_limit=1000)
+        if status not in (None, "active", "inactive"):
+            raise InvalidRequest("status must be 'active' or 'inactive'")
+        online = None if status is None else status == "active"
+        items = core.list_proplets(online=online)
+        return {"offset": offset, "limit": limit, "total": len(items),
+                "proplets": [proplet_view(p) for p in items[offset:offset + limit]]}
+
+    @app.get("/proplets/{proplet_id}", name="get-proplet")
+    async def get_proplet(proplet_id: str) -> dict[str, Any]:
+        p = core.get_proplet(proplet_id)
+        return proplet_view(p, core.running_tasks(proplet_id))
+
+    @app.delete("/proplets/{proplet_id}", name="delete-proplet", status_code=204, response_class=Response)
+    async def delete_proplet(proplet_id: str) -> Response:
+        await core.delete_proplet(proplet_id)
+        return Response(status_code=204)
+
+    @app.get("/proplets/{proplet_id}/metrics", name="get-proplet-metrics")
+    async def proplet_metrics(proplet_id: str, offset: int = 0, limit: int = 100) -> dict[str, Any]:
+        _page(offset, limit, max_limit=1000)
+        page = await core.proplet_metrics(proplet_id, offset, limit)
+        return {"offset": offset, "limit": limit, "total": page.total, "metrics": [
+            {"proplet_id": m.proplet_id, "namespace": m.namespace, "timestamp": rfc3339(m.timestamp),
+             "cpu_metrics": m.cpu_metrics, "memory_metrics": m.memory_metrics} for m in page.items]}
+
+    @app.get("/proplets/{proplet_id}/alive-history", name="get-proplet-alive-history")
+    async def alive_history(proplet_id: str, offset: int = 0, limit: int = 100) -> dict[str, Any]:
+        _page(offset, limit, max_limit=10_000)
+        history = core.get_proplet(proplet_id).alive_history
+        return {"offset": offset, "limit": limit, "total": len(history),
+                "history": [rfc3339(t) for t in history[offset:offset + limit]]}
+
+    return app
+
+
+class ApiServer(uvicorn.Server):
+    """uvicorn without its signal handlers: the process entry point owns signals."""
+
+    def __init__(self, app: FastAPI, host: str, port: int) -> None:
+        super().__init__(uvicorn.Config(
+            app, host=host, port=port, log_level="warning", access_log=False, lifespan="off",
+            timeout_graceful_shutdown=5,
+        ))
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+    @property
+    def url(self) -> str:
+        sock = self.servers[0].sockets[0]
+        host, port = sock.getsockname()[:2]
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{port}"
+
+
+__all__ = ["ApiServer", "check_bind_is_safe", "create_app", "proplet_view", "task_view"]

@@ -1,0 +1,178 @@
+"""Serving artifacts as chunks over MQTT (upstream's registry protocol, §3.10).
+
+The manager serves its own large modules this way (refs `blob:sha256:<hex>`), and the proxy serves
+OCI artifacts. Both answer `registry/proplet` requests by publishing on `registry/server`.
+Beyond upstream: the artifact's digest and size travel with every chunk, a request may name only
+the chunks it is missing, a failed publish is retried instead of leaving a hole, and an artifact
+that cannot be served is answered with an error chunk instead of silence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from core import protocol
+from core.mqtt import BrokerUnavailable, MqttBus
+from core.protocol import ChunkMessage, RegistryRequest
+
+log = logging.getLogger(__name__)
+
+BLOB_PREFIX = "blob:"
+
+
+def blob_ref(digest: str) -> str:
+    return BLOB_PREFIX + digest
+
+
+def is_blob_ref(app_name: str) -> bool:
+    return app_name.startswith(BLOB_PREFIX)
+
+
+class ArtifactUnavailable(LookupError):
+    """The artifact cannot be served; the message is sent to the requester."""
+
+
+@dataclass(frozen=True, slots=True)
+class Artifact:
+    data: bytes
+    digest: str
+
+
+Resolver = Callable[[str], Awaitable[Artifact]]
+
+
+class ArtifactCache:
+    """Recently served artifacts, bounded by total bytes (evicts least recently used)."""
+
+    def __init__(self, max_bytes: int = 256 * 1024 * 1024) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, Artifact] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, key: str) -> Artifact | None:
+        item = self._items.get(key)
+        if item is not None:
+            self._items.move_to_end(key)
+        return item
+
+    def put(self, key: str, artifact: Artifact) -> None:
+        if len(artifact.data) > self.max_bytes:
+            return
+        old = self._items.pop(key, None)
+        if old is not None:
+            self._bytes -= len(old.data)
+        self._items[key] = artifact
+        self._bytes += len(artifact.data)
+        while self._bytes > self.max_bytes:
+            _, evicted = self._items.popitem(last=False)
+            self._bytes -= len(evicted.data)
+
+
+class ChunkServer:
+    """Answers registry requests for the refs `accepts` says are ours.
+
+    Requests wait in a bounded queue (overflow: refuse with an error chunk) and are served by a
+    few workers, so one large artifact does not hold up the others.
+    """
+
+    def __init__(
+        self,
+        bus: MqttBus,
+        chunk_topic: str,
+        *,
+        resolve: Resolver,
+        accepts: Callable[[str], bool],
+        chunk_size: int = protocol.UPSTREAM_CHUNK_SIZE,
+        workers: int = 4,
+        max_queued: int = 256,
+        window: int = 8,
+        cache: ArtifactCache | None = None,
+    ) -> None:
+        self.bus = bus
+        self.chunk_topic = chunk_topic
+        self.resolve = resolve
+        self.accepts = accepts
+        self.chunk_size = chunk_size
+        self.cache = cache or ArtifactCache()
+        self._queue: asyncio.Queue[RegistryRequest] = asyncio.Queue(maxsize=max_queued)
+        self._workers = workers
+        self._window = window
+        self.served = 0
+        self.refused = 0
+
+    def submit(self, request: RegistryRequest) -> bool:
+        """Queue a request we accept. Returns False when the ref is not ours."""
+        if not self.accepts(request.app_name):
+            return False
+        try:
+            self._queue.put_nowait(request)
+        except asyncio.QueueFull:
+            self.refused += 1
+            log.warning("chunk server busy: refusing %s (%d requests queued)",
+                        request.app_name, self._queue.qsize())
+            self.bus.send(self.chunk_topic, protocol.encode_chunk(ChunkMessage(
+                request.app_name, 0, 1, b"",
+                error="the chunk server is busy; the request was refused, try again")))
+        return True
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            for i in range(self._workers):
+                group.create_task(self._worker(), name=f"chunk-worker-{i}")
+
+    async def _worker(self) -> None:
+        while True:
+            request = await self._queue.get()
+            try:
+                await self.serve(request)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("serving %s failed", request.app_name)
+
+    async def artifact(self, app_name: str) -> Artifact:
+        cached = self.cache.get(app_name)
+        if cached is not None:
+            return cached
+        artifact = await self.resolve(app_name)
+        self.cache.put(app_name, artifact)
+        return artifact
+
+    async def serve(self, request: RegistryRequest) -> None:
+        try:
+            artifact = await self.artifact(request.app_name)
+        except ArtifactUnavailable as exc:
+            self.refused += 1
+            log.warning("cannot serve %s: %s", request.app_name, exc)
+            await self._publish(ChunkMessage(request.app_name, 0, 1, b"", error=str(exc)))
+            return
+        pieces = protocol.split_chunks(artifact.data, self.chunk_size)
+        total = len(pieces)
+        wanted = [i for i in request.missing if i < total] if request.missing else range(total)
+        slots = asyncio.Semaphore(self._window)
+
+        async def one(idx: int) -> None:
+            async with slots:
+                await self._publish(ChunkMessage(
+                    request.app_name, idx, total, pieces[idx],
+                    digest=artifact.digest, size=len(artifact.data)))
+
+        await asyncio.gather(*(one(i) for i in wanted))
+        self.served += 1
+        log.debug("served %s: %d of %d chunks", request.app_name, len(wanted), total)
+
+    async def _publish(self, message: ChunkMessage) -> None:
+        payload = protocol.encode_chunk(message)
+        while True:
+            try:
+                await self.bus.publish(self.chunk_topic, payload)
+                return
+            except BrokerUnavailable:
+                if self.bus.closing:
+                    return
+                # Retry rather than leave a hole the proplet only notices at its timeout.
+                log.warning("broker unavailable while publishing a chunk of %s; retrying", message.app_name)

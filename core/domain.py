@@ -1,0 +1,288 @@
+"""The manager's domain: tasks, proplets and their lifecycle.
+
+Nothing here knows about MQTT, SQL or HTTP. Adapters translate to and from these types.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import IntEnum, StrEnum
+from typing import Any
+
+# Upstream serialises unset times as Go's zero time; clients of the upstream API expect it.
+ZERO_TIME = datetime(1, 1, 1, tzinfo=UTC)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_task_id() -> str:
+    return str(uuid.uuid4())
+
+
+class TaskState(IntEnum):
+    """Task states with upstream's numeric values (they travel as JSON numbers)."""
+
+    PENDING = 0
+    SCHEDULED = 1
+    RUNNING = 2
+    COMPLETED = 3
+    FAILED = 4
+    SKIPPED = 5
+    INTERRUPTED = 6
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in _TERMINAL
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+    @classmethod
+    def parse(cls, value: str | int) -> TaskState:
+        """Accept a number, a numeric string or a name ("running", "Running")."""
+        if isinstance(value, int):
+            return cls(value)
+        text = value.strip()
+        if text.isdigit():
+            return cls(int(text))
+        return cls[text.upper()]
+
+
+_TERMINAL = frozenset(
+    {TaskState.COMPLETED, TaskState.FAILED, TaskState.SKIPPED, TaskState.INTERRUPTED}
+)
+
+# The transitions the manager performs. Anything else is a bug or a stale message.
+ALLOWED_TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
+    TaskState.PENDING: frozenset(
+        {TaskState.SCHEDULED, TaskState.RUNNING, TaskState.FAILED, TaskState.SKIPPED,
+         TaskState.INTERRUPTED}
+    ),
+    TaskState.SCHEDULED: frozenset(
+        {TaskState.PENDING, TaskState.RUNNING, TaskState.COMPLETED, TaskState.FAILED,
+         TaskState.INTERRUPTED}
+    ),
+    TaskState.RUNNING: frozenset(
+        {TaskState.PENDING, TaskState.COMPLETED, TaskState.FAILED, TaskState.INTERRUPTED}
+    ),
+    # A terminal task goes back to pending only when it is started again (a re-run).
+    TaskState.COMPLETED: frozenset({TaskState.PENDING}),
+    TaskState.FAILED: frozenset({TaskState.PENDING}),
+    TaskState.SKIPPED: frozenset({TaskState.PENDING}),
+    TaskState.INTERRUPTED: frozenset({TaskState.PENDING}),
+}
+
+
+class SchedulerPolicy(StrEnum):
+    ROUND_ROBIN = "round_robin"
+    LEAST_LOADED = "least_loaded"
+
+
+@dataclass(frozen=True, slots=True)
+class TaskLimits:
+    """Per-task sandbox limits (an extension; upstream peers ignore it)."""
+
+    timeout_s: float | None = None
+    fuel: int | None = None
+    memory_bytes: int | None = None
+
+    def is_empty(self) -> bool:
+        return self.timeout_s is None and self.fuel is None and self.memory_bytes is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass(slots=True)
+class Task:
+    """A unit of work: run the export `name` of a wasm module somewhere in the fleet."""
+
+    id: str
+    name: str
+    kind: str = "standard"
+    state: TaskState = TaskState.PENDING
+    image_url: str = ""
+    file: bytes = b""
+    wasm_digest: str = ""
+    cli_args: list[str] | None = None
+    inputs: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    daemon: bool = False
+    latent: bool = False
+    encrypted: bool = False
+    kbs_resource_path: str = ""
+    proplet_id: str = ""
+    # True when the user chose the proplet; otherwise proplet_id is where the scheduler sent it.
+    pinned: bool = False
+    broadcast: bool = False
+    priority: int = 50
+    metadata: dict[str, Any] = field(default_factory=dict)
+    monitoring_profile: dict[str, Any] | None = None
+    hal_storage_path: str | None = None
+    mode: str = ""
+    depends_on: list[str] = field(default_factory=list)
+    run_if: str = ""
+    workflow_id: str = ""
+    job_id: str = ""
+    limits: TaskLimits = field(default_factory=TaskLimits)
+    max_retries: int = 0
+    # Dispatches so far (0 before the first); proplets echo it so a stale result is recognised.
+    attempt: int = 0
+    # Retries used by the current run (a manual re-run starts again from 0).
+    retries: int = 0
+    results: Any = None
+    error: str = ""
+    # Why a pending task is still waiting (no live proplet, all slots taken, ...).
+    reason: str = ""
+    # Set when the task was asked to start; a pending task with it set is in the dispatch queue.
+    queued_at: datetime | None = None
+    start_time: datetime | None = None
+    finish_time: datetime | None = None
+    created_at: datetime = field(default_factory=utcnow)
+    updated_at: datetime = field(default_factory=utcnow)
+
+    def copy(self) -> Task:
+        return dataclasses.replace(
+            self,
+            inputs=list(self.inputs),
+            env=dict(self.env),
+            metadata=dict(self.metadata),
+            cli_args=None if self.cli_args is None else list(self.cli_args),
+            depends_on=list(self.depends_on),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TaskEvent:
+    """One persisted lifecycle transition: what the console's timeline shows."""
+
+    task_id: str
+    state: TaskState
+    at: datetime
+    attempt: int = 0
+    proplet_id: str = ""
+    detail: str = ""
+
+
+@dataclass(slots=True)
+class Proplet:
+    """An execution agent known to the manager."""
+
+    id: str
+    name: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    namespace: str = ""
+    alive_history: list[datetime] = field(default_factory=list)
+    online: bool = False
+    # Why the proplet was last marked offline (Last Will, heartbeat timeout).
+    offline_reason: str = ""
+    task_count: int = 0
+    created_at: datetime = field(default_factory=utcnow)
+
+    @property
+    def last_alive_at(self) -> datetime | None:
+        return self.alive_history[-1] if self.alive_history else None
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        caps = self.metadata.get("capabilities")
+        if isinstance(caps, list):
+            return frozenset(str(c) for c in caps)
+        return frozenset()
+
+    @property
+    def max_tasks(self) -> int | None:
+        """Concurrent task slots the proplet announced (None: it did not say)."""
+        value = self.metadata.get("max_concurrent_tasks")
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+        return None
+
+    def copy(self) -> Proplet:
+        return dataclasses.replace(
+            self, metadata=dict(self.metadata), alive_history=list(self.alive_history)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PropletMetrics:
+    proplet_id: str
+    namespace: str
+    timestamp: datetime
+    cpu_metrics: dict[str, Any]
+    memory_metrics: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskMetrics:
+    task_id: str
+    proplet_id: str
+    timestamp: datetime
+    metrics: dict[str, Any]
+    aggregated: dict[str, Any] | None = None
+
+
+# ---- events the core emits (past tense; the console and tests subscribe to them) ----
+
+
+@dataclass(frozen=True, slots=True)
+class TaskStateChanged:
+    task_id: str
+    name: str
+    old: TaskState
+    new: TaskState
+    at: datetime
+    proplet_id: str = ""
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskDeleted:
+    task_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class PropletCameOnline:
+    proplet_id: str
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class PropletWentOffline:
+    proplet_id: str
+    at: datetime
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class PropletHeartbeat:
+    proplet_id: str
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class PropletMetricsReceived:
+    metrics: PropletMetrics
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRejected:
+    topic: str
+    reason: str
+
+
+CoreEvent = (
+    TaskStateChanged
+    | TaskDeleted
+    | PropletCameOnline
+    | PropletWentOffline
+    | PropletHeartbeat
+    | PropletMetricsReceived
+    | MessageRejected
+)

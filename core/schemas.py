@@ -1,0 +1,226 @@
+"""Request bodies shared by the REST API and the console, validated in one place."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from core.domain import Task, TaskLimits, new_task_id
+from core.errors import InvalidRequest
+
+WASM_MAGIC = b"\0asm"
+MAX_METADATA_BYTES = 1024 * 1024
+
+
+class LimitsBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    timeout_s: float | None = Field(default=None, gt=0, description="Wall-clock limit in seconds.")
+    fuel: int | None = Field(default=None, gt=0, description="Instruction budget (wasmtime fuel).")
+    memory_bytes: int | None = Field(default=None, gt=0, description="Largest linear memory in bytes.")
+
+    def to_domain(self) -> TaskLimits:
+        return TaskLimits(self.timeout_s, self.fuel, self.memory_bytes)
+
+
+def _inputs_as_text(value: Any) -> Any:
+    """Upstream's FlexStrings: strings stay, numbers keep their literal text (5 -> "5")."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        return value
+    out = []
+    for i, item in enumerate(value):
+        if isinstance(item, str):
+            out.append(item)
+        elif isinstance(item, (int, float)) and not isinstance(item, bool):
+            out.append(orjson.dumps(item).decode())
+        else:
+            raise ValueError(f"inputs[{i}]: expected string or number")
+    return out
+
+
+def decode_module(text: str, field_name: str = "file") -> bytes:
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"'{field_name}' must be standard base64") from None
+    if data and not data.startswith(WASM_MAGIC):
+        raise ValueError(f"'{field_name}' is not a WebAssembly module (it does not start with \\0asm)")
+    return data
+
+
+class TaskCreate(BaseModel):
+    """A new task. Unknown fields are ignored, as upstream does."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(min_length=1, description="Export to call (for a WASI command: _start or main).")
+    kind: Literal["standard", "federated"] = "standard"
+    image_url: str = Field(default="", description="OCI reference (via the proxy) or http(s):// URL of the module.")
+    file: str = Field(default="", description="The module inline, standard base64.")
+    inputs: list[str] = Field(default_factory=list, description="Arguments; numbers are accepted and kept as text.")
+    env: dict[str, str] = Field(default_factory=dict)
+    cli_args: list[str] | None = None
+    daemon: bool = False
+    latent: bool = False
+    encrypted: bool = False
+    kbs_resource_path: str = ""
+    proplet_id: str = Field(default="", description="Pin the task to this proplet.")
+    broadcast: bool = Field(default=False, description="Run on every live proplet.")
+    priority: int = Field(default=50, ge=0, le=100, description="0..100, higher first; 0 means the default 50.")
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    monitoring_profile: dict[str, Any] | None = None
+    hal_storage_path: str | None = None
+    mode: Literal["", "infer", "train"] = ""
+    depends_on: list[str] = Field(default_factory=list)
+    run_if: Literal["", "success", "failure"] = ""
+    workflow_id: str = ""
+    job_id: str = ""
+    limits: LimitsBody = Field(default_factory=LimitsBody)
+    max_retries: int = Field(default=0, ge=0, le=100, description="Retries on another proplet when one goes offline.")
+
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _inputs(cls, value: Any) -> Any:
+        return _inputs_as_text(value)
+
+    @field_validator("file")
+    @classmethod
+    def _file_is_wasm(cls, value: str) -> str:
+        if value:
+            decode_module(value)
+        return value
+
+    @field_validator("image_url")
+    @classmethod
+    def _image_url_plain(cls, value: str) -> str:
+        if value != value.strip() or any(c.isspace() for c in value):
+            raise ValueError("'image_url' must not contain whitespace")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TaskCreate:
+        if self.proplet_id and self.broadcast:
+            raise ValueError("'proplet_id' and 'broadcast' cannot both be set: pin the task or broadcast it")
+        if self.depends_on:
+            raise ValueError("'depends_on' needs workflows, which this manager does not support yet")
+        if len(orjson.dumps(self.metadata)) > MAX_METADATA_BYTES:
+            raise ValueError("'metadata' is larger than 1 MiB")
+        if self.encrypted and self.file:
+            raise ValueError("an encrypted task takes its module from 'image_url', not 'file'")
+        return self
+
+    def to_task(self) -> Task:
+        data = decode_module(self.file) if self.file else b""
+        from core.protocol import sha256_digest
+
+        return Task(
+            id=new_task_id(), name=self.name, kind=self.kind, image_url=self.image_url, file=data,
+            wasm_digest=sha256_digest(data) if data else "", cli_args=self.cli_args,
+            inputs=list(self.inputs), env=dict(self.env), daemon=self.daemon, latent=self.latent,
+            encrypted=self.encrypted, kbs_resource_path=self.kbs_resource_path,
+            proplet_id=self.proplet_id, pinned=bool(self.proplet_id), broadcast=self.broadcast,
+            priority=self.priority or 50, metadata=dict(self.metadata),
+            monitoring_profile=self.monitoring_profile, hal_storage_path=self.hal_storage_path,
+            mode=self.mode, run_if=self.run_if, workflow_id=self.workflow_id, job_id=self.job_id,
+            limits=self.limits.to_domain(), max_retries=self.max_retries,
+        )
+
+
+class TaskUpdate(BaseModel):
+    """A partial update: only the fields present change. Not allowed while the task runs."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str | None = Field(default=None, min_length=1)
+    image_url: str | None = None
+    file: str | None = None
+    inputs: list[str] | None = None
+    env: dict[str, str] | None = None
+    cli_args: list[str] | None = None
+    daemon: bool | None = None
+    latent: bool | None = None
+    proplet_id: str | None = None
+    broadcast: bool | None = None
+    priority: int | None = Field(default=None, ge=0, le=100)
+    metadata: dict[str, Any] | None = None
+    limits: LimitsBody | None = None
+    max_retries: int | None = Field(default=None, ge=0, le=100)
+
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _inputs(cls, value: Any) -> Any:
+        return None if value is None else _inputs_as_text(value)
+
+    @field_validator("file")
+    @classmethod
+    def _file_is_wasm(cls, value: str | None) -> str | None:
+        if value:
+            decode_module(value)
+        return value
+
+    def apply(self, task: Task) -> None:
+        from core.protocol import sha256_digest
+
+        fields = self.model_fields_set
+        if "name" in fields and self.name:
+            task.name = self.name
+        if "image_url" in fields and self.image_url is not None:
+            task.image_url = self.image_url
+        if "file" in fields and self.file is not None:
+            task.file = decode_module(self.file) if self.file else b""
+            task.wasm_digest = sha256_digest(task.file) if task.file else ""
+        for name in ("inputs", "env", "daemon", "latent", "metadata", "max_retries"):
+            if name in fields and getattr(self, name) is not None:
+                setattr(task, name, getattr(self, name))
+        if "cli_args" in fields:
+            task.cli_args = self.cli_args
+        if "priority" in fields and self.priority is not None:
+            task.priority = self.priority or 50
+        if "limits" in fields and self.limits is not None:
+            task.limits = self.limits.to_domain()
+        if "proplet_id" in fields and self.proplet_id is not None:
+            task.proplet_id = self.proplet_id
+            task.pinned = bool(self.proplet_id)
+        if "broadcast" in fields and self.broadcast is not None:
+            task.broadcast = self.broadcast
+        if task.pinned and task.broadcast:
+            raise InvalidRequest("'proplet_id' and 'broadcast' cannot both be set: pin the task or broadcast it")
+
+
+class InvokeBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    inputs: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _inputs(cls, value: Any) -> Any:
+        return _inputs_as_text(value)
+
+
+def parse_task_create(body: dict[str, Any]) -> TaskCreate:
+    """Validate a create request from a non-HTTP caller (console), raising InvalidRequest."""
+    from pydantic import ValidationError
+
+    try:
+        return TaskCreate.model_validate(body)
+    except ValidationError as exc:
+        raise InvalidRequest(format_validation_error(exc)) from None
+
+
+def format_validation_error(exc: Any) -> str:
+    """Pydantic's error list as one readable sentence."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body",))
+        msg = err.get("msg", "invalid")
+        msg = msg.removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts) or "invalid request"

@@ -1,0 +1,1029 @@
+"""The manager core: task lifecycle, dispatch, proplet liveness, message handling.
+
+`ManagerCore` is an async context manager. The console hosts it in-process; `propeller serve` runs
+it headless. Entering it opens and migrates the store, recovers in-flight work, connects to the
+broker (or starts the in-process one) and starts the REST API; leaving it stops intake, commits
+what is queued and closes everything.
+
+Threading: everything runs on the event loop of the caller. Handlers never wait for the database
+on the hot path; writes go through the group-commit writer (core.store.writer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import heapq
+import itertools
+import logging
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from core import protocol
+from core import topics as topic_names
+from core.chunks import Artifact, ArtifactCache, ArtifactUnavailable, ChunkServer, blob_ref, is_blob_ref
+from core.config import ManagerSettings
+from core.domain import (
+    ALLOWED_TRANSITIONS,
+    MessageRejected,
+    Proplet,
+    PropletCameOnline,
+    PropletHeartbeat,
+    PropletMetrics,
+    PropletMetricsReceived,
+    PropletWentOffline,
+    Task,
+    TaskDeleted,
+    TaskEvent,
+    TaskMetrics,
+    TaskState,
+    TaskStateChanged,
+    utcnow,
+)
+from core.errors import Conflict, InvalidRequest, NotFound, TimedOut, Unavailable, UpstreamFailed
+from core.events import Fanout
+from core.mqtt import BrokerAddress, BrokerUnavailable, MqttBus, MqttConnection, parse_broker_url
+from core.protocol import InvalidMessage
+from core.scheduler import Scheduler
+from core.schemas import TaskCreate, TaskUpdate
+from core.store import Page, Store, store_from_settings
+from core.store.migrate import migrate
+from core.store.writer import StoreWriter
+from core.telemetry import CoreMetrics
+from core.topics import Topics
+
+log = logging.getLogger(__name__)
+
+# Capabilities a proplet may announce in its discovery metadata (`metadata.capabilities`).
+CAP_TASK_STATE = "task_state"  # confirms starts on control/proplet/task_state
+CAP_RESULT_ACK = "result_ack"  # keeps results until control/manager/result_ack arrives
+
+
+@dataclass(frozen=True, slots=True)
+class CoreStatus:
+    """A snapshot for the console header and the dashboard."""
+
+    broker_url: str
+    broker_connected: bool
+    broker_embedded: bool
+    store: str
+    api_url: str | None
+    proplets_online: int
+    proplets_total: int
+    backlog: int
+    active: int
+
+
+class ManagerCore:
+    def __init__(self, settings: ManagerSettings | None = None, *, store: Store | None = None) -> None:
+        self.settings = settings or ManagerSettings()
+        self.topics = Topics(self.settings.tenant_id, self.settings.channel_id)
+        self.store = store or store_from_settings(self.settings)
+        self.metrics = CoreMetrics()
+        self.events: Fanout[Any] = Fanout()
+        self.scheduler = Scheduler(self.settings.scheduler)
+        self.writer = StoreWriter(self.store)
+        self.proplets: dict[str, Proplet] = {}
+        # Tasks the dispatcher owns: queued (pending with queued_at), scheduled or running.
+        self.active: dict[str, Task] = {}
+        self._heap: list[tuple[int, int, str]] = []
+        self._queued: set[str] = set()
+        self._seq = itertools.count()
+        self._slots: defaultdict[str, set[str]] = defaultdict(set)
+        self._broadcast_waiting: dict[str, set[str]] = {}
+        self._refused_by: defaultdict[str, set[str]] = defaultdict(set)
+        self._invocations: dict[str, asyncio.Future[protocol.InvokeResultMessage]] = {}
+        self._files = ArtifactCache(max_bytes=64 * 1024 * 1024)
+        self._wake = asyncio.Event()
+        self._publish_slots = asyncio.Semaphore(256)
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._loops: list[asyncio.Task[Any]] = []
+        self._shutdown = asyncio.Event()
+        self._handlers: dict[str, Callable[[str, bytes], Awaitable[None]]] = {
+            topic_names.CREATE: self._on_discovery,
+            topic_names.ALIVE: self._on_alive,
+            topic_names.RESULTS: self._on_result,
+            topic_names.INVOKE_RESULTS: self._on_invoke_result,
+            topic_names.METRICS: self._on_proplet_metrics,
+            topic_names.TASK_METRICS: self._on_task_metrics,
+            topic_names.TASK_STATE: self._on_task_state,
+            topic_names.REGISTRY_REQUEST: self._on_registry_request,
+        }
+        self.bus: MqttBus | None = None
+        self.chunks: ChunkServer | None = None
+        self.broker_address: BrokerAddress | None = None
+        self._embedded_broker: Any = None
+        self._http: Any = None
+        self.api_url: str | None = None
+        # Observers of the dispatch hot path (benchmarks): called with (task_id, perf_counter).
+        self.on_start_published: Callable[[str, float], None] | None = None
+
+    # ------------------------------------------------------------------------------------
+    # lifecycle
+
+    async def __aenter__(self) -> ManagerCore:
+        try:
+            await self._start()
+        except BaseException:
+            await self._stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stop()
+
+    async def _start(self) -> None:
+        started = time.perf_counter()
+        await self.store.open()
+        applied = await migrate(self.store)
+        if applied:
+            log.info("applied migrations %s to %s", ", ".join(applied), self.store.description)
+        self._spawn(self.writer.run(), "store-writer")
+        await self._recover()
+
+        self.broker_address = await self._resolve_broker()
+        conn = MqttConnection(
+            address=self.broker_address,
+            client_id=self.settings.entity_id,
+            username=self.settings.entity_id,
+            password=self.settings.api_key or None,
+            keepalive=self.settings.mqtt_keep_alive,
+            qos=self.settings.mqtt_qos,
+            # The broker keeps the manager's subscriptions and queues results while it restarts.
+            clean_session=False,
+            timeout=self.settings.mqtt_timeout,
+            tls_ca_cert=self.settings.mqtt_tls_ca_cert,
+            tls_client_cert=self.settings.mqtt_tls_client_cert,
+            tls_client_key=self.settings.mqtt_tls_client_key,
+            tls_insecure=self.settings.mqtt_tls_insecure_skip_verify,
+        )
+        # No Last Will on the proplet alive topic: upstream's manager registers itself as a
+        # phantom proplet that way (upstream defect 9).
+        self.bus = MqttBus(
+            conn,
+            subscriptions=[self.topics.topic(s) for s in self._handlers],
+            on_message=self._on_message,
+            name="manager",
+        )
+        self.chunks = ChunkServer(
+            self.bus, self.topics.registry_chunk, resolve=self._resolve_blob, accepts=is_blob_ref,
+            chunk_size=self.settings.chunk_size,
+        )
+        self._spawn(self.bus.run(), "mqtt")
+        self._spawn(self.chunks.run(), "chunk-server")
+        self._spawn(self._dispatch_loop(), "dispatcher")
+        self._spawn(self._liveness_loop(), "liveness")
+        self._spawn(self._maintenance_loop(), "maintenance")
+        if self.settings.http_enabled:
+            await self._start_http()
+        self._wake.set()
+        log.info(
+            "manager ready in %.0f ms: store %s, broker %s%s, API %s",
+            (time.perf_counter() - started) * 1000, self.store.description, self.broker_address.url,
+            " (in-process)" if self._embedded_broker else "", self.api_url or "disabled",
+        )
+
+    async def _stop(self) -> None:
+        if self._http is not None:
+            self._http.should_exit = True
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._http_task, 5)
+            self._http = None
+        if self.bus is not None:
+            await self.bus.close()
+        for task in list(self._inflight):
+            task.cancel()
+        # Commit every state change taken in before the loops stop.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.writer.wait_idle(), 10)
+        for task in self._loops:
+            task.cancel()
+        await asyncio.gather(*self._loops, *self._inflight, return_exceptions=True)
+        self._loops.clear()
+        for fut in self._invocations.values():
+            if not fut.done():
+                fut.cancel()
+        await self.store.close()
+        if self._embedded_broker is not None:
+            await self._embedded_broker.stop()
+            self._embedded_broker = None
+        self._shutdown.set()
+
+    def request_shutdown(self) -> None:
+        """Ask `wait_closed()` to return (signal handlers and the console call this)."""
+        self._shutdown.set()
+
+    async def wait_closed(self) -> None:
+        """Run until request_shutdown() or a fatal error in a background loop."""
+        await self._shutdown.wait()
+
+    def _spawn(self, coro: Awaitable[Any], name: str) -> None:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        task.add_done_callback(self._loop_ended)
+        self._loops.append(task)
+
+    def _loop_ended(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("background loop %s failed; shutting the manager down", task.get_name(),
+                      exc_info=exc)
+            self._shutdown.set()
+
+    async def _resolve_broker(self) -> BrokerAddress:
+        if self.settings.mqtt_address:
+            return parse_broker_url(self.settings.mqtt_address)
+        from core.embedded_broker import EmbeddedBroker, port_is_listening
+
+        if await asyncio.to_thread(port_is_listening, "127.0.0.1", 1883):
+            return BrokerAddress("127.0.0.1", 1883)
+        broker = EmbeddedBroker("127.0.0.1", self.settings.embedded_broker_port)
+        await broker.start()
+        self._embedded_broker = broker
+        return BrokerAddress("127.0.0.1", broker.port)
+
+    async def _start_http(self) -> None:
+        from core.api import ApiServer, check_bind_is_safe, create_app
+
+        check_bind_is_safe(self.settings)
+        app = create_app(self)
+        server = ApiServer(app, self.settings.http_host, self.settings.http_port)
+        self._http = server
+        self._http_task = asyncio.ensure_future(server.serve())
+        self._http_task.set_name("http")
+        while not server.started:
+            if self._http_task.done():
+                self._http = None
+                exc = self._http_task.exception()
+                raise Unavailable(
+                    f"The REST API could not listen on {self.settings.http_host}:{self.settings.http_port}"
+                    f" ({exc or 'the port is probably in use'}). Set MANAGER_HTTP_PORT to a free port."
+                )
+            await asyncio.sleep(0.005)
+        self.api_url = server.url
+
+    async def _recover(self) -> None:
+        """Rebuild the in-memory view from the database after a (re)start."""
+        now = utcnow()
+        for p in await self.store.all_proplets():
+            last = p.last_alive_at
+            p.online = bool(last and (now - last).total_seconds() <= self._liveness_timeout(p))
+            self.proplets[p.id] = p
+        for task in await self.store.active_tasks():
+            self.active[task.id] = task
+            if task.state is TaskState.PENDING:
+                self._push(task)
+            elif task.broadcast:
+                answered = set(task.results) if isinstance(task.results, dict) else set()
+                self._broadcast_waiting[task.id] = {
+                    p.id for p in self.proplets.values() if p.online and p.id not in answered}
+            elif task.proplet_id:
+                self._slots[task.proplet_id].add(task.id)
+        if self.active:
+            log.info("recovered %d in-flight tasks (%d queued)", len(self.active), len(self._queued))
+        self.metrics.proplets_online.set(sum(p.online for p in self.proplets.values()))
+
+    # ------------------------------------------------------------------------------------
+    # status
+
+    def status(self) -> CoreStatus:
+        bus = self.bus
+        return CoreStatus(
+            broker_url=self.broker_address.url if self.broker_address else "",
+            broker_connected=bool(bus and bus.connected.is_set()),
+            broker_embedded=self._embedded_broker is not None,
+            store=self.store.description,
+            api_url=self.api_url,
+            proplets_online=sum(p.online for p in self.proplets.values()),
+            proplets_total=len(self.proplets),
+            backlog=len(self._queued),
+            active=len(self.active),
+        )
+
+    # ------------------------------------------------------------------------------------
+    # task operations (REST API and console)
+
+    async def create_task(self, body: TaskCreate) -> Task:
+        task = body.to_task()
+        if task.file:
+            self._files.put(task.wasm_digest, Artifact(task.file, task.wasm_digest))
+        await self.writer.write(
+            self.store.op_insert_task(task),
+            self.store.op_task_event(TaskEvent(task.id, TaskState.PENDING, task.created_at, 0, "", "created")),
+        )
+        self.events.emit(TaskStateChanged(task.id, task.name, TaskState.PENDING, TaskState.PENDING,
+                                          task.created_at, "", "created"))
+        return task
+
+    async def get_task(self, task_id: str) -> Task:
+        await self.writer.barrier()
+        task = await self.store.get_task(task_id, with_file=False)
+        if task is None:
+            raise NotFound(f"task {task_id} not found")
+        return task
+
+    async def list_tasks(
+        self,
+        *,
+        offset: int = 0,
+        limit: int = 100,
+        metadata: dict[str, Any] | None = None,
+        states: Sequence[TaskState] | None = None,
+        proplet_id: str | None = None,
+    ) -> Page[Task]:
+        await self.writer.barrier()
+        try:
+            return await self.store.list_tasks(
+                offset=offset, limit=limit, metadata=metadata, states=states, proplet_id=proplet_id
+            )
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+
+    async def task_events(self, task_id: str) -> list[TaskEvent]:
+        await self.get_task(task_id)
+        return await self.store.task_events(task_id)
+
+    async def task_metrics(self, task_id: str, offset: int, limit: int) -> Page[TaskMetrics]:
+        await self.get_task(task_id)
+        return await self.store.list_task_metrics(task_id, offset, limit)
+
+    async def update_task(self, task_id: str, body: TaskUpdate) -> Task:
+        if task_id in self.active:
+            raise Conflict(f"task {task_id} is queued or running; stop it before changing it")
+        await self.writer.barrier()
+        task = await self.store.get_task(task_id, with_file=True)
+        if task is None:
+            raise NotFound(f"task {task_id} not found")
+        old_digest = task.wasm_digest
+        body.apply(task)
+        task.updated_at = utcnow()
+        ops = [self.store.op_update_task(task)]
+        if task.wasm_digest != old_digest:
+            ops.append(self.store.op_set_task_file(task))
+            if task.file:
+                self._files.put(task.wasm_digest, Artifact(task.file, task.wasm_digest))
+        await self.writer.write(*ops)
+        task.file = b""
+        return task
+
+    async def upload_file(self, task_id: str, filename: str, data: bytes) -> Task:
+        from core.schemas import WASM_MAGIC
+
+        if not filename.endswith(".wasm"):
+            raise InvalidRequest(f"the uploaded file must be a .wasm file, got {filename!r}")
+        if not data.startswith(WASM_MAGIC):
+            raise InvalidRequest(f"{filename} is not a WebAssembly module (it does not start with \\0asm)")
+        if task_id in self.active:
+            raise Conflict(f"task {task_id} is queued or running; stop it before replacing its module")
+        task = await self.get_task(task_id)
+        task.file = data
+        task.wasm_digest = protocol.sha256_digest(data)
+        task.updated_at = utcnow()
+        self._files.put(task.wasm_digest, Artifact(data, task.wasm_digest))
+        await self.writer.write(self.store.op_set_task_file(task))
+        task.file = b""
+        return task
+
+    async def delete_task(self, task_id: str) -> None:
+        task = self.active.get(task_id)
+        if task is not None and task.state is not TaskState.PENDING:
+            self._send_stop(task)
+        await self.get_task(task_id)
+        if task is not None:
+            self._forget(task)
+        await self.writer.write(self.store.op_delete_task(task_id))
+        self.events.emit(TaskDeleted(task_id))
+
+    async def start_task(self, task_id: str) -> Task:
+        """Queue a task for dispatch (or re-run a finished one). Returns once that is stored."""
+        if task_id in self.active:
+            state = self.active[task_id].state
+            what = "queued" if state is TaskState.PENDING else state.label
+            raise Conflict(f"task {task_id} is already {what}; stop it first to start it again")
+        await self.writer.barrier()
+        task = await self.store.get_task(task_id, with_file=True)
+        if task is None:
+            raise NotFound(f"task {task_id} not found")
+        if not task.file and not task.image_url:
+            raise InvalidRequest(
+                f"task {task_id} has no module: upload a .wasm (PUT /tasks/{task_id}/upload) or set image_url"
+            )
+        if len(self._queued) >= self.settings.max_backlog:
+            raise Unavailable(
+                f"{len(self._queued)} tasks are already waiting for a proplet (the limit is "
+                f"{self.settings.max_backlog}); try again when proplets have caught up"
+            )
+        if task.file:
+            self._files.put(task.wasm_digest, Artifact(task.file, task.wasm_digest))
+            task.file = b""
+        detail = "queued"
+        if task.state.is_terminal:
+            detail = f"queued again (re-run after {task.state.label})"
+            task.results = None
+            task.error = ""
+            task.start_time = None
+            task.finish_time = None
+            task.retries = 0
+            if not task.pinned:
+                task.proplet_id = ""
+        task.queued_at = utcnow()
+        task.reason = self._why_waiting(task)
+        self.active[task.id] = task
+        self._push(task)
+        done = await self._transition(task, TaskState.PENDING, detail)
+        self._wake.set()
+        await done
+        return task.copy()
+
+    async def stop_task(self, task_id: str) -> Task:
+        task = self.active.get(task_id)
+        if task is None:
+            stored = await self.get_task(task_id)
+            raise Conflict(f"task {task_id} is {stored.state.label}, not queued or running")
+        if task.state is TaskState.PENDING:
+            detail = "stopped before it was dispatched"
+        else:
+            self._send_stop(task)
+            detail = "stopped by request"
+        task.error = "stopped by request"
+        task.finish_time = utcnow()
+        await (await self._transition(task, TaskState.INTERRUPTED, detail))
+        return task.copy()
+
+    async def invoke_task(self, task_id: str, inputs: list[str], env: dict[str, str],
+                          timeout: float = 30.0) -> str:
+        task = self.active.get(task_id)
+        if task is None:
+            stored = await self.get_task(task_id)
+            if not stored.latent:
+                raise Conflict(f"task {task_id} is not a latent task and cannot be invoked")
+            raise Conflict(f"task {task_id} is {stored.state.label}; start it before invoking it")
+        if not task.latent:
+            raise Conflict(f"task {task_id} is not a latent task and cannot be invoked")
+        if task.state is not TaskState.RUNNING and task.state is not TaskState.SCHEDULED:
+            raise Conflict(f"task {task_id} is still queued; invoke it once it has been deployed")
+        assert self.bus is not None
+        invocation_id = str(uuid.uuid4())
+        fut: asyncio.Future[protocol.InvokeResultMessage] = asyncio.get_running_loop().create_future()
+        self._invocations[invocation_id] = fut
+        try:
+            msg = protocol.InvokeMessage(task.id, invocation_id, task.proplet_id, task.broadcast,
+                                         tuple(inputs), env)
+            await self.bus.publish(self.topics.invoke, protocol.encode_invoke(msg))
+            try:
+                result = await asyncio.wait_for(fut, timeout)
+            except TimeoutError:
+                raise TimedOut(f"invocation of task {task_id} timed out after {timeout:.0f}s") from None
+        except BrokerUnavailable as exc:
+            raise Unavailable(str(exc)) from None
+        finally:
+            self._invocations.pop(invocation_id, None)
+        if result.error:
+            raise UpstreamFailed(f"invocation of task {task_id} failed on {result.proplet_id}: {result.error}")
+        return result.results
+
+    # ------------------------------------------------------------------------------------
+    # proplet operations
+
+    def list_proplets(self, *, online: bool | None = None) -> list[Proplet]:
+        items = sorted(self.proplets.values(), key=lambda p: p.id)
+        if online is not None:
+            items = [p for p in items if p.online == online]
+        for p in items:
+            p.task_count = len(self._slots.get(p.id, ()))
+        return items
+
+    def get_proplet(self, proplet_id: str) -> Proplet:
+        p = self.proplets.get(proplet_id)
+        if p is None:
+            raise NotFound(f"proplet {proplet_id} not found")
+        p.task_count = len(self._slots.get(p.id, ()))
+        return p
+
+    async def delete_proplet(self, proplet_id: str) -> None:
+        p = self.get_proplet(proplet_id)
+        if p.task_count:
+            raise Conflict(f"proplet {proplet_id} has {p.task_count} active tasks; stop them first")
+        del self.proplets[proplet_id]
+        self._slots.pop(proplet_id, None)
+        await self.writer.write(self.store.op_delete_proplet(proplet_id))
+
+    async def proplet_metrics(self, proplet_id: str, offset: int, limit: int) -> Page[PropletMetrics]:
+        self.get_proplet(proplet_id)
+        await self.writer.barrier()
+        return await self.store.list_proplet_metrics(proplet_id, offset, limit)
+
+    def running_tasks(self, proplet_id: str) -> list[str]:
+        return sorted(self._slots.get(proplet_id, ()))
+
+    # ------------------------------------------------------------------------------------
+    # state machine
+
+    async def _transition(self, task: Task, new: TaskState, detail: str = "") -> asyncio.Future[None]:
+        """Apply, persist (queued for commit) and announce a state change.
+
+        Returns the commit future; callers that answer a client await it.
+        """
+        old = task.state
+        if new is not old and new not in ALLOWED_TRANSITIONS[old]:
+            log.error("refusing transition %s -> %s of task %s (%s)", old.label, new.label, task.id, detail)
+            raise Conflict(f"task {task.id} cannot go from {old.label} to {new.label}")
+        now = utcnow()
+        task.state = new
+        task.updated_at = now
+        if new.is_terminal:
+            self._forget(task)
+            self.metrics.tasks_finished.labels(new.label).inc()
+        fut = await self.writer.enqueue(
+            self.store.op_update_task(task),
+            self.store.op_task_event(TaskEvent(task.id, new, now, task.attempt, task.proplet_id, detail)),
+        )
+        self.events.emit(TaskStateChanged(task.id, task.name, old, new, now, task.proplet_id, detail))
+        return fut
+
+    def _forget(self, task: Task) -> None:
+        """Drop a task from the dispatcher's structures and free its slot."""
+        self.active.pop(task.id, None)
+        self._queued.discard(task.id)
+        self._broadcast_waiting.pop(task.id, None)
+        self._refused_by.pop(task.id, None)
+        if task.proplet_id:
+            slots = self._slots.get(task.proplet_id)
+            if slots is not None and task.id in slots:
+                slots.discard(task.id)
+                self._wake.set()
+        self.metrics.backlog.set(len(self._queued))
+
+    def _push(self, task: Task) -> None:
+        self._queued.add(task.id)
+        heapq.heappush(self._heap, (-task.priority, next(self._seq), task.id))
+        self.metrics.backlog.set(len(self._queued))
+
+    # ------------------------------------------------------------------------------------
+    # dispatch
+
+    def _liveness_timeout(self, p: Proplet) -> float:
+        if self.settings.liveness_timeout:
+            return self.settings.liveness_timeout
+        interval = p.metadata.get("heartbeat_interval")
+        if isinstance(interval, (int, float)) and not isinstance(interval, bool) and interval > 0:
+            return 3 * float(interval)
+        return self.settings.effective_liveness_timeout
+
+    def _has_slot(self, p: Proplet) -> bool:
+        cap = p.max_tasks
+        return cap is None or len(self._slots.get(p.id, ())) < cap
+
+    def _why_waiting(self, task: Task) -> str:
+        online = [p for p in self.proplets.values() if p.online]
+        if task.pinned:
+            p = self.proplets.get(task.proplet_id)
+            if p is None:
+                return f"waiting for proplet {task.proplet_id}, which the manager has never seen"
+            if not p.online:
+                return f"waiting for proplet {task.proplet_id}, which is offline"
+            if not self._has_slot(p):
+                return f"waiting for a free slot on proplet {task.proplet_id}"
+            return "waiting for the dispatcher"
+        if not online:
+            return "no live proplet: the task starts when one comes online"
+        if not task.broadcast and not any(self._has_slot(p) for p in online):
+            return f"all {len(online)} live proplets are at capacity"
+        return "waiting for the dispatcher"
+
+    def _candidates(self, task: Task) -> list[Proplet]:
+        refused = self._refused_by.get(task.id, set())
+        return [p for p in self.proplets.values()
+                if p.online and p.id not in refused and self._has_slot(p)]
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self._dispatch_ready()
+
+    async def _dispatch_ready(self) -> None:
+        deferred: list[tuple[int, int, str]] = []
+        try:
+            while self._heap:
+                entry = heapq.heappop(self._heap)
+                task = self.active.get(entry[2])
+                if task is None or entry[2] not in self._queued or task.state is not TaskState.PENDING:
+                    continue  # stopped, deleted or already dispatched
+                if task.broadcast:
+                    targets = [p for p in self.proplets.values() if p.online]
+                    if not targets:
+                        deferred.append(entry)
+                        await self._set_reason(task)
+                        continue
+                    await self._dispatch(task, targets)
+                    continue
+                if task.pinned:
+                    p = self.proplets.get(task.proplet_id)
+                    chosen = p if p is not None and p.online and self._has_slot(p) else None
+                else:
+                    chosen = self.scheduler.select(self._candidates(task), {
+                        pid: len(s) for pid, s in self._slots.items()})
+                if chosen is None:
+                    deferred.append(entry)
+                    await self._set_reason(task)
+                    if not task.pinned and not any(self._has_slot(p) for p in self.proplets.values() if p.online):
+                        break  # nothing can take an unpinned task now; leave the rest queued
+                    continue
+                await self._dispatch(task, [chosen])
+        finally:
+            for entry in deferred:
+                heapq.heappush(self._heap, entry)
+            self.metrics.backlog.set(len(self._queued))
+
+    async def _set_reason(self, task: Task) -> None:
+        reason = self._why_waiting(task)
+        if reason != task.reason:
+            task.reason = reason
+            task.updated_at = utcnow()
+            await self.writer.enqueue(self.store.op_update_task(task))
+
+    async def _dispatch(self, task: Task, targets: list[Proplet]) -> None:
+        assert self.bus is not None
+        self._queued.discard(task.id)
+        task.attempt += 1
+        task.reason = ""
+        now = utcnow()
+        if task.broadcast:
+            task.proplet_id = ""
+            self._broadcast_waiting[task.id] = {p.id for p in targets}
+            task.results = {}
+            new = TaskState.RUNNING
+            detail = f"broadcast to {len(targets)} proplets"
+        else:
+            p = targets[0]
+            task.proplet_id = p.id
+            self._slots[p.id].add(task.id)
+            # A proplet that confirms starts is scheduled until it does; an upstream proplet
+            # is marked running on publish, as upstream's manager does.
+            new = TaskState.SCHEDULED if CAP_TASK_STATE in p.capabilities else TaskState.RUNNING
+            detail = f"dispatched to {p.id}"
+        if new is TaskState.RUNNING:
+            task.start_time = now
+        try:
+            payload = await self._start_payload(task)
+        except ArtifactUnavailable as exc:
+            task.error = str(exc)
+            task.finish_time = now
+            await self._transition(task, TaskState.FAILED, f"cannot dispatch: {exc}")
+            return
+        await self._transition(task, new, detail)
+        await self._publish_slots.acquire()
+        job = asyncio.ensure_future(self._publish_start(task, task.attempt, payload))
+        self._inflight.add(job)
+        job.add_done_callback(self._inflight.discard)
+
+    async def _start_payload(self, task: Task) -> bytes:
+        file = b""
+        image_url = task.image_url
+        digest = task.wasm_digest
+        if digest:
+            if self.settings.inline_limit and await self._module_size(digest) > self.settings.inline_limit:
+                # Too big for one message (upstream breaks at ~760 KB on a 1 MiB broker limit):
+                # the proplet fetches it in chunks from the manager's blob server instead.
+                image_url = blob_ref(digest)
+            else:
+                file = (await self._resolve_blob(blob_ref(digest))).data
+        traceparent = _traceparent(task.id, task.attempt)
+        msg = protocol.StartMessage(
+            id=task.id, name=task.name, state=int(TaskState.RUNNING), image_url=image_url, file=file,
+            inputs=tuple(task.inputs), cli_args=tuple(task.cli_args or ()), broadcast=task.broadcast,
+            daemon=task.daemon, latent=task.latent, encrypted=task.encrypted, env=task.env,
+            kbs_resource_path=task.kbs_resource_path, monitoring_profile=task.monitoring_profile,
+            proplet_id=task.proplet_id, hal_storage_path=task.hal_storage_path or "", mode=task.mode,
+            wasm_digest=digest, limits=task.limits, attempt=task.attempt, traceparent=traceparent,
+        )
+        return protocol.encode_start(msg)
+
+    async def _module_size(self, digest: str) -> int:
+        return len((await self._resolve_blob(blob_ref(digest))).data)
+
+    async def _publish_start(self, task: Task, attempt: int, payload: bytes) -> None:
+        assert self.bus is not None
+        try:
+            await self.bus.publish(self.topics.start, payload)
+            self.metrics.tasks_dispatched.inc()
+            if self.on_start_published is not None:
+                self.on_start_published(task.id, time.perf_counter())
+        except BrokerUnavailable as exc:
+            if self.active.get(task.id) is task and task.attempt == attempt and not task.state.is_terminal:
+                log.warning("could not publish the start of task %s: %s; it goes back to the queue", task.id, exc)
+                await self._requeue(task, f"the start could not be published ({exc})")
+        finally:
+            self._publish_slots.release()
+
+    async def _requeue(self, task: Task, why: str) -> None:
+        if task.proplet_id:
+            self._slots[task.proplet_id].discard(task.id)
+            if not task.pinned:
+                task.proplet_id = ""
+        self._broadcast_waiting.pop(task.id, None)
+        task.start_time = None
+        task.reason = why
+        self._push(task)
+        await self._transition(task, TaskState.PENDING, why)
+        self._wake.set()
+
+    def _send_stop(self, task: Task) -> None:
+        if self.bus is None:
+            return
+        msg = protocol.StopMessage(task.id, task.proplet_id, task.broadcast, _traceparent(task.id, task.attempt))
+        self.bus.send(self.topics.stop, protocol.encode_stop(msg))
+
+    async def _resolve_blob(self, app_name: str) -> Artifact:
+        digest = app_name.removeprefix("blob:")
+        cached = self._files.get(digest)
+        if cached is not None:
+            return cached
+        data = await self.store.file_by_digest(digest)
+        if data is None:
+            raise ArtifactUnavailable(f"no task of this manager has a module with digest {digest}")
+        artifact = Artifact(data, digest)
+        self._files.put(digest, artifact)
+        return artifact
+
+    # ------------------------------------------------------------------------------------
+    # liveness and maintenance
+
+    async def _liveness_loop(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self.settings.effective_liveness_timeout / 10))
+            now = utcnow()
+            for p in list(self.proplets.values()):
+                last = p.last_alive_at
+                if not p.online or last is None:
+                    continue
+                timeout = self._liveness_timeout(p)
+                age = (now - last).total_seconds()
+                if age > timeout:
+                    await self._mark_offline(p, f"no heartbeat for {age:.0f}s (timeout {timeout:.0f}s)")
+            if self.bus is not None:
+                self.metrics.broker_connected.set(1 if self.bus.connected.is_set() else 0)
+
+    async def _maintenance_loop(self) -> None:
+        while True:
+            await asyncio.sleep(60)
+            try:
+                await self.writer.barrier()
+                deleted = await self.store.prune_metrics(self.settings.metrics_retention)
+                if deleted:
+                    log.debug("pruned %d old metrics samples", deleted)
+            except Exception:
+                log.exception("pruning metrics failed; retrying in a minute")
+
+    async def _mark_offline(self, p: Proplet, reason: str) -> None:
+        p.online = False
+        p.offline_reason = reason
+        now = utcnow()
+        await self.writer.enqueue(self.store.op_upsert_proplet(p, now))
+        self.metrics.proplets_online.set(sum(x.online for x in self.proplets.values()))
+        self.events.emit(PropletWentOffline(p.id, now, reason))
+        log.info("proplet %s is offline: %s", p.id, reason)
+        for task_id in list(self._slots.get(p.id, ())):
+            task = self.active.get(task_id)
+            if task is None:
+                continue
+            why = f"proplet {p.id} went offline while the task ran ({reason})"
+            if task.retries < task.max_retries:
+                task.retries += 1
+                self.metrics.tasks_retried.inc()
+                await self._requeue(task, f"retry {task.retries} of {task.max_retries}: {why}")
+            else:
+                task.error = why
+                task.finish_time = now
+                await self._transition(task, TaskState.FAILED, why)
+        for task_id, waiting in list(self._broadcast_waiting.items()):
+            if p.id in waiting:
+                task = self.active[task_id]
+                await self._broadcast_answer(task, p.id, None, f"went offline ({reason})")
+
+    # ------------------------------------------------------------------------------------
+    # inbound messages
+
+    async def _on_message(self, topic: str, payload: bytes) -> None:
+        suffix = self.topics.suffix(topic)
+        handler = self._handlers.get(suffix) if suffix is not None else None
+        if handler is None:
+            return
+        self.metrics.messages_in.labels(suffix).inc()
+        try:
+            await handler(topic, payload)
+        except InvalidMessage as exc:
+            self._reject(suffix or topic, "malformed", exc.reason)
+
+    def _reject(self, topic: str, reason: str, detail: str) -> None:
+        self.metrics.reject(topic, reason, detail)
+        self.events.emit(MessageRejected(topic, f"{reason}: {detail}"))
+
+    def _proplet(self, proplet_id: str, namespace: str = "") -> tuple[Proplet, bool]:
+        p = self.proplets.get(proplet_id)
+        if p is not None:
+            return p, False
+        p = Proplet(id=proplet_id, name=friendly_name(proplet_id), namespace=namespace)
+        self.proplets[proplet_id] = p
+        return p, True
+
+    async def _seen_alive(self, p: Proplet, now: datetime) -> None:
+        p.alive_history.append(now)
+        del p.alive_history[:-self.settings.alive_history_size]
+        came_online = not p.online
+        p.online = True
+        p.offline_reason = ""
+        await self.writer.enqueue(self.store.op_upsert_proplet(p, now))
+        self.events.emit(PropletHeartbeat(p.id, now))
+        if came_online:
+            self.metrics.proplets_online.set(sum(x.online for x in self.proplets.values()))
+            self.events.emit(PropletCameOnline(p.id, now))
+            log.info("proplet %s is online", p.id)
+            self._wake.set()
+
+    async def _on_discovery(self, topic: str, payload: bytes) -> None:
+        msg = protocol.decode_discovery(payload, topic)
+        p, _ = self._proplet(msg.proplet_id, msg.namespace)
+        # Metadata is refreshed on every discovery (upstream freezes the first one, defect 10).
+        p.metadata = msg.metadata
+        p.namespace = msg.namespace or p.namespace
+        await self._seen_alive(p, utcnow())
+
+    async def _on_alive(self, topic: str, payload: bytes) -> None:
+        msg = protocol.decode_alive(payload, topic)
+        if msg.offline:
+            p = self.proplets.get(msg.proplet_id)
+            # Upstream marks a proplet alive on its own Last Will (defect 8); an unknown id with
+            # "offline" is an upstream manager's or proxy's will, not a proplet (defect 9).
+            if p is not None and p.online:
+                await self._mark_offline(p, "its connection closed (Last Will)")
+            return
+        p, _ = self._proplet(msg.proplet_id, msg.namespace)
+        await self._seen_alive(p, utcnow())
+
+    async def _task_for_message(self, topic: str, task_id: str, proplet_id: str) -> Task | None:
+        """The active task a proplet message refers to, or None after rejecting/acking it."""
+        task = self.active.get(task_id)
+        if task is not None:
+            return task
+        stored = await self.store.get_task(task_id, with_file=False)
+        if stored is None:
+            self._reject(topic, "unknown_task", f"no task {task_id} (from proplet {proplet_id or '?'})")
+        elif stored.state.is_terminal:
+            self.metrics.duplicate_results.inc()
+            log.debug("ignoring a message for finished task %s from %s", task_id, proplet_id)
+            if topic == topic_names.RESULTS:
+                self._ack_result(proplet_id, task_id, stored.attempt)
+        else:
+            self._reject(topic, "not_started", f"task {task_id} was never started")
+        return None
+
+    async def _on_result(self, topic: str, payload: bytes) -> None:
+        msg = protocol.decode_result(payload, topic)
+        task = await self._task_for_message(topic_names.RESULTS, msg.task_id, msg.proplet_id)
+        if task is None:
+            return
+        if task.broadcast:
+            key = msg.proplet_id or f"proplet-{len(task.results or {}) + 1}"
+            await self._broadcast_answer(task, key, msg.results, msg.error)
+            return
+        if task.state is TaskState.PENDING:
+            self._reject(topic_names.RESULTS, "not_dispatched",
+                         f"result for task {task.id}, which is waiting to be dispatched again")
+            return
+        if msg.proplet_id and task.proplet_id and msg.proplet_id != task.proplet_id:
+            self._reject(topic_names.RESULTS, "wrong_proplet",
+                         f"result for task {task.id} from {msg.proplet_id}, but it runs on {task.proplet_id}")
+            return
+        if msg.attempt and msg.attempt != task.attempt:
+            self._reject(topic_names.RESULTS, "stale_attempt",
+                         f"result of attempt {msg.attempt} for task {task.id}, now on attempt {task.attempt}")
+            return
+        now = utcnow()
+        task.results = msg.results
+        task.error = msg.error
+        task.finish_time = now
+        if task.start_time is None:
+            task.start_time = now
+        new = TaskState.FAILED if msg.error else TaskState.COMPLETED
+        detail = f"{'failed' if msg.error else 'completed'} on {task.proplet_id or msg.proplet_id or '?'}"
+        committed = await self._transition(task, new, detail)
+        if msg.proplet_id:
+            attempt = task.attempt
+
+            def ack_once_stored(f: asyncio.Future[None]) -> None:
+                if not f.cancelled() and f.exception() is None:
+                    self._ack_result(msg.proplet_id, task.id, attempt)
+
+            committed.add_done_callback(ack_once_stored)
+
+    def _ack_result(self, proplet_id: str, task_id: str, attempt: int) -> None:
+        p = self.proplets.get(proplet_id)
+        if p is None or CAP_RESULT_ACK not in p.capabilities or self.bus is None:
+            return
+        self.bus.send(self.topics.result_ack,
+                      protocol.encode_result_ack(protocol.ResultAckMessage(task_id, proplet_id, attempt)))
+
+    async def _broadcast_answer(self, task: Task, proplet_id: str, results: Any, error: str) -> None:
+        answers = dict(task.results) if isinstance(task.results, dict) else {}
+        if proplet_id in answers:
+            self.metrics.duplicate_results.inc()
+            return
+        answers[proplet_id] = {"results": results, "error": error or None}
+        task.results = answers
+        waiting = self._broadcast_waiting.get(task.id, set())
+        waiting.discard(proplet_id)
+        if waiting:
+            await self._transition(task, task.state, f"answer from {proplet_id} ({len(waiting)} to go)")
+            return
+        failures = {pid: a["error"] for pid, a in answers.items() if a.get("error")}
+        task.finish_time = utcnow()
+        if failures:
+            task.error = "; ".join(f"{pid}: {err}" for pid, err in sorted(failures.items()))
+            await self._transition(task, TaskState.FAILED,
+                                   f"{len(failures)} of {len(answers)} proplets failed")
+        else:
+            await self._transition(task, TaskState.COMPLETED, f"all {len(answers)} proplets answered")
+
+    async def _on_task_state(self, topic: str, payload: bytes) -> None:
+        msg = protocol.decode_task_state(payload, topic)
+        task = self.active.get(msg.task_id)
+        if task is None or task.broadcast:
+            return
+        if msg.proplet_id != task.proplet_id or (msg.attempt and msg.attempt != task.attempt):
+            self._reject(topic_names.TASK_STATE, "wrong_proplet",
+                         f"state of task {task.id} from {msg.proplet_id}, but it runs on {task.proplet_id}")
+            return
+        if msg.state == protocol.TASK_STATE_RUNNING:
+            if task.state is TaskState.SCHEDULED:
+                task.start_time = utcnow()
+                await self._transition(task, TaskState.RUNNING, f"running on {msg.proplet_id}")
+        elif task.state in (TaskState.SCHEDULED, TaskState.RUNNING):
+            self._refused_by[task.id].add(msg.proplet_id)
+            await self._requeue(task, f"proplet {msg.proplet_id} refused it: {msg.reason or 'no reason given'}")
+
+    async def _on_invoke_result(self, topic: str, payload: bytes) -> None:
+        msg = protocol.decode_invoke_result(payload, topic)
+        fut = self._invocations.get(msg.invocation_id)
+        if fut is None:
+            self._reject(topic_names.INVOKE_RESULTS, "unknown_invocation",
+                         f"nobody waits for invocation {msg.invocation_id}")
+        elif not fut.done():
+            fut.set_result(msg)
+
+    async def _on_proplet_metrics(self, topic: str, payload: bytes) -> None:
+        msg = protocol.decode_proplet_metrics(payload, topic)
+        if msg.proplet_id not in self.proplets:
+            self._reject(topic_names.METRICS, "unknown_proplet", f"metrics from unknown proplet {msg.proplet_id}")
+            return
+        # Upstream proplets send uptime or serde timestamps; fall back to the receive time.
+        ts = protocol.parse_timestamp(msg.timestamp) or utcnow()
+        metrics = PropletMetrics(msg.proplet_id, msg.namespace, ts, msg.cpu_metrics, msg.memory_metrics)
+        await self.writer.enqueue(self.store.op_proplet_metrics(metrics))
+        self.events.emit(PropletMetricsReceived(metrics))
+
+    async def _on_task_metrics(self, topic: str, payload: bytes) -> None:
+        msg = protocol.decode_task_metrics(payload, topic)
+        ts = protocol.parse_timestamp(msg.timestamp) or utcnow()
+        await self.writer.enqueue(self.store.op_task_metrics(
+            TaskMetrics(msg.task_id, msg.proplet_id, ts, msg.metrics, msg.aggregated)))
+
+    async def _on_registry_request(self, topic: str, payload: bytes) -> None:
+        request = protocol.decode_registry_request(payload, topic)
+        if self.chunks is not None:
+            self.chunks.submit(request)
+
+
+def _traceparent(task_id: str, attempt: int) -> str:
+    """A W3C traceparent whose trace id is derived from the task, so every hop of it correlates."""
+    trace = hashlib.sha256(task_id.encode()).hexdigest()[:32]
+    span = hashlib.sha256(f"{task_id}/{attempt}".encode()).hexdigest()[:16]
+    return f"00-{trace}-{span}-01"
+
+
+_ADJECTIVES = (
+    "amber", "brave", "calm", "deft", "eager", "fair", "gentle", "hardy", "keen", "lively", "merry",
+    "nimble", "plucky", "quick", "rapid", "steady", "swift", "tidy", "vivid", "witty",
+)
+_NOUNS = (
+    "otter", "falcon", "lynx", "heron", "badger", "marten", "osprey", "wren", "ibex", "puffin",
+    "gecko", "bison", "crane", "dingo", "egret", "ferret", "gannet", "hare", "jackal", "koala",
+)
+
+
+def friendly_name(proplet_id: str) -> str:
+    """A stable, readable name for a proplet id (upstream generates one at random)."""
+    h = int.from_bytes(hashlib.sha256(proplet_id.encode()).digest()[:4], "big")
+    return f"{_ADJECTIVES[h % len(_ADJECTIVES)]}-{_NOUNS[(h // 7) % len(_NOUNS)]}"
+
+
+__all__ = ["CoreStatus", "ManagerCore", "friendly_name"]

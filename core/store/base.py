@@ -1,0 +1,469 @@
+"""The store interface and the SQL shared by both backends.
+
+Queries are written once with `?` placeholders; each backend adapter supplies the connection, the
+placeholder style and the value conversions (booleans, timestamps, JSON). Outside the adapters
+nothing knows which backend is in use.
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Generic, Protocol, TypeVar
+
+import orjson
+
+from core.domain import (
+    Proplet,
+    PropletMetrics,
+    Task,
+    TaskEvent,
+    TaskLimits,
+    TaskMetrics,
+    TaskState,
+)
+from core.store.migrate import TRACKING_TABLE, Migration
+
+# Metadata filter keys are restricted like upstream's, since SQLite puts them into a JSON path.
+METADATA_KEY = re.compile(r"^[a-zA-Z0-9._\-]+$")
+
+
+T = TypeVar("T")
+
+
+class StoreError(RuntimeError):
+    """The database failed; the message says which backend and what to check."""
+
+
+class Conn(Protocol):
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> int: ...
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None: ...
+
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    items: list[T]
+    total: int
+
+
+_TASK_COLUMNS = (
+    "id", "name", "kind", "state", "image_url", "file", "wasm_digest", "cli_args", "inputs", "env",
+    "daemon", "latent", "encrypted", "kbs_resource_path", "proplet_id", "pinned", "broadcast",
+    "priority", "metadata", "monitoring_profile", "hal_storage_path", "mode", "depends_on", "run_if",
+    "workflow_id", "job_id", "limits", "max_retries", "attempt", "retries", "results", "error", "reason",
+    "queued_at", "start_time", "finish_time", "created_at", "updated_at",
+)
+# What changes after creation (the file and the identity do not change on a state update).
+_TASK_MUTABLE = (
+    "name", "state", "image_url", "wasm_digest", "cli_args", "inputs", "env", "daemon", "latent",
+    "proplet_id", "pinned", "broadcast", "priority", "metadata", "limits", "max_retries", "attempt",
+    "retries", "results", "error", "reason", "queued_at", "start_time", "finish_time", "updated_at",
+)
+_TASK_SELECT = ", ".join(c for c in _TASK_COLUMNS if c != "file")
+
+_PROPLET_COLUMNS = (
+    "id", "name", "namespace", "metadata", "alive_history", "online", "offline_reason",
+    "created_at", "updated_at",
+)
+
+SQL_INSERT_TASK = (
+    f"INSERT INTO tasks ({', '.join(_TASK_COLUMNS)}) VALUES ({', '.join('?' * len(_TASK_COLUMNS))})"
+)
+SQL_UPDATE_TASK = (
+    f"UPDATE tasks SET {', '.join(f'{c} = ?' for c in _TASK_MUTABLE)} WHERE id = ?"
+)
+SQL_UPDATE_TASK_FILE = "UPDATE tasks SET file = ?, wasm_digest = ?, updated_at = ? WHERE id = ?"
+SQL_DELETE_TASK = "DELETE FROM tasks WHERE id = ?"
+SQL_INSERT_EVENT = (
+    "INSERT INTO task_events (task_id, state, attempt, proplet_id, detail, at) VALUES (?, ?, ?, ?, ?, ?)"
+)
+SQL_UPSERT_PROPLET = (
+    f"INSERT INTO proplets ({', '.join(_PROPLET_COLUMNS)}) VALUES ({', '.join('?' * len(_PROPLET_COLUMNS))}) "
+    "ON CONFLICT (id) DO UPDATE SET name = excluded.name, namespace = excluded.namespace, "
+    "metadata = excluded.metadata, alive_history = excluded.alive_history, online = excluded.online, "
+    "offline_reason = excluded.offline_reason, updated_at = excluded.updated_at"
+)
+SQL_DELETE_PROPLET = "DELETE FROM proplets WHERE id = ?"
+SQL_INSERT_PROPLET_METRICS = (
+    "INSERT INTO proplet_metrics (proplet_id, namespace, timestamp, cpu_metrics, memory_metrics) "
+    "SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM proplets WHERE id = ?)"
+)
+SQL_INSERT_TASK_METRICS = (
+    "INSERT INTO task_metrics (task_id, proplet_id, timestamp, metrics, aggregated) "
+    "SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM tasks WHERE id = ?)"
+)
+
+
+def dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+class Store(abc.ABC):
+    """A task/proplet store over one SQL backend."""
+
+    dialect: str = ""
+
+    # ---- backend primitives -------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def open(self) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    def connection(self) -> Any:
+        """`async with store.connection() as conn`: a Conn outside any transaction."""
+
+    @abc.abstractmethod
+    def transaction(self) -> Any:
+        """`async with store.transaction() as conn`: a Conn inside one transaction."""
+
+    @abc.abstractmethod
+    def ts_in(self, value: datetime | None) -> Any: ...
+
+    @abc.abstractmethod
+    def ts_out(self, value: Any) -> datetime | None: ...
+
+    @abc.abstractmethod
+    def metadata_clause(self, metadata: dict[str, Any]) -> tuple[str, list[Any]]:
+        """A WHERE fragment matching tasks whose metadata contains every given key/value."""
+
+    @property
+    @abc.abstractmethod
+    def description(self) -> str:
+        """Where the data lives, for the console header and `propeller info`."""
+
+    def bool_in(self, value: bool) -> Any:
+        return value
+
+    # ---- migrations ---------------------------------------------------------------------
+
+    async def applied_migrations(self) -> set[str]:
+        async with self.transaction() as conn:
+            await conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {TRACKING_TABLE} (id TEXT PRIMARY KEY, applied_at TEXT NOT NULL)"
+            )
+        async with self.connection() as conn:
+            rows = await conn.fetch(f"SELECT id FROM {TRACKING_TABLE}")
+        return {r[0] for r in rows}
+
+    async def apply_migration(self, migration: Migration) -> None:
+        from core.domain import utcnow
+
+        async with self.transaction() as conn:
+            for statement in migration.statements():
+                await conn.execute(statement)
+            await conn.execute(
+                f"INSERT INTO {TRACKING_TABLE} (id, applied_at) VALUES (?, ?) ON CONFLICT (id) DO NOTHING",
+                (migration.id, utcnow().isoformat()),
+            )
+
+    # ---- row conversion -----------------------------------------------------------------
+
+    def task_row(self, t: Task) -> tuple[Any, ...]:
+        values = {
+            "id": t.id, "name": t.name, "kind": t.kind, "state": int(t.state),
+            "image_url": t.image_url, "file": t.file or None, "wasm_digest": t.wasm_digest,
+            "cli_args": None if t.cli_args is None else dumps(t.cli_args),
+            "inputs": dumps(t.inputs), "env": dumps(t.env),
+            "daemon": self.bool_in(t.daemon), "latent": self.bool_in(t.latent),
+            "encrypted": self.bool_in(t.encrypted), "kbs_resource_path": t.kbs_resource_path,
+            "proplet_id": t.proplet_id, "pinned": self.bool_in(t.pinned),
+            "broadcast": self.bool_in(t.broadcast),
+            "priority": t.priority, "metadata": dumps(t.metadata),
+            "monitoring_profile": None if t.monitoring_profile is None else dumps(t.monitoring_profile),
+            "hal_storage_path": t.hal_storage_path, "mode": t.mode,
+            "depends_on": dumps(t.depends_on), "run_if": t.run_if, "workflow_id": t.workflow_id,
+            "job_id": t.job_id, "limits": dumps(t.limits.to_dict()), "max_retries": t.max_retries,
+            "attempt": t.attempt, "retries": t.retries, "results": None if t.results is None else dumps(t.results),
+            "error": t.error, "reason": t.reason, "queued_at": self.ts_in(t.queued_at),
+            "start_time": self.ts_in(t.start_time), "finish_time": self.ts_in(t.finish_time),
+            "created_at": self.ts_in(t.created_at), "updated_at": self.ts_in(t.updated_at),
+        }
+        return tuple(values[c] for c in _TASK_COLUMNS)
+
+    def task_update_row(self, t: Task) -> tuple[Any, ...]:
+        full = dict(zip(_TASK_COLUMNS, self.task_row(t), strict=True))
+        return (*(full[c] for c in _TASK_MUTABLE), t.id)
+
+    def task_from_row(self, row: Any, file: bytes = b"") -> Task:
+        limits = _json(row["limits"]) or {}
+        return Task(
+            id=row["id"], name=row["name"], kind=row["kind"], state=TaskState(row["state"]),
+            image_url=row["image_url"], file=file, wasm_digest=row["wasm_digest"],
+            cli_args=_json(row["cli_args"]), inputs=_json(row["inputs"]) or [],
+            env=_json(row["env"]) or {}, daemon=bool(row["daemon"]), latent=bool(row["latent"]),
+            encrypted=bool(row["encrypted"]), kbs_resource_path=row["kbs_resource_path"],
+            proplet_id=row["proplet_id"], pinned=bool(row["pinned"]), broadcast=bool(row["broadcast"]),
+            priority=row["priority"],
+            metadata=_json(row["metadata"]) or {}, monitoring_profile=_json(row["monitoring_profile"]),
+            hal_storage_path=row["hal_storage_path"], mode=row["mode"],
+            depends_on=_json(row["depends_on"]) or [], run_if=row["run_if"],
+            workflow_id=row["workflow_id"], job_id=row["job_id"],
+            limits=TaskLimits(**limits), max_retries=row["max_retries"], attempt=row["attempt"], retries=row["retries"],
+            results=_json(row["results"]), error=row["error"], reason=row["reason"],
+            queued_at=self.ts_out(row["queued_at"]), start_time=self.ts_out(row["start_time"]),
+            finish_time=self.ts_out(row["finish_time"]),
+            created_at=self.ts_out(row["created_at"]),  # type: ignore[arg-type]
+            updated_at=self.ts_out(row["updated_at"]),  # type: ignore[arg-type]
+        )
+
+    def proplet_row(self, p: Proplet, now: datetime) -> tuple[Any, ...]:
+        history = [ts.isoformat() for ts in p.alive_history]
+        return (
+            p.id, p.name, p.namespace, dumps(p.metadata), dumps(history), self.bool_in(p.online),
+            p.offline_reason, self.ts_in(p.created_at), self.ts_in(now),
+        )
+
+    def proplet_from_row(self, row: Any) -> Proplet:
+        return Proplet(
+            id=row["id"], name=row["name"], namespace=row["namespace"],
+            metadata=_json(row["metadata"]) or {},
+            alive_history=[datetime.fromisoformat(s) for s in _json(row["alive_history"]) or []],
+            online=bool(row["online"]), offline_reason=row["offline_reason"],
+            created_at=self.ts_out(row["created_at"]),  # type: ignore[arg-type]
+        )
+
+    # ---- reads --------------------------------------------------------------------------
+
+    async def get_task(self, task_id: str, *, with_file: bool = True) -> Task | None:
+        columns = _TASK_SELECT + (", file" if with_file else "")
+        async with self.connection() as conn:
+            rows = await conn.fetch(f"SELECT {columns} FROM tasks WHERE id = ?", (task_id,))
+        if not rows:
+            return None
+        row = rows[0]
+        return self.task_from_row(row, bytes(row["file"] or b"") if with_file else b"")
+
+    async def list_tasks(
+        self,
+        *,
+        offset: int = 0,
+        limit: int = 100,
+        metadata: dict[str, Any] | None = None,
+        states: Sequence[TaskState] | None = None,
+        proplet_id: str | None = None,
+    ) -> Page[Task]:
+        where, params = self._task_filter(metadata, states, proplet_id)
+        async with self.connection() as conn:
+            total = (await conn.fetch(f"SELECT COUNT(*) FROM tasks{where}", params))[0][0]
+            rows = await conn.fetch(
+                f"SELECT {_TASK_SELECT} FROM tasks{where} ORDER BY created_at DESC, id LIMIT ? OFFSET ?",
+                (*params, limit, offset),
+            )
+        return Page([self.task_from_row(r) for r in rows], int(total))
+
+    def _task_filter(
+        self,
+        metadata: dict[str, Any] | None,
+        states: Sequence[TaskState] | None,
+        proplet_id: str | None,
+    ) -> tuple[str, list[Any]]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        if metadata:
+            for key in metadata:
+                if not METADATA_KEY.match(key):
+                    raise ValueError(f"metadata key {key!r} may only contain letters, digits, '.', '_' and '-'")
+            sql, p = self.metadata_clause(metadata)
+            clauses.append(sql)
+            params.extend(p)
+        if states:
+            clauses.append(f"state IN ({', '.join('?' * len(states))})")
+            params.extend(int(s) for s in states)
+        if proplet_id:
+            clauses.append("proplet_id = ?")
+            params.append(proplet_id)
+        return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+    async def active_tasks(self) -> list[Task]:
+        """Tasks the dispatcher owns after a restart: queued, scheduled or running."""
+        async with self.connection() as conn:
+            rows = await conn.fetch(
+                f"SELECT {_TASK_SELECT} FROM tasks WHERE state IN (?, ?) "
+                "OR (state = ? AND queued_at IS NOT NULL) ORDER BY created_at",
+                (int(TaskState.SCHEDULED), int(TaskState.RUNNING), int(TaskState.PENDING)),
+            )
+        return [self.task_from_row(r) for r in rows]
+
+    async def count_tasks_by_state(self) -> dict[TaskState, int]:
+        async with self.connection() as conn:
+            rows = await conn.fetch("SELECT state, COUNT(*) FROM tasks GROUP BY state")
+        return {TaskState(r[0]): int(r[1]) for r in rows}
+
+    async def file_by_digest(self, digest: str) -> bytes | None:
+        async with self.connection() as conn:
+            rows = await conn.fetch(
+                "SELECT file FROM tasks WHERE wasm_digest = ? AND file IS NOT NULL LIMIT 1", (digest,)
+            )
+        return bytes(rows[0][0]) if rows else None
+
+    async def task_events(self, task_id: str) -> list[TaskEvent]:
+        async with self.connection() as conn:
+            rows = await conn.fetch(
+                "SELECT task_id, state, attempt, proplet_id, detail, at FROM task_events "
+                "WHERE task_id = ? ORDER BY id",
+                (task_id,),
+            )
+        return [
+            TaskEvent(r["task_id"], TaskState(r["state"]), self.ts_out(r["at"]),  # type: ignore[arg-type]
+                      r["attempt"], r["proplet_id"], r["detail"])
+            for r in rows
+        ]
+
+    async def get_proplet(self, proplet_id: str) -> Proplet | None:
+        async with self.connection() as conn:
+            rows = await conn.fetch(
+                f"SELECT {', '.join(_PROPLET_COLUMNS)} FROM proplets WHERE id = ?", (proplet_id,)
+            )
+        return self.proplet_from_row(rows[0]) if rows else None
+
+    async def all_proplets(self) -> list[Proplet]:
+        async with self.connection() as conn:
+            rows = await conn.fetch(f"SELECT {', '.join(_PROPLET_COLUMNS)} FROM proplets ORDER BY id")
+        return [self.proplet_from_row(r) for r in rows]
+
+    async def list_proplet_metrics(self, proplet_id: str, offset: int, limit: int) -> Page[PropletMetrics]:
+        async with self.connection() as conn:
+            total = (await conn.fetch(
+                "SELECT COUNT(*) FROM proplet_metrics WHERE proplet_id = ?", (proplet_id,)
+            ))[0][0]
+            rows = await conn.fetch(
+                "SELECT proplet_id, namespace, timestamp, cpu_metrics, memory_metrics FROM proplet_metrics "
+                "WHERE proplet_id = ? ORDER BY timestamp DESC, id DESC LIMIT ? OFFSET ?",
+                (proplet_id, limit, offset),
+            )
+        items = [
+            PropletMetrics(r["proplet_id"], r["namespace"], self.ts_out(r["timestamp"]),  # type: ignore[arg-type]
+                           _json(r["cpu_metrics"]) or {}, _json(r["memory_metrics"]) or {})
+            for r in rows
+        ]
+        return Page(items, int(total))
+
+    async def list_task_metrics(self, task_id: str, offset: int, limit: int) -> Page[TaskMetrics]:
+        async with self.connection() as conn:
+            total = (await conn.fetch(
+                "SELECT COUNT(*) FROM task_metrics WHERE task_id = ?", (task_id,)
+            ))[0][0]
+            rows = await conn.fetch(
+                "SELECT task_id, proplet_id, timestamp, metrics, aggregated FROM task_metrics "
+                "WHERE task_id = ? ORDER BY timestamp DESC, id DESC LIMIT ? OFFSET ?",
+                (task_id, limit, offset),
+            )
+        items = [
+            TaskMetrics(r["task_id"], r["proplet_id"], self.ts_out(r["timestamp"]),  # type: ignore[arg-type]
+                        _json(r["metrics"]) or {}, _json(r["aggregated"]))
+            for r in rows
+        ]
+        return Page(items, int(total))
+
+    async def prune_metrics(self, keep: int) -> int:
+        """Keep the newest `keep` samples per proplet and per task; return how many were deleted."""
+        deleted = 0
+        async with self.transaction() as conn:
+            deleted += await conn.execute(
+                "DELETE FROM proplet_metrics WHERE id IN (SELECT id FROM (SELECT id, ROW_NUMBER() OVER "
+                "(PARTITION BY proplet_id ORDER BY timestamp DESC, id DESC) AS rn FROM proplet_metrics) AS ranked "
+                "WHERE rn > ?)",
+                (keep,),
+            )
+            deleted += await conn.execute(
+                "DELETE FROM task_metrics WHERE id IN (SELECT id FROM (SELECT id, ROW_NUMBER() OVER "
+                "(PARTITION BY task_id ORDER BY timestamp DESC, id DESC) AS rn FROM task_metrics) AS ranked "
+                "WHERE rn > ?)",
+                (keep,),
+            )
+        return deleted
+
+    async def schema(self) -> dict[str, dict[str, Any]]:
+        """Tables, columns and indexes, for the parity test and `propeller info`."""
+        raise NotImplementedError
+
+    # ---- writes (the writer batches these; see core.store.writer) -----------------------
+
+    async def apply(self, ops: Sequence[WriteOp]) -> list[int]:
+        """Apply a batch of writes in one transaction; return affected row counts per op."""
+        counts: list[int] = []
+        async with self.transaction() as conn:
+            i = 0
+            while i < len(ops):
+                sql = ops[i].sql
+                j = i
+                while j < len(ops) and ops[j].sql == sql and ops[j].batchable:
+                    j += 1
+                if j - i > 1:
+                    await conn.executemany(sql, [op.params for op in ops[i:j]])
+                    counts.extend([1] * (j - i))
+                    i = j
+                else:
+                    counts.append(await conn.execute(sql, ops[i].params))
+                    i += 1
+        return counts
+
+    # builders for write operations
+
+    def op_insert_task(self, task: Task) -> WriteOp:
+        return WriteOp(SQL_INSERT_TASK, self.task_row(task))
+
+    def op_update_task(self, task: Task) -> WriteOp:
+        return WriteOp(SQL_UPDATE_TASK, self.task_update_row(task))
+
+    def op_set_task_file(self, task: Task) -> WriteOp:
+        return WriteOp(
+            SQL_UPDATE_TASK_FILE,
+            (task.file or None, task.wasm_digest, self.ts_in(task.updated_at), task.id),
+        )
+
+    def op_delete_task(self, task_id: str) -> WriteOp:
+        return WriteOp(SQL_DELETE_TASK, (task_id,), batchable=False)
+
+    def op_task_event(self, e: TaskEvent) -> WriteOp:
+        return WriteOp(
+            SQL_INSERT_EVENT,
+            (e.task_id, int(e.state), e.attempt, e.proplet_id, e.detail, self.ts_in(e.at)),
+        )
+
+    def op_upsert_proplet(self, p: Proplet, now: datetime) -> WriteOp:
+        return WriteOp(SQL_UPSERT_PROPLET, self.proplet_row(p, now))
+
+    def op_delete_proplet(self, proplet_id: str) -> WriteOp:
+        return WriteOp(SQL_DELETE_PROPLET, (proplet_id,), batchable=False)
+
+    def op_proplet_metrics(self, m: PropletMetrics) -> WriteOp:
+        return WriteOp(
+            SQL_INSERT_PROPLET_METRICS,
+            (m.proplet_id, m.namespace, self.ts_in(m.timestamp), dumps(m.cpu_metrics),
+             dumps(m.memory_metrics), m.proplet_id),
+        )
+
+    def op_task_metrics(self, m: TaskMetrics) -> WriteOp:
+        return WriteOp(
+            SQL_INSERT_TASK_METRICS,
+            (m.task_id, m.proplet_id, self.ts_in(m.timestamp), dumps(m.metrics),
+             None if m.aggregated is None else dumps(m.aggregated), m.task_id),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class WriteOp:
+    """One parameterised statement. Consecutive batchable ops with the same SQL go out together."""
+
+    sql: str
+    params: tuple[Any, ...]
+    batchable: bool = True
+
+
+def _json(value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        value = bytes(value)
+    return orjson.loads(value)
+

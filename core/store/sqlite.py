@@ -1,0 +1,135 @@
+"""SQLite backend (aiosqlite), the default: WAL, one connection, writes batched by the writer."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from core.store.base import Store, StoreError, dumps
+
+
+class _Conn:
+    __slots__ = ("db",)
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self.db = db
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        cursor = await self.db.execute(sql, params)
+        count = cursor.rowcount
+        await cursor.close()
+        return count
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        await self.db.executemany(sql, rows)
+
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        async with self.db.execute(sql, params) as cursor:
+            return list(await cursor.fetchall())
+
+
+class SqliteStore(Store):
+    dialect = "sqlite"
+
+    def __init__(self, path: Path | str) -> None:
+        # ":memory:" is the throw-away database of MANAGER_STORAGE_TYPE=memory.
+        self.path = str(path)
+        self._db: aiosqlite.Connection | None = None
+        # One connection: statements of concurrent callers must not interleave with a transaction.
+        self._lock = asyncio.Lock()
+
+    @property
+    def description(self) -> str:
+        return "sqlite (in memory)" if self.path == ":memory:" else f"sqlite {self.path}"
+
+    async def open(self) -> None:
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            db = await aiosqlite.connect(self.path, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StoreError(
+                f"Cannot open the SQLite database at {self.path} ({exc}). Check that the directory "
+                "is writable or set MANAGER_SQLITE_PATH to another file."
+            ) from exc
+        db.row_factory = sqlite3.Row
+        # WAL with synchronous=NORMAL never corrupts the database; commits cost ~0.04 ms instead
+        # of ~0.29 ms with FULL. The writer batches commits on top of that.
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA synchronous=NORMAL")
+        await db.execute("PRAGMA foreign_keys=ON")
+        await db.execute("PRAGMA busy_timeout=5000")
+        self._db = db
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[_Conn]:
+        assert self._db is not None, "store is not open"
+        async with self._lock:
+            yield _Conn(self._db)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[_Conn]:
+        assert self._db is not None, "store is not open"
+        async with self._lock:
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield _Conn(self._db)
+            except BaseException:
+                await self._db.rollback()
+                raise
+            else:
+                await self._db.commit()
+
+    def ts_in(self, value: datetime | None) -> Any:
+        if value is None:
+            return None
+        return value.astimezone(UTC).isoformat(timespec="microseconds")
+
+    def ts_out(self, value: Any) -> datetime | None:
+        if value is None:
+            return None
+        return datetime.fromisoformat(value)
+
+    def metadata_clause(self, metadata: dict[str, Any]) -> tuple[str, list[Any]]:
+        clauses = []
+        params: list[Any] = []
+        for key, value in metadata.items():
+            path = f'$."{key}"'
+            if isinstance(value, (dict, list)):
+                clauses.append("json_extract(metadata, ?) = json(?)")
+                params.extend([path, dumps(value)])
+            else:
+                clauses.append("json_extract(metadata, ?) = ?")
+                params.extend([path, value])
+        return " AND ".join(clauses), params
+
+    async def schema(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        async with self.connection() as conn:
+            tables = await conn.fetch(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+            )
+            for (table,) in tables:
+                cols = await conn.fetch(f"PRAGMA table_info({table})")
+                idx = await conn.fetch(
+                    "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = ? "
+                    "AND name NOT LIKE 'sqlite_autoindex%'",
+                    (table,),
+                )
+                out[table] = {
+                    "columns": sorted(c["name"] for c in cols),
+                    "indexes": sorted(i[0] for i in idx),
+                }
+        return out

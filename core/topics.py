@@ -1,0 +1,109 @@
+"""MQTT topic templates: the only place topics are spelled out.
+
+Every topic lives under upstream's prefix `m/{domain}/c/{channel}/`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Suffixes after the prefix, exactly as upstream uses them.
+START = "control/manager/start"
+STOP = "control/manager/stop"
+INVOKE = "control/manager/invoke"
+# Extension: the manager acknowledges a stored result so a proplet can drop it from its outbox.
+RESULT_ACK = "control/manager/result_ack"
+CREATE = "control/proplet/create"
+ALIVE = "control/proplet/alive"
+RESULTS = "control/proplet/results"
+INVOKE_RESULTS = "control/proplet/invoke_results"
+METRICS = "control/proplet/metrics"
+TASK_METRICS = "control/proplet/task_metrics"
+# Extension: a proplet tells the manager it started (or refused) a task.
+TASK_STATE = "control/proplet/task_state"
+REGISTRY_REQUEST = "registry/proplet"
+REGISTRY_CHUNK = "registry/server"
+
+MANAGER_INBOUND = (
+    CREATE, ALIVE, RESULTS, INVOKE_RESULTS, METRICS, TASK_METRICS, TASK_STATE,
+)
+PROPLET_INBOUND = (START, STOP, INVOKE, RESULT_ACK, REGISTRY_CHUNK)
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """Topic names for one domain (upstream: tenant) and channel."""
+
+    domain: str
+    channel: str
+
+    @property
+    def prefix(self) -> str:
+        return f"m/{self.domain}/c/{self.channel}/"
+
+    def topic(self, suffix: str) -> str:
+        return self.prefix + suffix
+
+    def suffix(self, topic: str) -> str | None:
+        """The part after the prefix, or None when the topic is not ours."""
+        if topic.startswith(self.prefix):
+            return topic[len(self.prefix):]
+        return None
+
+    @property
+    def start(self) -> str:
+        return self.topic(START)
+
+    @property
+    def stop(self) -> str:
+        return self.topic(STOP)
+
+    @property
+    def invoke(self) -> str:
+        return self.topic(INVOKE)
+
+    @property
+    def result_ack(self) -> str:
+        return self.topic(RESULT_ACK)
+
+    @property
+    def create(self) -> str:
+        return self.topic(CREATE)
+
+    @property
+    def alive(self) -> str:
+        return self.topic(ALIVE)
+
+    @property
+    def results(self) -> str:
+        return self.topic(RESULTS)
+
+    @property
+    def invoke_results(self) -> str:
+        return self.topic(INVOKE_RESULTS)
+
+    @property
+    def metrics(self) -> str:
+        return self.topic(METRICS)
+
+    @property
+    def task_metrics(self) -> str:
+        return self.topic(TASK_METRICS)
+
+    @property
+    def task_state(self) -> str:
+        return self.topic(TASK_STATE)
+
+    @property
+    def registry_request(self) -> str:
+        return self.topic(REGISTRY_REQUEST)
+
+    @property
+    def registry_chunk(self) -> str:
+        return self.topic(REGISTRY_CHUNK)
+
+    def manager_subscriptions(self) -> list[str]:
+        return [self.topic(s) for s in MANAGER_INBOUND]
+
+    def proplet_subscriptions(self) -> list[str]:
+        return [self.topic(s) for s in PROPLET_INBOUND]

@@ -1,0 +1,416 @@
+"""`propeller`: the console (no subcommand), the headless manager, the proplet, the proxy, the
+firmware tools and a client of the REST API.
+
+This is the process entry point: it alone configures logging and signal handling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from propeller.client import ApiError, ManagerClient, module_fields
+
+DEFAULT_MANAGER_URL = "http://127.0.0.1:7070"
+
+
+def setup_logging(level: str, fmt: str = "text") -> None:
+    """Logging for a process: text for terminals, JSON lines for log collectors."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        class _Json(logging.Formatter):
+            def format(self, record: logging.LogRecord) -> str:
+                entry = {"time": self.formatTime(record), "level": record.levelname.lower(),
+                         "logger": record.name, "msg": record.getMessage()}
+                if record.exc_info:
+                    entry["exc"] = self.formatException(record.exc_info)
+                return json.dumps(entry)
+        handler.setFormatter(_Json())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # Per-request access logs would drown the manager's own messages.
+    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+
+
+def settings_help(settings_cls: Any, prefix: str) -> str:
+    from core.config import describe_settings
+
+    rows = describe_settings(settings_cls, prefix)
+    width = max(len(r[0]) for r in rows)
+    lines = ["\b", "Environment variables (also keys of the config file section, lower-case without the prefix):"]
+    for var, default, desc in rows:
+        lines.append(f"  {var.ljust(width)}  {desc} [default: {default}]")
+    return "\n".join(lines)
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Config file (YAML with manager:, proplet:, proxy:, console: sections). "
+                   "Default: $PROPELLER_CONFIG or ~/.config/propeller/config.yaml.")
+@click.version_option(package_name="propeller")
+@click.pass_context
+def main(ctx: click.Context, config_file: Path | None) -> None:
+    """Propeller: run WebAssembly workloads across an edge fleet over MQTT.
+
+    With no command, opens the operator console, which hosts the manager.
+    """
+    if config_file is not None:
+        if not config_file.is_file():
+            raise click.UsageError(f"config file {config_file} does not exist")
+        os.environ["PROPELLER_CONFIG"] = str(config_file)
+    if ctx.invoked_subcommand is None:
+        try:
+            from console.app import run_console
+        except ImportError:
+            click.echo(ctx.get_help())
+            return
+        run_console()
+
+
+# ---- serve -----------------------------------------------------------------------------------
+
+
+def _serve_epilog() -> str:
+    from core.config import ManagerSettings
+
+    return settings_help(ManagerSettings, "MANAGER_")
+
+
+@main.command(epilog=_serve_epilog())
+@click.option("--host", help="REST API address (MANAGER_HTTP_HOST).")
+@click.option("--port", type=int, help="REST API port (MANAGER_HTTP_PORT).")
+@click.option("--mqtt-address", help="Broker URL (MANAGER_MQTT_ADDRESS).")
+@click.option("--storage", type=click.Choice(["sqlite", "postgres", "memory"]), help="MANAGER_STORAGE_TYPE.")
+@click.option("--sqlite-path", type=click.Path(dir_okay=False), help="MANAGER_SQLITE_PATH.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="MANAGER_LOG_LEVEL.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
+def serve(host: str | None, port: int | None, mqtt_address: str | None, storage: str | None,
+          sqlite_path: str | None, log_level: str | None, log_format: str) -> None:
+    """Run the manager headless (REST API + MQTT) until SIGINT or SIGTERM.
+
+    With no configuration it keeps its state in SQLite under ~/.local/share/propeller and uses the
+    broker on localhost:1883, or starts an in-process one when nothing listens there.
+    """
+    from pydantic import ValidationError
+
+    from core.config import ManagerSettings
+
+    overrides = {k: v for k, v in {
+        "http_host": host, "http_port": port, "mqtt_address": mqtt_address, "storage_type": storage,
+        "sqlite_path": sqlite_path, "log_level": log_level}.items() if v is not None}
+    try:
+        settings = ManagerSettings(**overrides)
+    except (ValidationError, ValueError) as exc:
+        raise click.ClickException(f"invalid configuration: {exc}") from None
+    setup_logging(settings.log_level, log_format)
+    try:
+        asyncio.run(_serve(settings))
+    except KeyboardInterrupt:
+        pass
+
+
+async def _serve(settings: Any) -> None:
+    from core.errors import CoreError
+    from core.service import ManagerCore
+    from core.store import StoreError
+
+    log = logging.getLogger("propeller.serve")
+    started = time.perf_counter()
+    try:
+        core = ManagerCore(settings)
+        async with core:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, core.request_shutdown)
+            log.info("serving: API %s, broker %s (started in %.2fs); stop with Ctrl-C",
+                     core.api_url, core.status().broker_url, time.perf_counter() - started)
+            await core.wait_closed()
+            log.info("shutting down")
+    except (CoreError, StoreError, ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+# ---- info ------------------------------------------------------------------------------------
+
+
+@main.command()
+def info() -> None:
+    """Print the files and directories Propeller uses and the effective manager settings."""
+    from core import __version__, paths
+    from core.config import ManagerSettings
+
+    settings = ManagerSettings()
+    click.echo(f"propeller {__version__}")
+    click.echo(f"config file   {paths.default_config_file()}"
+               f"{'' if paths.default_config_file().is_file() else ' (absent)'}")
+    click.echo(f"data dir      {paths.data_dir()}")
+    click.echo(f"cache dir     {paths.cache_dir()}")
+    click.echo(f"state dir     {paths.state_dir()}")
+    click.echo("manager settings:")
+    for key, value in settings.model_dump().items():
+        if key in ("api_key", "postgres_pass", "http_tokens") and value:
+            value = "***"
+        click.echo(f"  {key} = {value}")
+
+
+# ---- REST client -----------------------------------------------------------------------------
+
+
+def _client_options(f: Any) -> Any:
+    f = click.option("--manager-url", "-m", envvar="PROPELLER_MANAGER_URL", default=DEFAULT_MANAGER_URL,
+                     show_default=True, help="Manager REST API (PROPELLER_MANAGER_URL).")(f)
+    f = click.option("--token", envvar="PROPELLER_TOKEN", help="Bearer token (PROPELLER_TOKEN).")(f)
+    f = click.option("--json", "as_json", is_flag=True, help="Print the raw JSON answer.")(f)
+    return f
+
+
+def _run(call: Any) -> Any:
+    try:
+        return call()
+    except ApiError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _show(data: Any, as_json: bool, render: Any) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+    else:
+        render(data)
+
+
+def _table(columns: list[str], rows: list[list[Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for c in columns:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*("" if v is None else str(v) for v in r))
+    Console().print(table)
+
+
+def _short_time(text: str | None) -> str:
+    if not text or text.startswith("0001-"):
+        return ""
+    return text.replace("T", " ")[:19]
+
+
+def _task_rows(tasks: list[dict[str, Any]]) -> None:
+    _table(["ID", "NAME", "STATE", "PROPLET", "CREATED", "RESULT / REASON"], [
+        [t["id"], t["name"], t.get("state_name", t["state"]), t.get("proplet_id", ""),
+         _short_time(t.get("created_at")),
+         (t.get("error") or (json.dumps(t["results"]) if t.get("results") is not None else t.get("reason", "")))[:60]]
+        for t in tasks])
+
+
+def _task_detail(t: dict[str, Any]) -> None:
+    fields = ["id", "name", "state_name", "proplet_id", "image_url", "wasm_digest", "inputs", "env",
+              "priority", "attempt", "reason", "results", "error", "created_at", "start_time", "finish_time"]
+    _table(["FIELD", "VALUE"], [[f, json.dumps(t.get(f)) if isinstance(t.get(f), (dict, list)) else t.get(f)]
+                                for f in fields if t.get(f) not in (None, "", [], {})])
+
+
+@main.group()
+def tasks() -> None:
+    """Create, start, stop and inspect tasks on a running manager."""
+
+
+@tasks.command("create")
+@click.argument("name")
+@click.option("--wasm", "source", required=True,
+              help="The module: a local .wasm file, an http(s):// URL, or an OCI reference.")
+@click.option("--input", "-i", "inputs", multiple=True, help="An argument (repeat for several).")
+@click.option("--env", "-e", multiple=True, help="KEY=VALUE for the guest (repeat for several).")
+@click.option("--arg", "cli_args", multiple=True, help="A runtime CLI argument (repeat).")
+@click.option("--proplet", "proplet_id", help="Pin the task to this proplet.")
+@click.option("--broadcast", is_flag=True, help="Run on every live proplet.")
+@click.option("--priority", type=click.IntRange(0, 100), help="0..100, higher first (default 50).")
+@click.option("--timeout", type=float, help="Wall-clock limit in seconds.")
+@click.option("--fuel", type=int, help="Instruction budget.")
+@click.option("--memory", type=int, help="Largest linear memory in bytes.")
+@click.option("--retries", type=int, default=0, help="Retries when its proplet goes offline.")
+@click.option("--daemon", is_flag=True, help="A long-running task.")
+@click.option("--start", "start_now", is_flag=True, help="Start it right away.")
+@click.option("--wait", "wait_s", type=float, help="With --start: wait up to N seconds for the result.")
+@_client_options
+def tasks_create(name: str, source: str, inputs: tuple[str, ...], env: tuple[str, ...],
+                 cli_args: tuple[str, ...], proplet_id: str | None, broadcast: bool, priority: int | None,
+                 timeout: float | None, fuel: int | None, memory: int | None, retries: int, daemon: bool,
+                 start_now: bool, wait_s: float | None, manager_url: str, token: str | None, as_json: bool) -> None:
+    """Create a task that calls export NAME of a module."""
+    body: dict[str, Any] = {"name": name, "inputs": list(inputs), "daemon": daemon, "broadcast": broadcast,
+                            "max_retries": retries}
+    body.update(_run(lambda: module_fields(source)))
+    if env:
+        pairs = [e.partition("=") for e in env]
+        if any(not sep for _, sep, _ in pairs):
+            raise click.BadParameter("use KEY=VALUE", param_hint="--env")
+        body["env"] = {k: v for k, _, v in pairs}
+    if cli_args:
+        body["cli_args"] = list(cli_args)
+    if proplet_id:
+        body["proplet_id"] = proplet_id
+    if priority is not None:
+        body["priority"] = priority
+    limits = {k: v for k, v in {"timeout_s": timeout, "fuel": fuel, "memory_bytes": memory}.items() if v}
+    if limits:
+        body["limits"] = limits
+    with ManagerClient(manager_url, token) as client:
+        task = _run(lambda: client.create_task(body))
+        if start_now:
+            _run(lambda: client.start_task(task["id"]))
+            if wait_s:
+                task = _wait_for(client, task["id"], wait_s)
+            else:
+                task = _run(lambda: client.get_task(task["id"]))
+    _show(task, as_json, _task_detail)
+
+
+def _wait_for(client: ManagerClient, task_id: str, wait_s: float) -> dict[str, Any]:
+    deadline = time.monotonic() + wait_s
+    while True:
+        task = _run(lambda: client.get_task(task_id))
+        if task["state_name"] in ("completed", "failed", "skipped", "interrupted") or time.monotonic() > deadline:
+            return task
+        time.sleep(0.05)
+
+
+@tasks.command("start")
+@click.argument("task_id")
+@click.option("--wait", "wait_s", type=float, help="Wait up to N seconds for the result.")
+@_client_options
+def tasks_start(task_id: str, wait_s: float | None, manager_url: str, token: str | None, as_json: bool) -> None:
+    """Start (or re-run) a task."""
+    with ManagerClient(manager_url, token) as client:
+        _run(lambda: client.start_task(task_id))
+        task = _wait_for(client, task_id, wait_s) if wait_s else _run(lambda: client.get_task(task_id))
+    _show(task, as_json, _task_detail)
+
+
+@tasks.command("stop")
+@click.argument("task_id")
+@_client_options
+def tasks_stop(task_id: str, manager_url: str, token: str | None, as_json: bool) -> None:
+    """Stop a queued or running task."""
+    with ManagerClient(manager_url, token) as client:
+        data = _run(lambda: client.stop_task(task_id))
+    _show(data, as_json, lambda d: click.echo(f"stopped {task_id}"))
+
+
+@tasks.command("get")
+@click.argument("task_id")
+@click.option("--events", "with_events", is_flag=True, help="Also show the lifecycle timeline.")
+@_client_options
+def tasks_get(task_id: str, with_events: bool, manager_url: str, token: str | None, as_json: bool) -> None:
+    """Show one task."""
+    with ManagerClient(manager_url, token) as client:
+        task = _run(lambda: client.get_task(task_id))
+        events = _run(lambda: client.events(task_id))["events"] if with_events else None
+    if as_json:
+        click.echo(json.dumps({**task, "events": events} if events is not None else task, indent=2))
+        return
+    _task_detail(task)
+    if events:
+        _table(["TIME", "STATE", "PROPLET", "DETAIL"],
+               [[_short_time(e["at"]), e["state_name"], e["proplet_id"], e["detail"]] for e in events])
+
+
+@tasks.command("list")
+@click.option("--state", help="Comma-separated states, e.g. running,pending.")
+@click.option("--limit", type=click.IntRange(1, 100), default=100, show_default=True)
+@click.option("--offset", type=click.IntRange(0), default=0)
+@_client_options
+def tasks_list(state: str | None, limit: int, offset: int, manager_url: str, token: str | None,
+               as_json: bool) -> None:
+    """List tasks, newest first."""
+    with ManagerClient(manager_url, token) as client:
+        data = _run(lambda: client.list_tasks(offset, limit, state))
+    _show(data, as_json, lambda d: (_task_rows(d["tasks"]),
+                                   click.echo(f"{len(d['tasks'])} of {d['total']} tasks")))
+
+
+@tasks.command("results")
+@click.argument("task_id")
+@_client_options
+def tasks_results(task_id: str, manager_url: str, token: str | None, as_json: bool) -> None:
+    """Print a task's result (or its error)."""
+    with ManagerClient(manager_url, token) as client:
+        data = _run(lambda: client.results(task_id))
+
+    def render(d: dict[str, Any]) -> None:
+        if d.get("error"):
+            click.echo(f"error: {d['error']}")
+        results = d.get("results")
+        click.echo(results if isinstance(results, str) else json.dumps(results))
+    _show(data, as_json, render)
+
+
+@tasks.command("delete")
+@click.argument("task_id")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@_client_options
+def tasks_delete(task_id: str, yes: bool, manager_url: str, token: str | None, as_json: bool) -> None:
+    """Delete a task (a running one is stopped first)."""
+    if not yes:
+        click.confirm(f"Delete task {task_id}?", abort=True)
+    with ManagerClient(manager_url, token) as client:
+        _run(lambda: client.delete_task(task_id))
+    _show({"deleted": task_id}, as_json, lambda d: click.echo(f"deleted {task_id}"))
+
+
+@main.group()
+def proplets() -> None:
+    """Inspect the proplets a running manager knows."""
+
+
+@proplets.command("list")
+@click.option("--status", type=click.Choice(["active", "inactive"]))
+@_client_options
+def proplets_list(status: str | None, manager_url: str, token: str | None, as_json: bool) -> None:
+    """List proplets."""
+    with ManagerClient(manager_url, token) as client:
+        data = _run(lambda: client.list_proplets(status))
+    _show(data, as_json, lambda d: _table(
+        ["ID", "NAME", "ALIVE", "TASKS", "LAST HEARTBEAT", "RUNTIME", "OS/ARCH"],
+        [[p["id"], p["name"], "yes" if p["alive"] else "no", p["task_count"],
+          _short_time(p.get("last_alive_at")), p["metadata"].get("wasm_runtime", ""),
+          f"{p['metadata'].get('os', '')}/{p['metadata'].get('cpu_arch', '')}".strip("/")]
+         for p in d["proplets"]]))
+
+
+@proplets.command("get")
+@click.argument("proplet_id")
+@_client_options
+def proplets_get(proplet_id: str, manager_url: str, token: str | None, as_json: bool) -> None:
+    """Show one proplet."""
+    with ManagerClient(manager_url, token) as client:
+        data = _run(lambda: client.get_proplet(proplet_id))
+    _show(data, as_json, lambda p: _table(["FIELD", "VALUE"], [
+        [k, json.dumps(v) if isinstance(v, (dict, list)) else v] for k, v in p.items()]))
+
+
+def _register_optional_commands() -> None:
+    """Commands of the other packages, registered when those packages provide them."""
+    import importlib
+    import importlib.util
+
+    for module_name, attr in (("proplet.cli", "proplet_command"), ("proplet.proxy_cli", "proxy_command"),
+                              ("propeller.firmware", "firmware_group")):
+        if importlib.util.find_spec(module_name) is not None:
+            main.add_command(getattr(importlib.import_module(module_name), attr))
+
+
+_register_optional_commands()

@@ -1,0 +1,101 @@
+"""A small synchronous client of the manager's REST API, used by the CLI."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+class ApiError(Exception):
+    """The manager answered with an error, or could not be reached. The message is for the user."""
+
+
+class ManagerClient:
+    def __init__(self, base_url: str, token: str | None = None, timeout: float = 30.0) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> ManagerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.ConnectError as exc:
+            raise ApiError(
+                f"Cannot reach the manager at {self.base_url} ({exc}). Start it with `propeller serve` "
+                "or point --manager-url (PROPELLER_MANAGER_URL) at a running manager."
+            ) from None
+        except httpx.TimeoutException:
+            raise ApiError(f"The manager at {self.base_url} did not answer in time.") from None
+        if response.status_code >= 400:
+            try:
+                message = response.json().get("error") or response.text
+            except ValueError:
+                message = response.text or response.reason_phrase
+            raise ApiError(f"{response.status_code} {response.reason_phrase}: {message}")
+        if response.status_code == 204 or not response.content:
+            return None
+        return response.json()
+
+    # tasks
+
+    def create_task(self, body: dict[str, Any]) -> dict[str, Any]:
+        return self.request("POST", "/tasks", json=body)
+
+    def list_tasks(self, offset: int = 0, limit: int = 100, state: str | None = None) -> dict[str, Any]:
+        params: dict[str, Any] = {"offset": offset, "limit": limit}
+        if state:
+            params["state"] = state
+        return self.request("GET", "/tasks", params=params)
+
+    def get_task(self, task_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/tasks/{task_id}")
+
+    def start_task(self, task_id: str) -> dict[str, Any]:
+        return self.request("POST", f"/tasks/{task_id}/start")
+
+    def stop_task(self, task_id: str) -> dict[str, Any]:
+        return self.request("POST", f"/tasks/{task_id}/stop")
+
+    def delete_task(self, task_id: str) -> None:
+        self.request("DELETE", f"/tasks/{task_id}")
+
+    def results(self, task_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/tasks/{task_id}/results")
+
+    def events(self, task_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/tasks/{task_id}/events")
+
+    # proplets
+
+    def list_proplets(self, status: str | None = None) -> dict[str, Any]:
+        return self.request("GET", "/proplets", params={"status": status} if status else None)
+
+    def get_proplet(self, proplet_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/proplets/{proplet_id}")
+
+
+def module_fields(source: str) -> dict[str, str]:
+    """Task fields for a module given as a local .wasm path, an http(s) URL or an OCI reference."""
+    if source.startswith(("http://", "https://")):
+        return {"image_url": source}
+    path = Path(source).expanduser()
+    if path.exists():
+        data = path.read_bytes()
+        if not data.startswith(b"\0asm"):
+            raise ApiError(f"{path} is not a WebAssembly module (it does not start with \\0asm)")
+        return {"file": base64.b64encode(data).decode("ascii")}
+    if source.endswith(".wasm") and "/" not in source.split(":")[0]:
+        raise ApiError(f"{source}: no such file")
+    return {"image_url": source}
