@@ -127,8 +127,10 @@ class ManagerSettings(MqttClientSettings):
         description="Seconds to wait for a proplet that supports acknowledgements to confirm a start "
         "before the start is published again.",
     )
-    embedded_broker_port: int = Field(
-        default=1883, ge=0, le=65535, description="Port of the in-process broker when one is started."
+    default_broker_port: int = Field(
+        default=1883, ge=1, le=65535,
+        description="With no mqtt_address: the broker on localhost at this port is used if one listens "
+        "there, else an in-process broker is started on it.",
     )
 
     @field_validator("http_tokens", mode="before")

@@ -243,9 +243,10 @@ class ManagerCore:
             return parse_broker_url(self.settings.mqtt_address)
         from core.embedded_broker import EmbeddedBroker, port_is_listening
 
-        if await asyncio.to_thread(port_is_listening, "127.0.0.1", 1883):
-            return BrokerAddress("127.0.0.1", 1883)
-        broker = EmbeddedBroker("127.0.0.1", self.settings.embedded_broker_port)
+        port = self.settings.default_broker_port
+        if await asyncio.to_thread(port_is_listening, "127.0.0.1", port):
+            return BrokerAddress("127.0.0.1", port)
+        broker = EmbeddedBroker("127.0.0.1", port)
         await broker.start()
         self._embedded_broker = broker
         return BrokerAddress("127.0.0.1", broker.port)

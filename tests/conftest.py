@@ -1,0 +1,95 @@
+"""Shared fixtures: isolated environment, a private Mosquitto, PostgreSQL databases, a manager."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.services import Mosquitto, create_database, drop_database
+
+
+@pytest.fixture(autouse=True)
+def isolated_environment(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test reads the developer's config file, XDG directories or MANAGER_*/PROPLET_* variables."""
+    home = tmp_path_factory.mktemp("home")
+    for var in list(os.environ):
+        if var.startswith(("MANAGER_", "PROPLET_", "PROXY_", "PROPELLER_")) and var != "PROPELLER_TEST_POSTGRES":
+            monkeypatch.delenv(var)
+    monkeypatch.setenv("PROPELLER_CONFIG", str(home / "no-config.yaml"))
+    for var, sub in (("XDG_CONFIG_HOME", "config"), ("XDG_DATA_HOME", "data"),
+                     ("XDG_CACHE_HOME", "cache"), ("XDG_STATE_HOME", "state")):
+        monkeypatch.setenv(var, str(home / sub))
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
+    """One Mosquitto with TCP_NODELAY for the whole session; tests isolate by topic domain."""
+    mosquitto = Mosquitto(tmp_path_factory.mktemp("mosquitto"))
+    mosquitto.start()
+    yield mosquitto
+    mosquitto.stop()
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A Mosquitto for this test alone (tests that kill or reconfigure the broker)."""
+    mosquitto = Mosquitto(tmp_path / "mosquitto")
+    mosquitto.start()
+    yield mosquitto
+    mosquitto.stop()
+
+
+@pytest.fixture
+async def pg_dsn() -> AsyncIterator[str]:
+    db = await create_database()
+    try:
+        yield db.dsn
+    finally:
+        await drop_database(db)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+ManagerFactory = Callable[..., AbstractAsyncContextManager[Any]]
+
+
+@pytest.fixture
+def manager_factory(broker: Mosquitto, tmp_path: Path) -> ManagerFactory:
+    """`async with manager_factory(**settings) as core`: a manager on the session broker."""
+
+    @asynccontextmanager
+    async def factory(**overrides: Any) -> AsyncIterator[Any]:
+        from core.config import ManagerSettings
+        from core.service import ManagerCore
+
+        values: dict[str, Any] = {
+            "mqtt_address": broker.url,
+            "tenant_id": unique("t"),
+            "entity_id": unique("manager"),
+            "storage_type": "sqlite",
+            "sqlite_path": tmp_path / f"{uuid.uuid4().hex[:6]}.db",
+            "http_port": 0,
+            "mqtt_timeout": 5.0,
+        }
+        values.update(overrides)
+        core = ManagerCore(ManagerSettings(**values))
+        async with core:
+            assert core.bus is not None
+            await core.bus.wait_connected(10)
+            yield core
+
+    return factory
+
+
+@pytest.fixture
+async def manager(manager_factory: ManagerFactory) -> AsyncIterator[Any]:
+    async with manager_factory() as core:
+        yield core

@@ -1,0 +1,168 @@
+"""Real services for tests: Mosquitto brokers of our own, PostgreSQL databases, free ports.
+
+With CI=true a missing service fails the test; locally it skips with a reason saying how to get it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def need(available: bool, what: str, how: str) -> None:
+    """Fail in CI, skip locally, when a service a test needs is missing."""
+    if available:
+        return
+    if IN_CI:
+        pytest.fail(f"{what} is required in CI but missing: {how}")
+    pytest.skip(f"{what} is not available; {how}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
+
+
+@dataclass
+class Mosquitto:
+    """A Mosquitto of our own on a free port, with TCP_NODELAY, that tests may kill and restart."""
+
+    workdir: Path
+    port: int = field(default_factory=free_port)
+    extra_conf: str = ""
+    persistence: bool = False
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    @property
+    def conf_path(self) -> Path:
+        return self.workdir / "mosquitto.conf"
+
+    def write_conf(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        # Run as root, Mosquitto drops to user "mosquitto": it must be able to write here.
+        os.chmod(self.workdir, 0o777)
+        lines = [
+            f"listener {self.port} 127.0.0.1",
+            "allow_anonymous true" if "allow_anonymous" not in self.extra_conf else "",
+            "set_tcp_nodelay true",
+            f"persistence {'true' if self.persistence else 'false'}",
+            f"persistence_location {self.workdir}/" if self.persistence else "",
+            f"log_dest file {self.workdir}/mosquitto.log",
+            "max_queued_messages 100000",
+            "max_inflight_messages 0",
+            self.extra_conf,
+        ]
+        self.conf_path.write_text("\n".join(line for line in lines if line) + "\n")
+
+    def start(self) -> None:
+        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        need(os.path.exists(binary), "mosquitto", "install it with `apt-get install mosquitto`")
+        self.write_conf()
+        self.process = subprocess.Popen([binary, "-c", str(self.conf_path)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_port(self.port)
+        except TimeoutError:
+            self.stop()
+            log = (self.workdir / "mosquitto.log")
+            raise RuntimeError(f"mosquitto did not start: {log.read_text() if log.exists() else ''}") from None
+
+    def kill(self) -> None:
+        """SIGKILL: the broker loses whatever it had not saved."""
+        if self.process is not None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+            self.process = None
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+
+    def log_text(self) -> str:
+        path = self.workdir / "mosquitto.log"
+        return path.read_text() if path.exists() else ""
+
+
+@contextlib.contextmanager
+def running_mosquitto(workdir: Path, **kwargs: object) -> Iterator[Mosquitto]:
+    broker = Mosquitto(workdir, **kwargs)  # type: ignore[arg-type]
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+POSTGRES_ADMIN_DSN = os.environ.get("PROPELLER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def postgres_available() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 5432), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class PostgresDatabase:
+    name: str
+    dsn: str
+
+
+async def create_database() -> PostgresDatabase:
+    import asyncpg
+
+    need(postgres_available(), "PostgreSQL on 127.0.0.1:5432",
+         "start it (`pg_ctlcluster 15 main start`) or set PROPELLER_TEST_POSTGRES to an admin DSN")
+    name = f"propeller_t_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(POSTGRES_ADMIN_DSN)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    base = POSTGRES_ADMIN_DSN.rsplit("/", 1)[0]
+    return PostgresDatabase(name, f"{base}/{name}")
+
+
+async def drop_database(db: PostgresDatabase) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(POSTGRES_ADMIN_DSN)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{db.name}" WITH (FORCE)')
+    finally:
+        await conn.close()
