@@ -135,6 +135,10 @@ class SyntheticProplet(WireClient):
             self._beat.cancel()
         for job in self._jobs:
             job.cancel()
+        # A clean exit says goodbye, as the real proplet does; the Last Will covers crashes only.
+        with contextlib.suppress(aiomqtt.MqttError):
+            await self.publish(t.ALIVE, {"proplet_id": self.proplet_id, "status": "offline",
+                                         "namespace": "default"})
         await super().__aexit__(*exc)
 
     async def announce(self) -> None:
@@ -153,12 +157,14 @@ class SyntheticProplet(WireClient):
                 await self.alive()
 
     async def on_message(self, suffix: str, payload: bytes) -> None:
-        if suffix != t.START or self.answer is None:
+        if suffix != t.START:
             return
         start = orjson.loads(payload)
         if start.get("proplet_id") not in ("", None, self.proplet_id) and not start.get("broadcast"):
             return
         self.starts.append(start)
+        if self.answer is None:
+            return
         job = asyncio.create_task(self._reply(start))
         self._jobs.add(job)
         job.add_done_callback(self._jobs.discard)
@@ -171,3 +177,43 @@ class SyntheticProplet(WireClient):
         body = {"task_id": start["id"], "proplet_id": self.proplet_id, "results": results, "error": error}
         with contextlib.suppress(aiomqtt.MqttError):
             await self.publish(t.RESULTS, body)
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01) -> Any:
+    """Poll `check` (sync or async) until it returns something truthy; fail with its last value."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = check()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s (last value: {value!r})")
+        await asyncio.sleep(interval)
+
+
+def main() -> None:
+    """Run a synthetic proplet as its own process (tests kill it with SIGKILL; benchmarks load it)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--broker", required=True)
+    parser.add_argument("--domain", required=True)
+    parser.add_argument("--channel", default="default")
+    parser.add_argument("--id", required=True)
+    parser.add_argument("--silent", action="store_true", help="never answer starts")
+    parser.add_argument("--heartbeat", type=float, default=None)
+    args = parser.parse_args()
+
+    async def run() -> None:
+        async with SyntheticProplet(args.broker, Topics(args.domain, args.channel), args.id,
+                                    answer=None if args.silent else add_inputs, heartbeat=args.heartbeat):
+            print("ready", flush=True)
+            await asyncio.Event().wait()
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,415 @@
+"""The manager against real MQTT peers speaking upstream's wire format (Mosquitto, real clients)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from typing import Any
+
+import orjson
+import pytest
+
+from core import protocol
+from core import topics as t
+from core.domain import TaskState
+from core.schemas import TaskCreate
+from tests.wire import SyntheticProplet, WireClient, eventually
+
+WASM = b"\0asm\x01\0\0\0"
+
+
+def add_task(**overrides: Any) -> TaskCreate:
+    body: dict[str, Any] = {"name": "add", "file": base64.b64encode(WASM).decode(), "inputs": [2, 40]}
+    body.update(overrides)
+    return TaskCreate.model_validate(body)
+
+
+async def run_to_end(core: Any, task_id: str, timeout: float = 5.0) -> Any:
+    await core.start_task(task_id)
+    return await finished(core, task_id, timeout)
+
+
+async def finished(core: Any, task_id: str, timeout: float = 5.0) -> Any:
+    async def done() -> Any:
+        task = await core.get_task(task_id)
+        return task if task.state.is_terminal else None
+    return await eventually(done, timeout)
+
+
+async def test_discovery_and_heartbeats_register_a_proplet(manager: Any, broker: Any) -> None:
+    async with SyntheticProplet(broker.url, manager.topics, "p-disc", metadata={"os": "linux", "tags": ["a"]}) as p:
+        proplet = await eventually(lambda: manager.proplets.get("p-disc"))
+        await eventually(lambda: proplet.online)
+        assert proplet.metadata["tags"] == ["a"]
+        # A second discovery refreshes the metadata (upstream freezes the first one).
+        p.metadata = {"os": "linux", "tags": ["b"]}
+        await p.announce()
+        await eventually(lambda: proplet.metadata.get("tags") == ["b"])
+        await eventually(lambda: len(proplet.alive_history) >= 2)
+
+
+async def test_heartbeat_before_discovery_creates_the_proplet(manager: Any, broker: Any) -> None:
+    async with WireClient(broker.url, manager.topics) as c:
+        await c.publish(t.ALIVE, {"proplet_id": "early", "status": "alive", "namespace": "default"})
+        p = await eventually(lambda: manager.proplets.get("early"))
+        assert p.online and p.name
+
+
+async def test_start_message_is_upstream_json(manager: Any, broker: Any) -> None:
+    async with SyntheticProplet(broker.url, manager.topics, "p-json", answer=None) as proplet, \
+            WireClient(broker.url, manager.topics, subscribe=[t.START]) as spy:
+        await eventually(lambda: "p-json" in manager.proplets)
+        task = await manager.create_task(add_task(env={"A": "1"}, limits={"timeout_s": 3, "memory_bytes": 65536}))
+        await manager.start_task(task.id)
+        start = await spy.expect(t.START, lambda m: m["id"] == task.id)
+        assert start == {
+            "id": task.id, "name": "add", "state": 2,
+            "file": base64.b64encode(WASM).decode(),
+            "inputs": ["2", "40"], "cli_args": None, "broadcast": False, "daemon": False,
+            "latent": False, "encrypted": False, "env": {"A": "1"}, "proplet_id": "p-json",
+            # extensions, ignored by upstream proplets
+            "wasm_digest": protocol.sha256_digest(WASM), "attempt": 1,
+            "limits": {"timeout_s": 3.0, "memory_bytes": 65536},
+            "traceparent": start["traceparent"],
+        }
+        assert start["traceparent"].startswith("00-") and len(start["traceparent"]) == 55
+        assert proplet.received[t.START], "the proplet got it too"
+
+
+async def test_result_completes_the_task_and_duplicates_do_not_reapply(manager: Any, broker: Any) -> None:
+    async with SyntheticProplet(broker.url, manager.topics, "p-res") as proplet:
+        await eventually(lambda: "p-res" in manager.proplets)
+        task = await manager.create_task(add_task())
+        done = await run_to_end(manager, task.id)
+        assert (done.state, done.results, done.error, done.proplet_id) == (TaskState.COMPLETED, "42", "", "p-res")
+        before = manager.metrics.duplicate_results._value.get()
+        # The same result again (QoS 1 redelivery) and a different one: neither changes the task.
+        for results in ("42", "999"):
+            await proplet.publish(t.RESULTS, {"task_id": task.id, "proplet_id": "p-res", "results": results,
+                                              "error": None})
+        await eventually(lambda: manager.metrics.duplicate_results._value.get() >= before + 2)
+        again = await manager.get_task(task.id)
+        assert again.results == "42" and again.finish_time == done.finish_time
+        events = [e.state for e in await manager.task_events(task.id)]
+        assert events == [TaskState.PENDING, TaskState.PENDING, TaskState.RUNNING, TaskState.COMPLETED]
+
+
+async def test_error_result_fails_the_task(manager: Any, broker: Any) -> None:
+    async with SyntheticProplet(broker.url, manager.topics, "p-err", answer=lambda s: ("", "wasm trap: unreachable")):
+        await eventually(lambda: "p-err" in manager.proplets)
+        task = await manager.create_task(add_task())
+        done = await run_to_end(manager, task.id)
+        assert (done.state, done.error) == (TaskState.FAILED, "wasm trap: unreachable")
+
+
+async def test_results_from_the_wrong_proplet_or_for_unknown_tasks_are_rejected(manager: Any, broker: Any) -> None:
+    async with SyntheticProplet(broker.url, manager.topics, "p-own", answer=None), \
+            WireClient(broker.url, manager.topics) as intruder:
+        await eventually(lambda: "p-own" in manager.proplets)
+        task = await manager.create_task(add_task())
+        await manager.start_task(task.id)
+        await eventually(lambda: task.id in manager.active and manager.active[task.id].state is TaskState.RUNNING)
+        await intruder.publish(t.RESULTS, {"task_id": task.id, "proplet_id": "p-other", "results": "1"})
+        await intruder.publish(t.RESULTS, {"task_id": "00000000-0000-0000-0000-000000000000", "results": "1"})
+        await eventually(lambda: manager.metrics.rejections[(t.RESULTS, "wrong_proplet")] == 1
+                         and manager.metrics.rejections[(t.RESULTS, "unknown_task")] == 1)
+        assert (await manager.get_task(task.id)).state is TaskState.RUNNING
+
+
+async def test_no_live_proplet_keeps_the_task_pending_with_a_reason(manager: Any, broker: Any) -> None:
+    task = await manager.create_task(add_task())
+    await manager.start_task(task.id)
+    pending = await manager.get_task(task.id)
+    assert pending.state is TaskState.PENDING
+    assert "no live proplet" in pending.reason
+    async with SyntheticProplet(broker.url, manager.topics, "p-late"):
+        done = await finished(manager, task.id)
+        assert done.state is TaskState.COMPLETED and done.proplet_id == "p-late" and done.reason == ""
+
+
+async def test_round_robin_spreads_tasks_and_releases_slots(manager: Any, broker: Any) -> None:
+    async with SyntheticProplet(broker.url, manager.topics, "rr-a") as a, \
+            SyntheticProplet(broker.url, manager.topics, "rr-b") as b:
+        await eventually(lambda: {"rr-a", "rr-b"} <= manager.proplets.keys())
+        for _ in range(6):
+            task = await manager.create_task(add_task())
+            await run_to_end(manager, task.id)
+        assert len(a.starts) == 3 and len(b.starts) == 3
+        # Upstream never releases a finished task's slot; here nothing is held afterwards.
+        assert manager.get_proplet("rr-a").task_count == 0
+        await manager.delete_proplet("rr-a")
+        assert "rr-a" not in manager.proplets
+
+
+async def test_least_loaded_prefers_the_idle_proplet(manager_factory: Any, broker: Any) -> None:
+    async with manager_factory(scheduler="least_loaded") as core, \
+            SyntheticProplet(broker.url, core.topics, "ll-busy", answer=None), \
+            SyntheticProplet(broker.url, core.topics, "ll-idle", answer=None):
+        await eventually(lambda: {"ll-busy", "ll-idle"} <= core.proplets.keys())
+        for _ in range(2):
+            pinned = await core.create_task(add_task(proplet_id="ll-busy"))
+            await core.start_task(pinned.id)
+        await eventually(lambda: core.get_proplet("ll-busy").task_count == 2)
+        for _ in range(2):
+            task = await core.create_task(add_task())
+            await core.start_task(task.id)
+            running = await eventually(lambda tid=task.id: core.active.get(tid) and core.active[tid].proplet_id)
+            assert running == "ll-idle"
+
+
+async def test_pinned_task_waits_for_its_proplet(manager: Any, broker: Any) -> None:
+    async with SyntheticProplet(broker.url, manager.topics, "pin-other") as other:
+        await eventually(lambda: "pin-other" in manager.proplets)
+        task = await manager.create_task(add_task(proplet_id="pin-me"))
+        await manager.start_task(task.id)
+        assert "pin-me" in (await manager.get_task(task.id)).reason
+        async with SyntheticProplet(broker.url, manager.topics, "pin-me"):
+            done = await finished(manager, task.id)
+        assert done.proplet_id == "pin-me" and not other.starts
+
+
+async def test_priority_decides_who_gets_the_next_free_slot(manager: Any, broker: Any) -> None:
+    order: list[str] = []
+
+    def answer(start: dict[str, Any]) -> tuple[Any, str | None]:
+        order.append(start["id"])
+        return "ok", None
+
+    async with SyntheticProplet(broker.url, manager.topics, "prio", answer=answer,
+                                metadata={"max_concurrent_tasks": 1}, delay=0.05):
+        await eventually(lambda: "prio" in manager.proplets)
+        blocker = await manager.create_task(add_task())
+        await manager.start_task(blocker.id)
+        low = await manager.create_task(add_task(priority=10))
+        high = await manager.create_task(add_task(priority=90))
+        mid = await manager.create_task(add_task(priority=50))
+        for task in (low, high, mid):
+            await manager.start_task(task.id)
+        queued = await manager.get_task(low.id)
+        assert queued.state is TaskState.PENDING and "capacity" in queued.reason
+        for task in (blocker, low, high, mid):
+            await finished(manager, task.id)
+    assert order == [blocker.id, high.id, mid.id, low.id]
+
+
+async def test_broadcast_runs_everywhere_and_collects_every_answer(manager: Any, broker: Any) -> None:
+    async with SyntheticProplet(broker.url, manager.topics, "bc-a"), \
+            SyntheticProplet(broker.url, manager.topics, "bc-b", answer=lambda s: ("", "boom")):
+        await eventually(lambda: {"bc-a", "bc-b"} <= manager.proplets.keys())
+        task = await manager.create_task(add_task(broadcast=True))
+        done = await run_to_end(manager, task.id)
+        assert done.state is TaskState.FAILED
+        assert done.results == {"bc-a": {"results": "42", "error": None}, "bc-b": {"results": "", "error": "boom"}}
+        assert done.error == "bc-b: boom"
+
+
+async def test_last_will_marks_offline_at_once_and_fails_or_retries_its_tasks(manager: Any, broker: Any) -> None:
+    doomed = await start_synthetic_process(broker.url, manager.topics.domain, "lw-doomed")
+    try:
+        await eventually(lambda: "lw-doomed" in manager.proplets)
+        once = await manager.create_task(add_task(proplet_id="lw-doomed"))
+        retried = await manager.create_task(add_task(max_retries=1))
+        for task in (once, retried):
+            await manager.start_task(task.id)
+        await eventually(lambda: manager.get_proplet("lw-doomed").task_count == 2)
+        async with SyntheticProplet(broker.url, manager.topics, "lw-spare", answer=None) as spare:
+            await eventually(lambda: "lw-spare" in manager.proplets)
+            killed_at = asyncio.get_running_loop().time()
+            doomed.kill()  # SIGKILL: no DISCONNECT, so the broker publishes the Last Will
+            await eventually(lambda: not manager.proplets["lw-doomed"].online, timeout=5)
+            detected_in = asyncio.get_running_loop().time() - killed_at
+            assert "Last Will" in manager.proplets["lw-doomed"].offline_reason
+            assert detected_in < 1.0, f"offline detected after {detected_in:.2f}s"
+            failed = await finished(manager, once.id)
+            assert failed.state is TaskState.FAILED and "went offline" in failed.error
+            rerun = await eventually(lambda: spare.starts)
+            assert rerun[0]["id"] == retried.id and rerun[0]["attempt"] == 2
+            requeued = await manager.get_task(retried.id)
+            assert (requeued.proplet_id, requeued.retries, requeued.state) == ("lw-spare", 1, TaskState.RUNNING)
+    finally:
+        doomed.kill()
+        doomed.wait()
+
+
+async def start_synthetic_process(broker_url: str, domain: str, proplet_id: str) -> Any:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.wire", "--broker", broker_url, "--domain", domain, "--id", proplet_id,
+         "--silent"], stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    line = await asyncio.to_thread(proc.stdout.readline)
+    assert line.strip() == b"ready", line
+    return proc
+
+
+async def test_liveness_timeout_takes_a_silent_proplet_offline(manager_factory: Any, broker: Any) -> None:
+    async with manager_factory(liveness_timeout=0.6) as core:
+        async with SyntheticProplet(broker.url, core.topics, "silent", heartbeat=None):
+            await eventually(lambda: "silent" in core.proplets and core.proplets["silent"].online)
+            await eventually(lambda: not core.proplets["silent"].online, timeout=3)
+            assert "no heartbeat" in core.proplets["silent"].offline_reason
+        async with SyntheticProplet(broker.url, core.topics, "beating", heartbeat=0.2):
+            await eventually(lambda: "beating" in core.proplets)
+            await asyncio.sleep(1.2)
+            assert core.proplets["beating"].online
+
+
+async def test_an_upstream_managers_last_will_is_not_a_phantom_proplet(manager: Any, broker: Any) -> None:
+    async with WireClient(broker.url, manager.topics) as c:
+        await c.publish(t.ALIVE, {"status": "offline", "proplet_id": "some-upstream-manager"})
+        await c.publish(t.ALIVE, {"proplet_id": "marker", "status": "alive"})
+        await eventually(lambda: "marker" in manager.proplets)
+        assert "some-upstream-manager" not in manager.proplets
+
+
+async def test_stop_sends_upstream_stop_and_interrupts(manager: Any, broker: Any) -> None:
+    async with SyntheticProplet(broker.url, manager.topics, "p-stop", answer=None) as p:
+        await eventually(lambda: "p-stop" in manager.proplets)
+        task = await manager.create_task(add_task())
+        await manager.start_task(task.id)
+        await eventually(lambda: p.starts)
+        stopped = await manager.stop_task(task.id)
+        assert stopped.state is TaskState.INTERRUPTED
+        stop = await p.expect(t.STOP)
+        assert {k: stop[k] for k in ("id", "broadcast", "proplet_id")} == {
+            "id": task.id, "broadcast": False, "proplet_id": "p-stop"}
+        assert manager.get_proplet("p-stop").task_count == 0
+
+
+async def test_acknowledging_proplet_goes_scheduled_then_running(manager: Any, broker: Any) -> None:
+    async with SyntheticProplet(broker.url, manager.topics, "p-ack", answer=None,
+                                metadata={"capabilities": ["task_state"]}) as p:
+        await eventually(lambda: "p-ack" in manager.proplets)
+        task = await manager.create_task(add_task())
+        await manager.start_task(task.id)
+        start = await p.expect(t.START)
+        assert (await manager.get_task(task.id)).state is TaskState.SCHEDULED
+        await p.publish(t.TASK_STATE, {"task_id": task.id, "proplet_id": "p-ack", "state": "running",
+                                       "attempt": start["attempt"]})
+        await eventually(lambda: manager.active[task.id].state is TaskState.RUNNING)
+        await p.publish(t.RESULTS, {"task_id": task.id, "proplet_id": "p-ack", "results": "7", "error": None,
+                                    "attempt": start["attempt"]})
+        done = await finished(manager, task.id)
+        assert [e.state for e in await manager.task_events(done.id)][-3:] == [
+            TaskState.SCHEDULED, TaskState.RUNNING, TaskState.COMPLETED]
+
+
+async def test_a_refusing_proplet_hands_the_task_to_another(manager: Any, broker: Any) -> None:
+    async with SyntheticProplet(broker.url, manager.topics, "ref-no", answer=None,
+                                metadata={"capabilities": ["task_state"]}) as no, \
+            SyntheticProplet(broker.url, manager.topics, "ref-yes") as yes:
+        await eventually(lambda: {"ref-no", "ref-yes"} <= manager.proplets.keys())
+        for _ in range(2):
+            task = await manager.create_task(add_task())
+            await manager.start_task(task.id)
+            proplet = await eventually(lambda tid=task.id: manager.active.get(tid) and manager.active[tid].proplet_id)
+            if proplet == "ref-no":
+                start = await no.expect(t.START, lambda m, tid=task.id: m["id"] == tid)
+                await no.publish(t.TASK_STATE, {"task_id": task.id, "proplet_id": "ref-no", "state": "rejected",
+                                                "reason": "busy", "attempt": start["attempt"]})
+            done = await finished(manager, task.id)
+            assert done.proplet_id == "ref-yes" and done.state is TaskState.COMPLETED
+        assert yes.starts
+
+
+async def test_large_inline_module_goes_out_in_chunks(manager_factory: Any, broker: Any) -> None:
+    big = WASM + bytes(range(256)) * 40  # 10 KB
+    async with manager_factory(inline_limit=4096, chunk_size=3000) as core, \
+            SyntheticProplet(broker.url, core.topics, "p-big", answer=None), \
+            WireClient(broker.url, core.topics, subscribe=[t.START, t.REGISTRY_CHUNK]) as spy:
+        await eventually(lambda: "p-big" in core.proplets)
+        task = await core.create_task(add_task(file=base64.b64encode(big).decode()))
+        await core.start_task(task.id)
+        start = await spy.expect(t.START)
+        assert "file" not in start and start["image_url"] == "blob:" + protocol.sha256_digest(big)
+        assert len(orjson.dumps(start)) < 4096
+        await spy.publish(t.REGISTRY_REQUEST, {"app_name": start["image_url"]})
+        chunks: dict[int, bytes] = {}
+        while len(chunks) < 4:
+            raw = await spy.expect(t.REGISTRY_CHUNK, lambda m: m["chunk_idx"] not in chunks)
+            msg = protocol.decode_chunk(orjson.dumps(raw))
+            assert (msg.total_chunks, msg.digest, msg.size) == (4, protocol.sha256_digest(big), len(big))
+            chunks[msg.chunk_idx] = msg.data
+        assert b"".join(chunks[i] for i in range(4)) == big
+        # Resume: ask for one missing chunk only.
+        spy.received[t.REGISTRY_CHUNK].clear()
+        await spy.publish(t.REGISTRY_REQUEST, {"app_name": start["image_url"], "missing": [2]})
+        again = await spy.expect(t.REGISTRY_CHUNK)
+        await asyncio.sleep(0.2)
+        assert again["chunk_idx"] == 2 and len(spy.received[t.REGISTRY_CHUNK]) == 1
+        # An unknown blob gets an error chunk instead of silence.
+        await spy.publish(t.REGISTRY_REQUEST, {"app_name": "blob:sha256:" + "0" * 64})
+        err = await spy.expect(t.REGISTRY_CHUNK, lambda m: m.get("error"))
+        assert "no task of this manager" in err["error"]
+
+
+MALFORMED = [
+    (t.RESULTS, b"{not json"),
+    (t.RESULTS, b"[1, 2, 3]"),
+    (t.RESULTS, b'{"results": "no task id"}'),
+    (t.RESULTS, b'{"task_id": 42}'),
+    (t.ALIVE, b'{"status": "alive"}'),
+    (t.ALIVE, b'{"proplet_id": ["x"]}'),
+    (t.CREATE, b'{"proplet_id": "x", "metadata": "not an object"}'),
+    (t.METRICS, b'{"proplet_id": 3}'),
+    (t.TASK_METRICS, b'{"task_id": "t", "metrics": []}'),
+    (t.TASK_STATE, b'{"task_id": "t", "proplet_id": "p", "state": "dancing"}'),
+    (t.INVOKE_RESULTS, b'{"task_id": "t"}'),
+    (t.REGISTRY_REQUEST, b'{"app_name": 5}'),
+    (t.RESULTS, b"\xff\xfe\x00garbage"),
+    (t.RESULTS, b'{"task_id": "' + b"x" * 2_000_000 + b'"}'),
+]
+
+
+async def test_malformed_messages_are_counted_and_change_nothing(manager: Any, broker: Any) -> None:
+    async with SyntheticProplet(broker.url, manager.topics, "p-mal") as p, \
+            WireClient(broker.url, manager.topics) as attacker:
+        await eventually(lambda: "p-mal" in manager.proplets)
+        task = await manager.create_task(add_task())
+        for suffix, payload in MALFORMED:
+            await attacker.publish(suffix, payload)
+        # All but the last are malformed; the last is valid JSON naming a task that does not exist.
+        await eventually(lambda: sum(v for (topic, reason), v in manager.metrics.rejections.items()
+                                     if reason == "malformed") == len(MALFORMED) - 1
+                         and manager.metrics.rejections[(t.RESULTS, "unknown_task")] == 1)
+        # Valid work still flows.
+        done = await run_to_end(manager, task.id)
+        assert done.state is TaskState.COMPLETED
+        assert p.starts
+
+
+async def test_metrics_are_stored_with_the_proplets_timestamp(manager: Any, broker: Any) -> None:
+    async with SyntheticProplet(broker.url, manager.topics, "p-met") as p:
+        await eventually(lambda: "p-met" in manager.proplets)
+        await p.publish(t.METRICS, {"proplet_id": "p-met", "namespace": "default",
+                                    "timestamp": "2026-11-23T10:00:00Z",
+                                    "cpu_metrics": {"user_seconds": 1.0, "system_seconds": 0.5, "percent": 12.5},
+                                    "memory_metrics": {"rss_bytes": 1234}})
+        await p.publish(t.METRICS, {"proplet_id": "p-met", "timestamp": 123456,
+                                    "cpu_metrics": {"percent": 1}, "memory_metrics": {}})
+        page = await eventually(lambda: _metrics_with(manager, "p-met", 2))
+        stamps = sorted(m.timestamp.isoformat() for m in page.items)
+        assert stamps[0] == "2026-11-23T10:00:00+00:00"  # the RFC 3339 one is kept
+        assert stamps[1] > "2026-11-23T10:00:00"  # the uptime one falls back to the receive time
+
+
+async def _metrics_with(manager: Any, pid: str, n: int) -> Any:
+    page = await manager.proplet_metrics(pid, 0, 10)
+    return page if page.total >= n else None
+
+
+async def test_latent_task_invoke_round_trip(manager: Any, broker: Any) -> None:
+    async with SyntheticProplet(broker.url, manager.topics, "p-lat", answer=None) as p:
+        await eventually(lambda: "p-lat" in manager.proplets)
+        task = await manager.create_task(add_task(latent=True))
+        await manager.start_task(task.id)
+        await p.expect(t.START)
+        call = asyncio.create_task(manager.invoke_task(task.id, ["5", "6"], {"X": "1"}, timeout=5))
+        invoke = await p.expect(t.INVOKE)
+        assert (invoke["id"], invoke["inputs"], invoke["proplet_id"], invoke["env"]) == (
+            task.id, ["5", "6"], "p-lat", {"X": "1"})
+        await p.publish(t.INVOKE_RESULTS, {"task_id": task.id, "invocation_id": invoke["invocation_id"],
+                                           "proplet_id": "p-lat", "results": "11", "error": None})
+        assert await call == "11"

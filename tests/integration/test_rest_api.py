@@ -1,0 +1,262 @@
+"""Every REST route, success and error paths, over real HTTP against a running manager."""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from core import topics as t
+from tests.wire import SyntheticProplet, eventually
+
+WASM = b"\0asm\x01\0\0\0"
+B64 = base64.b64encode(WASM).decode()
+MISSING = str(uuid.uuid4())
+
+
+@pytest.fixture
+async def api(manager: Any) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=manager.api_url, timeout=10) as client:
+        yield client
+
+
+async def create(api: httpx.AsyncClient, **body: Any) -> dict[str, Any]:
+    r = await api.post("/tasks", json={"name": "add", "file": B64, **body})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+async def test_health_and_metrics(api: httpx.AsyncClient, manager: Any) -> None:
+    r = await api.get("/health")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["status"] == "pass" and body["description"] == "manager service"
+    assert body["instance_id"] == manager.settings.entity_id and body["broker"]["connected"] is True
+    assert (await api.post("/health")).status_code == 405
+    await api.get("/tasks")
+    metrics = (await api.get("/metrics")).text
+    assert 'manager_api_request_count_total{method="list-tasks"}' in metrics
+    assert "manager_proplets_online" in metrics
+
+
+async def test_openapi_schema_is_served(api: httpx.AsyncClient) -> None:
+    schema = (await api.get("/openapi.json")).json()
+    assert {"/tasks", "/tasks/{task_id}", "/tasks/{task_id}/start", "/proplets", "/health"} <= schema["paths"].keys()
+
+
+async def test_create_returns_201_location_and_the_upstream_shape(api: httpx.AsyncClient) -> None:
+    r = await api.post("/tasks", json={"name": "add", "file": B64, "inputs": [1, "2", 3.5], "state": 3,
+                                       "unknown_field": True, "metadata": {"site": "a"}})
+    assert r.status_code == 201
+    task = r.json()
+    assert r.headers["location"] == f"/tasks/{task['id']}"
+    assert task["state"] == 0, "a client-supplied state is not taken (upstream quirk fixed)"
+    assert task["inputs"] == ["1", "2", "3.5"]
+    assert task["priority"] == 50 and task["cli_args"] is None
+    assert task["start_time"] == "0001-01-01T00:00:00Z" and task["created_at"].endswith("Z")
+    assert "file" not in task and task["wasm_digest"].startswith("sha256:")
+    got = (await api.get(f"/tasks/{task['id']}")).json()
+    assert got == task
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ({}, "name"),
+    ({"name": ""}, "name"),
+    ({"name": "x", "file": "!!not base64"}, "base64"),
+    ({"name": "x", "file": base64.b64encode(b"ELF-not-wasm").decode()}, "not a WebAssembly module"),
+    ({"name": "x", "priority": 101}, "priority"),
+    ({"name": "x", "proplet_id": "p", "broadcast": True}, "cannot both be set"),
+    ({"name": "x", "inputs": [{"a": 1}]}, "inputs"),
+    ({"name": "x", "run_if": "sometimes"}, "run_if"),
+    ({"name": "x", "limits": {"timeout_s": -1}}, "timeout_s"),
+    ({"name": "x", "depends_on": ["y"]}, "workflows"),
+    ({"name": "x", "metadata": {"big": "x" * (1024 * 1024)}}, "1 MiB"),
+])
+async def test_create_validation_errors_are_400(api: httpx.AsyncClient, body: dict[str, Any], message: str) -> None:
+    r = await api.post("/tasks", json=body)
+    assert r.status_code == 400, r.text
+    assert message in r.json()["error"]
+
+
+async def test_wrong_bodies_are_400_not_500(api: httpx.AsyncClient) -> None:
+    r = await api.post("/tasks", content=b"{broken", headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    r = await api.post("/tasks", content=b'["a list"]', headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    r = await api.post("/tasks", content=b'{"name":"x"}', headers={"content-type": "text/plain"})
+    assert r.status_code == 400 and "content type" in r.json()["error"]
+
+
+async def test_list_with_pagination_state_and_metadata_filters(api: httpx.AsyncClient) -> None:
+    ids = [(await create(api, metadata={"site": "a" if i % 2 else "b", "i": i}))["id"] for i in range(5)]
+    page = (await api.get("/tasks", params={"offset": 1, "limit": 2})).json()
+    assert (page["offset"], page["limit"], page["total"]) == (1, 2, 5)
+    assert [x["id"] for x in page["tasks"]] == list(reversed(ids))[1:3]
+    site_a = (await api.get("/tasks", params={"metadata": '{"site":"a"}'})).json()
+    assert sorted(x["id"] for x in site_a["tasks"]) == sorted(ids[1::2])
+    pending = (await api.get("/tasks", params={"state": "pending,0"})).json()
+    assert pending["total"] == 5
+    for params, message in ((({"limit": 0}), "limit"), ({"limit": 101}, "limit"), ({"offset": -1}, "offset"),
+                            ({"metadata": "[1]"}, "metadata"), ({"metadata": "{x"}, "metadata"),
+                            ({"metadata": '{"bad key!":1}'}, "metadata key"), ({"state": "dancing"}, "state"),
+                            ({"limit": "ten"}, "limit")):
+        r = await api.get("/tasks", params=params)
+        assert r.status_code == 400 and message in r.json()["error"], (params, r.text)
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("GET", "/tasks/{id}"), ("PUT", "/tasks/{id}"), ("DELETE", "/tasks/{id}"), ("POST", "/tasks/{id}/start"),
+    ("POST", "/tasks/{id}/stop"), ("GET", "/tasks/{id}/results"), ("GET", "/tasks/{id}/metrics"),
+    ("GET", "/tasks/{id}/events"), ("POST", "/tasks/{id}/invoke"),
+])
+async def test_missing_task_is_404_and_bad_id_is_400(api: httpx.AsyncClient, method: str, path: str) -> None:
+    kwargs: dict[str, Any] = {"json": {}} if method in ("PUT", "POST") else {}
+    r = await api.request(method, path.format(id=MISSING), **kwargs)
+    assert r.status_code == 404, r.text
+    assert "not found" in r.json()["error"]
+    r = await api.request(method, path.format(id="not-a-uuid"), **kwargs)
+    assert r.status_code == 400 and "UUID" in r.json()["error"]
+
+
+async def test_update_changes_only_given_fields(api: httpx.AsyncClient) -> None:
+    task = await create(api, inputs=[1], env={"A": "1"})
+    r = await api.put(f"/tasks/{task['id']}", json={"inputs": [5, 6], "priority": 80, "env": {"B": "2"}})
+    assert r.status_code == 200
+    updated = r.json()
+    assert (updated["inputs"], updated["priority"], updated["env"], updated["name"]) == (["5", "6"], 80, {"B": "2"},
+                                                                                         "add")
+    r = await api.put(f"/tasks/{task['id']}", json={"proplet_id": "p", "broadcast": True})
+    assert r.status_code == 400
+
+
+async def test_upload_checks_name_and_magic(api: httpx.AsyncClient, manager: Any) -> None:
+    task = (await api.post("/tasks", json={"name": "add"})).json()
+    r = await api.put(f"/tasks/{task['id']}/upload", files={"file": ("mod.wasm", WASM + b"\x00")})
+    assert r.status_code == 200 and r.json()["wasm_digest"].startswith("sha256:")
+    r = await api.put(f"/tasks/{task['id']}/upload", files={"file": ("mod.txt", WASM)})
+    assert r.status_code == 400 and ".wasm" in r.json()["error"]
+    r = await api.put(f"/tasks/{task['id']}/upload", files={"file": ("mod.wasm", b"not wasm")})
+    assert r.status_code == 400 and "\\0asm" in r.json()["error"]
+    r = await api.put(f"/tasks/{task['id']}/upload")
+    assert r.status_code == 400
+
+
+async def test_start_stop_results_events_metrics_and_delete(api: httpx.AsyncClient, manager: Any,
+                                                             broker: Any) -> None:
+    bare = (await api.post("/tasks", json={"name": "add"})).json()
+    r = await api.post(f"/tasks/{bare['id']}/start")
+    assert r.status_code == 400 and "no module" in r.json()["error"]
+    async with SyntheticProplet(broker.url, manager.topics, "rest-p", answer=None) as p:
+        await eventually(lambda: "rest-p" in manager.proplets)
+        task = await create(api, inputs=[2, 3])
+        tid = task["id"]
+        r = await api.get(f"/tasks/{tid}/results")
+        assert r.json() == {"results": None, "error": None, "state": 0}
+        assert (await api.post(f"/tasks/{tid}/start")).json() == {"started": True}
+        r = await api.post(f"/tasks/{tid}/start")
+        assert r.status_code == 409 and "already" in r.json()["error"]
+        start = await p.expect(t.START)
+        r = await api.put(f"/tasks/{tid}", json={"priority": 1})
+        assert r.status_code == 409
+        await p.publish(t.TASK_METRICS, {"task_id": tid, "proplet_id": "rest-p", "metrics": {"cpu_percent": 5},
+                                         "timestamp": "2026-11-23T10:00:00Z"})
+        await p.publish(t.RESULTS, {"task_id": tid, "proplet_id": "rest-p", "results": "5", "error": None,
+                                    "attempt": start["attempt"]})
+        await eventually(lambda: _state(api, tid, 3))
+        assert (await api.get(f"/tasks/{tid}/results")).json() == {"results": "5", "error": None, "state": 3}
+        metrics = await eventually(lambda: _json_if(api, f"/tasks/{tid}/metrics", lambda b: b["total"] == 1))
+        assert metrics["metrics"][0]["metrics"] == {"cpu_percent": 5}
+        events = (await api.get(f"/tasks/{tid}/events")).json()["events"]
+        assert [e["state_name"] for e in events] == ["pending", "pending", "running", "completed"]
+        r = await api.post(f"/tasks/{tid}/stop")
+        assert r.status_code == 409 and "completed" in r.json()["error"]
+        # Re-run: a finished task may be started again.
+        assert (await api.post(f"/tasks/{tid}/start")).status_code == 200
+        await eventually(lambda: len(p.starts) == 2)
+        assert (await api.post(f"/tasks/{tid}/stop")).json() == {"stopped": True}
+        assert (await api.get(f"/tasks/{tid}")).json()["state_name"] == "interrupted"
+        assert (await api.delete(f"/tasks/{tid}")).status_code == 204
+        assert (await api.get(f"/tasks/{tid}")).status_code == 404
+
+
+async def _state(api: httpx.AsyncClient, tid: str, state: int) -> bool:
+    return bool((await api.get(f"/tasks/{tid}")).json()["state"] == state)
+
+
+async def _json_if(api: httpx.AsyncClient, path: str, check: Any) -> Any:
+    body = (await api.get(path)).json()
+    return body if check(body) else None
+
+
+async def test_invoke_errors(api: httpx.AsyncClient, manager: Any, broker: Any) -> None:
+    task = await create(api)
+    r = await api.post(f"/tasks/{task['id']}/invoke", json={"inputs": [1]})
+    assert r.status_code == 409 and "not a latent task" in r.json()["error"]
+    latent = await create(api, latent=True)
+    r = await api.post(f"/tasks/{latent['id']}/invoke")
+    assert r.status_code == 409 and "start it" in r.json()["error"]
+    async with SyntheticProplet(broker.url, manager.topics, "inv-p", answer=None) as p:
+        await eventually(lambda: "inv-p" in manager.proplets)
+        await api.post(f"/tasks/{latent['id']}/start")
+        await p.expect(t.START)
+
+        async def reply() -> None:
+            invoke = await p.expect(t.INVOKE)
+            await p.publish(t.INVOKE_RESULTS, {"task_id": latent["id"], "invocation_id": invoke["invocation_id"],
+                                               "proplet_id": "inv-p", "results": "", "error": "trap: unreachable"})
+        import asyncio
+        replier = asyncio.create_task(reply())
+        r = await api.post(f"/tasks/{latent['id']}/invoke", json={"inputs": [1, 2]})
+        await replier
+        assert r.status_code == 502 and "trap: unreachable" in r.json()["error"]
+
+
+async def test_proplet_routes(api: httpx.AsyncClient, manager: Any, broker: Any) -> None:
+    assert (await api.get("/proplets/nobody")).status_code == 404
+    assert (await api.get("/proplets/nobody/metrics")).status_code == 404
+    assert (await api.get("/proplets/nobody/alive-history")).status_code == 404
+    assert (await api.delete("/proplets/nobody")).status_code == 404
+    assert (await api.get("/proplets", params={"status": "sleepy"})).status_code == 400
+    async with SyntheticProplet(broker.url, manager.topics, "rp-1", answer=None,
+                                metadata={"os": "linux", "cpu_arch": "x86_64"}) as p:
+        await eventually(lambda: "rp-1" in manager.proplets)
+        listing = (await api.get("/proplets", params={"status": "active"})).json()
+        assert [x["id"] for x in listing["proplets"]] == ["rp-1"] and listing["total"] == 1
+        assert (await api.get("/proplets", params={"status": "inactive"})).json()["total"] == 0
+        one = (await api.get("/proplets/rp-1")).json()
+        assert (one["alive"], one["task_count"], one["metadata"]["os"]) == (True, 0, "linux")
+        assert one["last_alive_at"].endswith("Z") and one["running_tasks"] == []
+        history = (await api.get("/proplets/rp-1/alive-history")).json()
+        assert history["total"] >= 1 and history["history"][0].endswith("Z")
+        await p.publish(t.METRICS, {"proplet_id": "rp-1", "timestamp": "2026-11-23T10:00:00Z",
+                                    "cpu_metrics": {"percent": 3}, "memory_metrics": {"rss_bytes": 9}})
+        body = await eventually(lambda: _json_if(api, "/proplets/rp-1/metrics", lambda b: b["total"] == 1))
+        assert body["metrics"][0]["cpu_metrics"] == {"percent": 3}
+        task = await create(api, proplet_id="rp-1")
+        await api.post(f"/tasks/{task['id']}/start")
+        await p.expect(t.START)
+        r = await api.delete("/proplets/rp-1")
+        assert r.status_code == 409 and "active tasks" in r.json()["error"]
+        await api.post(f"/tasks/{task['id']}/stop")
+        assert (await api.delete("/proplets/rp-1")).status_code == 204
+        assert (await api.get("/proplets/rp-1")).status_code == 404
+
+
+async def test_bearer_tokens(manager_factory: Any) -> None:
+    async with manager_factory(http_tokens="s3cret,other") as core, \
+            httpx.AsyncClient(base_url=core.api_url) as client:
+        assert (await client.get("/health")).status_code == 200, "health stays open for probes"
+        r = await client.get("/tasks")
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        assert (await client.get("/tasks", headers={"Authorization": "Bearer wrong"})).status_code == 401
+        assert (await client.get("/tasks", headers={"Authorization": "Bearer other"})).status_code == 200
+
+
+async def test_refuses_public_bind_without_tokens(manager_factory: Any) -> None:
+    with pytest.raises(Exception, match="without authentication"):
+        async with manager_factory(http_host="0.0.0.0"):
+            pass

@@ -1,0 +1,253 @@
+"""One store test suite, run against SQLite and against PostgreSQL (parity)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from core.domain import PropletMetrics, Proplet, Task, TaskEvent, TaskLimits, TaskMetrics, TaskState, new_task_id
+from core.store import Store
+from core.store.migrate import load_migrations, migrate
+from core.store.postgres import PostgresStore
+from core.store.sqlite import SqliteStore
+from core.store.writer import StoreWriter
+from tests.services import create_database, drop_database
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    db = None
+    if request.param == "sqlite":
+        s: Store = SqliteStore(tmp_path / "store.db")
+    else:
+        db = await create_database()
+        s = PostgresStore(db.dsn)
+    await s.open()
+    await migrate(s)
+    try:
+        yield s
+    finally:
+        await s.close()
+        if db is not None:
+            await drop_database(db)
+
+
+def make_task(**overrides: object) -> Task:
+    now = datetime.now(UTC)
+    values: dict[str, object] = dict(
+        id=new_task_id(), name="add", inputs=["1", "2"], env={"K": "v"}, metadata={"site": "a", "n": 3},
+        file=b"\0asm\x01\0\0\0", wasm_digest="sha256:" + "a" * 64, cli_args=["--x"],
+        limits=TaskLimits(timeout_s=2.5, fuel=1000, memory_bytes=1 << 20), created_at=now, updated_at=now,
+    )
+    values.update(overrides)
+    return Task(**values)  # type: ignore[arg-type]
+
+
+async def write(store: Store, *ops: object) -> None:
+    await store.apply(list(ops))  # type: ignore[arg-type]
+
+
+async def test_task_round_trip(store: Store) -> None:
+    task = make_task(results={"x": [1, 2]}, monitoring_profile={"enabled": True}, hal_storage_path="/h",
+                     pinned=True, proplet_id="p1", max_retries=2)
+    await write(store, store.op_insert_task(task))
+    got = await store.get_task(task.id)
+    assert got is not None
+    assert got == task
+    without_file = await store.get_task(task.id, with_file=False)
+    assert without_file is not None and without_file.file == b""
+
+
+async def test_update_persists_every_mutable_field(store: Store) -> None:
+    task = make_task()
+    await write(store, store.op_insert_task(task))
+    later = task.created_at + timedelta(seconds=3)
+    task.state = TaskState.COMPLETED
+    task.results = "42"
+    task.error = ""
+    task.proplet_id = "p9"
+    task.attempt = 2
+    task.retries = 1
+    task.reason = ""
+    task.queued_at = later
+    task.start_time = later
+    task.finish_time = later
+    task.updated_at = later
+    task.priority = 90
+    task.inputs = ["5"]
+    await write(store, store.op_update_task(task))
+    assert await store.get_task(task.id) == task
+
+
+async def test_results_of_every_json_type(store: Store) -> None:
+    for value in ("text", 7, 1.5, True, None, [1, "a"], {"k": {"n": None}}):
+        task = make_task(results=value)
+        await write(store, store.op_insert_task(task))
+        got = await store.get_task(task.id)
+        assert got is not None and got.results == value
+
+
+async def test_missing_task_is_none_and_delete_counts(store: Store) -> None:
+    assert await store.get_task(new_task_id()) is None
+    task = make_task()
+    await write(store, store.op_insert_task(task))
+    counts = await store.apply([store.op_delete_task(task.id)])
+    assert counts == [1]
+    assert await store.apply([store.op_delete_task(task.id)]) == [0]
+
+
+async def test_list_pagination_order_and_filters(store: Store) -> None:
+    base = datetime.now(UTC)
+    tasks = [make_task(created_at=base + timedelta(seconds=i), metadata={"site": "a" if i % 2 else "b", "i": i},
+                       state=TaskState.RUNNING if i < 3 else TaskState.PENDING) for i in range(7)]
+    await write(store, *(store.op_insert_task(t) for t in tasks))
+    page = await store.list_tasks(offset=0, limit=3)
+    assert page.total == 7
+    assert [t.id for t in page.items] == [t.id for t in reversed(tasks)][:3]
+    page2 = await store.list_tasks(offset=3, limit=3)
+    assert [t.id for t in page2.items] == [t.id for t in reversed(tasks)][3:6]
+    site_a = await store.list_tasks(metadata={"site": "a"})
+    assert site_a.total == 3 and all(t.metadata["site"] == "a" for t in site_a.items)
+    both = await store.list_tasks(metadata={"site": "a", "i": 3})
+    assert [t.id for t in both.items] == [tasks[3].id]
+    running = await store.list_tasks(states=[TaskState.RUNNING])
+    assert running.total == 3
+    counts = await store.count_tasks_by_state()
+    assert counts == {TaskState.RUNNING: 3, TaskState.PENDING: 4}
+    with pytest.raises(ValueError, match="metadata key"):
+        await store.list_tasks(metadata={"bad key'": 1})
+
+
+async def test_active_tasks_are_the_dispatcher_state(store: Store) -> None:
+    queued = make_task(queued_at=datetime.now(UTC))
+    idle = make_task()
+    running = make_task(state=TaskState.RUNNING)
+    done = make_task(state=TaskState.COMPLETED)
+    await write(store, *(store.op_insert_task(t) for t in (queued, idle, running, done)))
+    assert {t.id for t in await store.active_tasks()} == {queued.id, running.id}
+
+
+async def test_events_in_order(store: Store) -> None:
+    task = make_task()
+    now = datetime.now(UTC)
+    events = [TaskEvent(task.id, s, now + timedelta(milliseconds=i), i, "p", f"d{i}")
+              for i, s in enumerate([TaskState.PENDING, TaskState.SCHEDULED, TaskState.RUNNING, TaskState.COMPLETED])]
+    await write(store, store.op_insert_task(task), *(store.op_task_event(e) for e in events))
+    assert await store.task_events(task.id) == events
+
+
+async def test_file_by_digest(store: Store) -> None:
+    task = make_task(file=b"\0asm" + b"x" * 1000, wasm_digest="sha256:" + "b" * 64)
+    await write(store, store.op_insert_task(task))
+    assert await store.file_by_digest(task.wasm_digest) == task.file
+    assert await store.file_by_digest("sha256:" + "c" * 64) is None
+
+
+async def test_proplets_upsert_and_delete(store: Store) -> None:
+    now = datetime.now(UTC)
+    p = Proplet(id="p1", name="brave-otter", metadata={"os": "linux"}, namespace="default",
+                alive_history=[now - timedelta(seconds=1), now], online=True, created_at=now)
+    await write(store, store.op_upsert_proplet(p, now))
+    p.metadata = {"os": "zephyr"}
+    p.online = False
+    p.offline_reason = "Last Will"
+    await write(store, store.op_upsert_proplet(p, now))
+    got = await store.get_proplet("p1")
+    assert got is not None
+    assert (got.metadata, got.online, got.offline_reason, got.alive_history) == (
+        {"os": "zephyr"}, False, "Last Will", p.alive_history)
+    assert [x.id for x in await store.all_proplets()] == ["p1"]
+    await write(store, store.op_delete_proplet("p1"))
+    assert await store.get_proplet("p1") is None
+
+
+async def test_metrics_pagination_retention_and_unknown_owner(store: Store) -> None:
+    now = datetime.now(UTC)
+    await write(store, store.op_upsert_proplet(Proplet(id="p1", name="n", created_at=now), now))
+    task = make_task()
+    await write(store, store.op_insert_task(task))
+    samples = [PropletMetrics("p1", "default", now + timedelta(seconds=i), {"percent": i}, {"rss_bytes": i})
+               for i in range(5)]
+    await write(store, *(store.op_proplet_metrics(m) for m in samples))
+    # Metrics of an unknown proplet or task are dropped, not an error.
+    await write(store, store.op_proplet_metrics(PropletMetrics("ghost", "", now, {}, {})),
+                store.op_task_metrics(TaskMetrics(new_task_id(), "p1", now, {})))
+    await write(store, *(store.op_task_metrics(TaskMetrics(task.id, "p1", now + timedelta(seconds=i), {"i": i}))
+                         for i in range(3)))
+    page = await store.list_proplet_metrics("p1", 0, 2)
+    assert page.total == 5 and [m.cpu_metrics["percent"] for m in page.items] == [4, 3]
+    assert (await store.list_task_metrics(task.id, 0, 10)).total == 3
+    deleted = await store.prune_metrics(keep=2)
+    assert deleted == 3 + 1
+    assert (await store.list_proplet_metrics("p1", 0, 10)).total == 2
+    assert [m.metrics["i"] for m in (await store.list_task_metrics(task.id, 0, 10)).items] == [2, 1]
+
+
+async def test_deleting_a_task_deletes_its_events_and_metrics(store: Store) -> None:
+    now = datetime.now(UTC)
+    task = make_task()
+    await write(store, store.op_insert_task(task), store.op_task_event(TaskEvent(task.id, TaskState.PENDING, now)),
+                store.op_task_metrics(TaskMetrics(task.id, "p", now, {})))
+    await write(store, store.op_delete_task(task.id))
+    assert await store.task_events(task.id) == []
+    assert (await store.list_task_metrics(task.id, 0, 10)).total == 0
+
+
+async def test_migrations_are_idempotent_and_heal(store: Store) -> None:
+    assert await migrate(store) == []
+    # A database whose tables exist but whose tracking rows are gone (half-applied, or created by
+    # hand) heals: the runner re-applies, every statement is IF NOT EXISTS.
+    async with store.transaction() as conn:
+        await conn.execute("DELETE FROM schema_migrations")
+    assert await migrate(store) == [m.id for m in load_migrations(store.dialect)]
+    assert await migrate(store) == []
+
+
+async def test_group_commit_batches_and_keeps_order(store: Store) -> None:
+    import asyncio
+
+    writer = StoreWriter(store)
+    loop_task = asyncio.create_task(writer.run())
+    try:
+        task = make_task()
+        await writer.write(store.op_insert_task(task))
+        futures = []
+        for i in range(200):
+            task.attempt = i
+            futures.append(await writer.enqueue(store.op_update_task(task)))
+        await asyncio.gather(*futures)
+        got = await store.get_task(task.id)
+        assert got is not None and got.attempt == 199
+        assert writer.stats.largest_batch > 1, "concurrent writes should share a transaction"
+        # A failing write is isolated: the others in its batch still commit.
+        bad = await writer.enqueue(store.op_insert_task(task))  # duplicate primary key
+        other = make_task()
+        good = await writer.enqueue(store.op_insert_task(other))
+        await good
+        with pytest.raises(Exception, match="refused a write"):
+            await bad
+        assert await store.get_task(other.id) is not None
+    finally:
+        loop_task.cancel()
+
+
+async def test_both_backends_have_the_same_schema(tmp_path: Path, pg_dsn: str) -> None:
+    sqlite = SqliteStore(tmp_path / "a.db")
+    pg = PostgresStore(pg_dsn)
+    for s in (sqlite, pg):
+        await s.open()
+        await migrate(s)
+    try:
+        a, b = await sqlite.schema(), await pg.schema()
+    finally:
+        await sqlite.close()
+        await pg.close()
+    assert a.keys() == b.keys()
+    for table in a:
+        assert a[table]["columns"] == b[table]["columns"], table
+        # PostgreSQL has one extra GIN index on metadata for the @> filter.
+        assert set(a[table]["indexes"]) <= set(b[table]["indexes"]), table
+    assert [m.id for m in load_migrations("sqlite")] == [m.id for m in load_migrations("postgres")]
