@@ -7,7 +7,6 @@ import base64
 from typing import Any
 
 import orjson
-import pytest
 
 from core import protocol
 from core import topics as t
@@ -235,7 +234,7 @@ async def start_synthetic_process(broker_url: str, domain: str, proplet_id: str)
     import subprocess
     import sys
 
-    proc = subprocess.Popen(
+    proc = subprocess.Popen(  # noqa: ASYNC220 - started once, the test then waits for its "ready" line
         [sys.executable, "-m", "tests.wire", "--broker", broker_url, "--domain", domain, "--id", proplet_id,
          "--silent"], stdout=subprocess.PIPE)
     assert proc.stdout is not None

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from core.domain import PropletMetrics, Proplet, Task, TaskEvent, TaskLimits, TaskMetrics, TaskState, new_task_id
+from core.domain import Proplet, PropletMetrics, Task, TaskEvent, TaskLimits, TaskMetrics, TaskState, new_task_id
 from core.store import Store
 from core.store.migrate import load_migrations, migrate
 from core.store.postgres import PostgresStore
