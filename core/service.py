@@ -19,7 +19,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -100,6 +100,10 @@ class ManagerCore:
         self._refused_by: defaultdict[str, set[str]] = defaultdict(set)
         self._invocations: dict[str, asyncio.Future[protocol.InvokeResultMessage]] = {}
         self._files = ArtifactCache(max_bytes=64 * 1024 * 1024)
+        # Write-through copies of recently touched idle tasks (the manager is the only writer), so a
+        # start or a read right after a create does not go to the database. Bounded: LRU eviction.
+        self._recent: OrderedDict[str, Task] = OrderedDict()
+        self._recent_max = 10_000
         self._wake = asyncio.Event()
         self._publish_slots = asyncio.Semaphore(256)
         self._inflight: set[asyncio.Task[None]] = set()
@@ -322,14 +326,27 @@ class ManagerCore:
         )
         self.events.emit(TaskStateChanged(task.id, task.name, TaskState.PENDING, TaskState.PENDING,
                                           task.created_at, "", "created"))
-        return task
+        task.file = b""
+        self._remember(task)
+        return task.copy()
 
     async def get_task(self, task_id: str) -> Task:
+        """The current state of a task (a copy)."""
+        task = self.active.get(task_id) or self._recent.get(task_id)
+        if task is not None:
+            return task.copy()
         await self.writer.barrier()
-        task = await self.store.get_task(task_id, with_file=False)
-        if task is None:
+        stored = await self.store.get_task(task_id, with_file=False)
+        if stored is None:
             raise NotFound(f"task {task_id} not found")
-        return task
+        self._remember(stored)
+        return stored.copy()
+
+    def _remember(self, task: Task) -> None:
+        self._recent[task.id] = task
+        self._recent.move_to_end(task.id)
+        while len(self._recent) > self._recent_max:
+            self._recent.popitem(last=False)
 
     async def list_tasks(
         self,
@@ -350,19 +367,18 @@ class ManagerCore:
 
     async def task_events(self, task_id: str) -> list[TaskEvent]:
         await self.get_task(task_id)
+        await self.writer.barrier()
         return await self.store.task_events(task_id)
 
     async def task_metrics(self, task_id: str, offset: int, limit: int) -> Page[TaskMetrics]:
         await self.get_task(task_id)
+        await self.writer.barrier()
         return await self.store.list_task_metrics(task_id, offset, limit)
 
     async def update_task(self, task_id: str, body: TaskUpdate) -> Task:
         if task_id in self.active:
             raise Conflict(f"task {task_id} is queued or running; stop it before changing it")
-        await self.writer.barrier()
-        task = await self.store.get_task(task_id, with_file=True)
-        if task is None:
-            raise NotFound(f"task {task_id} not found")
+        task = await self.get_task(task_id)
         old_digest = task.wasm_digest
         body.apply(task)
         task.updated_at = utcnow()
@@ -373,7 +389,8 @@ class ManagerCore:
                 self._files.put(task.wasm_digest, Artifact(task.file, task.wasm_digest))
         await self.writer.write(*ops)
         task.file = b""
-        return task
+        self._remember(task)
+        return task.copy()
 
     async def upload_file(self, task_id: str, filename: str, data: bytes) -> Task:
         from core.schemas import WASM_MAGIC
@@ -391,7 +408,8 @@ class ManagerCore:
         self._files.put(task.wasm_digest, Artifact(data, task.wasm_digest))
         await self.writer.write(self.store.op_set_task_file(task))
         task.file = b""
-        return task
+        self._remember(task)
+        return task.copy()
 
     async def delete_task(self, task_id: str) -> None:
         task = self.active.get(task_id)
@@ -400,6 +418,7 @@ class ManagerCore:
         await self.get_task(task_id)
         if task is not None:
             self._forget(task)
+        self._recent.pop(task_id, None)
         await self.writer.write(self.store.op_delete_task(task_id))
         self.events.emit(TaskDeleted(task_id))
 
@@ -409,11 +428,8 @@ class ManagerCore:
             state = self.active[task_id].state
             what = "queued" if state is TaskState.PENDING else state.label
             raise Conflict(f"task {task_id} is already {what}; stop it first to start it again")
-        await self.writer.barrier()
-        task = await self.store.get_task(task_id, with_file=True)
-        if task is None:
-            raise NotFound(f"task {task_id} not found")
-        if not task.file and not task.image_url:
+        task = await self.get_task(task_id)
+        if not task.wasm_digest and not task.image_url:
             raise InvalidRequest(
                 f"task {task_id} has no module: upload a .wasm (PUT /tasks/{task_id}/upload) or set image_url"
             )
@@ -422,9 +438,6 @@ class ManagerCore:
                 f"{len(self._queued)} tasks are already waiting for a proplet (the limit is "
                 f"{self.settings.max_backlog}); try again when proplets have caught up"
             )
-        if task.file:
-            self._files.put(task.wasm_digest, Artifact(task.file, task.wasm_digest))
-            task.file = b""
         detail = "queued"
         if task.state.is_terminal:
             detail = f"queued again (re-run after {task.state.label})"
@@ -437,6 +450,7 @@ class ManagerCore:
                 task.proplet_id = ""
         task.queued_at = utcnow()
         task.reason = self._why_waiting(task)
+        self._recent.pop(task.id, None)
         self.active[task.id] = task
         self._push(task)
         done = await self._transition(task, TaskState.PENDING, detail)
@@ -552,7 +566,8 @@ class ManagerCore:
 
     def _forget(self, task: Task) -> None:
         """Drop a task from the dispatcher's structures and free its slot."""
-        self.active.pop(task.id, None)
+        if self.active.pop(task.id, None) is not None:
+            self._remember(task)
         self._queued.discard(task.id)
         self._broadcast_waiting.pop(task.id, None)
         self._refused_by.pop(task.id, None)
@@ -876,7 +891,7 @@ class ManagerCore:
         task = self.active.get(task_id)
         if task is not None:
             return task
-        stored = await self.store.get_task(task_id, with_file=False)
+        stored = self._recent.get(task_id) or await self.store.get_task(task_id, with_file=False)
         if stored is None:
             self._reject(topic, "unknown_task", f"no task {task_id} (from proplet {proplet_id or '?'})")
         elif stored.state.is_terminal:

@@ -11,48 +11,18 @@ import json
 import logging
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import click
 
+from core.entrypoint import settings_help, setup_logging
 from propeller.client import ApiError, ManagerClient, module_fields
 
+__all__ = ["main", "settings_help", "setup_logging"]
+
 DEFAULT_MANAGER_URL = "http://127.0.0.1:7070"
-
-
-def setup_logging(level: str, fmt: str = "text") -> None:
-    """Logging for a process: text for terminals, JSON lines for log collectors."""
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        class _Json(logging.Formatter):
-            def format(self, record: logging.LogRecord) -> str:
-                entry = {"time": self.formatTime(record), "level": record.levelname.lower(),
-                         "logger": record.name, "msg": record.getMessage()}
-                if record.exc_info:
-                    entry["exc"] = self.formatException(record.exc_info)
-                return json.dumps(entry)
-        handler.setFormatter(_Json())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    # Per-request access logs would drown the manager's own messages.
-    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
-
-
-def settings_help(settings_cls: Any, prefix: str) -> str:
-    from core.config import describe_settings
-
-    rows = describe_settings(settings_cls, prefix)
-    width = max(len(r[0]) for r in rows)
-    lines = ["\b", "Environment variables (also keys of the config file section, lower-case without the prefix):"]
-    for var, default, desc in rows:
-        lines.append(f"  {var.ljust(width)}  {desc} [default: {default}]")
-    return "\n".join(lines)
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})

@@ -96,6 +96,7 @@ def module_fields(source: str) -> dict[str, str]:
         if not data.startswith(b"\0asm"):
             raise ApiError(f"{path} is not a WebAssembly module (it does not start with \\0asm)")
         return {"file": base64.b64encode(data).decode("ascii")}
-    if source.endswith(".wasm") and "/" not in source.split(":")[0]:
+    # An OCI reference is host/repository[:tag|@digest]; anything shaped like a path is a file.
+    if source.startswith(("/", "./", "../", "~")) or (source.endswith(".wasm") and "/" not in source):
         raise ApiError(f"{source}: no such file")
     return {"image_url": source}

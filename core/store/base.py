@@ -190,8 +190,16 @@ class Store(abc.ABC):
         return tuple(values[c] for c in _TASK_COLUMNS)
 
     def task_update_row(self, t: Task) -> tuple[Any, ...]:
-        full = dict(zip(_TASK_COLUMNS, self.task_row(t), strict=True))
-        return (*(full[c] for c in _TASK_MUTABLE), t.id)
+        # Same order as _TASK_MUTABLE; built directly because it runs on every state transition.
+        ts = self.ts_in
+        return (
+            t.name, int(t.state), t.image_url, t.wasm_digest,
+            None if t.cli_args is None else dumps(t.cli_args), dumps(t.inputs), dumps(t.env),
+            t.daemon, t.latent, t.proplet_id, t.pinned, t.broadcast, t.priority, dumps(t.metadata),
+            dumps(t.limits.to_dict()), t.max_retries, t.attempt, t.retries,
+            None if t.results is None else dumps(t.results), t.error, t.reason,
+            ts(t.queued_at), ts(t.start_time), ts(t.finish_time), ts(t.updated_at), t.id,
+        )
 
     def task_from_row(self, row: Any, file: bytes = b"") -> Task:
         limits = _json(row["limits"]) or {}
@@ -388,59 +396,63 @@ class Store(abc.ABC):
 
     # ---- writes (the writer batches these; see core.store.writer) -----------------------
 
-    async def apply(self, ops: Sequence[WriteOp]) -> list[int]:
-        """Apply a batch of writes in one transaction; return affected row counts per op."""
-        counts: list[int] = []
+    async def apply(self, ops: Sequence[WriteOp]) -> None:
+        """Apply a batch of writes in one transaction.
+
+        Between barriers, statements are grouped by phase (task inserts, task updates, events,
+        proplets, metrics) so each group goes to the database as one executemany: reordering is
+        safe because each phase only depends on earlier phases. An update superseded by a later
+        one with the same key is dropped.
+        """
         async with self.transaction() as conn:
-            i = 0
-            while i < len(ops):
-                sql = ops[i].sql
-                j = i
-                while j < len(ops) and ops[j].sql == sql and ops[j].batchable:
-                    j += 1
-                if j - i > 1:
-                    await conn.executemany(sql, [op.params for op in ops[i:j]])
-                    counts.extend([1] * (j - i))
-                    i = j
+            for group in _plan(ops):
+                if len(group) == 1:
+                    await conn.execute(group[0].sql, group[0].params)
                 else:
-                    counts.append(await conn.execute(sql, ops[i].params))
-                    i += 1
-        return counts
+                    await conn.executemany(group[0].sql, [op.params for op in group])
+
+    async def delete(self, op: WriteOp) -> int:
+        """Run one delete in its own transaction; return the number of rows it removed."""
+        async with self.transaction() as conn:
+            return await conn.execute(op.sql, op.params)
 
     # builders for write operations
 
     def op_insert_task(self, task: Task) -> WriteOp:
-        return WriteOp(SQL_INSERT_TASK, self.task_row(task))
+        return WriteOp(SQL_INSERT_TASK, self.task_row(task), phase=_PHASE_TASK_INSERT)
 
     def op_update_task(self, task: Task) -> WriteOp:
-        return WriteOp(SQL_UPDATE_TASK, self.task_update_row(task))
+        return WriteOp(SQL_UPDATE_TASK, self.task_update_row(task), phase=_PHASE_TASK_UPDATE, key=task.id)
 
     def op_set_task_file(self, task: Task) -> WriteOp:
         return WriteOp(
             SQL_UPDATE_TASK_FILE,
             (task.file or None, task.wasm_digest, self.ts_in(task.updated_at), task.id),
+            phase=_PHASE_TASK_UPDATE, key=task.id,
         )
 
     def op_delete_task(self, task_id: str) -> WriteOp:
-        return WriteOp(SQL_DELETE_TASK, (task_id,), batchable=False)
+        return WriteOp(SQL_DELETE_TASK, (task_id,), barrier=True)
 
     def op_task_event(self, e: TaskEvent) -> WriteOp:
         return WriteOp(
             SQL_INSERT_EVENT,
             (e.task_id, int(e.state), e.attempt, e.proplet_id, e.detail, self.ts_in(e.at)),
+            phase=_PHASE_EVENT,
         )
 
     def op_upsert_proplet(self, p: Proplet, now: datetime) -> WriteOp:
-        return WriteOp(SQL_UPSERT_PROPLET, self.proplet_row(p, now))
+        return WriteOp(SQL_UPSERT_PROPLET, self.proplet_row(p, now), phase=_PHASE_PROPLET, key=p.id)
 
     def op_delete_proplet(self, proplet_id: str) -> WriteOp:
-        return WriteOp(SQL_DELETE_PROPLET, (proplet_id,), batchable=False)
+        return WriteOp(SQL_DELETE_PROPLET, (proplet_id,), barrier=True)
 
     def op_proplet_metrics(self, m: PropletMetrics) -> WriteOp:
         return WriteOp(
             SQL_INSERT_PROPLET_METRICS,
             (m.proplet_id, m.namespace, self.ts_in(m.timestamp), dumps(m.cpu_metrics),
              dumps(m.memory_metrics), m.proplet_id),
+            phase=_PHASE_METRICS,
         )
 
     def op_task_metrics(self, m: TaskMetrics) -> WriteOp:
@@ -448,16 +460,54 @@ class Store(abc.ABC):
             SQL_INSERT_TASK_METRICS,
             (m.task_id, m.proplet_id, self.ts_in(m.timestamp), dumps(m.metrics),
              None if m.aggregated is None else dumps(m.aggregated), m.task_id),
+            phase=_PHASE_METRICS,
         )
 
 
 @dataclass(frozen=True, slots=True)
 class WriteOp:
-    """One parameterised statement. Consecutive batchable ops with the same SQL go out together."""
+    """One parameterised statement.
+
+    `phase` orders statements inside a batch (see Store.apply); `key`, when set, makes later ops
+    with the same SQL and key supersede earlier ones (each update carries the whole current state).
+    A `barrier` op (deletes) keeps its place: nothing is moved across it.
+    """
 
     sql: str
     params: tuple[Any, ...]
-    batchable: bool = True
+    phase: int = 0
+    key: str | None = None
+    barrier: bool = False
+
+
+_PHASE_TASK_INSERT, _PHASE_TASK_UPDATE, _PHASE_EVENT, _PHASE_PROPLET, _PHASE_METRICS = range(5)
+
+
+def _plan(ops: Sequence[WriteOp]) -> list[list[WriteOp]]:
+    """Groups of statements to run in order (see Store.apply)."""
+    groups: list[list[WriteOp]] = []
+    segment: list[WriteOp] = []
+
+    def flush() -> None:
+        latest: dict[tuple[str, str], int] = {}
+        for i, op in enumerate(segment):
+            if op.key is not None:
+                latest[(op.sql, op.key)] = i
+        kept = [op for i, op in enumerate(segment) if op.key is None or latest[(op.sql, op.key)] == i]
+        by_sql: dict[tuple[int, str], list[WriteOp]] = {}
+        for op in sorted(kept, key=lambda o: o.phase):  # stable: order within a phase is kept
+            by_sql.setdefault((op.phase, op.sql), []).append(op)
+        groups.extend(by_sql.values())
+        segment.clear()
+
+    for op in ops:
+        if op.barrier:
+            flush()
+            groups.append([op])
+        else:
+            segment.append(op)
+    flush()
+    return groups
 
 
 def _json(value: Any) -> Any:

@@ -31,8 +31,7 @@ class _Conn:
         await self.db.executemany(sql, rows)
 
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        async with self.db.execute(sql, params) as cursor:
-            return list(await cursor.fetchall())
+        return list(await self.db.execute_fetchall(sql, params))
 
 
 class SqliteStore(Store):
@@ -42,7 +41,7 @@ class SqliteStore(Store):
         # ":memory:" is the throw-away database of MANAGER_STORAGE_TYPE=memory.
         self.path = str(path)
         self._db: aiosqlite.Connection | None = None
-        # One connection: statements of concurrent callers must not interleave with a transaction.
+        # One connection: another writer's statements must not land inside a transaction.
         self._lock = asyncio.Lock()
 
     @property
@@ -75,9 +74,10 @@ class SqliteStore(Store):
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[_Conn]:
+        # Reads need no lock: aiosqlite runs statements one at a time on its thread, and a read
+        # that lands inside the writer's transaction only sees writes about to be committed.
         assert self._db is not None, "store is not open"
-        async with self._lock:
-            yield _Conn(self._db)
+        yield _Conn(self._db)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[_Conn]:

@@ -94,9 +94,8 @@ async def test_missing_task_is_none_and_delete_counts(store: Store) -> None:
     assert await store.get_task(new_task_id()) is None
     task = make_task()
     await write(store, store.op_insert_task(task))
-    counts = await store.apply([store.op_delete_task(task.id)])
-    assert counts == [1]
-    assert await store.apply([store.op_delete_task(task.id)]) == [0]
+    assert await store.delete(store.op_delete_task(task.id)) == 1
+    assert await store.delete(store.op_delete_task(task.id)) == 0
 
 
 async def test_list_pagination_order_and_filters(store: Store) -> None:
@@ -204,6 +203,26 @@ async def test_migrations_are_idempotent_and_heal(store: Store) -> None:
         await conn.execute("DELETE FROM schema_migrations")
     assert await migrate(store) == [m.id for m in load_migrations(store.dialect)]
     assert await migrate(store) == []
+
+
+async def test_a_batch_is_planned_by_phase_with_deletes_as_barriers(store: Store) -> None:
+    """Interleaved statements are grouped, superseded updates dropped, and the result is the same
+    as running them one by one."""
+    now = datetime.now(UTC)
+    a, b = make_task(), make_task()
+    ops = [store.op_insert_task(a), store.op_task_event(TaskEvent(a.id, TaskState.PENDING, now))]
+    for i in range(5):
+        a.attempt = i
+        ops += [store.op_update_task(a), store.op_task_event(TaskEvent(a.id, TaskState.RUNNING, now, i))]
+    ops += [store.op_insert_task(b), store.op_delete_task(b.id), store.op_insert_task(b)]
+    from core.store.base import _plan
+    groups = _plan(ops)
+    assert [len(g) for g in groups] == [2, 1, 6, 1, 1]  # inserts, last update, events, delete, insert
+    await store.apply(ops)
+    got = await store.get_task(a.id)
+    assert got is not None and got.attempt == 4
+    assert [e.attempt for e in await store.task_events(a.id)] == [0, 0, 1, 2, 3, 4]
+    assert await store.get_task(b.id) is not None
 
 
 async def test_group_commit_batches_and_keeps_order(store: Store) -> None:

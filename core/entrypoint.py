@@ -1,0 +1,44 @@
+"""Helpers for process entry points only (`propeller serve`, `propeller proplet`, `propeller proxy`).
+
+Library code in core/ and proplet/ never calls these: only a process decides how it logs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+
+def setup_logging(level: str, fmt: str = "text") -> None:
+    """Logging for a process: text for terminals, JSON lines for log collectors."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        class _Json(logging.Formatter):
+            def format(self, record: logging.LogRecord) -> str:
+                entry = {"time": self.formatTime(record), "level": record.levelname.lower(),
+                         "logger": record.name, "msg": record.getMessage()}
+                if record.exc_info:
+                    entry["exc"] = self.formatException(record.exc_info)
+                return json.dumps(entry)
+        handler.setFormatter(_Json())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # Per-request access logs and per-statement driver traces would drown our own messages.
+    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    logging.getLogger("aiosqlite").setLevel(max(logging.INFO, root.level))
+
+
+def settings_help(settings_cls: Any, prefix: str) -> str:
+    from core.config import describe_settings
+
+    rows = describe_settings(settings_cls, prefix)
+    width = max(len(r[0]) for r in rows)
+    lines = ["\b", "Environment variables (also keys of the config file section, lower-case without the prefix):"]
+    for var, default, desc in rows:
+        lines.append(f"  {var.ljust(width)}  {desc} [default: {default}]")
+    return "\n".join(lines)

@@ -1,0 +1,3 @@
+from propeller.cli import main
+
+main()

@@ -1,0 +1,182 @@
+"""`propeller serve` as a real process, and the `propeller tasks|proplets` client against it."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from core.topics import Topics
+from tests.services import free_port, wait_port
+from tests.wire import SyntheticProplet, eventually
+
+pytestmark = pytest.mark.serial
+
+PROPELLER = [sys.executable, "-m", "propeller"]
+WASM = b"\0asm\x01\0\0\0"
+
+
+class Serve:
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.env = env
+        self.log = log
+        self.port = int(env["MANAGER_HTTP_PORT"])
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> float:
+        started = time.monotonic()
+        self.proc = subprocess.Popen([*PROPELLER, "serve"], env=self.env, stdout=self.log.open("ab"),
+                                     stderr=subprocess.STDOUT)
+        deadline = started + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"serve exited with {self.proc.returncode}:\n{self.log.read_text()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=0.5).status_code == 200:
+                    return time.monotonic() - started
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise AssertionError(f"serve did not answer:\n{self.log.read_text()}")
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(15)
+        self.proc = None
+        return code
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Serve]:
+    env = dict(os.environ)
+    env["MANAGER_HTTP_PORT"] = str(free_port())
+    # Nothing listens on this port, so serve starts its in-process broker there.
+    env["MANAGER_DEFAULT_BROKER_PORT"] = str(free_port())
+    env["MANAGER_ENTITY_ID"] = "serve-test-manager"
+    server = Serve(env, tmp_path / "serve.log")
+    yield server
+    if server.proc is not None:
+        server.proc.kill()
+        server.proc.wait()
+
+
+def cli_blocking(serve: Serve, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*PROPELLER, *args, "--manager-url", serve.url], env=serve.env, capture_output=True,
+                          text=True, timeout=30, input=input)
+
+
+async def test_serve_with_no_configuration_dispatches_and_stores_results(serve: Serve) -> None:
+    startup = serve.start()
+    print(f"propeller serve answered /health {startup:.2f}s after launch")
+    health = httpx.get(serve.url + "/health").json()
+    broker_port = int(serve.env["MANAGER_DEFAULT_BROKER_PORT"])
+    assert health["broker"] == {"url": f"mqtt://127.0.0.1:{broker_port}", "connected": True, "embedded": True}
+    assert health["store"].startswith("sqlite ") and health["store"].endswith("propeller/propeller.db")
+    wait_port(broker_port)
+
+    topics = Topics("propeller", "default")
+    async with SyntheticProplet(f"mqtt://127.0.0.1:{broker_port}", topics, "edge-1") as proplet:
+        async with httpx.AsyncClient(base_url=serve.url) as api:
+            await eventually(lambda: _has_proplet(api, "edge-1"))
+            created = await api.post("/tasks", json={"name": "add", "inputs": [40, 2],
+                                                     "file": base64.b64encode(WASM).decode()})
+            assert created.status_code == 201
+            tid = created.json()["id"]
+            assert (await api.post(f"/tasks/{tid}/start")).json() == {"started": True}
+            body = await eventually(lambda: _results(api, tid))
+        assert body["results"] == "42" and proplet.starts[0]["id"] == tid
+
+    assert serve.stop() == 0, serve.log.read_text()
+    assert "Traceback" not in serve.log.read_text()
+
+    # State is in the database: a new manager process still knows the task.
+    serve.start()
+    task = httpx.get(f"{serve.url}/tasks/{tid}").json()
+    assert (task["state_name"], task["results"]) == ("completed", "42")
+    assert serve.stop() == 0
+
+
+async def _has_proplet(api: httpx.AsyncClient, pid: str) -> bool:
+    return any(p["id"] == pid for p in (await api.get("/proplets")).json()["proplets"])
+
+
+async def _results(api: httpx.AsyncClient, tid: str) -> Any:
+    body = (await api.get(f"/tasks/{tid}/results")).json()
+    return body if body["state"] == 3 else None
+
+
+async def cli(serve: Serve, *args: str) -> subprocess.CompletedProcess[str]:
+    # In a thread: the synthetic proplet answering the CLI's tasks lives on this event loop.
+    return await asyncio.to_thread(cli_blocking, serve, *args)
+
+
+async def test_cli_client_against_serve(serve: Serve, tmp_path: Path) -> None:
+    serve.start()
+    broker_port = int(serve.env["MANAGER_DEFAULT_BROKER_PORT"])
+    module = tmp_path / "add.wasm"
+    module.write_bytes(WASM)
+    async with SyntheticProplet(f"mqtt://127.0.0.1:{broker_port}", Topics("propeller", "default"), "cli-p"):
+        listed = await eventually(lambda: asyncio.to_thread(_cli_json, serve, "proplets", "list"), timeout=10)
+        assert [p["id"] for p in listed["proplets"]] == ["cli-p"]
+        out = await cli(serve, "tasks", "create", "add", "--wasm", str(module), "-i", "5", "-i", "6", "--start",
+                  "--wait", "10", "--json")
+        assert out.returncode == 0, out.stderr
+        task = json.loads(out.stdout)
+        assert (task["state_name"], task["results"]) == ("completed", "11")
+        tid = task["id"]
+        assert (await cli(serve, "tasks", "results", tid)).stdout.strip() == "11"
+        table = (await cli(serve, "tasks", "list")).stdout
+        assert "completed" in table and "1 of 1 tasks" in table
+        detail = (await cli(serve, "tasks", "get", tid, "--events")).stdout
+        assert "dispatched to cli-p" in detail
+        oci = json.loads((await cli(serve, "tasks", "create", "main", "--wasm", "registry.local/wasm/app:v1",
+                              "--json")).stdout)
+        assert oci["image_url"] == "registry.local/wasm/app:v1"
+        url = json.loads((await cli(serve, "tasks", "create", "main", "--wasm", "https://example.test/m.wasm",
+                              "--json")).stdout)
+        assert url["image_url"] == "https://example.test/m.wasm"
+        assert "cli-p" in (await cli(serve, "proplets", "get", "cli-p")).stdout
+        assert (await cli(serve, "tasks", "delete", tid, "--yes")).returncode == 0
+        gone = await cli(serve, "tasks", "get", tid)
+        assert gone.returncode == 1 and "404" in gone.stderr and "not found" in gone.stderr
+    bad = await cli(serve, "tasks", "create", "x", "--wasm", str(tmp_path / "missing.wasm"))
+    assert bad.returncode == 1 and "no such file" in bad.stderr
+    serve.stop()
+    down = await cli(serve, "tasks", "list")
+    assert down.returncode == 1 and "Cannot reach the manager" in down.stderr
+
+
+def _cli_json(serve: Serve, *args: str) -> Any:
+    out = cli_blocking(serve, *args, "--json")
+    body = json.loads(out.stdout) if out.returncode == 0 else None
+    return body if body and body.get("total") else None
+
+
+def test_serve_help_documents_the_environment() -> None:
+    out = subprocess.run([*PROPELLER, "serve", "--help"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0
+    for var in ("MANAGER_MQTT_ADDRESS", "MANAGER_HTTP_PORT", "MANAGER_STORAGE_TYPE", "MANAGER_SQLITE_PATH",
+                "MANAGER_POSTGRES_HOST", "MANAGER_TENANT_ID", "MANAGER_API_KEY", "MANAGER_MQTT_QOS",
+                "MANAGER_LOG_LEVEL", "MANAGER_HTTP_TOKENS"):
+        assert var in out.stdout, var
+
+
+def test_invalid_configuration_is_a_clear_error(tmp_path: Path) -> None:
+    env = dict(os.environ, MANAGER_HTTP_PORT="not-a-port")
+    out = subprocess.run([*PROPELLER, "serve"], env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1 and "invalid configuration" in out.stderr and "http_port" in out.stderr
+    env = dict(os.environ, MANAGER_MQTT_ADDRESS="ftp://nowhere", MANAGER_HTTP_PORT=str(free_port()))
+    out = subprocess.run([*PROPELLER, "serve"], env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1 and "unsupported broker scheme" in out.stderr
