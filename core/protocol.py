@@ -12,13 +12,13 @@ result_ack) that upstream peers never subscribe to.
 
 from __future__ import annotations
 
-import base64
 import binascii
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+import pybase64
 
 from core.domain import TaskLimits
 
@@ -152,7 +152,9 @@ class _Reader:
         if not text:
             return b""
         try:
-            return base64.b64decode(text, validate=True)
+            # pybase64 (SIMD) decodes ~25x faster than the standard library: chunks and inline
+            # modules are megabytes of base64.
+            return pybase64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
             raise self.fail(f"field '{key}' is not valid standard base64") from None
 
@@ -228,7 +230,7 @@ def encode_start(msg: StartMessage) -> bytes:
     obj: dict[str, Any] = {"id": msg.id, "name": msg.name, "state": msg.state}
     _put_if(obj, "image_url", msg.image_url)
     if msg.file:
-        obj["file"] = base64.b64encode(msg.file).decode("ascii")
+        obj["file"] = pybase64.b64encode(msg.file).decode("ascii")
     _put_if(obj, "inputs", list(msg.inputs))
     # Upstream always sends cli_args, as null when there are none.
     obj["cli_args"] = list(msg.cli_args) if msg.cli_args else None
@@ -721,7 +723,7 @@ def encode_chunk(msg: ChunkMessage) -> bytes:
         "app_name": msg.app_name,
         "chunk_idx": msg.chunk_idx,
         "total_chunks": msg.total_chunks,
-        "data": base64.b64encode(msg.data).decode("ascii"),
+        "data": pybase64.b64encode(msg.data).decode("ascii"),
     }
     _put_if(obj, "digest", msg.digest)
     _put_if(obj, "size", msg.size)

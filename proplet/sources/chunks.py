@@ -1,0 +1,376 @@
+"""Modules over MQTT chunks: every non-HTTP `image_url` (an OCI reference served by the proxy, or a
+`blob:sha256:…` ref served by the manager), upstream §3.10 and §4.
+
+The proplet publishes a `RegistryRequest` on `registry/proplet`; the server answers with chunks on
+`registry/server`, one topic shared by every artifact. Beyond upstream, compatibly:
+
+- Only refs this proplet asked for are buffered; other chunks are dropped on arrival, before their
+  base64 is even decoded when `on_payload` is used (upstream buffers everything, defect 17).
+- A stall (no new chunk for `stall_timeout` s) is answered with a request for just the missing
+  indexes (`missing`), a few times, then the fetch fails naming the likely cause (defect 18).
+- An `error` chunk fails the fetch at once with the server's reason.
+- The chunks' `digest`/`size`, when present, are checked; a digest change mid-transfer (the tag
+  was moved and re-served) restarts the reassembly on the new artifact.
+- Concurrent fetches of one ref share one transfer (defect 19); state lives only while someone
+  waits, and is dropped on completion, failure, cancellation of the last waiter, or
+  `transfer_timeout`.
+
+Bounds: at most `max_transfers` transfers at once (policy: a further fetch waits for a slot); each
+buffers at most `max_bytes` (policy: the transfer fails with a clear error). The worst case is
+`max_transfers × max_bytes` of memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import orjson
+
+from core import protocol
+from core.chunks import is_blob_ref
+from core.protocol import ChunkMessage, InvalidMessage, RegistryRequest
+from proplet.sources.base import DEFAULT_MAX_MODULE_BYTES, FetchError, WasmRef, format_size
+from proplet.sources.http import is_http_url
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[str, bytes], Awaitable[None]]
+
+# How our encoder and Go's encoding/json spell the key and the start of its value: used to drop
+# chunks of refs nobody here waits for without decoding their base64 (about 2 ms per 512 KB chunk).
+_APP_NAME_KEY = b'"app_name":'
+_COMPACT_APP_NAME = _APP_NAME_KEY + b'"'
+# Characters that JSON encoders may escape differently (Go escapes <, > and &): a ref containing
+# one gets no pre-filter, and its chunks are always decoded.
+_PLAIN_REF_CHARS = frozenset(chr(c) for c in range(0x20, 0x7F)) - set('"\\<>&')
+
+
+def _needle(ref: str) -> bytes:
+    """What a chunk of `ref` contains; b"" (found in every payload) when that cannot be known."""
+    if set(ref) <= _PLAIN_REF_CHARS:
+        return _APP_NAME_KEY + orjson.dumps(ref)
+    return b""
+
+
+@dataclass(slots=True)
+class ChunkCounters:
+    requests: int = 0
+    resumes: int = 0
+    chunks: int = 0
+    duplicates: int = 0
+    ignored: int = 0
+    invalid: int = 0
+    bytes: int = 0
+    completed: int = 0
+    failed: int = 0
+
+
+@dataclass(eq=False, slots=True)
+class _Transfer:
+    ref: str
+    future: asyncio.Future[tuple[bytes, str]]
+    started: float
+    last_progress: float
+    needle: bytes
+    total: int | None = None
+    digest: str = ""
+    size: int = 0
+    pieces: dict[int, bytes] = field(default_factory=dict)
+    received: int = 0
+    requests: int = 0
+    resumes: int = 0
+    restarts: int = 0
+    waiters: int = 0
+    # The contiguous prefix [0, hashed) is already in `hasher`: in-order arrival (the usual case)
+    # hashes as it goes, so completion costs no extra pass over the module.
+    hasher: hashlib._Hash = field(default_factory=hashlib.sha256)
+    hashed: int = 0
+    holds_slot: bool = True
+
+    def missing(self) -> tuple[int, ...]:
+        if self.total is None:
+            return ()
+        return tuple(i for i in range(self.total) if i not in self.pieces)
+
+    def reset(self) -> None:
+        self.total = None
+        self.digest = ""
+        self.size = 0
+        self.pieces = {}
+        self.received = 0
+        self.hasher = hashlib.sha256()
+        self.hashed = 0
+
+
+class ChunkSource:
+    """Fetches artifacts over MQTT chunks.
+
+    Wiring (the agent's job): pass an async `publish(topic, payload)` and the full
+    `registry/proplet` topic; feed every message received on `registry/server` to
+    `on_payload(payload)` (cheapest) or decode it with `core.protocol.decode_chunk` and call
+    `on_chunk(msg)`. Both are synchronous and never raise.
+    """
+
+    def __init__(
+        self,
+        publish: Publish,
+        request_topic: str,
+        *,
+        proplet_id: str = "",
+        stall_timeout: float = 10.0,
+        max_resumes: int = 3,
+        transfer_timeout: float = 300.0,
+        max_bytes: int = DEFAULT_MAX_MODULE_BYTES,
+        max_transfers: int = 8,
+    ) -> None:
+        if stall_timeout <= 0 or transfer_timeout <= 0:
+            raise ValueError("stall_timeout and transfer_timeout must be positive")
+        self._publish = publish
+        self.request_topic = request_topic
+        self.proplet_id = proplet_id
+        self.stall_timeout = stall_timeout
+        self.max_resumes = max_resumes
+        self.transfer_timeout = transfer_timeout
+        self.max_bytes = max_bytes
+        self._slots = asyncio.Semaphore(max_transfers)
+        self._transfers: dict[str, _Transfer] = {}
+        self.counters = ChunkCounters()
+
+    # -- WasmSource --------------------------------------------------------------------------
+
+    def accepts(self, ref: WasmRef) -> bool:
+        return bool(ref.image_url) and not is_http_url(ref.image_url)
+
+    async def fetch(self, ref: WasmRef) -> bytes:
+        data, _ = await self.fetch_with_digest(ref)
+        return data
+
+    async def fetch_with_digest(self, ref: WasmRef) -> tuple[bytes, str]:
+        name = ref.image_url
+        transfer = self._transfers.get(name)
+        created = False
+        if transfer is None:
+            await self._slots.acquire()
+            transfer = self._transfers.get(name)  # another fetch may have started it meanwhile
+            if transfer is None:
+                transfer = self._open(name)
+                created = True
+            else:
+                self._slots.release()
+        transfer.waiters += 1
+        try:
+            if created:
+                await self._request(transfer, initial=True)
+            return await self._wait(transfer)
+        finally:
+            transfer.waiters -= 1
+            if transfer.waiters == 0 and not transfer.future.done():
+                # The last one waiting gave up (task stopped): nobody needs these chunks any more.
+                transfer.future.cancel()
+                self._close(transfer)
+
+    @property
+    def active(self) -> tuple[str, ...]:
+        """Refs with a transfer in progress."""
+        return tuple(self._transfers)
+
+    def buffered_bytes(self) -> int:
+        return sum(t.received for t in self._transfers.values())
+
+    # -- incoming chunks -----------------------------------------------------------------------
+
+    def on_payload(self, payload: bytes, topic: str = "registry/server") -> None:
+        """A raw `registry/server` message. Chunks of refs nobody here waits for are dropped
+        before their base64 is decoded."""
+        if not self._transfers:
+            self.counters.ignored += 1
+            return
+        if _COMPACT_APP_NAME in payload and not any(t.needle in payload for t in self._transfers.values()):
+            self.counters.ignored += 1
+            return
+        try:
+            message = protocol.decode_chunk(payload, topic)
+        except InvalidMessage as exc:
+            self.counters.invalid += 1
+            log.warning("dropped a chunk: %s", exc)
+            return
+        self.on_chunk(message)
+
+    def on_chunk(self, msg: ChunkMessage) -> None:
+        """One decoded chunk, in any order, possibly duplicated, possibly for someone else."""
+        transfer = self._transfers.get(msg.app_name)
+        if transfer is None or transfer.future.done():
+            self.counters.ignored += 1
+            return
+        self.counters.chunks += 1
+        if msg.error:
+            self._fail(transfer, FetchError(f"{self._server(transfer.ref)} cannot serve {transfer.ref}: {msg.error}"))
+            return
+        if msg.digest and transfer.digest and msg.digest != transfer.digest:
+            # The tag now points at another artifact and someone had it served: the module must be
+            # built from one artifact's bytes, so start over on the new one.
+            if transfer.restarts >= 2:
+                self._fail(transfer, FetchError(
+                    f"{transfer.ref} changed three times while it was being fetched ({msg.digest} is the "
+                    "latest). Pin the image by digest (name@sha256:…) or stop re-pushing the tag."))
+                return
+            log.info("%s changed from %s to %s during the transfer; starting over",
+                     transfer.ref, transfer.digest, msg.digest)
+            transfer.restarts += 1
+            transfer.reset()
+        if transfer.total is None:
+            if msg.size > self.max_bytes:
+                self._fail(transfer, self._too_large(transfer, msg.size))
+                return
+            transfer.total = msg.total_chunks
+            transfer.digest = msg.digest
+            transfer.size = msg.size
+        elif msg.total_chunks != transfer.total:
+            self._fail(transfer, FetchError(
+                f"The chunks of {transfer.ref} disagree on their number ({transfer.total}, then "
+                f"{msg.total_chunks}): the artifact changed during the transfer. Start the task again, "
+                "or pin the image by digest."))
+            return
+        if not transfer.digest and msg.digest:
+            transfer.digest = msg.digest
+        if msg.chunk_idx in transfer.pieces:
+            self.counters.duplicates += 1
+            return
+        transfer.received += len(msg.data)
+        self.counters.bytes += len(msg.data)
+        if transfer.received > self.max_bytes:
+            self._fail(transfer, self._too_large(transfer, transfer.received))
+            return
+        transfer.pieces[msg.chunk_idx] = msg.data
+        transfer.last_progress = time.monotonic()
+        while transfer.hashed in transfer.pieces:
+            transfer.hasher.update(transfer.pieces[transfer.hashed])
+            transfer.hashed += 1
+        if len(transfer.pieces) == transfer.total:
+            self._complete(transfer)
+
+    # -- transfer lifecycle --------------------------------------------------------------------
+
+    def _open(self, ref: str) -> _Transfer:
+        now = time.monotonic()
+        future: asyncio.Future[tuple[bytes, str]] = asyncio.get_running_loop().create_future()
+        # Mark a failure as seen even when every waiter was cancelled at the same moment.
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        transfer = _Transfer(ref, future, now, now, needle=_needle(ref))
+        self._transfers[ref] = transfer
+        return transfer
+
+    def _close(self, transfer: _Transfer) -> None:
+        if self._transfers.get(transfer.ref) is transfer:
+            del self._transfers[transfer.ref]
+        transfer.pieces = {}
+        if transfer.holds_slot:
+            transfer.holds_slot = False
+            self._slots.release()
+
+    def _fail(self, transfer: _Transfer, error: FetchError) -> None:
+        self.counters.failed += 1
+        log.warning("fetching %s failed: %s", transfer.ref, error)
+        if not transfer.future.done():
+            transfer.future.set_exception(error)
+        self._close(transfer)
+
+    def _complete(self, transfer: _Transfer) -> None:
+        assert transfer.total is not None
+        data = b"".join(transfer.pieces[i] for i in range(transfer.total))
+        if transfer.size and len(data) != transfer.size:
+            self._fail(transfer, FetchError(
+                f"{transfer.ref} arrived as {len(data)} bytes but {self._server(transfer.ref)} announced "
+                f"{transfer.size}. Start the task again; if it persists, check the server's chunking."))
+            return
+        digest = "sha256:" + transfer.hasher.hexdigest()
+        if transfer.digest and digest != transfer.digest:
+            self._fail(transfer, FetchError(
+                f"The reassembled {transfer.ref} has sha256 {digest} but {self._server(transfer.ref)} "
+                f"announced {transfer.digest}: chunks were corrupted on the way. Start the task again."))
+            return
+        self.counters.completed += 1
+        log.debug("fetched %s: %d bytes in %d chunks, %.0f ms, %d resumes", transfer.ref, len(data),
+                  transfer.total, (time.monotonic() - transfer.started) * 1000, transfer.resumes)
+        transfer.future.set_result((data, digest))
+        self._close(transfer)
+
+    async def _request(self, transfer: _Transfer, *, initial: bool = False) -> None:
+        missing = () if initial else transfer.missing()
+        payload = protocol.encode_registry_request(
+            RegistryRequest(transfer.ref, missing=missing, proplet_id=self.proplet_id))
+        transfer.requests += 1
+        self.counters.requests += 1
+        try:
+            await self._publish(self.request_topic, payload)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if initial:
+                self._fail(transfer, FetchError(
+                    f"Could not ask for {transfer.ref} over MQTT ({exc}). Check the proplet's broker "
+                    "connection."))
+            else:
+                # The next stall check tries again; a broker outage is reported by the bus itself.
+                log.warning("resume request for %s failed: %s", transfer.ref, exc)
+
+    async def _wait(self, transfer: _Transfer) -> tuple[bytes, str]:
+        while not transfer.future.done():
+            now = time.monotonic()
+            deadline = min(transfer.last_progress + self.stall_timeout, transfer.started + self.transfer_timeout)
+            if deadline > now:
+                try:
+                    return await asyncio.wait_for(asyncio.shield(transfer.future), deadline - now)
+                except TimeoutError:
+                    continue  # progress may have moved the deadline; look again
+            if now >= transfer.started + self.transfer_timeout:
+                self._fail(transfer, FetchError(
+                    f"Fetching {transfer.ref} took longer than {self.transfer_timeout:g} s "
+                    f"({self._progress(transfer)}). Check the broker's and the {self._server(transfer.ref)}'s "
+                    "load, or ship a smaller module."))
+                break
+            if transfer.resumes >= self.max_resumes:
+                self._fail(transfer, self._stalled(transfer))
+                break
+            # Every waiter checks the same deadline; moving it here makes only one of them resume.
+            transfer.resumes += 1
+            transfer.last_progress = now
+            self.counters.resumes += 1
+            log.info("%s stalled (%s); asking again for %s", transfer.ref, self._progress(transfer),
+                     f"{len(transfer.missing())} missing chunks" if transfer.total else "the whole artifact")
+            await self._request(transfer)
+        return transfer.future.result()
+
+    # -- messages ------------------------------------------------------------------------------
+
+    def _stalled(self, transfer: _Transfer) -> FetchError:
+        server = self._server(transfer.ref)
+        if not transfer.pieces and transfer.total is None:
+            return FetchError(
+                f"No chunk of {transfer.ref} arrived for {self.stall_timeout:g} s after {transfer.requests} "
+                f"requests; is the {server} running and connected to the same broker, tenant and channel?")
+        return FetchError(
+            f"The transfer of {transfer.ref} stalled ({self._progress(transfer)}): no chunk arrived for "
+            f"{self.stall_timeout:g} s after {transfer.resumes} requests for the missing ones; is the {server} "
+            "still running?")
+
+    def _too_large(self, transfer: _Transfer, size: int) -> FetchError:
+        return FetchError(
+            f"{transfer.ref} is larger than the proplet's limit of {format_size(self.max_bytes)} "
+            f"({format_size(size)} announced or received). Ship a smaller module or raise the proplet's "
+            "fetch limit.")
+
+    @staticmethod
+    def _progress(transfer: _Transfer) -> str:
+        if transfer.total is None:
+            return "no chunk received"
+        return f"{len(transfer.pieces)} of {transfer.total} chunks received"
+
+    @staticmethod
+    def _server(ref: str) -> str:
+        return "manager" if is_blob_ref(ref) else "OCI proxy (propeller proxy)"

@@ -1,0 +1,189 @@
+"""Modules over HTTP(S): `image_url` starting with http:// or https:// (upstream §4).
+
+Upstream's rules, kept: Content-Type must be empty, application/wasm or application/octet-stream;
+a Content-Length over the limit (100 MiB) is refused before any body byte is read, and the limit
+is enforced again while streaming (chunked or close-delimited bodies carry no length); 4xx/5xx is
+an error naming the status. TLS: an extra CA file (upstream PROPLET_HTTP_TLS_CA_CERT) or no
+verification at all (PROPLET_HTTP_TLS_INSECURE_SKIP_VERIFY). One shared httpx client keeps
+connections alive between fetches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import ssl
+from urllib.parse import urlsplit
+
+import httpx
+
+from proplet.sources.base import DEFAULT_MAX_MODULE_BYTES, FetchError, WasmRef, format_size
+
+log = logging.getLogger(__name__)
+
+ACCEPTED_CONTENT_TYPES = frozenset({"", "application/wasm", "application/octet-stream"})
+
+
+def is_http_url(url: str) -> bool:
+    return url[:8].lower().startswith(("http://", "https://"))
+
+
+def display_url(url: str) -> str:
+    """The URL without credentials or query string: error messages travel to the manager and the
+    console, and a presigned URL's query is a secret."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return f"{parts.scheme}://{host}{parts.path}{'?…' if parts.query else ''}"
+
+
+class HttpSource:
+    """Streams a module over HTTP(S) with httpx, hashing it as it arrives.
+
+    `fetched_bytes` counts body bytes received (upstream's proplet_wasm_fetch_bytes_total),
+    including those of downloads that failed part-way.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_bytes: int = DEFAULT_MAX_MODULE_BYTES,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 30.0,
+        total_timeout: float = 300.0,
+        ca_file: str | None = None,
+        insecure_skip_verify: bool = False,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        if max_bytes <= 0:
+            raise ValueError("max_bytes must be positive")
+        self.max_bytes = max_bytes
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.total_timeout = total_timeout
+        self.fetched_bytes = 0
+        self.fetches = 0
+        self.failures = 0
+        if client is None:
+            client = httpx.AsyncClient(
+                timeout=httpx.Timeout(connect=connect_timeout, read=read_timeout, write=read_timeout,
+                                      pool=connect_timeout),
+                verify=_verify_setting(ca_file, insecure_skip_verify),
+                follow_redirects=True,
+                max_redirects=10,
+            )
+        self._client = client
+
+    async def __aenter__(self) -> HttpSource:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    def accepts(self, ref: WasmRef) -> bool:
+        return is_http_url(ref.image_url)
+
+    async def fetch(self, ref: WasmRef) -> bytes:
+        data, _ = await self.fetch_with_digest(ref)
+        return data
+
+    async def fetch_with_digest(self, ref: WasmRef) -> tuple[bytes, str]:
+        self.fetches += 1
+        try:
+            async with asyncio.timeout(self.total_timeout):
+                return await self._download(ref.image_url)
+        except FetchError:
+            self.failures += 1
+            raise
+        except TimeoutError:
+            self.failures += 1
+            raise FetchError(
+                f"Downloading the module from {display_url(ref.image_url)} took longer than "
+                f"{self.total_timeout:g} s and was abandoned. Check the server's bandwidth, or ship a "
+                "smaller module."
+            ) from None
+        except httpx.HTTPError as exc:
+            self.failures += 1
+            raise FetchError(self._describe(ref.image_url, exc)) from None
+
+    async def _download(self, url: str) -> tuple[bytes, str]:
+        shown = display_url(url)
+        async with self._client.stream("GET", url) as response:
+            if response.status_code >= 400:
+                hint = " Check that the file is published at that address." if response.status_code == 404 else ""
+                raise FetchError(
+                    f"Downloading the module from {shown} failed: the server answered HTTP "
+                    f"{response.status_code} {response.reason_phrase}.{hint} Check the task's image_url."
+                )
+            content_type = response.headers.get("content-type", "")
+            media_type = content_type.split(";", 1)[0].strip().lower()
+            if media_type not in ACCEPTED_CONTENT_TYPES:
+                raise FetchError(
+                    f"{shown} is served as '{content_type}', which is not a wasm module (accepted: "
+                    "application/wasm, application/octet-stream or no Content-Type). Check the URL, or "
+                    "make the server send application/wasm."
+                )
+            declared = response.headers.get("content-length")
+            if declared is not None and declared.strip().isdigit() and int(declared) > self.max_bytes:
+                # Leaving the block closes the connection without reading the body.
+                raise FetchError(
+                    f"{shown} is {format_size(int(declared))} ({declared} bytes), over the proplet's "
+                    f"limit of {format_size(self.max_bytes)} for a module. Ship a smaller module or "
+                    "raise the proplet's fetch limit."
+                )
+            hasher = hashlib.sha256()
+            pieces: list[bytes] = []
+            received = 0
+            async for piece in response.aiter_bytes():
+                received += len(piece)
+                self.fetched_bytes += len(piece)
+                if received > self.max_bytes:
+                    raise FetchError(
+                        f"{shown} sent more than the proplet's limit of {format_size(self.max_bytes)} "
+                        "for a module; the download was stopped. Ship a smaller module or raise the "
+                        "proplet's fetch limit."
+                    )
+                hasher.update(piece)
+                pieces.append(piece)
+        log.debug("fetched %s: %d bytes", shown, received)
+        return b"".join(pieces), "sha256:" + hasher.hexdigest()
+
+    def _describe(self, url: str, exc: httpx.HTTPError) -> str:
+        shown = display_url(url)
+        host = urlsplit(url).hostname or "the server"
+        if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
+            return (f"Connecting to {host} for {shown} timed out after {self.connect_timeout:g} s. Check that "
+                    "the server is up and reachable from this proplet.")
+        if isinstance(exc, httpx.ReadTimeout):
+            return (f"{shown} stopped sending data for {self.read_timeout:g} s; the download was abandoned. "
+                    "Check that the server is healthy, then start the task again.")
+        if isinstance(exc, httpx.ConnectError):
+            reason = str(exc) or type(exc).__name__
+            if "certificate" in reason.lower() or "ssl" in reason.lower():
+                return (f"TLS with {host} failed for {shown} ({reason}). Give the proplet the CA that signed "
+                        "the server's certificate (PROPLET_HTTP_TLS_CA_CERT).")
+            return f"Cannot connect to {host} for {shown} ({reason}). Check the URL and that the server is up."
+        if isinstance(exc, httpx.TooManyRedirects):
+            return f"{shown} redirects too often (more than 10 times). Check the URL."
+        if isinstance(exc, httpx.RemoteProtocolError):
+            return (f"The server broke off the download of {shown} ({exc}). Start the task again; if it "
+                    "persists, check the server.")
+        return f"Downloading the module from {shown} failed: {exc or type(exc).__name__}."
+
+
+def _verify_setting(ca_file: str | None, insecure_skip_verify: bool) -> ssl.SSLContext | bool:
+    if insecure_skip_verify:
+        return False
+    if ca_file:
+        try:
+            return ssl.create_default_context(cafile=ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(
+                f"cannot load the HTTP CA certificate {ca_file} ({exc}); fix PROPLET_HTTP_TLS_CA_CERT"
+            ) from None
+    return True

@@ -1,0 +1,106 @@
+"""The compiled-module cache: memory and disk, keyed by digest and engine settings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from core.domain import TaskLimits
+from proplet.runtime import Invocation, RuntimeConfig, WasmtimeRuntime
+from proplet.runtime.cache import UnsafeCacheDir
+from tests.wasmfixtures import digest, wasm
+
+
+async def test_second_load_of_a_digest_does_not_compile(runtime: WasmtimeRuntime) -> None:
+    data = wasm("hello")
+    d = digest(data)
+    assert not runtime.has_module(d)
+    await runtime.load(d, data)
+    assert runtime.has_module(d)
+    await runtime.load(d, data)
+    assert runtime.compiles == 1
+
+
+async def test_concurrent_loads_compile_once(runtime: WasmtimeRuntime) -> None:
+    import asyncio
+
+    data = wasm("fsio")
+    await asyncio.gather(*(runtime.load(digest(data), data) for _ in range(5)))
+    assert runtime.compiles == 1
+
+
+async def test_a_fresh_runtime_uses_the_disk_cache(cache_dir: Path) -> None:
+    data = wasm("hello")
+    d = digest(data)
+    first = WasmtimeRuntime(RuntimeConfig(cache_dir=cache_dir))
+    try:
+        await first.load(d, data)
+        assert first.compiles == 1
+    finally:
+        await first.close()
+
+    second = WasmtimeRuntime(RuntimeConfig(cache_dir=cache_dir))
+    try:
+        # The agent skips the fetch when has_module() is true, and runs without calling load().
+        assert second.has_module(d)
+        outcome = await second.run(d, Invocation("t", "", ("cached",)))
+        assert outcome.results.startswith("argv: [main] [cached]")
+        assert (second.compiles, second.deserializations) == (0, 1)
+        await second.run(d, Invocation("t", "", ("again",)))
+        assert second.deserializations == 1  # now in memory
+    finally:
+        await second.close()
+
+
+async def test_fuel_tasks_compile_for_the_fuel_engine_once(runtime: WasmtimeRuntime) -> None:
+    data = wasm("spin")
+    d = digest(data)
+    await runtime.load(d, data)
+    for _ in range(2):
+        outcome = await runtime.run(d, Invocation("f", "count", ("10",), limits=TaskLimits(fuel=10_000)))
+        assert outcome.results == "10"
+    assert runtime.compiles == 2  # plain engine at load, fuel engine on first use
+
+
+async def test_a_damaged_cache_file_is_recompiled_not_loaded(cache_dir: Path) -> None:
+    data = wasm("add")
+    d = digest(data)
+    first = WasmtimeRuntime(RuntimeConfig(cache_dir=cache_dir))
+    await first.load(d, data)
+    await first.close()
+    [compiled] = cache_dir.glob("wasmtime-py-*-nofuel-*/*.cwasm")  # noqa: ASYNC240 - a test's setup
+    raw = bytearray(compiled.read_bytes())
+    raw[-100] ^= 0xFF  # flip bits inside the native code
+    compiled.write_bytes(bytes(raw))
+
+    second = WasmtimeRuntime(RuntimeConfig(cache_dir=cache_dir))
+    try:
+        outcome = await second.run(d, Invocation("t", "add", ("1", "2")))
+        assert outcome.results == "3"
+        assert (second.compiles, second.deserializations) == (1, 0)
+    finally:
+        await second.close()
+
+
+def test_a_cache_dir_others_can_write_is_refused(tmp_path: Path) -> None:
+    shared = tmp_path / "shared-cache"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    with pytest.raises(UnsafeCacheDir, match="chmod 700"):
+        WasmtimeRuntime(RuntimeConfig(cache_dir=shared))
+
+
+async def test_memory_cache_is_bounded(cache_dir: Path) -> None:
+    rt = WasmtimeRuntime(RuntimeConfig(cache_dir=cache_dir, memory_cache_entries=2))
+    try:
+        for name in ("add", "numeric", "traps"):
+            await rt.load(digest(wasm(name)), wasm(name))
+        assert len(rt._artifacts) == 2
+        # The evicted module still runs, from disk, without recompiling.
+        outcome = await rt.run(digest(wasm("add")), Invocation("t", "add", ("2", "3")))
+        assert outcome.results == "5"
+        assert (rt.compiles, rt.deserializations) == (3, 1)
+    finally:
+        await rt.close()

