@@ -1,0 +1,270 @@
+"""The proplet agent with a real manager, a real Mosquitto and real wasm (in one process)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from core import protocol
+from core import topics as t
+from core.domain import TaskState
+from core.schemas import TaskCreate
+from proplet.agent import PropletAgent
+from proplet.config import PropletSettings, generated_entity_id, parse_duration
+from tests.wasmfixtures import wasm
+from tests.wire import WireClient, eventually
+
+PropletFactory = Callable[..., AbstractAsyncContextManager[PropletAgent]]
+
+
+@pytest.fixture
+def proplet_factory(broker: Any, tmp_path: Path) -> PropletFactory:
+    @asynccontextmanager
+    async def factory(core: Any, proplet_id: str, **overrides: Any) -> AsyncIterator[PropletAgent]:
+        values: dict[str, Any] = {
+            "mqtt_address": broker.url, "tenant_id": core.topics.domain, "channel_id": core.topics.channel,
+            "entity_id": proplet_id, "cache_dir": tmp_path / proplet_id / "cache",
+            "state_dir": tmp_path / proplet_id / "state", "liveliness_interval": 1.0, "metrics_interval": 0.5,
+        }
+        values.update(overrides)
+        async with PropletAgent(PropletSettings(**values)) as agent:
+            await eventually(lambda: proplet_id in core.proplets and core.proplets[proplet_id].online, 10)
+            yield agent
+
+    return factory
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+async def run_task(core: Any, timeout: float = 15.0, **body: Any) -> Any:
+    task = await core.create_task(TaskCreate.model_validate(body))
+    await core.start_task(task.id)
+
+    async def finished() -> Any:
+        current = await core.get_task(task.id)
+        return current if current.state.is_terminal else None
+
+    return await eventually(finished, timeout)
+
+
+async def test_add_with_inputs(manager: Any, proplet_factory: PropletFactory) -> None:
+    async with proplet_factory(manager, "p-add"):
+        done = await run_task(manager, name="add", file=b64(wasm("add")), inputs=[40, 2])
+        assert (done.state, done.results, done.error) == (TaskState.COMPLETED, "42", "")
+        events = [(e.state, e.detail) for e in await manager.task_events(done.id)]
+        assert (TaskState.SCHEDULED, "dispatched to p-add") in events
+        assert (TaskState.RUNNING, "running on p-add") in events
+
+
+async def test_numeric_types_and_wrong_inputs(manager: Any, proplet_factory: PropletFactory) -> None:
+    async with proplet_factory(manager, "p-num"):
+        bad = await run_task(manager, name="add", file=b64(wasm("add")), inputs=["1", "two"])
+        assert bad.state is TaskState.FAILED and "two" in bad.error
+        few = await run_task(manager, name="add", file=b64(wasm("add")), inputs=["1"])
+        assert few.state is TaskState.FAILED and "2" in few.error
+        missing = await run_task(manager, name="nope", file=b64(wasm("add")))
+        assert missing.state is TaskState.FAILED and "add" in missing.error, "lists the exports that exist"
+
+
+async def test_wasi_command_args_env_and_stdout(manager: Any, proplet_factory: PropletFactory) -> None:
+    async with proplet_factory(manager, "p-wasi"):
+        done = await run_task(manager, name="_start", file=b64(wasm("hello")), inputs=["one", "two words"],
+                              env={"GREETING": "hej"})
+        assert done.state is TaskState.COMPLETED, done.error
+        assert done.results == "argv: [_start] [one] [two words]\nGREETING=hej\n"
+
+
+async def test_trap_timeout_memory_bomb_and_the_proplet_survives(manager: Any, proplet_factory: PropletFactory
+                                                                 ) -> None:
+    async with proplet_factory(manager, "p-hostile", task_memory_limit=32 * 1024 * 1024) as agent:
+        trap = await run_task(manager, name="boom", file=b64(wasm("traps")))
+        assert trap.state is TaskState.FAILED and "unreachable" in trap.error
+        loop = await run_task(manager, name="spin", file=b64(wasm("spin")), limits={"timeout_s": 0.5})
+        assert loop.state is TaskState.FAILED and "0.5 s limit" in loop.error
+        bomb = await run_task(manager, name="_start", file=b64(wasm("membomb")))
+        assert bomb.state is TaskState.FAILED and "memory" in bomb.error and "32 MiB" in bomb.error
+        fine = await run_task(manager, name="add", file=b64(wasm("add")), inputs=[1, 2])
+        assert fine.results == "3" and agent.counters.failed == 3
+
+
+async def test_stop_interrupts_an_infinite_loop_for_real(manager: Any, proplet_factory: PropletFactory) -> None:
+    async with proplet_factory(manager, "p-stop") as agent:
+        task = await manager.create_task(TaskCreate(name="spin", file=b64(wasm("spin"))))
+        await manager.start_task(task.id)
+        await eventually(lambda: task.id in agent.running and manager.active[task.id].state is TaskState.RUNNING)
+        await asyncio.sleep(0.2)
+        await manager.stop_task(task.id)
+        # The guest really stops: the agent's task ends and the slot is free for the next one.
+        await eventually(lambda: task.id not in agent.running, 5)
+        done = await run_task(manager, name="add", file=b64(wasm("add")), inputs=[2, 2])
+        assert done.results == "4"
+        stopped = await manager.get_task(task.id)
+        assert stopped.state is TaskState.INTERRUPTED
+
+
+async def test_a_repeated_start_is_not_run_twice(manager: Any, proplet_factory: PropletFactory,
+                                                  broker: Any) -> None:
+    async with proplet_factory(manager, "p-dup") as agent, \
+            WireClient(broker.url, manager.topics, subscribe=[t.RESULTS]) as spy:
+        done = await run_task(manager, name="add", file=b64(wasm("add")), inputs=[5, 5])
+        assert done.results == "10"
+        start = protocol.StartMessage(id=done.id, name="add", file=wasm("add"), inputs=("5", "5"),
+                                      proplet_id="p-dup", attempt=done.attempt)
+        await spy.publish(t.START, protocol.encode_start(start))
+        await eventually(lambda: agent.counters.duplicate_starts == 1)
+        # The stored result is sent again (the manager may have lost it), not recomputed.
+        await eventually(lambda: len([m for m in spy.messages(t.RESULTS) if m["task_id"] == done.id]) == 2)
+        assert agent.counters.started == 1
+
+
+async def test_starts_for_other_proplets_are_ignored(manager: Any, proplet_factory: PropletFactory,
+                                                     broker: Any) -> None:
+    async with proplet_factory(manager, "p-me") as agent, \
+            WireClient(broker.url, manager.topics, subscribe=[t.RESULTS, t.TASK_STATE]) as spy:
+        other = protocol.StartMessage(id="x-1", name="add", file=wasm("add"), inputs=("1", "1"), proplet_id="p-other")
+        await spy.publish(t.START, protocol.encode_start(other))
+        stop = protocol.StopMessage(id="x-1", proplet_id="p-other")
+        await spy.publish(t.STOP, protocol.encode_stop(stop))
+        mine = protocol.StartMessage(id="x-2", name="add", file=wasm("add"), inputs=("1", "1"), proplet_id="p-me")
+        await spy.publish(t.START, protocol.encode_start(mine))
+        result = await spy.expect(t.RESULTS, lambda m: m["task_id"] == "x-2")
+        assert result["results"] == "2"
+        assert agent.counters.started == 1
+        assert not [m for m in spy.messages(t.RESULTS) if m["task_id"] == "x-1"]
+
+
+async def test_invalid_start_naming_this_proplet_gets_a_failed_result(manager: Any, proplet_factory: PropletFactory,
+                                                                      broker: Any) -> None:
+    async with proplet_factory(manager, "p-inv") as agent, \
+            WireClient(broker.url, manager.topics, subscribe=[t.RESULTS]) as spy:
+        await spy.publish(t.START, {"id": "bad-1", "name": "add", "proplet_id": "p-inv"})  # no module
+        await spy.publish(t.START, {"id": "bad-2", "name": "add", "proplet_id": "p-inv", "file": "%%%"})
+        for tid in ("bad-1", "bad-2"):
+            result = await spy.expect(t.RESULTS, lambda m, tid=tid: m["task_id"] == tid)
+            assert "invalid" in result["error"]
+        assert agent.counters.rejected_messages == 2 and agent.counters.started == 0
+
+
+async def test_upstream_manager_interop(broker: Any, manager: Any, proplet_factory: PropletFactory) -> None:
+    """A start byte-for-byte as upstream's Go manager publishes it; the result as it parses it."""
+    async with proplet_factory(manager, "p-up"), \
+            WireClient(broker.url, manager.topics, subscribe=[t.RESULTS]) as upstream:
+        raw = (
+            '{"id":"8f14e45f-ceea-467f-a8f5-5a0c4a1e0b11","name":"add","state":2,"file":"' + b64(wasm("add")) +
+            '","inputs":["19","23"],"cli_args":null,"broadcast":false,"daemon":false,"latent":false,'
+            '"encrypted":false,"proplet_id":"p-up"}'
+        ).encode()
+        await upstream.publish(t.START, raw)
+        result = await upstream.expect(t.RESULTS)
+        # Upstream's manager reads task_id (string), results (any) and error (string or null).
+        assert result["task_id"] == "8f14e45f-ceea-467f-a8f5-5a0c4a1e0b11"
+        assert result["results"] == "42" and result["error"] is None
+        assert result["proplet_id"] == "p-up"
+
+
+async def test_latent_task_deploys_then_answers_invocations(manager: Any, proplet_factory: PropletFactory) -> None:
+    async with proplet_factory(manager, "p-lat"):
+        task = await manager.create_task(TaskCreate(name="add", file=b64(wasm("add")), latent=True))
+        await manager.start_task(task.id)
+        await eventually(lambda: manager.active[task.id].state is TaskState.RUNNING)
+        assert await manager.invoke_task(task.id, ["3", "4"], {}) == "7"
+        assert await manager.invoke_task(task.id, ["10", "20"], {}) == "30"
+        await manager.stop_task(task.id)
+
+
+async def test_large_module_arrives_in_chunks_and_is_verified(manager_factory: Any, proplet_factory: PropletFactory
+                                                              ) -> None:
+    from tests.wasmfixtures import big_module_byte
+
+    big = wasm("big")
+    assert len(big) > 10 * 1024 * 1024
+    async with manager_factory(chunk_size=512_000) as core, proplet_factory(core, "p-big") as agent:
+        done = await run_task(core, name="probe", file=b64(big), inputs=["123456"], timeout=60)
+        assert done.state is TaskState.COMPLETED, done.error
+        assert done.results == str(big_module_byte(123456))
+        assert agent.chunks is not None and agent.chunks.counters.completed == 1
+        # Run it again: the proplet has the compiled module and fetches nothing.
+        again = await run_task(core, name="probe", file=b64(big), inputs=["7"])
+        assert again.results == str(big_module_byte(7)) and agent.chunks.counters.completed == 1
+
+
+async def test_digest_mismatch_fails_before_anything_runs(manager: Any, proplet_factory: PropletFactory,
+                                                          broker: Any) -> None:
+    async with proplet_factory(manager, "p-dig") as agent, \
+            WireClient(broker.url, manager.topics, subscribe=[t.RESULTS]) as spy:
+        start = protocol.StartMessage(id="dig-1", name="add", file=wasm("add"), inputs=("1", "1"),
+                                      proplet_id="p-dig", wasm_digest=protocol.sha256_digest(b"something else"))
+        await spy.publish(t.START, protocol.encode_start(start))
+        result = await spy.expect(t.RESULTS)
+        assert "sha256" in result["error"] and result["results"] == ""
+        assert not agent.runtime.has_module(protocol.sha256_digest(wasm("add")))
+
+
+async def test_heartbeats_metrics_and_clean_goodbye(manager: Any, proplet_factory: PropletFactory) -> None:
+    async with proplet_factory(manager, "p-beat", liveliness_interval=0.3) as agent:
+        p = manager.proplets["p-beat"]
+        assert p.metadata["wasm_runtime"] == agent.runtime.name and "task_state" in p.metadata["capabilities"]
+        assert p.metadata["heartbeat_interval"] == 0.3 and p.metadata["os"] == "linux"
+        await eventually(lambda: len(p.alive_history) >= 3, 5)
+        page = await eventually(lambda: _metrics(manager, "p-beat"), 5)
+        sample = page.items[0]
+        assert sample.memory_metrics["rss_bytes"] > 10_000_000 and "percent" in sample.cpu_metrics
+    # Leaving says "offline" at once, without waiting for the liveness timeout.
+    await eventually(lambda: not manager.proplets["p-beat"].online, 2)
+
+
+async def _metrics(core: Any, pid: str) -> Any:
+    page = await core.proplet_metrics(pid, 0, 5)
+    return page if page.total else None
+
+
+def test_settings_accept_upstream_names_durations_and_toml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROPLET_LIVELINESS_INTERVAL", "10s")
+    monkeypatch.setenv("PROPLET_METRICS_INTERVAL", "500ms")
+    monkeypatch.setenv("PROPLET_DIRS", "/srv/a:/srv/b")
+    monkeypatch.setenv("PROPLET_TAGS", "edge, lab")
+    monkeypatch.setenv("PROPLET_MQTT_QOS", "2")
+    toml = tmp_path / "config.toml"
+    toml.write_text('[proplet]\ntenant_id = "t1"\nentity_id = "e1"\napi_key = "k1"\nchannel_id = "c1"\n')
+    monkeypatch.setenv("PROPLET_CONFIG_FILE", str(toml))
+    s = PropletSettings(state_dir=tmp_path / "state")
+    assert (s.liveliness_interval, s.metrics_interval, s.dirs, s.tags, s.mqtt_qos) == (
+        10.0, 0.5, ["/srv/a", "/srv/b"], ["edge", "lab"], 2)
+    assert (s.tenant_id, s.entity_id, s.api_key, s.channel_id) == ("t1", "e1", "k1", "c1")
+    monkeypatch.setenv("PROPLET_LIVELINESS_INTERVAL", "ten")
+    with pytest.raises(ValueError, match="not a duration"):
+        PropletSettings(state_dir=tmp_path / "state")
+    assert parse_duration("2m") == 120.0
+
+
+def test_generated_id_is_kept(tmp_path: Path) -> None:
+    first = generated_entity_id(tmp_path)
+    assert first.startswith("proplet-") and generated_entity_id(tmp_path) == first
+
+
+async def test_directories_need_both_the_task_and_the_proplet(manager: Any, proplet_factory: PropletFactory,
+                                                              tmp_path: Path) -> None:
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "in.txt").write_text("from the host")
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "in.txt").write_text("must not be read")
+    async with proplet_factory(manager, "p-dirs", dirs=[str(allowed)]):
+        ok = await run_task(manager, name="_start", file=b64(wasm("fsio")),
+                            inputs=["read", str(allowed / "in.txt")], cli_args=["--dir", str(allowed)])
+        assert ok.state is TaskState.COMPLETED and "from the host" in ok.results, ok.error
+        refused = await run_task(manager, name="_start", file=b64(wasm("fsio")),
+                                 inputs=["read", str(secret / "in.txt")], cli_args=["--dir", str(secret)])
+        assert "must not be read" not in (refused.results or "") and refused.state is TaskState.FAILED
+        unasked = await run_task(manager, name="_start", file=b64(wasm("fsio")),
+                                 inputs=["read", str(allowed / "in.txt")])
+        assert unasked.state is TaskState.FAILED
