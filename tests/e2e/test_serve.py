@@ -80,7 +80,7 @@ def cli_blocking(serve: Serve, *args: str, input: str | None = None) -> subproce
 async def test_serve_with_no_configuration_dispatches_and_stores_results(serve: Serve) -> None:
     startup = serve.start()
     print(f"propeller serve answered /health {startup:.2f}s after launch")
-    health = httpx.get(serve.url + "/health").json()
+    health = (await asyncio.to_thread(httpx.get, serve.url + "/health")).json()
     broker_port = int(serve.env["MANAGER_DEFAULT_BROKER_PORT"])
     assert health["broker"] == {"url": f"mqtt://127.0.0.1:{broker_port}", "connected": True, "embedded": True}
     assert health["store"].startswith("sqlite ") and health["store"].endswith("propeller/propeller.db")
@@ -103,7 +103,7 @@ async def test_serve_with_no_configuration_dispatches_and_stores_results(serve: 
 
     # State is in the database: a new manager process still knows the task.
     serve.start()
-    task = httpx.get(f"{serve.url}/tasks/{tid}").json()
+    task = (await asyncio.to_thread(httpx.get, f"{serve.url}/tasks/{tid}")).json()
     assert (task["state_name"], task["results"]) == ("completed", "42")
     assert serve.stop() == 0
 
