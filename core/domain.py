@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
+from copy import copy as _shallow_copy
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import IntEnum, StrEnum
@@ -96,7 +97,15 @@ class TaskLimits:
         return self.timeout_s is None and self.fuel is None and self.memory_bytes is None
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        # Written out: dataclasses.asdict is slow, and this runs on every state transition.
+        out: dict[str, Any] = {}
+        if self.timeout_s is not None:
+            out["timeout_s"] = self.timeout_s
+        if self.fuel is not None:
+            out["fuel"] = self.fuel
+        if self.memory_bytes is not None:
+            out["memory_bytes"] = self.memory_bytes
+        return out
 
 
 @dataclass(slots=True)
@@ -148,14 +157,15 @@ class Task:
     updated_at: datetime = field(default_factory=utcnow)
 
     def copy(self) -> Task:
-        return dataclasses.replace(
-            self,
-            inputs=list(self.inputs),
-            env=dict(self.env),
-            metadata=dict(self.metadata),
-            cli_args=None if self.cli_args is None else list(self.cli_args),
-            depends_on=list(self.depends_on),
-        )
+        """A copy whose containers can be changed without touching this task."""
+        # copy.copy of a slots dataclass is several times faster than dataclasses.replace.
+        clone = _shallow_copy(self)
+        clone.inputs = list(self.inputs)
+        clone.env = dict(self.env)
+        clone.metadata = dict(self.metadata)
+        clone.cli_args = None if self.cli_args is None else list(self.cli_args)
+        clone.depends_on = list(self.depends_on)
+        return clone
 
 
 @dataclass(frozen=True, slots=True)

@@ -105,8 +105,6 @@ class ManagerCore:
         self._recent: OrderedDict[str, Task] = OrderedDict()
         self._recent_max = 10_000
         self._wake = asyncio.Event()
-        self._publish_slots = asyncio.Semaphore(256)
-        self._inflight: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[Any]] = []
         self._shutdown = asyncio.Event()
         self._handlers: dict[str, Callable[[str, bytes], Awaitable[None]]] = {
@@ -173,6 +171,7 @@ class ManagerCore:
             conn,
             subscriptions=[self.topics.topic(s) for s in self._handlers],
             on_message=self._on_message,
+            on_connected=self._broker_connected,
             name="manager",
         )
         self.chunks = ChunkServer(
@@ -201,14 +200,12 @@ class ManagerCore:
             self._http = None
         if self.bus is not None:
             await self.bus.close()
-        for task in list(self._inflight):
-            task.cancel()
         # Commit every state change taken in before the loops stop.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.writer.wait_idle(), 10)
         for task in self._loops:
             task.cancel()
-        await asyncio.gather(*self._loops, *self._inflight, return_exceptions=True)
+        await asyncio.gather(*self._loops, return_exceptions=True)
         self._loops.clear()
         for fut in self._invocations.values():
             if not fut.done():
@@ -218,6 +215,10 @@ class ManagerCore:
             await self._embedded_broker.stop()
             self._embedded_broker = None
         self._shutdown.set()
+
+    async def _broker_connected(self) -> None:
+        # Tasks queued while the broker was away go out now.
+        self._wake.set()
 
     def request_shutdown(self) -> None:
         """Ask `wait_closed()` to return (signal handlers and the console call this)."""
@@ -342,6 +343,13 @@ class ManagerCore:
         self._remember(stored)
         return stored.copy()
 
+    async def _load_for_start(self, task_id: str) -> Task:
+        await self.writer.barrier()
+        stored = await self.store.get_task(task_id, with_file=False)
+        if stored is None:
+            raise NotFound(f"task {task_id} not found")
+        return stored
+
     def _remember(self, task: Task) -> None:
         self._recent[task.id] = task
         self._recent.move_to_end(task.id)
@@ -428,7 +436,7 @@ class ManagerCore:
             state = self.active[task_id].state
             what = "queued" if state is TaskState.PENDING else state.label
             raise Conflict(f"task {task_id} is already {what}; stop it first to start it again")
-        task = await self.get_task(task_id)
+        task = self._recent.pop(task_id, None) or await self._load_for_start(task_id)
         if not task.wasm_digest and not task.image_url:
             raise InvalidRequest(
                 f"task {task_id} has no module: upload a .wasm (PUT /tasks/{task_id}/upload) or set image_url"
@@ -450,10 +458,9 @@ class ManagerCore:
                 task.proplet_id = ""
         task.queued_at = utcnow()
         task.reason = self._why_waiting(task)
-        self._recent.pop(task.id, None)
         self.active[task.id] = task
         self._push(task)
-        done = await self._transition(task, TaskState.PENDING, detail)
+        done = await self._transition(task, TaskState.PENDING, detail, durable=True)
         self._wake.set()
         await done
         return task.copy()
@@ -470,7 +477,8 @@ class ManagerCore:
             detail = "stopped by request"
         task.error = "stopped by request"
         task.finish_time = utcnow()
-        await (await self._transition(task, TaskState.INTERRUPTED, detail))
+        done = await self._transition(task, TaskState.INTERRUPTED, detail, durable=True)
+        await done
         return task.copy()
 
     async def invoke_task(self, task_id: str, inputs: list[str], env: dict[str, str],
@@ -542,10 +550,12 @@ class ManagerCore:
     # ------------------------------------------------------------------------------------
     # state machine
 
-    async def _transition(self, task: Task, new: TaskState, detail: str = "") -> asyncio.Future[None]:
+    async def _transition(self, task: Task, new: TaskState, detail: str = "", *,
+                          durable: bool = False) -> asyncio.Future[None] | None:
         """Apply, persist (queued for commit) and announce a state change.
 
-        Returns the commit future; callers that answer a client await it.
+        With `durable`, returns the commit future (callers that answer a client await it, or act
+        once the change is stored); otherwise the write is queued without one.
         """
         old = task.state
         if new is not old and new not in ALLOWED_TRANSITIONS[old]:
@@ -557,10 +567,11 @@ class ManagerCore:
         if new.is_terminal:
             self._forget(task)
             self.metrics.tasks_finished.labels(new.label).inc()
-        fut = await self.writer.enqueue(
-            self.store.op_update_task(task),
-            self.store.op_task_event(TaskEvent(task.id, new, now, task.attempt, task.proplet_id, detail)),
-        )
+        ops = (self.store.op_update_task(task),
+               self.store.op_task_event(TaskEvent(task.id, new, now, task.attempt, task.proplet_id, detail)))
+        fut = await self.writer.enqueue(*ops) if durable else None
+        if fut is None:
+            await self.writer.submit(*ops)
         self.events.emit(TaskStateChanged(task.id, task.name, old, new, now, task.proplet_id, detail))
         return fut
 
@@ -599,6 +610,8 @@ class ManagerCore:
         return cap is None or len(self._slots.get(p.id, ())) < cap
 
     def _why_waiting(self, task: Task) -> str:
+        if self.bus is not None and not self.bus.connected.is_set():
+            return f"waiting for the MQTT broker at {self.bus.address.url} to come back"
         online = [p for p in self.proplets.values() if p.online]
         if task.pinned:
             p = self.proplets.get(task.proplet_id)
@@ -627,6 +640,8 @@ class ManagerCore:
             await self._dispatch_ready()
 
     async def _dispatch_ready(self) -> None:
+        if self.bus is None or not self.bus.connected.is_set():
+            return  # woken again by _broker_connected
         deferred: list[tuple[int, int, str]] = []
         try:
             while self._heap:
@@ -697,10 +712,12 @@ class ManagerCore:
             await self._transition(task, TaskState.FAILED, f"cannot dispatch: {exc}")
             return
         await self._transition(task, new, detail)
-        await self._publish_slots.acquire()
-        job = asyncio.ensure_future(self._publish_start(task, task.attempt, payload))
-        self._inflight.add(job)
-        job.add_done_callback(self._inflight.discard)
+        if not self.bus.publish_nowait(self.topics.start, payload):
+            await self._requeue(task, "the broker connection dropped before the start went out")
+            return
+        self.metrics.tasks_dispatched.inc()
+        if self.on_start_published is not None:
+            self.on_start_published(task.id, time.perf_counter())
 
     async def _start_payload(self, task: Task) -> bytes:
         file = b""
@@ -726,20 +743,6 @@ class ManagerCore:
 
     async def _module_size(self, digest: str) -> int:
         return len((await self._resolve_blob(blob_ref(digest))).data)
-
-    async def _publish_start(self, task: Task, attempt: int, payload: bytes) -> None:
-        assert self.bus is not None
-        try:
-            await self.bus.publish(self.topics.start, payload)
-            self.metrics.tasks_dispatched.inc()
-            if self.on_start_published is not None:
-                self.on_start_published(task.id, time.perf_counter())
-        except BrokerUnavailable as exc:
-            if self.active.get(task.id) is task and task.attempt == attempt and not task.state.is_terminal:
-                log.warning("could not publish the start of task %s: %s; it goes back to the queue", task.id, exc)
-                await self._requeue(task, f"the start could not be published ({exc})")
-        finally:
-            self._publish_slots.release()
 
     async def _requeue(self, task: Task, why: str) -> None:
         if task.proplet_id:
@@ -932,8 +935,10 @@ class ManagerCore:
             task.start_time = now
         new = TaskState.FAILED if msg.error else TaskState.COMPLETED
         detail = f"{'failed' if msg.error else 'completed'} on {task.proplet_id or msg.proplet_id or '?'}"
-        committed = await self._transition(task, new, detail)
-        if msg.proplet_id:
+        sender = self.proplets.get(msg.proplet_id) if msg.proplet_id else None
+        acks = sender is not None and CAP_RESULT_ACK in sender.capabilities
+        committed = await self._transition(task, new, detail, durable=acks)
+        if committed is not None:
             attempt = task.attempt
 
             def ack_once_stored(f: asyncio.Future[None]) -> None:

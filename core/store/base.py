@@ -405,7 +405,7 @@ class Store(abc.ABC):
         one with the same key is dropped.
         """
         async with self.transaction() as conn:
-            for group in _plan(ops):
+            for group in plan(ops):
                 if len(group) == 1:
                     await conn.execute(group[0].sql, group[0].params)
                 else:
@@ -483,7 +483,7 @@ class WriteOp:
 _PHASE_TASK_INSERT, _PHASE_TASK_UPDATE, _PHASE_EVENT, _PHASE_PROPLET, _PHASE_METRICS = range(5)
 
 
-def _plan(ops: Sequence[WriteOp]) -> list[list[WriteOp]]:
+def plan(ops: Sequence[WriteOp]) -> list[list[WriteOp]]:
     """Groups of statements to run in order (see Store.apply)."""
     groups: list[list[WriteOp]] = []
     segment: list[WriteOp] = []

@@ -12,7 +12,7 @@ from typing import Any
 
 import aiosqlite
 
-from core.store.base import Store, StoreError, dumps
+from core.store.base import Store, StoreError, WriteOp, dumps, plan
 
 
 class _Conn:
@@ -92,10 +92,42 @@ class SqliteStore(Store):
             else:
                 await self._db.commit()
 
+    async def apply(self, ops: Sequence[WriteOp]) -> None:
+        """The whole batch in one trip to aiosqlite's thread.
+
+        Each statement sent separately is a thread hop with a GIL handoff (~0.1-1 ms under load);
+        a batch is BEGIN, a few executemany and COMMIT, so it runs as one function on the
+        connection's own thread (aiosqlite's `_execute`, private but stable across the pinned
+        versions) instead of five or more hops.
+        """
+        assert self._db is not None, "store is not open"
+        groups = plan(ops)
+        db = self._db
+
+        def run() -> None:
+            conn = db._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for group in groups:
+                    if len(group) == 1:
+                        conn.execute(group[0].sql, group[0].params)
+                    else:
+                        conn.executemany(group[0].sql, [op.params for op in group])
+            except BaseException:
+                conn.rollback()
+                raise
+            conn.commit()
+
+        async with self._lock:
+            await db._execute(run)
+
     def ts_in(self, value: datetime | None) -> Any:
         if value is None:
             return None
-        return value.astimezone(UTC).isoformat(timespec="microseconds")
+        # The core's times are UTC already; astimezone is costly on the hot path.
+        if value.tzinfo is not UTC:
+            value = value.astimezone(UTC)
+        return value.isoformat(timespec="microseconds")
 
     def ts_out(self, value: Any) -> datetime | None:
         if value is None:

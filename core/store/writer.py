@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from core.store.base import Store, StoreError, WriteOp
 
@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 @dataclass(slots=True)
 class _Entry:
     ops: Sequence[WriteOp]
-    future: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    # None when nobody waits for this write (the hot path skips the future).
+    future: asyncio.Future[None] | None = None
 
 
 @dataclass(slots=True)
@@ -59,12 +60,19 @@ class StoreWriter:
 
     async def enqueue(self, *ops: WriteOp) -> asyncio.Future[None]:
         """Queue writes; return a future that resolves when they are committed."""
-        entry = _Entry(ops)
-        entry.future.add_done_callback(_consume)
+        future = asyncio.get_running_loop().create_future()
+        future.add_done_callback(_consume)
+        await self._put(_Entry(ops, future))
+        return future
+
+    async def submit(self, *ops: WriteOp) -> None:
+        """Queue writes nobody waits for (failures are logged). Waits only for queue space."""
+        await self._put(_Entry(ops))
+
+    async def _put(self, entry: _Entry) -> None:
         self._pending += 1
         self._idle.clear()
         await self._queue.put(entry)
-        return entry.future
 
     async def write(self, *ops: WriteOp) -> None:
         """Queue writes and wait until they are committed."""
@@ -126,11 +134,11 @@ class StoreWriter:
             self._idle.set()
 
     def _done(self, entry: _Entry) -> None:
-        if not entry.future.done():
+        if entry.future is not None and not entry.future.done():
             entry.future.set_result(None)
 
     def _fail(self, entry: _Entry, ops: Sequence[WriteOp]) -> None:
         self.stats.failures += 1
         log.exception("store write failed (%d statements, first: %.80s)", len(ops), ops[0].sql if ops else "")
-        if not entry.future.done():
+        if entry.future is not None and not entry.future.done():
             entry.future.set_exception(StoreError(f"the {self.store.dialect} store refused a write"))

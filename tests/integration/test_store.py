@@ -215,8 +215,8 @@ async def test_a_batch_is_planned_by_phase_with_deletes_as_barriers(store: Store
         a.attempt = i
         ops += [store.op_update_task(a), store.op_task_event(TaskEvent(a.id, TaskState.RUNNING, now, i))]
     ops += [store.op_insert_task(b), store.op_delete_task(b.id), store.op_insert_task(b)]
-    from core.store.base import _plan
-    groups = _plan(ops)
+    from core.store.base import plan
+    groups = plan(ops)
     assert [len(g) for g in groups] == [2, 1, 6, 1, 1]  # inserts, last update, events, delete, insert
     await store.apply(ops)
     got = await store.get_task(a.id)
