@@ -4,9 +4,6 @@ Import submodules directly (`core.protocol`, `core.service`, ...); this package 
 heavy so the proplet can use the protocol without pulling in database drivers.
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("propeller")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0+source"
+# The single source of the version (pyproject.toml reads it from here); a literal because
+# importlib.metadata costs ~60 ms at every start.
+__version__ = "0.1.0"

@@ -10,6 +10,8 @@ import logging
 import sys
 from typing import Any
 
+import click
+
 
 def setup_logging(level: str, fmt: str = "text") -> None:
     """Logging for a process: text for terminals, JSON lines for log collectors."""
@@ -42,3 +44,17 @@ def settings_help(settings_cls: Any, prefix: str) -> str:
     for var, default, desc in rows:
         lines.append(f"  {var.ljust(width)}  {desc} [default: {default}]")
     return "\n".join(lines)
+
+
+class LazyEpilogCommand(click.Command):
+    """A command whose epilog is built only when help is shown: building it imports the settings
+    classes, which a plain start of another command does not need."""
+
+    def __init__(self, *args: Any, epilog_factory: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._epilog_factory = epilog_factory
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        if self._epilog_factory is not None and self.epilog is None:
+            self.epilog = self._epilog_factory()
+        super().format_epilog(ctx, formatter)

@@ -98,6 +98,9 @@ class ManagerCore:
         self._slots: defaultdict[str, set[str]] = defaultdict(set)
         self._broadcast_waiting: dict[str, set[str]] = {}
         self._refused_by: defaultdict[str, set[str]] = defaultdict(set)
+        # When each in-flight task's start last went out (monotonic): drives re-publishing of
+        # unconfirmed starts and reconciliation with heartbeats.
+        self._sent_at: dict[str, float] = {}
         self._invocations: dict[str, asyncio.Future[protocol.InvokeResultMessage]] = {}
         self._files = ArtifactCache(max_bytes=64 * 1024 * 1024)
         # Write-through copies of recently touched idle tasks (the manager is the only writer), so a
@@ -283,8 +286,13 @@ class ManagerCore:
             last = p.last_alive_at
             p.online = bool(last and (now - last).total_seconds() <= self._liveness_timeout(p))
             self.proplets[p.id] = p
+        recovered_at = time.monotonic()
         for task in await self.store.active_tasks():
             self.active[task.id] = task
+            if task.state is not TaskState.PENDING:
+                # Unconfirmed starts go out again after the ack timeout, and running tasks that no
+                # heartbeat lists any more are reconciled (see _reconcile).
+                self._sent_at[task.id] = recovered_at
             if task.state is TaskState.PENDING:
                 self._push(task)
             elif task.broadcast:
@@ -582,6 +590,7 @@ class ManagerCore:
         self._queued.discard(task.id)
         self._broadcast_waiting.pop(task.id, None)
         self._refused_by.pop(task.id, None)
+        self._sent_at.pop(task.id, None)
         if task.proplet_id:
             slots = self._slots.get(task.proplet_id)
             if slots is not None and task.id in slots:
@@ -715,6 +724,7 @@ class ManagerCore:
         if not self.bus.publish_nowait(self.topics.start, payload):
             await self._requeue(task, "the broker connection dropped before the start went out")
             return
+        self._sent_at[task.id] = time.monotonic()
         self.metrics.tasks_dispatched.inc()
         if self.on_start_published is not None:
             self.on_start_published(task.id, time.perf_counter())
@@ -750,6 +760,7 @@ class ManagerCore:
             if not task.pinned:
                 task.proplet_id = ""
         self._broadcast_waiting.pop(task.id, None)
+        self._sent_at.pop(task.id, None)
         task.start_time = None
         task.reason = why
         self._push(task)
@@ -791,6 +802,33 @@ class ManagerCore:
                     await self._mark_offline(p, f"no heartbeat for {age:.0f}s (timeout {timeout:.0f}s)")
             if self.bus is not None:
                 self.metrics.broker_connected.set(1 if self.bus.connected.is_set() else 0)
+            await self._republish_unconfirmed()
+
+    async def _republish_unconfirmed(self) -> None:
+        """Send the start again for tasks an acknowledging proplet has not confirmed in time.
+
+        A broker that crashes loses what it had not delivered; the proplet ignores a start it
+        already runs or ran (it confirms or re-sends the result), so repeating is safe.
+        """
+        if self.bus is None or not self.bus.connected.is_set():
+            return
+        deadline = time.monotonic() - self.settings.ack_timeout
+        for task_id, sent in list(self._sent_at.items()):
+            task = self.active.get(task_id)
+            if task is None or task.state is not TaskState.SCHEDULED or sent > deadline:
+                continue
+            p = self.proplets.get(task.proplet_id)
+            if p is None or not p.online:
+                continue
+            try:
+                payload = await self._start_payload(task)
+            except ArtifactUnavailable:
+                continue
+            if self.bus.publish_nowait(self.topics.start, payload):
+                self._sent_at[task_id] = time.monotonic()
+                self.metrics.starts_republished.inc()
+                log.info("start of task %s not confirmed by %s after %.0fs; sent again", task_id,
+                         task.proplet_id, self.settings.ack_timeout)
 
     async def _maintenance_loop(self) -> None:
         while True:
@@ -888,8 +926,34 @@ class ManagerCore:
             return
         p, _ = self._proplet(msg.proplet_id, msg.namespace)
         await self._seen_alive(p, utcnow())
+        if CAP_TASK_STATE in p.capabilities:
+            await self._reconcile(p, frozenset(msg.running))
 
-    async def _task_for_message(self, topic: str, task_id: str, proplet_id: str) -> Task | None:
+    async def _reconcile(self, p: Proplet, held: frozenset[str]) -> None:
+        """Tasks we think run on `p` that its heartbeat no longer lists were lost (the proplet
+        restarted, or the start never arrived and the ack timeout has not caught it yet)."""
+        # Only starts sent well before this heartbeat count: it may have left before they arrived.
+        grace = max(3.0, 2 * self.settings.ack_timeout)
+        cutoff = time.monotonic() - grace
+        for task_id in list(self._slots.get(p.id, ())):
+            task = self.active.get(task_id)
+            sent = self._sent_at.get(task_id)
+            if task is None or task_id in held or sent is None or sent > cutoff:
+                continue
+            if task.state is not TaskState.RUNNING:
+                continue
+            why = f"proplet {p.id} no longer has the task (it may have restarted)"
+            if task.retries < task.max_retries:
+                task.retries += 1
+                self.metrics.tasks_retried.inc()
+                await self._requeue(task, f"retry {task.retries} of {task.max_retries}: {why}")
+            else:
+                task.error = why
+                task.finish_time = utcnow()
+                await self._transition(task, TaskState.FAILED, why)
+
+    async def _task_for_message(self, topic: str, task_id: str, proplet_id: str,
+                                attempt: int | None = None) -> Task | None:
         """The active task a proplet message refers to, or None after rejecting/acking it."""
         task = self.active.get(task_id)
         if task is not None:
@@ -901,31 +965,36 @@ class ManagerCore:
             self.metrics.duplicate_results.inc()
             log.debug("ignoring a message for finished task %s from %s", task_id, proplet_id)
             if topic == topic_names.RESULTS:
-                self._ack_result(proplet_id, task_id, stored.attempt)
+                self._ack_result(proplet_id, task_id, attempt if attempt is not None else stored.attempt)
         else:
             self._reject(topic, "not_started", f"task {task_id} was never started")
         return None
 
     async def _on_result(self, topic: str, payload: bytes) -> None:
         msg = protocol.decode_result(payload, topic)
-        task = await self._task_for_message(topic_names.RESULTS, msg.task_id, msg.proplet_id)
+        task = await self._task_for_message(topic_names.RESULTS, msg.task_id, msg.proplet_id, msg.attempt)
         if task is None:
             return
         if task.broadcast:
             key = msg.proplet_id or f"proplet-{len(task.results or {}) + 1}"
             await self._broadcast_answer(task, key, msg.results, msg.error)
             return
+        # Refused results are still acknowledged: the decision is final, and the sender's outbox
+        # must not send them forever.
         if task.state is TaskState.PENDING:
             self._reject(topic_names.RESULTS, "not_dispatched",
                          f"result for task {task.id}, which is waiting to be dispatched again")
+            self._ack_result(msg.proplet_id, task.id, msg.attempt)
             return
         if msg.proplet_id and task.proplet_id and msg.proplet_id != task.proplet_id:
             self._reject(topic_names.RESULTS, "wrong_proplet",
                          f"result for task {task.id} from {msg.proplet_id}, but it runs on {task.proplet_id}")
+            self._ack_result(msg.proplet_id, task.id, msg.attempt)
             return
         if msg.attempt and msg.attempt != task.attempt:
             self._reject(topic_names.RESULTS, "stale_attempt",
                          f"result of attempt {msg.attempt} for task {task.id}, now on attempt {task.attempt}")
+            self._ack_result(msg.proplet_id, task.id, msg.attempt)
             return
         now = utcnow()
         task.results = msg.results

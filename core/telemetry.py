@@ -38,6 +38,9 @@ class CoreMetrics:
             "manager_duplicate_results_total", "Results for tasks that already had one (ignored).", registry=r
         )
         self.tasks_retried = Counter("manager_tasks_retried_total", "Tasks re-queued for another attempt.", registry=r)
+        self.starts_republished = Counter(
+            "manager_starts_republished_total", "Starts sent again because no proplet confirmed them.", registry=r
+        )
         self.proplets_online = Gauge("manager_proplets_online", "Proplets with a recent heartbeat.", registry=r)
         self.backlog = Gauge("manager_dispatch_backlog", "Tasks waiting for a proplet.", registry=r)
         self.broker_connected = Gauge("manager_broker_connected", "1 while connected to the broker.", registry=r)

@@ -31,14 +31,19 @@ from core.mqtt import BrokerUnavailable, MqttBus, MqttConnection, parse_broker_u
 from core.protocol import InvalidMessage, ResultMessage, StartMessage
 from core.topics import Topics
 from proplet.config import PropletSettings
+from proplet.outbox import Outbox
 from proplet.runtime import Invocation, ModuleError, Runtime, RuntimeConfig, runtime_from_config
 from proplet.sources import ChunkSource, FetchError, HttpSource, InlineSource, ModuleFetcher, WasmRef
 
 log = logging.getLogger(__name__)
 
-CAPABILITIES = ["task_state", "chunk_resume", "wasm_digest", "limits"]
+CAPABILITIES = ["task_state", "result_ack", "chunk_resume", "wasm_digest", "limits"]
 # Upstream's manager matches this text to redeploy latent tasks (upstream §5.7).
 NOT_PRECOMPILED = "task {id} has not been precompiled; deploy it as a latent task first"
+
+
+class _Refused(Exception):
+    """The proplet will not run this task; the message says why and what to do."""
 
 
 @dataclass(slots=True)
@@ -79,6 +84,8 @@ class PropletAgent:
         # of a second run. Bounded: oldest dropped.
         self._finished: OrderedDict[tuple[str, int], ResultMessage] = OrderedDict()
         self._finished_max = 2_000
+        self.outbox = Outbox(self.settings.state_dir / self.id / "outbox", max_entries=self.settings.outbox_max,
+                             resend_after=self.settings.result_resend, fsync=self.settings.outbox_fsync)
         # Deployed latent tasks waiting for invocations: task id -> (digest, invocation).
         self._latent: dict[str, tuple[str, Invocation]] = {}
         self._loops: list[asyncio.Task[Any]] = []
@@ -119,6 +126,7 @@ class PropletAgent:
         self.fetcher = ModuleFetcher([InlineSource(), self.http, self.chunks])
         self._spawn(self.bus.run(), "mqtt")
         self._spawn(self._heartbeats(), "heartbeats")
+        self._spawn(self._resend_results(), "outbox")
         if s.metrics_interval > 0:
             self._spawn(self._metrics(), "metrics")
         log.info("proplet %s: runtime %s, broker %s, domain %s, channel %s", self.id, self.runtime.name,
@@ -197,7 +205,12 @@ class PropletAgent:
     def _alive_payload(self, status: str) -> bytes:
         return protocol.encode_alive(protocol.AliveMessage(
             self.id, status, self.settings.manager_k8s_namespace,
-            tuple(self.running) if status == protocol.ALIVE_STATUS else ()))
+            self.held_tasks() if status == protocol.ALIVE_STATUS else ()))
+
+    def held_tasks(self) -> tuple[str, ...]:
+        """Tasks this proplet still answers for: running, or finished with the result unconfirmed.
+        The manager compares it with what it thinks runs here (reconciliation)."""
+        return tuple(dict.fromkeys((*self.running, *self.outbox.task_ids())))
 
     async def _announce(self) -> None:
         """On every (re)connect: discovery, then a heartbeat right away."""
@@ -205,6 +218,17 @@ class PropletAgent:
         discovery = protocol.DiscoveryMessage(self.id, self.settings.manager_k8s_namespace, self.metadata())
         await self.bus.publish(self.topics.create, protocol.encode_discovery(discovery))
         await self.bus.publish(self.topics.alive, self._alive_payload(protocol.ALIVE_STATUS))
+        # A broker that crashed may have lost results published before: send the unconfirmed again.
+        for result in self.outbox.due(reconnected=True):
+            self._publish_result(result)
+
+    async def _resend_results(self) -> None:
+        assert self.bus is not None
+        while True:
+            await asyncio.sleep(min(1.0, self.settings.result_resend))
+            if self.bus.connected.is_set():
+                for result in self.outbox.due():
+                    self._publish_result(result)
 
     async def _heartbeats(self) -> None:
         assert self.bus is not None
@@ -231,6 +255,10 @@ class PropletAgent:
                 self._on_stop(protocol.decode_stop(payload, topic))
             elif suffix == t.INVOKE:
                 self._on_invoke(protocol.decode_invoke(payload, topic))
+            elif suffix == t.RESULT_ACK:
+                ack = protocol.decode_result_ack(payload, topic)
+                if ack.proplet_id == self.id:
+                    self.outbox.ack(ack.task_id, ack.attempt)
         except InvalidMessage as exc:
             self.counters.rejected_messages += 1
             log.warning("rejected a message on %s: %s", suffix, exc.reason)
@@ -246,14 +274,22 @@ class PropletAgent:
         if not start.targets(self.id):
             return
         if start.id in self.running:
+            # The manager did not see our confirmation (a broker crash loses it): confirm again.
             self.counters.duplicate_starts += 1
-            log.info("ignoring a repeated start of task %s: it is running", start.id)
+            log.info("task %s is already running; confirming it again instead of a second run", start.id)
+            self._send_state(start, protocol.TASK_STATE_RUNNING)
             return
-        previous = self._finished.get((start.id, start.attempt))
+        previous = self.outbox.get(start.id, start.attempt) or self._finished.get((start.id, start.attempt))
         if previous is not None:
             self.counters.duplicate_starts += 1
             log.info("task %s already ran; sending its result again instead of running it twice", start.id)
-            self._send_result(previous)
+            self._publish_result(previous)
+            return
+        if self.outbox.full:
+            log.warning("refusing task %s: %d results wait for the manager's confirmation", start.id,
+                        len(self.outbox))
+            self._send_state(start, protocol.TASK_STATE_REJECTED,
+                             f"proplet {self.id} holds {len(self.outbox)} unconfirmed results; its outbox is full")
             return
         job = asyncio.ensure_future(self._run(start))
         job.set_name(f"task {start.id}")
@@ -266,7 +302,7 @@ class PropletAgent:
         except orjson.JSONDecodeError:
             return
         if isinstance(raw, dict) and isinstance(raw.get("id"), str) and raw.get("proplet_id") == self.id:
-            self._send_result(ResultMessage(raw["id"], self.id, "", f"the start message is invalid: {reason}"))
+            self._publish_result(ResultMessage(raw["id"], self.id, "", f"the start message is invalid: {reason}"))
 
     def _on_stop(self, stop: protocol.StopMessage) -> None:
         # Upstream proplets try every stop on the channel (defect 40); only ours matter.
@@ -297,7 +333,22 @@ class PropletAgent:
         env = dict(start.env)
         env.setdefault("PROPLET_ID", self.id)
         return Invocation(task_id=start.id, function=start.name, inputs=start.inputs, env=env,
-                          args=start.cli_args, limits=start.limits, dirs=self._granted_dirs(start))
+                          args=start.cli_args, limits=start.limits, dirs=self._granted_dirs(start),
+                          network=self._network_granted(start))
+
+    def _network_granted(self, start: StartMessage) -> bool:
+        """Outgoing network needs both the task (`-S http` / `-S inherit-network` in cli_args, the
+        wasmtime CLI's own flags) and the proplet (PROPLET_ALLOW_NETWORK)."""
+        args = list(start.cli_args)
+        asked = any(
+            a in ("-Shttp", "-Sinherit-network") or (a == "-S" and i + 1 < len(args)
+                                                     and args[i + 1] in ("http", "inherit-network"))
+            for i, a in enumerate(args))
+        if asked and not self.settings.allow_network:
+            raise _Refused(
+                f"task {start.id} asks for network access (`-S http`), which proplet {self.id} does not "
+                "allow. Run it on a proplet started with PROPLET_ALLOW_NETWORK=true.")
+        return asked
 
     def _granted_dirs(self, start: StartMessage) -> tuple[str, ...]:
         """Directories the task asks for (`--dir X` in cli_args) that the proplet allows (PROPLET_DIRS).
@@ -344,9 +395,15 @@ class PropletAgent:
                 self._latent[start.id] = (digest, invocation)
                 log.info("task %s deployed as latent", start.id)
                 return
-            outcome = await self.runtime.run(digest, invocation)
-            results, error = outcome.results, outcome.error
-        except (FetchError, ModuleError) as exc:
+            served = None
+            if start.daemon and self.runtime.supports_http and self.settings.http_enabled:
+                served = await self._serve(start, digest, invocation)
+            if served is not None:
+                results, error = served
+            else:
+                outcome = await self.runtime.run(digest, invocation)
+                results, error = outcome.results, outcome.error
+        except (FetchError, ModuleError, _Refused) as exc:
             error = str(exc)
         except asyncio.CancelledError:
             error = "stopped by request"
@@ -364,7 +421,34 @@ class PropletAgent:
         self._finished[(start.id, start.attempt)] = result
         while len(self._finished) > self._finished_max:
             self._finished.popitem(last=False)
-        self._send_result(result)
+        # Stored before it is sent: it survives our crash and a broker's until the manager confirms.
+        self.outbox.put(result)
+        self._publish_result(result)
+
+    async def _serve(self, start: StartMessage, digest: str, invocation: Invocation) -> tuple[str, str] | None:
+        """Serve a wasi:http component until it exits or is stopped; None if it is not one."""
+        from proplet.runtime import ServeError
+
+        try:
+            server = await self.runtime.serve_http(digest, invocation, None)
+        except ServeError as exc:
+            if "Only a wasi:http/proxy component" in str(exc):
+                return None
+            return "", str(exc)
+        # Upstream reports "started at port N" as the result at once and the manager then shows
+        # the daemon as completed while it runs; here the port goes with the running state.
+        self._send_state(start, protocol.TASK_STATE_RUNNING, f"serving HTTP on port {server.port}")
+        try:
+            code = await server.wait()
+        except asyncio.CancelledError:
+            await server.stop()
+            return f"served on port {server.port}", "stopped by request"
+        running = self.running.get(start.id)
+        if running is not None and running.stop_requested:
+            return f"served on port {server.port}", "stopped by request"
+        if code == 0:
+            return f"served on port {server.port}", ""
+        return "", f"wasmtime serve exited with code {code}: {server.stderr_tail}"
 
     async def _invoke(self, invoke: protocol.InvokeMessage) -> None:
         deployed = self._latent.get(invoke.id)
@@ -388,10 +472,11 @@ class PropletAgent:
         msg = protocol.TaskStateMessage(start.id, self.id, state, start.attempt, reason, start.traceparent)
         self.bus.send(self.topics.task_state, protocol.encode_task_state(msg))
 
-    def _send_result(self, result: ResultMessage) -> None:
+    def _publish_result(self, result: ResultMessage) -> None:
         assert self.bus is not None
-        # Retried across reconnects until the bus closes.
-        self.bus.send(self.topics.results, protocol.encode_result(result))
+        # paho keeps it until the broker acknowledges it; the outbox until the manager does.
+        if not self.bus.publish_nowait(self.topics.results, protocol.encode_result(result)):
+            self.bus.send(self.topics.results, protocol.encode_result(result))
 
     async def _publish_now(self, topic: str, payload: bytes) -> None:
         assert self.bus is not None

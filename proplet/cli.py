@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from core.entrypoint import settings_help, setup_logging
+from core.entrypoint import LazyEpilogCommand, settings_help, setup_logging
 
 
 def _epilog() -> str:
@@ -20,7 +20,7 @@ def _epilog() -> str:
     )
 
 
-@click.command("proplet", epilog=_epilog())
+@click.command("proplet", cls=LazyEpilogCommand, epilog_factory=_epilog)
 @click.option("--mqtt-address", help="Broker URL (PROPLET_MQTT_ADDRESS).")
 @click.option("--id", "entity_id", help="Proplet id (PROPLET_ENTITY_ID).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="PROPLET_LOG_LEVEL.")

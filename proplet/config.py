@@ -77,6 +77,17 @@ class PropletSettings(MqttClientSettings):
     max_concurrent_tasks: int = Field(
         default_factory=lambda: (os.cpu_count() or 1) * 2, ge=1, description="Modules running at once."
     )
+    allow_network: bool = Field(
+        default=False,
+        description="Let tasks that ask for it (`-S http` in their cli_args) make outgoing HTTP requests.",
+    )
+    http_enabled: bool = Field(
+        default=False,
+        description="Let daemon tasks serve wasi:http components (needs PROPLET_EXTERNAL_WASM_RUNTIME).",
+    )
+    http_proxy_port: int = Field(
+        default=8222, ge=1, le=65535, description="First port tried for a served wasi:http component."
+    )
     task_timeout: float = Field(default=300.0, gt=0, description="Wall-clock limit of a task that sets none (seconds).")
     task_memory_limit: int = Field(
         default=256 * 1024 * 1024, gt=0, description="Linear-memory limit of a task that sets none (bytes)."
@@ -87,17 +98,28 @@ class PropletSettings(MqttClientSettings):
     chunk_stall_timeout: float = Field(
         default=10.0, gt=0, description="Seconds without a chunk before asking again for the missing ones."
     )
+    outbox_max: int = Field(
+        default=100_000, ge=1, description="Results kept until the manager confirms them; when full, new tasks "
+        "are refused.",
+    )
+    outbox_fsync: bool = Field(
+        default=False, description="Flush each result to disk (survives power loss, costs a disk flush per result).",
+    )
+    result_resend: float = Field(
+        default=5.0, gt=0, description="Seconds before an unconfirmed result is sent again.",
+    )
     cache_dir: Path = Field(
         default_factory=lambda: paths.cache_dir() / "proplet",
         description="Where compiled modules are kept between runs.",
     )
     state_dir: Path = Field(
         default_factory=lambda: paths.state_dir() / "proplet",
-        description="Where the generated entity id is kept.",
+        description="Where the generated entity id and the result outbox are kept.",
     )
 
     _duration = field_validator(
-        "liveliness_interval", "metrics_interval", "task_timeout", "chunk_stall_timeout", mode="before"
+        "liveliness_interval", "metrics_interval", "task_timeout", "chunk_stall_timeout", "result_resend",
+        mode="before"
     )(parse_duration)
     _dirs = field_validator("dirs", mode="before")(_split(":"))
     _tags = field_validator("tags", mode="before")(_split(","))

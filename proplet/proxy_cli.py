@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from core.entrypoint import settings_help, setup_logging
+from core.entrypoint import LazyEpilogCommand, settings_help, setup_logging
 
 
 def _epilog() -> str:
@@ -22,7 +22,7 @@ def _epilog() -> str:
     return settings_help(ProxySettings, "PROXY_")
 
 
-@click.command("proxy", epilog=_epilog())
+@click.command("proxy", cls=LazyEpilogCommand, epilog_factory=_epilog)
 @click.option("--mqtt-address", help="Broker URL (PROXY_MQTT_ADDRESS).")
 @click.option("--registry-url", help="Default registry and the one credentials are for (PROXY_REGISTRY_URL).")
 @click.option("--chunk-size", type=int, help="Raw bytes per chunk (PROXY_CHUNK_SIZE).")

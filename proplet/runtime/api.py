@@ -48,6 +48,9 @@ class Invocation:
     # Host directories to preopen, each at the same path inside the guest. The agent decides
     # which are allowed; the runtime grants nothing else.
     dirs: tuple[str, ...] = ()
+    # Outgoing network (wasi:http) for components. The agent grants it only when both the task
+    # and the proplet's configuration allow it; without it a component importing wasi:http fails.
+    network: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -159,9 +159,12 @@ class _EngineSet:
         self.engine = Engine(cfg)
         self.linker = Linker(self.engine)
         self.linker.define_wasi()
+        # Two component linkers: outgoing HTTP exists only for tasks granted network access.
         self.component_linker = cm.Linker(self.engine)
         self.component_linker.add_wasip2()
-        self.component_linker.add_wasi_http()
+        self.component_linker_net = cm.Linker(self.engine)
+        self.component_linker_net.add_wasip2()
+        self.component_linker_net.add_wasi_http()
         settings_hash = hashlib.sha256(",".join(settings).encode()).hexdigest()[:12]
         self.tag = f"wasmtime-py-{WASMTIME_VERSION}-{platform.machine()}-{'fuel' if fuel else 'nofuel'}-{settings_hash}"
         self.disk: DiskCache | None = None
@@ -669,10 +672,17 @@ class WasmtimeRuntime:
                 raise _GuestFailed(f"Cannot call `{func.path}`: {e}. Fix the task's inputs.") from None
         wasi = self._wasi(inv, state, argv)
         store.set_wasi(wasi)
+        if art.needs_http and not inv.network:
+            raise _GuestFailed(
+                "The component imports wasi:http (outgoing network), which this task was not granted. "
+                "Ask for it with `-S http` in the task's cli_args on a proplet started with "
+                "PROPLET_ALLOW_NETWORK=true.")
+        linker = engines.component_linker
         if art.needs_http:
             store.set_wasi_http()
+            linker = engines.component_linker_net
         try:
-            instance = engines.component_linker.instantiate(store, art.component)
+            instance = linker.instantiate(store, art.component)
             if func is None:
                 assert art.run_index is not None
                 run = instance.get_func(store, art.run_index)
