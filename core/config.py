@@ -127,6 +127,11 @@ class ManagerSettings(MqttClientSettings):
         description="Seconds to wait for a proplet that supports acknowledgements to confirm a start "
         "before the start is published again.",
     )
+    signing_key: Path | None = Field(
+        default=None,
+        description="Ed25519 private key (PEM) to sign module digests with; proplets with the public key in "
+        "PROPLET_TRUSTED_KEYS then run only modules this manager signed. Make one with `propeller keys generate`.",
+    )
     default_broker_port: int = Field(
         default=1883, ge=1, le=65535,
         description="With no mqtt_address: the broker on localhost at this port is used if one listens "

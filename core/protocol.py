@@ -217,6 +217,8 @@ class StartMessage:
     mode: str = ""
     # extensions
     wasm_digest: str = ""
+    # Extension: base64 Ed25519 signature of wasm_digest by the manager (core.signing).
+    wasm_signature: str = ""
     limits: TaskLimits = field(default_factory=TaskLimits)
     attempt: int = 0
     traceparent: str = ""
@@ -248,6 +250,7 @@ def encode_start(msg: StartMessage) -> bytes:
         obj["parent_results"] = msg.parent_results
     _put_if(obj, "mode", msg.mode)
     _put_if(obj, "wasm_digest", msg.wasm_digest)
+    _put_if(obj, "wasm_signature", msg.wasm_signature)
     if not msg.limits.is_empty():
         obj["limits"] = msg.limits.to_dict()
     _put_if(obj, "attempt", msg.attempt)
@@ -277,6 +280,7 @@ def decode_start(payload: bytes | str, topic: str = "control/manager/start") -> 
         parent_results=r.opt_obj("parent_results"),
         mode=r.opt_str("mode"),
         wasm_digest=r.opt_str("wasm_digest"),
+        wasm_signature=r.opt_str("wasm_signature"),
         limits=r.limits(),
         attempt=r.opt_int("attempt", 0, minimum=0) or 0,
         traceparent=r.opt_str("traceparent"),

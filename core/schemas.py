@@ -83,6 +83,19 @@ class TaskCreate(BaseModel):
     job_id: str = ""
     limits: LimitsBody = Field(default_factory=LimitsBody)
     max_retries: int = Field(default=0, ge=0, le=100, description="Retries on another proplet when one goes offline.")
+    wasm_digest: str = Field(
+        default="",
+        description="sha256:<hex> the module must have. Pins an image_url to exact bytes (and lets the manager "
+        "sign it); for an inline file it must match.",
+    )
+
+    @field_validator("wasm_digest")
+    @classmethod
+    def _digest_shape(cls, value: str) -> str:
+        if value and (not value.startswith("sha256:") or len(value) != 71
+                      or any(c not in "0123456789abcdef" for c in value[7:])):
+            raise ValueError("'wasm_digest' must be sha256: followed by 64 lower-case hex digits")
+        return value
 
     @field_validator("inputs", mode="before")
     @classmethod
@@ -113,6 +126,14 @@ class TaskCreate(BaseModel):
             raise ValueError("'metadata' is larger than 1 MiB")
         if self.encrypted and self.file:
             raise ValueError("an encrypted task takes its module from 'image_url', not 'file'")
+        if self.file and self.image_url:
+            raise ValueError("give the module either inline ('file') or by reference ('image_url'), not both")
+        if self.file and self.wasm_digest:
+            from core.protocol import sha256_digest
+
+            actual = sha256_digest(decode_module(self.file))
+            if actual != self.wasm_digest:
+                raise ValueError(f"'wasm_digest' is {self.wasm_digest} but the file's sha256 is {actual}")
         return self
 
     def to_task(self) -> Task:
@@ -121,7 +142,7 @@ class TaskCreate(BaseModel):
 
         return Task(
             id=new_task_id(), name=self.name, kind=self.kind, image_url=self.image_url, file=data,
-            wasm_digest=sha256_digest(data) if data else "", cli_args=self.cli_args,
+            wasm_digest=sha256_digest(data) if data else self.wasm_digest, cli_args=self.cli_args,
             inputs=list(self.inputs), env=dict(self.env), daemon=self.daemon, latent=self.latent,
             encrypted=self.encrypted, kbs_resource_path=self.kbs_resource_path,
             proplet_id=self.proplet_id, pinned=bool(self.proplet_id), broadcast=self.broadcast,

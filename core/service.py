@@ -101,8 +101,12 @@ class ManagerCore:
         # When each in-flight task's start last went out (monotonic): drives re-publishing of
         # unconfirmed starts and reconciliation with heartbeats.
         self._sent_at: dict[str, float] = {}
+        # Starts whose publish found no connection; the dispatcher puts them back in the queue.
+        self._lost_starts: list[str] = []
         self._invocations: dict[str, asyncio.Future[protocol.InvokeResultMessage]] = {}
         self._files = ArtifactCache(max_bytes=64 * 1024 * 1024)
+        self._signer: Any = None
+        self._signatures: OrderedDict[str, str] = OrderedDict()
         # Write-through copies of recently touched idle tasks (the manager is the only writer), so a
         # start or a read right after a create does not go to the database. Bounded: LRU eviction.
         self._recent: OrderedDict[str, Task] = OrderedDict()
@@ -145,6 +149,13 @@ class ManagerCore:
 
     async def _start(self) -> None:
         started = time.perf_counter()
+        if self.settings.signing_key is not None:
+            from core.signing import SignatureError, load_private_key
+
+            try:
+                self._signer = load_private_key(self.settings.signing_key)
+            except SignatureError as exc:
+                raise InvalidRequest(str(exc)) from None
         await self.store.open()
         applied = await migrate(self.store)
         if applied:
@@ -186,6 +197,7 @@ class ManagerCore:
         self._spawn(self._dispatch_loop(), "dispatcher")
         self._spawn(self._liveness_loop(), "liveness")
         self._spawn(self._maintenance_loop(), "maintenance")
+        self._spawn(self._housekeeping_loop(), "store-housekeeping")
         if self.settings.http_enabled:
             await self._start_http()
         self._wake.set()
@@ -649,6 +661,10 @@ class ManagerCore:
             await self._dispatch_ready()
 
     async def _dispatch_ready(self) -> None:
+        while self._lost_starts:
+            task = self.active.get(self._lost_starts.pop())
+            if task is not None and not task.state.is_terminal and task.state is not TaskState.PENDING:
+                await self._requeue(task, "the broker connection dropped before the start went out")
         if self.bus is None or not self.bus.connected.is_set():
             return  # woken again by _broker_connected
         deferred: list[tuple[int, int, str]] = []
@@ -720,9 +736,22 @@ class ManagerCore:
             task.finish_time = now
             await self._transition(task, TaskState.FAILED, f"cannot dispatch: {exc}")
             return
-        await self._transition(task, new, detail)
+        committed = await self._transition(task, new, detail, durable=True)
+        assert committed is not None
+        attempt = task.attempt
+        # The start goes out only once the dispatch is stored: a manager that dies in between
+        # would otherwise dispatch the task again on restart, perhaps to another proplet.
+        committed.add_done_callback(lambda f: self._publish_start(f, task, attempt, payload))
+
+    def _publish_start(self, committed: asyncio.Future[None], task: Task, attempt: int, payload: bytes) -> None:
+        if committed.cancelled() or committed.exception() is not None:
+            return  # the store refused the write; the writer logged it
+        if self.active.get(task.id) is not task or task.attempt != attempt or task.state.is_terminal:
+            return  # stopped or re-queued meanwhile
+        assert self.bus is not None
         if not self.bus.publish_nowait(self.topics.start, payload):
-            await self._requeue(task, "the broker connection dropped before the start went out")
+            self._lost_starts.append(task.id)
+            self._wake.set()
             return
         self._sent_at[task.id] = time.monotonic()
         self.metrics.tasks_dispatched.inc()
@@ -733,7 +762,8 @@ class ManagerCore:
         file = b""
         image_url = task.image_url
         digest = task.wasm_digest
-        if digest:
+        # A digest on a task with an image_url pins external bytes; otherwise the module is stored here.
+        if digest and not image_url:
             if self.settings.inline_limit and await self._module_size(digest) > self.settings.inline_limit:
                 # Too big for one message (upstream breaks at ~760 KB on a 1 MiB broker limit):
                 # the proplet fetches it in chunks from the manager's blob server instead.
@@ -747,9 +777,23 @@ class ManagerCore:
             daemon=task.daemon, latent=task.latent, encrypted=task.encrypted, env=task.env,
             kbs_resource_path=task.kbs_resource_path, monitoring_profile=task.monitoring_profile,
             proplet_id=task.proplet_id, hal_storage_path=task.hal_storage_path or "", mode=task.mode,
-            wasm_digest=digest, limits=task.limits, attempt=task.attempt, traceparent=traceparent,
+            wasm_digest=digest, wasm_signature=self._signature(digest), limits=task.limits,
+            attempt=task.attempt, traceparent=traceparent,
         )
         return protocol.encode_start(msg)
+
+    def _signature(self, digest: str) -> str:
+        if self._signer is None or not digest:
+            return ""
+        signature = self._signatures.get(digest)
+        if signature is None:
+            from core.signing import sign_digest
+
+            signature = sign_digest(self._signer, digest)
+            self._signatures[digest] = signature
+            while len(self._signatures) > 4096:
+                self._signatures.popitem(last=False)
+        return signature
 
     async def _module_size(self, digest: str) -> int:
         return len((await self._resolve_blob(blob_ref(digest))).data)
@@ -829,6 +873,14 @@ class ManagerCore:
                 self.metrics.starts_republished.inc()
                 log.info("start of task %s not confirmed by %s after %.0fs; sent again", task_id,
                          task.proplet_id, self.settings.ack_timeout)
+
+    async def _housekeeping_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                await self.store.housekeeping()
+            except Exception:
+                log.exception("store housekeeping failed; retrying in a second")
 
     async def _maintenance_loop(self) -> None:
         while True:

@@ -17,8 +17,7 @@ from typing import Any
 
 import click
 
-from core.entrypoint import settings_help, setup_logging
-from propeller.client import ApiError, ManagerClient, module_fields
+from core.entrypoint import LazyEpilogCommand, settings_help, setup_logging
 
 __all__ = ["main", "settings_help", "setup_logging"]
 
@@ -58,7 +57,7 @@ def _serve_epilog() -> str:
     return settings_help(ManagerSettings, "MANAGER_")
 
 
-@main.command(epilog=_serve_epilog())
+@main.command(cls=LazyEpilogCommand, epilog_factory=_serve_epilog)
 @click.option("--host", help="REST API address (MANAGER_HTTP_HOST).")
 @click.option("--port", type=int, help="REST API port (MANAGER_HTTP_PORT).")
 @click.option("--mqtt-address", help="Broker URL (MANAGER_MQTT_ADDRESS).")
@@ -147,10 +146,19 @@ def _client_options(f: Any) -> Any:
 
 
 def _run(call: Any) -> Any:
+    from propeller.client import ApiError
+
     try:
         return call()
     except ApiError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def ManagerClient(url: str, token: str | None) -> Any:
+    # httpx costs ~180 ms to import: only the client commands pay for it.
+    from propeller.client import ManagerClient as Client
+
+    return Client(url, token)
 
 
 def _show(data: Any, as_json: bool, render: Any) -> None:
@@ -223,6 +231,8 @@ def tasks_create(name: str, source: str, inputs: tuple[str, ...], env: tuple[str
     """Create a task that calls export NAME of a module."""
     body: dict[str, Any] = {"name": name, "inputs": list(inputs), "daemon": daemon, "broadcast": broadcast,
                             "max_retries": retries}
+    from propeller.client import module_fields
+
     body.update(_run(lambda: module_fields(source)))
     if env:
         pairs = [e.partition("=") for e in env]
@@ -370,6 +380,24 @@ def proplets_get(proplet_id: str, manager_url: str, token: str | None, as_json: 
         data = _run(lambda: client.get_proplet(proplet_id))
     _show(data, as_json, lambda p: _table(["FIELD", "VALUE"], [
         [k, json.dumps(v) if isinstance(v, (dict, list)) else v] for k, v in p.items()]))
+
+
+@main.group()
+def keys() -> None:
+    """Signing keys for module digests (MANAGER_SIGNING_KEY / PROPLET_TRUSTED_KEYS)."""
+
+
+@keys.command("generate")
+@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
+              show_default=True, help="Where to write the key pair.")
+@click.option("--name", default="propeller-signing", show_default=True)
+def keys_generate(directory: Path, name: str) -> None:
+    """Write an Ed25519 key pair: NAME.pem for the manager, NAME.pub.pem for the proplets."""
+    from core.signing import generate_keypair
+
+    private, public = generate_keypair(directory, name)
+    click.echo(f"private key (manager, keep secret): {private}\n  MANAGER_SIGNING_KEY={private.resolve()}")
+    click.echo(f"public key (proplets):              {public}\n  PROPLET_TRUSTED_KEYS={public.resolve()}")
 
 
 def _register_optional_commands() -> None:

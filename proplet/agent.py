@@ -29,6 +29,7 @@ from core import __version__, protocol
 from core import topics as t
 from core.mqtt import BrokerUnavailable, MqttBus, MqttConnection, parse_broker_url
 from core.protocol import InvalidMessage, ResultMessage, StartMessage
+from core.signing import SignatureError
 from core.topics import Topics
 from proplet.config import PropletSettings
 from proplet.outbox import Outbox
@@ -84,6 +85,10 @@ class PropletAgent:
         # of a second run. Bounded: oldest dropped.
         self._finished: OrderedDict[tuple[str, int], ResultMessage] = OrderedDict()
         self._finished_max = 2_000
+        from core.signing import load_public_keys
+
+        # A key that cannot be read stops the proplet at start (SignatureError says which file).
+        self._trusted_keys = load_public_keys(self.settings.trusted_keys)
         self.outbox = Outbox(self.settings.state_dir / self.id / "outbox", max_entries=self.settings.outbox_max,
                              resend_after=self.settings.result_resend, fsync=self.settings.outbox_fsync)
         # Deployed latent tasks waiting for invocations: task id -> (digest, invocation).
@@ -384,10 +389,17 @@ class PropletAgent:
 
     async def _run(self, start: StartMessage) -> None:
         self.counters.started += 1
+        # One line per execution: the fault tests count them to prove nothing runs twice.
+        log.info("running task %s (attempt %d)", start.id, start.attempt)
         self._send_state(start, protocol.TASK_STATE_RUNNING)
         results: Any = ""
         error = ""
         try:
+            if self._trusted_keys:
+                from core.signing import verify_digest
+
+                # Before any byte is fetched: an unsigned module never reaches the runtime.
+                verify_digest(self._trusted_keys, start.wasm_digest, start.wasm_signature)
             digest = await self._module(start)
             invocation = self._invocation(start)
             if start.latent:
@@ -403,7 +415,7 @@ class PropletAgent:
             else:
                 outcome = await self.runtime.run(digest, invocation)
                 results, error = outcome.results, outcome.error
-        except (FetchError, ModuleError, _Refused) as exc:
+        except (FetchError, ModuleError, _Refused, SignatureError) as exc:
             error = str(exc)
         except asyncio.CancelledError:
             error = "stopped by request"

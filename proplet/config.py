@@ -77,6 +77,11 @@ class PropletSettings(MqttClientSettings):
     max_concurrent_tasks: int = Field(
         default_factory=lambda: (os.cpu_count() or 1) * 2, ge=1, description="Modules running at once."
     )
+    trusted_keys: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="':'-separated Ed25519 public keys (PEM). When set, only modules whose digest the manager "
+        "signed with one of these keys run.",
+    )
     allow_network: bool = Field(
         default=False,
         description="Let tasks that ask for it (`-S http` in their cli_args) make outgoing HTTP requests.",
@@ -121,7 +126,7 @@ class PropletSettings(MqttClientSettings):
         "liveliness_interval", "metrics_interval", "task_timeout", "chunk_stall_timeout", "result_resend",
         mode="before"
     )(parse_duration)
-    _dirs = field_validator("dirs", mode="before")(_split(":"))
+    _dirs = field_validator("dirs", "trusted_keys", mode="before")(_split(":"))
     _tags = field_validator("tags", mode="before")(_split(","))
 
     @model_validator(mode="after")

@@ -143,6 +143,9 @@ class Store(abc.ABC):
     def bool_in(self, value: bool) -> Any:
         return value
 
+    async def housekeeping(self) -> None:  # noqa: B027 - an optional hook; PostgreSQL needs none
+        """Periodic upkeep of the backend (called every second by the core)."""
+
     # ---- migrations ---------------------------------------------------------------------
 
     async def applied_migrations(self) -> set[str]:
