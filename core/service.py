@@ -232,7 +232,10 @@ class ManagerCore:
         self._shutdown.set()
 
     async def _broker_connected(self) -> None:
-        # Tasks queued while the broker was away go out now.
+        # Tasks queued while the broker was away go out now, and starts it may have lost in a
+        # crash are sent again at once instead of after the ack timeout.
+        for task_id in self._sent_at:
+            self._sent_at[task_id] = 0.0
         self._wake.set()
 
     def request_shutdown(self) -> None:
@@ -834,7 +837,10 @@ class ManagerCore:
 
     async def _liveness_loop(self) -> None:
         while True:
-            await asyncio.sleep(min(1.0, self.settings.effective_liveness_timeout / 10))
+            # A tenth of the shortest timeout in play, so a silent proplet is caught within 10%.
+            shortest = min((self._liveness_timeout(p) for p in self.proplets.values() if p.online),
+                           default=self.settings.effective_liveness_timeout)
+            await asyncio.sleep(min(1.0, shortest / 10))
             now = utcnow()
             for p in list(self.proplets.values()):
                 last = p.last_alive_at
@@ -1110,8 +1116,17 @@ class ManagerCore:
                 task.start_time = utcnow()
                 await self._transition(task, TaskState.RUNNING, f"running on {msg.proplet_id}")
         elif task.state in (TaskState.SCHEDULED, TaskState.RUNNING):
-            self._refused_by[task.id].add(msg.proplet_id)
-            await self._requeue(task, f"proplet {msg.proplet_id} refused it: {msg.reason or 'no reason given'}")
+            why = f"proplet {msg.proplet_id} refused it: {msg.reason or 'no reason given'}"
+            refused = self._refused_by[task.id]
+            refused.add(msg.proplet_id)
+            online = {p.id for p in self.proplets.values() if p.online}
+            if task.pinned or online <= refused:
+                # Nobody else may or will take it: sending it round again would loop for ever.
+                task.error = why if task.pinned else f"every live proplet refused it; last: {why}"
+                task.finish_time = utcnow()
+                await self._transition(task, TaskState.FAILED, task.error)
+            else:
+                await self._requeue(task, why)
 
     async def _on_invoke_result(self, topic: str, payload: bytes) -> None:
         msg = protocol.decode_invoke_result(payload, topic)

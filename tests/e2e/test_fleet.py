@@ -5,98 +5,27 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
 import signal
-import subprocess
-import sys
 import time
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.registry import DockerRegistry, running_registry
-from tests.services import Mosquitto, free_port, wait_port
+from tests.fleet import Fleet, make_fleet
+from tests.registry import running_registry
 from tests.wasmfixtures import big_module_byte, wasm
 from tests.wire import eventually
 
 pytestmark = pytest.mark.serial
 
-PROPELLER = [sys.executable, "-m", "propeller"]
-
-
-@dataclass
-class Fleet:
-    workdir: Path
-    broker: Mosquitto
-    registry: DockerRegistry
-    domain: str = field(default_factory=lambda: f"fleet-{uuid.uuid4().hex[:6]}")
-    api_port: int = field(default_factory=free_port)
-    http_port: int = field(default_factory=free_port)
-    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-
-    @property
-    def api(self) -> str:
-        return f"http://127.0.0.1:{self.api_port}"
-
-    def env(self, **extra: str) -> dict[str, str]:
-        return {**os.environ, **extra}
-
-    def spawn(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        log = (self.workdir / f"{name}.log").open("ab")
-        proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
-        self.procs[name] = proc
-        return proc
-
-    def start_manager(self) -> None:
-        self.spawn("manager", [*PROPELLER, "serve"], self.env(
-            MANAGER_MQTT_ADDRESS=self.broker.url, MANAGER_TENANT_ID=self.domain,
-            MANAGER_ENTITY_ID=f"{self.domain}-manager", MANAGER_HTTP_PORT=str(self.api_port),
-            MANAGER_SQLITE_PATH=str(self.workdir / "manager.db")))
-        wait_port(self.api_port, 20)
-
-    def start_proplet(self, name: str) -> None:
-        self.spawn(name, [*PROPELLER, "proplet"], self.env(
-            PROPLET_MQTT_ADDRESS=self.broker.url, PROPLET_TENANT_ID=self.domain, PROPLET_ENTITY_ID=name,
-            PROPLET_CACHE_DIR=str(self.workdir / name / "cache"), PROPLET_STATE_DIR=str(self.workdir / name),
-            PROPLET_LIVELINESS_INTERVAL="1s", PROPLET_MQTT_KEEP_ALIVE="5"))
-
-    def start_proxy(self) -> None:
-        self.spawn("proxy", [*PROPELLER, "proxy"], self.env(
-            PROXY_MQTT_ADDRESS=self.broker.url, PROXY_TENANT_ID=self.domain,
-            PROXY_ENTITY_ID=f"{self.domain}-proxy", PROXY_REGISTRY_URL=self.registry.host))
-
-    def start_http(self, root: Path) -> None:
-        self.spawn("http", [sys.executable, "-m", "http.server", str(self.http_port), "--bind", "127.0.0.1",
-                            "--directory", str(root)], self.env())
-        wait_port(self.http_port)
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.workdir.glob("*.log")))
-
-    def stop_all(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     workdir = tmp_path_factory.mktemp("fleet")
-    broker = Mosquitto(workdir / "mosquitto")
-    broker.start()
     with running_registry(workdir / "registry") as registry:
-        f = Fleet(workdir, broker, registry)
+        f = make_fleet(workdir)
+        f.registry = registry
         web = workdir / "web"
         web.mkdir()
         (web / "add.wasm").write_bytes(wasm("add"))
@@ -109,7 +38,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             yield f
         finally:
             f.stop_all()
-            broker.stop()
+            f.broker.stop()
 
 
 async def submit(api: httpx.AsyncClient, **body: Any) -> str:
