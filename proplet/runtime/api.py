@@ -162,6 +162,18 @@ def seconds(s: float) -> str:
     return f"{s:g}"
 
 
+def overflow_error(stdout: BoundedCapture) -> str:
+    """The failure of a task whose output went past the capture cap ("" when it did not).
+
+    A result silently cut short would look complete; the task fails instead, keeping what was
+    captured in its results so the operator still sees how the output began."""
+    if not stdout.dropped:
+        return ""
+    total = stdout.dropped + stdout.kept
+    return (f"The module wrote {total} bytes to stdout, more than the {mib(stdout.limit)} MiB a proplet keeps; "
+            "its results hold the beginning. Write less output, or return data another way.")
+
+
 class BoundedCapture:
     """Collects a guest's output up to `limit` bytes and counts what it dropped.
 
@@ -190,6 +202,14 @@ class BoundedCapture:
     @property
     def dropped(self) -> int:
         return self._dropped
+
+    @property
+    def kept(self) -> int:
+        return self._size
+
+    @property
+    def limit(self) -> int:
+        return self._limit
 
     def value(self, stream: str = "output") -> bytes:
         data = b"".join(self._parts)

@@ -40,6 +40,7 @@ from .api import (
     check_digest,
     command_results,
     mib,
+    overflow_error,
     seconds,
     tail,
     wasm_kind,
@@ -380,7 +381,8 @@ class ExternalRuntime:
         if code != 0:
             return failed(_failure(code, err, inv, memory))
         if is_command:
-            return Outcome(command_results(out, err), stdout=out, stderr=err, duration_s=duration)
+            return Outcome(command_results(out, err), overflow_error(stdout), stdout=out, stderr=err,
+                           duration_s=duration)
         lines = out.decode("utf-8", "replace").splitlines()
         if result_kinds is None:  # a component export: the CLI prints the WAVE result
             return Outcome(lines[-1] if lines else "", stdout=out, stderr=err, duration_s=duration)

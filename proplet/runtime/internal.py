@@ -65,6 +65,7 @@ from .api import (
     check_digest,
     command_results,
     mib,
+    overflow_error,
     seconds,
     tail,
     wasm_kind,
@@ -500,7 +501,7 @@ class WasmtimeRuntime:
                     results = self._run_core(engines, artifact, inv, state, store)
                 else:
                     results = self._run_component(engines, artifact, inv, state, store)
-                error = ""
+                error = overflow_error(state.stdout)
             except _GuestFailed as e:
                 results, error = "", str(e)
             if state.fuel is not None:

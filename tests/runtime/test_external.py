@@ -84,6 +84,7 @@ async def test_fuel_and_memory_limits(external: ExternalRuntime) -> None:
 
 async def test_stdout_is_bounded(external: ExternalRuntime) -> None:
     outcome = await run(external, "bigout", "", "4")
+    assert "more than the 1 MiB a proplet keeps" in outcome.error
     assert outcome.stdout.startswith(b"x" * external.config.capture_bytes + b"\n[")
     assert b"more bytes of stdout dropped" in outcome.stdout
 

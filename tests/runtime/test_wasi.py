@@ -80,10 +80,10 @@ async def test_a_missing_preopen_dir_is_a_clear_error(runtime: WasmtimeRuntime, 
     assert outcome.error.startswith(f"Cannot give the task the directory {tmp_path / 'nope'}")
 
 
-async def test_huge_stdout_is_truncated_at_the_cap(runtime: WasmtimeRuntime) -> None:
+async def test_huge_stdout_is_truncated_at_the_cap_and_fails(runtime: WasmtimeRuntime) -> None:
     cap = runtime.config.capture_bytes
     outcome = await run(runtime, "bigout", "", "8")  # 8 MiB of 'x'
-    assert outcome.error == ""
+    assert outcome.error.startswith(f"The module wrote {8 * 1024 * 1024} bytes to stdout, more than the 1 MiB")
     kept, _, note = outcome.stdout.partition(b"\n[")
     assert kept == b"x" * cap
     assert note.startswith(str(8 * 1024 * 1024 - cap).encode() + b" more bytes of stdout dropped")
