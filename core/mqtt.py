@@ -24,6 +24,9 @@ import paho.mqtt.client as mqtt
 from core.events import Fanout
 
 log = logging.getLogger(__name__)
+# paho's packet trace. aiomqtt's default logger is pinned at WARNING; this one follows the
+# process's log level, so `--log-level debug` shows every packet (never payloads or passwords).
+PACKET_LOG = logging.getLogger("core.mqtt.packets")
 
 # Without TCP_NODELAY on both ends a QoS 1 round trip costs ~88 ms instead of ~1 ms.
 NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
@@ -124,6 +127,7 @@ def make_client(
         tls_insecure=conn.tls_insecure if conn.address.tls else None,
         socket_options=NODELAY,
         max_concurrent_outgoing_calls=max_concurrent_outgoing_calls,
+        logger=PACKET_LOG,
     )
 
 

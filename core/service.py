@@ -980,7 +980,8 @@ class ManagerCore:
             # Upstream marks a proplet alive on its own Last Will (defect 8); an unknown id with
             # "offline" is an upstream manager's or proxy's will, not a proplet (defect 9).
             if p is not None and p.online:
-                await self._mark_offline(p, "its connection closed (Last Will)")
+                await self._mark_offline(p, "it announced it is offline (clean shutdown, or its Last Will "
+                                            "when its connection dropped)")
             return
         p, _ = self._proplet(msg.proplet_id, msg.namespace)
         await self._seen_alive(p, utcnow())

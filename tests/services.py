@@ -69,6 +69,9 @@ class Mosquitto:
         # Run as root, Mosquitto drops to user "mosquitto": it must be able to write here.
         os.chmod(self.workdir, 0o777)
         lines = [
+            # Tests run as root in private temporary directories (mode 700): a broker that dropped
+            # to the mosquitto user could not read its password, ACL or certificate files there.
+            "user root" if os.geteuid() == 0 else "",
             f"listener {self.port} 127.0.0.1",
             "allow_anonymous true" if "allow_anonymous" not in self.extra_conf else "",
             "set_tcp_nodelay true",

@@ -1,0 +1,202 @@
+"""End to end: the Python manager dispatches tasks to the embedded proplet's host build over
+the session's real Mosquitto, and the host build runs them with the real wasmtime C library.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from typing import Any
+
+import pytest
+
+from core import topics as t
+from core.domain import TaskState, utcnow
+from core.schemas import LimitsBody, TaskCreate
+from core.topics import Topics
+from tests.wire import WireClient, eventually
+
+pytestmark = pytest.mark.slow
+
+
+def module(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+async def online(core: Any, proplet_id: str, timeout: float = 15.0) -> Any:
+    return await eventually(lambda: (p := core.proplets.get(proplet_id)) is not None and p.online and p,
+                            timeout=timeout)
+
+
+async def finished(core: Any, task_id: str, timeout: float = 20.0) -> Any:
+    async def check() -> Any:
+        task = await core.get_task(task_id)
+        return task if task.state.is_terminal else None
+
+    return await eventually(check, timeout=timeout, interval=0.05)
+
+
+async def run_task(core: Any, proplet_id: str, **fields: Any) -> Any:
+    task = await core.create_task(TaskCreate(proplet_id=proplet_id, **fields))
+    await core.start_task(task.id)
+    return await finished(core, task.id)
+
+
+async def test_add_style_exports_get_their_inputs_converted(manager_factory, host_proplets, wasm) -> None:
+    async with manager_factory() as core:
+        proplet = host_proplets(core, "esp-add")
+        await online(core, "esp-add")
+        done = await run_task(core, "esp-add", name="add", file=module(wasm["add"]), inputs=["2", "40"])
+        assert done.state is TaskState.COMPLETED, (done.error, proplet.log)
+        assert done.results == "42"
+        assert done.error == ""
+        # Several results of mixed types, joined as core/wasmvalues.py formats them.
+        done = await run_task(core, "esp-add", name="mix", file=module(wasm["add"]), inputs=["7.5", "-4"])
+        assert done.state is TaskState.COMPLETED, done.error
+        assert done.results == "1.875,12,0.1"
+        # The proplet confirmed the start before it finished (SCHEDULED -> RUNNING -> COMPLETED).
+        states = [event.state for event in await core.task_events(done.id)]
+        assert states[-3:] == [TaskState.SCHEDULED, TaskState.RUNNING, TaskState.COMPLETED]
+
+
+async def test_bad_inputs_fail_with_the_reason(manager_factory, host_proplets, wasm) -> None:
+    async with manager_factory() as core:
+        host_proplets(core, "esp-inputs")
+        await online(core, "esp-inputs")
+        done = await run_task(core, "esp-inputs", name="add", file=module(wasm["add"]), inputs=["2", "forty"])
+        assert done.state is TaskState.FAILED
+        assert done.error == "input 1 ('forty') is not an integer, but the parameter is i32"
+        done = await run_task(core, "esp-inputs", name="add", file=module(wasm["add"]), inputs=["2"])
+        assert done.state is TaskState.FAILED
+        assert done.error == "the export 'add' takes 2 parameters but the task has 1 inputs"
+
+
+async def test_a_module_with_wasi_imports_is_refused_clearly(manager_factory, host_proplets, wasm) -> None:
+    async with manager_factory() as core:
+        host_proplets(core, "esp-wasi")
+        await online(core, "esp-wasi")
+        done = await run_task(core, "esp-wasi", name="_start", file=module(wasm["wasi"]))
+        assert done.state is TaskState.FAILED
+        assert "imports wasi_snapshot_preview1.fd_write" in done.error
+        assert "no WASI" in done.error
+
+
+async def test_a_trap_fails_the_task_with_a_clear_error(manager_factory, host_proplets, wasm) -> None:
+    async with manager_factory() as core:
+        host_proplets(core, "esp-trap")
+        await online(core, "esp-trap")
+        done = await run_task(core, "esp-trap", name="div", file=module(wasm["trap"]), inputs=["1", "0"])
+        assert done.state is TaskState.FAILED
+        assert done.error == "the export 'div' trapped: integer divide by zero"
+        assert done.results == ""
+
+
+async def test_a_large_module_arrives_in_chunks(manager_factory, host_proplets, wasm, broker) -> None:
+    data = wasm["chunked"]
+    assert len(data) > 4096  # more than one chunk, and well over the inline limit
+    async with manager_factory(inline_limit=1024, chunk_size=4096) as core:
+        topics = Topics(core.settings.tenant_id, core.settings.channel_id)
+        async with WireClient(broker.url, topics, subscribe=[t.START, t.REGISTRY_REQUEST, t.REGISTRY_CHUNK]) as wire:
+            proplet = host_proplets(core, "esp-chunks")
+            await online(core, "esp-chunks")
+            done = await run_task(core, "esp-chunks", name="checksum", file=module(data))
+            assert done.state is TaskState.COMPLETED, (done.error, proplet.log)
+            assert done.results == str(sum((i * 7 + 3) % 251 for i in range(6000)))
+            start = await wire.expect(t.START)
+            assert "file" not in start and start["image_url"].startswith("blob:sha256:")
+            request = await wire.expect(t.REGISTRY_REQUEST)
+            assert request == {"app_name": start["image_url"], "proplet_id": "esp-chunks"}
+            chunks = [c for c in wire.messages(t.REGISTRY_CHUNK) if c["app_name"] == start["image_url"]]
+            assert {c["chunk_idx"] for c in chunks} == {0, 1}
+            assert all(c["digest"] == start["wasm_digest"] for c in chunks)
+
+
+async def test_a_module_too_large_for_the_proplet_fails_clearly(manager_factory, host_proplets, wasm) -> None:
+    async with manager_factory(inline_limit=1024, chunk_size=4096) as core:
+        host_proplets(core, "esp-small", "--max-module-bytes", "2048")
+        await online(core, "esp-small")
+        done = await run_task(core, "esp-small", name="checksum", file=module(wasm["chunked"]))
+        assert done.state is TaskState.FAILED
+        assert done.error.endswith(f"is {len(wasm['chunked'])} bytes but this proplet holds at most 2048; use a "
+                                   "smaller module or run the task on a proplet with more memory")
+
+
+async def test_stop_interrupts_a_looping_task(manager_factory, host_proplets, wasm, broker) -> None:
+    async with manager_factory() as core:
+        topics = Topics(core.settings.tenant_id, core.settings.channel_id)
+        async with WireClient(broker.url, topics, subscribe=[t.RESULTS, t.ALIVE]) as wire:
+            proplet = host_proplets(core, "esp-spin")
+            await online(core, "esp-spin")
+            task = await core.create_task(TaskCreate(name="spin", file=module(wasm["spin"]), proplet_id="esp-spin"))
+            await core.start_task(task.id)
+            await eventually(lambda: core.active.get(task.id) is not None
+                             and core.active[task.id].state is TaskState.RUNNING, timeout=10)
+            await asyncio.sleep(0.3)  # well inside the endless loop
+            stopped = await core.stop_task(task.id)
+            assert stopped.state is TaskState.INTERRUPTED
+            # The proplet really interrupted the loop: it reports the task and frees the slot.
+            result = await wire.expect(t.RESULTS, lambda r: r["task_id"] == task.id, timeout=5)
+            assert result["error"] == "stopped by request"
+            await wire.expect(t.ALIVE, lambda a: a["proplet_id"] == "esp-spin" and "running" not in a, timeout=5)
+            # The freed slot takes the next task.
+            done = await run_task(core, "esp-spin", name="add", file=module(wasm["add"]), inputs=["1", "2"])
+            assert done.results == "3", proplet.log
+
+
+async def test_a_time_limit_interrupts_a_looping_task(manager_factory, host_proplets, wasm) -> None:
+    async with manager_factory() as core:
+        host_proplets(core, "esp-timeout")
+        await online(core, "esp-timeout")
+        done = await run_task(core, "esp-timeout", name="spin", file=module(wasm["spin"]),
+                              limits=LimitsBody(timeout_s=0.5))
+        assert done.state is TaskState.FAILED
+        assert done.error == ("exceeded its time limit of 0.5 s; raise limits.timeout_s or make the export "
+                              "finish sooner")
+
+
+async def test_heartbeats_keep_the_proplet_online_with_its_metadata(manager_factory, host_proplets) -> None:
+    async with manager_factory() as core:
+        host_proplets(core, "esp-beat", "--slots", "3")
+        p = await online(core, "esp-beat")
+        await eventually(lambda: len(core.proplets["esp-beat"].alive_history) >= 3, timeout=10)
+        meta = p.metadata
+        assert meta["wasm_runtime"] == "wasmtime-c-api"
+        assert meta["max_concurrent_tasks"] == 3
+        assert meta["heartbeat_interval"] == 1
+        assert meta["capabilities"] == ["task_state"]
+        assert meta["proplet_version"] and meta["os"] == "linux" and meta["total_memory_bytes"] > 0
+        assert p.namespace == "embedded"
+        assert p.max_tasks == 3 and "task_state" in p.capabilities
+        page = await eventually(lambda: core.proplet_metrics("esp-beat", 0, 10), timeout=10)
+        assert page.items[0].memory_metrics["rss_bytes"] > 0
+
+
+async def test_a_killed_proplet_goes_offline_through_its_last_will(manager_factory, host_proplets) -> None:
+    async with manager_factory(heartbeat_interval=30) as core:
+        proplet = host_proplets(core, "esp-kill", "--heartbeat", "30")
+        await online(core, "esp-kill")
+        proplet.kill()
+        # Well inside the 90 s liveness timeout: only the Last Will can explain it.
+        await eventually(lambda: not core.proplets["esp-kill"].online, timeout=5)
+        assert "Last Will" in core.proplets["esp-kill"].offline_reason
+
+
+async def test_the_proplet_comes_back_after_a_broker_restart(manager_factory, host_proplets, own_broker, tmp_path,
+                                                             wasm) -> None:
+    """Reconnect and re-subscribe: after the broker restarts, tasks reach the proplet again."""
+    from tests.conftest import unique
+
+    tenant = unique("t")
+    async with manager_factory(mqtt_address=own_broker.url, tenant_id=tenant) as core:
+        proplet = host_proplets(None, "esp-reconnect", "--broker", own_broker.url, "--id", "esp-reconnect",
+                                "--domain", tenant, "--channel", core.settings.channel_id, join=False)
+        await online(core, "esp-reconnect")
+        restarted_at = utcnow()
+        own_broker.kill()
+        own_broker.start()
+        await eventually(lambda: "lost the connection" in proplet.log, timeout=10)
+        await eventually(lambda: proplet.log.count("and subscribed") >= 2, timeout=20)
+        # Heartbeats reach the manager again: both sides are back on the restarted broker.
+        await eventually(lambda: core.proplets["esp-reconnect"].last_alive_at > restarted_at, timeout=20)
+        done = await run_task(core, "esp-reconnect", name="add", file=module(wasm["add"]), inputs=["20", "22"])
+        assert done.results == "42", proplet.log
