@@ -35,7 +35,8 @@ starts = st.builds(
     latent=st.booleans(), encrypted=st.just(False), env=st.dictionaries(text, text, max_size=3),
     kbs_resource_path=text, monitoring_profile=st.none() | json_obj, proplet_id=text,
     hal_storage_path=text, parent_results=st.none() | json_obj, mode=st.sampled_from(["", "infer", "train"]),
-    wasm_digest=st.just("") | digests, wasm_signature=text, limits=limits, attempt=st.integers(0, 1000), traceparent=text,
+    wasm_digest=st.just("") | digests, wasm_signature=text, limits=limits, attempt=st.integers(0, 1000),
+    traceparent=text,
 )
 stops = st.builds(p.StopMessage, id=ids, proplet_id=text, broadcast=st.booleans(), traceparent=text).map(
     lambda m: m if not m.broadcast else p.StopMessage(m.id, "", True, m.traceparent))

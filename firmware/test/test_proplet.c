@@ -1,0 +1,522 @@
+/* The proplet core against a fake engine and a fake port: what it runs, what it refuses, and
+ * every message it sends about it. */
+#include "testing.h"
+
+#define PREFIX "m/acme/c/ch/"
+
+static proplet_t proplet;
+static proplet_t *const p = &proplet;
+static char module_b64[128];
+static uint8_t module_bytes[64];
+static size_t module_len;
+
+static int setup(void **state)
+{
+    (void)state;
+    fake_engine_reset();
+    fake_port_reset();
+    proplet_config_t cfg = {
+        .proplet_id = "dev-1",
+        .domain = "acme",
+        .channel = "ch",
+        .slots = 2,
+        .max_module_bytes = 4096,
+        .stack_bytes = 8192,
+        .max_memory_bytes = 1 << 20,
+        .heartbeat_ms = 10000,
+        .metrics_ms = 30000,
+        .default_timeout_ms = 0,
+        .fetch_retry_ms = 2000,
+        .fetch_retries = 2,
+        .cpu_mhz = 240,
+        .os = "test",
+        .cpu_arch = "none",
+    };
+    proplet_port_t port = fake_port_make();
+    char err[100];
+    assert_true(proplet_init(p, &cfg, &port, err, sizeof err));
+    module_len = fake_module("add", module_bytes, sizeof module_bytes);
+    b64_encode(module_bytes, module_len, module_b64);
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    (void)state;
+    proplet_destroy(p);
+    assert_int_equal(fake_engine.live_instances, 0);
+    assert_int_equal(fake_engine.loads, fake_engine.unloads);
+    return 0;
+}
+
+static void deliver(const char *suffix, const char *payload)
+{
+    char topic[PROPLET_TOPIC_MAX + 1];
+    snprintf(topic, sizeof topic, PREFIX "%s", suffix);
+    proplet_on_message(p, topic, strlen(topic), payload, strlen(payload));
+}
+
+/* A start for `name` with the fake module inline; extra is spliced into the JSON object. */
+static void start_attempt(const char *id, const char *name, const char *inputs, unsigned attempt,
+                          const char *extra)
+{
+    char json[2048];
+    snprintf(json, sizeof json,
+             "{\"id\":\"%s\",\"name\":\"%s\",\"state\":2,\"file\":\"%s\",\"inputs\":[%s],"
+             "\"broadcast\":false,\"proplet_id\":\"dev-1\",\"attempt\":%u%s}",
+             id, name, module_b64, inputs, attempt, extra);
+    deliver(TOPIC_START, json);
+}
+
+static void start(const char *id, const char *name, const char *inputs, const char *extra)
+{
+    start_attempt(id, name, inputs, 1, extra);
+}
+
+static void expect_contains(const char *text, const char *needle)
+{
+    if (text == NULL)
+        fail_msg("expected a message containing '%s', got none", needle);
+    if (strstr(text, needle) == NULL)
+        fail_msg("'%s' does not contain '%s'", text, needle);
+}
+
+static void runs_an_inline_task_and_reports_it(void **state)
+{
+    (void)state;
+    start("t-1", "add", "\"2\",\"40\"", ",\"traceparent\":\"00-aa-bb-01\"");
+    assert_string_equal(fake_published(TOPIC_TASK_STATE, 0),
+                        "{\"task_id\":\"t-1\",\"proplet_id\":\"dev-1\",\"state\":\"running\","
+                        "\"attempt\":1,\"traceparent\":\"00-aa-bb-01\"}");
+    assert_int_equal(fake.wakes, 1);
+    assert_int_equal(proplet_busy_slots(p), 1);
+    assert_true(proplet_run_next(p));
+    assert_false(proplet_run_next(p));
+    assert_string_equal(fake_published(TOPIC_RESULTS, 0),
+                        "{\"task_id\":\"t-1\",\"proplet_id\":\"dev-1\",\"results\":\"42\","
+                        "\"error\":null,\"attempt\":1,\"traceparent\":\"00-aa-bb-01\"}");
+    expect_contains(fake_published(TOPIC_TASK_METRICS, 0), "\"cpu_cycles\":60000");
+    assert_int_equal(proplet_busy_slots(p), 0);
+}
+
+static void ignores_tasks_for_other_proplets_and_takes_broadcasts(void **state)
+{
+    (void)state;
+    char json[1024];
+    snprintf(json, sizeof json, "{\"id\":\"t-2\",\"name\":\"add\",\"file\":\"%s\",\"proplet_id\":\"dev-2\"}",
+             module_b64);
+    deliver(TOPIC_START, json);
+    assert_int_equal(fake.count, 0);
+    snprintf(json, sizeof json,
+             "{\"id\":\"t-3\",\"name\":\"pair\",\"file\":\"%s\",\"broadcast\":true}", module_b64);
+    deliver(TOPIC_START, json);
+    assert_true(proplet_run_next(p));
+    expect_contains(fake_published(TOPIC_RESULTS, 0), "\"results\":\"7,0.1\"");
+}
+
+static void answers_an_invalid_start_with_a_failed_result(void **state)
+{
+    (void)state;
+    deliver(TOPIC_START, "{\"id\":\"t-4\",\"name\":\"add\",\"proplet_id\":\"dev-1\"}");
+    assert_string_equal(fake_published(TOPIC_RESULTS, 0),
+                        "{\"task_id\":\"t-4\",\"proplet_id\":\"dev-1\",\"results\":\"\",\"error\":"
+                        "\"the start message is invalid: one of 'file' or 'image_url' is required\"}");
+    /* Not ours, or not even JSON: nothing to answer. */
+    deliver(TOPIC_START, "{\"id\":\"t-5\",\"name\":\"add\",\"proplet_id\":\"dev-2\"}");
+    deliver(TOPIC_START, "{\"id\":");
+    assert_int_equal(fake.count, 1);
+    /* A garbled copy of a start this proplet already runs does not fail the task. */
+    start("t-4b", "add", "\"1\",\"1\"", "");
+    deliver(TOPIC_START, "{\"id\":\"t-4b\",\"name\":\"add\",\"proplet_id\":\"dev-1\"}");
+    assert_int_equal(fake_count(TOPIC_RESULTS), 1);
+    assert_true(proplet_run_next(p));
+    expect_contains(fake_published(TOPIC_RESULTS, 1), "\"results\":\"2\"");
+    assert_int_equal(p->counters.messages_invalid, 4);
+}
+
+static void runs_each_attempt_once(void **state)
+{
+    (void)state;
+    start("t-6", "add", "\"1\",\"1\"", "");
+    /* A redelivered (or re-sent) start is confirmed again, never run twice. */
+    start("t-6", "add", "\"1\",\"1\"", "");
+    assert_int_equal(fake_count(TOPIC_TASK_STATE), 2);
+    assert_string_equal(fake_published(TOPIC_TASK_STATE, 0), fake_published(TOPIC_TASK_STATE, 1));
+    /* The manager moved the task to attempt 2: the same slot now answers for it. */
+    start_attempt("t-6", "add", "\"1\",\"1\"", 2, "");
+    expect_contains(fake_published(TOPIC_TASK_STATE, 2), "\"attempt\":2");
+    assert_true(proplet_run_next(p));
+    assert_false(proplet_run_next(p));
+    expect_contains(fake_published(TOPIC_RESULTS, 0), "\"attempt\":2");
+    /* A late start of the finished attempt gets the same result again without a second run. */
+    start_attempt("t-6", "add", "\"1\",\"1\"", 2, "");
+    assert_false(proplet_run_next(p));
+    assert_int_equal(fake_count(TOPIC_RESULTS), 2);
+    assert_string_equal(fake_published(TOPIC_RESULTS, 0), fake_published(TOPIC_RESULTS, 1));
+    assert_int_equal(fake_engine.instantiations, 1);
+}
+
+static void heartbeat_while_the_result_goes_out(const char *topic)
+{
+    if (strstr(topic, TOPIC_RESULTS) == NULL)
+        return;
+    fake.after_publish = NULL;
+    fake.now += 10000;
+    proplet_tick(p);
+}
+
+static void holds_the_slot_until_the_result_is_out(void **state)
+{
+    (void)state;
+    proplet_on_connected(p);
+    start("t-6b", "add", "\"1\",\"1\"", "");
+    /* The timer thread heartbeats just as the worker publishes the result: the heartbeat must
+     * still list the task, or the manager would think it vanished before its result came. */
+    fake.after_publish = heartbeat_while_the_result_goes_out;
+    assert_true(proplet_run_next(p));
+    assert_string_equal(fake_published(TOPIC_ALIVE, 1),
+                        "{\"proplet_id\":\"dev-1\",\"status\":\"alive\",\"namespace\":\"embedded\","
+                        "\"running\":[\"t-6b\"]}");
+    /* Once reported, the slot is free again. */
+    fake.now += 10000;
+    proplet_tick(p);
+    assert_string_equal(fake_published(TOPIC_ALIVE, 2),
+                        "{\"proplet_id\":\"dev-1\",\"status\":\"alive\",\"namespace\":\"embedded\"}");
+}
+
+static void refuses_when_every_slot_is_busy(void **state)
+{
+    (void)state;
+    start("t-7", "add", "\"1\",\"1\"", "");
+    start("t-8", "add", "\"1\",\"1\"", "");
+    start("t-9", "add", "\"1\",\"1\"", "");
+    assert_string_equal(fake_published(TOPIC_TASK_STATE, 2),
+                        "{\"task_id\":\"t-9\",\"proplet_id\":\"dev-1\",\"state\":\"rejected\","
+                        "\"attempt\":1,\"reason\":\"all 2 task slots of this proplet are busy\"}");
+    /* A broadcast cannot be placed elsewhere: it fails instead. */
+    char json[1024];
+    snprintf(json, sizeof json, "{\"id\":\"t-10\",\"name\":\"add\",\"file\":\"%s\",\"broadcast\":true}",
+             module_b64);
+    deliver(TOPIC_START, json);
+    expect_contains(fake_published(TOPIC_RESULTS, 0), "all 2 task slots of this proplet are busy");
+    while (proplet_run_next(p)) {
+    }
+}
+
+static void fails_tasks_it_can_never_run(void **state)
+{
+    (void)state;
+    start("t-11", "add", "\"1\",\"1\"", ",\"latent\":true");
+    expect_contains(fake_published(TOPIC_RESULTS, 0), "latent tasks (deploy, then invoke) are not supported");
+
+    uint8_t big[5000];
+    memset(big, 0, sizeof big);
+    static char big_b64[7000];
+    b64_encode(big, sizeof big, big_b64);
+    char json[8000];
+    snprintf(json, sizeof json, "{\"id\":\"t-12\",\"name\":\"add\",\"file\":\"%s\"}", big_b64);
+    deliver(TOPIC_START, json);
+    expect_contains(fake_published(TOPIC_RESULTS, 1),
+                    "the module is 5000 bytes but this proplet holds at most 4096");
+
+    deliver(TOPIC_START, "{\"id\":\"t-13\",\"name\":\"add\",\"file\":\"AGFz*QEAAAA=\"}");
+    expect_contains(fake_published(TOPIC_RESULTS, 2), "field 'file' is not valid standard base64");
+    assert_int_equal(proplet_busy_slots(p), 0);
+}
+
+static void reports_what_went_wrong_in_the_module(void **state)
+{
+    (void)state;
+    const struct {
+        const char *name;
+        const char *inputs;
+        const char *extra;
+        const char *error;
+    } cases[] = {
+        {"trap", "", "", "the export 'trap' trapped: unreachable"},
+        {"burn", "", ",\"limits\":{\"fuel\":500}", "exceeded its fuel budget of 500"},
+        {"nope", "", "", "the module has no export named 'nope'"},
+        {"add", "\"1\"", "", "the export 'add' takes 2 parameters but the task has 1 inputs"},
+        {"add", "\"1\",\"x\"", "", "input 1 ('x') is not an integer, but the parameter is i32"},
+        {"vec", "\"1\"", "", "parameter 0 has type v128, which a task input cannot provide"},
+        {"add", "\"1\",\"1\"",
+         ",\"wasm_digest\":\"sha256:0000000000000000000000000000000000000000000000000000000000000000\"",
+         "does not match the task's wasm_digest sha256:0000"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char id[16];
+        snprintf(id, sizeof id, "t-e%zu", i);
+        start(id, cases[i].name, cases[i].inputs, cases[i].extra);
+        assert_true(proplet_run_next(p));
+        const char *result = fake_published(TOPIC_RESULTS, i);
+        expect_contains(result, cases[i].error);
+        expect_contains(result, "\"results\":\"\"");
+    }
+}
+
+static void passes_the_task_limits_to_the_engine(void **state)
+{
+    (void)state;
+    start("t-14", "half", "\"5\"", ",\"limits\":{\"fuel\":777,\"memory_bytes\":131072}");
+    assert_true(proplet_run_next(p));
+    expect_contains(fake_published(TOPIC_RESULTS, 0), "\"results\":\"2.5\"");
+    assert_int_equal(fake_engine.last_fuel, 777);
+    assert_int_equal(fake_engine.last_memory_bytes, 131072);
+    /* A task may lower the memory cap, never raise it past the proplet's. */
+    start("t-15", "half", "\"5\"", ",\"limits\":{\"memory_bytes\":1073741824}");
+    assert_true(proplet_run_next(p));
+    assert_int_equal(fake_engine.last_memory_bytes, 1 << 20);
+}
+
+static void rejects_a_module_that_does_not_load(void **state)
+{
+    (void)state;
+    uint8_t bad[32];
+    size_t len = fake_module("invalid", bad, sizeof bad);
+    char b64[64];
+    b64_encode(bad, len, b64);
+    char json[512];
+    snprintf(json, sizeof json, "{\"id\":\"t-16\",\"name\":\"add\",\"file\":\"%s\"}", b64);
+    deliver(TOPIC_START, json);
+    assert_true(proplet_run_next(p));
+    expect_contains(fake_published(TOPIC_RESULTS, 0),
+                    "the module is not valid WebAssembly: section out of bounds");
+}
+
+static void parses_a_module_once_for_many_tasks(void **state)
+{
+    (void)state;
+    for (int i = 0; i < 5; i++) {
+        char id[16];
+        snprintf(id, sizeof id, "t-p%d", i);
+        start(id, "add", "\"1\",\"2\"", "");
+        assert_true(proplet_run_next(p));
+    }
+    assert_int_equal(fake_engine.loads, 1);
+    assert_int_equal(fake_engine.instantiations, 5);
+    assert_int_equal(fake_count(TOPIC_RESULTS), 5);
+}
+
+static void frees_idle_modules_when_instantiation_runs_out_of_memory(void **state)
+{
+    (void)state;
+    /* Cache a different module first, then make the next instantiation fail once. */
+    uint8_t other[32];
+    size_t len = fake_module("other", other, sizeof other);
+    char b64[64], json[512];
+    b64_encode(other, len, b64);
+    snprintf(json, sizeof json, "{\"id\":\"t-17\",\"name\":\"add\",\"file\":\"%s\",\"inputs\":[\"1\",\"1\"]}", b64);
+    deliver(TOPIC_START, json);
+    assert_true(proplet_run_next(p));
+    fake_engine.fail_instantiations = 1;
+    start("t-18", "add", "\"1\",\"1\"", "");
+    assert_true(proplet_run_next(p));
+    expect_contains(fake_published(TOPIC_RESULTS, 1), "\"results\":\"2\"");
+    assert_int_equal(fake_engine.unloads, 1);
+
+    fake_engine.fail_instantiations = 2;
+    start("t-19", "add", "\"1\",\"1\"", "");
+    assert_true(proplet_run_next(p));
+    expect_contains(fake_published(TOPIC_RESULTS, 2),
+                    "not enough memory on this proplet to instantiate the module (allocate memory failed)");
+}
+
+static void chunk(const char *app, uint32_t idx, uint32_t total, const uint8_t *data, size_t len,
+                  size_t size)
+{
+    char b64[256], json[512];
+    b64_encode(data, len, b64);
+    snprintf(json, sizeof json,
+             "{\"app_name\":\"%s\",\"chunk_idx\":%u,\"total_chunks\":%u,\"data\":\"%s\",\"size\":%zu}",
+             app, (unsigned)idx, (unsigned)total, b64, size);
+    deliver(TOPIC_REGISTRY_CHUNK, json);
+}
+
+static void fetches_a_chunked_module(void **state)
+{
+    (void)state;
+    deliver(TOPIC_START, "{\"id\":\"t-20\",\"name\":\"add\",\"image_url\":\"blob:mod\",\"inputs\":[\"20\",\"22\"],"
+                         "\"proplet_id\":\"dev-1\",\"attempt\":1}");
+    assert_string_equal(fake_published(TOPIC_REGISTRY_REQUEST, 0),
+                        "{\"app_name\":\"blob:mod\",\"proplet_id\":\"dev-1\"}");
+    expect_contains(fake_published(TOPIC_TASK_STATE, 0), "\"state\":\"running\"");
+    assert_false(proplet_run_next(p));
+    /* Another artifact's chunks are not ours to keep. */
+    chunk("blob:other", 0, 1, module_bytes, module_len, module_len);
+    assert_false(proplet_run_next(p));
+    chunk("blob:mod", 1, 2, module_bytes + 6, module_len - 6, module_len);
+    assert_false(proplet_run_next(p));
+    chunk("blob:mod", 0, 2, module_bytes, 6, module_len);
+    assert_int_equal(fake.wakes, 1);
+    assert_true(proplet_run_next(p));
+    expect_contains(fake_published(TOPIC_RESULTS, 0), "\"results\":\"42\"");
+}
+
+static void asks_again_for_missing_chunks_then_gives_up(void **state)
+{
+    (void)state;
+    deliver(TOPIC_START, "{\"id\":\"t-21\",\"name\":\"add\",\"image_url\":\"blob:slow\",\"inputs\":[\"1\",\"1\"]}");
+    chunk("blob:slow", 1, 3, module_bytes + 4, 4, 12);
+    fake.now += 2000;
+    proplet_tick(p);
+    assert_string_equal(fake_published(TOPIC_REGISTRY_REQUEST, 1),
+                        "{\"app_name\":\"blob:slow\",\"missing\":[0,2],\"proplet_id\":\"dev-1\"}");
+    fake.now += 2000;
+    proplet_tick(p);
+    assert_int_equal(fake_count(TOPIC_REGISTRY_REQUEST), 3);
+    fake.now += 2000;
+    proplet_tick(p);
+    expect_contains(fake_published(TOPIC_RESULTS, 0),
+                    "timed out waiting for the chunks of blob:slow (1 of 3 arrived after 3 requests)");
+    assert_int_equal(proplet_busy_slots(p), 0);
+}
+
+static void fails_at_once_when_the_registry_cannot_serve(void **state)
+{
+    (void)state;
+    deliver(TOPIC_START, "{\"id\":\"t-22\",\"name\":\"add\",\"image_url\":\"blob:gone\"}");
+    deliver(TOPIC_REGISTRY_CHUNK, "{\"app_name\":\"blob:gone\",\"chunk_idx\":0,\"total_chunks\":1,"
+                                  "\"data\":\"\",\"error\":\"no task of this manager has it\"}");
+    expect_contains(fake_published(TOPIC_RESULTS, 0),
+                    "the registry could not serve blob:gone: no task of this manager has it");
+    assert_int_equal(proplet_busy_slots(p), 0);
+}
+
+static void stops_a_waiting_task_at_once(void **state)
+{
+    (void)state;
+    deliver(TOPIC_START, "{\"id\":\"t-23\",\"name\":\"add\",\"image_url\":\"blob:x\"}");
+    deliver(TOPIC_STOP, "{\"id\":\"t-23\",\"proplet_id\":\"dev-2\"}");
+    assert_int_equal(proplet_busy_slots(p), 1);
+    deliver(TOPIC_STOP, "{\"id\":\"t-23\",\"proplet_id\":\"dev-1\"}");
+    assert_int_equal(proplet_busy_slots(p), 0);
+    assert_string_equal(fake_published(TOPIC_RESULTS, 0),
+                        "{\"task_id\":\"t-23\",\"proplet_id\":\"dev-1\",\"results\":\"\","
+                        "\"error\":\"stopped by request\"}");
+}
+
+static void stop_during_the_call(void)
+{
+    deliver(TOPIC_STOP, "{\"id\":\"t-24\",\"broadcast\":false,\"proplet_id\":\"dev-1\"}");
+}
+
+static void interrupts_a_running_task_on_stop(void **state)
+{
+    (void)state;
+    start("t-24", "block", "", "");
+    fake_engine.during_call = stop_during_the_call;
+    assert_true(proplet_run_next(p));
+    expect_contains(fake_published(TOPIC_RESULTS, 0), "\"error\":\"stopped by request\"");
+}
+
+static void time_passes_during_the_call(void)
+{
+    fake.now += 2500;
+    proplet_tick(p);
+}
+
+static void interrupts_a_task_past_its_time_limit(void **state)
+{
+    (void)state;
+    start("t-25", "block", "", ",\"limits\":{\"timeout_s\":2}");
+    fake_engine.during_call = time_passes_during_the_call;
+    assert_true(proplet_run_next(p));
+    expect_contains(fake_published(TOPIC_RESULTS, 0),
+                    "exceeded its time limit of 2 s; raise limits.timeout_s");
+}
+
+static void announces_itself_and_heartbeats(void **state)
+{
+    (void)state;
+    proplet_tick(p); /* nothing before the first announcement */
+    assert_int_equal(fake.count, 0);
+    proplet_on_connected(p);
+    const char *discovery = fake_published(TOPIC_CREATE, 0);
+    expect_contains(discovery, "\"proplet_id\":\"dev-1\",\"namespace\":\"embedded\"");
+    expect_contains(discovery, "\"max_concurrent_tasks\":2");
+    expect_contains(discovery, "\"heartbeat_interval\":10");
+    expect_contains(discovery, "\"capabilities\":[\"task_state\"]");
+    expect_contains(discovery, "\"wasm_runtime\":\"fake\"");
+    expect_contains(discovery, "\"ip\":\"192.0.2.7\"");
+    assert_string_equal(fake_published(TOPIC_ALIVE, 0),
+                        "{\"proplet_id\":\"dev-1\",\"status\":\"alive\",\"namespace\":\"embedded\"}");
+    start("t-26", "add", "\"1\",\"1\"", "");
+    proplet_tick(p); /* not due yet */
+    assert_int_equal(fake_count(TOPIC_ALIVE), 1);
+    fake.now += 10000;
+    proplet_tick(p);
+    assert_string_equal(fake_published(TOPIC_ALIVE, 1),
+                        "{\"proplet_id\":\"dev-1\",\"status\":\"alive\",\"namespace\":\"embedded\","
+                        "\"running\":[\"t-26\"]}");
+    expect_contains(fake_published(TOPIC_METRICS, 0), "\"heap_free_bytes\":120000");
+    while (proplet_run_next(p)) {
+    }
+    char topic[PROPLET_TOPIC_MAX + 1], payload[200];
+    size_t len;
+    assert_true(proplet_last_will(p, topic, sizeof topic, payload, sizeof payload, &len));
+    assert_string_equal(topic, PREFIX "control/proplet/alive");
+    assert_string_equal(payload, "{\"proplet_id\":\"dev-1\",\"status\":\"offline\",\"namespace\":\"embedded\"}");
+}
+
+static void refuses_an_oversized_start_by_name(void **state)
+{
+    (void)state;
+    const char *head = "{\"id\":\"t-27\",\"name\":\"add\",\"file\":\"AAAA";
+    const char *tail = "AAAA\",\"proplet_id\":\"dev-1\",\"attempt\":3}";
+    char topic[] = PREFIX "control/manager/start";
+    proplet_on_oversized_message(p, topic, strlen(topic), head, strlen(head), tail, strlen(tail),
+                                 900000);
+    expect_contains(fake_published(TOPIC_RESULTS, 0), "\"task_id\":\"t-27\"");
+    expect_contains(fake_published(TOPIC_RESULTS, 0), "set the manager's inline_limit lower");
+    expect_contains(fake_published(TOPIC_RESULTS, 0), "\"attempt\":3");
+    /* Someone else's oversized start is only counted. */
+    const char *other = "AAAA\",\"proplet_id\":\"dev-2\"}";
+    proplet_on_oversized_message(p, topic, strlen(topic), head, strlen(head), other, strlen(other),
+                                 900000);
+    assert_int_equal(fake_count(TOPIC_RESULTS), 1);
+    assert_int_equal(p->counters.messages_oversized, 2);
+}
+
+static void refuses_a_bad_configuration(void **state)
+{
+    (void)state;
+    proplet_t other;
+    proplet_config_t cfg = {.proplet_id = "x", .domain = "d", .channel = "c", .slots = 0};
+    proplet_port_t port = fake_port_make();
+    char err[100];
+    assert_false(proplet_init(&other, &cfg, &port, err, sizeof err));
+    assert_string_equal(err, "the pool size must be between 1 and 8, got 0");
+    cfg.slots = 1;
+    cfg.proplet_id[0] = '\0';
+    assert_false(proplet_init(&other, &cfg, &port, err, sizeof err));
+}
+
+#define TEST(name) cmocka_unit_test_setup_teardown(name, setup, teardown)
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        TEST(runs_an_inline_task_and_reports_it),
+        TEST(ignores_tasks_for_other_proplets_and_takes_broadcasts),
+        TEST(answers_an_invalid_start_with_a_failed_result),
+        TEST(runs_each_attempt_once),
+        TEST(holds_the_slot_until_the_result_is_out),
+        TEST(refuses_when_every_slot_is_busy),
+        TEST(fails_tasks_it_can_never_run),
+        TEST(reports_what_went_wrong_in_the_module),
+        TEST(passes_the_task_limits_to_the_engine),
+        TEST(rejects_a_module_that_does_not_load),
+        TEST(parses_a_module_once_for_many_tasks),
+        TEST(frees_idle_modules_when_instantiation_runs_out_of_memory),
+        TEST(fetches_a_chunked_module),
+        TEST(asks_again_for_missing_chunks_then_gives_up),
+        TEST(fails_at_once_when_the_registry_cannot_serve),
+        TEST(stops_a_waiting_task_at_once),
+        TEST(interrupts_a_running_task_on_stop),
+        TEST(interrupts_a_task_past_its_time_limit),
+        TEST(announces_itself_and_heartbeats),
+        TEST(refuses_an_oversized_start_by_name),
+        TEST(refuses_a_bad_configuration),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
