@@ -22,6 +22,7 @@ import aiomqtt
 import paho.mqtt.client as mqtt
 
 from core.events import Fanout
+from core.lifecycle import cancel_and_wait
 
 log = logging.getLogger(__name__)
 # paho's packet trace. aiomqtt's default logger is pinned at WARNING; this one follows the
@@ -373,11 +374,14 @@ class MqttBus:
         return True
 
     def send(self, topic: str, payload: bytes, *, qos: int | None = None) -> None:
-        """Publish in the background, retrying across reconnects until the bus closes.
+        """Publish without waiting, retrying across reconnects until the bus closes.
 
-        For messages whose loss the protocol tolerates or repairs (stops, acks, chunks). The
-        task is owned by the bus and cancelled when it closes.
+        Connected, the message goes straight to paho (which keeps it until the broker has it);
+        otherwise a task owned by the bus waits for the connection and is cancelled when the
+        bus closes.
         """
+        if self.publish_nowait(topic, payload, qos=qos):
+            return
         task = asyncio.get_running_loop().create_task(self._send_forever(topic, payload, qos))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -397,7 +401,4 @@ class MqttBus:
         """Stop reconnecting and cancel background sends. The owner cancels `run()`, whose exit
         sends DISCONNECT, so the broker does not publish the Last Will on a clean shutdown."""
         self._closing = True
-        for task in list(self._background):
-            task.cancel()
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        await cancel_and_wait(list(self._background), timeout=5, owner=self.name)

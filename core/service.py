@@ -48,6 +48,7 @@ from core.domain import (
 )
 from core.errors import Conflict, InvalidRequest, NotFound, TimedOut, Unavailable, UpstreamFailed
 from core.events import Fanout
+from core.lifecycle import cancel_and_wait
 from core.mqtt import BrokerAddress, BrokerUnavailable, MqttBus, MqttConnection, parse_broker_url
 from core.protocol import InvalidMessage
 from core.scheduler import Scheduler
@@ -218,9 +219,7 @@ class ManagerCore:
         # Commit every state change taken in before the loops stop.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.writer.wait_idle(), 10)
-        for task in self._loops:
-            task.cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
+        await cancel_and_wait(self._loops, owner="manager")
         self._loops.clear()
         for fut in self._invocations.values():
             if not fut.done():

@@ -27,6 +27,7 @@ import orjson
 
 from core import __version__, protocol
 from core import topics as t
+from core.lifecycle import cancel_and_wait
 from core.mqtt import BrokerUnavailable, MqttBus, MqttConnection, parse_broker_url
 from core.protocol import InvalidMessage, ResultMessage, StartMessage
 from core.signing import SignatureError
@@ -144,16 +145,14 @@ class PropletAgent:
             self.runtime.stop(task_id)
             running.job.cancel()
         if self.running:
-            await asyncio.gather(*(r.job for r in self.running.values()), return_exceptions=True)
+            await asyncio.wait([r.job for r in self.running.values()], timeout=10)
         if self.bus is not None and self.bus.connected.is_set():
             # A clean exit says goodbye; the Last Will covers crashes only.
             with contextlib.suppress(BrokerUnavailable, aiomqtt.MqttError):
                 await self.bus.publish(self.topics.alive, self._alive_payload(protocol.OFFLINE_STATUS), timeout=2)
         if self.bus is not None:
             await self.bus.close()
-        for task in self._loops:
-            task.cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
+        await cancel_and_wait(self._loops, owner=f"proplet {self.id}")
         if self.http is not None:
             await self.http.aclose()
         await self.runtime.close()
@@ -487,8 +486,7 @@ class PropletAgent:
     def _publish_result(self, result: ResultMessage) -> None:
         assert self.bus is not None
         # paho keeps it until the broker acknowledges it; the outbox until the manager does.
-        if not self.bus.publish_nowait(self.topics.results, protocol.encode_result(result)):
-            self.bus.send(self.topics.results, protocol.encode_result(result))
+        self.bus.send(self.topics.results, protocol.encode_result(result))
 
     async def _publish_now(self, topic: str, payload: bytes) -> None:
         assert self.bus is not None

@@ -35,6 +35,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from core import protocol
 from core.chunks import Artifact, ArtifactCache, ArtifactUnavailable, ChunkServer, is_blob_ref
 from core.config import MqttClientSettings, yaml_section
+from core.lifecycle import cancel_and_wait
 from core.mqtt import MqttBus, MqttConnection, parse_broker_url
 from core.protocol import InvalidMessage
 from core.topics import Topics
@@ -561,9 +562,7 @@ class OciProxy:
             self._health = None
         if self.bus is not None:
             await self.bus.close()
-        for task in self._loops:
-            task.cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
+        await cancel_and_wait(self._loops, owner="proxy")
         self._loops.clear()
         for future in self._pulling.values():
             future.cancel()

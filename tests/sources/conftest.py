@@ -16,6 +16,7 @@ import pytest
 
 from core import protocol
 from core.chunks import Artifact, ArtifactUnavailable, ChunkServer
+from core.lifecycle import cancel_and_wait
 from core.mqtt import MqttBus, MqttConnection, make_client, parse_broker_url
 from core.protocol import ChunkMessage, RegistryRequest, decode_chunk
 from core.topics import Topics
@@ -43,9 +44,7 @@ async def running(bus: MqttBus) -> AsyncIterator[MqttBus]:
         yield bus
     finally:
         await bus.close()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait([task], owner="test bus")
 
 
 @asynccontextmanager

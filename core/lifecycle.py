@@ -1,0 +1,25 @@
+"""Stopping background tasks with a bound, so a stuck one cannot hang a shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+
+log = logging.getLogger(__name__)
+
+
+async def cancel_and_wait(tasks: Iterable[asyncio.Task[object]], *, timeout: float = 10.0, owner: str = "") -> None:
+    """Cancel `tasks` and wait for them, at most `timeout` seconds; name the ones that did not end."""
+    pending = [t for t in tasks if not t.done()]
+    for task in pending:
+        task.cancel()
+    if not pending:
+        return
+    done, still = await asyncio.wait(pending, timeout=timeout)
+    for task in done:
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("%s: %s ended with %r while stopping", owner, task.get_name(), task.exception())
+    if still:
+        log.warning("%s: %s did not stop within %.0f s; leaving them", owner,
+                    ", ".join(t.get_name() for t in still), timeout)
