@@ -378,23 +378,41 @@ def decode_invoke(payload: bytes | str, topic: str = "control/manager/invoke") -
 
 @dataclass(frozen=True, slots=True)
 class ResultAckMessage:
-    """Extension `control/manager/result_ack`: the manager has stored this result."""
+    """Extension `control/manager/result_ack`: the manager has stored these results.
+
+    One message acknowledges a task (`task_id`, `attempt`) and, under load, the proplet's other
+    results stored in the same commit (`more`: [[task_id, attempt], ...]).
+    """
 
     task_id: str
     proplet_id: str
     attempt: int = 0
+    more: tuple[tuple[str, int], ...] = ()
+
+    def acks(self) -> tuple[tuple[str, int], ...]:
+        return ((self.task_id, self.attempt), *self.more)
 
 
 def encode_result_ack(msg: ResultAckMessage) -> bytes:
-    return _dumps({"task_id": msg.task_id, "proplet_id": msg.proplet_id, "attempt": msg.attempt})
+    obj: dict[str, Any] = {"task_id": msg.task_id, "proplet_id": msg.proplet_id, "attempt": msg.attempt}
+    if msg.more:
+        obj["more"] = [list(pair) for pair in msg.more]
+    return _dumps(obj)
 
 
 def decode_result_ack(payload: bytes | str, topic: str = "control/manager/result_ack") -> ResultAckMessage:
     r = _Reader(payload, topic)
+    raw = r.obj.get("more") or []
+    if not isinstance(raw, list) or not all(
+        isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], int)
+        and not isinstance(p[1], bool) and p[1] >= 0 for p in raw
+    ):
+        raise r.fail("field 'more' must be a list of [task_id, attempt] pairs")
     return ResultAckMessage(
         task_id=r.req_str("task_id"),
         proplet_id=r.req_str("proplet_id"),
         attempt=r.opt_int("attempt", 0, minimum=0) or 0,
+        more=tuple((p[0], p[1]) for p in raw),
     )
 
 
@@ -478,6 +496,9 @@ class ResultMessage:
     error: str = ""
     attempt: int = 0
     traceparent: str = ""
+    # Extension: when the run began (RFC 3339, the proplet's clock), for a task that finished
+    # before the proplet confirmed it was running.
+    started_at: str = ""
 
     @property
     def failed(self) -> bool:
@@ -491,6 +512,7 @@ def encode_result(msg: ResultMessage) -> bytes:
     obj["error"] = msg.error or None
     _put_if(obj, "attempt", msg.attempt)
     _put_if(obj, "traceparent", msg.traceparent)
+    _put_if(obj, "started_at", msg.started_at)
     return _dumps(obj)
 
 
@@ -508,6 +530,7 @@ def decode_result(payload: bytes | str, topic: str = "control/proplet/results") 
         error=r.opt_str("error"),
         attempt=r.opt_int("attempt", 0, minimum=0) or 0,
         traceparent=r.opt_str("traceparent"),
+        started_at=r.opt_str("started_at"),
     )
 
 

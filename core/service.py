@@ -104,6 +104,7 @@ class ManagerCore:
         self._sent_at: dict[str, float] = {}
         # Starts whose publish found no connection; the dispatcher puts them back in the queue.
         self._lost_starts: list[str] = []
+        self._pending_acks: dict[str, list[tuple[str, int]]] = {}
         self._invocations: dict[str, asyncio.Future[protocol.InvokeResultMessage]] = {}
         self._files = ArtifactCache(max_bytes=64 * 1024 * 1024)
         self._signer: Any = None
@@ -1055,6 +1056,12 @@ class ManagerCore:
             self._ack_result(msg.proplet_id, task.id, msg.attempt)
             return
         now = utcnow()
+        if task.state is TaskState.SCHEDULED:
+            # A task that finished before its proplet confirmed it (fast tasks are not confirmed
+            # separately): record the run with the start time the proplet reports.
+            task.start_time = protocol.parse_timestamp(msg.started_at) or now
+            await self._transition(task, TaskState.RUNNING,
+                                   f"running on {task.proplet_id or msg.proplet_id} (reported with its result)")
         task.results = msg.results
         task.error = msg.error
         task.finish_time = now
@@ -1078,8 +1085,21 @@ class ManagerCore:
         p = self.proplets.get(proplet_id)
         if p is None or CAP_RESULT_ACK not in p.capabilities or self.bus is None:
             return
-        self.bus.send(self.topics.result_ack,
-                      protocol.encode_result_ack(protocol.ResultAckMessage(task_id, proplet_id, attempt)))
+        # Acks stored by the same commit leave together, one message per proplet.
+        if not self._pending_acks:
+            asyncio.get_running_loop().call_soon(self._flush_acks)
+        self._pending_acks.setdefault(proplet_id, []).append((task_id, attempt))
+
+    def _flush_acks(self) -> None:
+        pending, self._pending_acks = self._pending_acks, {}
+        if self.bus is None:
+            return
+        for proplet_id, acks in pending.items():
+            for i in range(0, len(acks), 500):
+                (task_id, attempt), *more = acks[i:i + 500]
+                # QoS 0: a lost ack only means the proplet sends the result again, and is acked again.
+                self.bus.send(self.topics.result_ack, protocol.encode_result_ack(
+                    protocol.ResultAckMessage(task_id, proplet_id, attempt, tuple(more))), qos=0)
 
     async def _broadcast_answer(self, task: Task, proplet_id: str, results: Any, error: str) -> None:
         answers = dict(task.results) if isinstance(task.results, dict) else {}

@@ -40,6 +40,9 @@ from proplet.sources import ChunkSource, FetchError, HttpSource, InlineSource, M
 log = logging.getLogger(__name__)
 
 CAPABILITIES = ["task_state", "result_ack", "chunk_resume", "wasm_digest", "limits"]
+# A task still running after this long is confirmed with task_state; a faster one is confirmed by
+# its result (which carries its start time), saving a message and a state change per task.
+CONFIRM_AFTER_S = 0.05
 # Upstream's manager matches this text to redeploy latent tasks (upstream §5.7).
 NOT_PRECOMPILED = "task {id} has not been precompiled; deploy it as a latent task first"
 
@@ -239,9 +242,8 @@ class PropletAgent:
         while True:
             await asyncio.sleep(self.settings.liveliness_interval)
             if self.bus.connected.is_set():
-                with contextlib.suppress(BrokerUnavailable):
-                    await self.bus.publish(self.topics.alive, self._alive_payload(protocol.ALIVE_STATUS),
-                                           timeout=self.settings.liveliness_interval)
+                # QoS 0: a heartbeat is worth nothing late, and the next one follows.
+                self.bus.send(self.topics.alive, self._alive_payload(protocol.ALIVE_STATUS), qos=0)
 
     # ------------------------------------------------------------------------------------
     # inbound
@@ -262,7 +264,8 @@ class PropletAgent:
             elif suffix == t.RESULT_ACK:
                 ack = protocol.decode_result_ack(payload, topic)
                 if ack.proplet_id == self.id:
-                    self.outbox.ack(ack.task_id, ack.attempt)
+                    for task_id, attempt in ack.acks():
+                        self.outbox.ack(task_id, attempt)
         except InvalidMessage as exc:
             self.counters.rejected_messages += 1
             log.warning("rejected a message on %s: %s", suffix, exc.reason)
@@ -390,7 +393,9 @@ class PropletAgent:
         self.counters.started += 1
         # One line per execution: the fault tests count them to prove nothing runs twice.
         log.info("running task %s (attempt %d)", start.id, start.attempt)
-        self._send_state(start, protocol.TASK_STATE_RUNNING)
+        started_at = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+        confirm = asyncio.get_running_loop().call_later(
+            CONFIRM_AFTER_S, self._send_state, start, protocol.TASK_STATE_RUNNING)
         results: Any = ""
         error = ""
         try:
@@ -405,6 +410,9 @@ class PropletAgent:
                 # Deployed, not run: invocations call it (upstream publishes nothing here either).
                 self._latent[start.id] = (digest, invocation)
                 log.info("task %s deployed as latent", start.id)
+                if not confirm.cancelled():
+                    confirm.cancel()
+                    self._send_state(start, protocol.TASK_STATE_RUNNING)
                 return
             served = None
             if start.daemon and self.runtime.supports_http and self.settings.http_enabled:
@@ -428,7 +436,8 @@ class PropletAgent:
             self.counters.failed += 1
         else:
             self.counters.completed += 1
-        result = ResultMessage(start.id, self.id, results, error, start.attempt, start.traceparent)
+        confirm.cancel()
+        result = ResultMessage(start.id, self.id, results, error, start.attempt, start.traceparent, started_at)
         self._finished[(start.id, start.attempt)] = result
         while len(self._finished) > self._finished_max:
             self._finished.popitem(last=False)
@@ -481,7 +490,8 @@ class PropletAgent:
     def _send_state(self, start: StartMessage, state: str, reason: str = "") -> None:
         assert self.bus is not None
         msg = protocol.TaskStateMessage(start.id, self.id, state, start.attempt, reason, start.traceparent)
-        self.bus.send(self.topics.task_state, protocol.encode_task_state(msg))
+        # QoS 0: a lost confirmation only means the manager sends the start again and we confirm again.
+        self.bus.send(self.topics.task_state, protocol.encode_task_state(msg), qos=0)
 
     def _publish_result(self, result: ResultMessage) -> None:
         assert self.bus is not None
@@ -504,8 +514,7 @@ class PropletAgent:
             payload = protocol.encode_proplet_metrics(protocol.PropletMetricsMessage(
                 self.id, self.settings.manager_k8s_namespace, datetime.now(UTC).isoformat().replace("+00:00", "Z"),
                 self._cpu_metrics(), _memory_metrics()))
-            with contextlib.suppress(BrokerUnavailable):
-                await self.bus.publish(self.topics.metrics, payload, timeout=self.settings.metrics_interval)
+            self.bus.send(self.topics.metrics, payload, qos=0)
 
     def _cpu_metrics(self) -> dict[str, float]:
         times = os.times()

@@ -60,8 +60,12 @@ async def test_add_with_inputs(manager: Any, proplet_factory: PropletFactory) ->
         done = await run_task(manager, name="add", file=b64(wasm("add")), inputs=[40, 2])
         assert (done.state, done.results, done.error) == (TaskState.COMPLETED, "42", "")
         events = [(e.state, e.detail) for e in await manager.task_events(done.id)]
+        assert [s for s, _ in events] == [TaskState.PENDING, TaskState.PENDING, TaskState.SCHEDULED,
+                                          TaskState.RUNNING, TaskState.COMPLETED]
         assert (TaskState.SCHEDULED, "dispatched to p-add") in events
-        assert (TaskState.RUNNING, "running on p-add") in events
+        # A fast task is confirmed by its result, which says when it started.
+        assert events[3][1] == "running on p-add (reported with its result)"
+        assert done.start_time is not None and done.start_time <= done.finish_time
 
 
 async def test_numeric_types_and_wrong_inputs(manager: Any, proplet_factory: PropletFactory) -> None:

@@ -47,7 +47,7 @@ discoveries = st.builds(p.DiscoveryMessage, proplet_id=ids, namespace=text, meta
 alives = st.builds(p.AliveMessage, proplet_id=ids, status=st.sampled_from(["alive", "offline"]), namespace=text,
                    running=st.lists(ids, max_size=3).map(tuple), traceparent=text)
 results = st.builds(p.ResultMessage, task_id=ids, proplet_id=ids, results=json_value, error=text,
-                    attempt=st.integers(0, 100), traceparent=text)
+                    attempt=st.integers(0, 100), traceparent=text, started_at=text)
 invoke_results = st.builds(p.InvokeResultMessage, task_id=ids, invocation_id=ids, proplet_id=text,
                            results=text, error=text, traceparent=text)
 proplet_metrics = st.builds(p.PropletMetricsMessage, proplet_id=ids, namespace=text, timestamp=json_scalar,
@@ -57,7 +57,8 @@ task_metrics = st.builds(p.TaskMetricsMessage, task_id=ids, proplet_id=text, met
 task_states = st.builds(p.TaskStateMessage, task_id=ids, proplet_id=ids,
                         state=st.sampled_from(["running", "rejected"]), attempt=st.integers(0, 100),
                         reason=text, traceparent=text)
-result_acks = st.builds(p.ResultAckMessage, task_id=ids, proplet_id=ids, attempt=st.integers(0, 100))
+result_acks = st.builds(p.ResultAckMessage, task_id=ids, proplet_id=ids, attempt=st.integers(0, 100),
+                        more=st.lists(st.tuples(ids, st.integers(0, 100)), max_size=4).map(tuple))
 registry_requests = st.builds(p.RegistryRequest, app_name=ids,
                               missing=st.lists(st.integers(0, 1000), max_size=5).map(tuple),
                               proplet_id=text, traceparent=text)
