@@ -12,10 +12,12 @@ import base64
 import binascii
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+# cryptography is imported where a key is used: a proplet without trusted keys never loads it.
 
 
 class SignatureError(ValueError):
@@ -24,6 +26,9 @@ class SignatureError(ValueError):
 
 def generate_keypair(directory: Path, name: str = "propeller-signing") -> tuple[Path, Path]:
     """Write `<name>.pem` (private, mode 600) and `<name>.pub.pem`; return their paths."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     directory.mkdir(parents=True, exist_ok=True)
     key = Ed25519PrivateKey.generate()
     private = directory / f"{name}.pem"
@@ -37,6 +42,9 @@ def generate_keypair(directory: Path, name: str = "propeller-signing") -> tuple[
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (OSError, ValueError) as exc:
@@ -47,6 +55,12 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
 
 
 def load_public_keys(paths: Iterable[Path]) -> list[Ed25519PublicKey]:
+    paths = list(paths)
+    if not paths:
+        return []
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     keys = []
     for path in paths:
         try:
@@ -64,6 +78,8 @@ def sign_digest(key: Ed25519PrivateKey, digest: str) -> str:
 
 
 def verify_digest(keys: list[Ed25519PublicKey], digest: str, signature: str) -> None:
+    from cryptography.exceptions import InvalidSignature
+
     if not digest:
         raise SignatureError("the start names no module digest, so its signature cannot be checked; "
                              "create the task with wasm_digest (or an inline module)")

@@ -14,9 +14,11 @@ import asyncio
 import hashlib
 import logging
 import ssl
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import httpx
+if TYPE_CHECKING:
+    import httpx
 
 from proplet.sources.base import DEFAULT_MAX_MODULE_BYTES, FetchError, WasmRef, format_size
 
@@ -66,15 +68,24 @@ class HttpSource:
         self.fetched_bytes = 0
         self.fetches = 0
         self.failures = 0
-        if client is None:
-            client = httpx.AsyncClient(
-                timeout=httpx.Timeout(connect=connect_timeout, read=read_timeout, write=read_timeout,
-                                      pool=connect_timeout),
-                verify=_verify_setting(ca_file, insecure_skip_verify),
+        self._ca_file = ca_file
+        self._insecure = insecure_skip_verify
+        # Built on first use: httpx and its TLS stack cost ~15 MB of memory, which a proplet that
+        # never fetches a URL should not pay.
+        self._client: Any = client
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            import httpx
+
+            self._client = httpx.AsyncClient(
+                timeout=httpx.Timeout(connect=self.connect_timeout, read=self.read_timeout,
+                                      write=self.read_timeout, pool=self.connect_timeout),
+                verify=_verify_setting(self._ca_file, self._insecure),
                 follow_redirects=True,
                 max_redirects=10,
             )
-        self._client = client
+        return self._client
 
     async def __aenter__(self) -> HttpSource:
         return self
@@ -83,7 +94,8 @@ class HttpSource:
         await self.aclose()
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if self._client is not None:
+            await self._client.aclose()
 
     def accepts(self, ref: WasmRef) -> bool:
         return is_http_url(ref.image_url)
@@ -107,13 +119,17 @@ class HttpSource:
                 f"{self.total_timeout:g} s and was abandoned. Check the server's bandwidth, or ship a "
                 "smaller module."
             ) from None
-        except httpx.HTTPError as exc:
+        except Exception as exc:
+            import httpx
+
+            if not isinstance(exc, httpx.HTTPError):
+                raise
             self.failures += 1
             raise FetchError(self._describe(ref.image_url, exc)) from None
 
     async def _download(self, url: str) -> tuple[bytes, str]:
         shown = display_url(url)
-        async with self._client.stream("GET", url) as response:
+        async with self._http().stream("GET", url) as response:
             if response.status_code >= 400:
                 hint = " Check that the file is published at that address." if response.status_code == 404 else ""
                 raise FetchError(
@@ -154,6 +170,8 @@ class HttpSource:
         return b"".join(pieces), "sha256:" + hasher.hexdigest()
 
     def _describe(self, url: str, exc: httpx.HTTPError) -> str:
+        import httpx
+
         shown = display_url(url)
         host = urlsplit(url).hostname or "the server"
         if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
