@@ -68,8 +68,8 @@ class HttpSource:
         self.fetched_bytes = 0
         self.fetches = 0
         self.failures = 0
-        self._ca_file = ca_file
-        self._insecure = insecure_skip_verify
+        # Checked now, so a wrong CA file is a configuration error at start, not at the first fetch.
+        self._verify = _verify_setting(ca_file, insecure_skip_verify)
         # Built on first use: httpx and its TLS stack cost ~15 MB of memory, which a proplet that
         # never fetches a URL should not pay.
         self._client: Any = client
@@ -81,7 +81,7 @@ class HttpSource:
             self._client = httpx.AsyncClient(
                 timeout=httpx.Timeout(connect=self.connect_timeout, read=self.read_timeout,
                                       write=self.read_timeout, pool=self.connect_timeout),
-                verify=_verify_setting(self._ca_file, self._insecure),
+                verify=self._verify,
                 follow_redirects=True,
                 max_redirects=10,
             )

@@ -150,7 +150,7 @@ async def test_secrets_never_reach_the_logs(tmp_path: Path) -> None:
         fleet.stop_all()
         fleet.broker.stop()
     logs = await asyncio.to_thread(lambda: "".join(p.read_text() for p in sorted(tmp_path.glob("*.log"))))
-    assert "running task" in logs and logs.count("DEBUG") > 50, "debug logging (with the MQTT packet trace) was on"
+    assert "running task" in logs and logs.count("DEBUG") > 20, "debug logging (with the MQTT packet trace) was on"
     assert "Sending CONNECT" in logs and "Received PUBLISH" in logs
     for name, secret in SECRETS.items():
         assert secret not in logs, name
