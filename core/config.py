@@ -55,6 +55,19 @@ class MqttClientSettings(BaseSettings):
     def _qos_from_text(cls, value: Any) -> Any:
         return int(value) if isinstance(value, str) and value.strip().isdigit() else value
 
+    def mqtt_connection(self, address: Any, client_id: str, password: str = "", *,
+                        clean_session: bool) -> Any:
+        """The MqttConnection these settings describe, for `client_id` (also the username)."""
+        from core.mqtt import MqttConnection
+
+        return MqttConnection(
+            address=address, client_id=client_id, username=client_id, password=password or None,
+            keepalive=self.mqtt_keep_alive, qos=self.mqtt_qos, clean_session=clean_session,
+            timeout=self.mqtt_timeout, tls_ca_cert=self.mqtt_tls_ca_cert,
+            tls_client_cert=self.mqtt_tls_client_cert, tls_client_key=self.mqtt_tls_client_key,
+            tls_insecure=self.mqtt_tls_insecure_skip_verify,
+        )
+
 
 class ManagerSettings(MqttClientSettings):
     """Everything `propeller serve` and the console's in-process manager need."""

@@ -58,3 +58,14 @@ class LazyEpilogCommand(click.Command):
         if self._epilog_factory is not None and self.epilog is None:
             self.epilog = self._epilog_factory()
         super().format_epilog(ctx, formatter)
+
+
+def load_settings(settings_cls: Any, **overrides: Any) -> Any:
+    """Settings from flags the user typed (None = not typed), the environment and the config
+    file; a clear error instead of a traceback when they are invalid."""
+    from pydantic import ValidationError
+
+    try:
+        return settings_cls(**{k: v for k, v in overrides.items() if v is not None})
+    except (ValidationError, ValueError) as exc:
+        raise click.ClickException(f"invalid configuration: {exc}") from None

@@ -49,7 +49,7 @@ from core.domain import (
 from core.errors import Conflict, InvalidRequest, NotFound, TimedOut, Unavailable, UpstreamFailed
 from core.events import Fanout
 from core.lifecycle import cancel_and_wait
-from core.mqtt import BrokerAddress, BrokerUnavailable, MqttBus, MqttConnection, parse_broker_url
+from core.mqtt import BrokerAddress, BrokerUnavailable, MqttBus, parse_broker_url
 from core.protocol import InvalidMessage
 from core.scheduler import Scheduler
 from core.schemas import TaskCreate, TaskUpdate
@@ -166,21 +166,10 @@ class ManagerCore:
         await self._recover()
 
         self.broker_address = await self._resolve_broker()
-        conn = MqttConnection(
-            address=self.broker_address,
-            client_id=self.settings.entity_id,
-            username=self.settings.entity_id,
-            password=self.settings.api_key or None,
-            keepalive=self.settings.mqtt_keep_alive,
-            qos=self.settings.mqtt_qos,
-            # The broker keeps the manager's subscriptions and queues results while it restarts.
-            clean_session=False,
-            timeout=self.settings.mqtt_timeout,
-            tls_ca_cert=self.settings.mqtt_tls_ca_cert,
-            tls_client_cert=self.settings.mqtt_tls_client_cert,
-            tls_client_key=self.settings.mqtt_tls_client_key,
-            tls_insecure=self.settings.mqtt_tls_insecure_skip_verify,
-        )
+        # clean_session off: the broker keeps the manager's subscriptions and queues results while
+        # it restarts.
+        conn = self.settings.mqtt_connection(self.broker_address, self.settings.entity_id, self.settings.api_key,
+                                             clean_session=False)
         # No Last Will on the proplet alive topic: upstream's manager registers itself as a
         # phantom proplet that way (upstream defect 9).
         self.bus = MqttBus(

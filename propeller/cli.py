@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from core.entrypoint import LazyEpilogCommand, settings_help, setup_logging
+from core.entrypoint import LazyEpilogCommand, load_settings, settings_help, setup_logging
 
 __all__ = ["main", "settings_help", "setup_logging"]
 
@@ -72,17 +72,10 @@ def serve(host: str | None, port: int | None, mqtt_address: str | None, storage:
     With no configuration it keeps its state in SQLite under ~/.local/share/propeller and uses the
     broker on localhost:1883, or starts an in-process one when nothing listens there.
     """
-    from pydantic import ValidationError
-
     from core.config import ManagerSettings
 
-    overrides = {k: v for k, v in {
-        "http_host": host, "http_port": port, "mqtt_address": mqtt_address, "storage_type": storage,
-        "sqlite_path": sqlite_path, "log_level": log_level}.items() if v is not None}
-    try:
-        settings = ManagerSettings(**overrides)
-    except (ValidationError, ValueError) as exc:
-        raise click.ClickException(f"invalid configuration: {exc}") from None
+    settings = load_settings(ManagerSettings, http_host=host, http_port=port, mqtt_address=mqtt_address,
+                             storage_type=storage, sqlite_path=sqlite_path, log_level=log_level)
     setup_logging(settings.log_level, log_format)
     try:
         asyncio.run(_serve(settings))

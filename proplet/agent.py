@@ -28,7 +28,7 @@ import orjson
 from core import __version__, protocol
 from core import topics as t
 from core.lifecycle import cancel_and_wait
-from core.mqtt import BrokerUnavailable, MqttBus, MqttConnection, parse_broker_url
+from core.mqtt import BrokerUnavailable, MqttBus, parse_broker_url
 from core.protocol import InvalidMessage, ResultMessage, StartMessage
 from core.signing import SignatureError
 from core.topics import Topics
@@ -110,21 +110,9 @@ class PropletAgent:
 
     async def __aenter__(self) -> PropletAgent:
         s = self.settings
-        conn = MqttConnection(
-            address=parse_broker_url(s.mqtt_address or "mqtt://localhost:1883"),
-            client_id=self.id,
-            username=self.id,
-            password=s.api_key or None,
-            keepalive=s.mqtt_keep_alive,
-            qos=s.mqtt_qos,
-            # The broker keeps our subscriptions and queues starts while we reconnect.
-            clean_session=False,
-            timeout=s.mqtt_timeout,
-            tls_ca_cert=s.mqtt_tls_ca_cert,
-            tls_client_cert=s.mqtt_tls_client_cert,
-            tls_client_key=s.mqtt_tls_client_key,
-            tls_insecure=s.mqtt_tls_insecure_skip_verify,
-        )
+        # clean_session off: the broker keeps our subscriptions and queues starts while we reconnect.
+        conn = s.mqtt_connection(parse_broker_url(s.mqtt_address or "mqtt://localhost:1883"), self.id,
+                                 s.api_key, clean_session=False)
         will = aiomqtt.Will(self.topics.alive, self._alive_payload(protocol.OFFLINE_STATUS), qos=1)
         self.bus = MqttBus(conn, subscriptions=self.topics.proplet_subscriptions(), on_message=self._on_message,
                            will=will, on_connected=self._announce, name=f"proplet {self.id}")

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from core.entrypoint import LazyEpilogCommand, settings_help, setup_logging
+from core.entrypoint import LazyEpilogCommand, load_settings, settings_help, setup_logging
 
 
 def _epilog() -> str:
@@ -31,16 +31,10 @@ def proplet_command(mqtt_address: str | None, entity_id: str | None, log_level: 
     With no configuration it connects to mqtt://localhost:1883 with a generated id that is kept
     for the next start, and runs modules with the internal wasmtime runtime.
     """
-    from pydantic import ValidationError
-
     from proplet.config import PropletSettings
 
-    overrides = {k: v for k, v in {"mqtt_address": mqtt_address, "entity_id": entity_id,
-                                   "log_level": log_level}.items() if v}
-    try:
-        settings = PropletSettings(**overrides)
-    except (ValidationError, ValueError) as exc:
-        raise click.ClickException(f"invalid configuration: {exc}") from None
+    settings = load_settings(PropletSettings, mqtt_address=mqtt_address, entity_id=entity_id or None,
+                             log_level=log_level)
     setup_logging(settings.log_level, log_format)
     try:
         asyncio.run(_run(settings))

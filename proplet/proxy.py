@@ -36,7 +36,7 @@ from core import protocol
 from core.chunks import Artifact, ArtifactCache, ArtifactUnavailable, ChunkServer, is_blob_ref
 from core.config import MqttClientSettings, yaml_section
 from core.lifecycle import cancel_and_wait
-from core.mqtt import MqttBus, MqttConnection, parse_broker_url
+from core.mqtt import MqttBus, parse_broker_url
 from core.protocol import InvalidMessage
 from core.topics import Topics
 
@@ -525,19 +525,8 @@ class OciProxy:
 
     async def _start(self) -> None:
         s = self.settings
-        conn = MqttConnection(
-            address=parse_broker_url(s.mqtt_address or "mqtt://localhost:1883"),
-            client_id=s.entity_id,
-            username=s.entity_id,
-            password=s.api_key or None,
-            keepalive=s.mqtt_keep_alive,
-            qos=s.mqtt_qos,
-            timeout=s.mqtt_timeout,
-            tls_ca_cert=s.mqtt_tls_ca_cert,
-            tls_client_cert=s.mqtt_tls_client_cert,
-            tls_client_key=s.mqtt_tls_client_key,
-            tls_insecure=s.mqtt_tls_insecure_skip_verify,
-        )
+        conn = s.mqtt_connection(parse_broker_url(s.mqtt_address or "mqtt://localhost:1883"), s.entity_id,
+                                 s.api_key, clean_session=True)
         # No Last Will on the proplet alive topic: upstream's proxy registers itself as a phantom
         # proplet that way (defect 9).
         self.bus = MqttBus(conn, subscriptions=[self.topics.registry_request], on_message=self._on_message,

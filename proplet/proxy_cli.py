@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from core.entrypoint import LazyEpilogCommand, settings_help, setup_logging
+from core.entrypoint import LazyEpilogCommand, load_settings, settings_help, setup_logging
 
 
 def _epilog() -> str:
@@ -38,17 +38,10 @@ def proxy_command(mqtt_address: str | None, registry_url: str | None, chunk_size
     reference's tag or digest is honoured. Registries on a loopback address are spoken to over
     plain HTTP; others over HTTPS unless PROXY_REGISTRY_INSECURE is set for PROXY_REGISTRY_URL.
     """
-    from pydantic import ValidationError
-
     from proplet.proxy import ProxySettings
 
-    overrides = {k: v for k, v in {
-        "mqtt_address": mqtt_address, "registry_url": registry_url, "chunk_size": chunk_size,
-        "http_port": http_port, "log_level": log_level}.items() if v is not None}
-    try:
-        settings = ProxySettings(**overrides)
-    except (ValidationError, ValueError) as exc:
-        raise click.ClickException(f"invalid configuration: {exc}") from None
+    settings = load_settings(ProxySettings, mqtt_address=mqtt_address, registry_url=registry_url,
+                             chunk_size=chunk_size, http_port=http_port, log_level=log_level)
     setup_logging(settings.log_level, log_format)
     try:
         asyncio.run(_run(settings))

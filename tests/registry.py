@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.services import free_port, need
+from tests.services import free_port, need, stop_process
 
 WASM_CONFIG_MEDIA_TYPE = "application/vnd.wasm.config.v0+json"
 
@@ -79,12 +79,7 @@ class DockerRegistry:
 
     def stop(self) -> None:
         if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            stop_process(self.process)
             self.process = None
 
     def log_text(self) -> str:
