@@ -1121,9 +1121,15 @@ class ManagerCore:
                          f"state of task {task.id} from {msg.proplet_id}, but it runs on {task.proplet_id}")
             return
         if msg.state == protocol.TASK_STATE_RUNNING:
+            detail = f"running on {msg.proplet_id}" + (f": {msg.reason}" if msg.reason else "")
+            if task.daemon and msg.reason:
+                # A served daemon reports where it serves (e.g. its port) while it runs.
+                task.results = msg.reason
             if task.state is TaskState.SCHEDULED:
                 task.start_time = utcnow()
-                await self._transition(task, TaskState.RUNNING, f"running on {msg.proplet_id}")
+                await self._transition(task, TaskState.RUNNING, detail)
+            elif msg.reason:
+                await self._transition(task, TaskState.RUNNING, detail)
         elif task.state in (TaskState.SCHEDULED, TaskState.RUNNING):
             why = f"proplet {msg.proplet_id} refused it: {msg.reason or 'no reason given'}"
             refused = self._refused_by[task.id]

@@ -272,3 +272,46 @@ async def test_directories_need_both_the_task_and_the_proplet(manager: Any, prop
         unasked = await run_task(manager, name="_start", file=b64(wasm("fsio")),
                                  inputs=["read", str(allowed / "in.txt")])
         assert unasked.state is TaskState.FAILED
+
+
+async def test_component_export_and_command(manager: Any, proplet_factory: PropletFactory) -> None:
+    async with proplet_factory(manager, "p-comp"):
+        greet = await run_task(manager, name="greet", file=b64(wasm("greeter-component")), inputs=['"world"'])
+        assert (greet.state, greet.results) == (TaskState.COMPLETED, '"Hello, world!"'), greet.error
+        command = await run_task(manager, name="_start", file=b64(wasm("hello-component")), inputs=["x"],
+                                 env={"GREETING": "p2"})
+        assert "[x]\nGREETING=p2\n" in command.results, command.error
+
+
+async def test_daemon_serves_wasi_http_until_stopped(manager: Any, proplet_factory: PropletFactory) -> None:
+    import httpx
+
+    from tests.wasmfixtures import wasmtime_cli
+
+    async with proplet_factory(manager, "p-web", external_wasm_runtime=wasmtime_cli(), http_enabled=True):
+        task = await manager.create_task(TaskCreate(name="serve", file=b64(wasm("http-component")), daemon=True))
+        await manager.start_task(task.id)
+
+        async def serving() -> Any:
+            events = await manager.task_events(task.id)
+            return next((e for e in events if e.detail.startswith("running on p-web: serving HTTP on port")), None)
+
+        event = await eventually(serving, 60)
+        port = int(event.detail.rsplit(" ", 1)[1])
+        async with httpx.AsyncClient() as client:
+            response = await client.get(f"http://127.0.0.1:{port}/hello")
+        assert response.status_code == 200
+        running = await manager.get_task(task.id)
+        assert running.state is TaskState.RUNNING, "a daemon keeps running"
+        assert running.results == f"serving HTTP on port {port}", "its port is in its results"
+        await manager.stop_task(task.id)
+
+        async def closed() -> bool:
+            try:
+                async with httpx.AsyncClient() as client:
+                    await client.get(f"http://127.0.0.1:{port}/", timeout=0.5)
+            except httpx.HTTPError:
+                return True
+            return False
+
+        await eventually(closed, 10)
