@@ -579,7 +579,7 @@ class ManagerCore:
         if new.is_terminal:
             self._forget(task)
             self.metrics.tasks_finished.labels(new.label).inc()
-        ops = (self.store.op_update_task(task),
+        ops = (self.store.op_update_task_state(task),
                self.store.op_task_event(TaskEvent(task.id, new, now, task.attempt, task.proplet_id, detail)))
         fut = await self.writer.enqueue(*ops) if durable else None
         if fut is None:
@@ -697,7 +697,7 @@ class ManagerCore:
         if reason != task.reason:
             task.reason = reason
             task.updated_at = utcnow()
-            await self.writer.enqueue(self.store.op_update_task(task))
+            await self.writer.submit(self.store.op_update_task_state(task))
 
     async def _dispatch(self, task: Task, targets: list[Proplet]) -> None:
         assert self.bus is not None

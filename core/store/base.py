@@ -78,6 +78,14 @@ SQL_INSERT_TASK = (
 SQL_UPDATE_TASK = (
     f"UPDATE tasks SET {', '.join(f'{c} = ?' for c in _TASK_MUTABLE)} WHERE id = ?"
 )
+# What a state transition changes: the hot path writes only these.
+_TASK_STATE_COLUMNS = (
+    "state", "proplet_id", "attempt", "retries", "results", "error", "reason", "queued_at", "start_time",
+    "finish_time", "updated_at",
+)
+SQL_UPDATE_TASK_STATE = (
+    f"UPDATE tasks SET {', '.join(f'{c} = ?' for c in _TASK_STATE_COLUMNS)} WHERE id = ?"
+)
 SQL_UPDATE_TASK_FILE = "UPDATE tasks SET file = ?, wasm_digest = ?, updated_at = ? WHERE id = ?"
 SQL_DELETE_TASK = "DELETE FROM tasks WHERE id = ?"
 SQL_INSERT_EVENT = (
@@ -426,6 +434,15 @@ class Store(abc.ABC):
 
     def op_update_task(self, task: Task) -> WriteOp:
         return WriteOp(SQL_UPDATE_TASK, self.task_update_row(task), phase=_PHASE_TASK_UPDATE, key=task.id)
+
+    def op_update_task_state(self, task: Task) -> WriteOp:
+        """A state transition: only the columns a transition changes (see _TASK_STATE_COLUMNS)."""
+        ts = self.ts_in
+        return WriteOp(SQL_UPDATE_TASK_STATE, (
+            int(task.state), task.proplet_id, task.attempt, task.retries,
+            None if task.results is None else dumps(task.results), task.error, task.reason,
+            ts(task.queued_at), ts(task.start_time), ts(task.finish_time), ts(task.updated_at), task.id,
+        ), phase=_PHASE_TASK_UPDATE, key=task.id)
 
     def op_set_task_file(self, task: Task) -> WriteOp:
         return WriteOp(

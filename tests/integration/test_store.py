@@ -82,6 +82,19 @@ async def test_update_persists_every_mutable_field(store: Store) -> None:
     assert await store.get_task(task.id) == task
 
 
+async def test_state_update_writes_the_state_columns_only(store: Store) -> None:
+    task = make_task()
+    await write(store, store.op_insert_task(task))
+    changed = task.copy()
+    changed.state, changed.results, changed.attempt, changed.proplet_id = TaskState.RUNNING, [1], 3, "p2"
+    changed.inputs = ["not", "stored"]  # not a state column: a transition never changes it
+    await write(store, store.op_update_task_state(changed))
+    got = await store.get_task(task.id)
+    assert got is not None
+    assert (got.state, got.results, got.attempt, got.proplet_id) == (TaskState.RUNNING, [1], 3, "p2")
+    assert got.inputs == task.inputs
+
+
 async def test_results_of_every_json_type(store: Store) -> None:
     for value in ("text", 7, 1.5, True, None, [1, "a"], {"k": {"n": None}}):
         task = make_task(results=value)
