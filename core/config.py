@@ -8,7 +8,7 @@ variables, the `manager:` section of the config file, defaults. Every setting ha
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import (
@@ -23,7 +23,32 @@ from core import paths
 from core.domain import SchedulerPolicy
 
 
-class MqttClientSettings(BaseSettings):
+class SectionSettings(BaseSettings):
+    """Settings read, highest priority first, from the caller (flags), the environment, and the
+    `CONFIG_SECTION` section of the config file."""
+
+    model_config = SettingsConfigDict(extra="ignore")
+    CONFIG_SECTION: ClassVar[str] = ""
+
+    @classmethod
+    def extra_sources(cls, settings_cls: type[BaseSettings]) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Sources between the environment and the config file (the proplet's upstream TOML file)."""
+        return ()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, *cls.extra_sources(settings_cls),
+                yaml_section(settings_cls, cls.CONFIG_SECTION))
+
+
+class MqttClientSettings(SectionSettings):
     """Connection settings shared by the manager, the proxy and the proplet."""
 
     model_config = SettingsConfigDict(extra="ignore")
@@ -73,6 +98,7 @@ class ManagerSettings(MqttClientSettings):
     """Everything `propeller serve` and the console's in-process manager need."""
 
     model_config = SettingsConfigDict(env_prefix="MANAGER_", extra="ignore")
+    CONFIG_SECTION: ClassVar[str] = "manager"
 
     tenant_id: str = Field(default="propeller", description="Domain of the MQTT topics (m/<tenant>/c/<channel>/...).")
     channel_id: str = Field(default="default", description="Channel of the MQTT topics.")
@@ -172,16 +198,6 @@ class ManagerSettings(MqttClientSettings):
             f"?sslmode={self.postgres_sslmode}"
         )
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, yaml_section(settings_cls, "manager"))
 
 
 def yaml_section(settings_cls: type[BaseSettings], section: str) -> PydanticBaseSettingsSource:

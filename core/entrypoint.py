@@ -8,14 +8,23 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
 
 
-def setup_logging(level: str, fmt: str = "text") -> None:
-    """Logging for a process: text for terminals, JSON lines for log collectors."""
-    handler = logging.StreamHandler(sys.stderr)
+def setup_logging(level: str, fmt: str = "text", file: Path | None = None) -> None:
+    """Logging for a process: text for terminals, JSON lines for log collectors; to stderr, or to
+    `file` (rotated: 3 x 5 MB) for a process that owns the terminal, such as the console."""
+    handler: logging.Handler
+    if file is None:
+        handler = logging.StreamHandler(sys.stderr)
+    else:
+        from logging.handlers import RotatingFileHandler
+
+        file.parent.mkdir(parents=True, exist_ok=True)
+        handler = RotatingFileHandler(file, maxBytes=5 * 1024 * 1024, backupCount=3)
     if fmt == "json":
         class _Json(logging.Formatter):
             def format(self, record: logging.LogRecord) -> str:

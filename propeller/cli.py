@@ -28,12 +28,21 @@ DEFAULT_MANAGER_URL = "http://127.0.0.1:7070"
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Config file (YAML with manager:, proplet:, proxy:, console: sections). "
                    "Default: $PROPELLER_CONFIG or ~/.config/propeller/config.yaml.")
+@click.option("--read-only", "read_only", is_flag=True, default=None,
+              help="Console: disable every action that changes the fleet (console.read_only).")
+@click.option("--theme", help="Console: colour theme, e.g. propeller-dark, propeller-light, terminal (console.theme).")
+@click.option("--mouse/--no-mouse", default=None, help="Console: mouse support, on by default (console.mouse).")
+@click.option("--headless", is_flag=True,
+              help="Run the console's manager without a UI until SIGINT/SIGTERM (same as `propeller serve`).")
 @click.version_option(package_name="propeller")
 @click.pass_context
-def main(ctx: click.Context, config_file: Path | None) -> None:
+def main(ctx: click.Context, config_file: Path | None, read_only: bool | None, theme: str | None,
+         mouse: bool | None, headless: bool) -> None:
     """Propeller: run WebAssembly workloads across an edge fleet over MQTT.
 
-    With no command, opens the operator console, which hosts the manager.
+    With no command, opens the operator console, which hosts the manager in-process (SQLite and an
+    in-process broker by default). Keys: ? help, : commands, Ctrl+P palette, Ctrl+Q quit.
+    Use `propeller serve` for a manager that must outlive the terminal.
     """
     if config_file is not None:
         if not config_file.is_file():
@@ -45,7 +54,7 @@ def main(ctx: click.Context, config_file: Path | None) -> None:
         except ImportError:
             click.echo(ctx.get_help())
             return
-        run_console()
+        run_console(read_only=read_only, headless=headless, theme=theme, mouse=mouse)
 
 
 # ---- serve -----------------------------------------------------------------------------------

@@ -12,13 +12,13 @@ import re
 import socket
 import uuid
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from core import paths
-from core.config import MqttClientSettings, yaml_section
+from core.config import MqttClientSettings
 
 _DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -45,6 +45,7 @@ class PropletSettings(MqttClientSettings):
     """Everything `propeller proplet` reads. Names and meanings follow upstream's Rust proplet."""
 
     model_config = SettingsConfigDict(env_prefix="PROPLET_", extra="ignore")
+    CONFIG_SECTION: ClassVar[str] = "proplet"
 
     mqtt_address: str | None = Field(
         default="mqtt://localhost:1883",
@@ -136,15 +137,8 @@ class PropletSettings(MqttClientSettings):
         return self
 
     @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _UpstreamToml(settings_cls), yaml_section(settings_cls, "proplet"))
+    def extra_sources(cls, settings_cls: type[BaseSettings]) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (_UpstreamToml(settings_cls),)
 
 
 class _UpstreamToml(PydanticBaseSettingsSource):

@@ -26,15 +26,15 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import orjson
 from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from core import protocol
 from core.chunks import Artifact, ArtifactCache, ArtifactUnavailable, ChunkServer, is_blob_ref
-from core.config import MqttClientSettings, yaml_section
+from core.config import MqttClientSettings
 from core.lifecycle import cancel_and_wait
 from core.mqtt import MqttBus, parse_broker_url
 from core.protocol import InvalidMessage
@@ -55,6 +55,7 @@ class ProxySettings(MqttClientSettings):
     """Everything `propeller proxy` needs; upstream's `PROXY_*` variables plus a few of our own."""
 
     model_config = SettingsConfigDict(env_prefix="PROXY_", extra="ignore")
+    CONFIG_SECTION: ClassVar[str] = "proxy"
 
     mqtt_address: str | None = Field(
         default=None,
@@ -122,16 +123,6 @@ class ProxySettings(MqttClientSettings):
             )
         return self
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, yaml_section(settings_cls, "proxy"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,673 @@
+"""The operator console: a Textual app that hosts the manager core in-process.
+
+    propeller                      # opens the console (this module's run_console)
+
+`ConsoleApp` enters `ManagerCore` before the UI starts and leaves it when the UI ends (quit, `:q`,
+SIGTERM, or the terminal hanging up), so the manager shuts down cleanly and the next start shows the
+same fleet from the database. Tests pass an already entered core instead.
+
+Data flow (docs/ARCHITECTURE.md, STYLE rules 17-20): two ingest workers drain the core's event
+subscription and the MQTT traffic tap into `console.fleet` (latest-state maps, ring buffers) as fast
+as they arrive; one timer applies what changed to the visible view every `refresh_interval` inside
+`batch_update()`. Hidden views are not rendered and catch up when shown; nothing renders while a
+modal is up. Workers never touch widgets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from datetime import datetime
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from textual import on, work
+from textual.app import App
+from textual.command import DiscoveryHit, Hit, Hits, Provider
+from textual.screen import ModalScreen
+from textual.worker import Worker, WorkerState
+
+from console import keys
+from console.base import ConsoleScreen, PaletteCommand
+from console.firmware import Firmware
+from console.fleet import Clock, FleetState, TrafficState, utc_clock
+from console.local import LocalFleet
+from console.messages import TaskDeletedHere
+from console.settings import ConsoleSettings, load_settings
+from console.themes import ALIASES, TERMINAL_THEMES, load_themes, resolve_name
+from console.views.dashboard import DashboardScreen
+from console.views.dispatch import DispatchScreen
+from console.views.firmware import FirmwareScreen
+from console.views.local import LocalScreen
+from console.views.proplets import PropletsScreen
+from console.views.tasks import TaskDetailScreen, TasksScreen
+from console.views.traffic import TrafficScreen
+from console.widgets import ConfirmModal, FleetHeader, HelpScreen
+
+if TYPE_CHECKING:
+    from core.config import ManagerSettings
+    from core.service import ManagerCore
+
+log = logging.getLogger("propeller.console")
+
+# Views: mode name, label, and the `:` commands that reach it (first one is the canonical name).
+VIEWS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "dashboard": ("Dashboard", ("dashboard", "dash", "home", "d")),
+    "tasks": ("Tasks", ("tasks", "task", "t", "ts")),
+    "proplets": ("Proplets", ("proplets", "proplet", "p", "pl")),
+    "traffic": ("MQTT traffic", ("mqtt", "traffic", "tr", "m")),
+    "dispatch": ("Dispatch", ("dispatch", "new", "n", "submit")),
+    "local": ("Local proplets", ("local", "l", "lp")),
+    "firmware": ("Firmware", ("fw", "firmware", "f")),
+}
+QUIT_WORDS = ("q", "quit", "q!", "exit")
+HELP_WORDS = ("help", "h", "?")
+
+# Events kept for the console while it is busy; on overflow the oldest go and the views reload.
+EVENT_BUFFER = 50_000
+TRAFFIC_BUFFER = 20_000
+COUNTS_INTERVAL = 2.0
+
+
+class ConsoleProvider(Provider):
+    """Command palette entries that fit where you are: views, themes, and the current view's actions."""
+
+    def _commands(self) -> list[PaletteCommand]:
+        app = self.app
+        assert isinstance(app, ConsoleApp)
+        commands = [PaletteCommand(f"Go to {label}", f":{words[0]}", partial(app.go, mode))
+                    for mode, (label, words) in VIEWS.items()]
+        commands += [PaletteCommand(f"Theme: {name}", "Switch the console's colours", partial(app.set_theme, name))
+                     for name in app.theme_names()]
+        screen = self.screen
+        if isinstance(screen, ConsoleScreen):
+            commands += screen.palette_commands()
+        if app.read_only:
+            commands = [c for c in commands if not c.mutating]
+        commands.append(PaletteCommand("Help", "Keys and help for the focused widget", app.action_help))
+        return commands
+
+    async def discover(self) -> Hits:
+        for command in self._commands():
+            yield DiscoveryHit(command.name, command.callback, help=command.help)
+
+    async def search(self, query: str) -> Hits:
+        matcher = self.matcher(query)
+        for command in self._commands():
+            score = matcher.match(command.name)
+            if score > 0:
+                yield Hit(score, matcher.highlight(command.name), command.callback, help=command.help)
+
+
+class ConsoleApp(App[None]):
+    CSS_PATH = "app.tcss"
+    TITLE = "Propeller"
+    MODES: ClassVar = {
+        "dashboard": DashboardScreen, "tasks": TasksScreen, "proplets": PropletsScreen, "traffic": TrafficScreen,
+        "dispatch": DispatchScreen, "local": LocalScreen, "firmware": FirmwareScreen,
+    }
+    DEFAULT_MODE: ClassVar[str] = "dashboard"
+    BINDINGS: ClassVar = keys.APP
+    COMMANDS: ClassVar = App.COMMANDS | {ConsoleProvider}
+
+    def __init__(self, core: ManagerCore | None = None, settings: ConsoleSettings | None = None, *,
+                 manager_settings: ManagerSettings | None = None, clock: Clock = utc_clock,
+                 hostname: str | None = None, handle_signals: bool = False) -> None:
+        super().__init__()
+        self.core: ManagerCore = core  # type: ignore[assignment]  # set in run_async when hosting
+        self.settings = settings or ConsoleSettings()
+        self.manager_settings = manager_settings
+        self.read_only = self.settings.read_only
+        self.cursor_blink_enabled = self.settings.cursor_blink
+        self.clock = clock
+        self.hostname = hostname or socket.gethostname()
+        self.handle_signals = handle_signals
+        self.hung_up = False
+        self.fleet = FleetState(max_tasks=self.settings.task_rows, clock=clock)
+        self.traffic = TrafficState(max_entries=self.settings.traffic_lines,
+                                    preview_limit=self.settings.payload_preview_limit,
+                                    topic_history=self.settings.topic_history)
+        self.firmware = Firmware(self.settings.firmware)
+        self.local: LocalFleet = None  # type: ignore[assignment]  # needs the core's broker: on_mount
+        self.counts_loaded = False
+        self._history: deque[str] = deque(maxlen=20)
+        self._loaded = asyncio.Event()
+        self._subs: list[Any] = []
+        self._last_proplet_sync = 0.0
+        self._started = time.perf_counter()
+        loaded = load_themes(self.settings.all_theme_dirs())
+        self.theme_problems = loaded.problems
+        for theme in loaded.themes:
+            self.register_theme(theme)
+
+    # ------------------------------------------------------------------------------------
+    # hosting the core
+
+    async def run_async(self, **kwargs: Any) -> None:  # type: ignore[override]
+        if self.core is not None:
+            return await super().run_async(**kwargs)
+        from core.config import ManagerSettings
+        from core.service import ManagerCore
+
+        async with ManagerCore(self.manager_settings or ManagerSettings()) as core:
+            self.core = core
+            log.info("manager core started: %s", core.status())
+            try:
+                result = await super().run_async(**kwargs)
+            finally:
+                if self.local is not None:
+                    await self.local.stop_all()
+                log.info("console closed%s; stopping the manager core",
+                         " (the terminal hung up)" if self.hung_up else "")
+        log.info("manager core stopped cleanly")
+        return result
+
+    # ------------------------------------------------------------------------------------
+    # start-up
+
+    def on_mount(self) -> None:
+        assert self.core is not None, "ConsoleApp needs a ManagerCore (pass one, or let run_async host it)"
+        core = self.core
+        self.traffic.prefix = core.topics.prefix
+        broker = core.broker_address.url if core.broker_address else ""
+        env = {"PROPLET_MQTT_ADDRESS": broker, "PROPLET_TENANT_ID": core.settings.tenant_id,
+               "PROPLET_CHANNEL_ID": core.settings.channel_id}
+        for name in ("mqtt_tls_ca_cert", "mqtt_tls_client_cert", "mqtt_tls_client_key"):
+            value = getattr(core.settings, name)
+            if value:
+                env[f"PROPLET_{name.upper()}"] = str(value)
+        from core import paths
+
+        self.local = LocalFleet(
+            command=self.settings.local_proplet_command,
+            env={**self.settings.local_proplet_env, **env},
+            state_root=paths.state_dir() / "console-proplets",
+            max_lines=self.settings.local_proplet_output_lines,
+        )
+        self._apply_theme_setting()
+        self._apply_keymap()
+        # Subscribe before loading, so nothing that happens during the load is missed.
+        self._event_sub = core.events.subscribe(EVENT_BUFFER)
+        self._subs.append(self._event_sub)
+        if core.bus is not None:
+            self._traffic_sub = core.bus.tap.subscribe(TRAFFIC_BUFFER)
+            self._subs.append(self._traffic_sub)
+            self.ingest_traffic()
+        self.load_all()
+        self.ingest_events()
+        self.poll_counts()
+        self.set_interval(self.settings.refresh_interval, self.flush, name="console-flush")
+        if self.handle_signals:
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGHUP, self.hang_up)
+            loop.add_signal_handler(signal.SIGTERM, self.exit)
+            self.set_timer(5.0, self._check_terminal)
+        for problem in self.theme_problems:
+            self.notify(problem, title="Theme file ignored", severity="warning", timeout=10)
+
+    def on_ready(self) -> None:
+        log.info("console ready in %.0f ms", (time.perf_counter() - self._started) * 1000)
+
+    async def on_unmount(self) -> None:
+        for sub in self._subs:
+            sub.close()
+        if self.local is not None:
+            await self.local.stop_all()
+
+    def _apply_theme_setting(self) -> None:
+        wanted = resolve_name(self.settings.theme)
+        if wanted in self.available_themes:
+            self.theme = wanted
+            return
+        self.theme = "propeller-dark"
+        self.notify(f"The theme '{self.settings.theme}' (console.theme) does not exist; using propeller-dark. "
+                    f"Themes: {', '.join(self.theme_names())}.", severity="warning", timeout=10)
+
+    def _apply_keymap(self) -> None:
+        keymap = dict(self.settings.keymap)
+        unknown = sorted(set(keymap) - keys.BINDING_IDS)
+        if unknown:
+            self.notify(f"console.keymap names unknown binding ids: {', '.join(unknown)}. Press ? in a view to see "
+                        "the ids it uses.", severity="warning", timeout=10)
+        self.set_keymap({k: v for k, v in keymap.items() if k in keys.BINDING_IDS})
+
+    # ------------------------------------------------------------------------------------
+    # ingest (workers: no widgets touched here)
+
+    @work(group="load", description="Loading the fleet from the manager", exit_on_error=False)
+    async def load_all(self) -> None:
+        from core.domain import TaskState
+
+        core = self.core
+        await self._load_tasks()
+        failed = await core.list_tasks(limit=8, states=[TaskState.FAILED])
+        from console.fleet import Failure
+
+        for task in sorted(failed.items, key=lambda t: t.finish_time or t.updated_at):
+            self.fleet.failures.append(Failure(task.finish_time or task.updated_at, task.id, task.name,
+                                               task.error or task.reason))
+        self.fleet.sync_proplets(core.list_proplets())
+        for proplet_id in list(self.fleet.proplets)[:50]:
+            page = await core.proplet_metrics(proplet_id, 0, 1)
+            if page.items:
+                from core.domain import PropletMetricsReceived
+
+                self.fleet.apply_events([PropletMetricsReceived(page.items[0])], time.time())
+        self.fleet.counts = await core.store.count_tasks_by_state()
+        self.counts_loaded = True
+        self._loaded.set()
+
+    async def _load_tasks(self) -> None:
+        tasks = []
+        offset = 0
+        while len(tasks) < self.settings.task_rows:
+            limit = min(500, self.settings.task_rows - len(tasks))
+            page = await self.core.list_tasks(offset=offset, limit=limit)
+            tasks.extend(page.items)
+            offset += limit
+            if len(page.items) < limit:
+                break
+        self.fleet.load_tasks(tasks)
+
+    @work(group="ingest-events", description="Following the manager's events", exit_on_error=False)
+    async def ingest_events(self) -> None:
+        from core.errors import NotFound
+
+        sub = self._event_sub
+        await self._loaded.wait()
+        while True:
+            items = await sub.wait(1.0)
+            if items:
+                self.fleet.apply_events(items, time.time())
+            if self.fleet.note_dropped(sub.dropped):
+                log.warning("the console fell behind the manager's events (%d dropped); reloading", sub.dropped)
+                await self._load_tasks()
+            # Results and errors are not in the state events: fetch them, a bounded batch per round.
+            for task_id in list(self.fleet.to_fetch)[:200]:
+                try:
+                    task = await self.core.get_task(task_id)
+                except NotFound:
+                    self.fleet.to_fetch.discard(task_id)
+                    continue
+                self.fleet.upsert_task(task)
+
+    @work(group="ingest-traffic", description="Following MQTT traffic", exit_on_error=False)
+    async def ingest_traffic(self) -> None:
+        sub = self._traffic_sub
+        while True:
+            items = await sub.wait(1.0)
+            if items:
+                self.traffic.ingest(items, sub.dropped)
+            # Let messages accumulate a little: batches are cheaper than one wake-up per message.
+            await asyncio.sleep(0.05)
+
+    @work(group="counts", description="Counting tasks by state", exit_on_error=False)
+    async def poll_counts(self) -> None:
+        await self._loaded.wait()
+        while True:
+            await asyncio.sleep(COUNTS_INTERVAL)
+            self.fleet.counts = await self.core.store.count_tasks_by_state()
+
+    def reload_tasks(self) -> None:
+        self._reload()
+
+    @work(exclusive=True, group="reload", description="Reloading tasks", exit_on_error=False)
+    async def _reload(self) -> None:
+        await self._load_tasks()
+        self.notify(f"Reloaded {len(self.fleet.tasks)} tasks from the database", timeout=2)
+
+    # ------------------------------------------------------------------------------------
+    # rendering at a fixed cadence
+
+    def flush(self) -> None:
+        if not self._loaded.is_set() or self.core is None:
+            return
+        now = time.monotonic()
+        if now - self._last_proplet_sync >= 1.0:
+            self._last_proplet_sync = now
+            self.fleet.sync_proplets(self.core.list_proplets())
+        if not self.screen_stack:
+            return  # shutting down
+        screen = self.screen
+        # Rendering (not ingest) pauses while a modal is up (dolphie's WorkerManager does the same).
+        if isinstance(screen, ModalScreen) or not isinstance(screen, ConsoleScreen):
+            return
+        with self.batch_update():
+            screen.flush()
+
+    def store_description(self) -> str:
+        text = self.core.store.description
+        home = str(Path.home())
+        return text.replace(home, "~", 1) if home and home != "/" else text
+
+    def update_header(self, header: FleetHeader, crumbs: list[str]) -> None:
+        from core import __version__
+        from core.domain import TaskState
+
+        status = self.core.status()
+        state = "[$success]● connected[/]" if status.broker_connected else "[$error]○ not connected[/]"
+        embedded = " [$text-muted](in-process)[/]" if status.broker_embedded else ""
+        where = (f"[b $accent]◆ Propeller[/] [$text-muted]{__version__}[/]  [$text-muted]host[/] {self.hostname}"
+                 f"  [$text-muted]broker[/] {status.broker_url} {state}{embedded}"
+                 f"  [$text-muted]db[/] {self.store_description()}")
+        counts = self.fleet.counts
+        loaded = self.counts_loaded
+
+        def n(key: str, value: int) -> str:
+            mark = header.marker(key, value) if loaded else ""
+            return f"{value:,}{mark}"
+
+        right = (f"proplets [b]{n('online', status.proplets_online)}[/]/{status.proplets_total} online"
+                 f"  │  active [b $primary]{n('active', status.active)}[/]"
+                 f"  queued {n('queued', status.backlog)}"
+                 f"  completed [$success]{n('completed', counts.get(TaskState.COMPLETED, 0))}[/]"
+                 f"  failed [$error]{n('failed', counts.get(TaskState.FAILED, 0))}[/]")
+        crumb_text = " › ".join(f"[b]{c}[/]" if i == len(crumbs) - 1 else c for i, c in enumerate(crumbs) if c)
+        badge = "  [reverse $warning] READ-ONLY [/]" if self.read_only else ""
+        header.show(where, f"{crumb_text}{badge}  │  {right}")
+
+    # ------------------------------------------------------------------------------------
+    # navigation and commands
+
+    def go(self, mode: str) -> None:
+        if mode not in self.MODES:
+            return
+        while len(self.screen_stack) > 1:
+            self.pop_screen()
+        if mode != self.current_mode:
+            self._history.append(self.current_mode)
+            self.switch_mode(mode)
+
+    # Actions whose keys are plain characters: while the user types in a field they are text.
+    TYPING_SENSITIVE = frozenset({"command_bar", "help", "mode"})
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action in self.TYPING_SENSITIVE and self.screen_stack:
+            from textual.widgets import Input, TextArea
+
+            # Not while a modal (confirm, prompt, help, palette) waits for an answer, nor inside a field.
+            if isinstance(self.screen, ModalScreen) or isinstance(self.screen.focused, (Input, TextArea)):
+                return False
+        return True
+
+    def action_mode(self, mode: str) -> None:
+        self.go(mode)
+
+    def action_back(self) -> None:
+        if len(self.screen_stack) > 1:
+            self.pop_screen()
+            return
+        screen = self.screen
+        if isinstance(screen, ConsoleScreen) and screen.clear_filter():
+            return
+        if self._history:
+            self.switch_mode(self._history.pop())
+
+    def action_command_bar(self) -> None:
+        screen = self.screen
+        if isinstance(screen, ConsoleScreen):
+            screen.open_command_bar()
+
+    def command_words(self) -> list[str]:
+        words = [w for _, aliases in VIEWS.values() for w in aliases if len(w) > 1]
+        words += ["quit", "help", "themes"] + [f"theme {name}" for name in self.theme_names()]
+        return words
+
+    def run_command(self, text: str) -> None:
+        word, _, arg = text.strip().lstrip(":").partition(" ")
+        word = word.lower()
+        for mode, (_, aliases) in VIEWS.items():
+            if word in aliases:
+                self.go(mode)
+                return
+        if word in QUIT_WORDS:
+            self.exit()
+        elif word in HELP_WORDS:
+            self.action_help()
+        elif word in ("theme", "themes"):
+            if arg.strip():
+                self.set_theme(arg.strip())
+            else:
+                self.notify("Themes: " + ", ".join(self.theme_names()) + ". Use :theme <name>.", timeout=8)
+        else:
+            self.notify(f"Unknown command ':{text}'. Try :tasks, :proplets, :mqtt, :dispatch, :local, :fw, :dash, "
+                        ":theme <name> or :q (press ? for help).", severity="error", timeout=6)
+
+    def theme_names(self) -> list[str]:
+        house = [name for name in self.available_themes if name.startswith("propeller-")]
+        others = [name for name in self.available_themes if name not in house and not name.startswith("textual-")]
+        return sorted(house) + [t for t in TERMINAL_THEMES if t in others] + sorted(
+            t for t in others if t not in TERMINAL_THEMES)
+
+    def set_theme(self, name: str) -> None:
+        wanted = resolve_name(name)
+        if wanted not in self.available_themes:
+            self.notify(f"No theme '{name}'. Themes: {', '.join(self.theme_names())} "
+                        f"(aliases: {', '.join(ALIASES)}).", severity="error", timeout=8)
+            return
+        self.theme = wanted
+        self.notify(f"Theme: {wanted}", timeout=2)
+
+    def action_help(self) -> None:
+        screen = self.screen
+        if isinstance(screen, HelpScreen):
+            return
+        focused = screen.focused
+        parts = []
+        title = getattr(screen, "CRUMB", "") or type(screen).__name__
+        widget_help = getattr(focused, "HELP", "") if focused is not None else ""
+        if widget_help:
+            parts.append(widget_help)
+        if getattr(screen, "HELP", ""):
+            parts.append(screen.HELP)
+        parts.append("Anywhere: **:** commands (`:tasks` `:proplets` `:mqtt` `:dispatch` `:local` `:fw` `:dash` "
+                     "`:theme <name>` `:q`), **1**–**7** views, **Ctrl+P** palette, **Esc** back, **Ctrl+Q** quit.")
+        rows = []
+        for active in screen.active_bindings.values():
+            binding = active.binding
+            if binding.system or not (binding.description or binding.id):
+                continue
+            rows.append((self.get_key_display(binding), binding.description or binding.action, binding.id or "",
+                         active.enabled))
+        # The console's own keys (they have ids) first; the widget's cursor keys after them.
+        rows.sort(key=lambda row: not row[2])
+        self.push_screen(HelpScreen(title, "\n\n".join(parts), rows))
+
+    # ------------------------------------------------------------------------------------
+    # actions on tasks and proplets (shared by the table and the detail screen)
+
+    def show_task_in_table(self, task_id: str) -> None:
+        self.go("tasks")
+
+        def select() -> None:
+            screen = self.screen
+            if isinstance(screen, TasksScreen):
+                screen.flush()
+                screen.select(task_id)
+
+        self.call_after_refresh(select)
+
+    def start_task(self, task_id: str) -> None:
+        if not self.read_only:
+            self._task_action("start", task_id)
+
+    def confirm_stop_task(self, task_id: str) -> None:
+        self._confirm(f"Stop task {task_id[:8]}? It ends as interrupted.", "Stop",
+                      lambda: self._task_action("stop", task_id))
+
+    def confirm_delete_task(self, task_id: str) -> None:
+        self._confirm(f"Delete task {task_id[:8]} and its history? A running task is stopped first. "
+                      "This cannot be undone.", "Delete", lambda: self._task_action("delete", task_id))
+
+    def confirm_forget_proplet(self, proplet_id: str) -> None:
+        self._confirm(f"Forget proplet {proplet_id}? The manager deletes its record; it reappears when it "
+                      "announces itself again.", "Forget", lambda: self._proplet_action("delete", proplet_id))
+
+    def _confirm(self, question: str, label: str, then: Callable[[], None]) -> None:
+        if self.read_only:
+            self.notify("The console is read-only; this action is disabled.", severity="warning")
+            return
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                then()
+
+        self.push_screen(ConfirmModal(question, label), answered)
+
+    @work(group="task-actions", description="Changing a task", exit_on_error=False)
+    async def _task_action(self, what: str, task_id: str) -> None:
+        core = self.core
+        if what == "start":
+            task = await core.start_task(task_id)
+            self.notify(f"Task {task_id[:8]} queued (attempt {task.attempt + 1}).", timeout=3)
+        elif what == "stop":
+            await core.stop_task(task_id)
+            self.notify(f"Task {task_id[:8]} stopped.", timeout=3)
+        elif what == "delete":
+            await core.delete_task(task_id)
+            self.notify(f"Task {task_id[:8]} deleted.", timeout=3)
+            self.post_message(TaskDeletedHere(task_id))
+
+    @on(TaskDeletedHere)
+    def _task_deleted_here(self, message: TaskDeletedHere) -> None:
+        screen = self.screen
+        if isinstance(screen, TaskDetailScreen) and screen.task_id == message.task_id:
+            self.pop_screen()
+
+    @on(Worker.StateChanged)
+    def _worker_changed(self, event: Worker.StateChanged) -> None:
+        self.report_worker_error(event.worker)
+
+    def report_worker_error(self, worker: Worker[Any]) -> None:
+        """The one place worker failures become messages for the user (STYLE rule 14)."""
+        if worker.state is not WorkerState.ERROR or worker.error is None:
+            return
+        self.report_error(worker.error, worker.description)
+
+    def report_error(self, exc: BaseException, doing: str = "") -> None:
+        from console.firmware import FirmwareUnavailable
+        from console.local import LaunchError
+        from console.modules import FieldError
+        from core.errors import CoreError
+
+        if isinstance(exc, (CoreError, LaunchError, FieldError, FirmwareUnavailable)):
+            message = str(exc)
+        else:
+            log.error("%s failed", doing or "a background job", exc_info=exc)
+            message = (f"{doing or 'A background job'} failed: {exc or type(exc).__name__}. The details are in "
+                       f"{log_path()}.")
+        self.notify(message, severity="error", timeout=10)
+
+    @work(group="proplet-actions", description="Forgetting a proplet", exit_on_error=False)
+    async def _proplet_action(self, what: str, proplet_id: str) -> None:
+        if what == "delete":
+            await self.core.delete_proplet(proplet_id)
+            self.notify(f"Proplet {proplet_id} forgotten.", timeout=3)
+
+    # ------------------------------------------------------------------------------------
+    # terminal and signals
+
+    def hang_up(self) -> None:
+        """SIGHUP: the terminal (or the SSH session) is gone; shut the manager down cleanly."""
+        self.hung_up = True
+        self.exit()
+
+    def _check_terminal(self) -> None:
+        # A backstop for lost sessions that do not deliver SIGHUP (dolphie does the same).
+        try:
+            alive = sys.__stdin__ is not None and os.isatty(sys.__stdin__.fileno())
+        except (OSError, ValueError):
+            alive = False
+        if not alive:
+            self.hang_up()
+            return
+        self.set_timer(5.0, self._check_terminal)
+
+
+# ------------------------------------------------------------------------------------------
+# entry point
+
+
+def log_path() -> Path:
+    from core import paths
+
+    return paths.state_dir() / "console.log"
+
+
+def _setup_file_logging(level: str) -> Path:
+    """The console owns the terminal, so logs go to a file."""
+    from core.entrypoint import setup_logging
+
+    path = log_path()
+    setup_logging(level, file=path)
+    return path
+
+
+def run_console(*, read_only: bool | None = None, headless: bool = False, theme: str | None = None,
+                mouse: bool | None = None, clock: Callable[[], datetime] | None = None) -> None:
+    """`propeller` with no subcommand. Flags the user typed win over the config file.
+
+    headless: run the console's manager without a UI until SIGINT/SIGTERM (for systemd; a terminal is
+    not needed). Prefer `propeller serve` for a manager that must outlive the terminal.
+    """
+    import click
+    from pydantic import ValidationError
+
+    from core.config import ManagerSettings
+
+    try:
+        settings = load_settings(read_only=read_only, theme=theme, mouse=mouse)
+        manager = ManagerSettings()
+    except (ValidationError, ValueError) as exc:
+        raise click.ClickException(f"invalid configuration: {exc}") from None
+    from core.errors import CoreError
+    from core.store import StoreError
+
+    if headless:
+        from core.entrypoint import setup_logging
+
+        setup_logging(manager.log_level)
+        try:
+            asyncio.run(_headless(manager))
+        except KeyboardInterrupt:
+            pass
+        except (CoreError, StoreError, OSError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from None
+        return
+    if not sys.stdin.isatty() or not sys.stdout.isatty():
+        raise click.ClickException(
+            "the console needs a terminal. Run it in one (tmux keeps it alive over SSH), or run the manager "
+            "without a UI: `propeller serve` (or `propeller --headless`).")
+    path = _setup_file_logging(manager.log_level)
+    app = ConsoleApp(settings=settings, manager_settings=manager, handle_signals=True, clock=clock or utc_clock)
+    try:
+        app.run(mouse=settings.mouse)
+    except (CoreError, StoreError, OSError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if app.return_code not in (None, 0):
+        raise click.ClickException(f"the console failed; the details are in {path}")
+    if not app.hung_up:
+        with contextlib.suppress(OSError):
+            click.echo(f"Propeller console closed; the manager stopped cleanly. Its state is in "
+                       f"{manager.sqlite_path if manager.storage_type == 'sqlite' else manager.storage_type}; "
+                       f"the log is {path}.")
+
+
+async def _headless(manager: ManagerSettings) -> None:
+    from core.service import ManagerCore
+
+    async with ManagerCore(manager) as core:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, core.request_shutdown)
+        log.info("headless: API %s, broker %s; stop with Ctrl-C", core.api_url, core.status().broker_url)
+        await core.wait_closed()

@@ -1,0 +1,136 @@
+"""The base of every console view: header, body, command and filter bars, footer; read-only gating;
+rendering only when shown, at the app's fixed cadence."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, cast
+
+from textual import on
+from textual.app import ComposeResult
+from textual.screen import Screen
+from textual.widgets import Footer
+from textual.worker import Worker
+
+from console import keys
+from console.filtering import RowFilter
+from console.widgets import CommandBar, FilterBar, FleetHeader, WordSuggester
+
+if TYPE_CHECKING:
+    from console.app import ConsoleApp
+
+
+@dataclass(frozen=True, slots=True)
+class PaletteCommand:
+    name: str
+    help: str
+    callback: Any
+    mutating: bool = False
+
+
+class ConsoleScreen(Screen[None]):
+    """A view. Subclasses implement `compose_body`, `flush_body` and may set HELP (markdown)."""
+
+    CRUMB: ClassVar[str] = ""
+    HELP: ClassVar[str] = ""
+    MUTATING: ClassVar[frozenset[str]] = keys.MUTATING
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.row_filter = RowFilter()
+        self._filter_changed = False
+
+    @property
+    def console(self) -> ConsoleApp:
+        return cast("ConsoleApp", self.app)
+
+    def compose(self) -> ComposeResult:
+        yield FleetHeader()
+        yield from self.compose_body()
+        yield FilterBar(placeholder="filter: regex, ! in front inverts; Enter keeps it, Esc clears it")
+        yield CommandBar(placeholder=":command  (tasks, proplets, mqtt, dispatch, local, fw, dash, theme <name>, q)",
+                         suggester=WordSuggester(lambda: self.console.command_words()))
+        yield Footer()
+
+    def compose_body(self) -> ComposeResult:
+        yield from ()
+
+    # -- rendering at the app's cadence ------------------------------------------------
+
+    def _on_mount(self) -> None:
+        self._ready = True
+
+    def flush(self) -> None:
+        """Called by the app every refresh interval while this screen is the active one."""
+        headers = self.query(FleetHeader)
+        if not getattr(self, "_ready", False) or not headers:
+            return  # not composed yet, or being taken down
+        self.console.update_header(headers.first(), self.crumbs())
+        self.flush_body()
+
+    def flush_body(self) -> None:
+        pass
+
+    def on_screen_resume(self) -> None:
+        # Hidden views are not rendered; catch up at once when shown again.
+        self.call_after_refresh(self.flush)
+
+    def crumbs(self) -> list[str]:
+        crumbs = [self.CRUMB]
+        if self.row_filter.active:
+            crumbs.append(self.row_filter.describe())
+        return crumbs
+
+    # -- read-only gating ----------------------------------------------------------------
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action in self.MUTATING and self.console.read_only:
+            return None  # shown greyed out in the footer, not run
+        return True
+
+    def refused_read_only(self) -> bool:
+        if self.console.read_only:
+            self.notify("The console is read-only (--readonly or console.read_only); this action is disabled.",
+                        severity="warning")
+            return True
+        return False
+
+    # -- bars ----------------------------------------------------------------------------
+
+    def open_command_bar(self) -> None:
+        self.query_one(CommandBar).open()
+
+    def action_filter(self) -> None:
+        bar = self.query_one(FilterBar)
+        bar.value = self.row_filter.text
+        bar.open()
+
+    @on(FilterBar.FilterChanged)
+    def _filter_text(self, event: FilterBar.FilterChanged) -> None:
+        self.row_filter = RowFilter.parse(event.text)
+        self._filter_changed = True
+        # Typing is rare compared with the cadence; apply at once so the list follows the keys.
+        self.flush()
+
+    @on(CommandBar.Entered)
+    def _command(self, event: CommandBar.Entered) -> None:
+        if event.text:
+            self.console.run_command(event.text)
+
+    def clear_filter(self) -> bool:
+        if not self.row_filter.active:
+            return False
+        bar = self.query_one(FilterBar)
+        bar.value = ""
+        self.row_filter = RowFilter()
+        self._filter_changed = True
+        self.flush()
+        return True
+
+    def palette_commands(self) -> list[PaletteCommand]:
+        return []
+
+    @on(Worker.StateChanged)
+    def _worker_changed(self, event: Worker.StateChanged) -> None:
+        # Worker state messages do not bubble: each screen hands failures to the app's one handler.
+        self.console.report_worker_error(event.worker)

@@ -1,0 +1,173 @@
+"""Dashboard: the fleet at a glance."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, ClassVar
+
+from textual.app import ComposeResult
+from textual.containers import Grid, Vertical
+from textual.content import Content
+from textual.markup import escape
+from textual.widgets import Label, Sparkline, Static
+
+from console.base import ConsoleScreen
+from console.views.proplets import age
+from console.views.tasks import fmt_time, short_id
+from core.domain import TaskState
+
+STATE_VARS = {TaskState.PENDING: "$text-muted", TaskState.SCHEDULED: "$secondary", TaskState.RUNNING: "$primary",
+              TaskState.COMPLETED: "$success", TaskState.FAILED: "$error", TaskState.SKIPPED: "$warning",
+              TaskState.INTERRUPTED: "$warning"}
+
+
+class Panel(Vertical):
+    DEFAULT_CSS = """
+    Panel {
+        border: round $panel;
+        border-title-color: $primary;
+        border-title-style: bold;
+        padding: 0 1;
+        height: 1fr;
+    }
+    Panel > Static { height: auto; text-wrap: nowrap; text-overflow: ellipsis; }
+    Panel > Sparkline { height: 2; margin-bottom: 1; }
+    Panel > .caption { color: $text-muted; height: 1; text-wrap: nowrap; text-overflow: ellipsis; }
+    """
+
+    def __init__(self, title: str, *children: Any, **kwargs: Any) -> None:
+        super().__init__(*children, **kwargs)
+        self.border_title = title
+
+
+class DashboardScreen(ConsoleScreen):
+    CRUMB = "Dashboard"
+    BINDINGS: ClassVar = []
+    HELP = """\
+### Dashboard
+The fleet at a glance: proplets, tasks by state (from the database), throughput and heartbeats over
+the last minute, the broker and the database, and the latest failures.
+Go anywhere with **:** (`:tasks`, `:proplets`, `:mqtt`, `:dispatch`, `:local`, `:fw`) or the keys
+**1**–**7**. **Ctrl+P** opens the command palette.
+"""
+    # Three columns where there is room, two on an 80-column terminal.
+    HORIZONTAL_BREAKPOINTS: ClassVar = [(0, "-narrow"), (110, "-wide")]
+    DEFAULT_CSS = """
+    DashboardScreen #dash-grid {
+        grid-size: 3 2;
+        grid-columns: 1fr 1fr 1fr;
+        grid-rows: 1fr 1fr;
+        height: 1fr;
+    }
+    DashboardScreen.-narrow #dash-grid {
+        grid-size: 2 3;
+        grid-columns: 1fr 1fr;
+        grid-rows: 1fr 1fr 1fr;
+    }
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._last: dict[str, Any] = {}
+
+    def compose_body(self) -> ComposeResult:
+        with Grid(id="dash-grid"):
+            yield Panel("Proplets", Static(id="dash-proplets"))
+            yield Panel("Tasks by state", Static(id="dash-tasks"))
+            yield Panel("Broker and database", Static(id="dash-services"))
+            yield Panel(
+                "Throughput (last 60 s)",
+                Label("finished per second", classes="caption", id="finished-caption"),
+                Sparkline([0.0], id="finished-rate"),
+                Label("dispatched per second", classes="caption", id="dispatched-caption"),
+                Sparkline([0.0], id="dispatched-rate"),
+            )
+            yield Panel(
+                "Heartbeats and MQTT (last 60 s)",
+                Label("heartbeats per second", classes="caption", id="heartbeat-caption"),
+                Sparkline([0.0], id="heartbeat-rate"),
+                Label("MQTT messages per second", classes="caption", id="mqtt-caption"),
+                Sparkline([0.0], id="mqtt-rate"),
+            )
+            yield Panel("Recent failures", Static(id="dash-failures"))
+
+    def _set(self, widget_id: str, markup: str) -> None:
+        if self._last.get(widget_id) == markup:
+            return
+        self._last[widget_id] = markup
+        self.query_one(f"#{widget_id}", Static).update(Content.from_markup(markup))
+
+    def _spark(self, widget_id: str, values: list[float], caption_id: str, caption: str) -> None:
+        key = (tuple(values), caption)
+        if self._last.get(widget_id) == key:
+            return
+        self._last[widget_id] = key
+        self.query_one(f"#{widget_id}", Sparkline).data = values
+        self.query_one(f"#{caption_id}", Label).update(caption)
+
+    def flush_body(self) -> None:
+        app = self.console
+        fleet = app.fleet
+        now = app.clock()
+        # Proplets
+        proplets = sorted(fleet.proplets.values(), key=lambda p: (not p.online, p.id))
+        online = sum(1 for p in proplets if p.online)
+        lines = [f"[b $success]{online}[/] online   [b $error]{len(proplets) - online}[/] offline", ""]
+        for p in proplets[:8]:
+            dot = "[$success]●[/]" if p.online else "[$error]○[/]"
+            lines.append(f"{dot} {escape(p.id[:22]):<22} {age(now, p.last_seen):>9}  {p.task_count} tasks")
+        if len(proplets) > 8:
+            lines.append(f"… and {len(proplets) - 8} more (:proplets)")
+        if not proplets:
+            lines.append("No proplet has joined yet. Launch one with :local (then a), or start")
+            lines.append("`propeller proplet` on a machine that reaches the broker.")
+        self._set("dash-proplets", "\n".join(lines))
+        # Tasks by state
+        counts = fleet.counts
+        total = sum(counts.values())
+        rows = []
+        for state in TaskState:
+            n = counts.get(state, 0)
+            width = int(24 * n / total) if total else 0
+            bar = "█" * width
+            rows.append(f"[{STATE_VARS[state]}]{state.label:<12}[/] {n:>7,}  [{STATE_VARS[state]}]{bar}[/]")
+        status = app.core.status()
+        rows.append("")
+        rows.append(f"total {total:,}   active {status.active:,}   queued {status.backlog:,}")
+        self._set("dash-tasks", "\n".join(rows))
+        # Broker and database
+        broker = "[$success]connected[/]" if status.broker_connected else "[$error]not connected[/]"
+        lines = [
+            f"broker    {escape(status.broker_url)}",
+            f"          {broker}{' (in-process broker)' if status.broker_embedded else ''}",
+            f"topics    m/{escape(app.core.settings.tenant_id)}/c/{escape(app.core.settings.channel_id)}/…",
+            f"database  {escape(app.store_description())}",
+            f"REST API  {escape(status.api_url or 'off')}",
+        ]
+        if fleet.rejected:
+            _at, topic, reason = fleet.rejected[-1]
+            lines.append(f"rejected  {len(fleet.rejected)} messages; last: {escape(topic)}: {escape(reason[:60])}")
+        self._set("dash-services", "\n".join(lines))
+        # Rates
+        wall = time.time()
+        finished = fleet.finished_rate.values(wall)
+        dispatched = fleet.dispatched_rate.values(wall)
+        heartbeats = fleet.heartbeat_rate.values(wall)
+        traffic = [a + b for a, b in zip(app.traffic.rate_in.values(wall), app.traffic.rate_out.values(wall),
+                                         strict=True)]
+        self._spark("finished-rate", finished, "finished-caption", f"finished per second, now {finished[-1]:,.0f}")
+        self._spark("dispatched-rate", dispatched, "dispatched-caption",
+                    f"dispatched per second, now {dispatched[-1]:,.0f}")
+        self._spark("heartbeat-rate", heartbeats, "heartbeat-caption",
+                    f"heartbeats per second, now {heartbeats[-1]:,.0f}")
+        self._spark("mqtt-rate", traffic, "mqtt-caption", f"MQTT messages per second, now {traffic[-1]:,.0f}")
+        # Failures
+        failures = fleet.recent_failures(8)
+        if failures:
+            lines = []
+            for f in failures[:6]:
+                lines.append(f"[$error]{fmt_time(f.at)}[/] {short_id(f.task_id)} [b]{escape(f.name[:20])}[/]")
+                lines.append(f"  [$text-muted]{escape(f.detail.replace(chr(10), ' ')[:200])}[/]")
+        else:
+            lines = ["No task failed since the console started."]
+        self._set("dash-failures", "\n".join(lines))

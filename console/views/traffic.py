@@ -1,0 +1,243 @@
+"""MQTT traffic: a bounded live stream (Line-API `Log`), a topic tree with counts, the payload view."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from textual import on
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.content import Content
+from textual.widgets import Log, Static, Tree
+
+from console import keys
+from console.base import ConsoleScreen, PaletteCommand
+from console.fleet import TrafficEntry, pretty_payload
+
+DIRECTIONS = ("all", "in", "out")
+
+
+class TrafficLog(Log):
+    HELP = """\
+The live stream: one line per message (time, direction as seen by the manager, QoS, topic, size,
+the start of the payload; module bytes are never shown). It follows the newest line only while you
+are at the bottom; scroll up to read and it stops, **G** follows again.
+"""
+
+
+class TopicTree(Tree[str]):
+    HELP = "Topics seen, with message counts. Moving onto a topic shows its latest payload."
+
+
+class TrafficScreen(ConsoleScreen):
+    CRUMB = "MQTT"
+    BINDINGS: ClassVar = keys.TRAFFIC
+    AUTO_FOCUS = "#traffic-log"
+    HELP = """\
+### MQTT traffic
+Every message the manager sends (→ out) and receives (← in), at most `console.traffic_lines` kept.
+**p** pauses the stream (messages are still counted), **/** filters by topic (regex, `!` inverts),
+**i** cycles in / out / all, **y** copies the payload shown, **C** clears.
+"""
+    DEFAULT_CSS = """
+    TrafficScreen #traffic-body { height: 1fr; }
+    TrafficScreen TopicTree { width: 38; border-right: solid $panel; }
+    TrafficScreen #traffic-right { width: 1fr; }
+    TrafficScreen TrafficLog { height: 2fr; }
+    TrafficScreen #payload-box { height: 1fr; border-top: solid $panel; }
+    TrafficScreen.-paused #traffic-status { color: $warning; text-style: bold; }
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.paused = False
+        self.direction = "all"
+        self.last_seq = 0
+        self.pending_below = 0
+        self.buffered_while_paused = 0
+        self.selected_topic: str | None = None
+        self._payload_seq = -1
+        self._payload_text = ""
+        self._topic_nodes: dict[str, Any] = {}
+        self._topics_seen: set[str] = set()
+
+    def compose_body(self) -> ComposeResult:
+        with Horizontal(id="traffic-body"):
+            tree = TopicTree("topics", id="topics")
+            tree.show_root = True
+            tree.root.expand()
+            yield tree
+            with Vertical(id="traffic-right"):
+                yield TrafficLog(id="traffic-log", max_lines=self.console.settings.traffic_lines, auto_scroll=False)
+                with VerticalScroll(id="payload-box"):
+                    yield Static(Content("Move onto a topic in the tree to see its latest payload."), id="payload")
+        yield Static(id="traffic-status", classes="status-line")
+
+    def on_mount(self) -> None:
+        traffic = self.console.traffic
+        prefix = traffic.prefix.rstrip("/")
+        self.query_one(TopicTree).root.set_label(prefix or "topics")
+
+    @property
+    def log_widget(self) -> TrafficLog:
+        return self.query_one("#traffic-log", TrafficLog)
+
+    def visible(self, e: TrafficEntry) -> bool:
+        if self.direction != "all" and e.direction != self.direction:
+            return False
+        return self.row_filter.matches(e.topic)
+
+    def flush_body(self) -> None:
+        traffic = self.console.traffic
+        if self._filter_changed:
+            self._filter_changed = False
+            self._rebuild()
+        self._update_tree()
+        new = traffic.since(self.last_seq)
+        if new:
+            self.last_seq = new[-1].seq
+            if self.paused:
+                self.buffered_while_paused += len(new)
+            else:
+                self._write(new)
+        self._update_payload()
+        self._update_status()
+
+    def _write(self, entries: list[TrafficEntry]) -> None:
+        log = self.log_widget
+        traffic = self.console.traffic
+        lines = [traffic.format_line(e) for e in entries if self.visible(e)]
+        if not lines:
+            return
+        # Follow only when the reader is at the bottom; otherwise count what arrived below (toolong).
+        at_bottom = log.scroll_y >= log.max_scroll_y - 1
+        log.write_lines(lines, scroll_end=at_bottom)
+        if at_bottom:
+            self.pending_below = 0
+        else:
+            self.pending_below += len(lines)
+
+    def _rebuild(self) -> None:
+        log = self.log_widget
+        log.clear()
+        self.pending_below = 0
+        traffic = self.console.traffic
+        entries = list(traffic.entries)
+        self.last_seq = entries[-1].seq if entries else self.last_seq
+        lines = [traffic.format_line(e) for e in entries if self.visible(e)]
+        log.write_lines(lines[-log.max_lines:] if log.max_lines else lines, scroll_end=True)
+
+    def _update_tree(self) -> None:
+        traffic = self.console.traffic
+        changed = traffic.changed_topics
+        if not changed:
+            return
+        tree = self.query_one(TopicTree)
+        for topic in sorted(changed):
+            node = self._topic_nodes.get(topic)
+            if node is None:
+                node = self._add_topic(tree, topic)
+            node.set_label(f"{self._leaf_name(topic)} ({traffic.counts.get(topic, 0):,})")
+        changed.clear()
+
+    def _leaf_name(self, topic: str) -> str:
+        return self.console.traffic.short_topic(topic).rsplit("/", 1)[-1]
+
+    def _add_topic(self, tree: TopicTree, topic: str) -> Any:
+        parts = self.console.traffic.short_topic(topic).split("/")
+        parent = tree.root
+        path = ""
+        for part in parts[:-1]:
+            path = f"{path}/{part}"
+            node = self._topic_nodes.get(path)
+            if node is None:
+                node = self._topic_nodes[path] = parent.add(part, expand=True)
+            parent = node
+        leaf = self._topic_nodes[topic] = parent.add_leaf(parts[-1], data=topic)
+        return leaf
+
+    @on(Tree.NodeHighlighted, "#topics")
+    def _topic_highlighted(self, event: Tree.NodeHighlighted[str]) -> None:
+        if event.node.data:
+            self.selected_topic = event.node.data
+            self._payload_seq = -1
+            self._update_payload()
+
+    def _update_payload(self) -> None:
+        if self.selected_topic is None or (self.paused and self._payload_seq >= 0):
+            return
+        history = self.console.traffic.history.get(self.selected_topic)
+        if not history:
+            return
+        latest = history[-1]
+        if latest.seq == self._payload_seq:
+            return
+        self._payload_seq = latest.seq
+        self._payload_text = pretty_payload(latest)
+        count = self.console.traffic.counts.get(self.selected_topic, 0)
+        head = (f"{self.console.traffic.short_topic(latest.topic)} · {latest.direction} · q{latest.qos} · "
+                f"{latest.size:,} bytes · message {count:,}\n\n")
+        self.query_one("#payload", Static).update(Content(head + self._payload_text))
+
+    def _update_status(self) -> None:
+        traffic = self.console.traffic
+        import time
+
+        now = time.time()
+        parts = [f"in {traffic.rate_in.per_second(now):,.0f}/s", f"out {traffic.rate_out.per_second(now):,.0f}/s",
+                 f"{traffic.seq:,} seen", f"{len(traffic.entries):,} kept"]
+        if traffic.dropped:
+            parts.append(f"{traffic.dropped:,} dropped (console too slow)")
+        if self.direction != "all":
+            parts.append(f"direction: {self.direction} only")
+        if self.row_filter.active:
+            parts.append(f"topic {self.row_filter.describe()}")
+        if self.paused:
+            parts.append(f"PAUSED, {self.buffered_while_paused:,} new (p resumes)")
+        elif self.pending_below:
+            parts.append(f"{self.pending_below:,} new ↓ (G follows)")
+        self.query_one("#traffic-status", Static).update(Content(" · ".join(parts)))
+
+    # -- actions ---------------------------------------------------------------------------
+
+    def action_pause(self) -> None:
+        self.paused = not self.paused
+        self.set_class(self.paused, "-paused")
+        if not self.paused:
+            self.buffered_while_paused = 0
+            self._rebuild()
+        self._update_status()
+
+    def action_direction(self) -> None:
+        self.direction = DIRECTIONS[(DIRECTIONS.index(self.direction) + 1) % len(DIRECTIONS)]
+        self._rebuild()
+        self._update_status()
+
+    def action_follow(self) -> None:
+        self.pending_below = 0
+        self.log_widget.scroll_end(animate=False)
+        self._update_status()
+
+    def action_focus_tree(self) -> None:
+        self.query_one(TopicTree).focus()
+
+    def action_clear(self) -> None:
+        self.log_widget.clear()
+        self.pending_below = 0
+        self._update_status()
+
+    def action_copy(self) -> None:
+        if not self._payload_text:
+            self.notify("Select a topic in the tree first (t focuses it).", severity="warning")
+            return
+        self.app.copy_to_clipboard(self._payload_text)
+        self.notify("Copied the payload", timeout=3)
+
+    def palette_commands(self) -> list[PaletteCommand]:
+        return [
+            PaletteCommand("MQTT: pause / resume", "Pause the live stream", self.action_pause),
+            PaletteCommand("MQTT: filter topics", "Filter the stream by topic", self.action_filter),
+            PaletteCommand("MQTT: direction", "Cycle in / out / all", self.action_direction),
+            PaletteCommand("MQTT: copy payload", "Copy the payload shown", self.action_copy),
+            PaletteCommand("MQTT: clear", "Clear the stream", self.action_clear),
+        ]

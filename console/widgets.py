@@ -1,0 +1,429 @@
+"""Reusable console widgets: header, command and filter bars, confirm modal, help screen, table cells."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from rich.text import Text
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.content import Content
+from textual.message import Message
+from textual.screen import ModalScreen
+from textual.suggester import Suggester
+from textual.widget import Widget
+from textual.widgets import Button, DataTable, Input, Label, Markdown
+
+from console import keys
+
+# ------------------------------------------------------------------------------------------
+# inputs
+
+
+class ConsoleInput(Input):
+    """An Input that follows the console's cursor_blink setting (off over slow links and in snapshots)."""
+
+    def on_mount(self) -> None:
+        self.cursor_blink = bool(getattr(self.app, "cursor_blink_enabled", True))
+
+
+class WordSuggester(Suggester):
+    """Ghost text for the command bar: completes the command word, then the argument (theme names)."""
+
+    def __init__(self, words: Callable[[], Iterable[str]]) -> None:
+        super().__init__(use_cache=False, case_sensitive=False)
+        self._words = words
+
+    async def get_suggestion(self, value: str) -> str | None:
+        if not value:
+            return None
+        for word in self._words():
+            if word.lower().startswith(value.lower()) and len(word) > len(value):
+                return word
+        return None
+
+
+class CommandBar(ConsoleInput):
+    """k9s' `:` prompt: a command with aliases, ghost-text suggestions, Tab to accept, Esc to close."""
+
+    DEFAULT_CSS = """
+    CommandBar {
+        dock: bottom;
+        display: none;
+        border: tall $accent;
+        &.-open { display: block; }
+    }
+    """
+    BINDINGS: ClassVar = [
+        Binding("escape", "close", "Close", show=False),
+        Binding("tab", "accept_suggestion", "Complete", show=False),
+    ]
+
+    @dataclass
+    class Entered(Message):
+        """A command was typed and Enter pressed."""
+
+        text: str
+
+    def allow_focus(self) -> bool:
+        return self.has_class("-open")
+
+    def open(self) -> None:
+        self.value = ""
+        self.add_class("-open")
+        # Focus now, not after a refresh (Widget.focus defers): ":q<Enter>" typed or pasted in one burst
+        # must land in the bar.
+        self.screen.set_focus(self)
+
+    def action_close(self) -> None:
+        self.remove_class("-open")
+        self.value = ""
+        self.screen.focus_next() if self.screen.focused is self else None
+
+    def action_accept_suggestion(self) -> None:
+        if self._suggestion:
+            self.value = self._suggestion
+            self.cursor_position = len(self.value)
+
+    @on(Input.Submitted)
+    def _submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        text = self.value.strip()
+        self.remove_class("-open")
+        self.value = ""
+        self.post_message(self.Entered(text))
+
+    def on_blur(self) -> None:
+        self.remove_class("-open")
+
+
+class FilterBar(ConsoleInput):
+    """The `/` filter: regex, `!` inverts; applied as you type, Enter keeps it, Esc clears it."""
+
+    DEFAULT_CSS = """
+    FilterBar {
+        dock: bottom;
+        display: none;
+        border: tall $primary;
+        &.-open { display: block; }
+    }
+    """
+    BINDINGS: ClassVar = [Binding("escape", "clear", "Clear filter", show=False)]
+
+    @dataclass
+    class FilterChanged(Message):
+        """The filter text changed."""
+
+        text: str
+
+    def allow_focus(self) -> bool:
+        return self.has_class("-open")
+
+    def open(self) -> None:
+        self.add_class("-open")
+        self.screen.set_focus(self)
+
+    def action_clear(self) -> None:
+        self.value = ""
+        self.remove_class("-open")
+        self.post_message(self.FilterChanged(""))
+
+    @on(Input.Changed)
+    def _changed(self, event: Input.Changed) -> None:
+        event.stop()
+        self.post_message(self.FilterChanged(self.value))
+
+    @on(Input.Submitted)
+    def _submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        self.remove_class("-open")
+
+    def on_blur(self) -> None:
+        self.remove_class("-open")
+
+
+# ------------------------------------------------------------------------------------------
+# header
+
+
+class FleetHeader(Widget):
+    """Where you are: host, broker and its state, database, counts with ↑/↓ markers, breadcrumbs."""
+
+    DEFAULT_CSS = """
+    FleetHeader {
+        dock: top;
+        height: 2;
+        background: $panel;
+        color: $foreground;
+        padding: 0 1;
+        text-wrap: nowrap;
+        text-overflow: ellipsis;
+    }
+    """
+    # A changed number keeps its marker this long (k9s deltas).
+    MARKER_SECONDS = 5.0
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._deltas: dict[str, tuple[int, str, float]] = {}
+        self._shown: tuple[str, str] = ("", "")
+        self._content = Content("")
+
+    def render(self) -> Content:
+        return self._content
+
+    def marker(self, key: str, value: int, now: float | None = None) -> str:
+        now = time.monotonic() if now is None else now
+        previous = self._deltas.get(key)
+        if previous is None:
+            self._deltas[key] = (value, "", now)
+            return ""
+        old, mark, since = previous
+        if value != old:
+            mark = "↑" if value > old else "↓"
+            self._deltas[key] = (value, mark, now)
+            return mark
+        if mark and now - since > self.MARKER_SECONDS:
+            self._deltas[key] = (value, "", since)
+            return ""
+        return mark
+
+    def show(self, where: str, crumbs: str) -> None:
+        if (where, crumbs) == self._shown:
+            return
+        self._shown = (where, crumbs)
+        self._content = Content.from_markup(where + "\n" + crumbs)
+        self.refresh()
+
+    @property
+    def text(self) -> str:
+        return self._content.plain
+
+
+# ------------------------------------------------------------------------------------------
+# table cells
+
+
+class Cell:
+    """A DataTable cell that sorts by `sort_key` and takes its colour from a component class of the
+    table at render time, so a theme switch recolours it (DataTable clears its cache on style updates)."""
+
+    __slots__ = ("component", "sort_key", "table", "text")
+
+    def __init__(self, text: str, sort_key: Any = None, *, table: DataTable[Any] | None = None,
+                 component: str = "") -> None:
+        self.text = text
+        self.sort_key = text if sort_key is None else sort_key
+        self.table = table
+        self.component = component
+
+    def __rich__(self) -> Text:
+        style = ""
+        if self.table is not None and self.component:
+            style = self.table.get_component_rich_style(self.component, partial=True)
+        return Text(self.text, style=style, no_wrap=True, overflow="ellipsis", end="")
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __lt__(self, other: Cell) -> bool:
+        return bool(self.sort_key < other.sort_key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Cell) and (self.text, self.component) == (other.text, other.component)
+
+    def __hash__(self) -> int:
+        return hash((self.text, self.component))
+
+
+STATE_COMPONENTS = {
+    "pending": "state--pending", "scheduled": "state--scheduled", "running": "state--running",
+    "completed": "state--completed", "failed": "state--failed", "skipped": "state--skipped",
+    "interrupted": "state--interrupted", "online": "state--online", "offline": "state--offline",
+    "stopped": "state--offline", "exited": "state--failed", "stopping": "state--scheduled",
+}
+
+
+class StateTable(DataTable[Any]):
+    """A DataTable whose state cells take their colours from the theme (classes per state, k9s-style)."""
+
+    COMPONENT_CLASSES: ClassVar[set[str]] = {*STATE_COMPONENTS.values(), "state--error"}
+    DEFAULT_CSS = """
+    StateTable {
+        height: 1fr;
+        & > .state--pending { color: $text-muted; }
+        & > .state--scheduled { color: $secondary; }
+        & > .state--running { color: $primary; text-style: bold; }
+        & > .state--completed { color: $success; }
+        & > .state--failed { color: $error; text-style: bold; }
+        & > .state--skipped { color: $warning; }
+        & > .state--interrupted { color: $warning; }
+        & > .state--online { color: $success; }
+        & > .state--offline { color: $error; }
+        & > .state--error { color: $error; }
+    }
+    """
+
+    def cell(self, text: str, sort_key: Any = None, state: str = "") -> Cell:
+        component = STATE_COMPONENTS.get(state.split(" ")[0], "") if state else ""
+        if state == "error":
+            component = "state--error"
+        return Cell(text, sort_key, table=self, component=component)
+
+    def selected_key(self) -> str | None:
+        """The row key under the cursor, or None for an empty table."""
+        if self.row_count == 0:
+            return None
+        try:
+            return self.coordinate_to_cell_key(self.cursor_coordinate).row_key.value
+        except Exception:
+            return None
+
+    def sync_row(self, key: str, column_keys: Iterable[str], shown: tuple[Any, ...] | None,
+                 cells: tuple[Any, ...]) -> set[str]:
+        """Adds the row, or updates only the cells that changed (never rebuilds); returns the changed columns."""
+        if shown is None:
+            self.add_row(*cells, key=key)
+            return set(column_keys)
+        changed = set()
+        for column, before, after in zip(column_keys, shown, cells, strict=True):
+            if before != after:
+                self.update_cell(key, column, after, update_width=False)
+                changed.add(column)
+        return changed
+
+
+# ------------------------------------------------------------------------------------------
+# modals
+
+
+class ConfirmModal(ModalScreen[bool]):
+    """Asks before a destructive action (stop, delete, flash). `y` confirms; `n`, Esc or Enter on No cancel."""
+
+    DEFAULT_CSS = """
+    ConfirmModal {
+        align: center middle;
+        & > Vertical {
+            width: 64;
+            height: auto;
+            border: thick $error 80%;
+            background: $surface;
+            padding: 1 2;
+        }
+        & #question { width: 1fr; margin-bottom: 1; }
+        & Horizontal { height: auto; align-horizontal: right; }
+        & Button { margin-left: 2; }
+    }
+    """
+    BINDINGS: ClassVar = keys.CONFIRM
+
+    def __init__(self, question: str, confirm_label: str = "Yes") -> None:
+        super().__init__()
+        self.question = question
+        self.confirm_label = confirm_label
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Label(Content(self.question), id="question")
+            with Horizontal():
+                yield Button(f"{self.confirm_label} (y)", variant="error", id="yes")
+                yield Button("No (n)", variant="primary", id="no")
+
+    def on_mount(self) -> None:
+        self.query_one("#no", Button).focus()
+
+    @on(Button.Pressed)
+    def _pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(event.button.id == "yes")
+
+    def action_confirm(self) -> None:
+        self.dismiss(True)
+
+    def action_cancel(self) -> None:
+        self.dismiss(False)
+
+
+class PromptModal(ModalScreen[str | None]):
+    """One line of input (e.g. how many local proplets to launch)."""
+
+    DEFAULT_CSS = """
+    PromptModal {
+        align: center middle;
+        & > Vertical { width: 56; height: auto; border: thick $primary; background: $surface; padding: 1 2; }
+        & #error { color: $error; height: auto; }
+    }
+    """
+    BINDINGS: ClassVar = [Binding("escape", "cancel", "Cancel", show=False)]
+
+    def __init__(self, question: str, value: str = "", validate: Callable[[str], str | None] | None = None) -> None:
+        super().__init__()
+        self.question = question
+        self.initial = value
+        self.validate_text = validate
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Label(self.question)
+            yield ConsoleInput(self.initial, id="answer")
+            yield Label("", id="error")
+
+    @on(Input.Submitted)
+    def _submitted(self, event: Input.Submitted) -> None:
+        problem = self.validate_text(event.value) if self.validate_text else None
+        if problem:
+            self.query_one("#error", Label).update(problem)
+            return
+        self.dismiss(event.value)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class HelpScreen(ModalScreen[None]):
+    """`?`: what the focused widget and this view do, and every key that applies now (with binding ids
+    for the keymap); keys disabled in read-only mode are marked."""
+
+    DEFAULT_CSS = """
+    HelpScreen {
+        align: center middle;
+        & > VerticalScroll {
+            width: 90%;
+            max-width: 110;
+            height: 85%;
+            border: thick $primary;
+            background: $surface;
+            padding: 0 1;
+        }
+        & #help-text { height: auto; margin-bottom: 1; }
+        & DataTable { height: auto; }
+        & #help-footer { color: $text-muted; }
+    }
+    """
+    BINDINGS: ClassVar = [Binding("escape,question_mark,q", "close", "Close", show=False)]
+
+    def __init__(self, title: str, text: str, bindings: list[tuple[str, str, str, bool]]) -> None:
+        super().__init__()
+        self.help_title = title
+        self.help_text = text
+        self.bindings = bindings
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll() as scroll:
+            scroll.border_title = f"Help: {self.help_title}"
+            if self.help_text:
+                yield Markdown(self.help_text, id="help-text")
+            table: DataTable[str] = DataTable(id="help-keys", cursor_type="row", zebra_stripes=True)
+            table.add_columns("Key", "Does", "Binding id (keymap)", "")
+            for key, description, binding_id, enabled in self.bindings:
+                table.add_row(key, description, binding_id, "" if enabled else "disabled (read-only)")
+            yield table
+            yield Label("Esc closes. Change keys with `keymap:` in the console section of the config file.",
+                        id="help-footer")
+
+    def action_close(self) -> None:
+        self.dismiss(None)

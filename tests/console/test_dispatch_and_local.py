@@ -1,0 +1,195 @@
+"""The new-user flow (launch local proplets, dispatch the example through the form, watch it complete),
+the form's validation in place, the file picker, and local proplet management."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from textual.widgets import Input, Log, Select
+
+from console.views.dispatch import DispatchScreen, FilePicker
+from console.views.local import LocalScreen
+from console.views.tasks import TasksScreen
+from console.widgets import ConfirmModal, PromptModal
+from tests.console.conftest import EXAMPLES, table_rows, until
+
+pytestmark = pytest.mark.slow
+
+
+async def _dispatch_screen(app: Any, pilot: Any) -> DispatchScreen:
+    await pilot.press("5")
+    await until(pilot, lambda: isinstance(app.screen, DispatchScreen))
+    screen = app.screen
+    assert isinstance(screen, DispatchScreen)
+    return screen
+
+
+def _error(screen: DispatchScreen, field: str) -> str:
+    label = screen.query_one(f"#error-{field}")
+    return str(label.render()) if label.has_class("-shown") else ""
+
+
+async def test_new_user_flow_two_local_proplets_dispatch_the_example_and_watch_it_complete(console: Any) -> None:
+    async with console() as (app, pilot, _core):
+        # Launch two local proplets (real `propeller proplet` processes) with the n key.
+        await pilot.press("6")
+        await until(pilot, lambda: isinstance(app.screen, LocalScreen))
+        await pilot.press("n")
+        await until(pilot, lambda: isinstance(app.screen, PromptModal))
+        await pilot.press("enter")  # the default answer is 2
+        await until(pilot, lambda: sum(p.online for p in app.fleet.proplets.values()) == 2, timeout=40)
+        local_ids = sorted(app.local.proplets)
+        assert len(local_ids) == 2 and all(pid in app.fleet.proplets for pid in local_ids)
+        local = app.screen
+        assert isinstance(local, LocalScreen)
+        await until(pilot, lambda: local.query_one("#local-output", Log).line_count > 0)
+        assert [r[3] for r in table_rows(local.table)] == ["online", "online"]
+        # Dispatch the example module through the form, typing as a user would.
+        screen = await _dispatch_screen(app, pilot)
+        await pilot.press(*"examples/add.wasm")
+        await until(pilot, lambda: screen.exports == ("add",))
+        await until(pilot, lambda: screen.query_one("#name", Input).value == "add")  # the only export
+        await pilot.press("tab", "tab", *"40 2", "enter")
+        await until(pilot, lambda: isinstance(app.screen, TasksScreen))
+        tasks = app.screen
+        assert isinstance(tasks, TasksScreen)
+        await until(pilot, lambda: any(r[2] == "completed" and r[6] == "42" for r in table_rows(tasks.table)),
+                    timeout=30)
+        row = next(r for r in table_rows(tasks.table) if r[6] == "42")
+        assert row[1] == "add" and row[3] in local_ids
+        # The messages are in the traffic view.
+        await pilot.press("4")
+        await until(pilot, lambda: app.current_mode == "traffic")
+        log = app.screen.query_one("#traffic-log", Log)
+        await until(pilot, lambda: any("control/manager/start" in line for line in log.lines))
+        assert any("control/proplet/results" in line for line in log.lines)
+        processes = [p.process for p in app.local.proplets.values()]
+    # Closing the console stops its local proplets.
+    assert all(p is not None and p.returncode is not None for p in processes)
+
+
+async def test_form_shows_validation_errors_next_to_the_fields(console: Any, tmp_path: Path) -> None:
+    async with console() as (app, pilot, core):
+        screen = await _dispatch_screen(app, pilot)
+        await pilot.press("f5")
+        await until(pilot, lambda: "Choose a module" in _error(screen, "module"))
+        module = screen.query_one("#module", Input)
+        module.value = str(tmp_path / "missing.wasm")
+        await pilot.press("f5")
+        await until(pilot, lambda: "No file" in _error(screen, "module"))
+        module.value = str(EXAMPLES / "add.wasm")
+        await until(pilot, lambda: screen.exports == ("add",))
+        screen.query_one("#name", Input).value = "mul"
+        await pilot.press("f5")
+        await until(pilot, lambda: "no function 'mul'" in _error(screen, "name") and "add" in _error(screen, "name"))
+        assert _error(screen, "module") == ""
+        screen.query_one("#name", Input).value = "add"
+        screen.query_one("#env", Input).value = "GREETING"
+        await pilot.press("f5")
+        await until(pilot, lambda: "KEY=VALUE" in _error(screen, "env"))
+        screen.query_one("#env", Input).value = ""
+        screen.query_one("#target", Select).value = "pinned"
+        await pilot.press("f5")
+        await until(pilot, lambda: "pin the task" in _error(screen, "proplet"))
+        screen.query_one("#target", Select).value = "any"
+        screen.query_one("#priority", Input).value = "500"
+        await pilot.press("f5")
+        await until(pilot, lambda: "0 to 100" in _error(screen, "priority"))
+        # Nothing was created by the invalid submissions.
+        assert (await core.list_tasks()).total == 0
+
+
+async def test_wat_files_compile_and_urls_and_oci_references_are_accepted(console: Any, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.wat"
+    broken.write_text("(module (func (export \"f\") (result i32) i32.add))")
+    garbled = tmp_path / "garbled.wat"
+    garbled.write_text("(module (func $f (export \"f\")")
+    async with console() as (app, pilot, core):
+        screen = await _dispatch_screen(app, pilot)
+        screen.query_one("#start-now").value = False
+        module = screen.query_one("#module", Input)
+        module.value = str(broken)
+        screen.query_one("#name", Input).value = "f"
+        await pilot.press("f5")
+        await until(pilot, lambda: "not a valid WebAssembly module" in _error(screen, "module")
+                    and "type mismatch" in _error(screen, "module"))
+        module.value = str(garbled)
+        await pilot.press("f5")
+        await until(pilot, lambda: "not valid WebAssembly text" in _error(screen, "module"))
+        module.value = str(EXAMPLES / "hello.wat")
+        await until(pilot, lambda: "_start" in screen.exports)
+        screen.query_one("#name", Input).value = "_start"
+        await pilot.press("f5")
+        await until(pilot, lambda: isinstance(app.screen, TasksScreen))
+        created = (await core.list_tasks()).items[0]
+        assert created.name == "_start" and created.wasm_digest.startswith("sha256:")
+        assert created.state.label == "pending"
+        screen = await _dispatch_screen(app, pilot)
+        for source in ("https://example.org/modules/add.wasm", "registry.lan:5000/wasm/add:v1"):
+            screen.query_one("#module", Input).value = source
+            screen.query_one("#name", Input).value = "add"
+            await pilot.press("f5")
+            await until(pilot, lambda: isinstance(app.screen, TasksScreen))
+            await until(pilot, lambda source=source: any(r.source == source for r in app.fleet.tasks.values()))
+            screen = await _dispatch_screen(app, pilot)
+
+
+async def test_file_picker_fills_the_module_field(console: Any) -> None:
+    async with console() as (app, pilot, _core):
+        screen = await _dispatch_screen(app, pilot)
+        screen.query_one("#module", Input).value = str(EXAMPLES / "nothing-here")
+        await pilot.press("ctrl+o")
+        await until(pilot, lambda: isinstance(app.screen, FilePicker))
+        picker = app.screen
+        tree = picker.query_one("#picker-tree")
+        await until(pilot, lambda: len(tree.root.children) >= 4)
+        names = [str(node.label) for node in tree.root.children]
+        assert "add.wasm" in names and "hello.wat" in names and "add.wat" in names
+        index = names.index("add.wasm")
+        tree.move_cursor(tree.root.children[index])
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, DispatchScreen))
+        assert screen.query_one("#module", Input).value == str(EXAMPLES / "add.wasm")
+        await until(pilot, lambda: screen.exports == ("add",))
+
+
+async def test_local_proplets_output_stop_and_cleanup(console: Any) -> None:
+    async with console() as (app, pilot, _core):
+        await pilot.press("6")
+        await until(pilot, lambda: isinstance(app.screen, LocalScreen))
+        screen = app.screen
+        assert isinstance(screen, LocalScreen)
+        await pilot.press("a", "a")
+        await until(pilot, lambda: len(app.local.proplets) == 2)
+        first, second = sorted(app.local.proplets)
+        assert first != second
+        await until(pilot, lambda: all(app.fleet.proplets.get(p) and app.fleet.proplets[p].online
+                                       for p in (first, second)), timeout=40)
+        log = screen.query_one("#local-output", Log)
+        await until(pilot, lambda: log.line_count > 0)
+        # Stop the selected one, after confirming.
+        screen.table.move_cursor(row=screen.table.get_row_index(first))
+        await pilot.press("x")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmModal))
+        await pilot.press("y")
+        await until(pilot, lambda: not app.local.proplets[first].running, timeout=15)
+        await until(pilot, lambda: not app.fleet.proplets[first].online, timeout=15)
+        assert app.local.proplets[second].running
+        await until(pilot, lambda: "stopped" in [r[2] for r in table_rows(screen.table)])
+        pid = app.local.proplets[second].pid
+    # The console's exit stopped the other one.
+    assert pid is not None
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+async def test_a_broken_local_proplet_command_is_reported(console: Any) -> None:
+    async with console(local_proplet_command="/nonexistent/propeller-proplet --id {id}") as (app, pilot, _core):
+        await pilot.press("6")
+        await until(pilot, lambda: isinstance(app.screen, LocalScreen))
+        await pilot.press("a")
+        await until(pilot, lambda: any("was not found" in n.message and "local_proplet_command" in n.message
+                                       for n in app._notifications))

@@ -1,0 +1,70 @@
+"""The console hosts the manager: entering it before the UI, leaving it on quit; the database keeps the
+fleet, so reopening shows the same tasks and proplets."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+from typing import Any
+
+from console.app import ConsoleApp
+from console.views.proplets import PropletsScreen
+from console.views.tasks import TasksScreen
+from core.config import ManagerSettings
+from core.domain import TaskState
+from tests.console.conftest import add_body, command, console_settings, table_rows, until
+from tests.services import Mosquitto
+from tests.wire import SyntheticProplet
+
+
+def _manager(broker: Mosquitto, db: Path, tenant: str) -> ManagerSettings:
+    return ManagerSettings(mqtt_address=broker.url, tenant_id=tenant, entity_id=f"console-{tenant}",
+                           sqlite_path=db, http_enabled=False, mqtt_timeout=5.0)
+
+
+async def test_quitting_stops_the_hosted_manager_and_reopening_shows_the_same_fleet(broker: Mosquitto,
+                                                                                     tmp_path: Path) -> None:
+    db = tmp_path / "fleet.db"
+    tenant = f"reopen-{uuid.uuid4().hex[:6]}"
+    seen: dict[str, Any] = {}
+
+    async def first_session(pilot: Any) -> None:
+        app = pilot.app
+        await until(pilot, lambda: app.counts_loaded)
+        core = app.core
+        assert core.bus is not None
+        await core.bus.wait_connected(10)
+        async with SyntheticProplet(broker.url, core.topics, "reopen-proplet"):
+            task = await core.create_task(add_body())
+            await core.start_task(task.id)
+            await until(pilot, lambda: app.fleet.tasks.get(task.id) is not None
+                        and app.fleet.tasks[task.id].results == "42")
+        seen["task"] = task.id
+        seen["core"] = core
+        await command(pilot, "q")
+
+    app = ConsoleApp(settings=console_settings(), manager_settings=_manager(broker, db, tenant))
+    await app.run_async(headless=True, size=(140, 40), auto_pilot=first_session)
+    # The hosted core was left: it shut down cleanly.
+    await asyncio.wait_for(seen["core"].wait_closed(), 1)
+
+    async def second_session(pilot: Any) -> None:
+        app = pilot.app
+        await until(pilot, lambda: app.counts_loaded)
+        await pilot.press("2")
+        await until(pilot, lambda: isinstance(app.screen, TasksScreen))
+        table = app.screen.table
+        await until(pilot, lambda: table.row_count == 1)
+        row = table_rows(table)[0]
+        assert row[0] == seen["task"][:8] and row[2] == "completed" and row[6] == "42"
+        assert app.fleet.counts.get(TaskState.COMPLETED) == 1
+        await pilot.press("3")
+        await until(pilot, lambda: isinstance(app.screen, PropletsScreen))
+        await until(pilot, lambda: "reopen-proplet" in [r[0] for r in table_rows(app.screen.table)])
+        seen["second"] = True
+        app.exit()
+
+    again = ConsoleApp(settings=console_settings(), manager_settings=_manager(broker, db, tenant))
+    await again.run_async(headless=True, size=(140, 40), auto_pilot=second_session)
+    assert seen.get("second")

@@ -1,0 +1,247 @@
+"""Getting around: `:` commands with aliases and suggestions, number keys, Esc, help, palette, themes,
+keymap, read-only mode."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from textual.command import CommandPalette
+from textual.widgets import Input
+
+from console.app import ConsoleApp
+from console.settings import ConsoleSettings
+from console.views.tasks import TasksScreen
+from console.widgets import CommandBar, ConfirmModal, FleetHeader, HelpScreen
+from tests.console.conftest import add_body, command, console_settings, until
+
+ALIASES = [("tasks", "tasks"), ("t", "tasks"), ("proplets", "proplets"), ("p", "proplets"), ("mqtt", "traffic"),
+           ("traffic", "traffic"), ("dispatch", "dispatch"), ("new", "dispatch"), ("local", "local"),
+           ("fw", "firmware"), ("dash", "dashboard")]
+
+
+async def test_colon_commands_and_aliases_reach_every_view(console: Any) -> None:
+    async with console() as (app, pilot, _core):
+        assert app.current_mode == "dashboard"
+        # Typed once as a user would; the other aliases go through the same command runner.
+        await command(pilot, "t")
+        await until(pilot, lambda: app.current_mode == "tasks")
+        for word, mode in ALIASES:
+            app.run_command(word)
+            await until(pilot, lambda mode=mode: app.current_mode == mode)
+        # The dispatch form takes the keyboard (":" is text there); Esc leaves it.
+        app.run_command("new")
+        await until(pilot, lambda: app.current_mode == "dispatch")
+        await pilot.press("escape")
+        await until(pilot, lambda: app.current_mode != "dispatch")
+
+
+async def test_number_keys_switch_views_and_esc_goes_back(console: Any) -> None:
+    async with console() as (app, pilot, _core):
+        for key, mode in (("2", "tasks"), ("3", "proplets"), ("4", "traffic"), ("6", "local"), ("7", "firmware"),
+                          ("1", "dashboard")):
+            await pilot.press(key)
+            await until(pilot, lambda mode=mode: app.current_mode == mode)
+        await pilot.press("escape")
+        await until(pilot, lambda: app.current_mode == "firmware")
+        await pilot.press("escape")
+        await until(pilot, lambda: app.current_mode == "local")
+
+
+async def test_command_bar_suggests_ghost_text_and_tab_completes(console: Any) -> None:
+    async with console() as (app, pilot, _core):
+        await pilot.press("colon", "p", "r", "o")
+        bar = app.screen.query_one(CommandBar)
+        await until(pilot, lambda: bar._suggestion == "proplets")
+        await pilot.press("tab", "enter")
+        await until(pilot, lambda: app.current_mode == "proplets")
+        await pilot.press("colon", *"theme propeller-l")
+        bar = app.screen.query_one(CommandBar)
+        await until(pilot, lambda: bar._suggestion == "theme propeller-light")
+
+
+async def test_unknown_command_says_what_exists(console: Any) -> None:
+    async with console() as (app, pilot, _core):
+        await command(pilot, "pods")
+        await until(pilot, lambda: any("Unknown command ':pods'" in n.message for n in app._notifications))
+        message = next(n.message for n in app._notifications if "pods" in n.message)
+        assert ":tasks" in message and ":q" in message
+        assert app.current_mode == "dashboard"
+
+
+async def test_header_shows_where_you_are(console: Any) -> None:
+    async with console() as (app, pilot, core):
+        header = app.screen.query_one(FleetHeader)
+        await until(pilot, lambda: "connected" in header.text)
+        text = header.text
+        assert core.status().broker_url in text
+        assert app.hostname in text
+        assert "sqlite" in text
+        assert "Dashboard" in text and "proplets 0/0 online" in text
+
+
+async def test_header_counts_get_markers_when_they_change(console: Any) -> None:
+    async with console() as (app, pilot, core):
+        header = app.screen.query_one(FleetHeader)
+        await until(pilot, lambda: "completed 0" in header.text)
+        from tests.wire import SyntheticProplet
+
+        async with SyntheticProplet(core.status().broker_url, core.topics, "marker-proplet"):
+            task = await core.create_task(add_body())
+            await core.start_task(task.id)
+            await until(pilot, lambda: "completed 1↑" in header.text)
+            await until(pilot, lambda: "proplets 1↑/1" in header.text or "proplets 1/1" in header.text)
+
+
+async def test_help_lists_the_keys_that_apply_now_with_their_ids(console: Any) -> None:
+    async with console() as (app, pilot, _core):
+        await pilot.press("2")
+        await until(pilot, lambda: app.current_mode == "tasks")
+        await pilot.press("question_mark")
+        await until(pilot, lambda: isinstance(app.screen, HelpScreen))
+        help_screen = app.screen
+        assert isinstance(help_screen, HelpScreen)
+        ids = {row[2] for row in help_screen.bindings}
+        assert {"tasks.stop", "tasks.delete", "tasks.filter", "app.command", "app.help"} <= ids
+        assert "Task table" in help_screen.help_text or "### Tasks" in help_screen.help_text
+        await pilot.press("escape")
+        await until(pilot, lambda: isinstance(app.screen, TasksScreen))
+
+
+async def test_command_palette_offers_commands_of_the_current_view(console: Any) -> None:
+    async with console() as (app, pilot, core):
+        await core.create_task(add_body())
+        await pilot.press("2")
+        await until(pilot, lambda: app.screen.query_one("#tasks").row_count == 1)
+        await pilot.press("ctrl+p")
+        await until(pilot, lambda: isinstance(app.screen, CommandPalette))
+        await pilot.press(*"sort by name")
+        await until(pilot, lambda: "Tasks: sort by name" in _palette_text(app))
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, TasksScreen) and app.screen.sort_column == "name")
+
+
+def _palette_text(app: ConsoleApp) -> str:
+    from textual.command import CommandList
+
+    options = app.screen.query_one(CommandList)
+    return " ".join(str(options.get_option_at_index(i).prompt) for i in range(options.option_count))
+
+
+async def test_themes_switch_at_run_time_and_come_from_the_config(console: Any, tmp_path: Path) -> None:
+    async with console(theme="propeller-light") as (app, pilot, _core):
+        assert app.theme == "propeller-light"
+        await command(pilot, "theme dark")
+        await until(pilot, lambda: app.theme == "propeller-dark")
+        app.run_command("theme terminal")
+        await until(pilot, lambda: app.theme == "ansi-dark")
+        assert app.current_theme.ansi
+        app.run_command("theme no-such-theme")
+        await until(pilot, lambda: any("No theme 'no-such-theme'" in n.message for n in app._notifications))
+        assert app.theme == "ansi-dark"
+
+
+async def test_user_theme_files_are_loaded_and_bad_ones_reported(console: Any, tmp_path: Path) -> None:
+    themes = tmp_path / "themes"
+    themes.mkdir()
+    (themes / "ocean.yaml").write_text("name: ocean\ndark: true\nprimary: '#1E88E5'\nbackground: '#001018'\n")
+    (themes / "broken.yaml").write_text("name: broken\nprimary: not-a-colour\n")
+    async with console(theme="ocean", theme_dirs=[themes]) as (app, pilot, _core):
+        assert app.theme == "ocean"
+        await until(pilot, lambda: any("broken.yaml" in n.message and "not a colour" in n.message
+                                       for n in app._notifications))
+
+
+async def test_keymap_from_the_config_file_overrides_bindings(console: Any, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("console:\n  keymap:\n    tasks.stop: k\n    mode.traffic: m\n    no.such: z\n"
+                      "  read_only: false\n")
+    monkeypatch.setenv("PROPELLER_CONFIG", str(config))
+    settings = ConsoleSettings(cursor_blink=False, refresh_interval=0.1)
+    assert settings.keymap["tasks.stop"] == "k"
+    async with console(settings=settings, manager={"ack_timeout": 60}) as (app, pilot, core):
+        await until(pilot, lambda: any("no.such" in n.message for n in app._notifications))
+        task = await core.create_task(add_body(proplet_id="nobody-home"))
+        await core.start_task(task.id)
+        await pilot.press("m")
+        await until(pilot, lambda: app.current_mode == "traffic")
+        await pilot.press("2")
+        await until(pilot, lambda: app.screen.query_one("#tasks").row_count == 1)
+        await pilot.press("x")  # the old key does nothing now
+        await pilot.pause(0.1)
+        assert not isinstance(app.screen, ConfirmModal)
+        await pilot.press("k")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmModal))
+        await pilot.press("y")
+        await until(pilot, lambda: app.fleet.tasks[task.id].state.label == "interrupted")
+
+
+async def test_read_only_mode_greys_out_and_refuses_every_mutating_action(console: Any) -> None:
+    async with console(read_only=True) as (app, pilot, core):
+        task = await core.create_task(add_body())
+        await pilot.press("2")
+        await until(pilot, lambda: app.screen.query_one("#tasks").row_count == 1)
+        screen = app.screen
+        enabled = {b.binding.id: b.enabled for b in screen.active_bindings.values()}
+        assert enabled["tasks.start"] is False and enabled["tasks.stop"] is False
+        assert enabled["tasks.delete"] is False and enabled["tasks.copy"] is True
+        for key in ("s", "x", "D"):
+            await pilot.press(key)
+        await pilot.pause(0.2)
+        assert not isinstance(app.screen, ConfirmModal)
+        assert (await core.get_task(task.id)).state.label == "pending"
+        assert "READ-ONLY" in app.screen.query_one(FleetHeader).text
+        # Detail screen, local proplets, dispatch and firmware refuse too.
+        await pilot.press("enter")
+        await until(pilot, lambda: app.screen.__class__.__name__ == "TaskDetailScreen")
+        for key in ("s", "x", "D"):
+            await pilot.press(key)
+        await pilot.pause(0.2)
+        assert (await core.get_task(task.id)).state.label == "pending"
+        await pilot.press("escape", "6", "a")
+        await pilot.pause(0.3)
+        assert not app.local.proplets
+        app.screen.action_launch()  # even when called directly (palette), the action refuses
+        await pilot.pause(0.1)
+        assert not app.local.proplets
+        await pilot.press("5")
+        await until(pilot, lambda: app.current_mode == "dispatch")
+        app.screen.query_one("#module", Input).value = "examples/add.wasm"
+        app.screen.action_submit()
+        await pilot.pause(0.3)
+        assert (await core.list_tasks()).total == 1
+        await pilot.press("escape", "7")
+        await until(pilot, lambda: app.current_mode == "firmware")
+        app.screen.query_one("#port", Input).value = "/dev/ttyUSB9"
+        app.screen.action_flash()
+        await pilot.pause(0.1)
+        assert not isinstance(app.screen, ConfirmModal)
+
+
+async def test_console_settings_come_from_the_console_section(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "manager:\n  tenant_id: ignored-here\n"
+        "console:\n  theme: propeller-light\n  mouse: false\n  read_only: true\n"
+        "  local_proplet_command: '{python} -m propeller proplet --id {id} --log-level debug'\n"
+        "  firmware:\n    env: esp32-s3-bench\n    build: 'pio run -d {project} -e {env}'\n")
+    monkeypatch.setenv("PROPELLER_CONFIG", str(config))
+    monkeypatch.setenv("PROPELLER_CONSOLE_TRAFFIC_LINES", "1234")
+    settings = ConsoleSettings()
+    assert settings.theme == "propeller-light" and settings.mouse is False and settings.read_only is True
+    assert settings.traffic_lines == 1234
+    assert settings.firmware.env == "esp32-s3-bench" and settings.firmware.build == "pio run -d {project} -e {env}"
+    assert "--log-level debug" in settings.local_proplet_command
+    # A flag the user typed wins over the file.
+    from console.settings import load_settings
+
+    assert load_settings(read_only=False, theme=None).read_only is False
+    assert load_settings(read_only=None).read_only is True
+
+
+def test_console_settings_defaults_are_usable() -> None:
+    settings = console_settings()
+    assert settings.theme == "propeller-dark" and settings.mouse and not settings.read_only
+    assert settings.refresh_interval == 0.1 and settings.traffic_lines == 5000

@@ -1,0 +1,198 @@
+"""The task table (live, in place, filter, sort, copy) and the task detail screen with its actions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from console.views.tasks import TaskDetailScreen, TasksScreen
+from console.widgets import ConfirmModal
+from tests.console.conftest import add_body, table_rows, until
+from tests.wire import SyntheticProplet
+
+
+def fail_odd(start: dict[str, Any]) -> tuple[Any, str | None]:
+    a, b = (int(x) for x in start["inputs"])
+    if a % 2:
+        return None, f"odd input {a} refused"
+    return str(a + b), None
+
+
+async def _open_tasks(app: Any, pilot: Any) -> TasksScreen:
+    await pilot.press("2")
+    await until(pilot, lambda: isinstance(app.screen, TasksScreen))
+    assert isinstance(app.screen, TasksScreen)
+    return app.screen
+
+
+async def test_rows_are_updated_in_place_by_key_as_tasks_change_state(console: Any) -> None:
+    async with console() as (app, pilot, core):
+        screen = await _open_tasks(app, pilot)
+        table = screen.table
+        rebuilds = []
+        original_clear = table.clear
+        table.clear = lambda *a, **k: (rebuilds.append(1), original_clear(*a, **k))[1]  # type: ignore[method-assign]
+        async with SyntheticProplet(core.status().broker_url, core.topics, "inplace-proplet", delay=0.3,
+                                    answer=fail_odd):
+            ok = await core.create_task(add_body(inputs=("40", "2")))
+            bad = await core.create_task(add_body(inputs=("41", "2")))
+            await until(pilot, lambda: table.row_count == 2)
+            assert [r[2] for r in table_rows(table)] == ["pending", "pending"]
+            await core.start_task(ok.id)
+            await core.start_task(bad.id)
+            await until(pilot, lambda: str(table.get_cell(ok.id, "state")) == "running")
+            await until(pilot, lambda: str(table.get_cell(ok.id, "state")) == "completed", timeout=10)
+            await until(pilot, lambda: str(table.get_cell(bad.id, "state")) == "failed")
+            await until(pilot, lambda: str(table.get_cell(ok.id, "outcome")) == "42")
+            await until(pilot, lambda: "odd input 41 refused" in str(table.get_cell(bad.id, "outcome")))
+            assert str(table.get_cell(ok.id, "proplet")) == "inplace-proplet"
+            # The state cell carries the state's colour class (the theme decides the colour).
+            assert table.get_cell(bad.id, "state").component == "state--failed"
+        assert rebuilds == []
+        # The dashboard lists the failure.
+        await pilot.press("1")
+        await until(pilot, lambda: "odd input 41 refused" in str(
+            app.screen.query_one("#dash-failures").render()))
+
+
+async def test_filter_with_regex_inversion_and_literal_fallback(console: Any) -> None:
+    async with console() as (app, pilot, core):
+        for name in ("alpha", "beta", "gamma", "delta"):
+            await core.create_task(add_body(name=name))
+        screen = await _open_tasks(app, pilot)
+        table = screen.table
+        await until(pilot, lambda: table.row_count == 4)
+        await pilot.press("slash", *"^(al|ga)")
+        await until(pilot, lambda: sorted(r[1] for r in table_rows(table)) == ["alpha", "gamma"])
+        await pilot.press("enter")  # keeps the filter, closes the bar
+        assert screen.row_filter.active
+        assert "matching /^(al|ga)/" in " ".join(screen.crumbs())
+        await pilot.press("slash", "ctrl+u", *"!ta$")
+        await until(pilot, lambda: sorted(r[1] for r in table_rows(table)) == ["alpha", "gamma"])
+        await pilot.press("ctrl+u", *"!^al")
+        await until(pilot, lambda: sorted(r[1] for r in table_rows(table)) == ["beta", "delta", "gamma"])
+        # Not a valid regex: matched literally instead of refusing the keystroke.
+        await pilot.press("ctrl+u", *"(gam")
+        await until(pilot, lambda: table.row_count == 0)
+        assert screen.row_filter.literal
+        # A task created while filtered appears only if it matches.
+        await pilot.press("ctrl+u", *"gam")
+        await until(pilot, lambda: table.row_count == 1)
+        await core.create_task(add_body(name="gamma-two"))
+        await core.create_task(add_body(name="epsilon"))
+        await until(pilot, lambda: sorted(r[1] for r in table_rows(table)) == ["gamma", "gamma-two"])
+        await pilot.press("escape")  # Esc in the filter bar clears it
+        await until(pilot, lambda: table.row_count == 6)
+        assert not screen.row_filter.active
+
+
+async def test_sort_by_name_state_and_age(console: Any) -> None:
+    async with console() as (app, pilot, core):
+        names = ["delta", "alpha", "charlie", "bravo"]
+        for name in names:
+            await core.create_task(add_body(name=name))
+        screen = await _open_tasks(app, pilot)
+        table = screen.table
+        await until(pilot, lambda: table.row_count == 4)
+        # Newest first by default.
+        assert [r[1] for r in table_rows(table)] == names[::-1]
+        await pilot.press("N")
+        await until(pilot, lambda: [r[1] for r in table_rows(table)] == sorted(names))
+        await pilot.press("N")
+        await until(pilot, lambda: [r[1] for r in table_rows(table)] == sorted(names, reverse=True))
+        await pilot.press("A")
+        await until(pilot, lambda: [r[1] for r in table_rows(table)] == names[::-1])
+        # A new row lands where the sort puts it.
+        await pilot.press("N")
+        await core.create_task(add_body(name="aardvark"))
+        await until(pilot, lambda: next(r[1] for r in table_rows(table)) == "aardvark")
+
+
+async def test_copy_task_id_to_the_clipboard(console: Any) -> None:
+    async with console() as (app, pilot, core):
+        task = await core.create_task(add_body())
+        screen = await _open_tasks(app, pilot)
+        await until(pilot, lambda: screen.table.row_count == 1)
+        await pilot.press("y")
+        assert app.clipboard == task.id
+
+
+async def test_detail_shows_the_lifecycle_and_its_actions_work_with_confirmation(console: Any) -> None:
+    async with console() as (app, pilot, core):
+        async with SyntheticProplet(core.status().broker_url, core.topics, "detail-proplet", delay=0.2):
+            task = await core.create_task(add_body(env={"GREETING": "hi"}, limits={"timeout_s": 5}))
+            await core.start_task(task.id)
+            screen = await _open_tasks(app, pilot)
+            await until(pilot, lambda: app.fleet.tasks[task.id].results == "42")
+            await until(pilot, lambda: screen.table.row_count == 1)
+            await pilot.press("enter")
+            await until(pilot, lambda: isinstance(app.screen, TaskDetailScreen))
+            detail = app.screen
+            assert isinstance(detail, TaskDetailScreen)
+            timeline = detail.query_one("#timeline")
+            await until(pilot, lambda: timeline.row_count >= 3)
+            states = [r[1] for r in table_rows(timeline)]
+            assert states[0] == "pending" and states[-1] == "completed" and "running" in states
+            rows = table_rows(timeline)
+            assert all(r[2] for r in rows[:-1]), rows  # each transition but the last has a duration
+            assert rows[-1][4] == "detail-proplet"
+            fields = str(detail.query_one("#task-fields").render())
+            assert "GREETING=hi" in fields and "timeout_s=5" in fields and "40 2" in fields
+            assert "42" in str(detail.query_one("#task-output").render())
+            await pilot.press("c")
+            assert app.clipboard == "42"
+            # Re-run: a new attempt that completes again.
+            await pilot.press("s")
+            await until(pilot, lambda: detail.task_data is not None and detail.task_data.attempt == 2
+                        and detail.task_data.state.label == "completed")
+            assert [r[1] for r in table_rows(timeline)].count("completed") == 2
+        # Stop a queued task: confirm first, No keeps it.
+        queued = await core.create_task(add_body(name="waits", proplet_id="nobody"))
+        await core.start_task(queued.id)
+        await pilot.press("escape")
+        await until(pilot, lambda: isinstance(app.screen, TasksScreen))
+        screen = app.screen
+        assert isinstance(screen, TasksScreen)
+        await until(pilot, lambda: queued.id in screen._shown)
+        screen.select(queued.id)
+        await pilot.press("d")
+        await until(pilot, lambda: isinstance(app.screen, TaskDetailScreen) and app.screen.task_id == queued.id)
+        await pilot.press("x")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmModal))
+        await pilot.press("n")
+        await until(pilot, lambda: isinstance(app.screen, TaskDetailScreen))
+        assert (await core.get_task(queued.id)).state.label == "pending"
+        await pilot.press("x")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmModal))
+        await pilot.press("y")
+        await until(pilot, lambda: app.fleet.tasks[queued.id].state.label == "interrupted")
+        # Delete: confirm, then the detail closes and the row goes.
+        await pilot.press("D")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmModal))
+        await pilot.press("escape")
+        await until(pilot, lambda: isinstance(app.screen, TaskDetailScreen))
+        await pilot.press("D")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmModal))
+        await pilot.press("y")
+        await until(pilot, lambda: isinstance(app.screen, TasksScreen))
+        await until(pilot, lambda: queued.id not in app.screen._shown)
+        assert [t.id for t in (await core.list_tasks()).items] == [task.id]
+
+
+async def test_actions_that_the_core_refuses_say_why(console: Any) -> None:
+    async with console() as (app, pilot, core):
+        task = await core.create_task(add_body(proplet_id="nobody"))
+        await core.start_task(task.id)
+        screen = await _open_tasks(app, pilot)
+        await until(pilot, lambda: screen.table.row_count == 1)
+        await pilot.press("s")  # already queued
+        await until(pilot, lambda: any("already queued" in n.message and "stop it first" in n.message
+                                       for n in app._notifications))
+
+
+async def test_tasks_created_elsewhere_appear_with_their_details(console: Any) -> None:
+    async with console(task_rows=10) as (app, pilot, core):
+        screen = await _open_tasks(app, pilot)
+        ids = [(await core.create_task(add_body(name=f"t{i}"))).id for i in range(14)]
+        # Bounded: the oldest leave the table.
+        await until(pilot, lambda: screen.table.row_count == 10)
+        assert ids[0] not in screen._shown and ids[-1] in screen._shown

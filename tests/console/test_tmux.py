@@ -1,0 +1,154 @@
+"""End to end: the real `propeller` command in a real terminal (tmux on a private socket), from start to a
+completed task (a local proplet launched from the console runs the example module) and a clean exit;
+and a hung-up terminal stopping the manager cleanly."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.services import Mosquitto, need
+
+ROOT = Path(__file__).resolve().parents[2]
+PROPELLER = Path(sys.executable).with_name("propeller")
+
+pytestmark = [pytest.mark.serial, pytest.mark.slow]
+
+
+class Tmux:
+    def __init__(self, socket: str) -> None:
+        self.socket = socket
+        # The tmux server hands its own environment to the pane: keep the test process's out of it
+        # (COLUMNS/LINES set by the test runner would override the pane's real size).
+        self.env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "USER", "SHELL")}
+
+    def __call__(self, *args: str, check: bool = True) -> str:
+        out = subprocess.run(["tmux", "-L", self.socket, *args], capture_output=True, text=True, timeout=10,
+                             env=self.env)
+        if check and out.returncode != 0:
+            raise AssertionError(f"tmux {' '.join(args)} failed: {out.stderr}")
+        return out.stdout
+
+    def screen(self) -> str:
+        return self("capture-pane", "-t", "console", "-p", check=False)
+
+    def keys(self, *keys: str) -> None:
+        self("send-keys", "-t", "console", *keys)
+
+    def type(self, text: str) -> None:
+        self("send-keys", "-t", "console", "-l", text)
+
+    def wait_for(self, check: Callable[[str], bool], timeout: float = 30.0, what: str = "") -> str:
+        deadline = time.monotonic() + timeout
+        screen = ""
+        while time.monotonic() < deadline:
+            screen = self.screen()
+            if check(screen):
+                return screen
+            time.sleep(0.2)
+        raise AssertionError(f"{what or 'condition'} not seen within {timeout}s; the screen was:\n{screen}")
+
+    def pane_pid(self) -> int:
+        return int(self("display-message", "-p", "-t", "console", "#{pane_pid}").strip())
+
+    def pane_dead(self) -> bool:
+        return self("display-message", "-p", "-t", "console", "#{pane_dead}", check=False).strip() == "1"
+
+
+@pytest.fixture
+def tmux(tmp_path: Path) -> Iterator[Tmux]:
+    need(shutil.which("tmux") is not None, "tmux", "install it with `apt-get install tmux`")
+    server = Tmux(f"propeller-test-{uuid.uuid4().hex[:8]}")
+    yield server
+    server("kill-server", check=False)
+
+
+def _env(broker: Mosquitto, home: Path) -> dict[str, str]:
+    """An isolated user: its own HOME and XDG directories, no config file, the session broker."""
+    # COLUMNS/LINES would override the terminal's real size.
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MANAGER_", "PROPLET_", "PROPELLER_", "XDG_", "TMUX"))
+           and k not in ("COLUMNS", "LINES")}
+    env.update({
+        "HOME": str(home), "XDG_CONFIG_HOME": str(home / "config"), "XDG_DATA_HOME": str(home / "data"),
+        "XDG_STATE_HOME": str(home / "state"), "XDG_CACHE_HOME": str(home / "cache"),
+        "PROPELLER_CONFIG": str(home / "no-config.yaml"), "TERM": "xterm-256color",
+        "MANAGER_MQTT_ADDRESS": broker.url, "MANAGER_TENANT_ID": f"tmux-{uuid.uuid4().hex[:6]}",
+        "MANAGER_ENTITY_ID": f"tmux-manager-{uuid.uuid4().hex[:6]}", "MANAGER_HTTP_ENABLED": "false",
+        "PROPELLER_CONSOLE_CURSOR_BLINK": "false",
+    })
+    return env
+
+
+def _start(tmux: Tmux, env: dict[str, str]) -> None:
+    assert PROPELLER.exists(), f"{PROPELLER} is missing: install the project (scripts/bootstrap)"
+    env_args = [arg for key, value in env.items() for arg in ("-e", f"{key}={value}")]
+    tmux("new-session", "-d", "-s", "console", "-x", "150", "-y", "40", "-c", str(ROOT), *env_args,
+         f"exec {PROPELLER}")
+    tmux("set-option", "-t", "console", "remain-on-exit", "on")
+    # Without an attached client tmux keeps its default size; make the window the size asked for.
+    tmux("resize-window", "-t", "console", "-x", "150", "-y", "40")
+
+
+def test_propeller_in_a_terminal_from_start_to_a_completed_task_and_a_clean_exit(
+        tmux: Tmux, broker: Mosquitto, tmp_path: Path) -> None:
+    env = _env(broker, tmp_path / "home")
+    _start(tmux, env)
+    screen = tmux.wait_for(lambda s: "Dashboard" in s and "connected" in s, what="the dashboard")
+    assert broker.url in screen and "Propeller" in screen
+    # Launch a local proplet from the console.
+    tmux.keys("6")
+    tmux.wait_for(lambda s: "Local proplets" in s, what="the local proplets view")
+    tmux.keys("a")
+    tmux.wait_for(lambda s: "online" in s and "local-" in s, timeout=60, what="a local proplet online")
+    # Dispatch the example module.
+    tmux.keys("5")
+    tmux.wait_for(lambda s: "Module" in s and "Function" in s, what="the dispatch form")
+    tmux.type("examples/add.wasm")
+    tmux.wait_for(lambda s: "exports: add" in s, what="the module's exports")
+    tmux.keys("Tab", "Tab")
+    tmux.type("40 2")
+    tmux.keys("Enter")
+    screen = tmux.wait_for(lambda s: "completed" in s and " 42" in s, timeout=60, what="the completed task")
+    assert "add" in screen and "local-" in screen
+    # The messages are in the traffic view.
+    tmux.keys("4")
+    tmux.wait_for(lambda s: "control/manager/start" in s and "control/proplet/results" in s,
+                  what="the start and result messages")
+    # Quit with :q.
+    tmux.keys(":")
+    tmux.type("q")
+    tmux.keys("Enter")
+    screen = tmux.wait_for(lambda s: "Propeller console closed" in s, timeout=30, what="the goodbye line")
+    tmux.wait_for(lambda s: tmux.pane_dead(), timeout=10, what="the process exiting")
+    assert "the manager stopped cleanly" in screen
+    log = (tmp_path / "home" / "state" / "propeller" / "console.log").read_text()
+    assert "manager core stopped cleanly" in log and "Traceback" not in log
+
+
+def test_a_hung_up_terminal_stops_the_manager_cleanly(tmux: Tmux, broker: Mosquitto, tmp_path: Path) -> None:
+    env = _env(broker, tmp_path / "home")
+    _start(tmux, env)
+    tmux.wait_for(lambda s: "Dashboard" in s and "connected" in s, what="the dashboard")
+    pid = tmux.pane_pid()
+    # Closing the pane sends SIGHUP, as a dropped SSH session does.
+    tmux("kill-pane", "-t", "console")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the console did not exit after its terminal hung up")
+    log = (tmp_path / "home" / "state" / "propeller" / "console.log").read_text()
+    assert "the terminal hung up" in log and "manager core stopped cleanly" in log

@@ -1,0 +1,146 @@
+"""The MQTT traffic view (stream, topic tree, payloads, pause, filters, follow) and the proplet views."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from textual.widgets import Log, Sparkline
+
+from console.views.proplets import PropletDetailScreen, PropletsScreen
+from console.views.traffic import TrafficScreen
+from console.widgets import ConfirmModal
+from core import topics as t
+from tests.console.conftest import add_body, table_rows, until
+from tests.wire import SyntheticProplet
+
+
+async def _traffic(app: Any, pilot: Any) -> TrafficScreen:
+    await pilot.press("4")
+    await until(pilot, lambda: isinstance(app.screen, TrafficScreen))
+    assert isinstance(app.screen, TrafficScreen)
+    return app.screen
+
+
+async def test_traffic_stream_tree_and_payload_with_module_bytes_summarised(console: Any) -> None:
+    async with console() as (app, pilot, core):
+        screen = await _traffic(app, pilot)
+        log = screen.query_one("#traffic-log", Log)
+        async with SyntheticProplet(core.status().broker_url, core.topics, "traffic-proplet", heartbeat=0.2):
+            task = await core.create_task(add_body())
+            await core.start_task(task.id)
+            await until(pilot, lambda: app.fleet.tasks[task.id].results == "42")
+            await until(pilot, lambda: any("control/manager/start" in line for line in log.lines))
+        lines = list(log.lines)
+        start_line = next(line for line in lines if "control/manager/start" in line)
+        assert "→ out" in start_line and '"file":"<base64>"' in start_line
+        assert any("← in " in line and "control/proplet/results" in line for line in lines)
+        # The topic tree counts messages per topic.
+        start_node = screen._topic_nodes[core.topics.start]
+        assert str(start_node.label) == "start (1)"
+        assert str(screen._topic_nodes[core.topics.alive].label).startswith("alive (")
+        # Selecting the start topic shows its payload: pretty JSON, the module summarised, never dumped.
+        tree = screen.query_one("#topics")
+        tree.focus()
+        tree.move_cursor(start_node)
+        await until(pilot, lambda: screen.selected_topic == core.topics.start)
+        payload = str(screen.query_one("#payload").render())
+        assert '"name": "add"' in payload and "<base64: 59 bytes, not shown>" in payload
+        import base64
+
+        wasm_b64 = base64.b64encode((app.settings and __import__("pathlib").Path("examples/add.wasm")).read_bytes())
+        assert wasm_b64.decode()[:16] not in payload
+        await pilot.press("y")
+        assert '"name": "add"' in app.clipboard
+
+
+async def test_pause_filter_direction_and_follow(console: Any) -> None:
+    async with console() as (app, pilot, core):
+        screen = await _traffic(app, pilot)
+        log = screen.query_one("#traffic-log", Log)
+        async with SyntheticProplet(core.status().broker_url, core.topics, "chatty-proplet", heartbeat=0.05):
+            await until(pilot, lambda: log.line_count > 5)
+            # Pause: ingest goes on, the stream stands still.
+            await pilot.press("p")
+            assert screen.has_class("-paused")
+            frozen = log.line_count
+            seen = app.traffic.seq
+            await until(pilot, lambda: app.traffic.seq > seen + 5)
+            assert log.line_count == frozen
+            assert "PAUSED" in str(screen.query_one("#traffic-status").render())
+            await pilot.press("p")
+            await until(pilot, lambda: log.line_count > frozen)
+            # Filter by topic (regex, ! inverts).
+            await pilot.press("slash", *"alive$", "enter")
+            await until(pilot, lambda: log.line_count > 0 and all("alive" in line for line in log.lines))
+            await pilot.press("slash", "ctrl+u", *"!alive$", "enter")
+            await until(pilot, lambda: all("alive" not in line for line in log.lines))
+            await pilot.press("escape")  # Esc clears the filter
+            await until(pilot, lambda: any("alive" in line for line in log.lines))
+            # Direction: in only, then out only.
+            await pilot.press("i")
+            await until(pilot, lambda: screen.direction == "in")
+            await until(pilot, lambda: log.line_count > 0 and all("← in" in line for line in log.lines))
+            await pilot.press("i")
+            await until(pilot, lambda: all("→ out" in line for line in log.lines))
+            await pilot.press("i")
+            assert screen.direction == "all"
+            # Follow the bottom only when the reader is there.
+            await until(pilot, lambda: log.max_scroll_y > 3)
+            log.scroll_home(animate=False)
+            await until(pilot, lambda: screen.pending_below > 0)
+            assert log.scroll_y == 0
+            assert "new ↓" in str(screen.query_one("#traffic-status").render())
+            await pilot.press("G")
+            await until(pilot, lambda: screen.pending_below == 0 and log.scroll_y >= log.max_scroll_y - 1)
+
+
+async def test_proplets_table_detail_and_forget(console: Any) -> None:
+    async with console() as (app, pilot, core):
+        await pilot.press("3")
+        await until(pilot, lambda: isinstance(app.screen, PropletsScreen))
+        screen = app.screen
+        assert isinstance(screen, PropletsScreen)
+        url = core.status().broker_url
+        async with SyntheticProplet(url, core.topics, "beta-proplet", heartbeat=0.1,
+                                    metadata={"os": "linux", "cpu_arch": "aarch64", "wasm_runtime": "wasmtime",
+                                              "max_concurrent_tasks": 4}):
+            async with SyntheticProplet(url, core.topics, "alpha-proplet", heartbeat=0.1) as alpha:
+                await alpha.publish(t.METRICS, {
+                    "proplet_id": "alpha-proplet", "namespace": "default",
+                    "timestamp": datetime.now(UTC).isoformat(),
+                    "cpu_metrics": {"percent": 12.5}, "memory_metrics": {"rss_bytes": 50 * 1024 * 1024}})
+                table = screen.table
+                await until(pilot, lambda: [r[0] for r in table_rows(table)] == ["alpha-proplet", "beta-proplet"])
+                await until(pilot, lambda: str(table.get_cell("alpha-proplet", "cpu")) == "12.5")
+                # Metadata arrives with the once-a-second sync from the core.
+                await until(pilot, lambda: str(table.get_cell("beta-proplet", "tasks")) == "0/4")
+                rows = {r[0]: r for r in table_rows(table)}
+                assert rows["alpha-proplet"][2] == "online" and rows["alpha-proplet"][3].endswith("s ago")
+                assert rows["alpha-proplet"][6] == "50.0 MiB"
+                assert rows["beta-proplet"][8] == "linux/aarch64" and rows["beta-proplet"][7] == "wasmtime"
+                # Filter.
+                await pilot.press("slash", *"beta", "enter")
+                await until(pilot, lambda: [r[0] for r in table_rows(table)] == ["beta-proplet"])
+                await pilot.press("slash", "ctrl+u", "enter")
+                await until(pilot, lambda: table.row_count == 2)
+                # Detail: heartbeat history and metrics plots.
+                table.move_cursor(row=table.get_row_index("alpha-proplet"))
+                await pilot.press("enter")
+                await until(pilot, lambda: isinstance(app.screen, PropletDetailScreen))
+                detail = app.screen
+                await until(pilot, lambda: len(detail.query_one("#heartbeats", Sparkline).data or []) >= 3)
+                await until(pilot, lambda: 12.5 in (detail.query_one("#cpu", Sparkline).data or []))
+                assert "online" in str(detail.query_one("#proplet-fields").render())
+                await pilot.press("y")
+                assert app.clipboard == "alpha-proplet"
+                await pilot.press("escape")
+                await until(pilot, lambda: isinstance(app.screen, PropletsScreen))
+            # alpha said goodbye: offline at once.
+            await until(pilot, lambda: str(table.get_cell("alpha-proplet", "state")) == "offline")
+            # Forget it (asks first).
+            table.move_cursor(row=table.get_row_index("alpha-proplet"))
+            await pilot.press("D")
+            await until(pilot, lambda: isinstance(app.screen, ConfirmModal))
+            await pilot.press("y")
+            await until(pilot, lambda: [r[0] for r in table_rows(table)] == ["beta-proplet"])
