@@ -46,7 +46,8 @@ async def test_new_user_flow_two_local_proplets_dispatch_the_example_and_watch_i
         local = app.screen
         assert isinstance(local, LocalScreen)
         await until(pilot, lambda: local.query_one("#local-output", Log).line_count > 0)
-        assert [r[3] for r in table_rows(local.table)] == ["online", "online"]
+        # The table catches up with the fleet at the console's next refresh.
+        await until(pilot, lambda: [r[3] for r in table_rows(local.table)] == ["online", "online"])
         # Dispatch the example module through the form, typing as a user would.
         screen = await _dispatch_screen(app, pilot)
         await pilot.press(*"examples/add.wasm")

@@ -144,7 +144,7 @@ async def test_detail_shows_the_lifecycle_and_its_actions_work_with_confirmation
             await pilot.press("s")
             await until(pilot, lambda: detail.task_data is not None and detail.task_data.attempt == 2
                         and detail.task_data.state.label == "completed")
-            assert [r[1] for r in table_rows(timeline)].count("completed") == 2
+            await until(pilot, lambda: [r[1] for r in table_rows(timeline)].count("completed") == 2)
         # Stop a queued task: confirm first, No keeps it.
         queued = await core.create_task(add_body(name="waits", proplet_id="nobody"))
         await core.start_task(queued.id)
