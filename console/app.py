@@ -76,6 +76,32 @@ HELP_WORDS = ("help", "h", "?")
 EVENT_BUFFER = 50_000
 TRAFFIC_BUFFER = 20_000
 COUNTS_INTERVAL = 2.0
+MAX_REFRESH_INTERVAL = 1.0
+
+
+class RenderCadence:
+    """When the screen is redrawn: every `interval`, stretched up to MAX_REFRESH_INTERVAL while the
+    event loop is saturated (the refresh timer fires late), so that under a flood of MQTT traffic
+    the in-process manager keeps the loop and dispatch is not stalled by rendering."""
+
+    def __init__(self, interval: float) -> None:
+        self.base = interval
+        self.interval = interval
+        self._last = 0.0
+        self._last_tick = 0.0
+
+    def due(self, now: float) -> bool:
+        if self._last_tick:
+            late = (now - self._last_tick) - self.base
+            if late > self.base / 2:
+                self.interval = min(MAX_REFRESH_INTERVAL, self.interval * 2)
+            elif late < self.base / 10:
+                self.interval = max(self.base, self.interval * 0.8)
+        self._last_tick = now
+        if now - self._last < self.interval - self.base / 2:
+            return False
+        self._last = now
+        return True
 
 
 class ConsoleProvider(Provider):
@@ -143,6 +169,7 @@ class ConsoleApp(App[None]):
         self._loaded = asyncio.Event()
         self._subs: list[Any] = []
         self._last_proplet_sync = 0.0
+        self._cadence = RenderCadence(self.settings.refresh_interval)
         self._started = time.perf_counter()
         loaded = load_themes(self.settings.all_theme_dirs())
         self.theme_problems = loaded.problems
@@ -332,6 +359,8 @@ class ConsoleApp(App[None]):
         if not self._loaded.is_set() or self.core is None:
             return
         now = time.monotonic()
+        if not self._cadence.due(now):
+            return
         if now - self._last_proplet_sync >= 1.0:
             self._last_proplet_sync = now
             self.fleet.sync_proplets(self.core.list_proplets())

@@ -15,6 +15,10 @@ from console.base import ConsoleScreen, PaletteCommand
 from console.fleet import TrafficEntry, pretty_payload
 
 DIRECTIONS = ("all", "in", "out")
+# Lines written to the stream per refresh (4 a second by default): more than anyone can read, and
+# a flood of thousands of messages a second would otherwise spend the manager's loop on rendering.
+# The rest are counted on a marker line; the topic tree, payload view and counts still see them all.
+MAX_LINES_PER_REFRESH = 100
 
 
 class TrafficLog(Log):
@@ -54,6 +58,7 @@ Every message the manager sends (→ out) and receives (← in), at most `consol
         self.direction = "all"
         self.last_seq = 0
         self.pending_below = 0
+        self.not_listed = 0
         self.buffered_while_paused = 0
         self.selected_topic: str | None = None
         self._payload_seq = -1
@@ -106,9 +111,14 @@ Every message the manager sends (→ out) and receives (← in), at most `consol
     def _write(self, entries: list[TrafficEntry]) -> None:
         log = self.log_widget
         traffic = self.console.traffic
-        lines = [traffic.format_line(e) for e in entries if self.visible(e)]
-        if not lines:
+        visible = [e for e in entries if self.visible(e)]
+        if not visible:
             return
+        skipped = len(visible) - MAX_LINES_PER_REFRESH
+        lines = [traffic.format_line(e) for e in visible[-MAX_LINES_PER_REFRESH:]]
+        if skipped > 0:
+            self.not_listed += skipped
+            lines.insert(0, f"… {skipped:,} messages not listed (too many to read; p pauses, / filters by topic)")
         # Follow only when the reader is at the bottom; otherwise count what arrived below (toolong).
         at_bottom = log.scroll_y >= log.max_scroll_y - 1
         log.write_lines(lines, scroll_end=at_bottom)
@@ -188,6 +198,8 @@ Every message the manager sends (→ out) and receives (← in), at most `consol
                  f"{traffic.seq:,} seen", f"{len(traffic.entries):,} kept"]
         if traffic.dropped:
             parts.append(f"{traffic.dropped:,} dropped (console too slow)")
+        if self.not_listed:
+            parts.append(f"{self.not_listed:,} not listed (flood)")
         if self.direction != "all":
             parts.append(f"direction: {self.direction} only")
         if self.row_filter.active:

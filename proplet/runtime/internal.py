@@ -116,6 +116,8 @@ class _CoreArtifact:
     funcs: dict[str, tuple[tuple[str, ...], tuple[str, ...]]]
     export_names: tuple[str, ...]
     memories: tuple[str, ...]
+    # A module importing nothing from WASI skips building a WasiConfig per run (~0.1 ms).
+    uses_wasi: bool = True
 
 
 @dataclass(slots=True)
@@ -335,7 +337,8 @@ class WasmtimeRuntime:
                     funcs[export.name] = (tuple(str(p) for p in ty.params), tuple(str(r) for r in ty.results))
                 elif isinstance(ty, wasmtime.MemoryType):
                     memories.append(export.name)
-            return _CoreArtifact(compiled, pre, funcs, tuple(names), tuple(memories))
+            uses_wasi = any(imp.module.startswith("wasi") for imp in compiled.imports)
+            return _CoreArtifact(compiled, pre, funcs, tuple(names), tuple(memories), uses_wasi)
         artifact = _ComponentArtifact(compiled)
         ctype = compiled.type
         artifact.needs_http = any(name.startswith("wasi:http/") for name in ctype.imports(engines.engine))
@@ -560,7 +563,8 @@ class WasmtimeRuntime:
             argv = None
         else:
             argv = [function or "main", *inv.inputs]
-        store.set_wasi(self._wasi(inv, state, argv))
+        if art.uses_wasi:
+            store.set_wasi(self._wasi(inv, state, argv))
         instance = self._instantiate_core(art, store, state)
         try:
             if as_export:
