@@ -41,7 +41,8 @@ class TrafficScreen(ConsoleScreen):
 ### MQTT traffic
 Every message the manager sends (→ out) and receives (← in), at most `console.traffic_lines` kept.
 **p** pauses the stream (messages are still counted), **/** filters by topic (regex, `!` inverts),
-**i** cycles in / out / all, **y** copies the payload shown, **C** clears.
+**i** cycles in / out / all, **y** copies the payload shown, **C** clears. Under a flood, at most
+100 lines are listed per refresh and the rest counted ("not listed"); pause or filter to read.
 """
     DEFAULT_CSS = """
     TrafficScreen #traffic-body { height: 1fr; }
