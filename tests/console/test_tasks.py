@@ -194,5 +194,5 @@ async def test_tasks_created_elsewhere_appear_with_their_details(console: Any) -
         screen = await _open_tasks(app, pilot)
         ids = [(await core.create_task(add_body(name=f"t{i}"))).id for i in range(14)]
         # Bounded: the oldest leave the table.
-        await until(pilot, lambda: screen.table.row_count == 10)
-        assert ids[0] not in screen._shown and ids[-1] in screen._shown
+        await until(pilot, lambda: screen.table.row_count == 10 and ids[-1] in screen._shown)
+        assert ids[0] not in screen._shown
