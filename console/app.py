@@ -96,7 +96,9 @@ class RenderCadence:
             if late > self.base / 2:
                 self.interval = min(MAX_REFRESH_INTERVAL, self.interval * 2)
             elif late < self.base / 10:
-                self.interval = max(self.base, self.interval * 0.8)
+                # Slow to come back (about 7 s from 1 s to 0.25 s): a loop that was just saturated
+                # is on time for a tick or two between bursts.
+                self.interval = max(self.base, self.interval * 0.95)
         self._last_tick = now
         if now - self._last < self.interval - self.base / 2:
             return False

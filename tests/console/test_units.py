@@ -224,3 +224,33 @@ def test_local_proplet_command_template_is_rendered_and_checked(tmp_path: Path) 
                                     "--mqtt-address", "mqtt://127.0.0.1:1883"]
     with pytest.raises(LaunchError, match="placeholders"):
         LocalFleet(command="{pyhton} x", env={}, state_root=tmp_path).render("x")
+
+
+# -- render cadence ---------------------------------------------------------------------------
+
+
+def test_redraws_stretch_while_the_loop_is_late_and_come_back_when_it_is_on_time() -> None:
+    from console.app import MAX_REFRESH_INTERVAL, RenderCadence
+
+    cadence = RenderCadence(0.25)
+    now = 100.0
+    assert cadence.due(now)
+    # On time: every tick redraws.
+    for _ in range(4):
+        now += 0.25
+        assert cadence.due(now)
+    # The timer fires a whole interval late each time: the interval doubles up to the ceiling.
+    for _ in range(6):
+        now += 0.6
+        cadence.due(now)
+    assert cadence.interval == MAX_REFRESH_INTERVAL
+    drawn = 0
+    for _ in range(8):  # two seconds of on-time ticks at the stretched interval
+        now += 0.25
+        drawn += cadence.due(now)
+    assert drawn <= 4
+    # Back on time for a while: the base interval returns.
+    for _ in range(60):
+        now += 0.25
+        cadence.due(now)
+    assert cadence.interval == 0.25
