@@ -643,13 +643,9 @@ def _setup_file_logging(level: str) -> Path:
     return path
 
 
-def run_console(*, read_only: bool | None = None, headless: bool = False, theme: str | None = None,
-                mouse: bool | None = None, clock: Callable[[], datetime] | None = None) -> None:
-    """`propeller` with no subcommand. Flags the user typed win over the config file.
-
-    headless: run the console's manager without a UI until SIGINT/SIGTERM (for systemd; a terminal is
-    not needed). Prefer `propeller serve` for a manager that must outlive the terminal.
-    """
+def run_console(*, read_only: bool | None = None, theme: str | None = None, mouse: bool | None = None,
+                clock: Callable[[], datetime] | None = None) -> None:
+    """`propeller` with no subcommand. Flags the user typed win over the config file."""
     import click
     from pydantic import ValidationError
 
@@ -663,17 +659,6 @@ def run_console(*, read_only: bool | None = None, headless: bool = False, theme:
     from core.errors import CoreError
     from core.store import StoreError
 
-    if headless:
-        from core.entrypoint import setup_logging
-
-        setup_logging(manager.log_level)
-        try:
-            asyncio.run(_headless(manager))
-        except KeyboardInterrupt:
-            pass
-        except (CoreError, StoreError, OSError, ValueError) as exc:
-            raise click.ClickException(str(exc)) from None
-        return
     if not sys.stdin.isatty() or not sys.stdout.isatty():
         raise click.ClickException(
             "the console needs a terminal. Run it in one (tmux keeps it alive over SSH), or run the manager "
@@ -692,13 +677,3 @@ def run_console(*, read_only: bool | None = None, headless: bool = False, theme:
                        f"{manager.sqlite_path if manager.storage_type == 'sqlite' else manager.storage_type}; "
                        f"the log is {path}.")
 
-
-async def _headless(manager: ManagerSettings) -> None:
-    from core.service import ManagerCore
-
-    async with ManagerCore(manager) as core:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, core.request_shutdown)
-        log.info("headless: API %s, broker %s; stop with Ctrl-C", core.api_url, core.status().broker_url)
-        await core.wait_closed()

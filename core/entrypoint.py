@@ -14,6 +14,16 @@ from typing import Any
 import click
 
 
+def stop_on_signals(request_shutdown: Any) -> None:
+    """SIGINT and SIGTERM ask a running service (manager, proplet, proxy) to shut down cleanly."""
+    import asyncio
+    import signal
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, request_shutdown)
+
+
 def setup_logging(level: str, fmt: str = "text", file: Path | None = None) -> None:
     """Logging for a process: text for terminals, JSON lines for log collectors; to stderr, or to
     `file` (rotated: 3 x 5 MB) for a process that owns the terminal, such as the console."""

@@ -900,15 +900,7 @@ class ManagerCore:
             task = self.active.get(task_id)
             if task is None:
                 continue
-            why = f"proplet {p.id} went offline while the task ran ({reason})"
-            if task.retries < task.max_retries:
-                task.retries += 1
-                self.metrics.tasks_retried.inc()
-                await self._requeue(task, f"retry {task.retries} of {task.max_retries}: {why}")
-            else:
-                task.error = why
-                task.finish_time = now
-                await self._transition(task, TaskState.FAILED, why)
+            await self._retry_or_fail(task, f"proplet {p.id} went offline while the task ran ({reason})", now)
         for task_id, waiting in list(self._broadcast_waiting.items()):
             if p.id in waiting:
                 task = self.active[task_id]
@@ -990,15 +982,19 @@ class ManagerCore:
                 continue
             if task.state is not TaskState.RUNNING:
                 continue
-            why = f"proplet {p.id} no longer has the task (it may have restarted)"
-            if task.retries < task.max_retries:
-                task.retries += 1
-                self.metrics.tasks_retried.inc()
-                await self._requeue(task, f"retry {task.retries} of {task.max_retries}: {why}")
-            else:
-                task.error = why
-                task.finish_time = utcnow()
-                await self._transition(task, TaskState.FAILED, why)
+            await self._retry_or_fail(task, f"proplet {p.id} no longer has the task (it may have restarted)",
+                                      utcnow())
+
+    async def _retry_or_fail(self, task: Task, why: str, now: datetime) -> None:
+        """A running task was lost with its proplet: another attempt by its retry policy, else failed."""
+        if task.retries < task.max_retries:
+            task.retries += 1
+            self.metrics.tasks_retried.inc()
+            await self._requeue(task, f"retry {task.retries} of {task.max_retries}: {why}")
+        else:
+            task.error = why
+            task.finish_time = now
+            await self._transition(task, TaskState.FAILED, why)
 
     async def _task_for_message(self, topic: str, task_id: str, proplet_id: str,
                                 attempt: int | None = None) -> Task | None:

@@ -10,14 +10,13 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import time
 from pathlib import Path
 from typing import Any
 
 import click
 
-from core.entrypoint import LazyEpilogCommand, load_settings, settings_help, setup_logging
+from core.entrypoint import LazyEpilogCommand, load_settings, settings_help, setup_logging, stop_on_signals
 
 __all__ = ["main", "settings_help", "setup_logging"]
 
@@ -33,7 +32,7 @@ DEFAULT_MANAGER_URL = "http://127.0.0.1:7070"
 @click.option("--theme", help="Console: colour theme, e.g. propeller-dark, propeller-light, terminal (console.theme).")
 @click.option("--mouse/--no-mouse", default=None, help="Console: mouse support, on by default (console.mouse).")
 @click.option("--headless", is_flag=True,
-              help="Run the console's manager without a UI until SIGINT/SIGTERM (same as `propeller serve`).")
+              help="Run the manager without a UI until SIGINT/SIGTERM (the same as `propeller serve`).")
 @click.version_option(package_name="propeller")
 @click.pass_context
 def main(ctx: click.Context, config_file: Path | None, read_only: bool | None, theme: str | None,
@@ -48,13 +47,15 @@ def main(ctx: click.Context, config_file: Path | None, read_only: bool | None, t
         if not config_file.is_file():
             raise click.UsageError(f"config file {config_file} does not exist")
         os.environ["PROPELLER_CONFIG"] = str(config_file)
-    if ctx.invoked_subcommand is None:
+    if ctx.invoked_subcommand is None and headless:
+        ctx.invoke(serve)
+    elif ctx.invoked_subcommand is None:
         try:
             from console.app import run_console
         except ImportError:
             click.echo(ctx.get_help())
             return
-        run_console(read_only=read_only, headless=headless, theme=theme, mouse=mouse)
+        run_console(read_only=read_only, theme=theme, mouse=mouse)
 
 
 # ---- serve -----------------------------------------------------------------------------------
@@ -102,9 +103,7 @@ async def _serve(settings: Any) -> None:
     try:
         core = ManagerCore(settings)
         async with core:
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, core.request_shutdown)
+            stop_on_signals(core.request_shutdown)
             log.info("serving: API %s, broker %s (started in %.2fs); stop with Ctrl-C",
                      core.api_url, core.status().broker_url, time.perf_counter() - started)
             await core.wait_closed()

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 from typing import Any
 
 import click
 
-from core.entrypoint import LazyEpilogCommand, load_settings, settings_help, setup_logging
+from core.entrypoint import LazyEpilogCommand, load_settings, settings_help, setup_logging, stop_on_signals
 
 
 def _epilog() -> str:
@@ -47,9 +46,7 @@ async def _run(settings: Any) -> None:
 
     try:
         async with PropletAgent(settings) as agent:
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, agent.request_shutdown)
+            stop_on_signals(agent.request_shutdown)
             await agent.wait_closed()
     except (OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 from typing import Any
 
 import click
 
-from core.entrypoint import LazyEpilogCommand, load_settings, settings_help, setup_logging
+from core.entrypoint import LazyEpilogCommand, load_settings, settings_help, setup_logging, stop_on_signals
 
 
 def _epilog() -> str:
@@ -57,9 +56,7 @@ async def _run(settings: Any) -> None:
     started = time.perf_counter()
     try:
         async with OciProxy(settings) as proxy:
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, proxy.request_shutdown)
+            stop_on_signals(proxy.request_shutdown)
             try:
                 await proxy.wait_connected(settings.mqtt_timeout)
                 log.info("proxy ready in %.2f s; stop with Ctrl-C", time.perf_counter() - started)

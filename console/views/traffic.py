@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, ClassVar
 
 from textual import on
@@ -192,8 +193,6 @@ Every message the manager sends (→ out) and receives (← in), at most `consol
 
     def _update_status(self) -> None:
         traffic = self.console.traffic
-        import time
-
         now = time.time()
         parts = [f"in {traffic.rate_in.per_second(now):,.0f}/s", f"out {traffic.rate_out.per_second(now):,.0f}/s",
                  f"{traffic.seq:,} seen", f"{len(traffic.entries):,} kept"]
