@@ -102,6 +102,8 @@ class ManagerCore:
         # When each in-flight task's start last went out (monotonic): drives re-publishing of
         # unconfirmed starts and reconciliation with heartbeats.
         self._sent_at: dict[str, float] = {}
+        # When the manager last (re)connected to the broker: proplet silence is measured from here.
+        self._listening_since: datetime | None = None
         # Starts whose publish found no connection; the dispatcher puts them back in the queue.
         self._lost_starts: list[str] = []
         self._pending_acks: dict[str, list[tuple[str, int]]] = {}
@@ -221,6 +223,7 @@ class ManagerCore:
         self._shutdown.set()
 
     async def _broker_connected(self) -> None:
+        self._listening_since = utcnow()
         # Tasks queued while the broker was away go out now, and starts it may have lost in a
         # crash are sent again at once instead of after the ack timeout.
         for task_id in self._sent_at:
@@ -291,6 +294,7 @@ class ManagerCore:
             p.online = bool(last and (now - last).total_seconds() <= self._liveness_timeout(p))
             self.proplets[p.id] = p
         recovered_at = time.monotonic()
+        holding: set[str] = set()
         for task in await self.store.active_tasks():
             self.active[task.id] = task
             if task.state is not TaskState.PENDING:
@@ -305,6 +309,16 @@ class ManagerCore:
                     p.id for p in self.proplets.values() if p.online and p.id not in answered}
             elif task.proplet_id:
                 self._slots[task.proplet_id].add(task.id)
+                holding.add(task.proplet_id)
+        # A proplet holding in-flight tasks is presumed alive however stale its last stored
+        # heartbeat: the manager was down, not the proplet. The liveness check then gives it one
+        # timeout from when the manager can hear it again, and its tasks fail or retry only if it
+        # stays silent for that long.
+        for proplet_id in holding:
+            p = self.proplets.get(proplet_id)
+            if p is not None and not p.online:
+                p.online = True
+                log.info("proplet %s holds in-flight tasks; presumed alive until its heartbeat is due", p.id)
         if self.active:
             log.info("recovered %d in-flight tasks (%d queued)", len(self.active), len(self._queued))
         self.metrics.proplets_online.set(sum(p.online for p in self.proplets.values()))
@@ -830,18 +844,27 @@ class ManagerCore:
             shortest = min((self._liveness_timeout(p) for p in self.proplets.values() if p.online),
                            default=self.settings.effective_liveness_timeout)
             await asyncio.sleep(min(1.0, shortest / 10))
-            now = utcnow()
-            for p in list(self.proplets.values()):
-                last = p.last_alive_at
-                if not p.online or last is None:
-                    continue
-                timeout = self._liveness_timeout(p)
-                age = (now - last).total_seconds()
-                if age > timeout:
-                    await self._mark_offline(p, f"no heartbeat for {age:.0f}s (timeout {timeout:.0f}s)")
             if self.bus is not None:
                 self.metrics.broker_connected.set(1 if self.bus.connected.is_set() else 0)
+            await self._check_liveness()
             await self._republish_unconfirmed()
+
+    async def _check_liveness(self) -> None:
+        # Silence counts only while the manager can hear: heartbeats sent while it was down or cut
+        # off from the broker never reached it, and are no sign of a dead proplet.
+        listening_since = self._listening_since
+        if listening_since is None or self.bus is None or not self.bus.connected.is_set():
+            return
+        now = utcnow()
+        for p in list(self.proplets.values()):
+            if not p.online:
+                continue
+            last = p.last_alive_at
+            heard = max(last, listening_since) if last is not None else listening_since
+            timeout = self._liveness_timeout(p)
+            if (now - heard).total_seconds() > timeout:
+                silent = (now - last).total_seconds() if last is not None else timeout
+                await self._mark_offline(p, f"no heartbeat for {silent:.0f}s (timeout {timeout:.0f}s)")
 
     async def _republish_unconfirmed(self) -> None:
         """Send the start again for tasks an acknowledging proplet has not confirmed in time.

@@ -142,13 +142,18 @@ def test_a_hung_up_terminal_stops_the_manager_cleanly(tmux: Tmux, broker: Mosqui
     # Closing the pane sends SIGHUP, as a dropped SSH session does.
     tmux("kill-pane", "-t", "console")
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.1)
-    else:
-        raise AssertionError("the console did not exit after its terminal hung up")
+    while time.monotonic() < deadline and _running(pid):
+        time.sleep(0.05)
     log = (tmp_path / "home" / "state" / "propeller" / "console.log").read_text()
+    assert not _running(pid), f"the console did not exit after its terminal hung up; its log ends:\n{log[-3000:]}"
     assert "the terminal hung up" in log and "manager core stopped cleanly" in log
+
+
+def _running(pid: int) -> bool:
+    """True while the process runs; an exited child tmux has not reaped yet (a zombie) has ended."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    # The state letter follows the parenthesised command name, which may itself contain spaces.
+    return stat.rpartition(")")[2].split()[0] != "Z"

@@ -11,7 +11,10 @@ import orjson
 from core import protocol
 from core import topics as t
 from core.domain import TaskState
+from core.config import ManagerSettings
 from core.schemas import TaskCreate
+from core.topics import Topics
+from tests.conftest import unique
 from tests.wire import SyntheticProplet, WireClient, eventually
 
 WASM = b"\0asm\x01\0\0\0"
@@ -412,3 +415,34 @@ async def test_latent_task_invoke_round_trip(manager: Any, broker: Any) -> None:
         await p.publish(t.INVOKE_RESULTS, {"task_id": task.id, "invocation_id": invoke["invocation_id"],
                                            "proplet_id": "p-lat", "results": "11", "error": None})
         assert await call == "11"
+
+
+async def test_a_restarted_manager_does_not_judge_proplets_by_heartbeats_it_could_not_hear(
+        manager_factory: Any, broker: Any, tmp_path: Any) -> None:
+    """Down for longer than the liveness timeout, the manager comes back to stale heartbeat rows:
+    a proplet still beating keeps its running task; one that stays silent loses it after a timeout."""
+    same = {"liveness_timeout": 1.0, "sqlite_path": tmp_path / "restart.db", "tenant_id": unique("t"),
+            "entity_id": unique("manager")}
+    topics = Topics(same["tenant_id"], ManagerSettings().channel_id)
+    async with SyntheticProplet(broker.url, topics, "beating", answer=None) as beating, \
+            SyntheticProplet(broker.url, topics, "vanished", answer=None, last_will=False) as vanished:
+        async with manager_factory(**same) as first:
+            await beating.announce()
+            await vanished.announce()
+            await eventually(lambda: {"beating", "vanished"} <= set(first.proplets))
+            kept = await first.create_task(add_task(proplet_id="beating"))
+            lost = await first.create_task(add_task(proplet_id="vanished"))
+            for task in (kept, lost):
+                await first.start_task(task.id)
+            await eventually(lambda: all(first.active[x.id].state is TaskState.RUNNING for x in (kept, lost)))
+        await asyncio.sleep(1.5)  # the manager is down for longer than the liveness timeout
+        async with manager_factory(**same) as second:
+            assert second.proplets["beating"].online and second.proplets["vanished"].online
+            for _ in range(10):  # 2 s of heartbeats from one of them, twice the timeout
+                await beating.alive()
+                await asyncio.sleep(0.2)
+            assert (await second.get_task(kept.id)).state is TaskState.RUNNING
+            failed = await finished(second, lost.id, timeout=3)
+            assert failed.state is TaskState.FAILED and "vanished went offline" in failed.error
+            assert "no heartbeat" in second.proplets["vanished"].offline_reason
+            assert second.proplets["beating"].online
