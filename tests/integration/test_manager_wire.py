@@ -10,8 +10,8 @@ import orjson
 
 from core import protocol
 from core import topics as t
-from core.domain import TaskState
 from core.config import ManagerSettings
+from core.domain import TaskState
 from core.schemas import TaskCreate
 from core.topics import Topics
 from tests.conftest import unique
