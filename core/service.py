@@ -62,6 +62,8 @@ from core.topics import Topics
 log = logging.getLogger(__name__)
 
 # Capabilities a proplet may announce in its discovery metadata (`metadata.capabilities`).
+# Seconds between stored rows of a proplet that keeps heartbeating (see `_seen_alive`).
+ALIVE_SAVE_INTERVAL = 1.0
 CAP_TASK_STATE = "task_state"  # confirms starts on control/proplet/task_state
 CAP_RESULT_ACK = "result_ack"  # keeps results until control/manager/result_ack arrives
 
@@ -115,6 +117,11 @@ class ManagerCore:
         # start or a read right after a create does not go to the database. Bounded: LRU eviction.
         self._recent: OrderedDict[str, Task] = OrderedDict()
         self._recent_max = 10_000
+        # Heartbeats are applied in memory at once but stored at most once a second per proplet
+        # (a fleet's chatter would otherwise be a database write per message); the liveness loop
+        # and shutdown store what is left. proplet id -> monotonic time of its last stored row.
+        self._alive_saved_at: dict[str, float] = {}
+        self._alive_unsaved: set[str] = set()
         self._wake = asyncio.Event()
         self._loops: list[asyncio.Task[Any]] = []
         self._shutdown = asyncio.Event()
@@ -208,6 +215,8 @@ class ManagerCore:
             self._http = None
         if self.bus is not None:
             await self.bus.close()
+        with contextlib.suppress(Exception):
+            await self._save_unsaved_alive()
         # Commit every state change taken in before the loops stop.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.writer.wait_idle(), 10)
@@ -563,6 +572,8 @@ class ManagerCore:
             raise Conflict(f"proplet {proplet_id} has {p.task_count} active tasks; stop them first")
         del self.proplets[proplet_id]
         self._slots.pop(proplet_id, None)
+        self._alive_saved_at.pop(proplet_id, None)
+        self._alive_unsaved.discard(proplet_id)
         await self.writer.write(self.store.op_delete_proplet(proplet_id))
 
     async def proplet_metrics(self, proplet_id: str, offset: int, limit: int) -> Page[PropletMetrics]:
@@ -847,6 +858,7 @@ class ManagerCore:
             if self.bus is not None:
                 self.metrics.broker_connected.set(1 if self.bus.connected.is_set() else 0)
             await self._check_liveness()
+            await self._save_unsaved_alive()
             await self._republish_unconfirmed()
 
     async def _check_liveness(self) -> None:
@@ -865,6 +877,18 @@ class ManagerCore:
             if (now - heard).total_seconds() > timeout:
                 silent = (now - last).total_seconds() if last is not None else timeout
                 await self._mark_offline(p, f"no heartbeat for {silent:.0f}s (timeout {timeout:.0f}s)")
+
+    async def _save_unsaved_alive(self) -> None:
+        """Store the heartbeats `_seen_alive` held back."""
+        if not self._alive_unsaved:
+            return
+        mono = time.monotonic()
+        for proplet_id in list(self._alive_unsaved):
+            p = self.proplets.get(proplet_id)
+            if p is not None and p.last_alive_at is not None:
+                self._alive_saved_at[proplet_id] = mono
+                await self.writer.enqueue(self.store.op_upsert_proplet(p, p.last_alive_at))
+        self._alive_unsaved.clear()
 
     async def _republish_unconfirmed(self) -> None:
         """Send the start again for tasks an acknowledging proplet has not confirmed in time.
@@ -961,7 +985,13 @@ class ManagerCore:
         came_online = not p.online
         p.online = True
         p.offline_reason = ""
-        await self.writer.enqueue(self.store.op_upsert_proplet(p, now))
+        mono = time.monotonic()
+        if came_online or mono - self._alive_saved_at.get(p.id, 0.0) >= ALIVE_SAVE_INTERVAL:
+            self._alive_saved_at[p.id] = mono
+            self._alive_unsaved.discard(p.id)
+            await self.writer.enqueue(self.store.op_upsert_proplet(p, now))
+        else:
+            self._alive_unsaved.add(p.id)
         self.events.emit(PropletHeartbeat(p.id, now))
         if came_online:
             self.metrics.proplets_online.set(sum(x.online for x in self.proplets.values()))
