@@ -185,7 +185,7 @@ async def console_phase(core: ManagerCore, proplet: subprocess.Popen[str], keys:
     from console.app import ConsoleApp
     from console.settings import ConsoleSettings
 
-    app = ConsoleApp(core, ConsoleSettings(cursor_blink=False))
+    app = ConsoleApp(core, ConsoleSettings(cursor_blink=False), freeze_startup=True)  # as `propeller` does
     driver_class = null_driver_class()
     app.driver_class = driver_class
     frames: list[float] = []

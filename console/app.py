@@ -149,7 +149,8 @@ class ConsoleApp(App[None]):
 
     def __init__(self, core: ManagerCore | None = None, settings: ConsoleSettings | None = None, *,
                  manager_settings: ManagerSettings | None = None, clock: Clock = utc_clock,
-                 hostname: str | None = None, handle_signals: bool = False) -> None:
+                 hostname: str | None = None, handle_signals: bool = False,
+                 freeze_startup: bool = False) -> None:
         super().__init__()
         self.core: ManagerCore = core  # type: ignore[assignment]  # set in run_async when hosting
         self.settings = settings or ConsoleSettings()
@@ -159,6 +160,8 @@ class ConsoleApp(App[None]):
         self.clock = clock
         self.hostname = hostname or socket.gethostname()
         self.handle_signals = handle_signals
+        # Set when this app owns its process (`propeller`, the benchmark), never in tests.
+        self.freeze_startup = freeze_startup
         self.hung_up = False
         self.fleet = FleetState(max_tasks=self.settings.task_rows, clock=clock)
         self.traffic = TrafficState(max_entries=self.settings.traffic_lines,
@@ -245,6 +248,10 @@ class ConsoleApp(App[None]):
 
     def on_ready(self) -> None:
         log.info("console ready in %.0f ms", (time.perf_counter() - self._started) * 1000)
+        if self.freeze_startup:
+            from core.entrypoint import freeze_startup_objects
+
+            freeze_startup_objects()
 
     async def on_unmount(self) -> None:
         for sub in self._subs:
@@ -664,7 +671,8 @@ def run_console(*, read_only: bool | None = None, theme: str | None = None, mous
             "the console needs a terminal. Run it in one (tmux keeps it alive over SSH), or run the manager "
             "without a UI: `propeller serve` (or `propeller --headless`).")
     path = _setup_file_logging(manager.log_level)
-    app = ConsoleApp(settings=settings, manager_settings=manager, handle_signals=True, clock=clock or utc_clock)
+    app = ConsoleApp(settings=settings, manager_settings=manager, handle_signals=True, clock=clock or utc_clock,
+                     freeze_startup=True)
     try:
         app.run(mouse=settings.mouse)
     except (CoreError, StoreError, OSError, ValueError) as exc:

@@ -9,12 +9,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, cast
 from textual import on
 from textual.app import ComposeResult
 from textual.screen import Screen
-from textual.widgets import Footer
 from textual.worker import Worker
 
 from console import keys
 from console.filtering import RowFilter
-from console.widgets import CommandBar, FilterBar, FleetHeader, WordSuggester
+from console.widgets import CommandBar, FilterBar, FleetHeader, KeyHints, WordSuggester
 
 if TYPE_CHECKING:
     from console.app import ConsoleApp
@@ -50,7 +49,7 @@ class ConsoleScreen(Screen[None]):
         yield FilterBar(placeholder="filter: regex, ! in front inverts; Enter keeps it, Esc clears it")
         yield CommandBar(placeholder=":command  (tasks, proplets, mqtt, dispatch, local, fw, dash, theme <name>, q)",
                          suggester=WordSuggester(lambda: self.console.command_words()))
-        yield Footer()
+        yield KeyHints()
 
     def compose_body(self) -> ComposeResult:
         yield from ()

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from rich.style import Style
 from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
@@ -203,6 +204,106 @@ class FleetHeader(Widget):
     @property
     def text(self) -> str:
         return self._content.plain
+
+
+# ------------------------------------------------------------------------------------------
+# footer
+
+
+@dataclass(frozen=True, slots=True)
+class _Hint:
+    start: int
+    end: int
+    key: str
+    enabled: bool
+
+
+class KeyHints(Widget):
+    """The footer: the keys that apply now, drawn as one line from the screen's active bindings.
+
+    Textual's Footer mounts a widget per key and rebuilds them all whenever the bindings change,
+    which is every view switch and every toggle; under a 2,000 msg/s flood that rebuild was the
+    largest part of a key press. One widget rendering one line shows the same keys (disabled
+    ones dimmed, the command palette on the right) and a click on a key presses it.
+    """
+
+    DEFAULT_CSS = """
+    KeyHints {
+        dock: bottom;
+        height: 1;
+        color: $footer-foreground;
+        background: $footer-background;
+        text-wrap: nowrap;
+        text-overflow: ellipsis;
+        .key-hints--key {
+            color: $footer-key-foreground;
+            background: $footer-key-background;
+            text-style: bold;
+        }
+        .key-hints--description {
+            color: $footer-description-foreground;
+            background: $footer-description-background;
+        }
+    }
+    """
+    COMPONENT_CLASSES: ClassVar[set[str]] = {"key-hints--key", "key-hints--description"}
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._hints: list[_Hint] = []
+
+    def on_mount(self) -> None:
+        self.screen.bindings_updated_signal.subscribe(self, self._bindings_changed)
+
+    def on_unmount(self) -> None:
+        self.screen.bindings_updated_signal.unsubscribe(self)
+
+    def _bindings_changed(self, screen: Any) -> None:
+        if self.is_attached and screen is self.screen:
+            self.refresh()
+
+    def render(self) -> Text:
+        key_style = self.get_component_rich_style("key-hints--key")
+        description_style = self.get_component_rich_style("key-hints--description")
+        text = Text(no_wrap=True, overflow="ellipsis")
+        hints: list[_Hint] = []
+        palette = None
+        shown: set[str] = set()
+        for _node, binding, enabled, _tooltip in self.screen.active_bindings.values():
+            if binding.key == self.app.COMMAND_PALETTE_BINDING and self.app.ENABLE_COMMAND_PALETTE:
+                palette = (binding, enabled)
+                continue
+            if not binding.show or binding.action in shown:
+                continue
+            shown.add(binding.action)
+            self._append(text, hints, binding, enabled, key_style, description_style)
+        if palette is not None:
+            binding, enabled = palette
+            label = f" {self.app.get_key_display(binding)} {binding.description} "
+            room = self.size.width - text.cell_len - len(label)
+            if room > 0:
+                text.append(" " * room)
+                self._append(text, hints, binding, enabled, key_style, description_style)
+        self._hints = hints
+        return text
+
+    def _append(self, text: Text, hints: list[_Hint], binding: Binding, enabled: bool,
+                key_style: Any, description_style: Any) -> None:
+        start = text.cell_len
+        dim = "" if enabled else " dim"
+        text.append(f" {self.app.get_key_display(binding)} ", key_style + Style.parse(dim) if dim else key_style)
+        if binding.description:
+            text.append(f"{binding.description} ", description_style + Style.parse(dim) if dim else description_style)
+        hints.append(_Hint(start, text.cell_len, binding.key, enabled))
+
+    def on_click(self, event: Any) -> None:
+        for hint in self._hints:
+            if hint.start <= event.x < hint.end:
+                if hint.enabled:
+                    self.app.simulate_key(hint.key)
+                else:
+                    self.app.bell()
+                return
 
 
 # ------------------------------------------------------------------------------------------

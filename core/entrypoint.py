@@ -24,6 +24,20 @@ def stop_on_signals(request_shutdown: Any) -> None:
         loop.add_signal_handler(sig, request_shutdown)
 
 
+def freeze_startup_objects() -> None:
+    """Exempt everything built during start-up (modules, classes, settings, Textual's DOM and
+    stylesheets) from later full garbage collections.
+
+    A full collection walks every tracked object: with ~100,000 start-up objects it paused the
+    console for 80-130 ms several times a minute, the worst key presses under load. Objects made
+    after this call are collected as before; start-up objects live as long as the process anyway.
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 def setup_logging(level: str, fmt: str = "text", file: Path | None = None) -> None:
     """Logging for a process: text for terminals, JSON lines for log collectors; to stderr, or to
     `file` (rotated: 3 x 5 MB) for a process that owns the terminal, such as the console."""

@@ -61,9 +61,10 @@ from core.topics import Topics
 
 log = logging.getLogger(__name__)
 
-# Capabilities a proplet may announce in its discovery metadata (`metadata.capabilities`).
-# Seconds between stored rows of a proplet that keeps heartbeating (see `_seen_alive`).
+# Seconds between stored rows of a proplet that keeps heartbeating (see `_seen_alive`). A
+# restarted manager may find a row this much staler; it counts silence from its own start anyway.
 ALIVE_SAVE_INTERVAL = 1.0
+# Capabilities a proplet may announce in its discovery metadata (`metadata.capabilities`).
 CAP_TASK_STATE = "task_state"  # confirms starts on control/proplet/task_state
 CAP_RESULT_ACK = "result_ack"  # keeps results until control/manager/result_ack arrives
 

@@ -16,7 +16,14 @@ from typing import Any
 
 import click
 
-from core.entrypoint import LazyEpilogCommand, load_settings, settings_help, setup_logging, stop_on_signals
+from core.entrypoint import (
+    LazyEpilogCommand,
+    freeze_startup_objects,
+    load_settings,
+    settings_help,
+    setup_logging,
+    stop_on_signals,
+)
 
 __all__ = ["main", "settings_help", "setup_logging"]
 
@@ -106,6 +113,7 @@ async def _serve(settings: Any) -> None:
             stop_on_signals(core.request_shutdown)
             log.info("serving: API %s, broker %s (started in %.2fs); stop with Ctrl-C",
                      core.api_url, core.status().broker_url, time.perf_counter() - started)
+            freeze_startup_objects()
             await core.wait_closed()
             log.info("shutting down")
     except (CoreError, StoreError, ValueError, OSError) as exc:

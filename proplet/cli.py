@@ -7,7 +7,14 @@ from typing import Any
 
 import click
 
-from core.entrypoint import LazyEpilogCommand, load_settings, settings_help, setup_logging, stop_on_signals
+from core.entrypoint import (
+    LazyEpilogCommand,
+    freeze_startup_objects,
+    load_settings,
+    settings_help,
+    setup_logging,
+    stop_on_signals,
+)
 
 
 def _epilog() -> str:
@@ -47,6 +54,7 @@ async def _run(settings: Any) -> None:
     try:
         async with PropletAgent(settings) as agent:
             stop_on_signals(agent.request_shutdown)
+            freeze_startup_objects()
             await agent.wait_closed()
     except (OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
