@@ -13,7 +13,7 @@ from textual.widgets import Input
 from console.app import ConsoleApp
 from console.settings import ConsoleSettings
 from console.views.tasks import TasksScreen
-from console.widgets import CommandBar, ConfirmModal, FleetHeader, HelpScreen
+from console.widgets import CommandBar, ConfirmModal, FleetHeader, HelpScreen, KeyHints
 from tests.console.conftest import add_body, command, console_settings, until
 
 ALIASES = [("tasks", "tasks"), ("t", "tasks"), ("proplets", "proplets"), ("p", "proplets"), ("mqtt", "traffic"),
@@ -245,3 +245,37 @@ def test_console_settings_defaults_are_usable() -> None:
     settings = console_settings()
     assert settings.theme == "propeller-dark" and settings.mouse and not settings.read_only
     assert settings.refresh_interval == 0.1 and settings.traffic_lines == 5000
+
+
+async def test_footer_shows_the_keys_that_apply_now_and_a_click_presses_one(console: Any) -> None:
+    async with console() as (app, pilot, _core):
+        await pilot.press("4")
+        await until(pilot, lambda: app.current_mode == "traffic")
+        footer = app.screen.query_one(KeyHints)
+        await until(pilot, lambda: "p Pause" in str(footer.render()))
+        line = str(footer.render())
+        assert "? Help" in line and line.rstrip().endswith("^p palette")
+        hint = next(h for h in footer._hints if h.key == "p")
+        paused = app.screen.paused
+        await pilot.click(KeyHints, offset=(hint.start + 1, 0))
+        await until(pilot, lambda: app.screen.paused != paused)
+        # The view's own keys follow the view.
+        await pilot.press("2")
+        await until(pilot, lambda: app.current_mode == "tasks")
+        await until(pilot, lambda: "d Describe" in str(app.screen.query_one(KeyHints).render()))
+        assert "Pause" not in str(app.screen.query_one(KeyHints).render())
+
+
+async def test_footer_click_on_a_refused_key_does_nothing_in_read_only_mode(console: Any) -> None:
+    async with console(read_only=True) as (app, pilot, core):
+        task = await core.create_task(add_body())
+        await pilot.press("2")
+        await until(pilot, lambda: app.screen.query_one("#tasks").row_count == 1)
+        footer = app.screen.query_one(KeyHints)
+        await until(pilot, lambda: any(h.key == "D" for h in footer._hints))
+        delete = next(h for h in footer._hints if h.key == "D")
+        assert not delete.enabled
+        await pilot.click(KeyHints, offset=(delete.start + 1, 0))
+        await pilot.pause(0.2)
+        assert not isinstance(app.screen, ConfirmModal)
+        assert (await core.get_task(task.id)) is not None
