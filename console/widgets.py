@@ -210,6 +210,9 @@ class FleetHeader(Widget):
 # footer
 
 
+_DIMMED = Style(dim=True)
+
+
 @dataclass(frozen=True, slots=True)
 class _Hint:
     start: int
@@ -290,10 +293,11 @@ class KeyHints(Widget):
     def _append(self, text: Text, hints: list[_Hint], binding: Binding, enabled: bool,
                 key_style: Any, description_style: Any) -> None:
         start = text.cell_len
-        dim = "" if enabled else " dim"
-        text.append(f" {self.app.get_key_display(binding)} ", key_style + Style.parse(dim) if dim else key_style)
+        if not enabled:  # refused here (read-only mode): shown dimmed, as Textual's Footer does
+            key_style, description_style = key_style + _DIMMED, description_style + _DIMMED
+        text.append(f" {self.app.get_key_display(binding)} ", key_style)
         if binding.description:
-            text.append(f"{binding.description} ", description_style + Style.parse(dim) if dim else description_style)
+            text.append(f"{binding.description} ", description_style)
         hints.append(_Hint(start, text.cell_len, binding.key, enabled))
 
     def on_click(self, event: Any) -> None:
