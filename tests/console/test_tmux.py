@@ -37,8 +37,11 @@ class Tmux:
             raise AssertionError(f"tmux {' '.join(args)} failed: {out.stderr}")
         return out.stdout
 
-    def screen(self) -> str:
-        return self("capture-pane", "-t", "console", "-p", check=False)
+    def screen(self, history: bool = False) -> str:
+        # With history: the scrollback too, wrapped lines joined (text printed after the console
+        # left the alternate screen may have scrolled up).
+        extra = ("-J", "-S", "-200") if history else ()
+        return self("capture-pane", "-t", "console", "-p", *extra, check=False)
 
     def keys(self, *keys: str) -> None:
         self("send-keys", "-t", "console", *keys)
@@ -46,11 +49,12 @@ class Tmux:
     def type(self, text: str) -> None:
         self("send-keys", "-t", "console", "-l", text)
 
-    def wait_for(self, check: Callable[[str], bool], timeout: float = 30.0, what: str = "") -> str:
+    def wait_for(self, check: Callable[[str], bool], timeout: float = 30.0, what: str = "",
+                 history: bool = False) -> str:
         deadline = time.monotonic() + timeout
         screen = ""
         while time.monotonic() < deadline:
-            screen = self.screen()
+            screen = self.screen(history)
             if check(screen):
                 return screen
             time.sleep(0.2)
@@ -127,7 +131,8 @@ def test_propeller_in_a_terminal_from_start_to_a_completed_task_and_a_clean_exit
     tmux.keys(":")
     tmux.type("q")
     tmux.keys("Enter")
-    screen = tmux.wait_for(lambda s: "Propeller console closed" in s, timeout=30, what="the goodbye line")
+    screen = tmux.wait_for(lambda s: "Propeller console closed" in s, timeout=30, what="the goodbye line",
+                           history=True)
     tmux.wait_for(lambda s: tmux.pane_dead(), timeout=10, what="the process exiting")
     assert "the manager stopped cleanly" in screen
     log = (tmp_path / "home" / "state" / "propeller" / "console.log").read_text()
