@@ -6,7 +6,7 @@ import base64
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -53,6 +53,17 @@ async def until(pilot: Any, check: Callable[[], Any], timeout: float = 10.0) -> 
         return check()
 
     return await eventually(probe, timeout=timeout, interval=0.02)
+
+ViewT = TypeVar("ViewT")
+
+
+async def open_view(app: Any, pilot: Any, key: str, view: type[ViewT]) -> ViewT:
+    """Press a view's key and return the view once it is the current screen."""
+    await pilot.press(key)
+    await until(pilot, lambda: isinstance(app.screen, view))
+    screen = app.screen
+    assert isinstance(screen, view)
+    return screen
 
 
 async def command(pilot: Any, text: str) -> None:

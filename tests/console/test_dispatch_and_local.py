@@ -14,17 +14,9 @@ from console.views.dispatch import DispatchScreen, FilePicker
 from console.views.local import LocalScreen
 from console.views.tasks import TasksScreen
 from console.widgets import ConfirmModal, PromptModal
-from tests.console.conftest import EXAMPLES, table_rows, until
+from tests.console.conftest import EXAMPLES, open_view, table_rows, until
 
 pytestmark = pytest.mark.slow
-
-
-async def _dispatch_screen(app: Any, pilot: Any) -> DispatchScreen:
-    await pilot.press("5")
-    await until(pilot, lambda: isinstance(app.screen, DispatchScreen))
-    screen = app.screen
-    assert isinstance(screen, DispatchScreen)
-    return screen
 
 
 def _error(screen: DispatchScreen, field: str) -> str:
@@ -49,7 +41,7 @@ async def test_new_user_flow_two_local_proplets_dispatch_the_example_and_watch_i
         # The table catches up with the fleet at the console's next refresh.
         await until(pilot, lambda: [r[3] for r in table_rows(local.table)] == ["online", "online"])
         # Dispatch the example module through the form, typing as a user would.
-        screen = await _dispatch_screen(app, pilot)
+        screen = await open_view(app, pilot, "5", DispatchScreen)
         await pilot.press(*"examples/add.wasm")
         await until(pilot, lambda: screen.exports == ("add",))
         await until(pilot, lambda: screen.query_one("#name", Input).value == "add")  # the only export
@@ -74,7 +66,7 @@ async def test_new_user_flow_two_local_proplets_dispatch_the_example_and_watch_i
 
 async def test_form_shows_validation_errors_next_to_the_fields(console: Any, tmp_path: Path) -> None:
     async with console() as (app, pilot, core):
-        screen = await _dispatch_screen(app, pilot)
+        screen = await open_view(app, pilot, "5", DispatchScreen)
         await pilot.press("f5")
         await until(pilot, lambda: "Choose a module" in _error(screen, "module"))
         module = screen.query_one("#module", Input)
@@ -109,7 +101,7 @@ async def test_wat_files_compile_and_urls_and_oci_references_are_accepted(consol
     garbled = tmp_path / "garbled.wat"
     garbled.write_text("(module (func $f (export \"f\")")
     async with console() as (app, pilot, core):
-        screen = await _dispatch_screen(app, pilot)
+        screen = await open_view(app, pilot, "5", DispatchScreen)
         screen.query_one("#start-now").value = False
         module = screen.query_one("#module", Input)
         module.value = str(broken)
@@ -128,19 +120,19 @@ async def test_wat_files_compile_and_urls_and_oci_references_are_accepted(consol
         created = (await core.list_tasks()).items[0]
         assert created.name == "_start" and created.wasm_digest.startswith("sha256:")
         assert created.state.label == "pending"
-        screen = await _dispatch_screen(app, pilot)
+        screen = await open_view(app, pilot, "5", DispatchScreen)
         for source in ("https://example.org/modules/add.wasm", "registry.lan:5000/wasm/add:v1"):
             screen.query_one("#module", Input).value = source
             screen.query_one("#name", Input).value = "add"
             await pilot.press("f5")
             await until(pilot, lambda: isinstance(app.screen, TasksScreen))
             await until(pilot, lambda source=source: any(r.source == source for r in app.fleet.tasks.values()))
-            screen = await _dispatch_screen(app, pilot)
+            screen = await open_view(app, pilot, "5", DispatchScreen)
 
 
 async def test_file_picker_fills_the_module_field(console: Any) -> None:
     async with console() as (app, pilot, _core):
-        screen = await _dispatch_screen(app, pilot)
+        screen = await open_view(app, pilot, "5", DispatchScreen)
         screen.query_one("#module", Input).value = str(EXAMPLES / "nothing-here")
         await pilot.press("ctrl+o")
         await until(pilot, lambda: isinstance(app.screen, FilePicker))
@@ -159,10 +151,7 @@ async def test_file_picker_fills_the_module_field(console: Any) -> None:
 
 async def test_local_proplets_output_stop_and_cleanup(console: Any) -> None:
     async with console() as (app, pilot, _core):
-        await pilot.press("6")
-        await until(pilot, lambda: isinstance(app.screen, LocalScreen))
-        screen = app.screen
-        assert isinstance(screen, LocalScreen)
+        screen = await open_view(app, pilot, "6", LocalScreen)
         await pilot.press("a", "a")
         await until(pilot, lambda: len(app.local.proplets) == 2)
         first, second = sorted(app.local.proplets)

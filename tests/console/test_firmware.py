@@ -14,7 +14,7 @@ from textual.widgets import Input
 
 from console.views.firmware import FirmwareScreen
 from console.widgets import ConfirmModal
-from tests.console.conftest import until
+from tests.console.conftest import open_view, until
 
 MISSING_PORT = "/dev/ttyUSB-propeller-test-missing"
 
@@ -26,20 +26,13 @@ def offline_platformio(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PROPELLER_PIO_REGISTRY", "registry.propeller-test.invalid")
 
 
-async def _firmware(app: Any, pilot: Any) -> FirmwareScreen:
-    await pilot.press("7")
-    await until(pilot, lambda: isinstance(app.screen, FirmwareScreen))
-    assert isinstance(app.screen, FirmwareScreen)
-    return app.screen
-
-
 def _message(screen: FirmwareScreen) -> str:
     return str(screen.query_one("#fw-message").render())
 
 
 async def test_build_without_registry_access_says_so_and_what_to_do(console: Any, offline_platformio: None) -> None:
     async with console() as (app, pilot, _core):
-        screen = await _firmware(app, pilot)
+        screen = await open_view(app, pilot, "7", FirmwareScreen)
         await until(pilot, lambda: "serial ports" in _message(screen) or "No serial ports" in _message(screen))
         started = time.monotonic()
         await pilot.press("b")
@@ -54,7 +47,7 @@ async def test_build_without_registry_access_says_so_and_what_to_do(console: Any
 
 async def test_flash_and_monitor_without_a_board_say_so(console: Any) -> None:
     async with console() as (app, pilot, _core):
-        screen = await _firmware(app, pilot)
+        screen = await open_view(app, pilot, "7", FirmwareScreen)
         screen.query_one("#port", Input).value = MISSING_PORT
         await pilot.press("f")
         await until(pilot, lambda: isinstance(app.screen, ConfirmModal))
@@ -83,7 +76,7 @@ async def test_flash_with_a_real_esptool_on_a_port_that_is_not_a_board(console: 
         (build / ".pio" / "build" / "esp32-s3-devkitc-1" / image).write_bytes(b"\xe9" + b"\0" * 15)
     settings = {"firmware": {"project": build, "flash_timeout": 60}}
     async with console(**settings) as (app, pilot, _core):
-        screen = await _firmware(app, pilot)
+        screen = await open_view(app, pilot, "7", FirmwareScreen)
         screen.query_one("#port", Input).value = str(fake_port)
         await pilot.press("f")
         await until(pilot, lambda: isinstance(app.screen, ConfirmModal))
@@ -117,7 +110,7 @@ async def test_build_output_streams_and_drives_the_progress_bar(console: Any, tm
     pio.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     async with console() as (app, pilot, _core):
-        screen = await _firmware(app, pilot)
+        screen = await open_view(app, pilot, "7", FirmwareScreen)
         await pilot.press("b")
         bar = screen.query_one("#fw-progress")
         await until(pilot, lambda: bar.progress == 75.0, timeout=20)

@@ -6,7 +6,7 @@ from typing import Any
 
 from console.views.tasks import TaskDetailScreen, TasksScreen
 from console.widgets import ConfirmModal
-from tests.console.conftest import add_body, table_rows, until
+from tests.console.conftest import add_body, open_view, table_rows, until
 from tests.wire import SyntheticProplet
 
 
@@ -17,16 +17,9 @@ def fail_odd(start: dict[str, Any]) -> tuple[Any, str | None]:
     return str(a + b), None
 
 
-async def _open_tasks(app: Any, pilot: Any) -> TasksScreen:
-    await pilot.press("2")
-    await until(pilot, lambda: isinstance(app.screen, TasksScreen))
-    assert isinstance(app.screen, TasksScreen)
-    return app.screen
-
-
 async def test_rows_are_updated_in_place_by_key_as_tasks_change_state(console: Any) -> None:
     async with console() as (app, pilot, core):
-        screen = await _open_tasks(app, pilot)
+        screen = await open_view(app, pilot, "2", TasksScreen)
         table = screen.table
         rebuilds = []
         original_clear = table.clear
@@ -58,7 +51,7 @@ async def test_filter_with_regex_inversion_and_literal_fallback(console: Any) ->
     async with console() as (app, pilot, core):
         for name in ("alpha", "beta", "gamma", "delta"):
             await core.create_task(add_body(name=name))
-        screen = await _open_tasks(app, pilot)
+        screen = await open_view(app, pilot, "2", TasksScreen)
         table = screen.table
         await until(pilot, lambda: table.row_count == 4)
         await pilot.press("slash", *"^(al|ga)")
@@ -90,7 +83,7 @@ async def test_sort_by_name_state_and_age(console: Any) -> None:
         names = ["delta", "alpha", "charlie", "bravo"]
         for name in names:
             await core.create_task(add_body(name=name))
-        screen = await _open_tasks(app, pilot)
+        screen = await open_view(app, pilot, "2", TasksScreen)
         table = screen.table
         await until(pilot, lambda: table.row_count == 4)
         # Newest first by default.
@@ -110,7 +103,7 @@ async def test_sort_by_name_state_and_age(console: Any) -> None:
 async def test_copy_task_id_to_the_clipboard(console: Any) -> None:
     async with console() as (app, pilot, core):
         task = await core.create_task(add_body())
-        screen = await _open_tasks(app, pilot)
+        screen = await open_view(app, pilot, "2", TasksScreen)
         await until(pilot, lambda: screen.table.row_count == 1)
         await pilot.press("y")
         assert app.clipboard == task.id
@@ -121,7 +114,7 @@ async def test_detail_shows_the_lifecycle_and_its_actions_work_with_confirmation
         async with SyntheticProplet(core.status().broker_url, core.topics, "detail-proplet", delay=0.2):
             task = await core.create_task(add_body(env={"GREETING": "hi"}, limits={"timeout_s": 5}))
             await core.start_task(task.id)
-            screen = await _open_tasks(app, pilot)
+            screen = await open_view(app, pilot, "2", TasksScreen)
             await until(pilot, lambda: app.fleet.tasks[task.id].results == "42")
             await until(pilot, lambda: screen.table.row_count == 1)
             await pilot.press("enter")
@@ -182,7 +175,7 @@ async def test_actions_that_the_core_refuses_say_why(console: Any) -> None:
     async with console() as (app, pilot, core):
         task = await core.create_task(add_body(proplet_id="nobody"))
         await core.start_task(task.id)
-        screen = await _open_tasks(app, pilot)
+        screen = await open_view(app, pilot, "2", TasksScreen)
         await until(pilot, lambda: screen.table.row_count == 1)
         await pilot.press("s")  # already queued
         await until(pilot, lambda: any("already queued" in n.message and "stop it first" in n.message
@@ -191,7 +184,7 @@ async def test_actions_that_the_core_refuses_say_why(console: Any) -> None:
 
 async def test_tasks_created_elsewhere_appear_with_their_details(console: Any) -> None:
     async with console(task_rows=10) as (app, pilot, core):
-        screen = await _open_tasks(app, pilot)
+        screen = await open_view(app, pilot, "2", TasksScreen)
         ids = [(await core.create_task(add_body(name=f"t{i}"))).id for i in range(14)]
         # Bounded: the oldest leave the table.
         await until(pilot, lambda: screen.table.row_count == 10 and ids[-1] in screen._shown)

@@ -11,20 +11,13 @@ from console.views.proplets import PropletDetailScreen, PropletsScreen
 from console.views.traffic import TrafficScreen
 from console.widgets import ConfirmModal
 from core import topics as t
-from tests.console.conftest import add_body, table_rows, until
+from tests.console.conftest import add_body, open_view, table_rows, until
 from tests.wire import SyntheticProplet
-
-
-async def _traffic(app: Any, pilot: Any) -> TrafficScreen:
-    await pilot.press("4")
-    await until(pilot, lambda: isinstance(app.screen, TrafficScreen))
-    assert isinstance(app.screen, TrafficScreen)
-    return app.screen
 
 
 async def test_traffic_stream_tree_and_payload_with_module_bytes_summarised(console: Any) -> None:
     async with console() as (app, pilot, core):
-        screen = await _traffic(app, pilot)
+        screen = await open_view(app, pilot, "4", TrafficScreen)
         log = screen.query_one("#traffic-log", Log)
         async with SyntheticProplet(core.status().broker_url, core.topics, "traffic-proplet", heartbeat=0.2):
             task = await core.create_task(add_body())
@@ -56,7 +49,7 @@ async def test_traffic_stream_tree_and_payload_with_module_bytes_summarised(cons
 
 async def test_pause_filter_direction_and_follow(console: Any) -> None:
     async with console() as (app, pilot, core):
-        screen = await _traffic(app, pilot)
+        screen = await open_view(app, pilot, "4", TrafficScreen)
         log = screen.query_one("#traffic-log", Log)
         async with SyntheticProplet(core.status().broker_url, core.topics, "chatty-proplet", heartbeat=0.05):
             await until(pilot, lambda: log.line_count > 5)
@@ -97,10 +90,7 @@ async def test_pause_filter_direction_and_follow(console: Any) -> None:
 
 async def test_proplets_table_detail_and_forget(console: Any) -> None:
     async with console() as (app, pilot, core):
-        await pilot.press("3")
-        await until(pilot, lambda: isinstance(app.screen, PropletsScreen))
-        screen = app.screen
-        assert isinstance(screen, PropletsScreen)
+        screen = await open_view(app, pilot, "3", PropletsScreen)
         url = core.status().broker_url
         async with SyntheticProplet(url, core.topics, "beta-proplet", heartbeat=0.1,
                                     metadata={"os": "linux", "cpu_arch": "aarch64", "wasm_runtime": "wasmtime",
