@@ -51,8 +51,6 @@ class SectionSettings(BaseSettings):
 class MqttClientSettings(SectionSettings):
     """Connection settings shared by the manager, the proxy and the proplet."""
 
-    model_config = SettingsConfigDict(extra="ignore")
-
     mqtt_address: str | None = Field(
         default=None,
         description="Broker URL: mqtt://host:port (also tcp://), mqtts://host:port (also ssl://, tls://) "
