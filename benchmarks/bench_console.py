@@ -6,10 +6,12 @@ chatter of a large fleet); a synthetic proplet process (benchmarks/loadgen.py) r
 message arrives. Phases, each on a fresh manager and database, same broker, same flood:
 
 1. headless: the manager alone; dispatch latency (submit -> start on the wire at the proplet).
-2. console: the same manager hosting the console (in-process, as `propeller` does), on the MQTT traffic
-   view (the busiest one). Keys are delivered the way a terminal delivers them (through the driver) and
-   the time to the first frame that shows their effect is measured; the frames are fully rendered to
-   terminal sequences (a driver that discards them instead of writing to a TTY). Dispatch latency again.
+2. console: the console hosting the manager in-process exactly as `propeller` does (the core on a
+   thread and event loop of its own, console.hosting.CoreThread), on the MQTT traffic view (the busiest
+   one). Keys are delivered the way a terminal delivers them (through the driver) and the time to the
+   first frame that shows their effect is measured; the frames are fully rendered to terminal sequences
+   (a driver that discards them instead of writing to a TTY). Dispatch latency again, submitted on the
+   core's loop as the REST API submits.
 
 Figures are printed next to each other; nothing is asserted (see tests/console for behaviour).
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import gc
 import json
 import random
 import statistics
@@ -43,6 +46,31 @@ from tests.services import Mosquitto  # noqa: E402
 WASM = base64.b64encode((ROOT / "examples" / "add.wasm").read_bytes()).decode()
 DOMAIN = "bench"
 PREFIX = f"m/{DOMAIN}/c/default/"
+
+
+class GcPauses:
+    """Garbage collections during a phase, by generation: they stop every thread, core included."""
+
+    def __init__(self) -> None:
+        self.pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+        self._started = 0.0
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.pauses[info["generation"]].append((time.perf_counter() - self._started) * 1000)
+
+    def summary(self) -> str:
+        return "   ".join(f"gen {gen}: {len(p):,} (max {max(p, default=0):.1f} ms, total {sum(p):.0f} ms)"
+                           for gen, p in self.pauses.items())
 
 
 def progress(text: str) -> None:
@@ -178,14 +206,15 @@ def null_driver_class() -> type:
     return RenderingNullDriver
 
 
-async def console_phase(core: ManagerCore, proplet: subprocess.Popen[str], keys: int,
+async def console_phase(manager: ManagerSettings, proplet: subprocess.Popen[str], keys: int,
                         dispatches: int) -> dict[str, Any]:
     from textual import events
 
     from console.app import ConsoleApp
     from console.settings import ConsoleSettings
 
-    app = ConsoleApp(core, ConsoleSettings(cursor_blink=False), freeze_startup=True)  # as `propeller` does
+    # As `propeller` does: the console hosts the core on its own thread.
+    app = ConsoleApp(settings=ConsoleSettings(cursor_blink=False), manager_settings=manager, freeze_startup=True)
     driver_class = null_driver_class()
     app.driver_class = driver_class
     frames: list[float] = []
@@ -215,6 +244,10 @@ async def console_phase(core: ManagerCore, proplet: subprocess.Popen[str], keys:
     async def drive() -> None:
         while not app.counts_loaded:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
+        link = app.manager
+        assert link.threaded
+        await link.on_core(wait_for_proplet, link.core, "bench-proplet")
+        await asyncio.sleep(2.0)  # let the flood's proplets appear
         progress("console loaded; measuring key presses")
         # Warm-up: compose the views once.
         for key, mode in (("3", "proplets"), ("2", "tasks"), ("4", "traffic")):
@@ -239,7 +272,9 @@ async def console_phase(core: ManagerCore, proplet: subprocess.Popen[str], keys:
         results["switch"] = switch
         results["pause"] = pause
         progress("measuring dispatch latency with the console open")
-        results["dispatch"] = await dispatch_latency(core, proplet, dispatches)
+        with GcPauses() as pauses:
+            results["dispatch"] = await link.on_core(dispatch_latency, link.core, proplet, dispatches)
+        results["gc"] = pauses
         results["traffic_seen"] = app.traffic.seq
         results["traffic_dropped"] = app.traffic.dropped
         results["events_dropped"] = app._event_sub.dropped
@@ -249,7 +284,9 @@ async def console_phase(core: ManagerCore, proplet: subprocess.Popen[str], keys:
     started = time.perf_counter()
     driver_task = asyncio.create_task(app.run_async(headless=False, size=(160, 45)))
     # run_async takes over only once started; drive from alongside it.
-    while app._driver is None:  # noqa: ASYNC110
+    while app._driver is None:
+        if driver_task.done():
+            driver_task.result()  # the hosted core failed to start: raise why
         await asyncio.sleep(0.01)
     try:
         await drive()
@@ -291,12 +328,11 @@ async def main() -> None:
                 async with ManagerCore(manager_settings(broker, tmp, "headless")) as core:
                     await wait_for_proplet(core, "bench-proplet")
                     await asyncio.sleep(2.0)  # let the flood's proplets appear
-                    headless = await dispatch_latency(core, proplet, args.dispatches)
+                    with GcPauses() as headless_gc:
+                        headless = await dispatch_latency(core, proplet, args.dispatches)
                 progress("phase 2: the console on the same load")
-                async with ManagerCore(manager_settings(broker, tmp, "console")) as core:
-                    await wait_for_proplet(core, "bench-proplet")
-                    await asyncio.sleep(2.0)
-                    console = await console_phase(core, proplet, args.keys, args.dispatches)
+                console = await console_phase(manager_settings(broker, tmp, "console"), proplet, args.keys,
+                                              args.dispatches)
             finally:
                 sent = stop_flood(flooder)
                 proplet.kill()
@@ -319,6 +355,8 @@ async def main() -> None:
     print(f"  headless manager            {summary(headless)}")
     print(f"  console open                {summary(console['dispatch'])}")
     print(f"  console / headless          p50 {c50 / h50:.2f}x   p99 {c99 / h99:.2f}x   target <= 2x")
+    print(f"  garbage collections while dispatching, headless: {headless_gc.summary()}")
+    print(f"                                     console open: {console['gc'].summary()}")
     print()
     print(f"console: {console['traffic_seen']:,} MQTT messages seen by the traffic view, "
           f"{console['traffic_dropped']:,} dropped by its bounded tap, {console['events_dropped']:,} core events "

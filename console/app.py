@@ -2,15 +2,18 @@
 
     propeller                      # opens the console (this module's run_console)
 
-`ConsoleApp` enters `ManagerCore` before the UI starts and leaves it when the UI ends (quit, `:q`,
-SIGTERM, or the terminal hanging up), so the manager shuts down cleanly and the next start shows the
-same fleet from the database. Tests pass an already entered core instead.
+`ConsoleApp` starts `ManagerCore` on a thread and event loop of its own (console.hosting.CoreThread)
+before the UI starts and stops it when the UI ends (quit, `:q`, SIGTERM, or the terminal hanging up),
+so the manager shuts down cleanly and the next start shows the same fleet from the database; rendering
+never holds up the core's dispatch for longer than a GIL switch. Tests pass an already entered core
+instead, which then shares the UI's loop. Either way every call goes through `self.manager`.
 
 Data flow (docs/ARCHITECTURE.md, STYLE rules 17-20): two ingest workers drain the core's event
 subscription and the MQTT traffic tap into `console.fleet` (latest-state maps, ring buffers) as fast
 as they arrive; one timer applies what changed to the visible view every `refresh_interval` inside
-`batch_update()`. Hidden views are not rendered and catch up when shown; nothing renders while a
-modal is up. Workers never touch widgets.
+`batch_update()`; one more worker reads the core's status and proplets at that cadence. Hidden views
+are not rendered and catch up when shown; nothing renders while a modal is up. Workers never touch
+widgets.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from console import keys
 from console.base import ConsoleScreen, PaletteCommand
 from console.firmware import Firmware
 from console.fleet import Clock, FleetState, TrafficState, utc_clock
+from console.hosting import CoreSnapshot, CoreThread, ManagerLink
 from console.local import LocalFleet
 from console.messages import TaskDeletedHere
 from console.settings import ConsoleSettings, load_settings
@@ -55,7 +59,7 @@ from console.widgets import ConfirmModal, FleetHeader, HelpScreen
 
 if TYPE_CHECKING:
     from core.config import ManagerSettings
-    from core.service import ManagerCore
+    from core.service import CoreStatus, ManagerCore
 
 log = logging.getLogger("propeller.console")
 
@@ -152,7 +156,10 @@ class ConsoleApp(App[None]):
                  hostname: str | None = None, handle_signals: bool = False,
                  freeze_startup: bool = False) -> None:
         super().__init__()
-        self.core: ManagerCore = core  # type: ignore[assignment]  # set in run_async when hosting
+        # Set in run_async when the console hosts the core on its thread.
+        self.manager: ManagerLink = ManagerLink(core) if core is not None else None  # type: ignore[assignment]
+        self.core_status: CoreStatus | None = self.manager.status_at_start if self.manager else None
+        self.running_by_proplet: dict[str, list[str]] = {}
         self.settings = settings or ConsoleSettings()
         self.manager_settings = manager_settings
         self.read_only = self.settings.read_only
@@ -173,7 +180,6 @@ class ConsoleApp(App[None]):
         self._history: deque[str] = deque(maxlen=20)
         self._loaded = asyncio.Event()
         self._subs: list[Any] = []
-        self._last_proplet_sync = 0.0
         self._cadence = RenderCadence(self.settings.refresh_interval)
         self._started = time.perf_counter()
         loaded = load_themes(self.settings.all_theme_dirs())
@@ -185,14 +191,14 @@ class ConsoleApp(App[None]):
     # hosting the core
 
     async def run_async(self, **kwargs: Any) -> None:  # type: ignore[override]
-        if self.core is not None:
+        if self.manager is not None:
             return await super().run_async(**kwargs)
         from core.config import ManagerSettings
-        from core.service import ManagerCore
 
-        async with ManagerCore(self.manager_settings or ManagerSettings()) as core:
-            self.core = core
-            log.info("manager core started: %s", core.status())
+        async with CoreThread(self.manager_settings or ManagerSettings()) as manager:
+            self.manager = manager
+            self.core_status = manager.status_at_start
+            log.info("manager core started on its own thread: %s", manager.status_at_start)
             try:
                 result = await super().run_async(**kwargs)
             finally:
@@ -207,14 +213,14 @@ class ConsoleApp(App[None]):
     # start-up
 
     def on_mount(self) -> None:
-        assert self.core is not None, "ConsoleApp needs a ManagerCore (pass one, or let run_async host it)"
-        core = self.core
-        self.traffic.prefix = core.topics.prefix
-        broker = core.broker_address.url if core.broker_address else ""
-        env = {"PROPLET_MQTT_ADDRESS": broker, "PROPLET_TENANT_ID": core.settings.tenant_id,
-               "PROPLET_CHANNEL_ID": core.settings.channel_id}
+        assert self.manager is not None, "ConsoleApp needs a ManagerCore (pass one, or let run_async host it)"
+        manager = self.manager
+        self.traffic.prefix = manager.topics.prefix
+        broker = manager.broker_address.url if manager.broker_address else ""
+        env = {"PROPLET_MQTT_ADDRESS": broker, "PROPLET_TENANT_ID": manager.settings.tenant_id,
+               "PROPLET_CHANNEL_ID": manager.settings.channel_id}
         for name in ("mqtt_tls_ca_cert", "mqtt_tls_client_cert", "mqtt_tls_client_key"):
-            value = getattr(core.settings, name)
+            value = getattr(manager.settings, name)
             if value:
                 env[f"PROPLET_{name.upper()}"] = str(value)
         from core import paths
@@ -228,15 +234,16 @@ class ConsoleApp(App[None]):
         self._apply_theme_setting()
         self._apply_keymap()
         # Subscribe before loading, so nothing that happens during the load is missed.
-        self._event_sub = core.events.subscribe(EVENT_BUFFER)
+        self._event_sub = manager.subscribe_events(EVENT_BUFFER)
         self._subs.append(self._event_sub)
-        if core.bus is not None:
-            self._traffic_sub = core.bus.tap.subscribe(TRAFFIC_BUFFER)
-            self._subs.append(self._traffic_sub)
+        traffic = manager.subscribe_traffic(TRAFFIC_BUFFER)
+        if traffic is not None:
+            self._traffic_sub = traffic
+            self._subs.append(traffic)
             self.ingest_traffic()
         self.load_all()
         self.ingest_events()
-        self.poll_counts()
+        self.follow_core()
         self.set_interval(self.settings.refresh_interval, self.flush, name="console-flush")
         if self.handle_signals:
             loop = asyncio.get_running_loop()
@@ -283,31 +290,37 @@ class ConsoleApp(App[None]):
     async def load_all(self) -> None:
         from core.domain import TaskState
 
-        core = self.core
+        manager = self.manager
         await self._load_tasks()
-        failed = await core.list_tasks(limit=8, states=[TaskState.FAILED])
+        failed = await manager.list_tasks(limit=8, states=[TaskState.FAILED])
         from console.fleet import Failure
 
         for task in sorted(failed.items, key=lambda t: t.finish_time or t.updated_at):
             self.fleet.failures.append(Failure(task.finish_time or task.updated_at, task.id, task.name,
                                                task.error or task.reason))
-        self.fleet.sync_proplets(core.list_proplets())
+        self._take_snapshot(await manager.snapshot(proplets=True))
         for proplet_id in list(self.fleet.proplets)[:50]:
-            page = await core.proplet_metrics(proplet_id, 0, 1)
+            page = await manager.proplet_metrics(proplet_id, 0, 1)
             if page.items:
                 from core.domain import PropletMetricsReceived
 
                 self.fleet.apply_events([PropletMetricsReceived(page.items[0])], time.time())
-        self.fleet.counts = await core.store.count_tasks_by_state()
+        self.fleet.counts = await manager.count_tasks_by_state()
         self.counts_loaded = True
         self._loaded.set()
+
+    def _take_snapshot(self, snapshot: CoreSnapshot) -> None:
+        self.core_status = snapshot.status
+        self.running_by_proplet = snapshot.running
+        if snapshot.proplets is not None:
+            self.fleet.sync_proplets(snapshot.proplets)
 
     async def _load_tasks(self) -> None:
         tasks = []
         offset = 0
         while len(tasks) < self.settings.task_rows:
             limit = min(500, self.settings.task_rows - len(tasks))
-            page = await self.core.list_tasks(offset=offset, limit=limit)
+            page = await self.manager.list_tasks(offset=offset, limit=limit)
             tasks.extend(page.items)
             offset += limit
             if len(page.items) < limit:
@@ -316,8 +329,6 @@ class ConsoleApp(App[None]):
 
     @work(group="ingest-events", description="Following the manager's events", exit_on_error=False)
     async def ingest_events(self) -> None:
-        from core.errors import NotFound
-
         sub = self._event_sub
         await self._loaded.wait()
         while True:
@@ -328,13 +339,12 @@ class ConsoleApp(App[None]):
                 log.warning("the console fell behind the manager's events (%d dropped); reloading", sub.dropped)
                 await self._load_tasks()
             # Results and errors are not in the state events: fetch them, a bounded batch per round.
-            for task_id in list(self.fleet.to_fetch)[:200]:
-                try:
-                    task = await self.core.get_task(task_id)
-                except NotFound:
-                    self.fleet.to_fetch.discard(task_id)
-                    continue
-                self.fleet.upsert_task(task)
+            wanted = list(self.fleet.to_fetch)[:200]
+            if wanted:
+                found, missing = await self.manager.get_tasks(wanted)
+                for task in found:
+                    self.fleet.upsert_task(task)
+                self.fleet.to_fetch.difference_update(missing)
 
     @work(group="ingest-traffic", description="Following MQTT traffic", exit_on_error=False)
     async def ingest_traffic(self) -> None:
@@ -346,12 +356,22 @@ class ConsoleApp(App[None]):
             # Let messages accumulate a little: batches are cheaper than one wake-up per message.
             await asyncio.sleep(0.05)
 
-    @work(group="counts", description="Counting tasks by state", exit_on_error=False)
-    async def poll_counts(self) -> None:
+    @work(group="follow-core", description="Reading the manager's status", exit_on_error=False)
+    async def follow_core(self) -> None:
+        """Status and running tasks at the render cadence, proplets every second, counts every
+        COUNTS_INTERVAL: what flush() shows, read on the core's loop (it may be another thread's)."""
         await self._loaded.wait()
+        last_proplets = last_counts = time.monotonic()
         while True:
-            await asyncio.sleep(COUNTS_INTERVAL)
-            self.fleet.counts = await self.core.store.count_tasks_by_state()
+            await asyncio.sleep(self._cadence.interval)
+            now = time.monotonic()
+            with_proplets = now - last_proplets >= 1.0
+            if with_proplets:
+                last_proplets = now
+            self._take_snapshot(await self.manager.snapshot(proplets=with_proplets))
+            if now - last_counts >= COUNTS_INTERVAL:
+                last_counts = now
+                self.fleet.counts = await self.manager.count_tasks_by_state()
 
     def reload_tasks(self) -> None:
         self._reload()
@@ -365,14 +385,11 @@ class ConsoleApp(App[None]):
     # rendering at a fixed cadence
 
     def flush(self) -> None:
-        if not self._loaded.is_set() or self.core is None:
+        if not self._loaded.is_set() or self.manager is None:
             return
         now = time.monotonic()
         if not self._cadence.due(now):
             return
-        if now - self._last_proplet_sync >= 1.0:
-            self._last_proplet_sync = now
-            self.fleet.sync_proplets(self.core.list_proplets())
         if not self.screen_stack:
             return  # shutting down
         screen = self.screen
@@ -383,7 +400,7 @@ class ConsoleApp(App[None]):
             screen.flush()
 
     def store_description(self) -> str:
-        text = self.core.store.description
+        text = self.manager.store_description
         home = str(Path.home())
         return text.replace(home, "~", 1) if home and home != "/" else text
 
@@ -391,7 +408,8 @@ class ConsoleApp(App[None]):
         from core import __version__
         from core.domain import TaskState
 
-        status = self.core.status()
+        status = self.core_status
+        assert status is not None, "set once the core is there"
         state = "[$success]● connected[/]" if status.broker_connected else "[$error]○ not connected[/]"
         embedded = " [$text-muted](in-process)[/]" if status.broker_embedded else ""
         where = (f"[b $accent]◆ Propeller[/] [$text-muted]{__version__}[/]  [$text-muted]host[/] {self.hostname}"
@@ -563,15 +581,15 @@ class ConsoleApp(App[None]):
 
     @work(group="task-actions", description="Changing a task", exit_on_error=False)
     async def _task_action(self, what: str, task_id: str) -> None:
-        core = self.core
+        manager = self.manager
         if what == "start":
-            task = await core.start_task(task_id)
+            task = await manager.start_task(task_id)
             self.notify(f"Task {task_id[:8]} queued (attempt {task.attempt + 1}).", timeout=3)
         elif what == "stop":
-            await core.stop_task(task_id)
+            await manager.stop_task(task_id)
             self.notify(f"Task {task_id[:8]} stopped.", timeout=3)
         elif what == "delete":
-            await core.delete_task(task_id)
+            await manager.delete_task(task_id)
             self.notify(f"Task {task_id[:8]} deleted.", timeout=3)
             self.post_message(TaskDeletedHere(task_id))
 
@@ -608,7 +626,7 @@ class ConsoleApp(App[None]):
     @work(group="proplet-actions", description="Forgetting a proplet", exit_on_error=False)
     async def _proplet_action(self, what: str, proplet_id: str) -> None:
         if what == "delete":
-            await self.core.delete_proplet(proplet_id)
+            await self.manager.delete_proplet(proplet_id)
             self.notify(f"Proplet {proplet_id} forgotten.", timeout=3)
 
     # ------------------------------------------------------------------------------------

@@ -131,7 +131,8 @@ Go anywhere with **:** (`:tasks`, `:proplets`, `:mqtt`, `:dispatch`, `:local`, `
             width = int(24 * n / total) if total else 0
             bar = "█" * width
             rows.append(f"[{STATE_VARS[state]}]{state.label:<12}[/] {n:>7,}  [{STATE_VARS[state]}]{bar}[/]")
-        status = app.core.status()
+        status = app.core_status
+        assert status is not None, "flushed before the fleet was loaded"
         rows.append("")
         rows.append(f"total {total:,}   active {status.active:,}   queued {status.backlog:,}")
         self._set("dash-tasks", "\n".join(rows))
@@ -140,7 +141,7 @@ Go anywhere with **:** (`:tasks`, `:proplets`, `:mqtt`, `:dispatch`, `:local`, `
         lines = [
             f"broker    {escape(status.broker_url)}",
             f"          {broker}{' (in-process broker)' if status.broker_embedded else ''}",
-            f"topics    m/{escape(app.core.settings.tenant_id)}/c/{escape(app.core.settings.channel_id)}/…",
+            f"topics    m/{escape(app.manager.settings.tenant_id)}/c/{escape(app.manager.settings.channel_id)}/…",
             f"database  {escape(app.store_description())}",
             f"REST API  {escape(status.api_url or 'off')}",
         ]

@@ -295,7 +295,7 @@ field. After dispatching, the task table opens on the new task.
         from core.errors import CoreError
         from core.schemas import parse_task_create
 
-        core = self.console.core
+        manager = self.console.manager
         errors: dict[str, str] = {}
         module: ModuleSource | None = None
         try:
@@ -315,9 +315,9 @@ field. After dispatching, the task table opens on the new task.
         except CoreError as exc:
             self.post_message(self.Invalid(errors_by_field(str(exc))))
             return
-        task = await core.create_task(create)
+        task = await manager.create_task(create)
         if start_now:
-            await core.start_task(task.id)
+            await manager.start_task(task.id)
         self.post_message(self.Dispatched(task.id, task.name, start_now))
 
     class Invalid(Message):

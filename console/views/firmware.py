@@ -220,12 +220,12 @@ Commands come from `console.firmware` in the config file.
         port = self.port()
         if port is None:
             return
-        core = self.console.core
-        broker = core.broker_address
+        manager = self.console.manager
+        broker = manager.broker_address
         host = broker.host if broker and broker.host not in ("127.0.0.1", "localhost", "::1") else lan_address()
         defaults = {
             "mqtt_url": f"mqtt://{host}:{broker.port if broker else 1883}",
-            "domain": core.settings.tenant_id, "channel": core.settings.channel_id,
+            "domain": manager.settings.tenant_id, "channel": manager.settings.channel_id,
         }
 
         def answered(values: dict[str, str] | None) -> None:

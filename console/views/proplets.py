@@ -207,7 +207,7 @@ then live). **y** copies the id; **Esc** goes back.
 
     @work(exclusive=True, group="proplet-detail", description="Loading proplet metrics", exit_on_error=False)
     async def load(self) -> None:
-        page = await self.console.core.proplet_metrics(self.proplet_id, 0, 120)
+        page = await self.console.manager.proplet_metrics(self.proplet_id, 0, 120)
         samples = sorted(page.items, key=lambda m: m.timestamp)
         self.stored_cpu = [float(m.cpu_metrics.get("percent", 0.0) or 0.0) for m in samples]
         self.stored_mem = [float(m.memory_metrics.get("rss_bytes", 0) or 0) for m in samples]
@@ -226,7 +226,7 @@ then live). **y** copies the id; **Esc** goes back.
                 Content(f"Proplet {self.proplet_id} is no longer known to the manager."))
             return
         now = self.console.clock()
-        running = self.console.core.running_tasks(self.proplet_id)
+        running = self.console.running_by_proplet.get(self.proplet_id, [])
         key = (row.online, row.last_seen, row.offline_reason, row.task_count, row.cpu_percent, row.rss_bytes,
                len(row.heartbeats), len(row.cpu), tuple(running), age(now, row.last_seen))
         if key == self._rendered:

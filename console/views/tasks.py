@@ -284,9 +284,9 @@ state. **s** starts it again (a new attempt), **x** stops it, **D** deletes it; 
 
     @work(exclusive=True, group="task-detail", description="Loading the task", exit_on_error=False)
     async def load(self) -> None:
-        core = self.console.core
-        task = await core.get_task(self.task_id)
-        events = await core.task_events(self.task_id)
+        manager = self.console.manager
+        task = await manager.get_task(self.task_id)
+        events = await manager.task_events(self.task_id)
         self.task_data, self.events = task, events
         self.post_message(self.Loaded())
 

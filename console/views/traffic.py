@@ -51,7 +51,7 @@ Every message the manager sends (→ out) and receives (← in), at most `consol
     TrafficScreen #traffic-right { width: 1fr; }
     TrafficScreen TrafficLog { height: 2fr; }
     TrafficScreen #payload-box { height: 1fr; border-top: solid $panel; }
-    TrafficScreen.-paused #traffic-status { color: $warning; text-style: bold; }
+    TrafficScreen #traffic-status.-paused { color: $warning; text-style: bold; }
     """
 
     def __init__(self, **kwargs: Any) -> None:
@@ -100,15 +100,19 @@ Every message the manager sends (→ out) and receives (← in), at most `consol
             self._filter_changed = False
             self._rebuild()
         self._update_tree()
-        new = traffic.since(self.last_seq)
-        if new:
-            self.last_seq = new[-1].seq
-            if self.paused:
-                self.buffered_while_paused += len(new)
-            else:
-                self._write(new)
+        if self.paused:
+            # The stream stays where it stopped; what arrives meanwhile is listed on resume.
+            self.buffered_while_paused = traffic.seq - self.last_seq
+        else:
+            self._write_new()
         self._update_payload()
         self._update_status()
+
+    def _write_new(self) -> None:
+        new = self.console.traffic.since(self.last_seq)
+        if new:
+            self.last_seq = new[-1].seq
+            self._write(new)
 
     def _write(self, entries: list[TrafficEntry]) -> None:
         log = self.log_widget
@@ -214,10 +218,13 @@ Every message the manager sends (→ out) and receives (← in), at most `consol
 
     def action_pause(self) -> None:
         self.paused = not self.paused
-        self.set_class(self.paused, "-paused")
+        # On the status line only: a class on the screen would restyle every widget in it.
+        self.query_one("#traffic-status").set_class(self.paused, "-paused")
         if not self.paused:
             self.buffered_while_paused = 0
-            self._rebuild()
+            # Append what arrived while paused, capped per redraw like any burst: cheap, unlike
+            # re-listing the whole buffer.
+            self._write_new()
         self._update_status()
 
     def action_direction(self) -> None:

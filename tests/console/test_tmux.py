@@ -60,6 +60,12 @@ class Tmux:
             time.sleep(0.2)
         raise AssertionError(f"{what or 'condition'} not seen within {timeout}s; the screen was:\n{screen}")
 
+    def cursor_on(self, label: str) -> bool:
+        """The terminal cursor (Textual puts it at the focused input's caret) is on the row of `label`."""
+        rows = self.screen().splitlines()
+        where = self("display-message", "-p", "-t", "console", "#{cursor_y}", check=False).strip()
+        return where.isdigit() and int(where) < len(rows) and rows[int(where)].lstrip().startswith(label)
+
     def pane_pid(self) -> int:
         return int(self("display-message", "-p", "-t", "console", "#{pane_pid}").strip())
 
@@ -118,7 +124,11 @@ def test_propeller_in_a_terminal_from_start_to_a_completed_task_and_a_clean_exit
     tmux.wait_for(lambda s: "Module" in s and "Function" in s, what="the dispatch form")
     tmux.type("examples/add.wasm")
     tmux.wait_for(lambda s: "exports: add" in s, what="the module's exports")
-    tmux.keys("Tab", "Tab")
+    # Field by field, as a person does: look where the cursor is before typing.
+    tmux.keys("Tab")
+    tmux.wait_for(lambda s: tmux.cursor_on("Function"), what="the cursor in the Function field")
+    tmux.keys("Tab")
+    tmux.wait_for(lambda s: tmux.cursor_on("Inputs"), what="the cursor in the Inputs field")
     tmux.type("40 2")
     tmux.keys("Enter")
     screen = tmux.wait_for(lambda s: "completed" in s and " 42" in s, timeout=60, what="the completed task")

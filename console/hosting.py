@@ -1,0 +1,205 @@
+"""How the console reaches the manager core it hosts.
+
+`propeller` runs the core on a thread of its own with its own event loop (`CoreThread`), so that
+rendering a frame (15-20 ms of Python under a traffic flood) never holds up a dispatch: the core
+waits at most one GIL switch interval for the CPU, not for the frame. Everything the console asks
+of the core goes through `ManagerLink`, which runs the call on the core's loop and hands the result
+back to the console's loop. Tests that build the core on their own loop give the console a link
+without a thread (`ManagerLink(core)`), so the same console code serves both.
+
+Event and traffic subscriptions (core.events.Subscription) are safe to read from the console's loop
+whichever thread feeds them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import sys
+import threading
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from core.config import ManagerSettings
+    from core.domain import Proplet, PropletMetrics, Task, TaskEvent, TaskState
+    from core.events import Subscription
+    from core.mqtt import TrafficRecord
+    from core.schemas import TaskCreate
+    from core.service import CoreStatus, ManagerCore
+    from core.store.base import Page
+
+log = logging.getLogger("propeller.console")
+
+T = TypeVar("T")
+
+# How long a thread may hold the GIL while another waits for it (CPython's default is 5 ms). The core's
+# thread wakes for each MQTT message; a shorter slice lets it in sooner while the console renders.
+GIL_SWITCH_INTERVAL = 0.0002
+
+
+class CoreSnapshot:
+    """What the console shows of the core's in-memory state, read in one call on the core's loop."""
+
+    __slots__ = ("proplets", "running", "status")
+
+    def __init__(self, status: CoreStatus, proplets: list[Proplet] | None, running: dict[str, list[str]]) -> None:
+        self.status = status
+        self.proplets = proplets
+        self.running = running
+
+
+class ManagerLink:
+    """The console's calls into the manager core, each run on the core's event loop.
+
+    `loop` is the core's loop when the core runs on another thread; None when it shares the caller's.
+    The settings, topics and broker address are fixed once the core has started and are read directly.
+    """
+
+    def __init__(self, core: ManagerCore, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.core = core
+        self.loop = loop
+        self.settings = core.settings
+        self.topics = core.topics
+        self.broker_address = core.broker_address
+        self.store_description = core.store.description
+        # Shown until the console's first read of the core (made on the core's thread when threaded).
+        self.status_at_start = core.status()
+
+    @property
+    def threaded(self) -> bool:
+        return self.loop is not None
+
+    async def on_core(self, function: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        """`await function(*args, **kwargs)` on the core's loop."""
+        if self.loop is None:
+            return await function(*args, **kwargs)
+        future = asyncio.run_coroutine_threadsafe(function(*args, **kwargs), self.loop)
+        return await asyncio.wrap_future(future)
+
+    # ---- tasks --------------------------------------------------------------------------
+
+    async def create_task(self, body: TaskCreate) -> Task:
+        return await self.on_core(self.core.create_task, body)
+
+    async def start_task(self, task_id: str) -> Task:
+        return await self.on_core(self.core.start_task, task_id)
+
+    async def stop_task(self, task_id: str) -> Task:
+        return await self.on_core(self.core.stop_task, task_id)
+
+    async def delete_task(self, task_id: str) -> None:
+        await self.on_core(self.core.delete_task, task_id)
+
+    async def get_task(self, task_id: str) -> Task:
+        return await self.on_core(self.core.get_task, task_id)
+
+    async def get_tasks(self, task_ids: list[str]) -> tuple[list[Task], list[str]]:
+        """The tasks that exist, and the ids that do not: one trip to the core for a batch."""
+        return await self.on_core(self._get_tasks, task_ids)
+
+    async def _get_tasks(self, task_ids: list[str]) -> tuple[list[Task], list[str]]:
+        from core.errors import NotFound
+
+        found: list[Task] = []
+        missing: list[str] = []
+        for task_id in task_ids:
+            try:
+                found.append(await self.core.get_task(task_id))
+            except NotFound:
+                missing.append(task_id)
+        return found, missing
+
+    async def list_tasks(self, *, offset: int = 0, limit: int = 100,
+                         states: list[TaskState] | None = None) -> Page[Task]:
+        return await self.on_core(self.core.list_tasks, offset=offset, limit=limit, states=states)
+
+    async def task_events(self, task_id: str) -> list[TaskEvent]:
+        return await self.on_core(self.core.task_events, task_id)
+
+    async def count_tasks_by_state(self) -> dict[TaskState, int]:
+        return await self.on_core(self.core.store.count_tasks_by_state)
+
+    # ---- proplets -----------------------------------------------------------------------
+
+    async def delete_proplet(self, proplet_id: str) -> None:
+        await self.on_core(self.core.delete_proplet, proplet_id)
+
+    async def proplet_metrics(self, proplet_id: str, offset: int, limit: int) -> Page[PropletMetrics]:
+        return await self.on_core(self.core.proplet_metrics, proplet_id, offset, limit)
+
+    async def snapshot(self, *, proplets: bool) -> CoreSnapshot:
+        """Status, running tasks per proplet and (with `proplets`) the proplet list, read together."""
+        return await self.on_core(self._snapshot, proplets)
+
+    async def _snapshot(self, proplets: bool) -> CoreSnapshot:
+        core = self.core
+        listed = core.list_proplets() if proplets else None
+        running = {pid: tasks for pid in core.proplets if (tasks := core.running_tasks(pid))}
+        return CoreSnapshot(core.status(), listed, running)
+
+    # ---- streams ------------------------------------------------------------------------
+
+    def subscribe_events(self, maxlen: int) -> Subscription[Any]:
+        return self.core.events.subscribe(maxlen)
+
+    def subscribe_traffic(self, maxlen: int) -> Subscription[TrafficRecord] | None:
+        bus = self.core.bus
+        return bus.tap.subscribe(maxlen) if bus is not None else None
+
+
+class CoreThread:
+    """`async with CoreThread(settings) as link`: the manager core started on its own thread and loop,
+    stopped (cleanly, as `propeller serve` stops) when the block ends. A start-up failure (database or
+    broker unreachable) is raised here, in the caller's thread."""
+
+    def __init__(self, settings: ManagerSettings) -> None:
+        self.settings = settings
+        self._started: concurrent.futures.Future[ManagerLink] = concurrent.futures.Future()
+        self._finished: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._run, name="propeller-core", daemon=True)
+        self._switch_interval = sys.getswitchinterval()
+
+    async def __aenter__(self) -> ManagerLink:
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+        self._thread.start()
+        try:
+            return await asyncio.wrap_future(self._started)
+        except BaseException:
+            await asyncio.wrap_future(self._finished)
+            self._thread.join()
+            sys.setswitchinterval(self._switch_interval)
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            if self._loop is not None and self._stop is not None:
+                self._loop.call_soon_threadsafe(self._stop.set)
+            await asyncio.wrap_future(self._finished)
+            self._thread.join()  # the future is its last act: returns at once
+        finally:
+            sys.setswitchinterval(self._switch_interval)
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        except BaseException as exc:
+            if self._started.done():
+                self._finished.set_exception(exc)  # raised by __aexit__
+            else:
+                self._started.set_exception(exc)  # raised by __aenter__
+                self._finished.set_result(None)
+        else:
+            self._finished.set_result(None)
+
+    async def _serve(self) -> None:
+        from core.service import ManagerCore
+
+        self._stop = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        async with ManagerCore(self.settings) as core:
+            self._started.set_result(ManagerLink(core, self._loop))
+            await self._stop.wait()
