@@ -49,7 +49,10 @@ PREFIX = f"m/{DOMAIN}/c/default/"
 
 
 class GcPauses:
-    """Garbage collections during a phase, by generation: they stop every thread, core included."""
+    """Garbage collections during a phase, by generation: they stop every thread, core included.
+
+    Timed from gc's start callback to its stop callback: an upper bound, since another thread may
+    take the GIL while the callbacks themselves run."""
 
     def __init__(self) -> None:
         self.pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}

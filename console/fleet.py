@@ -13,7 +13,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -390,8 +390,10 @@ class FleetState:
 # MQTT traffic
 
 
-@dataclass(slots=True)
-class TrafficEntry:
+class TrafficEntry(NamedTuple):
+    """A tuple of plain values: the collector stops tracking it after its first collection, so
+    thousands of buffered entries cost full collections nothing (they paused the console)."""
+
     seq: int
     at: float
     direction: str
