@@ -31,6 +31,7 @@ how to install it (tests.services.need).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import os
@@ -185,19 +186,31 @@ def _big_module() -> bytes:
 
 
 def _jco() -> Path:
-    """jco's install directory, installing it from npm on first use."""
-    if (JCO_DIR / "node_modules" / "@bytecodealliance" / "jco" / "dist" / "api.js").exists():
+    """jco's install directory, installing it from npm on first use.
+
+    Test workers run in parallel: one installs under a file lock while the others wait, and the
+    install counts only once npm has finished (a marker file), never while its files are still
+    being unpacked (a half-written jco failed with "section extends past end of the module")."""
+    done = JCO_DIR / ".installed"
+    if done.exists():
         return JCO_DIR
     npm, node = shutil.which("npm"), shutil.which("node")
     _need(npm is not None and node is not None, "Node.js and npm (for jco)",
           "install them with `apt-get install nodejs npm`")
-    JCO_DIR.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(
-        [npm, "install", "--no-audit", "--no-fund", "--loglevel=error", "--prefix", str(JCO_DIR),
-         f"@bytecodealliance/jco@{JCO_VERSION}"], capture_output=True, text=True, timeout=600)
-    _need(result.returncode == 0, f"jco {JCO_VERSION}",
-          f"`npm install @bytecodealliance/jco@{JCO_VERSION}` failed (is the npm registry reachable?): "
-          f"{result.stderr.strip()[-300:]}")
+    JCO_DIR.parent.mkdir(parents=True, exist_ok=True)
+    with open(JCO_DIR.parent / f".jco-{JCO_VERSION}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if done.exists():  # another worker installed it while this one waited
+            return JCO_DIR
+        shutil.rmtree(JCO_DIR, ignore_errors=True)  # an install cut short earlier
+        JCO_DIR.mkdir(parents=True)
+        result = subprocess.run(
+            [npm, "install", "--no-audit", "--no-fund", "--loglevel=error", "--prefix", str(JCO_DIR),
+             f"@bytecodealliance/jco@{JCO_VERSION}"], capture_output=True, text=True, timeout=600)
+        _need(result.returncode == 0, f"jco {JCO_VERSION}",
+              f"`npm install @bytecodealliance/jco@{JCO_VERSION}` failed (is the npm registry reachable?): "
+              f"{result.stderr.strip()[-300:]}")
+        done.write_text(JCO_VERSION)
     return JCO_DIR
 
 
