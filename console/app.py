@@ -195,7 +195,7 @@ class ConsoleApp(App[None]):
             return await super().run_async(**kwargs)
         from core.config import ManagerSettings
 
-        async with CoreThread(self.manager_settings or ManagerSettings()) as manager:
+        async with CoreThread(self.manager_settings or ManagerSettings(), self._core_closed) as manager:
             self.manager = manager
             self.core_status = manager.status_at_start
             log.info("manager core started on its own thread: %s", manager.status_at_start)
@@ -208,6 +208,12 @@ class ConsoleApp(App[None]):
                          " (the terminal hung up)" if self.hung_up else "")
         log.info("manager core stopped cleanly")
         return result
+
+    def _core_closed(self) -> None:
+        """The hosted core shut itself down (a background loop of it failed): nothing the console
+        shows would be true any more, so it closes with an error (run_console points to the log)."""
+        self.exit(return_code=1, message="The manager core stopped after a fatal error; the details are in "
+                                         f"{log_path()}.")
 
     # ------------------------------------------------------------------------------------
     # start-up

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import sys
 import threading
@@ -152,10 +153,13 @@ class ManagerLink:
 class CoreThread:
     """`async with CoreThread(settings) as link`: the manager core started on its own thread and loop,
     stopped (cleanly, as `propeller serve` stops) when the block ends. A start-up failure (database or
-    broker unreachable) is raised here, in the caller's thread."""
+    broker unreachable) is raised here, in the caller's thread. If the core shuts itself down while
+    the block runs (a background loop of it failed), `on_core_closed` is called on the caller's loop."""
 
-    def __init__(self, settings: ManagerSettings) -> None:
+    def __init__(self, settings: ManagerSettings, on_core_closed: Callable[[], None] | None = None) -> None:
         self.settings = settings
+        self.on_core_closed = on_core_closed
+        self._caller_loop: asyncio.AbstractEventLoop | None = None
         self._started: concurrent.futures.Future[ManagerLink] = concurrent.futures.Future()
         self._finished: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._stop: asyncio.Event | None = None
@@ -164,6 +168,7 @@ class CoreThread:
         self._switch_interval = sys.getswitchinterval()
 
     async def __aenter__(self) -> ManagerLink:
+        self._caller_loop = asyncio.get_running_loop()
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         self._thread.start()
         try:
@@ -177,7 +182,8 @@ class CoreThread:
     async def __aexit__(self, *exc: object) -> None:
         try:
             if self._loop is not None and self._stop is not None:
-                self._loop.call_soon_threadsafe(self._stop.set)
+                with contextlib.suppress(RuntimeError):  # the core already ended on its own
+                    self._loop.call_soon_threadsafe(self._stop.set)
             await asyncio.wrap_future(self._finished)
             self._thread.join()  # the future is its last act: returns at once
         finally:
@@ -202,4 +208,12 @@ class CoreThread:
         self._loop = asyncio.get_running_loop()
         async with ManagerCore(self.settings) as core:
             self._started.set_result(ManagerLink(core, self._loop))
-            await self._stop.wait()
+            stopping = asyncio.ensure_future(self._stop.wait())
+            closed = asyncio.ensure_future(core.wait_closed())
+            await asyncio.wait({stopping, closed}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            closed.cancel()
+            if not self._stop.is_set() and self.on_core_closed is not None and self._caller_loop is not None:
+                log.error("the manager core shut itself down (see the error above); closing the console")
+                with contextlib.suppress(RuntimeError):  # the console has closed meanwhile
+                    self._caller_loop.call_soon_threadsafe(self.on_core_closed)

@@ -241,7 +241,8 @@ class ManagerCore:
         self._wake.set()
 
     def request_shutdown(self) -> None:
-        """Ask `wait_closed()` to return (signal handlers and the console call this)."""
+        """Ask `wait_closed()` to return (signal handlers call this; a failing background loop does the
+        same, which closes the console hosting the core)."""
         self._shutdown.set()
 
     async def wait_closed(self) -> None:

@@ -3,6 +3,7 @@ fleet, so reopening shows the same tasks and proplets."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import uuid
 from pathlib import Path
@@ -84,4 +85,30 @@ async def test_a_hosted_core_that_cannot_start_is_reported_and_leaves_no_thread(
     app = ConsoleApp(settings=console_settings(), manager_settings=manager)
     with pytest.raises(StoreError, match="Cannot connect to PostgreSQL"):
         await app.run_async(headless=True, size=(140, 40))
+    assert not [t for t in threading.enumerate() if t.name == "propeller-core"]
+
+
+async def test_a_hosted_core_that_shuts_itself_down_closes_the_console_with_an_error(broker: Mosquitto,
+                                                                                      tmp_path: Path) -> None:
+    tenant = f"fatal-{uuid.uuid4().hex[:6]}"
+
+    async def fail_the_core(pilot: Any) -> None:
+        app = pilot.app
+        await until(pilot, lambda: app.counts_loaded)
+
+        async def fatal(core: Any) -> None:
+            core.request_shutdown()  # what a failing background loop of the core does
+
+        await app.manager.on_core(fatal, app.manager.core)
+        for _ in range(100):  # the console closes by itself, within 5 s
+            if app.return_code is not None:
+                return
+            await asyncio.sleep(0.05)
+        app.exit()  # it did not: end the test with a failure rather than a hang
+
+    app = ConsoleApp(settings=console_settings(), manager_settings=_manager(broker, tmp_path / "f.db", tenant))
+    started = asyncio.get_running_loop().time()
+    await app.run_async(headless=True, size=(140, 40), auto_pilot=fail_the_core)
+    assert asyncio.get_running_loop().time() - started < 8
+    assert app.return_code == 1
     assert not [t for t in threading.enumerate() if t.name == "propeller-core"]
