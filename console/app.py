@@ -85,8 +85,8 @@ MAX_REFRESH_INTERVAL = 1.0
 
 class RenderCadence:
     """When the screen is redrawn: every `interval`, stretched up to MAX_REFRESH_INTERVAL while the
-    event loop is saturated (the refresh timer fires late), so that under a flood of MQTT traffic
-    the in-process manager keeps the loop and dispatch is not stalled by rendering."""
+    console's loop is saturated (the refresh timer fires late), so that under a flood of MQTT
+    traffic ingest keeps up and the hosted core's thread gets more of the interpreter."""
 
     def __init__(self, interval: float) -> None:
         self.base = interval

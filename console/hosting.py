@@ -20,6 +20,7 @@ import logging
 import sys
 import threading
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
@@ -40,15 +41,13 @@ T = TypeVar("T")
 GIL_SWITCH_INTERVAL = 0.0002
 
 
+@dataclass(frozen=True, slots=True)
 class CoreSnapshot:
     """What the console shows of the core's in-memory state, read in one call on the core's loop."""
 
-    __slots__ = ("proplets", "running", "status")
-
-    def __init__(self, status: CoreStatus, proplets: list[Proplet] | None, running: dict[str, list[str]]) -> None:
-        self.status = status
-        self.proplets = proplets
-        self.running = running
+    status: CoreStatus
+    proplets: list[Proplet] | None  # None when not asked for
+    running: dict[str, list[str]]  # proplet id -> ids of the tasks it runs
 
 
 class ManagerLink:

@@ -885,12 +885,13 @@ class ManagerCore:
         if not self._alive_unsaved:
             return
         mono = time.monotonic()
-        for proplet_id in list(self._alive_unsaved):
+        # pop, not iterate then clear: enqueue may wait, and a heartbeat held back meanwhile stays.
+        while self._alive_unsaved:
+            proplet_id = self._alive_unsaved.pop()
             p = self.proplets.get(proplet_id)
             if p is not None and p.last_alive_at is not None:
                 self._alive_saved_at[proplet_id] = mono
                 await self.writer.enqueue(self.store.op_upsert_proplet(p, p.last_alive_at))
-        self._alive_unsaved.clear()
 
     async def _republish_unconfirmed(self) -> None:
         """Send the start again for tasks an acknowledging proplet has not confirmed in time.
