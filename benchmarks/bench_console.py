@@ -220,28 +220,33 @@ async def console_phase(manager: ManagerSettings, proplet: subprocess.Popen[str]
     app = ConsoleApp(settings=ConsoleSettings(cursor_blink=False), manager_settings=manager, freeze_startup=True)
     driver_class = null_driver_class()
     app.driver_class = driver_class
-    frames: list[float] = []
+    # The frame that shows a key's effect: the first one written (by the driver) after the effect
+    # was applied, checked when the frame is written rather than by a poll that may wake late.
+    waiting: dict[str, Any] = {}
     original_display = app._display
 
     def display(screen: Any, renderable: Any) -> None:
         original_display(screen, renderable)
-        if renderable is not None and not app._batch_count:
-            frames.append(time.perf_counter())
+        done = waiting.get("done")
+        if renderable is not None and not app._batch_count and done is not None and done(screen):
+            waiting["frame"] = time.perf_counter()
+            waiting["done"] = None
 
     app._display = display  # type: ignore[method-assign]
     results: dict[str, Any] = {}
 
     async def send_and_wait(key: str, done: Any, timeout: float = 5.0) -> float:
-        frames.clear()
+        """`done(screen)`: the effect is visible in a frame of `screen`."""
         assert app._driver is not None
-        sent = time.perf_counter()
+        waiting.clear()
+        sent = waiting["sent"] = time.perf_counter()
+        waiting["done"] = done
         app._driver.send_message(events.Key(key, key if len(key) == 1 else None))
         deadline = sent + timeout
         while time.perf_counter() < deadline:
-            await asyncio.sleep(0.001)
-            if done() and frames and frames[-1] >= sent:
-                # The first frame rendered after the effect was applied.
-                return (frames[-1] - sent) * 1000
+            await asyncio.sleep(0.005)
+            if "frame" in waiting:
+                return (waiting["frame"] - sent) * 1000
         raise RuntimeError(f"no frame showed the effect of {key!r} within {timeout}s")
 
     async def drive() -> None:
@@ -253,8 +258,14 @@ async def console_phase(manager: ManagerSettings, proplet: subprocess.Popen[str]
         await asyncio.sleep(2.0)  # let the flood's proplets appear
         progress("console loaded; measuring key presses")
         # Warm-up: compose the views once.
+        def shows_mode(mode: str) -> Any:
+            # The view's screen, caught up with what arrived while it was hidden (not a stale frame).
+            def shown(screen: Any) -> bool:
+                return app.current_mode == mode and screen is app.screen and screen.flushed_at >= waiting["sent"]
+            return shown
+
         for key, mode in (("3", "proplets"), ("2", "tasks"), ("4", "traffic")):
-            await send_and_wait(key, lambda mode=mode: app.current_mode == mode)
+            await send_and_wait(key, shows_mode(mode))
         await asyncio.sleep(1.0)
         switch: list[float] = []
         pause: list[float] = []
@@ -262,16 +273,16 @@ async def console_phase(manager: ManagerSettings, proplet: subprocess.Popen[str]
             if i % 2 == 0:
                 target = "tasks" if app.current_mode == "traffic" else "traffic"
                 key = "2" if target == "tasks" else "4"
-                switch.append(await send_and_wait(key, lambda target=target: app.current_mode == target))
+                switch.append(await send_and_wait(key, shows_mode(target)))
             else:
-                await send_and_wait("4", lambda: app.current_mode == "traffic")
-                screen = app.screen
-                before = screen.paused  # type: ignore[attr-defined]
+                await send_and_wait("4", shows_mode("traffic"))
+                traffic = app.screen
+                before = traffic.paused  # type: ignore[attr-defined]
                 pause.append(await send_and_wait(
-                    "p", lambda screen=screen, before=before: screen.paused != before))  # type: ignore[attr-defined]
+                    "p", lambda screen, traffic=traffic, before=before: screen is traffic and traffic.paused != before))
             await asyncio.sleep(random.uniform(0.05, 0.3))
         if getattr(app.screen, "paused", False):
-            await send_and_wait("p", lambda: not app.screen.paused)  # type: ignore[attr-defined]
+            await send_and_wait("p", lambda screen: not screen.paused)
         results["switch"] = switch
         results["pause"] = pause
         progress("measuring dispatch latency with the console open")

@@ -37,6 +37,7 @@ from textual import on, work
 from textual.app import App
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 from textual.screen import ModalScreen
+from textual.widget import AwaitMount
 from textual.worker import Worker, WorkerState
 
 from console import keys
@@ -178,6 +179,8 @@ class ConsoleApp(App[None]):
         self.local: LocalFleet = None  # type: ignore[assignment]  # needs the core's broker: on_mount
         self.counts_loaded = False
         self._history: deque[str] = deque(maxlen=20)
+        self._composed_modes: set[str] = set()
+        self._switching_to_composed = False
         self._loaded = asyncio.Event()
         self._subs: list[Any] = []
         self._cadence = RenderCadence(self.settings.refresh_interval)
@@ -439,6 +442,27 @@ class ConsoleApp(App[None]):
 
     # ------------------------------------------------------------------------------------
     # navigation and commands
+
+    def switch_mode(self, mode: str) -> AwaitMount:
+        # Textual hides a mode switch behind 50 ms without repaints (App.delay_update), time for a new
+        # screen to compose. A view shown before is composed and kept: it catches up with what was
+        # buffered while it was hidden here, before its first frame, so there is nothing to hide
+        # (the 50 ms were most of a view switch's latency).
+        self._composed_modes.add(self.current_mode)
+        self._switching_to_composed = mode in self._composed_modes
+        try:
+            shown = super().switch_mode(mode)
+        finally:
+            self._switching_to_composed = False
+            self._composed_modes.add(mode)
+        screen = self.screen
+        if isinstance(screen, ConsoleScreen):
+            screen.flush()
+        return shown
+
+    def delay_update(self, delay: float = 0.05) -> None:
+        if not self._switching_to_composed:
+            super().delay_update(delay)
 
     def go(self, mode: str) -> None:
         if mode not in self.MODES:

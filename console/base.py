@@ -3,6 +3,7 @@ rendering only when shown, at the app's fixed cadence."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
@@ -38,6 +39,7 @@ class ConsoleScreen(Screen[None]):
         super().__init__(**kwargs)
         self.row_filter = RowFilter()
         self._filter_changed = False
+        self.flushed_at = 0.0  # perf_counter() of the last catch-up with the fleet's state
 
     @property
     def console(self) -> ConsoleApp:
@@ -66,13 +68,15 @@ class ConsoleScreen(Screen[None]):
             return  # not composed yet, or being taken down
         self.console.update_header(headers.first(), self.crumbs())
         self.flush_body()
+        self.flushed_at = time.perf_counter()
 
     def flush_body(self) -> None:
         pass
 
     def on_screen_resume(self) -> None:
-        # Hidden views are not rendered; catch up at once when shown again.
-        self.call_after_refresh(self.flush)
+        # Hidden views are not rendered; catch up at once when shown again (back from a detail
+        # screen or a dialog; a view switch has caught up already).
+        self.flush()
 
     def crumbs(self) -> list[str]:
         crumbs = [self.CRUMB]

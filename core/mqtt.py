@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 import aiomqtt
 import paho.mqtt.client as mqtt
+from paho.mqtt.matcher import MQTTMatcher
 
 from core.events import Fanout
 from core.lifecycle import cancel_and_wait
@@ -94,6 +95,21 @@ class MqttConnection:
     tls_insecure: bool = False
 
 
+class CycleFreeMatcher(MQTTMatcher):
+    """paho's matcher of per-filter callbacks, without garbage when none is registered.
+
+    paho looks every incoming message up in this matcher, and its `iter_match` builds a closure that
+    refers to itself: a reference cycle per message that only the cyclic collector frees. At 2,000
+    messages/s that is ~12,000 objects a second for the collector, whose full passes stop every
+    thread of the process (the console's and its hosted core's). aiomqtt registers no per-filter
+    callbacks, so the tree is empty and there is nothing to match."""
+
+    def iter_match(self, topic: str):  # type: ignore[no-untyped-def]
+        if not self._root._children:
+            return iter(())
+        return super().iter_match(topic)
+
+
 def make_client(
     conn: MqttConnection,
     *,
@@ -112,7 +128,7 @@ def make_client(
         if conn.tls_insecure:
             tls_context.check_hostname = False
             tls_context.verify_mode = ssl.CERT_NONE
-    return aiomqtt.Client(
+    client = aiomqtt.Client(
         conn.address.host,
         conn.address.port,
         identifier=conn.client_id,
@@ -130,6 +146,9 @@ def make_client(
         max_concurrent_outgoing_calls=max_concurrent_outgoing_calls,
         logger=PACKET_LOG,
     )
+    # aiomqtt builds its paho client in __init__ and keeps it for its lifetime (aiomqtt is pinned).
+    client._client._on_message_filtered = CycleFreeMatcher()
+    return client
 
 
 def describe_connect_error(address: BrokerAddress, exc: BaseException) -> str:
