@@ -14,7 +14,7 @@ from console.app import ConsoleApp
 from console.settings import ConsoleSettings
 from console.views.tasks import TasksScreen
 from console.widgets import CommandBar, ConfirmModal, FleetHeader, HelpScreen, KeyHints
-from tests.console.conftest import add_body, command, console_settings, until
+from tests.console.conftest import add_body, command, console_settings, open_view, until
 
 ALIASES = [("tasks", "tasks"), ("t", "tasks"), ("proplets", "proplets"), ("p", "proplets"), ("mqtt", "traffic"),
            ("traffic", "traffic"), ("dispatch", "dispatch"), ("new", "dispatch"), ("local", "local"),
@@ -279,3 +279,21 @@ async def test_footer_click_on_a_refused_key_does_nothing_in_read_only_mode(cons
         await pilot.pause(0.2)
         assert not isinstance(app.screen, ConfirmModal)
         assert (await core.get_task(task.id)) is not None
+
+
+async def test_a_view_shown_again_is_current_in_its_first_frame_with_no_repaint_hold(console: Any) -> None:
+    # A slow cadence: only the switch itself can bring the hidden task table up to date.
+    async with console(refresh_interval=5.0) as (app, pilot, core):
+        tasks = await open_view(app, pilot, "2", TasksScreen)
+        await pilot.press("4")
+        await until(pilot, lambda: app.current_mode == "traffic")
+        task = await core.create_task(add_body(name="while-hidden"))
+        await until(pilot, lambda: task.id in app.fleet.tasks)
+        assert tasks.table.row_count == 0  # hidden views are not rendered
+
+        app.switch_mode("tasks")
+        # Before any message is processed (the screen's resume, a timer): the rows are there, and
+        # repaints are not held back (Textual's 50 ms App.delay_update is for screens still composing).
+        assert app.screen is tasks
+        assert tasks.table.row_count == 1
+        assert app._batch_count == 0
