@@ -40,6 +40,7 @@ class ConsoleScreen(Screen[None]):
         self.row_filter = RowFilter()
         self._filter_changed = False
         self.flushed_at = 0.0  # perf_counter() of the last catch-up with the fleet's state
+        self.hidden_at = 0.0  # perf_counter() of when another screen last covered this one
 
     @property
     def console(self) -> ConsoleApp:
@@ -73,10 +74,14 @@ class ConsoleScreen(Screen[None]):
     def flush_body(self) -> None:
         pass
 
+    def on_screen_suspend(self) -> None:
+        self.hidden_at = time.perf_counter()
+
     def on_screen_resume(self) -> None:
         # Hidden views are not rendered; catch up at once when shown again (back from a detail
-        # screen or a dialog; a view switch has caught up already).
-        self.flush()
+        # screen or a dialog). A view switch has caught up already, before the screen resumed.
+        if self.flushed_at <= self.hidden_at:
+            self.flush()
 
     def crumbs(self) -> list[str]:
         crumbs = [self.CRUMB]
