@@ -147,7 +147,10 @@ class PropletRow:
     last_seen: datetime | None = None
     offline_reason: str = ""
     task_count: int = 0
+    # Tasks the manager may send it at once (running slots plus the starts it queues), and of
+    # those how many run at once.
     capacity: int | None = None
+    slots: int | None = None
     runtime: str = ""
     platform: str = ""
     cpu_percent: float | None = None
@@ -160,15 +163,15 @@ class PropletRow:
     def update_from(self, p: Proplet) -> bool:
         """Refresh from the core's view; True when something shown changed."""
         md = p.metadata
-        new = (p.name, p.online, p.last_alive_at, p.offline_reason, p.task_count, p.max_tasks,
+        new = (p.name, p.online, p.last_alive_at, p.offline_reason, p.task_count, p.max_in_flight, p.max_tasks,
                str(md.get("wasm_runtime", "")),
                "/".join(x for x in (str(md.get("os", "")), str(md.get("cpu_arch", ""))) if x))
         old = (self.name, self.online, self.last_seen, self.offline_reason, self.task_count, self.capacity,
-               self.runtime, self.platform)
+               self.slots, self.runtime, self.platform)
         if new == old:
             return False
         (self.name, self.online, self.last_seen, self.offline_reason, self.task_count, self.capacity,
-         self.runtime, self.platform) = new
+         self.slots, self.runtime, self.platform) = new
         for at in p.alive_history:
             if not self.heartbeats or at > self.heartbeats[-1]:
                 self.heartbeats.append(at)

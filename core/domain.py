@@ -214,6 +214,19 @@ class Proplet:
             return value
         return None
 
+    @property
+    def max_in_flight(self) -> int | None:
+        """Tasks the manager may have on this proplet at once: its slots plus the starts it said it
+        queues (`max_queued_tasks`, ours only; a proplet that refuses starts when full, such as the
+        firmware, does not announce it). None: no limit announced."""
+        slots = self.max_tasks
+        if slots is None:
+            return None
+        queued = self.metadata.get("max_queued_tasks")
+        if isinstance(queued, int) and not isinstance(queued, bool) and queued > 0:
+            return slots + queued
+        return slots
+
     def copy(self) -> Proplet:
         return dataclasses.replace(
             self, metadata=dict(self.metadata), alive_history=list(self.alive_history)

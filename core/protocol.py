@@ -259,7 +259,22 @@ def encode_start(msg: StartMessage) -> bytes:
 
 
 def decode_start(payload: bytes | str, topic: str = "control/manager/start") -> StartMessage:
+    return _start_from(_Reader(payload, topic))
+
+
+def decode_start_for(proplet_id: str, payload: bytes | str,
+                     topic: str = "control/manager/start") -> StartMessage | None:
+    """`decode_start` for one proplet: None, without validating the rest, when the start names
+    another proplet. Every proplet on a channel receives every start (upstream's single start
+    topic), so in a fleet of N most starts are someone else's."""
     r = _Reader(payload, topic)
+    target = r.obj.get("proplet_id")
+    if target and isinstance(target, str) and target != proplet_id and r.obj.get("broadcast") is not True:
+        return None
+    return _start_from(r)
+
+
+def _start_from(r: _Reader) -> StartMessage:
     msg = StartMessage(
         id=r.req_str("id"),
         name=r.req_str("name"),

@@ -646,7 +646,7 @@ class ManagerCore:
         return self.settings.effective_liveness_timeout
 
     def _has_slot(self, p: Proplet) -> bool:
-        cap = p.max_tasks
+        cap = p.max_in_flight
         return cap is None or len(self._slots.get(p.id, ())) < cap
 
     def _why_waiting(self, task: Task) -> str:

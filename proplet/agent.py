@@ -147,6 +147,7 @@ class PropletAgent:
         if self.http is not None:
             await self.http.aclose()
         await self.runtime.close()
+        self.outbox.close()
         self._closed.set()
 
     def request_shutdown(self) -> None:
@@ -178,6 +179,7 @@ class PropletAgent:
             "capabilities": CAPABILITIES,
             "heartbeat_interval": s.liveliness_interval,
             "max_concurrent_tasks": s.max_concurrent_tasks,
+            "max_queued_tasks": s.queued_tasks,
         }
         if s.description:
             meta["description"] = s.description
@@ -260,13 +262,13 @@ class PropletAgent:
 
     def _on_start(self, payload: bytes, topic: str) -> None:
         try:
-            start = protocol.decode_start(payload, topic)
+            start = protocol.decode_start_for(self.id, payload, topic)
         except InvalidMessage as exc:
             # Upstream only logs this and the manager waits forever (defect 45): answer when the
             # start names us, so the task fails with the reason.
             self._refuse_invalid_start(payload, exc.reason)
             raise
-        if not start.targets(self.id):
+        if start is None or not start.targets(self.id):
             return
         if start.id in self.running:
             # The manager did not see our confirmation (a broker crash loses it): confirm again.

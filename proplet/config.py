@@ -78,6 +78,12 @@ class PropletSettings(MqttClientSettings):
     max_concurrent_tasks: int = Field(
         default_factory=lambda: (os.cpu_count() or 1) * 2, ge=1, description="Modules running at once."
     )
+    max_queued_tasks: int | None = Field(
+        default=None, ge=0,
+        description="Starts the manager may send beyond the running slots; they wait here for a free slot, so "
+        "the proplet is not idle for a round trip to the manager between short tasks. Announced in discovery. "
+        "Default: 3 x max_concurrent_tasks; 0: only as many as can run at once (long tasks on a busy fleet).",
+    )
     trusted_keys: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
         description="':'-separated Ed25519 public keys (PEM). When set, only modules whose digest the manager "
@@ -114,6 +120,12 @@ class PropletSettings(MqttClientSettings):
     result_resend: float = Field(
         default=5.0, gt=0, description="Seconds before an unconfirmed result is sent again.",
     )
+    @property
+    def queued_tasks(self) -> int:
+        if self.max_queued_tasks is not None:
+            return self.max_queued_tasks
+        return 3 * self.max_concurrent_tasks
+
     cache_dir: Path = Field(
         default_factory=lambda: paths.cache_dir() / "proplet",
         description="Where compiled modules are kept between runs.",

@@ -237,7 +237,9 @@ then live). **y** copies the id; **Esc** goes back.
             f"[b]{escape(row.id)}[/b]  ({escape(row.name)})",
             f"state      {state}" + (f"  {escape(row.offline_reason)}" if row.offline_reason else ""),
             f"heartbeat  {age(now, row.last_seen)}   ({len(row.heartbeats)} seen)",
-            f"tasks      {row.task_count}" + (f" of {row.capacity} slots" if row.capacity else ""),
+            f"tasks      {row.task_count}" + (f" of {row.slots} slots" if row.slots else "")
+            + (f" + {row.capacity - row.slots} queued on the proplet"
+               if row.slots and row.capacity and row.capacity > row.slots else ""),
             f"runtime    {escape(row.runtime or '-')}   {escape(row.platform or '')}",
         ]
         if row.cpu_percent is not None:

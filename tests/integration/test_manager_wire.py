@@ -194,6 +194,36 @@ async def test_priority_decides_who_gets_the_next_free_slot(manager: Any, broker
     assert order == [blocker.id, high.id, mid.id, low.id]
 
 
+async def test_a_proplet_that_queues_starts_gets_its_queue_filled_and_one_that_does_not_only_its_slots(
+        manager: Any, broker: Any) -> None:
+    # Ours announces max_queued_tasks and keeps those starts waiting for a slot, so it is never
+    # idle for a round trip between short tasks; the firmware announces none and refuses when full.
+    async with SyntheticProplet(broker.url, manager.topics, "queues", delay=0.5,
+                                metadata={"max_concurrent_tasks": 1, "max_queued_tasks": 2}) as queues:
+        await eventually(lambda: "queues" in manager.proplets)
+        assert manager.proplets["queues"].max_in_flight == 3
+        tasks = [await manager.create_task(add_task(proplet_id="queues")) for _ in range(4)]
+        for task in tasks:
+            await manager.start_task(task.id)
+        await eventually(lambda: len(queues.starts) == 3)
+        assert (await manager.get_task(tasks[3].id)).state is TaskState.PENDING
+        assert "free slot" in (await manager.get_task(tasks[3].id)).reason
+        for task in tasks:
+            await finished(manager, task.id)
+    async with SyntheticProplet(broker.url, manager.topics, "slots-only", delay=0.5,
+                                metadata={"max_concurrent_tasks": 1}) as strict:
+        await eventually(lambda: "slots-only" in manager.proplets)
+        assert manager.proplets["slots-only"].max_in_flight == 1
+        tasks = [await manager.create_task(add_task(proplet_id="slots-only")) for _ in range(2)]
+        for task in tasks:
+            await manager.start_task(task.id)
+        await eventually(lambda: len(strict.starts) == 1)
+        await asyncio.sleep(0.2)
+        assert len(strict.starts) == 1
+        for task in tasks:
+            await finished(manager, task.id)
+
+
 async def test_broadcast_runs_everywhere_and_collects_every_answer(manager: Any, broker: Any) -> None:
     async with SyntheticProplet(broker.url, manager.topics, "bc-a"), \
             SyntheticProplet(broker.url, manager.topics, "bc-b", answer=lambda s: ("", "boom")):

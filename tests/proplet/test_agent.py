@@ -217,6 +217,9 @@ async def test_heartbeats_metrics_and_clean_goodbye(manager: Any, proplet_factor
         p = manager.proplets["p-beat"]
         assert p.metadata["wasm_runtime"] == agent.runtime.name and "task_state" in p.metadata["capabilities"]
         assert p.metadata["heartbeat_interval"] == 0.3 and p.metadata["os"] == "linux"
+        # It queues starts beyond its running slots (3x by default): the manager keeps it busy.
+        slots = agent.settings.max_concurrent_tasks
+        assert p.metadata["max_queued_tasks"] == 3 * slots and p.max_in_flight == 4 * slots
         await eventually(lambda: len(p.alive_history) >= 3, 5)
         page = await eventually(lambda: _metrics(manager, "p-beat"), 5)
         sample = page.items[0]

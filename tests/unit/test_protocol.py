@@ -175,3 +175,20 @@ def test_fl_result_envelope_gives_the_proplet_id() -> None:
 def test_timestamps_of_both_upstream_proplets(value, expected) -> None:
     parsed = p.parse_timestamp(value)
     assert (parsed.isoformat() if parsed else None) == expected
+
+
+def test_a_proplet_skips_starts_for_other_proplets_without_validating_them() -> None:
+    # Every proplet receives every start (upstream's single topic); only its own are decoded.
+    ours = {"id": "t1", "name": "add", "file": base64.b64encode(b"\0asm").decode(), "proplet_id": "p-1"}
+    assert p.decode_start_for("p-1", orjson.dumps(ours)).id == "t1"
+    assert p.decode_start_for("p-2", orjson.dumps(ours)) is None
+    # Someone else's broken start is not ours to reject; ours is.
+    broken = {"id": "t2", "name": 5, "proplet_id": "p-1"}
+    assert p.decode_start_for("p-2", orjson.dumps(broken)) is None
+    with pytest.raises(p.InvalidMessage, match="name"):
+        p.decode_start_for("p-1", orjson.dumps(broken))
+    # Unpinned and broadcast starts are for everyone.
+    for extra in ({}, {"proplet_id": "p-9", "broadcast": True}):
+        msg = p.decode_start_for("p-2", orjson.dumps({**ours, **extra} if extra else
+                                                     {k: v for k, v in ours.items() if k != "proplet_id"}))
+        assert msg is not None and msg.targets("p-2")

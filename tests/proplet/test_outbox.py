@@ -1,0 +1,121 @@
+"""The result outbox: an append-only log that keeps results until the manager confirms them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from core import protocol
+from core.protocol import ResultMessage
+from proplet import outbox as outbox_module
+from proplet.outbox import Outbox
+
+
+def result(task: str, attempt: int = 1, value: str = "3") -> ResultMessage:
+    return ResultMessage(task, "p-1", value, "", attempt, "", "2026-11-24T10:00:00Z")
+
+
+def test_results_survive_a_restart_until_acknowledged(tmp_path: Path) -> None:
+    box = Outbox(tmp_path)
+    for i in range(5):
+        box.put(result(f"t{i}"))
+    assert box.ack("t1", 1) and box.ack("t3", 1)
+    box.close()  # no flush or rename needed: each record is already in the file
+
+    again = Outbox(tmp_path)
+    assert sorted(again.task_ids()) == ["t0", "t2", "t4"]
+    assert again.get("t2", 1) == result("t2")
+    # After a reconnect every waiting result is due at once.
+    assert sorted(r.task_id for r in again.due(reconnected=True)) == ["t0", "t2", "t4"]
+
+
+def test_a_process_killed_without_closing_keeps_its_results(tmp_path: Path) -> None:
+    # A killed process never reaches close(): the records were written by then or not at all.
+    box = Outbox(tmp_path)
+    box.put(result("kept"))
+    box.put(result("confirmed"))
+    box.ack("confirmed", 1)
+    assert [r.task_id for r in Outbox(tmp_path).due(reconnected=True)] == ["kept"]
+
+
+def test_a_torn_last_record_is_skipped_and_the_rest_kept(tmp_path: Path) -> None:
+    box = Outbox(tmp_path)
+    box.put(result("whole"))
+    box.close()
+    record = b"R " + protocol.encode_result(result("torn"))
+    with open(tmp_path / outbox_module.LOG_NAME, "ab") as f:
+        f.write(record[: len(record) // 2])  # a crash in the middle of a write
+
+    again = Outbox(tmp_path)
+    assert again.task_ids() == ("whole",)
+    again.put(result("next"))
+    assert sorted(Outbox(tmp_path).task_ids()) == ["next", "whole"]
+
+
+def test_the_log_is_emptied_once_everything_is_confirmed(tmp_path: Path) -> None:
+    box = Outbox(tmp_path)
+    for i in range(100):
+        box.put(result(f"t{i}"))
+    assert os.path.getsize(box.path) > 0
+    for i in range(100):
+        box.ack(f"t{i}", 1)
+    assert os.path.getsize(box.path) == 0
+    assert len(box) == 0 and box.acknowledged == 100
+
+
+def test_a_log_grown_with_confirmed_results_is_rewritten(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(outbox_module, "COMPACT_AT_BYTES", 20_000)
+    box = Outbox(tmp_path)
+    box.put(result("waiting", value="x" * 100))
+    for i in range(400):  # always one entry left: never emptied, only rewritten
+        box.put(result(f"t{i}"))
+        box.ack(f"t{i}", 1)
+    assert os.path.getsize(box.path) < 20_000
+    assert Outbox(tmp_path).task_ids() == ("waiting",)
+
+
+def test_results_written_one_file_each_by_an_older_proplet_are_taken_over(tmp_path: Path) -> None:
+    (tmp_path / "old.1.json").write_bytes(protocol.encode_result(result("old")))
+    (tmp_path / "broken.1.json").write_bytes(b"{not json")
+    (tmp_path / "half.1.tmp").write_bytes(b"{")
+    box = Outbox(tmp_path)
+    assert box.task_ids() == ("old",)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [outbox_module.LOG_NAME]
+    box.close()
+    assert Outbox(tmp_path).task_ids() == ("old",)
+
+
+def test_without_acknowledgements_entries_expire_instead_of_piling_up(tmp_path: Path) -> None:
+    # Upstream's manager never acknowledges: results are sent once and forgotten after the TTL.
+    box = Outbox(tmp_path, unconfirmed_ttl=0.0)
+    box.put(result("a"))
+    box.put(result("b"))
+    assert list(box.due()) == []
+    assert len(box) == 0
+    assert Outbox(tmp_path).task_ids() == ()
+
+
+def test_ack_without_attempt_matches_the_only_entry(tmp_path: Path) -> None:
+    box = Outbox(tmp_path)
+    box.put(result("t", attempt=3))
+    assert not box.ack("other", 0)
+    assert box.ack("t", 0)
+    assert len(box) == 0
+
+
+def test_full_outbox_and_fsync_mode(tmp_path: Path) -> None:
+    box = Outbox(tmp_path, max_entries=2, fsync=True)
+    box.put(result("a"))
+    assert not box.full
+    box.put(result("b"))
+    assert box.full
+    box.close()
+    assert sorted(Outbox(tmp_path).task_ids()) == ["a", "b"]
+
+
+def test_a_write_that_fails_keeps_the_result_in_memory_and_counts_it(tmp_path: Path) -> None:
+    box = Outbox(tmp_path)
+    box.close()  # the descriptor is gone: every write fails with EBADF
+    box.put(result("in-memory"))
+    assert box.write_failures == 1
+    assert box.get("in-memory", 1) == result("in-memory")
