@@ -89,6 +89,10 @@ class StoreWriter:
     async def run(self) -> None:
         while True:
             batch = [await self._queue.get()]
+            # One turn of the loop before taking the batch: writes made ready by the same event join
+            # this commit instead of waiting a whole commit for the next one (a start's `pending`
+            # and its dispatch's `scheduled`, which must be stored before the start goes out).
+            await asyncio.sleep(0)
             size = len(batch[0].ops)
             while size < self._max_batch_ops and not self._queue.empty():
                 entry = self._queue.get_nowait()
