@@ -33,11 +33,12 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from textual import on, work
+from textual import events, on, work
 from textual.app import App
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 from textual.screen import ModalScreen
-from textual.widget import AwaitMount
+from textual.widget import AwaitMount, Widget
+from textual.widgets import Input
 from textual.worker import Worker, WorkerState
 
 from console import keys
@@ -180,6 +181,9 @@ class ConsoleApp(App[None]):
         self.counts_loaded = False
         self._history: deque[str] = deque(maxlen=20)
         self._composed_modes: set[str] = set()
+        # Keys that arrived while a newly shown screen had not yet taken focus (see on_event).
+        self._held_keys: deque[events.Key] | None = None
+        self._key_hold: object | None = None
         self._switching_to_composed = False
         self._loaded = asyncio.Event()
         self._subs: list[Any] = []
@@ -458,7 +462,18 @@ class ConsoleApp(App[None]):
         screen = self.screen
         if isinstance(screen, ConsoleScreen):
             screen.flush()
+        self._hold_keys_until_resumed()
         return shown
+
+    def push_screen(self, *args: Any, **kwargs: Any) -> Any:
+        shown = super().push_screen(*args, **kwargs)
+        self._hold_keys_until_resumed()
+        return shown
+
+    def pop_screen(self) -> Any:
+        popped = super().pop_screen()
+        self._hold_keys_until_resumed()
+        return popped
 
     def delay_update(self, delay: float = 0.05) -> None:
         if not self._switching_to_composed:
@@ -472,6 +487,56 @@ class ConsoleApp(App[None]):
         if mode != self.current_mode:
             self._history.append(self.current_mode)
             self.switch_mode(mode)
+
+    # -- keys ---------------------------------------------------------------------------------
+
+    async def on_event(self, event: events.Event) -> None:
+        # Textual hands each key to the focused widget's queue and runs the binding it reaches
+        # (Tab, Backspace in a field, a view's key) only when the key has bubbled back to the app:
+        # behind every key that arrived meanwhile, which were already handed to the old focus. A
+        # burst (fast typing, a paste of keys, keys batched by an SSH link) then lands in the wrong
+        # field or view, and "ab<Backspace>c" gives "ab" instead of "ac". A key the focused widget
+        # does not read itself has its binding run here instead, before the next key is looked at.
+        if isinstance(event, events.Key) and not event.is_forwarded and self._held_keys is not None:
+            self._held_keys.append(event)
+            return
+        if (isinstance(event, events.Key) and not event.is_forwarded and self.screen_stack
+                and self.screen.maximized is None):
+            self.app_focus = True
+            if await self._check_bindings(event.key, priority=True):
+                return
+            focused = self.focused
+            if isinstance(focused, Input) and event.is_printable:
+                # Typed text goes in now too, in order with the bindings run here (what the field's
+                # own key handler does when the key reaches it).
+                await focused._on_key(event)
+                return
+            if not _reads_key_itself(focused, event) and await self._check_bindings(event.key):
+                return
+        await super().on_event(event)
+
+    def _hold_keys_until_resumed(self) -> None:
+        """Keep the keys that follow a screen change until the new screen has handled its resume
+        (where it takes focus): they belong to it, not to the screen that was there before."""
+        if not self.screen_stack:
+            return
+        hold = object()
+        self._key_hold = hold
+        if self._held_keys is None:
+            self._held_keys = deque(maxlen=KEY_HOLD_MAX)
+        # Posted after the screen's ScreenResume, so it runs once that is handled, and from there
+        # to the app, behind a focus the resume deferred (`Widget.focus` goes through the app's
+        # queue). The timer is a backstop for a screen that goes away before it gets there.
+        self.screen.call_later(self.call_later, self._release_keys, hold)
+        self.set_timer(KEY_HOLD_TIMEOUT_S, partial(self._release_keys, hold))
+
+    def _release_keys(self, hold: object) -> None:
+        if hold is not self._key_hold or self._held_keys is None:
+            return
+        held, self._held_keys, self._key_hold = self._held_keys, None, None
+        # Behind anything the resume queued on the app (a deferred focus), in the order typed.
+        for key in held:
+            self.post_message(events.Key(key.key, key.character))
 
     # Actions whose keys are plain characters: while the user types in a field they are text.
     TYPING_SENSITIVE = frozenset({"command_bar", "help", "mode"})
@@ -733,3 +798,23 @@ def run_console(*, read_only: bool | None = None, theme: str | None = None, mous
                        f"{manager.sqlite_path if manager.storage_type == 'sqlite' else manager.storage_type}; "
                        f"the log is {path}.")
 
+
+# Keys kept while a screen takes focus: a paste-sized burst; the hold lasts one message round
+# for a screen shown before, the time to compose one shown for the first time.
+KEY_HOLD_MAX = 512
+KEY_HOLD_TIMEOUT_S = 1.0
+
+
+def _reads_key_itself(widget: Widget | None, event: events.Key) -> bool:
+    """Whether the focused widget takes this key in its own key handler rather than a binding.
+
+    Text fields and select lists take printable keys in their handler (everything else they do
+    through bindings); a widget of unknown kind with a key handler of its own keeps every key, as
+    Textual gives it."""
+    if widget is None:
+        return False
+    if isinstance(widget, Input) or type(widget).__name__ == "SelectOverlay":  # typing, type to search
+        return event.is_printable
+    if type(widget)._on_key is not Widget._on_key or hasattr(widget, "on_key"):
+        return True
+    return any(hasattr(widget, f"key_{name}") for name in event.name_aliases)

@@ -33,6 +33,19 @@ class ConsoleInput(Input):
         self.cursor_blink = bool(getattr(self.app, "cursor_blink_enabled", True))
 
 
+class CompletingInput(ConsoleInput):
+    """A field with suggestions: Tab takes the one shown (ghost text), or moves on when none is."""
+
+    BINDINGS: ClassVar = [Binding("tab", "complete_or_next", "Complete", show=False)]
+
+    def action_complete_or_next(self) -> None:
+        if self._suggestion and self._suggestion != self.value:
+            self.value = self._suggestion
+            self.cursor_position = len(self.value)
+        else:
+            self.screen.focus_next()
+
+
 class WordSuggester(Suggester):
     """Ghost text for the command bar: completes the command word, then the argument (theme names)."""
 
@@ -91,13 +104,20 @@ class CommandBar(ConsoleInput):
             self.value = self._suggestion
             self.cursor_position = len(self.value)
 
-    @on(Input.Submitted)
-    def _submitted(self, event: Input.Submitted) -> None:
-        event.stop()
+    def action_submit(self) -> None:
+        # Run at once (Enter is a binding, run as the key is read), not through a message: keys
+        # typed or pasted after ":dispatch<Enter>" must reach the view the command opens.
         text = self.value.strip()
         self.remove_class("-open")
         self.value = ""
-        self.post_message(self.Entered(text))
+        if self.screen.focused is self:
+            self.screen.focus_next()
+        run = getattr(self.app, "run_command", None)
+        if run is not None:
+            if text:
+                run(text)
+        else:
+            self.post_message(self.Entered(text))
 
     def on_blur(self) -> None:
         self.remove_class("-open")

@@ -27,7 +27,7 @@ from console.modules import (
     errors_by_field,
     resolve_module,
 )
-from console.widgets import ConsoleInput
+from console.widgets import CompletingInput, ConsoleInput
 
 TARGETS = [("any live proplet", "any"), ("a pinned proplet", "pinned"), ("every live proplet (broadcast)", "broadcast")]
 
@@ -148,7 +148,7 @@ field. After dispatching, the task table opens on the new task.
             yield from self._field("module", "Module", ConsoleInput(
                 placeholder="path/to/module.wasm (or .wat), https://… or registry/repo:tag", id="module", compact=True),
                 browse=True)
-            yield from self._field("name", "Function", ConsoleInput(
+            yield from self._field("name", "Function", CompletingInput(
                 placeholder="export to call, e.g. add (Tab completes)", id="name", compact=True,
                 suggester=ListSuggester(lambda: self.exports)))
             yield from self._field("inputs", "Inputs", ConsoleInput(placeholder="e.g. 40 2", id="inputs", compact=True))
@@ -156,7 +156,7 @@ field. After dispatching, the task table opens on the new task.
                 placeholder="KEY=VALUE KEY2=VALUE", id="env", compact=True))
             yield from self._field("target", "Target", Select(
                 TARGETS, value="any", allow_blank=False, id="target", compact=True))
-            yield from self._field("proplet", "Proplet", ConsoleInput(
+            yield from self._field("proplet", "Proplet", CompletingInput(
                 placeholder="proplet id (for a pinned task; Tab completes)", id="proplet", compact=True,
                 suggester=ListSuggester(lambda: sorted(self.console.fleet.proplets))))
             with Horizontal(classes="row", id="limits"):
@@ -201,7 +201,8 @@ field. After dispatching, the task table opens on the new task.
         super().on_screen_resume()
         focused = self.focused
         if focused is None or not isinstance(focused, (Input, Select, Checkbox, Button)):
-            self.query_one("#module", Input).focus()
+            # At once, not deferred like Widget.focus: keys typed right after the view's key go here.
+            self.set_focus(self.query_one("#module", Input))
 
     # -- form state ------------------------------------------------------------------------
 
