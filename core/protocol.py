@@ -665,11 +665,15 @@ def decode_task_metrics(
 
 TASK_STATE_RUNNING = "running"
 TASK_STATE_REJECTED = "rejected"
+# Accepted and waiting on the proplet for a free slot (it announced `max_queued_tasks`).
+TASK_STATE_QUEUED = "queued"
+TASK_STATES = (TASK_STATE_RUNNING, TASK_STATE_REJECTED, TASK_STATE_QUEUED)
 
 
 @dataclass(frozen=True, slots=True)
 class TaskStateMessage:
-    """Extension `control/proplet/task_state`: a proplet confirms it started a task, or refuses it."""
+    """Extension `control/proplet/task_state`: a proplet confirms it started a task, holds it for a
+    free slot, or refuses it."""
 
     task_id: str
     proplet_id: str
@@ -692,8 +696,8 @@ def decode_task_state(
 ) -> TaskStateMessage:
     r = _Reader(payload, topic)
     state = r.req_str("state")
-    if state not in (TASK_STATE_RUNNING, TASK_STATE_REJECTED):
-        raise r.fail(f"field 'state' must be 'running' or 'rejected', got {state!r}")
+    if state not in TASK_STATES:
+        raise r.fail(f"field 'state' must be 'running', 'queued' or 'rejected', got {state!r}")
     return TaskStateMessage(
         task_id=r.req_str("task_id"),
         proplet_id=r.req_str("proplet_id"),

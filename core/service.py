@@ -1182,6 +1182,13 @@ class ManagerCore:
                 await self._transition(task, TaskState.RUNNING, detail)
             elif msg.reason:
                 await self._transition(task, TaskState.RUNNING, detail)
+        elif msg.state == protocol.TASK_STATE_QUEUED:
+            if task.state is TaskState.SCHEDULED and task.id in self._sent_at:
+                # The proplet holds the start until a slot frees: confirmed, so not sent again; it
+                # stays scheduled until the proplet says it runs (or its result does).
+                self._sent_at.pop(task.id, None)
+                await self._transition(task, TaskState.SCHEDULED, f"waiting on {msg.proplet_id} for a free slot"
+                                       + (f" ({msg.reason})" if msg.reason else ""))
         elif task.state in (TaskState.SCHEDULED, TaskState.RUNNING):
             why = f"proplet {msg.proplet_id} refused it: {msg.reason or 'no reason given'}"
             refused = self._refused_by[task.id]

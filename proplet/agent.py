@@ -67,6 +67,9 @@ class _Running:
     job: asyncio.Task[None]
     started_at: float = field(default_factory=time.monotonic)
     stop_requested: bool = False
+    # False while the start waits for a free slot (the manager sends up to max_queued_tasks more).
+    executing: bool = False
+    confirm: asyncio.TimerHandle | None = None
 
 
 class PropletAgent:
@@ -85,6 +88,8 @@ class PropletAgent:
         )
         self.counters = PropletCounters()
         self.running: dict[str, _Running] = {}
+        # Modules running at once; starts beyond it wait here (fetched already) for a free slot.
+        self._slots = asyncio.Semaphore(self.settings.max_concurrent_tasks)
         # Results of recent tasks by (id, attempt): a repeated start gets the result again instead
         # of a second run. Bounded: oldest dropped.
         self._finished: OrderedDict[tuple[str, int], ResultMessage] = OrderedDict()
@@ -274,7 +279,7 @@ class PropletAgent:
             # The manager did not see our confirmation (a broker crash loses it): confirm again.
             self.counters.duplicate_starts += 1
             log.info("task %s is already running; confirming it again instead of a second run", start.id)
-            self._send_state(start, protocol.TASK_STATE_RUNNING)
+            self._confirm(start.id)
             return
         previous = self.outbox.get(start.id, start.attempt) or self._finished.get((start.id, start.attempt))
         if previous is not None:
@@ -383,9 +388,12 @@ class PropletAgent:
         self.counters.started += 1
         # One line per execution: the fault tests count them to prove nothing runs twice.
         log.info("running task %s (attempt %d)", start.id, start.attempt)
-        started_at = datetime.now(UTC).isoformat().replace("+00:00", "Z")
-        confirm = asyncio.get_running_loop().call_later(
-            CONFIRM_AFTER_S, self._send_state, start, protocol.TASK_STATE_RUNNING)
+        started_at = _now_text()
+        loop = asyncio.get_running_loop()
+        confirm = loop.call_later(CONFIRM_AFTER_S, self._confirm, start.id)
+        this = self.running.get(start.id)
+        if this is not None:
+            this.confirm = confirm
         results: Any = ""
         error = ""
         try:
@@ -406,11 +414,15 @@ class PropletAgent:
                 return
             served = None
             if start.daemon and self.runtime.supports_http and self.settings.http_enabled:
+                self._executing(start.id)
                 served = await self._serve(start, digest, invocation)
             if served is not None:
                 results, error = served
             else:
-                outcome = await self.runtime.run(digest, invocation)
+                async with self._slots:
+                    started_at = _now_text()
+                    self._executing(start.id)
+                    outcome = await self.runtime.run(digest, invocation)
                 results, error = outcome.results, outcome.error
         except (FetchError, ModuleError, _Refused, SignatureError) as exc:
             error = str(exc)
@@ -427,6 +439,8 @@ class PropletAgent:
         else:
             self.counters.completed += 1
         confirm.cancel()
+        if running is not None and running.confirm is not None:
+            running.confirm.cancel()
         result = ResultMessage(start.id, self.id, results, error, start.attempt, start.traceparent, started_at)
         self._finished[(start.id, start.attempt)] = result
         while len(self._finished) > self._finished_max:
@@ -476,6 +490,30 @@ class PropletAgent:
                                            invoke.traceparent)
         assert self.bus is not None
         self.bus.send(self.topics.invoke_results, protocol.encode_invoke_result(msg))
+
+    def _confirm(self, task_id: str) -> None:
+        """Tell the manager we hold the task: running, or waiting for a free slot."""
+        running = self.running.get(task_id)
+        if running is None or running.job.done():
+            return
+        if running.executing:
+            self._send_state(running.start, protocol.TASK_STATE_RUNNING)
+        else:
+            self._send_state(running.start, protocol.TASK_STATE_QUEUED,
+                             f"all {self.settings.max_concurrent_tasks} slots busy")
+
+    def _executing(self, task_id: str) -> None:
+        """The task got its slot. One reported as waiting is confirmed as running once it has run
+        for a moment (a faster one by its result, which carries the time it started)."""
+        running = self.running.get(task_id)
+        if running is None:
+            return
+        running.executing = True
+        loop = asyncio.get_running_loop()
+        pending = running.confirm
+        if pending is not None and not pending.cancelled() and pending.when() > loop.time():
+            return  # the first confirmation is still to come, and will say running
+        running.confirm = loop.call_later(CONFIRM_AFTER_S, self._confirm, task_id)
 
     def _send_state(self, start: StartMessage, state: str, reason: str = "") -> None:
         assert self.bus is not None
@@ -551,3 +589,7 @@ def _local_ip() -> str:
             return str(s.getsockname()[0])
     except OSError:
         return ""
+
+
+def _now_text() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")

@@ -318,3 +318,36 @@ async def test_daemon_serves_wasi_http_until_stopped(manager: Any, proplet_facto
             return False
 
         await eventually(closed, 10)
+
+
+async def test_starts_beyond_the_slots_wait_on_the_proplet_as_scheduled_then_run(
+        manager: Any, proplet_factory: PropletFactory) -> None:
+    # One slot and two queue places: the manager sends all three at once; two wait on the proplet,
+    # shown as scheduled ("waiting on ... for a free slot"), not as running, and are not sent again.
+    async with proplet_factory(manager, "p-queue", max_concurrent_tasks=1, max_queued_tasks=2) as agent:
+        busy = b64(wasm("busy"))
+        tasks = [await manager.create_task(TaskCreate(name="_start", file=busy, inputs=["400"])) for _ in range(3)]
+        for task in tasks:
+            await manager.start_task(task.id)
+        await eventually(lambda: len(agent.running) == 3)
+        await eventually(lambda: sum(manager.active[t.id].state is TaskState.RUNNING for t in tasks) == 1)
+        await asyncio.sleep(0.2)
+        states = [manager.active[t.id].state for t in tasks]
+        assert states.count(TaskState.RUNNING) == 1 and states.count(TaskState.SCHEDULED) == 2
+        waiting = [t for t in tasks if manager.active[t.id].state is TaskState.SCHEDULED][0]
+        events = await manager.task_events(waiting.id)
+        assert any("waiting on p-queue for a free slot" in e.detail for e in events)
+        done = [await run_to_end(manager, t.id) for t in tasks]
+    assert all(d.state is TaskState.COMPLETED for d in done)
+    # One after the other, each start time when it got the slot (not when the start arrived).
+    starts = sorted(d.start_time for d in done)
+    assert all((b - a).total_seconds() >= 0.35 for a, b in zip(starts, starts[1:], strict=False))
+    assert agent.counters.duplicate_starts == 0
+
+
+async def run_to_end(core: Any, task_id: str) -> Any:
+    async def finished() -> Any:
+        current = await core.get_task(task_id)
+        return current if current.state.is_terminal else None
+
+    return await eventually(finished, 15)

@@ -55,7 +55,7 @@ proplet_metrics = st.builds(p.PropletMetricsMessage, proplet_id=ids, namespace=t
 task_metrics = st.builds(p.TaskMetricsMessage, task_id=ids, proplet_id=text, metrics=json_obj,
                          aggregated=st.none() | json_obj, timestamp=json_scalar, traceparent=text)
 task_states = st.builds(p.TaskStateMessage, task_id=ids, proplet_id=ids,
-                        state=st.sampled_from(["running", "rejected"]), attempt=st.integers(0, 100),
+                        state=st.sampled_from(p.TASK_STATES), attempt=st.integers(0, 100),
                         reason=text, traceparent=text)
 result_acks = st.builds(p.ResultAckMessage, task_id=ids, proplet_id=ids, attempt=st.integers(0, 100),
                         more=st.lists(st.tuples(ids, st.integers(0, 100)), max_size=4).map(tuple))
