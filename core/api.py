@@ -127,9 +127,15 @@ def _task_id(task_id: str) -> str:
     return task_id
 
 
+# Offsets are stored and serialised as 64-bit integers (SQLite, PostgreSQL, orjson).
+MAX_OFFSET = 2**63 - 1
+
+
 def _page(offset: int, limit: int, *, max_limit: int) -> None:
     if offset < 0:
         raise InvalidRequest("offset must not be negative")
+    if offset > MAX_OFFSET:
+        raise InvalidRequest(f"offset must be at most {MAX_OFFSET}")
     if not 1 <= limit <= max_limit:
         raise InvalidRequest(f"invalid limit size: limit must be between 1 and {max_limit}")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -334,14 +335,14 @@ async def test_starts_beyond_the_slots_wait_on_the_proplet_as_scheduled_then_run
         await asyncio.sleep(0.2)
         states = [manager.active[t.id].state for t in tasks]
         assert states.count(TaskState.RUNNING) == 1 and states.count(TaskState.SCHEDULED) == 2
-        waiting = [t for t in tasks if manager.active[t.id].state is TaskState.SCHEDULED][0]
+        waiting = next(t for t in tasks if manager.active[t.id].state is TaskState.SCHEDULED)
         events = await manager.task_events(waiting.id)
         assert any("waiting on p-queue for a free slot" in e.detail for e in events)
         done = [await run_to_end(manager, t.id) for t in tasks]
     assert all(d.state is TaskState.COMPLETED for d in done)
     # One after the other, each start time when it got the slot (not when the start arrived).
     starts = sorted(d.start_time for d in done)
-    assert all((b - a).total_seconds() >= 0.35 for a, b in zip(starts, starts[1:], strict=False))
+    assert all((b - a).total_seconds() >= 0.35 for a, b in itertools.pairwise(starts))
     assert agent.counters.duplicate_starts == 0
 
 

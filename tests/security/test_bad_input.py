@@ -130,7 +130,7 @@ def test_rest_api_fuzzed_from_its_openapi_schema(tmp_path: Path) -> None:
     finally:
         fleet.stop_all()
         fleet.broker.stop()
-    summary = out.stdout[-1500:]
+    summary = out.stdout[-6000:]
     assert out.returncode == 0, summary + out.stderr[-2000:]
     generated = re.search(r"(\d+) generated, (\d+) passed", out.stdout)
     assert generated and generated.group(1) == generated.group(2), summary
