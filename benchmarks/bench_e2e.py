@@ -3,7 +3,8 @@
 Prints, next to the raw MQTT QoS 1 round trip of the same broker in the same run:
 - warm task latency (module cached on the proplet), submit -> result stored, p50/p99;
 - tasks per second end to end with N proplet processes on SQLite;
-- the resident memory of an idle proplet.
+- the resident memory of an idle proplet;
+- CPU time per task in the throughput run, by process (manager, broker, each proplet).
 
     .venv/bin/python benchmarks/bench_e2e.py [--latency-samples 1000] [--tasks 10000] [--proplets 4]
 """
@@ -41,6 +42,12 @@ def start_proplet(broker: Mosquitto, domain: str, name: str, workdir: Path) -> s
            "PROPLET_METRICS_INTERVAL": "0"}
     return subprocess.Popen([sys.executable, "-m", "propeller", "proplet"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb(pid: int) -> float:
@@ -125,7 +132,12 @@ async def main() -> None:
                 idle_rss = [rss_mb(p.pid) for p in procs]
                 one = TaskCreate.model_validate({**body.model_dump(), "proplet_id": names[0]})
                 lat = await latency(core, one, args.latency_samples)
+                assert broker.process is not None
+                pids = {"manager (this process)": os.getpid(), "Mosquitto": broker.process.pid,
+                        **{f"proplet {n}": p.pid for n, p in zip(names, procs, strict=True)}}
+                cpu_before = {k: cpu_seconds(pid) for k, pid in pids.items()}
                 rate = await throughput(core, body, args.tasks, args.window)
+                cpu_used = {k: cpu_seconds(pid) - cpu_before[k] for k, pid in pids.items()}
         finally:
             for p in procs:
                 p.terminate()
@@ -140,6 +152,11 @@ async def main() -> None:
           f"({l50 / r50:.2f}x / {l99 / r99:.2f}x the round trip)")
     print(f"end to end, SQLite, {args.proplets} proplet processes: {rate:,.0f} tasks/s over {args.tasks:,} tasks")
     print(f"idle proplet RSS: {', '.join(f'{m:.1f}' for m in idle_rss)} MB")
+    # Where the throughput goes: the machine's cores are shared by all of these.
+    total = sum(cpu_used.values())
+    print(f"CPU per task in the throughput run: {total / args.tasks * 1e6:,.0f} µs in all, of which")
+    for name, used in cpu_used.items():
+        print(f"  {name:28s} {used / args.tasks * 1e6:6,.0f} µs")
 
 
 if __name__ == "__main__":
