@@ -251,12 +251,26 @@ async def test_the_command_serves_until_sigterm(broker: Mosquitto, tmp_path: Pat
         async with asyncio.timeout(20):
             while b"proxy ready" not in (line := await process.stdout.readline()):
                 assert line, "the proxy exited before it was ready"
+        # Read what it says from here on: a full pipe cannot block it, and a failure shows its log.
+        output: list[bytes] = []
+
+        async def drain() -> None:
+            assert process.stdout is not None
+            while line := await process.stdout.readline():
+                output.append(line)
+
+        reader = asyncio.create_task(drain())
         async with proplet_side(broker.url, topics, stall_timeout=10) as source:
             unreachable = f"127.0.0.1:{free_port()}/wasm/app:v1"
             with pytest.raises(FetchError, match="cannot reach the registry"):
                 await asyncio.wait_for(source.fetch(WasmRef("a", image_url=unreachable)), 5)
         process.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(process.wait(), 10) == 0
+        try:
+            code = await asyncio.wait_for(process.wait(), 10)
+        except TimeoutError:
+            code = None
+        await asyncio.wait_for(reader, 5) if code is not None else reader.cancel()
+        assert code == 0, f"exit code {code} after SIGTERM; its output:\n" + b"".join(output).decode(errors="replace")
     finally:
         if process.returncode is None:
             process.kill()
