@@ -65,6 +65,7 @@ class Outbox:
         self._entries: dict[tuple[str, int], _Entry] = {}
         self._log_bytes = 0
         self._live_bytes = 0
+        self._torn = False
         self.acks_seen = False
         self.acknowledged = 0
         # Observable (tests, metrics): records that could not be written; the result is still sent.
@@ -150,14 +151,22 @@ class Outbox:
             log.warning("could not compact the outbox %s: %s", self.path, exc)
 
     def _append(self, record: bytes) -> bool:
+        if self._torn:
+            # A failed write (disk full) may have left part of a record: end that line, so the
+            # next record is not read as its continuation.
+            record = b"\n" + record
         try:
-            os.write(self._fd, record)
+            view = memoryview(record)
+            while view:
+                view = view[os.write(self._fd, view):]
             if self.fsync:
                 os.fdatasync(self._fd)
         except OSError as exc:
+            self._torn = True
             self.write_failures += 1
             log.error("could not write to the outbox %s (%s): a result is kept in memory only", self.path, exc)
             return False
+        self._torn = False
         self._log_bytes += len(record)
         return True
 

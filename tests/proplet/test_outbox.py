@@ -119,3 +119,24 @@ def test_a_write_that_fails_keeps_the_result_in_memory_and_counts_it(tmp_path: P
     box.put(result("in-memory"))
     assert box.write_failures == 1
     assert box.get("in-memory", 1) == result("in-memory")
+
+
+def test_a_record_cut_short_by_a_full_disk_does_not_swallow_the_next_one(tmp_path: Path, monkeypatch) -> None:
+    box = Outbox(tmp_path)
+    real_write = os.write
+    calls = {"n": 0}
+
+    def disk_full_once(fd: int, data: bytes) -> int:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            real_write(fd, bytes(data[:10]))  # part of the record reached the disk
+            raise OSError(28, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(outbox_module.os, "write", disk_full_once)
+    box.put(result("cut"))
+    box.put(result("whole"))
+    monkeypatch.undo()
+    assert box.write_failures == 1
+    # After a restart only what reached the disk whole is there.
+    assert Outbox(tmp_path).task_ids() == ("whole",)
