@@ -149,6 +149,25 @@ def test_propeller_in_a_terminal_from_start_to_a_completed_task_and_a_clean_exit
     assert "manager core stopped cleanly" in log and "Traceback" not in log
 
 
+def test_keys_sent_in_one_burst_through_the_terminal_fill_the_form_field_by_field(
+        tmux: Tmux, broker: Mosquitto, tmp_path: Path) -> None:
+    # One send-keys call writes everything to the terminal at once, as a paste of keystrokes or a
+    # slow SSH link delivers them: the view key, then the fields, before the form was ever shown.
+    _start(tmux, _env(broker, tmp_path / "home"))
+    tmux.wait_for(lambda s: "Dashboard" in s and "connected" in s, what="the dashboard")
+    tmux.keys("5", "examples/add.wasm", "Tab", "add", "Tab", "40 2", "Tab", "A=1", "BSpace", "2")
+
+    def field(screen: str, label: str) -> str:
+        line = next((ln for ln in screen.splitlines() if ln.lstrip().startswith(label)), "")
+        return line.strip()[len(label):].strip().split("  ")[0]
+
+    screen = tmux.wait_for(lambda s: field(s, "Env") == "A=2", what="the Env field filled")
+    assert (field(screen, "Module"), field(screen, "Function"), field(screen, "Inputs")) == (
+        "examples/add.wasm", "add", "40 2"), screen
+    tmux.keys("C-q")
+    tmux.wait_for(lambda s: tmux.pane_dead(), timeout=30, what="the process exiting")
+
+
 def test_a_hung_up_terminal_stops_the_manager_cleanly(tmux: Tmux, broker: Mosquitto, tmp_path: Path) -> None:
     env = _env(broker, tmp_path / "home")
     _start(tmux, env)
