@@ -497,23 +497,26 @@ class ConsoleApp(App[None]):
         # burst (fast typing, a paste of keys, keys batched by an SSH link) then lands in the wrong
         # field or view, and "ab<Backspace>c" gives "ab" instead of "ac". A key the focused widget
         # does not read itself has its binding run here instead, before the next key is looked at.
-        if isinstance(event, events.Key) and not event.is_forwarded and self._held_keys is not None:
-            self._held_keys.append(event)
-            return
-        if (isinstance(event, events.Key) and not event.is_forwarded and self.screen_stack
-                and self.screen.maximized is None):
-            self.app_focus = True
-            if await self._check_bindings(event.key, priority=True):
+        if isinstance(event, events.Key) and not event.is_forwarded:
+            if self._held_keys is not None:
+                self._held_keys.append(event)
                 return
-            focused = self.focused
-            if isinstance(focused, Input) and event.is_printable:
-                # Typed text goes in now too, in order with the bindings run here (what the field's
-                # own key handler does when the key reaches it).
-                await focused._on_key(event)
-                return
-            if not _reads_key_itself(focused, event) and await self._check_bindings(event.key):
+            if self.screen_stack and self.screen.maximized is None and await self._apply_key_now(event):
                 return
         await super().on_event(event)
+
+    async def _apply_key_now(self, event: events.Key) -> bool:
+        """Apply a key as it is read, if nothing but the focused widget's own handler needs it later."""
+        self.app_focus = True
+        if await self._check_bindings(event.key, priority=True):
+            return True
+        focused = self.focused
+        if isinstance(focused, Input) and event.is_printable:
+            # Typed text goes in now too, in order with the bindings run here (what the field's own
+            # key handler does when the key reaches it).
+            await focused._on_key(event)
+            return True
+        return not _reads_key_itself(focused, event) and await self._check_bindings(event.key)
 
     def _hold_keys_until_resumed(self) -> None:
         """Keep the keys that follow a screen change until the new screen has handled its resume

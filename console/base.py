@@ -120,11 +120,6 @@ class ConsoleScreen(Screen[None]):
         # Typing is rare compared with the cadence; apply at once so the list follows the keys.
         self.flush()
 
-    @on(CommandBar.Entered)
-    def _command(self, event: CommandBar.Entered) -> None:
-        if event.text:
-            self.console.run_command(event.text)
-
     def clear_filter(self) -> bool:
         if not self.row_filter.active:
             return False

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from rich.style import Style
 from rich.text import Text
@@ -22,6 +22,9 @@ from textual.widgets import Button, DataTable, Input, Label, Markdown
 
 from console import keys
 
+if TYPE_CHECKING:
+    from console.app import ConsoleApp
+
 # ------------------------------------------------------------------------------------------
 # inputs
 
@@ -32,6 +35,14 @@ class ConsoleInput(Input):
     def on_mount(self) -> None:
         self.cursor_blink = bool(getattr(self.app, "cursor_blink_enabled", True))
 
+    def accept_suggestion(self) -> bool:
+        """Take the suggestion shown as ghost text; False when there is none."""
+        if not self._suggestion or self._suggestion == self.value:
+            return False
+        self.value = self._suggestion
+        self.cursor_position = len(self.value)
+        return True
+
 
 class CompletingInput(ConsoleInput):
     """A field with suggestions: Tab takes the one shown (ghost text), or moves on when none is."""
@@ -39,10 +50,7 @@ class CompletingInput(ConsoleInput):
     BINDINGS: ClassVar = [Binding("tab", "complete_or_next", "Complete", show=False)]
 
     def action_complete_or_next(self) -> None:
-        if self._suggestion and self._suggestion != self.value:
-            self.value = self._suggestion
-            self.cursor_position = len(self.value)
-        else:
+        if not self.accept_suggestion():
             self.screen.focus_next()
 
 
@@ -78,12 +86,6 @@ class CommandBar(ConsoleInput):
         Binding("tab", "accept_suggestion", "Complete", show=False),
     ]
 
-    @dataclass
-    class Entered(Message):
-        """A command was typed and Enter pressed."""
-
-        text: str
-
     def allow_focus(self) -> bool:
         return self.has_class("-open")
 
@@ -100,9 +102,7 @@ class CommandBar(ConsoleInput):
         self.screen.focus_next() if self.screen.focused is self else None
 
     def action_accept_suggestion(self) -> None:
-        if self._suggestion:
-            self.value = self._suggestion
-            self.cursor_position = len(self.value)
+        self.accept_suggestion()
 
     def action_submit(self) -> None:
         # Run at once (Enter is a binding, run as the key is read), not through a message: keys
@@ -112,12 +112,8 @@ class CommandBar(ConsoleInput):
         self.value = ""
         if self.screen.focused is self:
             self.screen.focus_next()
-        run = getattr(self.app, "run_command", None)
-        if run is not None:
-            if text:
-                run(text)
-        else:
-            self.post_message(self.Entered(text))
+        if text:
+            cast("ConsoleApp", self.app).run_command(text)
 
     def on_blur(self) -> None:
         self.remove_class("-open")

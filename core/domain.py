@@ -206,13 +206,17 @@ class Proplet:
             return frozenset(str(c) for c in caps)
         return frozenset()
 
-    @property
-    def max_tasks(self) -> int | None:
-        """Concurrent task slots the proplet announced (None: it did not say)."""
-        value = self.metadata.get("max_concurrent_tasks")
+    def _announced_count(self, key: str) -> int | None:
+        """A positive whole number from the discovery metadata (None: absent or not one)."""
+        value = self.metadata.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
         return None
+
+    @property
+    def max_tasks(self) -> int | None:
+        """Concurrent task slots the proplet announced (None: it did not say)."""
+        return self._announced_count("max_concurrent_tasks")
 
     @property
     def max_in_flight(self) -> int | None:
@@ -222,10 +226,7 @@ class Proplet:
         slots = self.max_tasks
         if slots is None:
             return None
-        queued = self.metadata.get("max_queued_tasks")
-        if isinstance(queued, int) and not isinstance(queued, bool) and queued > 0:
-            return slots + queued
-        return slots
+        return slots + (self._announced_count("max_queued_tasks") or 0)
 
     def copy(self) -> Proplet:
         return dataclasses.replace(

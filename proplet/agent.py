@@ -389,11 +389,8 @@ class PropletAgent:
         # One line per execution: the fault tests count them to prove nothing runs twice.
         log.info("running task %s (attempt %d)", start.id, start.attempt)
         started_at = _now_text()
-        loop = asyncio.get_running_loop()
-        confirm = loop.call_later(CONFIRM_AFTER_S, self._confirm, start.id)
-        this = self.running.get(start.id)
-        if this is not None:
-            this.confirm = confirm
+        this = self.running[start.id]  # registered by _on_start before this coroutine first runs
+        this.confirm = asyncio.get_running_loop().call_later(CONFIRM_AFTER_S, self._confirm, start.id)
         results: Any = ""
         error = ""
         try:
@@ -408,20 +405,19 @@ class PropletAgent:
                 # Deployed, not run: invocations call it (upstream publishes nothing here either).
                 self._latent[start.id] = (digest, invocation)
                 log.info("task %s deployed as latent", start.id)
-                if not confirm.cancelled():
-                    confirm.cancel()
-                    self._send_state(start, protocol.TASK_STATE_RUNNING)
+                this.confirm.cancel()
+                self._send_state(start, protocol.TASK_STATE_RUNNING)
                 return
             served = None
             if start.daemon and self.runtime.supports_http and self.settings.http_enabled:
-                self._executing(start.id)
+                self._executing(this)
                 served = await self._serve(start, digest, invocation)
             if served is not None:
                 results, error = served
             else:
                 async with self._slots:
                     started_at = _now_text()
-                    self._executing(start.id)
+                    self._executing(this)
                     outcome = await self.runtime.run(digest, invocation)
                 results, error = outcome.results, outcome.error
         except (FetchError, ModuleError, _Refused, SignatureError) as exc:
@@ -431,16 +427,13 @@ class PropletAgent:
         except Exception as exc:
             log.exception("task %s failed inside the proplet", start.id)
             error = f"the proplet failed running the task ({type(exc).__name__}: {exc}); see its log"
-        running = self.running.get(start.id)
-        if running is not None and running.stop_requested and error:
+        if this.stop_requested and error:
             error = "stopped by request"
         if error:
             self.counters.failed += 1
         else:
             self.counters.completed += 1
-        confirm.cancel()
-        if running is not None and running.confirm is not None:
-            running.confirm.cancel()
+        this.confirm.cancel()
         result = ResultMessage(start.id, self.id, results, error, start.attempt, start.traceparent, started_at)
         self._finished[(start.id, start.attempt)] = result
         while len(self._finished) > self._finished_max:
@@ -502,18 +495,15 @@ class PropletAgent:
             self._send_state(running.start, protocol.TASK_STATE_QUEUED,
                              f"all {self.settings.max_concurrent_tasks} slots busy")
 
-    def _executing(self, task_id: str) -> None:
+    def _executing(self, running: _Running) -> None:
         """The task got its slot. One reported as waiting is confirmed as running once it has run
         for a moment (a faster one by its result, which carries the time it started)."""
-        running = self.running.get(task_id)
-        if running is None:
-            return
         running.executing = True
         loop = asyncio.get_running_loop()
         pending = running.confirm
         if pending is not None and not pending.cancelled() and pending.when() > loop.time():
             return  # the first confirmation is still to come, and will say running
-        running.confirm = loop.call_later(CONFIRM_AFTER_S, self._confirm, task_id)
+        running.confirm = loop.call_later(CONFIRM_AFTER_S, self._confirm, running.start.id)
 
     def _send_state(self, start: StartMessage, state: str, reason: str = "") -> None:
         assert self.bus is not None

@@ -120,12 +120,6 @@ class PropletSettings(MqttClientSettings):
     result_resend: float = Field(
         default=5.0, gt=0, description="Seconds before an unconfirmed result is sent again.",
     )
-    @property
-    def queued_tasks(self) -> int:
-        if self.max_queued_tasks is not None:
-            return self.max_queued_tasks
-        return 3 * self.max_concurrent_tasks
-
     cache_dir: Path = Field(
         default_factory=lambda: paths.cache_dir() / "proplet",
         description="Where compiled modules are kept between runs.",
@@ -147,6 +141,13 @@ class PropletSettings(MqttClientSettings):
         if not self.entity_id:
             self.entity_id = generated_entity_id(self.state_dir)
         return self
+
+    @property
+    def queued_tasks(self) -> int:
+        """`max_queued_tasks`, or its default of 3 x the running slots."""
+        if self.max_queued_tasks is not None:
+            return self.max_queued_tasks
+        return 3 * self.max_concurrent_tasks
 
     @classmethod
     def extra_sources(cls, settings_cls: type[BaseSettings]) -> tuple[PydanticBaseSettingsSource, ...]:

@@ -7,6 +7,7 @@ import base64
 from typing import Any
 
 import orjson
+import pytest
 
 from core import protocol
 from core import topics as t
@@ -194,32 +195,26 @@ async def test_priority_decides_who_gets_the_next_free_slot(manager: Any, broker
     assert order == [blocker.id, high.id, mid.id, low.id]
 
 
-async def test_a_proplet_that_queues_starts_gets_its_queue_filled_and_one_that_does_not_only_its_slots(
-        manager: Any, broker: Any) -> None:
-    # Ours announces max_queued_tasks and keeps those starts waiting for a slot, so it is never
-    # idle for a round trip between short tasks; the firmware announces none and refuses when full.
-    async with SyntheticProplet(broker.url, manager.topics, "queues", delay=0.5,
-                                metadata={"max_concurrent_tasks": 1, "max_queued_tasks": 2}) as queues:
-        await eventually(lambda: "queues" in manager.proplets)
-        assert manager.proplets["queues"].max_in_flight == 3
-        tasks = [await manager.create_task(add_task(proplet_id="queues")) for _ in range(4)]
+# Ours announces max_queued_tasks and keeps those starts waiting for a slot, so it is never idle for
+# a round trip between short tasks; the firmware announces none and refuses starts when full.
+@pytest.mark.parametrize(("metadata", "in_flight"), [
+    ({"max_concurrent_tasks": 1, "max_queued_tasks": 2}, 3),
+    ({"max_concurrent_tasks": 1}, 1),
+], ids=["queues-starts", "slots-only"])
+async def test_a_proplet_gets_as_many_starts_as_its_slots_and_queue_and_no_more(
+        manager: Any, broker: Any, metadata: dict[str, int], in_flight: int) -> None:
+    name = f"cap-{in_flight}"
+    async with SyntheticProplet(broker.url, manager.topics, name, delay=0.5, metadata=metadata) as proplet:
+        await eventually(lambda: name in manager.proplets)
+        assert manager.proplets[name].max_in_flight == in_flight
+        tasks = [await manager.create_task(add_task(proplet_id=name)) for _ in range(in_flight + 1)]
         for task in tasks:
             await manager.start_task(task.id)
-        await eventually(lambda: len(queues.starts) == 3)
-        assert (await manager.get_task(tasks[3].id)).state is TaskState.PENDING
-        assert "free slot" in (await manager.get_task(tasks[3].id)).reason
-        for task in tasks:
-            await finished(manager, task.id)
-    async with SyntheticProplet(broker.url, manager.topics, "slots-only", delay=0.5,
-                                metadata={"max_concurrent_tasks": 1}) as strict:
-        await eventually(lambda: "slots-only" in manager.proplets)
-        assert manager.proplets["slots-only"].max_in_flight == 1
-        tasks = [await manager.create_task(add_task(proplet_id="slots-only")) for _ in range(2)]
-        for task in tasks:
-            await manager.start_task(task.id)
-        await eventually(lambda: len(strict.starts) == 1)
+        await eventually(lambda: len(proplet.starts) == in_flight)
         await asyncio.sleep(0.2)
-        assert len(strict.starts) == 1
+        assert len(proplet.starts) == in_flight
+        waiting = await manager.get_task(tasks[-1].id)
+        assert waiting.state is TaskState.PENDING and "free slot" in waiting.reason
         for task in tasks:
             await finished(manager, task.id)
 

@@ -48,9 +48,12 @@ def b64(data: bytes) -> str:
 async def run_task(core: Any, timeout: float = 15.0, **body: Any) -> Any:
     task = await core.create_task(TaskCreate.model_validate(body))
     await core.start_task(task.id)
+    return await run_to_end(core, task.id, timeout)
 
+
+async def run_to_end(core: Any, task_id: str, timeout: float = 15.0) -> Any:
     async def finished() -> Any:
-        current = await core.get_task(task.id)
+        current = await core.get_task(task_id)
         return current if current.state.is_terminal else None
 
     return await eventually(finished, timeout)
@@ -344,11 +347,3 @@ async def test_starts_beyond_the_slots_wait_on_the_proplet_as_scheduled_then_run
     starts = sorted(d.start_time for d in done)
     assert all((b - a).total_seconds() >= 0.35 for a, b in itertools.pairwise(starts))
     assert agent.counters.duplicate_starts == 0
-
-
-async def run_to_end(core: Any, task_id: str) -> Any:
-    async def finished() -> Any:
-        current = await core.get_task(task_id)
-        return current if current.state.is_terminal else None
-
-    return await eventually(finished, 15)
