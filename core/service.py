@@ -55,6 +55,7 @@ from core.scheduler import Scheduler
 from core.schemas import TaskCreate, TaskUpdate
 from core.store import Page, Store, store_from_settings
 from core.store.migrate import migrate
+from core.store.reads import TaskReader
 from core.store.writer import StoreWriter
 from core.telemetry import CoreMetrics
 from core.topics import Topics
@@ -93,6 +94,7 @@ class ManagerCore:
         self.events: Fanout[Any] = Fanout()
         self.scheduler = Scheduler(self.settings.scheduler)
         self.writer = StoreWriter(self.store)
+        self.reader = TaskReader(self.store)
         self.proplets: dict[str, Proplet] = {}
         # Tasks the dispatcher owns: queued (pending with queued_at), scheduled or running.
         self.active: dict[str, Task] = {}
@@ -118,6 +120,11 @@ class ManagerCore:
         # start or a read right after a create does not go to the database. Bounded: LRU eviction.
         self._recent: OrderedDict[str, Task] = OrderedDict()
         self._recent_max = 10_000
+        # Tasks evicted from `_recent` while writes were still queued: task id -> how many writer
+        # entries had been queued then. Reading such a task back waits for those writes only; any
+        # other task not in memory has nothing queued (every task write goes through memory), so
+        # its read needs no barrier. Oldest first; pruned as the writer catches up.
+        self._evicted_unwritten: OrderedDict[str, int] = OrderedDict()
         # Heartbeats are applied in memory at once but stored at most once a second per proplet
         # (a fleet's chatter would otherwise be a database write per message); the liveness loop
         # and shutdown store what is left. proplet id -> monotonic time of its last stored row.
@@ -373,16 +380,16 @@ class ManagerCore:
         task = self.active.get(task_id) or self._recent.get(task_id)
         if task is not None:
             return task.copy()
-        await self.writer.barrier()
-        stored = await self.store.get_task(task_id, with_file=False)
+        await self._written(task_id)
+        stored = await self.reader.get(task_id)
         if stored is None:
             raise NotFound(f"task {task_id} not found")
         self._remember(stored)
         return stored.copy()
 
     async def _load_for_start(self, task_id: str) -> Task:
-        await self.writer.barrier()
-        stored = await self.store.get_task(task_id, with_file=False)
+        await self._written(task_id)
+        stored = await self.reader.get(task_id)
         if stored is None:
             raise NotFound(f"task {task_id} not found")
         return stored
@@ -391,7 +398,20 @@ class ManagerCore:
         self._recent[task.id] = task
         self._recent.move_to_end(task.id)
         while len(self._recent) > self._recent_max:
-            self._recent.popitem(last=False)
+            evicted, _ = self._recent.popitem(last=False)
+            if self.writer.backlog:
+                self._evicted_unwritten[evicted] = self.writer.queued_entries
+                self._evicted_unwritten.move_to_end(evicted)
+        unwritten = self._evicted_unwritten
+        while unwritten and next(iter(unwritten.values())) <= self.writer.finished_entries:
+            unwritten.popitem(last=False)
+
+    async def _written(self, task_id: str) -> None:
+        """Wait until every queued write of a task that is not in memory is committed."""
+        queued_before = self._evicted_unwritten.get(task_id)
+        if queued_before is not None:
+            await self.writer.barrier_for(queued_before)
+            self._evicted_unwritten.pop(task_id, None)
 
     async def list_tasks(
         self,
@@ -1058,7 +1078,7 @@ class ManagerCore:
         task = self.active.get(task_id)
         if task is not None:
             return task
-        stored = self._recent.get(task_id) or await self.store.get_task(task_id, with_file=False)
+        stored = self._recent.get(task_id) or await self.reader.get(task_id)
         if stored is None:
             self._reject(topic, "unknown_task", f"no task {task_id} (from proplet {proplet_id or '?'})")
         elif stored.state.is_terminal:

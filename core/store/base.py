@@ -261,6 +261,20 @@ class Store(abc.ABC):
         row = rows[0]
         return self.task_from_row(row, bytes(row["file"] or b"") if with_file else b"")
 
+    # How a statement matches a column against a list passed as one parameter (a JSON array here;
+    # PostgreSQL takes an array): one prepared statement whatever the list's length.
+    _IN_LIST = "IN (SELECT value FROM json_each(?))"
+
+    def _list_param(self, values: Sequence[str]) -> Any:
+        return dumps(list(values))
+
+    async def get_tasks(self, task_ids: Sequence[str]) -> dict[str, Task]:
+        """The tasks (without their module) of those ids that exist, by id, in one query."""
+        async with self.connection() as conn:
+            rows = await conn.fetch(f"SELECT {_TASK_SELECT} FROM tasks WHERE id {self._IN_LIST}",
+                                    (self._list_param(task_ids),))
+        return {row["id"]: self.task_from_row(row) for row in rows}
+
     async def list_tasks(
         self,
         *,

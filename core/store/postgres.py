@@ -55,6 +55,10 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 class PostgresStore(Store):
     dialect = "postgres"
+    _IN_LIST = "= ANY(?::text[])"
+
+    def _list_param(self, values: Sequence[str]) -> Any:
+        return list(values)
 
     def __init__(self, dsn: str, *, min_size: int = 1, max_size: int = 10) -> None:
         self.dsn = dsn

@@ -50,6 +50,10 @@ class StoreWriter:
         self._queue: asyncio.Queue[_Entry] = asyncio.Queue(maxsize=max_queue)
         self._max_batch_ops = max_batch_ops
         self._pending = 0
+        # Entries handed to the queue and entries finished (committed or failed), both counted from
+        # the start: the queue is FIFO, so `finished >= n` means the first n entries are done.
+        self.queued_entries = 0
+        self.finished_entries = 0
         self._idle = asyncio.Event()
         self._idle.set()
         self.stats = WriterStats()
@@ -70,6 +74,7 @@ class StoreWriter:
         await self._put(_Entry(ops))
 
     async def _put(self, entry: _Entry) -> None:
+        self.queued_entries += 1
         self._pending += 1
         self._idle.clear()
         await self._queue.put(entry)
@@ -81,6 +86,11 @@ class StoreWriter:
     async def barrier(self) -> None:
         """Wait until every write queued before this call is committed (read-your-writes)."""
         if self._pending:
+            await self.write()
+
+    async def barrier_for(self, entries: int) -> None:
+        """Wait until the first `entries` writes ever queued are committed (a no-op when they are)."""
+        if self.finished_entries < entries:
             await self.write()
 
     async def wait_idle(self) -> None:
@@ -134,6 +144,7 @@ class StoreWriter:
         self.stats.ops += n_ops
         self.stats.largest_batch = max(self.stats.largest_batch, n_ops)
         self._pending -= len(batch)
+        self.finished_entries += len(batch)
         if self._pending == 0:
             self._idle.set()
 

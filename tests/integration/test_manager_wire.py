@@ -97,6 +97,51 @@ async def test_result_completes_the_task_and_duplicates_do_not_reapply(manager: 
         assert events == [TaskState.PENDING, TaskState.PENDING, TaskState.RUNNING, TaskState.COMPLETED]
 
 
+async def test_tasks_no_longer_held_in_memory_are_read_back_together(manager: Any, broker: Any) -> None:
+    manager._recent_max = 4  # hold only 4 idle tasks: the others are read back from the database
+    async with SyntheticProplet(broker.url, manager.topics, "p-old"):
+        await eventually(lambda: "p-old" in manager.proplets)
+        ids = [(await manager.create_task(add_task(inputs=[i, 1]))).id for i in range(30)]
+        await asyncio.gather(*(manager.start_task(task_id) for task_id in ids))
+        assert manager.reader.stats.reads >= 26
+        assert manager.reader.stats.queries < manager.reader.stats.reads / 5, "concurrent reads share queries"
+        for i, task_id in enumerate(ids):
+            assert (await finished(manager, task_id)).results == str(i + 1)
+
+
+async def test_a_task_that_left_memory_with_writes_queued_is_read_after_them(manager: Any, broker: Any) -> None:
+    manager._recent_max = 4
+    # 8 others: the first 4 leave memory before the writer is held, so reading them does not wait.
+    others = [(await manager.create_task(add_task())).id for _ in range(8)]
+    async with SyntheticProplet(broker.url, manager.topics, "p-late", delay=0.3):
+        await eventually(lambda: "p-late" in manager.proplets)
+        task = await manager.create_task(add_task())
+        await manager.start_task(task.id)
+        # Hold the writer's commits back (the database itself is untouched), so the result's
+        # state change stays queued while the task leaves memory.
+        gate = asyncio.Event()
+        apply = manager.store.apply
+
+        async def held_apply(ops: Any) -> None:
+            await gate.wait()
+            await apply(ops)
+
+        manager.store.apply = held_apply
+        try:
+            await eventually(lambda: task.id not in manager.active)
+            for other in others[:4]:  # reading 4 other tasks pushes it out of the 4 held in memory
+                await asyncio.wait_for(manager.get_task(other), 5)
+            assert task.id not in manager._recent
+            read = asyncio.create_task(manager.get_task(task.id))
+            await asyncio.sleep(0.2)
+            assert not read.done(), "the read must wait for the queued writes, not return the stored state"
+            gate.set()
+            assert (await asyncio.wait_for(read, 5)).state is TaskState.COMPLETED
+        finally:
+            gate.set()
+            manager.store.apply = apply
+
+
 async def test_error_result_fails_the_task(manager: Any, broker: Any) -> None:
     async with SyntheticProplet(broker.url, manager.topics, "p-err", answer=lambda s: ("", "wasm trap: unreachable")):
         await eventually(lambda: "p-err" in manager.proplets)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -12,6 +13,7 @@ from core.domain import Proplet, PropletMetrics, Task, TaskEvent, TaskLimits, Ta
 from core.store import Store
 from core.store.migrate import load_migrations, migrate
 from core.store.postgres import PostgresStore
+from core.store.reads import TaskReader
 from core.store.sqlite import SqliteStore
 from core.store.writer import StoreWriter
 from tests.services import create_database, drop_database
@@ -262,6 +264,67 @@ async def test_group_commit_batches_and_keeps_order(store: Store) -> None:
         with pytest.raises(Exception, match="refused a write"):
             await bad
         assert await store.get_task(other.id) is not None
+    finally:
+        loop_task.cancel()
+
+
+async def test_many_tasks_are_read_in_one_query_without_their_modules(store: Store) -> None:
+    tasks = [make_task(name=f"t{i}") for i in range(3)]
+    await write(store, *(store.op_insert_task(t) for t in tasks))
+    got = await store.get_tasks([tasks[2].id, "no-such-task", tasks[0].id])
+    assert set(got) == {tasks[0].id, tasks[2].id}
+    assert got[tasks[2].id] == dataclasses.replace(tasks[2], file=b"")
+    assert got[tasks[0].id] == dataclasses.replace(tasks[0], file=b"")
+    assert await store.get_tasks([]) == {}
+
+
+async def test_reads_asked_for_together_share_a_query(store: Store) -> None:
+    import asyncio
+
+    tasks = [make_task(name=f"t{i}") for i in range(50)]
+    await write(store, *(store.op_insert_task(t) for t in tasks))
+    reader = TaskReader(store, max_batch=20)
+    wanted = [t.id for t in tasks] + [tasks[0].id, "no-such-task"]
+    got = await asyncio.gather(*(reader.get(task_id) for task_id in wanted))
+    assert [t.name if t else None for t in got] == [f"t{i}" for i in range(50)] + ["t0", None]
+    assert got[0] is not got[50], "two reads of one task must not share (and mutate) one object"
+    assert reader.stats.reads == 51 and reader.stats.queries == 3 and reader.stats.largest_batch == 20
+    # A lone read still answers, in a query of its own.
+    one = await reader.get(tasks[7].id)
+    assert one is not None and one.name == "t7" and reader.stats.queries == 4
+
+
+async def test_a_failing_batched_read_fails_each_waiting_read(store: Store) -> None:
+    import asyncio
+
+    reader = TaskReader(store)
+    await store.close()
+    results = await asyncio.gather(reader.get("a"), reader.get("b"), return_exceptions=True)
+    assert all(isinstance(r, Exception) for r in results), results
+    await store.open()  # the fixture closes it again
+    assert await reader.get("a") is None  # the reader is usable after a failure
+
+
+async def test_a_barrier_for_old_writes_waits_only_while_they_are_queued(store: Store) -> None:
+    import asyncio
+
+    writer = StoreWriter(store)
+    task = make_task()
+    await writer.submit(store.op_insert_task(task))
+    queued = writer.queued_entries
+    waiting = asyncio.create_task(writer.barrier_for(queued))
+    await asyncio.sleep(0.05)
+    assert not waiting.done(), "the insert is not committed: the writer is not running yet"
+    loop_task = asyncio.create_task(writer.run())
+    try:
+        await asyncio.wait_for(waiting, 5)
+        assert await store.get_task(task.id) is not None
+        # Writes queued after the ones waited for do not hold the barrier up.
+        await writer.write()
+        assert writer.finished_entries >= queued
+        before = writer.stats.batches
+        await writer.barrier_for(queued)
+        assert writer.stats.batches == before, "nothing was pending: no commit should be made"
     finally:
         loop_task.cancel()
 
