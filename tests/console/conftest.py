@@ -46,11 +46,15 @@ def console(manager_factory: Any) -> Callable[..., Any]:
 
 
 async def until(pilot: Any, check: Callable[[], Any], timeout: float = 10.0) -> Any:
-    """Poll widget or app state, letting the app process messages between polls, until `check` is truthy."""
+    """Poll widget or app state, letting the app process messages between polls, until `check` is truthy.
+    A lookup of something not there yet (a task row before its event was applied) counts as not yet."""
 
     async def probe() -> Any:
         await pilot.pause()
-        return check()
+        try:
+            return check()
+        except LookupError:
+            return None
 
     return await eventually(probe, timeout=timeout, interval=0.02)
 
