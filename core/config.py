@@ -21,6 +21,7 @@ from pydantic_settings import (
 
 from core import paths
 from core.domain import SchedulerPolicy
+from core.mqtt import MqttClientOptions
 
 
 class SectionSettings(BaseSettings):
@@ -48,8 +49,9 @@ class SectionSettings(BaseSettings):
                 yaml_section(settings_cls, cls.CONFIG_SECTION))
 
 
-class MqttClientSettings(SectionSettings):
-    """Connection settings shared by the manager, the proxy and the proplet."""
+class MqttClientSettings(SectionSettings, MqttClientOptions):
+    """Connection settings shared by the manager and the proxy. The proplet declares the same `mqtt_*`
+    fields in msgspec (proplet/config.py, kept out of pydantic for its memory): change both."""
 
     mqtt_address: str | None = Field(
         default=None,
@@ -77,19 +79,6 @@ class MqttClientSettings(SectionSettings):
     @classmethod
     def _qos_from_text(cls, value: Any) -> Any:
         return int(value) if isinstance(value, str) and value.strip().isdigit() else value
-
-    def mqtt_connection(self, address: Any, client_id: str, password: str = "", *,
-                        clean_session: bool) -> Any:
-        """The MqttConnection these settings describe, for `client_id` (also the username)."""
-        from core.mqtt import MqttConnection
-
-        return MqttConnection(
-            address=address, client_id=client_id, username=client_id, password=password or None,
-            keepalive=self.mqtt_keep_alive, qos=self.mqtt_qos, clean_session=clean_session,
-            timeout=self.mqtt_timeout, tls_ca_cert=self.mqtt_tls_ca_cert,
-            tls_client_cert=self.mqtt_tls_client_cert, tls_client_key=self.mqtt_tls_client_key,
-            tls_insecure=self.mqtt_tls_insecure_skip_verify,
-        )
 
 
 class ManagerSettings(MqttClientSettings):

@@ -69,9 +69,12 @@ def setup_logging(level: str, fmt: str = "text", file: Path | None = None) -> No
 
 
 def settings_help(settings_cls: Any, prefix: str) -> str:
-    from core.config import describe_settings
+    if hasattr(settings_cls, "describe"):  # the proplet's msgspec settings
+        rows = settings_cls.describe()
+    else:
+        from core.config import describe_settings
 
-    rows = describe_settings(settings_cls, prefix)
+        rows = describe_settings(settings_cls, prefix)
     width = max(len(r[0]) for r in rows)
     lines = ["\b", "Environment variables (also keys of the config file section, lower-case without the prefix):"]
     for var, default, desc in rows:
@@ -96,9 +99,10 @@ class LazyEpilogCommand(click.Command):
 def load_settings(settings_cls: Any, **overrides: Any) -> Any:
     """Settings from flags the user typed (None = not typed), the environment and the config
     file; a clear error instead of a traceback when they are invalid."""
-    from pydantic import ValidationError
-
+    given = {k: v for k, v in overrides.items() if v is not None}
     try:
-        return settings_cls(**{k: v for k, v in overrides.items() if v is not None})
-    except (ValidationError, ValueError) as exc:
+        if hasattr(settings_cls, "load"):  # the proplet's msgspec settings (pydantic stays out of it)
+            return settings_cls.load(**given)
+        return settings_cls(**given)
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
         raise click.ClickException(f"invalid configuration: {exc}") from None

@@ -15,7 +15,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import aiomqtt
@@ -93,6 +93,25 @@ class MqttConnection:
     tls_client_cert: str | None = None
     tls_client_key: str | None = None
     tls_insecure: bool = False
+
+
+class MqttClientOptions:
+    """`mqtt_connection()` for a settings class with the `mqtt_*` fields (the manager's and proxy's
+    pydantic settings, the proplet's msgspec ones): one place that turns settings into a connection."""
+
+    __slots__ = ()
+
+    def mqtt_connection(self, address: BrokerAddress, client_id: str, password: str = "", *,
+                        clean_session: bool) -> MqttConnection:
+        """The MqttConnection these settings describe, for `client_id` (also the username)."""
+        s: Any = self
+        return MqttConnection(
+            address=address, client_id=client_id, username=client_id, password=password or None,
+            keepalive=s.mqtt_keep_alive, qos=s.mqtt_qos, clean_session=clean_session,
+            timeout=s.mqtt_timeout, tls_ca_cert=s.mqtt_tls_ca_cert,
+            tls_client_cert=s.mqtt_tls_client_cert, tls_client_key=s.mqtt_tls_client_key,
+            tls_insecure=s.mqtt_tls_insecure_skip_verify,
+        )
 
 
 class CycleFreeMatcher(MQTTMatcher):

@@ -74,7 +74,7 @@ class _Running:
 
 class PropletAgent:
     def __init__(self, settings: PropletSettings | None = None, *, runtime: Runtime | None = None) -> None:
-        self.settings = settings or PropletSettings()
+        self.settings = settings or PropletSettings.load()
         self.id = self.settings.entity_id
         self.topics = Topics(self.settings.tenant_id, self.settings.channel_id)
         self.runtime = runtime or runtime_from_config(

@@ -3,6 +3,9 @@ file, upstream's TOML credentials file when `PROPLET_CONFIG_FILE` names one, and
 
 Durations accept plain seconds or a unit (`30s`, `500ms`, `2m`): upstream silently keeps its default
 for `30s` (defect 44), which misleads operators.
+
+The settings are a msgspec Struct, not pydantic settings as the manager's are: the proplet runs on
+small edge boxes, and pydantic is ~9.5 MB of an idle proplet's memory (msgspec ~1.3 MB).
 """
 
 from __future__ import annotations
@@ -10,15 +13,16 @@ from __future__ import annotations
 import os
 import re
 import socket
+import typing
 import uuid
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+import msgspec
+from msgspec import Meta
 
 from core import paths
-from core.config import MqttClientSettings
+from core.mqtt import MqttClientOptions
 
 _DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -33,114 +37,127 @@ def parse_duration(value: Any) -> Any:
     return value
 
 
-def _split(sep: str) -> Any:
-    def split(value: Any) -> Any:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(sep) if part.strip()]
-        return value
-    return split
+def _split(value: Any, sep: str) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(sep) if part.strip()]
+    return value
 
 
-class PropletSettings(MqttClientSettings):
-    """Everything `propeller proplet` reads. Names and meanings follow upstream's Rust proplet."""
+# The words pydantic (the manager's settings) accepts for booleans, so both read a file alike.
+_TRUE = {"1", "true", "yes", "on", "y", "t"}
+_FALSE = {"0", "false", "no", "off", "n", "f"}
 
-    model_config = SettingsConfigDict(env_prefix="PROPLET_", extra="ignore")
+
+def _boolean(value: Any) -> Any:
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in _TRUE:
+            return True
+        if word in _FALSE:
+            return False
+    return value
+
+
+class PropletSettings(msgspec.Struct, MqttClientOptions, kw_only=True):
+    """Everything `propeller proplet` reads. Names and meanings follow upstream's Rust proplet.
+
+    `PropletSettings.load(**overrides)` reads the environment and the files; the plain constructor
+    takes the given values and defaults only, unchecked (tests and embedding code)."""
+
+    ENV_PREFIX: ClassVar[str] = "PROPLET_"
     CONFIG_SECTION: ClassVar[str] = "proplet"
 
-    mqtt_address: str | None = Field(
-        default="mqtt://localhost:1883",
+    # The mqtt_* fields mirror core.config.MqttClientSettings (the manager's and proxy's): change both.
+    mqtt_address: Annotated[str | None, Meta(
         description="Broker URL: mqtt://host:port (or tcp://), mqtts://host:port (or ssl://, tls://).",
-    )
-    tenant_id: str = Field(default="propeller", description="Domain of the MQTT topics; must match the manager's.")
-    channel_id: str = Field(default="default", description="Channel of the MQTT topics; must match the manager's.")
-    entity_id: str = Field(
-        default="",
+    )] = "mqtt://localhost:1883"
+    mqtt_qos: Annotated[Literal[0, 1, 2], Meta(
+        description="QoS of every publish and subscription. 1 (at least once) with idempotent handlers is the "
+        "default; upstream defaults to 2.",
+    )] = 1
+    mqtt_keep_alive: Annotated[int, Meta(ge=2, description="MQTT keep-alive in seconds.")] = 30
+    mqtt_timeout: Annotated[float, Meta(
+        gt=0, description="Seconds to wait for a connection or a publish before giving up.")] = 30.0
+    mqtt_tls_ca_cert: Annotated[str | None, Meta(description="PEM file of the CA that signed the broker.")] = None
+    mqtt_tls_client_cert: Annotated[str | None, Meta(description="PEM client certificate (mutual TLS).")] = None
+    mqtt_tls_client_key: Annotated[str | None, Meta(description="PEM key of the client certificate.")] = None
+    mqtt_tls_insecure_skip_verify: Annotated[bool, Meta(
+        description="Accept any broker certificate (testing only).")] = False
+    tenant_id: Annotated[str, Meta(description="Domain of the MQTT topics; must match the manager's.")] = "propeller"
+    channel_id: Annotated[str, Meta(description="Channel of the MQTT topics; must match the manager's.")] = "default"
+    entity_id: Annotated[str, Meta(
         description="This proplet's id (MQTT client id and username). Empty: one is generated once and kept "
         "in the state directory.",
-    )
-    api_key: str = Field(default="", description="MQTT password.")
-    log_level: str = Field(default="info", description="debug, info, warning or error.")
-    liveliness_interval: float = Field(default=10.0, gt=0, description="Seconds between heartbeats.")
-    metrics_interval: float = Field(default=10.0, ge=0, description="Seconds between metrics reports; 0 disables them.")
-    external_wasm_runtime: str = Field(
-        default="", description="Path or name of a wasmtime CLI to run modules with, instead of the internal runtime."
-    )
-    dirs: Annotated[list[str], NoDecode] = Field(
-        default_factory=list,
+    )] = ""
+    api_key: Annotated[str, Meta(description="MQTT password.")] = ""
+    log_level: Annotated[str, Meta(description="debug, info, warning or error.")] = "info"
+    liveliness_interval: Annotated[float, Meta(gt=0, description="Seconds between heartbeats.")] = 10.0
+    metrics_interval: Annotated[float, Meta(
+        ge=0, description="Seconds between metrics reports; 0 disables them.")] = 10.0
+    external_wasm_runtime: Annotated[str, Meta(
+        description="Path or name of a wasmtime CLI to run modules with, instead of the internal runtime.",
+    )] = ""
+    dirs: Annotated[list[str], Meta(
         description="':'-separated host directories a task may use (preopened at the same path). Nothing else "
         "of the host file system is visible to guests.",
-    )
-    tags: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Comma-separated tags (discovery).")
-    description: str = Field(default="", description="Free text shown in the proplet list (discovery).")
-    location: str = Field(default="", description="Where the proplet is (discovery).")
-    manager_k8s_namespace: str = Field(default="default", description="The `namespace` field of messages.")
-    collect_system_info: bool = Field(default=True, description="Put os, hostname, arch, memory, ip in discovery.")
-    max_concurrent_tasks: int = Field(
-        default_factory=lambda: (os.cpu_count() or 1) * 2, ge=1, description="Modules running at once."
-    )
-    max_queued_tasks: int | None = Field(
-        default=None, ge=0,
+    )] = msgspec.field(default_factory=list)
+    tags: Annotated[list[str], Meta(description="Comma-separated tags (discovery).")] = msgspec.field(
+        default_factory=list)
+    description: Annotated[str, Meta(description="Free text shown in the proplet list (discovery).")] = ""
+    location: Annotated[str, Meta(description="Where the proplet is (discovery).")] = ""
+    manager_k8s_namespace: Annotated[str, Meta(description="The `namespace` field of messages.")] = "default"
+    collect_system_info: Annotated[bool, Meta(
+        description="Put os, hostname, arch, memory, ip in discovery.")] = True
+    max_concurrent_tasks: Annotated[int, Meta(ge=1, description="Modules running at once.")] = msgspec.field(
+        default_factory=lambda: (os.cpu_count() or 1) * 2)
+    max_queued_tasks: Annotated[int, Meta(
+        ge=0,
         description="Starts the manager may send beyond the running slots; they wait here for a free slot, so "
         "the proplet is not idle for a round trip to the manager between short tasks. Announced in discovery. "
         "Default: 3 x max_concurrent_tasks; 0: only as many as can run at once (long tasks on a busy fleet).",
-    )
-    trusted_keys: Annotated[list[Path], NoDecode] = Field(
-        default_factory=list,
+    )] | None = None
+    trusted_keys: Annotated[list[Path], Meta(
         description="':'-separated Ed25519 public keys (PEM). When set, only modules whose digest the manager "
         "signed with one of these keys run.",
-    )
-    allow_network: bool = Field(
-        default=False,
+    )] = msgspec.field(default_factory=list)
+    allow_network: Annotated[bool, Meta(
         description="Let tasks that ask for it (`-S http` in their cli_args) make outgoing HTTP requests.",
-    )
-    http_enabled: bool = Field(
-        default=False,
+    )] = False
+    http_enabled: Annotated[bool, Meta(
         description="Let daemon tasks serve wasi:http components (needs PROPLET_EXTERNAL_WASM_RUNTIME).",
-    )
-    http_proxy_port: int = Field(
-        default=8222, ge=1, le=65535, description="First port tried for a served wasi:http component."
-    )
-    task_timeout: float = Field(default=300.0, gt=0, description="Wall-clock limit of a task that sets none (seconds).")
-    task_memory_limit: int = Field(
-        default=256 * 1024 * 1024, gt=0, description="Linear-memory limit of a task that sets none (bytes)."
-    )
-    wasm_fetch_max_bytes: int = Field(default=104_857_600, gt=0, description="Largest module fetched (bytes).")
-    http_tls_ca_cert: str | None = Field(default=None, description="CA bundle for https module URLs.")
-    http_tls_insecure_skip_verify: bool = Field(default=False, description="Do not verify https certificates.")
-    chunk_stall_timeout: float = Field(
-        default=10.0, gt=0, description="Seconds without a chunk before asking again for the missing ones."
-    )
-    outbox_max: int = Field(
-        default=100_000, ge=1, description="Results kept until the manager confirms them; when full, new tasks "
-        "are refused.",
-    )
-    outbox_fsync: bool = Field(
-        default=False, description="Flush each result to disk (survives power loss, costs a disk flush per result).",
-    )
-    result_resend: float = Field(
-        default=5.0, gt=0, description="Seconds before an unconfirmed result is sent again.",
-    )
-    cache_dir: Path = Field(
-        default_factory=lambda: paths.cache_dir() / "proplet",
-        description="Where compiled modules are kept between runs.",
-    )
-    state_dir: Path = Field(
-        default_factory=lambda: paths.state_dir() / "proplet",
-        description="Where the generated entity id and the result outbox are kept.",
-    )
+    )] = False
+    http_proxy_port: Annotated[int, Meta(
+        ge=1, le=65535, description="First port tried for a served wasi:http component.")] = 8222
+    task_timeout: Annotated[float, Meta(
+        gt=0, description="Wall-clock limit of a task that sets none (seconds).")] = 300.0
+    task_memory_limit: Annotated[int, Meta(
+        gt=0, description="Linear-memory limit of a task that sets none (bytes).")] = 256 * 1024 * 1024
+    wasm_fetch_max_bytes: Annotated[int, Meta(gt=0, description="Largest module fetched (bytes).")] = 104_857_600
+    http_tls_ca_cert: Annotated[str | None, Meta(description="CA bundle for https module URLs.")] = None
+    http_tls_insecure_skip_verify: Annotated[bool, Meta(description="Do not verify https certificates.")] = False
+    chunk_stall_timeout: Annotated[float, Meta(
+        gt=0, description="Seconds without a chunk before asking again for the missing ones.")] = 10.0
+    outbox_max: Annotated[int, Meta(
+        ge=1, description="Results kept until the manager confirms them; when full, new tasks are refused.",
+    )] = 100_000
+    outbox_fsync: Annotated[bool, Meta(
+        description="Flush each result to disk (survives power loss, costs a disk flush per result).",
+    )] = False
+    result_resend: Annotated[float, Meta(gt=0, description="Seconds before an unconfirmed result is sent again.")] = 5.0
+    cache_dir: Annotated[Path, Meta(description="Where compiled modules are kept between runs.")] = msgspec.field(
+        default_factory=lambda: paths.cache_dir() / "proplet")
+    state_dir: Annotated[Path, Meta(
+        description="Where the generated entity id and the result outbox are kept.")] = msgspec.field(
+        default_factory=lambda: paths.state_dir() / "proplet")
 
-    _duration = field_validator(
-        "liveliness_interval", "metrics_interval", "task_timeout", "chunk_stall_timeout", "result_resend",
-        mode="before"
-    )(parse_duration)
-    _dirs = field_validator("dirs", "trusted_keys", mode="before")(_split(":"))
-    _tags = field_validator("tags", mode="before")(_split(","))
+    _DURATIONS: ClassVar[frozenset[str]] = frozenset(
+        {"liveliness_interval", "metrics_interval", "task_timeout", "chunk_stall_timeout", "result_resend"})
+    _COLON_LISTS: ClassVar[frozenset[str]] = frozenset({"dirs", "trusted_keys"})
+    _COMMA_LISTS: ClassVar[frozenset[str]] = frozenset({"tags"})
 
-    @model_validator(mode="after")
-    def _identity(self) -> PropletSettings:
+    def __post_init__(self) -> None:
         if not self.entity_id:
             self.entity_id = generated_entity_id(self.state_dir)
-        return self
 
     @property
     def queued_tasks(self) -> int:
@@ -150,30 +167,118 @@ class PropletSettings(MqttClientSettings):
         return 3 * self.max_concurrent_tasks
 
     @classmethod
-    def extra_sources(cls, settings_cls: type[BaseSettings]) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (_UpstreamToml(settings_cls),)
+    def load(cls, **overrides: Any) -> PropletSettings:
+        """Settings from, highest priority first: `overrides` (None = not given), `PROPLET_*` variables,
+        upstream's TOML file, the config file's `proplet:` section, defaults. Raises ValueError
+        naming the variable when a value is invalid."""
+        names = {f.name for f in msgspec.structs.fields(cls)}
+        values: dict[str, Any] = {}
+        values.update(_yaml_section(cls.CONFIG_SECTION, names))
+        values.update(_upstream_toml())
+        prefix = cls.ENV_PREFIX
+        for var, text in os.environ.items():  # case-insensitive, as pydantic-settings reads the manager's
+            if var.upper().startswith(prefix) and (name := var[len(prefix):].lower()) in names:
+                values[name] = text
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        for name, value in list(values.items()):
+            try:
+                values[name] = cls._prepare(name, value)
+            except ValueError as exc:
+                raise ValueError(f"{prefix}{name.upper()}: {exc}") from None
+        try:
+            return msgspec.convert(values, cls, strict=False, dec_hook=_decode_path)
+        except msgspec.ValidationError as exc:
+            raise ValueError(_explain(str(exc), prefix, values)) from None
+
+    @classmethod
+    def _prepare(cls, name: str, value: Any) -> Any:
+        if name in cls._DURATIONS:
+            return parse_duration(value)
+        if name in cls._COLON_LISTS:
+            return _split(value, ":")
+        if name in cls._COMMA_LISTS:
+            return _split(value, ",")
+        if name == "mqtt_qos" and isinstance(value, str) and value.strip().isdigit():
+            return int(value)
+        if _FIELD_KINDS.get(name) is bool:
+            return _boolean(value)
+        return value
+
+    @classmethod
+    def describe(cls) -> list[tuple[str, str, str]]:
+        """(variable, default, description) rows for --help texts."""
+        hints = typing.get_type_hints(cls, include_extras=True)
+        rows = []
+        for field in msgspec.structs.fields(cls):
+            meta = [m for m in getattr(hints[field.name], "__metadata__", ()) if isinstance(m, Meta)]
+            description = meta[0].description if meta and meta[0].description else ""
+            if field.default_factory is not msgspec.NODEFAULT:
+                default = "(computed)"
+            elif field.default is None:
+                default = "(unset)"
+            else:
+                default = str(field.default)
+            rows.append((f"{cls.ENV_PREFIX}{field.name.upper()}", default, description))
+        return rows
 
 
-class _UpstreamToml(PydanticBaseSettingsSource):
+_FIELD_KINDS: dict[str, Any] = {
+    name: typing.get_args(hint)[0] if typing.get_origin(hint) is Annotated else hint
+    for name, hint in typing.get_type_hints(PropletSettings, include_extras=True).items()
+    if not name.startswith("_") and name.upper() != name
+}
+
+
+def _decode_path(kind: type, value: Any) -> Any:
+    if kind is not Path:
+        raise NotImplementedError
+    if isinstance(value, (str, os.PathLike)):
+        return Path(value)
+    raise TypeError(f"expected a path, got {type(value).__name__}")
+
+
+def _explain(message: str, prefix: str, values: dict[str, Any]) -> str:
+    """msgspec's "Expected `int` >= 1 - at `$.max_concurrent_tasks`" as "PROPLET_MAX_CONCURRENT_TASKS=0:
+    expected `int` >= 1"."""
+    text, sep, where = message.rpartition(" - at `$.")
+    if not sep:
+        return message
+    name = where.split("`")[0].split("[")[0]
+    return f"{prefix}{name.upper()}={values.get(name)!r}: {text[:1].lower()}{text[1:]}"
+
+
+def _yaml_section(section: str, names: set[str]) -> dict[str, Any]:
+    """The given section of the config file (known keys only), or nothing when the file or section is absent."""
+    path = paths.default_config_file()
+    if not path.is_file():
+        return {}
+    import yaml
+
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"config file {path} is not valid YAML: {exc}") from None
+    part = doc.get(section) if isinstance(doc, dict) else None
+    if not isinstance(part, dict):
+        return {}
+    return {k: v for k, v in part.items() if k in names}
+
+
+def _upstream_toml() -> dict[str, Any]:
     """Upstream's credentials file: TOML `PROPLET_CONFIG_FILE`, section `PROPLET_CONFIG_SECTION`
     (default `proplet`), keys tenant_id, entity_id, api_key, channel_id. Read only when named."""
+    path = os.environ.get("PROPLET_CONFIG_FILE")
+    if not path:
+        return {}
+    import tomllib
 
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
-        return None, field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        path = os.environ.get("PROPLET_CONFIG_FILE")
-        if not path:
-            return {}
-        import tomllib
-
-        try:
-            doc = tomllib.loads(Path(path).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ValueError(f"PROPLET_CONFIG_FILE={path} cannot be read: {exc}") from None
-        section = doc.get(os.environ.get("PROPLET_CONFIG_SECTION", "proplet"), {})
-        keys = ("tenant_id", "entity_id", "api_key", "channel_id")
-        return {k: str(section[k]) for k in keys if k in section}
+    try:
+        doc = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"PROPLET_CONFIG_FILE={path} cannot be read: {exc}") from None
+    section = doc.get(os.environ.get("PROPLET_CONFIG_SECTION", "proplet"), {})
+    keys = ("tenant_id", "entity_id", "api_key", "channel_id")
+    return {k: str(section[k]) for k in keys if k in section}
 
 
 def generated_entity_id(state_dir: Path) -> str:

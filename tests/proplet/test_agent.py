@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import itertools
+import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -34,7 +35,7 @@ def proplet_factory(broker: Any, tmp_path: Path) -> PropletFactory:
             "state_dir": tmp_path / proplet_id / "state", "liveliness_interval": 1.0, "metrics_interval": 0.5,
         }
         values.update(overrides)
-        async with PropletAgent(PropletSettings(**values)) as agent:
+        async with PropletAgent(PropletSettings.load(**values)) as agent:
             await eventually(lambda: proplet_id in core.proplets and core.proplets[proplet_id].online, 10)
             yield agent
 
@@ -246,14 +247,42 @@ def test_settings_accept_upstream_names_durations_and_toml(tmp_path: Path, monke
     toml = tmp_path / "config.toml"
     toml.write_text('[proplet]\ntenant_id = "t1"\nentity_id = "e1"\napi_key = "k1"\nchannel_id = "c1"\n')
     monkeypatch.setenv("PROPLET_CONFIG_FILE", str(toml))
-    s = PropletSettings(state_dir=tmp_path / "state")
+    s = PropletSettings.load(state_dir=tmp_path / "state")
     assert (s.liveliness_interval, s.metrics_interval, s.dirs, s.tags, s.mqtt_qos) == (
         10.0, 0.5, ["/srv/a", "/srv/b"], ["edge", "lab"], 2)
     assert (s.tenant_id, s.entity_id, s.api_key, s.channel_id) == ("t1", "e1", "k1", "c1")
     monkeypatch.setenv("PROPLET_LIVELINESS_INTERVAL", "ten")
     with pytest.raises(ValueError, match="not a duration"):
-        PropletSettings(state_dir=tmp_path / "state")
+        PropletSettings.load(state_dir=tmp_path / "state")
     assert parse_duration("2m") == 120.0
+
+
+def test_settings_precedence_booleans_and_errors_naming_the_variable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("proplet:\n  tenant_id: from-file\n  location: lab\n  allow_network: true\n"
+                      "  unknown_key: 1\nmanager:\n  tenant_id: other\n")
+    monkeypatch.setenv("PROPELLER_CONFIG", str(config))
+    monkeypatch.setenv("proplet_location", "rack 4")  # variable names are case-insensitive
+    monkeypatch.setenv("PROPLET_OUTBOX_FSYNC", "on")
+    monkeypatch.setenv("PROPLET_MAX_CONCURRENT_TASKS", "3")
+    s = PropletSettings.load(state_dir=tmp_path / "state", max_concurrent_tasks=5, entity_id=None)
+    # overrides > environment > config file > defaults; None means "not given".
+    assert (s.tenant_id, s.location, s.allow_network, s.outbox_fsync, s.max_concurrent_tasks) == (
+        "from-file", "rack 4", True, True, 5)
+    assert s.entity_id.startswith("proplet-") and isinstance(s.state_dir, Path)
+    assert s.queued_tasks == 15
+    for variable, value, message in (("PROPLET_MAX_CONCURRENT_TASKS", "0", "PROPLET_MAX_CONCURRENT_TASKS='0'"),
+                                     ("PROPLET_HTTP_PROXY_PORT", "70000", "<= 65535"),
+                                     ("PROPLET_MQTT_QOS", "3", "PROPLET_MQTT_QOS"),
+                                     ("PROPLET_ALLOW_NETWORK", "perhaps", "PROPLET_ALLOW_NETWORK")):
+        monkeypatch.setenv(variable, value)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            PropletSettings.load(state_dir=tmp_path / "state")
+        monkeypatch.delenv(variable)
+    config.write_text("proplet: [unclosed\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        PropletSettings.load(state_dir=tmp_path / "state")
 
 
 def test_generated_id_is_kept(tmp_path: Path) -> None:

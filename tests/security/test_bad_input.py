@@ -58,7 +58,7 @@ HOSTILE = [
 
 async def test_hostile_wasm_fails_precisely_and_the_proplet_survives(manager: Any, broker: Any,
                                                                      tmp_path: Path) -> None:
-    settings = PropletSettings(mqtt_address=broker.url, tenant_id=manager.topics.domain, entity_id="hostile-p",
+    settings = PropletSettings.load(mqtt_address=broker.url, tenant_id=manager.topics.domain, entity_id="hostile-p",
                                cache_dir=tmp_path / "c", state_dir=tmp_path / "s")
     async with PropletAgent(settings) as agent:
         await eventually(lambda: "hostile-p" in manager.proplets and manager.proplets["hostile-p"].online, 10)
@@ -96,7 +96,7 @@ MALFORMED_FOR_PROPLET = [
 
 
 async def test_malformed_messages_to_a_running_proplet(manager: Any, broker: Any, tmp_path: Path) -> None:
-    settings = PropletSettings(mqtt_address=broker.url, tenant_id=manager.topics.domain, entity_id="mal-p",
+    settings = PropletSettings.load(mqtt_address=broker.url, tenant_id=manager.topics.domain, entity_id="mal-p",
                                cache_dir=tmp_path / "c", state_dir=tmp_path / "s")
     async with PropletAgent(settings) as agent, WireClient(broker.url, manager.topics) as attacker:
         await eventually(lambda: "mal-p" in manager.proplets, 10)

@@ -32,7 +32,7 @@ def b64(data: bytes) -> str:
 
 @asynccontextmanager
 async def proplet(core: Any, broker: Any, tmp_path: Path, pid: str, **settings: Any) -> AsyncIterator[PropletAgent]:
-    s = PropletSettings(mqtt_address=broker.url, tenant_id=core.topics.domain, entity_id=pid,
+    s = PropletSettings.load(mqtt_address=broker.url, tenant_id=core.topics.domain, entity_id=pid,
                         cache_dir=tmp_path / pid / "c", state_dir=tmp_path / pid / "s", **settings)
     async with PropletAgent(s) as agent:
         await eventually(lambda: pid in core.proplets and core.proplets[pid].online, 10)

@@ -37,6 +37,12 @@ def test_proplet_imports_neither_textual_nor_database_drivers() -> None:
     assert not {m for m in loaded if m.split(".")[0] in forbidden or m in forbidden}
 
 
+def test_the_proplet_command_does_not_load_pydantic() -> None:
+    # ~9.5 MB of an idle proplet's memory; its settings are msgspec (the proxy, run apart, may use it).
+    loaded = _imported_after(["propeller.cli", "proplet.cli", "proplet.agent", "proplet.config"])
+    assert not {m for m in loaded if m.split(".")[0] in {"pydantic", "pydantic_core", "pydantic_settings"}}
+
+
 def test_import_linter_contracts_hold() -> None:
     lint = Path(sys.executable).with_name("lint-imports")
     out = subprocess.run([str(lint)], capture_output=True, text=True, cwd=ROOT, timeout=300)
