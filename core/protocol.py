@@ -148,7 +148,9 @@ class _Reader:
         return value
 
     def opt_base64(self, key: str) -> bytes:
-        text = self.opt_str(key)
+        return self.base64_text(key, self.opt_str(key))
+
+    def base64_text(self, key: str, text: str | memoryview) -> bytes:
         if not text:
             return b""
         try:
@@ -777,8 +779,42 @@ def encode_chunk(msg: ChunkMessage) -> bytes:
     return _dumps(obj)
 
 
+_DATA_KEY = b'"data":"'
+_DATA_NAME = b'"data"'
+
+
+def _cut_data(payload: bytes | str) -> tuple[bytes, memoryview] | None:
+    """A chunk without the text of its `data` string (left as ""), and that text, found without
+    parsing the ~680 KB of JSON it is (parsing it is ~0.25 ms a chunk, most of a chunk's decoding).
+
+    Only for the compact spelling our encoder and Go's write, a string with no escapes, and a
+    payload naming "data" once outside it; anything else (and whatever the cut-down JSON says is
+    not the top-level `data`) returns None and the payload is parsed whole.
+    """
+    if not isinstance(payload, bytes):
+        return None
+    key = payload.find(_DATA_KEY)
+    if key < 0:
+        return None
+    start = key + len(_DATA_KEY)
+    end = payload.find(b'"', start)
+    if (end < 0 or payload.find(b"\\", start, end) >= 0
+            or payload.find(_DATA_NAME, 0, key) >= 0 or payload.find(_DATA_NAME, end) >= 0):
+        return None
+    return payload[:start] + payload[end:], memoryview(payload)[start:end]
+
+
 def decode_chunk(payload: bytes | str, topic: str = "registry/server") -> ChunkMessage:
-    r = _Reader(payload, topic)
+    cut = _cut_data(payload)
+    data_text: memoryview | None = None
+    if cut is not None:
+        r = _Reader(cut[0], topic)
+        if r.obj.get("data") == "":
+            data_text = cut[1]
+        else:  # the "data" found was not the top-level field: read the payload as it is
+            r = _Reader(payload, topic)
+    else:
+        r = _Reader(payload, topic)
     total = r.req_int("total_chunks", minimum=1)
     idx = r.req_int("chunk_idx", minimum=0)
     if idx >= total:
@@ -790,7 +826,7 @@ def decode_chunk(payload: bytes | str, topic: str = "registry/server") -> ChunkM
         app_name=r.req_str("app_name"),
         chunk_idx=idx,
         total_chunks=total,
-        data=r.opt_base64("data"),
+        data=r.opt_base64("data") if data_text is None else r.base64_text("data", data_text),
         digest=digest,
         size=r.opt_int("size", 0, minimum=0) or 0,
         error=r.opt_str("error"),

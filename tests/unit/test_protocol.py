@@ -192,3 +192,57 @@ def test_a_proplet_skips_starts_for_other_proplets_without_validating_them() -> 
         msg = p.decode_start_for("p-2", orjson.dumps({**ours, **extra} if extra else
                                                      {k: v for k, v in ours.items() if k != "proplet_id"}))
         assert msg is not None and msg.targets("p-2")
+
+
+CHUNK_FIELDS = '"app_name":"a","chunk_idx":0,"total_chunks":1'
+
+
+@pytest.mark.parametrize("payload", [
+    '{' + CHUNK_FIELDS + ',"data":"QUJD"}',  # the cut: data read without parsing it
+    '{"data":"QUJD",' + CHUNK_FIELDS + '}',
+    '{' + CHUNK_FIELDS + ',"data":"QUJD","x":{"data":"WFla"}}',  # a nested "data" after it
+    '{"x":{"data":"WFla"},' + CHUNK_FIELDS + ',"data":"QUJD"}',  # ... or before it
+    '{"x":{"data":"WFla"},' + CHUNK_FIELDS + '}',  # only a nested one: no module bytes
+    '{"data":"WFla",' + CHUNK_FIELDS + ',"data":"QUJD"}',  # duplicate keys: JSON's last one wins
+    '{' + CHUNK_FIELDS + ',"data":"QU\\/D"}',  # an escaped solidus
+    '{' + CHUNK_FIELDS + ', "data": "QUJD"}',  # spaces
+    '{' + CHUNK_FIELDS + ',"data":"QUJ"}',  # not base64
+    '{' + CHUNK_FIELDS + ',"data":"QUJD}',  # unterminated
+    '{' + CHUNK_FIELDS.replace('"a"', '"x\\"data\\":\\"y"') + ',"data":"QUJD"}',  # "data" inside a string
+])
+def test_a_chunk_reads_the_same_with_and_without_cutting_its_data_out(payload: str) -> None:
+    def read(raw: bytes | str) -> object:
+        try:
+            return p.decode_chunk(raw)
+        except p.InvalidMessage as exc:
+            return ("invalid", str(exc))
+
+    expected = read(payload)  # text is always parsed whole
+    assert read(payload.encode()) == expected
+
+
+def test_our_chunks_and_gos_are_read_without_parsing_their_data() -> None:
+    ours = p.encode_chunk(p.ChunkMessage("reg/app:1", 3, 9, b"\0asm" * 1000, "sha256:" + "a" * 64, 4000))
+    go = ('{"app_name":"reg/app:1","chunk_idx":3,"total_chunks":9,"data":"' + base64.b64encode(b"\0asm").decode()
+          + '"}').encode()
+    for payload in (ours, go):
+        cut = p._cut_data(payload)
+        assert cut is not None and orjson.loads(cut[0])["data"] == "" and len(cut[0]) < 200
+    assert p.decode_chunk(ours).data == b"\0asm" * 1000 and p.decode_chunk(go).data == b"\0asm"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["data", "app_name", "x", "chunk_idx", "total_chunks"]),
+                          st.one_of(st.sampled_from(["QUJD", "WFla", "", "QU==", "a"]),
+                                    st.dictionaries(st.just("data"), st.just("WFla")), st.integers(0, 2))),
+                min_size=1, max_size=6))
+def test_any_arrangement_of_data_fields_reads_as_a_full_parse_does(fields: list[tuple[str, object]]) -> None:
+    payload = "{" + ",".join(f"{orjson.dumps(k).decode()}:{orjson.dumps(v).decode()}" for k, v in fields) + "}"
+
+    def read(raw: bytes | str) -> object:
+        try:
+            return p.decode_chunk(raw)
+        except p.InvalidMessage as exc:
+            return ("invalid", str(exc))
+
+    assert read(payload.encode()) == read(payload)
