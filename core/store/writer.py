@@ -77,7 +77,14 @@ class StoreWriter:
         self.queued_entries += 1
         self._pending += 1
         self._idle.clear()
-        await self._queue.put(entry)
+        try:
+            await self._queue.put(entry)
+        except BaseException:  # cancelled while the queue was full: the entry never went in
+            self.queued_entries -= 1
+            self._pending -= 1
+            if self._pending == 0:
+                self._idle.set()
+            raise
 
     async def write(self, *ops: WriteOp) -> None:
         """Queue writes and wait until they are committed."""

@@ -346,3 +346,23 @@ async def test_both_backends_have_the_same_schema(tmp_path: Path, pg_dsn: str) -
         # PostgreSQL has one extra GIN index on metadata for the @> filter.
         assert set(a[table]["indexes"]) <= set(b[table]["indexes"]), table
     assert [m.id for m in load_migrations("sqlite")] == [m.id for m in load_migrations("postgres")]
+
+
+async def test_a_write_given_up_while_the_queue_is_full_is_not_counted(store: Store) -> None:
+    import asyncio
+
+    writer = StoreWriter(store, max_queue=1)
+    await writer.submit(store.op_insert_task(make_task()))
+    blocked = asyncio.create_task(writer.submit(store.op_insert_task(make_task())))
+    await asyncio.sleep(0.05)
+    assert not blocked.done(), "the queue is full and the writer is not running: the producer waits"
+    blocked.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await blocked
+    assert writer.backlog == 1 and writer.queued_entries == 1
+    loop_task = asyncio.create_task(writer.run())
+    try:
+        await asyncio.wait_for(writer.wait_idle(), 5)  # would wait for ever on the phantom entry
+        assert writer.finished_entries == writer.queued_entries == 1
+    finally:
+        loop_task.cancel()
