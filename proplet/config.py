@@ -244,6 +244,9 @@ def _explain(message: str, prefix: str, values: dict[str, Any]) -> str:
     if not sep:
         return message
     name = where.split("`")[0].split("[")[0]
+    choices = typing.get_args(_FIELD_KINDS.get(name)) if typing.get_origin(_FIELD_KINDS.get(name)) is Literal else ()
+    if choices:
+        text = "must be one of " + ", ".join(map(str, choices))
     return f"{prefix}{name.upper()}={values.get(name)!r}: {text[:1].lower()}{text[1:]}"
 
 

@@ -274,7 +274,7 @@ def test_settings_precedence_booleans_and_errors_naming_the_variable(
     assert s.queued_tasks == 15
     for variable, value, message in (("PROPLET_MAX_CONCURRENT_TASKS", "0", "PROPLET_MAX_CONCURRENT_TASKS='0'"),
                                      ("PROPLET_HTTP_PROXY_PORT", "70000", "<= 65535"),
-                                     ("PROPLET_MQTT_QOS", "3", "PROPLET_MQTT_QOS"),
+                                     ("PROPLET_MQTT_QOS", "3", "PROPLET_MQTT_QOS=3: must be one of 0, 1, 2"),
                                      ("PROPLET_ALLOW_NETWORK", "perhaps", "PROPLET_ALLOW_NETWORK")):
         monkeypatch.setenv(variable, value)
         with pytest.raises(ValueError, match=re.escape(message)):
