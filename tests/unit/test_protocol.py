@@ -246,3 +246,13 @@ def test_any_arrangement_of_data_fields_reads_as_a_full_parse_does(fields: list[
             return ("invalid", str(exc))
 
     assert read(payload.encode()) == read(payload)
+
+
+@settings(max_examples=200, deadline=None)
+@given(chunks())
+def test_a_chunk_is_encoded_as_the_whole_object_dumped_as_json(msg: p.ChunkMessage) -> None:
+    # The encoder splices the base64 in; the bytes must be those of the plain JSON encoding.
+    obj: dict[str, object] = {"app_name": msg.app_name, "chunk_idx": msg.chunk_idx,
+                              "total_chunks": msg.total_chunks, "data": base64.b64encode(msg.data).decode()}
+    obj.update({k: v for k, v in (("digest", msg.digest), ("size", msg.size), ("error", msg.error)) if v})
+    assert p.encode_chunk(msg) == orjson.dumps(obj)
