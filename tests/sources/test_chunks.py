@@ -156,6 +156,30 @@ async def test_a_tag_moved_mid_transfer_restarts_on_the_new_artifact(broker: Mos
         assert await asyncio.wait_for(fetch, 5) == new
 
 
+async def test_a_tag_moved_while_the_last_hash_is_pending_restarts_cleanly() -> None:
+    # Every chunk of the old artifact is in and its completion waits for the hashing thread when a
+    # chunk of the new one arrives (fed synchronously: no turn of the loop in between).
+    old, new = module(300_000), module(3_000)
+    requested = asyncio.Event()
+
+    async def publish(topic: str, payload: bytes) -> None:
+        requested.set()
+
+    source = ChunkSource(publish, "registry/proplet")
+    fetch = asyncio.create_task(source.fetch_with_digest(WasmRef("t1", image_url=REF)))
+    await asyncio.wait_for(requested.wait(), 5)
+    for chunk in chunks_of(REF, old, 100_000):
+        source.on_chunk(chunk)
+    first, *rest = chunks_of(REF, new, 1000)
+    source.on_chunk(first)
+    await asyncio.sleep(0.05)  # the old artifact's completion must not run on the new one's pieces
+    for chunk in rest:
+        source.on_chunk(chunk)
+    data, digest = await asyncio.wait_for(fetch, 5)
+    assert data == new and digest == protocol.sha256_digest(new)
+    assert source.active == ()
+
+
 @pytest.mark.parametrize(("bad", "message"), [
     (ChunkMessage(REF, 1, 7, b"x" * 1000), "disagree on their number"),
     (ChunkMessage(REF, 1, 3, b"x" * 1000, size=999_999), "larger than the proplet's limit"),
