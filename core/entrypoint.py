@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,13 +69,9 @@ def setup_logging(level: str, fmt: str = "text", file: Path | None = None) -> No
     logging.getLogger("aiosqlite").setLevel(max(logging.INFO, root.level))
 
 
-def settings_help(settings_cls: Any, prefix: str) -> str:
-    if hasattr(settings_cls, "describe"):  # the proplet's msgspec settings
-        rows = settings_cls.describe()
-    else:
-        from core.config import describe_settings
-
-        rows = describe_settings(settings_cls, prefix)
+def settings_help(rows: list[tuple[str, str, str]]) -> str:
+    """The --help epilog listing (variable, default, description) rows: `describe_settings(...)` of
+    pydantic settings, `PropletSettings.describe()` of the proplet's."""
     width = max(len(r[0]) for r in rows)
     lines = ["\b", "Environment variables (also keys of the config file section, lower-case without the prefix):"]
     for var, default, desc in rows:
@@ -96,13 +93,11 @@ class LazyEpilogCommand(click.Command):
         super().format_epilog(ctx, formatter)
 
 
-def load_settings(settings_cls: Any, **overrides: Any) -> Any:
+def load_settings(make: Callable[..., Any], **overrides: Any) -> Any:
     """Settings from flags the user typed (None = not typed), the environment and the config
-    file; a clear error instead of a traceback when they are invalid."""
-    given = {k: v for k, v in overrides.items() if v is not None}
+    file, by `make` (a pydantic settings class, or `PropletSettings.load`); a clear error instead
+    of a traceback when they are invalid."""
     try:
-        if hasattr(settings_cls, "load"):  # the proplet's msgspec settings (pydantic stays out of it)
-            return settings_cls.load(**given)
-        return settings_cls(**given)
-    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        return make(**{k: v for k, v in overrides.items() if v is not None})
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError too
         raise click.ClickException(f"invalid configuration: {exc}") from None

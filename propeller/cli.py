@@ -69,9 +69,9 @@ def main(ctx: click.Context, config_file: Path | None, read_only: bool | None, t
 
 
 def _serve_epilog() -> str:
-    from core.config import ManagerSettings
+    from core.config import ManagerSettings, describe_settings
 
-    return settings_help(ManagerSettings, "MANAGER_")
+    return settings_help(describe_settings(ManagerSettings, "MANAGER_"))
 
 
 @main.command(cls=LazyEpilogCommand, epilog_factory=_serve_epilog)

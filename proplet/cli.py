@@ -20,7 +20,7 @@ from core.entrypoint import (
 def _epilog() -> str:
     from proplet.config import PropletSettings
 
-    return settings_help(PropletSettings, "PROPLET_") + (
+    return settings_help(PropletSettings.describe()) + (
         "\n\n\bUpstream's credentials file is read when PROPLET_CONFIG_FILE names one (TOML, section "
         "PROPLET_CONFIG_SECTION, default 'proplet', keys tenant_id, entity_id, api_key, channel_id)."
     )
@@ -39,7 +39,7 @@ def proplet_command(mqtt_address: str | None, entity_id: str | None, log_level: 
     """
     from proplet.config import PropletSettings
 
-    settings = load_settings(PropletSettings, mqtt_address=mqtt_address, entity_id=entity_id or None,
+    settings = load_settings(PropletSettings.load, mqtt_address=mqtt_address, entity_id=entity_id or None,
                              log_level=log_level)
     setup_logging(settings.log_level, log_format)
     try:

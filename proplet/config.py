@@ -15,6 +15,7 @@ import re
 import socket
 import typing
 import uuid
+from collections.abc import Collection
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -171,7 +172,7 @@ class PropletSettings(msgspec.Struct, MqttClientOptions, kw_only=True):
         """Settings from, highest priority first: `overrides` (None = not given), `PROPLET_*` variables,
         upstream's TOML file, the config file's `proplet:` section, defaults. Raises ValueError
         naming the variable when a value is invalid."""
-        names = {f.name for f in msgspec.structs.fields(cls)}
+        names = _FIELD_KINDS.keys()
         values: dict[str, Any] = {}
         values.update(_yaml_section(cls.CONFIG_SECTION, names))
         values.update(_upstream_toml())
@@ -207,10 +208,9 @@ class PropletSettings(msgspec.Struct, MqttClientOptions, kw_only=True):
     @classmethod
     def describe(cls) -> list[tuple[str, str, str]]:
         """(variable, default, description) rows for --help texts."""
-        hints = typing.get_type_hints(cls, include_extras=True)
         rows = []
         for field in msgspec.structs.fields(cls):
-            meta = [m for m in getattr(hints[field.name], "__metadata__", ()) if isinstance(m, Meta)]
+            meta = [m for m in getattr(_HINTS[field.name], "__metadata__", ()) if isinstance(m, Meta)]
             description = meta[0].description if meta and meta[0].description else ""
             if field.default_factory is not msgspec.NODEFAULT:
                 default = "(computed)"
@@ -222,10 +222,12 @@ class PropletSettings(msgspec.Struct, MqttClientOptions, kw_only=True):
         return rows
 
 
+# Each field's annotation (with its Meta), and its type without the Meta.
+_HINTS: dict[str, Any] = typing.get_type_hints(PropletSettings, include_extras=True)
 _FIELD_KINDS: dict[str, Any] = {
-    name: typing.get_args(hint)[0] if typing.get_origin(hint) is Annotated else hint
-    for name, hint in typing.get_type_hints(PropletSettings, include_extras=True).items()
-    if not name.startswith("_") and name.upper() != name
+    field.name: typing.get_args(_HINTS[field.name])[0] if typing.get_origin(_HINTS[field.name]) is Annotated
+    else _HINTS[field.name]
+    for field in msgspec.structs.fields(PropletSettings)
 }
 
 
@@ -250,7 +252,7 @@ def _explain(message: str, prefix: str, values: dict[str, Any]) -> str:
     return f"{prefix}{name.upper()}={values.get(name)!r}: {text[:1].lower()}{text[1:]}"
 
 
-def _yaml_section(section: str, names: set[str]) -> dict[str, Any]:
+def _yaml_section(section: str, names: Collection[str]) -> dict[str, Any]:
     """The given section of the config file (known keys only), or nothing when the file or section is absent."""
     path = paths.default_config_file()
     if not path.is_file():

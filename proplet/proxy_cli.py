@@ -16,9 +16,10 @@ from core.entrypoint import LazyEpilogCommand, load_settings, settings_help, set
 
 
 def _epilog() -> str:
+    from core.config import describe_settings
     from proplet.proxy import ProxySettings
 
-    return settings_help(ProxySettings, "PROXY_")
+    return settings_help(describe_settings(ProxySettings, "PROXY_"))
 
 
 @click.command("proxy", cls=LazyEpilogCommand, epilog_factory=_epilog)

@@ -49,7 +49,6 @@ class StoreWriter:
         # instead of dropping state transitions.
         self._queue: asyncio.Queue[_Entry] = asyncio.Queue(maxsize=max_queue)
         self._max_batch_ops = max_batch_ops
-        self._pending = 0
         # Entries handed to the queue and entries finished (committed or failed), both counted from
         # the start: the queue is FIFO, so `finished >= n` means the first n entries are done.
         self.queued_entries = 0
@@ -60,7 +59,8 @@ class StoreWriter:
 
     @property
     def backlog(self) -> int:
-        return self._pending
+        """Entries queued and not yet committed (or failed)."""
+        return self.queued_entries - self.finished_entries
 
     async def enqueue(self, *ops: WriteOp) -> asyncio.Future[None]:
         """Queue writes; return a future that resolves when they are committed."""
@@ -75,14 +75,12 @@ class StoreWriter:
 
     async def _put(self, entry: _Entry) -> None:
         self.queued_entries += 1
-        self._pending += 1
         self._idle.clear()
         try:
             await self._queue.put(entry)
         except BaseException:  # cancelled while the queue was full: the entry never went in
             self.queued_entries -= 1
-            self._pending -= 1
-            if self._pending == 0:
+            if not self.backlog:
                 self._idle.set()
             raise
 
@@ -92,8 +90,7 @@ class StoreWriter:
 
     async def barrier(self) -> None:
         """Wait until every write queued before this call is committed (read-your-writes)."""
-        if self._pending:
-            await self.write()
+        await self.barrier_for(self.queued_entries)
 
     async def barrier_for(self, entries: int) -> None:
         """Wait until the first `entries` writes ever queued are committed (a no-op when they are)."""
@@ -150,9 +147,8 @@ class StoreWriter:
         self.stats.batches += 1
         self.stats.ops += n_ops
         self.stats.largest_batch = max(self.stats.largest_batch, n_ops)
-        self._pending -= len(batch)
         self.finished_entries += len(batch)
-        if self._pending == 0:
+        if not self.backlog:
             self._idle.set()
 
     def _done(self, entry: _Entry) -> None:

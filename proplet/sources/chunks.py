@@ -26,7 +26,6 @@ import asyncio
 import concurrent.futures
 import hashlib
 import logging
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -54,17 +53,9 @@ _PLAIN_REF_CHARS = frozenset(chr(c) for c in range(0x20, 0x7F)) - set('"\\<>&')
 
 # Chunks are hashed on one worker thread while the loop receives the next ones (hashlib releases
 # the GIL): ~0.3 ms per 512 KB chunk that no longer holds up the transfer. One thread, so the
-# pieces of a transfer go into its hash in the order they were handed over.
-_hash_thread: concurrent.futures.ThreadPoolExecutor | None = None
-_hash_thread_lock = threading.Lock()
-
-
-def _hashing() -> concurrent.futures.ThreadPoolExecutor:
-    global _hash_thread
-    with _hash_thread_lock:
-        if _hash_thread is None:
-            _hash_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="chunk-hash")
-        return _hash_thread
+# pieces of a transfer go into its hash in the order they were handed over; it is started by the
+# first submit, so a proplet that never fetches chunks has none.
+_HASHING = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="chunk-hash")
 
 
 def _needle(ref: str) -> bytes:
@@ -274,7 +265,7 @@ class ChunkSource:
         transfer.pieces[msg.chunk_idx] = msg.data
         transfer.last_progress = time.monotonic()
         while transfer.hashed in transfer.pieces:
-            transfer.last_hash = _hashing().submit(transfer.hasher.update, transfer.pieces[transfer.hashed])
+            transfer.last_hash = _HASHING.submit(transfer.hasher.update, transfer.pieces[transfer.hashed])
             transfer.hashed += 1
         if len(transfer.pieces) == transfer.total and transfer.finishing is None:
             transfer.finishing = asyncio.get_running_loop().create_task(self._complete(transfer))
