@@ -4,9 +4,11 @@
 
 1. Chunks over MQTT, verified: ChunkServer (the manager's blob server / the proxy's engine) →
    Mosquitto → ChunkSource → ModuleFetcher (sha256 checked against the expected digest), against
-   a plain aiomqtt publisher/subscriber moving the same bytes raw (no JSON, no base64) in the
-   same chunk size, QoS and publish window, through the same broker. 1b repeats both with the
-   server in a child process, as when the proxy or manager and the proplet run apart.
+   a plain aiomqtt publisher/subscriber moving the same bytes raw in the same chunk size, QoS and
+   publish window, through the same broker. Chunks go as our proplet asks for them (raw bytes
+   after a JSON header line, on registry/server/binary) and as upstream's proxy sends them
+   (base64 inside JSON). 1b repeats them with the server in a child process, as when the proxy or
+   manager and the proplet run apart.
 2. The OCI proxy end to end (docker-registry + OciProxy), cold (pulled from the registry) and warm
    (served from the proxy's cache), when docker-registry is installed.
 3. HTTP: HttpSource (streams, caps, hashes) against a raw httpx download of the same file from the
@@ -125,8 +127,22 @@ async def raw_mqtt(url: str, data: bytes, chunk_size: int, qos: int, window: int
                 await task
 
 
+def chunk_receiver(topics: Topics, source: Callable[[], ChunkSource | None]) -> Callable[[str, bytes], Awaitable[None]]:
+    """Routes both chunk topics to a ChunkSource, as the agent does."""
+
+    async def on_message(topic: str, payload: bytes) -> None:
+        chunks = source()
+        assert chunks is not None
+        if topic == topics.registry_chunk_binary:
+            chunks.on_binary_payload(payload, topic)
+        else:
+            chunks.on_payload(payload, topic)
+
+    return on_message
+
+
 async def chunk_delivery(url: str, data: bytes, chunk_size: int, qos: int,
-                         runs: int) -> tuple[list[float], ChunkSource]:
+                         runs: int, binary: bool) -> list[float]:
     topics = Topics(f"bench-{uuid.uuid4().hex[:6]}", "default")
     digest = protocol.sha256_digest(data)
     source: ChunkSource | None = None
@@ -136,18 +152,16 @@ async def chunk_delivery(url: str, data: bytes, chunk_size: int, qos: int,
         assert server is not None
         server.submit(protocol.decode_registry_request(payload, topic))
 
-    async def to_source(topic: str, payload: bytes) -> None:
-        assert source is not None
-        source.on_payload(payload, topic)
-
     async def resolve(name: str) -> Artifact:
         return Artifact(data, digest)
 
     server_bus = MqttBus(conn(url, "server", qos), subscriptions=[topics.registry_request], on_message=to_server)
-    proplet_bus = MqttBus(conn(url, "proplet", qos), subscriptions=[topics.registry_chunk], on_message=to_source)
+    proplet_bus = MqttBus(conn(url, "proplet", qos),
+                          subscriptions=[topics.registry_chunk, topics.registry_chunk_binary],
+                          on_message=chunk_receiver(topics, lambda: source))
     server = ChunkServer(server_bus, topics.registry_chunk, resolve=resolve, accepts=lambda _: True,
-                         chunk_size=chunk_size)
-    source = ChunkSource(proplet_bus.publish, topics.registry_request)
+                         chunk_size=chunk_size, binary_topic=topics.registry_chunk_binary)
+    source = ChunkSource(proplet_bus.publish, topics.registry_request, binary=binary)
     fetcher = ModuleFetcher([source])
     async with running(server_bus), running(proplet_bus):
         serving = asyncio.create_task(server.run())
@@ -158,7 +172,7 @@ async def chunk_delivery(url: str, data: bytes, chunk_size: int, qos: int,
             assert got_digest == digest and len(got) == len(data)
 
         try:
-            return await timed(runs, once), source
+            return await timed(runs, once)
         finally:
             serving.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -201,14 +215,15 @@ async def child_server(url: str, domain: str, path: str, qos: int, chunk_size: i
         return Artifact(data, digest)
 
     bus = MqttBus(conn(url, "child", qos), subscriptions=[topics.registry_request], on_message=on_request)
-    server = ChunkServer(bus, topics.registry_chunk, resolve=resolve, accepts=lambda _: True, chunk_size=chunk_size)
+    server = ChunkServer(bus, topics.registry_chunk, resolve=resolve, accepts=lambda _: True, chunk_size=chunk_size,
+                         binary_topic=topics.registry_chunk_binary)
     async with running(bus):
         print("ready", flush=True)
         await server.run()
 
 
 async def cross_process(url: str, data: bytes, chunk_size: int, qos: int, runs: int,
-                        workdir: Path) -> tuple[list[float], list[float]]:
+                        workdir: Path) -> tuple[list[float], list[float], list[float]]:
     topics = Topics(f"bench-{uuid.uuid4().hex[:6]}", "default")
     module_file = workdir / "module.wasm"
     module_file.write_bytes(data)
@@ -222,22 +237,24 @@ async def cross_process(url: str, data: bytes, chunk_size: int, qos: int, runs: 
         digest = protocol.sha256_digest(data)
         received = 0
         done = asyncio.Event()
-        source: ChunkSource | None = None
+        sources: dict[bool, ChunkSource] = {}
+        to_source = chunk_receiver(topics, lambda: sources[current])
+        current = True
 
         async def on_message(topic: str, payload: bytes) -> None:
             nonlocal received
-            assert source is not None
-            if topic == topics.registry_chunk:
-                source.on_payload(payload, topic)
-            else:
+            if topic == raw_topic:
                 received += len(payload)
                 if received >= len(data):
                     done.set()
+            else:
+                await to_source(topic, payload)
 
-        bus = MqttBus(conn(url, "proplet", qos), subscriptions=[topics.registry_chunk, topics.topic("bench/raw")],
+        raw_topic = topics.topic("bench/raw")
+        bus = MqttBus(conn(url, "proplet", qos),
+                      subscriptions=[topics.registry_chunk, topics.registry_chunk_binary, raw_topic],
                       on_message=on_message)
-        source = ChunkSource(bus.publish, topics.registry_request)
-        fetcher = ModuleFetcher([source])
+        sources = {b: ChunkSource(bus.publish, topics.registry_request, binary=b) for b in (True, False)}
         async with running(bus):
             async def raw(i: int) -> None:
                 nonlocal received
@@ -248,10 +265,14 @@ async def cross_process(url: str, data: bytes, chunk_size: int, qos: int, runs: 
                 await done.wait()
 
             async def chunks(i: int) -> None:
-                got, _ = await fetcher.fetch(WasmRef(f"t{i}", image_url=f"bench/x-{i}:v1", digest=digest))
+                fetcher = ModuleFetcher([sources[current]])
+                got, _ = await fetcher.fetch(WasmRef(f"t{i}", image_url=f"bench/x-{current}-{i}:v1", digest=digest))
                 assert len(got) == len(data)
 
-            return await timed(runs, raw), await timed(runs, chunks)
+            raw_times = await timed(runs, raw)
+            binary_times = await timed(runs, chunks)
+            current = False
+            return raw_times, binary_times, await timed(runs, chunks)
     finally:
         child.terminate()
         await child.wait()
@@ -260,7 +281,8 @@ async def cross_process(url: str, data: bytes, chunk_size: int, qos: int, runs: 
 # ---- 2. the OCI proxy --------------------------------------------------------------------------
 
 
-async def proxy_delivery(url: str, data: bytes, qos: int, runs: int, workdir: Path) -> tuple[float, list[float]] | None:
+async def proxy_delivery(url: str, data: bytes, qos: int, runs: int, workdir: Path,
+                         binary: bool) -> tuple[float, list[float]] | None:
     import shutil
 
     if shutil.which("docker-registry") is None:
@@ -276,13 +298,10 @@ async def proxy_delivery(url: str, data: bytes, qos: int, runs: int, workdir: Pa
         settings = ProxySettings(mqtt_address=url, tenant_id=topics.domain, mqtt_qos=qos,
                                  entity_id=f"bench-proxy-{uuid.uuid4().hex[:6]}")
         source: ChunkSource | None = None
-
-        async def to_source(topic: str, payload: bytes) -> None:
-            assert source is not None
-            source.on_payload(payload, topic)
-
-        proplet_bus = MqttBus(conn(url, "proplet", qos), subscriptions=[topics.registry_chunk], on_message=to_source)
-        source = ChunkSource(proplet_bus.publish, topics.registry_request)
+        proplet_bus = MqttBus(conn(url, "proplet", qos),
+                              subscriptions=[topics.registry_chunk, topics.registry_chunk_binary],
+                              on_message=chunk_receiver(topics, lambda: source))
+        source = ChunkSource(proplet_bus.publish, topics.registry_request, binary=binary)
         fetcher = ModuleFetcher([source])
         async with OciProxy(settings) as proxy, running(proplet_bus):
             await proxy.wait_connected(10)
@@ -356,6 +375,7 @@ def cpu_breakdown(data: bytes, chunk_size: int) -> None:
     messages = [protocol.ChunkMessage("bench/m:v1", i, len(pieces), p, digest=digest, size=len(data))
                 for i, p in enumerate(pieces)]
     payloads = [protocol.encode_chunk(m) for m in messages]
+    binary_payloads = [protocol.encode_binary_chunk(m) for m in messages]
     import base64
     import binascii
 
@@ -370,27 +390,15 @@ def cpu_breakdown(data: bytes, chunk_size: int) -> None:
          clock(lambda: [base64.b64decode(t, validate=True) for t in texts])),
         ("  binascii.a2b_base64(strict_mode=True)",
          clock(lambda: [binascii.a2b_base64(t, strict_mode=True) for t in texts])),
+        ("encode_binary_chunk (header + bytes)", clock(lambda: [protocol.encode_binary_chunk(m) for m in messages])),
+        ("decode_binary_chunk", clock(lambda: [protocol.decode_binary_chunk(p) for p in binary_payloads])),
         ("sha256 of the module", clock(lambda: hashlib.sha256(data).digest())),
         ("b''.join of the chunks", clock(lambda: b"".join(pieces))),
     ]
-    print(f"  (payload on the wire: {sum(map(len, payloads)) / MiB:.2f} MiB for {len(data) / MiB:.2f} MiB of module)")
+    print(f"  (payload on the wire: {sum(map(len, payloads)) / MiB:.2f} MiB as JSON chunks, "
+          f"{sum(map(len, binary_payloads)) / MiB:.2f} MiB as binary ones, for {len(data) / MiB:.2f} MiB of module)")
     for label, seconds in rows:
         print(f"  {label:<44} {seconds * 1000:7.1f} ms  {len(data) / seconds / 1e6:8.0f} MB/s")
-
-
-async def with_pybase64(url: str, data: bytes, args: argparse.Namespace, base: float) -> None:
-    try:
-        import pybase64
-    except ImportError:
-        print("  with pybase64: not importable (pip install pybase64 to see the figure)")
-        return
-    standard = protocol.base64
-    protocol.base64 = pybase64  # type: ignore[assignment]  # same b64encode/b64decode signatures
-    try:
-        times, _ = await chunk_delivery(url, data, args.chunk_size, args.qos, args.runs)
-        line("  same, core.protocol using pybase64", len(data), times, base)
-    finally:
-        protocol.base64 = standard
 
 
 async def main() -> None:
@@ -401,9 +409,6 @@ async def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=protocol.UPSTREAM_CHUNK_SIZE)
     parser.add_argument("--child-server", nargs=5, metavar=("URL", "DOMAIN", "FILE", "QOS", "CHUNK"),
                         help=argparse.SUPPRESS)
-    parser.add_argument("--pybase64", action="store_true",
-                        help="also run section 1 with core.protocol's base64 swapped for pybase64 (SIMD), if "
-                        "importable: what the chunk path would do with that dependency")
     args = parser.parse_args()
     if args.child_server:
         url, domain, path, qos, chunk = args.child_server
@@ -421,24 +426,26 @@ async def main() -> None:
             print("\n1. chunks over MQTT (verified) vs raw MQTT publish of the same bytes")
             raw = await raw_mqtt(broker.url, data, args.chunk_size, args.qos, 8, args.runs)
             base = line("raw aiomqtt pub -> sub (binary, window 8)", size, raw)
-            chunk_times, _ = await chunk_delivery(broker.url, data, args.chunk_size, args.qos, args.runs)
-            line("ChunkServer -> ChunkSource -> ModuleFetcher", size, chunk_times, base)
-            if args.pybase64:
-                await with_pybase64(broker.url, data, args, base)
+            for binary, label in ((True, "binary chunks"), (False, "JSON chunks (upstream's)")):
+                times = await chunk_delivery(broker.url, data, args.chunk_size, args.qos, args.runs, binary)
+                line(f"ChunkServer -> ChunkSource, {label}", size, times, base)
 
             print("\n1b. the same with the server in a process of its own (proxy or manager and proplet apart)")
-            raw_x, chunks_x = await cross_process(broker.url, data, args.chunk_size, args.qos, args.runs, Path(tmp))
+            raw_x, binary_x, json_x = await cross_process(broker.url, data, args.chunk_size, args.qos, args.runs,
+                                                          Path(tmp))
             base_x = line("raw binary pieces, child -> this process", size, raw_x)
-            line("ChunkServer (child) -> ChunkSource, verified", size, chunks_x, base_x)
+            line("ChunkServer (child) -> ChunkSource, binary", size, binary_x, base_x)
+            line("ChunkServer (child) -> ChunkSource, JSON", size, json_x, base_x)
 
             print("\n2. OCI proxy end to end (docker-registry -> OciProxy -> ChunkSource, verified)")
-            proxy = await proxy_delivery(broker.url, data, args.qos, args.runs, Path(tmp))
-            if proxy is None:
-                print("  skipped: docker-registry is not installed (apt-get install docker-registry)")
-            else:
+            for binary, label in ((True, "binary chunks"), (False, "JSON chunks")):
+                proxy = await proxy_delivery(broker.url, data, args.qos, args.runs, Path(tmp), binary)
+                if proxy is None:
+                    print("  skipped: docker-registry is not installed (apt-get install docker-registry)")
+                    break
                 cold, warm = proxy
-                line("cold (registry pull + chunks)", size, [cold])
-                line("warm (proxy cache + chunks)", size, warm, base)
+                line(f"cold (registry pull + {label})", size, [cold])
+                line(f"warm (proxy cache + {label})", size, warm, base)
         finally:
             broker.stop()
 

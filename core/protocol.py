@@ -6,13 +6,15 @@ required field or a field of the wrong type. Nothing else escapes a decoder.
 
 Extensions beyond upstream are optional fields that upstream peers ignore: `wasm_digest`, `limits`,
 `attempt` and `traceparent` on start; `traceparent` on every message; `status: "offline"` on alive;
-`digest`/`size` on chunks and `missing` on registry requests; and two extra topics (task_state,
-result_ack) that upstream peers never subscribe to.
+`digest`/`size` on chunks and `missing`/`encoding` on registry requests; and three extra topics
+(task_state, result_ack, and registry/server/binary for chunks of raw bytes) that upstream peers
+never subscribe to.
 """
 
 from __future__ import annotations
 
 import binascii
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -718,13 +720,25 @@ def decode_task_state(
 class RegistryRequest:
     """`registry/proplet`: ask for the chunks of an artifact (upstream §3.10).
 
-    Extension: `missing` lists the only chunk indexes wanted (a resumed transfer).
+    Extensions: `missing` lists the only chunk indexes wanted (a resumed transfer); `encoding`
+    "binary" asks for chunks of raw bytes on `registry/server/binary` instead of base64 JSON on
+    `registry/server` (a server that does not know the field answers in JSON, which the asker
+    also reads).
     """
 
     app_name: str
     missing: tuple[int, ...] = ()
     proplet_id: str = ""
     traceparent: str = ""
+    encoding: str = ""
+
+    @property
+    def wants_binary(self) -> bool:
+        return self.encoding == CHUNK_ENCODING_BINARY
+
+
+# RegistryRequest.encoding: raw-byte chunks. Anything else (upstream sends nothing) means JSON.
+CHUNK_ENCODING_BINARY = "binary"
 
 
 def encode_registry_request(msg: RegistryRequest) -> bytes:
@@ -732,6 +746,7 @@ def encode_registry_request(msg: RegistryRequest) -> bytes:
     _put_if(obj, "missing", list(msg.missing))
     _put_if(obj, "proplet_id", msg.proplet_id)
     _put_if(obj, "traceparent", msg.traceparent)
+    _put_if(obj, "encoding", msg.encoding)
     return _dumps(obj)
 
 
@@ -744,6 +759,7 @@ def decode_registry_request(
         missing=r.opt_int_list("missing"),
         proplet_id=r.opt_str("proplet_id"),
         traceparent=r.opt_str("traceparent"),
+        encoding=r.opt_str("encoding"),
     )
 
 
@@ -760,7 +776,9 @@ class ChunkMessage:
     app_name: str
     chunk_idx: int
     total_chunks: int
-    data: bytes
+    # A view of a binary chunk's payload, or of the artifact a server is cutting into chunks;
+    # bytes otherwise.
+    data: bytes | memoryview
     digest: str = ""
     size: int = 0
     error: str = ""
@@ -817,6 +835,11 @@ def decode_chunk(payload: bytes | str, topic: str = "registry/server") -> ChunkM
             r = _Reader(payload, topic)
     else:
         r = _Reader(payload, topic)
+    return _read_chunk(r, lambda: r.opt_base64("data") if data_text is None else r.base64_text("data", data_text))
+
+
+def _read_chunk(r: _Reader, data: Callable[[], bytes]) -> ChunkMessage:
+    """The fields every chunk has; `data` is read once they are valid."""
     total = r.req_int("total_chunks", minimum=1)
     idx = r.req_int("chunk_idx", minimum=0)
     if idx >= total:
@@ -828,11 +851,47 @@ def decode_chunk(payload: bytes | str, topic: str = "registry/server") -> ChunkM
         app_name=r.req_str("app_name"),
         chunk_idx=idx,
         total_chunks=total,
-        data=r.opt_base64("data") if data_text is None else r.base64_text("data", data_text),
+        data=data(),
         digest=digest,
         size=r.opt_int("size", 0, minimum=0) or 0,
         error=r.opt_str("error"),
     )
+
+
+# A binary chunk (`registry/server/binary`) is the JSON chunk's fields but `data` on one line, a
+# newline, then the chunk's bytes as they are: 25% fewer bytes on the wire than base64 and nothing
+# to decode. JSON never needs a raw newline, so the first one ends the header.
+_BINARY_HEAD_MAX = 64 * 1024
+
+
+def encode_binary_chunk(msg: ChunkMessage) -> bytes:
+    head: dict[str, Any] = {"app_name": msg.app_name, "chunk_idx": msg.chunk_idx, "total_chunks": msg.total_chunks}
+    _put_if(head, "digest", msg.digest)
+    _put_if(head, "size", msg.size)
+    _put_if(head, "error", msg.error)
+    return b"".join((_dumps(head), b"\n", msg.data))
+
+
+def decode_binary_chunk(payload: bytes, topic: str = "registry/server/binary") -> ChunkMessage:
+    chunk = decode_binary_chunk_for(None, payload, topic)
+    assert chunk is not None
+    return chunk
+
+
+def decode_binary_chunk_for(refs: Container[str] | None, payload: bytes,
+                            topic: str = "registry/server/binary") -> ChunkMessage | None:
+    """A binary chunk, or None when its `app_name` is not in `refs` (its data is not copied)."""
+    end = payload.find(b"\n", 0, _BINARY_HEAD_MAX)
+    if end < 0:
+        raise InvalidMessage(topic, "a binary chunk must start with a JSON header line ended by a newline")
+    r = _Reader(payload[:end], topic)
+    name = r.obj.get("app_name")
+    if refs is not None and not (isinstance(name, str) and name in refs):
+        return None
+    if "data" in r.obj:
+        raise r.fail("a binary chunk carries its data after the header line, not in a 'data' field")
+    # A view, not a copy: a transfer keeps the chunk until the module is joined.
+    return _read_chunk(r, lambda: memoryview(payload)[end + 1:])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -198,7 +198,7 @@ class ManagerCore:
         )
         self.chunks = ChunkServer(
             self.bus, self.topics.registry_chunk, resolve=self._resolve_blob, accepts=is_blob_ref,
-            chunk_size=self.settings.chunk_size,
+            chunk_size=self.settings.chunk_size, binary_topic=self.topics.registry_chunk_binary,
         )
         self._spawn(self.bus.run(), "mqtt")
         self._spawn(self.chunks.run(), "chunk-server")

@@ -23,11 +23,14 @@ TASK_METRICS = "control/proplet/task_metrics"
 TASK_STATE = "control/proplet/task_state"
 REGISTRY_REQUEST = "registry/proplet"
 REGISTRY_CHUNK = "registry/server"
+# Extension: chunks of raw bytes for requests that ask for them (`encoding: "binary"`). A topic of
+# its own, so upstream peers subscribed to registry/server never see a payload they cannot parse.
+REGISTRY_CHUNK_BINARY = "registry/server/binary"
 
 MANAGER_INBOUND = (
     CREATE, ALIVE, RESULTS, INVOKE_RESULTS, METRICS, TASK_METRICS, TASK_STATE,
 )
-PROPLET_INBOUND = (START, STOP, INVOKE, RESULT_ACK, REGISTRY_CHUNK)
+PROPLET_INBOUND = (START, STOP, INVOKE, RESULT_ACK, REGISTRY_CHUNK, REGISTRY_CHUNK_BINARY)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +104,10 @@ class Topics:
     @property
     def registry_chunk(self) -> str:
         return self.topic(REGISTRY_CHUNK)
+
+    @property
+    def registry_chunk_binary(self) -> str:
+        return self.topic(REGISTRY_CHUNK_BINARY)
 
     def manager_subscriptions(self) -> list[str]:
         return [self.topic(s) for s in MANAGER_INBOUND]

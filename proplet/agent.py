@@ -124,7 +124,8 @@ class PropletAgent:
         self.http = HttpSource(max_bytes=s.wasm_fetch_max_bytes, ca_file=s.http_tls_ca_cert,
                                insecure_skip_verify=s.http_tls_insecure_skip_verify)
         self.chunks = ChunkSource(self._publish_now, self.topics.registry_request, proplet_id=self.id,
-                                  stall_timeout=s.chunk_stall_timeout, max_bytes=s.wasm_fetch_max_bytes)
+                                  stall_timeout=s.chunk_stall_timeout, max_bytes=s.wasm_fetch_max_bytes,
+                                  binary=True)
         self.fetcher = ModuleFetcher([InlineSource(), self.http, self.chunks])
         self._spawn(self.bus.run(), "mqtt")
         self._spawn(self._heartbeats(), "heartbeats")
@@ -248,6 +249,10 @@ class PropletAgent:
         if suffix == t.REGISTRY_CHUNK:
             assert self.chunks is not None
             self.chunks.on_payload(payload, topic)
+            return
+        if suffix == t.REGISTRY_CHUNK_BINARY:
+            assert self.chunks is not None
+            self.chunks.on_binary_payload(payload, topic)
             return
         try:
             if suffix == t.START:

@@ -525,7 +525,7 @@ class OciProxy:
         self.chunks = ChunkServer(
             self.bus, self.topics.registry_chunk, resolve=self._resolve, accepts=self.accepts,
             chunk_size=s.chunk_size, workers=s.workers, max_queued=s.max_queued,
-            cache=_RefCache(s.cache_bytes, s.tag_ttl),
+            cache=_RefCache(s.cache_bytes, s.tag_ttl), binary_topic=self.topics.registry_chunk_binary,
         )
         self._spawn(self.bus.run(), "proxy-mqtt")
         self._spawn(self.chunks.run(), "proxy-chunks")

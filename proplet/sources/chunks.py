@@ -4,6 +4,12 @@
 The proplet publishes a `RegistryRequest` on `registry/proplet`; the server answers with chunks on
 `registry/server`, one topic shared by every artifact. Beyond upstream, compatibly:
 
+- With `binary`, requests ask for chunks of raw bytes (`encoding: "binary"`), which our proxy and
+  manager publish on `registry/server/binary`: a quarter fewer bytes on the wire and no base64 to
+  decode. A server that ignores the field (upstream's proxy) answers in JSON, read as before. When
+  nothing arrives by the first stall (a broker ACL that predates that topic drops them silently),
+  the transfer asks again for JSON, and once JSON then arrives the source asks for JSON from then on.
+
 - Only refs this proplet asked for are buffered; other chunks are dropped on arrival, before their
   base64 is even decoded when `on_payload` is used (upstream buffers everything, defect 17).
 - A stall (no new chunk for `stall_timeout` s) is answered with a request for just the missing
@@ -70,6 +76,10 @@ class ChunkCounters:
     requests: int = 0
     resumes: int = 0
     chunks: int = 0
+    # Of `chunks`, those that came as raw bytes (registry/server/binary).
+    binary_chunks: int = 0
+    # Transfers that asked for binary chunks, got nothing by the first stall and asked for JSON.
+    json_fallbacks: int = 0
     duplicates: int = 0
     ignored: int = 0
     invalid: int = 0
@@ -94,6 +104,9 @@ class _Transfer:
     resumes: int = 0
     restarts: int = 0
     waiters: int = 0
+    encoding: str = ""
+    # Asked for binary chunks, got nothing by the first stall and asked again for JSON ones.
+    fell_back: bool = False
     # The contiguous prefix [0, hashed) is already in `hasher`: in-order arrival (the usual case)
     # hashes as it goes, so completion costs no extra pass over the module.
     hasher: hashlib._Hash = field(default_factory=hashlib.sha256)
@@ -143,6 +156,7 @@ class ChunkSource:
         transfer_timeout: float = 300.0,
         max_bytes: int = DEFAULT_MAX_MODULE_BYTES,
         max_transfers: int = 8,
+        binary: bool = False,
     ) -> None:
         if stall_timeout <= 0 or transfer_timeout <= 0:
             raise ValueError("stall_timeout and transfer_timeout must be positive")
@@ -153,6 +167,9 @@ class ChunkSource:
         self.max_resumes = max_resumes
         self.transfer_timeout = transfer_timeout
         self.max_bytes = max_bytes
+        # Only when the caller feeds `registry/server/binary` to on_binary_payload: the answers to
+        # such requests arrive nowhere else.
+        self.encoding = protocol.CHUNK_ENCODING_BINARY if binary else ""
         self._slots = asyncio.Semaphore(max_transfers)
         self._transfers: dict[str, _Transfer] = {}
         self.counters = ChunkCounters()
@@ -215,6 +232,30 @@ class ChunkSource:
             self.counters.invalid += 1
             log.warning("dropped a chunk: %s", exc)
             return
+        transfer = self._transfers.get(message.app_name)
+        if transfer is not None and transfer.fell_back and self.encoding:
+            self.encoding = ""
+            log.warning("binary chunks of %s never arrived but JSON ones do: the broker probably does not let "
+                        "registry/server/binary through (see docs/mosquitto/acl.conf); this proplet asks for "
+                        "JSON chunks from now on", transfer.ref)
+        self.on_chunk(message)
+
+    def on_binary_payload(self, payload: bytes, topic: str = "registry/server/binary") -> None:
+        """A raw `registry/server/binary` message; chunks of refs nobody here waits for are dropped
+        after reading their header line."""
+        if not self._transfers:
+            self.counters.ignored += 1
+            return
+        try:
+            message = protocol.decode_binary_chunk_for(self._transfers, payload, topic)
+        except InvalidMessage as exc:
+            self.counters.invalid += 1
+            log.warning("dropped a chunk: %s", exc)
+            return
+        if message is None:
+            self.counters.ignored += 1
+            return
+        self.counters.binary_chunks += 1
         self.on_chunk(message)
 
     def on_chunk(self, msg: ChunkMessage) -> None:
@@ -277,7 +318,7 @@ class ChunkSource:
         future: asyncio.Future[tuple[bytes, str]] = asyncio.get_running_loop().create_future()
         # Mark a failure as seen even when every waiter was cancelled at the same moment.
         future.add_done_callback(lambda f: f.cancelled() or f.exception())
-        transfer = _Transfer(ref, future, now, now, needle=_needle(ref))
+        transfer = _Transfer(ref, future, now, now, needle=_needle(ref), encoding=self.encoding)
         self._transfers[ref] = transfer
         return transfer
 
@@ -323,7 +364,7 @@ class ChunkSource:
     async def _request(self, transfer: _Transfer, *, initial: bool = False) -> None:
         missing = () if initial else transfer.missing()
         payload = protocol.encode_registry_request(
-            RegistryRequest(transfer.ref, missing=missing, proplet_id=self.proplet_id))
+            RegistryRequest(transfer.ref, missing=missing, proplet_id=self.proplet_id, encoding=transfer.encoding))
         transfer.requests += 1
         self.counters.requests += 1
         try:
@@ -361,8 +402,13 @@ class ChunkSource:
             transfer.resumes += 1
             transfer.last_progress = now
             self.counters.resumes += 1
-            log.info("%s stalled (%s); asking again for %s", transfer.ref, self._progress(transfer),
-                     f"{len(transfer.missing())} missing chunks" if transfer.total else "the whole artifact")
+            if transfer.encoding and transfer.total is None:
+                transfer.encoding = ""
+                transfer.fell_back = True
+                self.counters.json_fallbacks += 1
+            log.info("%s stalled (%s); asking again for %s%s", transfer.ref, self._progress(transfer),
+                     f"{len(transfer.missing())} missing chunks" if transfer.total else "the whole artifact",
+                     " as JSON chunks" if transfer.fell_back else "")
             await self._request(transfer)
         return transfer.future.result()
 

@@ -91,6 +91,8 @@ MALFORMED_FOR_PROPLET = [
     (t.RESULT_ACK, b'{"task_id": 1}'),
     (t.REGISTRY_CHUNK, b'{"app_name": "x", "chunk_idx": 9, "total_chunks": 2, "data": "AA=="}'),
     (t.REGISTRY_CHUNK, b"garbage"),
+    (t.REGISTRY_CHUNK_BINARY, b"no header line"),
+    (t.REGISTRY_CHUNK_BINARY, b'{"app_name": 7}\n\x00asm'),
     (t.START, b'{"id": "' + b"y" * 3_000_000 + b'", "name": "x", "image_url": "z", "proplet_id": "another"}'),
 ]
 
@@ -107,7 +109,7 @@ async def test_malformed_messages_to_a_running_proplet(manager: Any, broker: Any
         await attacker.publish(t.RESULT_ACK, {"task_id": "no-such-task", "proplet_id": "mal-p", "attempt": 1})
         # Counted: everything but the chunks (dropped unread: nobody asked for them) and the last start,
         # which is valid JSON for a task this proplet does not run (it is not addressed to it).
-        expected = sum(1 for s, _ in MALFORMED_FOR_PROPLET if s != t.REGISTRY_CHUNK) - 1
+        expected = sum(1 for s, _ in MALFORMED_FOR_PROPLET if s not in (t.REGISTRY_CHUNK, t.REGISTRY_CHUNK_BINARY)) - 1
         await eventually(lambda: agent.counters.rejected_messages >= expected, 10)
         done = await run(manager, {"name": "add", "file": b64(wasm("add")), "inputs": [1, 2]})
         assert done.results == "3" and agent.counters.started == 1

@@ -18,7 +18,7 @@ from core import protocol
 from core.chunks import Artifact, ArtifactUnavailable, ChunkServer
 from core.lifecycle import cancel_and_wait
 from core.mqtt import MqttBus, MqttConnection, make_client, parse_broker_url
-from core.protocol import ChunkMessage, RegistryRequest, decode_chunk
+from core.protocol import ChunkMessage, RegistryRequest, decode_binary_chunk, decode_chunk
 from core.topics import Topics
 from proplet.sources import ChunkSource
 from tests.conftest import unique
@@ -50,14 +50,21 @@ async def running(bus: MqttBus) -> AsyncIterator[MqttBus]:
 @asynccontextmanager
 async def proplet_side(broker_url: str, topics: Topics, **options: Any) -> AsyncIterator[ChunkSource]:
     """A ChunkSource wired to its own MQTT connection, the way the agent does it: requests go out
-    through the bus's publish, every `registry/server` payload goes to `on_payload`."""
+    through the bus's publish, every `registry/server` payload goes to `on_payload` and, with
+    `binary=True`, every `registry/server/binary` payload to `on_binary_payload`."""
     source: ChunkSource | None = None
 
     async def on_message(topic: str, payload: bytes) -> None:
         assert source is not None
-        source.on_payload(payload, topic)
+        if topic == topics.registry_chunk_binary:
+            source.on_binary_payload(payload, topic)
+        else:
+            source.on_payload(payload, topic)
 
-    bus = MqttBus(connection(broker_url, "proplet"), subscriptions=[topics.registry_chunk],
+    subscriptions = [topics.registry_chunk]
+    if options.get("binary"):
+        subscriptions.append(topics.registry_chunk_binary)
+    bus = MqttBus(connection(broker_url, "proplet"), subscriptions=subscriptions,
                   on_message=on_message, name="proplet")
     source = ChunkSource(bus.publish, topics.registry_request, proplet_id=bus.conn.client_id, **options)
     async with running(bus):
@@ -95,6 +102,8 @@ async def chunk_server(broker_url: str, topics: Topics, artifacts: dict[str, byt
 
     bus = MqttBus(connection(broker_url, "server"), subscriptions=[topics.registry_request],
                   on_message=on_message, name="server")
+    # Like the manager's and the proxy's, unless a test passes binary_topic=None (upstream's proxy).
+    options.setdefault("binary_topic", topics.registry_chunk_binary)
     server = server_cls(bus, topics.registry_chunk, resolve=resolver(artifacts), accepts=lambda _: True, **options)
     holder = RecordingServer(server)
     async with running(bus):
@@ -116,13 +125,13 @@ class LossyChunkServer(ChunkServer):
         self.lose = set(lose)
         self.lost: list[int] = []
 
-    async def _publish(self, payload: bytes) -> None:
-        message = decode_chunk(payload)
+    async def _publish(self, topic: str, payload: bytes) -> None:
+        message = decode_binary_chunk(payload) if topic == self.binary_topic else decode_chunk(payload)
         if message.chunk_idx in self.lose and not message.error:
             self.lose.discard(message.chunk_idx)
             self.lost.append(message.chunk_idx)
             return
-        await super()._publish(payload)
+        await super()._publish(topic, payload)
 
 
 class RawChunkPublisher:
@@ -170,6 +179,11 @@ class RawChunkPublisher:
         assert self._client is not None
         payload = message if isinstance(message, bytes) else protocol.encode_chunk(message)
         await self._client.publish(self.topics.registry_chunk, payload, qos=1)
+
+    async def send_binary(self, message: ChunkMessage | bytes) -> None:
+        assert self._client is not None
+        payload = message if isinstance(message, bytes) else protocol.encode_binary_chunk(message)
+        await self._client.publish(self.topics.registry_chunk_binary, payload, qos=1)
 
 
 async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:

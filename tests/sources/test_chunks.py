@@ -32,16 +32,64 @@ def module(size: int) -> bytes:
     return b"\0asm\1\0\0\0" + os.urandom(size - 8)
 
 
-async def test_in_order_transfer_reassembles_and_reports_the_digest(broker: Mosquitto, topics) -> None:
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+async def test_in_order_transfer_reassembles_and_reports_the_digest(broker: Mosquitto, topics, binary) -> None:
     data = module(9_500)
     async with chunk_server(broker.url, topics, {REF: data}, chunk_size=1000) as server, \
-            proplet_side(broker.url, topics) as source:
+            proplet_side(broker.url, topics, binary=binary) as source:
         got, digest = await source.fetch_with_digest(WasmRef("t1", image_url=REF))
     assert got == data
     assert digest == protocol.sha256_digest(data)
-    assert [r.missing for r in server.requests] == [()]
+    assert [(r.missing, r.encoding) for r in server.requests] == [((), "binary" if binary else "")]
     assert source.counters.chunks == 10 and source.counters.resumes == 0
+    assert source.counters.binary_chunks == (10 if binary else 0)
     assert source.active == () and source.buffered_bytes() == 0
+
+
+async def test_a_binary_request_to_a_server_without_binary_chunks_is_answered_in_json(broker: Mosquitto,
+                                                                                     topics) -> None:
+    # Upstream's proxy ignores `encoding` and answers on registry/server as always.
+    data = module(5_000)
+    async with chunk_server(broker.url, topics, {REF: data}, chunk_size=1000, binary_topic=None) as server, \
+            proplet_side(broker.url, topics, binary=True) as source:
+        got = await asyncio.wait_for(source.fetch(WasmRef("t1", image_url=REF)), 5)
+    assert got == data
+    assert server.requests[0].encoding == "binary"
+    assert source.counters.chunks == 5 and source.counters.binary_chunks == 0
+
+
+async def test_binary_chunks_that_never_arrive_fall_back_to_json_for_good(broker: Mosquitto, topics) -> None:
+    # As behind a broker ACL written before registry/server/binary existed: the server publishes
+    # binary chunks where this proplet never receives them.
+    data = module(3_000)
+    async with chunk_server(broker.url, topics, {REF: data, "other/app:v2": data}, chunk_size=1000,
+                            binary_topic=topics.topic("registry/server/dropped")) as server, \
+            proplet_side(broker.url, topics, binary=True, stall_timeout=0.3) as source:
+        assert await asyncio.wait_for(source.fetch(WasmRef("t1", image_url=REF)), 5) == data
+        assert await asyncio.wait_for(source.fetch(WasmRef("t2", image_url="other/app:v2")), 5) == data
+    assert [r.encoding for r in server.requests] == ["binary", "", ""]
+    assert source.counters.json_fallbacks == 1 and source.counters.resumes == 1
+
+
+async def test_binary_chunks_of_other_refs_are_dropped_unread_and_malformed_ones_counted(broker: Mosquitto,
+                                                                                       topics) -> None:
+    data = module(3_000)
+    async with RawChunkPublisher(broker.url, topics) as raw, proplet_side(broker.url, topics, binary=True) as source:
+        fetch = asyncio.create_task(source.fetch(WasmRef("t1", image_url=REF)))
+        await raw.wait_requests(1)
+        for chunk in chunks_of("other/app:1", module(4_000), 1000):
+            await raw.send_binary(chunk)
+        await raw.send_binary(b"no header line at all")
+        await raw.send_binary(b"[1, 2]\n\0asm")
+        await raw.send_binary(json.dumps({"app_name": REF, "chunk_idx": 0, "total_chunks": 3, "data": "AA=="}).encode()
+                              + b"\n\0asm")
+        await raw.send_binary(json.dumps({"app_name": REF, "chunk_idx": 3, "total_chunks": 3}).encode() + b"\nxx")
+        for chunk in chunks_of(REF, data, 1000):
+            await raw.send_binary(chunk)
+        assert await asyncio.wait_for(fetch, 5) == data
+    assert source.counters.ignored == 4
+    assert source.counters.invalid == 4
+    assert source.counters.binary_chunks == 3
 
 
 async def test_out_of_order_and_duplicated_chunks(broker: Mosquitto, topics) -> None:
@@ -60,22 +108,27 @@ async def test_out_of_order_and_duplicated_chunks(broker: Mosquitto, topics) -> 
     assert source.counters.resumes == 0
 
 
-async def test_a_lost_chunk_is_asked_for_again_and_the_module_still_verifies(broker: Mosquitto, topics) -> None:
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+async def test_a_lost_chunk_is_asked_for_again_and_the_module_still_verifies(broker: Mosquitto, topics,
+                                                                             binary) -> None:
     data = module(10_000)
     async with chunk_server(broker.url, topics, {REF: data}, server_cls=LossyChunkServer, lose={3},
                             chunk_size=1000) as server, \
-            proplet_side(broker.url, topics, stall_timeout=0.3) as source:
+            proplet_side(broker.url, topics, stall_timeout=0.3, binary=binary) as source:
         got, digest = await source.fetch_with_digest(WasmRef("t1", image_url=REF))
     assert got == data and digest == protocol.sha256_digest(data)
     assert server.server.lost == [3]  # type: ignore[attr-defined]
     # The first request asked for everything, the resume only for the lost index.
     assert [r.missing for r in server.requests] == [(), (3,)]
+    assert {r.encoding for r in server.requests} == {"binary" if binary else ""}
     assert source.counters.resumes == 1
 
 
-async def test_an_error_chunk_fails_the_fetch_at_once_with_the_servers_reason(broker: Mosquitto, topics) -> None:
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+async def test_an_error_chunk_fails_the_fetch_at_once_with_the_servers_reason(broker: Mosquitto, topics,
+                                                                              binary) -> None:
     async with chunk_server(broker.url, topics, {}) as _, \
-            proplet_side(broker.url, topics, stall_timeout=30) as source:
+            proplet_side(broker.url, topics, stall_timeout=30, binary=binary) as source:
         # Far below the stall timeout: the failure comes from the error chunk, not from waiting.
         with pytest.raises(FetchError, match=r"no artifact named registry\.example/wasm/app:v1 here"):
             await asyncio.wait_for(source.fetch(WasmRef("t1", image_url=REF)), 5)

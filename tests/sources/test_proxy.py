@@ -30,13 +30,14 @@ def module(size: int) -> bytes:
 
 
 @asynccontextmanager
-async def proxy_and_proplet(broker: Mosquitto, **settings: Any) -> AsyncIterator[tuple[OciProxy, ChunkSource]]:
+async def proxy_and_proplet(broker: Mosquitto, *, binary: bool = False,
+                            **settings: Any) -> AsyncIterator[tuple[OciProxy, ChunkSource]]:
     topics = Topics(unique("t"), "default")
     values: dict[str, Any] = {"mqtt_address": broker.url, "tenant_id": topics.domain,
                               "entity_id": unique("proxy"), "mqtt_timeout": 5.0}
     values.update(settings)
     async with OciProxy(ProxySettings(**values)) as proxy, \
-            proplet_side(broker.url, topics, stall_timeout=10, max_resumes=1) as source:
+            proplet_side(broker.url, topics, stall_timeout=10, max_resumes=1, binary=binary) as source:
         await proxy.wait_connected(5)
         yield proxy, source
 
@@ -96,16 +97,18 @@ async def test_not_a_reference_is_refused_with_the_expected_form(broker: Mosquit
             await asyncio.wait_for(source.fetch(WasmRef("a", image_url="ftp://x/y:1")), 5)
 
 
-async def test_a_10_mb_module_arrives_intact(broker: Mosquitto, registry: DockerRegistry) -> None:
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+async def test_a_10_mb_module_arrives_intact(broker: Mosquitto, registry: DockerRegistry, binary: bool) -> None:
     repo = unique("wasm/big")
     data = module(10 * 1024 * 1024)
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     registry.push(repo, "v1", data)
-    async with proxy_and_proplet(broker) as (_, source):
+    async with proxy_and_proplet(broker, binary=binary) as (_, source):
         fetched, fetched_digest = await ModuleFetcher([source]).fetch(
             WasmRef("a", image_url=registry.ref(repo, "v1"), digest=digest))
     assert fetched_digest == digest and fetched == data
     assert source.counters.chunks == 21  # 512000-byte chunks, as upstream
+    assert source.counters.binary_chunks == (21 if binary else 0)
 
 
 async def test_the_wasm_layer_wins_over_a_larger_other_layer(broker: Mosquitto, registry: DockerRegistry,
