@@ -281,7 +281,7 @@ class MqttBus:
         self,
         conn: MqttConnection,
         *,
-        subscriptions: Sequence[str],
+        subscriptions: Sequence[str | tuple[str, int]],
         on_message: MessageHandler,
         will: aiomqtt.Will | None = None,
         on_connected: Callable[[], Awaitable[None]] | None = None,
@@ -291,7 +291,9 @@ class MqttBus:
         backoff_max: float = 2.0,
     ) -> None:
         self.conn = conn
-        self.subscriptions = list(subscriptions)
+        # A topic alone is taken at the connection's QoS; (topic, qos) takes it at most at that QoS.
+        self.subscriptions = [(s, conn.qos) if isinstance(s, str) else (s[0], min(s[1], conn.qos))
+                              for s in subscriptions]
         self.on_message = on_message
         self.on_connected = on_connected
         self.name = name
@@ -329,7 +331,7 @@ class MqttBus:
             try:
                 async with self._client as client:
                     if self.subscriptions:
-                        await client.subscribe([(t, self.conn.qos) for t in self.subscriptions])
+                        await client.subscribe(self.subscriptions)
                     self._live = client
                     self.counters.connects += 1
                     self.counters.connected_since = time.time()

@@ -191,7 +191,8 @@ class ManagerCore:
         # phantom proplet that way (upstream defect 9).
         self.bus = MqttBus(
             conn,
-            subscriptions=[self.topics.topic(s) for s in self._handlers],
+            subscriptions=[(self.topics.topic(s), 0) if s in topic_names.MANAGER_TELEMETRY else self.topics.topic(s)
+                           for s in self._handlers],
             on_message=self._on_message,
             on_connected=self._broker_connected,
             name="manager",

@@ -27,6 +27,12 @@ REGISTRY_CHUNK = "registry/server"
 # its own, so upstream peers subscribed to registry/server never see a payload they cannot parse.
 REGISTRY_CHUNK_BINARY = "registry/server/binary"
 
+# Periodic, and each one superseded by the next: the manager takes them at QoS 0, so it sends no
+# acknowledgement per heartbeat (a socket write each, most of a heartbeat's cost in a large fleet).
+# Proplets still publish them at their QoS and the broker acknowledges that. A Last Will, sent on
+# the alive topic, is lost only if the manager is itself disconnected then; liveness then notices
+# the silence instead.
+MANAGER_TELEMETRY = (ALIVE, METRICS, TASK_METRICS)
 MANAGER_INBOUND = (
     CREATE, ALIVE, RESULTS, INVOKE_RESULTS, METRICS, TASK_METRICS, TASK_STATE,
 )

@@ -51,6 +51,30 @@ async def test_discovery_and_heartbeats_register_a_proplet(manager: Any, broker:
         await eventually(lambda: len(proplet.alive_history) >= 2)
 
 
+async def test_telemetry_arrives_at_qos_0_and_everything_else_at_the_configured_qos(manager: Any,
+                                                                                   broker: Any) -> None:
+    # Heartbeats and metrics need no acknowledgement from the manager (a socket write per message
+    # in a large fleet); results and the rest keep QoS 1 even when sent at QoS 1 alike.
+    traffic = manager.bus.tap.subscribe()
+    received: dict[str | None, int] = {}
+
+    def arrived() -> bool:
+        received.update((manager.topics.suffix(r.topic), r.qos) for r in traffic.drain() if r.direction == "in")
+        return len(received) >= 3
+
+    try:
+        async with WireClient(broker.url, manager.topics) as c:
+            assert c.qos == 1
+            await c.publish(t.ALIVE, {"proplet_id": "qos-p", "status": "alive", "namespace": "default"})
+            await c.publish(t.METRICS, {"proplet_id": "qos-p", "namespace": "default", "timestamp": 1,
+                                        "cpu_metrics": {}, "memory_metrics": {}})
+            await c.publish(t.CREATE, {"proplet_id": "qos-p", "namespace": "default"})
+            await eventually(arrived)
+    finally:
+        traffic.close()
+    assert received == {t.ALIVE: 0, t.METRICS: 0, t.CREATE: 1}
+
+
 async def test_heartbeat_before_discovery_creates_the_proplet(manager: Any, broker: Any) -> None:
     async with WireClient(broker.url, manager.topics) as c:
         await c.publish(t.ALIVE, {"proplet_id": "early", "status": "alive", "namespace": "default"})
