@@ -319,7 +319,7 @@ async def main() -> None:
     parser.add_argument("--rate", type=int, default=2000, help="flood messages per second")
     parser.add_argument("--proplets", type=int, default=200, help="proplet ids the flood speaks for")
     parser.add_argument("--keys", type=int, default=200, help="key presses measured")
-    parser.add_argument("--dispatches", type=int, default=300, help="dispatch latency samples per phase")
+    parser.add_argument("--dispatches", type=int, default=1000, help="dispatch latency samples per phase")
     parser.add_argument("--flood", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()

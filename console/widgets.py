@@ -18,7 +18,7 @@ from textual.message import Message
 from textual.screen import ModalScreen
 from textual.suggester import Suggester
 from textual.widget import Widget
-from textual.widgets import Button, DataTable, Input, Label, Markdown
+from textual.widgets import Button, DataTable, Input, Label, Markdown, Static
 
 from console import keys
 
@@ -166,6 +166,15 @@ class FilterBar(ConsoleInput):
 
 # ------------------------------------------------------------------------------------------
 # header
+
+
+class StatusLine(Static):
+    """The one-line status under a view. It is one row high (`.status-line`) whatever it says, so
+    new text only repaints the line: a Static's update lays the whole screen out again, at every
+    refresh of a view under a flood of traffic."""
+
+    def show(self, text: str) -> None:
+        self.update(Content(text), layout=False)
 
 
 class FleetHeader(Widget):

@@ -9,11 +9,11 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.content import Content
-from textual.widgets import DataTable, Log, Static
+from textual.widgets import DataTable, Log
 
 from console import keys
 from console.base import ConsoleScreen, PaletteCommand
-from console.widgets import ConfirmModal, PromptModal, StateTable
+from console.widgets import ConfirmModal, PromptModal, StateTable, StatusLine
 
 COLUMNS = (("id", "ID", 28), ("pid", "PID", 8), ("process", "PROCESS", 12), ("fleet", "IN THE FLEET", 13),
            ("uptime", "UP", 8), ("lines", "OUTPUT", 8))
@@ -53,7 +53,7 @@ the selected one, **X** stops all. They are stopped when the console exits. The 
             for key, label, width in COLUMNS:
                 table.add_column(label, key=key, width=width)
             yield table
-            yield Static(Content("No local proplets yet: press a to launch one, n to launch several."),
+            yield StatusLine(Content("No local proplets yet: press a to launch one, n to launch several."),
                          id="local-status", classes="status-line")
             yield Log(id="local-output", max_lines=self.console.settings.local_proplet_output_lines)
 
@@ -90,7 +90,7 @@ the selected one, **X** stops all. They are stopped when the console exits. The 
         if local.proplets:
             text = (f"{running} running · output of {self._log_for or '-'} below · "
                     f"command: {local.command}")
-            self.query_one("#local-status", Static).update(Content(text))
+            self.query_one("#local-status", StatusLine).show(text)
         self._update_log()
 
     def _update_log(self) -> None:

@@ -18,7 +18,7 @@ from textual.widgets import DataTable, Label, Sparkline, Static
 from console import keys
 from console.base import ConsoleScreen, PaletteCommand
 from console.fleet import PropletRow, short_size
-from console.widgets import StateTable
+from console.widgets import StateTable, StatusLine
 
 COLUMNS = (("id", "ID", 26), ("name", "NAME", 16), ("state", "STATE", 8), ("seen", "LAST HEARTBEAT", 15),
            ("tasks", "TASKS", 7), ("cpu", "CPU %", 7), ("mem", "MEMORY", 10), ("runtime", "RUNTIME", 12),
@@ -78,7 +78,7 @@ announces itself again).
         for key, label, width in COLUMNS:
             table.add_column(label, key=key, width=width)
         yield table
-        yield Static(id="proplets-status", classes="status-line")
+        yield StatusLine(id="proplets-status", classes="status-line")
 
     def on_mount(self) -> None:
         self._dirty = self.console.fleet.watch_proplets()
@@ -118,7 +118,7 @@ announces itself again).
         status = f"{online} online, {len(fleet.proplets) - online} offline"
         if self.row_filter.active:
             status += f" · {self.row_filter.describe()}"
-        self.query_one("#proplets-status", Static).update(Content(status))
+        self.query_one("#proplets-status", StatusLine).show(status)
 
     def selected_id(self) -> str | None:
         return self.table.selected_key()

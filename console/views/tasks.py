@@ -17,7 +17,7 @@ from textual.widgets import DataTable, Label, Static
 from console import keys
 from console.base import ConsoleScreen, PaletteCommand
 from console.fleet import TaskRow
-from console.widgets import ConfirmModal, StateTable
+from console.widgets import ConfirmModal, StateTable, StatusLine
 
 COLUMNS = (("id", "ID", 10), ("name", "NAME", 14), ("state", "STATE", 11), ("proplet", "PROPLET", 22),
            ("created", "CREATED (UTC)", 14), ("duration", "DURATION", 9), ("outcome", "RESULT / REASON", 40))
@@ -94,7 +94,7 @@ it and **D** deletes it (both ask first), **y** copies its id (OSC 52, works ove
         for key, label, width in COLUMNS:
             table.add_column(label, key=key, width=width)
         yield table
-        yield Static(id="tasks-status", classes="status-line")
+        yield StatusLine(id="tasks-status", classes="status-line")
 
     def on_mount(self) -> None:
         self._dirty = self.console.fleet.watch_tasks()
@@ -118,7 +118,7 @@ it and **D** deletes it (both ask first), **y** copies its id (OSC 52, works ove
         status = f"{shown} shown of {total} tasks"
         if self.row_filter.active:
             status += f" · {self.row_filter.describe()}"
-        self.query_one("#tasks-status", Static).update(Content(status))
+        self.query_one("#tasks-status", StatusLine).show(status)
 
     def _rebuild(self) -> None:
         fleet = self.console.fleet

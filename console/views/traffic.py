@@ -14,6 +14,7 @@ from textual.widgets import Log, Static, Tree
 from console import keys
 from console.base import ConsoleScreen, PaletteCommand
 from console.fleet import TrafficEntry, pretty_payload
+from console.widgets import StatusLine
 
 DIRECTIONS = ("all", "in", "out")
 # Lines written to the stream per refresh (4 a second by default): more than anyone can read, and
@@ -65,6 +66,7 @@ Every message the manager sends (→ out) and receives (← in), at most `consol
         self.selected_topic: str | None = None
         self._payload_seq = -1
         self._payload_text = ""
+        self._payload_rows = 0
         self._topic_nodes: dict[str, Any] = {}
         self._topics_seen: set[str] = set()
 
@@ -78,7 +80,7 @@ Every message the manager sends (→ out) and receives (← in), at most `consol
                 yield TrafficLog(id="traffic-log", max_lines=self.console.settings.traffic_lines, auto_scroll=False)
                 with VerticalScroll(id="payload-box"):
                     yield Static(Content("Move onto a topic in the tree to see its latest payload."), id="payload")
-        yield Static(id="traffic-status", classes="status-line")
+        yield StatusLine(id="traffic-status", classes="status-line")
 
     def on_mount(self) -> None:
         traffic = self.console.traffic
@@ -193,7 +195,14 @@ Every message the manager sends (→ out) and receives (← in), at most `consol
         count = self.console.traffic.counts.get(self.selected_topic, 0)
         head = (f"{self.console.traffic.short_topic(latest.topic)} · {latest.direction} · q{latest.qos} · "
                 f"{latest.size:,} bytes · message {count:,}\n\n")
-        self.query_one("#payload", Static).update(Content(head + self._payload_text))
+        text = head + self._payload_text
+        payload = self.query_one("#payload", Static)
+        # Laid out again only when the text takes another number of rows: the next heartbeat of a
+        # topic has the same shape, and laying the whole screen out again for it is wasted work.
+        width = max(1, payload.content_size.width)
+        rows = sum(1 + len(line) // width for line in text.split("\n"))
+        payload.update(Content(text), layout=rows != self._payload_rows)
+        self._payload_rows = rows
 
     def _update_status(self) -> None:
         traffic = self.console.traffic
@@ -212,7 +221,7 @@ Every message the manager sends (→ out) and receives (← in), at most `consol
             parts.append(f"PAUSED, {self.buffered_while_paused:,} new (p resumes)")
         elif self.pending_below:
             parts.append(f"{self.pending_below:,} new ↓ (G follows)")
-        self.query_one("#traffic-status", Static).update(Content(" · ".join(parts)))
+        self.query_one("#traffic-status", StatusLine).show(" · ".join(parts))
 
     # -- actions ---------------------------------------------------------------------------
 

@@ -47,6 +47,32 @@ async def test_traffic_stream_tree_and_payload_with_module_bytes_summarised(cons
         assert '"name": "add"' in app.clipboard
 
 
+async def test_the_payload_box_takes_the_height_of_each_payload_shown(console: Any) -> None:
+    # Same-shaped payloads only repaint; one of another height lays the box out again.
+    async with console() as (app, pilot, core):
+        screen = await open_view(app, pilot, "4", TrafficScreen)
+        payload = screen.query_one("#payload")
+        tree = screen.query_one("#topics")
+        async with SyntheticProplet(core.status().broker_url, core.topics, "tall-proplet", heartbeat=0.1):
+            task = await core.create_task(add_body())
+            await core.start_task(task.id)
+            await until(pilot, lambda: core.topics.start in screen._topic_nodes
+                        and core.topics.alive in screen._topic_nodes)
+            tree.focus()
+            heights = []
+            for topic in (core.topics.alive, core.topics.start, core.topics.alive):
+                tree.move_cursor(screen._topic_nodes[topic])
+                await until(pilot, lambda topic=topic: screen.selected_topic == topic
+                            and payload.size.height == len(str(payload.render()).split("\n")))
+                heights.append(payload.size.height)
+            # Later heartbeats of the same shape keep the height and show the newest one.
+            shown = str(payload.render())
+            await until(pilot, lambda: str(payload.render()) != shown)
+            assert payload.size.height == len(str(payload.render()).split("\n"))
+        alive, start, alive_again = heights
+        assert start > alive == alive_again
+
+
 async def test_pause_filter_direction_and_follow(console: Any) -> None:
     async with console() as (app, pilot, core):
         screen = await open_view(app, pilot, "4", TrafficScreen)
