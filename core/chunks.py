@@ -49,7 +49,7 @@ class _Encoded:
 
     Encoding as they go out, on the loop (a copy of the chunk, plus base64 for JSON: ~0.1 ms
     each), sends the first chunk at once; encoding a 10 MiB artifact up front took ~10 ms on a
-    thread, mostly page faults of the fresh copies, before anything was sent.
+    thread before anything was sent.
     """
 
     __slots__ = ("app_name", "artifact", "binary", "chunk_size", "payloads")

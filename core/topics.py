@@ -28,7 +28,7 @@ REGISTRY_CHUNK = "registry/server"
 REGISTRY_CHUNK_BINARY = "registry/server/binary"
 
 # Periodic, and each one superseded by the next: the manager takes them at QoS 0, so it sends no
-# acknowledgement per heartbeat (a socket write each, most of a heartbeat's cost in a large fleet).
+# acknowledgement per heartbeat (a socket write each, nearly half of what a heartbeat cost it).
 # Proplets still publish them at their QoS and the broker acknowledges that. A Last Will, sent on
 # the alive topic, is lost only if the manager is itself disconnected then; liveness then notices
 # the silence instead.

@@ -29,8 +29,6 @@ buffers at most `max_bytes` (policy: the transfer fails with a clear error). The
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -41,7 +39,7 @@ import orjson
 from core import protocol
 from core.chunks import is_blob_ref
 from core.protocol import ChunkMessage, InvalidMessage, RegistryRequest
-from proplet.sources.base import DEFAULT_MAX_MODULE_BYTES, FetchError, WasmRef, format_size
+from proplet.sources.base import DEFAULT_MAX_MODULE_BYTES, BackgroundSha256, FetchError, WasmRef, format_size
 from proplet.sources.http import is_http_url
 
 log = logging.getLogger(__name__)
@@ -55,13 +53,6 @@ _COMPACT_APP_NAME = _APP_NAME_KEY + b'"'
 # Characters that JSON encoders may escape differently (Go escapes <, > and &): a ref containing
 # one gets no pre-filter, and its chunks are always decoded.
 _PLAIN_REF_CHARS = frozenset(chr(c) for c in range(0x20, 0x7F)) - set('"\\<>&')
-
-
-# Chunks are hashed on one worker thread while the loop receives the next ones (hashlib releases
-# the GIL): ~0.3 ms per 512 KB chunk that no longer holds up the transfer. One thread, so the
-# pieces of a transfer go into its hash in the order they were handed over; it is started by the
-# first submit, so a proplet that never fetches chunks has none.
-_HASHING = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="chunk-hash")
 
 
 def _needle(ref: str) -> bytes:
@@ -98,7 +89,7 @@ class _Transfer:
     total: int | None = None
     digest: str = ""
     size: int = 0
-    pieces: dict[int, bytes] = field(default_factory=dict)
+    pieces: dict[int, bytes | memoryview] = field(default_factory=dict)
     received: int = 0
     requests: int = 0
     resumes: int = 0
@@ -109,11 +100,10 @@ class _Transfer:
     fell_back: bool = False
     # The contiguous prefix [0, hashed) is already in `hasher`: in-order arrival (the usual case)
     # hashes as it goes, so completion costs no extra pass over the module.
-    hasher: hashlib._Hash = field(default_factory=hashlib.sha256)
+    hasher: BackgroundSha256 = field(default_factory=BackgroundSha256)
     hashed: int = 0
-    # The last piece handed to the hashing thread, and the task that finishes the transfer once
-    # the hash has caught up (kept here: a task nobody holds may be collected mid-way).
-    last_hash: concurrent.futures.Future[None] | None = None
+    # The task that finishes the transfer once the hash has caught up (kept here: a task nobody
+    # holds may be collected mid-way).
     finishing: asyncio.Task[None] | None = None
     holds_slot: bool = True
 
@@ -128,9 +118,8 @@ class _Transfer:
         self.size = 0
         self.pieces = {}
         self.received = 0
-        self.hasher = hashlib.sha256()
+        self.hasher = BackgroundSha256()
         self.hashed = 0
-        self.last_hash = None
         if self.finishing is not None:  # it was finishing the artifact now replaced
             self.finishing.cancel()
             self.finishing = None
@@ -306,7 +295,7 @@ class ChunkSource:
         transfer.pieces[msg.chunk_idx] = msg.data
         transfer.last_progress = time.monotonic()
         while transfer.hashed in transfer.pieces:
-            transfer.last_hash = _HASHING.submit(transfer.hasher.update, transfer.pieces[transfer.hashed])
+            transfer.hasher.update(transfer.pieces[transfer.hashed])
             transfer.hashed += 1
         if len(transfer.pieces) == transfer.total and transfer.finishing is None:
             transfer.finishing = asyncio.get_running_loop().create_task(self._complete(transfer))
@@ -339,8 +328,7 @@ class ChunkSource:
 
     async def _complete(self, transfer: _Transfer) -> None:
         assert transfer.total is not None
-        if transfer.last_hash is not None:
-            await asyncio.wrap_future(transfer.last_hash)
+        digest = await transfer.hasher.digest()
         if transfer.future.done():  # failed or given up while the hash caught up
             return
         data = b"".join(transfer.pieces[i] for i in range(transfer.total))
@@ -349,7 +337,6 @@ class ChunkSource:
                 f"{transfer.ref} arrived as {len(data)} bytes but {self._server(transfer.ref)} announced "
                 f"{transfer.size}. Start the task again; if it persists, check the server's chunking."))
             return
-        digest = "sha256:" + transfer.hasher.hexdigest()
         if transfer.digest and digest != transfer.digest:
             self._fail(transfer, FetchError(
                 f"The reassembled {transfer.ref} has sha256 {digest} but {self._server(transfer.ref)} "

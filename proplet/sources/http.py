@@ -11,7 +11,6 @@ connections alive between fetches.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import ssl
 from typing import TYPE_CHECKING, Any
@@ -20,7 +19,7 @@ from urllib.parse import urlsplit
 if TYPE_CHECKING:
     import httpx
 
-from proplet.sources.base import DEFAULT_MAX_MODULE_BYTES, FetchError, WasmRef, format_size
+from proplet.sources.base import DEFAULT_MAX_MODULE_BYTES, BackgroundSha256, FetchError, WasmRef, format_size
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +151,7 @@ class HttpSource:
                     f"limit of {format_size(self.max_bytes)} for a module. Ship a smaller module or "
                     "raise the proplet's fetch limit."
                 )
-            hasher = hashlib.sha256()
+            hasher = BackgroundSha256()
             pieces: list[bytes] = []
             received = 0
             async for piece in response.aiter_bytes():
@@ -167,7 +166,7 @@ class HttpSource:
                 hasher.update(piece)
                 pieces.append(piece)
         log.debug("fetched %s: %d bytes", shown, received)
-        return b"".join(pieces), "sha256:" + hasher.hexdigest()
+        return b"".join(pieces), await hasher.digest()
 
     def _describe(self, url: str, exc: httpx.HTTPError) -> str:
         import httpx
