@@ -15,7 +15,7 @@ message arrives. Phases, each on a fresh manager and database, same broker, same
 
 Figures are printed next to each other; nothing is asserted (see tests/console for behaviour).
 
-    .venv/bin/python benchmarks/bench_console.py [--rate 2000] [--keys 200] [--dispatches 300]
+    .venv/bin/python benchmarks/bench_console.py [--rate 2000] [--keys 200] [--dispatches 1000]
 """
 
 from __future__ import annotations
