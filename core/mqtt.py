@@ -174,27 +174,38 @@ def make_client(
 DRAIN_BATCH = 32
 
 
+# Put in aiomqtt's incoming queue when the connection is lost, to wake the wait in `received`.
+_DISCONNECTED: Any = object()
+
+
 async def received(client: aiomqtt.Client) -> AsyncIterator[aiomqtt.Message]:
-    """`client.messages`, without a task and an `asyncio.wait` per message while some are queued.
+    """`client.messages`, without a task and an `asyncio.wait` per message.
 
     aiomqtt's iterator creates a task and waits on it and the disconnect future for every message:
-    a fifth of the manager's loop under a flood. Queued messages are taken directly instead (aiomqtt
-    is pinned exactly; `_queue` is its incoming-message queue), and its iterator waits only when the
-    queue is empty, which is also where a lost connection is raised, after what had arrived."""
+    a fifth of the manager's loop under a flood, and three turns of the loop before an idle proplet
+    sees a start. Messages are taken from aiomqtt's queue directly instead (aiomqtt is pinned
+    exactly; `_queue` is its incoming-message queue), and a lost connection puts a marker behind
+    what had arrived, which ends the iteration with aiomqtt's MqttError once those are taken."""
     queue = client._queue
-    messages = client.messages
+    disconnected = client._disconnected
+    disconnected.add_done_callback(lambda _: queue.put_nowait(_DISCONNECTED))
     in_a_row = 0
     while True:
         try:
             message = queue.get_nowait()
         except asyncio.QueueEmpty:
             in_a_row = 0
-            message = await anext(messages)
+            message = await queue.get()
         else:
             in_a_row += 1
             if in_a_row == DRAIN_BATCH:
                 in_a_row = 0
                 await asyncio.sleep(0)  # a backlog must not starve dispatch, the writer, the API
+        if message is _DISCONNECTED:
+            if disconnected.done():
+                raise aiomqtt.MqttError("Disconnected during message iteration") from (
+                    None if disconnected.cancelled() else disconnected.exception())
+            continue  # left by an earlier connection of the same client
         yield message
 
 

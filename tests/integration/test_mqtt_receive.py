@@ -5,8 +5,12 @@ without a task per message and without starving the loop."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 from typing import Any
+
+import aiomqtt
+import pytest
 
 from core.mqtt import DRAIN_BATCH, MqttConnection, make_client, parse_broker_url, received
 
@@ -74,3 +78,28 @@ async def test_a_backlog_of_messages_is_drained_in_order_without_starving_the_lo
     assert seen == list(range(MESSAGES))
     # Every DRAIN_BATCH messages the loop gets a turn, although none of them had to wait.
     assert turns - turns_before >= MESSAGES // DRAIN_BATCH - 1
+
+
+async def test_a_lost_connection_ends_the_iteration_after_what_had_arrived(own_broker: Any) -> None:
+    address = parse_broker_url(own_broker.url)
+    reader_cm = make_client(MqttConnection(address, "lost-reader"))
+    reader = await reader_cm.__aenter__()
+    seen: list[bytes] = []
+    try:
+        await reader.subscribe("lost-test/#", qos=1)
+        async with make_client(MqttConnection(address, "lost-writer")) as writer:
+            for i in range(3):
+                await writer.publish("lost-test/n", str(i).encode(), qos=1)
+        while len(reader.messages) < 3:  # noqa: ASYNC110 - waiting for the messages to arrive
+            await asyncio.sleep(0.01)
+        messages = received(reader)
+        seen.append((await anext(messages)).payload)  # waiting on the queue from here on
+        own_broker.kill()
+        with pytest.raises(aiomqtt.MqttError, match="Disconnected during message iteration"):
+            async with asyncio.timeout(10):
+                async for message in messages:
+                    seen.append(message.payload)
+    finally:
+        with contextlib.suppress(aiomqtt.MqttError):
+            await reader_cm.__aexit__(None, None, None)
+    assert seen == [b"0", b"1", b"2"]
