@@ -174,7 +174,8 @@ def make_client(
 DRAIN_BATCH = 32
 
 
-# Put in aiomqtt's incoming queue when the connection is lost, to wake the wait in `received`.
+# Put in aiomqtt's incoming queue when the connection is lost, to wake the wait in `received`. The
+# queue is unbounded (max_queued_incoming_messages is never set: it would drop commands), so it fits.
 _DISCONNECTED: Any = object()
 
 
