@@ -157,10 +157,15 @@ class ChunkServer:
                 request.app_name, 0, 1, b"", error="the chunk server is busy; the request was refused, try again")))
         return True
 
+    def _binary_topic_for(self, request: RegistryRequest) -> str | None:
+        """Where `request` gets binary chunks; None when it gets upstream's JSON ones."""
+        return self.binary_topic if request.wants_binary else None
+
     def _encode_one(self, request: RegistryRequest, chunk: ChunkMessage) -> tuple[str, bytes]:
         """A single chunk (an error) for `request`, on the topic and in the encoding it asked for."""
-        if request.wants_binary and self.binary_topic:
-            return self.binary_topic, protocol.encode_binary_chunk(chunk)
+        binary = self._binary_topic_for(request)
+        if binary:
+            return binary, protocol.encode_binary_chunk(chunk)
         return self.chunk_topic, protocol.encode_chunk(chunk)
 
     async def run(self) -> None:
@@ -187,7 +192,7 @@ class ChunkServer:
         return artifact
 
     async def serve(self, request: RegistryRequest) -> None:
-        binary = self.binary_topic if request.wants_binary else None
+        binary = self._binary_topic_for(request)
         try:
             artifact = await self.artifact(request.app_name)
         except Exception as exc:
