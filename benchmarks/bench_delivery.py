@@ -127,16 +127,13 @@ async def raw_mqtt(url: str, data: bytes, chunk_size: int, qos: int, window: int
                 await task
 
 
-def chunk_receiver(topics: Topics, source: Callable[[], ChunkSource | None]) -> Callable[[str, bytes], Awaitable[None]]:
-    """Routes both chunk topics to a ChunkSource, as the agent does."""
+def chunk_receiver(source: Callable[[], ChunkSource | None]) -> Callable[[str, bytes], Awaitable[None]]:
+    """Hands both chunk topics to a ChunkSource, as the agent does."""
 
     async def on_message(topic: str, payload: bytes) -> None:
         chunks = source()
         assert chunks is not None
-        if topic == topics.registry_chunk_binary:
-            chunks.on_binary_payload(payload, topic)
-        else:
-            chunks.on_payload(payload, topic)
+        chunks.on_payload(payload, topic)
 
     return on_message
 
@@ -158,7 +155,7 @@ async def chunk_delivery(url: str, data: bytes, chunk_size: int, qos: int,
     server_bus = MqttBus(conn(url, "server", qos), subscriptions=[topics.registry_request], on_message=to_server)
     proplet_bus = MqttBus(conn(url, "proplet", qos),
                           subscriptions=[topics.registry_chunk, topics.registry_chunk_binary],
-                          on_message=chunk_receiver(topics, lambda: source))
+                          on_message=chunk_receiver(lambda: source))
     server = ChunkServer(server_bus, topics.registry_chunk, resolve=resolve, accepts=lambda _: True,
                          chunk_size=chunk_size, binary_topic=topics.registry_chunk_binary)
     source = ChunkSource(proplet_bus.publish, topics.registry_request, binary=binary)
@@ -238,7 +235,7 @@ async def cross_process(url: str, data: bytes, chunk_size: int, qos: int, runs: 
         received = 0
         done = asyncio.Event()
         sources: dict[bool, ChunkSource] = {}
-        to_source = chunk_receiver(topics, lambda: sources[current])
+        to_source = chunk_receiver(lambda: sources[current])
         current = True
 
         async def on_message(topic: str, payload: bytes) -> None:
@@ -300,7 +297,7 @@ async def proxy_delivery(url: str, data: bytes, qos: int, runs: int, workdir: Pa
         source: ChunkSource | None = None
         proplet_bus = MqttBus(conn(url, "proplet", qos),
                               subscriptions=[topics.registry_chunk, topics.registry_chunk_binary],
-                              on_message=chunk_receiver(topics, lambda: source))
+                              on_message=chunk_receiver(lambda: source))
         source = ChunkSource(proplet_bus.publish, topics.registry_request, binary=binary)
         fetcher = ModuleFetcher([source])
         async with OciProxy(settings) as proxy, running(proplet_bus):

@@ -246,13 +246,9 @@ class PropletAgent:
 
     async def _on_message(self, topic: str, payload: bytes) -> None:
         suffix = self.topics.suffix(topic)
-        if suffix == t.REGISTRY_CHUNK:
+        if suffix in (t.REGISTRY_CHUNK, t.REGISTRY_CHUNK_BINARY):
             assert self.chunks is not None
             self.chunks.on_payload(payload, topic)
-            return
-        if suffix == t.REGISTRY_CHUNK_BINARY:
-            assert self.chunks is not None
-            self.chunks.on_binary_payload(payload, topic)
             return
         try:
             if suffix == t.START:

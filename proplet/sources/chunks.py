@@ -9,7 +9,6 @@ The proplet publishes a `RegistryRequest` on `registry/proplet`; the server answ
   decode. A server that ignores the field (upstream's proxy) answers in JSON, read as before. When
   nothing arrives by the first stall (a broker ACL that predates that topic drops them silently),
   the transfer asks again for JSON, and once JSON then arrives the source asks for JSON from then on.
-
 - Only refs this proplet asked for are buffered; other chunks are dropped on arrival, before their
   base64 is even decoded when `on_payload` is used (upstream buffers everything, defect 17).
 - A stall (no new chunk for `stall_timeout` s) is answered with a request for just the missing
@@ -39,6 +38,7 @@ import orjson
 from core import protocol
 from core.chunks import is_blob_ref
 from core.protocol import ChunkMessage, InvalidMessage, RegistryRequest
+from core.topics import REGISTRY_CHUNK_BINARY
 from proplet.sources.base import DEFAULT_MAX_MODULE_BYTES, BackgroundSha256, FetchError, WasmRef, format_size
 from proplet.sources.http import is_http_url
 
@@ -156,8 +156,8 @@ class ChunkSource:
         self.max_resumes = max_resumes
         self.transfer_timeout = transfer_timeout
         self.max_bytes = max_bytes
-        # Only when the caller feeds `registry/server/binary` to on_binary_payload: the answers to
-        # such requests arrive nowhere else.
+        # Only when the caller subscribes to `registry/server/binary` and feeds it to on_payload:
+        # the answers to such requests arrive nowhere else.
         self.encoding = protocol.CHUNK_ENCODING_BINARY if binary else ""
         self._slots = asyncio.Semaphore(max_transfers)
         self._transfers: dict[str, _Transfer] = {}
@@ -207,8 +207,11 @@ class ChunkSource:
     # -- incoming chunks -----------------------------------------------------------------------
 
     def on_payload(self, payload: bytes, topic: str = "registry/server") -> None:
-        """A raw `registry/server` message. Chunks of refs nobody here waits for are dropped
-        before their base64 is decoded."""
+        """A raw message from `registry/server` or, told by its topic, `registry/server/binary`.
+        Chunks of refs nobody here waits for are dropped before their data is decoded."""
+        if topic.endswith(REGISTRY_CHUNK_BINARY):
+            self._on_binary_payload(payload, topic)
+            return
         if not self._transfers:
             self.counters.ignored += 1
             return
@@ -229,9 +232,7 @@ class ChunkSource:
                         "JSON chunks from now on", transfer.ref)
         self.on_chunk(message)
 
-    def on_binary_payload(self, payload: bytes, topic: str = "registry/server/binary") -> None:
-        """A raw `registry/server/binary` message; chunks of refs nobody here waits for are dropped
-        after reading their header line."""
+    def _on_binary_payload(self, payload: bytes, topic: str) -> None:
         if not self._transfers:
             self.counters.ignored += 1
             return

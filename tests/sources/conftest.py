@@ -50,16 +50,13 @@ async def running(bus: MqttBus) -> AsyncIterator[MqttBus]:
 @asynccontextmanager
 async def proplet_side(broker_url: str, topics: Topics, **options: Any) -> AsyncIterator[ChunkSource]:
     """A ChunkSource wired to its own MQTT connection, the way the agent does it: requests go out
-    through the bus's publish, every `registry/server` payload goes to `on_payload` and, with
-    `binary=True`, every `registry/server/binary` payload to `on_binary_payload`."""
+    through the bus's publish, every `registry/server` payload (and `registry/server/binary` one,
+    with `binary=True`) goes to `on_payload`."""
     source: ChunkSource | None = None
 
     async def on_message(topic: str, payload: bytes) -> None:
         assert source is not None
-        if topic == topics.registry_chunk_binary:
-            source.on_binary_payload(payload, topic)
-        else:
-            source.on_payload(payload, topic)
+        source.on_payload(payload, topic)
 
     subscriptions = [topics.registry_chunk]
     if options.get("binary"):
