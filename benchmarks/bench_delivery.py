@@ -12,12 +12,12 @@
 2. The OCI proxy end to end (docker-registry + OciProxy), cold (pulled from the registry) and warm
    (served from the proxy's cache), when docker-registry is installed.
 3. HTTP: HttpSource (streams, caps, hashes) against a raw httpx download of the same file from the
-   same local server.
+   same local server, which runs in a process of its own as a web server would.
 4. Where the chunk path's CPU goes: encode, decode (base64 inside JSON) and sha256 of the module.
 
-Everything runs in one process and one event loop, both ends included, like the in-process
-manager and a proplet on one box. A Mosquitto of its own with set_tcp_nodelay. Prints figures;
-asserts nothing about speed.
+Sections 1, 2 and 4 run in one process and one event loop, both ends included, like the in-process
+manager and a proplet on one box; 1b and 3 put the server in a child process. A Mosquitto of its
+own with set_tcp_nodelay. Prints figures; asserts nothing about speed.
 """
 
 from __future__ import annotations
@@ -316,7 +316,10 @@ async def proxy_delivery(url: str, data: bytes, qos: int, runs: int, workdir: Pa
 # ---- 3. HTTP -----------------------------------------------------------------------------------
 
 
-async def http_delivery(data: bytes, runs: int) -> tuple[list[float], list[float]]:
+async def http_server(path: str) -> None:
+    """Runs in a child process: serves the module over HTTP/1.1 keep-alive, as a web server or an
+    object store does, on a process (and a GIL) of its own."""
+    data = Path(path).read_bytes()  # noqa: ASYNC240  (once, before anything else runs)
     head = (f"HTTP/1.1 200 OK\r\nContent-Type: application/wasm\r\nContent-Length: {len(data)}\r\n\r\n").encode()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -335,8 +338,19 @@ async def http_delivery(data: bytes, runs: int) -> tuple[list[float], list[float
             writer.close()
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/module.wasm"
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await server.serve_forever()
+
+
+async def http_delivery(data: bytes, runs: int, workdir: Path) -> tuple[list[float], list[float]]:
+    module = workdir / "module.wasm"
+    module.write_bytes(data)
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--child-http", str(module), stdout=asyncio.subprocess.PIPE)
     try:
+        assert child.stdout is not None
+        port = int((await child.stdout.readline()).decode())
+        url = f"http://127.0.0.1:{port}/module.wasm"
         async with httpx.AsyncClient() as raw_client:
             async def raw(_: int) -> None:
                 response = await raw_client.get(url)
@@ -351,7 +365,8 @@ async def http_delivery(data: bytes, runs: int) -> tuple[list[float], list[float
             ours_times = await timed(runs, ours)
         return raw_times, ours_times
     finally:
-        server.close()
+        child.kill()
+        await child.wait()
 
 
 # ---- 4. CPU breakdown --------------------------------------------------------------------------
@@ -406,7 +421,11 @@ async def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=protocol.UPSTREAM_CHUNK_SIZE)
     parser.add_argument("--child-server", nargs=5, metavar=("URL", "DOMAIN", "FILE", "QOS", "CHUNK"),
                         help=argparse.SUPPRESS)
+    parser.add_argument("--child-http", metavar="FILE", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child_http:
+        await http_server(args.child_http)
+        return
     if args.child_server:
         url, domain, path, qos, chunk = args.child_server
         await child_server(url, domain, path, int(qos), int(chunk))
@@ -446,8 +465,9 @@ async def main() -> None:
         finally:
             broker.stop()
 
-    print("\n3. HTTP vs a raw httpx download of the same file from the same server")
-    raw_http, ours_http = await http_delivery(data, args.runs)
+    print("\n3. HTTP vs a raw httpx download of the same file from the same server (in its own process)")
+    with tempfile.TemporaryDirectory(prefix="bench-delivery-http-") as tmp:
+        raw_http, ours_http = await http_delivery(data, args.runs, Path(tmp))
     base_http = line("raw httpx AsyncClient.get", size, raw_http)
     line("HttpSource.fetch_with_digest (caps + sha256)", size, ours_http, base_http)
 

@@ -80,8 +80,10 @@ class Fanout(Generic[T]):
     def has_subscribers(self) -> bool:
         return bool(self._subs)
 
-    def subscribe(self, maxlen: int = 10_000) -> Subscription[T]:
-        sub: Subscription[T] = Subscription(self, maxlen)
+    def subscribe(self, maxlen: int = 10_000, *, kind: type[Subscription[T]] = Subscription) -> Subscription[T]:
+        """A new subscription; `kind` is a Subscription subclass for a reader that must see each item
+        as it is emitted (a benchmark stamping the moment an event leaves the core)."""
+        sub = kind(self, maxlen)
         self._subs = self._subs | {sub}
         return sub
 

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 # paho's packet trace. aiomqtt's default logger is pinned at WARNING; this one follows the
 # process's log level, so `--log-level debug` shows every packet (never payloads or passwords).
 PACKET_LOG = logging.getLogger("core.mqtt.packets")
+# The loop running in this thread, or None (asyncio's own fast check, used on every publish).
+_running_loop = asyncio._get_running_loop
 
 # Without TCP_NODELAY on both ends a QoS 1 round trip costs ~88 ms instead of ~1 ms.
 NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
@@ -167,7 +169,52 @@ def make_client(
     )
     # aiomqtt builds its paho client in __init__ and keeps it for its lifetime (aiomqtt is pinned).
     client._client._on_message_filtered = CycleFreeMatcher()
+    client._client.on_socket_register_write = _WriteAtOnce(client)
     return client
+
+
+class _WriteAtOnce:
+    """Writes a message out at once instead of two turns of the loop later.
+
+    paho asks the event loop to watch its socket for writability whenever it queues a packet, and
+    aiomqtt answers with `call_soon_threadsafe(add_writer)`: a wake-up write to the loop's self-pipe,
+    a turn to register the socket with epoll, a turn to learn it is writable (it nearly always is),
+    then the send, then a second epoll call to unregister it. Each message out paid that, and a warm
+    task crosses the network twice. Here paho writes at once, as paho itself does when it runs its
+    own loop: outside its callbacks at once, inside one (a PUBACK queued while paho is reading) at
+    the end of the current turn. Only a send that did not take everything (a full socket buffer)
+    falls back to aiomqtt's writability watch. Called from another thread (paho's CONNECT, sent
+    from aiomqtt's connecting thread) it defers to aiomqtt as before."""
+
+    __slots__ = ("_aio", "_loop", "_scheduled")
+
+    def __init__(self, aio: aiomqtt.Client) -> None:
+        self._aio = aio
+        self._loop = aio._loop
+        self._scheduled = False
+
+    def __call__(self, paho_client: Any, userdata: Any, sock: Any) -> None:
+        if _running_loop() is not self._loop:
+            self._aio._on_socket_register_write(paho_client, userdata, sock)
+        elif not paho_client._in_callback_mutex.locked():
+            self._write(paho_client, userdata, sock)
+        elif not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._write, paho_client, userdata, sock)
+
+    def _write(self, paho_client: Any, userdata: Any, sock: Any) -> None:
+        self._scheduled = False
+        if paho_client._sock is not sock:
+            return  # the connection closed meanwhile; a new one registers its own socket
+        try:
+            paho_client.loop_write()
+        except Exception as exc:  # a broken pipe: as aiomqtt's own writer does, end the connection
+            if not self._aio._disconnected.done():
+                self._aio._disconnected.set_exception(exc)
+            return
+        if paho_client._registered_write and paho_client._sock is sock:
+            # The socket took part of it: let the loop say when it can take the rest.
+            self._aio._on_socket_register_write(paho_client, userdata, sock)
 
 
 # Messages handled back to back before the loop gets a turn (when a backlog is drained without waiting).

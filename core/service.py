@@ -611,11 +611,13 @@ class ManagerCore:
     # state machine
 
     async def _transition(self, task: Task, new: TaskState, detail: str = "", *,
-                          durable: bool = False) -> asyncio.Future[None] | None:
+                          durable: bool = False, then: Callable[[], None] | None = None,
+                          ) -> asyncio.Future[None] | None:
         """Apply, persist (queued for commit) and announce a state change.
 
-        With `durable`, returns the commit future (callers that answer a client await it, or act
-        once the change is stored); otherwise the write is queued without one.
+        With `durable` (or `then`, run once the change is committed), returns the commit future
+        (callers that answer a client await it, or act once the change is stored); otherwise the
+        write is queued without one.
         """
         old = task.state
         if new is not old and new not in ALLOWED_TRANSITIONS[old]:
@@ -629,7 +631,7 @@ class ManagerCore:
             self.metrics.tasks_finished.labels(new.label).inc()
         ops = (self.store.op_update_task_state(task),
                self.store.op_task_event(TaskEvent(task.id, new, now, task.attempt, task.proplet_id, detail)))
-        fut = await self.writer.enqueue(*ops) if durable else None
+        fut = await self.writer.enqueue(*ops, then=then) if durable or then is not None else None
         if fut is None:
             await self.writer.submit(*ops)
         self.events.emit(TaskStateChanged(task.id, task.name, old, new, now, task.proplet_id, detail))
@@ -776,16 +778,13 @@ class ManagerCore:
             task.finish_time = now
             await self._transition(task, TaskState.FAILED, f"cannot dispatch: {exc}")
             return
-        committed = await self._transition(task, new, detail, durable=True)
-        assert committed is not None
         attempt = task.attempt
-        # The start goes out only once the dispatch is stored: a manager that dies in between
-        # would otherwise dispatch the task again on restart, perhaps to another proplet.
-        committed.add_done_callback(lambda f: self._publish_start(f, task, attempt, payload))
+        # The start goes out only once the dispatch is stored (a manager that dies in between would
+        # otherwise dispatch the task again on restart, perhaps to another proplet), and at once
+        # then: before whoever waits for the same commit (the API answering the start) resumes.
+        await self._transition(task, new, detail, then=lambda: self._publish_start(task, attempt, payload))
 
-    def _publish_start(self, committed: asyncio.Future[None], task: Task, attempt: int, payload: bytes) -> None:
-        if committed.cancelled() or committed.exception() is not None:
-            return  # the store refused the write; the writer logged it
+    def _publish_start(self, task: Task, attempt: int, payload: bytes) -> None:
         if self.active.get(task.id) is not task or task.attempt != attempt or task.state.is_terminal:
             return  # stopped or re-queued meanwhile
         assert self.bus is not None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from core.store.base import Store, StoreError, WriteOp
@@ -25,6 +25,8 @@ class _Entry:
     ops: Sequence[WriteOp]
     # None when nobody waits for this write (the hot path skips the future).
     future: asyncio.Future[None] | None = None
+    # Run as soon as the write is committed, before any waiter resumes (see `enqueue`).
+    then: Callable[[], None] | None = None
 
 
 @dataclass(slots=True)
@@ -62,11 +64,15 @@ class StoreWriter:
         """Entries queued and not yet committed (or failed)."""
         return self.queued_entries - self.finished_entries
 
-    async def enqueue(self, *ops: WriteOp) -> asyncio.Future[None]:
-        """Queue writes; return a future that resolves when they are committed."""
+    async def enqueue(self, *ops: WriteOp, then: Callable[[], None] | None = None) -> asyncio.Future[None]:
+        """Queue writes; return a future that resolves when they are committed.
+
+        `then` runs right after the commit, before the waiters of this batch resume: the dispatcher
+        sends a start from it, so the start leaves before the API call that queued the task (whose
+        write shares the commit) gets to build its answer. It is not run if the write fails."""
         future = asyncio.get_running_loop().create_future()
         future.add_done_callback(_consume)
-        await self._put(_Entry(ops, future))
+        await self._put(_Entry(ops, future, then))
         return future
 
     async def submit(self, *ops: WriteOp) -> None:
@@ -135,10 +141,13 @@ class StoreWriter:
                     except Exception:
                         self._fail(entry, entry.ops)
                     else:
+                        self._then(entry)
                         self._done(entry)
                 self._after(batch, len(ops))
                 return
         else:
+            for entry in batch:
+                self._then(entry)
             for entry in batch:
                 self._done(entry)
         self._after(batch, len(ops))
@@ -150,6 +159,13 @@ class StoreWriter:
         self.finished_entries += len(batch)
         if not self.backlog:
             self._idle.set()
+
+    def _then(self, entry: _Entry) -> None:
+        if entry.then is not None:
+            try:
+                entry.then()
+            except Exception:
+                log.exception("the action after a committed write failed")
 
     def _done(self, entry: _Entry) -> None:
         if entry.future is not None and not entry.future.done():

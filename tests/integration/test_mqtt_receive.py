@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import socket
 from typing import Any
 
 import aiomqtt
@@ -103,3 +104,41 @@ async def test_a_lost_connection_ends_the_iteration_after_what_had_arrived(own_b
         with contextlib.suppress(aiomqtt.MqttError):
             await reader_cm.__aexit__(None, None, None)
     assert seen == [b"0", b"1", b"2"]
+
+
+async def test_a_publish_from_the_loop_is_written_before_the_loop_turns(broker: Any) -> None:
+    """paho hands a queued packet to the event loop to write; aiomqtt's answer took three turns of
+    the loop and two epoll calls per message. It is written at once now, as paho does itself."""
+    address = parse_broker_url(broker.url)
+    async with make_client(MqttConnection(address, "at-once-reader")) as reader, \
+            make_client(MqttConnection(address, "at-once-writer")) as writer:
+        await reader.subscribe("at-once/#", qos=1)
+        paho = writer._client
+        info = paho.publish("at-once/n", b"now", qos=1)
+        # Nothing left to write and no writability watch: the bytes are in the kernel already.
+        assert not paho.want_write()
+        assert not paho._registered_write
+        assert info.is_published() is False  # the broker's PUBACK comes later, on a later turn
+        messages = received(reader)
+        got = await asyncio.wait_for(anext(messages), 5)
+        assert got.payload == b"now"
+
+
+async def test_a_message_larger_than_the_socket_buffer_is_written_through_the_loop(broker: Any) -> None:
+    """A send that the socket does not take whole falls back to waiting for writability."""
+    address = parse_broker_url(broker.url)
+    big = bytes(range(256)) * (64 * 1024)  # 16 MiB
+    async with make_client(MqttConnection(address, "big-reader")) as reader, \
+            make_client(MqttConnection(address, "big-writer")) as writer:
+        await reader.subscribe("big/#", qos=1)
+        paho = writer._client
+        # A small send buffer, so that the first send cannot take the whole message.
+        paho.socket().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        paho.publish("big/n", big, qos=1)
+        assert paho.want_write(), "the socket took 16 MiB at once; the fallback is not exercised"
+        await asyncio.wait_for(writer.publish("big/after", b"after", qos=1), 20)
+        messages = received(reader)
+        first = await asyncio.wait_for(anext(messages), 20)
+        second = await asyncio.wait_for(anext(messages), 20)
+        assert (first.topic.value, first.payload) == ("big/n", big)
+        assert (second.topic.value, second.payload) == ("big/after", b"after")

@@ -366,3 +366,30 @@ async def test_a_write_given_up_while_the_queue_is_full_is_not_counted(store: St
         assert writer.finished_entries == writer.queued_entries == 1
     finally:
         loop_task.cancel()
+
+
+async def test_an_action_after_a_commit_runs_before_its_waiters_resume_and_not_after_a_failure(store: Store) -> None:
+    """The dispatcher sends a start from `then`: it must leave before the API call whose write shared
+    the commit resumes, and never for a write the store refused."""
+    import asyncio
+
+    writer = StoreWriter(store)
+    loop_task = asyncio.create_task(writer.run())
+    order: list[str] = []
+    try:
+        task = make_task()
+        api_write = await writer.enqueue(store.op_insert_task(task))
+        dispatch = await writer.enqueue(store.op_update_task(task), then=lambda: order.append("then"))
+
+        async def api_waiter() -> None:
+            await api_write
+            order.append("waiter")
+
+        await asyncio.gather(api_waiter(), dispatch)
+        assert order == ["then", "waiter"]
+        duplicate = await writer.enqueue(store.op_insert_task(task), then=lambda: order.append("refused"))
+        with pytest.raises(Exception, match="refused a write"):
+            await duplicate
+        assert "refused" not in order
+    finally:
+        loop_task.cancel()
