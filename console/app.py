@@ -25,6 +25,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -176,6 +177,7 @@ class ConsoleApp(App[None]):
         # Set when this app owns its process (`propeller`, the benchmark), never in tests.
         self.freeze_startup = freeze_startup
         self.hung_up = False
+        self._core_thread: CoreThread | None = None
         self.fleet = FleetState(max_tasks=self.settings.task_rows, clock=clock)
         self.traffic = TrafficState(max_entries=self.settings.traffic_lines,
                                     preview_limit=self.settings.payload_preview_limit,
@@ -206,7 +208,8 @@ class ConsoleApp(App[None]):
             return await super().run_async(**kwargs)
         from core.config import ManagerSettings
 
-        async with CoreThread(self.manager_settings or ManagerSettings(), self._core_closed) as manager:
+        self._core_thread = CoreThread(self.manager_settings or ManagerSettings(), self._core_closed)
+        async with self._core_thread as manager:
             self.manager = manager
             self.core_status = manager.status_at_start
             log.info("manager core started on its own thread: %s", manager.status_at_start)
@@ -735,9 +738,37 @@ class ConsoleApp(App[None]):
     # terminal and signals
 
     def hang_up(self) -> None:
-        """SIGHUP: the terminal (or the SSH session) is gone; shut the manager down cleanly."""
+        """SIGHUP: the terminal (or the SSH session) is gone; shut the manager down cleanly.
+
+        Textual's way out writes to the terminal (restoring its modes), and a terminal that hung up
+        answers writes with EIO, which ends Textual's writer thread; the shutdown then waits for ever
+        on that thread's full queue. Worse, the kernel follows SIGHUP with SIGCONT, on which Textual
+        starts its terminal mode over with a writer thread of its own. So the terminal's output goes
+        to /dev/null from here on, and a backstop thread stops the core and ends the process should
+        the UI still not have closed after HANG_UP_GRACE_S (the tmux hang-up test hung about one run
+        in twenty without it)."""
+        if self.hung_up:
+            return
         self.hung_up = True
+        _silence_terminal_output()
+        if self._core_thread is not None:
+            threading.Thread(target=self._hang_up_backstop, args=(self._core_thread,),
+                             name="hang-up-backstop", daemon=True).start()
         self.exit()
+
+    @staticmethod
+    def _hang_up_backstop(core: CoreThread) -> None:
+        time.sleep(HANG_UP_GRACE_S)
+        # Still here: the UI's shutdown is stuck on the dead terminal. The core does not need it.
+        log.warning("the console did not close within %.0f s of the terminal hanging up; stopping the "
+                    "manager core without it", HANG_UP_GRACE_S)
+        stopped = core.stop_and_wait(timeout=60)
+        if stopped:
+            log.info("console closed (the terminal hung up); manager core stopped cleanly")
+        else:
+            log.error("the manager core did not stop within 60 s of the terminal hanging up")
+        logging.shutdown()
+        os._exit(0 if stopped else 1)
 
     def _check_terminal(self) -> None:
         # A backstop for lost sessions that do not deliver SIGHUP (dolphie does the same).
@@ -749,6 +780,22 @@ class ConsoleApp(App[None]):
             self.hang_up()
             return
         self.set_timer(5.0, self._check_terminal)
+
+
+# How long the UI may take to close after the terminal hung up before the backstop stops the core.
+HANG_UP_GRACE_S = 5.0
+
+
+def _silence_terminal_output() -> None:
+    """Point stdout and stderr (Textual draws on stderr) at /dev/null: the terminal is gone."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    for fd in (1, 2):
+        with contextlib.suppress(OSError):
+            os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 # ------------------------------------------------------------------------------------------

@@ -188,6 +188,20 @@ class CoreThread:
         finally:
             sys.setswitchinterval(self._switch_interval)
 
+    def stop_and_wait(self, timeout: float) -> bool:
+        """Stop the core from any thread and wait for it; True once it has stopped. For the console's
+        hang-up backstop, whose UI thread may be stuck writing to a terminal that is gone."""
+        if self._loop is not None and self._stop is not None:
+            with contextlib.suppress(RuntimeError):  # the core already ended on its own
+                self._loop.call_soon_threadsafe(self._stop.set)
+        try:
+            self._finished.result(timeout)
+        except concurrent.futures.TimeoutError:
+            return False
+        except Exception:  # a failed shutdown was logged by the core; it has ended
+            return True
+        return True
+
     def _run(self) -> None:
         try:
             asyncio.run(self._serve())

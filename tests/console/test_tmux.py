@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -191,3 +192,45 @@ def _running(pid: int) -> bool:
         return False
     # The state letter follows the parenthesised command name, which may itself contain spaces.
     return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def test_a_hang_up_while_the_terminal_takes_no_output_still_stops_the_manager_cleanly(
+        broker: Mosquitto, tmp_path: Path) -> None:
+    """The console's way out writes to the terminal. A terminal that stopped taking output (its reader
+    gone, its buffer full) blocks Textual's writer thread, and the UI's shutdown then waits for it for
+    ever; this is also how a hang-up ends about one run in twenty (the kernel's SIGCONT after SIGHUP
+    restarts Textual's terminal mode on the dead terminal). The hang-up backstop stops the core and
+    ends the process anyway."""
+    import fcntl
+    import struct
+    import termios
+
+    home = tmp_path / "home"
+    env = _env(broker, home)
+    master, slave = os.openpty()
+    # A large screen, so that the first frames alone fill the terminal's buffer: nobody reads it.
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 100, 300, 0, 0))
+    proc = subprocess.Popen([str(PROPELLER)], stdin=slave, stdout=slave, stderr=slave, env=env, cwd=ROOT,
+                            start_new_session=True)
+    os.close(slave)
+    log_file = home / "state" / "propeller" / "console.log"
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (log_file.exists() and "console ready" in log_file.read_text()):
+            time.sleep(0.1)
+        assert "console ready" in log_file.read_text(), log_file.read_text()[-3000:]
+        time.sleep(1)  # a few more frames: the writer thread is stuck on the full terminal by now
+        os.kill(proc.pid, signal.SIGHUP)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the console did not exit after SIGHUP with its terminal blocked; its log ends:\n"
+                                 + log_file.read_text()[-3000:]) from None
+        log = log_file.read_text()
+        assert "the terminal hung up" in log and "manager core stopped cleanly" in log, log[-3000:]
+        assert "did not close within" in log, "the UI closed by itself: the backstop was not exercised"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
