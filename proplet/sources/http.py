@@ -24,6 +24,8 @@ from proplet.sources.base import DEFAULT_MAX_MODULE_BYTES, BackgroundSha256, Fet
 log = logging.getLogger(__name__)
 
 ACCEPTED_CONTENT_TYPES = frozenset({"", "application/wasm", "application/octet-stream"})
+# Bytes handed to the hashing thread at a time (see _download).
+HASH_BATCH_BYTES = 2 * 1024 * 1024
 
 
 def is_http_url(url: str) -> bool:
@@ -151,7 +153,9 @@ class HttpSource:
                     f"limit of {format_size(self.max_bytes)} for a module. Ship a smaller module or "
                     "raise the proplet's fetch limit."
                 )
-            hasher = BackgroundSha256()
+            # httpx hands over 64 KiB pieces: hash them 2 MiB at a time, so that the hashing thread
+            # needs the GIL (which the download keeps busy) a few times per module, not hundreds.
+            hasher = BackgroundSha256(batch_bytes=HASH_BATCH_BYTES)
             pieces: list[bytes] = []
             received = 0
             async for piece in response.aiter_bytes():

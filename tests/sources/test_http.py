@@ -121,6 +121,17 @@ async def test_fetches_the_module_and_its_digest(source: HttpSource) -> None:
     assert source.fetched_bytes == 3 * len(MODULE)
 
 
+async def test_a_module_of_several_hash_batches_gets_the_digest_of_all_its_bytes_in_order() -> None:
+    """The body is hashed on a thread in batches of HASH_BATCH_BYTES: pieces joined, batches in order."""
+    from proplet.sources.http import HASH_BATCH_BYTES
+
+    big = b"\0asm\1\0\0\0" + os.urandom(2 * HASH_BATCH_BYTES + 123_457)
+    async with HttpSource(max_bytes=len(big)) as http, HttpServer({"/big.wasm": serve(big)}) as server:
+        data, digest = await http.fetch_with_digest(WasmRef("t", image_url=server.url("/big.wasm")))
+    assert data == big
+    assert digest == "sha256:" + hashlib.sha256(big).hexdigest()
+
+
 async def test_follows_redirects(source: HttpSource) -> None:
     async def redirect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await respond(writer, b"", status="302 Found", content_type=None,
