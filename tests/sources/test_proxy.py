@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 from collections.abc import AsyncIterator
@@ -244,8 +245,11 @@ async def test_the_command_serves_until_sigterm(broker: Mosquitto, tmp_path: Pat
     import sys
 
     topics = Topics(unique("t"), "default")
+    # PYTHONFAULTHANDLER: a proxy that does not exit is sent SIGABRT below, and prints every
+    # thread's stack into the failure message.
     env = {**os.environ, "PROXY_MQTT_ADDRESS": broker.url, "PROXY_TENANT_ID": topics.domain,
-           "PROXY_ENTITY_ID": unique("proxy"), "PROPELLER_CONFIG": str(tmp_path / "none.yaml")}
+           "PROXY_ENTITY_ID": unique("proxy"), "PROPELLER_CONFIG": str(tmp_path / "none.yaml"),
+           "PYTHONFAULTHANDLER": "1"}
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-c", "from propeller.cli import main; main()", "proxy", env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -272,7 +276,11 @@ async def test_the_command_serves_until_sigterm(broker: Mosquitto, tmp_path: Pat
             code = await asyncio.wait_for(process.wait(), 10)
         except TimeoutError:
             code = None
-        await asyncio.wait_for(reader, 5) if code is not None else reader.cancel()
+            process.send_signal(signal.SIGABRT)  # the stacks of its threads, into `output`
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(process.wait(), 5)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(reader, 5)
         assert code == 0, f"exit code {code} after SIGTERM; its output:\n" + b"".join(output).decode(errors="replace")
     finally:
         if process.returncode is None:
