@@ -180,9 +180,7 @@ class CoreThread:
 
     async def __aexit__(self, *exc: object) -> None:
         try:
-            if self._loop is not None and self._stop is not None:
-                with contextlib.suppress(RuntimeError):  # the core already ended on its own
-                    self._loop.call_soon_threadsafe(self._stop.set)
+            self._request_stop()
             await asyncio.wrap_future(self._finished)
             self._thread.join()  # the future is its last act: returns at once
         finally:
@@ -191,9 +189,7 @@ class CoreThread:
     def stop_and_wait(self, timeout: float) -> bool:
         """Stop the core from any thread and wait for it; True once it has stopped. For the console's
         hang-up backstop, whose UI thread may be stuck writing to a terminal that is gone."""
-        if self._loop is not None and self._stop is not None:
-            with contextlib.suppress(RuntimeError):  # the core already ended on its own
-                self._loop.call_soon_threadsafe(self._stop.set)
+        self._request_stop()
         try:
             self._finished.result(timeout)
         except concurrent.futures.TimeoutError:
@@ -201,6 +197,12 @@ class CoreThread:
         except Exception:  # a failed shutdown was logged by the core; it has ended
             return True
         return True
+
+    def _request_stop(self) -> None:
+        """Ask the core's loop to stop the core (safe from any thread, and more than once)."""
+        if self._loop is not None and self._stop is not None:
+            with contextlib.suppress(RuntimeError):  # the core already ended on its own
+                self._loop.call_soon_threadsafe(self._stop.set)
 
     def _run(self) -> None:
         try:

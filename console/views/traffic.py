@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any, ClassVar
 
+from rich.cells import cell_len
 from textual import on
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -200,7 +201,7 @@ Every message the manager sends (→ out) and receives (← in), at most `consol
         # Laid out again only when the text takes another number of rows: the next heartbeat of a
         # topic has the same shape, and laying the whole screen out again for it is wasted work.
         width = max(1, payload.content_size.width)
-        rows = sum(1 + len(line) // width for line in text.split("\n"))
+        rows = sum(1 + cell_len(line) // width for line in text.split("\n"))
         payload.update(Content(text), layout=rows != self._payload_rows)
         self._payload_rows = rows
 
