@@ -162,17 +162,28 @@ class _EngineSet:
         self.engine = Engine(cfg)
         self.linker = Linker(self.engine)
         self.linker.define_wasi()
-        # Two component linkers: outgoing HTTP exists only for tasks granted network access.
-        self.component_linker = cm.Linker(self.engine)
-        self.component_linker.add_wasip2()
-        self.component_linker_net = cm.Linker(self.engine)
-        self.component_linker_net.add_wasip2()
-        self.component_linker_net.add_wasi_http()
+        # Component linkers are built on the first component task: they cost ~1.3 MB of an idle
+        # proplet's memory, and most fleets run core modules only.
+        self._component_linkers: dict[bool, cm.Linker] = {}
+        self._component_lock = threading.Lock()
         settings_hash = hashlib.sha256(",".join(settings).encode()).hexdigest()[:12]
         self.tag = f"wasmtime-py-{WASMTIME_VERSION}-{platform.machine()}-{'fuel' if fuel else 'nofuel'}-{settings_hash}"
         self.disk: DiskCache | None = None
         if cache_root is not None:
             self.disk = DiskCache(cache_root, self.tag)
+
+    def component_linker(self, network: bool) -> cm.Linker:
+        """The WASI p2 linker, with outgoing HTTP only for tasks granted network access. Called
+        from the guest threads, so the first two components may ask at once."""
+        with self._component_lock:
+            linker = self._component_linkers.get(network)
+            if linker is None:
+                linker = cm.Linker(self.engine)
+                linker.add_wasip2()
+                if network:
+                    linker.add_wasi_http()
+                self._component_linkers[network] = linker
+            return linker
 
 
 class _Run:
@@ -238,7 +249,7 @@ class WasmtimeRuntime:
         disk = self._engines[False].disk
         return disk is not None and disk.find_code(hex_digest) is not None
 
-    async def load(self, digest: str, wasm: bytes) -> None:
+    async def load(self, digest: str, wasm: bytes | bytearray) -> None:
         hex_digest = check_digest(digest)
         with self._lock:
             if (hex_digest, False) in self._artifacts:
@@ -260,7 +271,7 @@ class WasmtimeRuntime:
             else:
                 future.add_done_callback(lambda _: self._loading.pop(hex_digest, None))
 
-    def _load_sync(self, hex_digest: str, wasm: bytes) -> None:
+    def _load_sync(self, hex_digest: str, wasm: bytes | bytearray) -> None:
         kind = wasm_kind(wasm)
         engines = self._engines[False]
         assert engines.disk is not None
@@ -271,7 +282,7 @@ class WasmtimeRuntime:
         engines.disk.write_wasm(hex_digest, wasm)
         self._remember(hex_digest, False, artifact)
 
-    def _compile(self, engines: _EngineSet, kind: str, wasm: bytes, hex_digest: str) -> Artifact:
+    def _compile(self, engines: _EngineSet, kind: str, wasm: bytes | bytearray, hex_digest: str) -> Artifact:
         try:
             if kind == "component":
                 compiled: Module | cm.Component = cm.Component(engines.engine, wasm)
@@ -682,10 +693,9 @@ class WasmtimeRuntime:
                 "The component imports wasi:http (outgoing network), which this task was not granted. "
                 "Ask for it with `-S http` in the task's cli_args on a proplet started with "
                 "PROPLET_ALLOW_NETWORK=true.")
-        linker = engines.component_linker
         if art.needs_http:
             store.set_wasi_http()
-            linker = engines.component_linker_net
+        linker = engines.component_linker(network=art.needs_http)
         try:
             instance = linker.instantiate(store, art.component)
             if func is None:
