@@ -43,36 +43,25 @@ class Artifact:
     digest: str
 
 
-class _Encoded:
-    """An artifact's chunk messages in one encoding, each encoded when it is first sent and kept
-    for later requests.
+def _encoded_chunk(app_name: str, artifact: Artifact, chunk_size: int, idx: int, binary: bool) -> bytes:
+    """Chunk `idx` of an artifact as a message, encoded when it is sent.
 
     Encoding as they go out, on the loop (a copy of the chunk, plus base64 for JSON: ~0.1 ms
     each), sends the first chunk at once; encoding a 10 MiB artifact up front took ~10 ms on a
-    thread before anything was sent.
+    thread before anything was sent. Nothing encoded is kept: paho copies each message into its
+    packet anyway, a kept copy would double or more the memory of every artifact served, and each
+    message encoded for a new artifact would be fresh memory to fault in (~0.2 ms per 512 KB chunk
+    on our VMs) where one encoded after the last was sent reuses that one's memory.
     """
+    data = artifact.data
+    start = idx * chunk_size
+    chunk = ChunkMessage(app_name, idx, _chunk_count(len(data), chunk_size),
+                         memoryview(data)[start:start + chunk_size], digest=artifact.digest, size=len(data))
+    return protocol.encode_binary_chunk(chunk) if binary else protocol.encode_chunk(chunk)
 
-    __slots__ = ("app_name", "artifact", "binary", "chunk_size", "payloads")
 
-    def __init__(self, app_name: str, artifact: Artifact, chunk_size: int, binary: bool) -> None:
-        self.app_name = app_name
-        self.artifact = artifact
-        self.chunk_size = chunk_size
-        self.binary = binary
-        total = max(1, -(-len(artifact.data) // chunk_size))
-        self.payloads: list[bytes | None] = [None] * total
-
-    def payload(self, idx: int) -> bytes:
-        payload = self.payloads[idx]
-        if payload is None:
-            data = self.artifact.data
-            start = idx * self.chunk_size
-            chunk = ChunkMessage(self.app_name, idx, len(self.payloads),
-                                 memoryview(data)[start:start + self.chunk_size],
-                                 digest=self.artifact.digest, size=len(data))
-            payload = protocol.encode_binary_chunk(chunk) if self.binary else protocol.encode_chunk(chunk)
-            self.payloads[idx] = payload
-        return payload
+def _chunk_count(size: int, chunk_size: int) -> int:
+    return max(1, -(-size // chunk_size))
 
 
 Resolver = Callable[[str], Awaitable[Artifact]]
@@ -134,9 +123,6 @@ class ChunkServer:
         self.accepts = accepts
         self.chunk_size = chunk_size
         self.cache = cache or ArtifactCache()
-        # The chunks of the artifacts served most recently, by ref and encoding; bounded by count.
-        self._encoded: OrderedDict[tuple[str, bool], _Encoded] = OrderedDict()
-        self._encoded_max = 8
         self._queue: asyncio.Queue[RegistryRequest] = asyncio.Queue(maxsize=max_queued)
         self._workers = workers
         self._window = window
@@ -204,31 +190,20 @@ class ChunkServer:
             log.warning("cannot serve %s: %s", request.app_name, reason)
             await self._publish(*self._encode_one(request, ChunkMessage(request.app_name, 0, 1, b"", error=reason)))
             return
-        encoded = self._encoded_chunks(request.app_name, artifact, binary is not None)
         topic = binary or self.chunk_topic
-        total = len(encoded.payloads)
+        chunk_size = self.chunk_size
+        total = _chunk_count(len(artifact.data), chunk_size)
         wanted = [i for i in request.missing if i < total] if request.missing else range(total)
         slots = asyncio.Semaphore(self._window)
 
         async def one(idx: int) -> None:
             async with slots:
-                await self._publish(topic, encoded.payload(idx))
+                await self._publish(topic, _encoded_chunk(request.app_name, artifact, chunk_size, idx,
+                                                          binary is not None))
 
         await asyncio.gather(*(one(i) for i in wanted))
         self.served += 1
         log.debug("served %s: %d of %d chunks%s", request.app_name, len(wanted), total, " (binary)" * bool(binary))
-
-    def _encoded_chunks(self, app_name: str, artifact: Artifact, binary: bool) -> _Encoded:
-        key = (app_name, binary)
-        cached = self._encoded.get(key)
-        if (cached is not None and cached.artifact.digest == artifact.digest
-                and cached.chunk_size == self.chunk_size):
-            self._encoded.move_to_end(key)
-            return cached
-        encoded = self._encoded[key] = _Encoded(app_name, artifact, self.chunk_size, binary)
-        while len(self._encoded) > self._encoded_max:
-            self._encoded.popitem(last=False)
-        return encoded
 
     async def _publish(self, topic: str, payload: bytes) -> None:
         while True:

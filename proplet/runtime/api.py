@@ -119,7 +119,7 @@ class Runtime(Protocol):
 
     def has_module(self, digest: str) -> bool: ...
 
-    async def load(self, digest: str, wasm: bytes) -> None: ...
+    async def load(self, digest: str, wasm: bytes | bytearray) -> None: ...
 
     async def run(self, digest: str, inv: Invocation) -> Outcome: ...
 
@@ -137,7 +137,7 @@ def check_digest(digest: str) -> str:
     return digest[7:]
 
 
-def wasm_kind(wasm: bytes) -> str:
+def wasm_kind(wasm: bytes | bytearray) -> str:
     """ "module" or "component" from the binary header, as upstream classifies (magic + layer byte)."""
     if len(wasm) < 8 or wasm[:4] != WASM_MAGIC:
         head = wasm[:8].hex(" ") if wasm else "nothing"

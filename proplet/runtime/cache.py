@@ -83,7 +83,7 @@ class DiskCache:
     def wasm_path(self, hex_digest: str) -> Path:
         return self.wasm_dir / f"{hex_digest}.wasm"
 
-    def write_wasm(self, hex_digest: str, wasm: bytes) -> None:
+    def write_wasm(self, hex_digest: str, wasm: bytes | bytearray) -> None:
         path = self.wasm_path(hex_digest)
         if not path.exists():
             _atomic_write(path, wasm)
@@ -100,7 +100,7 @@ class DiskCache:
         return wasm
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _atomic_write(path: Path, data: bytes | bytearray) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

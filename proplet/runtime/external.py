@@ -200,7 +200,7 @@ class ExternalRuntime:
         hex_digest = check_digest(digest)
         return hex_digest in self._stored or (self._dir / f"{hex_digest}.cwasm").exists()
 
-    async def load(self, digest: str, wasm: bytes) -> None:
+    async def load(self, digest: str, wasm: bytes | bytearray) -> None:
         hex_digest = check_digest(digest)
         if hex_digest in self._stored:
             return
@@ -500,7 +500,7 @@ def _kill(proc: asyncio.subprocess.Process) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def _write_atomic(path: Path, data: bytes | bytearray) -> None:
     if path.exists():
         return
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

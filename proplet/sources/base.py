@@ -35,11 +35,17 @@ class WasmRef:
     digest: str = ""
 
 
+# A module's bytes as a source returns them: a bytearray when they were appended piece by piece as
+# they arrived, so that no copy of the whole module is made after its last byte. Consumers only
+# read them (wasmtime compiles from either).
+ModuleBytes = bytes | bytearray
+
+
 @runtime_checkable
 class WasmSource(Protocol):
     def accepts(self, ref: WasmRef) -> bool: ...
 
-    async def fetch(self, ref: WasmRef) -> bytes: ...
+    async def fetch(self, ref: WasmRef) -> ModuleBytes: ...
 
 
 @runtime_checkable
@@ -48,7 +54,7 @@ class DigestingSource(Protocol):
     offers this too, so the fetcher does not hash 10 MiB a second time. The digest must be the
     sha256 of exactly the bytes returned."""
 
-    async def fetch_with_digest(self, ref: WasmRef) -> tuple[bytes, str]: ...
+    async def fetch_with_digest(self, ref: WasmRef) -> tuple[ModuleBytes, str]: ...
 
 
 # One worker thread hashes what the sources receive while the loop receives the next bytes

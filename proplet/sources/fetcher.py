@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Protocol
 
-from proplet.sources.base import DigestingSource, FetchError, WasmRef, WasmSource
+from proplet.sources.base import DigestingSource, FetchError, ModuleBytes, WasmRef, WasmSource
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class SignatureVerifier(Protocol):
     the bytes keeps it at about 0.14 ms per module.
     """
 
-    async def verify(self, ref: WasmRef, data: bytes, digest: str) -> None: ...
+    async def verify(self, ref: WasmRef, data: ModuleBytes, digest: str) -> None: ...
 
 
 class ModuleFetcher:
@@ -57,7 +57,7 @@ class ModuleFetcher:
             f"Task {ref.task_id}: this proplet has no way to fetch {ref.image_url!r}. Use an http(s) URL "
             "or an OCI reference served by the proxy.")
 
-    async def fetch(self, ref: WasmRef) -> tuple[bytes, str]:
+    async def fetch(self, ref: WasmRef) -> tuple[ModuleBytes, str]:
         """The module's bytes and their digest "sha256:<hex>". Raises FetchError."""
         source = self.source_for(ref)
         try:
@@ -87,7 +87,7 @@ class ModuleFetcher:
         return data, digest
 
 
-async def sha256_of(data: bytes) -> str:
+async def sha256_of(data: ModuleBytes) -> str:
     if len(data) > HASH_IN_THREAD_ABOVE:
         return "sha256:" + await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
     return "sha256:" + hashlib.sha256(data).hexdigest()

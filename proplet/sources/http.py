@@ -19,7 +19,14 @@ from urllib.parse import urlsplit
 if TYPE_CHECKING:
     import httpx
 
-from proplet.sources.base import DEFAULT_MAX_MODULE_BYTES, BackgroundSha256, FetchError, WasmRef, format_size
+from proplet.sources.base import (
+    DEFAULT_MAX_MODULE_BYTES,
+    BackgroundSha256,
+    FetchError,
+    ModuleBytes,
+    WasmRef,
+    format_size,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +108,11 @@ class HttpSource:
     def accepts(self, ref: WasmRef) -> bool:
         return is_http_url(ref.image_url)
 
-    async def fetch(self, ref: WasmRef) -> bytes:
+    async def fetch(self, ref: WasmRef) -> ModuleBytes:
         data, _ = await self.fetch_with_digest(ref)
         return data
 
-    async def fetch_with_digest(self, ref: WasmRef) -> tuple[bytes, str]:
+    async def fetch_with_digest(self, ref: WasmRef) -> tuple[ModuleBytes, str]:
         self.fetches += 1
         try:
             async with asyncio.timeout(self.total_timeout):
@@ -128,7 +135,7 @@ class HttpSource:
             self.failures += 1
             raise FetchError(self._describe(ref.image_url, exc)) from None
 
-    async def _download(self, url: str) -> tuple[bytes, str]:
+    async def _download(self, url: str) -> tuple[ModuleBytes, str]:
         shown = display_url(url)
         async with self._http().stream("GET", url) as response:
             if response.status_code >= 400:
@@ -156,21 +163,21 @@ class HttpSource:
             # httpx hands over 64 KiB pieces: hash them 2 MiB at a time, so that the hashing thread
             # needs the GIL (which the download keeps busy) a few times per module, not hundreds.
             hasher = BackgroundSha256(batch_bytes=HASH_BATCH_BYTES)
-            pieces: list[bytes] = []
-            received = 0
+            # Appended as they arrive rather than joined after the last piece: the page faults of
+            # the module's memory fall in the gaps between pieces (see chunks.py, _Transfer.data).
+            data = bytearray()
             async for piece in response.aiter_bytes():
-                received += len(piece)
                 self.fetched_bytes += len(piece)
-                if received > self.max_bytes:
+                if len(data) + len(piece) > self.max_bytes:
                     raise FetchError(
                         f"{shown} sent more than the proplet's limit of {format_size(self.max_bytes)} "
                         "for a module; the download was stopped. Ship a smaller module or raise the "
                         "proplet's fetch limit."
                     )
+                data += piece
                 hasher.update(piece)
-                pieces.append(piece)
-        log.debug("fetched %s: %d bytes", shown, received)
-        return b"".join(pieces), await hasher.digest()
+        log.debug("fetched %s: %d bytes", shown, len(data))
+        return data, await hasher.digest()
 
     def _describe(self, url: str, exc: httpx.HTTPError) -> str:
         import httpx

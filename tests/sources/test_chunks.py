@@ -108,6 +108,50 @@ async def test_out_of_order_and_duplicated_chunks(broker: Mosquitto, topics) -> 
     assert source.counters.resumes == 0
 
 
+async def test_chunks_are_appended_in_order_whatever_order_they_arrive_in() -> None:
+    # The module is built by appending chunks in index order; one that arrives early waits for
+    # those before it. The last one first, then one from the middle, then the rest.
+    data = module(10_500)
+    source, fetch = await _fetch_fed_by_hand()
+    chunks = chunks_of(REF, data, 1000)
+    for chunk in [chunks[-1], chunks[4], *chunks[:4], *chunks[5:-1]]:
+        source.on_chunk(chunk)
+    got, digest = await asyncio.wait_for(fetch, 5)
+    assert got == data and digest == protocol.sha256_digest(data)
+
+
+async def test_upstreams_chunks_without_a_size_are_joined_at_the_end() -> None:
+    data = module(10_500)
+    source, fetch = await _fetch_fed_by_hand()
+    chunks = chunks_of(REF, data, 1000, digest=False)
+    for chunk in reversed(chunks):
+        source.on_chunk(chunk)
+    got, digest = await asyncio.wait_for(fetch, 5)
+    assert got == data and digest == protocol.sha256_digest(data)
+
+
+async def test_chunks_that_add_up_to_more_than_the_announced_size_fail_the_fetch() -> None:
+    source, fetch = await _fetch_fed_by_hand()
+    for chunk in (ChunkMessage(REF, 0, 2, b"a" * 1000, size=1500), ChunkMessage(REF, 1, 2, b"b" * 1000, size=1500)):
+        source.on_chunk(chunk)
+    with pytest.raises(FetchError, match="arrived as 2000 bytes but OCI proxy .* announced 1500"):
+        await asyncio.wait_for(fetch, 5)
+    assert source.active == () and source.counters.failed == 1
+
+
+async def _fetch_fed_by_hand() -> tuple[ChunkSource, asyncio.Task[tuple[bytes | bytearray, str]]]:
+    """A ChunkSource whose request has gone out, for chunks handed to on_chunk directly."""
+    requested = asyncio.Event()
+
+    async def publish(topic: str, payload: bytes) -> None:
+        requested.set()
+
+    source = ChunkSource(publish, "registry/proplet")
+    fetch = asyncio.create_task(source.fetch_with_digest(WasmRef("t1", image_url=REF)))
+    await asyncio.wait_for(requested.wait(), 5)
+    return source, fetch
+
+
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
 async def test_a_lost_chunk_is_asked_for_again_and_the_module_still_verifies(broker: Mosquitto, topics,
                                                                              binary) -> None:

@@ -121,12 +121,31 @@ async def test_fetches_the_module_and_its_digest(source: HttpSource) -> None:
     assert source.fetched_bytes == 3 * len(MODULE)
 
 
-async def test_a_module_of_several_hash_batches_gets_the_digest_of_all_its_bytes_in_order() -> None:
-    """The body is hashed on a thread in batches of HASH_BATCH_BYTES: pieces joined, batches in order."""
+@pytest.mark.parametrize("framing", ["content-length", "chunked", "gzip"])
+async def test_a_module_of_several_hash_batches_gets_the_digest_of_all_its_bytes_in_order(framing: str) -> None:
+    """The body is hashed on a thread in batches of HASH_BATCH_BYTES, in order: views of the module's
+    buffer when its length is known (written in place as it arrives), joined pieces when it is not
+    (chunked framing) or when the length is that of a compressed body."""
+    import gzip
+
     from proplet.sources.http import HASH_BATCH_BYTES
 
     big = b"\0asm\1\0\0\0" + os.urandom(2 * HASH_BATCH_BYTES + 123_457)
-    async with HttpSource(max_bytes=len(big)) as http, HttpServer({"/big.wasm": serve(big)}) as server:
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if framing == "content-length":
+            await respond(writer, big)
+        elif framing == "gzip":
+            await respond(writer, gzip.compress(big, compresslevel=1), extra="Content-Encoding: gzip\r\n")
+        else:
+            await respond(writer, b"", length=None, extra="Transfer-Encoding: chunked\r\n")
+            for start in range(0, len(big), 100_000):
+                piece = big[start:start + 100_000]
+                writer.write(b"%x\r\n" % len(piece) + piece + b"\r\n")
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+
+    async with HttpSource(max_bytes=2 * len(big)) as http, HttpServer({"/big.wasm": handler}) as server:
         data, digest = await http.fetch_with_digest(WasmRef("t", image_url=server.url("/big.wasm")))
     assert data == big
     assert digest == "sha256:" + hashlib.sha256(big).hexdigest()
