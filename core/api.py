@@ -25,9 +25,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core import __version__
 from core.config import ManagerSettings
-from core.domain import ZERO_TIME, Proplet, Task, TaskEvent, TaskState
-from core.errors import CoreError, InvalidRequest
-from core.schemas import InvokeBody, TaskCreate, TaskUpdate, format_validation_error
+from core.domain import ZERO_TIME, Job, Proplet, Task, TaskEvent, TaskState, group_state
+from core.errors import CoreError, InvalidRequest, NotFound
+from core.schemas import InvokeBody, JobCreate, TaskCreate, TaskUpdate, WorkflowCreate, format_validation_error
 
 if TYPE_CHECKING:
     from core.service import ManagerCore
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 100 * 1024 * 1024
-_JSON_ROUTES = ("/tasks",)
+_JSON_ROUTES = ("/tasks", "/workflows", "/jobs")
 
 
 class ORJSONResponse(JSONResponse):
@@ -91,6 +91,24 @@ def task_view(task: Task) -> dict[str, Any]:
         "created_at": rfc3339(task.created_at),
         "updated_at": rfc3339(task.updated_at),
     }
+
+
+def group_view(tasks: list[Task]) -> dict[str, Any]:
+    """What a workflow or job is, from its tasks: state (upstream's rule, as a number) and times."""
+    state = group_state([t.state for t in tasks])
+    starts = [t.start_time for t in tasks if t.start_time is not None]
+    finishes = [t.finish_time for t in tasks if t.finish_time is not None]
+    return {
+        "state": int(state), "state_name": state.label,
+        "start_time": rfc3339(min(starts) if starts else None),
+        "finish_time": rfc3339(max(finishes) if finishes and state.is_terminal else None),
+        "created_at": rfc3339(min(t.created_at for t in tasks) if tasks else None),
+        "tasks": [task_view(t) for t in tasks],
+    }
+
+
+def job_view(job: Job, tasks: list[Task]) -> dict[str, Any]:
+    return {"job_id": job.id, "name": job.name, "execution_mode": job.execution_mode, **group_view(tasks)}
 
 
 def event_view(e: TaskEvent) -> dict[str, Any]:
@@ -314,6 +332,56 @@ def create_app(core: ManagerCore) -> FastAPI:
         return {"offset": offset, "limit": limit, "total": page.total, "metrics": [
             {"task_id": m.task_id, "proplet_id": m.proplet_id, "metrics": m.metrics,
              "aggregated": m.aggregated, "timestamp": rfc3339(m.timestamp)} for m in page.items]}
+
+    # ---- workflows and jobs (core/workflows.py) ------------------------------------------
+
+    @app.post("/workflows", name="create-workflow", status_code=201)
+    async def create_workflow(body: Annotated[WorkflowCreate, Body()], response: Response) -> dict[str, Any]:
+        tasks = await core.create_workflow(body)
+        response.headers["Location"] = f"/workflows/{tasks[0].workflow_id}"
+        return {"workflow_id": tasks[0].workflow_id, **group_view(tasks)}
+
+    @app.get("/workflows/{workflow_id}", name="get-workflow")
+    async def get_workflow(workflow_id: str) -> dict[str, Any]:
+        tasks = await core.group_tasks(workflow_id=workflow_id)
+        if not tasks:
+            raise NotFound(f"workflow {workflow_id} not found")
+        return {"workflow_id": workflow_id, **group_view(tasks)}
+
+    @app.post("/jobs", name="create-job", status_code=201)
+    async def create_job(body: Annotated[JobCreate, Body()], response: Response) -> dict[str, Any]:
+        job, tasks = await core.create_job(body)
+        response.headers["Location"] = f"/jobs/{job.id}"
+        return job_view(job, tasks)
+
+    @app.get("/jobs", name="list-jobs")
+    async def list_jobs(
+        offset: int = 0,
+        limit: int = 100,
+        status: Annotated[str | None, Query(description="pending, running, completed or failed")] = None,
+    ) -> dict[str, Any]:
+        _page(offset, limit, max_limit=1000)
+        states = {"pending": TaskState.PENDING, "running": TaskState.RUNNING,
+                  "completed": TaskState.COMPLETED, "failed": TaskState.FAILED}
+        if status is not None and status not in states:
+            raise InvalidRequest("status must be pending, running, completed or failed")
+        page = await core.list_jobs(offset=offset, limit=limit, state=states.get(status or ""))
+        return {"offset": offset, "limit": limit, "total": page.total,
+                "jobs": [job_view(job, tasks) for job, tasks in page.items]}
+
+    @app.get("/jobs/{job_id}", name="get-job")
+    async def get_job(job_id: str) -> dict[str, Any]:
+        return job_view(*await core.get_job(job_id))
+
+    @app.post("/jobs/{job_id}/start", name="start-job")
+    async def start_job(job_id: str) -> dict[str, Any]:
+        await core.start_job(job_id)
+        return {"message": "job started", "job_id": job_id}
+
+    @app.post("/jobs/{job_id}/stop", name="stop-job")
+    async def stop_job(job_id: str) -> dict[str, Any]:
+        await core.stop_job(job_id)
+        return {"message": "job stopped", "job_id": job_id}
 
     # ---- proplets -----------------------------------------------------------------------
 

@@ -168,6 +168,32 @@ class Task:
         return clone
 
 
+JOB_MODES = ("parallel", "sequential", "configurable")
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A named group of tasks (their `job_id`) started together. Its state is derived from theirs."""
+
+    id: str
+    name: str
+    execution_mode: str  # one of JOB_MODES
+    created_at: datetime
+    updated_at: datetime
+
+
+def group_state(states: list[TaskState]) -> TaskState:
+    """A job's state from its tasks' (upstream's rule): any failed or interrupted -> failed; else any
+    queued, scheduled or running -> running; else all completed or skipped -> completed; else pending."""
+    if any(s in (TaskState.FAILED, TaskState.INTERRUPTED) for s in states):
+        return TaskState.FAILED
+    if any(s in (TaskState.SCHEDULED, TaskState.RUNNING) for s in states):
+        return TaskState.RUNNING
+    if states and all(s in (TaskState.COMPLETED, TaskState.SKIPPED) for s in states):
+        return TaskState.COMPLETED
+    return TaskState.PENDING
+
+
 @dataclass(frozen=True, slots=True)
 class TaskEvent:
     """One persisted lifecycle transition: what the console's timeline shows."""

@@ -59,6 +59,8 @@ class TaskCreate(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
+    id: str = Field(default="", max_length=200, description="Kept in workflows and jobs only, where "
+                    "'depends_on' names other tasks by id; a task created alone always gets a new id.")
     name: str = Field(min_length=1, description="Export to call (for a WASI command: _start or main).")
     kind: Literal["standard", "federated"] = "standard"
     image_url: str = Field(default="", description="OCI reference (via the proxy) or http(s):// URL of the module.")
@@ -77,8 +79,11 @@ class TaskCreate(BaseModel):
     monitoring_profile: dict[str, Any] | None = None
     hal_storage_path: str | None = None
     mode: Literal["", "infer", "train"] = ""
-    depends_on: list[str] = Field(default_factory=list)
-    run_if: Literal["", "success", "failure"] = ""
+    depends_on: list[str] = Field(default_factory=list, description="Ids of tasks of the same workflow or "
+                                  "job that must finish first.")
+    run_if: Literal["", "success", "failure"] = Field(
+        default="", description="When a dependent task runs: 'success' (the default) if every dependency "
+        "completed, 'failure' if one failed; otherwise it is skipped.")
     workflow_id: str = ""
     job_id: str = ""
     limits: LimitsBody = Field(default_factory=LimitsBody)
@@ -88,6 +93,18 @@ class TaskCreate(BaseModel):
         description="sha256:<hex> the module must have. Pins an image_url to exact bytes (and lets the manager "
         "sign it); for an inline file it must match.",
     )
+
+    @field_validator("id")
+    @classmethod
+    def _id_is_uuid(cls, value: str) -> str:
+        if value:
+            import uuid
+
+            try:
+                uuid.UUID(value)
+            except ValueError:
+                raise ValueError("'id' must be a UUID (task ids are UUIDs)") from None
+        return value
 
     @field_validator("wasm_digest")
     @classmethod
@@ -120,8 +137,6 @@ class TaskCreate(BaseModel):
     def _consistent(self) -> TaskCreate:
         if self.proplet_id and self.broadcast:
             raise ValueError("'proplet_id' and 'broadcast' cannot both be set: pin the task or broadcast it")
-        if self.depends_on:
-            raise ValueError("'depends_on' needs workflows, which this manager does not support yet")
         if len(orjson.dumps(self.metadata)) > MAX_METADATA_BYTES:
             raise ValueError("'metadata' is larger than 1 MiB")
         if self.encrypted and self.file:
@@ -148,7 +163,8 @@ class TaskCreate(BaseModel):
             proplet_id=self.proplet_id, pinned=bool(self.proplet_id), broadcast=self.broadcast,
             priority=self.priority or 50, metadata=dict(self.metadata),
             monitoring_profile=self.monitoring_profile, hal_storage_path=self.hal_storage_path,
-            mode=self.mode, run_if=self.run_if, workflow_id=self.workflow_id, job_id=self.job_id,
+            mode=self.mode, depends_on=list(self.depends_on), run_if=self.run_if, workflow_id=self.workflow_id,
+            job_id=self.job_id,
             limits=self.limits.to_domain(), max_retries=self.max_retries,
         )
 
@@ -245,3 +261,31 @@ def format_validation_error(exc: Any) -> str:
         msg = msg.removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(parts) or "invalid request"
+
+
+class WorkflowCreate(BaseModel):
+    """POST /workflows: tasks whose `depends_on` name each other by `id`. Nothing is started: start
+    the roots (POST /tasks/{id}/start); each dependent starts, or is skipped by its `run_if`, once
+    its dependencies have finished."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    tasks: list[TaskCreate] = Field(min_length=1, max_length=1000)
+
+
+class JobCreate(BaseModel):
+    """POST /jobs: a named group of tasks started together (POST /jobs/{id}/start)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = ""
+    tasks: list[TaskCreate] = Field(min_length=1, max_length=1000)
+    execution_mode: Literal["", "parallel", "sequential", "configurable"] = Field(
+        default="", description="parallel: every task without dependencies at once, dependents as their "
+        "dependencies finish; sequential: one after another, each once the one before completed; "
+        "configurable: as parallel (the dependencies decide the order). Empty: parallel.")
+
+    @field_validator("execution_mode", mode="before")
+    @classmethod
+    def _trimmed(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value

@@ -22,7 +22,7 @@ import uuid
 from collections import OrderedDict, defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from core import protocol
@@ -31,6 +31,7 @@ from core.chunks import Artifact, ArtifactCache, ArtifactUnavailable, ChunkServe
 from core.config import ManagerSettings
 from core.domain import (
     ALLOWED_TRANSITIONS,
+    Job,
     MessageRejected,
     Proplet,
     PropletCameOnline,
@@ -44,6 +45,7 @@ from core.domain import (
     TaskMetrics,
     TaskState,
     TaskStateChanged,
+    group_state,
     utcnow,
 )
 from core.errors import Conflict, InvalidRequest, NotFound, TimedOut, Unavailable, UpstreamFailed
@@ -52,13 +54,15 @@ from core.lifecycle import cancel_and_wait
 from core.mqtt import BrokerAddress, BrokerUnavailable, MqttBus, parse_broker_url
 from core.protocol import InvalidMessage
 from core.scheduler import Scheduler
-from core.schemas import TaskCreate, TaskUpdate
+from core.schemas import JobCreate, TaskCreate, TaskUpdate, WorkflowCreate
 from core.store import Page, Store, store_from_settings
+from core.store.base import WriteOp
 from core.store.migrate import migrate
 from core.store.reads import TaskReader
 from core.store.writer import StoreWriter
 from core.telemetry import CoreMetrics
 from core.topics import Topics
+from core.workflows import GroupCoordinator, validate_dag
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +99,8 @@ class ManagerCore:
         self.scheduler = Scheduler(self.settings.scheduler)
         self.writer = StoreWriter(self.store)
         self.reader = TaskReader(self.store)
+        # Workflows and jobs: dependents started or skipped as the tasks they wait for finish.
+        self.groups = GroupCoordinator(self)
         self.proplets: dict[str, Proplet] = {}
         # Tasks the dispatcher owns: queued (pending with queued_at), scheduled or running.
         self.active: dict[str, Task] = {}
@@ -222,6 +228,7 @@ class ManagerCore:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._http_task, 5)
             self._http = None
+        await self.groups.close()
         if self.bus is not None:
             await self.bus.close()
         with contextlib.suppress(Exception):
@@ -340,6 +347,9 @@ class ManagerCore:
                 log.info("proplet %s holds in-flight tasks; presumed alive until its heartbeat is due", p.id)
         if self.active:
             log.info("recovered %d in-flight tasks (%d queued)", len(self.active), len(self._queued))
+        # Dependents whose last dependency finished just before the manager stopped.
+        for workflow_id, job_id in await self.store.groups_with_waiting_dependents():
+            self.groups.finished_group(workflow_id, job_id)
         self.metrics.proplets_online.set(sum(p.online for p in self.proplets.values()))
 
     # ------------------------------------------------------------------------------------
@@ -364,6 +374,13 @@ class ManagerCore:
 
     async def create_task(self, body: TaskCreate) -> Task:
         task = body.to_task()
+        if task.depends_on:
+            if not (task.workflow_id or task.job_id):
+                raise InvalidRequest("'depends_on' needs 'workflow_id': dependencies are between tasks of one "
+                                     "workflow (POST /workflows) or job (POST /jobs)")
+            # A task appended to an existing workflow or job: its dependencies must be tasks of it.
+            group = {t.id: t for t in await self.group_tasks(workflow_id=task.workflow_id, job_id=task.job_id)}
+            validate_dag({**group, task.id: task})
         if task.file:
             self._files.put(task.wasm_digest, Artifact(task.file, task.wasm_digest))
         await self.writer.write(
@@ -488,6 +505,144 @@ class ManagerCore:
         await self.writer.write(self.store.op_delete_task(task_id))
         self.events.emit(TaskDeleted(task_id))
 
+    # ------------------------------------------------------------------------------------
+    # workflows and jobs (core/workflows.py)
+
+    async def group_tasks(self, *, workflow_id: str = "", job_id: str = "") -> list[Task]:
+        """The tasks of a workflow or job as they are now, in the order they were created."""
+        await self.writer.barrier()
+        tasks = await self.store.group_tasks(workflow_id=workflow_id, job_id=job_id)
+        return [self.active[t.id].copy() if t.id in self.active else t for t in tasks]
+
+    async def _check_dependencies(self, task: Task) -> None:
+        group = {t.id: t for t in await self.group_tasks(workflow_id=task.workflow_id, job_id=task.job_id)}
+        unmet = [d for d in task.depends_on if d not in group or not group[d].state.is_terminal]
+        if unmet:
+            raise Conflict(f"task {task.id} has unmet dependencies: {', '.join(unmet)} not finished yet; it "
+                           "starts by itself once they have")
+
+    async def skip_task(self, task_id: str, why: str) -> None:
+        """A task that will not run (its run_if does not hold, or its job ended): skipped."""
+        if task_id in self.active:
+            raise Conflict(f"task {task_id} is queued or running")
+        task = self._recent.pop(task_id, None) or await self._load_for_start(task_id)
+        try:
+            if task.state is not TaskState.PENDING:
+                raise Conflict(f"task {task_id} is {task.state.label}, not waiting")
+            task.reason = why
+            task.finish_time = utcnow()
+            done = await self._transition(task, TaskState.SKIPPED, why, durable=True)
+            assert done is not None
+            await done
+        finally:
+            self._remember(task)
+
+    def _group_from_bodies(self, bodies: Sequence[TaskCreate], *, workflow_id: str = "",
+                           job_id: str = "") -> list[Task]:
+        now = utcnow()
+        tasks: list[Task] = []
+        for i, body in enumerate(bodies):
+            task = body.to_task()
+            task.id = body.id or task.id
+            task.workflow_id, task.job_id = workflow_id or task.workflow_id, job_id or task.job_id
+            # Creation order is the order of the body (a sequential job runs in it).
+            task.created_at = task.updated_at = now + timedelta(microseconds=i)
+            tasks.append(task)
+        ids = [t.id for t in tasks]
+        if len(set(ids)) < len(ids):
+            dup = sorted({i for i in ids if ids.count(i) > 1})
+            raise InvalidRequest(f"task ids must be unique; repeated: {', '.join(dup)}")
+        return tasks
+
+    async def _insert_group(self, tasks: list[Task], *first: WriteOp) -> None:
+        for task in tasks:
+            if task.id in self.active or task.id in self._recent or await self.reader.get(task.id) is not None:
+                raise Conflict(f"a task with id {task.id} already exists")
+        ops = list(first)
+        for task in tasks:
+            if task.file:
+                self._files.put(task.wasm_digest, Artifact(task.file, task.wasm_digest))
+            ops += [self.store.op_insert_task(task),
+                    self.store.op_task_event(TaskEvent(task.id, TaskState.PENDING, task.created_at, 0, "", "created"))]
+        await self.writer.write(*ops)
+        for task in tasks:
+            self.events.emit(TaskStateChanged(task.id, task.name, TaskState.PENDING, TaskState.PENDING,
+                                              task.created_at, "", "created"))
+            task.file = b""
+            self._remember(task)
+
+    async def create_workflow(self, body: WorkflowCreate) -> list[Task]:
+        """Tasks that depend on each other by id. Nothing starts: start the roots."""
+        workflow_id = body.tasks[0].workflow_id or str(uuid.uuid4())
+        tasks = self._group_from_bodies(body.tasks, workflow_id=workflow_id)
+        existing = {t.id: t for t in await self.group_tasks(workflow_id=workflow_id)}
+        validate_dag({**existing, **{t.id: t for t in tasks}})
+        await self._insert_group(tasks)
+        return [t.copy() for t in tasks]
+
+    async def create_job(self, body: JobCreate) -> tuple[Job, list[Task]]:
+        job_id = body.tasks[0].job_id or str(uuid.uuid4())
+        if await self.store.get_job(job_id) is not None:
+            raise Conflict(f"job {job_id} already exists")
+        tasks = self._group_from_bodies(body.tasks, job_id=job_id)
+        validate_dag({t.id: t for t in tasks})
+        now = utcnow()
+        job = Job(job_id, body.name, body.execution_mode or "parallel", now, now)
+        await self._insert_group(tasks, self.store.op_insert_job(job))
+        return job, [t.copy() for t in tasks]
+
+    async def get_job(self, job_id: str) -> tuple[Job, list[Task]]:
+        await self.writer.barrier()
+        job = await self.store.get_job(job_id)
+        if job is None:
+            raise NotFound(f"job {job_id} not found")
+        return job, await self.group_tasks(job_id=job_id)
+
+    async def list_jobs(self, *, offset: int = 0, limit: int = 100,
+                        state: TaskState | None = None) -> Page[tuple[Job, list[Task]]]:
+        """Jobs, newest first, with their tasks; `state` filters on the derived state."""
+        await self.writer.barrier()
+        if state is None:
+            page = await self.store.list_jobs(offset, limit)
+            return Page([(job, await self.group_tasks(job_id=job.id)) for job in page.items], page.total)
+        matching: list[tuple[Job, list[Task]]] = []
+        at = 0
+        while True:
+            page = await self.store.list_jobs(at, 500)
+            for job in page.items:
+                tasks = await self.group_tasks(job_id=job.id)
+                if group_state([t.state for t in tasks]) is state:
+                    matching.append((job, tasks))
+            at += len(page.items)
+            if not page.items or at >= page.total:
+                break
+        return Page(matching[offset:offset + limit], len(matching))
+
+    async def start_job(self, job_id: str) -> tuple[Job, list[Task]]:
+        """Start a job that has not run: its tasks without dependencies (parallel, configurable), or
+        its first task (sequential); the rest follow as they finish."""
+        job, tasks = await self.get_job(job_id)
+        if not tasks:
+            raise InvalidRequest(f"job {job_id} has no tasks")
+        if any(not (t.state is TaskState.PENDING and t.id not in self.active) for t in tasks):
+            state = group_state([t.state for t in tasks])
+            raise Conflict(f"job {job_id} has already been started (it is {state.label}); create a new job "
+                           "to run its tasks again")
+        first = tasks[:1] if job.execution_mode == "sequential" else [t for t in tasks if not t.depends_on]
+        for task in first:
+            await self.start_task(task.id)
+        return await self.get_job(job_id)
+
+    async def stop_job(self, job_id: str) -> tuple[Job, list[Task]]:
+        """Stop a job's queued and running tasks; those that have not started are skipped."""
+        _, tasks = await self.get_job(job_id)
+        for task in tasks:
+            if task.id in self.active:
+                with contextlib.suppress(Conflict):
+                    await self.stop_task(task.id)
+        await self.groups.settle()
+        return await self.get_job(job_id)
+
     async def start_task(self, task_id: str) -> Task:
         """Queue a task for dispatch (or re-run a finished one). Returns once that is stored."""
         if task_id in self.active:
@@ -495,6 +650,12 @@ class ManagerCore:
             what = "queued" if state is TaskState.PENDING else state.label
             raise Conflict(f"task {task_id} is already {what}; stop it first to start it again")
         task = self._recent.pop(task_id, None) or await self._load_for_start(task_id)
+        if task.depends_on:
+            try:
+                await self._check_dependencies(task)
+            except Conflict:
+                self._remember(task)
+                raise
         if not task.wasm_digest and not task.image_url:
             raise InvalidRequest(
                 f"task {task_id} has no module: upload a .wasm (PUT /tasks/{task_id}/upload) or set image_url"
@@ -635,6 +796,8 @@ class ManagerCore:
         if fut is None:
             await self.writer.submit(*ops)
         self.events.emit(TaskStateChanged(task.id, task.name, old, new, now, task.proplet_id, detail))
+        if new.is_terminal and (task.workflow_id or task.job_id):
+            self.groups.finished(task)
         return fut
 
     def _forget(self, task: Task) -> None:

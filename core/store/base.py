@@ -17,6 +17,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import orjson
 
 from core.domain import (
+    Job,
     Proplet,
     PropletMetrics,
     Task,
@@ -98,6 +99,8 @@ SQL_UPSERT_PROPLET = (
     "offline_reason = excluded.offline_reason, updated_at = excluded.updated_at"
 )
 SQL_DELETE_PROPLET = "DELETE FROM proplets WHERE id = ?"
+SQL_INSERT_JOB = "INSERT INTO jobs (id, name, execution_mode, created_at, updated_at) VALUES (?, ?, ?, ?, ?)"
+_JOB_SELECT = "id, name, execution_mode, created_at, updated_at"
 SQL_INSERT_PROPLET_METRICS = (
     "INSERT INTO proplet_metrics (proplet_id, namespace, timestamp, cpu_metrics, memory_metrics) "
     "SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM proplets WHERE id = ?)"
@@ -315,6 +318,49 @@ class Store(abc.ABC):
             clauses.append("proplet_id = ?")
             params.append(proplet_id)
         return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+    async def group_tasks(self, *, workflow_id: str = "", job_id: str = "") -> list[Task]:
+        """The tasks of one workflow or job, in the order they were created."""
+        column, value = ("workflow_id", workflow_id) if workflow_id else ("job_id", job_id)
+        if not value:
+            return []
+        async with self.connection() as conn:
+            rows = await conn.fetch(
+                f"SELECT {_TASK_SELECT} FROM tasks WHERE {column} = ? ORDER BY created_at, id", (value,))
+        return [self.task_from_row(r) for r in rows]
+
+    async def groups_with_waiting_dependents(self) -> list[tuple[str, str]]:
+        """(workflow_id, job_id) of groups with a task that waits for others (a dependent, or a later
+        task of a sequential job) and has not started."""
+        async with self.connection() as conn:
+            rows = await conn.fetch(
+                "SELECT DISTINCT workflow_id, job_id FROM tasks WHERE state = ? AND queued_at IS NULL AND ("
+                "(depends_on <> '[]' AND (workflow_id <> '' OR job_id <> '')) "
+                "OR job_id IN (SELECT id FROM jobs WHERE execution_mode = 'sequential'))", (int(TaskState.PENDING),))
+        return [(r[0], r[1]) for r in rows]
+
+    async def get_job(self, job_id: str) -> Job | None:
+        async with self.connection() as conn:
+            rows = await conn.fetch(f"SELECT {_JOB_SELECT} FROM jobs WHERE id = ?", (job_id,))
+        return self._job_from_row(rows[0]) if rows else None
+
+    async def list_jobs(self, offset: int, limit: int) -> Page[Job]:
+        """Jobs, newest first."""
+        async with self.connection() as conn:
+            total = (await conn.fetch("SELECT COUNT(*) FROM jobs", ()))[0][0]
+            rows = await conn.fetch(
+                f"SELECT {_JOB_SELECT} FROM jobs ORDER BY created_at DESC, id LIMIT ? OFFSET ?", (limit, offset))
+        return Page([self._job_from_row(r) for r in rows], int(total))
+
+    def _job_from_row(self, row: Any) -> Job:
+        created, updated = self.ts_out(row[3]), self.ts_out(row[4])
+        assert created is not None and updated is not None
+        return Job(id=row[0], name=row[1], execution_mode=row[2], created_at=created, updated_at=updated)
+
+    def op_insert_job(self, job: Job) -> WriteOp:
+        # The same phase as task inserts, queued before them: a job's row is written first.
+        return WriteOp(SQL_INSERT_JOB, (job.id, job.name, job.execution_mode, self.ts_in(job.created_at),
+                                        self.ts_in(job.updated_at)), phase=_PHASE_TASK_INSERT)
 
     async def active_tasks(self) -> list[Task]:
         """Tasks the dispatcher owns after a restart: queued, scheduled or running."""
