@@ -12,7 +12,7 @@ import ipaddress
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core import __version__
 from core.config import ManagerSettings
+from core.cron import Schedule
 from core.domain import ZERO_TIME, Job, Proplet, Task, TaskEvent, TaskState, group_state
 from core.errors import CoreError, InvalidRequest, NotFound
 from core.schemas import InvokeBody, JobCreate, TaskCreate, TaskUpdate, WorkflowCreate, format_validation_error
@@ -49,7 +50,7 @@ def rfc3339(value: datetime | None) -> str:
     return text.replace("+00:00", "Z")
 
 
-def task_view(task: Task) -> dict[str, Any]:
+def task_view(task: Task, schedule: Schedule | None = None) -> dict[str, Any]:
     """A task as upstream serialises it (state as a number, zero times), plus our fields."""
     return {
         "id": task.id,
@@ -78,6 +79,10 @@ def task_view(task: Task) -> dict[str, Any]:
         "run_if": task.run_if,
         "workflow_id": task.workflow_id,
         "job_id": task.job_id,
+        "schedule": schedule.expression if schedule else "",
+        "next_run": rfc3339(schedule.next_run if schedule else None),
+        "is_recurring": schedule.recurring if schedule else False,
+        "timezone": schedule.timezone if schedule else "",
         "limits": task.limits.to_dict(),
         "max_retries": task.max_retries,
         "attempt": task.attempt,
@@ -93,7 +98,7 @@ def task_view(task: Task) -> dict[str, Any]:
     }
 
 
-def group_view(tasks: list[Task]) -> dict[str, Any]:
+def group_view(tasks: list[Task], view: Callable[[Task], dict[str, Any]] = task_view) -> dict[str, Any]:
     """What a workflow or job is, from its tasks: state (upstream's rule, as a number) and times."""
     state = group_state([t.state for t in tasks])
     starts = [t.start_time for t in tasks if t.start_time is not None]
@@ -103,12 +108,12 @@ def group_view(tasks: list[Task]) -> dict[str, Any]:
         "start_time": rfc3339(min(starts) if starts else None),
         "finish_time": rfc3339(max(finishes) if finishes and state.is_terminal else None),
         "created_at": rfc3339(min(t.created_at for t in tasks) if tasks else None),
-        "tasks": [task_view(t) for t in tasks],
+        "tasks": [view(t) for t in tasks],
     }
 
 
-def job_view(job: Job, tasks: list[Task]) -> dict[str, Any]:
-    return {"job_id": job.id, "name": job.name, "execution_mode": job.execution_mode, **group_view(tasks)}
+def job_view(job: Job, tasks: list[Task], view: Callable[[Task], dict[str, Any]] = task_view) -> dict[str, Any]:
+    return {"job_id": job.id, "name": job.name, "execution_mode": job.execution_mode, **group_view(tasks, view)}
 
 
 def event_view(e: TaskEvent) -> dict[str, Any]:
@@ -185,6 +190,9 @@ def create_app(core: ManagerCore) -> FastAPI:
     tokens = [t.encode() for t in core.settings.http_tokens]
     metrics = core.metrics
 
+    def view(task: Task) -> dict[str, Any]:
+        return task_view(task, core.cron.get(task.id))
+
     @app.exception_handler(CoreError)
     async def _core_error(request: Request, exc: CoreError) -> Response:
         return _error(exc.status, str(exc))
@@ -249,7 +257,7 @@ def create_app(core: ManagerCore) -> FastAPI:
     async def create_task(body: Annotated[TaskCreate, Body()], response: Response) -> dict[str, Any]:
         task = await core.create_task(body)
         response.headers["Location"] = f"/tasks/{task.id}"
-        return task_view(task)
+        return view(task)
 
     @app.get("/tasks", name="list-tasks")
     async def list_tasks(
@@ -278,20 +286,20 @@ def create_app(core: ManagerCore) -> FastAPI:
         page = await core.list_tasks(offset=offset, limit=limit, metadata=meta, states=states,
                                      proplet_id=proplet_id)
         return {"offset": offset, "limit": limit, "total": page.total,
-                "tasks": [task_view(t) for t in page.items]}
+                "tasks": [view(t) for t in page.items]}
 
     @app.get("/tasks/{task_id}", name="get-task")
     async def get_task(task_id: str) -> dict[str, Any]:
-        return task_view(await core.get_task(_task_id(task_id)))
+        return view(await core.get_task(_task_id(task_id)))
 
     @app.put("/tasks/{task_id}", name="update-task")
     async def update_task(task_id: str, body: Annotated[TaskUpdate, Body()]) -> dict[str, Any]:
-        return task_view(await core.update_task(_task_id(task_id), body))
+        return view(await core.update_task(_task_id(task_id), body))
 
     @app.put("/tasks/{task_id}/upload", name="upload-task-file")
     async def upload(task_id: str, file: Annotated[UploadFile, File(description="a .wasm module")]) -> dict[str, Any]:
         data = await file.read()
-        return task_view(await core.upload_file(_task_id(task_id), file.filename or "", data))
+        return view(await core.upload_file(_task_id(task_id), file.filename or "", data))
 
     @app.delete("/tasks/{task_id}", name="delete-task", status_code=204, response_class=Response)
     async def delete_task(task_id: str) -> Response:
@@ -339,20 +347,20 @@ def create_app(core: ManagerCore) -> FastAPI:
     async def create_workflow(body: Annotated[WorkflowCreate, Body()], response: Response) -> dict[str, Any]:
         tasks = await core.create_workflow(body)
         response.headers["Location"] = f"/workflows/{tasks[0].workflow_id}"
-        return {"workflow_id": tasks[0].workflow_id, **group_view(tasks)}
+        return {"workflow_id": tasks[0].workflow_id, **group_view(tasks, view)}
 
     @app.get("/workflows/{workflow_id}", name="get-workflow")
     async def get_workflow(workflow_id: str) -> dict[str, Any]:
         tasks = await core.group_tasks(workflow_id=workflow_id)
         if not tasks:
             raise NotFound(f"workflow {workflow_id} not found")
-        return {"workflow_id": workflow_id, **group_view(tasks)}
+        return {"workflow_id": workflow_id, **group_view(tasks, view)}
 
     @app.post("/jobs", name="create-job", status_code=201)
     async def create_job(body: Annotated[JobCreate, Body()], response: Response) -> dict[str, Any]:
         job, tasks = await core.create_job(body)
         response.headers["Location"] = f"/jobs/{job.id}"
-        return job_view(job, tasks)
+        return job_view(job, tasks, view)
 
     @app.get("/jobs", name="list-jobs")
     async def list_jobs(
@@ -367,11 +375,11 @@ def create_app(core: ManagerCore) -> FastAPI:
             raise InvalidRequest("status must be pending, running, completed or failed")
         page = await core.list_jobs(offset=offset, limit=limit, state=states.get(status or ""))
         return {"offset": offset, "limit": limit, "total": page.total,
-                "jobs": [job_view(job, tasks) for job, tasks in page.items]}
+                "jobs": [job_view(job, tasks, view) for job, tasks in page.items]}
 
     @app.get("/jobs/{job_id}", name="get-job")
     async def get_job(job_id: str) -> dict[str, Any]:
-        return job_view(*await core.get_job(job_id))
+        return job_view(*await core.get_job(job_id), view)
 
     @app.post("/jobs/{job_id}/start", name="start-job")
     async def start_job(job_id: str) -> dict[str, Any]:

@@ -86,6 +86,10 @@ class TaskCreate(BaseModel):
         "completed, 'failure' if one failed; otherwise it is skipped.")
     workflow_id: str = ""
     job_id: str = ""
+    schedule: str = Field(default="", description="Cron expression (5 fields, or @hourly, @daily, ...): "
+                          "the task is started at the times it names.")
+    is_recurring: bool = Field(default=False, description="Run at every time of the schedule, not only the next.")
+    timezone: str = Field(default="", description="IANA zone the schedule is read in (default UTC).")
     limits: LimitsBody = Field(default_factory=LimitsBody)
     max_retries: int = Field(default=0, ge=0, le=100, description="Retries on another proplet when one goes offline.")
     wasm_digest: str = Field(
@@ -188,6 +192,10 @@ class TaskUpdate(BaseModel):
     metadata: dict[str, Any] | None = None
     limits: LimitsBody | None = None
     max_retries: int | None = Field(default=None, ge=0, le=100)
+    # Absent: the schedule stays as it is (upstream clears it); "" removes it.
+    schedule: str | None = None
+    is_recurring: bool | None = None
+    timezone: str | None = None
 
     @field_validator("inputs", mode="before")
     @classmethod

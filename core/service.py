@@ -29,6 +29,7 @@ from core import protocol
 from core import topics as topic_names
 from core.chunks import Artifact, ArtifactCache, ArtifactUnavailable, ChunkServer, blob_ref, is_blob_ref
 from core.config import ManagerSettings
+from core.cron import CronScheduler, Schedule
 from core.domain import (
     ALLOWED_TRANSITIONS,
     Job,
@@ -101,6 +102,8 @@ class ManagerCore:
         self.reader = TaskReader(self.store)
         # Workflows and jobs: dependents started or skipped as the tasks they wait for finish.
         self.groups = GroupCoordinator(self)
+        # Tasks started by their cron schedules.
+        self.cron = CronScheduler(self)
         self.proplets: dict[str, Proplet] = {}
         # Tasks the dispatcher owns: queued (pending with queued_at), scheduled or running.
         self.active: dict[str, Task] = {}
@@ -210,6 +213,7 @@ class ManagerCore:
         self._spawn(self.bus.run(), "mqtt")
         self._spawn(self.chunks.run(), "chunk-server")
         self._spawn(self._dispatch_loop(), "dispatcher")
+        self._spawn(self.cron.run(), "cron")
         self._spawn(self._liveness_loop(), "liveness")
         self._spawn(self._maintenance_loop(), "maintenance")
         self._spawn(self._housekeeping_loop(), "store-housekeeping")
@@ -347,6 +351,7 @@ class ManagerCore:
                 log.info("proplet %s holds in-flight tasks; presumed alive until its heartbeat is due", p.id)
         if self.active:
             log.info("recovered %d in-flight tasks (%d queued)", len(self.active), len(self._queued))
+        await self.cron.load()
         # Dependents whose last dependency finished just before the manager stopped.
         for workflow_id, job_id in await self.store.groups_with_waiting_dependents():
             self.groups.finished_group(workflow_id, job_id)
@@ -381,12 +386,16 @@ class ManagerCore:
             # A task appended to an existing workflow or job: its dependencies must be tasks of it.
             group = {t.id: t for t in await self.group_tasks(workflow_id=task.workflow_id, job_id=task.job_id)}
             validate_dag({**group, task.id: task})
+        schedule = self.cron.plan(task.id, body.schedule, body.timezone, body.is_recurring) if body.schedule else None
         if task.file:
             self._files.put(task.wasm_digest, Artifact(task.file, task.wasm_digest))
         await self.writer.write(
             self.store.op_insert_task(task),
             self.store.op_task_event(TaskEvent(task.id, TaskState.PENDING, task.created_at, 0, "", "created")),
+            *([self.store.op_put_schedule(schedule)] if schedule else []),
         )
+        if schedule is not None:
+            self.cron.adopt(schedule)
         self.events.emit(TaskStateChanged(task.id, task.name, TaskState.PENDING, TaskState.PENDING,
                                           task.created_at, "", "created"))
         task.file = b""
@@ -466,14 +475,36 @@ class ManagerCore:
         body.apply(task)
         task.updated_at = utcnow()
         ops = [self.store.op_update_task(task)]
+        schedule = self._updated_schedule(task_id, body)
+        if schedule is not None:
+            ops.append(self.store.op_put_schedule(schedule) if schedule.expression
+                       else self.store.op_delete_schedule(task_id))
         if task.wasm_digest != old_digest:
             ops.append(self.store.op_set_task_file(task))
             if task.file:
                 self._files.put(task.wasm_digest, Artifact(task.file, task.wasm_digest))
         await self.writer.write(*ops)
+        if schedule is not None:
+            if schedule.expression:
+                self.cron.adopt(schedule)
+            else:
+                self.cron.forget(task_id)
         task.file = b""
         self._remember(task)
         return task.copy()
+
+    def _updated_schedule(self, task_id: str, body: TaskUpdate) -> Schedule | None:
+        """The schedule an update asks for (an empty expression: none), or None when it leaves it."""
+        fields = body.model_fields_set & {"schedule", "is_recurring", "timezone"}
+        current = self.cron.get(task_id)
+        if not fields or (current is None and not body.schedule):
+            return None
+        if "schedule" in fields and not body.schedule:
+            return Schedule(task_id, "", "", False, utcnow())
+        expression = body.schedule or (current.expression if current else "")
+        timezone = body.timezone if body.timezone is not None else (current.timezone if current else "")
+        recurring = body.is_recurring if body.is_recurring is not None else bool(current and current.recurring)
+        return self.cron.plan(task_id, expression, timezone, recurring)
 
     async def upload_file(self, task_id: str, filename: str, data: bytes) -> Task:
         from core.schemas import WASM_MAGIC
@@ -502,6 +533,7 @@ class ManagerCore:
         if task is not None:
             self._forget(task)
         self._recent.pop(task_id, None)
+        self.cron.forget(task_id)
         await self.writer.write(self.store.op_delete_task(task_id))
         self.events.emit(TaskDeleted(task_id))
 

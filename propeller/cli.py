@@ -205,7 +205,10 @@ def _task_rows(tasks: list[dict[str, Any]]) -> None:
 
 def _task_detail(t: dict[str, Any]) -> None:
     fields = ["id", "name", "state_name", "proplet_id", "image_url", "wasm_digest", "inputs", "env",
-              "priority", "attempt", "reason", "results", "error", "created_at", "start_time", "finish_time"]
+              "priority", "attempt", "reason", "results", "error", "created_at", "start_time", "finish_time",
+              "workflow_id", "job_id", "depends_on", "schedule", "timezone", "next_run"]
+    if not t.get("schedule"):
+        fields.remove("next_run")  # the zero time
     _table(["FIELD", "VALUE"], [[f, json.dumps(t.get(f)) if isinstance(t.get(f), (dict, list)) else t.get(f)]
                                 for f in fields if t.get(f) not in (None, "", [], {})])
 
@@ -230,12 +233,16 @@ def tasks() -> None:
 @click.option("--memory", type=int, help="Largest linear memory in bytes.")
 @click.option("--retries", type=int, default=0, help="Retries when its proplet goes offline.")
 @click.option("--daemon", is_flag=True, help="A long-running task.")
+@click.option("--schedule", help="Start it at the times of this cron expression ('*/15 * * * *', @daily).")
+@click.option("--recurring", is_flag=True, help="With --schedule: every time, not only the next one.")
+@click.option("--timezone", help="With --schedule: the IANA zone it is read in (default UTC).")
 @click.option("--start", "start_now", is_flag=True, help="Start it right away.")
 @click.option("--wait", "wait_s", type=float, help="With --start: wait up to N seconds for the result.")
 @_client_options
 def tasks_create(name: str, source: str, inputs: tuple[str, ...], env: tuple[str, ...],
                  cli_args: tuple[str, ...], proplet_id: str | None, broadcast: bool, priority: int | None,
                  timeout: float | None, fuel: int | None, memory: int | None, retries: int, daemon: bool,
+                 schedule: str | None, recurring: bool, timezone: str | None,
                  start_now: bool, wait_s: float | None, manager_url: str, token: str | None, as_json: bool) -> None:
     """Create a task that calls export NAME of a module."""
     body: dict[str, Any] = {"name": name, "inputs": list(inputs), "daemon": daemon, "broadcast": broadcast,
@@ -257,6 +264,8 @@ def tasks_create(name: str, source: str, inputs: tuple[str, ...], env: tuple[str
     limits = {k: v for k, v in {"timeout_s": timeout, "fuel": fuel, "memory_bytes": memory}.items() if v}
     if limits:
         body["limits"] = limits
+    if schedule:
+        body.update(schedule=schedule, is_recurring=recurring, timezone=timezone or "")
     with ManagerClient(manager_url, token) as client:
         task = _run(lambda: client.create_task(body))
         if start_now:

@@ -16,6 +16,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import orjson
 
+from core.cron import Schedule
 from core.domain import (
     Job,
     Proplet,
@@ -99,6 +100,12 @@ SQL_UPSERT_PROPLET = (
     "offline_reason = excluded.offline_reason, updated_at = excluded.updated_at"
 )
 SQL_DELETE_PROPLET = "DELETE FROM proplets WHERE id = ?"
+SQL_PUT_SCHEDULE = (
+    "INSERT INTO task_schedules (task_id, expression, timezone, recurring, next_run) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT (task_id) DO UPDATE SET expression = excluded.expression, timezone = excluded.timezone, "
+    "recurring = excluded.recurring, next_run = excluded.next_run"
+)
+SQL_DELETE_SCHEDULE = "DELETE FROM task_schedules WHERE task_id = ?"
 SQL_INSERT_JOB = "INSERT INTO jobs (id, name, execution_mode, created_at, updated_at) VALUES (?, ?, ?, ?, ?)"
 _JOB_SELECT = "id, name, execution_mode, created_at, updated_at"
 SQL_INSERT_PROPLET_METRICS = (
@@ -338,6 +345,24 @@ class Store(abc.ABC):
                 "(depends_on <> '[]' AND (workflow_id <> '' OR job_id <> '')) "
                 "OR job_id IN (SELECT id FROM jobs WHERE execution_mode = 'sequential'))", (int(TaskState.PENDING),))
         return [(r[0], r[1]) for r in rows]
+
+    async def task_schedules(self) -> list[Schedule]:
+        async with self.connection() as conn:
+            rows = await conn.fetch("SELECT task_id, expression, timezone, recurring, next_run FROM task_schedules")
+        schedules = []
+        for r in rows:
+            next_run = self.ts_out(r[4])
+            assert next_run is not None
+            schedules.append(Schedule(r[0], r[1], r[2], bool(r[3]), next_run))
+        return schedules
+
+    def op_put_schedule(self, s: Schedule) -> WriteOp:
+        # After task inserts (the row refers to its task); the latest of a task's puts wins.
+        return WriteOp(SQL_PUT_SCHEDULE, (s.task_id, s.expression, s.timezone, self.bool_in(s.recurring),
+                                          self.ts_in(s.next_run)), phase=_PHASE_TASK_UPDATE, key=s.task_id)
+
+    def op_delete_schedule(self, task_id: str) -> WriteOp:
+        return WriteOp(SQL_DELETE_SCHEDULE, (task_id,), barrier=True)
 
     async def get_job(self, job_id: str) -> Job | None:
         async with self.connection() as conn:

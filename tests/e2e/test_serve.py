@@ -147,6 +147,11 @@ async def test_cli_client_against_serve(serve: Serve, tmp_path: Path) -> None:
         url = json.loads((await cli(serve, "tasks", "create", "main", "--wasm", "https://example.test/m.wasm",
                               "--json")).stdout)
         assert url["image_url"] == "https://example.test/m.wasm"
+        nightly = json.loads((await cli(serve, "tasks", "create", "add", "--wasm", str(module), "--schedule",
+                                        "0 3 * * *", "--recurring", "--timezone", "Europe/Paris", "--json")).stdout)
+        assert (nightly["schedule"], nightly["is_recurring"]) == ("0 3 * * *", True)
+        assert nightly["timezone"] == "Europe/Paris"
+        assert "next_run" in (await cli(serve, "tasks", "get", nightly["id"])).stdout
         assert "cli-p" in (await cli(serve, "proplets", "get", "cli-p")).stdout
         assert (await cli(serve, "tasks", "delete", tid, "--yes")).returncode == 0
         gone = await cli(serve, "tasks", "get", tid)
