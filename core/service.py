@@ -529,13 +529,16 @@ class ManagerCore:
         task = self.active.get(task_id)
         if task is not None and task.state is not TaskState.PENDING:
             self._send_stop(task)
-        await self.get_task(task_id)
+        deleted = await self.get_task(task_id)
         if task is not None:
             self._forget(task)
         self._recent.pop(task_id, None)
         self.cron.forget(task_id)
         await self.writer.write(self.store.op_delete_task(task_id))
         self.events.emit(TaskDeleted(task_id))
+        if deleted.workflow_id or deleted.job_id:
+            # Its dependents will never see it finish: they are skipped now, not left waiting.
+            self.groups.finished_group(deleted.workflow_id, deleted.job_id)
 
     # ------------------------------------------------------------------------------------
     # workflows and jobs (core/workflows.py)

@@ -161,6 +161,15 @@ async def test_a_task_can_be_appended_to_a_workflow(api: httpx.AsyncClient) -> N
     assert (await api.get(f"/workflows/{uuid.uuid4()}")).status_code == 404
 
 
+async def test_deleting_a_dependency_skips_its_dependents(api: httpx.AsyncClient) -> None:
+    root, dependent = task(), task()
+    dependent["depends_on"] = [root["id"]]
+    workflow = (await api.post("/workflows", json={"tasks": [root, dependent]})).json()["workflow_id"]
+    assert (await api.delete(f"/tasks/{root['id']}")).status_code == 204
+    body = await settled(api, f"/workflows/{workflow}", {dependent["id"]: "skipped"})
+    assert f"dependencies {root['id']} were deleted" in body["tasks"][0]["reason"]
+
+
 async def test_a_parallel_job_starts_its_roots_and_then_their_dependents(api: httpx.AsyncClient) -> None:
     a, b = task(inputs=(1,)), task(inputs=(2,))
     c = task("add", a["id"], b["id"], inputs=(3,))
