@@ -369,6 +369,131 @@ def tasks_delete(task_id: str, yes: bool, manager_url: str, token: str | None, a
     _show({"deleted": task_id}, as_json, lambda d: click.echo(f"deleted {task_id}"))
 
 
+def _group_body(path: str) -> dict[str, Any]:
+    """A workflow or job body from a JSON file; a task's `wasm` (a local .wasm, an http(s) URL or
+    an OCI reference) becomes its `file` or `image_url`, as in `tasks create --wasm`."""
+    from propeller.client import module_fields
+
+    try:
+        body = json.loads(Path(path).expanduser().read_text())
+    except (OSError, ValueError) as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc}") from None
+    if not isinstance(body, dict) or not isinstance(body.get("tasks"), list):
+        raise click.BadParameter(f'{path} must hold a JSON object with a "tasks" list')
+    for task in body["tasks"]:
+        if isinstance(task, dict) and "wasm" in task:
+            task.update(_run(lambda t=task: module_fields(str(t.pop("wasm")))))
+    return body
+
+
+def _group_detail(g: dict[str, Any]) -> None:
+    head = [["job" if "job_id" in g else "workflow", g.get("job_id") or g.get("workflow_id")],
+            ["state", g["state_name"]]]
+    if g.get("name"):
+        head.append(["name", g["name"]])
+    if g.get("execution_mode"):
+        head.append(["mode", g["execution_mode"]])
+    _table(["FIELD", "VALUE"], head)
+    _task_rows(g["tasks"])
+
+
+@main.group()
+def workflows() -> None:
+    """Create and inspect workflows: tasks that wait for each other (depends_on, run_if)."""
+
+
+@workflows.command("create")
+@click.argument("file", type=click.Path(dir_okay=False))
+@_client_options
+def workflows_create(file: str, manager_url: str, token: str | None, as_json: bool) -> None:
+    """Create a workflow from FILE: {"tasks": [{"id": <uuid>, "name", "wasm", "inputs", "depends_on",
+    "run_if"}, ...]}. Nothing starts: start its first tasks with `tasks start`."""
+    body = _group_body(file)
+    with ManagerClient(manager_url, token) as client:
+        data = _run(lambda: client.create_workflow(body))
+    _show(data, as_json, _group_detail)
+
+
+@workflows.command("get")
+@click.argument("workflow_id")
+@_client_options
+def workflows_get(workflow_id: str, manager_url: str, token: str | None, as_json: bool) -> None:
+    """Show a workflow's state and tasks."""
+    with ManagerClient(manager_url, token) as client:
+        data = _run(lambda: client.get_workflow(workflow_id))
+    _show(data, as_json, _group_detail)
+
+
+@main.group()
+def jobs() -> None:
+    """Create, start, stop and inspect jobs: named groups of tasks run together."""
+
+
+@jobs.command("create")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--start", "start_now", is_flag=True, help="Start it right away.")
+@_client_options
+def jobs_create(file: str, start_now: bool, manager_url: str, token: str | None, as_json: bool) -> None:
+    """Create a job from FILE: {"name", "execution_mode": parallel|sequential|configurable, "tasks":
+    [{"name", "wasm", "inputs", ...}, ...]}."""
+    body = _group_body(file)
+    with ManagerClient(manager_url, token) as client:
+        data = _run(lambda: client.create_job(body))
+        if start_now:
+            _run(lambda: client.start_job(data["job_id"]))
+            data = _run(lambda: client.get_job(data["job_id"]))
+    _show(data, as_json, _group_detail)
+
+
+@jobs.command("list")
+@click.option("--status", type=click.Choice(["pending", "running", "completed", "failed"]))
+@click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True)
+@click.option("--offset", type=click.IntRange(0), default=0)
+@_client_options
+def jobs_list(status: str | None, limit: int, offset: int, manager_url: str, token: str | None,
+              as_json: bool) -> None:
+    """List jobs, newest first."""
+    with ManagerClient(manager_url, token) as client:
+        data = _run(lambda: client.list_jobs(offset, limit, status))
+    _show(data, as_json, lambda d: (
+        _table(["ID", "NAME", "MODE", "STATE", "TASKS", "CREATED"], [
+            [j["job_id"], j["name"], j["execution_mode"], j["state_name"], len(j["tasks"]),
+             _short_time(j["created_at"])] for j in d["jobs"]]),
+        click.echo(f"{len(d['jobs'])} of {d['total']} jobs")))
+
+
+@jobs.command("get")
+@click.argument("job_id")
+@_client_options
+def jobs_get(job_id: str, manager_url: str, token: str | None, as_json: bool) -> None:
+    """Show a job's state and tasks."""
+    with ManagerClient(manager_url, token) as client:
+        data = _run(lambda: client.get_job(job_id))
+    _show(data, as_json, _group_detail)
+
+
+@jobs.command("start")
+@click.argument("job_id")
+@_client_options
+def jobs_start(job_id: str, manager_url: str, token: str | None, as_json: bool) -> None:
+    """Start a job that has not run yet."""
+    with ManagerClient(manager_url, token) as client:
+        _run(lambda: client.start_job(job_id))
+        data = _run(lambda: client.get_job(job_id))
+    _show(data, as_json, _group_detail)
+
+
+@jobs.command("stop")
+@click.argument("job_id")
+@_client_options
+def jobs_stop(job_id: str, manager_url: str, token: str | None, as_json: bool) -> None:
+    """Stop a job: its queued and running tasks are stopped, the rest skipped."""
+    with ManagerClient(manager_url, token) as client:
+        _run(lambda: client.stop_job(job_id))
+        data = _run(lambda: client.get_job(job_id))
+    _show(data, as_json, _group_detail)
+
+
 @main.group()
 def proplets() -> None:
     """Inspect the proplets a running manager knows."""

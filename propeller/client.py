@@ -77,6 +77,32 @@ class ManagerClient:
     def events(self, task_id: str) -> dict[str, Any]:
         return self.request("GET", f"/tasks/{task_id}/events")
 
+    # workflows and jobs
+
+    def create_workflow(self, body: dict[str, Any]) -> dict[str, Any]:
+        return self.request("POST", "/workflows", json=body)
+
+    def get_workflow(self, workflow_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/workflows/{workflow_id}")
+
+    def create_job(self, body: dict[str, Any]) -> dict[str, Any]:
+        return self.request("POST", "/jobs", json=body)
+
+    def list_jobs(self, offset: int = 0, limit: int = 100, status: str | None = None) -> dict[str, Any]:
+        params: dict[str, Any] = {"offset": offset, "limit": limit}
+        if status:
+            params["status"] = status
+        return self.request("GET", "/jobs", params=params)
+
+    def get_job(self, job_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/jobs/{job_id}")
+
+    def start_job(self, job_id: str) -> dict[str, Any]:
+        return self.request("POST", f"/jobs/{job_id}/start")
+
+    def stop_job(self, job_id: str) -> dict[str, Any]:
+        return self.request("POST", f"/jobs/{job_id}/stop")
+
     # proplets
 
     def list_proplets(self, status: str | None = None) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""`propeller serve` as a real process, and the `propeller tasks|proplets` client against it."""
+"""`propeller serve` as a real process, and the `propeller tasks|proplets|jobs|workflows` client against it."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,25 @@ async def test_cli_client_against_serve(serve: Serve, tmp_path: Path) -> None:
         assert (nightly["schedule"], nightly["is_recurring"]) == ("0 3 * * *", True)
         assert nightly["timezone"] == "Europe/Paris"
         assert "next_run" in (await cli(serve, "tasks", "get", nightly["id"])).stdout
+        first, second = str(uuid.uuid4()), str(uuid.uuid4())
+        job_file = tmp_path / "job.json"
+        job_file.write_text(json.dumps({"name": "pair", "execution_mode": "sequential", "tasks": [
+            {"id": first, "name": "add", "wasm": str(module), "inputs": [1, 2]},
+            {"id": second, "name": "add", "wasm": str(module), "inputs": [3, 4]}]}))
+        job = json.loads((await cli(serve, "jobs", "create", str(job_file), "--start", "--json")).stdout)
+
+        async def job_done() -> bool:
+            out = json.loads((await cli(serve, "jobs", "get", job["job_id"], "--json")).stdout)
+            return out["state_name"] == "completed"
+
+        await eventually(job_done, timeout=10)
+        assert "pair" in (await cli(serve, "jobs", "list")).stdout
+        workflow_file = tmp_path / "workflow.json"
+        workflow_file.write_text(json.dumps({"tasks": [
+            {"id": first, "name": "add", "wasm": str(module)},
+            {"id": second, "name": "add", "wasm": str(module), "depends_on": [first]}]}))
+        refused = await cli(serve, "workflows", "create", str(workflow_file))
+        assert refused.returncode == 1 and "already exists" in refused.stderr
         assert "cli-p" in (await cli(serve, "proplets", "get", "cli-p")).stdout
         assert (await cli(serve, "tasks", "delete", tid, "--yes")).returncode == 0
         gone = await cli(serve, "tasks", "get", tid)
