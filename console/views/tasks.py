@@ -325,6 +325,10 @@ state. **s** starts it again (a new attempt), **x** stops it, **D** deletes it; 
             lines.append("limits     " + ", ".join(f"{k}={v}" for k, v in limits.items()))
         if task.daemon:
             lines.append("daemon     yes")
+        if task.workflow_id or task.job_id:
+            lines.append("group      " + (f"workflow {task.workflow_id}" if task.workflow_id else f"job {task.job_id}"))
+        if task.depends_on:
+            lines.append(f"after      {' '.join(task.depends_on)}   run_if {task.run_if or 'success'}")
         lines.append(f"created    {fmt_time(task.created_at)}   started {fmt_time(task.start_time) or '-'}"
                      f"   finished {fmt_time(task.finish_time) or '-'}")
         if task.reason and not task.state.is_terminal:

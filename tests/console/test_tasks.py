@@ -189,3 +189,22 @@ async def test_tasks_created_elsewhere_appear_with_their_details(console: Any) -
         # Bounded: the oldest leave the table.
         await until(pilot, lambda: screen.table.row_count == 10 and ids[-1] in screen._shown)
         assert ids[0] not in screen._shown
+
+
+async def test_detail_shows_the_workflow_and_dependencies_of_a_task(console: Any) -> None:
+    import uuid
+
+    from core.schemas import WorkflowCreate
+
+    async with console() as (app, pilot, core):
+        root = add_body(id=str(uuid.uuid4()))
+        dependent = add_body(name="after", id=str(uuid.uuid4()), depends_on=[root.id], run_if="failure")
+        tasks = await core.create_workflow(WorkflowCreate(tasks=[root, dependent]))
+        screen = await open_view(app, pilot, "2", TasksScreen)
+        await until(pilot, lambda: dependent.id in screen._shown)
+        screen.select(dependent.id)
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, TaskDetailScreen) and app.screen.task_data is not None)
+        fields = str(app.screen.query_one("#task-fields").render())
+        assert f"workflow {tasks[0].workflow_id}" in fields
+        assert f"after      {root.id}   run_if failure" in fields
