@@ -417,6 +417,12 @@ def create_app(core: ManagerCore) -> FastAPI:
         await core.delete_proplet(proplet_id)
         return Response(status_code=204)
 
+    @app.get("/proplets/{proplet_id}/sdf", name="get-proplet-sdf")
+    async def proplet_sdf_document(proplet_id: str) -> dict[str, Any]:
+        from core.sdf import proplet_sdf
+
+        return proplet_sdf(core.get_proplet(proplet_id))
+
     @app.get("/proplets/{proplet_id}/metrics", name="get-proplet-metrics")
     async def proplet_metrics(proplet_id: str, offset: int = 0, limit: int = 100) -> dict[str, Any]:
         _page(offset, limit, max_limit=1000)

@@ -228,6 +228,16 @@ async def test_proplet_routes(api: httpx.AsyncClient, manager: Any, broker: Any)
     async with SyntheticProplet(broker.url, manager.topics, "rp-1", answer=None,
                                 metadata={"os": "linux", "cpu_arch": "x86_64"}) as p:
         await eventually(lambda: "rp-1" in manager.proplets)
+        sdf = (await api.get("/proplets/rp-1/sdf")).json()
+        thing = sdf["sdfThing"]["Proplet"]
+        assert sdf["info"]["title"] == f"Propeller Proplet: {manager.proplets['rp-1'].name} (rp-1)"
+        assert thing["sdfProperty"]["id"]["const"] == "rp-1"
+        assert set(thing["sdfAction"]) == {"start_task", "stop_task"}
+        assert set(thing["sdfEvent"]) == {"heartbeat", "task_result"}
+        # The heartbeat and the result as they are on the wire (upstream's document gets both wrong).
+        assert sdf["sdfData"]["Heartbeat"]["required"] == ["proplet_id", "status"]
+        assert "type" not in sdf["sdfData"]["TaskResult"]["properties"]["results"]
+        assert (await api.get("/proplets/nobody/sdf")).status_code == 404
         listing = (await api.get("/proplets", params={"status": "active"})).json()
         assert [x["id"] for x in listing["proplets"]] == ["rp-1"] and listing["total"] == 1
         assert (await api.get("/proplets", params={"status": "inactive"})).json()["total"] == 0
