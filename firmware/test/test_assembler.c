@@ -78,6 +78,29 @@ static void assembles_in_any_order_with_or_without_size(void **state)
     assemble(last_first, 3, 10, false, MODULE_LEN);
 }
 
+/* Binary chunks (registry/server/binary) carry the bytes themselves; JSON ones may be mixed in
+ * (a resume answered by a server that ignores the encoding). */
+static void assembles_binary_chunks_and_mixes_them_with_json_ones(void **state)
+{
+    (void)state;
+    assembler_t a;
+    assembler_begin(&a, "blob:m", 64);
+    const uint32_t order[] = {2, 0, 1};
+    for (size_t i = 0; i < 3; i++) {
+        chunk_msg_t c = piece(order[i], 10, true);
+        if (order[i] != 1) {
+            size_t start = order[i] * 10;
+            c.binary = true;
+            c.data_raw = module + start;
+            c.data_raw_len = start + 10 > MODULE_LEN ? MODULE_LEN - start : 10;
+            c.data_b64 = NULL;
+            c.data_b64_len = 0;
+        }
+        assert_int_equal(assembler_add(&a, &c), i == 2 ? ASSEMBLY_COMPLETE : ASSEMBLY_WAITING);
+    }
+    expect_module(&a);
+}
+
 static void ignores_duplicates_and_lists_what_is_missing(void **state)
 {
     (void)state;
@@ -173,6 +196,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup(assembles_in_any_order_with_or_without_size, setup),
+        cmocka_unit_test_setup(assembles_binary_chunks_and_mixes_them_with_json_ones, setup),
         cmocka_unit_test_setup(ignores_duplicates_and_lists_what_is_missing, setup),
         cmocka_unit_test_setup(refuses_a_module_larger_than_the_limit, setup),
         cmocka_unit_test_setup(fails_on_inconsistent_chunks, setup),

@@ -332,24 +332,56 @@ static void chunk(const char *app, uint32_t idx, uint32_t total, const uint8_t *
     deliver(TOPIC_REGISTRY_CHUNK, json);
 }
 
+/* A chunk on registry/server/binary: the header line, '\n', the raw bytes (NULs and all). */
+static void binary_chunk(const char *app, uint32_t idx, uint32_t total, const uint8_t *data, size_t len,
+                         size_t size)
+{
+    char payload[512], topic[PROPLET_TOPIC_MAX + 1];
+    int head = snprintf(payload, sizeof payload,
+                        "{\"app_name\":\"%s\",\"chunk_idx\":%u,\"total_chunks\":%u,\"size\":%zu}\n", app,
+                        (unsigned)idx, (unsigned)total, size);
+    assert_true(head > 0 && (size_t)head + len <= sizeof payload);
+    memcpy(payload + head, data, len);
+    snprintf(topic, sizeof topic, PREFIX "%s", TOPIC_REGISTRY_CHUNK_BINARY);
+    proplet_on_message(p, topic, strlen(topic), payload, (size_t)head + len);
+}
+
 static void fetches_a_chunked_module(void **state)
 {
     (void)state;
     deliver(TOPIC_START, "{\"id\":\"t-20\",\"name\":\"add\",\"image_url\":\"blob:mod\",\"inputs\":[\"20\",\"22\"],"
                          "\"proplet_id\":\"dev-1\",\"attempt\":1}");
     assert_string_equal(fake_published(TOPIC_REGISTRY_REQUEST, 0),
-                        "{\"app_name\":\"blob:mod\",\"proplet_id\":\"dev-1\"}");
+                        "{\"app_name\":\"blob:mod\",\"proplet_id\":\"dev-1\",\"encoding\":\"binary\"}");
     expect_contains(fake_published(TOPIC_TASK_STATE, 0), "\"state\":\"running\"");
     assert_false(proplet_run_next(p));
     /* Another artifact's chunks are not ours to keep. */
-    chunk("blob:other", 0, 1, module_bytes, module_len, module_len);
+    binary_chunk("blob:other", 0, 1, module_bytes, module_len, module_len);
     assert_false(proplet_run_next(p));
-    chunk("blob:mod", 1, 2, module_bytes + 6, module_len - 6, module_len);
+    binary_chunk("blob:mod", 1, 2, module_bytes + 6, module_len - 6, module_len);
     assert_false(proplet_run_next(p));
+    /* A server that ignores the encoding answers in JSON (a resume, say): read just the same. */
     chunk("blob:mod", 0, 2, module_bytes, 6, module_len);
     assert_int_equal(fake.wakes, 1);
     assert_true(proplet_run_next(p));
     expect_contains(fake_published(TOPIC_RESULTS, 0), "\"results\":\"42\"");
+}
+
+static void asks_for_json_chunks_once_binary_ones_never_arrived(void **state)
+{
+    (void)state;
+    deliver(TOPIC_START, "{\"id\":\"t-22\",\"name\":\"add\",\"image_url\":\"blob:acl\",\"inputs\":[\"1\",\"2\"]}");
+    expect_contains(fake_published(TOPIC_REGISTRY_REQUEST, 0), "\"encoding\":\"binary\"");
+    fake.now += 2000;
+    proplet_tick(p);
+    /* Nothing came (a broker ACL dropping registry/server/binary): ask again, in JSON. */
+    assert_string_equal(fake_published(TOPIC_REGISTRY_REQUEST, 1), "{\"app_name\":\"blob:acl\",\"proplet_id\":\"dev-1\"}");
+    chunk("blob:acl", 0, 1, module_bytes, module_len, module_len);
+    assert_true(proplet_run_next(p));
+    expect_contains(fake_published(TOPIC_RESULTS, 0), "\"results\":\"3\"");
+    /* And from then on. */
+    deliver(TOPIC_START, "{\"id\":\"t-23\",\"name\":\"add\",\"image_url\":\"blob:next\",\"inputs\":[\"1\",\"2\"]}");
+    assert_string_equal(fake_published(TOPIC_REGISTRY_REQUEST, 2), "{\"app_name\":\"blob:next\",\"proplet_id\":\"dev-1\"}");
 }
 
 static void asks_again_for_missing_chunks_then_gives_up(void **state)
@@ -360,7 +392,8 @@ static void asks_again_for_missing_chunks_then_gives_up(void **state)
     fake.now += 2000;
     proplet_tick(p);
     assert_string_equal(fake_published(TOPIC_REGISTRY_REQUEST, 1),
-                        "{\"app_name\":\"blob:slow\",\"missing\":[0,2],\"proplet_id\":\"dev-1\"}");
+                        "{\"app_name\":\"blob:slow\",\"missing\":[0,2],\"proplet_id\":\"dev-1\","
+                        "\"encoding\":\"binary\"}");
     fake.now += 2000;
     proplet_tick(p);
     assert_int_equal(fake_count(TOPIC_REGISTRY_REQUEST), 3);
@@ -509,6 +542,7 @@ int main(void)
         TEST(parses_a_module_once_for_many_tasks),
         TEST(frees_idle_modules_when_instantiation_runs_out_of_memory),
         TEST(fetches_a_chunked_module),
+        TEST(asks_for_json_chunks_once_binary_ones_never_arrived),
         TEST(asks_again_for_missing_chunks_then_gives_up),
         TEST(fails_at_once_when_the_registry_cannot_serve),
         TEST(stops_a_waiting_task_at_once),

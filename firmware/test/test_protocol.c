@@ -175,6 +175,44 @@ static void parses_chunks_and_refuses_bad_indexes(void **state)
     }
 }
 
+static void parses_binary_chunks_leaving_their_bytes_in_place(void **state)
+{
+    (void)state;
+    chunk_msg_t c;
+    protocol_error_t err;
+    /* The header line, a newline, then raw bytes that may hold anything, newlines and NULs too. */
+    static const char payload[] = "{\"app_name\":\"blob:x\",\"chunk_idx\":0,\"total_chunks\":2,\"size\":6}\n"
+                                  "\n\0AB\xff";
+    size_t len = sizeof payload - 1;
+    assert_true(protocol_parse_binary_chunk(payload, len, &c, &err));
+    assert_true(c.binary);
+    assert_string_equal(c.app_name, "blob:x");
+    assert_int_equal(c.total_chunks, 2);
+    assert_int_equal(c.size, 6);
+    assert_int_equal(c.data_raw_len, 5);
+    assert_ptr_equal(c.data_raw, (const uint8_t *)payload + len - 5);
+    assert_memory_equal(c.data_raw, "\n\0AB\xff", 5);
+    assert_null(c.data_b64);
+    protocol_chunk_release(&c);
+    assert_null(c.data_raw);
+
+    const struct {
+        const char *payload;
+        const char *reason;
+    } bad[] = {
+        {"{\"app_name\":\"a\",\"chunk_idx\":0,\"total_chunks\":1}",
+         "a binary chunk must start with a JSON header line ended by a newline"},
+        {"{\"app_name\":\"a\",\"chunk_idx\":0,\"total_chunks\":1,\"data\":\"QQ==\"}\nA",
+         "a binary chunk carries its data after the header line, not in a 'data' field"},
+        {"{\"app_name\":\"a\",\"chunk_idx\":2,\"total_chunks\":2}\nA", "chunk_idx 2 is not below total_chunks 2"},
+        {"[1]\nA", "expected a JSON object, got list"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        assert_false(protocol_parse_binary_chunk(bad[i].payload, strlen(bad[i].payload), &c, &err));
+        assert_string_equal(err.reason, bad[i].reason);
+    }
+}
+
 static void encodes_results_like_the_python_side(void **state)
 {
     (void)state;
@@ -208,9 +246,12 @@ static void encodes_the_other_messages_like_the_python_side(void **state)
     protocol_encode_alive(&will, buf, sizeof buf);
     assert_string_equal(buf, "{\"proplet_id\":\"dev-1\",\"status\":\"offline\",\"namespace\":\"embedded\"}");
     uint32_t missing[] = {1, 5};
-    registry_request_t req = {"blob:sha256:00", missing, 2, "dev-1"};
+    registry_request_t req = {"blob:sha256:00", missing, 2, "dev-1", NULL};
     protocol_encode_registry_request(&req, buf, sizeof buf);
     assert_string_equal(buf, "{\"app_name\":\"blob:sha256:00\",\"missing\":[1,5],\"proplet_id\":\"dev-1\"}");
+    registry_request_t binary = {"blob:sha256:00", NULL, 0, "dev-1", CHUNK_ENCODING_BINARY};
+    protocol_encode_registry_request(&binary, buf, sizeof buf);
+    assert_string_equal(buf, "{\"app_name\":\"blob:sha256:00\",\"proplet_id\":\"dev-1\",\"encoding\":\"binary\"}");
 }
 
 static void encodes_discovery_with_the_pool_size_and_capabilities(void **state)
@@ -258,6 +299,7 @@ int main(void)
         cmocka_unit_test(targets_follow_upstreams_rule),
         cmocka_unit_test(parses_stops),
         cmocka_unit_test(parses_chunks_and_refuses_bad_indexes),
+        cmocka_unit_test(parses_binary_chunks_leaving_their_bytes_in_place),
         cmocka_unit_test(encodes_results_like_the_python_side),
         cmocka_unit_test(encodes_the_other_messages_like_the_python_side),
         cmocka_unit_test(encodes_discovery_with_the_pool_size_and_capabilities),

@@ -6,6 +6,7 @@
  *   {"op":"parse","type":"i32","text":" 7","index":0}        -> {"ok":true,"bits":"00000007"}
  *   {"op":"result"|"task_state"|"alive"|"registry_request", ...fields} -> the encoded message
  *   {"op":"start"|"chunk"|"stop","payload":"<message>"}     -> what the decoder made of it
+ *   {"op":"binary_chunk","payload":"<base64 of the message>"} -> the same, with data_hex
  */
 #include <inttypes.h>
 #include <stdio.h>
@@ -14,6 +15,7 @@
 
 #include "cJSON.h"
 
+#include "../src/core/b64.h"
 #include "../src/core/protocol.h"
 #include "../src/core/wasmval.h"
 
@@ -120,7 +122,8 @@ static void op_encode(const cJSON *req, const char *op)
         cJSON_ArrayForEach(item, cJSON_GetObjectItemCaseSensitive(req, "missing"))
             if (count < PROPLET_MISSING_PER_REQUEST)
                 missing[count++] = (uint32_t)item->valuedouble;
-        registry_request_t m = {str(req, "app_name"), missing, count, str(req, "proplet_id")};
+        registry_request_t m = {str(req, "app_name"), missing, count, str(req, "proplet_id"),
+                                str(req, "encoding")};
         n = protocol_encode_registry_request(&m, buf, sizeof buf);
     }
     puts(n > 0 ? buf : "ERROR");
@@ -169,9 +172,34 @@ static void op_decode(const cJSON *req, const char *op)
             cJSON_AddNumberToObject(answer, "file_b64_len", (double)m.file_b64_len);
             protocol_start_release(&m);
         }
-    } else if (strcmp(op, "chunk") == 0) {
+    } else if (strcmp(op, "chunk") == 0 || strcmp(op, "binary_chunk") == 0) {
         chunk_msg_t c;
-        ok = protocol_parse_chunk(payload, len, &c, &err);
+        bool binary = strcmp(op, "binary_chunk") == 0;
+        /* A binary chunk comes base64-encoded: this protocol is lines of JSON. */
+        uint8_t *raw = NULL;
+        size_t raw_len = 0;
+        if (binary) {
+            b64_decoded_len(payload, len, &raw_len);
+            raw = malloc(raw_len + 1);
+            if (raw == NULL || !b64_decode(payload, len, raw, raw_len + 1, &raw_len)) {
+                puts("ERROR binary_chunk payload is not base64");
+                free(raw);
+                cJSON_Delete(answer);
+                return;
+            }
+        }
+        ok = binary ? protocol_parse_binary_chunk((const char *)raw, raw_len, &c, &err)
+                    : protocol_parse_chunk(payload, len, &c, &err);
+        if (ok && binary) {
+            char *hex = malloc(c.data_raw_len * 2 + 1);
+            for (size_t i = 0; hex != NULL && i < c.data_raw_len; i++)
+                snprintf(hex + 2 * i, 3, "%02x", c.data_raw[i]);
+            if (hex != NULL) {
+                hex[c.data_raw_len * 2] = '\0';
+                cJSON_AddStringToObject(answer, "data_hex", hex);
+            }
+            free(hex);
+        }
         if (ok) {
             cJSON_AddStringToObject(answer, "app_name", c.app_name);
             cJSON_AddNumberToObject(answer, "chunk_idx", c.chunk_idx);
@@ -184,6 +212,7 @@ static void op_decode(const cJSON *req, const char *op)
             cJSON_AddNumberToObject(answer, "data_b64_len", (double)c.data_b64_len);
             protocol_chunk_release(&c);
         }
+        free(raw);
     } else {
         stop_msg_t s;
         ok = protocol_parse_stop(payload, len, &s, &err);
@@ -211,7 +240,8 @@ int main(void)
             op_format(req);
         else if (strcmp(op, "parse") == 0)
             op_parse(req);
-        else if (strcmp(op, "start") == 0 || strcmp(op, "chunk") == 0 || strcmp(op, "stop") == 0)
+        else if (strcmp(op, "start") == 0 || strcmp(op, "chunk") == 0 || strcmp(op, "binary_chunk") == 0
+                 || strcmp(op, "stop") == 0)
             op_decode(req, op);
         else
             op_encode(req, op);

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from core import protocol
 from core import topics as t
 from core.domain import TaskState, utcnow
 from core.schemas import LimitsBody, TaskCreate
@@ -96,7 +97,8 @@ async def test_a_large_module_arrives_in_chunks(manager_factory, host_proplets, 
     assert len(data) > 4096  # more than one chunk, and well over the inline limit
     async with manager_factory(inline_limit=1024, chunk_size=4096) as core:
         topics = Topics(core.settings.tenant_id, core.settings.channel_id)
-        async with WireClient(broker.url, topics, subscribe=[t.START, t.REGISTRY_REQUEST, t.REGISTRY_CHUNK]) as wire:
+        subscribe = [t.START, t.REGISTRY_REQUEST, t.REGISTRY_CHUNK, t.REGISTRY_CHUNK_BINARY]
+        async with WireClient(broker.url, topics, subscribe=subscribe) as wire:
             proplet = host_proplets(core, "esp-chunks")
             await online(core, "esp-chunks")
             done = await run_task(core, "esp-chunks", name="checksum", file=module(data))
@@ -105,10 +107,14 @@ async def test_a_large_module_arrives_in_chunks(manager_factory, host_proplets, 
             start = await wire.expect(t.START)
             assert "file" not in start and start["image_url"].startswith("blob:sha256:")
             request = await wire.expect(t.REGISTRY_REQUEST)
-            assert request == {"app_name": start["image_url"], "proplet_id": "esp-chunks"}
-            chunks = [c for c in wire.messages(t.REGISTRY_CHUNK) if c["app_name"] == start["image_url"]]
-            assert {c["chunk_idx"] for c in chunks} == {0, 1}
-            assert all(c["digest"] == start["wasm_digest"] for c in chunks)
+            # The device asks for raw-byte chunks, and the manager answers with them, not base64 JSON.
+            assert request == {"app_name": start["image_url"], "proplet_id": "esp-chunks", "encoding": "binary"}
+            chunks = [protocol.decode_binary_chunk(raw) for raw in wire.received[t.REGISTRY_CHUNK_BINARY]]
+            chunks = [c for c in chunks if c.app_name == start["image_url"]]
+            assert {c.chunk_idx for c in chunks} == {0, 1}
+            assert all(c.digest == start["wasm_digest"] for c in chunks)
+            assert b"".join(bytes(c.data) for c in sorted(chunks, key=lambda c: c.chunk_idx)) == data
+            assert not [c for c in wire.messages(t.REGISTRY_CHUNK) if c["app_name"] == start["image_url"]]
 
 
 async def test_a_module_too_large_for_the_proplet_fails_clearly(manager_factory, host_proplets, wasm) -> None:

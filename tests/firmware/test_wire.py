@@ -7,6 +7,7 @@ core/wasmvalues.py exactly. build/host/wirecheck runs the C side.
 
 from __future__ import annotations
 
+import base64
 import math
 import struct
 import subprocess
@@ -164,12 +165,13 @@ def test_heartbeats_encode_like_python(c_side: Wirecheck, proplet_id: str, statu
 
 
 @CHECKS
-@given(app_name=text.filter(bool), missing=st.lists(st.integers(0, 511), max_size=64), proplet_id=short_text)
+@given(app_name=text.filter(bool), missing=st.lists(st.integers(0, 511), max_size=64), proplet_id=short_text,
+       encoding=st.sampled_from(["", p.CHUNK_ENCODING_BINARY]))
 def test_registry_requests_encode_like_python(c_side: Wirecheck, app_name: str, missing: list[int],
-                                              proplet_id: str) -> None:
-    expected = p.encode_registry_request(p.RegistryRequest(app_name, tuple(missing), proplet_id))
+                                              proplet_id: str, encoding: str) -> None:
+    expected = p.encode_registry_request(p.RegistryRequest(app_name, tuple(missing), proplet_id, encoding=encoding))
     got = c_side.ask({"op": "registry_request", "app_name": app_name, "missing": missing,
-                      "proplet_id": proplet_id})
+                      "proplet_id": proplet_id, "encoding": encoding})
     assert got.encode() == expected
 
 
@@ -221,6 +223,19 @@ def test_chunks_decode_like_python(c_side: Wirecheck, msg: p.ChunkMessage) -> No
     assert got["ok"], got
     assert (got["app_name"], got["chunk_idx"], got["total_chunks"], int(got["size"]), got["digest"]) == (
         expected.app_name, expected.chunk_idx, expected.total_chunks, expected.size, expected.digest)
+    assert got["error"] == expected.error[:300]
+
+
+@CHECKS
+@given(msg=chunks)
+def test_binary_chunks_decode_like_python(c_side: Wirecheck, msg: p.ChunkMessage) -> None:
+    payload = p.encode_binary_chunk(msg)
+    expected = p.decode_binary_chunk(payload)
+    got = orjson.loads(c_side.ask({"op": "binary_chunk", "payload": base64.b64encode(payload).decode()}))
+    assert got["ok"], got
+    assert (got["app_name"], got["chunk_idx"], got["total_chunks"], int(got["size"]), got["digest"]) == (
+        expected.app_name, expected.chunk_idx, expected.total_chunks, expected.size, expected.digest)
+    assert bytes.fromhex(got["data_hex"]) == bytes(expected.data)
     assert got["error"] == expected.error[:300]
 
 

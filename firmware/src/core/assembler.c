@@ -158,17 +158,23 @@ assembly_state_t assembler_add(assembler_t *a, const chunk_msg_t *c)
     if (is_received(a, c->chunk_idx))
         return a->state;
 
-    size_t data_len;
-    if (!b64_decoded_len(c->data_b64 != NULL ? c->data_b64 : "", c->data_b64_len, &data_len))
+    size_t data_len = c->data_raw_len;
+    if (!c->binary
+        && !b64_decoded_len(c->data_b64 != NULL ? c->data_b64 : "", c->data_b64_len, &data_len))
         return fail(a, "chunk %u of %s is not valid standard base64", (unsigned)c->chunk_idx,
                     a->app_name);
     size_t offset;
     if (!place(a, c->chunk_idx, data_len, &offset))
         return a->state;
     size_t written;
-    if (data_len > 0
-        && !b64_decode(c->data_b64, c->data_b64_len, a->buf + offset, a->cap - offset, &written))
+    if (c->binary) {
+        if (data_len > 0)
+            memcpy(a->buf + offset, c->data_raw, data_len);
+    } else if (data_len > 0
+               && !b64_decode(c->data_b64, c->data_b64_len, a->buf + offset, a->cap - offset,
+                              &written)) {
         return fail(a, "chunk %u of %s could not be decoded", (unsigned)c->chunk_idx, a->app_name);
+    }
 
     a->received[c->chunk_idx / 8] |= (uint8_t)(1u << (c->chunk_idx % 8));
     a->received_count++;

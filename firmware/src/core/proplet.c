@@ -8,9 +8,15 @@
 #include "b64.h"
 
 const char *const proplet_subscriptions[PROPLET_SUBSCRIPTION_COUNT] = {
-    TOPIC_START, TOPIC_STOP, TOPIC_REGISTRY_CHUNK};
+    TOPIC_START, TOPIC_STOP, TOPIC_REGISTRY_CHUNK, TOPIC_REGISTRY_CHUNK_BINARY};
 
 static const char *const capabilities[] = {"task_state"};
+
+/* The chunk encoding to ask for: raw bytes unless they never arrived once. */
+static const char *chunk_encoding(const proplet_t *p)
+{
+    return p->json_chunks ? NULL : CHUNK_ENCODING_BINARY;
+}
 
 /* ------------------------------------------------------------------------------------------
  * small helpers */
@@ -478,7 +484,7 @@ static void handle_start(proplet_t *p, const char *payload, size_t len)
          d.fetch ? ", fetching its module" : "");
     send_task_state(p, &d.ref, "running", NULL, buf);
     if (d.fetch) {
-        registry_request_t req = {d.app_name, NULL, 0, p->cfg.proplet_id};
+        registry_request_t req = {d.app_name, NULL, 0, p->cfg.proplet_id, chunk_encoding(p)};
         send(p, TOPIC_REGISTRY_REQUEST, buf,
              protocol_encode_registry_request(&req, buf, PROPLET_MSG_MAX));
     }
@@ -555,11 +561,13 @@ static void handle_stop(proplet_t *p, const char *payload, size_t len)
 /* ------------------------------------------------------------------------------------------
  * chunks */
 
-static void handle_chunk(proplet_t *p, const char *payload, size_t len)
+static void handle_chunk(proplet_t *p, const char *payload, size_t len, bool binary)
 {
     chunk_msg_t *c = &p->inbound_chunk;
     protocol_error_t perr;
-    if (!protocol_parse_chunk(payload, len, c, &perr)) {
+    bool parsed = binary ? protocol_parse_binary_chunk(payload, len, c, &perr)
+                         : protocol_parse_chunk(payload, len, c, &perr);
+    if (!parsed) {
         p->counters.messages_invalid++;
         plog(p, PROPLET_LOG_WARN, "invalid chunk message: %s", perr.reason);
         return;
@@ -611,7 +619,9 @@ void proplet_on_message(proplet_t *p, const char *topic, size_t topic_len, const
     else if (IS(TOPIC_STOP))
         handle_stop(p, payload, len);
     else if (IS(TOPIC_REGISTRY_CHUNK))
-        handle_chunk(p, payload, len);
+        handle_chunk(p, payload, len, false);
+    else if (IS(TOPIC_REGISTRY_CHUNK_BINARY))
+        handle_chunk(p, payload, len, true);
 #undef IS
 }
 
@@ -934,10 +944,19 @@ static void tick_slot(proplet_t *p, slot_t *s, uint64_t now, task_ref_t *failed_
                      a->app_name, (unsigned)a->received_count, (unsigned)a->total,
                      s->fetch_requests);
         } else {
+            if (a->total == 0 && !p->json_chunks) {
+                /* Nothing at all arrived for a request for binary chunks: most likely a broker
+                 * ACL drops registry/server/binary. Upstream's JSON chunks from now on. */
+                p->json_chunks = true;
+                plog(p, PROPLET_LOG_WARN,
+                     "no binary chunk of %s arrived; asking for JSON chunks from now on (does the "
+                     "broker's ACL let registry/server/binary through?)", a->app_name);
+            }
             /* Resume: name only the chunks still missing (all of them before the first). */
             uint32_t missing[PROPLET_MISSING_PER_REQUEST];
             size_t count = assembler_missing(a, missing, PROPLET_MISSING_PER_REQUEST);
-            registry_request_t req = {a->app_name, missing, count, p->cfg.proplet_id};
+            registry_request_t req = {a->app_name, missing, count, p->cfg.proplet_id,
+                                      chunk_encoding(p)};
             *request_len = protocol_encode_registry_request(&req, p->tick_out[1], PROPLET_MSG_MAX);
             s->fetch_requests++;
             s->last_progress_ms = now;

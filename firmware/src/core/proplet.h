@@ -110,6 +110,9 @@ typedef struct proplet {
     recent_task_t recent[PROPLET_RECENT_TASKS];
     size_t recent_next;
     bool announced; /* heartbeats and metrics only follow the first announcement */
+    /* Binary chunks (registry/server/binary) never arrived for a transfer that asked for them (a
+     * broker ACL that predates the topic drops them): ask for upstream's JSON chunks from then on. */
+    bool json_chunks;
     uint64_t next_heartbeat_ms;
     uint64_t next_metrics_ms;
     proplet_counters_t counters;
@@ -121,7 +124,7 @@ typedef struct proplet {
 } proplet_t;
 
 /* Topic suffixes the port subscribes to on every (re)connect. */
-#define PROPLET_SUBSCRIPTION_COUNT 3
+#define PROPLET_SUBSCRIPTION_COUNT 4
 extern const char *const proplet_subscriptions[PROPLET_SUBSCRIPTION_COUNT];
 
 /* False (with err) when the configuration is unusable (names too long, no slots...). */

@@ -356,12 +356,42 @@ bool protocol_parse_chunk(const char *payload, size_t len, chunk_msg_t *out, pro
     return true;
 }
 
+bool protocol_parse_binary_chunk(const char *payload, size_t len, chunk_msg_t *out,
+                                 protocol_error_t *err)
+{
+    memset(out, 0, sizeof *out);
+    memset(err, 0, sizeof *err);
+    size_t head_max = len < PROTOCOL_BINARY_HEAD_MAX ? len : PROTOCOL_BINARY_HEAD_MAX;
+    const char *newline = memchr(payload, '\n', head_max);
+    if (newline == NULL)
+        return refuse(err, "a binary chunk must start with a JSON header line ended by a newline");
+    size_t head_len = (size_t)(newline - payload);
+    cJSON *root = parse_object(payload, head_len, err);
+    if (root == NULL)
+        return false;
+    if (field(root, "data") != NULL) {
+        cJSON_Delete(root);
+        return refuse(err, "a binary chunk carries its data after the header line, not in a 'data' field");
+    }
+    if (!parse_chunk_fields(root, out, err)) {
+        cJSON_Delete(root);
+        return false;
+    }
+    out->binary = true;
+    out->data_raw = (const uint8_t *)newline + 1;
+    out->data_raw_len = len - head_len - 1;
+    out->json = root;
+    return true;
+}
+
 void protocol_chunk_release(chunk_msg_t *msg)
 {
     cJSON_Delete(msg->json);
     msg->json = NULL;
     msg->data_b64 = NULL;
     msg->data_b64_len = 0;
+    msg->data_raw = NULL;
+    msg->data_raw_len = 0;
 }
 
 /* The value of "key":"..." in text; false when absent or escaped (ids never need escapes). */
@@ -524,6 +554,7 @@ size_t protocol_encode_registry_request(const registry_request_t *msg, char *buf
         }
     }
     ok = ok && put_str_if(root, "proplet_id", msg->proplet_id);
+    ok = ok && put_str_if(root, "encoding", msg->encoding);
     if (!ok) {
         cJSON_Delete(root);
         return 0;
