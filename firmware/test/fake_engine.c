@@ -224,7 +224,7 @@ static bool fake_publish(void *ctx, const char *topic, const char *payload, size
 {
     (void)ctx;
     assert_int_equal(fake.lock_depth, 0); /* never publish under the lock */
-    if (fake.count == RECORDED_MAX)
+    if (fake.offline || fake.count == RECORDED_MAX)
         return false;
     recorded_t *r = &fake.messages[fake.count++];
     snprintf(r->topic, sizeof r->topic, "%s", topic);

@@ -367,6 +367,53 @@ static void fetches_a_chunked_module(void **state)
     expect_contains(fake_published(TOPIC_RESULTS, 0), "\"results\":\"42\"");
 }
 
+/* The broker drops away while tasks finish: their results are kept and sent on the next connect;
+ * more than the proplet can keep push the oldest out, counted and logged. */
+static void keeps_results_the_broker_did_not_take_until_it_is_back(void **state)
+{
+    (void)state;
+    proplet_on_connected(p);
+    start("t-30", "add", "\"1\",\"2\"", "");
+    fake.offline = true;
+    assert_true(proplet_run_next(p));
+    assert_int_equal(fake_count(TOPIC_RESULTS), 0);
+    /* Until its result is out, heartbeats still list the task: the manager must not take it for lost. */
+    fake.offline = false;
+    fake.now += 60000;
+    proplet_tick(p);
+    expect_contains(fake_published(TOPIC_ALIVE, fake_count(TOPIC_ALIVE) - 1), "\"running\":[\"t-30\"]");
+    size_t alive_before = fake_count(TOPIC_ALIVE);
+    proplet_on_connected(p);
+    /* On a connect the result goes out before the heartbeat, which then no longer lists it. */
+    assert_string_equal(fake_published(TOPIC_ALIVE, alive_before),
+                        "{\"proplet_id\":\"dev-1\",\"status\":\"alive\",\"namespace\":\"embedded\"}");
+    assert_string_equal(fake_published(TOPIC_RESULTS, 0),
+                        "{\"task_id\":\"t-30\",\"proplet_id\":\"dev-1\",\"results\":\"3\","
+                        "\"error\":null,\"attempt\":1}");
+    assert_int_equal(p->counters.results_resent, 1);
+    /* Sent once: a later reconnect has nothing more to send. */
+    proplet_on_connected(p);
+    assert_int_equal(fake_count(TOPIC_RESULTS), 1);
+
+    fake.offline = true;
+    char id[16];
+    for (int i = 0; i < PROPLET_RECENT_TASKS + 1; i++) {
+        snprintf(id, sizeof id, "t-4%d", i);
+        fake.offline = false;
+        start(id, "add", "\"1\",\"1\"", "");
+        fake.offline = true;
+        assert_true(proplet_run_next(p));
+    }
+    assert_int_equal(p->counters.results_dropped, 1);
+    fake.offline = false;
+    proplet_on_connected(p);
+    assert_int_equal(fake_count(TOPIC_RESULTS), 1 + PROPLET_RECENT_TASKS);
+    /* Oldest first, the very first one pushed out. */
+    expect_contains(fake_published(TOPIC_RESULTS, 1), "\"task_id\":\"t-41\"");
+    snprintf(id, sizeof id, "\"task_id\":\"t-4%d\"", PROPLET_RECENT_TASKS);
+    expect_contains(fake_published(TOPIC_RESULTS, PROPLET_RECENT_TASKS), id);
+}
+
 static void asks_for_json_chunks_once_binary_ones_never_arrived(void **state)
 {
     (void)state;
@@ -542,6 +589,7 @@ int main(void)
         TEST(parses_a_module_once_for_many_tasks),
         TEST(frees_idle_modules_when_instantiation_runs_out_of_memory),
         TEST(fetches_a_chunked_module),
+        TEST(keeps_results_the_broker_did_not_take_until_it_is_back),
         TEST(asks_for_json_chunks_once_binary_ones_never_arrived),
         TEST(asks_again_for_missing_chunks_then_gives_up),
         TEST(fails_at_once_when_the_registry_cannot_serve),

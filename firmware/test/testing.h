@@ -75,6 +75,8 @@ typedef struct {
     uint64_t cpu_us;
     /* Runs after each recorded publish, outside the lock (another thread acting meanwhile). */
     void (*after_publish)(const char *topic);
+    /* The broker is unreachable: publishes fail (and are not recorded). */
+    bool offline;
 } fake_port_t;
 
 extern fake_port_t fake;

@@ -206,3 +206,29 @@ async def test_the_proplet_comes_back_after_a_broker_restart(manager_factory, ho
         await eventually(lambda: core.proplets["esp-reconnect"].last_alive_at > restarted_at, timeout=20)
         done = await run_task(core, "esp-reconnect", name="add", file=module(wasm["add"]), inputs=["20", "22"])
         assert done.results == "42", proplet.log
+
+
+async def test_a_result_finished_while_the_broker_was_down_arrives_once_it_is_back(
+        manager_factory, host_proplets, own_broker, wasm) -> None:
+    """A task that ends while the broker is unreachable still reports its result once it is back.
+    On the host build paho's offline buffer takes the result first; the device (whose MQTT client
+    has no such buffer) relies on the proplet's own outbox, which the C unit test
+    keeps_results_the_broker_did_not_take_until_it_is_back exercises."""
+    from tests.conftest import unique
+
+    tenant = unique("t")
+    async with manager_factory(mqtt_address=own_broker.url, tenant_id=tenant) as core:
+        proplet = host_proplets(None, "esp-outbox", "--broker", own_broker.url, "--id", "esp-outbox",
+                                "--domain", tenant, "--channel", core.settings.channel_id, join=False)
+        await online(core, "esp-outbox")
+        # About 1.5-3 s of computation: time for the broker to go away before it ends.
+        task = await core.create_task(TaskCreate(name="cpu", file=module(wasm["bench_cpu"]), inputs=["2147483647"],
+                                                 proplet_id="esp-outbox"))
+        await core.start_task(task.id)
+        await eventually(lambda: core.active.get(task.id) is not None
+                         and core.active[task.id].state is TaskState.RUNNING, timeout=10)
+        own_broker.kill()
+        await eventually(lambda: f"task {task.id} completed" in proplet.log, timeout=30)
+        own_broker.start()
+        done = await finished(core, task.id, timeout=30)
+        assert (done.state, done.results) == (TaskState.COMPLETED, "1073741824"), proplet.log

@@ -59,20 +59,24 @@ bool proplet_topic(const proplet_t *p, const char *suffix, char *out, size_t len
     return n > 0 && (size_t)n < len;
 }
 
-/* Publish outside the lock; a message that cannot be encoded (len 0) is logged, not sent. */
-static void send(proplet_t *p, const char *suffix, const char *payload, size_t len)
+/* Publish outside the lock; a message that cannot be encoded (len 0) is logged, not sent.
+ * False when it did not go out. */
+static bool send(proplet_t *p, const char *suffix, const char *payload, size_t len)
 {
     char topic[PROPLET_TOPIC_MAX + 1];
     if (len == 0) {
         plog(p, PROPLET_LOG_ERROR, "a %s message did not fit %d bytes and was not sent", suffix,
              PROPLET_MSG_MAX);
-        return;
+        return false;
     }
     if (!proplet_topic(p, suffix, topic, sizeof topic))
-        return;
-    if (!p->port.publish(p->port.ctx, topic, payload, len))
+        return false;
+    if (!p->port.publish(p->port.ctx, topic, payload, len)) {
         plog(p, PROPLET_LOG_WARN, "publishing on %s failed; the MQTT client is not connected",
              topic);
+        return false;
+    }
+    return true;
 }
 
 static void timestamp(proplet_t *p, char *out, size_t len)
@@ -96,12 +100,12 @@ static void ref_from_task(task_ref_t *ref, const start_msg_t *task)
     memcpy(ref->traceparent, task->traceparent, sizeof ref->traceparent);
 }
 
-static void send_result(proplet_t *p, const task_ref_t *ref, const char *results,
+static bool send_result(proplet_t *p, const task_ref_t *ref, const char *results,
                         const char *error, char *buf)
 {
     result_msg_t msg = {ref->id, p->cfg.proplet_id, results, error, ref->attempt,
                         ref->traceparent};
-    send(p, TOPIC_RESULTS, buf, protocol_encode_result(&msg, buf, PROPLET_MSG_MAX));
+    return send(p, TOPIC_RESULTS, buf, protocol_encode_result(&msg, buf, PROPLET_MSG_MAX));
 }
 
 static void send_task_state(proplet_t *p, const task_ref_t *ref, const char *state,
@@ -112,10 +116,18 @@ static void send_task_state(proplet_t *p, const task_ref_t *ref, const char *sta
     send(p, TOPIC_TASK_STATE, buf, protocol_encode_task_state(&msg, buf, PROPLET_MSG_MAX));
 }
 
+/* Under the lock. `unsent`: the result did not go out; it is sent again on the next connect. */
 static void remember_finished(proplet_t *p, const task_ref_t *ref, const char *results,
-                              const char *error)
+                              const char *error, bool unsent)
 {
     recent_task_t *r = &p->recent[p->recent_next];
+    if (r->unsent) {
+        p->counters.results_dropped++;
+        plog(p, PROPLET_LOG_ERROR,
+             "the result of task %s was never sent and is dropped: more than %d tasks finished while "
+             "the broker was unreachable (the manager retries or fails it)", r->id, PROPLET_RECENT_TASKS);
+    }
+    r->unsent = unsent;
     memcpy(r->id, ref->id, sizeof r->id);
     r->attempt = ref->attempt;
     memcpy(r->traceparent, ref->traceparent, sizeof r->traceparent);
@@ -153,9 +165,9 @@ static void finish_report(proplet_t *p, slot_t *s, const task_ref_t *ref, const 
                           const char *error, char *buf)
 {
     bool failed = error != NULL && error[0] != '\0';
-    send_result(p, ref, failed ? "" : results, error, buf);
+    bool sent = send_result(p, ref, failed ? "" : results, error, buf);
     lock(p);
-    remember_finished(p, ref, failed ? "" : results, error);
+    remember_finished(p, ref, failed ? "" : results, error, !sent);
     if (failed)
         p->counters.tasks_failed++;
     else
@@ -220,8 +232,10 @@ bool proplet_last_will(const proplet_t *p, char *topic, size_t topic_len, char *
 
 static void send_alive(proplet_t *p, char *buf)
 {
-    const char *running[PROPLET_MAX_SLOTS];
-    char ids[PROPLET_MAX_SLOTS][PROPLET_ID_MAX + 1];
+    /* Tasks in slots, and finished ones whose result has not gone out yet: the manager must not
+     * take a task it does not see here for lost while its result waits for the broker. */
+    const char *running[PROPLET_MAX_SLOTS + PROPLET_RECENT_TASKS];
+    char ids[PROPLET_MAX_SLOTS + PROPLET_RECENT_TASKS][PROPLET_ID_MAX + 1];
     size_t count = 0;
     lock(p);
     for (unsigned i = 0; i < p->cfg.slots; i++) {
@@ -231,9 +245,51 @@ static void send_alive(proplet_t *p, char *buf)
         running[count] = ids[count];
         count++;
     }
+    for (size_t i = 0; i < PROPLET_RECENT_TASKS; i++) {
+        if (!p->recent[i].unsent)
+            continue;
+        memcpy(ids[count], p->recent[i].id, sizeof ids[count]);
+        running[count] = ids[count];
+        count++;
+    }
     unlock(p);
     alive_msg_t msg = {p->cfg.proplet_id, "alive", PROPLET_NAMESPACE, running, count};
     send(p, TOPIC_ALIVE, buf, protocol_encode_alive(&msg, buf, PROPLET_MSG_MAX));
+}
+
+/* Results that could not be published while the broker was unreachable, oldest first. The
+ * manager takes a result once per attempt, so one that did get through before is harmless. */
+static void resend_unsent_results(proplet_t *p, char *buf)
+{
+    for (size_t n = 0; n < PROPLET_RECENT_TASKS; n++) {
+        size_t i = (p->recent_next + n) % PROPLET_RECENT_TASKS;
+        task_ref_t ref;
+        char results[PROPLET_RESULT_TEXT_MAX + 1], error[PROPLET_ERROR_TEXT_MAX + 1];
+        lock(p);
+        recent_task_t *r = &p->recent[i];
+        bool pending = r->unsent;
+        if (pending) {
+            memcpy(ref.id, r->id, sizeof ref.id);
+            ref.attempt = r->attempt;
+            memcpy(ref.traceparent, r->traceparent, sizeof ref.traceparent);
+            memcpy(results, r->results, sizeof results);
+            memcpy(error, r->error, sizeof error);
+        }
+        unlock(p);
+        if (!pending)
+            continue;
+        bool sent = send_result(p, &ref, results, error[0] != '\0' ? error : NULL, buf);
+        lock(p);
+        if (sent && r->unsent && r->attempt == ref.attempt && strcmp(r->id, ref.id) == 0) {
+            r->unsent = false;
+            p->counters.results_resent++;
+        }
+        unlock(p);
+        if (!sent)
+            return; /* disconnected again: the next connect tries again */
+        plog(p, PROPLET_LOG_INFO, "sent the result of task %s, kept while the broker was unreachable",
+             ref.id);
+    }
 }
 
 void proplet_on_connected(proplet_t *p)
@@ -260,6 +316,7 @@ void proplet_on_connected(proplet_t *p)
     };
     char *buf = p->inbound_out[0];
     send(p, TOPIC_CREATE, buf, protocol_encode_discovery(&msg, buf, PROPLET_MSG_MAX));
+    resend_unsent_results(p, buf);
     send_alive(p, buf);
     lock(p);
     p->announced = true;

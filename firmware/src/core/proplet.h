@@ -92,6 +92,8 @@ typedef struct {
     char traceparent[PROPLET_TRACEPARENT_MAX + 1];
     char results[PROPLET_RESULT_TEXT_MAX + 1];
     char error[PROPLET_ERROR_TEXT_MAX + 1];
+    /* Its result could not be published (the broker was unreachable): sent on the next connect. */
+    bool unsent;
 } recent_task_t;
 
 typedef struct {
@@ -99,6 +101,8 @@ typedef struct {
     uint32_t tasks_failed;
     uint32_t messages_invalid;
     uint32_t messages_oversized;
+    uint32_t results_resent;  /* published after a reconnect */
+    uint32_t results_dropped; /* unsent, then pushed out by newer ones (PROPLET_RECENT_TASKS) */
 } proplet_counters_t;
 
 typedef struct proplet {
