@@ -391,7 +391,9 @@ static void keeps_results_the_broker_did_not_take_until_it_is_back(void **state)
                         "{\"task_id\":\"t-30\",\"proplet_id\":\"dev-1\",\"results\":\"3\","
                         "\"error\":null,\"attempt\":1}");
     assert_int_equal(p->counters.results_resent, 1);
-    /* Sent once: a later reconnect has nothing more to send. */
+    /* Sent once, to a manager that does not acknowledge (as upstream's): once it is no longer
+     * recent, a later reconnect has nothing more to send. */
+    fake.now += PROPLET_UNCONFIRMED_TTL_MS;
     proplet_on_connected(p);
     assert_int_equal(fake_count(TOPIC_RESULTS), 1);
 
@@ -412,6 +414,43 @@ static void keeps_results_the_broker_did_not_take_until_it_is_back(void **state)
     expect_contains(fake_published(TOPIC_RESULTS, 1), "\"task_id\":\"t-41\"");
     snprintf(id, sizeof id, "\"task_id\":\"t-4%d\"", PROPLET_RECENT_TASKS);
     expect_contains(fake_published(TOPIC_RESULTS, PROPLET_RECENT_TASKS), id);
+}
+
+/* With a manager that acknowledges (result_ack, ours), a result is sent again until it is. */
+static void sends_a_result_again_until_the_manager_acknowledges_it(void **state)
+{
+    (void)state;
+    proplet_on_connected(p);
+    expect_contains(fake_published(TOPIC_CREATE, 0), "\"result_ack\"");
+    start("t-50", "add", "\"1\",\"1\"", "");
+    assert_true(proplet_run_next(p));
+    start("t-51", "add", "\"2\",\"2\"", "");
+    assert_true(proplet_run_next(p));
+    assert_int_equal(fake_count(TOPIC_RESULTS), 2);
+    /* Not ours, then malformed: neither counts as an acknowledgement. */
+    deliver(TOPIC_RESULT_ACK, "{\"task_id\":\"t-50\",\"proplet_id\":\"dev-2\",\"attempt\":1}");
+    deliver(TOPIC_RESULT_ACK, "{\"task_id\":\"t-50\",\"proplet_id\":\"dev-1\",\"more\":[[1,2]]}");
+    assert_int_equal(p->counters.messages_invalid, 1);
+    fake.now += PROPLET_RESULT_RESEND_MS;
+    proplet_tick(p);
+    assert_int_equal(fake_count(TOPIC_RESULTS), 2); /* no acknowledgement seen yet: sent once */
+    deliver(TOPIC_RESULT_ACK, "{\"task_id\":\"t-50\",\"proplet_id\":\"dev-1\",\"attempt\":1}");
+    /* t-51 is not confirmed: heartbeats list it, and it goes out again. */
+    fake.now += PROPLET_RESULT_RESEND_MS;
+    proplet_tick(p);
+    assert_int_equal(fake_count(TOPIC_RESULTS), 3);
+    expect_contains(fake_published(TOPIC_RESULTS, 2), "\"task_id\":\"t-51\"");
+    expect_contains(fake_published(TOPIC_ALIVE, fake_count(TOPIC_ALIVE) - 1), "\"running\":[\"t-51\"]");
+    deliver(TOPIC_RESULT_ACK, "{\"task_id\":\"t-0\",\"proplet_id\":\"dev-1\",\"attempt\":1,"
+                              "\"more\":[[\"t-51\",1]]}");
+    size_t beats = fake_count(TOPIC_ALIVE);
+    fake.now += 2 * PROPLET_RESULT_RESEND_MS; /* a heartbeat is due too */
+    proplet_tick(p);
+    assert_int_equal(fake_count(TOPIC_RESULTS), 3);
+    assert_int_equal(fake_count(TOPIC_ALIVE), beats + 1);
+    assert_null(strstr(fake_published(TOPIC_ALIVE, beats), "running"));
+    proplet_on_connected(p);
+    assert_int_equal(fake_count(TOPIC_RESULTS), 3); /* both confirmed: nothing to send again */
 }
 
 static void asks_for_json_chunks_once_binary_ones_never_arrived(void **state)
@@ -515,7 +554,7 @@ static void announces_itself_and_heartbeats(void **state)
     expect_contains(discovery, "\"proplet_id\":\"dev-1\",\"namespace\":\"embedded\"");
     expect_contains(discovery, "\"max_concurrent_tasks\":2");
     expect_contains(discovery, "\"heartbeat_interval\":10");
-    expect_contains(discovery, "\"capabilities\":[\"task_state\"]");
+    expect_contains(discovery, "\"capabilities\":[\"task_state\",\"result_ack\"]");
     expect_contains(discovery, "\"wasm_runtime\":\"fake\"");
     expect_contains(discovery, "\"ip\":\"192.0.2.7\"");
     assert_string_equal(fake_published(TOPIC_ALIVE, 0),
@@ -590,6 +629,7 @@ int main(void)
         TEST(frees_idle_modules_when_instantiation_runs_out_of_memory),
         TEST(fetches_a_chunked_module),
         TEST(keeps_results_the_broker_did_not_take_until_it_is_back),
+        TEST(sends_a_result_again_until_the_manager_acknowledges_it),
         TEST(asks_for_json_chunks_once_binary_ones_never_arrived),
         TEST(asks_again_for_missing_chunks_then_gives_up),
         TEST(fails_at_once_when_the_registry_cannot_serve),

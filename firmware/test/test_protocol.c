@@ -213,6 +213,29 @@ static void parses_binary_chunks_leaving_their_bytes_in_place(void **state)
     }
 }
 
+static void parses_result_acks(void **state)
+{
+    (void)state;
+    result_ack_msg_t m;
+    protocol_error_t err;
+    const char *json = "{\"task_id\":\"a\",\"proplet_id\":\"dev-1\",\"attempt\":2,\"more\":[[\"b\",0],[\"c\",7]]}";
+    assert_true(protocol_parse_result_ack(json, strlen(json), &m, &err));
+    assert_string_equal(m.proplet_id, "dev-1");
+    assert_int_equal(m.count, 3);
+    assert_string_equal(m.acks[0].task_id, "a");
+    assert_int_equal(m.acks[0].attempt, 2);
+    assert_string_equal(m.acks[2].task_id, "c");
+    assert_int_equal(m.acks[2].attempt, 7);
+    const char *bad[] = {
+        "{\"proplet_id\":\"dev-1\"}",
+        "{\"task_id\":\"a\",\"proplet_id\":\"dev-1\",\"more\":{}}",
+        "{\"task_id\":\"a\",\"proplet_id\":\"dev-1\",\"more\":[[\"b\",-1]]}",
+        "{\"task_id\":\"a\",\"proplet_id\":\"dev-1\",\"more\":[[\"b\"]]}",
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
+        assert_false(protocol_parse_result_ack(bad[i], strlen(bad[i]), &m, &err));
+}
+
 static void encodes_results_like_the_python_side(void **state)
 {
     (void)state;
@@ -300,6 +323,7 @@ int main(void)
         cmocka_unit_test(parses_stops),
         cmocka_unit_test(parses_chunks_and_refuses_bad_indexes),
         cmocka_unit_test(parses_binary_chunks_leaving_their_bytes_in_place),
+        cmocka_unit_test(parses_result_acks),
         cmocka_unit_test(encodes_results_like_the_python_side),
         cmocka_unit_test(encodes_the_other_messages_like_the_python_side),
         cmocka_unit_test(encodes_discovery_with_the_pool_size_and_capabilities),

@@ -169,7 +169,7 @@ async def test_heartbeats_keep_the_proplet_online_with_its_metadata(manager_fact
         assert meta["wasm_runtime"] == "wasmtime-c-api"
         assert meta["max_concurrent_tasks"] == 3
         assert meta["heartbeat_interval"] == 1
-        assert meta["capabilities"] == ["task_state"]
+        assert meta["capabilities"] == ["task_state", "result_ack"]
         assert meta["proplet_version"] and meta["os"] == "linux" and meta["total_memory_bytes"] > 0
         assert p.namespace == "embedded"
         assert p.max_tasks == 3 and "task_state" in p.capabilities
@@ -232,3 +232,22 @@ async def test_a_result_finished_while_the_broker_was_down_arrives_once_it_is_ba
         own_broker.start()
         done = await finished(core, task.id, timeout=30)
         assert (done.state, done.results) == (TaskState.COMPLETED, "1073741824"), proplet.log
+
+
+async def test_results_are_acknowledged_by_the_manager_and_not_sent_again(manager_factory, host_proplets, wasm,
+                                                                          broker) -> None:
+    """The device announces `result_ack`; the manager confirms each stored result, so a result goes
+    out once, while one the manager never confirms would go out again every 5 s."""
+    async with manager_factory() as core:
+        topics = Topics(core.settings.tenant_id, core.settings.channel_id)
+        async with WireClient(broker.url, topics, subscribe=[t.RESULTS, t.RESULT_ACK]) as wire:
+            proplet = host_proplets(core, "esp-ack")
+            p = await online(core, "esp-ack")
+            assert "result_ack" in p.capabilities
+            done = await run_task(core, "esp-ack", name="add", file=module(wasm["add"]), inputs=["1", "2"])
+            assert done.results == "3", proplet.log
+            ack = await wire.expect(t.RESULT_ACK, lambda a: a["task_id"] == done.id)
+            assert ack["proplet_id"] == "esp-ack"
+            await asyncio.sleep(6)  # longer than the device's resend interval
+            sent = [r for r in wire.messages(t.RESULTS) if r["task_id"] == done.id]
+            assert len(sent) == 1, proplet.log

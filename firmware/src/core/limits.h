@@ -99,4 +99,13 @@
 #define PROPLET_PARAMS_MAX 16
 #endif
 
+/* A result the manager has not acknowledged is sent again this often (once it acknowledges at
+ * all), and, without acknowledgements, after a reconnect only if it is this recent. */
+#ifndef PROPLET_RESULT_RESEND_MS
+#define PROPLET_RESULT_RESEND_MS 5000
+#endif
+#ifndef PROPLET_UNCONFIRMED_TTL_MS
+#define PROPLET_UNCONFIRMED_TTL_MS 60000
+#endif
+
 #endif

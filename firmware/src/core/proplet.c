@@ -8,9 +8,9 @@
 #include "b64.h"
 
 const char *const proplet_subscriptions[PROPLET_SUBSCRIPTION_COUNT] = {
-    TOPIC_START, TOPIC_STOP, TOPIC_REGISTRY_CHUNK, TOPIC_REGISTRY_CHUNK_BINARY};
+    TOPIC_START, TOPIC_STOP, TOPIC_RESULT_ACK, TOPIC_REGISTRY_CHUNK, TOPIC_REGISTRY_CHUNK_BINARY};
 
-static const char *const capabilities[] = {"task_state"};
+static const char *const capabilities[] = {"task_state", "result_ack"};
 
 /* The chunk encoding to ask for: raw bytes unless they never arrived once. */
 static const char *chunk_encoding(const proplet_t *p)
@@ -116,18 +116,29 @@ static void send_task_state(proplet_t *p, const task_ref_t *ref, const char *sta
     send(p, TOPIC_TASK_STATE, buf, protocol_encode_task_state(&msg, buf, PROPLET_MSG_MAX));
 }
 
-/* Under the lock. `unsent`: the result did not go out; it is sent again on the next connect. */
+/* Whether the proplet still owes the manager this result: not acknowledged and, when the manager
+ * does not acknowledge at all, not sent yet. Under the lock. */
+static bool owed(const proplet_t *p, const recent_task_t *r)
+{
+    return r->unconfirmed && (p->acks_seen || r->sent_ms == 0);
+}
+
+/* Under the lock. `sent`: the result went out (the broker took it). */
 static void remember_finished(proplet_t *p, const task_ref_t *ref, const char *results,
-                              const char *error, bool unsent)
+                              const char *error, bool sent)
 {
     recent_task_t *r = &p->recent[p->recent_next];
-    if (r->unsent) {
+    if (r->id[0] != '\0' && owed(p, r)) {
         p->counters.results_dropped++;
         plog(p, PROPLET_LOG_ERROR,
-             "the result of task %s was never sent and is dropped: more than %d tasks finished while "
-             "the broker was unreachable (the manager retries or fails it)", r->id, PROPLET_RECENT_TASKS);
+             "the result of task %s was never confirmed and is dropped: more than %d tasks finished "
+             "before the manager had it (the manager retries or fails the task)", r->id,
+             PROPLET_RECENT_TASKS);
     }
-    r->unsent = unsent;
+    uint64_t now = now_ms(p);
+    r->unconfirmed = true;
+    r->finished_ms = now;
+    r->sent_ms = sent ? now : 0;
     memcpy(r->id, ref->id, sizeof r->id);
     r->attempt = ref->attempt;
     memcpy(r->traceparent, ref->traceparent, sizeof r->traceparent);
@@ -167,7 +178,7 @@ static void finish_report(proplet_t *p, slot_t *s, const task_ref_t *ref, const 
     bool failed = error != NULL && error[0] != '\0';
     bool sent = send_result(p, ref, failed ? "" : results, error, buf);
     lock(p);
-    remember_finished(p, ref, failed ? "" : results, error, !sent);
+    remember_finished(p, ref, failed ? "" : results, error, sent);
     if (failed)
         p->counters.tasks_failed++;
     else
@@ -246,7 +257,7 @@ static void send_alive(proplet_t *p, char *buf)
         count++;
     }
     for (size_t i = 0; i < PROPLET_RECENT_TASKS; i++) {
-        if (!p->recent[i].unsent)
+        if (!owed(p, &p->recent[i]))
             continue;
         memcpy(ids[count], p->recent[i].id, sizeof ids[count]);
         running[count] = ids[count];
@@ -257,9 +268,12 @@ static void send_alive(proplet_t *p, char *buf)
     send(p, TOPIC_ALIVE, buf, protocol_encode_alive(&msg, buf, PROPLET_MSG_MAX));
 }
 
-/* Results that could not be published while the broker was unreachable, oldest first. The
- * manager takes a result once per attempt, so one that did get through before is harmless. */
-static void resend_unsent_results(proplet_t *p, char *buf)
+/* Send again the results the manager may not have: after a connect (`reconnected`) every one not
+ * acknowledged (without acknowledgements, the recent ones and those never sent), otherwise those
+ * sent but unacknowledged for PROPLET_RESULT_RESEND_MS (a result that could not go out at all
+ * waits for the connect: trying it on every tick would only log failures). Oldest first; stops at
+ * the first that does not go out. */
+static void resend_results(proplet_t *p, char *buf, bool reconnected)
 {
     for (size_t n = 0; n < PROPLET_RECENT_TASKS; n++) {
         size_t i = (p->recent_next + n) % PROPLET_RECENT_TASKS;
@@ -267,8 +281,12 @@ static void resend_unsent_results(proplet_t *p, char *buf)
         char results[PROPLET_RESULT_TEXT_MAX + 1], error[PROPLET_ERROR_TEXT_MAX + 1];
         lock(p);
         recent_task_t *r = &p->recent[i];
-        bool pending = r->unsent;
-        if (pending) {
+        uint64_t now = now_ms(p);
+        bool due = r->id[0] != '\0' && r->unconfirmed
+                   && (reconnected ? p->acks_seen || r->sent_ms == 0
+                                         || now - r->finished_ms < PROPLET_UNCONFIRMED_TTL_MS
+                                   : p->acks_seen && r->sent_ms != 0 && now - r->sent_ms >= PROPLET_RESULT_RESEND_MS);
+        if (due) {
             memcpy(ref.id, r->id, sizeof ref.id);
             ref.attempt = r->attempt;
             memcpy(ref.traceparent, r->traceparent, sizeof ref.traceparent);
@@ -276,18 +294,17 @@ static void resend_unsent_results(proplet_t *p, char *buf)
             memcpy(error, r->error, sizeof error);
         }
         unlock(p);
-        if (!pending)
+        if (!due)
             continue;
         bool sent = send_result(p, &ref, results, error[0] != '\0' ? error : NULL, buf);
-        lock(p);
-        if (sent && r->unsent && r->attempt == ref.attempt && strcmp(r->id, ref.id) == 0) {
-            r->unsent = false;
-            p->counters.results_resent++;
-        }
-        unlock(p);
         if (!sent)
-            return; /* disconnected again: the next connect tries again */
-        plog(p, PROPLET_LOG_INFO, "sent the result of task %s, kept while the broker was unreachable",
+            return; /* disconnected: the next connect tries again */
+        lock(p);
+        if (r->attempt == ref.attempt && strcmp(r->id, ref.id) == 0)
+            r->sent_ms = now_ms(p);
+        p->counters.results_resent++;
+        unlock(p);
+        plog(p, PROPLET_LOG_INFO, "sent the result of task %s again (not confirmed by the manager yet)",
              ref.id);
     }
 }
@@ -316,7 +333,7 @@ void proplet_on_connected(proplet_t *p)
     };
     char *buf = p->inbound_out[0];
     send(p, TOPIC_CREATE, buf, protocol_encode_discovery(&msg, buf, PROPLET_MSG_MAX));
-    resend_unsent_results(p, buf);
+    resend_results(p, buf, true);
     send_alive(p, buf);
     lock(p);
     p->announced = true;
@@ -662,6 +679,29 @@ static void handle_chunk(proplet_t *p, const char *payload, size_t len, bool bin
     protocol_chunk_release(c);
 }
 
+static void handle_result_ack(proplet_t *p, const char *payload, size_t len)
+{
+    result_ack_msg_t m;
+    protocol_error_t perr;
+    if (!protocol_parse_result_ack(payload, len, &m, &perr)) {
+        p->counters.messages_invalid++;
+        plog(p, PROPLET_LOG_WARN, "invalid result_ack message: %s", perr.reason);
+        return;
+    }
+    if (strcmp(m.proplet_id, p->cfg.proplet_id) != 0)
+        return;
+    lock(p);
+    p->acks_seen = true;
+    for (size_t a = 0; a < m.count; a++)
+        for (size_t i = 0; i < PROPLET_RECENT_TASKS; i++) {
+            recent_task_t *r = &p->recent[i];
+            if ((m.acks[a].attempt == 0 || m.acks[a].attempt == r->attempt)
+                && strcmp(r->id, m.acks[a].task_id) == 0)
+                r->unconfirmed = false;
+        }
+    unlock(p);
+}
+
 void proplet_on_message(proplet_t *p, const char *topic, size_t topic_len, const char *payload,
                         size_t len)
 {
@@ -675,6 +715,8 @@ void proplet_on_message(proplet_t *p, const char *topic, size_t topic_len, const
         handle_start(p, payload, len);
     else if (IS(TOPIC_STOP))
         handle_stop(p, payload, len);
+    else if (IS(TOPIC_RESULT_ACK))
+        handle_result_ack(p, payload, len);
     else if (IS(TOPIC_REGISTRY_CHUNK))
         handle_chunk(p, payload, len, false);
     else if (IS(TOPIC_REGISTRY_CHUNK_BINARY))
@@ -1041,13 +1083,16 @@ void proplet_tick(proplet_t *p)
     }
     lock(p);
     uint64_t now = now_ms(p);
-    bool heartbeat = p->announced && now >= p->next_heartbeat_ms;
+    bool announced = p->announced;
+    bool heartbeat = announced && now >= p->next_heartbeat_ms;
     bool metrics = p->announced && p->cfg.metrics_ms > 0 && now >= p->next_metrics_ms;
     if (heartbeat)
         p->next_heartbeat_ms = now + p->cfg.heartbeat_ms;
     if (metrics)
         p->next_metrics_ms = now + p->cfg.metrics_ms;
     unlock(p);
+    if (announced)
+        resend_results(p, p->tick_out[0], false);
     if (heartbeat)
         send_alive(p, p->tick_out[0]);
     if (metrics)

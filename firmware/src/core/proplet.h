@@ -92,8 +92,10 @@ typedef struct {
     char traceparent[PROPLET_TRACEPARENT_MAX + 1];
     char results[PROPLET_RESULT_TEXT_MAX + 1];
     char error[PROPLET_ERROR_TEXT_MAX + 1];
-    /* Its result could not be published (the broker was unreachable): sent on the next connect. */
-    bool unsent;
+    /* The manager has not acknowledged storing the result (result_ack) yet. */
+    bool unconfirmed;
+    uint64_t finished_ms;
+    uint64_t sent_ms; /* when it last went out; 0: never (the broker was unreachable) */
 } recent_task_t;
 
 typedef struct {
@@ -101,8 +103,8 @@ typedef struct {
     uint32_t tasks_failed;
     uint32_t messages_invalid;
     uint32_t messages_oversized;
-    uint32_t results_resent;  /* published after a reconnect */
-    uint32_t results_dropped; /* unsent, then pushed out by newer ones (PROPLET_RECENT_TASKS) */
+    uint32_t results_resent;  /* published again: after a reconnect, or not acknowledged in time */
+    uint32_t results_dropped; /* still owed, then pushed out by newer ones (PROPLET_RECENT_TASKS) */
 } proplet_counters_t;
 
 typedef struct proplet {
@@ -117,6 +119,10 @@ typedef struct proplet {
     /* Binary chunks (registry/server/binary) never arrived for a transfer that asked for them (a
      * broker ACL that predates the topic drops them): ask for upstream's JSON chunks from then on. */
     bool json_chunks;
+    /* The manager acknowledges results (ours does, upstream's does not): an unacknowledged result
+     * is sent again every PROPLET_RESULT_RESEND_MS. Without, each result is sent once (and again
+     * after a reconnect, if it is recent), so an upstream manager is not flooded with repeats. */
+    bool acks_seen;
     uint64_t next_heartbeat_ms;
     uint64_t next_metrics_ms;
     proplet_counters_t counters;
@@ -128,7 +134,7 @@ typedef struct proplet {
 } proplet_t;
 
 /* Topic suffixes the port subscribes to on every (re)connect. */
-#define PROPLET_SUBSCRIPTION_COUNT 4
+#define PROPLET_SUBSCRIPTION_COUNT 5
 extern const char *const proplet_subscriptions[PROPLET_SUBSCRIPTION_COUNT];
 
 /* False (with err) when the configuration is unusable (names too long, no slots...). */

@@ -356,6 +356,42 @@ bool protocol_parse_chunk(const char *payload, size_t len, chunk_msg_t *out, pro
     return true;
 }
 
+bool protocol_parse_result_ack(const char *payload, size_t len, result_ack_msg_t *out,
+                               protocol_error_t *err)
+{
+    memset(out, 0, sizeof *out);
+    memset(err, 0, sizeof *err);
+    cJSON *root = parse_object(payload, len, err);
+    if (root == NULL)
+        return false;
+    uint64_t attempt = 0;
+    bool ok = read_str(root, "task_id", true, out->acks[0].task_id, sizeof out->acks[0].task_id, err)
+              && read_str(root, "proplet_id", true, out->proplet_id, sizeof out->proplet_id, err)
+              && read_uint(root, "attempt", false, 0, UINT32_MAX, &attempt, err);
+    out->acks[0].attempt = (uint32_t)attempt;
+    out->count = 1;
+    const cJSON *more = ok ? field(root, "more") : NULL;
+    if (more != NULL && !cJSON_IsArray(more))
+        ok = refuse(err, "field 'more' must be a list, got %s", json_type_name(more));
+    const cJSON *pairs = ok ? more : NULL, *pair;
+    cJSON_ArrayForEach(pair, pairs) {
+        const cJSON *id = cJSON_GetArrayItem(pair, 0), *n = cJSON_GetArrayItem(pair, 1);
+        if (!cJSON_IsArray(pair) || cJSON_GetArraySize(pair) != 2 || !cJSON_IsString(id)
+            || !cJSON_IsNumber(n) || n->valuedouble < 0 || n->valuedouble > UINT32_MAX
+            || n->valuedouble != (double)(uint32_t)n->valuedouble) {
+            ok = refuse(err, "field 'more' must hold [task_id, attempt] pairs");
+            break;
+        }
+        if (out->count == PROTOCOL_ACKS_MAX || strlen(id->valuestring) > PROPLET_ID_MAX)
+            continue;
+        result_ack_t *ack = &out->acks[out->count++];
+        memcpy(ack->task_id, id->valuestring, strlen(id->valuestring) + 1);
+        ack->attempt = (uint32_t)n->valuedouble;
+    }
+    cJSON_Delete(root);
+    return ok;
+}
+
 bool protocol_parse_binary_chunk(const char *payload, size_t len, chunk_msg_t *out,
                                  protocol_error_t *err)
 {

@@ -25,6 +25,7 @@
 #define TOPIC_TASK_METRICS "control/proplet/task_metrics"
 #define TOPIC_TASK_STATE "control/proplet/task_state"
 #define TOPIC_REGISTRY_REQUEST "registry/proplet"
+#define TOPIC_RESULT_ACK "control/manager/result_ack"
 #define TOPIC_REGISTRY_CHUNK "registry/server"
 /* Extension: chunks as a JSON header line, '\n', then the raw bytes (asked for with
  * "encoding":"binary"); a quarter fewer bytes on the air and no base64 to decode. */
@@ -98,6 +99,25 @@ typedef struct {
     char error[PROPLET_ERROR_TEXT_MAX + 1];
     void *json;
 } chunk_msg_t;
+
+/* Extension: the manager stored these results ({"task_id","proplet_id","attempt","more":[[id,
+ * attempt],...]}). Acknowledgements beyond PROTOCOL_ACKS_MAX in one message are not read: those
+ * results are sent again, and acknowledged again. */
+#define PROTOCOL_ACKS_MAX 16
+
+typedef struct {
+    char task_id[PROPLET_ID_MAX + 1];
+    uint32_t attempt; /* 0: whichever attempt the proplet holds */
+} result_ack_t;
+
+typedef struct {
+    char proplet_id[PROPLET_ID_MAX + 1];
+    result_ack_t acks[PROTOCOL_ACKS_MAX];
+    size_t count;
+} result_ack_msg_t;
+
+bool protocol_parse_result_ack(const char *payload, size_t len, result_ack_msg_t *out,
+                               protocol_error_t *err);
 
 /* Whether a start or stop for `target_id`/`broadcast` is meant for proplet `self_id`. */
 bool protocol_targets(const char *target_id, bool broadcast, const char *self_id);
