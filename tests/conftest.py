@@ -93,3 +93,31 @@ def manager_factory(broker: Mosquitto, tmp_path: Path) -> ManagerFactory:
 async def manager(manager_factory: ManagerFactory) -> AsyncIterator[Any]:
     async with manager_factory() as core:
         yield core
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def managers_on_each_backend(request: pytest.FixtureRequest, broker: Mosquitto,
+                                   tmp_path: Path) -> AsyncIterator[Callable[[], AbstractAsyncContextManager[Any]]]:
+    """`async with managers() as core`, on SQLite, then on PostgreSQL: managers started one after
+    another on the same database (a restart), on the session broker."""
+    from core.config import ManagerSettings
+    from core.service import ManagerCore
+    from core.store.postgres import PostgresStore
+
+    settings = ManagerSettings(mqtt_address=broker.url, tenant_id=unique("t"), entity_id=unique("manager"),
+                               storage_type="sqlite", sqlite_path=tmp_path / "m.db", http_port=0,
+                               mqtt_timeout=5.0)
+    db = await create_database() if request.param == "postgres" else None
+
+    @asynccontextmanager
+    async def start() -> AsyncIterator[Any]:
+        async with ManagerCore(settings, store=PostgresStore(db.dsn) if db is not None else None) as core:
+            assert core.bus is not None
+            await core.bus.wait_connected(10)
+            yield core
+
+    try:
+        yield start
+    finally:
+        if db is not None:
+            await drop_database(db)

@@ -8,7 +8,6 @@ import base64
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,7 +16,7 @@ import pytest
 from core.cron import next_time
 from core.domain import TaskState, utcnow
 from tests.conftest import unique
-from tests.services import Mosquitto, create_database, drop_database
+from tests.services import Mosquitto
 from tests.wire import SyntheticProplet, eventually
 
 pytestmark = pytest.mark.timeout(60)
@@ -35,30 +34,9 @@ def test_times_are_read_in_the_schedules_timezone() -> None:
     assert next_time("@hourly", "", winter) == datetime(2026, 12, 6, 8, 0, tzinfo=UTC)
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-async def managers(request: pytest.FixtureRequest, broker: Mosquitto, tmp_path: Path) -> AsyncIterator[Managers]:
-    """Managers started one after another on the same database (a restart)."""
-    from core.config import ManagerSettings
-    from core.service import ManagerCore
-    from core.store.postgres import PostgresStore
-
-    settings = ManagerSettings(mqtt_address=broker.url, tenant_id=unique("t"), entity_id=unique("manager"),
-                               storage_type="sqlite", sqlite_path=tmp_path / "m.db", http_port=0,
-                               mqtt_timeout=5.0)
-    db = await create_database() if request.param == "postgres" else None
-
-    @asynccontextmanager
-    async def start() -> AsyncIterator[Any]:
-        async with ManagerCore(settings, store=PostgresStore(db.dsn) if db is not None else None) as core:
-            assert core.bus is not None
-            await core.bus.wait_connected(10)
-            yield core
-
-    try:
-        yield start
-    finally:
-        if db is not None:
-            await drop_database(db)
+@pytest.fixture
+def managers(managers_on_each_backend: Managers) -> Managers:
+    return managers_on_each_backend
 
 
 @asynccontextmanager

@@ -15,7 +15,7 @@ import pytest
 
 from core.domain import TaskState
 from tests.conftest import unique
-from tests.services import Mosquitto, create_database, drop_database
+from tests.services import Mosquitto
 from tests.wire import SyntheticProplet, eventually
 
 pytestmark = pytest.mark.timeout(60)
@@ -38,27 +38,13 @@ class Proplet(SyntheticProplet):
         await super().on_message(suffix, payload)
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-async def manager(request: pytest.FixtureRequest, broker: Mosquitto, tmp_path: Path) -> AsyncIterator[Any]:
-    from core.config import ManagerSettings
-    from core.service import ManagerCore
-    from core.store.postgres import PostgresStore
-
-    settings = ManagerSettings(mqtt_address=broker.url, tenant_id=unique("t"), entity_id=unique("manager"),
-                               storage_type="sqlite", sqlite_path=tmp_path / "m.db", http_port=0,
-                               mqtt_timeout=5.0)
-    db = await create_database() if request.param == "postgres" else None
-    core = ManagerCore(settings, store=PostgresStore(db.dsn) if db is not None else None)
-    try:
-        async with core:
-            assert core.bus is not None
-            await core.bus.wait_connected(10)
-            async with Proplet(broker.url, core.topics, unique("wf-p"), answer=answer) as proplet:
-                await eventually(lambda: proplet.proplet_id in core.proplets)
-                yield core
-    finally:
-        if db is not None:
-            await drop_database(db)
+@pytest.fixture
+async def manager(managers_on_each_backend: Any, broker: Mosquitto) -> AsyncIterator[Any]:
+    """A manager on SQLite, then on PostgreSQL, with a synthetic proplet online."""
+    async with managers_on_each_backend() as core, \
+            Proplet(broker.url, core.topics, unique("wf-p"), answer=answer) as proplet:
+        await eventually(lambda: proplet.proplet_id in core.proplets)
+        yield core
 
 
 @pytest.fixture
