@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
+import uuid
 from typing import Any, Literal
 
 import orjson
@@ -54,6 +56,37 @@ def decode_module(text: str, field_name: str = "file") -> bytes:
     return data
 
 
+# Workflow and job ids: chosen by clients (upstream keeps a client-supplied one), and they appear
+# in URLs and Location headers.
+GROUP_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,199}")
+
+
+def _check_metadata(metadata: dict[str, Any] | None) -> None:
+    """Metadata is stored as JSON: it must encode (integers within 64 bits) and stay under 1 MiB."""
+    if metadata is None:
+        return
+    try:
+        size = len(orjson.dumps(metadata))
+    except TypeError as exc:
+        raise ValueError(f"'metadata' cannot be stored: {exc} (integers must fit in 64 bits)") from None
+    if size > MAX_METADATA_BYTES:
+        raise ValueError("'metadata' is larger than 1 MiB")
+
+
+def _check_no_nul(model: BaseModel, exclude: set[str]) -> None:
+    """PostgreSQL stores no NUL character in text or JSON: refuse it here, for every backend alike."""
+    if b"\\u0000" in orjson.dumps(model.model_dump(exclude=exclude)):
+        raise ValueError("text fields (name, inputs, env, metadata, ...) must not contain the NUL character")
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
 class TaskCreate(BaseModel):
     """A new task. Unknown fields are ignored, as upstream does."""
 
@@ -101,13 +134,25 @@ class TaskCreate(BaseModel):
     @field_validator("id")
     @classmethod
     def _id_is_uuid(cls, value: str) -> str:
-        if value:
-            import uuid
+        if value and not _is_uuid(value):
+            raise ValueError("'id' must be a UUID (task ids are UUIDs)")
+        return value
 
-            try:
-                uuid.UUID(value)
-            except ValueError:
-                raise ValueError("'id' must be a UUID (task ids are UUIDs)") from None
+    @field_validator("depends_on")
+    @classmethod
+    def _dependencies_are_task_ids(cls, value: list[str]) -> list[str]:
+        bad = [d for d in value if not _is_uuid(d)]
+        if bad:
+            raise ValueError(f"'depends_on' names tasks of the same workflow or job by their ids (UUIDs); "
+                             f"{bad[0]!r} is not one")
+        return value
+
+    @field_validator("workflow_id", "job_id")
+    @classmethod
+    def _group_id(cls, value: str) -> str:
+        if value and not GROUP_ID.fullmatch(value):
+            raise ValueError("must be 1 to 200 letters, digits, '.', '_', ':', '@' or '-', starting with a "
+                             "letter or digit (a UUID, say)")
         return value
 
     @field_validator("wasm_digest")
@@ -141,8 +186,8 @@ class TaskCreate(BaseModel):
     def _consistent(self) -> TaskCreate:
         if self.proplet_id and self.broadcast:
             raise ValueError("'proplet_id' and 'broadcast' cannot both be set: pin the task or broadcast it")
-        if len(orjson.dumps(self.metadata)) > MAX_METADATA_BYTES:
-            raise ValueError("'metadata' is larger than 1 MiB")
+        _check_metadata(self.metadata)
+        _check_no_nul(self, exclude={"file"})
         if self.encrypted and self.file:
             raise ValueError("an encrypted task takes its module from 'image_url', not 'file'")
         if self.file and self.image_url:
@@ -202,12 +247,23 @@ class TaskUpdate(BaseModel):
     def _inputs(cls, value: Any) -> Any:
         return None if value is None else _inputs_as_text(value)
 
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        _check_metadata(value)
+        return value
+
     @field_validator("file")
     @classmethod
     def _file_is_wasm(cls, value: str | None) -> str | None:
         if value:
             decode_module(value)
         return value
+
+    @model_validator(mode="after")
+    def _storable(self) -> TaskUpdate:
+        _check_no_nul(self, exclude={"file"})
+        return self
 
     def apply(self, task: Task) -> None:
         from core.protocol import sha256_digest

@@ -73,7 +73,12 @@ async def test_create_returns_201_location_and_the_upstream_shape(api: httpx.Asy
     ({"name": "x", "inputs": [{"a": 1}]}, "inputs"),
     ({"name": "x", "run_if": "sometimes"}, "run_if"),
     ({"name": "x", "limits": {"timeout_s": -1}}, "timeout_s"),
-    ({"name": "x", "depends_on": ["y"]}, "workflows"),
+    ({"name": "x", "depends_on": ["y"]}, "depends_on"),
+    ({"name": "x", "depends_on": [str(uuid.uuid4())]}, "workflows"),
+    ({"name": "x", "workflow_id": "w\u0000"}, "workflow_id"),
+    ({"name": "x", "metadata": {"n": -4200904293808609497920307200}}, "64 bits"),
+    ({"name": "x\u0000"}, "NUL"),
+    ({"name": "x", "metadata": {"k": "v\u0000"}}, "NUL"),
     ({"name": "x", "metadata": {"big": "x" * (1024 * 1024)}}, "1 MiB"),
 ])
 async def test_create_validation_errors_are_400(api: httpx.AsyncClient, body: dict[str, Any], message: str) -> None:
