@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import re
 import uuid
 from typing import Any, Literal
@@ -22,8 +23,10 @@ class LimitsBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     timeout_s: float | None = Field(default=None, gt=0, description="Wall-clock limit in seconds.")
-    fuel: int | None = Field(default=None, gt=0, description="Instruction budget (wasmtime fuel).")
-    memory_bytes: int | None = Field(default=None, gt=0, description="Largest linear memory in bytes.")
+    # Bounded by what the stores and the wire hold (64-bit integers).
+    fuel: int | None = Field(default=None, gt=0, le=2**63 - 1, description="Instruction budget (wasmtime fuel).")
+    memory_bytes: int | None = Field(default=None, gt=0, le=2**63 - 1,
+                                     description="Largest linear memory in bytes.")
 
     def to_domain(self) -> TaskLimits:
         return TaskLimits(self.timeout_s, self.fuel, self.memory_bytes)
@@ -39,7 +42,11 @@ def _inputs_as_text(value: Any) -> Any:
     for i, item in enumerate(value):
         if isinstance(item, str):
             out.append(item)
-        elif isinstance(item, (int, float)) and not isinstance(item, bool):
+        elif isinstance(item, int) and not isinstance(item, bool):
+            out.append(str(item))  # the literal, however large (orjson stops at 64 bits)
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                raise ValueError(f"inputs[{i}]: {item} is not a number a task can take")
             out.append(orjson.dumps(item).decode())
         else:
             raise ValueError(f"inputs[{i}]: expected string or number")
@@ -75,7 +82,11 @@ def _check_metadata(metadata: dict[str, Any] | None) -> None:
 
 def _check_no_nul(model: BaseModel, exclude: set[str]) -> None:
     """PostgreSQL stores no NUL character in text or JSON: refuse it here, for every backend alike."""
-    if b"\\u0000" in orjson.dumps(model.model_dump(exclude=exclude)):
+    try:
+        encoded = orjson.dumps(model.model_dump(exclude=exclude))
+    except TypeError as exc:
+        raise ValueError(f"a value cannot be stored: {exc} (integers must fit in 64 bits)") from None
+    if b"\\u0000" in encoded:
         raise ValueError("text fields (name, inputs, env, metadata, ...) must not contain the NUL character")
 
 

@@ -78,6 +78,7 @@ async def test_create_returns_201_location_and_the_upstream_shape(api: httpx.Asy
     ({"name": "x", "workflow_id": "w\u0000"}, "workflow_id"),
     ({"name": "x", "metadata": {"n": -4200904293808609497920307200}}, "64 bits"),
     ({"name": "x\u0000"}, "NUL"),
+    ({"name": "x", "limits": {"memory_bytes": 77383663343395667968}}, "memory_bytes"),
     ({"name": "x", "metadata": {"k": "v\u0000"}}, "NUL"),
     ({"name": "x", "metadata": {"big": "x" * (1024 * 1024)}}, "1 MiB"),
 ])
@@ -90,6 +91,13 @@ async def test_create_validation_errors_are_400(api: httpx.AsyncClient, body: di
 async def test_wrong_bodies_are_400_not_500(api: httpx.AsyncClient) -> None:
     r = await api.post("/tasks", content=b"{broken", headers={"content-type": "application/json"})
     assert r.status_code == 400
+    r = await api.post("/tasks", content=b'{"name":"x","inputs":[Infinity]}',
+                       headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "not a number" in r.json()["error"], r.text
+    # An integer literal beyond 64 bits is an input like any other: kept as its text.
+    r = await api.post("/tasks", content=b'{"name":"x","inputs":[1000000000000000000000000000000]}',
+                       headers={"content-type": "application/json"})
+    assert r.status_code == 201 and r.json()["inputs"] == ["1000000000000000000000000000000"], r.text
     r = await api.post("/tasks", content=b'["a list"]', headers={"content-type": "application/json"})
     assert r.status_code == 400
     r = await api.post("/tasks", content=b'{"name":"x"}', headers={"content-type": "text/plain"})
