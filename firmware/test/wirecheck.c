@@ -7,6 +7,7 @@
  *   {"op":"result"|"task_state"|"alive"|"registry_request", ...fields} -> the encoded message
  *   {"op":"start"|"chunk"|"stop","payload":"<message>"}     -> what the decoder made of it
  *   {"op":"binary_chunk","payload":"<base64 of the message>"} -> the same, with data_hex
+ *   {"op":"result_ack","payload":"<message>"}                 -> proplet_id and [task_id, attempt] acks
  */
 #include <inttypes.h>
 #include <stdio.h>
@@ -172,6 +173,19 @@ static void op_decode(const cJSON *req, const char *op)
             cJSON_AddNumberToObject(answer, "file_b64_len", (double)m.file_b64_len);
             protocol_start_release(&m);
         }
+    } else if (strcmp(op, "result_ack") == 0) {
+        result_ack_msg_t m;
+        ok = protocol_parse_result_ack(payload, len, &m, &err);
+        if (ok) {
+            cJSON_AddStringToObject(answer, "proplet_id", m.proplet_id);
+            cJSON *acks = cJSON_AddArrayToObject(answer, "acks");
+            for (size_t i = 0; i < m.count; i++) {
+                cJSON *pair = cJSON_CreateArray();
+                cJSON_AddItemToArray(pair, cJSON_CreateString(m.acks[i].task_id));
+                cJSON_AddItemToArray(pair, cJSON_CreateNumber(m.acks[i].attempt));
+                cJSON_AddItemToArray(acks, pair);
+            }
+        }
     } else if (strcmp(op, "chunk") == 0 || strcmp(op, "binary_chunk") == 0) {
         chunk_msg_t c;
         bool binary = strcmp(op, "binary_chunk") == 0;
@@ -241,7 +255,7 @@ int main(void)
         else if (strcmp(op, "parse") == 0)
             op_parse(req);
         else if (strcmp(op, "start") == 0 || strcmp(op, "chunk") == 0 || strcmp(op, "binary_chunk") == 0
-                 || strcmp(op, "stop") == 0)
+                 || strcmp(op, "result_ack") == 0 || strcmp(op, "stop") == 0)
             op_decode(req, op);
         else
             op_encode(req, op);

@@ -240,6 +240,21 @@ def test_binary_chunks_decode_like_python(c_side: Wirecheck, msg: p.ChunkMessage
 
 
 @CHECKS
+@given(task_id=ids, proplet_id=ids, attempt=st.integers(0, 2**31),
+       more=st.lists(st.tuples(ids, st.integers(0, 2**31)), max_size=20))
+def test_result_acks_decode_like_python(c_side: Wirecheck, task_id: str, proplet_id: str, attempt: int,
+                                        more: list[tuple[str, int]]) -> None:
+    payload = p.encode_result_ack(p.ResultAckMessage(task_id, proplet_id, attempt, tuple(more))).decode()
+    expected = p.decode_result_ack(payload)
+    got = orjson.loads(c_side.ask({"op": "result_ack", "payload": payload}))
+    assert got["ok"], got
+    assert got["proplet_id"] == expected.proplet_id
+    # The device reads at most its first PROTOCOL_ACKS_MAX (16); the rest are acknowledged again later.
+    pairs = [(expected.task_id, expected.attempt), *expected.more][:16]
+    assert [tuple(a) for a in got["acks"]] == pairs
+
+
+@CHECKS
 @given(payload=st.binary(max_size=200).map(lambda b: b.decode("latin-1").replace("\x00", "")))
 def test_what_python_refuses_the_c_side_refuses_too(c_side: Wirecheck, payload: str) -> None:
     """For stops (every field of which the device reads) the two decoders agree on validity."""
