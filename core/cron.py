@@ -78,6 +78,7 @@ class CronScheduler:
         self._changed = asyncio.Event()
         self.fired = 0
         self.skipped_busy = 0
+        self.errors = 0
 
     def get(self, task_id: str) -> Schedule | None:
         return self.schedules.get(task_id)
@@ -125,7 +126,16 @@ class CronScheduler:
             now = utcnow()
             due = [s for s in self.schedules.values() if s.next_run <= now]
             if due:
-                await self._fire(due)
+                try:
+                    await self._fire(due)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    # A store that fails for a moment must not stop the manager (a loop that ends
+                    # does): the due schedules are looked at again a little later.
+                    self.errors += 1
+                    log.exception("starting scheduled tasks failed; trying again in %.0f s", _RETRY_S)
+                    await asyncio.sleep(_RETRY_S)
                 continue
             upcoming = min((s.next_run for s in self.schedules.values()), default=None)
             wait = _MAX_SLEEP_S if upcoming is None else min(_MAX_SLEEP_S, (upcoming - now).total_seconds())
