@@ -107,10 +107,6 @@ class CronScheduler:
         self.schedules[schedule.task_id] = schedule
         self._changed.set()
 
-    async def set(self, schedule: Schedule) -> None:
-        await self.core.writer.write(self.core.store.op_put_schedule(schedule))
-        self.adopt(schedule)
-
     async def clear(self, task_id: str) -> None:
         if self.schedules.pop(task_id, None) is not None:
             await self.core.writer.write(self.core.store.op_delete_schedule(task_id))

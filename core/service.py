@@ -387,19 +387,9 @@ class ManagerCore:
             group = {t.id: t for t in await self.group_tasks(workflow_id=task.workflow_id, job_id=task.job_id)}
             validate_dag({**group, task.id: task})
         schedule = self.cron.plan(task.id, body.schedule, body.timezone, body.is_recurring) if body.schedule else None
-        if task.file:
-            self._files.put(task.wasm_digest, Artifact(task.file, task.wasm_digest))
-        await self.writer.write(
-            self.store.op_insert_task(task),
-            self.store.op_task_event(TaskEvent(task.id, TaskState.PENDING, task.created_at, 0, "", "created")),
-            *([self.store.op_put_schedule(schedule)] if schedule else []),
-        )
+        await self._insert_tasks([task], *([self.store.op_put_schedule(schedule)] if schedule else []))
         if schedule is not None:
             self.cron.adopt(schedule)
-        self.events.emit(TaskStateChanged(task.id, task.name, TaskState.PENDING, TaskState.PENDING,
-                                          task.created_at, "", "created"))
-        task.file = b""
-        self._remember(task)
         return task.copy()
 
     async def get_task(self, task_id: str) -> Task:
@@ -546,6 +536,10 @@ class ManagerCore:
     async def group_tasks(self, *, workflow_id: str = "", job_id: str = "") -> list[Task]:
         """The tasks of a workflow or job as they are now, in the order they were created."""
         await self.writer.barrier()
+        return await self._stored_group(workflow_id=workflow_id, job_id=job_id)
+
+    async def _stored_group(self, *, workflow_id: str = "", job_id: str = "") -> list[Task]:
+        """group_tasks for a caller that has waited for the queued writes already."""
         tasks = await self.store.group_tasks(workflow_id=workflow_id, job_id=job_id)
         return [self.active[t.id].copy() if t.id in self.active else t for t in tasks]
 
@@ -590,10 +584,15 @@ class ManagerCore:
         return tasks
 
     async def _insert_group(self, tasks: list[Task], *first: WriteOp) -> None:
+        """Tasks with client-chosen ids: none may exist already."""
         for task in tasks:
             if task.id in self.active or task.id in self._recent or await self.reader.get(task.id) is not None:
                 raise Conflict(f"a task with id {task.id} already exists")
-        ops = list(first)
+        await self._insert_tasks(tasks, *first)
+
+    async def _insert_tasks(self, tasks: list[Task], *extra: WriteOp) -> None:
+        """Store new tasks (with `extra` in the same commit), announce them, keep them in memory."""
+        ops = list(extra)
         for task in tasks:
             if task.file:
                 self._files.put(task.wasm_digest, Artifact(task.file, task.wasm_digest))
@@ -631,7 +630,7 @@ class ManagerCore:
         job = await self.store.get_job(job_id)
         if job is None:
             raise NotFound(f"job {job_id} not found")
-        return job, await self.group_tasks(job_id=job_id)
+        return job, await self._stored_group(job_id=job_id)
 
     async def list_jobs(self, *, offset: int = 0, limit: int = 100,
                         state: TaskState | None = None) -> Page[tuple[Job, list[Task]]]:
@@ -639,13 +638,13 @@ class ManagerCore:
         await self.writer.barrier()
         if state is None:
             page = await self.store.list_jobs(offset, limit)
-            return Page([(job, await self.group_tasks(job_id=job.id)) for job in page.items], page.total)
+            return Page([(job, await self._stored_group(job_id=job.id)) for job in page.items], page.total)
         matching: list[tuple[Job, list[Task]]] = []
         at = 0
         while True:
             page = await self.store.list_jobs(at, 500)
             for job in page.items:
-                tasks = await self.group_tasks(job_id=job.id)
+                tasks = await self._stored_group(job_id=job.id)
                 if group_state([t.state for t in tasks]) is state:
                     matching.append((job, tasks))
             at += len(page.items)

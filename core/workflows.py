@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Coroutine, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from core.domain import Task, TaskState
@@ -88,13 +88,14 @@ class GroupCoordinator:
 
     def finished(self, task: Task) -> None:
         """A task of a workflow or job reached a terminal state."""
-        work = asyncio.ensure_future(self.advance(task.workflow_id, task.job_id, task.id, task.state))
-        self._running.add(work)
-        work.add_done_callback(self._running.discard)
+        self._start(self.advance(task.workflow_id, task.job_id, task.id, task.state))
 
     def finished_group(self, workflow_id: str, job_id: str) -> None:
         """Look at a whole group again (after a restart: a dependency may have finished unseen)."""
-        work = asyncio.ensure_future(self.advance(workflow_id, job_id))
+        self._start(self.advance(workflow_id, job_id))
+
+    def _start(self, advance: Coroutine[object, object, None]) -> None:
+        work = asyncio.ensure_future(advance)
         self._running.add(work)
         work.add_done_callback(self._running.discard)
 

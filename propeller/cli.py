@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -462,14 +463,22 @@ def jobs_list(status: str | None, limit: int, offset: int, manager_url: str, tok
         click.echo(f"{len(d['jobs'])} of {d['total']} jobs")))
 
 
+def _show_job(job_id: str, manager_url: str, token: str | None, as_json: bool,
+              action: Callable[[Any], Any] | None = None) -> None:
+    """Run `action` on the job, if any, then show the job as it is."""
+    with ManagerClient(manager_url, token) as client:
+        if action is not None:
+            _run(lambda: action(client))
+        data = _run(lambda: client.get_job(job_id))
+    _show(data, as_json, _group_detail)
+
+
 @jobs.command("get")
 @click.argument("job_id")
 @_client_options
 def jobs_get(job_id: str, manager_url: str, token: str | None, as_json: bool) -> None:
     """Show a job's state and tasks."""
-    with ManagerClient(manager_url, token) as client:
-        data = _run(lambda: client.get_job(job_id))
-    _show(data, as_json, _group_detail)
+    _show_job(job_id, manager_url, token, as_json)
 
 
 @jobs.command("start")
@@ -477,10 +486,7 @@ def jobs_get(job_id: str, manager_url: str, token: str | None, as_json: bool) ->
 @_client_options
 def jobs_start(job_id: str, manager_url: str, token: str | None, as_json: bool) -> None:
     """Start a job that has not run yet."""
-    with ManagerClient(manager_url, token) as client:
-        _run(lambda: client.start_job(job_id))
-        data = _run(lambda: client.get_job(job_id))
-    _show(data, as_json, _group_detail)
+    _show_job(job_id, manager_url, token, as_json, lambda client: client.start_job(job_id))
 
 
 @jobs.command("stop")
@@ -488,10 +494,7 @@ def jobs_start(job_id: str, manager_url: str, token: str | None, as_json: bool) 
 @_client_options
 def jobs_stop(job_id: str, manager_url: str, token: str | None, as_json: bool) -> None:
     """Stop a job: its queued and running tasks are stopped, the rest skipped."""
-    with ManagerClient(manager_url, token) as client:
-        _run(lambda: client.stop_job(job_id))
-        data = _run(lambda: client.get_job(job_id))
-    _show(data, as_json, _group_detail)
+    _show_job(job_id, manager_url, token, as_json, lambda client: client.stop_job(job_id))
 
 
 @main.group()

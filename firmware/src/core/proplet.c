@@ -285,7 +285,8 @@ static void resend_results(proplet_t *p, char *buf, bool reconnected)
         bool due = r->id[0] != '\0' && r->unconfirmed
                    && (reconnected ? p->acks_seen || r->sent_ms == 0
                                          || now - r->finished_ms < PROPLET_UNCONFIRMED_TTL_MS
-                                   : p->acks_seen && r->sent_ms != 0 && now - r->sent_ms >= PROPLET_RESULT_RESEND_MS);
+                                   : p->acks_seen && r->sent_ms != 0
+                                         && now - r->sent_ms >= PROPLET_RESULT_RESEND_MS);
         if (due) {
             memcpy(ref.id, r->id, sizeof ref.id);
             ref.attempt = r->attempt;
@@ -1085,7 +1086,7 @@ void proplet_tick(proplet_t *p)
     uint64_t now = now_ms(p);
     bool announced = p->announced;
     bool heartbeat = announced && now >= p->next_heartbeat_ms;
-    bool metrics = p->announced && p->cfg.metrics_ms > 0 && now >= p->next_metrics_ms;
+    bool metrics = announced && p->cfg.metrics_ms > 0 && now >= p->next_metrics_ms;
     if (heartbeat)
         p->next_heartbeat_ms = now + p->cfg.heartbeat_ms;
     if (metrics)
