@@ -18,17 +18,39 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import orjson
 import uvicorn
-from fastapi import Body, FastAPI, File, Query, Request, Response, UploadFile
+from fastapi import Body, FastAPI, File, Path, Query, Request, Response, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core import __version__
 from core.config import ManagerSettings
 from core.cron import Schedule
-from core.domain import ZERO_TIME, Job, Proplet, Task, TaskEvent, TaskState, group_state
+from core.domain import (
+    ZERO_TIME,
+    FLRound,
+    FLUpdateRecord,
+    Job,
+    Proplet,
+    RoundState,
+    Task,
+    TaskEvent,
+    TaskState,
+    group_state,
+)
 from core.errors import CoreError, InvalidRequest, NotFound
-from core.schemas import InvokeBody, JobCreate, TaskCreate, TaskUpdate, WorkflowCreate, format_validation_error
+from core.federated import MAX_MODEL_VERSION, model_uri
+from core.schemas import (
+    ExperimentConfig,
+    FLUpdate,
+    InvokeBody,
+    JobCreate,
+    TaskCreate,
+    TaskUpdate,
+    WorkflowCreate,
+    format_validation_error,
+)
 
 if TYPE_CHECKING:
     from core.service import ManagerCore
@@ -36,7 +58,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 100 * 1024 * 1024
-_JSON_ROUTES = ("/tasks", "/workflows", "/jobs")
+_JSON_ROUTES = ("/tasks", "/workflows", "/jobs", "/fl/experiments")
+_JSON_PATHS = frozenset({"/fl/update"})  # exact: /fl/update_cbor takes CBOR
+_CBOR_TYPES = frozenset({"application/cbor", "application/cbor-seq"})
 
 
 class ORJSONResponse(JSONResponse):
@@ -223,7 +247,7 @@ def create_app(core: ManagerCore) -> FastAPI:
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
             return _error(413, f"request body over {MAX_BODY_BYTES // (1024 * 1024)} MiB")
-        if (request.method in ("POST", "PUT") and path.startswith(_JSON_ROUTES)
+        if (request.method in ("POST", "PUT") and (path.startswith(_JSON_ROUTES) or path in _JSON_PATHS)
                 and not path.endswith("/upload") and length not in (None, "0")
                 and "application/json" not in request.headers.get("content-type", "")):
             return _error(400, "unsupported content type: send JSON with 'Content-Type: application/json'")
@@ -391,6 +415,71 @@ def create_app(core: ManagerCore) -> FastAPI:
         await core.stop_job(job_id)
         return {"message": "job stopped", "job_id": job_id}
 
+    # ---- federated learning (core/federated.py) ------------------------------------------
+
+    fl = core.federated
+
+    @app.post("/fl/experiments", name="configure-experiment")
+    async def configure_experiment(body: Annotated[ExperimentConfig, Body()]) -> dict[str, Any]:
+        return await fl.configure(body)
+
+    @app.get("/fl/task", name="get-fl-task")
+    async def get_fl_task(round_id: str = "", proplet_id: str = "") -> dict[str, Any]:
+        if not round_id:
+            raise InvalidRequest("round_id is required (GET /fl/task?round_id=...&proplet_id=...)")
+        return await fl.task_for(round_id, proplet_id)
+
+    @app.post("/fl/update", name="post-fl-update")
+    async def post_fl_update(body: Annotated[FLUpdate, Body()]) -> dict[str, Any]:
+        return await fl.accept_update(body, "rest")
+
+    @app.post("/fl/update_cbor", name="post-fl-update-cbor")
+    async def post_fl_update_cbor(request: Request) -> dict[str, Any]:
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type not in _CBOR_TYPES:
+            raise InvalidRequest("unsupported content type: send CBOR with 'Content-Type: application/cbor' "
+                                 "(or application/cbor-seq)")
+        answer: dict[str, Any] = {}
+        for item in _cbor_items(await request.body(), sequence=content_type == "application/cbor-seq"):
+            if not isinstance(item, dict):
+                raise InvalidRequest("the CBOR body must be a map (an FLUpdate)")
+            try:
+                update = FLUpdate.model_validate(item)
+            except ValidationError as exc:
+                raise InvalidRequest(format_validation_error(exc)) from None
+            answer = await fl.accept_update(update, "cbor")
+        return answer
+
+    @app.get("/fl/rounds", name="list-fl-rounds")
+    async def list_fl_rounds(offset: int = 0, limit: int = 100) -> dict[str, Any]:
+        _page(offset, limit, max_limit=1000)
+        page = await core.store.fl_rounds(offset, limit)
+        rounds = []
+        for r in page.items:
+            _, updates = await fl.get_round(r.round_id)
+            rounds.append({"round_id": r.round_id, "k_of_n": r.k_of_n, "model_version": r.model_version,
+                           "num_updates": len(updates), **round_view(r, updates)})
+        return {"offset": offset, "limit": limit, "total": page.total, "rounds": rounds}
+
+    @app.get("/fl/rounds/{round_id}/complete", name="get-round-status")
+    async def get_round_status(round_id: str) -> dict[str, Any]:
+        if fl.remote is not None:
+            return await fl.remote.call("GET", f"/rounds/{round_id}/complete")
+        r, updates = await fl.get_round(round_id)
+        # Upstream's fields, then ours.
+        return {"status": {
+            "round_id": r.round_id, "completed": r.state is RoundState.COMPLETED, "num_updates": len(updates),
+            "k_of_n": r.k_of_n, "model_version": r.model_version, **round_view(r, updates)}}
+
+    @app.get("/fl/models", name="list-fl-models")
+    async def list_fl_models() -> dict[str, Any]:
+        return {"models": [{"version": v, "model_uri": model_uri(v), "round_id": round_id,
+                            "created_at": rfc3339(at)} for v, round_id, at in await core.store.fl_models()]}
+
+    @app.get("/fl/models/{version}", name="get-fl-model")
+    async def get_fl_model(version: Annotated[int, Path(ge=0, le=MAX_MODEL_VERSION)]) -> dict[str, Any]:
+        return await fl.model(version)
+
     # ---- proplets -----------------------------------------------------------------------
 
     @app.get("/proplets", name="list-proplets")
@@ -463,3 +552,36 @@ class ApiServer(uvicorn.Server):
 
 
 __all__ = ["ApiServer", "check_bind_is_safe", "create_app", "proplet_view", "task_view"]
+
+
+def round_view(r: FLRound, updates: list[FLUpdateRecord]) -> dict[str, Any]:
+    """A federated-learning round beyond upstream's status fields."""
+    return {
+        "state": str(r.state), "reason": r.reason, "experiment_id": r.experiment_id, "model_ref": r.model_ref,
+        "model_uri": model_uri(r.model_version) if r.model_version is not None else "",
+        "participants": r.participants, "started": r.started,
+        "updates": [{"proplet_id": u.proplet_id, "num_samples": u.num_samples, "source": u.source,
+                     "metrics": u.body.get("metrics") or {}, "received_at": rfc3339(u.received_at)} for u in updates],
+        "created_at": rfc3339(r.created_at), "deadline": rfc3339(r.deadline),
+        "completed_at": rfc3339(r.completed_at) if r.completed_at else None,
+    }
+
+
+def _cbor_items(body: bytes, *, sequence: bool) -> list[Any]:
+    """The CBOR body's item (or, for application/cbor-seq, each of its items)."""
+    import io
+
+    import cbor2
+
+    stream = io.BytesIO(body)
+    items = []
+    try:
+        while True:
+            items.append(cbor2.CBORDecoder(stream).decode())
+            if not sequence or stream.tell() >= len(body):
+                break
+    except (cbor2.CBORDecodeError, ValueError, TypeError, RecursionError) as exc:
+        raise InvalidRequest(f"the body is not valid CBOR: {exc}") from None
+    if not sequence and stream.tell() != len(body):
+        raise InvalidRequest("the CBOR body holds more than one item: send application/cbor-seq for several")
+    return items

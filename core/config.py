@@ -158,6 +158,16 @@ class ManagerSettings(MqttClientSettings):
         description="Ed25519 private key (PEM) to sign module digests with; proplets with the public key in "
         "PROPLET_TRUSTED_KEYS then run only modules this manager signed. Make one with `propeller keys generate`.",
     )
+    coordinator_url: str = Field(
+        default="",
+        description="URL of an external federated-learning coordinator (upstream's): experiments, updates and "
+        "round status are relayed to it. Empty: the manager coordinates rounds and averages updates itself.",
+    )
+    public_url: str = Field(
+        default="",
+        description="URL at which proplets reach this manager's REST API, given to federated-learning tasks "
+        "(MODEL_REGISTRY_URL, MANAGER_COORDINATOR_URL). Empty: the API's own address.",
+    )
     default_broker_port: int = Field(
         default=1883, ge=1, le=65535,
         description="With no mqtt_address: the broker on localhost at this port is used if one listens "

@@ -336,3 +336,47 @@ CoreEvent = (
     | PropletMetricsReceived
     | MessageRejected
 )
+
+
+class RoundState(StrEnum):
+    """A federated-learning round (core/federated.py)."""
+
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+@dataclass(slots=True)
+class FLRound:
+    """One training round: the tasks it started and what completes it."""
+
+    round_id: str
+    model_ref: str
+    participants: list[str]
+    k_of_n: int
+    timeout_s: float
+    deadline: datetime
+    experiment_id: str = ""
+    task_wasm_image: str = ""
+    # Participants whose round task was started (those online when the round began).
+    started: list[str] = field(default_factory=list)
+    hyperparams: dict[str, Any] = field(default_factory=dict)
+    state: RoundState = RoundState.RUNNING
+    reason: str = ""
+    # The model the round's aggregate became, once completed.
+    model_version: int | None = None
+    created_at: datetime = field(default_factory=utcnow)
+    completed_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FLUpdateRecord:
+    """A participant's update as a round received it (the first one per participant counts)."""
+
+    round_id: str
+    proplet_id: str
+    num_samples: int
+    body: dict[str, Any]
+    # How it came: rest, cbor, mqtt (the fallback topic) or result (the task's result envelope).
+    source: str
+    received_at: datetime = field(default_factory=utcnow)

@@ -364,3 +364,125 @@ class JobCreate(BaseModel):
     @classmethod
     def _trimmed(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
+
+
+# ---- federated learning (core/federated.py) ----------------------------------------------------
+
+# An update's weights are JSON numbers (or lists of them): they are stored and averaged, so they must
+# encode, and the whole update stays well below what a round keeps in memory per proplet.
+MAX_FL_UPDATE_BYTES = 16 * 1024 * 1024
+
+
+class ExperimentConfig(BaseModel):
+    """POST /fl/experiments (upstream's ExperimentConfig): start one training round on the
+    participants that are online. The round's tasks run `task_wasm_image` (or, an extension, the
+    module inline in `task_wasm_file`) with ROUND_ID, MODEL_URI and HYPERPARAMS in their env."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    experiment_id: str = Field(default="", description="Groups rounds; defaults to the round id.")
+    round_id: str = Field(min_length=1, description="Names the round; unique.")
+    model_ref: str = Field(min_length=1, description="The model the round starts from, e.g. global_model_v0 "
+                           "(the version is the trailing number).")
+    participants: list[str] = Field(min_length=1, max_length=10_000, description="Proplet ids asked to train.")
+    hyperparams: dict[str, Any] = Field(default_factory=dict, description="Passed to each task as HYPERPARAMS (JSON).")
+    k_of_n: int = Field(default=0, ge=0, le=10_000, description="Updates that complete the round (0: one from "
+                        "every participant that was started).")
+    timeout_s: float = Field(default=300.0, gt=0, le=7 * 24 * 3600, description="Seconds the round waits for "
+                             "updates; it then aggregates those it has, or fails with none.")
+    task_wasm_image: str = Field(default="", description="OCI reference or http(s):// URL of the training module.")
+    task_wasm_file: str = Field(default="", description="The training module inline, standard base64 (extension).")
+    initial_model: dict[str, Any] | None = Field(default=None, description="The weights of model_ref's version, "
+                                                 "stored if that version is not (extension).")
+
+    @field_validator("experiment_id", "round_id")
+    @classmethod
+    def _ids(cls, value: str) -> str:
+        if value and not GROUP_ID.fullmatch(value):
+            raise ValueError("must be 1 to 200 letters, digits, '.', '_', ':', '@' or '-', starting with a "
+                             "letter or digit")
+        return value
+
+    @field_validator("participants")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if any(not p.strip() for p in value):
+            raise ValueError("'participants' holds proplet ids, and an empty one names none")
+        return list(dict.fromkeys(value))
+
+    @field_validator("task_wasm_file")
+    @classmethod
+    def _file_is_wasm(cls, value: str) -> str:
+        if value:
+            decode_module(value, "task_wasm_file")
+        return value
+
+    @field_validator("task_wasm_image")
+    @classmethod
+    def _image_plain(cls, value: str) -> str:
+        if any(c.isspace() for c in value):
+            raise ValueError("'task_wasm_image' must not contain whitespace")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExperimentConfig:
+        if bool(self.task_wasm_image) == bool(self.task_wasm_file):
+            raise ValueError("give the training module as 'task_wasm_image' (a reference) or 'task_wasm_file' "
+                             "(base64), one of the two")
+        if self.k_of_n > len(self.participants):
+            raise ValueError(f"'k_of_n' is {self.k_of_n} but there are only {len(self.participants)} participants")
+        _check_no_nul(self, exclude={"task_wasm_file"})
+        if self.initial_model is not None:
+            _check_update_values(self.initial_model, "initial_model")
+        return self
+
+
+class FLUpdate(BaseModel):
+    """A participant's update (upstream's FLUpdate): POST /fl/update, CBOR at /fl/update_cbor, the
+    unprefixed MQTT topic fl/rounds/<round>/updates/<proplet>, or a round task's result envelope."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    round_id: str = Field(min_length=1)
+    proplet_id: str = Field(default="", description="Who trained it; required to tell participants apart.")
+    base_model_uri: str = ""
+    num_samples: int = Field(default=1, ge=0, le=2**53, description="Weight in the federated average.")
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    update: dict[str, Any] = Field(description="The trained weights: numbers or lists of numbers by name.")
+    received_at: str = ""
+
+    @field_validator("update")
+    @classmethod
+    def _update_not_empty(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if not value:
+            raise ValueError("'update' is empty: send the trained weights")
+        _check_update_values(value, "update")
+        return value
+
+    @model_validator(mode="after")
+    def _storable(self) -> FLUpdate:
+        if not self.proplet_id:
+            raise ValueError("'proplet_id' is required: it tells the round's participants apart")
+        _check_no_nul(self, exclude=set())
+        return self
+
+
+def _check_update_values(value: dict[str, Any], field_name: str) -> None:
+    try:
+        encoded = orjson.dumps(value)
+    except TypeError as exc:
+        raise ValueError(f"'{field_name}' cannot be stored: {exc} (integers must fit in 64 bits)") from None
+    if len(encoded) > MAX_FL_UPDATE_BYTES:
+        raise ValueError(f"'{field_name}' is larger than {MAX_FL_UPDATE_BYTES // (1024 * 1024)} MiB")
+    if not _all_finite(value):
+        raise ValueError(f"'{field_name}' holds a non-finite number (NaN or infinity), which cannot be averaged")
+
+
+def _all_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_all_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_all_finite(v) for v in value)
+    return True

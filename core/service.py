@@ -51,6 +51,7 @@ from core.domain import (
 )
 from core.errors import Conflict, InvalidRequest, NotFound, TimedOut, Unavailable, UpstreamFailed
 from core.events import Fanout
+from core.federated import ROUND_START, ROUND_TASK_PREFIX, UPDATES_FILTER, FederatedLearning
 from core.lifecycle import cancel_and_wait
 from core.mqtt import BrokerAddress, BrokerUnavailable, MqttBus, parse_broker_url
 from core.protocol import InvalidMessage
@@ -104,6 +105,8 @@ class ManagerCore:
         self.groups = GroupCoordinator(self)
         # Tasks started by their cron schedules.
         self.cron = CronScheduler(self)
+        # Federated-learning rounds: the coordinator, or a relay to MANAGER_COORDINATOR_URL.
+        self.federated = FederatedLearning(self)
         self.proplets: dict[str, Proplet] = {}
         # Tasks the dispatcher owns: queued (pending with queued_at), scheduled or running.
         self.active: dict[str, Task] = {}
@@ -151,6 +154,7 @@ class ManagerCore:
             topic_names.TASK_METRICS: self._on_task_metrics,
             topic_names.TASK_STATE: self._on_task_state,
             topic_names.REGISTRY_REQUEST: self._on_registry_request,
+            ROUND_START: self.federated.on_round_start,
         }
         self.bus: MqttBus | None = None
         self.chunks: ChunkServer | None = None
@@ -201,7 +205,7 @@ class ManagerCore:
         self.bus = MqttBus(
             conn,
             subscriptions=[(self.topics.topic(s), 0) if s in topic_names.MANAGER_TELEMETRY else self.topics.topic(s)
-                           for s in self._handlers],
+                           for s in self._handlers] + [UPDATES_FILTER],
             on_message=self._on_message,
             on_connected=self._broker_connected,
             name="manager",
@@ -214,6 +218,7 @@ class ManagerCore:
         self._spawn(self.chunks.run(), "chunk-server")
         self._spawn(self._dispatch_loop(), "dispatcher")
         self._spawn(self.cron.run(), "cron")
+        self._spawn(self.federated.run(), "federated-learning")
         self._spawn(self._liveness_loop(), "liveness")
         self._spawn(self._maintenance_loop(), "maintenance")
         self._spawn(self._housekeeping_loop(), "store-housekeeping")
@@ -233,6 +238,7 @@ class ManagerCore:
                 await asyncio.wait_for(self._http_task, 5)
             self._http = None
         await self.groups.close()
+        await self.federated.close()
         if self.bus is not None:
             await self.bus.close()
         with contextlib.suppress(Exception):
@@ -352,6 +358,7 @@ class ManagerCore:
         if self.active:
             log.info("recovered %d in-flight tasks (%d queued)", len(self.active), len(self._queued))
         await self.cron.load()
+        await self.federated.load()
         # Dependents whose last dependency finished just before the manager stopped.
         for workflow_id, job_id in await self.store.groups_with_waiting_dependents():
             self.groups.finished_group(workflow_id, job_id)
@@ -1180,6 +1187,10 @@ class ManagerCore:
         suffix = self.topics.suffix(topic)
         handler = self._handlers.get(suffix) if suffix is not None else None
         if handler is None:
+            if suffix is None and topic.startswith("fl/rounds/"):
+                # Upstream's FL update fallback is published outside the prefix.
+                self.metrics.message_in("fl/rounds/updates")
+                await self.federated.on_update_message(topic, payload)
             return
         self.metrics.message_in(suffix)
         try:
@@ -1338,6 +1349,8 @@ class ManagerCore:
                     self._ack_result(msg.proplet_id, task.id, attempt)
 
             committed.add_done_callback(ack_once_stored)
+        if task.name.startswith(ROUND_TASK_PREFIX) and "ROUND_ID" in task.env:
+            await self.federated.on_round_task_result(task)
 
     def _ack_result(self, proplet_id: str, task_id: str, attempt: int) -> None:
         p = self.proplets.get(proplet_id)

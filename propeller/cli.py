@@ -497,6 +497,89 @@ def jobs_stop(job_id: str, manager_url: str, token: str | None, as_json: bool) -
     _show_job(job_id, manager_url, token, as_json, lambda client: client.stop_job(job_id))
 
 
+@main.group("fl")
+def federated() -> None:
+    """Federated learning: training rounds on chosen proplets, averaged into models."""
+
+
+@federated.command("start")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--wait", is_flag=True, help="Wait until the round ends, then show it.")
+@_client_options
+def fl_start(file: str, wait: bool, manager_url: str, token: str | None, as_json: bool) -> None:
+    """Start a round from FILE: {"round_id", "model_ref": "global_model_v0", "participants": [proplet
+    ids], "hyperparams": {...}, "k_of_n", "timeout_s", "wasm": <.wasm path, http(s) URL or OCI
+    reference>}. Each participant that is online runs the module with ROUND_ID, MODEL_URI, MODEL_DATA
+    and HYPERPARAMS in its env and prints its update as JSON."""
+    from propeller.client import module_fields
+
+    try:
+        body = json.loads(Path(file).expanduser().read_text())
+    except (OSError, ValueError) as exc:
+        raise click.BadParameter(f"cannot read {file}: {exc}") from None
+    if not isinstance(body, dict):
+        raise click.BadParameter(f"{file} must hold a JSON object")
+    if "wasm" in body:
+        fields = _run(lambda: module_fields(str(body.pop("wasm"))))
+        body["task_wasm_file" if "file" in fields else "task_wasm_image"] = fields.get("file") or fields["image_url"]
+    with ManagerClient(manager_url, token) as client:
+        data = _run(lambda: client.start_experiment(body))
+        if wait:
+            while (status := _run(lambda: client.round_status(data["round_id"]))["status"])["state"] == "running":
+                time.sleep(0.5)
+            data = status
+    _show(data, as_json, _round_detail if wait else lambda d: _table(["FIELD", "VALUE"], [
+        [k, ", ".join(v) if isinstance(v, list) else v] for k, v in d.items()]))
+
+
+def _round_detail(r: dict[str, Any]) -> None:
+    _table(["FIELD", "VALUE"], [[k, r.get(k)] for k in (
+        "round_id", "state", "reason", "k_of_n", "num_updates", "model_ref", "model_uri", "created_at",
+        "completed_at") if r.get(k) not in (None, "")] + [["started", ", ".join(r.get("started", []))]])
+    _table(["PROPLET", "SAMPLES", "VIA", "METRICS", "RECEIVED"], [
+        [u["proplet_id"], u["num_samples"], u["source"], json.dumps(u["metrics"]), _short_time(u["received_at"])]
+        for u in r.get("updates", [])])
+
+
+@federated.command("status")
+@click.argument("round_id")
+@_client_options
+def fl_status(round_id: str, manager_url: str, token: str | None, as_json: bool) -> None:
+    """Show a round: its state, the updates it has and the model it made."""
+    with ManagerClient(manager_url, token) as client:
+        data = _run(lambda: client.round_status(round_id))
+    _show(data, as_json, lambda d: _round_detail(d["status"]))
+
+
+@federated.command("rounds")
+@click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True)
+@click.option("--offset", type=click.IntRange(0), default=0)
+@_client_options
+def fl_rounds(limit: int, offset: int, manager_url: str, token: str | None, as_json: bool) -> None:
+    """List rounds, newest first."""
+    with ManagerClient(manager_url, token) as client:
+        data = _run(lambda: client.list_rounds(offset, limit))
+    _show(data, as_json, lambda d: (
+        _table(["ROUND", "STATE", "UPDATES", "MODEL", "FROM", "CREATED"], [
+            [r["round_id"], r["state"], f"{r['num_updates']}/{r['k_of_n']}", r["model_uri"], r["model_ref"],
+             _short_time(r["created_at"])] for r in d["rounds"]]),
+        click.echo(f"{len(d['rounds'])} of {d['total']} rounds")))
+
+
+@federated.command("model")
+@click.argument("version", type=click.IntRange(0), required=False)
+@_client_options
+def fl_model(version: int | None, manager_url: str, token: str | None, as_json: bool) -> None:
+    """Print model VERSION's weights as JSON; without VERSION, list the models."""
+    with ManagerClient(manager_url, token) as client:
+        if version is not None:
+            click.echo(json.dumps(_run(lambda: client.get_model(version)), indent=None if as_json else 2))
+            return
+        data = _run(lambda: client.list_models())
+    _show(data, as_json, lambda d: _table(["VERSION", "URI", "ROUND", "CREATED"], [
+        [m["version"], m["model_uri"], m["round_id"], _short_time(m["created_at"])] for m in d["models"]]))
+
+
 @main.group()
 def proplets() -> None:
     """Inspect the proplets a running manager knows."""

@@ -103,6 +103,23 @@ class ManagerClient:
     def stop_job(self, job_id: str) -> dict[str, Any]:
         return self.request("POST", f"/jobs/{job_id}/stop")
 
+    # federated learning
+
+    def start_experiment(self, body: dict[str, Any]) -> dict[str, Any]:
+        return self.request("POST", "/fl/experiments", json=body)
+
+    def round_status(self, round_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/fl/rounds/{round_id}/complete")
+
+    def list_rounds(self, offset: int = 0, limit: int = 100) -> dict[str, Any]:
+        return self.request("GET", "/fl/rounds", params={"offset": offset, "limit": limit})
+
+    def list_models(self) -> dict[str, Any]:
+        return self.request("GET", "/fl/models")
+
+    def get_model(self, version: int) -> dict[str, Any]:
+        return self.request("GET", f"/fl/models/{version}")
+
     # proplets
 
     def list_proplets(self, status: str | None = None) -> dict[str, Any]:

@@ -18,9 +18,12 @@ import orjson
 
 from core.cron import Schedule
 from core.domain import (
+    FLRound,
+    FLUpdateRecord,
     Job,
     Proplet,
     PropletMetrics,
+    RoundState,
     Task,
     TaskEvent,
     TaskLimits,
@@ -108,6 +111,21 @@ SQL_PUT_SCHEDULE = (
 SQL_DELETE_SCHEDULE = "DELETE FROM task_schedules WHERE task_id = ?"
 SQL_INSERT_JOB = "INSERT INTO jobs (id, name, execution_mode, created_at, updated_at) VALUES (?, ?, ?, ?, ?)"
 _JOB_SELECT = "id, name, execution_mode, created_at, updated_at"
+_FL_ROUND_COLUMNS = (
+    "round_id", "experiment_id", "model_ref", "task_wasm_image", "participants", "started", "hyperparams",
+    "k_of_n", "timeout_s", "state", "reason", "model_version", "created_at", "deadline", "completed_at",
+)
+SQL_PUT_FL_ROUND = (
+    f"INSERT INTO fl_rounds ({', '.join(_FL_ROUND_COLUMNS)}) VALUES ({', '.join('?' * len(_FL_ROUND_COLUMNS))}) "
+    "ON CONFLICT (round_id) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in _FL_ROUND_COLUMNS[1:])
+)
+# The first update of a participant counts; a repeat (the same update by REST and in the result) is ignored.
+SQL_INSERT_FL_UPDATE = (
+    "INSERT INTO fl_updates (round_id, proplet_id, num_samples, body, source, received_at) "
+    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (round_id, proplet_id) DO NOTHING"
+)
+SQL_INSERT_FL_MODEL = "INSERT INTO fl_models (version, round_id, data, created_at) VALUES (?, ?, ?, ?)"
 SQL_INSERT_PROPLET_METRICS = (
     "INSERT INTO proplet_metrics (proplet_id, namespace, timestamp, cpu_metrics, memory_metrics) "
     "SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM proplets WHERE id = ?)"
@@ -386,6 +404,68 @@ class Store(abc.ABC):
         # The same phase as task inserts, queued before them: a job's row is written first.
         return WriteOp(SQL_INSERT_JOB, (job.id, job.name, job.execution_mode, self.ts_in(job.created_at),
                                         self.ts_in(job.updated_at)), phase=_PHASE_TASK_INSERT)
+
+    # ---- federated learning ---------------------------------------------------------------
+
+    def op_put_fl_round(self, r: FLRound) -> WriteOp:
+        return WriteOp(SQL_PUT_FL_ROUND, (
+            r.round_id, r.experiment_id, r.model_ref, r.task_wasm_image, dumps(r.participants), dumps(r.started),
+            dumps(r.hyperparams), r.k_of_n, r.timeout_s, str(r.state), r.reason, r.model_version,
+            self.ts_in(r.created_at), self.ts_in(r.deadline), self.ts_in(r.completed_at)), barrier=True)
+
+    def op_insert_fl_update(self, u: FLUpdateRecord) -> WriteOp:
+        return WriteOp(SQL_INSERT_FL_UPDATE, (u.round_id, u.proplet_id, u.num_samples, dumps(u.body), u.source,
+                                              self.ts_in(u.received_at)), barrier=True)
+
+    def op_insert_fl_model(self, version: int, round_id: str, data: dict[str, Any], at: datetime) -> WriteOp:
+        return WriteOp(SQL_INSERT_FL_MODEL, (version, round_id, dumps(data), self.ts_in(at)), barrier=True)
+
+    def _fl_round_from_row(self, r: Any) -> FLRound:
+        deadline, created_at = self.ts_out(r[13]), self.ts_out(r[12])
+        assert deadline is not None and created_at is not None
+        return FLRound(
+            round_id=r[0], experiment_id=r[1], model_ref=r[2], task_wasm_image=r[3],
+            participants=orjson.loads(r[4]), started=orjson.loads(r[5]), hyperparams=orjson.loads(r[6]),
+            k_of_n=r[7], timeout_s=float(r[8]), state=RoundState(r[9]), reason=r[10], model_version=r[11],
+            created_at=created_at, deadline=deadline, completed_at=self.ts_out(r[14]))
+
+    async def fl_round(self, round_id: str) -> FLRound | None:
+        async with self.connection() as conn:
+            rows = await conn.fetch(f"SELECT {', '.join(_FL_ROUND_COLUMNS)} FROM fl_rounds WHERE round_id = ?",
+                                    (round_id,))
+        return self._fl_round_from_row(rows[0]) if rows else None
+
+    async def fl_rounds(self, offset: int, limit: int, *, state: RoundState | None = None) -> Page[FLRound]:
+        where, params = ("WHERE state = ?", [str(state)]) if state is not None else ("", [])
+        async with self.connection() as conn:
+            total = (await conn.fetch(f"SELECT COUNT(*) FROM fl_rounds {where}", params))[0][0]
+            rows = await conn.fetch(
+                f"SELECT {', '.join(_FL_ROUND_COLUMNS)} FROM fl_rounds {where} "
+                "ORDER BY created_at DESC, round_id LIMIT ? OFFSET ?", [*params, limit, offset])
+        return Page([self._fl_round_from_row(r) for r in rows], total)
+
+    async def fl_updates(self, round_id: str) -> list[FLUpdateRecord]:
+        async with self.connection() as conn:
+            rows = await conn.fetch(
+                "SELECT round_id, proplet_id, num_samples, body, source, received_at FROM fl_updates "
+                "WHERE round_id = ? ORDER BY received_at, proplet_id", (round_id,))
+        out = []
+        for r in rows:
+            received_at = self.ts_out(r[5])
+            assert received_at is not None
+            out.append(FLUpdateRecord(r[0], r[1], r[2], orjson.loads(r[3]), r[4], received_at))
+        return out
+
+    async def fl_model(self, version: int) -> dict[str, Any] | None:
+        async with self.connection() as conn:
+            rows = await conn.fetch("SELECT data FROM fl_models WHERE version = ?", (version,))
+        return orjson.loads(rows[0][0]) if rows else None
+
+    async def fl_models(self) -> list[tuple[int, str, datetime]]:
+        """(version, round that made it, when), newest first."""
+        async with self.connection() as conn:
+            rows = await conn.fetch("SELECT version, round_id, created_at FROM fl_models ORDER BY version DESC")
+        return [(r[0], r[1], self.ts_out(r[2]) or datetime.min) for r in rows]
 
     async def active_tasks(self) -> list[Task]:
         """Tasks the dispatcher owns after a restart: queued, scheduled or running."""
