@@ -23,7 +23,6 @@ import asyncio
 import binascii
 import contextlib
 import logging
-import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import timedelta
@@ -35,21 +34,15 @@ from pydantic import ValidationError
 
 from core.domain import FLRound, FLUpdateRecord, RoundState, Task, TaskState, utcnow
 from core.errors import Conflict, CoreError, InvalidRequest, NotFound, Unavailable, UpstreamFailed
+from core.protocol import FL_ROUND_TASK_PREFIX, model_version
 from core.schemas import ExperimentConfig, FLUpdate, TaskCreate, format_validation_error
+from core.topics import FL_ROUND_NEXT, FL_ROUND_START, fl_update_parts
 
 if TYPE_CHECKING:
     from core.service import ManagerCore
 
 log = logging.getLogger(__name__)
 
-# Upstream's name for a round's task; proplets run `_start` for names with this prefix.
-ROUND_TASK_PREFIX = "fl-round-"
-ROUND_START = "fl/rounds/start"  # under the manager's prefix, as upstream
-# Unprefixed, as upstream: a proplet's update when it cannot POST it, and the next-round notice.
-UPDATES_FILTER = "fl/rounds/+/updates/+"
-ROUND_NEXT = "fl/rounds/next"
-_UPDATE_TOPIC = re.compile(r"^fl/rounds/([^/]+)/updates/([^/]+)$")
-_VERSION = re.compile(r"(?:global_model_v)?(\d+)$")
 # A model this small goes to the round's tasks inline (env MODEL_DATA), so a proplet that cannot reach
 # the manager's REST API still trains on it.
 MAX_INLINE_MODEL_BYTES = 64 * 1024
@@ -65,12 +58,6 @@ MAX_MODEL_VERSION = 2**31 - 1
 
 class AggregationError(ValueError):
     """Updates whose weights cannot be averaged together (different shapes, not numbers)."""
-
-
-def model_version(model_ref: str) -> int:
-    """The version a model reference names: `global_model_v3` or any trailing digits; 0 otherwise."""
-    m = _VERSION.search(model_ref)
-    return int(m.group(1)) if m else 0
 
 
 def model_uri(version: int) -> str:
@@ -343,7 +330,7 @@ class FederatedLearning:
             if not self._online(proplet_id):
                 offline.append(proplet_id)
                 continue
-            body = TaskCreate(name=f"{ROUND_TASK_PREFIX}{config.round_id}-{proplet_id}", kind="federated",
+            body = TaskCreate(name=f"{FL_ROUND_TASK_PREFIX}{config.round_id}-{proplet_id}", kind="federated",
                               image_url=config.task_wasm_image, file=config.task_wasm_file, env=env,
                               proplet_id=proplet_id, metadata={"fl_round_id": config.round_id})
             try:
@@ -363,7 +350,7 @@ class FederatedLearning:
         payload = orjson.dumps({"round_id": config.round_id, "model_uri": config.model_ref,
                                 "task_wasm_image": config.task_wasm_image, "participants": config.participants,
                                 "hyperparams": config.hyperparams})
-        self.core.bus.send(self.core.topics.topic(ROUND_START), payload)
+        self.core.bus.send(self.core.topics.topic(FL_ROUND_START), payload)
 
     async def on_round_start(self, topic: str, payload: bytes) -> None:
         """`fl/rounds/start` from any client starts the round (once: our own announcement comes back too)."""
@@ -379,7 +366,7 @@ class FederatedLearning:
                 "hyperparams": obj.get("hyperparams") or {}, "experiment_id": obj.get("experiment_id") or ""})
         except (ValueError, ValidationError) as exc:
             text = format_validation_error(exc) if isinstance(exc, ValidationError) else str(exc)
-            self.core._reject(ROUND_START, "malformed", f"round start: {text}")
+            self.core._reject(FL_ROUND_START, "malformed", f"round start: {text}")
             return
         if self.remote is not None:
             if self._first_time(config.round_id):
@@ -391,21 +378,21 @@ class FederatedLearning:
             try:
                 await self._new_round(config, config.experiment_id or config.round_id)
             except CoreError as exc:
-                self.core._reject(ROUND_START, "refused", f"round {config.round_id}: {exc}")
+                self.core._reject(FL_ROUND_START, "refused", f"round {config.round_id}: {exc}")
 
     # ---- updates -----------------------------------------------------------------------------
 
     async def on_update_message(self, topic: str, payload: bytes) -> None:
         """The unprefixed fallback topic `fl/rounds/<round>/updates/<proplet>`."""
-        m = _UPDATE_TOPIC.match(topic)
-        if m is None or self.remote is not None:
+        parts = fl_update_parts(topic)
+        if parts is None or self.remote is not None:
             return  # in upstream's mode the coordinator listens to this topic itself
         try:
             obj = orjson.loads(payload)
             if not isinstance(obj, dict):
                 raise ValueError("not a JSON object")
-            update = _as_update(obj, m.group(1), m.group(2), None)
-        except (ValueError, ValidationError) as exc:
+            update = _update_from_output(obj, *parts)
+        except (ValueError, binascii.Error, ValidationError) as exc:
             self._refused(topic, exc)
             return
         await self._intake.put(_Intake(update.round_id, update, "mqtt"))
@@ -419,12 +406,7 @@ class FederatedLearning:
         update = None
         if task.state is TaskState.COMPLETED and isinstance(envelope, dict) and "update_b64" in envelope:
             try:
-                stdout = pybase64.b64decode(str(envelope["update_b64"]), validate=True)
-                obj = orjson.loads(stdout)
-                if not isinstance(obj, dict):
-                    raise ValueError("the task's output is not a JSON object")
-                samples = envelope.get("num_samples")
-                update = _as_update(obj, round_id, task.proplet_id, samples if isinstance(samples, int) else None)
+                update = _update_from_output(envelope, round_id, task.proplet_id)
             except (ValueError, binascii.Error, ValidationError) as exc:
                 self._refused(f"result of task {task.id}", exc)
         await self._intake.put(_Intake(round_id, update, "result", ended_proplet=task.proplet_id))
@@ -442,8 +424,14 @@ class FederatedLearning:
         async with self._lock:
             r = self.rounds.get(update.round_id)
             if r is None:
-                self.counters.updates_refused += 1
                 stored = await self.core.store.fl_round(update.round_id)
+                senders = {u.proplet_id for u in await self.core.store.fl_updates(update.round_id)} if stored else set()
+                if stored is not None and update.proplet_id in senders:
+                    # The same update by its second path (the result after the POST), once the round closed.
+                    self.counters.updates_repeated += 1
+                    return {"status": "accepted", "round_id": stored.round_id, "counted": False,
+                            "num_updates": len(senders), "k_of_n": stored.k_of_n}
+                self.counters.updates_refused += 1
                 if stored is None:
                     raise NotFound(f"round {update.round_id} is unknown")
                 raise Conflict(f"round {update.round_id} has {stored.state}; updates are taken while it runs")
@@ -515,7 +503,7 @@ class FederatedLearning:
             log.info("round %s completed with %d updates: model version %d", r.round_id, len(updates),
                      r.model_version)
             if self.core.bus is not None:
-                self.core.bus.send(ROUND_NEXT, orjson.dumps({
+                self.core.bus.send(FL_ROUND_NEXT, orjson.dumps({
                     "round_id": r.round_id, "experiment_id": r.experiment_id, "model_version": r.model_version,
                     "model_uri": model_uri(r.model_version or 0), "num_updates": len(updates)}))
         else:
@@ -549,6 +537,23 @@ class FederatedLearning:
         if data is None:
             raise NotFound(f"model version {version} is unknown (GET /fl/models lists them)")
         return data
+
+
+def _update_from_output(obj: dict[str, Any], round_id: str, proplet_id: str) -> FLUpdate:
+    """An update from what a proplet sent: the module's JSON itself (the Rust proplet's fallback
+    message), or upstream's FL envelope around it (a result; the embedded proplet's fallback message)."""
+    if "update_b64" not in obj:
+        return _as_update(obj, round_id, proplet_id, None)
+    output = pybase64.b64decode(str(obj["update_b64"]), validate=True)
+    try:
+        inner = orjson.loads(output)
+    except orjson.JSONDecodeError:
+        inner = None
+    if not isinstance(inner, dict):
+        raise ValueError(f"the envelope's update_b64 holds no JSON object (format {obj.get('format')!r}); the "
+                         "manager averages weights its modules print as JSON")
+    samples = obj.get("num_samples")
+    return _as_update(inner, round_id, proplet_id, samples if isinstance(samples, int) else None)
 
 
 def _as_update(obj: dict[str, Any], round_id: str, proplet_id: str, num_samples: int | None) -> FLUpdate:

@@ -14,6 +14,7 @@ never subscribe to.
 from __future__ import annotations
 
 import binascii
+import re
 from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -23,6 +24,19 @@ import orjson
 import pybase64
 
 from core.domain import TaskLimits
+
+# Upstream's manager names a federated-learning round's task `fl-round-<round>-<proplet>`; proplets
+# run such a task's module as a command (`_start`).
+FL_ROUND_TASK_PREFIX = "fl-round-"
+_GLOBAL_MODEL_VERSION = re.compile(r"global_model_v(\d+)")
+_TRAILING_DIGITS = re.compile(r"(\d+)$")
+
+
+def model_version(model_uri: str) -> int:
+    """The version a model reference names: N of `...global_model_vN...`, else its trailing digits,
+    else 0 (upstream's rule, shared by the manager and the proplet)."""
+    found = _GLOBAL_MODEL_VERSION.search(model_uri) or _TRAILING_DIGITS.search(model_uri)
+    return int(found.group(1)) if found else 0
 
 # Upstream's proxy chunk size in raw bytes (about 683 KB of base64 per message).
 UPSTREAM_CHUNK_SIZE = 512_000

@@ -51,7 +51,7 @@ from core.domain import (
 )
 from core.errors import Conflict, InvalidRequest, NotFound, TimedOut, Unavailable, UpstreamFailed
 from core.events import Fanout
-from core.federated import ROUND_START, ROUND_TASK_PREFIX, UPDATES_FILTER, FederatedLearning
+from core.federated import FederatedLearning
 from core.lifecycle import cancel_and_wait
 from core.mqtt import BrokerAddress, BrokerUnavailable, MqttBus, parse_broker_url
 from core.protocol import InvalidMessage
@@ -154,7 +154,7 @@ class ManagerCore:
             topic_names.TASK_METRICS: self._on_task_metrics,
             topic_names.TASK_STATE: self._on_task_state,
             topic_names.REGISTRY_REQUEST: self._on_registry_request,
-            ROUND_START: self.federated.on_round_start,
+            topic_names.FL_ROUND_START: self.federated.on_round_start,
         }
         self.bus: MqttBus | None = None
         self.chunks: ChunkServer | None = None
@@ -205,7 +205,7 @@ class ManagerCore:
         self.bus = MqttBus(
             conn,
             subscriptions=[(self.topics.topic(s), 0) if s in topic_names.MANAGER_TELEMETRY else self.topics.topic(s)
-                           for s in self._handlers] + [UPDATES_FILTER],
+                           for s in self._handlers] + [topic_names.FL_UPDATES_FILTER],
             on_message=self._on_message,
             on_connected=self._broker_connected,
             name="manager",
@@ -1349,7 +1349,7 @@ class ManagerCore:
                     self._ack_result(msg.proplet_id, task.id, attempt)
 
             committed.add_done_callback(ack_once_stored)
-        if task.name.startswith(ROUND_TASK_PREFIX) and "ROUND_ID" in task.env:
+        if task.name.startswith(protocol.FL_ROUND_TASK_PREFIX) and "ROUND_ID" in task.env:
             await self.federated.on_round_task_result(task)
 
     def _ack_result(self, proplet_id: str, task_id: str, attempt: int) -> None:

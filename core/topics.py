@@ -5,6 +5,7 @@ Every topic lives under upstream's prefix `m/{domain}/c/{channel}/`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 # Suffixes after the prefix, exactly as upstream uses them.
@@ -37,6 +38,24 @@ MANAGER_INBOUND = (
     CREATE, ALIVE, RESULTS, INVOKE_RESULTS, METRICS, TASK_METRICS, TASK_STATE,
 )
 PROPLET_INBOUND = (START, STOP, INVOKE, RESULT_ACK, REGISTRY_CHUNK, REGISTRY_CHUNK_BINARY)
+
+# Federated learning. The round start is under the prefix; a proplet's update fallback and the
+# next-round notice are not (upstream publishes them bare).
+FL_ROUND_START = "fl/rounds/start"
+FL_ROUND_NEXT = "fl/rounds/next"
+FL_UPDATES_FILTER = "fl/rounds/+/updates/+"
+_FL_UPDATE = re.compile(r"^fl/rounds/([^/+#]+)/updates/([^/+#]+)$")
+
+
+def fl_update_topic(round_id: str, proplet_id: str) -> str:
+    """Upstream's fallback topic for a participant's update (no prefix)."""
+    return f"fl/rounds/{round_id}/updates/{proplet_id}"
+
+
+def fl_update_parts(topic: str) -> tuple[str, str] | None:
+    """(round id, proplet id) of an update topic, or None."""
+    m = _FL_UPDATE.match(topic)
+    return (m.group(1), m.group(2)) if m else None
 
 
 @dataclass(frozen=True, slots=True)

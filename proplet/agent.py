@@ -18,7 +18,7 @@ import platform
 import socket
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,6 +33,7 @@ from core.protocol import InvalidMessage, ResultMessage, StartMessage
 from core.signing import SignatureError
 from core.topics import Topics
 from proplet.config import PropletSettings
+from proplet.federated import FederatedClient, FederatedError, is_round_task
 from proplet.outbox import Outbox
 from proplet.runtime import Invocation, ModuleError, Runtime, RuntimeConfig, runtime_from_config
 from proplet.sources import ChunkSource, FetchError, HttpSource, InlineSource, ModuleFetcher, WasmRef
@@ -108,6 +109,7 @@ class PropletAgent:
         self.http: HttpSource | None = None
         self.chunks: ChunkSource | None = None
         self.fetcher: ModuleFetcher | None = None
+        self.federated: FederatedClient | None = None
         self._cpu_sample: tuple[float, float] | None = None
 
     # ------------------------------------------------------------------------------------
@@ -127,6 +129,8 @@ class PropletAgent:
                                   stall_timeout=s.chunk_stall_timeout, max_bytes=s.wasm_fetch_max_bytes,
                                   binary=True)
         self.fetcher = ModuleFetcher([InlineSource(), self.http, self.chunks])
+        self.federated = FederatedClient(self.id, self._publish_fl_update, ca_file=s.http_tls_ca_cert,
+                                         insecure_skip_verify=s.http_tls_insecure_skip_verify)
         self._spawn(self.bus.run(), "mqtt")
         self._spawn(self._heartbeats(), "heartbeats")
         self._spawn(self._resend_results(), "outbox")
@@ -152,6 +156,8 @@ class PropletAgent:
         await cancel_and_wait(self._loops, owner=f"proplet {self.id}")
         if self.http is not None:
             await self.http.aclose()
+        if self.federated is not None:
+            await self.federated.aclose()
         await self.runtime.close()
         self.outbox.close()
         self._closed.set()
@@ -339,6 +345,14 @@ class PropletAgent:
                           args=start.cli_args, limits=start.limits, dirs=self._granted_dirs(start),
                           network=self._network_granted(start))
 
+    async def _prepared_invocation(self, start: StartMessage) -> Invocation:
+        """The invocation, with the model and dataset of an FL task fetched into its env."""
+        invocation = self._invocation(start)
+        assert self.federated is not None
+        if not self.federated.applies(invocation.env):
+            return invocation
+        return replace(invocation, env=await self.federated.prepare(start.id, invocation.env))
+
     def _network_granted(self, start: StartMessage) -> bool:
         """Outgoing network needs both the task (`-S http` / `-S inherit-network` in cli_args, the
         wasmtime CLI's own flags) and the proplet (PROPLET_ALLOW_NETWORK)."""
@@ -400,8 +414,8 @@ class PropletAgent:
 
                 # Before any byte is fetched: an unsigned module never reaches the runtime.
                 verify_digest(self._trusted_keys, start.wasm_digest, start.wasm_signature)
+            invocation = await self._prepared_invocation(start)
             digest = await self._module(start)
-            invocation = self._invocation(start)
             if start.latent:
                 # Deployed, not run: invocations call it (upstream publishes nothing here either).
                 self._latent[start.id] = (digest, invocation)
@@ -421,7 +435,10 @@ class PropletAgent:
                     self._executing(this)
                     outcome = await self.runtime.run(digest, invocation)
                 results, error = outcome.results, outcome.error
-        except (FetchError, ModuleError, _Refused, SignatureError) as exc:
+                if outcome.ok and is_round_task(invocation.env):
+                    assert self.federated is not None
+                    results = await self.federated.report(start.id, invocation.env, outcome.stdout)
+        except (FetchError, ModuleError, _Refused, SignatureError, FederatedError) as exc:
             error = str(exc)
         except asyncio.CancelledError:
             error = "stopped by request"
@@ -516,6 +533,12 @@ class PropletAgent:
         assert self.bus is not None
         # paho keeps it until the broker acknowledges it; the outbox until the manager does.
         self.bus.send(self.topics.results, protocol.encode_result(result))
+
+    def _publish_fl_update(self, topic: str, payload: bytes) -> None:
+        assert self.bus is not None
+        # At least once (QoS 1) whatever the proplet's QoS, as upstream's embedded proplet sends it:
+        # the update is the round's work, and the envelope in the result does not replace it.
+        self.bus.send(topic, payload, qos=1)
 
     async def _publish_now(self, topic: str, payload: bytes) -> None:
         assert self.bus is not None

@@ -19,10 +19,15 @@ from core.entrypoint import (
 
 def _epilog() -> str:
     from proplet.config import PropletSettings
+    from proplet.federated import VARIABLES
 
+    width = max(len(name) for name, _ in VARIABLES)
+    federated = "\n".join(f"  {name.ljust(width)}  {meaning}" for name, meaning in VARIABLES)
     return settings_help(PropletSettings.describe()) + (
         "\n\n\bUpstream's credentials file is read when PROPLET_CONFIG_FILE names one (TOML, section "
         "PROPLET_CONFIG_SECTION, default 'proplet', keys tenant_id, entity_id, api_key, channel_id)."
+        "\n\n\b\nFederated learning (upstream's names, no prefix; a task's env wins over the proplet's "
+        "environment):\n" + federated
     )
 
 

@@ -17,6 +17,7 @@
 | membomb            | membomb.c                       | mallocs 1 MiB blocks until refused, exits 1       |
 | busy               | busy.c                          | busy-waits argv[1] ms, prints wall-clock start/end|
 | reactor            | reactor.c (-mexec-model=reactor)| add_base(i32) is right only after _initialize     |
+| flclient           | flclient.c                      | WASI command: one FL round of y = w.x + b (JSON)  |
 | big                | generated                       | ~10 MiB data segment; probe(offset) -> byte       |
 | hello-component    | hello.c + jco --wasi-command    | WASI p2 command component                         |
 | greeter-component  | greeter.c + greeter.wit + jco   | component exports: greet, add, shout, ...         |
@@ -289,6 +290,7 @@ _BUILDERS: dict[str, Callable[[], Path]] = {
     "membomb": _c("membomb", "membomb.c"),
     "busy": _c("busy", "busy.c"),
     "reactor": _c("reactor", "reactor.c", ("-mexec-model=reactor",)),
+    "flclient": _c("flclient", "flclient.c"),
     "big": _big,
     "hello-component": _hello_component,
     "greeter-component": _canonical_component("greeter-component", "greeter.c", _greeter_wit, "greeter"),

@@ -16,12 +16,17 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from core.domain import TaskLimits
+from core.protocol import FL_ROUND_TASK_PREFIX
 
 MIB = 1024 * 1024
 
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 WASM_MAGIC = b"\0asm"
+
+# Task names that mean "run the module as a command" rather than "call this export".
+_COMMAND_NAMES = frozenset({"", "_start", "main"})
+_COMPONENT_COMMAND_NAMES = frozenset({"", "_start", "main", "run", "wasi:cli/run"})
 
 
 class ModuleError(Exception):
@@ -128,6 +133,15 @@ class Runtime(Protocol):
     async def serve_http(self, digest: str, inv: Invocation, port: int | None = None) -> ServeHandle: ...
 
     async def close(self) -> None: ...
+
+
+def names_command(function: str, *, component: bool = False) -> bool:
+    """Whether a task's name asks to run the module as a command (`_start`, `wasi:cli/run`)."""
+    if function.startswith(FL_ROUND_TASK_PREFIX):
+        return True
+    if component:
+        return function in _COMPONENT_COMMAND_NAMES or function.startswith("wasi:cli/run")
+    return function in _COMMAND_NAMES
 
 
 def check_digest(digest: str) -> str:

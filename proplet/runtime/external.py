@@ -40,6 +40,7 @@ from .api import (
     check_digest,
     command_results,
     mib,
+    names_command,
     overflow_error,
     seconds,
     tail,
@@ -50,10 +51,10 @@ from .wasmbin import CoreExports, WasmParseError, core_exports
 
 log = logging.getLogger(__name__)
 
-_COMMAND_NAMES = frozenset({"", "_start", "main"})
-_COMPONENT_COMMAND_NAMES = frozenset({"", "_start", "main", "run", "wasi:cli/run"})
 # Flags in a task's cli_args that change code generation, so the precompiled file cannot be used.
 _CODEGEN_FLAGS = ("-W", "-O", "-C", "-D", "--wasm", "--optimize", "--codegen", "--debug")
+# Linux's MAX_ARG_STRLEN: the longest single argument exec() takes, its closing NUL included.
+_MAX_ARG_BYTES = 128 * 1024
 _CLI_NOISE = ("warning: using `--invoke`",)
 _READ_CHUNK = 65536
 
@@ -282,7 +283,15 @@ class ExternalRuntime:
         if fuel is not None:
             flags += ["-W", f"fuel={fuel}"]
         for key, value in inv.env.items():
-            flags += ["--env", f"{key}={value}"]
+            flag = f"{key}={value}"
+            if len(flag.encode()) >= _MAX_ARG_BYTES:
+                # exec() would fail with "Argument list too long", naming nothing.
+                raise _PlanError(
+                    f"The task's environment variable {key} holds {len(value.encode())} bytes; the external "
+                    "runtime passes the environment on wasmtime's command line, where Linux allows at most "
+                    f"{_MAX_ARG_BYTES // 1024} KiB per argument. Run the task on a proplet with the internal "
+                    "runtime, or pass less data through the environment.")
+            flags += ["--env", flag]
         for directory in inv.dirs:
             flags += ["--dir", directory]
         if precompiled:
@@ -297,7 +306,7 @@ class ExternalRuntime:
             assert stored.exports is not None
             funcs = stored.exports.funcs
             as_export = function in funcs and function != "_start"
-            if not as_export and not (function in _COMMAND_NAMES or "_start" in funcs):
+            if not as_export and not (names_command(function) or "_start" in funcs):
                 shown = [e for e in stored.exports.names if not e.startswith("cabi_")]
                 raise _PlanError(
                     f"The module has no export named {function!r} and no `_start` to run instead. "
@@ -325,7 +334,7 @@ class ExternalRuntime:
                 tail_args = list(inv.inputs)
             is_command = not as_export
         else:
-            is_command = function in _COMPONENT_COMMAND_NAMES or function.startswith("wasi:cli/run")
+            is_command = names_command(function, component=True)
             if is_command:
                 tail_args = list(inv.inputs)
             elif not user_invokes:

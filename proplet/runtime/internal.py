@@ -65,6 +65,7 @@ from .api import (
     check_digest,
     command_results,
     mib,
+    names_command,
     overflow_error,
     seconds,
     tail,
@@ -77,9 +78,6 @@ log = logging.getLogger(__name__)
 
 WASMTIME_VERSION = importlib.metadata.version("wasmtime")
 
-# Names that mean "run the module as a command" rather than "call this export".
-_COMMAND_NAMES = frozenset({"", "_start", "main"})
-_COMPONENT_COMMAND_NAMES = frozenset({"", "_start", "main", "run", "wasi:cli/run"})
 _CAUSE = re.compile(r"Caused by:\s*\n\s*(?:wasm trap: )?(.+)")
 _FRAME = re.compile(r"^\s*0:\s+(?:0x[0-9a-f]+ - )?(?:<unknown>|[^!]*)!(.+)$", re.M)
 
@@ -556,7 +554,7 @@ class WasmtimeRuntime:
                   store: Store) -> str:
         function = inv.function
         as_export = function in art.funcs and function != "_start"
-        if not as_export and not (function in _COMMAND_NAMES or "_start" in art.funcs):
+        if not as_export and not (names_command(function) or "_start" in art.funcs):
             raise _GuestFailed(_missing_export(function, art.export_names))
         if not as_export and "_start" not in art.funcs:
             raise _GuestFailed(
@@ -671,7 +669,7 @@ class WasmtimeRuntime:
         func = self._resolve_component_func(art, inv.function)
         if func is None:
             if art.run_index is None or not (
-                    inv.function in _COMPONENT_COMMAND_NAMES or inv.function.startswith("wasi:cli/run")
+                    names_command(inv.function, component=True)
                     or not _looks_like_export(art, inv.function)):
                 raise _GuestFailed(_missing_export(inv.function, tuple(art.funcs)))
             argv: list[str] | None = [inv.function or "main", *inv.inputs]

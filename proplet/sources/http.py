@@ -77,7 +77,7 @@ class HttpSource:
         self.fetches = 0
         self.failures = 0
         # Checked now, so a wrong CA file is a configuration error at start, not at the first fetch.
-        self._verify = _verify_setting(ca_file, insecure_skip_verify)
+        self._verify = tls_verify_setting(ca_file, insecure_skip_verify)
         # Built on first use: httpx and its TLS stack cost ~15 MB of memory, which a proplet that
         # never fetches a URL should not pay.
         self._client: Any = client
@@ -204,7 +204,8 @@ class HttpSource:
         return f"Downloading the module from {shown} failed: {exc or type(exc).__name__}."
 
 
-def _verify_setting(ca_file: str | None, insecure_skip_verify: bool) -> ssl.SSLContext | bool:
+def tls_verify_setting(ca_file: str | None, insecure_skip_verify: bool) -> ssl.SSLContext | bool:
+    """httpx's `verify` for the proplet's HTTP TLS settings (module URLs and FL services alike)."""
     if insecure_skip_verify:
         return False
     if ca_file:

@@ -174,18 +174,26 @@ async def test_updates_by_rest_cbor_and_mqtt_count_once_per_participant(fleet: F
     assert (await fleet.status("r-paths"))["state"] == "running"
 
     async with aiomqtt.Client("127.0.0.1", fleet.broker.port) as client:
-        # Upstream's fallback topic is outside the manager's prefix.
-        await client.publish(f"fl/rounds/r-paths/updates/{p3}", orjson.dumps(update(p3, 6.0, samples=1)), qos=1)
+        # Upstream's fallback topic is outside the manager's prefix. Its embedded proplet sends the FL
+        # envelope there, the Rust one the module's output: both are read. Junk is refused and counted.
+        await client.publish(f"fl/rounds/r-paths/updates/{p3}", b"[1, 2", qos=1)
+        await client.publish(f"fl/rounds/r-paths/updates/{p3}", orjson.dumps(
+            {"task_id": "t", "update_b64": base64.b64encode(b"\x00\x00\x80\x3f").decode(), "format": "f32-delta"}),
+            qos=1)
+        await eventually(lambda: fleet.core.federated.counters.updates_refused == 4)
+        await client.publish(f"fl/rounds/r-paths/updates/{p3}", orjson.dumps(
+            {"task_id": "t", "round_id": "r-paths", "num_samples": 1, "format": "json",
+             "update_b64": base64.b64encode(orjson.dumps(update(p3, 6.0, samples=1))).decode()}), qos=1)
     status = await fleet.ended("r-paths")
     assert status["state"] == "completed" and status["num_updates"] == 3
     assert sorted(u["source"] for u in status["updates"]) == ["cbor", "mqtt", "rest"]
     assert (await fleet.api.get("/fl/models/1")).json() == {"w": [(1.0 + 2 * 2.0 + 6.0) / 4]}
 
-    late = await fleet.api.post("/fl/update", json=update(p3, 1.0))
-    assert late.status_code == 409 and "completed" in late.json()["error"]
+    late = await fleet.api.post("/fl/update", json=update(p3, 1.0))  # its update came already
+    assert late.status_code == 200 and late.json()["counted"] is False
     unknown = await fleet.api.post("/fl/update", json={**update(p1, 1.0), "round_id": "nope"})
     assert unknown.status_code == 404
-    assert fleet.core.federated.counters.updates_repeated == 1
+    assert fleet.core.federated.counters.updates_repeated == 2
 
 
 @pytest.mark.parametrize(("path", "body", "headers", "message"), [
@@ -231,6 +239,8 @@ async def test_a_round_whose_time_runs_out_aggregates_what_it_has(fleet: Fleet) 
     await fleet.api.post("/fl/update", json={"round_id": "r-late", "proplet_id": p1, "update": {"b": 7}})
     late = await fleet.ended("r-late")
     assert late["state"] == "completed" and late["num_updates"] == 1 and "1 of the 2" in late["reason"]
+    too_late = await fleet.api.post("/fl/update", json={"round_id": "r-late", "proplet_id": p2, "update": {"b": 1}})
+    assert too_late.status_code == 409 and "has completed" in too_late.json()["error"]
     assert (await fleet.api.get(f"/fl/models/{late['model_version']}")).json() == {"b": 7.0}
     silent = await fleet.ended("r-silent")
     assert silent["state"] == "failed" and "no update" in silent["reason"] and silent["model_version"] is None
@@ -308,10 +318,10 @@ class Coordinator(http.server.ThreadingHTTPServer):
                 self.end_headers()
                 self.wfile.write(data)
 
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            def do_POST(self) -> None:  # http.server's method names
                 self._answer({"status": "ok"})
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 self._answer({"status": {"round_id": "r-remote", "completed": False, "num_updates": 0,
                                          "k_of_n": 3, "model_version": 0}})
 

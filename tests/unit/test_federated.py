@@ -8,8 +8,10 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from core.federated import AggregationError, federated_average, model_version
+from core.federated import AggregationError, federated_average
+from core.protocol import model_version
 from core.schemas import ExperimentConfig, FLUpdate
+from core.topics import fl_update_parts, fl_update_topic
 
 B64 = base64.b64encode(b"\0asm\x01\0\0\0").decode()
 
@@ -42,9 +44,17 @@ def test_weights_that_cannot_be_averaged_are_an_error(updates: list[tuple[int, d
 
 @pytest.mark.parametrize(("ref", "version"), [
     ("global_model_v0", 0), ("global_model_v12", 12), ("models/7", 7), ("latest", 0), ("", 0),
+    ("s3://models/global_model_v12.json", 12),  # the number after global_model_v, not the last one
+    ("fl/models/v2/latest", 0),
 ])
 def test_a_model_reference_names_its_version(ref: str, version: int) -> None:
     assert model_version(ref) == version
+
+
+def test_an_update_topic_has_no_prefix_and_parses_back() -> None:
+    assert fl_update_topic("r7", "p-1") == "fl/rounds/r7/updates/p-1"
+    assert fl_update_parts("fl/rounds/r7/updates/p-1") == ("r7", "p-1")
+    assert fl_update_parts("m/t/c/c/fl/rounds/r7/updates/p-1") is None
 
 
 def config(**changes: Any) -> dict[str, Any]:
