@@ -205,3 +205,54 @@ def test_invalid_configuration_is_a_clear_error(tmp_path: Path) -> None:
     env = dict(os.environ, MANAGER_MQTT_ADDRESS="ftp://nowhere", MANAGER_HTTP_PORT=str(free_port()))
     out = subprocess.run([*PROPELLER, "serve"], env=env, capture_output=True, text=True, timeout=30)
     assert out.returncode == 1 and "unsupported broker scheme" in out.stderr
+
+
+def _start_proplet(serve: Serve, name: str, broker_url: str, workdir: Path) -> subprocess.Popen[bytes]:
+    env = {**serve.env, "PROPLET_MQTT_ADDRESS": broker_url, "PROPLET_ENTITY_ID": name,
+           "PROPLET_STATE_DIR": str(workdir / name), "PROPLET_CACHE_DIR": str(workdir / name / "cache")}
+    return subprocess.Popen([*PROPELLER, "proplet"], env=env, stdout=(workdir / f"{name}.log").open("wb"),
+                            stderr=subprocess.STDOUT)
+
+
+async def test_cli_runs_federated_rounds_on_real_proplets(serve: Serve, tmp_path: Path) -> None:
+    """`propeller fl` against `propeller serve` and two `propeller proplet` processes running the
+    C training module: round 1 from nothing, round 2 from its model, the loss falls."""
+    from tests.wasmfixtures import wasm_path
+
+    serve.start()
+    broker_port = int(serve.env["MANAGER_DEFAULT_BROKER_PORT"])
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        procs = [_start_proplet(serve, name, f"mqtt://127.0.0.1:{broker_port}", tmp_path) for name in ("fl-a", "fl-b")]
+
+        async def both_online() -> bool:
+            listed = await asyncio.to_thread(_cli_json, serve, "proplets", "list", "--status", "active")
+            return {p["id"] for p in listed["proplets"]} >= {"fl-a", "fl-b"}
+
+        await eventually(both_online, timeout=20, interval=0.2)
+        losses = []
+        for number, model in ((1, "global_model_v0"), (2, "global_model_v1")):
+            config = tmp_path / f"round{number}.json"
+            config.write_text(json.dumps({"round_id": f"cli-{number}", "model_ref": model,
+                                          "participants": ["fl-a", "fl-b"], "hyperparams": {"lr": 0.02, "epochs": 20},
+                                          "wasm": str(wasm_path("flclient"))}))
+            out = await cli(serve, "fl", "start", str(config), "--wait", "--json")
+            assert out.returncode == 0, out.stderr
+            status = json.loads(out.stdout)
+            assert (status["state"], status["num_updates"], status["model_version"]) == ("completed", 2, number)
+            losses.append(max(u["metrics"]["loss"] for u in status["updates"]))
+        assert losses[1] < losses[0] / 10, losses
+        model = json.loads((await cli(serve, "fl", "model", "2", "--json")).stdout)
+        assert len(model["w"]) == 2 and isinstance(model["b"], float)
+        table = (await cli(serve, "fl", "rounds")).stdout
+        assert "cli-2" in table and "2 of 2 rounds" in table
+        assert "fl-a" in (await cli(serve, "fl", "status", "cli-1")).stdout
+        missing = await cli(serve, "fl", "status", "nope")
+        assert missing.returncode == 1 and "unknown" in missing.stderr
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.wait(15)
+    assert serve.stop() == 0
+    assert "Traceback" not in serve.log.read_text()
