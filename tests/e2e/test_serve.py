@@ -227,7 +227,7 @@ async def test_cli_runs_federated_rounds_on_real_proplets(serve: Serve, tmp_path
 
         async def both_online() -> bool:
             listed = await asyncio.to_thread(_cli_json, serve, "proplets", "list", "--status", "active")
-            return {p["id"] for p in listed["proplets"]} >= {"fl-a", "fl-b"}
+            return listed is not None and {p["id"] for p in listed["proplets"]} >= {"fl-a", "fl-b"}
 
         await eventually(both_online, timeout=20, interval=0.2)
         losses = []
