@@ -52,6 +52,8 @@ _INTAKE_MAX = 1024
 _KNOWN_ROUNDS_MAX = 10_000
 # The longest the round loop sleeps without looking at the deadlines again.
 _MAX_SLEEP_S = 60.0
+# After a failure of the round loop (the store, say), it goes on this much later.
+_RETRY_S = 5.0
 # Model versions are stored as 32-bit integers.
 MAX_MODEL_VERSION = 2**31 - 1
 
@@ -119,6 +121,7 @@ class FLCounters:
     updates_repeated: int = 0
     # Unknown round, a round that ended, not a participant, or malformed.
     updates_refused: int = 0
+    loop_errors: int = 0
 
 
 class RemoteCoordinator:
@@ -193,29 +196,45 @@ class FederatedLearning:
 
     async def run(self) -> None:
         """Take queued updates in, and close rounds whose time ran out (or that can get no more)."""
-        for round_id in list(self.rounds):
-            await self._complete_if_ready(round_id)
+        # Rounds taken up after a restart may have all they need already.
+        recovered = list(self.rounds)
         while True:
-            now = utcnow()
-            for r in [r for r in self.rounds.values() if r.deadline <= now]:
-                await self._finish(r, timed_out=True)
-            upcoming = min((r.deadline for r in self.rounds.values()), default=None)
-            wait = _MAX_SLEEP_S if upcoming is None else min(_MAX_SLEEP_S, (upcoming - now).total_seconds())
             try:
-                item = await asyncio.wait_for(self._intake.get(), max(wait, 0.001))
-            except TimeoutError:
-                continue
-            if item.update is not None:
-                try:
-                    await self.accept_update(item.update, item.source)
-                except CoreError as exc:
-                    log.warning("update of %s for round %s (by %s) refused: %s", item.update.proplet_id,
-                                item.round_id, item.source, exc)
-            # Marked in turn with the updates queued before it, so a round does not close on a task
-            # that ended while its update still waited in this queue.
-            if item.ended_proplet and item.round_id in self._ended:
-                self._ended[item.round_id].add(item.ended_proplet)
-            await self._complete_if_ready(item.round_id)
+                while recovered:
+                    await self._complete_if_ready(recovered[0])
+                    recovered.pop(0)
+                await self._step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A store that fails for a moment must not stop the manager (a loop that ends does);
+                # rounds are looked at again shortly, and what was stored stays.
+                self.counters.loop_errors += 1
+                log.exception("the federated-learning round loop failed; going on in %.0f s", _RETRY_S)
+                await asyncio.sleep(_RETRY_S)
+
+    async def _step(self) -> None:
+        """One turn: close rounds past their deadline, then take one queued item (or time out)."""
+        now = utcnow()
+        for r in [r for r in self.rounds.values() if r.deadline <= now]:
+            await self._finish(r, timed_out=True)
+        upcoming = min((r.deadline for r in self.rounds.values()), default=None)
+        wait = _MAX_SLEEP_S if upcoming is None else min(_MAX_SLEEP_S, (upcoming - now).total_seconds())
+        try:
+            item = await asyncio.wait_for(self._intake.get(), max(wait, 0.001))
+        except TimeoutError:
+            return
+        if item.update is not None:
+            try:
+                await self.accept_update(item.update, item.source)
+            except CoreError as exc:
+                log.warning("update of %s for round %s (by %s) refused: %s", item.update.proplet_id,
+                            item.round_id, item.source, exc)
+        # Marked in turn with the updates queued before it, so a round does not close on a task
+        # that ended while its update still waited in this queue.
+        if item.ended_proplet and item.round_id in self._ended:
+            self._ended[item.round_id].add(item.ended_proplet)
+        await self._complete_if_ready(item.round_id)
 
     # ---- experiments and rounds --------------------------------------------------------------
 
