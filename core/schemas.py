@@ -68,6 +68,13 @@ def decode_module(text: str, field_name: str = "file") -> bytes:
 GROUP_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,199}")
 
 
+def _check_group_id(value: str) -> str:
+    if value and not GROUP_ID.fullmatch(value):
+        raise ValueError("must be 1 to 200 letters, digits, '.', '_', ':', '@' or '-', starting with a "
+                         "letter or digit (a UUID, say)")
+    return value
+
+
 def _check_metadata(metadata: dict[str, Any] | None) -> None:
     """Metadata is stored as JSON: it must encode (integers within 64 bits) and stay under 1 MiB."""
     if metadata is None:
@@ -161,10 +168,7 @@ class TaskCreate(BaseModel):
     @field_validator("workflow_id", "job_id")
     @classmethod
     def _group_id(cls, value: str) -> str:
-        if value and not GROUP_ID.fullmatch(value):
-            raise ValueError("must be 1 to 200 letters, digits, '.', '_', ':', '@' or '-', starting with a "
-                             "letter or digit (a UUID, say)")
-        return value
+        return _check_group_id(value)
 
     @field_validator("wasm_digest")
     @classmethod
@@ -398,10 +402,7 @@ class ExperimentConfig(BaseModel):
     @field_validator("experiment_id", "round_id")
     @classmethod
     def _ids(cls, value: str) -> str:
-        if value and not GROUP_ID.fullmatch(value):
-            raise ValueError("must be 1 to 200 letters, digits, '.', '_', ':', '@' or '-', starting with a "
-                             "letter or digit")
-        return value
+        return _check_group_id(value)
 
     @field_validator("participants")
     @classmethod
