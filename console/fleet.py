@@ -394,8 +394,10 @@ class FleetState:
 
 
 class TrafficEntry(NamedTuple):
-    """A tuple of plain values: the collector stops tracking it after its first collection, so
-    thousands of buffered entries cost full collections nothing (they paused the console)."""
+    """One buffered message. The collector keeps tracking it (it untracks exact tuples only). Kept as
+    exact tuples instead, the buffer's 5,000 entries stopped counting as long-lived objects, so full
+    collections came sooner (one per dispatch phase of bench_console.py, 50-75 ms) and the console's
+    dispatch tail got no better: measured on 6 Dec 2026 and left out (docs/performance.md)."""
 
     seq: int
     at: float
