@@ -406,6 +406,10 @@ class FederatedLearning:
         parts = fl_update_parts(topic)
         if parts is None or self.remote is not None:
             return  # in upstream's mode the coordinator listens to this topic itself
+        if parts[0] not in self.rounds:
+            # The topic has no tenant prefix: on a shared broker, other managers' rounds show up here.
+            log.debug("update on %s for a round this manager does not run; ignored", topic)
+            return
         try:
             obj = orjson.loads(payload)
             if not isinstance(obj, dict):

@@ -176,6 +176,8 @@ async def test_updates_by_rest_cbor_and_mqtt_count_once_per_participant(fleet: F
     async with aiomqtt.Client("127.0.0.1", fleet.broker.port) as client:
         # Upstream's fallback topic is outside the manager's prefix. Its embedded proplet sends the FL
         # envelope there, the Rust one the module's output: both are read. Junk is refused and counted.
+        # Another manager's round (the topic has no tenant prefix): not ours, ignored, not counted.
+        await client.publish("fl/rounds/someone-elses/updates/x", orjson.dumps(update("x", 1.0)), qos=1)
         await client.publish(f"fl/rounds/r-paths/updates/{p3}", b"[1, 2", qos=1)
         await client.publish(f"fl/rounds/r-paths/updates/{p3}", orjson.dumps(
             {"task_id": "t", "update_b64": base64.b64encode(b"\x00\x00\x80\x3f").decode(), "format": "f32-delta"}),
@@ -194,6 +196,7 @@ async def test_updates_by_rest_cbor_and_mqtt_count_once_per_participant(fleet: F
     unknown = await fleet.api.post("/fl/update", json={**update(p1, 1.0), "round_id": "nope"})
     assert unknown.status_code == 404
     assert fleet.core.federated.counters.updates_repeated == 2
+    assert fleet.core.federated.counters.updates_refused == 4
 
 
 @pytest.mark.parametrize(("path", "body", "headers", "message"), [
