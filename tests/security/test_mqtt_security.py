@@ -135,6 +135,12 @@ async def test_tls_passwords_and_acl(secure_fleet: tuple[Fleet, Pki], tmp_path: 
                             break
                 # ... while its proplet-side messages go through.
                 await eventually(lambda: _known(api, "rogue"), 10, interval=0.1)
+                # A training update goes to the manager only under the sender's own id.
+                await rogue.publish("fl/rounds/r1/updates/edge-tls", b'{"update":{"w":[6]}}', qos=1)
+                await rogue.publish("fl/rounds/r1/updates/rogue", b'{"update":{"w":[1]}}', qos=1)
+                await eventually(lambda: _updates_received(api, 1), 10, interval=0.1)
+                await asyncio.sleep(0.5)
+                assert await _updates_received(api, 1), "the update under another proplet's id got through"
 
     # A wrong password and a missing client certificate are refused, with a log line that says so.
     with pytest.raises(aiomqtt.MqttError):
@@ -156,6 +162,11 @@ async def test_tls_passwords_and_acl(secure_fleet: tuple[Fleet, Pki], tmp_path: 
 async def _online(api: httpx.AsyncClient, pid: str) -> bool:
     body = (await api.get("/proplets", params={"status": "active"})).json()
     return any(p["id"] == pid for p in body["proplets"])
+
+
+async def _updates_received(api: httpx.AsyncClient, count: int) -> bool:
+    text = (await api.get("/metrics")).text
+    return f'manager_mqtt_messages_received_total{{topic="fl/rounds/updates"}} {float(count)}' in text
 
 
 async def _known(api: httpx.AsyncClient, pid: str) -> bool:
