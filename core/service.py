@@ -47,6 +47,7 @@ from core.domain import (
     TaskState,
     TaskStateChanged,
     group_state,
+    new_task_id,
     utcnow,
 )
 from core.errors import Conflict, InvalidRequest, NotFound, TimedOut, Unavailable, UpstreamFailed
@@ -398,6 +399,18 @@ class ManagerCore:
         if schedule is not None:
             self.cron.adopt(schedule)
         return task.copy()
+
+    async def create_pinned_tasks(self, body: TaskCreate, names: dict[str, str]) -> list[Task]:
+        """One task per proplet (`names`: proplet id -> task name) from one body, pinned to it, its
+        module decoded once, all stored in one commit."""
+        template = body.to_task()
+        tasks = []
+        for proplet_id, name in names.items():
+            task = template.copy()
+            task.id, task.name, task.proplet_id, task.pinned = new_task_id(), name, proplet_id, True
+            tasks.append(task)
+        await self._insert_tasks(tasks)
+        return [t.copy() for t in tasks]
 
     async def get_task(self, task_id: str) -> Task:
         """The current state of a task (a copy)."""
