@@ -453,13 +453,10 @@ def create_app(core: ManagerCore) -> FastAPI:
     @app.get("/fl/rounds", name="list-fl-rounds")
     async def list_fl_rounds(offset: int = 0, limit: int = 100) -> dict[str, Any]:
         _page(offset, limit, max_limit=1000)
-        page = await core.store.fl_rounds(offset, limit)
-        rounds = []
-        for r in page.items:
-            _, updates = await fl.get_round(r.round_id)
-            rounds.append({"round_id": r.round_id, "k_of_n": r.k_of_n, "model_version": r.model_version,
-                           "num_updates": len(updates), **round_view(r, updates)})
-        return {"offset": offset, "limit": limit, "total": page.total, "rounds": rounds}
+        total, rounds = await fl.list_rounds(offset, limit)
+        return {"offset": offset, "limit": limit, "total": total, "rounds": [
+            {"round_id": r.round_id, "k_of_n": r.k_of_n, "model_version": r.model_version,
+             "num_updates": len(updates), **round_view(r, updates)} for r, updates in rounds]}
 
     @app.get("/fl/rounds/{round_id}/complete", name="get-round-status")
     async def get_round_status(round_id: str) -> dict[str, Any]:
@@ -474,7 +471,7 @@ def create_app(core: ManagerCore) -> FastAPI:
     @app.get("/fl/models", name="list-fl-models")
     async def list_fl_models() -> dict[str, Any]:
         return {"models": [{"version": v, "model_uri": model_uri(v), "round_id": round_id,
-                            "created_at": rfc3339(at)} for v, round_id, at in await core.store.fl_models()]}
+                            "created_at": rfc3339(at)} for v, round_id, at in await fl.models()]}
 
     @app.get("/fl/models/{version}", name="get-fl-model")
     async def get_fl_model(version: Annotated[int, Path(ge=0, le=MAX_MODEL_VERSION)]) -> dict[str, Any]:

@@ -24,8 +24,9 @@ import binascii
 import contextlib
 import logging
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -34,8 +35,9 @@ from pydantic import ValidationError
 
 from core.domain import FLRound, FLUpdateRecord, RoundState, Task, TaskState, utcnow
 from core.errors import Conflict, CoreError, InvalidRequest, NotFound, Unavailable, UpstreamFailed
-from core.protocol import FL_ROUND_TASK_PREFIX, model_version
+from core.protocol import FL_ROUND_TASK_PREFIX, FL_UPDATE_IN_RESULT, model_version
 from core.schemas import ExperimentConfig, FLUpdate, TaskCreate, format_validation_error
+from core.store.base import WriteOp
 from core.topics import FL_ROUND_NEXT, FL_ROUND_START, fl_update_parts
 
 if TYPE_CHECKING:
@@ -226,7 +228,7 @@ class FederatedLearning:
             return
         if item.update is not None:
             try:
-                await self.accept_update(item.update, item.source)
+                await self.accept_update(item.update, item.source, durable=False)
             except CoreError as exc:
                 log.warning("update of %s for round %s (by %s) refused: %s", item.update.proplet_id,
                             item.round_id, item.source, exc)
@@ -252,16 +254,18 @@ class FederatedLearning:
             return {"experiment_id": experiment_id, "round_id": config.round_id, "status": "configured",
                     "participants_started": started, "participants_offline": skipped}
         async with self._lock:
-            r, model = await self._new_round(config, experiment_id)
-        await self._start_round_tasks(r, config, model)
+            r, model, ops = await self._new_round(config, experiment_id)
+        await self._start_round_tasks(r, config, model, ops)
         self._announce(config)
         return {"experiment_id": experiment_id, "round_id": r.round_id, "status": "configured",
                 "participants_started": r.started,
                 "participants_offline": [p for p in r.participants if p not in r.started], "k_of_n": r.k_of_n}
 
-    async def _new_round(self, config: ExperimentConfig, experiment_id: str) -> tuple[FLRound, dict[str, Any]]:
-        """Store and register a round (its tasks are started by `_start_round_tasks`, outside the
-        lock, so updates of other rounds are not held up meanwhile); returns it and its model."""
+    async def _new_round(self, config: ExperimentConfig,
+                         experiment_id: str) -> tuple[FLRound, dict[str, Any], list[WriteOp]]:
+        """Register a round; returns it, its model and the writes that store them, which
+        `_start_round_tasks` commits with the round's tasks, outside the lock (so updates of other
+        rounds are not held up meanwhile)."""
         if await self._round_known(config.round_id):
             raise Conflict(f"round {config.round_id} exists; give a new round_id")
         version = model_version(config.model_ref)
@@ -295,15 +299,15 @@ class FederatedLearning:
         if new_model is not None:
             ops.insert(0, self.core.store.op_insert_fl_model(version, "", new_model, now))
             self._latest_version = max(self._latest_version, version)
-        await self.core.writer.write(*ops)
         self.rounds[r.round_id] = r
         self._updates[r.round_id] = {}
         self._ended[r.round_id] = set()
         self.counters.rounds_started += 1
-        return r, model
+        return r, model, ops
 
-    async def _start_round_tasks(self, r: FLRound, config: ExperimentConfig, model: dict[str, Any]) -> None:
-        started, _ = await self._start_tasks(config, model)
+    async def _start_round_tasks(self, r: FLRound, config: ExperimentConfig, model: dict[str, Any],
+                                 ops: list[WriteOp]) -> None:
+        started, _ = await self._start_tasks(config, model, ops)
         if len(started) < len(r.started):
             async with self._lock:
                 r.started = started
@@ -337,6 +341,9 @@ class FederatedLearning:
         if self.remote is not None:
             env["MANAGER_COORDINATOR_URL"] = self.remote.url
             return env
+        # Our proplets need not POST the update as well: the result carries it, stored and
+        # acknowledged (an extension; upstream proplets ignore it and POST as usual).
+        env[FL_UPDATE_IN_RESULT] = "1"
         base = (self.core.settings.public_url or self.core.api_url or "").rstrip("/")
         if base:
             # Upstream proplets need both (they fetch the model and POST the update over HTTP).
@@ -347,8 +354,10 @@ class FederatedLearning:
                 env["MODEL_DATA"] = data.decode()
         return env
 
-    async def _start_tasks(self, config: ExperimentConfig, model: dict[str, Any] | None) -> tuple[list[str], list[str]]:
-        """A task per online participant (upstream's names and env); returns (started, offline)."""
+    async def _start_tasks(self, config: ExperimentConfig, model: dict[str, Any] | None,
+                           ops: Sequence[WriteOp] = ()) -> tuple[list[str], list[str]]:
+        """A task per online participant (upstream's names and env), stored in one commit with
+        `ops`; returns (started, offline)."""
         online = [p for p in config.participants if self._online(p)]
         offline = [p for p in config.participants if p not in online]
         if not online:
@@ -359,7 +368,7 @@ class FederatedLearning:
         # The module is decoded and the tasks stored once for the whole round (one commit), and the
         # starts go out together: one by one, a round of 4 took ~35 ms to start on a 2-core VM.
         tasks = await self.core.create_pinned_tasks(
-            body, {p: f"{FL_ROUND_TASK_PREFIX}{config.round_id}-{p}" for p in online})
+            body, {p: f"{FL_ROUND_TASK_PREFIX}{config.round_id}-{p}" for p in online}, *ops)
         outcomes = await asyncio.gather(*(self.core.start_task(t.id) for t in tasks), return_exceptions=True)
         started = []
         for task, outcome in zip(tasks, outcomes, strict=True):
@@ -406,11 +415,11 @@ class FederatedLearning:
             if await self._round_known(config.round_id):
                 return
             try:
-                r, model = await self._new_round(config, config.experiment_id or config.round_id)
+                r, model, ops = await self._new_round(config, config.experiment_id or config.round_id)
             except CoreError as exc:
                 self.core._reject(FL_ROUND_START, "refused", f"round {config.round_id}: {exc}")
                 return
-        await self._start_round_tasks(r, config, model)
+        await self._start_round_tasks(r, config, model, ops)
 
     # ---- updates -----------------------------------------------------------------------------
 
@@ -452,13 +461,23 @@ class FederatedLearning:
         text = format_validation_error(exc) if isinstance(exc, ValidationError) else str(exc)
         self.core._reject("fl/rounds/updates", "malformed", f"{where}: {text}")
 
-    async def accept_update(self, update: FLUpdate, source: str) -> dict[str, Any]:
-        """Count a participant's update in its round; the k-th completes the round."""
+    async def accept_update(self, update: FLUpdate, source: str, *, durable: bool = True) -> dict[str, Any]:
+        """Count a participant's update in its round; the k-th completes the round. With `durable`
+        (the REST API), return once the update is stored; the round loop does not wait for each
+        commit, so the updates that arrive together share one."""
         if self.remote is not None:
             await self.remote.call("POST", "/update", json=update.model_dump(mode="json"))
             return {"status": "accepted"}
         async with self._lock:
             r = self.rounds.get(update.round_id)
+            if r is not None and r.state is not RoundState.RUNNING:
+                # Closed, its last writes still being stored.
+                if update.proplet_id in self._updates[r.round_id]:
+                    self.counters.updates_repeated += 1
+                    return {"status": "accepted", "round_id": r.round_id, "counted": False,
+                            "num_updates": len(self._updates[r.round_id]), "k_of_n": r.k_of_n}
+                self.counters.updates_refused += 1
+                raise Conflict(f"round {r.round_id} has {r.state}; updates are taken while it runs")
             if r is None:
                 stored = await self.core.store.fl_round(update.round_id)
                 senders = {u.proplet_id for u in await self.core.store.fl_updates(update.round_id)} if stored else set()
@@ -488,18 +507,20 @@ class FederatedLearning:
                                      f"{r.round_id}'s: {exc}") from None
             record = FLUpdateRecord(r.round_id, update.proplet_id, update.num_samples,
                                     update.model_dump(mode="json"), source)
-            await self.core.writer.write(self.core.store.op_insert_fl_update(record))
+            stored = await self.core.writer.enqueue(self.core.store.op_insert_fl_update(record))
             updates[update.proplet_id] = record
             self.counters.updates_accepted += 1
             count = len(updates)
             log.info("round %s: update %d of %d, from %s (%s)", r.round_id, count, r.k_of_n, update.proplet_id, source)
         await self._complete_if_ready(r.round_id)
+        if durable:
+            await stored
         return {"status": "accepted", "round_id": r.round_id, "counted": True, "num_updates": count,
                 "k_of_n": r.k_of_n}
 
     async def _complete_if_ready(self, round_id: str) -> None:
         r = self.rounds.get(round_id)
-        if r is None:
+        if r is None or r.state is not RoundState.RUNNING:
             return
         updates = self._updates[round_id]
         if len(updates) >= r.k_of_n:
@@ -510,7 +531,7 @@ class FederatedLearning:
 
     async def _finish(self, r: FLRound, *, timed_out: bool) -> None:
         async with self._lock:
-            if self.rounds.get(r.round_id) is not r:
+            if self.rounds.get(r.round_id) is not r or r.state is not RoundState.RUNNING:
                 return
             updates = list(self._updates[r.round_id].values())
             now = utcnow()
@@ -532,7 +553,11 @@ class FederatedLearning:
                     ops.append(self.core.store.op_insert_fl_model(version, r.round_id, model, now))
             r.completed_at = now
             ops.append(self.core.store.op_put_fl_round(r))
-            await self.core.writer.write(*ops)
+            committed = await self.core.writer.enqueue(*ops)
+        try:
+            # Outside the lock: other rounds go on meanwhile. Until stored, reads find the round here.
+            await committed
+        finally:
             del self.rounds[r.round_id], self._updates[r.round_id], self._ended[r.round_id]
         if r.state is RoundState.COMPLETED:
             self.counters.rounds_completed += 1
@@ -554,6 +579,8 @@ class FederatedLearning:
         r = self.rounds.get(round_id)
         if r is not None:
             return r, list(self._updates[round_id].values())
+        # Updates and rounds are stored without waiting (see accept_update): read what was queued.
+        await self.core.writer.barrier()
         stored = await self.core.store.fl_round(round_id)
         if stored is None:
             raise NotFound(f"round {round_id} is unknown")
@@ -568,7 +595,18 @@ class FederatedLearning:
                          "config": {"experiment_id": r.experiment_id, "k_of_n": r.k_of_n, "timeout_s": r.timeout_s,
                                     "participants": r.participants, "task_wasm_image": r.task_wasm_image}}}
 
+    async def list_rounds(self, offset: int, limit: int) -> tuple[int, list[tuple[FLRound, list[FLUpdateRecord]]]]:
+        """(total, rounds newest first, each with its updates)."""
+        await self.core.writer.barrier()
+        page = await self.core.store.fl_rounds(offset, limit)
+        return page.total, [await self.get_round(r.round_id) for r in page.items]
+
+    async def models(self) -> list[tuple[int, str, datetime]]:
+        await self.core.writer.barrier()
+        return await self.core.store.fl_models()
+
     async def model(self, version: int) -> dict[str, Any]:
+        await self.core.writer.barrier()
         data = await self.core.store.fl_model(version)
         if data is None:
             raise NotFound(f"model version {version} is unknown (GET /fl/models lists them)")

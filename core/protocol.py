@@ -28,6 +28,9 @@ from core.domain import TaskLimits
 # Upstream's manager names a federated-learning round's task `fl-round-<round>-<proplet>`; proplets
 # run such a task's module as a command (`_start`).
 FL_ROUND_TASK_PREFIX = "fl-round-"
+# Extension, in a round task's env: the manager takes the update from the task's result (the FL
+# envelope), so the proplet need not POST it or publish it on the fallback topic as well.
+FL_UPDATE_IN_RESULT = "FL_UPDATE_IN_RESULT"
 _GLOBAL_MODEL_VERSION = re.compile(r"global_model_v(\d+)")
 _TRAILING_DIGITS = re.compile(r"(\d+)$")
 

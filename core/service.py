@@ -400,16 +400,16 @@ class ManagerCore:
             self.cron.adopt(schedule)
         return task.copy()
 
-    async def create_pinned_tasks(self, body: TaskCreate, names: dict[str, str]) -> list[Task]:
+    async def create_pinned_tasks(self, body: TaskCreate, names: dict[str, str], *extra: WriteOp) -> list[Task]:
         """One task per proplet (`names`: proplet id -> task name) from one body, pinned to it, its
-        module decoded once, all stored in one commit."""
+        module decoded once, all stored in one commit (with `extra` first)."""
         template = body.to_task()
         tasks = []
         for proplet_id, name in names.items():
             task = template.copy()
             task.id, task.name, task.proplet_id, task.pinned = new_task_id(), name, proplet_id, True
             tasks.append(task)
-        await self._insert_tasks(tasks)
+        await self._insert_tasks(tasks, *extra)
         return [t.copy() for t in tasks]
 
     async def get_task(self, task_id: str) -> Task:

@@ -437,7 +437,7 @@ class PropletAgent:
                 results, error = outcome.results, outcome.error
                 if outcome.ok and is_round_task(invocation.env):
                     assert self.federated is not None
-                    results = await self.federated.report(start.id, invocation.env, outcome.stdout)
+                    results = self.federated.report(start.id, invocation.env, outcome.stdout)
         except (FetchError, ModuleError, _Refused, SignatureError, FederatedError) as exc:
             error = str(exc)
         except asyncio.CancelledError:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from core.protocol import model_version
+from core.protocol import FL_UPDATE_IN_RESULT, model_version
 from core.topics import fl_update_topic
 from proplet.sources.base import format_size
 from proplet.sources.http import display_url, tls_verify_setting
@@ -139,6 +139,8 @@ class FederatedClient:
         self._client: httpx.AsyncClient | None = None
         self.updates_posted = 0
         self.updates_published = 0
+        # Updates on their way to the coordinator (one per round task that just finished).
+        self._deliveries: set[asyncio.Future[None]] = set()
 
     def setting(self, name: str, env: Mapping[str, str]) -> str:
         """A variable from the task's env, else from the proplet's environment ("" when unset)."""
@@ -181,20 +183,38 @@ class FederatedClient:
             prepared[DATASET_DATA] = await self._get_text(task_id, "dataset", url, DATA_STORE_URL)
         return prepared
 
-    async def report(self, task_id: str, env: Mapping[str, str], stdout: bytes) -> dict[str, Any]:
-        """After a successful round: deliver the update, return the FL envelope (the task's result)."""
+    def report(self, task_id: str, env: Mapping[str, str], stdout: bytes) -> dict[str, Any]:
+        """After a successful round: start delivering the update, return the FL envelope (the task's
+        result). The result does not wait for the delivery: the envelope carries the update too (a
+        manager of ours takes it from there), and waiting for the coordinator to store it put an HTTP
+        round trip and a commit on every round's path. `aclose()` waits for deliveries under way."""
         round_id = env[ROUND_ID]
         update = parse_update(stdout)
         if update is None:
             log.warning("task %s (round %s) printed no JSON object on stdout; no update is sent to the "
                         "coordinator or over MQTT", task_id, round_id)
+        elif env.get(FL_UPDATE_IN_RESULT) == "1":
+            log.debug("task %s (round %s): the manager takes the update from the result", task_id, round_id)
         else:
-            await self._deliver(task_id, round_id, env, stdout.strip())
+            delivery = asyncio.ensure_future(self._deliver(task_id, round_id, env, stdout.strip()))
+            self._deliveries.add(delivery)
+            delivery.add_done_callback(self._delivered)
         return build_envelope(task_id=task_id, round_id=round_id, proplet_id=self.proplet_id, stdout=stdout,
                               update=update, num_samples_setting=self.setting(FL_NUM_SAMPLES, env),
                               format_setting=self.setting(FL_FORMAT, env))
 
+    def _delivered(self, delivery: asyncio.Future[None]) -> None:
+        self._deliveries.discard(delivery)
+        if not delivery.cancelled() and delivery.exception() is not None:
+            log.error("delivering a round's update failed", exc_info=delivery.exception())
+
+    async def flush(self) -> None:
+        """Wait for the updates being delivered (each is bounded by the HTTP timeout)."""
+        if self._deliveries:
+            await asyncio.wait(list(self._deliveries))
+
     async def aclose(self) -> None:
+        await self.flush()
         if self._client is not None:
             await self._client.aclose()
 

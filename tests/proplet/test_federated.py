@@ -245,12 +245,15 @@ async def test_report_posts_json_falls_back_to_mqtt_and_skips_non_json() -> None
     with FlServices(update_status=503).running() as failing, FlServices().running() as coordinator:
         client = FederatedClient("p-1", published, process_env={"MANAGER_COORDINATOR_URL": coordinator.url})
         try:
-            envelope = await client.report("t1", {"ROUND_ID": "r1"}, stdout)
+            envelope = client.report("t1", {"ROUND_ID": "r1"}, stdout)
+            assert coordinator.updates == [], "the result does not wait for the delivery"
+            await client.flush()
             assert coordinator.updates == [stdout.strip()] and published.messages == []
-            await client.report("t2", {"ROUND_ID": "r1", "MANAGER_COORDINATOR_URL": failing.url}, stdout)
+            client.report("t2", {"ROUND_ID": "r1", "MANAGER_COORDINATOR_URL": failing.url}, stdout)
+            await client.flush()
             assert failing.updates == [stdout.strip()], "the task's env wins over the proplet's"
             assert published.messages == [("fl/rounds/r1/updates/p-1", stdout.strip())]
-            plain = await client.report("t3", {"ROUND_ID": "r1"}, b"training done\n")
+            plain = client.report("t3", {"ROUND_ID": "r1"}, b"training done\n")
         finally:
             await client.aclose()
     assert len(coordinator.updates) == 1 and len(published.messages) == 1, "non-JSON stdout is sent nowhere"
@@ -422,11 +425,11 @@ async def test_the_manager_runs_rounds_on_real_proplets_and_the_model_improves(
 
             first = await run_round(new_round(), "global_model_v0")
             assert first["state"] == "completed" and first["num_updates"] == 2, first
-            # The proplets POSTed their updates to the manager (MANAGER_COORDINATOR_URL in their task's
-            # env); the same update in a result envelope is a repeat, or comes after the round closed.
-            assert {u["source"] for u in first["updates"]} == {"rest"}
+            # The manager asked for the update in the result only (FL_UPDATE_IN_RESULT): no POST, no
+            # fallback message, though the env names MANAGER_COORDINATOR_URL for upstream proplets.
+            assert {u["source"] for u in first["updates"]} == {"result"}
             counters = manager.federated.counters
-            assert (counters.updates_accepted, counters.updates_refused) == (2, 0)
+            assert (counters.updates_accepted, counters.updates_refused, counters.updates_repeated) == (2, 0, 0)
             model_1 = (await api.get(f"/fl/models/{first['model_version']}")).json()
             zero = {"w": [0.0, 0.0], "b": 0.0}
             local = [train(zero, d, hyper["lr"], hyper["epochs"]) for d in datasets.values()]
