@@ -443,7 +443,8 @@ class FederatedLearning:
         await self._intake.put(_Intake(update.round_id, update, "mqtt"))
 
     async def on_round_task_result(self, task: Task) -> None:
-        """A round task finished: its result envelope carries the update (base64 of its stdout)."""
+        """A round task ended: by its result, whose envelope carries the update (base64 of its
+        stdout), or otherwise (failed with its proplet gone, stopped): then it brings no update."""
         round_id = task.env.get("ROUND_ID", "")
         if self.remote is not None or round_id not in self.rounds:
             return

@@ -852,6 +852,9 @@ class ManagerCore:
         self.events.emit(TaskStateChanged(task.id, task.name, old, new, now, task.proplet_id, detail))
         if new.is_terminal and (task.workflow_id or task.job_id):
             self.groups.finished(task)
+        if new.is_terminal and task.name.startswith(protocol.FL_ROUND_TASK_PREFIX) and "ROUND_ID" in task.env:
+            # By its result, or failed when its proplet went offline, or stopped: the round hears of it.
+            await self.federated.on_round_task_result(task)
         return fut
 
     def _forget(self, task: Task) -> None:
@@ -1362,8 +1365,6 @@ class ManagerCore:
                     self._ack_result(msg.proplet_id, task.id, attempt)
 
             committed.add_done_callback(ack_once_stored)
-        if task.name.startswith(protocol.FL_ROUND_TASK_PREFIX) and "ROUND_ID" in task.env:
-            await self.federated.on_round_task_result(task)
 
     def _ack_result(self, proplet_id: str, task_id: str, attempt: int) -> None:
         p = self.proplets.get(proplet_id)

@@ -56,6 +56,8 @@ class Fleet:
         self.managers = managers
         self.broker = broker
         self.stack = AsyncExitStack()
+        # Participants outlive a manager restart (stop_manager, start_manager).
+        self.participants = AsyncExitStack()
         self.core: Any = None
         self.api: httpx.AsyncClient | None = None
         self.proplets: dict[str, SyntheticProplet] = {}
@@ -68,10 +70,13 @@ class Fleet:
     async def stop_manager(self) -> None:
         await self.stack.aclose()
         self.stack = AsyncExitStack()
-        self.proplets.clear()
+
+    async def close(self) -> None:
+        await self.participants.aclose()
+        await self.stop_manager()
 
     async def participant(self, answer: Any = None) -> str:
-        proplet = await self.stack.enter_async_context(
+        proplet = await self.participants.enter_async_context(
             SyntheticProplet(self.broker.url, self.core.topics, unique("fl-p"), answer=answer))
         await eventually(lambda: proplet.proplet_id in self.core.proplets and
                          self.core.proplets[proplet.proplet_id].online)
@@ -99,7 +104,7 @@ async def fleet(managers_on_each_backend: Any, broker: Mosquitto) -> AsyncIterat
     try:
         yield fleet
     finally:
-        await fleet.stop_manager()
+        await fleet.close()
 
 
 def experiment(round_id: str, participants: list[str], **extra: Any) -> dict[str, Any]:
@@ -257,6 +262,19 @@ async def test_a_round_ends_once_every_started_task_has(fleet: Fleet) -> None:
     assert fleet.api is not None
     await fleet.api.post("/fl/experiments", json=experiment("r-fail", [p1, p2], timeout_s=600))
     status = await fleet.ended("r-fail")
+    assert status["state"] == "completed" and status["num_updates"] == 1
+    assert "every started task ended" in status["reason"]
+
+
+async def test_a_participant_that_goes_offline_does_not_hold_its_round_until_the_deadline(fleet: Fleet) -> None:
+    p1 = await fleet.participant(trained({"b": 1.0}, samples=1))
+    assert fleet.api is not None
+    # Takes its task and never answers; leaving, it says it is offline, and its running task fails.
+    async with SyntheticProplet(fleet.broker.url, fleet.core.topics, unique("fl-gone"), answer=None) as gone:
+        await eventually(lambda: gone.proplet_id in fleet.core.proplets and fleet.core.proplets[gone.proplet_id].online)
+        await fleet.api.post("/fl/experiments", json=experiment("r-gone", [p1, gone.proplet_id], timeout_s=600))
+        await eventually(lambda: gone.starts)
+    status = await fleet.ended("r-gone")
     assert status["state"] == "completed" and status["num_updates"] == 1
     assert "every started task ended" in status["reason"]
 
