@@ -5,7 +5,7 @@ Prints, next to baselines measured in the same run on the same broker and prople
 - a round's latency, configure (what POST /fl/experiments runs) -> the round's model stored, p50/p99,
   against the same module run as plain tasks, one per proplet started together (submit -> all
   completed), one such task alone, and the raw MQTT QoS 1 round trip;
-- what a round adds to its tasks: the dataset fetch, the update's POST and storage, averaging.
+- what a round adds to its tasks: its writes, the dataset fetch, the updates, averaging.
 
 Each proplet trains on its own rows (served by a data store in this process); the model of each
 round is the next round's starting point, so the benchmark also prints the loss falling.
@@ -158,7 +158,7 @@ async def main() -> None:
     print(f"{args.proplets} such tasks started together, one per proplet: p50 {g50:7.3f} ms  p99 {g99:7.3f} ms")
     print(f"round of {args.proplets} proplets, configure -> model stored:   p50 {f50:7.3f} ms  p99 {f99:7.3f} ms  "
           f"({f50 / g50:.2f}x / {f99 / g99:.2f}x the {args.proplets} tasks)")
-    print(f"what a round adds to its tasks (dataset fetch, update POST and storage, averaging): "
+    print(f"what a round adds to its tasks (its writes, the dataset fetch, the updates, averaging): "
           f"{f50 - g50:.3f} ms at p50 ({args.rounds} rounds, {args.rows} rows per proplet)")
     print(f"mean loss at the start of round 1, 10, {len(losses)}: "
           f"{losses[0]:.4f}, {losses[min(9, len(losses) - 1)]:.4f}, {losses[-1]:.4f}")

@@ -75,6 +75,12 @@ ALIVE_SAVE_INTERVAL = 1.0
 # Capabilities a proplet may announce in its discovery metadata (`metadata.capabilities`).
 CAP_TASK_STATE = "task_state"  # confirms starts on control/proplet/task_state
 CAP_RESULT_ACK = "result_ack"  # keeps results until control/manager/result_ack arrives
+CAP_MODULE_CACHE = "module_cache"  # keeps modules by digest: a start may name one by reference
+# A module at least this big goes to a proplet that ran it before (and keeps modules) by reference
+# instead of inside the start: decoding and hashing a 240 KB start cost every repeated run ~1 ms.
+MODULE_BY_REFERENCE_MIN = 16 * 1024
+# Modules remembered per proplet as held by it (least recently used dropped).
+MODULES_HELD_MAX = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +133,9 @@ class ManagerCore:
         self._pending_acks: dict[str, list[tuple[str, int]]] = {}
         self._invocations: dict[str, asyncio.Future[protocol.InvokeResultMessage]] = {}
         self._files = ArtifactCache(max_bytes=64 * 1024 * 1024)
+        # Digests of modules each proplet completed a task with, for proplets that keep modules
+        # (CAP_MODULE_CACHE). Bounded per proplet; a proplet that lost one fetches it in chunks.
+        self._modules_held: dict[str, OrderedDict[str, None]] = {}
         self._signer: Any = None
         self._signatures: OrderedDict[str, str] = OrderedDict()
         # Write-through copies of recently touched idle tasks (the manager is the only writer), so a
@@ -812,6 +821,7 @@ class ManagerCore:
         self._slots.pop(proplet_id, None)
         self._alive_saved_at.pop(proplet_id, None)
         self._alive_unsaved.discard(proplet_id)
+        self._modules_held.pop(proplet_id, None)
         await self.writer.write(self.store.op_delete_proplet(proplet_id))
 
     async def proplet_metrics(self, proplet_id: str, offset: int, limit: int) -> Page[PropletMetrics]:
@@ -1023,9 +1033,13 @@ class ManagerCore:
         digest = task.wasm_digest
         # A digest on a task with an image_url pins external bytes; otherwise the module is stored here.
         if digest and not image_url:
-            if self.settings.inline_limit and await self._module_size(digest) > self.settings.inline_limit:
+            size = await self._module_size(digest)
+            if self.settings.inline_limit and size > self.settings.inline_limit:
                 # Too big for one message (upstream breaks at ~760 KB on a 1 MiB broker limit):
                 # the proplet fetches it in chunks from the manager's blob server instead.
+                image_url = blob_ref(digest)
+            elif size >= MODULE_BY_REFERENCE_MIN and digest in self._modules_held.get(task.proplet_id, ()):
+                # It ran this module before: by reference, which it resolves from its own cache.
                 image_url = blob_ref(digest)
             else:
                 file = (await self._resolve_blob(blob_ref(digest))).data
@@ -1353,6 +1367,8 @@ class ManagerCore:
         if task.start_time is None:
             task.start_time = now
         new = TaskState.FAILED if msg.error else TaskState.COMPLETED
+        if new is TaskState.COMPLETED and task.wasm_digest and not task.image_url:
+            self._note_module_held(msg.proplet_id or task.proplet_id, task.wasm_digest)
         detail = f"{'failed' if msg.error else 'completed'} on {task.proplet_id or msg.proplet_id or '?'}"
         sender = self.proplets.get(msg.proplet_id) if msg.proplet_id else None
         acks = sender is not None and CAP_RESULT_ACK in sender.capabilities
@@ -1365,6 +1381,16 @@ class ManagerCore:
                     self._ack_result(msg.proplet_id, task.id, attempt)
 
             committed.add_done_callback(ack_once_stored)
+
+    def _note_module_held(self, proplet_id: str, digest: str) -> None:
+        p = self.proplets.get(proplet_id)
+        if p is None or CAP_MODULE_CACHE not in p.capabilities:
+            return
+        held = self._modules_held.setdefault(proplet_id, OrderedDict())
+        held[digest] = None
+        held.move_to_end(digest)
+        while len(held) > MODULES_HELD_MAX:
+            held.popitem(last=False)
 
     def _ack_result(self, proplet_id: str, task_id: str, attempt: int) -> None:
         p = self.proplets.get(proplet_id)

@@ -40,7 +40,8 @@ from proplet.sources import ChunkSource, FetchError, HttpSource, InlineSource, M
 
 log = logging.getLogger(__name__)
 
-CAPABILITIES = ["task_state", "result_ack", "chunk_resume", "wasm_digest", "limits"]
+# module_cache: modules are kept by digest, so a start may name one it ran before by reference.
+CAPABILITIES = ["task_state", "result_ack", "chunk_resume", "wasm_digest", "limits", "module_cache"]
 # A task still running after this long is confirmed with task_state; a faster one is confirmed by
 # its result (which carries its start time), saving a message and a state change per task.
 CONFIRM_AFTER_S = 0.05

@@ -165,6 +165,27 @@ async def test_large_module_arrives_in_chunks_and_is_verified(manager_factory: A
         assert again.results == str(big_module_byte(7)) and agent.chunks.counters.completed == 1
 
 
+async def test_a_module_the_proplet_ran_before_is_named_by_reference_not_resent(
+        broker: Any, manager: Any, proplet_factory: PropletFactory, tmp_path: Path) -> None:
+    module = wasm("hello")  # 140 KB: each inline start carries ~190 KB of base64
+    assert len(module) > 16 * 1024
+    async with WireClient(broker.url, manager.topics, subscribe=[t.START]) as spy:
+        async with proplet_factory(manager, "p-ref") as agent:
+            first = await run_task(manager, name="_start", file=b64(module), proplet_id="p-ref")
+            second = await run_task(manager, name="_start", file=b64(module), proplet_id="p-ref")
+            assert first.state is second.state is TaskState.COMPLETED, (first.error, second.error)
+            assert agent.chunks is not None and agent.chunks.counters.completed == 0
+        starts = spy.messages(t.START)
+        assert starts[0]["file"] and not starts[0].get("image_url")
+        assert not starts[1].get("file") and starts[1]["image_url"].startswith("blob:sha256:")
+        assert starts[1]["wasm_digest"] == starts[0]["wasm_digest"]
+        # The same proplet without its cache (a new disk): it fetches the module in chunks and runs it.
+        async with proplet_factory(manager, "p-ref", cache_dir=tmp_path / "p-ref" / "new-cache") as fresh:
+            third = await run_task(manager, name="_start", file=b64(module), proplet_id="p-ref")
+            assert third.state is TaskState.COMPLETED, third.error
+            assert fresh.chunks is not None and fresh.chunks.counters.completed == 1
+
+
 async def test_digest_mismatch_fails_before_anything_runs(manager: Any, proplet_factory: PropletFactory,
                                                           broker: Any) -> None:
     async with proplet_factory(manager, "p-dig") as agent, \
