@@ -19,6 +19,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,13 +38,27 @@ from tests.services import Mosquitto  # noqa: E402
 from tests.wasmfixtures import wasm  # noqa: E402
 
 
-def start_proplet(broker: Mosquitto, domain: str, name: str, workdir: Path) -> subprocess.Popen[bytes]:
+def start_proplet(broker: Mosquitto, domain: str, name: str, workdir: Path, **extra: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PROPLET_MQTT_ADDRESS": broker.url, "PROPLET_TENANT_ID": domain,
            "PROPLET_ENTITY_ID": name, "PROPLET_CACHE_DIR": str(workdir / name / "cache"),
            "PROPLET_STATE_DIR": str(workdir / name), "PROPLET_LOG_LEVEL": "warning",
-           "PROPLET_METRICS_INTERVAL": "0"}
+           "PROPLET_METRICS_INTERVAL": "0", **extra}
     return subprocess.Popen([sys.executable, "-m", "propeller", "proplet"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@contextmanager
+def proplet_processes(broker: Mosquitto, domain: str, names: list[str], workdir: Path,
+                      **extra: str) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """`propeller proplet` processes, one per name (`extra`: more environment), stopped after."""
+    procs = [start_proplet(broker, domain, n, workdir, **extra) for n in names]
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -137,30 +153,25 @@ async def main() -> None:
         workdir = Path(tmp)
         broker = Mosquitto(workdir / "broker")
         broker.start()
-        procs: list[subprocess.Popen[bytes]] = []
         try:
             rtt = await raw_round_trip(broker, 1000)
             settings = ManagerSettings(mqtt_address=broker.url, tenant_id="e2e", entity_id="e2e-manager",
                                        storage_type="sqlite", sqlite_path=workdir / "e2e.db", http_port=0)
+            names = [f"e2e-{i}" for i in range(args.proplets)]
             async with ManagerCore(settings) as core:
-                names = [f"e2e-{i}" for i in range(args.proplets)]
-                procs = [start_proplet(broker, "e2e", n, workdir) for n in names]
-                await wait_online(core, names)
-                await asyncio.sleep(2)
-                idle_rss = [rss_mb(p.pid) for p in procs]
-                one = TaskCreate.model_validate({**body.model_dump(), "proplet_id": names[0]})
-                lat = await latency(core, one, args.latency_samples)
-                assert broker.process is not None
-                pids = {"manager (this process)": os.getpid(), "Mosquitto": broker.process.pid,
-                        **{f"proplet {n}": p.pid for n, p in zip(names, procs, strict=True)}}
-                cpu_before = {k: cpu_seconds(pid) for k, pid in pids.items()}
-                rate = await throughput(core, body, args.tasks, args.window)
-                cpu_used = {k: cpu_seconds(pid) - cpu_before[k] for k, pid in pids.items()}
+                with proplet_processes(broker, "e2e", names, workdir) as procs:
+                    await wait_online(core, names)
+                    await asyncio.sleep(2)
+                    idle_rss = [rss_mb(p.pid) for p in procs]
+                    one = TaskCreate.model_validate({**body.model_dump(), "proplet_id": names[0]})
+                    lat = await latency(core, one, args.latency_samples)
+                    assert broker.process is not None
+                    pids = {"manager (this process)": os.getpid(), "Mosquitto": broker.process.pid,
+                            **{f"proplet {n}": p.pid for n, p in zip(names, procs, strict=True)}}
+                    cpu_before = {k: cpu_seconds(pid) for k, pid in pids.items()}
+                    rate = await throughput(core, body, args.tasks, args.window)
+                    cpu_used = {k: cpu_seconds(pid) - cpu_before[k] for k, pid in pids.items()}
         finally:
-            for p in procs:
-                p.terminate()
-            for p in procs:
-                p.wait()
             broker.stop()
 
     r50, r99 = pct(rtt, 0.5), pct(rtt, 0.99)

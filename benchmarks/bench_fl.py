@@ -21,7 +21,6 @@ import base64
 import http.server
 import json
 import random
-import subprocess
 import sys
 import tempfile
 import threading
@@ -34,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_dispatch import pct, raw_round_trip  # noqa: E402
-from bench_e2e import latency, start_proplet, wait_online  # noqa: E402
+from bench_e2e import latency, proplet_processes, wait_online  # noqa: E402
 
 from core.config import ManagerSettings  # noqa: E402
 from core.domain import RoundState  # noqa: E402
@@ -99,7 +98,7 @@ async def rounds(core: ManagerCore, participants: list[str], module: str, count:
                                   hyperparams={"lr": 0.05, "epochs": 5}, task_wasm_file=module)
         t0 = time.perf_counter()
         await core.federated.configure(config)
-        while config.round_id in core.federated.rounds:  # noqa: ASYNC110
+        while core.federated.is_running(config.round_id):  # noqa: ASYNC110
             await asyncio.sleep(0.0002)
         latencies.append((time.perf_counter() - t0) * 1000)
         done, updates = await core.federated.get_round(config.round_id)
@@ -124,28 +123,20 @@ async def main() -> None:
         workdir = Path(tmp)
         broker = Mosquitto(workdir / "broker")
         broker.start()
-        procs: list[subprocess.Popen[bytes]] = []
         try:
             rtt = await raw_round_trip(broker, 1000)
             settings = ManagerSettings(mqtt_address=broker.url, tenant_id="fl", entity_id="fl-manager",
                                        storage_type="sqlite", sqlite_path=workdir / "fl.db", http_port=0)
             async with ManagerCore(settings) as core:
-                import os
-
-                os.environ["DATA_STORE_URL"] = store.url  # the proplets' own environment
-                procs = [start_proplet(broker, "fl", n, workdir) for n in names]
-                await wait_online(core, names)
-                # Baseline: one proplet, the same module as a plain WASI command (its built-in data).
-                task = TaskCreate(name="_start", file=module, proplet_id=names[0])
-                task_ms = await latency(core, task, args.task_samples)
-                await rounds(core, names, module, 3, "warm-up")  #: every proplet compiles the module
-                together_ms = await parallel_tasks(core, names, module, args.rounds)
-                round_ms, losses = await rounds(core, names, module, args.rounds, "bench")
+                with proplet_processes(broker, "fl", names, workdir, DATA_STORE_URL=store.url):
+                    await wait_online(core, names)
+                    # Baseline: one proplet, the same module as a plain WASI command (its built-in data).
+                    task = TaskCreate(name="_start", file=module, proplet_id=names[0])
+                    task_ms = await latency(core, task, args.task_samples)
+                    await rounds(core, names, module, 3, "warm-up")  # every proplet compiles the module
+                    together_ms = await parallel_tasks(core, names, module, args.rounds)
+                    round_ms, losses = await rounds(core, names, module, args.rounds, "bench")
         finally:
-            for p in procs:
-                p.terminate()
-            for p in procs:
-                p.wait()
             broker.stop()
             store.server.shutdown()
 

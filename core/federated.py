@@ -25,7 +25,7 @@ import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -114,6 +114,23 @@ class _Intake:
 
 
 @dataclass(slots=True)
+class _Running:
+    """A round that runs (built-in mode), with what it heard so far."""
+
+    round: FLRound
+    # By participant; the first update of each counts.
+    updates: dict[str, FLUpdateRecord] = field(default_factory=dict)
+    # Participants whose round task ended (completed or failed): once all started ones have, a round
+    # that still lacks updates need not wait for its deadline.
+    ended: set[str] = field(default_factory=set)
+
+    def answer(self, counted: bool) -> dict[str, Any]:
+        """What POST /fl/update answers."""
+        return {"status": "accepted", "round_id": self.round.round_id, "counted": counted,
+                "num_updates": len(self.updates), "k_of_n": self.round.k_of_n}
+
+
+@dataclass(slots=True)
 class FLCounters:
     rounds_started: int = 0
     rounds_completed: int = 0
@@ -165,12 +182,8 @@ class FederatedLearning:
         self.core = core
         url = core.settings.coordinator_url
         self.remote = RemoteCoordinator(url) if url else None
-        # Running rounds and the updates they have (built-in mode); finished rounds are in the store.
-        self.rounds: dict[str, FLRound] = {}
-        self._updates: dict[str, dict[str, FLUpdateRecord]] = {}
-        # Participants whose round task ended (completed or failed), per running round: once all
-        # have, a round that still lacks updates need not wait for its deadline.
-        self._ended: dict[str, set[str]] = {}
+        # Running rounds (built-in mode); finished rounds are in the store.
+        self._running: dict[str, _Running] = {}
         self._known: OrderedDict[str, None] = OrderedDict()
         self._latest_version = -1
         # Round creation and completion change several things at once; one at a time.
@@ -186,9 +199,8 @@ class FederatedLearning:
         self._latest_version = models[0][0] if models else -1
         page = await self.core.store.fl_rounds(0, 100_000, state=RoundState.RUNNING)
         for r in page.items:
-            self.rounds[r.round_id] = r
-            self._updates[r.round_id] = {u.proplet_id: u for u in await self.core.store.fl_updates(r.round_id)}
-            self._ended[r.round_id] = set()
+            updates = {u.proplet_id: u for u in await self.core.store.fl_updates(r.round_id)}
+            self._running[r.round_id] = _Running(r, updates)
         if page.items:
             log.info("%d federated-learning rounds were running; taken up again", len(page.items))
 
@@ -199,7 +211,7 @@ class FederatedLearning:
     async def run(self) -> None:
         """Take queued updates in, and close rounds whose time ran out (or that can get no more)."""
         # Rounds taken up after a restart may have all they need already.
-        recovered = list(self.rounds)
+        recovered = list(self._running)
         while True:
             try:
                 while recovered:
@@ -218,9 +230,9 @@ class FederatedLearning:
     async def _step(self) -> None:
         """One turn: close rounds past their deadline, then take one queued item (or time out)."""
         now = utcnow()
-        for r in [r for r in self.rounds.values() if r.deadline <= now]:
-            await self._finish(r, timed_out=True)
-        upcoming = min((r.deadline for r in self.rounds.values()), default=None)
+        for running in [x for x in self._running.values() if x.round.deadline <= now]:
+            await self._finish(running, timed_out=True)
+        upcoming = min((x.round.deadline for x in self._running.values()), default=None)
         wait = _MAX_SLEEP_S if upcoming is None else min(_MAX_SLEEP_S, (upcoming - now).total_seconds())
         try:
             item = await asyncio.wait_for(self._intake.get(), max(wait, 0.001))
@@ -234,8 +246,9 @@ class FederatedLearning:
                             item.round_id, item.source, exc)
         # Marked in turn with the updates queued before it, so a round does not close on a task
         # that ended while its update still waited in this queue.
-        if item.ended_proplet and item.round_id in self._ended:
-            self._ended[item.round_id].add(item.ended_proplet)
+        running = self._running.get(item.round_id)
+        if item.ended_proplet and running is not None:
+            running.ended.add(item.ended_proplet)
         await self._complete_if_ready(item.round_id)
 
     # ---- experiments and rounds --------------------------------------------------------------
@@ -299,9 +312,7 @@ class FederatedLearning:
         if new_model is not None:
             ops.insert(0, self.core.store.op_insert_fl_model(version, "", new_model, now))
             self._latest_version = max(self._latest_version, version)
-        self.rounds[r.round_id] = r
-        self._updates[r.round_id] = {}
-        self._ended[r.round_id] = set()
+        self._running[r.round_id] = _Running(r)
         self.counters.rounds_started += 1
         return r, model, ops
 
@@ -321,7 +332,11 @@ class FederatedLearning:
     async def _round_known(self, round_id: str) -> bool:
         if self.remote is not None:
             return round_id in self._known
-        return round_id in self.rounds or await self.core.store.fl_round(round_id) is not None
+        return round_id in self._running or await self.core.store.fl_round(round_id) is not None
+
+    def is_running(self, round_id: str) -> bool:
+        """Whether the round is running (or closing: its last writes not yet stored)."""
+        return round_id in self._running
 
     def _online(self, proplet_id: str) -> bool:
         p = self.core.proplets.get(proplet_id)
@@ -428,7 +443,7 @@ class FederatedLearning:
         parts = fl_update_parts(topic)
         if parts is None or self.remote is not None:
             return  # in upstream's mode the coordinator listens to this topic itself
-        if parts[0] not in self.rounds:
+        if parts[0] not in self._running:
             # The topic has no tenant prefix: on a shared broker, other managers' rounds show up here.
             log.debug("update on %s for a round this manager does not run; ignored", topic)
             return
@@ -442,11 +457,11 @@ class FederatedLearning:
             return
         await self._intake.put(_Intake(update.round_id, update, "mqtt"))
 
-    async def on_round_task_result(self, task: Task) -> None:
+    async def on_round_task_ended(self, task: Task) -> None:
         """A round task ended: by its result, whose envelope carries the update (base64 of its
         stdout), or otherwise (failed with its proplet gone, stopped): then it brings no update."""
         round_id = task.env.get("ROUND_ID", "")
-        if self.remote is not None or round_id not in self.rounds:
+        if self.remote is not None or round_id not in self._running:
             return
         envelope = task.results
         update = None
@@ -470,35 +485,25 @@ class FederatedLearning:
             await self.remote.call("POST", "/update", json=update.model_dump(mode="json"))
             return {"status": "accepted"}
         async with self._lock:
-            r = self.rounds.get(update.round_id)
-            if r is not None and r.state is not RoundState.RUNNING:
-                # Closed, its last writes still being stored.
-                if update.proplet_id in self._updates[r.round_id]:
-                    self.counters.updates_repeated += 1
-                    return {"status": "accepted", "round_id": r.round_id, "counted": False,
-                            "num_updates": len(self._updates[r.round_id]), "k_of_n": r.k_of_n}
+            running = self._running.get(update.round_id)
+            if running is None:
+                # Closed and stored, or unknown.
+                stored = await self.core.store.fl_round(update.round_id)
+                if stored is None:
+                    self.counters.updates_refused += 1
+                    raise NotFound(f"round {update.round_id} is unknown")
+                running = _Running(stored, {u.proplet_id: u for u in await self.core.store.fl_updates(stored.round_id)})
+            r, updates = running.round, running.updates
+            if update.proplet_id in updates:
+                # The same update by its second path (the result after the POST), or resent.
+                self.counters.updates_repeated += 1
+                return running.answer(counted=False)
+            if r.state is not RoundState.RUNNING:
                 self.counters.updates_refused += 1
                 raise Conflict(f"round {r.round_id} has {r.state}; updates are taken while it runs")
-            if r is None:
-                stored = await self.core.store.fl_round(update.round_id)
-                senders = {u.proplet_id for u in await self.core.store.fl_updates(update.round_id)} if stored else set()
-                if stored is not None and update.proplet_id in senders:
-                    # The same update by its second path (the result after the POST), once the round closed.
-                    self.counters.updates_repeated += 1
-                    return {"status": "accepted", "round_id": stored.round_id, "counted": False,
-                            "num_updates": len(senders), "k_of_n": stored.k_of_n}
-                self.counters.updates_refused += 1
-                if stored is None:
-                    raise NotFound(f"round {update.round_id} is unknown")
-                raise Conflict(f"round {update.round_id} has {stored.state}; updates are taken while it runs")
             if update.proplet_id not in r.participants:
                 self.counters.updates_refused += 1
                 raise Conflict(f"{update.proplet_id} is not a participant of round {r.round_id}")
-            updates = self._updates[r.round_id]
-            if update.proplet_id in updates:
-                self.counters.updates_repeated += 1
-                return {"status": "accepted", "round_id": r.round_id, "counted": False,
-                        "num_updates": len(updates), "k_of_n": r.k_of_n}
             # Refused now rather than failing the whole round at aggregation.
             try:
                 federated_average([(1, update.update)] + [(1, u.body["update"]) for u in list(updates.values())[:1]])
@@ -511,30 +516,29 @@ class FederatedLearning:
             stored = await self.core.writer.enqueue(self.core.store.op_insert_fl_update(record))
             updates[update.proplet_id] = record
             self.counters.updates_accepted += 1
-            count = len(updates)
-            log.info("round %s: update %d of %d, from %s (%s)", r.round_id, count, r.k_of_n, update.proplet_id, source)
+            answer = running.answer(counted=True)
+            log.info("round %s: update %d of %d, from %s (%s)", r.round_id, len(updates), r.k_of_n,
+                     update.proplet_id, source)
         await self._complete_if_ready(r.round_id)
         if durable:
             await stored
-        return {"status": "accepted", "round_id": r.round_id, "counted": True, "num_updates": count,
-                "k_of_n": r.k_of_n}
+        return answer
 
     async def _complete_if_ready(self, round_id: str) -> None:
-        r = self.rounds.get(round_id)
-        if r is None or r.state is not RoundState.RUNNING:
+        running = self._running.get(round_id)
+        if running is None or running.round.state is not RoundState.RUNNING:
             return
-        updates = self._updates[round_id]
-        if len(updates) >= r.k_of_n:
-            await self._finish(r, timed_out=False)
-        elif set(r.started) <= self._ended[round_id] | set(updates):
-            # Every started task has ended and no more updates are coming from them.
-            await self._finish(r, timed_out=False)
+        # k_of_n updates in, or every started task has ended and no more updates are coming.
+        if (len(running.updates) >= running.round.k_of_n
+                or set(running.round.started) <= running.ended | set(running.updates)):
+            await self._finish(running, timed_out=False)
 
-    async def _finish(self, r: FLRound, *, timed_out: bool) -> None:
+    async def _finish(self, running: _Running, *, timed_out: bool) -> None:
+        r = running.round
         async with self._lock:
-            if self.rounds.get(r.round_id) is not r or r.state is not RoundState.RUNNING:
+            if self._running.get(r.round_id) is not running or r.state is not RoundState.RUNNING:
                 return
-            updates = list(self._updates[r.round_id].values())
+            updates = list(running.updates.values())
             now = utcnow()
             why = "its deadline passed" if timed_out else "every started task ended"
             ops = []
@@ -559,7 +563,7 @@ class FederatedLearning:
             # Outside the lock: other rounds go on meanwhile. Until stored, reads find the round here.
             await committed
         finally:
-            del self.rounds[r.round_id], self._updates[r.round_id], self._ended[r.round_id]
+            del self._running[r.round_id]
         if r.state is RoundState.COMPLETED:
             self.counters.rounds_completed += 1
             log.info("round %s completed with %d updates: model version %d", r.round_id, len(updates),
@@ -577,9 +581,9 @@ class FederatedLearning:
     async def get_round(self, round_id: str) -> tuple[FLRound, list[FLUpdateRecord]]:
         if "\x00" in round_id:  # PostgreSQL takes no NUL in text; no round has one
             raise NotFound(f"round {round_id!r} is unknown")
-        r = self.rounds.get(round_id)
-        if r is not None:
-            return r, list(self._updates[round_id].values())
+        running = self._running.get(round_id)
+        if running is not None:
+            return running.round, list(running.updates.values())
         # Updates and rounds are stored without waiting (see accept_update): read what was queued.
         await self.core.writer.barrier()
         stored = await self.core.store.fl_round(round_id)
@@ -600,7 +604,12 @@ class FederatedLearning:
         """(total, rounds newest first, each with its updates)."""
         await self.core.writer.barrier()
         page = await self.core.store.fl_rounds(offset, limit)
-        return page.total, [await self.get_round(r.round_id) for r in page.items]
+        rounds = []
+        for r in page.items:
+            running = self._running.get(r.round_id)
+            rounds.append((running.round, list(running.updates.values())) if running is not None
+                          else (r, await self.core.store.fl_updates(r.round_id)))
+        return page.total, rounds
 
     async def models(self) -> list[tuple[int, str, datetime]]:
         await self.core.writer.barrier()

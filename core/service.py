@@ -65,7 +65,7 @@ from core.store.reads import TaskReader
 from core.store.writer import StoreWriter
 from core.telemetry import CoreMetrics
 from core.topics import Topics
-from core.workflows import GroupCoordinator, validate_dag
+from core.workflows import GroupCoordinator, never_started, validate_dag
 
 log = logging.getLogger(__name__)
 
@@ -681,22 +681,21 @@ class ManagerCore:
                 break
         return Page(matching[offset:offset + limit], len(matching))
 
-    async def start_job(self, job_id: str) -> tuple[Job, list[Task]]:
+    async def start_job(self, job_id: str) -> None:
         """Start a job that has not run: its tasks without dependencies (parallel, configurable), or
         its first task (sequential); the rest follow as they finish."""
         job, tasks = await self.get_job(job_id)
         if not tasks:
             raise InvalidRequest(f"job {job_id} has no tasks")
-        if any(not (t.state is TaskState.PENDING and t.id not in self.active) for t in tasks):
+        if not all(never_started(t, self) for t in tasks):
             state = group_state([t.state for t in tasks])
             raise Conflict(f"job {job_id} has already been started (it is {state.label}); create a new job "
                            "to run its tasks again")
         first = tasks[:1] if job.execution_mode == "sequential" else [t for t in tasks if not t.depends_on]
         for task in first:
             await self.start_task(task.id)
-        return await self.get_job(job_id)
 
-    async def stop_job(self, job_id: str) -> tuple[Job, list[Task]]:
+    async def stop_job(self, job_id: str) -> None:
         """Stop a job's queued and running tasks; those that have not started are skipped."""
         _, tasks = await self.get_job(job_id)
         for task in tasks:
@@ -704,16 +703,16 @@ class ManagerCore:
                 with contextlib.suppress(Conflict):
                     await self.stop_task(task.id)
         await self.groups.settle()
-        return await self.get_job(job_id)
 
-    async def start_task(self, task_id: str) -> Task:
-        """Queue a task for dispatch (or re-run a finished one). Returns once that is stored."""
+    async def start_task(self, task_id: str, *, dependencies_met: bool = False) -> Task:
+        """Queue a task for dispatch (or re-run a finished one). Returns once that is stored.
+        `dependencies_met`: the caller has just checked them (the workflow coordinator)."""
         if task_id in self.active:
             state = self.active[task_id].state
             what = "queued" if state is TaskState.PENDING else state.label
             raise Conflict(f"task {task_id} is already {what}; stop it first to start it again")
         task = self._recent.pop(task_id, None) or await self._load_for_start(task_id)
-        if task.depends_on:
+        if task.depends_on and not dependencies_met:
             try:
                 await self._check_dependencies(task)
             except Conflict:
@@ -864,7 +863,7 @@ class ManagerCore:
             self.groups.finished(task)
         if new.is_terminal and task.name.startswith(protocol.FL_ROUND_TASK_PREFIX) and "ROUND_ID" in task.env:
             # By its result, or failed when its proplet went offline, or stopped: the round hears of it.
-            await self.federated.on_round_task_result(task)
+            await self.federated.on_round_task_ended(task)
         return fut
 
     def _forget(self, task: Task) -> None:
@@ -1367,11 +1366,13 @@ class ManagerCore:
         if task.start_time is None:
             task.start_time = now
         new = TaskState.FAILED if msg.error else TaskState.COMPLETED
-        if new is TaskState.COMPLETED and task.wasm_digest and not task.image_url:
-            self._note_module_held(msg.proplet_id or task.proplet_id, task.wasm_digest)
         detail = f"{'failed' if msg.error else 'completed'} on {task.proplet_id or msg.proplet_id or '?'}"
         sender = self.proplets.get(msg.proplet_id) if msg.proplet_id else None
-        acks = sender is not None and CAP_RESULT_ACK in sender.capabilities
+        capabilities = sender.capabilities if sender is not None else frozenset()
+        acks = CAP_RESULT_ACK in capabilities
+        if (new is TaskState.COMPLETED and task.wasm_digest and not task.image_url
+                and CAP_MODULE_CACHE in capabilities):
+            self._note_module_held(msg.proplet_id, task.wasm_digest)
         committed = await self._transition(task, new, detail, durable=acks)
         if committed is not None:
             attempt = task.attempt
@@ -1383,9 +1384,6 @@ class ManagerCore:
             committed.add_done_callback(ack_once_stored)
 
     def _note_module_held(self, proplet_id: str, digest: str) -> None:
-        p = self.proplets.get(proplet_id)
-        if p is None or CAP_MODULE_CACHE not in p.capabilities:
-            return
         held = self._modules_held.setdefault(proplet_id, OrderedDict())
         held[digest] = None
         held.move_to_end(digest)

@@ -69,7 +69,8 @@ def verdict(task: Task, deps: Iterable[Task]) -> bool | None:
     return all(d.state is TaskState.COMPLETED for d in deps)
 
 
-def _never_started(task: Task, core: ManagerCore) -> bool:
+def never_started(task: Task, core: ManagerCore) -> bool:
+    """Pending and never queued: waiting for its dependencies, its job, or a first start."""
     return task.state is TaskState.PENDING and task.id not in core.active
 
 
@@ -131,9 +132,16 @@ class GroupCoordinator:
                        finished_state: TaskState | None) -> None:
         core = self.core
         self.advances += 1
-        tasks = await core.group_tasks(workflow_id=workflow_id, job_id=job_id)
         job = None if workflow_id else await core.store.get_job(job_id)
-        if job is not None and finished_state in (TaskState.FAILED, TaskState.INTERRUPTED):
+        ends_job = job is not None and finished_state in (TaskState.FAILED, TaskState.INTERRUPTED)
+        if not ends_job and (job is None or job.execution_mode != "sequential"):
+            # Only a dependent can be released: a group without one (a parallel job, say) is not
+            # read whole each time one of its tasks finishes.
+            await core.writer.barrier()
+            if not await core.store.group_has_waiting_dependents(workflow_id=workflow_id, job_id=job_id):
+                return
+        tasks = await core.group_tasks(workflow_id=workflow_id, job_id=job_id)
+        if ends_job:
             why = f"job {job_id} ended: its task {finished_id} {finished_state.label}"
             for task in tasks:
                 if task.id in core.active:
@@ -144,7 +152,7 @@ class GroupCoordinator:
         if job is not None and job.execution_mode == "sequential":
             previous: Task | None = None
             for task in tasks:
-                if _never_started(task, core):
+                if never_started(task, core):
                     # The first one is for start_job to start; each next one once the one before is done.
                     if previous is not None and previous.state in (TaskState.COMPLETED, TaskState.SKIPPED):
                         await _quietly(core.start_task(task.id))
@@ -155,7 +163,7 @@ class GroupCoordinator:
             return
         by_id = {t.id: t for t in tasks}
         for task in tasks:
-            if not task.depends_on or not _never_started(task, core):
+            if not task.depends_on or not never_started(task, core):
                 continue
             deps = [by_id[d] for d in task.depends_on if d in by_id]
             if len(deps) < len(task.depends_on):
@@ -166,7 +174,8 @@ class GroupCoordinator:
             if run is None:
                 continue
             if run:
-                await _quietly(core.start_task(task.id))
+                # Its dependencies were just read from this group: start_task need not read them again.
+                await _quietly(core.start_task(task.id, dependencies_met=True))
             else:
                 states = ", ".join(f"{d.id} {d.state.label}" for d in deps)
                 wanted = "one to fail" if task.run_if == "failure" else "all to complete"

@@ -178,6 +178,21 @@ def _show(data: Any, as_json: bool, render: Any) -> None:
         render(data)
 
 
+def _fetch_and_show(manager_url: str, token: str | None, as_json: bool, fetch: Callable[[Any], Any],
+                    render: Callable[[Any], Any]) -> None:
+    """One request (or a few) with a client, then the answer shown (an API error: a clean message)."""
+    with ManagerClient(manager_url, token) as client:
+        data = _run(lambda: fetch(client))
+    _show(data, as_json, render)
+
+
+def _json_file(path: str) -> Any:
+    try:
+        return json.loads(Path(path).expanduser().read_text())
+    except (OSError, ValueError) as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc}") from None
+
+
 def _table(columns: list[str], rows: list[list[Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -191,7 +206,7 @@ def _table(columns: list[str], rows: list[list[Any]]) -> None:
 
 
 def _short_time(text: str | None) -> str:
-    if not text or text.startswith("0001-"):
+    if not text or _unset_time(text):
         return ""
     return text.replace("T", " ")[:19]
 
@@ -208,10 +223,13 @@ def _task_detail(t: dict[str, Any]) -> None:
     fields = ["id", "name", "state_name", "proplet_id", "image_url", "wasm_digest", "inputs", "env",
               "priority", "attempt", "reason", "results", "error", "created_at", "start_time", "finish_time",
               "workflow_id", "job_id", "depends_on", "schedule", "timezone", "next_run"]
-    if not t.get("schedule"):
-        fields.remove("next_run")  # the zero time
     _table(["FIELD", "VALUE"], [[f, json.dumps(t.get(f)) if isinstance(t.get(f), (dict, list)) else t.get(f)]
-                                for f in fields if t.get(f) not in (None, "", [], {})])
+                                for f in fields if t.get(f) not in (None, "", [], {}) and not _unset_time(t.get(f))])
+
+
+def _unset_time(value: Any) -> bool:
+    """Upstream's zero time, which the API gives for a time that has not come (start, next run...)."""
+    return isinstance(value, str) and value.startswith("0001-")
 
 
 @main.group()
@@ -304,9 +322,8 @@ def tasks_start(task_id: str, wait_s: float | None, manager_url: str, token: str
 @_client_options
 def tasks_stop(task_id: str, manager_url: str, token: str | None, as_json: bool) -> None:
     """Stop a queued or running task."""
-    with ManagerClient(manager_url, token) as client:
-        data = _run(lambda: client.stop_task(task_id))
-    _show(data, as_json, lambda d: click.echo(f"stopped {task_id}"))
+    _fetch_and_show(manager_url, token, as_json, lambda client: client.stop_task(task_id),
+                    lambda d: click.echo(f"stopped {task_id}"))
 
 
 @tasks.command("get")
@@ -335,10 +352,8 @@ def tasks_get(task_id: str, with_events: bool, manager_url: str, token: str | No
 def tasks_list(state: str | None, limit: int, offset: int, manager_url: str, token: str | None,
                as_json: bool) -> None:
     """List tasks, newest first."""
-    with ManagerClient(manager_url, token) as client:
-        data = _run(lambda: client.list_tasks(offset, limit, state))
-    _show(data, as_json, lambda d: (_task_rows(d["tasks"]),
-                                   click.echo(f"{len(d['tasks'])} of {d['total']} tasks")))
+    _fetch_and_show(manager_url, token, as_json, lambda client: client.list_tasks(offset, limit, state),
+                    lambda d: (_task_rows(d["tasks"]), click.echo(f"{len(d['tasks'])} of {d['total']} tasks")))
 
 
 @tasks.command("results")
@@ -375,10 +390,7 @@ def _group_body(path: str) -> dict[str, Any]:
     an OCI reference) becomes its `file` or `image_url`, as in `tasks create --wasm`."""
     from propeller.client import module_fields
 
-    try:
-        body = json.loads(Path(path).expanduser().read_text())
-    except (OSError, ValueError) as exc:
-        raise click.BadParameter(f"cannot read {path}: {exc}") from None
+    body = _json_file(path)
     if not isinstance(body, dict) or not isinstance(body.get("tasks"), list):
         raise click.BadParameter(f'{path} must hold a JSON object with a "tasks" list')
     for task in body["tasks"]:
@@ -410,9 +422,7 @@ def workflows_create(file: str, manager_url: str, token: str | None, as_json: bo
     """Create a workflow from FILE: {"tasks": [{"id": <uuid>, "name", "wasm", "inputs", "depends_on",
     "run_if"}, ...]}. Nothing starts: start its first tasks with `tasks start`."""
     body = _group_body(file)
-    with ManagerClient(manager_url, token) as client:
-        data = _run(lambda: client.create_workflow(body))
-    _show(data, as_json, _group_detail)
+    _fetch_and_show(manager_url, token, as_json, lambda client: client.create_workflow(body), _group_detail)
 
 
 @workflows.command("get")
@@ -420,9 +430,7 @@ def workflows_create(file: str, manager_url: str, token: str | None, as_json: bo
 @_client_options
 def workflows_get(workflow_id: str, manager_url: str, token: str | None, as_json: bool) -> None:
     """Show a workflow's state and tasks."""
-    with ManagerClient(manager_url, token) as client:
-        data = _run(lambda: client.get_workflow(workflow_id))
-    _show(data, as_json, _group_detail)
+    _fetch_and_show(manager_url, token, as_json, lambda client: client.get_workflow(workflow_id), _group_detail)
 
 
 @main.group()
@@ -454,9 +462,7 @@ def jobs_create(file: str, start_now: bool, manager_url: str, token: str | None,
 def jobs_list(status: str | None, limit: int, offset: int, manager_url: str, token: str | None,
               as_json: bool) -> None:
     """List jobs, newest first."""
-    with ManagerClient(manager_url, token) as client:
-        data = _run(lambda: client.list_jobs(offset, limit, status))
-    _show(data, as_json, lambda d: (
+    _fetch_and_show(manager_url, token, as_json, lambda client: client.list_jobs(offset, limit, status), lambda d: (
         _table(["ID", "NAME", "MODE", "STATE", "TASKS", "CREATED"], [
             [j["job_id"], j["name"], j["execution_mode"], j["state_name"], len(j["tasks"]),
              _short_time(j["created_at"])] for j in d["jobs"]]),
@@ -466,11 +472,12 @@ def jobs_list(status: str | None, limit: int, offset: int, manager_url: str, tok
 def _show_job(job_id: str, manager_url: str, token: str | None, as_json: bool,
               action: Callable[[Any], Any] | None = None) -> None:
     """Run `action` on the job, if any, then show the job as it is."""
-    with ManagerClient(manager_url, token) as client:
+    def fetch(client: Any) -> Any:
         if action is not None:
-            _run(lambda: action(client))
-        data = _run(lambda: client.get_job(job_id))
-    _show(data, as_json, _group_detail)
+            action(client)
+        return client.get_job(job_id)
+
+    _fetch_and_show(manager_url, token, as_json, fetch, _group_detail)
 
 
 @jobs.command("get")
@@ -513,10 +520,7 @@ def fl_start(file: str, wait: bool, manager_url: str, token: str | None, as_json
     and HYPERPARAMS in its env and prints its update as JSON."""
     from propeller.client import module_fields
 
-    try:
-        body = json.loads(Path(file).expanduser().read_text())
-    except (OSError, ValueError) as exc:
-        raise click.BadParameter(f"cannot read {file}: {exc}") from None
+    body = _json_file(file)
     if not isinstance(body, dict):
         raise click.BadParameter(f"{file} must hold a JSON object")
     if "wasm" in body:
@@ -546,9 +550,8 @@ def _round_detail(r: dict[str, Any]) -> None:
 @_client_options
 def fl_status(round_id: str, manager_url: str, token: str | None, as_json: bool) -> None:
     """Show a round: its state, the updates it has and the model it made."""
-    with ManagerClient(manager_url, token) as client:
-        data = _run(lambda: client.round_status(round_id))
-    _show(data, as_json, lambda d: _round_detail(d["status"]))
+    _fetch_and_show(manager_url, token, as_json, lambda client: client.round_status(round_id),
+                    lambda d: _round_detail(d["status"]))
 
 
 @federated.command("rounds")
@@ -557,9 +560,7 @@ def fl_status(round_id: str, manager_url: str, token: str | None, as_json: bool)
 @_client_options
 def fl_rounds(limit: int, offset: int, manager_url: str, token: str | None, as_json: bool) -> None:
     """List rounds, newest first."""
-    with ManagerClient(manager_url, token) as client:
-        data = _run(lambda: client.list_rounds(offset, limit))
-    _show(data, as_json, lambda d: (
+    _fetch_and_show(manager_url, token, as_json, lambda client: client.list_rounds(offset, limit), lambda d: (
         _table(["ROUND", "STATE", "UPDATES", "MODEL", "FROM", "CREATED"], [
             [r["round_id"], r["state"], f"{r['num_updates']}/{r['k_of_n']}", r["model_uri"], r["model_ref"],
              _short_time(r["created_at"])] for r in d["rounds"]]),
@@ -590,9 +591,7 @@ def proplets() -> None:
 @_client_options
 def proplets_list(status: str | None, manager_url: str, token: str | None, as_json: bool) -> None:
     """List proplets."""
-    with ManagerClient(manager_url, token) as client:
-        data = _run(lambda: client.list_proplets(status))
-    _show(data, as_json, lambda d: _table(
+    _fetch_and_show(manager_url, token, as_json, lambda client: client.list_proplets(status), lambda d: _table(
         ["ID", "NAME", "ALIVE", "TASKS", "LAST HEARTBEAT", "RUNTIME", "OS/ARCH"],
         [[p["id"], p["name"], "yes" if p["alive"] else "no", p["task_count"],
           _short_time(p.get("last_alive_at")), p["metadata"].get("wasm_runtime", ""),
@@ -605,9 +604,8 @@ def proplets_list(status: str | None, manager_url: str, token: str | None, as_js
 @_client_options
 def proplets_get(proplet_id: str, manager_url: str, token: str | None, as_json: bool) -> None:
     """Show one proplet."""
-    with ManagerClient(manager_url, token) as client:
-        data = _run(lambda: client.get_proplet(proplet_id))
-    _show(data, as_json, lambda p: _table(["FIELD", "VALUE"], [
+    _fetch_and_show(manager_url, token, as_json, lambda client: client.get_proplet(proplet_id),
+                    lambda p: _table(["FIELD", "VALUE"], [
         [k, json.dumps(v) if isinstance(v, (dict, list)) else v] for k, v in p.items()]))
 
 

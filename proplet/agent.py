@@ -130,8 +130,7 @@ class PropletAgent:
                                   stall_timeout=s.chunk_stall_timeout, max_bytes=s.wasm_fetch_max_bytes,
                                   binary=True)
         self.fetcher = ModuleFetcher([InlineSource(), self.http, self.chunks])
-        self.federated = FederatedClient(self.id, self._publish_fl_update, ca_file=s.http_tls_ca_cert,
-                                         insecure_skip_verify=s.http_tls_insecure_skip_verify)
+        self.federated = FederatedClient(self.id, self._publish_fl_update, self.http)
         self._spawn(self.bus.run(), "mqtt")
         self._spawn(self._heartbeats(), "heartbeats")
         self._spawn(self._resend_results(), "outbox")
@@ -148,6 +147,9 @@ class PropletAgent:
             running.job.cancel()
         if self.running:
             await asyncio.wait([r.job for r in self.running.values()], timeout=10)
+        if self.federated is not None:
+            # While the bus is up: an update that falls back to MQTT must still reach the broker.
+            await self.federated.flush()
         if self.bus is not None and self.bus.connected.is_set():
             # A clean exit says goodbye; the Last Will covers crashes only.
             with contextlib.suppress(BrokerUnavailable, aiomqtt.MqttError):
@@ -346,14 +348,6 @@ class PropletAgent:
                           args=start.cli_args, limits=start.limits, dirs=self._granted_dirs(start),
                           network=self._network_granted(start))
 
-    async def _prepared_invocation(self, start: StartMessage) -> Invocation:
-        """The invocation, with the model and dataset of an FL task fetched into its env."""
-        invocation = self._invocation(start)
-        assert self.federated is not None
-        if not self.federated.applies(invocation.env):
-            return invocation
-        return replace(invocation, env=await self.federated.prepare(start.id, invocation.env))
-
     def _network_granted(self, start: StartMessage) -> bool:
         """Outgoing network needs both the task (`-S http` / `-S inherit-network` in cli_args, the
         wasmtime CLI's own flags) and the proplet (PROPLET_ALLOW_NETWORK)."""
@@ -415,7 +409,10 @@ class PropletAgent:
 
                 # Before any byte is fetched: an unsigned module never reaches the runtime.
                 verify_digest(self._trusted_keys, start.wasm_digest, start.wasm_signature)
-            invocation = await self._prepared_invocation(start)
+            invocation = self._invocation(start)
+            if self.federated is not None and self.federated.applies(invocation.env):
+                # The model and dataset of an FL task, fetched into its env.
+                invocation = replace(invocation, env=await self.federated.prepare(start.id, invocation.env))
             digest = await self._module(start)
             if start.latent:
                 # Deployed, not run: invocations call it (upstream publishes nothing here either).

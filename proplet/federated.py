@@ -27,7 +27,7 @@ import orjson
 from core.protocol import FL_UPDATE_IN_RESULT, model_version
 from core.topics import fl_update_topic
 from proplet.sources.base import format_size
-from proplet.sources.http import display_url, tls_verify_setting
+from proplet.sources.http import HttpSource, display_url
 
 if TYPE_CHECKING:
     import httpx
@@ -124,22 +124,20 @@ def build_envelope(*, task_id: str, round_id: str, proplet_id: str, stdout: byte
 class FederatedClient:
     """The HTTP side of FL for one proplet, and the MQTT fallback through the agent's `publish`."""
 
-    def __init__(self, proplet_id: str, publish: Publish, *, ca_file: str | None = None,
-                 insecure_skip_verify: bool = False, timeout: float = DEFAULT_TIMEOUT_S,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, process_env: Mapping[str, str] | None = None
-                 ) -> None:
+    def __init__(self, proplet_id: str, publish: Publish, http: HttpSource | None = None, *,
+                 timeout: float = DEFAULT_TIMEOUT_S, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 process_env: Mapping[str, str] | None = None) -> None:
         self.proplet_id = proplet_id
         self.timeout = timeout
         self.max_body_bytes = max_body_bytes
         self._publish = publish
         self._process_env = process_env
-        # Checked now, so a wrong CA file is a configuration error at start, not in the first round.
-        self._verify = tls_verify_setting(ca_file, insecure_skip_verify)
-        # Built on first use: a proplet that never runs FL tasks does not pay for httpx.
-        self._client: httpx.AsyncClient | None = None
-        self.updates_posted = 0
+        # The agent's module fetcher lends its HTTP client (its TLS settings, one connection pool).
+        self._owns_http = http is None
+        self._http_source = http or HttpSource()
         self.updates_published = 0
-        # Updates on their way to the coordinator (one per round task that just finished).
+        # Updates on their way to the coordinator: one per round task that just finished, so at most
+        # the proplet's task slots' worth, each bounded by the HTTP timeout.
         self._deliveries: set[asyncio.Future[None]] = set()
 
     def setting(self, name: str, env: Mapping[str, str]) -> str:
@@ -215,18 +213,13 @@ class FederatedClient:
 
     async def aclose(self) -> None:
         await self.flush()
-        if self._client is not None:
-            await self._client.aclose()
+        if self._owns_http:
+            await self._http_source.aclose()
 
     # ------------------------------------------------------------------------------------
 
     def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
-            import httpx
-
-            self._client = httpx.AsyncClient(timeout=httpx.Timeout(self.timeout), verify=self._verify,
-                                             follow_redirects=True, max_redirects=10)
-        return self._client
+        return self._http_source.client()
 
     async def _deliver(self, task_id: str, round_id: str, env: Mapping[str, str], payload: bytes) -> None:
         """POST the update as printed (upstream forwards the module's JSON); MQTT when that fails."""
@@ -235,7 +228,6 @@ class FederatedClient:
             url = f"{coordinator.rstrip('/')}/update"
             problem = await self._post(url, payload)
             if not problem:
-                self.updates_posted += 1
                 return
             log.warning("task %s (round %s): the coordinator did not take the update (%s); publishing it on "
                         "MQTT instead", task_id, round_id, problem)

@@ -364,6 +364,15 @@ class Store(abc.ABC):
                 "OR job_id IN (SELECT id FROM jobs WHERE execution_mode = 'sequential'))", (int(TaskState.PENDING),))
         return [(r[0], r[1]) for r in rows]
 
+    async def group_has_waiting_dependents(self, *, workflow_id: str = "", job_id: str = "") -> bool:
+        """Whether a task of the group waits for others and has not started."""
+        column, value = ("workflow_id", workflow_id) if workflow_id else ("job_id", job_id)
+        async with self.connection() as conn:
+            rows = await conn.fetch(
+                f"SELECT 1 FROM tasks WHERE {column} = ? AND state = ? AND queued_at IS NULL "
+                "AND depends_on <> '[]' LIMIT 1", (value, int(TaskState.PENDING)))
+        return bool(rows)
+
     async def task_schedules(self) -> list[Schedule]:
         async with self.connection() as conn:
             rows = await conn.fetch("SELECT task_id, expression, timezone, recurring, next_run FROM task_schedules")

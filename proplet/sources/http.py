@@ -82,7 +82,8 @@ class HttpSource:
         # never fetches a URL should not pay.
         self._client: Any = client
 
-    def _http(self) -> httpx.AsyncClient:
+    def client(self) -> httpx.AsyncClient:
+        """The proplet's HTTP client (module URLs and federated learning), built on first use."""
         if self._client is None:
             import httpx
 
@@ -137,7 +138,7 @@ class HttpSource:
 
     async def _download(self, url: str) -> tuple[ModuleBytes, str]:
         shown = display_url(url)
-        async with self._http().stream("GET", url) as response:
+        async with self.client().stream("GET", url) as response:
             if response.status_code >= 400:
                 hint = " Check that the file is published at that address." if response.status_code == 404 else ""
                 raise FetchError(

@@ -7,7 +7,6 @@ import base64
 import itertools
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -235,24 +234,19 @@ async def test_stopping_a_job_stops_what_runs_and_skips_what_waits(api: httpx.As
 
 
 async def test_a_dependent_released_while_the_manager_was_down_starts_after_a_restart(
-        broker: Mosquitto, tmp_path: Path) -> None:
-    from core.config import ManagerSettings
-    from core.service import ManagerCore
+        managers_on_each_backend: Any, broker: Mosquitto) -> None:
+    from core.schemas import WorkflowCreate
 
-    settings = ManagerSettings(mqtt_address=broker.url, tenant_id=unique("t"), entity_id=unique("manager"),
-                               storage_type="sqlite", sqlite_path=tmp_path / "m.db", http_port=0, mqtt_timeout=5.0)
     root, dependent = task(), task()
     dependent["depends_on"] = [root["id"]]
-    async with ManagerCore(settings) as core:
-        from core.schemas import WorkflowCreate
-
+    async with managers_on_each_backend() as core:
         tasks = await core.create_workflow(WorkflowCreate.model_validate({"tasks": [root, dependent]}))
         # The root finishes as if its result had been stored just before the manager stopped.
         stored = await core.store.group_tasks(workflow_id=tasks[0].workflow_id)
         finished = stored[0]
         finished.state = TaskState.COMPLETED
         await core.writer.write(core.store.op_update_task_state(finished))
-    async with ManagerCore(settings) as core, Proplet(broker.url, core.topics, unique("p"), answer=answer):
+    async with managers_on_each_backend() as core, Proplet(broker.url, core.topics, unique("p"), answer=answer):
         async def dependent_done() -> bool:
             return (await core.get_task(dependent["id"])).state is TaskState.COMPLETED
 

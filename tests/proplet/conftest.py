@@ -1,8 +1,7 @@
-"""Proplet fixtures: real agents on the session broker, and helpers to run tasks through a manager."""
+"""Proplet fixtures: real agents on the session broker (helpers to run tasks: tests/proplet/helpers.py)."""
 
 from __future__ import annotations
 
-import base64
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -10,7 +9,6 @@ from typing import Any
 
 import pytest
 
-from core.schemas import TaskCreate
 from proplet.agent import PropletAgent
 from proplet.config import PropletSettings
 from tests.wire import eventually
@@ -33,21 +31,3 @@ def proplet_factory(broker: Any, tmp_path: Path) -> PropletFactory:
             yield agent
 
     return factory
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-async def run_task(core: Any, timeout: float = 15.0, **body: Any) -> Any:
-    task = await core.create_task(TaskCreate.model_validate(body))
-    await core.start_task(task.id)
-    return await run_to_end(core, task.id, timeout)
-
-
-async def run_to_end(core: Any, task_id: str, timeout: float = 15.0) -> Any:
-    async def finished() -> Any:
-        current = await core.get_task(task_id)
-        return current if current.state.is_terminal else None
-
-    return await eventually(finished, timeout)

@@ -15,7 +15,8 @@ from core import topics as t
 from core.domain import TaskState
 from core.schemas import TaskCreate
 from proplet.config import PropletSettings, generated_entity_id, parse_duration
-from tests.proplet.conftest import PropletFactory, b64, run_task, run_to_end
+from tests.proplet.conftest import PropletFactory
+from tests.proplet.helpers import b64, run_task, run_to_end
 from tests.wasmfixtures import wasm
 from tests.wire import WireClient, eventually
 

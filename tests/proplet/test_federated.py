@@ -28,7 +28,8 @@ from proplet.federated import (
     sample_count,
 )
 from proplet.runtime import ExternalRuntime, Invocation, RuntimeConfig, WasmtimeRuntime
-from tests.proplet.conftest import PropletFactory, b64, run_task
+from tests.proplet.conftest import PropletFactory
+from tests.proplet.helpers import b64, run_task
 from tests.wasmfixtures import digest, wasm, wasmtime_cli
 from tests.wire import WireClient, eventually
 

@@ -120,7 +120,7 @@ async def test_chunks_are_appended_in_order_whatever_order_they_arrive_in() -> N
     assert got == data and digest == protocol.sha256_digest(data)
 
 
-async def test_upstreams_chunks_without_a_size_are_joined_at_the_end() -> None:
+async def test_upstreams_chunks_without_a_size_or_digest_make_the_module() -> None:
     data = module(10_500)
     source, fetch = await _fetch_fed_by_hand()
     chunks = chunks_of(REF, data, 1000, digest=False)

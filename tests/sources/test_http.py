@@ -123,9 +123,9 @@ async def test_fetches_the_module_and_its_digest(source: HttpSource) -> None:
 
 @pytest.mark.parametrize("framing", ["content-length", "chunked", "gzip"])
 async def test_a_module_of_several_hash_batches_gets_the_digest_of_all_its_bytes_in_order(framing: str) -> None:
-    """The body is hashed on a thread in batches of HASH_BATCH_BYTES, in order: views of the module's
-    buffer when its length is known (written in place as it arrives), joined pieces when it is not
-    (chunked framing) or when the length is that of a compressed body."""
+    """The body is hashed on a thread in batches of HASH_BATCH_BYTES, in order, whatever the framing:
+    httpx hands the pieces over differently for a known length, chunked framing and a compressed
+    body."""
     import gzip
 
     from proplet.sources.http import HASH_BATCH_BYTES
