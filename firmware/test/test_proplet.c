@@ -453,6 +453,30 @@ static void sends_a_result_again_until_the_manager_acknowledges_it(void **state)
     assert_int_equal(fake_count(TOPIC_RESULTS), 3); /* both confirmed: nothing to send again */
 }
 
+/* The ports take publishes while disconnected (into a bounded buffer): an unconfirmed result is not
+ * sent again on a timer then, only once on the next connect. */
+static void does_not_resend_on_a_timer_while_disconnected(void **state)
+{
+    (void)state;
+    proplet_on_connected(p);
+    start("t-52", "add", "\"1\",\"1\"", "");
+    assert_true(proplet_run_next(p));
+    deliver(TOPIC_RESULT_ACK, "{\"task_id\":\"t-0\",\"proplet_id\":\"dev-1\",\"attempt\":1}");
+    assert_int_equal(fake_count(TOPIC_RESULTS), 1);
+    proplet_on_disconnected(p);
+    for (int i = 0; i < 5; i++) {
+        fake.now += PROPLET_RESULT_RESEND_MS;
+        proplet_tick(p);
+    }
+    assert_int_equal(fake_count(TOPIC_RESULTS), 1);
+    proplet_on_connected(p);
+    assert_int_equal(fake_count(TOPIC_RESULTS), 2);
+    expect_contains(fake_published(TOPIC_RESULTS, 1), "\"task_id\":\"t-52\"");
+    fake.now += PROPLET_RESULT_RESEND_MS;
+    proplet_tick(p);
+    assert_int_equal(fake_count(TOPIC_RESULTS), 3); /* connected again: the timer resumes */
+}
+
 static void asks_for_json_chunks_once_binary_ones_never_arrived(void **state)
 {
     (void)state;
@@ -630,6 +654,7 @@ int main(void)
         TEST(fetches_a_chunked_module),
         TEST(keeps_results_the_broker_did_not_take_until_it_is_back),
         TEST(sends_a_result_again_until_the_manager_acknowledges_it),
+        TEST(does_not_resend_on_a_timer_while_disconnected),
         TEST(asks_for_json_chunks_once_binary_ones_never_arrived),
         TEST(asks_again_for_missing_chunks_then_gives_up),
         TEST(fails_at_once_when_the_registry_cannot_serve),

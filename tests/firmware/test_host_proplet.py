@@ -210,10 +210,10 @@ async def test_the_proplet_comes_back_after_a_broker_restart(manager_factory, ho
 
 async def test_a_result_finished_while_the_broker_was_down_arrives_once_it_is_back(
         manager_factory, host_proplets, own_broker, wasm) -> None:
-    """A task that ends while the broker is unreachable still reports its result once it is back.
-    On the host build paho's offline buffer takes the result first; the device (whose MQTT client
-    has no such buffer) relies on the proplet's own outbox, which the C unit test
-    keeps_results_the_broker_did_not_take_until_it_is_back exercises."""
+    """A task that ends while the broker is unreachable still reports its result once it is back: the
+    device keeps it unconfirmed and sends it again once, on the connect (paho, like the device's
+    client, also buffers the first send). That it is not sent again on a timer while the broker is
+    away is the C unit test does_not_resend_on_a_timer_while_disconnected."""
     from tests.conftest import unique
 
     tenant = unique("t")
@@ -232,6 +232,8 @@ async def test_a_result_finished_while_the_broker_was_down_arrives_once_it_is_ba
         own_broker.start()
         done = await finished(core, task.id, timeout=30)
         assert (done.state, done.results) == (TaskState.COMPLETED, "1073741824"), proplet.log
+        resent = proplet.log.count(f"sent the result of task {task.id} again")
+        assert resent == 1, proplet.log
 
 
 async def test_results_are_acknowledged_by_the_manager_and_not_sent_again(manager_factory, host_proplets, wasm,

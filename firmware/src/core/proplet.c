@@ -285,7 +285,7 @@ static void resend_results(proplet_t *p, char *buf, bool reconnected)
         bool due = r->id[0] != '\0' && r->unconfirmed
                    && (reconnected ? p->acks_seen || r->sent_ms == 0
                                          || now - r->finished_ms < PROPLET_UNCONFIRMED_TTL_MS
-                                   : p->acks_seen && r->sent_ms != 0
+                                   : p->connected && p->acks_seen && r->sent_ms != 0
                                          && now - r->sent_ms >= PROPLET_RESULT_RESEND_MS);
         if (due) {
             memcpy(ref.id, r->id, sizeof ref.id);
@@ -310,8 +310,18 @@ static void resend_results(proplet_t *p, char *buf, bool reconnected)
     }
 }
 
+void proplet_on_disconnected(proplet_t *p)
+{
+    lock(p);
+    p->connected = false;
+    unlock(p);
+}
+
 void proplet_on_connected(proplet_t *p)
 {
+    lock(p);
+    p->connected = true;
+    unlock(p);
     char ip[48] = "";
     if (p->port.network_address != NULL)
         p->port.network_address(p->port.ctx, ip, sizeof ip);
@@ -499,14 +509,20 @@ static bool holds(proplet_t *p, const char *id)
     return held;
 }
 
+/* A message of the MQTT thread that does not parse: counted and logged, then dropped. */
+static void note_invalid(proplet_t *p, const char *kind, const protocol_error_t *perr)
+{
+    p->counters.messages_invalid++;
+    plog(p, PROPLET_LOG_WARN, "invalid %s message: %s", kind, perr->reason);
+}
+
 static void handle_start(proplet_t *p, const char *payload, size_t len)
 {
     start_msg_t *m = &p->inbound_start;
     protocol_error_t perr;
     char *buf = p->inbound_out[0];
     if (!protocol_parse_start(payload, len, m, &perr)) {
-        p->counters.messages_invalid++;
-        plog(p, PROPLET_LOG_WARN, "invalid start message: %s", perr.reason);
+        note_invalid(p, "start", &perr);
         if (perr.has_id && protocol_targets(perr.proplet_id, perr.broadcast, p->cfg.proplet_id)
             && !holds(p, perr.id)) {
             task_ref_t ref = {{0}, perr.attempt, {0}};
@@ -602,8 +618,7 @@ static void handle_stop(proplet_t *p, const char *payload, size_t len)
     stop_msg_t m;
     protocol_error_t perr;
     if (!protocol_parse_stop(payload, len, &m, &perr)) {
-        p->counters.messages_invalid++;
-        plog(p, PROPLET_LOG_WARN, "invalid stop message: %s", perr.reason);
+        note_invalid(p, "stop", &perr);
         return;
     }
     /* Upstream's device ignores the target and stops tasks meant for others (defect 48). */
@@ -643,8 +658,7 @@ static void handle_chunk(proplet_t *p, const char *payload, size_t len, bool bin
     bool parsed = binary ? protocol_parse_binary_chunk(payload, len, c, &perr)
                          : protocol_parse_chunk(payload, len, c, &perr);
     if (!parsed) {
-        p->counters.messages_invalid++;
-        plog(p, PROPLET_LOG_WARN, "invalid chunk message: %s", perr.reason);
+        note_invalid(p, "chunk", &perr);
         return;
     }
     /* One slot at a time, so no slot waits on another slot's decoding. */
@@ -685,8 +699,7 @@ static void handle_result_ack(proplet_t *p, const char *payload, size_t len)
     result_ack_msg_t m;
     protocol_error_t perr;
     if (!protocol_parse_result_ack(payload, len, &m, &perr)) {
-        p->counters.messages_invalid++;
-        plog(p, PROPLET_LOG_WARN, "invalid result_ack message: %s", perr.reason);
+        note_invalid(p, "result_ack", &perr);
         return;
     }
     if (strcmp(m.proplet_id, p->cfg.proplet_id) != 0)

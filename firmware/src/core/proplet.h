@@ -123,6 +123,10 @@ typedef struct proplet {
      * is sent again every PROPLET_RESULT_RESEND_MS. Without, each result is sent once (and again
      * after a reconnect, if it is recent), so an upstream manager is not flooded with repeats. */
     bool acks_seen;
+    /* Between proplet_on_connected and proplet_on_disconnected. Both ports take publishes while
+     * disconnected (into a bounded buffer): timed resends wait for the connection, or each would
+     * add another copy to that buffer. */
+    bool connected;
     uint64_t next_heartbeat_ms;
     uint64_t next_metrics_ms;
     proplet_counters_t counters;
@@ -150,6 +154,9 @@ bool proplet_last_will(const proplet_t *p, char *topic, size_t topic_len, char *
 
 /* After every (re)connect and re-subscribe: announce (discovery) and heartbeat at once. */
 void proplet_on_connected(proplet_t *p);
+
+/* The connection to the broker was lost (the port reconnects by itself). */
+void proplet_on_disconnected(proplet_t *p);
 
 void proplet_on_message(proplet_t *p, const char *topic, size_t topic_len, const char *payload,
                         size_t len);

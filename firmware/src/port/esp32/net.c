@@ -135,6 +135,7 @@ static void on_mqtt(void *arg, esp_event_base_t base, int32_t id, void *data)
         break;
     case MQTT_EVENT_DISCONNECTED:
         ESP_LOGW(TAG, "disconnected from the broker; reconnecting");
+        proplet_on_disconnected(mqtt_proplet);
         break;
     case MQTT_EVENT_DATA:
         deliver_piece(e);

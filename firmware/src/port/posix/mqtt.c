@@ -116,6 +116,7 @@ static void on_connection_lost(void *context, char *cause)
 {
     mqtt_link_t *link = context;
     set_state(link, false, false);
+    proplet_on_disconnected(link->proplet);
     host_log(PROPLET_LOG_WARN, "lost the connection to %s (%s); reconnecting", link->url,
              cause != NULL ? cause : "closed by the broker");
 }
