@@ -53,6 +53,7 @@ from console.settings import ConsoleSettings, load_settings
 from console.themes import ALIASES, TERMINAL_THEMES, load_themes, resolve_name
 from console.views.dashboard import DashboardScreen
 from console.views.dispatch import DispatchScreen
+from console.views.federated import FederatedScreen
 from console.views.firmware import FirmwareScreen
 from console.views.local import LocalScreen
 from console.views.proplets import PropletsScreen
@@ -75,6 +76,7 @@ VIEWS: dict[str, tuple[str, tuple[str, ...]]] = {
     "dispatch": ("Dispatch", ("dispatch", "new", "n", "submit")),
     "local": ("Local proplets", ("local", "l", "lp")),
     "firmware": ("Firmware", ("fw", "firmware", "f")),
+    "fl": ("Federated learning", ("fl", "rounds", "federated", "round")),
 }
 QUIT_WORDS = ("q", "quit", "q!", "exit")
 HELP_WORDS = ("help", "h", "?")
@@ -152,7 +154,7 @@ class ConsoleApp(App[None]):
     TITLE = "Propeller"
     MODES: ClassVar = {
         "dashboard": DashboardScreen, "tasks": TasksScreen, "proplets": PropletsScreen, "traffic": TrafficScreen,
-        "dispatch": DispatchScreen, "local": LocalScreen, "firmware": FirmwareScreen,
+        "dispatch": DispatchScreen, "local": LocalScreen, "firmware": FirmwareScreen, "fl": FederatedScreen,
     }
     DEFAULT_MODE: ClassVar[str] = "dashboard"
     BINDINGS: ClassVar = keys.APP
@@ -185,6 +187,8 @@ class ConsoleApp(App[None]):
         self.firmware = Firmware(self.settings.firmware)
         self.local: LocalFleet = None  # type: ignore[assignment]  # needs the core's broker: on_mount
         self.counts_loaded = False
+        # The start-a-round form's module, offered again for the next round (rounds keep no inline module).
+        self.last_round_module = ""
         self._history: deque[str] = deque(maxlen=20)
         self._composed_modes: set[str] = set()
         # Keys that arrived while a newly shown screen had not yet taken focus (see on_event).

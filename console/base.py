@@ -50,8 +50,8 @@ class ConsoleScreen(Screen[None]):
         yield FleetHeader()
         yield from self.compose_body()
         yield FilterBar(placeholder="filter: regex, ! in front inverts; Enter keeps it, Esc clears it")
-        yield CommandBar(placeholder=":command  (tasks, proplets, mqtt, dispatch, local, fw, dash, theme <name>, q)",
-                         suggester=WordSuggester(lambda: self.console.command_words()))
+        yield CommandBar(placeholder=":command  (tasks, proplets, mqtt, dispatch, local, fw, fl, dash, theme <name>, "
+                                     "q)", suggester=WordSuggester(lambda: self.console.command_words()))
         yield KeyHints()
 
     def compose_body(self) -> ComposeResult:

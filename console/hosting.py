@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
+    from console.rounds import RoundRow, RoundsView, UpdateRow
     from core.config import ManagerSettings
     from core.domain import Proplet, PropletMetrics, Task, TaskEvent, TaskState
     from core.events import Subscription
@@ -138,6 +139,48 @@ class ManagerLink:
         listed = core.list_proplets() if proplets else None
         running = {pid: tasks for pid in core.proplets if (tasks := core.running_tasks(pid))}
         return CoreSnapshot(core.status(), listed, running)
+
+    # ---- federated learning -------------------------------------------------------------
+
+    async def fl_rounds(self, limit: int) -> RoundsView:
+        """The newest rounds (with their update counts) and the models, copied on the core's loop."""
+        return await self.on_core(self._fl_rounds, limit)
+
+    async def _fl_rounds(self, limit: int) -> RoundsView:
+        from console.rounds import ModelRow, RoundRow, RoundsView
+
+        fl = self.core.federated
+        if fl.remote is not None:
+            return RoundsView(0, (), (), self.core.settings.coordinator_url)
+        total, rounds = await fl.round_summaries(limit)
+        models = await fl.models()
+        return RoundsView(total, tuple(RoundRow.of(r, n) for r, n in rounds),
+                          tuple(ModelRow(v, round_id, at) for v, round_id, at in models), "")
+
+    async def fl_round(self, round_id: str) -> tuple[RoundRow, list[UpdateRow]]:
+        return await self.on_core(self._fl_round, round_id)
+
+    async def _fl_round(self, round_id: str) -> tuple[RoundRow, list[UpdateRow]]:
+        from console.rounds import RoundRow, UpdateRow
+
+        r, updates = await self.core.federated.get_round(round_id)
+        return RoundRow.of(r, len(updates)), [UpdateRow.of(u) for u in updates]
+
+    async def start_round(self, body: dict[str, Any]) -> dict[str, Any]:
+        """POST /fl/experiments from the console: validated as the API validates it (InvalidRequest)."""
+        return await self.on_core(self._start_round, body)
+
+    async def _start_round(self, body: dict[str, Any]) -> dict[str, Any]:
+        from pydantic import ValidationError
+
+        from core.errors import InvalidRequest
+        from core.schemas import ExperimentConfig, format_validation_error
+
+        try:
+            config = ExperimentConfig.model_validate(body)
+        except ValidationError as exc:
+            raise InvalidRequest(format_validation_error(exc)) from None
+        return await self.core.federated.configure(config)
 
     # ---- streams ------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ APP = [
     Binding("5", "mode('dispatch')", "Dispatch", id="mode.dispatch", show=False, priority=True),
     Binding("6", "mode('local')", "Local", id="mode.local", show=False, priority=True),
     Binding("7", "mode('firmware')", "Firmware", id="mode.firmware", show=False, priority=True),
+    Binding("8", "mode('fl')", "FL", id="mode.fl", show=False, priority=True),
 ]
 
 TASKS = [
@@ -95,16 +96,40 @@ FIRMWARE = [
     Binding("x", "cancel", "Cancel job", id="firmware.cancel"),
 ]
 
+FL = [
+    Binding("d", "describe", "Describe", id="fl.describe"),
+    Binding("s", "new_round", "New round", id="fl.new"),
+    Binding("n", "next_round", "Next round", id="fl.next"),
+    Binding("slash", "filter", "Filter", id="fl.filter"),
+    Binding("y", "copy", "Copy id", id="fl.copy"),
+    Binding("r", "reload", "Reload", id="fl.reload", show=False),
+]
+
+FL_ROUND = [
+    Binding("n", "next_round", "Next round", id="fl_round.next"),
+    Binding("y", "copy", "Copy id", id="fl_round.copy"),
+    Binding("r", "reload", "Reload", id="fl_round.reload", show=False),
+]
+
+ROUND_FORM = [
+    Binding("f5", "submit", "Start round", id="round_form.submit"),
+    Binding("ctrl+o", "browse", "Browse…", id="round_form.browse"),
+    Binding("f2", "browse", "Browse…", id="round_form.browse_f2", show=False),
+    Binding("escape", "cancel", "Cancel", id="round_form.cancel"),
+]
+
 CONFIRM = [
     Binding("y", "confirm", "Yes", id="confirm.yes"),
     Binding("n", "cancel", "No", id="confirm.no"),
     Binding("escape", "cancel", "Cancel", id="confirm.cancel", show=False),
 ]
 
-ALL = APP + TASKS + TASK_DETAIL + PROPLETS + PROPLET_DETAIL + TRAFFIC + DISPATCH + LOCAL + FIRMWARE + CONFIRM
+ALL = (APP + TASKS + TASK_DETAIL + PROPLETS + PROPLET_DETAIL + TRAFFIC + DISPATCH + LOCAL + FIRMWARE + FL
+       + FL_ROUND + ROUND_FORM + CONFIRM)
 BINDING_IDS = frozenset(b.id for b in ALL if b.id)
 
 # Actions that change the fleet, a device or the database (checked by `check_action` per screen).
 MUTATING = frozenset({
-    "start", "stop", "delete", "submit", "launch", "launch_many", "stop_all", "flash", "provision",
+    "start", "stop", "delete", "submit", "launch", "launch_many", "stop_all", "flash", "provision", "new_round",
+    "next_round",
 })

@@ -611,6 +611,20 @@ class FederatedLearning:
                           else (r, await self.core.store.fl_updates(r.round_id)))
         return page.total, rounds
 
+    async def round_summaries(self, limit: int) -> tuple[int, list[tuple[FLRound, int]]]:
+        """(total, the newest rounds each with its number of updates): a listing that reads the
+        counts in one query, not every round's updates (the console polls it)."""
+        await self.core.writer.barrier()
+        page = await self.core.store.fl_rounds(0, limit)
+        counts = await self.core.store.fl_update_counts(
+            [r.round_id for r in page.items if r.round_id not in self._running])
+        out = []
+        for r in page.items:
+            running = self._running.get(r.round_id)
+            out.append((running.round, len(running.updates)) if running is not None
+                       else (r, counts.get(r.round_id, 0)))
+        return page.total, out
+
     async def models(self) -> list[tuple[int, str, datetime]]:
         await self.core.writer.barrier()
         return await self.core.store.fl_models()

@@ -465,6 +465,16 @@ class Store(abc.ABC):
             out.append(FLUpdateRecord(r[0], r[1], r[2], orjson.loads(r[3]), r[4], received_at))
         return out
 
+    async def fl_update_counts(self, round_ids: list[str]) -> dict[str, int]:
+        """How many updates each of these rounds has (rounds with none are left out)."""
+        if not round_ids:
+            return {}
+        marks = ", ".join("?" * len(round_ids))
+        async with self.connection() as conn:
+            rows = await conn.fetch(
+                f"SELECT round_id, COUNT(*) FROM fl_updates WHERE round_id IN ({marks}) GROUP BY round_id", round_ids)
+        return {r[0]: r[1] for r in rows}
+
     async def fl_model(self, version: int) -> dict[str, Any] | None:
         async with self.connection() as conn:
             rows = await conn.fetch("SELECT data FROM fl_models WHERE version = ?", (version,))

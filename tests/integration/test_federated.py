@@ -151,6 +151,9 @@ async def test_a_round_averages_its_participants_updates_into_the_next_model(fle
     assert [m["version"] for m in models] == [2, 1, 0]
     rounds = (await fleet.api.get("/fl/rounds")).json()
     assert rounds["total"] == 2 and [r["round_id"] for r in rounds["rounds"]] == ["r2", "r1"]
+    # The console's listing: stored rounds with their update counts, read in one query.
+    total, summaries = await fleet.core.federated.round_summaries(10)
+    assert total == 2 and [(r.round_id, n, r.model_version) for r, n in summaries] == [("r2", 2, 2), ("r1", 2, 1)]
     task = (await fleet.api.get("/fl/task", params={"round_id": "r2", "proplet_id": p1})).json()["task"]
     assert task["model_ref"] == "global_model_v1" and task["hyperparams"] == {"lr": 0.5}
 
