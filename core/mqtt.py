@@ -170,7 +170,68 @@ def make_client(
     # aiomqtt builds its paho client in __init__ and keeps it for its lifetime (aiomqtt is pinned).
     client._client._on_message_filtered = CycleFreeMatcher()
     client._client.on_socket_register_write = _WriteAtOnce(client)
+    BufferedReceive(client._client)
     return client
+
+
+class BufferedReceive:
+    """paho reads a packet off the socket in three or more `recv()` calls (its type, each byte of
+    its length, then its body): a system call each, each giving up the GIL and waiting to win it
+    back (from the console's thread, when it hosts the core). Under a fleet's chatter that was
+    ~8,000 calls a second. Here one `recv()` of up to 64 KiB fills a buffer that paho's small reads
+    are served from; a large body is still read straight from the socket.
+
+    Bytes taken off the socket no longer make it readable, so the loop would not call `loop_read`
+    for packets left in the buffer: `loop_read` goes on while the buffer holds any."""
+
+    SIZE = 65536
+    __slots__ = ("_data", "_loop_read", "_paho", "_pos", "_sock", "socket_reads")
+
+    def __init__(self, paho_client: mqtt.Client) -> None:
+        self._paho = paho_client
+        self._sock: Any = None
+        self._data = b""
+        self._pos = 0
+        self.socket_reads = 0  # recv() calls made, for tests
+        self._loop_read = paho_client.loop_read
+        paho_client._sock_recv = self.recv  # type: ignore[method-assign]
+        paho_client.loop_read = self.loop_read  # type: ignore[method-assign]
+
+    def recv(self, bufsize: int) -> bytes:
+        sock = self._paho._sock
+        if sock is None:
+            raise ConnectionError("self._sock is None")
+        if sock is not self._sock:  # a new connection: what was left of the old one does not count
+            self._sock, self._data, self._pos = sock, b"", 0
+        data, pos = self._data, self._pos
+        if pos < len(data):
+            chunk = data[pos:pos + bufsize]
+            self._pos = pos + len(chunk)
+            return chunk
+        self.socket_reads += 1
+        try:
+            if bufsize >= self.SIZE:
+                return sock.recv(bufsize)
+            data = sock.recv(self.SIZE)
+        except ssl.SSLWantReadError as err:  # as paho's own _sock_recv translates them
+            raise BlockingIOError() from err
+        except ssl.SSLWantWriteError as err:
+            self._paho._call_socket_register_write()
+            raise BlockingIOError() from err
+        if len(data) <= bufsize:
+            self._data, self._pos = b"", 0
+            return data
+        self._data, self._pos = data, bufsize
+        return data[:bufsize]
+
+    def buffered(self) -> int:
+        return len(self._data) - self._pos if self._paho._sock is self._sock else 0
+
+    def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:
+        rc = self._loop_read(max_packets)
+        while rc == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS and self.buffered():
+            rc = self._loop_read(max_packets)
+        return rc
 
 
 class _WriteAtOnce:

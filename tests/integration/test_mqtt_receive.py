@@ -142,3 +142,27 @@ async def test_a_message_larger_than_the_socket_buffer_is_written_through_the_lo
         second = await asyncio.wait_for(anext(messages), 20)
         assert (first.topic.value, first.payload) == ("big/n", big)
         assert (second.topic.value, second.payload) == ("big/after", b"after")
+
+
+async def test_packets_that_arrive_together_are_read_together_and_none_is_left_in_the_buffer(broker: Any) -> None:
+    address = parse_broker_url(broker.url)
+    async with make_client(MqttConnection(address, "together-reader")) as reader, \
+            make_client(MqttConnection(address, "together-writer")) as writer:
+        await reader.subscribe("together-test/#", qos=1)
+        big = bytes(range(256)) * 800  # 200 KiB: read straight from the socket, between small ones
+        payloads = [b"%d" % i for i in range(300)] + [big] + [b"%d" % i for i in range(300, 350)]
+        # Published back to back without giving the loop a turn, so they wait in the reader's socket
+        # together; then nothing more arrives to make the socket readable again.
+        for payload in payloads:
+            writer._client.publish("together-test/n", payload, qos=1)
+        got = []
+        async with asyncio.timeout(10):
+            async for message in received(reader):
+                got.append(message.payload)
+                if len(got) == len(payloads):
+                    break
+        reads = reader._client.loop_read.__self__.socket_reads
+    assert got == payloads
+    # paho alone makes three or more recv() calls per packet (over a thousand here).
+    print(f"{reads} recv() calls for {len(payloads)} packets")
+    assert reads < len(payloads) / 2
