@@ -1,7 +1,8 @@
 """End-to-end benchmark: manager + real proplets (separate processes) + real wasm.
 
 Prints, next to the raw MQTT QoS 1 round trip of the same broker in the same run:
-- warm task latency (module cached on the proplet), submit -> the core emits its completion, p50/p99;
+- warm task latency (module cached on the proplet), submit -> the core emits its completion, p50/p99,
+  split at the moment the start is published;
 - tasks per second end to end with N proplet processes on SQLite;
 - the resident memory of an idle proplet;
 - CPU time per task in the throughput run, by process (manager, broker, each proplet).
@@ -94,10 +95,15 @@ class FinishStamps(Subscription[object]):
         super().push(item)
 
 
-async def latency(core: ManagerCore, body: TaskCreate, samples: int) -> list[float]:
+async def latency(core: ManagerCore, body: TaskCreate, samples: int) -> tuple[list[float], list[float]]:
+    """Submit -> completed of each task, and of that the part before its start was published (the
+    dispatch, stored before the start goes out)."""
     sub = core.events.subscribe(maxlen=100_000, kind=FinishStamps)
     assert isinstance(sub, FinishStamps)
+    published: dict[str, float] = {}
+    core.on_start_published = published.__setitem__
     out = []
+    before_start = []
     try:
         for i in range(samples + 50):
             task = await core.create_task(body)
@@ -112,10 +118,13 @@ async def latency(core: ManagerCore, body: TaskCreate, samples: int) -> list[flo
                         done = True
             if i >= 50:  # warm-up: the first runs compile and cache the module
                 out.append((sub.finished_at.pop(task.id) - t0) * 1000)
+                before_start.append((published.pop(task.id) - t0) * 1000)
             sub.finished_at.clear()
+            published.clear()
     finally:
+        core.on_start_published = None
         sub.close()
-    return out
+    return out, before_start
 
 
 async def throughput(core: ManagerCore, body: TaskCreate, tasks: int, window: int) -> float:
@@ -164,7 +173,7 @@ async def main() -> None:
                     await asyncio.sleep(2)
                     idle_rss = [rss_mb(p.pid) for p in procs]
                     one = TaskCreate.model_validate({**body.model_dump(), "proplet_id": names[0]})
-                    lat = await latency(core, one, args.latency_samples)
+                    lat, before_start = await latency(core, one, args.latency_samples)
                     assert broker.process is not None
                     pids = {"manager (this process)": os.getpid(), "Mosquitto": broker.process.pid,
                             **{f"proplet {n}": p.pid for n, p in zip(names, procs, strict=True)}}
@@ -179,6 +188,11 @@ async def main() -> None:
     print(f"raw MQTT QoS 1 round trip (same broker):               p50 {r50:6.3f} ms  p99 {r99:6.3f} ms")
     print(f"warm task, submit -> completed (1 proplet process):   p50 {l50:6.3f} ms  p99 {l99:6.3f} ms  "
           f"({l50 / r50:.2f}x / {l99 / r99:.2f}x the round trip)")
+    after = [total - before for total, before in zip(lat, before_start, strict=True)]
+    print(f"  of which submit -> start published (the dispatch stored first): p50 {pct(before_start, 0.5):6.3f} ms"
+          f"  p99 {pct(before_start, 0.99):6.3f} ms")
+    print(f"  and start published -> completed (broker both ways, the proplet, the result taken in): "
+          f"p50 {pct(after, 0.5):6.3f} ms  p99 {pct(after, 0.99):6.3f} ms")
     print(f"end to end, SQLite, {args.proplets} proplet processes: {rate:,.0f} tasks/s over {args.tasks:,} tasks")
     print(f"idle proplet RSS: {', '.join(f'{m:.1f}' for m in idle_rss)} MB")
     # Where the throughput goes: the machine's cores are shared by all of these.
