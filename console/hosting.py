@@ -157,18 +157,21 @@ class ManagerLink:
         return RoundsView(total, tuple(RoundRow.of(r, n) for r, n in rounds),
                           tuple(ModelRow(v, round_id, at) for v, round_id, at in models), "")
 
-    async def fl_round(self, round_id: str) -> tuple[RoundRow, list[UpdateRow]]:
+    async def fl_round(self, round_id: str) -> tuple[RoundRow, list[UpdateRow], int | None]:
+        """A round, its updates, and the newest model version stored."""
         return await self.on_core(self._fl_round, round_id)
 
-    async def _fl_round(self, round_id: str) -> tuple[RoundRow, list[UpdateRow]]:
+    async def _fl_round(self, round_id: str) -> tuple[RoundRow, list[UpdateRow], int | None]:
         from console.rounds import RoundRow, UpdateRow
 
-        r, updates = await self.core.federated.get_round(round_id)
-        return RoundRow.of(r, len(updates)), [UpdateRow.of(u) for u in updates]
+        fl = self.core.federated
+        r, updates = await fl.get_round(round_id)
+        return RoundRow.of(r, len(updates)), [UpdateRow.of(u) for u in updates], fl.newest_model
 
     async def start_round(self, body: dict[str, Any]) -> dict[str, Any]:
-        """POST /fl/experiments from the console: validated as the API validates it (InvalidRequest)."""
-        return await self.on_core(self._start_round, body)
+        """POST /fl/experiments from the console: validated as the API validates it (InvalidRequest).
+        Not cancelled with its caller: a round cut off half-way would hold no tasks until its deadline."""
+        return await asyncio.shield(self.on_core(self._start_round, body))
 
     async def _start_round(self, body: dict[str, Any]) -> dict[str, Any]:
         from pydantic import ValidationError

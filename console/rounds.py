@@ -138,7 +138,7 @@ def build_experiment(form: RoundForm, module: ModuleSource | None, *, online: li
     model = form.model.strip().removeprefix("global_model_").removeprefix("v")
     if not model:
         body["model_ref"] = f"global_model_v{latest_model or 0}"
-    elif model.isdigit():
+    elif model.isdecimal() and model.isascii():
         body["model_ref"] = f"global_model_v{int(model)}"
     else:
         errors["model"] = f"{form.model.strip()!r} is not a model version: type a number (3), v3 or global_model_v3."
@@ -181,14 +181,30 @@ ROUND_FIELDS = ("module", "round_id", "model", "participants", "k_of_n", "timeou
 
 
 def round_errors_by_field(message: str) -> dict[str, str]:
-    """ExperimentConfig's validation message ("round_id: …; participants: …") split onto the form's fields."""
+    """The manager's refusal put next to the field it is about: ExperimentConfig's validation
+    ("round_id: …; participants: …"), or one of the round's own checks (an unknown model, a round id
+    taken, no participant online), which name no field and are told apart by what they say."""
     out: dict[str, str] = {}
-    for part in message.split("; "):
+    parts = message.split("; ")
+    if not all(part.partition(": ")[0].split(".")[0] in _LOCATIONS for part in parts):
+        parts = [message]  # a sentence of its own, not a list of fields
+    for part in parts:
         loc, sep, text = part.partition(": ")
-        head = loc.split(".")[0] if sep else ""
-        key = {"task_wasm_file": "module", "task_wasm_image": "module", "model_ref": "model"}.get(head, head)
-        if key not in ROUND_FIELDS:
-            key, text = "form", part
+        key = _LOCATIONS.get(loc.split(".")[0]) if sep else None
+        if key is None:
+            key, text = _field_named_by(part), part
         out[key] = (out.get(key, "") + " " + text).strip()
     return out
 
+
+_LOCATIONS = {**{name: name for name in ROUND_FIELDS}, "task_wasm_file": "module", "task_wasm_image": "module",
+              "model_ref": "model", "experiment_id": "round_id"}
+
+
+def _field_named_by(message: str) -> str:
+    text = message.lower()
+    for words, field_name in ((("model version", "model_ref", "initial_model"), "model"),
+                              (("round ",), "round_id"), (("participant", "online"), "participants")):
+        if any(w in text for w in words):
+            return field_name
+    return "form"

@@ -614,16 +614,22 @@ class FederatedLearning:
     async def round_summaries(self, limit: int) -> tuple[int, list[tuple[FLRound, int]]]:
         """(total, the newest rounds each with its number of updates): a listing that reads the
         counts in one query, not every round's updates (the console polls it)."""
+        # Taken before the reads: a round that closes meanwhile is shown from its own (closed)
+        # record, not from a row read while it still ran.
+        running = dict(self._running)
         await self.core.writer.barrier()
         page = await self.core.store.fl_rounds(0, limit)
-        counts = await self.core.store.fl_update_counts(
-            [r.round_id for r in page.items if r.round_id not in self._running])
+        counts = await self.core.store.fl_update_counts([r.round_id for r in page.items if r.round_id not in running])
         out = []
         for r in page.items:
-            running = self._running.get(r.round_id)
-            out.append((running.round, len(running.updates)) if running is not None
-                       else (r, counts.get(r.round_id, 0)))
+            live = running.get(r.round_id)
+            out.append((live.round, len(live.updates)) if live is not None else (r, counts.get(r.round_id, 0)))
         return page.total, out
+
+    @property
+    def newest_model(self) -> int | None:
+        """The highest model version stored, None before the first."""
+        return self._latest_version if self._latest_version >= 0 else None
 
     async def models(self) -> list[tuple[int, str, datetime]]:
         await self.core.writer.barrier()

@@ -104,8 +104,12 @@ weights.
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.view: RoundsView | None = None
+        self.problem = ""  # why the last poll failed
         self._shown: dict[str, tuple[Any, ...]] = {}
         self._asked_at = 0.0
+        # One poll at a time: a slow one (a busy store) is not cut off by the next, which would
+        # leave the view never updated.
+        self._polling = False
 
     def compose_body(self) -> ComposeResult:
         table = RoundTable(id="rounds", cursor_type="row", zebra_stripes=True)
@@ -119,9 +123,20 @@ weights.
     def table(self) -> RoundTable:
         return self.query_one("#rounds", RoundTable)
 
-    @work(exclusive=True, group="fl-rounds", description="Reading federated-learning rounds", exit_on_error=False)
+    def poll(self) -> None:
+        if not self._polling:
+            self._polling = True
+            self.load()
+
+    @work(group="fl-rounds", description="Reading federated-learning rounds", exit_on_error=False)
     async def load(self) -> None:
-        self.view = await self.console.manager.fl_rounds(ROUNDS_SHOWN)
+        try:
+            self.view = await self.console.manager.fl_rounds(ROUNDS_SHOWN)
+            self.problem = ""
+        except Exception as exc:  # shown in the status line; the next poll tries again
+            self.problem = f"cannot read the rounds: {exc}"
+        finally:
+            self._polling = False
         self.post_message(self.Loaded())
 
     @on(Loaded)
@@ -132,13 +147,13 @@ weights.
         now = self.console.clock().timestamp()
         if now - self._asked_at >= POLL_INTERVAL:
             self._asked_at = now
-            self.load()
+            self.poll()
         self.render_rounds()
 
     def render_rounds(self) -> None:
         view = self.view
         if view is None:
-            self.query_one("#fl-status", StatusLine).show("reading rounds…")
+            self.query_one("#fl-status", StatusLine).show(self.problem or "reading rounds…")
             return
         table = self.table
         now = self.console.clock()
@@ -172,6 +187,8 @@ weights.
                 status += f" (newest {len(view.rounds)} shown; propeller fl rounds lists all)"
         if self.row_filter.active:
             status += f" · {self.row_filter.describe()}"
+        if self.problem:
+            status += f" · {self.problem}"
         self.query_one("#fl-status", StatusLine).show(status)
 
     def selected(self) -> RoundRow | None:
@@ -197,7 +214,7 @@ weights.
             self.notify(f"Copied round id {row.round_id}", timeout=3)
 
     def action_reload(self) -> None:
-        self.load()
+        self.poll()
 
     def action_new_round(self) -> None:
         if not self.refused_read_only():
@@ -223,7 +240,7 @@ weights.
                         + (f" ({', '.join(offline)} offline)" if offline else "")
                         + f"; {answer.get('k_of_n', '?')} updates complete it.", timeout=6)
             self._asked_at = 0.0
-            self.load()
+            self.poll()
 
         self.app.push_screen(StartRoundModal(form, latest), started)
 
@@ -244,10 +261,11 @@ weights.
 
 
 def next_round_form(row: RoundRow, module: str) -> RoundForm:
-    """A round like `row`, from the model it made (or, if it made none, the one it started from)."""
+    """A round like `row`, from the model it made (or, if it made none, the one it started from), with its
+    module: its image when it had one, else the one typed last (rounds keep no inline module)."""
     base = row.model_out if row.model_out is not None else row.model_in
     hyper = "" if row.hyperparams == "{}" else row.hyperparams
-    return RoundForm(module=module or row.task_wasm_image, model=str(base), participants=", ".join(row.asked),
+    return RoundForm(module=row.task_wasm_image or module, model=str(base), participants=", ".join(row.asked),
                      timeout_s=f"{row.timeout_s:g}", hyperparams=hyper)
 
 
@@ -267,10 +285,12 @@ follows a running round. **n** starts the next round from the model this one mad
     """
 
     class Loaded(Message):
-        def __init__(self, row: RoundRow | None, updates: list[UpdateRow], problem: str = "") -> None:
+        def __init__(self, row: RoundRow | None, updates: list[UpdateRow], newest_model: int | None,
+                     problem: str = "") -> None:
             super().__init__()
             self.row = row
             self.updates = updates
+            self.newest_model = newest_model
             self.problem = problem
 
     def __init__(self, round_id: str) -> None:
@@ -278,7 +298,9 @@ follows a running round. **n** starts the next round from the model this one mad
         self.round_id = round_id
         self.row: RoundRow | None = None
         self.updates: list[UpdateRow] = []
+        self.newest_model: int | None = None
         self._asked_at = 0.0
+        self._polling = False
         self._rendered: tuple[Any, ...] = ()
 
     def crumbs(self) -> list[str]:
@@ -293,32 +315,37 @@ follows a running round. **n** starts the next round from the model this one mad
             yield table
 
     def on_mount(self) -> None:
-        self.load()
+        self.poll()
 
-    @work(exclusive=True, group="fl-round", description="Reading the round", exit_on_error=False)
+    def poll(self) -> None:
+        if not self._polling:
+            self._polling = True
+            self.load()
+
+    @work(group="fl-round", description="Reading the round", exit_on_error=False)
     async def load(self) -> None:
-        from core.errors import NotFound
-
         try:
-            row, updates = await self.console.manager.fl_round(self.round_id)
-        except NotFound as exc:
-            self.post_message(self.Loaded(None, [], str(exc)))
+            row, updates, newest = await self.console.manager.fl_round(self.round_id)
+        except Exception as exc:  # unknown round, or the store failing: said in place of the fields
+            self.post_message(self.Loaded(None, [], None, f"cannot read round {self.round_id}: {exc}"))
             return
-        self.post_message(self.Loaded(row, updates))
+        finally:
+            self._polling = False
+        self.post_message(self.Loaded(row, updates, newest))
 
     @on(Loaded)
     def _loaded(self, event: Loaded) -> None:
         if event.problem:
             self.query_one("#round-fields", Static).update(Content(event.problem))
             return
-        self.row, self.updates = event.row, event.updates
+        self.row, self.updates, self.newest_model = event.row, event.updates, event.newest_model
         self.flush_body()
 
     def flush_body(self) -> None:
         now = self.console.clock()
         if self.row is not None and self.row.state == "running" and now.timestamp() - self._asked_at >= POLL_INTERVAL:
             self._asked_at = now.timestamp()
-            self.load()
+            self.poll()
         row = self.row
         if row is None:
             return
@@ -355,7 +382,7 @@ follows a running round. **n** starts the next round from the model this one mad
         self.notify(f"Copied round id {self.round_id}", timeout=3)
 
     def action_reload(self) -> None:
-        self.load()
+        self.poll()
 
     def action_next_round(self) -> None:
         if self.refused_read_only() or self.row is None:
@@ -367,8 +394,8 @@ follows a running round. **n** starts the next round from the model this one mad
                             timeout=6)
                 self.app.pop_screen()  # back to the rounds, where the new one shows
 
-        self.app.push_screen(StartRoundModal(next_round_form(self.row, self.console.last_round_module), None),
-                             started)
+        self.app.push_screen(StartRoundModal(next_round_form(self.row, self.console.last_round_module),
+                                             self.newest_model), started)
 
 
 class StartRoundModal(ModalScreen[dict[str, Any] | None]):
@@ -414,6 +441,8 @@ class StartRoundModal(ModalScreen[dict[str, Any] | None]):
         self.initial = form
         self.latest_model = latest_model
         self.form_used = form
+        # A second Enter while the first is being answered is ignored, not a second round.
+        self.submitting = False
 
     def compose(self) -> ComposeResult:
         with VerticalScroll() as box:
@@ -443,13 +472,22 @@ class StartRoundModal(ModalScreen[dict[str, Any] | None]):
         self.action_submit()
 
     def action_submit(self) -> None:
+        if self.submitting:
+            return
+        self.submitting = True
         self.show_errors({})
         self.form_used = self.form()
         self.submit(self.form_used)
 
-    @work(exclusive=True, group="fl-start", description="Starting the round", exit_on_error=False)
+    @work(group="fl-start", description="Starting the round", exit_on_error=False)
     async def submit(self, form: RoundForm) -> None:
-        from core.errors import CoreError, InvalidRequest
+        try:
+            self.post_message(await self._submit(form))
+        except Exception as exc:  # the store failing, say: said on the form, which stays open
+            self.post_message(self.Invalid({"form": f"The manager could not start the round: {exc}"}))
+
+    async def _submit(self, form: RoundForm) -> Message:
+        from core.errors import CoreError
 
         errors: dict[str, str] = {}
         module: ModuleSource | None = None
@@ -465,21 +503,16 @@ class StartRoundModal(ModalScreen[dict[str, Any] | None]):
         except FormErrors as exc:
             errors.update({k: v for k, v in exc.errors.items() if k not in errors})
         if errors:
-            self.post_message(self.Invalid(errors))
-            return
+            return self.Invalid(errors)
         try:
             answer = await self.app.manager.start_round(body)  # type: ignore[attr-defined]
-        except InvalidRequest as exc:
-            self.post_message(self.Invalid(round_errors_by_field(str(exc))))
-            return
-        except CoreError as exc:  # a round id taken, no participant online, …
-            field = "round_id" if "round_id" in str(exc) or "exists" in str(exc) else "form"
-            self.post_message(self.Invalid({field: str(exc)}))
-            return
-        self.post_message(self.Started(answer))
+        except CoreError as exc:  # invalid, a round id taken, no participant online, …
+            return self.Invalid(round_errors_by_field(str(exc)))
+        return self.Started(answer)
 
     @on(Invalid)
     def _invalid(self, event: Invalid) -> None:
+        self.submitting = False
         self.show_errors(event.errors)
 
     @on(Started)

@@ -469,10 +469,9 @@ class Store(abc.ABC):
         """How many updates each of these rounds has (rounds with none are left out)."""
         if not round_ids:
             return {}
-        marks = ", ".join("?" * len(round_ids))
         async with self.connection() as conn:
-            rows = await conn.fetch(
-                f"SELECT round_id, COUNT(*) FROM fl_updates WHERE round_id IN ({marks}) GROUP BY round_id", round_ids)
+            rows = await conn.fetch(f"SELECT round_id, COUNT(*) FROM fl_updates WHERE round_id {self._IN_LIST} "
+                                    "GROUP BY round_id", (self._list_param(round_ids),))
         return {r[0]: r[1] for r in rows}
 
     async def fl_model(self, version: int) -> dict[str, Any] | None:

@@ -79,12 +79,15 @@ async def test_rounds_started_from_the_form_train_on_real_proplets_and_the_view_
         assert modal.query_one("#participants", ConsoleInput).value == "fl-a, fl-b"
         assert modal.query_one("#module", ConsoleInput).value == str(module)
         assert modal.query_one("#hyperparams", ConsoleInput).value == '{"epochs": 20, "lr": 0.02}'
+        assert modal.latest_model == 1  # an emptied model field means the newest, as in the list
         await _fill(pilot, modal, round_id="demo-2")
-        await pilot.press("enter")
+        # F5 twice, as an impatient user does: one round, and no error for the second press.
+        await pilot.press("f5", "f5")
         await until(pilot, lambda: isinstance(app.screen, FederatedScreen), timeout=15)
         await until(pilot, lambda: "demo-2" in screen._shown and _row(screen, "demo-2")["STATE"] == "completed",
                     timeout=30)
         assert _row(screen, "demo-2")["MODEL"] == "v1→v2"
+        assert (await core.federated.list_rounds(0, 10))[0] == 2
         # Trained from model 1: the average moved on from it.
         assert await core.federated.model(2) != first_model
         assert [r[0] for r in table_rows(screen.table)][:2] == ["demo-2", "demo-1"]
@@ -115,7 +118,7 @@ async def test_the_form_shows_every_problem_in_place_and_starts_nothing(
         await _fill(pilot, modal, module=str(Path(__file__).parents[2] / "examples" / "hello.wat"), model="",
                     k_of_n="", timeout_s="", hyperparams="", participants="nobody-here")
         await pilot.press("f5")
-        await until(pilot, lambda: "is online" in _error(modal, "form"))
+        await until(pilot, lambda: "is online" in _error(modal, "participants"))
         await pilot.press("escape")
         await until(pilot, lambda: app.screen is screen)
         assert (await core.federated.list_rounds(0, 10))[0] == 0
@@ -129,7 +132,19 @@ async def test_the_form_shows_every_problem_in_place_and_starts_nothing(
             await _fill(pilot, modal, module=str(Path(__file__).parents[2] / "examples" / "hello.wat"),
                         round_id="r1", model="7")
             await pilot.press("f5")
-            await until(pilot, lambda: "version 7" in (_error(modal, "model") + _error(modal, "form")))
+            await until(pilot, lambda: "version 7" in _error(modal, "model"))
+            # A round id taken is said next to the round id.
+            await _fill(pilot, modal, model="")
+            await pilot.press("f5")
+            await until(pilot, lambda: isinstance(app.screen, FederatedScreen))
+            await pilot.press("s")
+            await until(pilot, lambda: isinstance(app.screen, StartRoundModal))
+            modal = app.screen
+            assert isinstance(modal, StartRoundModal)
+            await _fill(pilot, modal, module=str(Path(__file__).parents[2] / "examples" / "hello.wat"),
+                        round_id="r1")
+            await pilot.press("f5")
+            await until(pilot, lambda: "exists" in _error(modal, "round_id"))
             await pilot.press("escape")
 
 
@@ -141,3 +156,11 @@ async def test_read_only_refuses_to_start_rounds(console: Any) -> None:
         await pilot.press("n")
         await pilot.pause()
         assert isinstance(app.screen, FederatedScreen)
+
+
+async def test_with_an_external_coordinator_the_view_says_who_runs_the_rounds(console: Any) -> None:
+    async with console(manager={"coordinator_url": "http://127.0.0.1:9/fl"}) as (app, pilot, _core):
+        screen = await open_view(app, pilot, "8", FederatedScreen)
+        status = screen.query_one("#fl-status")
+        await until(pilot, lambda: "coordinated by http://127.0.0.1:9/fl" in str(status.render()))
+        assert screen.table.row_count == 0

@@ -254,3 +254,36 @@ def test_redraws_stretch_while_the_loop_is_late_and_come_back_when_it_is_on_time
         now += 0.25
         cadence.due(now)
     assert cadence.interval == 0.25
+
+
+def test_the_round_form_reads_models_participants_and_numbers() -> None:
+    from console.rounds import RoundForm, build_experiment
+
+    module = ModuleSource("oci", "registry.lan/fl/client:v1")
+
+    def body(**fields: str) -> dict[str, object]:
+        return build_experiment(RoundForm(**fields), module, online=["p1", "p2"], latest_model=4,
+                                default_round_id="round-x")
+
+    assert body() == {"round_id": "round-x", "task_wasm_image": "registry.lan/fl/client:v1",
+                      "model_ref": "global_model_v4", "participants": ["p1", "p2"]}
+    for text in ("3", "v3", "global_model_v3", " 3 "):
+        assert body(model=text)["model_ref"] == "global_model_v3"
+    assert body(participants="a, b  c,d")["participants"] == ["a", "b", "c", "d"]
+    assert body(k_of_n="0", timeout_s="2.5")["k_of_n"] == 0
+    with pytest.raises(FormErrors) as caught:
+        body(model="²", k_of_n="1.5", timeout_s="0", hyperparams='"lr"')
+    assert set(caught.value.errors) == {"model", "k_of_n", "timeout_s", "hyperparams"}
+
+
+def test_the_managers_refusals_land_on_the_field_they_are_about() -> None:
+    from console.rounds import round_errors_by_field
+
+    assert set(round_errors_by_field("round_id: String should have at least 1 character; "
+                                     "task_wasm_file: not a WebAssembly module")) == {"round_id", "module"}
+    assert set(round_errors_by_field("model version 7 (model_ref 'global_model_v7') is unknown: give a version "
+                                     "a round produced")) == {"model"}
+    assert round_errors_by_field("round r1 exists; give a new round_id") == {
+        "round_id": "round r1 exists; give a new round_id"}
+    assert set(round_errors_by_field("none of the participants (x) is online")) == {"participants"}
+    assert set(round_errors_by_field("the coordinator answered 502")) == {"form"}

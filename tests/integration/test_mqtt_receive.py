@@ -166,3 +166,56 @@ async def test_packets_that_arrive_together_are_read_together_and_none_is_left_i
     # paho alone makes three or more recv() calls per packet (over a thousand here).
     print(f"{reads} recv() calls for {len(payloads)} packets")
     assert reads < len(payloads) / 2
+
+
+FLOOD = """
+import sys, time
+import paho.mqtt.client as mqtt
+client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=sys.argv[2])
+client.connect("127.0.0.1", int(sys.argv[1]))
+client.loop_start()
+end = time.monotonic() + float(sys.argv[3])
+while time.monotonic() < end:
+    client.publish("flood-test/n", b"x" * 100, qos=0)
+client.loop_stop()
+"""
+
+
+async def test_a_steady_flood_still_gives_the_loop_its_turns(broker: Any) -> None:
+    """Reading what is buffered must not turn into reading the socket for as long as data keeps
+    coming: timers, keep-alive pings and the application's own work need their turns."""
+    import sys
+
+    address = parse_broker_url(broker.url)
+    async with make_client(MqttConnection(address, "flood-reader")) as reader:
+        await reader.subscribe("flood-test/#", qos=0)
+        floods = [await asyncio.create_subprocess_exec(sys.executable, "-c", FLOOD, str(broker.port), f"flood-{i}",
+                                                       "3") for i in range(3)]
+        gaps = []
+        taken = 0
+
+        async def consume() -> None:
+            nonlocal taken
+            async for _ in received(reader):
+                taken += 1
+
+        consuming = asyncio.create_task(consume())
+        loop = asyncio.get_running_loop()
+        last = loop.time()
+        try:
+            while any(f.returncode is None for f in floods):
+                await asyncio.sleep(0.005)
+                now = loop.time()
+                gaps.append(now - last)
+                last = now
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.gather(*(f.wait() for f in floods)), 0.001)
+        finally:
+            consuming.cancel()
+            for f in floods:
+                if f.returncode is None:
+                    f.kill()
+                    await f.wait()
+    print(f"{len(gaps)} timer turns, longest gap {max(gaps) * 1000:.0f} ms, {taken} messages taken")
+    assert max(gaps) < 0.5, f"the loop went {max(gaps):.2f} s without a turn under the flood"
+    assert taken > 1000
