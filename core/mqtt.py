@@ -13,6 +13,7 @@ import logging
 import socket
 import ssl
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -169,8 +170,8 @@ def make_client(
     )
     # aiomqtt builds its paho client in __init__ and keeps it for its lifetime (aiomqtt is pinned).
     client._client._on_message_filtered = CycleFreeMatcher()
-    client._client.on_socket_register_write = _WriteAtOnce(client)
-    BufferedReceive(client)
+    reader = BufferedReceive(client)
+    client._client.on_socket_register_write = _WriteAtOnce(client, reader)
     return client
 
 
@@ -194,7 +195,8 @@ class BufferedReceive:
     # its own each read at most 9, so reading keeps behind it (a flood measured with 16: 2,000
     # messages queued after 3 s; with 8: 9, and twice paho's own throughput).
     PACKETS_PER_TURN = 8
-    __slots__ = ("_aio", "_data", "_draining", "_loop_read", "_paho", "_pos", "_scheduled", "_sock", "socket_reads")
+    __slots__ = ("_aio", "_data", "_draining", "_loop_read", "_paho", "_pos", "_scheduled", "_sock", "reading",
+                 "socket_reads")
 
     def __init__(self, aio: aiomqtt.Client) -> None:
         paho_client = aio._client
@@ -205,6 +207,7 @@ class BufferedReceive:
         self._pos = 0
         self._draining = False  # taking more packets: from the buffer only, never the socket
         self._scheduled = False
+        self.reading = False  # in loop_read: what paho queues meanwhile (acknowledgements) waits for its end
         self.socket_reads = 0  # recv() calls made, for tests
         self._loop_read = paho_client.loop_read
         paho_client._sock_recv = self.recv  # type: ignore[method-assign]
@@ -243,15 +246,17 @@ class BufferedReceive:
         return len(self._data) - self._pos if self._paho._sock is self._sock else 0
 
     def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:
-        rc = self._loop_read(max_packets)
-        self._draining = True
+        self.reading = True
         try:
+            rc = self._loop_read(max_packets)
+            self._draining = True
             for _ in range(self.PACKETS_PER_TURN):
                 if rc != mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS or not self.buffered():
                     break
                 rc = self._loop_read(1)
         finally:
             self._draining = False
+            self.reading = False
         if rc == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS and self.buffered() and not self._scheduled:
             self._scheduled = True
             self._aio._loop.call_soon(self._next_turn)
@@ -276,22 +281,24 @@ class _WriteAtOnce:
     a turn to register the socket with epoll, a turn to learn it is writable (it nearly always is),
     then the send, then a second epoll call to unregister it. Each message out paid that, and a warm
     task crosses the network twice. Here paho writes at once, as paho itself does when it runs its
-    own loop: outside its callbacks at once, inside one (a PUBACK queued while paho is reading) at
-    the end of the current turn. Only a send that did not take everything (a full socket buffer)
+    own loop: outside its callbacks at once, inside one at the end of the current turn, and so too
+    while paho reads (the acknowledgements of what it reads then leave together, see
+    join_quiet_packets). Only a send that did not take everything (a full socket buffer)
     falls back to aiomqtt's writability watch. Called from another thread (paho's CONNECT, sent
     from aiomqtt's connecting thread) it defers to aiomqtt as before."""
 
-    __slots__ = ("_aio", "_loop", "_scheduled")
+    __slots__ = ("_aio", "_loop", "_reader", "_scheduled")
 
-    def __init__(self, aio: aiomqtt.Client) -> None:
+    def __init__(self, aio: aiomqtt.Client, reader: BufferedReceive) -> None:
         self._aio = aio
         self._loop = aio._loop
+        self._reader = reader
         self._scheduled = False
 
     def __call__(self, paho_client: Any, userdata: Any, sock: Any) -> None:
         if _running_loop() is not self._loop:
             self._aio._on_socket_register_write(paho_client, userdata, sock)
-        elif not paho_client._in_callback_mutex.locked():
+        elif not paho_client._in_callback_mutex.locked() and not self._reader.reading:
             self._write(paho_client, userdata, sock)
         elif not self._scheduled:
             self._scheduled = True
@@ -301,6 +308,7 @@ class _WriteAtOnce:
         self._scheduled = False
         if paho_client._sock is not sock:
             return  # the connection closed meanwhile; a new one registers its own socket
+        join_quiet_packets(paho_client._out_packet)
         try:
             paho_client.loop_write()
         except Exception as exc:  # a broken pipe: as aiomqtt's own writer does, end the connection
@@ -310,6 +318,49 @@ class _WriteAtOnce:
         if paho_client._registered_write and paho_client._sock is sock:
             # The socket took part of it: let the loop say when it can take the rest.
             self._aio._on_socket_register_write(paho_client, userdata, sock)
+
+
+# Packets up to this size are joined by join_quiet_packets; a larger one (a module chunk) is sent
+# as it is rather than copied.
+JOIN_MAX_BYTES = 4096
+
+
+def join_quiet_packets(out: deque[Any]) -> None:
+    """Runs of small queued packets that need nothing done once written leave in one `send()`.
+
+    paho writes each queued packet with a `send()` of its own (a system call that gives up the GIL,
+    and on loopback runs the receiver's side too). Acknowledgements pile up while paho reads: one per
+    QoS 1 message received, several per readiness of the socket now that reads are buffered. paho
+    does something after writing only a QoS 0 PUBLISH (its on_publish) and a DISCONNECT; any other
+    packet not yet started (an acknowledgement, a QoS 1 or 2 PUBLISH, which completes on its
+    PUBACK, a SUBSCRIBE, a ping) is joined with its neighbours into one packet of paho's own shape,
+    in order. `out` is paho's `_out_packet` (paho is pinned)."""
+    if len(out) < 2:
+        return
+    joined: deque[Any] = deque()
+    run: list[Any] = []
+
+    def close_run() -> None:
+        if len(run) == 1:
+            joined.append(run[0])
+        elif run:
+            data = b"".join(packet["packet"] for packet in run)
+            joined.append({"command": mqtt.PUBACK, "mid": 0, "qos": 1, "pos": 0, "to_process": len(data),
+                           "packet": data, "info": None})
+        run.clear()
+
+    for packet in out:
+        command = packet["command"] & 0xF0
+        if (packet["pos"] == 0 and packet["to_process"] <= JOIN_MAX_BYTES and command != mqtt.DISCONNECT
+                and not (command == mqtt.PUBLISH and packet["qos"] == 0)):
+            run.append(packet)
+        else:
+            close_run()
+            joined.append(packet)
+    close_run()
+    if len(joined) < len(out):
+        out.clear()
+        out.extend(joined)
 
 
 # Messages handled back to back before the loop gets a turn (when a backlog is drained without waiting).

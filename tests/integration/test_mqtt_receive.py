@@ -219,3 +219,40 @@ async def test_a_steady_flood_still_gives_the_loop_its_turns(broker: Any) -> Non
     print(f"{len(gaps)} timer turns, longest gap {max(gaps) * 1000:.0f} ms, {taken} messages taken")
     assert max(gaps) < 0.5, f"the loop went {max(gaps):.2f} s without a turn under the flood"
     assert taken > 1000
+
+
+async def test_acknowledgements_leave_together_and_each_is_received(broker: Any) -> None:
+    """The PUBACKs of messages that arrived together go out in few send() calls, and the broker has
+    every one: a persistent session reconnecting afterwards gets nothing delivered again."""
+    address = parse_broker_url(broker.url)
+    session = MqttConnection(address, "acks-reader", clean_session=False)
+    async with make_client(session) as reader, make_client(MqttConnection(address, "acks-writer")) as writer:
+        await reader.subscribe("acks-test/#", qos=1)
+        sends = 0
+        paho_send = reader._client._sock_send
+
+        def counting_send(data: bytes) -> int:
+            nonlocal sends
+            sends += 1
+            return paho_send(data)
+
+        reader._client._sock_send = counting_send
+        for i in range(MESSAGES):
+            writer._client.publish("acks-test/n", b"%d" % i, qos=1)
+        got = 0
+        async with asyncio.timeout(10):
+            async for _ in received(reader):
+                got += 1
+                if got == MESSAGES:
+                    break
+        await asyncio.sleep(0.2)  # the last acknowledgements leave at the end of their turn
+    print(f"{sends} send() calls for {MESSAGES} acknowledgements")
+    assert got == MESSAGES
+    assert sends < MESSAGES / 4
+    async with make_client(session) as again:
+        redelivered = 0
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                async for _ in received(again):
+                    redelivered += 1
+    assert redelivered == 0, f"{redelivered} messages delivered again: their acknowledgements were lost"
