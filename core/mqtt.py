@@ -308,8 +308,8 @@ class _WriteAtOnce:
         self._scheduled = False
         if paho_client._sock is not sock:
             return  # the connection closed meanwhile; a new one registers its own socket
-        join_quiet_packets(paho_client._out_packet)
         try:
+            join_quiet_packets(paho_client._out_packet)
             paho_client.loop_write()
         except Exception as exc:  # a broken pipe: as aiomqtt's own writer does, end the connection
             if not self._aio._disconnected.done():
@@ -354,6 +354,8 @@ def join_quiet_packets(out: deque[Any]) -> None:
         if (packet["pos"] == 0 and packet["to_process"] <= JOIN_MAX_BYTES and command != mqtt.DISCONNECT
                 and not (command == mqtt.PUBLISH and packet["qos"] == 0)):
             run.append(packet)
+            if sum(p["to_process"] for p in run) >= 16 * JOIN_MAX_BYTES:
+                close_run()  # one send() of about 64 KiB at most
         else:
             close_run()
             joined.append(packet)
