@@ -43,6 +43,7 @@ COLUMNS = (("round", "ROUND", 24), ("state", "STATE", 10), ("updates", "UPDATES"
 COLUMN_KEYS = tuple(key for key, _, _ in COLUMNS)
 UPDATE_COLUMNS = (("proplet", "PROPLET", 24), ("samples", "SAMPLES", 8), ("via", "VIA", 7),
                   ("received", "RECEIVED", 10), ("metrics", "METRICS", 30), ("weights", "WEIGHTS", 40))
+UPDATE_COLUMN_KEYS = tuple(key for key, _, _ in UPDATE_COLUMNS)
 
 
 def _seconds(seconds: float) -> str:
@@ -302,6 +303,7 @@ follows a running round. **n** starts the next round from the model this one mad
         self._asked_at = 0.0
         self._polling = False
         self._rendered: tuple[Any, ...] = ()
+        self._update_cells: dict[str, tuple[str, ...]] = {}  # what each update's row shows
 
     def crumbs(self) -> list[str]:
         return ["Federated learning", self.round_id]
@@ -372,10 +374,11 @@ follows a running round. **n** starts the next round from the model this one mad
         ]
         self.query_one("#round-fields", Static).update(Content.from_markup("\n".join(lines)))
         table = self.query_one("#updates", StateTable)
-        table.clear()  # a handful of rows that only grow while the round runs
+        # Updated by row key, like every table of the console: the ages change every second.
         for u in self.updates:
-            table.add_row(u.proplet_id, str(u.num_samples), u.source, age(now, u.received_at), u.metrics, u.weights,
-                          key=u.proplet_id)
+            cells = (u.proplet_id, str(u.num_samples), u.source, age(now, u.received_at), u.metrics, u.weights)
+            table.sync_row(u.proplet_id, UPDATE_COLUMN_KEYS, self._update_cells.get(u.proplet_id), cells)
+            self._update_cells[u.proplet_id] = cells
 
     def action_copy(self) -> None:
         self.app.copy_to_clipboard(self.round_id)
