@@ -126,6 +126,11 @@ class ManagerCore:
         # When each in-flight task's start last went out (monotonic): drives re-publishing of
         # unconfirmed starts and reconciliation with heartbeats.
         self._sent_at: dict[str, float] = {}
+        # Scheduled tasks their proplet confirmed as waiting there for a slot (task_state `queued`):
+        # not sent again, but still reconciled with its heartbeats (their `_sent_at` is kept for
+        # that: popping it took them out of reconciliation, so a proplet that lost them left them
+        # scheduled, or running once they had started, for ever).
+        self._waiting_on_proplet: set[str] = set()
         # When the manager last (re)connected to the broker: proplet silence is measured from here.
         self._listening_since: datetime | None = None
         # Starts whose publish found no connection; the dispatcher puts them back in the queue.
@@ -874,6 +879,7 @@ class ManagerCore:
         self._broadcast_waiting.pop(task.id, None)
         self._refused_by.pop(task.id, None)
         self._sent_at.pop(task.id, None)
+        self._waiting_on_proplet.discard(task.id)
         if task.proplet_id:
             slots = self._slots.get(task.proplet_id)
             if slots is not None and task.id in slots:
@@ -1077,6 +1083,7 @@ class ManagerCore:
                 task.proplet_id = ""
         self._broadcast_waiting.pop(task.id, None)
         self._sent_at.pop(task.id, None)
+        self._waiting_on_proplet.discard(task.id)
         task.start_time = None
         task.reason = why
         self._push(task)
@@ -1157,7 +1164,8 @@ class ManagerCore:
         deadline = time.monotonic() - self.settings.ack_timeout
         for task_id, sent in list(self._sent_at.items()):
             task = self.active.get(task_id)
-            if task is None or task.state is not TaskState.SCHEDULED or sent > deadline:
+            if (task is None or task.state is not TaskState.SCHEDULED or sent > deadline
+                    or task_id in self._waiting_on_proplet):
                 continue
             p = self.proplets.get(task.proplet_id)
             if p is None or not p.online:
@@ -1293,7 +1301,9 @@ class ManagerCore:
             sent = self._sent_at.get(task_id)
             if task is None or task_id in held or sent is None or sent > cutoff:
                 continue
-            if task.state is not TaskState.RUNNING:
+            # An unconfirmed scheduled start is sent again instead (_republish_unconfirmed); one
+            # the proplet confirmed as waiting there is as lost as a running one.
+            if task.state is not TaskState.RUNNING and task_id not in self._waiting_on_proplet:
                 continue
             await self._retry_or_fail(task, f"proplet {p.id} no longer has the task (it may have restarted)",
                                       utcnow())
@@ -1451,10 +1461,11 @@ class ManagerCore:
             elif msg.reason:
                 await self._transition(task, TaskState.RUNNING, detail)
         elif msg.state == protocol.TASK_STATE_QUEUED:
-            if task.state is TaskState.SCHEDULED and task.id in self._sent_at:
+            if (task.state is TaskState.SCHEDULED and task.id in self._sent_at
+                    and task.id not in self._waiting_on_proplet):
                 # The proplet holds the start until a slot frees: confirmed, so not sent again; it
                 # stays scheduled until the proplet says it runs (or its result does).
-                self._sent_at.pop(task.id, None)
+                self._waiting_on_proplet.add(task.id)
                 await self._transition(task, TaskState.SCHEDULED, f"waiting on {msg.proplet_id} for a free slot"
                                        + (f" ({msg.reason})" if msg.reason else ""))
         elif task.state in (TaskState.SCHEDULED, TaskState.RUNNING):

@@ -540,3 +540,34 @@ async def test_a_restarted_manager_does_not_judge_proplets_by_heartbeats_it_coul
             assert failed.state is TaskState.FAILED and "vanished went offline" in failed.error
             assert "no heartbeat" in second.proplets["vanished"].offline_reason
             assert second.proplets["beating"].online
+
+
+async def test_starts_a_proplet_confirmed_as_waiting_are_reconciled_like_the_others(manager_factory: Any,
+                                                                                   broker: Any) -> None:
+    """A start the proplet confirmed as `queued` (waiting for a slot there) is still compared with
+    its heartbeats: lost by the proplet, it is retried, whether it was still waiting or ran since."""
+    caps = {"capabilities": ["task_state"], "max_concurrent_tasks": 1, "max_queued_tasks": 1}
+    async with manager_factory(ack_timeout=0.5) as core, \
+            SyntheticProplet(broker.url, core.topics, "rq-p", answer=None, metadata=caps) as p:
+        await eventually(lambda: "rq-p" in core.proplets)
+        ran, waited = [await core.create_task(add_task(max_retries=1)) for _ in range(2)]
+        for task in (ran, waited):
+            await core.start_task(task.id)
+            start = await p.expect(t.START, lambda m, tid=task.id: m["id"] == tid)
+            await p.publish(t.TASK_STATE, {"task_id": task.id, "proplet_id": "rq-p", "state": "queued",
+                                           "attempt": start["attempt"]})
+            await eventually(lambda tid=task.id: _has_event(core, tid, "waiting on rq-p"))
+        await p.publish(t.TASK_STATE, {"task_id": ran.id, "proplet_id": "rq-p", "state": "running", "attempt": 1})
+        await eventually(lambda: core.active[ran.id].state is TaskState.RUNNING)
+        assert core.active[waited.id].state is TaskState.SCHEDULED
+        # The proplet restarted and lost both: its heartbeats list no task (past the 3 s grace).
+        async def beat_until_retried() -> bool:
+            await p.alive()
+            return all(any(m["id"] == x.id and m["attempt"] == 2 for m in p.messages(t.START)) for x in (ran, waited))
+        await eventually(beat_until_retried, timeout=8, interval=0.3)
+        for task in (ran, waited):
+            assert (await core.get_task(task.id)).retries == 1
+
+
+async def _has_event(core: Any, task_id: str, detail: str) -> bool:
+    return any(detail in e.detail for e in await core.task_events(task_id))
