@@ -1343,6 +1343,15 @@ class ManagerCore:
         if task is None:
             return
         if task.broadcast:
+            # The same checks as for one proplet's task below: an answer to an earlier run (an
+            # outbox repeats it until acknowledged) must not count for this run, nor finish a
+            # broadcast that waits to be dispatched.
+            if task.state is TaskState.PENDING or (msg.attempt and msg.attempt != task.attempt):
+                self._reject(topic_names.RESULTS, "stale_attempt",
+                             f"answer of attempt {msg.attempt or '?'} for broadcast task {task.id}, now on "
+                             f"attempt {task.attempt} ({task.state.label})")
+                self._ack_result(msg.proplet_id, task.id, msg.attempt)
+                return
             key = msg.proplet_id or f"proplet-{len(task.results or {}) + 1}"
             await self._broadcast_answer(task, key, msg.results, msg.error)
             return

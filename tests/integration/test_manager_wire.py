@@ -571,3 +571,24 @@ async def test_starts_a_proplet_confirmed_as_waiting_are_reconciled_like_the_oth
 
 async def _has_event(core: Any, task_id: str, detail: str) -> bool:
     return any(detail in e.detail for e in await core.task_events(task_id))
+
+
+async def test_a_late_answer_from_a_broadcasts_earlier_run_does_not_answer_the_new_one(manager: Any,
+                                                                                     broker: Any) -> None:
+    """An outbox sends a result again until it is acknowledged (acks travel at QoS 0): the repeat of
+    run 1's answer must not count as this proplet's answer to run 2, nor finish it while queued."""
+    async with SyntheticProplet(broker.url, manager.topics, "bc-late") as p:
+        await eventually(lambda: "bc-late" in manager.proplets)
+        task = await manager.create_task(add_task(broadcast=True))
+        first = await run_to_end(manager, task.id)
+        assert first.state is TaskState.COMPLETED and first.attempt == 1
+        p.answer = None
+        await manager.start_task(task.id)
+        await p.expect(t.START, lambda m: m["attempt"] == 2)
+        stale = {"task_id": task.id, "proplet_id": "bc-late", "results": "42", "error": None, "attempt": 1}
+        await p.publish(t.RESULTS, stale)
+        await eventually(lambda: manager.metrics.rejections[(t.RESULTS, "stale_attempt")] == 1)
+        assert manager.active[task.id].state is TaskState.RUNNING
+        await p.publish(t.RESULTS, {**stale, "results": "43", "attempt": 2})
+        done = await finished(manager, task.id)
+        assert done.state is TaskState.COMPLETED and done.results == {"bc-late": {"results": "43", "error": None}}
