@@ -1328,6 +1328,10 @@ class ManagerCore:
         stored = self._recent.get(task_id) or await self.reader.get(task_id)
         if stored is None:
             self._reject(topic, "unknown_task", f"no task {task_id} (from proplet {proplet_id or '?'})")
+            if topic == topic_names.RESULTS:
+                # Final too (the task was deleted, typically while it ran): unacknowledged, the
+                # result would stay in the sender's outbox and be sent again for ever.
+                self._ack_result(proplet_id, task_id, attempt or 0)
         elif stored.state.is_terminal:
             self.metrics.duplicate_results.inc()
             log.debug("ignoring a message for finished task %s from %s", task_id, proplet_id)

@@ -592,3 +592,20 @@ async def test_a_late_answer_from_a_broadcasts_earlier_run_does_not_answer_the_n
         await p.publish(t.RESULTS, {**stale, "results": "43", "attempt": 2})
         done = await finished(manager, task.id)
         assert done.state is TaskState.COMPLETED and done.results == {"bc-late": {"results": "43", "error": None}}
+
+
+async def test_a_result_for_a_task_deleted_meanwhile_is_acknowledged(manager: Any, broker: Any) -> None:
+    """Deleted while it ran: its result can never be stored, and unacknowledged it would stay in the
+    proplet's outbox for ever (sent again every few seconds, listed in every heartbeat)."""
+    async with SyntheticProplet(broker.url, manager.topics, "p-del", answer=None,
+                                metadata={"capabilities": ["result_ack"]}) as p:
+        await eventually(lambda: "p-del" in manager.proplets)
+        task = await manager.create_task(add_task())
+        await manager.start_task(task.id)
+        start = await p.expect(t.START)
+        await manager.delete_task(task.id)
+        await p.publish(t.RESULTS, {"task_id": task.id, "proplet_id": "p-del", "results": "42", "error": None,
+                                    "attempt": start["attempt"]})
+        ack = await p.expect(t.RESULT_ACK, lambda m: m["task_id"] == task.id)
+        assert (ack["proplet_id"], ack["attempt"]) == ("p-del", start["attempt"])
+        assert manager.metrics.rejections[(t.RESULTS, "unknown_task")] == 1
