@@ -1020,7 +1020,11 @@ class ManagerCore:
         await self._transition(task, new, detail, then=lambda: self._publish_start(task, attempt, payload))
 
     def _publish_start(self, task: Task, attempt: int, payload: bytes) -> None:
-        if self.active.get(task.id) is not task or task.attempt != attempt or task.state.is_terminal:
+        # Pending again with the same attempt: put back in the queue before its dispatch was
+        # committed (its proplet declared offline, a stop then a re-run); the next dispatch sends
+        # its own start, and this one would run the task a second time.
+        if (self.active.get(task.id) is not task or task.attempt != attempt or task.state.is_terminal
+                or task.state is TaskState.PENDING):
             return  # stopped or re-queued meanwhile
         assert self.bus is not None
         if not self.bus.publish_nowait(self.topics.start, payload):

@@ -16,7 +16,7 @@ from core.domain import TaskState
 from core.schemas import TaskCreate
 from core.topics import Topics
 from tests.conftest import unique
-from tests.wire import SyntheticProplet, WireClient, eventually
+from tests.wire import SyntheticProplet, WireClient, add_inputs, eventually
 
 WASM = b"\0asm\x01\0\0\0"
 
@@ -609,3 +609,38 @@ async def test_a_result_for_a_task_deleted_meanwhile_is_acknowledged(manager: An
         ack = await p.expect(t.RESULT_ACK, lambda m: m["task_id"] == task.id)
         assert (ack["proplet_id"], ack["attempt"]) == ("p-del", start["attempt"])
         assert manager.metrics.rejections[(t.RESULTS, "unknown_task")] == 1
+
+
+async def test_a_dispatch_overtaken_by_its_proplet_going_offline_sends_no_start(manager: Any, broker: Any) -> None:
+    """The start leaves once the dispatch is committed. A proplet declared offline before that put
+    the task back in the queue: the start of that attempt must not leave then, or the proplet (if
+    only slow, not gone) runs it while the manager dispatches it again."""
+    async with SyntheticProplet(broker.url, manager.topics, "p-slow", answer=None) as p:
+        await eventually(lambda: "p-slow" in manager.proplets)
+        task = await manager.create_task(add_task(max_retries=1))
+        gate = asyncio.Event()
+        apply = manager.store.apply
+
+        async def held_apply(ops: Any) -> None:
+            await gate.wait()
+            await apply(ops)
+
+        manager.store.apply = held_apply
+        try:
+            starting = asyncio.create_task(manager.start_task(task.id))
+            await eventually(lambda: task.id in manager.active
+                             and manager.active[task.id].state is TaskState.RUNNING)  # in memory only
+            await p.publish(t.ALIVE, {"proplet_id": "p-slow", "status": "offline", "namespace": "default"})
+            await eventually(lambda: manager.active[task.id].state is TaskState.PENDING)
+        finally:
+            gate.set()
+            manager.store.apply = apply
+        await starting
+        await manager.writer.barrier()
+        await asyncio.sleep(0.3)
+        assert not p.starts, "the start of the requeued attempt went out"
+        p.answer = add_inputs
+        await p.alive()  # back: the retry is dispatched to it
+        done = await finished(manager, task.id)
+        assert (done.state, done.attempt, done.retries) == (TaskState.COMPLETED, 2, 1)
+        assert [s["attempt"] for s in p.starts] == [2]
