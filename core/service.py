@@ -81,6 +81,8 @@ CAP_MODULE_CACHE = "module_cache"  # keeps modules by digest: a start may name o
 MODULE_BY_REFERENCE_MIN = 16 * 1024
 # Modules remembered per proplet as held by it (least recently used dropped).
 MODULES_HELD_MAX = 64
+# Seconds before a task whose dispatch the store refused goes back to the queue.
+UNSTORED_DISPATCH_RETRY = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,8 +135,9 @@ class ManagerCore:
         self._waiting_on_proplet: set[str] = set()
         # When the manager last (re)connected to the broker: proplet silence is measured from here.
         self._listening_since: datetime | None = None
-        # Starts whose publish found no connection; the dispatcher puts them back in the queue.
-        self._lost_starts: list[str] = []
+        # Starts that never left: (task id, attempt, why). Their publish found no connection, or the
+        # store refused their dispatch; the dispatcher puts them back in the queue.
+        self._lost_starts: list[tuple[str, int, str]] = []
         self._pending_acks: dict[str, list[tuple[str, int]]] = {}
         self._invocations: dict[str, asyncio.Future[protocol.InvokeResultMessage]] = {}
         self._files = ArtifactCache(max_bytes=64 * 1024 * 1024)
@@ -939,9 +942,11 @@ class ManagerCore:
 
     async def _dispatch_ready(self) -> None:
         while self._lost_starts:
-            task = self.active.get(self._lost_starts.pop())
-            if task is not None and not task.state.is_terminal and task.state is not TaskState.PENDING:
-                await self._requeue(task, "the broker connection dropped before the start went out")
+            task_id, attempt, why = self._lost_starts.pop()
+            task = self.active.get(task_id)
+            if (task is not None and task.attempt == attempt and not task.state.is_terminal
+                    and task.state is not TaskState.PENDING):
+                await self._requeue(task, why)
         if self.bus is None or not self.bus.connected.is_set():
             return  # woken again by _broker_connected
         deferred: list[tuple[int, int, str]] = []
@@ -1017,7 +1022,25 @@ class ManagerCore:
         # The start goes out only once the dispatch is stored (a manager that dies in between would
         # otherwise dispatch the task again on restart, perhaps to another proplet), and at once
         # then: before whoever waits for the same commit (the API answering the start) resumes.
-        await self._transition(task, new, detail, then=lambda: self._publish_start(task, attempt, payload))
+        committed = await self._transition(task, new, detail,
+                                           then=lambda: self._publish_start(task, attempt, payload))
+        assert committed is not None
+        committed.add_done_callback(lambda f: self._dispatch_stored(f, task.id, attempt))
+
+    def _dispatch_stored(self, committed: asyncio.Future[None], task_id: str, attempt: int) -> None:
+        if committed.cancelled() or committed.exception() is None:
+            return
+        # The store refused the dispatch, so its start never left (`then` runs after a commit only):
+        # left alone, the task held its slot, scheduled or running, for ever. Back to the queue, after
+        # a pause: a store that refuses writes does so for a while, and dispatching again at once
+        # would spin on it.
+        asyncio.get_running_loop().call_later(
+            UNSTORED_DISPATCH_RETRY, self._start_lost, task_id, attempt,
+            "the database refused to store its dispatch (see the manager's log)")
+
+    def _start_lost(self, task_id: str, attempt: int, why: str) -> None:
+        self._lost_starts.append((task_id, attempt, why))
+        self._wake.set()
 
     def _publish_start(self, task: Task, attempt: int, payload: bytes) -> None:
         # Pending again with the same attempt: put back in the queue before its dispatch was
@@ -1028,8 +1051,7 @@ class ManagerCore:
             return  # stopped or re-queued meanwhile
         assert self.bus is not None
         if not self.bus.publish_nowait(self.topics.start, payload):
-            self._lost_starts.append(task.id)
-            self._wake.set()
+            self._start_lost(task.id, attempt, "the broker connection dropped before the start went out")
             return
         self._sent_at[task.id] = time.monotonic()
         self.metrics.tasks_dispatched.inc()

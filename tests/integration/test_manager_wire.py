@@ -644,3 +644,24 @@ async def test_a_dispatch_overtaken_by_its_proplet_going_offline_sends_no_start(
         done = await finished(manager, task.id)
         assert (done.state, done.attempt, done.retries) == (TaskState.COMPLETED, 2, 1)
         assert [s["attempt"] for s in p.starts] == [2]
+
+
+async def test_a_dispatch_the_database_refused_goes_back_to_the_queue(manager: Any, broker: Any) -> None:
+    """The start leaves only once the dispatch is stored. When the database refuses that write
+    (disk full, a lost connection), the task must not keep its slot without a start sent."""
+    async with SyntheticProplet(broker.url, manager.topics, "p-db") as p:
+        await eventually(lambda: "p-db" in manager.proplets)
+        task = await manager.create_task(add_task())
+        async with manager.store.transaction() as conn:  # the database refuses to mark it running
+            await conn.execute(
+                "CREATE TRIGGER refuse_dispatch BEFORE UPDATE ON tasks WHEN NEW.state = 2 "
+                "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
+        failures = manager.writer.stats.failures
+        await manager.start_task(task.id)
+        await eventually(lambda: manager.writer.stats.failures > failures)
+        async with manager.store.transaction() as conn:  # space again
+            await conn.execute("DROP TRIGGER refuse_dispatch")
+        done = await finished(manager, task.id)
+        assert (done.state, done.results, done.retries) == (TaskState.COMPLETED, "42", 0)
+        assert [s["attempt"] for s in p.starts] == [2]
+        assert manager.get_proplet("p-db").task_count == 0
