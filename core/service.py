@@ -150,6 +150,11 @@ class ManagerCore:
         # start or a read right after a create does not go to the database. Bounded: LRU eviction.
         self._recent: OrderedDict[str, Task] = OrderedDict()
         self._recent_max = 10_000
+        # Finished tasks whose result the store refused to write (task id -> the task as finished):
+        # the result is not acknowledged, so its proplet sends it again, and that repeat writes it
+        # again instead of being taken for an ordinary duplicate (acknowledged, the result lost).
+        # Bounded: oldest dropped (a proplet that never repeats its result keeps none here).
+        self._unstored_results: dict[str, Task] = {}
         # Tasks evicted from `_recent` while writes were still queued: task id -> how many writer
         # entries had been queued then. Reading such a task back waits for those writes only; any
         # other task not in memory has nothing queued (every task write goes through memory), so
@@ -560,6 +565,7 @@ class ManagerCore:
         if task is not None:
             self._forget(task)
         self._recent.pop(task_id, None)
+        self._unstored_results.pop(task_id, None)
         self.cron.forget(task_id)
         await self.writer.write(self.store.op_delete_task(task_id))
         self.events.emit(TaskDeleted(task_id))
@@ -719,6 +725,7 @@ class ManagerCore:
             state = self.active[task_id].state
             what = "queued" if state is TaskState.PENDING else state.label
             raise Conflict(f"task {task_id} is already {what}; stop it first to start it again")
+        self._unstored_results.pop(task_id, None)  # the re-run's writes supersede it
         task = self._recent.pop(task_id, None) or await self._load_for_start(task_id)
         if task.depends_on and not dependencies_met:
             try:
@@ -1351,6 +1358,11 @@ class ManagerCore:
         task = self.active.get(task_id)
         if task is not None:
             return task
+        if self._unstored_results and topic == topic_names.RESULTS:
+            unstored = self._unstored_results.pop(task_id, None)
+            if unstored is not None:
+                await self._store_result_again(unstored, proplet_id)
+                return None
         stored = self._recent.get(task_id) or await self.reader.get(task_id)
         if stored is None:
             self._reject(topic, "unknown_task", f"no task {task_id} (from proplet {proplet_id or '?'})")
@@ -1427,10 +1439,34 @@ class ManagerCore:
             attempt = task.attempt
 
             def ack_once_stored(f: asyncio.Future[None]) -> None:
-                if not f.cancelled() and f.exception() is None:
+                if f.cancelled():
+                    return
+                if f.exception() is None:
                     self._ack_result(msg.proplet_id, task.id, attempt)
+                else:
+                    self._unstored_results[task.id] = task
+                    while len(self._unstored_results) > self._recent_max:
+                        del self._unstored_results[next(iter(self._unstored_results))]
 
             committed.add_done_callback(ack_once_stored)
+
+    async def _store_result_again(self, task: Task, proplet_id: str) -> None:
+        """Write a finished task whose first write the store refused; acknowledge once stored."""
+        attempt = task.attempt
+        committed = await self.writer.enqueue(
+            self.store.op_update_task_state(task),
+            self.store.op_task_event(TaskEvent(task.id, task.state, utcnow(), attempt, task.proplet_id,
+                                               f"{task.state.label}: stored when {proplet_id} sent the result again")))
+
+        def ack_once_stored(f: asyncio.Future[None]) -> None:
+            if f.cancelled():
+                return
+            if f.exception() is None:
+                self._ack_result(proplet_id, task.id, attempt)
+            elif task.id not in self.active:
+                self._unstored_results.setdefault(task.id, task)  # not yet: the next repeat tries again
+
+        committed.add_done_callback(ack_once_stored)
 
     def _note_module_held(self, proplet_id: str, digest: str) -> None:
         held = self._modules_held.setdefault(proplet_id, OrderedDict())

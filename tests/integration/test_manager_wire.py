@@ -665,3 +665,34 @@ async def test_a_dispatch_the_database_refused_goes_back_to_the_queue(manager: A
         assert (done.state, done.results, done.retries) == (TaskState.COMPLETED, "42", 0)
         assert [s["attempt"] for s in p.starts] == [2]
         assert manager.get_proplet("p-db").task_count == 0
+
+
+async def test_a_result_the_database_refused_is_stored_when_it_comes_again(manager: Any, broker: Any) -> None:
+    """A result is acknowledged once stored. When the database refuses it, the proplet sends it
+    again; that repeat must be stored, not acknowledged as a duplicate of what memory holds."""
+    async with SyntheticProplet(broker.url, manager.topics, "p-unst", answer=None,
+                                metadata={"capabilities": ["result_ack"]}) as p:
+        await eventually(lambda: "p-unst" in manager.proplets)
+        task = await manager.create_task(add_task())
+        await manager.start_task(task.id)
+        start = await p.expect(t.START)
+        async with manager.store.transaction() as conn:  # the database refuses to mark it completed
+            await conn.execute(
+                "CREATE TRIGGER refuse_result BEFORE UPDATE ON tasks WHEN NEW.state = 3 "
+                "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
+        failures = manager.writer.stats.failures
+        result = {"task_id": task.id, "proplet_id": "p-unst", "results": "42", "error": None,
+                  "attempt": start["attempt"]}
+        await p.publish(t.RESULTS, result)
+        await eventually(lambda: manager.writer.stats.failures > failures)
+        await p.publish(t.RESULTS, result)  # the outbox repeats it; the database still refuses
+        await eventually(lambda: manager.writer.stats.failures > failures + 1)
+        await asyncio.sleep(0.1)
+        assert not p.messages(t.RESULT_ACK), "acknowledged a result that was not stored"
+        async with manager.store.transaction() as conn:
+            await conn.execute("DROP TRIGGER refuse_result")
+        await p.publish(t.RESULTS, result)
+        ack = await p.expect(t.RESULT_ACK, lambda m: m["task_id"] == task.id)
+        assert ack["attempt"] == start["attempt"]
+        stored = await manager.reader.get(task.id)
+        assert stored is not None and (stored.state, stored.results) == (TaskState.COMPLETED, "42")
