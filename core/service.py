@@ -1525,6 +1525,13 @@ class ManagerCore:
             self._reject(topic_names.TASK_STATE, "wrong_proplet",
                          f"state of task {task.id} from {msg.proplet_id}, but it runs on {task.proplet_id}")
             return
+        if task.state is TaskState.PENDING:
+            # Back in the queue (its proplet was declared offline) with the attempt unchanged: a late
+            # report of that attempt changes nothing; marked running here it would sit outside every
+            # slot, found by no retry or reconciliation.
+            self._reject(topic_names.TASK_STATE, "not_dispatched",
+                         f"state of task {task.id} from {msg.proplet_id}, which is waiting to be dispatched again")
+            return
         if msg.state == protocol.TASK_STATE_RUNNING:
             detail = f"running on {msg.proplet_id}" + (f": {msg.reason}" if msg.reason else "")
             if task.daemon and msg.reason:

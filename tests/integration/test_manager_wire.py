@@ -696,3 +696,26 @@ async def test_a_result_the_database_refused_is_stored_when_it_comes_again(manag
         assert ack["attempt"] == start["attempt"]
         stored = await manager.reader.get(task.id)
         assert stored is not None and (stored.state, stored.results) == (TaskState.COMPLETED, "42")
+
+
+async def test_a_running_report_for_a_task_back_in_the_queue_changes_nothing(manager: Any, broker: Any) -> None:
+    """A daemon's `running` report (with where it serves) sent before its proplet was declared
+    offline arrives after the task went back to the queue: it must not mark the queued task
+    running (outside every slot, where neither a retry nor reconciliation would ever find it)."""
+    async with SyntheticProplet(broker.url, manager.topics, "p-dmn", answer=None,
+                                metadata={"capabilities": ["task_state"]}) as p:
+        await eventually(lambda: "p-dmn" in manager.proplets)
+        task = await manager.create_task(add_task(proplet_id="p-dmn", daemon=True, max_retries=1))
+        await manager.start_task(task.id)
+        start = await p.expect(t.START)
+        await p.publish(t.ALIVE, {"proplet_id": "p-dmn", "status": "offline", "namespace": "default"})
+        await eventually(lambda: manager.active[task.id].state is TaskState.PENDING)
+        await p.publish(t.TASK_STATE, {"task_id": task.id, "proplet_id": "p-dmn", "state": "running",
+                                       "reason": "serving on port 8080", "attempt": start["attempt"]})
+        await p.publish(t.ALIVE, {"proplet_id": "marker", "status": "alive"})  # handled after the report
+        await eventually(lambda: "marker" in manager.proplets)
+        queued = manager.active[task.id]
+        assert (queued.state, queued.results) == (TaskState.PENDING, None)
+        await p.alive()  # back: the retry goes out, and it is tracked on the proplet's slot
+        retry = await p.expect(t.START, lambda m: m["attempt"] == 2)
+        assert retry["id"] == task.id and manager.get_proplet("p-dmn").task_count == 1
