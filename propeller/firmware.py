@@ -357,7 +357,24 @@ def monitor_lines(port: str, baud: int = CONSOLE_BAUD, stop: threading.Event | N
 
 
 # Keys of the device's settings (firmware/src/core/provision.c), in the order they are set.
-SETTING_KEYS = ("wifi_ssid", "wifi_pass", "mqtt_url", "mqtt_user", "mqtt_pass", "proplet_id", "domain", "channel")
+SETTING_KEYS = ("wifi_ssid", "wifi_pass", "mqtt_url", "mqtt_user", "mqtt_pass", "proplet_id", "domain", "channel",
+                "trusted_keys")
+
+
+def trusted_keys_setting(paths: list[Path]) -> str:
+    """The device's `trusted_keys` for these PEM public keys: the base64 of each key's 32 bytes."""
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+
+    from core.signing import SignatureError, load_public_keys
+
+    try:
+        keys = load_public_keys(paths)
+    except SignatureError as exc:
+        raise FirmwareError(str(exc)) from None
+    raw = (key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw) for key in keys)
+    return ",".join(base64.b64encode(key).decode() for key in raw)
 
 
 class Provisioner:
@@ -535,16 +552,22 @@ def monitor_command(port: str, baud: int) -> None:
 @click.option("--id", "proplet_id", help="The proplet's id (also its MQTT client id).")
 @click.option("--domain", help="Topic domain: the manager's tenant_id.")
 @click.option("--channel", help="Topic channel: the manager's channel_id.")
+@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Ed25519 public key (PEM, from `propeller keys generate`); the board then runs only modules "
+                   "the manager signed with it (MANAGER_SIGNING_KEY). Repeat for up to 4 keys.")
 @click.option("--no-reboot", is_flag=True, help="Save without restarting the board.")
 @click.option("--timeout", type=float, default=5.0, show_default=True, help="Seconds to wait for each answer.")
 def provision_command(port: str, wifi_ssid: str | None, wifi_password: str | None, mqtt_url: str | None,
                       mqtt_user: str | None, mqtt_password: str | None, proplet_id: str | None,
-                      domain: str | None, channel: str | None, no_reboot: bool, timeout: float) -> None:
-    """Store Wi-Fi, broker and identity in the board's flash over the serial port."""
+                      domain: str | None, channel: str | None, trusted_keys: tuple[Path, ...], no_reboot: bool,
+                      timeout: float) -> None:
+    """Store Wi-Fi, broker, identity and trusted keys in the board's flash over the serial port."""
     given = {"wifi_ssid": wifi_ssid, "wifi_pass": wifi_password, "mqtt_url": mqtt_url, "mqtt_user": mqtt_user,
              "mqtt_pass": mqtt_password, "proplet_id": proplet_id, "domain": domain, "channel": channel}
     values = {key: value for key, value in given.items() if value is not None}
     try:
+        if trusted_keys:
+            values["trusted_keys"] = trusted_keys_setting(list(trusted_keys))
         settings = provision(port, values, reboot=not no_reboot, timeout=timeout, on_line=click.echo)
     except FirmwareError as exc:
         raise click.ClickException(str(exc)) from None
@@ -578,5 +601,5 @@ __all__ = [
     "BENCH_ENV", "DEVICE_ENV", "CommandResult", "FirmwareError", "FirmwareProject", "PortInfo", "Provisioner",
     "RegistryProbe", "build", "check_can_build", "explain_esptool_failure", "firmware_group", "flash",
     "list_ports", "monitor_lines", "parse_progress", "probe_registry", "provision", "render_command",
-    "run_esptool", "stream_command",
+    "run_esptool", "stream_command", "trusted_keys_setting",
 ]

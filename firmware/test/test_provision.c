@@ -50,7 +50,8 @@ static void lists_every_key_with_secrets_masked(void **state)
     line("LIST");
     assert_non_null(strstr(reply, "+KEY wifi_ssid=\n"));
     assert_non_null(strstr(reply, "+KEY mqtt_pass=****\n"));
-    assert_non_null(strstr(reply, "+OK 8 keys\n"));
+    assert_non_null(strstr(reply, "+KEY trusted_keys=\n"));
+    assert_non_null(strstr(reply, "+OK 9 keys\n"));
 }
 
 static void explains_every_refusal(void **state)
@@ -58,7 +59,7 @@ static void explains_every_refusal(void **state)
     (void)state;
     line("SET colour blue");
     assert_string_equal(reply, "+ERR unknown key 'colour'; keys: wifi_ssid wifi_pass mqtt_url mqtt_user "
-                               "mqtt_pass proplet_id domain channel\n");
+                               "mqtt_pass proplet_id domain channel trusted_keys\n");
     line("SET mqtt_url 10.0.0.2:1883");
     assert_string_equal(reply, "+ERR mqtt_url must look like mqtt://host:port (or mqtts://), got '10.0.0.2:1883'\n");
     char long_line[80] = "SET wifi_ssid ";
@@ -71,9 +72,49 @@ static void explains_every_refusal(void **state)
     memset(huge, 'A', sizeof huge - 1);
     huge[sizeof huge - 1] = '\0';
     line(huge);
-    assert_string_equal(reply, "+ERR line longer than 255 bytes\n");
+    assert_string_equal(reply, "+ERR line longer than 319 bytes\n");
     line("");
     assert_string_equal(reply, "");
+}
+
+static void provisions_trusted_keys(void **state)
+{
+    (void)state;
+    /* One key as the base64 of its 32 bytes, one as its PEM file's body line (any 32 bytes are
+     * a well-formed key here: the curve point is libsodium's business when it verifies). */
+    const char *raw = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
+    const char *pem_body = "MCowBQYDK2VwAyEAAgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=";
+    char command[PROVISION_LINE_MAX];
+    snprintf(command, sizeof command, "SET trusted_keys %s, %s", raw, pem_body);
+    line(command);
+    assert_string_equal(reply, "+OK\n");
+    char expected[PROVISION_LINE_MAX];
+    snprintf(expected, sizeof expected, "+OK %s, %s\n", raw, pem_body);
+    line("GET trusted_keys");
+    assert_string_equal(reply, expected); /* public keys: not masked */
+
+    /* Four keys in their longer PEM form fit one line and the setting. */
+    snprintf(command, sizeof command, "SET trusted_keys %s, %s, %s, %s", pem_body, pem_body, pem_body,
+             pem_body);
+    line(command);
+    assert_string_equal(reply, "+OK\n");
+
+    /* A key that is not one is refused at once and the old value kept. */
+    line("SET trusted_keys MCowBQYDK2VuAyEAAgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=");
+    assert_string_equal(reply, "+ERR trusted_keys: trusted key 1 is not an Ed25519 public key: give the "
+                               "base64 of its 32 bytes, or the body line of its PEM file\n");
+    snprintf(command, sizeof command, "SET trusted_keys %s,%s,%.43s", raw, raw, raw);
+    line(command);
+    assert_string_equal(reply, "+ERR trusted_keys: trusted key 3 is not an Ed25519 public key: give the "
+                               "base64 of its 32 bytes, or the body line of its PEM file\n");
+    assert_non_null(strstr(settings.trusted_keys, pem_body));
+
+    /* Empty: signatures are no longer required. */
+    line("SET trusted_keys");
+    assert_string_equal(reply, "+OK\n");
+    assert_string_equal(settings.trusted_keys, "");
+    settings_parse_line(&settings, "trusted_keys=AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=\n");
+    assert_string_equal(settings.trusted_keys, raw);
 }
 
 static void erases_and_reads_settings_files(void **state)
@@ -99,6 +140,7 @@ int main(void)
         cmocka_unit_test_setup(provisions_a_fresh_device, setup),
         cmocka_unit_test_setup(lists_every_key_with_secrets_masked, setup),
         cmocka_unit_test_setup(explains_every_refusal, setup),
+        cmocka_unit_test_setup(provisions_trusted_keys, setup),
         cmocka_unit_test_setup(erases_and_reads_settings_files, setup),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -8,6 +8,8 @@
  *   {"op":"start"|"chunk"|"stop","payload":"<message>"}     -> what the decoder made of it
  *   {"op":"binary_chunk","payload":"<base64 of the message>"} -> the same, with data_hex
  *   {"op":"result_ack","payload":"<message>"}                 -> proplet_id and [task_id, attempt] acks
+ *   {"op":"trust","pems":["<PEM>",...],"payload":"<start>"}   -> {"ok":..,"error":..}: the start
+ *                                                   checked against those keys (signature.h)
  */
 #include <inttypes.h>
 #include <stdio.h>
@@ -18,6 +20,7 @@
 
 #include "../src/core/b64.h"
 #include "../src/core/protocol.h"
+#include "../src/core/signature.h"
 #include "../src/core/wasmval.h"
 
 #define LINE_MAX_BYTES (1 << 20)
@@ -158,6 +161,10 @@ static void op_decode(const cJSON *req, const char *op)
             for (size_t i = 0; i < m.input_count; i++)
                 cJSON_AddItemToArray(inputs, cJSON_CreateString(m.inputs[i]));
             add_digest(answer, m.has_digest, m.wasm_digest);
+            char signature[2 * ED25519_SIGNATURE_BYTES + 1] = "";
+            for (size_t i = 0; m.has_signature && i < ED25519_SIGNATURE_BYTES; i++)
+                snprintf(signature + 2 * i, 3, "%02x", m.wasm_signature[i]);
+            cJSON_AddStringToObject(answer, "signature_hex", signature);
             cJSON_AddNumberToObject(answer, "attempt", m.attempt);
             /* As text: cJSON prints numbers with 15 significant digits when that reads back
              * within an epsilon, which would hide a decoding difference. */
@@ -242,6 +249,42 @@ static void op_decode(const cJSON *req, const char *op)
     print_json(answer);
 }
 
+static void op_trust(const cJSON *req)
+{
+    cJSON *answer = cJSON_CreateObject();
+    trusted_keys_t keys;
+    memset(&keys, 0, sizeof keys);
+    bool ok = ed25519_init();
+    const char *error = ok ? "" : "ed25519_init failed";
+    const cJSON *pem;
+    cJSON_ArrayForEach(pem, cJSON_GetObjectItemCaseSensitive(req, "pems"))
+    {
+        uint8_t key[ED25519_PUBLIC_KEY_BYTES];
+        if (ok && !(cJSON_IsString(pem)
+                    && trusted_key_parse_pem(pem->valuestring, strlen(pem->valuestring), key)
+                    && trusted_keys_add(&keys, key))) {
+            ok = false;
+            error = "a key is not an Ed25519 public key, or there are too many";
+        }
+    }
+    char reason[PROPLET_ERROR_TEXT_MAX + 1] = "";
+    start_msg_t m;
+    protocol_error_t err;
+    const char *payload = str(req, "payload");
+    if (ok && !protocol_parse_start(payload, strlen(payload), &m, &err)) {
+        ok = false;
+        snprintf(reason, sizeof reason, "the start message is invalid: %s", err.reason);
+        error = reason;
+    } else if (ok) {
+        ok = signature_check_start(&keys, &m, reason, sizeof reason);
+        error = reason;
+        protocol_start_release(&m);
+    }
+    cJSON_AddBoolToObject(answer, "ok", ok);
+    cJSON_AddStringToObject(answer, "error", error);
+    print_json(answer);
+}
+
 int main(void)
 {
     static char line[LINE_MAX_BYTES];
@@ -257,6 +300,8 @@ int main(void)
         else if (strcmp(op, "start") == 0 || strcmp(op, "chunk") == 0 || strcmp(op, "binary_chunk") == 0
                  || strcmp(op, "result_ack") == 0 || strcmp(op, "stop") == 0)
             op_decode(req, op);
+        else if (strcmp(op, "trust") == 0)
+            op_trust(req);
         else
             op_encode(req, op);
         cJSON_Delete(req);

@@ -1,8 +1,9 @@
 """Fixtures of the firmware tests: the host build (make), wasm modules compiled from WAT, and
 host proplets started against the session's Mosquitto.
 
-The host build needs gcc, make and the Debian packages libcjson-dev, libpaho-mqtt-dev and
-libcmocka-dev, plus the wasmtime wheel; a missing one fails in CI and skips locally.
+The host build needs gcc, make and the Debian packages libcjson-dev, libpaho-mqtt-dev,
+libcmocka-dev and libsodium-dev, plus the wasmtime wheel; a missing one fails in CI and skips
+locally.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ HEADERS = {
     "libcjson-dev": Path("/usr/include/cjson/cJSON.h"),
     "libpaho-mqtt-dev": Path("/usr/include/MQTTAsync.h"),
     "libcmocka-dev": Path("/usr/include/cmocka.h"),
+    "libsodium-dev": Path("/usr/include/sodium.h"),
 }
 
 
@@ -120,16 +122,17 @@ class HostProplet:
 
 @pytest.fixture
 def host_proplets(host_build: Path, broker: Mosquitto, tmp_path: Path) -> Iterator[Any]:
-    """`start(core, proplet_id, *args)`: a host proplet on the manager's domain and channel."""
+    """`start(core, proplet_id, *args, env=...)`: a host proplet on the manager's domain and channel."""
     started: list[HostProplet] = []
 
-    def start(core: Any = None, proplet_id: str = "esp-host", *args: str, join: bool = True) -> HostProplet:
+    def start(core: Any = None, proplet_id: str = "esp-host", *args: str, join: bool = True,
+              env: dict[str, str] | None = None) -> HostProplet:
         argv = []
         if join:
             argv += ["--broker", broker.url, "--id", proplet_id, "--domain", core.settings.tenant_id,
                      "--channel", core.settings.channel_id]
         argv += ["--heartbeat", "1", "--metrics", "2", "--log-level", "debug", *args]
-        proplet = HostProplet(proplet_id, argv, tmp_path / f"{proplet_id}.log").start()
+        proplet = HostProplet(proplet_id, argv, tmp_path / f"{proplet_id}.log", extra_env=env or {}).start()
         started.append(proplet)
         return proplet
 

@@ -18,7 +18,7 @@ def test_cmocka_unit_tests_pass_under_sanitizers() -> None:
     # Every test binary ran and reported; none was skipped by an early exit.
     ran = re.findall(r"^== build/test/(test_\w+)$", result.stdout, re.MULTILINE)
     assert set(ran) >= {"test_wasmval", "test_b64_digest", "test_protocol", "test_assembler",
-                        "test_modules", "test_proplet", "test_provision", "test_fuzz"}
+                        "test_modules", "test_proplet", "test_provision", "test_signature", "test_fuzz"}
     assert output.count("[  PASSED  ]") == len(ran)
     assert "FAILED" not in output
     # The sanitizers are really in the test binaries.

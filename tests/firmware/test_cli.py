@@ -56,6 +56,44 @@ async def test_provisioning_over_serial_brings_a_fresh_proplet_into_the_fleet(
         assert done.results == "42", proplet.log
 
 
+async def test_provisioned_trusted_keys_make_the_proplet_run_only_signed_modules(
+        manager_factory, host_proplets, broker, tmp_path, wasm) -> None:
+    from core.signing import generate_keypair
+
+    private, public = generate_keypair(tmp_path / "keys")
+    settings = tmp_path / "signed.conf"
+    tty = tmp_path / "ttySIGNED"
+    async with manager_factory(signing_key=private) as core:
+        proplet = host_proplets(None, "esp-signed", "--settings", str(settings), "--provision-pty", str(tty),
+                                join=False)
+        await wait_for_path(tty)
+        result = await asyncio.to_thread(
+            propeller, "provision", "--port", str(tty), "--broker", broker.url, "--id", "esp-signed",
+            "--domain", core.settings.tenant_id, "--channel", core.settings.channel_id, "--trusted-key", str(public))
+        assert result.returncode == 0, result.stderr + proplet.log
+        # The PEM body without its 16-character DER prefix is the base64 of the key's 32 bytes.
+        body = public.read_text().splitlines()[1]
+        assert f"trusted_keys = {body[16:]}" in result.stdout
+        await online(core, "esp-signed")
+        assert "only modules signed by one of 1 trusted keys run" in proplet.log
+        done = await run_task(core, "esp-signed", name="add", file=module(wasm["add"]), inputs=["40", "2"])
+        assert done.results == "42", (done.error, proplet.log)
+    async with manager_factory(tenant_id=core.settings.tenant_id) as unsigning:
+        await online(unsigning, "esp-signed")
+        refused = await run_task(unsigning, "esp-signed", name="add", file=module(wasm["add"]), inputs=["1", "2"])
+        assert "is not signed, and this proplet only runs signed modules" in refused.error
+
+
+async def test_a_trusted_key_file_that_is_not_one_is_refused_before_the_board_is_touched(tmp_path) -> None:
+    from core.signing import generate_keypair
+
+    private, _ = generate_keypair(tmp_path / "keys")
+    result = await asyncio.to_thread(propeller, "provision", "--port", str(tmp_path / "no-such-tty"),
+                                     "--trusted-key", str(private))
+    assert result.returncode == 1
+    assert f"cannot read the trusted key {private}: Valid PEM but no BEGIN PUBLIC KEY" in result.stderr
+
+
 async def test_the_device_explains_what_it_refuses(host_proplets, tmp_path) -> None:
     tty = tmp_path / "ttyREFUSE"
     host_proplets(None, "esp-refuse", "--settings", str(tmp_path / "p.conf"), "--provision-pty", str(tty), join=False)

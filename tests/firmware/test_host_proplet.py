@@ -160,6 +160,70 @@ async def test_a_time_limit_interrupts_a_looping_task(manager_factory, host_prop
                               "finish sooner")
 
 
+async def test_only_modules_signed_by_a_trusted_key_run(manager_factory, host_proplets, wasm, tmp_path) -> None:
+    """PROPLET_TRUSTED_KEYS on the embedded proplet, as on the Python one (tests/security/test_trust.py)."""
+    from core.signing import generate_keypair
+
+    private, public = generate_keypair(tmp_path / "keys")
+    _, other_public = generate_keypair(tmp_path / "other", "other")
+    add, chunked = wasm["add"], wasm["chunked"]
+    async with manager_factory(signing_key=private, inline_limit=1024, chunk_size=4096) as core:
+        trusting = host_proplets(core, "esp-trusting", env={"PROPLET_TRUSTED_KEYS": str(public)})
+        await online(core, "esp-trusting")
+        assert "only modules signed by one of 1 trusted keys run" in trusting.log
+        done = await run_task(core, "esp-trusting", name="add", file=module(add), inputs=["2", "40"])
+        assert (done.state, done.results) == (TaskState.COMPLETED, "42"), (done.error, trusting.log)
+        # Chunked delivery: the signed digest is checked before the chunks are asked for.
+        assert len(chunked) > 1024
+        done = await run_task(core, "esp-trusting", name="checksum", file=module(chunked))
+        assert done.state is TaskState.COMPLETED, (done.error, trusting.log)
+
+        foreign = host_proplets(core, "esp-foreign", env={"PROPLET_TRUSTED_KEYS": str(other_public)})
+        await online(core, "esp-foreign")
+        for name, data, inputs in (("add", add, ["2", "40"]), ("checksum", chunked, [])):
+            refused = await run_task(core, "esp-foreign", name=name, file=module(data), inputs=inputs)
+            assert refused.state is TaskState.FAILED
+            assert refused.error.startswith(f"the signature of module {protocol.sha256_digest(data)} is not from "
+                                            "a key this proplet trusts; check its trusted keys"), refused.error
+            # Refused before anything ran or was fetched: the proplet never confirmed it as running
+            # (the manager records a run only because a result came).
+            running = [e.detail for e in await core.task_events(refused.id) if e.state is TaskState.RUNNING]
+            assert running == ["running on esp-foreign (reported with its result)"], running
+            assert f"task {refused.id} accepted" not in foreign.log
+            assert f"task {refused.id} failed: the signature of module" in foreign.log
+        assert "fetching its module" not in foreign.log
+
+    async with manager_factory() as core:
+        host_proplets(core, "esp-unsigned", env={"PROPLET_TRUSTED_KEYS": f" {public} :"})
+        await online(core, "esp-unsigned")
+        refused = await run_task(core, "esp-unsigned", name="add", file=module(add), inputs=["1", "2"])
+        assert refused.state is TaskState.FAILED
+        assert refused.error == (f"the module {protocol.sha256_digest(add)} is not signed, and this proplet only "
+                                 "runs signed modules; configure MANAGER_SIGNING_KEY on the manager")
+
+
+async def test_a_trusted_key_that_cannot_be_used_stops_the_proplet_at_start(host_proplets, tmp_path) -> None:
+    from core.signing import generate_keypair
+
+    private, public = generate_keypair(tmp_path / "keys")
+    cases = {
+        str(private): f"{private} is not an Ed25519 public key",
+        f"{public}:{tmp_path / 'missing.pem'}": f"cannot read the trusted key {tmp_path / 'missing.pem'}: No such file",
+    }
+    for n, (paths, error) in enumerate(cases.items()):
+        proplet = host_proplets(None, f"esp-badkey-{n}", "--broker", "mqtt://127.0.0.1:9", "--id", f"esp-badkey-{n}",
+                                join=False, env={"PROPLET_TRUSTED_KEYS": paths})
+        assert proplet.process is not None
+        assert await asyncio.to_thread(proplet.process.wait, 10) == 2
+        assert error in proplet.log
+    # --trusted-keys wins over the environment, as command-line values do.
+    proplet = host_proplets(None, "esp-badkey-flag", "--broker", "mqtt://127.0.0.1:9", "--id", "esp-badkey-flag",
+                            "--trusted-keys", str(private), join=False, env={"PROPLET_TRUSTED_KEYS": str(public)})
+    assert proplet.process is not None
+    assert await asyncio.to_thread(proplet.process.wait, 10) == 2
+    assert f"{private} is not an Ed25519 public key" in proplet.log
+
+
 async def test_heartbeats_keep_the_proplet_online_with_its_metadata(manager_factory, host_proplets) -> None:
     async with manager_factory() as core:
         host_proplets(core, "esp-beat", "--slots", "3")

@@ -41,6 +41,7 @@ limits = st.builds(
     memory_bytes=st.none() | st.integers(1, 2**40),
 )
 digests = st.binary(min_size=1, max_size=8).map(p.sha256_digest)
+signatures = st.binary(min_size=64, max_size=64).map(lambda raw: base64.b64encode(raw).decode())
 CHECKS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
@@ -182,7 +183,8 @@ starts = st.builds(
                                                              max_size=16).map(tuple),
     cli_args=st.lists(short_text, max_size=3).map(tuple), broadcast=st.booleans(), daemon=st.booleans(),
     env=st.dictionaries(short_text, short_text, max_size=3), proplet_id=st.just("") | ids,
-    wasm_digest=st.just("") | digests, limits=limits, attempt=st.integers(0, 2**31), traceparent=short_text,
+    wasm_digest=st.just("") | digests, wasm_signature=st.just("") | signatures, limits=limits,
+    attempt=st.integers(0, 2**31), traceparent=short_text,
 )
 
 
@@ -200,6 +202,7 @@ def test_starts_decode_like_python(c_side: Wirecheck, msg: p.StartMessage) -> No
     assert got["broadcast"] == expected.broadcast
     assert tuple(got["inputs"]) == expected.inputs
     assert got["digest"] == expected.wasm_digest
+    assert bytes.fromhex(got["signature_hex"]) == base64.b64decode(expected.wasm_signature)
     assert got["attempt"] == expected.attempt
     assert float(got["timeout_s"]) == (expected.limits.timeout_s or 0)
     assert int(got["fuel"]) == (expected.limits.fuel or 0)
@@ -276,3 +279,47 @@ def test_the_managers_own_stop_and_start_are_understood(c_side: Wirecheck) -> No
                                           proplet_id="esp-1", attempt=3)).decode()
     got = orjson.loads(c_side.ask({"op": "start", "payload": start}))
     assert got["ok"] and got["inputs"] == ["1", "2"] and got["attempt"] == 3
+
+
+def test_signatures_made_by_the_manager_verify_in_c_with_python_s_verdicts(c_side: Wirecheck, tmp_path: Path) -> None:
+    """core/signing.py (cryptography) signs and writes the PEM files; the C core (libsodium) reads
+    them and reaches core.signing.verify_digest's verdict on every start, in the same words."""
+    from core.signing import (SignatureError, generate_keypair, load_private_key, load_public_keys, sign_digest,
+                              verify_digest)
+
+    private, public = generate_keypair(tmp_path / "a")
+    other_private, other_public = generate_keypair(tmp_path / "b", "b")
+    key, other_key = load_private_key(private), load_private_key(other_private)
+    trusted = load_public_keys([public])
+    pems = [public.read_text(), other_public.read_text()]
+
+    def verdicts(digest: str, signature: str) -> tuple[str, str]:
+        try:
+            verify_digest(trusted, digest, signature)
+            python = ""
+        except SignatureError as exc:
+            python = str(exc)
+        start = p.encode_start(p.StartMessage(id="t-1", name="add", file=b"\0asm\1\0\0\0", wasm_digest=digest,
+                                              wasm_signature=signature)).decode()
+        got = orjson.loads(c_side.ask({"op": "trust", "pems": pems[:1], "payload": start}))
+        assert got["ok"] == (python == ""), (got, python)
+        return python, got["error"]
+
+    for n in range(40):
+        digest = p.sha256_digest(n.to_bytes(4, "big"))
+        assert verdicts(digest, sign_digest(key, digest)) == ("", "")
+        python, c = verdicts(digest, sign_digest(other_key, digest))
+        foreign = f"the signature of module {digest} is not from a key this proplet trusts; check "
+        assert python.startswith(foreign) and c.startswith(foreign)
+        # Signed for another module's digest: refused just the same.
+        python, c = verdicts(digest, sign_digest(key, p.sha256_digest(b"other")))
+        assert python.startswith(foreign) and c.startswith(foreign)
+    digest = p.sha256_digest(b"x")
+    assert verdicts(digest, "") == ((expected := f"the module {digest} is not signed, and this proplet only runs "
+                                     "signed modules; configure MANAGER_SIGNING_KEY on the manager"), expected)
+    python, c = verdicts("", sign_digest(key, digest))
+    assert python == c and "names no module digest" in c
+    # Both keys trusted: the second one's signatures pass too.
+    start = p.encode_start(p.StartMessage(id="t-2", name="add", file=b"\0asm\1\0\0\0", wasm_digest=digest,
+                                          wasm_signature=sign_digest(other_key, digest))).decode()
+    assert orjson.loads(c_side.ask({"op": "trust", "pems": pems, "payload": start})) == {"ok": True, "error": ""}

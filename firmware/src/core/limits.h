@@ -80,6 +80,12 @@
 #define PROPLET_RECENT_TASKS 4
 #endif
 
+/* Ed25519 public keys a proplet trusts for module signatures (PROPLET_TRUSTED_KEYS on the host
+ * build, the provisioned trusted_keys on a device). More: the configuration is refused. */
+#ifndef PROPLET_TRUSTED_KEYS_MAX
+#define PROPLET_TRUSTED_KEYS_MAX 4
+#endif
+
 /* Domain and channel names, and whole topics. Longer: configuration is refused. */
 #ifndef PROPLET_NAME_MAX
 #define PROPLET_NAME_MAX 64

@@ -229,6 +229,16 @@ bool proplet_init(proplet_t *p, const proplet_config_t *cfg, const proplet_port_
         snprintf(err, err_len, "the domain and channel names are too long for a topic");
         return false;
     }
+    if (cfg->trusted_keys.count > PROPLET_TRUSTED_KEYS_MAX) {
+        snprintf(err, err_len, "too many trusted keys: this proplet holds at most %d",
+                 PROPLET_TRUSTED_KEYS_MAX);
+        return false;
+    }
+    if (cfg->trusted_keys.count > 0 && !ed25519_init()) {
+        snprintf(err, err_len, "the Ed25519 library could not be initialised, so module "
+                               "signatures cannot be checked");
+        return false;
+    }
     modules_init(&p->modules);
     return true;
 }
@@ -413,8 +423,10 @@ static bool decode_inline(proplet_t *p, const start_msg_t *m, uint8_t **out, siz
     return true;
 }
 
-/* Under the lock: what to do with a start addressed to this proplet. */
-static void decide_start(proplet_t *p, const start_msg_t *m, start_decision_t *d)
+/* Under the lock: what to do with a start addressed to this proplet. `untrusted` is why its
+ * signature does not pass (signature_check_start), "" when it does. */
+static void decide_start(proplet_t *p, const start_msg_t *m, const char *untrusted,
+                         start_decision_t *d)
 {
     memset(d, 0, sizeof *d);
     ref_from_task(&d->ref, m);
@@ -451,6 +463,10 @@ static void decide_start(proplet_t *p, const start_msg_t *m, start_decision_t *d
     }
     /* Permanent refusals fail the task: the manager cannot tell a pinned task from one it
      * placed here, and re-sends a rejected pinned task to this proplet again at once. */
+    if (untrusted[0] != '\0') {
+        decide_failed(d, "%s", untrusted);
+        return;
+    }
     if (m->latent) {
         decide_failed(d, "latent tasks (deploy, then invoke) are not supported by the embedded "
                          "proplet; run the task on a Python proplet");
@@ -537,9 +553,14 @@ static void handle_start(proplet_t *p, const char *payload, size_t len)
         protocol_start_release(m);
         return;
     }
+    /* Checked before the lock (a verification takes milliseconds on a device) and before any
+     * fetch; decide_start only applies it to a start it would act on, so a copy of a start that
+     * is already held or finished never fails that task. */
+    char untrusted[PROPLET_ERROR_TEXT_MAX + 1] = "";
+    signature_check_start(&p->cfg.trusted_keys, m, untrusted, sizeof untrusted);
     start_decision_t d;
     lock(p);
-    decide_start(p, m, &d);
+    decide_start(p, m, untrusted, &d);
     unlock(p);
     protocol_start_release(m);
 

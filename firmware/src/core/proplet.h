@@ -18,6 +18,7 @@
 #include "limits.h"
 #include "modules.h"
 #include "protocol.h"
+#include "signature.h"
 
 #define PROPLET_VERSION "0.1.0"
 #define PROPLET_NAMESPACE "embedded"
@@ -63,6 +64,8 @@ typedef struct {
     const char *hostname;
     const char *cpu_arch;
     uint64_t total_memory_bytes;
+    /* With at least one key, only starts whose digest one of them signed are run (signature.h). */
+    trusted_keys_t trusted_keys;
 } proplet_config_t;
 
 /* REPORTING: the outcome is being published. The slot is still held (and listed in

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "b64.h"
 #include "cJSON.h"
 
 /* ------------------------------------------------------------------------------------------
@@ -107,6 +108,31 @@ static bool read_digest(const cJSON *obj, const char *key, bool *has, uint8_t ou
     if (!digest_parse(text, out))
         return refuse(err, "field '%s' must look like sha256:<64 hex digits>", key);
     *has = true;
+    return true;
+}
+
+/* Strict: standard base64 of exactly 64 bytes, or absent / "" (unsigned). The length is checked
+ * before decoding, so an oversized value costs nothing. */
+static bool read_signature(const cJSON *obj, start_msg_t *out, protocol_error_t *err)
+{
+    static const char *const key = "wasm_signature";
+    out->has_signature = false;
+    const cJSON *item = field(obj, key);
+    if (item == NULL)
+        return true;
+    if (!cJSON_IsString(item))
+        return refuse(err, "field '%s' must be a string, got %s", key, json_type_name(item));
+    size_t len = strlen(item->valuestring);
+    if (len == 0)
+        return true;
+    size_t decoded = 0;
+    if (len != SIGNATURE_B64_LEN
+        || !b64_decode(item->valuestring, len, out->wasm_signature, sizeof out->wasm_signature,
+                       &decoded)
+        || decoded != ED25519_SIGNATURE_BYTES)
+        return refuse(err, "field '%s' must be the standard base64 of a %d-byte Ed25519 signature",
+                      key, ED25519_SIGNATURE_BYTES);
+    out->has_signature = true;
     return true;
 }
 
@@ -236,7 +262,7 @@ static bool parse_start_fields(const cJSON *root, start_msg_t *out, protocol_err
         || !read_bool(root, "latent", &out->latent, err)
         || !read_bool(root, "encrypted", &out->encrypted, err) || !read_inputs(root, out, err)
         || !read_digest(root, "wasm_digest", &out->has_digest, out->wasm_digest, err)
-        || !read_limits(root, &out->limits, err))
+        || !read_signature(root, out, err) || !read_limits(root, &out->limits, err))
         return false;
     if (!read_uint(root, "attempt", false, 0, UINT32_MAX, &number, err))
         return false;

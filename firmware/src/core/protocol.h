@@ -36,6 +36,12 @@
 
 #define PROTOCOL_REASON_MAX 160
 
+/* Extension: `wasm_signature`, the manager's Ed25519 signature of `wasm_digest` (core/signing.py),
+ * as standard base64: 88 characters for its 64 bytes. Anything else is refused naming the field. */
+#define ED25519_SIGNATURE_BYTES 64
+#define ED25519_PUBLIC_KEY_BYTES 32
+#define SIGNATURE_B64_LEN 88
+
 typedef struct {
     /* Why the message was refused, naming the field. */
     char reason[PROTOCOL_REASON_MAX];
@@ -67,6 +73,8 @@ typedef struct {
     char inputs[PROPLET_INPUTS_MAX][PROPLET_INPUT_TEXT_MAX + 1];
     bool has_digest;
     uint8_t wasm_digest[SHA256_BYTES];
+    bool has_signature;
+    uint8_t wasm_signature[ED25519_SIGNATURE_BYTES];
     task_limits_t limits;
     uint32_t attempt;
     char traceparent[PROPLET_TRACEPARENT_MAX + 1];

@@ -8,13 +8,14 @@
 #include <string.h>
 
 #include "proplet.h"
+#include "signature.h"
 
 #define KEY(field, secret) {#field, offsetof(proplet_settings_t, field), sizeof(((proplet_settings_t *)0)->field), secret}
 
 const settings_key_t settings_keys[] = {
     KEY(wifi_ssid, false), KEY(wifi_pass, true),   KEY(mqtt_url, false),
     KEY(mqtt_user, false), KEY(mqtt_pass, true),   KEY(proplet_id, false),
-    KEY(domain, false),    KEY(channel, false),
+    KEY(domain, false),    KEY(channel, false),    KEY(trusted_keys, false),
 };
 const size_t settings_key_count = sizeof settings_keys / sizeof settings_keys[0];
 
@@ -96,6 +97,15 @@ static provision_action_t handle_set_get(proplet_settings_t *settings, bool is_g
         add(reply, reply_len, "+ERR mqtt_url must look like mqtt://host:port (or mqtts://), got '%s'\n",
             text);
         return PROVISION_NONE;
+    }
+    if (strcmp(key->name, "trusted_keys") == 0) {
+        /* Checked now: a device must not find out at boot that it cannot read its keys. */
+        trusted_keys_t keys;
+        char why[160];
+        if (!trusted_keys_parse(text, &keys, why, sizeof why)) {
+            add(reply, reply_len, "+ERR trusted_keys: %s\n", why);
+            return PROVISION_NONE;
+        }
     }
     memcpy(field, text, strlen(text) + 1);
     add(reply, reply_len, "+OK\n");

@@ -6,6 +6,7 @@
  *
  *   HELLO                  -> +OK propeller-proplet <version> id=<id or -> ready=<yes|no>
  *   SET <key> <value...>   -> +OK | +ERR <why>      (the value is the rest of the line)
+ *   SET trusted_keys <k>[,<k>...]                    (Ed25519 public keys; see proplet_settings_t)
  *   GET <key>              -> +OK <value>           (secrets read back as ****)
  *   LIST                   -> +KEY <key>=<value> ... then +OK <n> keys
  *   SAVE                   -> +OK saved | +ERR <why>  (to NVS on the device, a file on the host)
@@ -20,7 +21,10 @@
 #include <stdbool.h>
 #include <stddef.h>
 
-#define PROVISION_LINE_MAX 256
+#include "limits.h"
+
+/* Long enough for "SET trusted_keys " and PROPLET_TRUSTED_KEYS_MAX keys in their PEM-body form. */
+#define PROVISION_LINE_MAX 320
 
 typedef struct {
     char wifi_ssid[33];
@@ -31,6 +35,9 @@ typedef struct {
     char proplet_id[65];
     char domain[65];
     char channel[65];
+    /* Ed25519 public keys whose signatures this proplet requires (signature.h): each the base64 of
+     * its 32 bytes or the body line of its PEM file, separated by commas. Empty: nothing checked. */
+    char trusted_keys[PROPLET_TRUSTED_KEYS_MAX * 62];
 } proplet_settings_t;
 
 typedef enum { PROVISION_NONE, PROVISION_SAVE, PROVISION_REBOOT } provision_action_t;

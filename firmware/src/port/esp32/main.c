@@ -214,6 +214,12 @@ void app_main(void)
     memcpy(cfg.proplet_id, settings.proplet_id, sizeof cfg.proplet_id);
     memcpy(cfg.domain, settings.domain, sizeof cfg.domain);
     memcpy(cfg.channel, settings.channel, sizeof cfg.channel);
+    /* Provisioning checked the keys already; a device that still cannot read them runs nothing
+     * rather than run unsigned modules. */
+    if (!trusted_keys_parse(settings.trusted_keys, &cfg.trusted_keys, err, sizeof err)) {
+        ESP_LOGE(TAG, "the provisioned trusted_keys cannot be used (%s); provision them again", err);
+        return;
+    }
     if (!proplet_init(&proplet, &cfg, &port, err, sizeof err)) {
         ESP_LOGE(TAG, "%s", err);
         return;
@@ -228,6 +234,9 @@ void app_main(void)
         xTaskCreatePinnedToCore(worker, "wasm-worker", WORKER_STACK_BYTES, NULL, 4, NULL, 1);
     ESP_LOGI(TAG, "proplet %s on m/%s/c/%s/ with %d slots", settings.proplet_id, settings.domain,
              settings.channel, PROPLET_DEVICE_SLOTS);
+    if (cfg.trusted_keys.count > 0)
+        ESP_LOGI(TAG, "only modules signed by one of %u trusted keys run",
+                 (unsigned)cfg.trusted_keys.count);
     for (;;) {
         proplet_tick(&proplet);
         vTaskDelay(pdMS_TO_TICKS(200));

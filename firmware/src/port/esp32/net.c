@@ -176,7 +176,10 @@ bool mqtt_start(const proplet_settings_t *settings, proplet_t *proplet)
     config.network.reconnect_timeout_ms = 5000;
     config.buffer.size = 4096;
     config.buffer.out_size = 2048;
-    config.task.stack_size = 8192;
+    /* Starts are parsed on this task, and with trusted keys their signature is checked here too:
+     * libsodium's Ed25519 verification adds a few KB of stack (estimated from its frames, not
+     * measured on a board), so signing fleets get 4 KB more. */
+    config.task.stack_size = proplet->cfg.trusted_keys.count > 0 ? 8192 + 4096 : 8192;
     /* Messages queued while offline are bounded (bytes); beyond it the newest are refused. */
     config.outbox.limit = 32 * 1024;
     client = esp_mqtt_client_init(&config);

@@ -1,5 +1,6 @@
 /* Settings in NVS, written over the serial console by the provisioning line protocol
- * (core/provision.h) that `propeller firmware provision` speaks. */
+ * (core/provision.h) that `propeller firmware provision` speaks. Every key of settings_keys is one
+ * NVS string of the same name (at most 15 characters), trusted_keys included. */
 #include <stdio.h>
 #include <string.h>
 

@@ -4,9 +4,13 @@
  *   embedded-proplet --broker mqtt://127.0.0.1:1883 --id dev-1 --domain propeller
  *   embedded-proplet --settings proplet.conf --provision-pty /tmp/ttyPROPLET   (then provision)
  *   embedded-proplet --bench
+ *
+ * Trusted keys for module signatures come as the Python proplet takes them: PROPLET_TRUSTED_KEYS
+ * (or --trusted-keys), ':'-separated PEM files; without either, from the provisioned trusted_keys.
  */
-#define _DEFAULT_SOURCE /* gethostname */
+#define _DEFAULT_SOURCE /* gethostname, strtok_r */
 
+#include <errno.h>
 #include <getopt.h>
 #include <signal.h>
 #include <stdio.h>
@@ -35,6 +39,8 @@ typedef struct {
     uint32_t fetch_retry_ms;
     int log_level;
     bool bench;
+    const char *trusted_key_files; /* --trusted-keys, else $PROPLET_TRUSTED_KEYS */
+    trusted_keys_t trusted_keys;   /* read from them at start; used over the settings' keys */
 } options_t;
 
 static volatile sig_atomic_t stop_requested;
@@ -66,6 +72,9 @@ static void usage(FILE *out)
           "  --default-timeout S     time limit of tasks without one, 0 for none [600]\n"
           "  --fetch-retry-ms N      re-request missing chunks after this long [2000]\n"
           "  --log-level LEVEL       error, warn, info or debug [info]\n"
+          "  --trusted-keys PATHS    ':'-separated Ed25519 public keys (PEM): only modules whose\n"
+          "                          digest the manager signed with one of them run\n"
+          "                          [$PROPLET_TRUSTED_KEYS, else the settings' trusted_keys]\n"
           "  --bench                 run the resident-instance benchmark and exit\n",
           out);
 }
@@ -97,6 +106,7 @@ static bool parse_args(int argc, char **argv, options_t *o)
         {"default-timeout", required_argument, NULL, 'T'},
         {"fetch-retry-ms", required_argument, NULL, 'r'},
         {"log-level", required_argument, NULL, 'l'},    {"bench", no_argument, NULL, 'B'},
+        {"trusted-keys", required_argument, NULL, 'K'},
         {"help", no_argument, NULL, 'h'},               {NULL, 0, NULL, 0},
     };
     int opt;
@@ -129,6 +139,7 @@ static bool parse_args(int argc, char **argv, options_t *o)
             else ok = false;
             break;
         case 'B': o->bench = true; break;
+        case 'K': o->trusted_key_files = optarg; break;
         case 'h': usage(stdout); exit(0);
         default: ok = false; break;
         }
@@ -145,6 +156,57 @@ static bool parse_args(int argc, char **argv, options_t *o)
     if ((o->provision_tty || o->provision_pty) && o->settings_path == NULL) {
         fprintf(stderr, "embedded-proplet: provisioning needs --settings FILE to save into\n");
         return false;
+    }
+    return true;
+}
+
+/* The PEM files of PROPLET_TRUSTED_KEYS, with core/signing.py's refusals: a key that cannot be
+ * used stops the proplet at start rather than let it run unsigned modules. */
+static bool load_trusted_keys(const char *paths, trusted_keys_t *out, char *err, size_t err_len)
+{
+    memset(out, 0, sizeof *out);
+    char list[4096];
+    if (strlen(paths) >= sizeof list) {
+        snprintf(err, err_len, "PROPLET_TRUSTED_KEYS is longer than %zu bytes", sizeof list - 1);
+        return false;
+    }
+    memcpy(list, paths, strlen(paths) + 1);
+    char *rest = NULL;
+    for (char *path = strtok_r(list, ":", &rest); path != NULL; path = strtok_r(NULL, ":", &rest)) {
+        while (*path == ' ')
+            path++;
+        size_t len = strlen(path);
+        while (len > 0 && path[len - 1] == ' ')
+            path[--len] = '\0';
+        if (len == 0)
+            continue;
+        FILE *f = fopen(path, "r");
+        if (f == NULL) {
+            snprintf(err, err_len, "cannot read the trusted key %s: %s", path, strerror(errno));
+            return false;
+        }
+        /* An Ed25519 public key's PEM is 113 bytes; a file this large is something else. */
+        char pem[2048];
+        size_t n = fread(pem, 1, sizeof pem, f);
+        bool unreadable = ferror(f) != 0;
+        int error = errno;
+        fclose(f);
+        if (unreadable) {
+            snprintf(err, err_len, "cannot read the trusted key %s: %s", path, strerror(error));
+            return false;
+        }
+        uint8_t key[ED25519_PUBLIC_KEY_BYTES];
+        if (n == sizeof pem || !trusted_key_parse_pem(pem, n, key)) {
+            snprintf(err, err_len, "%s is not an Ed25519 public key (a PEM file as `propeller keys "
+                                   "generate` writes them)", path);
+            return false;
+        }
+        if (!trusted_keys_add(out, key)) {
+            snprintf(err, err_len, "PROPLET_TRUSTED_KEYS names more than %d keys; this proplet "
+                                   "holds at most %d", PROPLET_TRUSTED_KEYS_MAX,
+                     PROPLET_TRUSTED_KEYS_MAX);
+            return false;
+        }
     }
     return true;
 }
@@ -244,6 +306,13 @@ static bool run(const options_t *o, const proplet_settings_t *s, provision_tty_t
     memcpy(cfg.domain, s->domain, sizeof cfg.domain);
     memcpy(cfg.channel, s->channel, sizeof cfg.channel);
     char err[300] = "";
+    if (o->trusted_keys.count > 0) {
+        cfg.trusted_keys = o->trusted_keys;
+    } else if (!trusted_keys_parse(s->trusted_keys, &cfg.trusted_keys, err, sizeof err)) {
+        host_log(PROPLET_LOG_ERROR, "the settings' trusted_keys cannot be used: %s", err);
+        host_destroy(&host);
+        return false;
+    }
     if (!proplet_init(&proplet, &cfg, &port, err, sizeof err)) {
         host_log(PROPLET_LOG_ERROR, "%s", err);
         host_destroy(&host);
@@ -259,6 +328,9 @@ static bool run(const options_t *o, const proplet_settings_t *s, provision_tty_t
     }
     host_log(PROPLET_LOG_INFO, "proplet %s joining %s on m/%s/c/%s/ with %u slots",
              s->proplet_id, s->mqtt_url, s->domain, s->channel, o->slots);
+    if (cfg.trusted_keys.count > 0)
+        host_log(PROPLET_LOG_INFO, "only modules signed by one of %zu trusted keys run",
+                 cfg.trusted_keys.count);
 
     int stopping = 0;
     pthread_t threads[PROPLET_MAX_SLOTS];
@@ -341,6 +413,14 @@ int main(int argc, char **argv)
         return 2;
     host_set_log_level(o.log_level);
     setvbuf(stdout, NULL, _IOLBF, 0);
+    if (o.trusted_key_files == NULL)
+        o.trusted_key_files = getenv("PROPLET_TRUSTED_KEYS");
+    char key_err[600] = "";
+    if (o.trusted_key_files != NULL
+        && !load_trusted_keys(o.trusted_key_files, &o.trusted_keys, key_err, sizeof key_err)) {
+        host_log(PROPLET_LOG_ERROR, "%s", key_err);
+        return 2;
+    }
 
     engine_config_t engine_cfg = {0, o.stack_bytes};
     char err[300] = "";
