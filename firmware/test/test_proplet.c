@@ -427,8 +427,12 @@ static void sends_a_result_again_until_the_manager_acknowledges_it(void **state)
     start("t-51", "add", "\"2\",\"2\"", "");
     assert_true(proplet_run_next(p));
     assert_int_equal(fake_count(TOPIC_RESULTS), 2);
-    /* Not ours, then malformed: neither counts as an acknowledgement. */
+    /* Not ours, then malformed: neither counts as an acknowledgement. One for another proplet is
+     * not even parsed: malformed, it is not counted as invalid here. */
     deliver(TOPIC_RESULT_ACK, "{\"task_id\":\"t-50\",\"proplet_id\":\"dev-2\",\"attempt\":1}");
+    deliver(TOPIC_RESULT_ACK, "{\"task_id\":\"t-50\",\"proplet_id\":\"dev-2\",\"more\":[[1,2]]}");
+    deliver(TOPIC_RESULT_ACK, "{\"task_id\":\"t-50\",\"proplet_id\":\"dev-12\",\"attempt\":1}");
+    assert_int_equal(p->counters.messages_invalid, 0);
     deliver(TOPIC_RESULT_ACK, "{\"task_id\":\"t-50\",\"proplet_id\":\"dev-1\",\"more\":[[1,2]]}");
     assert_int_equal(p->counters.messages_invalid, 1);
     fake.now += PROPLET_RESULT_RESEND_MS;
@@ -489,9 +493,15 @@ static void asks_for_json_chunks_once_binary_ones_never_arrived(void **state)
     chunk("blob:acl", 0, 1, module_bytes, module_len, module_len);
     assert_true(proplet_run_next(p));
     expect_contains(fake_published(TOPIC_RESULTS, 0), "\"results\":\"3\"");
-    /* And from then on. */
+    /* And for a while: the next transfer asks for JSON at once. */
     deliver(TOPIC_START, "{\"id\":\"t-23\",\"name\":\"add\",\"image_url\":\"blob:next\",\"inputs\":[\"1\",\"2\"]}");
     assert_string_equal(fake_published(TOPIC_REGISTRY_REQUEST, 2), "{\"app_name\":\"blob:next\",\"proplet_id\":\"dev-1\"}");
+    chunk("blob:next", 0, 1, module_bytes, module_len, module_len);
+    assert_true(proplet_run_next(p));
+    /* Not for ever: the server may only have been down. Binary again once the time is up. */
+    fake.now += PROPLET_JSON_CHUNKS_MS;
+    deliver(TOPIC_START, "{\"id\":\"t-24\",\"name\":\"add\",\"image_url\":\"blob:later\",\"inputs\":[\"1\",\"2\"]}");
+    expect_contains(fake_published(TOPIC_REGISTRY_REQUEST, 3), "\"encoding\":\"binary\"");
 }
 
 static void asks_again_for_missing_chunks_then_gives_up(void **state)

@@ -105,6 +105,12 @@
 #define PROPLET_PARAMS_MAX 16
 #endif
 
+/* How long the proplet asks for upstream's JSON chunks after binary ones never arrived (a broker
+ * ACL dropping registry/server/binary, or the server being down at the time); then binary again. */
+#ifndef PROPLET_JSON_CHUNKS_MS
+#define PROPLET_JSON_CHUNKS_MS (10u * 60u * 1000u)
+#endif
+
 /* A result the manager has not acknowledged is sent again this often (once it acknowledges at
  * all), and, without acknowledgements, after a reconnect only if it is this recent. */
 #ifndef PROPLET_RESULT_RESEND_MS

@@ -12,10 +12,10 @@ const char *const proplet_subscriptions[PROPLET_SUBSCRIPTION_COUNT] = {
 
 static const char *const capabilities[] = {"task_state", "result_ack"};
 
-/* The chunk encoding to ask for: raw bytes unless they never arrived once. */
-static const char *chunk_encoding(const proplet_t *p)
+/* The chunk encoding to ask for: raw bytes unless they recently never arrived. */
+static const char *chunk_encoding(const proplet_t *p, uint64_t now)
 {
-    return p->json_chunks ? NULL : CHUNK_ENCODING_BINARY;
+    return now < p->json_chunks_until_ms ? NULL : CHUNK_ENCODING_BINARY;
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -123,17 +123,16 @@ static bool owed(const proplet_t *p, const recent_task_t *r)
     return r->unconfirmed && (p->acks_seen || r->sent_ms == 0);
 }
 
-/* Under the lock. `sent`: the result went out (the broker took it). */
+/* Under the lock. `sent`: the result went out (the broker took it). `dropped_id` gets the id of
+ * an unconfirmed result pushed out to make room ("" if none), for the caller to log once unlocked. */
 static void remember_finished(proplet_t *p, const task_ref_t *ref, const char *results,
-                              const char *error, bool sent)
+                              const char *error, bool sent, char dropped_id[PROPLET_ID_MAX + 1])
 {
     recent_task_t *r = &p->recent[p->recent_next];
+    dropped_id[0] = '\0';
     if (r->id[0] != '\0' && owed(p, r)) {
         p->counters.results_dropped++;
-        plog(p, PROPLET_LOG_ERROR,
-             "the result of task %s was never confirmed and is dropped: more than %d tasks finished "
-             "before the manager had it (the manager retries or fails the task)", r->id,
-             PROPLET_RECENT_TASKS);
+        memcpy(dropped_id, r->id, sizeof r->id);
     }
     uint64_t now = now_ms(p);
     r->unconfirmed = true;
@@ -177,14 +176,21 @@ static void finish_report(proplet_t *p, slot_t *s, const task_ref_t *ref, const 
 {
     bool failed = error != NULL && error[0] != '\0';
     bool sent = send_result(p, ref, failed ? "" : results, error, buf);
+    char dropped_id[PROPLET_ID_MAX + 1];
     lock(p);
-    remember_finished(p, ref, failed ? "" : results, error, sent);
+    remember_finished(p, ref, failed ? "" : results, error, sent, dropped_id);
     if (failed)
         p->counters.tasks_failed++;
     else
         p->counters.tasks_completed++;
     free_slot(s);
     unlock(p);
+    /* Logged here, not under the lock: a device's log writes to the UART and may block. */
+    if (dropped_id[0] != '\0')
+        plog(p, PROPLET_LOG_ERROR,
+             "the result of task %s was never confirmed and is dropped: more than %d tasks finished "
+             "before the manager had it (the manager retries or fails the task)", dropped_id,
+             PROPLET_RECENT_TASKS);
 }
 
 static slot_t *find_task(proplet_t *p, const char *id)
@@ -596,7 +602,7 @@ static void handle_start(proplet_t *p, const char *payload, size_t len)
          d.fetch ? ", fetching its module" : "");
     send_task_state(p, &d.ref, "running", NULL, buf);
     if (d.fetch) {
-        registry_request_t req = {d.app_name, NULL, 0, p->cfg.proplet_id, chunk_encoding(p)};
+        registry_request_t req = {d.app_name, NULL, 0, p->cfg.proplet_id, chunk_encoding(p, now_ms(p))};
         send(p, TOPIC_REGISTRY_REQUEST, buf,
              protocol_encode_registry_request(&req, buf, PROPLET_MSG_MAX));
     }
@@ -715,10 +721,29 @@ static void handle_chunk(proplet_t *p, const char *payload, size_t len, bool bin
     protocol_chunk_release(c);
 }
 
+/* Whether `payload` may name this proplet: its id, in quotes, somewhere in it. Acknowledgements
+ * for the whole fleet arrive on one topic, one message per proplet; parsing each with cJSON costs a
+ * device far more than this scan. An id that JSON would escape is never ruled out here. */
+static bool may_name_this_proplet(const proplet_t *p, const char *payload, size_t len)
+{
+    const char *id = p->cfg.proplet_id;
+    size_t id_len = strlen(id);
+    for (size_t i = 0; i < id_len; i++)
+        if (id[i] == '"' || id[i] == '\\' || (unsigned char)id[i] < 0x20)
+            return true;
+    for (size_t i = 0; id_len > 0 && i + id_len + 2 <= len; i++)
+        if (payload[i] == '"' && payload[i + id_len + 1] == '"'
+            && memcmp(payload + i + 1, id, id_len) == 0)
+            return true;
+    return false;
+}
+
 static void handle_result_ack(proplet_t *p, const char *payload, size_t len)
 {
     result_ack_msg_t m;
     protocol_error_t perr;
+    if (!may_name_this_proplet(p, payload, len))
+        return;
     if (!protocol_parse_result_ack(payload, len, &m, &perr)) {
         note_invalid(p, "result_ack", &perr);
         return;
@@ -1049,9 +1074,10 @@ static void send_metrics(proplet_t *p, char *buf)
 
 /* Under the lock: check one slot's time limit and chunk transfer. */
 static void tick_slot(proplet_t *p, slot_t *s, uint64_t now, task_ref_t *failed_ref,
-                      char *failed_error, size_t *request_len)
+                      char *failed_error, size_t *request_len, bool *fell_back_to_json)
 {
     *request_len = 0;
+    *fell_back_to_json = false;
     failed_error[0] = '\0';
     bool overdue = s->deadline_ms > 0 && now >= s->deadline_ms;
     if (s->state == SLOT_RUNNING) {
@@ -1078,19 +1104,18 @@ static void tick_slot(proplet_t *p, slot_t *s, uint64_t now, task_ref_t *failed_
                      a->app_name, (unsigned)a->received_count, (unsigned)a->total,
                      s->fetch_requests);
         } else {
-            if (a->total == 0 && !p->json_chunks) {
+            if (a->total == 0 && chunk_encoding(p, now) != NULL) {
                 /* Nothing at all arrived for a request for binary chunks: most likely a broker
-                 * ACL drops registry/server/binary. Upstream's JSON chunks from now on. */
-                p->json_chunks = true;
-                plog(p, PROPLET_LOG_WARN,
-                     "no binary chunk of %s arrived; asking for JSON chunks from now on (does the "
-                     "broker's ACL let registry/server/binary through?)", a->app_name);
+                 * ACL drops registry/server/binary. Upstream's JSON chunks for a while (the
+                 * caller logs it, outside the lock). */
+                p->json_chunks_until_ms = now + PROPLET_JSON_CHUNKS_MS;
+                *fell_back_to_json = true;
             }
             /* Resume: name only the chunks still missing (all of them before the first). */
             uint32_t missing[PROPLET_MISSING_PER_REQUEST];
             size_t count = assembler_missing(a, missing, PROPLET_MISSING_PER_REQUEST);
             registry_request_t req = {a->app_name, missing, count, p->cfg.proplet_id,
-                                      chunk_encoding(p)};
+                                      chunk_encoding(p, now)};
             *request_len = protocol_encode_registry_request(&req, p->tick_out[1], PROPLET_MSG_MAX);
             s->fetch_requests++;
             s->last_progress_ms = now;
@@ -1106,9 +1131,19 @@ void proplet_tick(proplet_t *p)
         task_ref_t ref;
         char error[PROPLET_ERROR_TEXT_MAX + 1];
         size_t request_len;
+        bool fell_back_to_json;
+        char fell_back_for[PROPLET_ID_MAX + 1] = "";
         lock(p);
-        tick_slot(p, &p->slots[i], now_ms(p), &ref, error, &request_len);
+        tick_slot(p, &p->slots[i], now_ms(p), &ref, error, &request_len, &fell_back_to_json);
+        if (fell_back_to_json)
+            memcpy(fell_back_for, p->slots[i].task.id, sizeof fell_back_for);
         unlock(p);
+        /* Logged once unlocked: a device's log writes to the UART and may block. */
+        if (fell_back_for[0] != '\0')
+            plog(p, PROPLET_LOG_WARN,
+                 "no binary chunk arrived for task %s; asking for JSON chunks for the next %u s "
+                 "(does the broker's ACL let registry/server/binary through?)", fell_back_for,
+                 (unsigned)(PROPLET_JSON_CHUNKS_MS / 1000u));
         if (request_len > 0)
             send(p, TOPIC_REGISTRY_REQUEST, p->tick_out[1], request_len);
         if (error[0] != '\0') {

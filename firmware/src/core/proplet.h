@@ -120,8 +120,9 @@ typedef struct proplet {
     size_t recent_next;
     bool announced; /* heartbeats and metrics only follow the first announcement */
     /* Binary chunks (registry/server/binary) never arrived for a transfer that asked for them (a
-     * broker ACL that predates the topic drops them): ask for upstream's JSON chunks from then on. */
-    bool json_chunks;
+     * broker ACL that predates the topic drops them, or the server was down): ask for upstream's
+     * JSON chunks until this time (now_ms), then for binary ones again. 0: binary. */
+    uint64_t json_chunks_until_ms;
     /* The manager acknowledges results (ours does, upstream's does not): an unacknowledged result
      * is sent again every PROPLET_RESULT_RESEND_MS. Without, each result is sent once (and again
      * after a reconnect, if it is recent), so an upstream manager is not flooded with repeats. */
