@@ -28,6 +28,7 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.lifecycle import cancel_and_wait
 from core.wasmvalues import WasmValueError, format_value, parse_input
 
 from .api import (
@@ -189,6 +190,9 @@ class ExternalRuntime:
             root = Path(self._own_dir)
         self._dir = _secure_dir(root)
         self._stored: dict[str, _Stored] = {}
+        # Loads in progress by digest: concurrent loads of one module (a burst of starts) share one
+        # compile instead of racing on its temporary file.
+        self._loading: dict[str, asyncio.Task[None]] = {}
         self._slots = asyncio.Semaphore(self.config.max_concurrent)
         self._running: dict[str, set[asyncio.subprocess.Process]] = {}
         self._stopped: set[asyncio.subprocess.Process] = set()
@@ -205,6 +209,22 @@ class ExternalRuntime:
         hex_digest = check_digest(digest)
         if hex_digest in self._stored:
             return
+        pending = self._loading.get(hex_digest)
+        if pending is None:
+            # A task of its own (owned by _loading, cancelled by close()): a waiter cancelled by a
+            # stop leaves the compile to finish for the others instead of abandoning its process.
+            pending = asyncio.ensure_future(self._load_now(hex_digest, wasm))
+            self._loading[hex_digest] = pending
+            pending.add_done_callback(lambda t: self._loaded(hex_digest, t))
+        await asyncio.shield(pending)
+
+    def _loaded(self, hex_digest: str, task: asyncio.Task[None]) -> None:
+        if self._loading.get(hex_digest) is task:
+            del self._loading[hex_digest]
+        if not task.cancelled():
+            task.exception()  # seen, even when every waiter was cancelled meanwhile
+
+    async def _load_now(self, hex_digest: str, wasm: bytes | bytearray) -> None:
         kind = wasm_kind(wasm)
         exports = None
         if kind == "module":
@@ -224,7 +244,16 @@ class ExternalRuntime:
         proc = await asyncio.create_subprocess_exec(
             self.binary, "compile", "-o", str(tmp), str(wasm_path),
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=_cli_env())
-        _, err = await proc.communicate()
+        try:
+            _, err = await proc.communicate()
+        except asyncio.CancelledError:
+            # Closing: no compile left running behind us, no partial file left in the cache.
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
         if proc.returncode != 0:
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -473,6 +502,7 @@ class ExternalRuntime:
                 del self._servers[server.task_id]
 
     async def close(self) -> None:
+        await cancel_and_wait(list(self._loading.values()), owner="external runtime loads")
         for procs in list(self._running.values()):
             for proc in procs:
                 _kill(proc)

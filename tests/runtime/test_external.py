@@ -25,7 +25,8 @@ from proplet.runtime import (
     runtime_from_config,
 )
 from tests.runtime.conftest import load, run
-from tests.wasmfixtures import digest, wasmtime_cli
+from tests.wasmfixtures import digest, wasm, wasmtime_cli
+from tests.wire import eventually
 
 
 async def test_export_call_matches_the_internal_runtime(external: ExternalRuntime, runtime: WasmtimeRuntime) -> None:
@@ -183,3 +184,31 @@ async def test_runtime_from_config(caplog: pytest.LogCaptureFixture, tmp_path: P
     internal = runtime_from_config(None, config)
     assert isinstance(internal, WasmtimeRuntime) and internal.name == "wasmtime-internal"
     await internal.close()
+
+
+async def test_concurrent_loads_of_one_module_compile_it_once(external: ExternalRuntime) -> None:
+    # A burst of starts of a module new to the proplet loads it from each task at once; they all
+    # compiled into one temporary file, and the first rename left the others without theirs.
+    data = wasm("hello")
+    d = digest(data)
+    outcomes = await asyncio.gather(*(external.load(d, data) for _ in range(4)), return_exceptions=True)
+    assert outcomes == [None] * 4
+    assert external.compiles == 1
+    assert (await external.run(d, Invocation("t", "", ("burst",)))).error == ""
+
+
+async def test_a_load_given_up_by_a_stopped_task_still_finishes(external: ExternalRuntime, tmp_path: Path) -> None:
+    # The agent cancels a task stopped while its module compiles. The `wasmtime compile` went on
+    # unowned, and its output stayed a temporary file nobody renamed.
+    data = wasm("big")
+    d = digest(data)
+    waiter = asyncio.ensure_future(external.load(d, data))
+    cache = tmp_path / "ext-cache" / "external"
+    await eventually(lambda: (cache / f"{d[7:]}.wasm").exists(), 30, interval=0.001)  # compiling next
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    await eventually(lambda: (cache / f"{d[7:]}.cwasm").exists(), 60)
+    assert not list(cache.glob(".*.tmp"))
+    assert (await external.run(d, Invocation("t", "probe", ("0",)))).error == ""
+    assert external.compiles == 1
