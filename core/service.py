@@ -83,6 +83,10 @@ MODULE_BY_REFERENCE_MIN = 16 * 1024
 MODULES_HELD_MAX = 64
 # Seconds before a task whose dispatch the store refused goes back to the queue.
 UNSTORED_DISPATCH_RETRY = 1.0
+# Seconds a proplet that refused a start (task_state `rejected`: it was full) is not offered that task
+# again, unless a slot frees on it sooner. Both proplets refuse only for being full (the firmware's
+# slots all busy, our outbox full), which passes; a start they can never run fails with a result.
+REFUSAL_BACKOFF = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +128,11 @@ class ManagerCore:
         self._seq = itertools.count()
         self._slots: defaultdict[str, set[str]] = defaultdict(set)
         self._broadcast_waiting: dict[str, set[str]] = {}
-        self._refused_by: defaultdict[str, set[str]] = defaultdict(set)
+        # task id -> {proplet id: monotonic time it refused the task}; see REFUSAL_BACKOFF.
+        self._refused_by: defaultdict[str, dict[str, float]] = defaultdict(dict)
+        # proplet id -> monotonic time a slot last freed on it, kept only while refusals are held:
+        # a refusal older than that was for being full, which it may no longer be.
+        self._slot_freed_at: dict[str, float] = {}
         # When each in-flight task's start last went out (monotonic): drives re-publishing of
         # unconfirmed starts and reconciliation with heartbeats.
         self._sent_at: dict[str, float] = {}
@@ -894,7 +902,11 @@ class ManagerCore:
             slots = self._slots.get(task.proplet_id)
             if slots is not None and task.id in slots:
                 slots.discard(task.id)
+                if self._refused_by:
+                    self._slot_freed_at[task.proplet_id] = time.monotonic()
                 self._wake.set()
+        if self._slot_freed_at and not self._refused_by:
+            self._slot_freed_at.clear()
         self.metrics.backlog.set(len(self._queued))
 
     def _push(self, task: Task) -> None:
@@ -929,17 +941,36 @@ class ManagerCore:
                 return f"waiting for proplet {task.proplet_id}, which is offline"
             if not self._has_slot(p):
                 return f"waiting for a free slot on proplet {task.proplet_id}"
+            if self._refused_lately(task.id, p.id):
+                return (f"proplet {task.proplet_id} is busy (it refused the task); sent again when a slot "
+                        f"frees there or in {REFUSAL_BACKOFF:.0f}s")
             return "waiting for the dispatcher"
         if not online:
             return "no live proplet: the task starts when one comes online"
         if not task.broadcast and not any(self._has_slot(p) for p in online):
             return f"all {len(online)} live proplets are at capacity"
+        if task.id in self._refused_by and all(self._refused_lately(task.id, p.id)
+                                               for p in online if self._has_slot(p)):
+            return (f"all live proplets busy (they refused the task); sent again when a slot frees or in "
+                    f"{REFUSAL_BACKOFF:.0f}s")
         return "waiting for the dispatcher"
 
+    def _refused_lately(self, task_id: str, proplet_id: str) -> bool:
+        """Whether the proplet refused the task for being full, and has not had time or a free slot since."""
+        refused = self._refused_by.get(task_id)
+        if refused is None or proplet_id not in refused:
+            return False
+        at = refused[proplet_id]
+        if time.monotonic() - at >= REFUSAL_BACKOFF or self._slot_freed_at.get(proplet_id, 0.0) > at:
+            del refused[proplet_id]
+            return False
+        return True
+
     def _candidates(self, task: Task) -> list[Proplet]:
-        refused = self._refused_by.get(task.id, set())
+        if task.id not in self._refused_by:
+            return [p for p in self.proplets.values() if p.online and self._has_slot(p)]
         return [p for p in self.proplets.values()
-                if p.online and p.id not in refused and self._has_slot(p)]
+                if p.online and self._has_slot(p) and not self._refused_lately(task.id, p.id)]
 
     async def _dispatch_loop(self) -> None:
         while True:
@@ -973,7 +1004,8 @@ class ManagerCore:
                     continue
                 if task.pinned:
                     p = self.proplets.get(task.proplet_id)
-                    chosen = p if p is not None and p.online and self._has_slot(p) else None
+                    chosen = (p if p is not None and p.online and self._has_slot(p)
+                              and not self._refused_lately(task.id, p.id) else None)
                 else:
                     chosen = self.scheduler.select(self._candidates(task), {
                         pid: len(s) for pid, s in self._slots.items()})
@@ -1551,17 +1583,14 @@ class ManagerCore:
                 await self._transition(task, TaskState.SCHEDULED, f"waiting on {msg.proplet_id} for a free slot"
                                        + (f" ({msg.reason})" if msg.reason else ""))
         elif task.state in (TaskState.SCHEDULED, TaskState.RUNNING):
-            why = f"proplet {msg.proplet_id} refused it: {msg.reason or 'no reason given'}"
-            refused = self._refused_by[task.id]
-            refused.add(msg.proplet_id)
-            online = {p.id for p in self.proplets.values() if p.online}
-            if task.pinned or online <= refused:
-                # Nobody else may or will take it: sending it round again would loop for ever.
-                task.error = why if task.pinned else f"every live proplet refused it; last: {why}"
-                task.finish_time = utcnow()
-                await self._transition(task, TaskState.FAILED, task.error)
-            else:
-                await self._requeue(task, why)
+            # A refusal says the proplet is full (REFUSAL_BACKOFF), which passes: the task waits in
+            # the queue, offered to others now and to this one again once a slot frees there or the
+            # back-off ends (failed for it, a task would be lost to a busy moment of the fleet).
+            # Refusals that cannot pass come as a failed result instead.
+            self._refused_by[task.id][msg.proplet_id] = time.monotonic()
+            # (a little after the back-off: timers may fire up to the clock's resolution early)
+            asyncio.get_running_loop().call_later(REFUSAL_BACKOFF + 0.1, self._wake.set)
+            await self._requeue(task, f"proplet {msg.proplet_id} refused it: {msg.reason or 'no reason given'}")
 
     async def _on_invoke_result(self, topic: str, payload: bytes) -> None:
         msg = protocol.decode_invoke_result(payload, topic)

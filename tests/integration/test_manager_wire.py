@@ -719,3 +719,54 @@ async def test_a_running_report_for_a_task_back_in_the_queue_changes_nothing(man
         await p.alive()  # back: the retry goes out, and it is tracked on the proplet's slot
         retry = await p.expect(t.START, lambda m: m["attempt"] == 2)
         assert retry["id"] == task.id and manager.get_proplet("p-dmn").task_count == 1
+
+
+async def test_a_start_refused_by_a_full_proplet_waits_in_the_queue_and_goes_out_again(manager: Any,
+                                                                                      broker: Any) -> None:
+    """`rejected` is what a full proplet answers (the firmware with every slot busy, ours with a full
+    outbox): a passing condition. The only live proplet refusing, or the pinned one, must leave the
+    task waiting with the reason, to be sent again after a short back-off, not failed."""
+    async with SyntheticProplet(broker.url, manager.topics, "full-p", answer=None,
+                                metadata={"capabilities": ["task_state"], "max_concurrent_tasks": 4}) as p:
+        await eventually(lambda: "full-p" in manager.proplets)
+        free = await manager.create_task(add_task())
+        pinned = await manager.create_task(add_task(proplet_id="full-p"))
+        for task in (free, pinned):
+            await manager.start_task(task.id)
+            start = await p.expect(t.START, lambda m, tid=task.id: m["id"] == tid)
+            await p.publish(t.TASK_STATE, {"task_id": task.id, "proplet_id": "full-p", "state": "rejected",
+                                           "reason": "all 4 task slots of this proplet are busy",
+                                           "attempt": start["attempt"]})
+            await eventually(lambda tid=task.id: _has_event(manager, tid, "refused it"))
+            queued = manager.active.get(task.id)
+            assert queued is not None and queued.state is TaskState.PENDING, "a refusal for being full failed it"
+            assert "busy" in queued.reason
+        for task in (free, pinned):
+            again = await p.expect(t.START, lambda m, tid=task.id: m["id"] == tid and m["attempt"] == 2)
+            await p.publish(t.RESULTS, {"task_id": task.id, "proplet_id": "full-p", "results": "42", "error": None,
+                                        "attempt": again["attempt"]})
+            done = await finished(manager, task.id)
+            assert (done.state, done.proplet_id) == (TaskState.COMPLETED, "full-p")
+
+
+async def test_a_refused_start_goes_out_again_as_soon_as_that_proplet_frees_a_slot(
+        manager: Any, broker: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import core.service
+
+    monkeypatch.setattr(core.service, "REFUSAL_BACKOFF", 60.0)  # only a freed slot can explain a resend
+    async with SyntheticProplet(broker.url, manager.topics, "slot-p", answer=None,
+                                metadata={"capabilities": ["task_state"]}) as p:
+        await eventually(lambda: "slot-p" in manager.proplets)
+        running, refused = [await manager.create_task(add_task()) for _ in range(2)]
+        await manager.start_task(running.id)
+        await p.expect(t.START, lambda m: m["id"] == running.id)
+        await manager.start_task(refused.id)
+        start = await p.expect(t.START, lambda m: m["id"] == refused.id)
+        await p.publish(t.TASK_STATE, {"task_id": refused.id, "proplet_id": "slot-p", "state": "rejected",
+                                       "reason": "all 1 task slots of this proplet are busy", "attempt": 1})
+        await eventually(lambda: manager.active[refused.id].state is TaskState.PENDING)
+        await asyncio.sleep(0.3)
+        assert [m["attempt"] for m in p.messages(t.START) if m["id"] == refused.id] == [1]
+        await p.publish(t.RESULTS, {"task_id": running.id, "proplet_id": "slot-p", "results": "1", "error": None,
+                                    "attempt": start["attempt"]})
+        await p.expect(t.START, lambda m: m["id"] == refused.id and m["attempt"] == 2, timeout=2)
