@@ -8,13 +8,17 @@ with `wasmtime serve`, which wasmtime-py cannot do.
 Modules are stored content-addressed and precompiled once with `wasmtime compile` at load (that
 also validates them), so each run skips compilation (`--allow-precompiled`), except for runs whose
 flags change code generation (fuel, or -W/-O/-C/-D in the task's cli_args), which use the .wasm and
-the CLI's own compilation cache.
+the CLI's own compilation cache. The CLI loads precompiled native code unchecked, so a precompiled
+file is used only when it is whole (its sha256, taken when it was compiled, is kept beside it) and
+was written by this very CLI binary (its name carries a tag of the binary); the .wasm is checked
+against its digest before it is compiled from disk.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import math
 import os
@@ -189,6 +193,9 @@ class ExternalRuntime:
             self._own_dir = tempfile.mkdtemp(prefix="proplet-wasmtime-cli-")
             root = Path(self._own_dir)
         self._dir = _secure_dir(root)
+        # Another CLI (an upgrade) refuses the files of the one before, or worse: name them apart.
+        st = os.stat(path)
+        self._cli_tag = hashlib.sha256(f"{path}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:12]
         self._stored: dict[str, _Stored] = {}
         # Loads in progress by digest: concurrent loads of one module (a burst of starts) share one
         # compile instead of racing on its temporary file.
@@ -203,7 +210,13 @@ class ExternalRuntime:
 
     def has_module(self, digest: str) -> bool:
         hex_digest = check_digest(digest)
-        return hex_digest in self._stored or (self._dir / f"{hex_digest}.cwasm").exists()
+        return hex_digest in self._stored or self._wasm_path(hex_digest).exists()
+
+    def _wasm_path(self, hex_digest: str) -> Path:
+        return self._dir / f"{hex_digest}.wasm"
+
+    def _cwasm_path(self, hex_digest: str) -> Path:
+        return self._dir / f"{hex_digest}.{self._cli_tag}.cwasm"
 
     async def load(self, digest: str, wasm: bytes | bytearray) -> None:
         hex_digest = check_digest(digest)
@@ -232,10 +245,10 @@ class ExternalRuntime:
                 exports = core_exports(wasm)
             except WasmParseError as e:
                 raise ModuleError(f"The module is not valid WebAssembly: {e}. Rebuild it.") from None
-        wasm_path = self._dir / f"{hex_digest}.wasm"
-        cwasm_path = self._dir / f"{hex_digest}.cwasm"
+        wasm_path = self._wasm_path(hex_digest)
+        cwasm_path = self._cwasm_path(hex_digest)
         await asyncio.to_thread(_write_atomic, wasm_path, wasm)
-        if not cwasm_path.exists():
+        if not await asyncio.to_thread(_intact, cwasm_path):
             await self._precompile(wasm_path, cwasm_path, kind)
         self._stored[hex_digest] = _Stored(kind, wasm_path, cwasm_path, exports)
 
@@ -261,17 +274,28 @@ class ExternalRuntime:
                 f"The {kind} is not valid WebAssembly: {_cause(err)}. Rebuild it, or check that the "
                 "task points at the right file."
             )
-        os.replace(tmp, cwasm_path)
+        try:
+            await asyncio.to_thread(_seal, tmp, cwasm_path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
         self.compiles += 1
 
     async def _stored_for(self, hex_digest: str) -> _Stored | None:
         stored = self._stored.get(hex_digest)
         if stored is not None:
             return stored
-        wasm_path = self._dir / f"{hex_digest}.wasm"
+        wasm_path = self._wasm_path(hex_digest)
         try:
             wasm = await asyncio.to_thread(wasm_path.read_bytes)
         except OSError:
+            return None
+        if await asyncio.to_thread(lambda: hashlib.sha256(wasm).hexdigest()) != hex_digest:
+            # Removed, so that has_module() says no and the agent fetches the module again.
+            log.warning("discarding %s: its content no longer matches its digest", wasm_path)
+            with contextlib.suppress(OSError):
+                wasm_path.unlink()
             return None
         await self.load(f"sha256:{hex_digest}", wasm)
         return self._stored.get(hex_digest)
@@ -540,13 +564,44 @@ def _kill(proc: asyncio.subprocess.Process) -> None:
 
 
 def _write_atomic(path: Path, data: bytes | bytearray) -> None:
-    if path.exists():
-        return
+    # Written even over a file already there: the CLI compiles from it, and it may be damaged.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     os.chmod(tmp, stat.S_IRUSR | stat.S_IWUSR)
     os.replace(tmp, path)
+
+
+def _checksum_path(cwasm: Path) -> Path:
+    return cwasm.with_name(cwasm.name + ".sha256")
+
+
+def _file_sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _seal(tmp: Path, cwasm: Path) -> None:
+    """Put a fresh `wasmtime compile` output in place, with the checksum _intact() compares."""
+    _write_atomic(_checksum_path(cwasm), _file_sha256(tmp).encode())
+    os.replace(tmp, cwasm)
+
+
+def _intact(cwasm: Path) -> bool:
+    """Whether a precompiled file is whole, as `wasmtime compile` wrote it; a damaged one (a crash
+    or a full disk cut it short) is removed, to be compiled again."""
+    try:
+        expected = _checksum_path(cwasm).read_text().strip()
+        actual = _file_sha256(cwasm)
+    except (OSError, ValueError):
+        return False
+    if actual == expected:
+        return True
+    log.warning("discarding damaged precompiled module %s; it will be compiled again", cwasm)
+    for path in (cwasm, _checksum_path(cwasm)):
+        with contextlib.suppress(OSError):
+            path.unlink()
+    return False
 
 
 def _cli_number(value: int | float) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import socket
 import stat
 import time
@@ -208,7 +209,48 @@ async def test_a_load_given_up_by_a_stopped_task_still_finishes(external: Extern
     waiter.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiter
-    await eventually(lambda: (cache / f"{d[7:]}.cwasm").exists(), 60)
+    await eventually(lambda: any(cache.glob(f"{d[7:]}.*.cwasm")), 60)
     assert not list(cache.glob(".*.tmp"))
     assert (await external.run(d, Invocation("t", "probe", ("0",)))).error == ""
     assert external.compiles == 1
+
+
+@pytest.mark.parametrize("damage", ["truncated", "from another wasmtime version"])
+async def test_a_damaged_or_foreign_precompiled_file_is_compiled_again(tmp_path: Path, damage: str) -> None:
+    # `--allow-precompiled` makes the CLI load native code unchecked; a file cut short (disk full,
+    # crash) or written by the CLI before an upgrade failed every task of its module, for ever.
+    data = wasm("add")
+    d = digest(data)
+    config = RuntimeConfig(cache_dir=tmp_path / "ext-cache")
+    first = ExternalRuntime(wasmtime_cli(), config)
+    await first.load(d, data)
+    await first.close()
+    [compiled] = (tmp_path / "ext-cache" / "external").glob("*.cwasm")
+    raw = bytearray(compiled.read_bytes())
+    if damage == "truncated":
+        raw = raw[: len(raw) // 2]
+    else:
+        # The engine section names the CLI's major version as a length-prefixed string, then the
+        # length-prefixed target triple.
+        major = wasmtime_version_major()
+        found = re.search(re.escape(bytes([len(major)]) + major) + rb".(x86_64|aarch64)", raw, re.S)
+        assert found is not None
+        at = found.start()
+        raw[at + 1: at + 1 + len(major)] = str(int(major) - 1).encode()
+    compiled.write_bytes(bytes(raw))
+
+    second = ExternalRuntime(wasmtime_cli(), config)
+    try:
+        assert second.has_module(d)
+        outcome = await second.run(d, Invocation("t", "add", ("1", "2")))
+        assert (outcome.results, outcome.error) == ("3", "")
+        assert second.compiles == 1
+    finally:
+        await second.close()
+
+
+def wasmtime_version_major() -> bytes:
+    import subprocess
+
+    out = subprocess.run([wasmtime_cli(), "--version"], capture_output=True, check=True).stdout
+    return out.split()[1].split(b".")[0]
