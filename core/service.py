@@ -59,7 +59,7 @@ from core.protocol import InvalidMessage
 from core.scheduler import Scheduler
 from core.schemas import JobCreate, TaskCreate, TaskUpdate, WorkflowCreate
 from core.store import Page, Store, store_from_settings
-from core.store.base import WriteOp
+from core.store.base import StoreError, WriteOp
 from core.store.migrate import migrate
 from core.store.reads import TaskReader
 from core.store.writer import StoreWriter
@@ -750,6 +750,7 @@ class ManagerCore:
                 f"{len(self._queued)} tasks are already waiting for a proplet (the limit is "
                 f"{self.settings.max_backlog}); try again when proplets have caught up"
             )
+        before = task.copy()
         detail = "queued"
         if task.state.is_terminal:
             detail = f"queued again (re-run after {task.state.label})"
@@ -766,8 +767,28 @@ class ManagerCore:
         self._push(task)
         done = await self._transition(task, TaskState.PENDING, detail, durable=True)
         self._wake.set()
-        await done
+        try:
+            await done
+        except StoreError:
+            await self._not_started(task, before)
+            raise
         return task.copy()
+
+    async def _not_started(self, task: Task, before: Task) -> None:
+        """Undo a start whose queued state the store refused: the caller is told it failed, so the
+        task must not run. Runs as the failure is reported, before any later write of this start (its
+        dispatch) is committed, so that dispatch's start is not sent (_publish_start finds the task
+        gone) and, were it stored, the row is put back."""
+        if self.active.get(task.id) is not task:
+            return  # stopped or deleted meanwhile: that decided
+        dispatched = task.state is not TaskState.PENDING
+        self._forget(task)
+        self._recent.pop(task.id, None)
+        self._remember(before)
+        self.events.emit(TaskStateChanged(task.id, task.name, task.state, before.state, utcnow(), before.proplet_id,
+                                          "not started: the database refused to store it"))
+        if dispatched:
+            await self.writer.submit(self.store.op_update_task_state(before))
 
     async def stop_task(self, task_id: str) -> Task:
         task = self.active.get(task_id)

@@ -770,3 +770,36 @@ async def test_a_refused_start_goes_out_again_as_soon_as_that_proplet_frees_a_sl
         await p.publish(t.RESULTS, {"task_id": running.id, "proplet_id": "slot-p", "results": "1", "error": None,
                                     "attempt": start["attempt"]})
         await p.expect(t.START, lambda m: m["id"] == refused.id and m["attempt"] == 2, timeout=2)
+
+
+# Every task update refused (a full disk), or only the start's `queued` event: then its dispatch,
+# which shares the commit, is stored when the writer retries the entries of the batch one by one.
+@pytest.mark.parametrize("refused", [
+    "BEFORE UPDATE ON tasks",
+    "BEFORE INSERT ON task_events WHEN NEW.detail = 'queued'",
+], ids=["every-write", "queued-only"])
+async def test_a_start_whose_queued_state_the_database_refused_does_not_run(manager: Any, broker: Any,
+                                                                            refused: str) -> None:
+    """start_task answers with the store's error when it cannot store the task as queued: the task
+    must then not run anyway (nor hold a place in the queue), and keep the state it had."""
+    from core.store.base import StoreError
+
+    async with SyntheticProplet(broker.url, manager.topics, "p-nostart") as p:
+        await eventually(lambda: "p-nostart" in manager.proplets)
+        task = await manager.create_task(add_task())
+        async with manager.store.transaction() as conn:
+            await conn.execute(f"CREATE TRIGGER refuse_start {refused} "
+                               "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
+        with pytest.raises(StoreError):
+            await manager.start_task(task.id)
+        await manager.writer.barrier()
+        async with manager.store.transaction() as conn:  # space again
+            await conn.execute("DROP TRIGGER refuse_start")
+        await asyncio.sleep(1.5)  # past the pause after which a refused dispatch goes back to the queue
+        assert not p.starts, "a start the caller was told failed went out"
+        assert task.id not in manager.active and not manager._queued
+        assert (await manager.get_task(task.id)).state is TaskState.PENDING
+        stored = await manager.reader.get(task.id)
+        assert stored is not None and (stored.state, stored.attempt) == (TaskState.PENDING, 0)
+        done = await run_to_end(manager, task.id)  # and it can be started again
+        assert (done.state, done.attempt, [s["attempt"] for s in p.starts]) == (TaskState.COMPLETED, 1, [1])
