@@ -274,10 +274,10 @@ class WasmtimeRuntime:
         engines = self._engines[False]
         assert engines.disk is not None
         if self._artifact_from_disk(hex_digest, False) is not None:
-            engines.disk.write_wasm(hex_digest, wasm)
+            _keep_wasm(engines.disk, hex_digest, wasm)
             return
         artifact = self._compile(engines, kind, wasm, hex_digest)
-        engines.disk.write_wasm(hex_digest, wasm)
+        _keep_wasm(engines.disk, hex_digest, wasm)
         self._remember(hex_digest, False, artifact)
 
     def _compile(self, engines: _EngineSet, kind: str, wasm: bytes | bytearray, hex_digest: str) -> Artifact:
@@ -763,6 +763,16 @@ class WasmtimeRuntime:
 
 
 # ------------------------------------------------------------------------------------ helpers
+
+
+def _keep_wasm(disk: DiskCache, hex_digest: str, wasm: bytes | bytearray) -> None:
+    """Keep the delivered bytes for a later compile (for the fuel engine). A cache like the
+    compiled code: when the disk is full, only a fuel task of this module fails (asking for the
+    module again), instead of the load and every task of it."""
+    try:
+        disk.write_wasm(hex_digest, wasm)
+    except OSError as e:
+        log.warning("could not keep module sha256:%s on disk: %s", hex_digest, e)
 
 
 def _export(store: Store, instance: wasmtime.Instance, name: str) -> Any:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -104,3 +108,27 @@ async def test_memory_cache_is_bounded(cache_dir: Path) -> None:
         assert (rt.compiles, rt.deserializations) == (3, 1)
     finally:
         await rt.close()
+
+
+@contextlib.contextmanager
+def _files_capped_at(limit: int) -> Iterator[None]:
+    """Writes that would take a file past `limit` bytes fail (EFBIG), as on a full disk (ENOSPC)."""
+    previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous_handler)
+
+
+async def test_a_full_disk_costs_the_cache_not_the_task(runtime: WasmtimeRuntime) -> None:
+    # A compiled module that could not be cached was only logged, but its wasm copy failing to
+    # write failed the load, and with it every task of a new module while the disk was full.
+    data = wasm("hello")
+    d = digest(data)
+    with _files_capped_at(64 * 1024):
+        await runtime.load(d, data)
+    outcome = await runtime.run(d, Invocation("t", "", ("full",)))
+    assert (outcome.error, outcome.results[:18]) == ("", "argv: [main] [full")
