@@ -128,6 +128,11 @@ class ManagerCore:
         self._seq = itertools.count()
         self._slots: defaultdict[str, set[str]] = defaultdict(set)
         self._broadcast_waiting: dict[str, set[str]] = {}
+        # Running broadcasts recovered after a restart with no proplet counted online to wait for
+        # (the manager was down for longer than the liveness timeout): whom they wait for is decided
+        # once the fleet has had a liveness timeout to be heard (_settle_recovered_broadcasts). An
+        # empty waiting set finished them at the first answer, or never without one.
+        self._broadcasts_unheard: set[str] = set()
         # task id -> {proplet id: monotonic time it refused the task}; see REFUSAL_BACKOFF.
         self._refused_by: defaultdict[str, dict[str, float]] = defaultdict(dict)
         # proplet id -> monotonic time a slot last freed on it, kept only while refusals are held:
@@ -372,8 +377,11 @@ class ManagerCore:
                 self._push(task)
             elif task.broadcast:
                 answered = set(task.results) if isinstance(task.results, dict) else set()
-                self._broadcast_waiting[task.id] = {
-                    p.id for p in self.proplets.values() if p.online and p.id not in answered}
+                waiting = {p.id for p in self.proplets.values() if p.online and p.id not in answered}
+                if waiting:
+                    self._broadcast_waiting[task.id] = waiting
+                else:
+                    self._broadcasts_unheard.add(task.id)
             elif task.proplet_id:
                 self._slots[task.proplet_id].add(task.id)
                 holding.add(task.proplet_id)
@@ -916,6 +924,7 @@ class ManagerCore:
             self._remember(task)
         self._queued.discard(task.id)
         self._broadcast_waiting.pop(task.id, None)
+        self._broadcasts_unheard.discard(task.id)
         self._refused_by.pop(task.id, None)
         self._sent_at.pop(task.id, None)
         self._waiting_on_proplet.discard(task.id)
@@ -1168,6 +1177,7 @@ class ManagerCore:
             if not task.pinned:
                 task.proplet_id = ""
         self._broadcast_waiting.pop(task.id, None)
+        self._broadcasts_unheard.discard(task.id)
         self._sent_at.pop(task.id, None)
         self._waiting_on_proplet.discard(task.id)
         task.start_time = None
@@ -1225,6 +1235,32 @@ class ManagerCore:
             if (now - heard).total_seconds() > timeout:
                 silent = (now - last).total_seconds() if last is not None else timeout
                 await self._mark_offline(p, f"no heartbeat for {silent:.0f}s (timeout {timeout:.0f}s)")
+        if self._broadcasts_unheard:
+            await self._settle_recovered_broadcasts(now, listening_since)
+
+    async def _settle_recovered_broadcasts(self, now: datetime, listening_since: datetime) -> None:
+        """Decide whom the broadcasts recovered with nobody online wait for, once every proplet has had
+        its liveness timeout to be heard: those online then that have not answered. With none left, the
+        broadcast ends like a task whose proplet stayed silent after a restart: finished with the
+        answers it has, else retried or failed by its retry policy."""
+        grace = max((self._liveness_timeout(p) for p in self.proplets.values()),
+                    default=self.settings.effective_liveness_timeout)
+        if (now - listening_since).total_seconds() <= grace:
+            return
+        for task_id in list(self._broadcasts_unheard):
+            self._broadcasts_unheard.discard(task_id)
+            task = self.active.get(task_id)
+            if task is None or task.state is not TaskState.RUNNING:
+                continue
+            answered = set(task.results) if isinstance(task.results, dict) else set()
+            waiting = {p.id for p in self.proplets.values() if p.online and p.id not in answered}
+            if waiting:
+                self._broadcast_waiting[task_id] = waiting
+            elif answered:
+                await self._broadcast_finished(task, task.results)
+            else:
+                await self._retry_or_fail(task, f"no proplet answered it or was heard within {grace:.0f}s of "
+                                                "the manager's restart", now)
 
     async def _save_unsaved_alive(self) -> None:
         """Store the heartbeats `_seen_alive` held back."""
@@ -1555,11 +1591,18 @@ class ManagerCore:
             return
         answers[proplet_id] = {"results": results, "error": error or None}
         task.results = answers
+        if task.id in self._broadcasts_unheard:
+            await self._transition(task, task.state, f"answer from {proplet_id} (whom else it waits for is "
+                                                     "known once the proplets are heard after the restart)")
+            return
         waiting = self._broadcast_waiting.get(task.id, set())
         waiting.discard(proplet_id)
         if waiting:
             await self._transition(task, task.state, f"answer from {proplet_id} ({len(waiting)} to go)")
             return
+        await self._broadcast_finished(task, answers)
+
+    async def _broadcast_finished(self, task: Task, answers: dict[str, Any]) -> None:
         failures = {pid: a["error"] for pid, a in answers.items() if a.get("error")}
         task.finish_time = utcnow()
         if failures:

@@ -803,3 +803,70 @@ async def test_a_start_whose_queued_state_the_database_refused_does_not_run(mana
         assert stored is not None and (stored.state, stored.attempt) == (TaskState.PENDING, 0)
         done = await run_to_end(manager, task.id)  # and it can be started again
         assert (done.state, done.attempt, [s["attempt"] for s in p.starts]) == (TaskState.COMPLETED, 1, [1])
+
+
+async def test_a_broadcast_recovered_with_no_proplet_online_waits_for_every_answer(
+        manager_factory: Any, broker: Any, tmp_path: Any) -> None:
+    """Down for longer than the liveness timeout, the manager finds no proplet counted online for a
+    running broadcast: the first answer after the restart must not finish it."""
+    same = {"liveness_timeout": 1.0, "sqlite_path": tmp_path / "bc-restart.db", "tenant_id": unique("t"),
+            "entity_id": unique("manager")}
+    topics = Topics(same["tenant_id"], ManagerSettings().channel_id)
+    async with SyntheticProplet(broker.url, topics, "bcr-a", answer=None) as a, \
+            SyntheticProplet(broker.url, topics, "bcr-b", answer=None) as b:
+        async with manager_factory(**same) as first:
+            for p in (a, b):
+                await p.announce()
+            await eventually(lambda: {"bcr-a", "bcr-b"} <= set(first.proplets))
+            task = await first.create_task(add_task(broadcast=True))
+            await first.start_task(task.id)
+            await eventually(lambda: len(a.starts) == 1 and len(b.starts) == 1)
+        await asyncio.sleep(1.5)  # down for longer than the liveness timeout
+        async with manager_factory(**same) as second:
+            assert not any(p.online for p in second.proplets.values())
+            beats = asyncio.create_task(_beat(a, b, until=3.0))
+            await a.publish(t.RESULTS, {"task_id": task.id, "proplet_id": "bcr-a", "results": "1",
+                                        "error": None, "attempt": 1})
+            await asyncio.sleep(2.0)  # heard for twice the liveness timeout: bcr-b's answer is awaited
+            assert second.active[task.id].state is TaskState.RUNNING, "finished by bcr-a's answer alone"
+            await b.publish(t.RESULTS, {"task_id": task.id, "proplet_id": "bcr-b", "results": "2",
+                                        "error": None, "attempt": 1})
+            done = await finished(second, task.id)
+            assert done.state is TaskState.COMPLETED and set(done.results) == {"bcr-a", "bcr-b"}
+            await beats
+
+
+@pytest.mark.parametrize("max_retries", [0, 1])
+async def test_a_broadcast_recovered_with_no_proplet_left_is_retried_or_fails(
+        manager_factory: Any, broker: Any, tmp_path: Any, max_retries: int) -> None:
+    """Its proplets gone while the manager was down, a recovered broadcast must not stay running for
+    ever: like a task whose proplet stays silent after the restart, it is retried or failed."""
+    same = {"liveness_timeout": 1.0, "sqlite_path": tmp_path / "bc-gone.db", "tenant_id": unique("t"),
+            "entity_id": unique("manager")}
+    topics = Topics(same["tenant_id"], ManagerSettings().channel_id)
+    async with SyntheticProplet(broker.url, topics, "bcg-a", answer=None) as a:
+        async with manager_factory(**same) as first:
+            await a.announce()
+            await eventually(lambda: "bcg-a" in first.proplets)
+            task = await first.create_task(add_task(broadcast=True, max_retries=max_retries))
+            await first.start_task(task.id)
+            await eventually(lambda: len(a.starts) == 1)
+    await asyncio.sleep(1.5)
+    async with manager_factory(**same) as second:
+        if max_retries == 0:
+            ended = await finished(second, task.id, timeout=5)
+            assert ended.state is TaskState.FAILED and "restart" in ended.error
+            return
+        queued = await eventually(lambda: second.active[task.id].state is TaskState.PENDING
+                                  and second.active[task.id], timeout=5)
+        assert queued.retries == 1
+        async with SyntheticProplet(broker.url, topics, "bcg-new") as new:
+            done = await finished(second, task.id)
+        assert done.state is TaskState.COMPLETED and new.starts[0]["attempt"] == 2
+
+
+async def _beat(*proplets: SyntheticProplet, until: float) -> None:
+    for _ in range(int(until / 0.2)):
+        for p in proplets:
+            await p.alive()
+        await asyncio.sleep(0.2)
