@@ -81,6 +81,14 @@ VIEWS: dict[str, tuple[str, tuple[str, ...]]] = {
 QUIT_WORDS = ("q", "quit", "q!", "exit")
 HELP_WORDS = ("help", "h", "?")
 
+
+def anywhere_help() -> str:
+    """The keys of every view, for `?`: each view's `:` command, and the digits."""
+    commands = " ".join(f"`:{words[0]}`" for _label, words in VIEWS.values())
+    return (f"Anywhere: **:** commands ({commands} `:theme <name>` `:q`), **1**–**{len(VIEWS)}** views, "
+            "**Ctrl+P** palette, **Esc** back, **Ctrl+Q** quit. In a text field these keys are typed: Esc "
+            "leaves it.")
+
 # Events kept for the console while it is busy; on overflow the oldest go and the views reload.
 EVENT_BUFFER = 50_000
 TRAFFIC_BUFFER = 20_000
@@ -634,8 +642,7 @@ class ConsoleApp(App[None]):
             parts.append(widget_help)
         if getattr(screen, "HELP", ""):
             parts.append(screen.HELP)
-        parts.append("Anywhere: **:** commands (`:tasks` `:proplets` `:mqtt` `:dispatch` `:local` `:fw` `:dash` "
-                     "`:theme <name>` `:q`), **1**–**7** views, **Ctrl+P** palette, **Esc** back, **Ctrl+Q** quit.")
+        parts.append(anywhere_help())
         rows = []
         for active in screen.active_bindings.values():
             binding = active.binding

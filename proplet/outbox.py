@@ -18,7 +18,8 @@ Bounded: at most `max_entries` results. When the outbox is full the proplet refu
 
 Upstream's manager sends no acknowledgements. Until this proplet has seen one, results are sent
 once and entries expire after `unconfirmed_ttl`, so an upstream manager is not flooded with
-repeats.
+repeats. The first acknowledgement is remembered on disk (`acks_seen`, an empty file), so a
+restarted proplet keeps sending its waiting results until they are confirmed.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from core.protocol import InvalidMessage, ResultMessage
 log = logging.getLogger(__name__)
 
 LOG_NAME = "results.log"
+ACKS_SEEN_NAME = "acks_seen"
 _RESULT = b"R "
 _ACK = b"A "
 # Rewrite the log once it is this large and at least 4/5 of it is confirmed results.
@@ -66,7 +68,7 @@ class Outbox:
         self._log_bytes = 0
         self._live_bytes = 0
         self._torn = False
-        self.acks_seen = False
+        self.acks_seen = (directory / ACKS_SEEN_NAME).exists()
         self.acknowledged = 0
         # Observable (tests, metrics): records that could not be written; the result is still sent.
         self.write_failures = 0
@@ -206,7 +208,15 @@ class Outbox:
 
     def ack(self, task_id: str, attempt: int) -> bool:
         """The manager stored this result: forget it. Returns False for an unknown entry."""
-        self.acks_seen = True
+        if not self.acks_seen:
+            self.acks_seen = True
+            # Kept across restarts: results loaded from the log must still wait for their ack,
+            # not expire after one send as they do for a manager that never acknowledges.
+            try:
+                (self.directory / ACKS_SEEN_NAME).touch()
+            except OSError as exc:
+                log.warning("could not record in %s that the manager acknowledges results: %s",
+                            self.directory, exc)
         key = (task_id, attempt)
         entry = self._entries.pop(key, None)
         if entry is None and attempt == 0:

@@ -10,7 +10,7 @@ import pytest
 from textual.command import CommandPalette
 from textual.widgets import Input
 
-from console.app import ConsoleApp
+from console.app import VIEWS, ConsoleApp
 from console.settings import ConsoleSettings
 from console.views.tasks import TasksScreen
 from console.widgets import CommandBar, ConfirmModal, FleetHeader, HelpScreen, KeyHints
@@ -105,6 +105,9 @@ async def test_help_lists_the_keys_that_apply_now_with_their_ids(console: Any) -
         ids = {row[2] for row in help_screen.bindings}
         assert {"tasks.stop", "tasks.delete", "tasks.filter", "app.command", "app.help"} <= ids
         assert "Task table" in help_screen.help_text or "### Tasks" in help_screen.help_text
+        # Every view is named, with its digit (the FL view, 8, was once missing).
+        assert all(f"`:{words[0]}`" in help_screen.help_text for _label, words in VIEWS.values())
+        assert f"**1**–**{len(VIEWS)}** views" in help_screen.help_text and len(VIEWS) == 8
         await pilot.press("escape")
         await until(pilot, lambda: isinstance(app.screen, TasksScreen))
 

@@ -140,3 +140,20 @@ def test_a_record_cut_short_by_a_full_disk_does_not_swallow_the_next_one(tmp_pat
     assert box.write_failures == 1
     # After a restart only what reached the disk whole is there.
     assert Outbox(tmp_path).task_ids() == ("whole",)
+
+
+def test_a_restart_does_not_forget_that_the_manager_acknowledges(tmp_path: Path) -> None:
+    # Whether acknowledgements come was known only in memory: after a restart the proplet sent its
+    # waiting results once (on connect) and dropped them after the TTL, like results for upstream's
+    # manager. A send lost then (the manager not yet subscribed after a site-wide power cut) lost
+    # the result, and the task ran again or failed.
+    box = Outbox(tmp_path, resend_after=0.0, unconfirmed_ttl=0.0)
+    box.put(result("confirmed"))
+    assert box.ack("confirmed", 1)
+    box.put(result("waiting"))
+    box.close()
+
+    again = Outbox(tmp_path, resend_after=0.0, unconfirmed_ttl=0.0)
+    assert [r.task_id for r in again.due(reconnected=True)] == ["waiting"]  # lost on the way
+    assert [r.task_id for r in again.due()] == ["waiting"]
+    assert again.get("waiting", 1) == result("waiting")
