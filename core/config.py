@@ -61,7 +61,8 @@ class MqttClientSettings(SectionSettings, MqttClientOptions):
     )
     mqtt_qos: Literal[0, 1, 2] = Field(
         default=1,
-        description="QoS of every publish and subscription. 1 (at least once) with idempotent "
+        description="QoS of publishes and subscriptions, except heartbeats, metrics, task_state and result_ack, "
+        "which go at 0 (the next one, or an acknowledgement, repairs a loss). 1 (at least once) with idempotent "
         "handlers is the default; upstream defaults to 2.",
     )
     mqtt_keep_alive: int = Field(default=30, ge=2, description="MQTT keep-alive in seconds.")
@@ -225,11 +226,12 @@ def describe_settings(settings_cls: type[BaseSettings], env_prefix: str) -> list
     """(variable, default, description) rows for --help texts."""
     rows = []
     for name, info in settings_cls.model_fields.items():
-        if info.default_factory is not None:
-            default = "(computed)"
-        elif info.default is None:
+        value = info.default_factory() if info.default_factory is not None else info.default
+        if value is None:
             default = "(unset)"
+        elif value == []:
+            default = "(none)"
         else:
-            default = str(getattr(info.default, "value", info.default))
+            default = str(getattr(value, "value", value))
         rows.append((f"{env_prefix}{name.upper()}", default, info.description or ""))
     return rows

@@ -47,9 +47,10 @@ def main(ctx: click.Context, config_file: Path | None, read_only: bool | None, t
          mouse: bool | None, headless: bool) -> None:
     """Propeller: run WebAssembly workloads across an edge fleet over MQTT.
 
-    With no command, opens the operator console, which hosts the manager in-process (SQLite and an
-    in-process broker by default). Keys: ? help, : commands, Ctrl+P palette, Ctrl+Q quit.
-    Use `propeller serve` for a manager that must outlive the terminal.
+    With no command, opens the operator console, which hosts the manager in-process (by default:
+    SQLite, and the broker on localhost:1883, or an in-process one when nothing listens there). Keys:
+    ? help, : commands, Ctrl+P palette, Ctrl+Q quit. Use `propeller serve` for a manager that must
+    outlive the terminal.
     """
     if config_file is not None:
         if not config_file.is_file():

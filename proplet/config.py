@@ -73,8 +73,9 @@ class PropletSettings(msgspec.Struct, MqttClientOptions, kw_only=True):
         description="Broker URL: mqtt://host:port (or tcp://), mqtts://host:port (or ssl://, tls://).",
     )] = "mqtt://localhost:1883"
     mqtt_qos: Annotated[Literal[0, 1, 2], Meta(
-        description="QoS of every publish and subscription. 1 (at least once) with idempotent handlers is the "
-        "default; upstream defaults to 2.",
+        description="QoS of publishes and subscriptions, except heartbeats, metrics, task_state and result_ack, "
+        "which go at 0 (the next one, or an acknowledgement, repairs a loss). 1 (at least once) with idempotent "
+        "handlers is the default; upstream defaults to 2.",
     )] = 1
     mqtt_keep_alive: Annotated[int, Meta(ge=2, description="MQTT keep-alive in seconds.")] = 30
     mqtt_timeout: Annotated[float, Meta(
@@ -109,7 +110,9 @@ class PropletSettings(msgspec.Struct, MqttClientOptions, kw_only=True):
     manager_k8s_namespace: Annotated[str, Meta(description="The `namespace` field of messages.")] = "default"
     collect_system_info: Annotated[bool, Meta(
         description="Put os, hostname, arch, memory, ip in discovery.")] = True
-    max_concurrent_tasks: Annotated[int, Meta(ge=1, description="Modules running at once.")] = msgspec.field(
+    max_concurrent_tasks: Annotated[int, Meta(
+        ge=1, description="Modules running at once. Default: 2 x the CPUs (the figure shown is this machine's).",
+    )] = msgspec.field(
         default_factory=lambda: (os.cpu_count() or 1) * 2)
     max_queued_tasks: Annotated[int, Meta(
         ge=0,
@@ -210,14 +213,18 @@ class PropletSettings(msgspec.Struct, MqttClientOptions, kw_only=True):
         """(variable, default, description) rows for --help texts."""
         rows = []
         for field in msgspec.structs.fields(cls):
-            meta = [m for m in getattr(_HINTS[field.name], "__metadata__", ()) if isinstance(m, Meta)]
+            hint = _HINTS[field.name]
+            # `Annotated[int, Meta(...)] | None` keeps its Meta one level down.
+            annotated = [hint, *typing.get_args(hint)] if typing.get_origin(hint) is not Annotated else [hint]
+            meta = [m for a in annotated for m in getattr(a, "__metadata__", ()) if isinstance(m, Meta)]
             description = meta[0].description if meta and meta[0].description else ""
-            if field.default_factory is not msgspec.NODEFAULT:
-                default = "(computed)"
-            elif field.default is None:
+            value = field.default_factory() if field.default_factory is not msgspec.NODEFAULT else field.default
+            if value is None:
                 default = "(unset)"
+            elif value == []:
+                default = "(none)"
             else:
-                default = str(field.default)
+                default = str(value)
             rows.append((f"{cls.ENV_PREFIX}{field.name.upper()}", default, description))
         return rows
 

@@ -1,0 +1,41 @@
+"""What `propeller` says and does before it talks to a manager: --help texts, `info`, `keys
+generate`, and the checks on the arguments of the client commands (no service needed)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+PROPELLER = [sys.executable, "-m", "propeller"]
+
+
+def run(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*PROPELLER, *args], env={**os.environ, **(env or {})}, cwd=cwd, capture_output=True,
+                          text=True, timeout=60)
+
+
+def _row(help_text: str, var: str) -> str:
+    return next(line for line in help_text.splitlines() if line.strip().startswith(var + " "))
+
+
+def test_help_texts_show_each_default_and_describe_each_variable() -> None:
+    serve = run("serve", "--help").stdout
+    proplet = run("proplet", "--help").stdout
+    proxy = run("proxy", "--help").stdout
+    for text in (serve, proplet, proxy):
+        assert "(computed)" not in text
+        # Every variable row has a description before its default.
+        rows = [line for line in text.splitlines() if re.match(r"\s+(MANAGER|PROPLET|PROXY)_[A-Z_]+\s", line)]
+        assert rows and all(not re.match(r"\s+\S+\s+\[default:", row) for row in rows), rows
+    assert _row(serve, "MANAGER_HTTP_TOKENS").endswith("[default: (none)]")
+    assert _row(serve, "MANAGER_SQLITE_PATH").endswith("propeller/propeller.db]")
+    assert "3 x max_concurrent_tasks" in _row(proplet, "PROPLET_MAX_QUEUED_TASKS")
+    assert re.search(r"2 x the CPUs.*\[default: \d+\]$", _row(proplet, "PROPLET_MAX_CONCURRENT_TASKS"))
+    # Heartbeats and metrics (and the acknowledgements) go at QoS 0 whatever the setting.
+    for text, var in ((serve, "MANAGER_MQTT_QOS"), (proplet, "PROPLET_MQTT_QOS")):
+        assert "except heartbeats, metrics, task_state and result_ack" in _row(text, var)
+    main = run("--help").stdout
+    assert "in-process broker by default" not in main and "localhost:1883" in main
