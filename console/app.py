@@ -816,7 +816,7 @@ def _silence_terminal_output() -> None:
 def log_path() -> Path:
     from core import paths
 
-    return paths.state_dir() / "console.log"
+    return paths.console_log_file()
 
 
 def _setup_file_logging(level: str) -> Path:

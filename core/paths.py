@@ -37,3 +37,8 @@ def default_config_file() -> Path:
 
 def default_sqlite_path() -> Path:
     return data_dir() / "propeller.db"
+
+
+def console_log_file() -> Path:
+    """Where the console logs (it owns the terminal, so its log cannot go to stderr)."""
+    return state_dir() / "console.log"

@@ -131,13 +131,14 @@ def info() -> None:
     from core import __version__, paths
     from core.config import ManagerSettings
 
-    settings = ManagerSettings()
+    settings = load_settings(ManagerSettings)
     click.echo(f"propeller {__version__}")
     click.echo(f"config file   {paths.default_config_file()}"
                f"{'' if paths.default_config_file().is_file() else ' (absent)'}")
     click.echo(f"data dir      {paths.data_dir()}")
     click.echo(f"cache dir     {paths.cache_dir()}")
     click.echo(f"state dir     {paths.state_dir()}")
+    click.echo(f"console log   {paths.console_log_file()}")
     click.echo("manager settings:")
     for key, value in settings.model_dump().items():
         if key in ("api_key", "postgres_pass", "http_tokens") and value:

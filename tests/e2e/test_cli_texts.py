@@ -39,3 +39,17 @@ def test_help_texts_show_each_default_and_describe_each_variable() -> None:
         assert "except heartbeats, metrics, task_state and result_ack" in _row(text, var)
     main = run("--help").stdout
     assert "in-process broker by default" not in main and "localhost:1883" in main
+
+
+def test_info_prints_the_console_log_and_explains_an_invalid_configuration(tmp_path: Path) -> None:
+    out = run("info")
+    assert out.returncode == 0, out.stderr
+    state_dir = next(line.split(None, 2)[2] for line in out.stdout.splitlines() if line.startswith("state dir"))
+    assert f"console log   {state_dir}/console.log" in out.stdout
+    bad = run("info", env={"MANAGER_HTTP_PORT": "not-a-port"})
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert "invalid configuration" in bad.stderr and "http_port" in bad.stderr
+    config = tmp_path / "config.yaml"
+    config.write_text("manager: [\n")
+    bad = run("--config", str(config), "info")
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr and "not valid YAML" in bad.stderr
