@@ -620,10 +620,17 @@ def keys() -> None:
 @click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
               show_default=True, help="Where to write the key pair.")
 @click.option("--name", default="propeller-signing", show_default=True)
-def keys_generate(directory: Path, name: str) -> None:
-    """Write an Ed25519 key pair: NAME.pem for the manager, NAME.pub.pem for the proplets."""
+@click.option("--force", is_flag=True, help="Replace a key pair of that name that is already there.")
+def keys_generate(directory: Path, name: str, force: bool) -> None:
+    """Write an Ed25519 key pair: NAME.pem for the manager, NAME.pub.pem for the proplets. An existing
+    pair is kept unless --force is given (proplets that trust its public key would refuse the new one's
+    signatures)."""
     from core.signing import generate_keypair
 
+    existing = [p for p in (directory / f"{name}.pem", directory / f"{name}.pub.pem") if p.exists()]
+    if existing and not force:
+        raise click.ClickException(f"{', '.join(map(str, existing))} already there: keeping it. Pass --force to "
+                                   "replace it, or --name/--dir for another pair.")
     private, public = generate_keypair(directory, name)
     click.echo(f"private key (manager, keep secret): {private}\n  MANAGER_SIGNING_KEY={private.resolve()}")
     click.echo(f"public key (proplets):              {public}\n  PROPLET_TRUSTED_KEYS={public.resolve()}")

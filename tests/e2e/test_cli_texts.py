@@ -53,3 +53,14 @@ def test_info_prints_the_console_log_and_explains_an_invalid_configuration(tmp_p
     config.write_text("manager: [\n")
     bad = run("--config", str(config), "info")
     assert bad.returncode == 1 and "Traceback" not in bad.stderr and "not valid YAML" in bad.stderr
+
+
+def test_keys_generate_keeps_an_existing_pair_unless_forced(tmp_path: Path) -> None:
+    assert run("keys", "generate", "--dir", str(tmp_path)).returncode == 0
+    private = tmp_path / "propeller-signing.pem"
+    first = private.read_bytes()
+    again = run("keys", "generate", "--dir", str(tmp_path))
+    assert again.returncode == 1 and "already there" in again.stderr and "--force" in again.stderr
+    assert private.read_bytes() == first
+    forced = run("keys", "generate", "--dir", str(tmp_path), "--force")
+    assert forced.returncode == 0 and private.read_bytes() != first
