@@ -139,7 +139,9 @@ def module_fields(source: str) -> dict[str, str]:
         if not data.startswith(b"\0asm"):
             raise ApiError(f"{path} is not a WebAssembly module (it does not start with \\0asm)")
         return {"file": base64.b64encode(data).decode("ascii")}
-    # An OCI reference is host/repository[:tag|@digest]; anything shaped like a path is a file.
-    if source.startswith(("/", "./", "../", "~")) or (source.endswith(".wasm") and "/" not in source):
-        raise ApiError(f"{source}: no such file")
+    # An OCI reference is host/repository[:tag|@digest]; anything shaped like a path, or naming a
+    # .wasm/.wat file (as the console's dispatch form reads it), is a file.
+    if source.startswith(("/", "./", "../", "~")) or source.endswith((".wasm", ".wat")):
+        where = "" if path.is_absolute() else f" (looked in {Path.cwd()})"
+        raise ApiError(f"{source}: no such file{where}")
     return {"image_url": source}

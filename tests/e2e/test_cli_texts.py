@@ -9,6 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from propeller.client import ApiError, module_fields
+
 PROPELLER = [sys.executable, "-m", "propeller"]
 
 
@@ -64,3 +68,21 @@ def test_keys_generate_keeps_an_existing_pair_unless_forced(tmp_path: Path) -> N
     assert private.read_bytes() == first
     forced = run("keys", "generate", "--dir", str(tmp_path), "--force")
     assert forced.returncode == 0 and private.read_bytes() != first
+
+
+def test_a_missing_wasm_file_is_not_taken_for_an_oci_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `examples/add.wasm` run from outside the checkout: once an OCI reference nobody serves, its
+    # task waiting for chunks for ever; the console's dispatch form already called it a missing file.
+    monkeypatch.chdir(tmp_path)
+    for source in ("examples/add.wasm", "add.wasm", "./x/add.wasm", "mod.wat"):
+        with pytest.raises(ApiError, match="no such file"):
+            module_fields(source)
+    assert module_fields("registry.lan/wasm/app:v1") == {"image_url": "registry.lan/wasm/app:v1"}
+    assert module_fields("wasm/app@sha256:" + "0" * 64) == {"image_url": "wasm/app@sha256:" + "0" * 64}
+    assert module_fields("https://files.lan/app.wasm") == {"image_url": "https://files.lan/app.wasm"}
+    (tmp_path / "examples").mkdir()
+    (tmp_path / "examples" / "add.wasm").write_bytes(b"\0asm\x01\0\0\0")
+    assert set(module_fields("examples/add.wasm")) == {"file"}
+    out = run("tasks", "create", "add", "--wasm", "examples/nope.wasm", "--manager-url", "http://127.0.0.1:9",
+              cwd=tmp_path)
+    assert out.returncode == 1 and "no such file" in out.stderr and str(tmp_path) in out.stderr
