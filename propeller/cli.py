@@ -266,6 +266,8 @@ def tasks_create(name: str, source: str, inputs: tuple[str, ...], env: tuple[str
                  schedule: str | None, recurring: bool, timezone: str | None,
                  start_now: bool, wait_s: float | None, manager_url: str, token: str | None, as_json: bool) -> None:
     """Create a task that calls export NAME of a module."""
+    if (recurring or timezone) and not schedule:
+        raise click.UsageError("--recurring and --timezone go with --schedule (the cron expression they apply to)")
     body: dict[str, Any] = {"name": name, "inputs": list(inputs), "daemon": daemon, "broadcast": broadcast,
                             "max_retries": retries}
     from propeller.client import module_fields

@@ -86,3 +86,10 @@ def test_a_missing_wasm_file_is_not_taken_for_an_oci_reference(tmp_path: Path, m
     out = run("tasks", "create", "add", "--wasm", "examples/nope.wasm", "--manager-url", "http://127.0.0.1:9",
               cwd=tmp_path)
     assert out.returncode == 1 and "no such file" in out.stderr and str(tmp_path) in out.stderr
+
+
+def test_schedule_options_without_a_schedule_are_refused() -> None:
+    for extra in (["--recurring"], ["--timezone", "Europe/Paris"]):
+        out = run("tasks", "create", "add", "--wasm", "https://files.lan/add.wasm", *extra,
+                  "--manager-url", "http://127.0.0.1:9")
+        assert out.returncode == 2 and "go with --schedule" in out.stderr
