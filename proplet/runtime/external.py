@@ -496,16 +496,22 @@ class ExternalRuntime:
             stderr=asyncio.subprocess.PIPE, env=_cli_env(), start_new_session=True)
         server = HttpServer(proc, chosen, inv.task_id)
         deadline = time.monotonic() + self.serve_start_timeout_s
-        while True:
-            if proc.returncode is not None or await _port_open(self.serve_host, chosen):
-                break
-            if time.monotonic() > deadline:
-                await server.stop()
-                raise ServeError(
-                    f"`wasmtime serve` did not accept connections on port {chosen} within "
-                    f"{seconds(self.serve_start_timeout_s)} s: {server.stderr_tail or 'no output'}. "
-                    "A large component can take long to compile; retry, or check its stderr.")
-            await asyncio.sleep(0.02)
+        try:
+            while True:
+                if proc.returncode is not None or await _port_open(self.serve_host, chosen):
+                    break
+                if time.monotonic() > deadline:
+                    await server.stop()
+                    raise ServeError(
+                        f"`wasmtime serve` did not accept connections on port {chosen} within "
+                        f"{seconds(self.serve_start_timeout_s)} s: {server.stderr_tail or 'no output'}. "
+                        "A large component can take long to compile; retry, or check its stderr.")
+                await asyncio.sleep(0.02)
+        except asyncio.CancelledError:
+            # Stopped (or shut down) while it starts: stop() cannot find it yet, and in its own
+            # session it would outlive the proplet, serving for nobody.
+            await server.stop()
+            raise
         if proc.returncode is not None:
             await server.wait()
             raise ServeError(

@@ -254,3 +254,35 @@ def wasmtime_version_major() -> bytes:
 
     out = subprocess.run([wasmtime_cli(), "--version"], capture_output=True, check=True).stdout
     return out.split()[1].split(b".")[0]
+
+
+def _children_named(name: str) -> list[int]:
+    """Our child processes running `name` (from /proc)."""
+    found = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)
+            comm = fields[0].split("(", 1)[1]
+            ppid = int(fields[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == os.getpid() and comm == name:
+            found.append(int(stat_file.parent.name))
+    return found
+
+
+async def test_a_server_stopped_while_it_starts_does_not_keep_running(external: ExternalRuntime) -> None:
+    # A stop before the server accepts connections finds no server in the runtime, so the agent
+    # cancels the start; the `wasmtime serve` process (in its own session) went on serving, unowned.
+    d = await load(external, "http-component")
+    before = set(_children_named("wasmtime"))
+    # A codegen flag makes the server compile the component first: it starts slowly enough to be
+    # stopped while it starts.
+    starting = asyncio.ensure_future(external.serve_http(d, Invocation("web-early", "", args=("-O", "opt-level=2"))))
+    await eventually(lambda: set(_children_named("wasmtime")) - before, 10, interval=0.001)
+    await asyncio.sleep(0.02)  # past the process's creation, into the wait for its port
+    assert not starting.done()
+    starting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await starting
+    await eventually(lambda: not set(_children_named("wasmtime")) - before, 5)
