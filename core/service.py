@@ -83,6 +83,9 @@ MODULE_BY_REFERENCE_MIN = 16 * 1024
 MODULES_HELD_MAX = 64
 # Seconds before a task whose dispatch the store refused goes back to the queue.
 UNSTORED_DISPATCH_RETRY = 1.0
+# Dispatch heap entries beyond 3 × the queued tasks (stale ones outnumbering live ones 2 to 1) and this
+# slack make the heap be rebuilt from the queued tasks (see _push).
+HEAP_STALE_SLACK = 1024
 # Seconds a proplet that refused a start (task_state `rejected`: it was full) is not offered that task
 # again, unless a slot frees on it sooner. Both proplets refuse only for being full (the firmware's
 # slots all busy, our outbox full), which passes; a start they can never run fails with a result.
@@ -942,7 +945,21 @@ class ManagerCore:
     def _push(self, task: Task) -> None:
         self._queued.add(task.id)
         heapq.heappush(self._heap, (-task.priority, next(self._seq), task.id))
+        # A stopped or deleted task's entry is dropped only when the dispatcher pops it, and while
+        # the fleet is full it stops at the first task nobody can take: entries behind it (started
+        # and stopped meanwhile) would pile up without bound.
+        if len(self._heap) > 3 * len(self._queued) + HEAP_STALE_SLACK:
+            self._compact_heap()
         self.metrics.backlog.set(len(self._queued))
+
+    def _compact_heap(self) -> None:
+        """Keep one entry per queued task, its newest (its current queueing's place in line)."""
+        newest: dict[str, tuple[int, int, str]] = {}
+        for entry in self._heap:
+            if entry[2] in self._queued and (entry[2] not in newest or entry[1] > newest[entry[2]][1]):
+                newest[entry[2]] = entry
+        self._heap[:] = newest.values()
+        heapq.heapify(self._heap)
 
     # ------------------------------------------------------------------------------------
     # dispatch

@@ -870,3 +870,18 @@ async def _beat(*proplets: SyntheticProplet, until: float) -> None:
         for p in proplets:
             await p.alive()
         await asyncio.sleep(0.2)
+
+
+async def test_starting_and_stopping_while_the_fleet_is_full_does_not_grow_the_queue(manager: Any) -> None:
+    """With no proplet to take anything, a stopped task's place in the dispatch heap is only skipped
+    when the dispatcher reaches it; started and stopped 10,000 times, those places must not pile up."""
+    blocker = await manager.create_task(add_task())
+    await manager.start_task(blocker.id)  # first in line, and nothing takes it
+    tasks = [await manager.create_task(add_task()) for _ in range(100)]
+    for _ in range(100):
+        await asyncio.gather(*(manager.start_task(x.id) for x in tasks))
+        await asyncio.gather(*(manager.stop_task(x.id) for x in tasks))
+    assert manager._queued == {blocker.id}
+    assert len(manager._heap) <= 1_100, f"{len(manager._heap)} heap entries for 1 queued task"
+    async with SyntheticProplet(manager.broker_address.url, manager.topics, "p-heap"):
+        assert (await finished(manager, blocker.id)).state is TaskState.COMPLETED
