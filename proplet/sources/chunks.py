@@ -28,6 +28,7 @@ buffers at most `max_bytes` (policy: the transfer fails with a clear error). The
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -60,6 +61,8 @@ _COMPACT_APP_NAME = _APP_NAME_KEY + b'"'
 # Characters that JSON encoders may escape differently (Go escapes <, > and &): a ref containing
 # one gets no pre-filter, and its chunks are always decoded.
 _PLAIN_REF_CHARS = frozenset(chr(c) for c in range(0x20, 0x7F)) - set('"\\<>&')
+# Indexes a resume request asks for at most (the first ones missing; the next stall asks for more).
+MAX_MISSING_PER_REQUEST = 1024
 
 
 def _needle(ref: str) -> bytes:
@@ -124,7 +127,10 @@ class _Transfer:
     def missing(self) -> tuple[int, ...]:
         if self.total is None:
             return ()
-        return tuple(i for i in range(self.appended, self.total) if i not in self.pieces)
+        # Bounded: `total` is whatever a chunk claimed, and a claim of millions would otherwise
+        # build a request of megabytes on the event loop.
+        return tuple(itertools.islice((i for i in range(self.appended, self.total) if i not in self.pieces),
+                                      MAX_MISSING_PER_REQUEST))
 
     @property
     def chunks_in(self) -> int:
@@ -417,7 +423,7 @@ class ChunkSource:
                 transfer.fell_back = True
                 self.counters.json_fallbacks += 1
             log.info("%s stalled (%s); asking again for %s%s", transfer.ref, self._progress(transfer),
-                     f"{len(transfer.missing())} missing chunks" if transfer.total else "the whole artifact",
+                     f"{len(transfer.missing())} of the missing chunks" if transfer.total else "the whole artifact",
                      " as JSON chunks" if transfer.fell_back else "")
             await self._request(transfer)
         return transfer.future.result()

@@ -13,6 +13,7 @@ import pytest
 from core import protocol
 from core.protocol import ChunkMessage
 from proplet.sources import ChunkSource, FetchError, WasmRef
+from proplet.sources.chunks import MAX_MISSING_PER_REQUEST
 from tests.services import Mosquitto
 from tests.sources.conftest import (
     LossyChunkServer,
@@ -204,6 +205,21 @@ async def test_a_stalled_partial_transfer_asks_only_for_what_is_missing_then_fai
             await fetch
         requests = await raw.wait_requests(2)
     assert requests[1].missing == (1, 3)
+
+
+async def test_a_chunk_announcing_millions_of_chunks_does_not_make_a_huge_resume_request(broker: Mosquitto,
+                                                                                    topics) -> None:
+    # One 10-byte chunk claiming 10**6 chunks made the stall's resume request list every missing
+    # index: an 8 MB request built on the event loop (10**7 chunks: 79 MB and half a GB of memory).
+    async with RawChunkPublisher(broker.url, topics) as raw, \
+            proplet_side(broker.url, topics, stall_timeout=0.2, max_resumes=1) as source:
+        fetch = asyncio.create_task(source.fetch(WasmRef("t1", image_url=REF)))
+        await raw.wait_requests(1)
+        await raw.send(ChunkMessage(REF, 0, 10**6, b"x" * 10))
+        with pytest.raises(FetchError, match=r"stalled \(1 of 1000000 chunks received\)"):
+            await fetch
+        requests = await raw.wait_requests(2)
+    assert requests[1].missing == tuple(range(1, 1 + MAX_MISSING_PER_REQUEST))
 
 
 async def test_concurrent_fetches_of_one_ref_share_one_transfer(broker: Mosquitto, topics) -> None:
