@@ -325,7 +325,7 @@ class ExternalRuntime:
 
     def _plan(self, stored: _Stored, inv: Invocation, memory: int) -> tuple[list[str], tuple[str, ...] | None, bool]:
         """The command line, the result kinds of a core export (to re-format), and command-ness."""
-        args = list(inv.args)
+        args = _without_dirs(inv.args)
         fuel = inv.limits.fuel
         precompiled = stored.cwasm is not None and fuel is None and not any(
             a == f or a.startswith(f + "=") or (len(f) == 2 and a.startswith(f) and len(a) > 2)
@@ -480,7 +480,7 @@ class ExternalRuntime:
             raise ServeError("Only a wasi:http/proxy component can be served over HTTP; this is a core module.")
         chosen = port if port is not None else _free_port(self.serve_host)
         argv = [self.binary, "serve", "--addr", f"{self.serve_host}:{chosen}"]
-        args = list(inv.args)
+        args = _without_dirs(inv.args)
         if not any(a.startswith("-S") and "cli" in a for a in args) and "cli" not in args:
             argv += ["-S", "cli"]
         for key, value in inv.env.items():
@@ -576,6 +576,21 @@ def _write_atomic(path: Path, data: bytes | bytearray) -> None:
         f.write(data)
     os.chmod(tmp, stat.S_IRUSR | stat.S_IWUSR)
     os.replace(tmp, path)
+
+
+def _without_dirs(args: tuple[str, ...]) -> list[str]:
+    """A task's cli_args without its `--dir` options. The agent grants the directories it allows
+    as `Invocation.dirs`; passed on as they came, the task's own would open any host directory."""
+    kept: list[str] = []
+    skip_value = False
+    for arg in args:
+        if skip_value:
+            skip_value = False
+        elif arg == "--dir":
+            skip_value = True
+        elif not arg.startswith("--dir="):
+            kept.append(arg)
+    return kept
 
 
 def _checksum_path(cwasm: Path) -> Path:

@@ -292,6 +292,29 @@ async def test_directories_need_both_the_task_and_the_proplet(manager: Any, prop
         assert unasked.state is TaskState.FAILED
 
 
+async def test_directories_need_both_the_task_and_the_proplet_on_the_external_runtime_too(
+        manager: Any, proplet_factory: PropletFactory, tmp_path: Path) -> None:
+    # The external runtime passed the task's cli_args to wasmtime as they came, `--dir X` with
+    # them: a directory PROPLET_DIRS refused was opened to the guest all the same.
+    from tests.wasmfixtures import wasmtime_cli
+
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "in.txt").write_text("from the host")
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "in.txt").write_text("must not be read")
+    async with proplet_factory(manager, "p-ext-dirs", dirs=[str(allowed)], external_wasm_runtime=wasmtime_cli()):
+        ok = await run_task(manager, name="_start", file=b64(wasm("fsio")),
+                            inputs=["read", str(allowed / "in.txt")], cli_args=["--dir", str(allowed)])
+        assert ok.state is TaskState.COMPLETED and "from the host" in ok.results, ok.error
+        for cli_args in (["--dir", str(secret)], [f"--dir={secret}"]):
+            refused = await run_task(manager, name="_start", file=b64(wasm("fsio")),
+                                     inputs=["read", str(secret / "in.txt")], cli_args=cli_args)
+            assert "must not be read" not in (refused.results or ""), cli_args
+            assert refused.state is TaskState.FAILED
+
+
 async def test_component_export_and_command(manager: Any, proplet_factory: PropletFactory) -> None:
     async with proplet_factory(manager, "p-comp"):
         greet = await run_task(manager, name="greet", file=b64(wasm("greeter-component")), inputs=['"world"'])
