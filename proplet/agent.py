@@ -351,11 +351,7 @@ class PropletAgent:
     def _network_granted(self, start: StartMessage) -> bool:
         """Outgoing network needs both the task (`-S http` / `-S inherit-network` in cli_args, the
         wasmtime CLI's own flags) and the proplet (PROPLET_ALLOW_NETWORK)."""
-        args = list(start.cli_args)
-        asked = any(
-            a in ("-Shttp", "-Sinherit-network") or (a == "-S" and i + 1 < len(args)
-                                                     and args[i + 1] in ("http", "inherit-network"))
-            for i, a in enumerate(args))
+        asked = any(_option_on(option, ("http", "inherit-network")) for option in _wasi_options(start.cli_args))
         if asked and not self.settings.allow_network:
             raise _Refused(
                 f"task {start.id} asks for network access (`-S http`), which proplet {self.id} does not "
@@ -567,6 +563,28 @@ class PropletAgent:
                 percent = 100.0 * (cpu - cpu0) / (now - t0)  # 100 = one core, as upstream
         self._cpu_sample = (cpu, now)
         return {"user_seconds": times.user, "system_seconds": times.system, "percent": round(percent, 2)}
+
+
+def _wasi_options(args: tuple[str, ...]) -> list[str]:
+    """The WASI options in a task's cli_args, one per item: the CLI takes `-S X`, `-SX`, `--wasi X`
+    and `--wasi=X`, each X a comma-separated list (`-S cli,http=y`). Every spelling counts: the
+    external runtime passes the arguments to the CLI as they are."""
+    values: list[str] = []
+    for i, arg in enumerate(args):
+        if arg in ("-S", "--wasi"):
+            if i + 1 < len(args):
+                values.append(args[i + 1])
+        elif arg.startswith("--wasi="):
+            values.append(arg[len("--wasi="):])
+        elif arg.startswith("-S"):
+            values.append(arg[2:])
+    return [option.strip() for value in values for option in value.split(",")]
+
+
+def _option_on(option: str, names: tuple[str, ...]) -> bool:
+    """Whether `option` (`name` or `name=value`) turns one of `names` on."""
+    name, _, value = option.partition("=")
+    return name in names and value.lower() not in ("n", "no", "false", "off")
 
 
 def _memory_metrics() -> dict[str, int]:

@@ -315,6 +315,22 @@ async def test_directories_need_both_the_task_and_the_proplet_on_the_external_ru
             assert refused.state is TaskState.FAILED
 
 
+async def test_network_is_refused_however_the_task_spells_the_wasi_option(
+        manager: Any, proplet_factory: PropletFactory) -> None:
+    # Only `-S http` and `-S inherit-network` were recognised: `-S inherit-network=y`, a list such
+    # as `-S cli,http` or the long `--wasi` ran unrefused, and the external runtime handed the flag
+    # to wasmtime, giving the guest the host's network on a proplet that does not allow it.
+    from tests.wasmfixtures import wasmtime_cli
+
+    async with proplet_factory(manager, "p-ext-net", external_wasm_runtime=wasmtime_cli()):
+        for cli_args in (["-S", "inherit-network=y"], ["-Scli,http"], ["--wasi", "inherit-network"],
+                         ["--wasi=http=yes"]):
+            done = await run_task(manager, name="_start", file=b64(wasm("hello")), cli_args=cli_args)
+            assert done.state is TaskState.FAILED and "network access" in done.error, (cli_args, done.error)
+        unasked = await run_task(manager, name="_start", file=b64(wasm("hello")), cli_args=["-S", "http=n"])
+        assert unasked.state is TaskState.COMPLETED, unasked.error
+
+
 async def test_component_export_and_command(manager: Any, proplet_factory: PropletFactory) -> None:
     async with proplet_factory(manager, "p-comp"):
         greet = await run_task(manager, name="greet", file=b64(wasm("greeter-component")), inputs=['"world"'])
