@@ -426,7 +426,12 @@ class WasmtimeRuntime:
         watch = self._watchdog.register(inv.task_id, timeout)
         state = _Run(watch, timeout, memory, fuel, self.config.capture_bytes)
         release_slot = True
-        await self._slots.acquire()
+        try:
+            await self._slots.acquire()
+        except BaseException:
+            # Given up while waiting for a slot: forget the run, or stop() would find it for ever.
+            self._watchdog.unregister(watch)
+            raise
         try:
             if watch.stop_requested:
                 return Outcome("", "The task was stopped by request before it started.",

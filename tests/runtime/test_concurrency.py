@@ -66,3 +66,23 @@ async def test_many_short_tasks_in_parallel(runtime: WasmtimeRuntime) -> None:
     d = await load(runtime, "add")
     outcomes = await asyncio.gather(*(runtime.run(d, Invocation(f"a{i}", "add", (str(i), "1"))) for i in range(200)))
     assert [o.results for o in outcomes] == [str(i + 1) for i in range(200)]
+
+
+async def test_a_run_given_up_while_it_waits_for_a_slot_is_forgotten(cache_dir) -> None:
+    # Registered for stop() before it waited for a slot, but only forgotten once it had one: a run
+    # cancelled while waiting stayed known, and stop() of its task id answered True for ever (the
+    # agent then trusts the runtime with a stop and cancels nothing).
+    rt = WasmtimeRuntime(RuntimeConfig(cache_dir=cache_dir, max_concurrent=1))
+    try:
+        d = await load(rt, "spin")
+        busy = asyncio.ensure_future(rt.run(d, Invocation("holder", "spin", limits=TaskLimits(timeout_s=5))))
+        await asyncio.sleep(0.2)
+        waiting = asyncio.ensure_future(rt.run(d, Invocation("waiter", "spin")))
+        await asyncio.sleep(0.1)
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+        assert not rt.stop("waiter")
+        assert rt.stop("holder")
+        assert "stopped by request" in (await busy).error
+    finally:
+        await rt.close()
