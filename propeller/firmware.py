@@ -10,6 +10,7 @@ failed, why, and what to do next.
 from __future__ import annotations
 
 import asyncio
+import configparser
 import contextlib
 import os
 import re
@@ -69,6 +70,27 @@ class FirmwareProject:
 
     def images(self) -> list[Path]:
         return [self.build_dir / name for name in ("bootloader.bin", "partitions.bin", "firmware.bin")]
+
+    def environments(self) -> list[str]:
+        """The `[env:NAME]` sections of the project's platformio.ini (an INI file)."""
+        ini = self.directory / "platformio.ini"
+        if not ini.is_file():
+            raise FirmwareError(f"No PlatformIO project at {self.directory}: it has no platformio.ini. "
+                                "Pass the firmware's directory as --project (firmware/ in the checkout).")
+        parser = configparser.ConfigParser(interpolation=None, strict=False)
+        try:
+            parser.read(ini, encoding="utf-8")
+        except configparser.Error as exc:
+            raise FirmwareError(f"{ini} cannot be read: {exc}") from None
+        return [section.removeprefix("env:") for section in parser.sections() if section.startswith("env:")]
+
+    def check_environment(self) -> None:
+        """Fail at once, naming the choices, for an environment the project does not define (pio
+        itself would only say so after the registry probe and its own start-up)."""
+        known = self.environments()
+        if self.env not in known:
+            raise FirmwareError(f"No PlatformIO environment {self.env!r} in {self.directory / 'platformio.ini'}; "
+                                f"it defines: {', '.join(known) or 'none'}.")
 
 
 def render_command(template: str, **values: Any) -> list[str]:
@@ -233,6 +255,7 @@ def check_can_build() -> None:
 
 async def build(project: FirmwareProject, *, on_line: LineHandler | None = None,
                 timeout: float = BUILD_TIMEOUT, template: str = DEFAULT_TEMPLATES["build"]) -> CommandResult:
+    project.check_environment()
     # The probe waits on DNS and a connect: off the event loop the console shares.
     await asyncio.to_thread(check_can_build)
     argv = render_command(template, pio=find_pio(), project=project.directory, env=project.env)

@@ -144,6 +144,16 @@ async def test_esptools_own_error_becomes_a_clear_message() -> None:
     assert str(caught.value).startswith("No board at /dev/ttyPROPELLER-NONE: esptool could not open the port")
 
 
+def test_build_names_the_environments_the_project_defines(tmp_path) -> None:
+    result = propeller("build", "--env", "nope")
+    assert result.returncode == 1
+    assert "No PlatformIO environment 'nope' in" in result.stderr
+    assert "it defines: esp32-s3-devkitc-1, esp32-s3-bench." in result.stderr
+    result = propeller("build", "--project", str(tmp_path))
+    assert result.returncode == 1
+    assert f"No PlatformIO project at {tmp_path}: it has no platformio.ini" in result.stderr
+
+
 def test_build_reports_an_unreachable_registry_quickly() -> None:
     started = time.monotonic()
     result = propeller("build", env={"PROPELLER_PIO_REGISTRY": "registry.invalid",

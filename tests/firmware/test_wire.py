@@ -284,8 +284,14 @@ def test_the_managers_own_stop_and_start_are_understood(c_side: Wirecheck) -> No
 def test_signatures_made_by_the_manager_verify_in_c_with_python_s_verdicts(c_side: Wirecheck, tmp_path: Path) -> None:
     """core/signing.py (cryptography) signs and writes the PEM files; the C core (libsodium) reads
     them and reaches core.signing.verify_digest's verdict on every start, in the same words."""
-    from core.signing import (SignatureError, generate_keypair, load_private_key, load_public_keys, sign_digest,
-                              verify_digest)
+    from core.signing import (
+        SignatureError,
+        generate_keypair,
+        load_private_key,
+        load_public_keys,
+        sign_digest,
+        verify_digest,
+    )
 
     private, public = generate_keypair(tmp_path / "a")
     other_private, other_public = generate_keypair(tmp_path / "b", "b")
