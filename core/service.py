@@ -1501,7 +1501,15 @@ class ManagerCore:
                 self._ack_result(msg.proplet_id, task.id, msg.attempt)
                 return
             key = msg.proplet_id or f"proplet-{len(task.results or {}) + 1}"
-            await self._broadcast_answer(task, key, msg.results, msg.error)
+            committed = await self._broadcast_answer(task, key, msg.results, msg.error)
+            if msg.proplet_id:
+                # Acknowledged once stored, as one proplet's result is: left for the end of the
+                # broadcast, each answer came again every few seconds from its outbox until the
+                # slowest proplet had answered.
+                attempt = task.attempt
+                committed.add_done_callback(
+                    lambda f: None if f.cancelled() or f.exception() is not None
+                    else self._ack_result(msg.proplet_id, task.id, attempt))
             return
         # Refused results are still acknowledged: the decision is final, and the sender's outbox
         # must not send them forever.
@@ -1601,33 +1609,38 @@ class ManagerCore:
                 self.bus.send(self.topics.result_ack, protocol.encode_result_ack(
                     protocol.ResultAckMessage(task_id, proplet_id, attempt, tuple(more))), qos=0)
 
-    async def _broadcast_answer(self, task: Task, proplet_id: str, results: Any, error: str) -> None:
+    async def _broadcast_answer(self, task: Task, proplet_id: str, results: Any, error: str) -> asyncio.Future[None]:
+        """Record one proplet's answer; returns the commit that stores it."""
         answers = dict(task.results) if isinstance(task.results, dict) else {}
         if proplet_id in answers:
             self.metrics.duplicate_results.inc()
-            return
+            # Its outbox sent it again: written again (in case the first write failed) so that
+            # the acknowledgement follows a commit that holds it.
+            return await self.writer.enqueue(self.store.op_update_task_state(task))
         answers[proplet_id] = {"results": results, "error": error or None}
         task.results = answers
         if task.id in self._broadcasts_unheard:
-            await self._transition(task, task.state, f"answer from {proplet_id} (whom else it waits for is "
-                                                     "known once the proplets are heard after the restart)")
-            return
+            return await self._durably(task, task.state, f"answer from {proplet_id} (whom else it waits for is "
+                                                           "known once the proplets are heard after the restart)")
         waiting = self._broadcast_waiting.get(task.id, set())
         waiting.discard(proplet_id)
         if waiting:
-            await self._transition(task, task.state, f"answer from {proplet_id} ({len(waiting)} to go)")
-            return
-        await self._broadcast_finished(task, answers)
+            return await self._durably(task, task.state, f"answer from {proplet_id} ({len(waiting)} to go)")
+        return await self._broadcast_finished(task, answers)
 
-    async def _broadcast_finished(self, task: Task, answers: dict[str, Any]) -> None:
+    async def _broadcast_finished(self, task: Task, answers: dict[str, Any]) -> asyncio.Future[None]:
         failures = {pid: a["error"] for pid, a in answers.items() if a.get("error")}
         task.finish_time = utcnow()
         if failures:
             task.error = "; ".join(f"{pid}: {err}" for pid, err in sorted(failures.items()))
-            await self._transition(task, TaskState.FAILED,
-                                   f"{len(failures)} of {len(answers)} proplets failed")
-        else:
-            await self._transition(task, TaskState.COMPLETED, f"all {len(answers)} proplets answered")
+            return await self._durably(task, TaskState.FAILED, f"{len(failures)} of {len(answers)} proplets failed")
+        return await self._durably(task, TaskState.COMPLETED, f"all {len(answers)} proplets answered")
+
+    async def _durably(self, task: Task, new: TaskState, detail: str) -> asyncio.Future[None]:
+        """`_transition` with its commit future (for acting once the change is stored)."""
+        committed = await self._transition(task, new, detail, durable=True)
+        assert committed is not None
+        return committed
 
     async def _on_task_state(self, topic: str, payload: bytes) -> None:
         msg = protocol.decode_task_state(payload, topic)

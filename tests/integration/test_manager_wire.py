@@ -299,6 +299,33 @@ async def test_broadcast_runs_everywhere_and_collects_every_answer(manager: Any,
         assert done.error == "bc-b: boom"
 
 
+async def test_each_broadcast_answer_is_acknowledged_once_stored_not_when_the_last_one_comes(
+        manager: Any, broker: Any) -> None:
+    """Left for the end of the broadcast, an answer came again from its outbox every few seconds
+    until the slowest proplet had answered; its repeat is acknowledged too."""
+    acks = {"capabilities": ["result_ack"]}
+    async with SyntheticProplet(broker.url, manager.topics, "bc-fast", metadata=acks) as fast, \
+            SyntheticProplet(broker.url, manager.topics, "bc-slow", answer=None, metadata=acks) as slow:
+        await eventually(lambda: {"bc-fast", "bc-slow"} <= manager.proplets.keys())
+        task = await manager.create_task(add_task(broadcast=True))
+        await manager.start_task(task.id)
+        ack = await fast.expect(t.RESULT_ACK, lambda m: m["task_id"] == task.id, timeout=2)
+        assert (ack["proplet_id"], ack["attempt"]) == ("bc-fast", 1)
+        assert manager.active[task.id].state is TaskState.RUNNING  # bc-slow has not answered
+        answer = {"task_id": task.id, "proplet_id": "bc-fast", "results": "42", "error": None, "attempt": 1}
+        def acks_of(p: SyntheticProplet) -> int:
+            return sum(orjson.loads(raw)["task_id"] == task.id for raw in p.received.get(t.RESULT_ACK, []))
+
+        assert acks_of(fast) == 1
+        await fast.publish(t.RESULTS, answer)  # the outbox's repeat
+        await eventually(lambda: acks_of(fast) == 2, timeout=2)
+        start = await slow.expect(t.START)
+        await slow.publish(t.RESULTS, {**answer, "proplet_id": "bc-slow", "attempt": start["attempt"]})
+        done = await finished(manager, task.id)
+        assert done.state is TaskState.COMPLETED and set(done.results) == {"bc-fast", "bc-slow"}
+        await slow.expect(t.RESULT_ACK, lambda m: m["task_id"] == task.id, timeout=2)
+
+
 async def test_last_will_marks_offline_at_once_and_fails_or_retries_its_tasks(manager: Any, broker: Any) -> None:
     doomed = await start_synthetic_process(broker.url, manager.topics.domain, "lw-doomed")
     try:
