@@ -224,7 +224,9 @@ def _task_rows(tasks: list[dict[str, Any]]) -> None:
 def _task_detail(t: dict[str, Any]) -> None:
     fields = ["id", "name", "state_name", "proplet_id", "image_url", "wasm_digest", "inputs", "env",
               "priority", "attempt", "reason", "results", "error", "created_at", "start_time", "finish_time",
-              "workflow_id", "job_id", "depends_on", "schedule", "timezone", "next_run"]
+              "workflow_id", "job_id", "depends_on", "schedule", "is_recurring", "timezone", "next_run"]
+    if not t.get("schedule"):
+        fields.remove("is_recurring")  # false, and meaningless, without a schedule
     _table(["FIELD", "VALUE"], [[f, json.dumps(t.get(f)) if isinstance(t.get(f), (dict, list)) else t.get(f)]
                                 for f in fields if t.get(f) not in (None, "", [], {}) and not _unset_time(t.get(f))])
 

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -152,7 +153,10 @@ async def test_cli_client_against_serve(serve: Serve, tmp_path: Path) -> None:
                                         "0 3 * * *", "--recurring", "--timezone", "Europe/Paris", "--json")).stdout)
         assert (nightly["schedule"], nightly["is_recurring"]) == ("0 3 * * *", True)
         assert nightly["timezone"] == "Europe/Paris"
-        assert "next_run" in (await cli(serve, "tasks", "get", nightly["id"])).stdout
+        nightly_detail = (await cli(serve, "tasks", "get", nightly["id"])).stdout
+        assert "next_run" in nightly_detail
+        assert re.search(r"is_recurring\s+True", nightly_detail), nightly_detail
+        assert "is_recurring" not in (await cli(serve, "tasks", "get", tid)).stdout
         first, second = str(uuid.uuid4()), str(uuid.uuid4())
         job_file = tmp_path / "job.json"
         job_file.write_text(json.dumps({"name": "pair", "execution_mode": "sequential", "tasks": [
