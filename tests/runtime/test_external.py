@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
+import signal
 import socket
 import stat
 import time
@@ -276,13 +278,19 @@ async def test_a_server_stopped_while_it_starts_does_not_keep_running(external: 
     # cancels the start; the `wasmtime serve` process (in its own session) went on serving, unowned.
     d = await load(external, "http-component")
     before = set(_children_named("wasmtime"))
-    # A codegen flag makes the server compile the component first: it starts slowly enough to be
-    # stopped while it starts.
-    starting = asyncio.ensure_future(external.serve_http(d, Invocation("web-early", "", args=("-O", "opt-level=2"))))
-    await eventually(lambda: set(_children_named("wasmtime")) - before, 10, interval=0.001)
-    await asyncio.sleep(0.02)  # past the process's creation, into the wait for its port
-    assert not starting.done()
-    starting.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await starting
-    await eventually(lambda: not set(_children_named("wasmtime")) - before, 5)
+    # Compiling (no precompiled file, no CLI cache) slows the start; the process is then paused as
+    # soon as it exists, so it cannot begin to listen before the start is given up.
+    args = ("-C", "cache=n", "-O", "opt-level=2")
+    starting = asyncio.ensure_future(external.serve_http(d, Invocation("web-early", "", args=args)))
+    [server] = await eventually(lambda: set(_children_named("wasmtime")) - before, 10, interval=0.0005)
+    try:
+        os.kill(server, signal.SIGSTOP)
+        await asyncio.sleep(0.05)  # the start now waits for a port that does not open
+        assert not starting.done()
+        starting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+        await eventually(lambda: server not in _children_named("wasmtime"), 5)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(server, signal.SIGKILL)
