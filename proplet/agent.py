@@ -350,8 +350,10 @@ class PropletAgent:
 
     def _network_granted(self, start: StartMessage) -> bool:
         """Outgoing network needs both the task (`-S http` / `-S inherit-network` in cli_args, the
-        wasmtime CLI's own flags) and the proplet (PROPLET_ALLOW_NETWORK)."""
-        asked = any(_option_on(option, ("http", "inherit-network")) for option in _wasi_options(start.cli_args))
+        wasmtime CLI's own flags; `allow-ip-name-lookup` too, since DNS queries leave the host) and
+        the proplet (PROPLET_ALLOW_NETWORK)."""
+        asked = any(_option_on(option, ("http", "inherit-network", "allow-ip-name-lookup"))
+                    for option in _wasi_options(start.cli_args))
         if asked and not self.settings.allow_network:
             raise _Refused(
                 f"task {start.id} asks for network access (`-S http`), which proplet {self.id} does not "

@@ -326,13 +326,12 @@ class ExternalRuntime:
     def _plan(self, stored: _Stored, inv: Invocation, memory: int) -> tuple[list[str], tuple[str, ...] | None, bool]:
         """The command line, the result kinds of a core export (to re-format), and command-ness."""
         args = _without_dirs(inv.args)
+        check_cli_args(args)
         fuel = inv.limits.fuel
         precompiled = stored.cwasm is not None and fuel is None and not any(
             a == f or a.startswith(f + "=") or (len(f) == 2 and a.startswith(f) and len(a) > 2)
             for a in args for f in _CODEGEN_FLAGS)
-        flags: list[str] = []
-        if not any(a.startswith(("max-memory-size", "-Wmax-memory-size")) for a in args):
-            flags += ["-W", f"max-memory-size={memory}", "-W", "trap-on-grow-failure=y"]
+        flags: list[str] = ["-W", f"max-memory-size={memory}", "-W", "trap-on-grow-failure=y"]
         if fuel is not None:
             flags += ["-W", f"fuel={fuel}"]
         for key, value in inv.env.items():
@@ -481,6 +480,10 @@ class ExternalRuntime:
         chosen = port if port is not None else _free_port(self.serve_host)
         argv = [self.binary, "serve", "--addr", f"{self.serve_host}:{chosen}"]
         args = _without_dirs(inv.args)
+        try:
+            check_cli_args(args)
+        except _PlanError as e:
+            raise ServeError(str(e)) from None
         if not any(a.startswith("-S") and "cli" in a for a in args) and "cli" not in args:
             argv += ["-S", "cli"]
         for key, value in inv.env.items():
@@ -546,6 +549,75 @@ class ExternalRuntime:
 
 class _PlanError(Exception):
     pass
+
+
+# What a task's cli_args may hold on the CLI's command line, by option. Everything else is refused:
+# the CLI takes options that reach beyond the sandbox the proplet grants (host files written by
+# `-D coredump=`/`log-to-files`/`-R`/`--profile`, read by `--config`/`--preload`/`-D debugger=`/
+# `-S nn-graph=`, `-C cache-config=`, the proplet's environment by `-S inherit-env`, sockets by `-S tcplisten=`/
+# `listenfd`/`-g`), and a bare path would be run as the module. Directories (`--dir`) are granted
+# by the agent (PROPLET_DIRS) and the network by PROPLET_ALLOW_NETWORK; the limits come from the
+# task's `limits`, which the proplet caps, so `-W max-memory-size`/`fuel` are refused too.
+_ALLOWED_KEYS: dict[str, frozenset[str] | None] = {  # None: any key
+    "-W": None,
+    "-O": None,
+    "-C": frozenset({"cache", "compiler", "collector", "cranelift-debug-verifier", "parallel-compilation",
+                     "native-unwind-info", "inlining"}),
+    "-D": frozenset({"debug-info", "guest-debug", "address-map", "logging", "max-backtrace", "symbols"}),
+    "-S": frozenset({"cli", "cli-exit-with-code", "common", "nn", "threads", "http", "http-outgoing-body-buffer-chunks",
+                     "http-outgoing-body-chunk-size", "config", "keyvalue", "tls", "preview2", "inherit-network",
+                     "allow-ip-name-lookup", "tcp", "udp", "network-error-code", "preview0", "config-var",
+                     "keyvalue-in-memory-data", "p3", "max-resources", "hostcall-fuel", "max-component-handles",
+                     "max-random-size", "max-http-fields-size"}),
+}
+_REFUSED_WASM_KEYS = frozenset({"max-memory-size", "fuel"})
+_LONG_NAMES = {"--wasm": "-W", "--optimize": "-O", "--codegen": "-C", "--debug": "-D", "--wasi": "-S"}
+_VALUE_OPTIONS = ("--invoke", "--argv0", "--env")
+
+
+def check_cli_args(args: list[str]) -> None:
+    """Refuse, naming it, any option of a task's cli_args (`--dir` already taken out) that is not
+    known to stay inside the sandbox; see _ALLOWED_KEYS."""
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        name, eq, inline = arg.partition("=") if arg.startswith("--") else (arg, "", "")
+        short = _LONG_NAMES.get(name) or (arg[:2] if arg[:2] in _ALLOWED_KEYS else None)
+        if short is not None:
+            if eq:
+                value = inline
+            elif len(arg) > 2 and not arg.startswith("--"):
+                value = arg[2:]  # -Scli,http
+            elif i + 1 < len(args):
+                i += 1
+                value = args[i]
+            else:
+                raise _PlanError(f"The task's cli_args end with {arg} and no value for it.")
+            allowed = _ALLOWED_KEYS[short]
+            for option in value.split(","):
+                key = option.strip().partition("=")[0]
+                if (allowed is not None and key not in allowed) or (short == "-W" and key in _REFUSED_WASM_KEYS):
+                    why = ("set it in the task's limits instead" if key in _REFUSED_WASM_KEYS
+                           else "it gives the guest more of this host than the proplet grants")
+                    raise _PlanError(f"The task's cli_args option `{short} {key}` is not accepted by this "
+                                     f"proplet: {why}.")
+        elif name in _VALUE_OPTIONS:
+            if not eq:
+                if i + 1 >= len(args):
+                    raise _PlanError(f"The task's cli_args end with {arg} and no value for it.")
+                i += 1
+                inline = args[i]
+            if name == "--env" and "=" not in inline:
+                # `--env NAME` alone copies the variable from the proplet's environment.
+                raise _PlanError(f"The task's cli_args `--env {inline}` has no value: give it as NAME=VALUE "
+                                 "(the proplet's own environment is not passed on).")
+        else:
+            what = "an option" if arg.startswith("-") else "a path or value"
+            raise _PlanError(
+                f"The task's cli_args hold `{arg}`, {what} this proplet does not pass to wasmtime. Accepted: "
+                "-W/-O/-S/-D/-C with safe keys, --invoke, --argv0, --env NAME=VALUE, --dir (granted by "
+                "PROPLET_DIRS); the guest's own arguments are the task's inputs.")
+        i += 1
 
 
 def _cli_env() -> dict[str, str]:

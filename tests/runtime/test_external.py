@@ -86,6 +86,30 @@ async def test_fuel_and_memory_limits(external: ExternalRuntime) -> None:
     assert trap.error.startswith("The module reached an `unreachable` instruction")
 
 
+@pytest.mark.parametrize("cli_args", [
+    ("-S", "inherit-env"), ("-Scli,inherit-env=y",), ("--wasi=tcplisten=127.0.0.1:0",), ("-S", "listenfd"),
+    ("-D", "coredump=/tmp/propeller-core"), ("--debug=log-to-files",), ("-C", "cache-config=/etc/passwd"),
+    ("--config", "/etc/wasmtime.toml"), ("--preload", "m=/tmp/x.wasm"), ("--profile=perfmap",),
+    ("-R", "path=/tmp/trace"), ("-g", "1234"), ("-W", "max-memory-size=4294967296"), ("-Wfuel=1",),
+    ("--env", "HOME"), ("/tmp/other.wasm",), ("--allow-precompiled",), ("--invoke",),
+])
+async def test_cli_args_that_reach_beyond_the_sandbox_are_refused(external: ExternalRuntime,
+                                                                  cli_args: tuple[str, ...]) -> None:
+    outcome = await run(external, "hello", "", args=cli_args)
+    assert outcome.error.startswith("The task's cli_args "), outcome
+    assert outcome.results == ""
+    assert not os.path.exists("/tmp/propeller-core")  # noqa: ASYNC240 (one stat)
+
+
+async def test_cli_args_within_the_sandbox_still_work(external: ExternalRuntime) -> None:
+    for cli_args in (("-S", "cli"), ("-O", "opt-level=0"), ("-Wrelaxed-simd=y",), ("--argv0", "greeter"),
+                     ("--env", "GREETING=hi"), ("-D", "debug-info=n"), ("--codegen=compiler=cranelift",)):
+        outcome = await run(external, "hello", "", args=cli_args)
+        assert outcome.error == "", (cli_args, outcome.error)
+    added = await run(external, "add", "add", "2", "40", args=("--invoke=add",))
+    assert added.error == "" and added.results == "42"
+
+
 async def test_stdout_is_bounded(external: ExternalRuntime) -> None:
     outcome = await run(external, "bigout", "", "4")
     assert "more than the 1 MiB a proplet keeps" in outcome.error
