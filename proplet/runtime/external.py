@@ -557,7 +557,7 @@ class _PlanError(Exception):
 # `-S nn-graph=`, `-C cache-config=`, the proplet's environment by `-S inherit-env`, sockets by `-S tcplisten=`/
 # `listenfd`/`-g`), and a bare path would be run as the module. Directories (`--dir`) are granted
 # by the agent (PROPLET_DIRS) and the network by PROPLET_ALLOW_NETWORK; the limits come from the
-# task's `limits`, which the proplet caps, so `-W max-memory-size`/`fuel` are refused too.
+# task's `limits` (one place for both runtimes), so `-W max-memory-size`/`fuel` are refused too.
 _ALLOWED_KEYS: dict[str, frozenset[str] | None] = {  # None: any key
     "-W": None,
     "-O": None,
