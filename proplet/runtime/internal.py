@@ -245,7 +245,11 @@ class WasmtimeRuntime:
             if (hex_digest, False) in self._artifacts:
                 return True
         disk = self._engines[False].disk
-        return disk is not None and disk.find_code(hex_digest) is not None
+        # The module's bytes too, not only its compiled code: a task with a fuel budget compiles
+        # them for the fuel engine, and without them it would fail "not loaded" instead of the
+        # agent fetching the module again (a full disk may have kept the one and not the other).
+        return (disk is not None and disk.find_code(hex_digest) is not None
+                and disk.wasm_path(hex_digest).is_file())
 
     async def load(self, digest: str, wasm: bytes | bytearray) -> None:
         hex_digest = check_digest(digest)

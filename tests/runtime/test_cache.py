@@ -58,6 +58,29 @@ async def test_a_fresh_runtime_uses_the_disk_cache(cache_dir: Path) -> None:
         await second.close()
 
 
+async def test_compiled_code_without_the_modules_bytes_is_not_a_loaded_module(cache_dir: Path) -> None:
+    # A fuel task compiles the bytes for the fuel engine: with only the compiled code left on disk
+    # (a full disk kept the one and not the other), has_module() said yes, the agent skipped the
+    # fetch, and the task failed "not loaded".
+    data = wasm("spin")
+    d = digest(data)
+    first = WasmtimeRuntime(RuntimeConfig(cache_dir=cache_dir))
+    try:
+        await first.load(d, data)
+    finally:
+        await first.close()
+    [stored] = [p for p in cache_dir.rglob("*") if p.is_file() and p.read_bytes() == data]  # noqa: ASYNC240
+    stored.unlink()
+    second = WasmtimeRuntime(RuntimeConfig(cache_dir=cache_dir))
+    try:
+        assert not second.has_module(d)
+        await second.load(d, data)  # what the agent does then
+        outcome = await second.run(d, Invocation("f", "count", ("10",), limits=TaskLimits(fuel=10_000)))
+        assert (outcome.error, outcome.results) == ("", "10")
+    finally:
+        await second.close()
+
+
 async def test_fuel_tasks_compile_for_the_fuel_engine_once(runtime: WasmtimeRuntime) -> None:
     data = wasm("spin")
     d = digest(data)
