@@ -50,6 +50,7 @@ from console.hosting import CoreSnapshot, CoreThread, ManagerLink
 from console.local import LocalFleet
 from console.messages import TaskDeletedHere
 from console.settings import ConsoleSettings, load_settings
+from console.text import escape
 from console.themes import ALIASES, TERMINAL_THEMES, load_themes, resolve_name
 from console.views.dashboard import DashboardScreen
 from console.views.dispatch import DispatchScreen
@@ -459,7 +460,10 @@ class ConsoleApp(App[None]):
                  f"  queued {n('queued', status.backlog)}"
                  f"  completed [$success]{n('completed', counts.get(TaskState.COMPLETED, 0))}[/]"
                  f"  failed [$error]{n('failed', counts.get(TaskState.FAILED, 0))}[/]")
-        crumb_text = " › ".join(f"[b]{c}[/]" if i == len(crumbs) - 1 else c for i, c in enumerate(crumbs) if c)
+        # Crumbs are text, not markup: a filter as typed (`[` is common in a regex) or a proplet id
+        # from the network; read as markup, one closed the console (MarkupError) or was restyled.
+        crumb_text = " › ".join(f"[b]{escape(c)}[/]" if i == len(crumbs) - 1 else escape(c)
+                                for i, c in enumerate(crumbs) if c)
         badge = "  [reverse $warning] READ-ONLY [/]" if self.read_only else ""
         header.show(where, f"{crumb_text}{badge}  │  {right}")
 

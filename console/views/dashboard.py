@@ -8,10 +8,10 @@ from typing import Any, ClassVar
 from textual.app import ComposeResult
 from textual.containers import Grid, Vertical
 from textual.content import Content
-from textual.markup import escape
 from textual.widgets import Label, Sparkline, Static
 
 from console.base import ConsoleScreen
+from console.text import escape
 from console.views.proplets import age
 from console.views.tasks import fmt_time, short_id
 from core.domain import TaskState

@@ -12,7 +12,6 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.content import Content
-from textual.markup import escape
 from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Label, Static
@@ -31,6 +30,7 @@ from console.rounds import (
     model_name,
     round_errors_by_field,
 )
+from console.text import escape
 from console.views.dispatch import FilePicker
 from console.views.proplets import age
 from console.widgets import ConsoleInput, StateTable, StatusLine

@@ -11,13 +11,13 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.content import Content
-from textual.markup import escape
 from textual.message import Message
 from textual.widgets import DataTable, Label, Sparkline, Static
 
 from console import keys
 from console.base import ConsoleScreen, PaletteCommand
 from console.fleet import PropletRow, short_size
+from console.text import escape
 from console.widgets import StateTable, StatusLine
 
 COLUMNS = (("id", "ID", 26), ("name", "NAME", 16), ("state", "STATE", 8), ("seen", "LAST HEARTBEAT", 15),

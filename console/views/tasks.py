@@ -10,13 +10,13 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.content import Content
-from textual.markup import escape
 from textual.message import Message
 from textual.widgets import DataTable, Label, Static
 
 from console import keys
 from console.base import ConsoleScreen, PaletteCommand
 from console.fleet import TaskRow
+from console.text import escape
 from console.widgets import ConfirmModal, StateTable, StatusLine
 
 COLUMNS = (("id", "ID", 10), ("name", "NAME", 14), ("state", "STATE", 11), ("proplet", "PROPLET", 22),
