@@ -299,6 +299,13 @@ class ConsoleApp(App[None]):
         if self.local is not None:
             await self.local.stop_all()
 
+    def notify(self, message: str, *, title: str = "", severity: Any = "information", timeout: float | None = None,
+               markup: bool = True) -> None:
+        # Always plain text: notifications quote proplet ids, task names, errors and what the user
+        # typed, and Textual reads them as markup by default (`[/]` in any of them raised a MarkupError
+        # as the toast was drawn). No notification of the console is styled with markup.
+        super().notify(message, title=title, severity=severity, timeout=timeout, markup=False)
+
     def _apply_theme_setting(self) -> None:
         wanted = resolve_name(self.settings.theme)
         if wanted in self.available_themes:

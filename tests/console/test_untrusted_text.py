@@ -56,3 +56,28 @@ async def test_an_unterminated_bracket_in_a_task_name_keeps_the_task_detail_open
         fields = app.screen.query_one("#task-fields")
         await until(pilot, lambda: str(fields.render()).startswith(f"half [/ bracket\\\u200b  {task.id}"))
         assert app.is_running
+
+
+def toast_text(notification: Any) -> str:
+    """What the toast of a notification shows (tests run with toasts off, so render one here)."""
+    from textual.widgets._toast import Toast
+
+    return Toast(notification).render().plain
+
+
+async def test_notifications_show_ids_and_typed_text_as_they_are(console: Any) -> None:
+    # Notifications are markup by default in Textual: a proplet id such as `[/]x` (copied, forgotten) or
+    # an unknown command typed as `:[/]` made the toast raise a MarkupError as it was drawn.
+    async with console() as (app, pilot, core):
+        proplet = SyntheticProplet(core.status().broker_url, core.topics, "notified-proplet", heartbeat=0.2)
+        proplet.proplet_id = "[b]x[/b][/]"
+        async with proplet:
+            screen = await open_view(app, pilot, "3", PropletsScreen)
+            await until(pilot, lambda: screen.table.row_count == 1)
+            await pilot.press("y")
+            await until(pilot, lambda: app.clipboard == "[b]x[/b][/]")
+        await pilot.press("colon", *"[/]", "enter")
+        await until(pilot, lambda: len(app._notifications) == 2)
+        shown = [toast_text(n) for n in app._notifications]
+        assert shown[0] == "Copied proplet id [b]x[/b][/]"
+        assert shown[1].startswith("Unknown command ':[/]'.")
