@@ -342,6 +342,13 @@ class PropletAgent:
     # running tasks
 
     def _invocation(self, start: StartMessage) -> Invocation:
+        asked = start.limits.memory_bytes
+        if asked is not None and asked > self.settings.task_memory_max:
+            # A task's own limit is otherwise taken as it comes: one asking for more than the box
+            # has would be stopped by the kernel's OOM killer, with the proplet, not by its limit.
+            raise _Refused(
+                f"task {start.id} asks for {_mib(asked)} of memory (limits.memory_bytes); proplet {self.id} "
+                f"allows at most {_mib(self.settings.task_memory_max)} per task (PROPLET_TASK_MEMORY_MAX)")
         env = dict(start.env)
         env.setdefault("PROPLET_ID", self.id)
         return Invocation(task_id=start.id, function=start.name, inputs=start.inputs, env=env,
@@ -604,6 +611,10 @@ def _rss_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def _mib(n: int) -> str:
+    return f"{n / 1024**2:g} MiB"
 
 
 def _total_memory() -> int:

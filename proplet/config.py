@@ -59,6 +59,13 @@ def _boolean(value: Any) -> Any:
     return value
 
 
+def _half_the_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError):
+        return 4 * 1024**3  # wasm32's own ceiling
+
+
 class PropletSettings(msgspec.Struct, MqttClientOptions, kw_only=True):
     """Everything `propeller proplet` reads. Names and meanings follow upstream's Rust proplet.
 
@@ -136,6 +143,10 @@ class PropletSettings(msgspec.Struct, MqttClientOptions, kw_only=True):
         gt=0, description="Wall-clock limit of a task that sets none (seconds).")] = 300.0
     task_memory_limit: Annotated[int, Meta(
         gt=0, description="Linear-memory limit of a task that sets none (bytes).")] = 256 * 1024 * 1024
+    task_memory_max: Annotated[int, Meta(
+        gt=0, description="Largest linear-memory limit a task may set (limits.memory_bytes, bytes); a task asking "
+        "for more fails, naming both. Default: half this machine's memory (the figure shown is this machine's).",
+    )] = msgspec.field(default_factory=lambda: _half_the_memory())
     wasm_fetch_max_bytes: Annotated[int, Meta(gt=0, description="Largest module fetched (bytes).")] = 104_857_600
     http_tls_ca_cert: Annotated[str | None, Meta(description="CA bundle for https module URLs.")] = None
     http_tls_insecure_skip_verify: Annotated[bool, Meta(description="Do not verify https certificates.")] = False

@@ -65,6 +65,22 @@ async def test_trap_timeout_memory_bomb_and_the_proplet_survives(manager: Any, p
         assert fine.results == "3" and agent.counters.failed == 3
 
 
+async def test_a_task_asking_for_more_memory_than_the_proplet_allows_fails_naming_both(
+        manager: Any, proplet_factory: PropletFactory) -> None:
+    async with proplet_factory(manager, "p-small", task_memory_max=64 * 1024 * 1024):
+        greedy = await run_task(manager, name="_start", file=b64(wasm("membomb")),
+                                limits={"memory_bytes": 4 * 1024**3})
+        assert greedy.state is TaskState.FAILED
+        assert greedy.error == (f"task {greedy.id} asks for 4096 MiB of memory (limits.memory_bytes); proplet "
+                                "p-small allows at most 64 MiB per task (PROPLET_TASK_MEMORY_MAX)")
+        within = await run_task(manager, name="_start", file=b64(wasm("membomb")),
+                                limits={"memory_bytes": 16 * 1024 * 1024})
+        assert within.state is TaskState.FAILED and "16 MiB" in within.error  # its own limit stopped it
+        fine = await run_task(manager, name="add", file=b64(wasm("add")), inputs=[1, 2],
+                              limits={"memory_bytes": 64 * 1024 * 1024})
+        assert fine.results == "3"
+
+
 async def test_stop_interrupts_an_infinite_loop_for_real(manager: Any, proplet_factory: PropletFactory) -> None:
     async with proplet_factory(manager, "p-stop") as agent:
         task = await manager.create_task(TaskCreate(name="spin", file=b64(wasm("spin"))))
