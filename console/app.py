@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from textual import events, on, work
 from textual.app import App
 from textual.command import DiscoveryHit, Hit, Hits, Provider
+from textual.filter import LineFilter
 from textual.screen import ModalScreen
 from textual.widget import AwaitMount, Widget
 from textual.widgets import Input
@@ -50,7 +51,7 @@ from console.hosting import CoreSnapshot, CoreThread, ManagerLink
 from console.local import LocalFleet
 from console.messages import TaskDeletedHere
 from console.settings import ConsoleSettings, load_settings
-from console.text import escape
+from console.text import ControlCodeFilter, escape
 from console.themes import ALIASES, TERMINAL_THEMES, load_themes, resolve_name
 from console.views.dashboard import DashboardScreen
 from console.views.dispatch import DispatchScreen
@@ -99,6 +100,10 @@ COUNTS_INTERVAL = 2.0
 # message; with it, at most one per pause. Well under the render cadence, so nothing shows later.
 INGEST_PAUSE = 0.05
 MAX_REFRESH_INTERVAL = 1.0
+
+
+# One instance: lines drawn are cached per filter (Strip.apply_filter).
+CONTROL_CODE_FILTER = ControlCodeFilter()
 
 
 class RenderCadence:
@@ -298,6 +303,10 @@ class ConsoleApp(App[None]):
             sub.close()
         if self.local is not None:
             await self.local.stop_all()
+
+    def get_line_filters(self) -> Sequence[LineFilter]:
+        # Control characters in text from the network never reach the terminal (console/text.py).
+        return [*super().get_line_filters(), CONTROL_CODE_FILTER]
 
     def notify(self, message: str, *, title: str = "", severity: Any = "information", timeout: float | None = None,
                markup: bool = True) -> None:

@@ -81,3 +81,52 @@ async def test_notifications_show_ids_and_typed_text_as_they_are(console: Any) -
         shown = [toast_text(n) for n in app._notifications]
         assert shown[0] == "Copied proplet id [b]x[/b][/]"
         assert shown[1].startswith("Unknown command ':[/]'.")
+
+
+def terminal_output(app: Any) -> str:
+    """What the console writes to the terminal for a full redraw of the current screen."""
+    return app.screen._compositor.render_update(full=True).render_segments(app.console)
+
+
+async def test_control_characters_from_the_network_never_reach_the_terminal(console: Any) -> None:
+    # ESC passes through Rich and Textual text (they strip only BEL, BS, VT, FF and CR; Log only up to
+    # U+0014): a task name, a proplet id or an MQTT payload with `ESC [2J` cleared the operator's screen,
+    # and OSC 52 could set the operator's clipboard.
+    import aiomqtt
+
+    from console.views.tasks import TaskDetailScreen
+    from console.views.traffic import TrafficScreen
+
+    clear_screen, set_clipboard = "\x1b[2J", "\x1b]52;c;ZXZpbA==\x07"
+    async with console() as (app, pilot, core):
+        task = await core.create_task(add_body(name=f"evil{clear_screen}name"))
+        proplet = SyntheticProplet(core.status().broker_url, core.topics, "control-proplet", heartbeat=0.2)
+        proplet.proplet_id = f"p{clear_screen}{set_clipboard}"
+        async with proplet:
+            screen = await open_view(app, pilot, "2", TasksScreen)
+            await until(pilot, lambda: task.id in screen._shown)
+            seen = {"tasks": terminal_output(app)}
+            await pilot.press("enter")
+            await until(pilot, lambda: isinstance(app.screen, TaskDetailScreen) and app.screen.task_data is not None)
+            seen["task detail"] = terminal_output(app)
+            proplets = await open_view(app, pilot, "3", PropletsScreen)
+            await until(pilot, lambda: proplets.table.row_count == 1)
+            seen["proplets"] = terminal_output(app)
+            await pilot.press("enter")
+            await until(pilot, lambda: isinstance(app.screen, PropletDetailScreen))
+            await pilot.pause(0.2)
+            seen["proplet detail"] = terminal_output(app)
+            traffic = await open_view(app, pilot, "4", TrafficScreen)
+            host, port = core.status().broker_url.rsplit("/", 1)[-1].rsplit(":", 1)
+            async with aiomqtt.Client(host, int(port)) as client:
+                await client.publish(core.topics.alive, f"not json {clear_screen}".encode(), qos=1)
+            await until(pilot, lambda: any("not json" in line for line in traffic.log_widget.lines))
+            seen["traffic"] = terminal_output(app)
+            await pilot.press("1")
+            await pilot.pause(0.3)
+            seen["dashboard"] = terminal_output(app)
+        for view, output in seen.items():
+            assert clear_screen not in output, view
+            assert "\x1b]52" not in output, view
+        # The rest of the text is still shown.
+        assert "evil[2Jname" in seen["tasks"]
