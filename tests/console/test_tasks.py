@@ -24,7 +24,9 @@ async def test_rows_are_updated_in_place_by_key_as_tasks_change_state(console: A
         rebuilds = []
         original_clear = table.clear
         table.clear = lambda *a, **k: (rebuilds.append(1), original_clear(*a, **k))[1]  # type: ignore[method-assign]
-        async with SyntheticProplet(core.status().broker_url, core.topics, "inplace-proplet", delay=0.3,
+        # Running for 1.5 s: the table shows the latest state at each cadence tick (0.25 s), and a
+        # loaded machine may miss a shorter one.
+        async with SyntheticProplet(core.status().broker_url, core.topics, "inplace-proplet", delay=1.5,
                                     answer=fail_odd):
             ok = await core.create_task(add_body(inputs=("40", "2")))
             bad = await core.create_task(add_body(inputs=("41", "2")))
