@@ -6,6 +6,7 @@ import time
 from typing import Any, ClassVar
 
 from rich.cells import cell_len
+from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -33,6 +34,10 @@ are at the bottom; scroll up to read and it stops, **G** follows again.
 
 
 class TopicTree(Tree[str]):
+    """Labels are given as Text, never as str: Tree reads a str as markup, and topic levels come from
+    the network (the manager subscribes to fl/rounds/+/updates/+), so a level `[@click=app.quit]x`
+    would be a link running that action, and `[b]x` would restyle the tree."""
+
     HELP = "Topics seen, with message counts. Moving onto a topic shows its latest payload."
 
 
@@ -86,7 +91,7 @@ Every message the manager sends (→ out) and receives (← in), at most `consol
     def on_mount(self) -> None:
         traffic = self.console.traffic
         prefix = traffic.prefix.rstrip("/")
-        self.query_one(TopicTree).root.set_label(prefix or "topics")
+        self.query_one(TopicTree).root.set_label(Text(prefix or "topics"))
 
     @property
     def log_widget(self) -> TrafficLog:
@@ -156,7 +161,7 @@ Every message the manager sends (→ out) and receives (← in), at most `consol
             node = self._topic_nodes.get(topic)
             if node is None:
                 node = self._add_topic(tree, topic)
-            node.set_label(f"{self._leaf_name(topic)} ({traffic.counts.get(topic, 0):,})")
+            node.set_label(Text(f"{self._leaf_name(topic)} ({traffic.counts.get(topic, 0):,})"))
         changed.clear()
 
     def _leaf_name(self, topic: str) -> str:
@@ -170,9 +175,9 @@ Every message the manager sends (→ out) and receives (← in), at most `consol
             path = f"{path}/{part}"
             node = self._topic_nodes.get(path)
             if node is None:
-                node = self._topic_nodes[path] = parent.add(part, expand=True)
+                node = self._topic_nodes[path] = parent.add(Text(part), expand=True)
             parent = node
-        leaf = self._topic_nodes[topic] = parent.add_leaf(parts[-1], data=topic)
+        leaf = self._topic_nodes[topic] = parent.add_leaf(Text(parts[-1]), data=topic)
         return leaf
 
     @on(Tree.NodeHighlighted, "#topics")

@@ -130,3 +130,21 @@ async def test_control_characters_from_the_network_never_reach_the_terminal(cons
             assert "\x1b]52" not in output, view
         # The rest of the text is still shown.
         assert "evil[2Jname" in seen["tasks"]
+
+
+async def test_a_topic_level_with_markup_is_shown_as_sent_in_the_topic_tree(console: Any) -> None:
+    # The manager subscribes to fl/rounds/+/updates/+, so two levels of those topics are anyone's;
+    # Tree reads a str label as markup.
+    from console.views.traffic import TrafficScreen
+    from tests.wire import WireClient
+
+    async with console() as (app, pilot, core):
+        screen = await open_view(app, pilot, "4", TrafficScreen)
+        async with WireClient(core.status().broker_url, core.topics) as client:
+            # (a level holds no `/`, so no closing tag; opening tags and actions fit)
+            topic = "fl/rounds/[b]r1/updates/[@click=app.quit]p1"  # upstream's FL topics have no prefix
+            await client.publish(topic, {"round_id": "r1"}, raw_topic=True)
+            await until(pilot, lambda: topic in screen._topic_nodes)
+        assert app.is_running
+        assert str(screen._topic_nodes[topic].label) == "[@click=app.quit]p1 (1)"
+        assert str(screen._topic_nodes[topic].parent.parent.label) == "[b]r1"
