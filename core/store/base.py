@@ -184,8 +184,12 @@ class Store(abc.ABC):
 
     # ---- migrations ---------------------------------------------------------------------
 
+    async def lock_migrations(self, conn: Conn) -> None:  # noqa: B027 - SQLite's BEGIN IMMEDIATE is the lock
+        """Inside a transaction: wait until no other runner migrates this database (held to its end)."""
+
     async def applied_migrations(self) -> set[str]:
         async with self.transaction() as conn:
+            await self.lock_migrations(conn)
             await conn.execute(
                 f"CREATE TABLE IF NOT EXISTS {TRACKING_TABLE} (id TEXT PRIMARY KEY, applied_at TEXT NOT NULL)"
             )
@@ -193,16 +197,24 @@ class Store(abc.ABC):
             rows = await conn.fetch(f"SELECT id FROM {TRACKING_TABLE}")
         return {r[0] for r in rows}
 
-    async def apply_migration(self, migration: Migration) -> None:
+    async def apply_migration(self, migration: Migration) -> bool:
         from core.domain import utcnow
 
         async with self.transaction() as conn:
+            # Two managers starting at once both found the migration pending: without the lock,
+            # PostgreSQL's concurrent CREATE TABLE IF NOT EXISTS failed one of them (a duplicate
+            # key in pg_type), and a migration that is not idempotent would run twice. Under the
+            # lock the tracking table tells whether the other runner applied it meanwhile.
+            await self.lock_migrations(conn)
+            if await conn.fetch(f"SELECT 1 FROM {TRACKING_TABLE} WHERE id = ?", (migration.id,)):
+                return False
             for statement in migration.statements():
                 await conn.execute(statement)
             await conn.execute(
                 f"INSERT INTO {TRACKING_TABLE} (id, applied_at) VALUES (?, ?) ON CONFLICT (id) DO NOTHING",
                 (migration.id, utcnow().isoformat()),
             )
+        return True
 
     # ---- row conversion -----------------------------------------------------------------
 

@@ -6,6 +6,10 @@ Migrations are numbered files in `migrations/`: `0001_create_tables.sqlite.sql` 
 zeros plus the name (`1_create_tables`), the same on both backends. Each migration runs in its own
 transaction together with its tracking row. Statements are idempotent (`IF NOT EXISTS`), so a
 database whose tables exist without a tracking row (half-applied, or created by hand) heals.
+
+Several managers may start against one database at once: each migration's transaction first takes
+the backend's migration lock (PostgreSQL: an advisory lock; SQLite: BEGIN IMMEDIATE) and looks at
+the tracking table again, so a migration another manager applied meanwhile is skipped, not re-run.
 """
 
 from __future__ import annotations
@@ -56,8 +60,9 @@ class MigrationTarget(Protocol):
 
     async def applied_migrations(self) -> set[str]: ...
 
-    async def apply_migration(self, migration: Migration) -> None:
-        """Run every statement and record the id, all in one transaction."""
+    async def apply_migration(self, migration: Migration) -> bool:
+        """Run every statement and record the id, all in one transaction; False when another
+        runner recorded it first (nothing is run then)."""
 
 
 async def migrate(target: MigrationTarget) -> list[str]:
@@ -67,6 +72,6 @@ async def migrate(target: MigrationTarget) -> list[str]:
     for migration in load_migrations(target.dialect):
         if migration.id in done:
             continue
-        await target.apply_migration(migration)
-        applied.append(migration.id)
+        if await target.apply_migration(migration):
+            applied.append(migration.id)
     return applied

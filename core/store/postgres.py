@@ -14,6 +14,8 @@ from core.store.base import Store, StoreError, dumps
 
 _PLACEHOLDER = re.compile(r"\?")
 _converted: dict[str, str] = {}
+# The advisory lock that serialises migration runners on one database (see core.store.migrate).
+_MIGRATION_LOCK_KEY = 0x70726F70_6D696772  # "propmigr"
 
 
 def _pg(sql: str) -> str:
@@ -98,6 +100,11 @@ class PostgresStore(Store):
         assert self._pool is not None, "store is not open"
         async with self._pool.acquire() as conn, conn.transaction():
             yield _Conn(conn)
+
+    async def lock_migrations(self, conn: Any) -> None:
+        # A transaction-level advisory lock: released at commit or rollback, even if the
+        # connection is lost. The key is arbitrary but fixed ("propeller migrations").
+        await conn.execute("SELECT pg_advisory_xact_lock(?)", (_MIGRATION_LOCK_KEY,))
 
     def ts_in(self, value: datetime | None) -> Any:
         return value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -218,6 +219,31 @@ async def test_migrations_are_idempotent_and_heal(store: Store) -> None:
         await conn.execute("DELETE FROM schema_migrations")
     assert await migrate(store) == [m.id for m in load_migrations(store.dialect)]
     assert await migrate(store) == []
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_managers_starting_together_apply_each_migration_once(backend: str, tmp_path: Path) -> None:
+    """Four managers migrate one fresh database at once: none fails and each migration is applied by
+    exactly one of them (PostgreSQL's concurrent CREATE TABLE IF NOT EXISTS failed all but one)."""
+    db = None
+    if backend == "sqlite":
+        stores: list[Store] = [SqliteStore(tmp_path / "shared.db") for _ in range(4)]
+    else:
+        db = await create_database()
+        stores = [PostgresStore(db.dsn) for _ in range(4)]
+    for s in stores:
+        await s.open()
+    try:
+        results = await asyncio.gather(*(migrate(s) for s in stores), return_exceptions=True)
+        assert not [r for r in results if isinstance(r, BaseException)], results
+        applied = [m for r in results for m in r]  # type: ignore[union-attr]
+        assert sorted(applied) == sorted(m.id for m in load_migrations(backend))
+        assert await migrate(stores[0]) == []
+    finally:
+        for s in stores:
+            await s.close()
+        if db is not None:
+            await drop_database(db)
 
 
 async def test_a_batch_is_planned_by_phase_with_deletes_as_barriers(store: Store) -> None:
