@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import zlib
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -138,7 +139,9 @@ class HttpSource:
 
     async def _download(self, url: str) -> tuple[ModuleBytes, str]:
         shown = display_url(url)
-        async with self.client().stream("GET", url) as response:
+        # Uncompressed, please: httpx would otherwise offer gzip and deflate and inflate each 64 KiB
+        # read whole before the size check below saw it (see _BoundedDecoder).
+        async with self.client().stream("GET", url, headers={"Accept-Encoding": "identity"}) as response:
             if response.status_code >= 400:
                 hint = " Check that the file is published at that address." if response.status_code == 404 else ""
                 raise FetchError(
@@ -161,13 +164,15 @@ class HttpSource:
                     f"limit of {format_size(self.max_bytes)} for a module. Ship a smaller module or "
                     "raise the proplet's fetch limit."
                 )
+            decoder = _BoundedDecoder.for_response(response.headers.get("content-encoding", ""), shown)
             # httpx hands over 64 KiB pieces: hash them 2 MiB at a time, so that the hashing thread
             # needs the GIL (which the download keeps busy) a few times per module, not hundreds.
             hasher = BackgroundSha256(batch_bytes=HASH_BATCH_BYTES)
             # Appended as they arrive rather than joined after the last piece: the page faults of
             # the module's memory fall in the gaps between pieces (see chunks.py, _Transfer.data).
             data = bytearray()
-            async for piece in response.aiter_bytes():
+            async for raw in response.aiter_raw():
+                piece = raw if decoder is None else decoder.decode(raw, self.max_bytes - len(data) + 1)
                 self.fetched_bytes += len(piece)
                 if len(data) + len(piece) > self.max_bytes:
                     raise FetchError(
@@ -177,6 +182,11 @@ class HttpSource:
                     )
                 data += piece
                 hasher.update(piece)
+            if decoder is not None and not decoder.finished:
+                raise FetchError(
+                    f"{shown} ended before its compressed body did; the module arrived incomplete. "
+                    "Start the task again; if it persists, check the file on the server."
+                )
         log.debug("fetched %s: %d bytes", shown, len(data))
         return data, await hasher.digest()
 
@@ -203,6 +213,53 @@ class HttpSource:
             return (f"The server broke off the download of {shown} ({exc}). Start the task again; if it "
                     "persists, check the server.")
         return f"Downloading the module from {shown} failed: {exc or type(exc).__name__}."
+
+
+class _BoundedDecoder:
+    """Inflates a gzip or deflate body with a cap on each piece's output.
+
+    The proplet asks for identity, but a server may compress anyway (an object stored compressed
+    is served with its Content-Encoding whatever the client asked). zlib's max_length keeps a piece
+    at most one byte over what the limit still allows, so a small compressed body that inflates a
+    thousandfold (a gzip bomb) is refused with about the limit in memory, not ~64 MB per read.
+    """
+
+    __slots__ = ("_first", "_zlib", "encoding")
+
+    def __init__(self, encoding: str) -> None:
+        self.encoding = encoding
+        self._first = True
+        self._zlib = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+
+    @classmethod
+    def for_response(cls, content_encoding: str, shown: str) -> _BoundedDecoder | None:
+        encoding = content_encoding.strip().lower()
+        if encoding in ("", "identity"):
+            return None
+        if encoding in ("gzip", "x-gzip"):
+            return cls("gzip")
+        if encoding == "deflate":
+            return cls("deflate")
+        raise FetchError(
+            f"{shown} is sent with Content-Encoding '{content_encoding}', which the proplet does not decode "
+            "(accepted: none, gzip or deflate). Serve the module uncompressed."
+        )
+
+    def decode(self, raw: bytes, max_length: int) -> bytes:
+        first, self._first = self._first, False
+        try:
+            return self._zlib.decompress(raw, max_length)
+        except zlib.error:
+            if first and self.encoding == "deflate":
+                # Some servers send raw deflate without the zlib header (httpx retries likewise).
+                self._zlib = zlib.decompressobj(-zlib.MAX_WBITS)
+                return self.decode(raw, max_length)
+            raise FetchError(f"The server sent a {self.encoding} body that does not decompress; the module "
+                             "cannot be read. Check the file on the server.") from None
+
+    @property
+    def finished(self) -> bool:
+        return self._zlib.eof
 
 
 def tls_verify_setting(ca_file: str | None, insecure_skip_verify: bool) -> ssl.SSLContext | bool:

@@ -33,6 +33,7 @@ class HttpServer:
         self.port = 0
         self.hung_up: dict[str, asyncio.Event] = {path: asyncio.Event() for path in routes}
         self.requests: list[str] = []
+        self.headers: list[bytes] = []  # each request's header lines, lowercased
         self._server: asyncio.Server | None = None
 
     def url(self, path: str) -> str:
@@ -56,8 +57,10 @@ class HttpServer:
                 if not line:
                     return
                 path = line.split()[1].decode()
-                while (await reader.readline()).strip():
-                    pass
+                head = b""
+                while (header := await reader.readline()).strip():
+                    head += header.lower()
+                self.headers.append(head)
                 self.requests.append(path)
                 handler = self.routes.get(path)
                 if handler is None:
@@ -319,3 +322,33 @@ async def test_through_the_fetcher_the_digest_is_verified(source: HttpSource) ->
         assert await fetcher.fetch(WasmRef("t", image_url=url, digest=good)) == (MODULE, good)
         with pytest.raises(FetchError, match=f"The module's sha256 is {good} but the task expects sha256:0000"):
             await fetcher.fetch(WasmRef("t", image_url=url, digest="sha256:" + "0" * 64))
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_compressed_body_is_capped_on_its_decoded_bytes_without_inflating_past_the_limit(
+        source: HttpSource, encoding: str) -> None:
+    """A gzip bomb: ~200 KB on the wire that inflates to 200 MB. The limit counts decoded bytes, and
+    about the limit at most is held in memory: httpx inflates each 64 KiB read whole (~64 MB at
+    once) before the size check sees it. The proplet asks for no compression; a server that
+    compresses anyway (an object stored pre-compressed) is still decoded, within the limit."""
+    import tracemalloc
+    import zlib
+
+    def packed(data: bytes) -> bytes:
+        packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+        return packer.compress(data) + packer.flush()
+
+    extra = f"Content-Encoding: {encoding}\r\n"
+    routes = {"/m.wasm": serve(packed(MODULE), extra=extra),
+              "/bomb.wasm": serve(packed(bytes(200_000_000)), extra=extra)}
+    async with HttpServer(routes) as server:
+        assert await source.fetch(WasmRef("t", image_url=server.url("/m.wasm"))) == MODULE
+        tracemalloc.start()
+        try:
+            with pytest.raises(FetchError, match=r"sent more than the proplet's limit of 976\.6 KiB"):
+                await asyncio.wait_for(source.fetch(WasmRef("t", image_url=server.url("/bomb.wasm"))), 10)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert peak < 8_000_000, f"{peak / 1e6:.0f} MB held while refusing a body over a 1 MB limit"
+    assert all(b"accept-encoding: identity\r\n" in head for head in server.headers)
