@@ -136,6 +136,40 @@ async def test_an_oversized_layer_is_refused_before_it_is_pulled(broker: Mosquit
     assert proxy.counters.pulls == 0
 
 
+async def test_a_resume_request_listing_one_index_many_times_gets_it_once(broker: Mosquitto,
+                                                                         registry: DockerRegistry) -> None:
+    """A `missing` list is a set of indexes: one listing index 0 a thousand times (at 1024-byte chunks
+    1,000 copies; at upstream's 512000 bytes it was 500 MB published for one request) gets it once."""
+    from core import protocol
+    from core.mqtt import make_client
+    from core.protocol import RegistryRequest
+    from tests.sources.conftest import connection
+
+    repo = unique("wasm/app")
+    registry.push(repo, "v1", module(2_000))
+    ref = registry.ref(repo, "v1")
+    async with proxy_and_proplet(broker, chunk_size=1024) as (proxy, _), \
+            make_client(connection(broker.url, "asker")) as client:
+        await client.subscribe(proxy.topics.registry_chunk, qos=1)
+        await client.publish(proxy.topics.registry_request, protocol.encode_registry_request(
+            RegistryRequest(ref, missing=(0,) * 1000)), qos=1)
+        # Chunks of one publisher on one topic arrive in order: once the proxy has served the first
+        # request, a second one for chunk 1 marks the end of whatever the first one sent.
+        async with asyncio.timeout(30):
+            while proxy.chunks is None or proxy.chunks.served < 1:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        await client.publish(proxy.topics.registry_request, protocol.encode_registry_request(
+            RegistryRequest(ref, missing=(1,))), qos=1)
+        indexes: list[int] = []
+        async with asyncio.timeout(30):
+            async for message in client.messages:
+                assert isinstance(message.payload, bytes)
+                indexes.append(protocol.decode_chunk(message.payload).chunk_idx)
+                if indexes[-1] == 1:
+                    break
+    assert indexes == [0, 1]
+
+
 async def test_blob_refs_are_left_to_the_manager(broker: Mosquitto) -> None:
     async with proxy_and_proplet(broker) as (proxy, source):
         source.stall_timeout, source.max_resumes = 0.3, 0
