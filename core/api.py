@@ -234,6 +234,8 @@ def create_app(core: ManagerCore) -> FastAPI:
         log.exception("unexpected error in %s %s", request.method, request.url.path)
         return _error(500, f"internal error ({type(exc).__name__}); see the manager log")
 
+    app.add_middleware(_BodyLimit)
+
     @app.middleware("http")
     async def _guard(request: Request, call_next: Any) -> Response:
         started = time.perf_counter()
@@ -525,6 +527,38 @@ def create_app(core: ManagerCore) -> FastAPI:
                 "history": [rfc3339(t) for t in history[offset:offset + limit]]}
 
     return app
+
+
+class _BodyLimit:
+    """Refuses a request body over MAX_BODY_BYTES as it arrives.
+
+    _guard checks Content-Length, but a chunked body has none: it was read whole into memory and
+    parsed whatever its size. Here each chunk is counted as the route reads it, and the read that
+    passes the limit raises a 413 (answered as every HTTP error, by _http_error). Starlette's own
+    limit (FastAPI's max_body_size) is not used: it answers in plain text and replaces _guard's
+    JSON 413.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = MAX_BODY_BYTES
+        seen = 0
+
+        async def counted() -> Any:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise StarletteHTTPException(413, f"request body over {limit // (1024 * 1024)} MiB")
+            return message
+
+        await self.app(scope, counted, send)
 
 
 class ApiServer(uvicorn.Server):

@@ -287,3 +287,40 @@ async def test_refuses_public_bind_without_tokens(manager_factory: Any) -> None:
     with pytest.raises(Exception, match="without authentication"):
         async with manager_factory(http_host="0.0.0.0"):
             pass
+
+
+async def test_a_body_over_the_limit_is_refused_while_it_streams(manager_factory: Any,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunked body (no Content-Length) over the limit is refused with 413 as it arrives: only the
+    Content-Length header was checked, so such a body was read whole into memory and parsed."""
+    import core.api
+
+    monkeypatch.setattr(core.api, "MAX_BODY_BYTES", 1024 * 1024)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"name": "x", "metadata": {"pad": "'
+        for _ in range(64):  # 64 MiB, far past the limit
+            yield b"a" * (1024 * 1024)
+        yield b'"}}'
+
+    async with manager_factory() as core_, httpx.AsyncClient(base_url=core_.api_url, timeout=30) as client:
+        for path, content_type in (("/tasks", "application/json"), ("/fl/update_cbor", "application/cbor")):
+            r = await client.post(path, content=chunks(), headers={"content-type": content_type})
+            assert r.status_code == 413 and "request body over 1 MiB" in r.json()["error"], (path, r.text)
+        # Within the limit, a chunked body is read as before.
+        async def small() -> AsyncIterator[bytes]:
+            yield b'{"name": "add", "file": "' + B64.encode() + b'"}'
+        r = await client.post("/tasks", content=small(), headers={"content-type": "application/json"})
+        assert r.status_code == 201, r.text
+
+        async def multipart() -> AsyncIterator[bytes]:
+            yield (b'--b\r\ncontent-disposition: form-data; name="file"; filename="m.wasm"\r\n'
+                   b"content-type: application/wasm\r\n\r\n")
+            for _ in range(64):
+                yield b"\0" * (1024 * 1024)
+            yield b"\r\n--b--\r\n"
+        r = await client.put(f"/tasks/{r.json()['id']}/upload", content=multipart(),
+                             headers={"content-type": "multipart/form-data; boundary=b"})
+        assert r.status_code == 413 and "request body over 1 MiB" in r.json()["error"], r.text
+        r = await client.post("/tasks", content=b"x" * (2 * 1024 * 1024), headers={"content-type": "application/json"})
+        assert r.status_code == 413 and "request body over 1 MiB" in r.json()["error"], r.text
