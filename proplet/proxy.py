@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import hashlib
 import ipaddress
+import json
 import logging
 import threading
 import time
@@ -89,6 +90,11 @@ class ProxySettings(MqttClientSettings):
     )
     registry_timeout: float = Field(
         default=30.0, gt=0, description="Seconds to wait for the registry to connect or answer."
+    )
+    pull_timeout: float = Field(
+        default=300.0, gt=0,
+        description="Seconds a pull (manifests and layer) may take in all; registry_timeout bounds each read, so "
+        "without this a registry sending a byte now and then would hold a pull for ever.",
     )
     max_artifact_bytes: int = Field(
         default=100 * 1024 * 1024, ge=1, description="Largest wasm layer the proxy pulls; larger ones are refused."
@@ -211,6 +217,7 @@ class RegistryPuller:
         token: str = "",
         authenticate: bool = False,
         timeout: float = 30.0,
+        pull_timeout: float = 300.0,
         max_bytes: int = 100 * 1024 * 1024,
     ) -> None:
         self.default_registry, scheme_insecure = _registry_host(registry_url) if registry_url else ("", None)
@@ -220,6 +227,7 @@ class RegistryPuller:
         self.token = token
         self.authenticate = authenticate
         self.timeout = timeout
+        self.pull_timeout = pull_timeout
         self.max_bytes = max_bytes
         # requests.Session is not safe to share between threads: one client per worker thread.
         self._local = threading.local()
@@ -230,7 +238,8 @@ class RegistryPuller:
             registry_url=settings.registry_url, insecure=settings.registry_insecure,
             username=settings.registry_username, password=settings.registry_password,
             token=settings.registry_token, authenticate=settings.authenticate,
-            timeout=settings.registry_timeout, max_bytes=settings.max_artifact_bytes,
+            timeout=settings.registry_timeout, pull_timeout=settings.pull_timeout,
+            max_bytes=settings.max_artifact_bytes,
         )
 
     def parse(self, ref: str) -> OciRef:
@@ -261,17 +270,23 @@ class RegistryPuller:
     def _url(self, ref: OciRef) -> str:
         return f"{'http' if self.plain_http(ref.registry) else 'https'}://{ref.registry}"
 
-    def resolve(self, ref: OciRef) -> dict[str, Any]:
+    def deadline(self) -> float:
+        """When a pull starting now is abandoned (time.monotonic())."""
+        return time.monotonic() + self.pull_timeout
+
+    def resolve(self, ref: OciRef, deadline: float | None = None) -> dict[str, Any]:
         """The wasm layer's descriptor (mediaType, digest, size) of the manifest `ref` names."""
-        manifest = self._manifest(ref, ref.reference)
+        deadline = self.deadline() if deadline is None else deadline
+        manifest = self._manifest(ref, ref.reference, deadline)
         if manifest.get("mediaType") in _INDEX_TYPES or "manifests" in manifest:
-            manifest = self._manifest(ref, self._pick_from_index(ref, manifest))
+            manifest = self._manifest(ref, self._pick_from_index(ref, manifest), deadline)
         return self._pick_layer(ref, manifest)
 
-    def pull(self, ref: OciRef, layer: dict[str, Any]) -> bytes:
+    def pull(self, ref: OciRef, layer: dict[str, Any], deadline: float | None = None) -> bytes:
         """The layer's bytes, size-capped and checked against the layer's digest."""
         import requests
 
+        deadline = self.deadline() if deadline is None else deadline
         expected = str(layer.get("digest", ""))
         client = self._client(ref.registry)
         try:
@@ -282,24 +297,45 @@ class RegistryPuller:
             if response.status_code != 200:
                 raise ArtifactUnavailable(self._status_error(ref, response, f"layer {expected}"))
             hasher = hashlib.sha256()
-            pieces: list[bytes] = []
-            received = 0
-            try:
-                for piece in response.iter_content(1024 * 1024):
-                    received += len(piece)
-                    if received > self.max_bytes:
-                        raise ArtifactUnavailable(self._too_large(ref, received))
-                    hasher.update(piece)
-                    pieces.append(piece)
-            except requests.RequestException as exc:
-                raise ArtifactUnavailable(self._unreachable(ref, exc)) from None
+            data = self._read_body(ref, response, deadline, self.max_bytes, hasher)
         if expected.startswith("sha256:") and "sha256:" + hasher.hexdigest() != expected:
             raise ArtifactUnavailable(
                 f"the registry at {ref.registry} sent a layer of {ref} whose sha256 does not match its "
                 f"digest {expected}; the registry's storage may be corrupt")
+        return data
+
+    def _read_body(self, ref: OciRef, response: Any, deadline: float, limit: int | None,
+                   hasher: Any = None) -> bytes:
+        """A streamed response's body, at most `limit` bytes, read by `deadline`.
+
+        read1 returns after one read from the socket: requests' iter_content (like urllib3's
+        read(amt)) keeps reading until it has the whole piece, and each read may take up to the
+        read timeout, so a registry sending a byte every few seconds filled no piece and never
+        timed out. The deadline is checked between reads, so a pull ends at most one read timeout
+        after it.
+        """
+        import requests
+        import urllib3
+
+        pieces: list[bytes] = []
+        received = 0
+        try:
+            while piece := response.raw.read1(1024 * 1024, decode_content=True):
+                received += len(piece)
+                if limit is not None and received > limit:
+                    raise ArtifactUnavailable(self._too_large(ref, received))
+                if hasher is not None:
+                    hasher.update(piece)
+                pieces.append(piece)
+                if time.monotonic() > deadline:
+                    raise ArtifactUnavailable(
+                        f"the registry at {self._url(ref)} took longer than {self.pull_timeout:g} s to send {ref} "
+                        f"({received} bytes so far); check its health and bandwidth, or raise PROXY_PULL_TIMEOUT")
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise ArtifactUnavailable(self._unreachable(ref, exc)) from None
         return b"".join(pieces)
 
-    def _manifest(self, ref: OciRef, reference: str) -> dict[str, Any]:
+    def _manifest(self, ref: OciRef, reference: str, deadline: float) -> dict[str, Any]:
         import oras.defaults
         import requests
 
@@ -307,13 +343,16 @@ class RegistryPuller:
         url = f"{self._url(ref)}/v2/{ref.repository}/manifests/{reference}"
         accept = ", ".join([*oras.defaults.default_manifest_accepted_media_types, *_INDEX_TYPES])
         try:
-            response = client.do_request(url, "GET", headers={"Accept": accept})
+            # Streamed, so the body is read within the pull's deadline like the layer's.
+            response = client.do_request(url, "GET", headers={"Accept": accept}, stream=True)
         except requests.RequestException as exc:
             raise ArtifactUnavailable(self._unreachable(ref, exc)) from None
-        if response.status_code != 200:
-            raise ArtifactUnavailable(self._status_error(ref, response, "manifest"))
+        with response:
+            if response.status_code != 200:
+                raise ArtifactUnavailable(self._status_error(ref, response, "manifest"))
+            body = self._read_body(ref, response, deadline, None)
         try:
-            manifest = response.json()
+            manifest = json.loads(body)
         except ValueError:
             raise ArtifactUnavailable(
                 f"the registry at {ref.registry} sent a manifest of {ref} that is not JSON") from None
@@ -355,12 +394,13 @@ class RegistryPuller:
 
     def _unreachable(self, ref: OciRef, exc: Exception) -> str:
         import requests
+        import urllib3
 
         url = self._url(ref)
         if isinstance(exc, requests.exceptions.SSLError):
             return (f"TLS with the registry at {url} failed ({exc}). If it speaks plain HTTP, set "
                     "PROXY_REGISTRY_URL to it with PROXY_REGISTRY_INSECURE=true")
-        if isinstance(exc, requests.Timeout):
+        if isinstance(exc, requests.Timeout | urllib3.exceptions.TimeoutError | TimeoutError):
             return f"the registry at {url} did not answer within {self.timeout:g} s; check that it is healthy"
         reason = "connection refused" if "refused" in str(exc).lower() else type(exc).__name__
         return (f"cannot reach the registry at {url} ({reason}); start it, or fix the image reference or "
@@ -627,13 +667,14 @@ class OciProxy:
     async def _pull(self, app_name: str) -> Artifact:
         started = time.perf_counter()
         ref = self.puller.parse(app_name)
-        layer = await asyncio.to_thread(self.puller.resolve, ref)
+        deadline = self.puller.deadline()  # for the manifests and the layer together
+        layer = await asyncio.to_thread(self.puller.resolve, ref, deadline)
         digest = str(layer["digest"])
         cached = self._blobs.get(digest)
         if cached is not None:
             self.counters.cache_hits += 1
             return cached
-        data = await asyncio.to_thread(self.puller.pull, ref, layer)
+        data = await asyncio.to_thread(self.puller.pull, ref, layer, deadline)
         if not digest.startswith("sha256:"):
             # Chunks announce the sha256 the proplet verifies, whatever the registry's algorithm.
             digest = protocol.sha256_digest(data)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -168,6 +169,68 @@ async def test_a_resume_request_listing_one_index_many_times_gets_it_once(broker
                 if indexes[-1] == 1:
                     break
     assert indexes == [0, 1]
+
+
+@asynccontextmanager
+async def scripted_registry(blob: bytes, send_blob: Any) -> AsyncIterator[tuple[str, asyncio.Event]]:
+    """A registry of one artifact (repository wasm/app, tag v1) on a real local HTTP server whose
+    blob is sent by `send_blob(writer)`: for registries that misbehave as docker-registry never
+    does. Yields the reference and an event set when the proxy hung up on the blob."""
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                           "config": {"mediaType": "application/vnd.oci.empty.v1+json", "size": 2,
+                                      "digest": "sha256:" + hashlib.sha256(b"{}").hexdigest()},
+                           "layers": [{"mediaType": "application/wasm", "digest": digest,
+                                       "size": len(blob)}]}).encode()
+    hung_up = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                path = line.split()[1].decode()
+                while (await reader.readline()).strip():
+                    pass
+                if path == "/v2/wasm/app/manifests/v1":
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\n"
+                                 b"Content-Length: %d\r\n\r\n" % len(manifest) + manifest)
+                elif path == f"/v2/wasm/app/blobs/{digest}":
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                                 b"Content-Length: %d\r\n\r\n" % len(blob))
+                    await send_blob(writer)
+                else:
+                    writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                await writer.drain()
+        except ConnectionError:
+            hung_up.set()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}/wasm/app:v1", hung_up
+    finally:
+        server.close()
+
+
+async def test_a_registry_dripping_the_layer_is_abandoned_at_the_pull_timeout(broker: Mosquitto) -> None:
+    """requests' timeout bounds each read, not the pull: a registry sending a byte every 0.2 s never
+    trips a 1 s read timeout, and a 2,000-byte layer took 400 s. The pull now ends at
+    PROXY_PULL_TIMEOUT (within one read timeout), the proplet is answered with the reason, and the
+    proxy hangs up on the registry."""
+    blob = module(2_000)
+
+    async def drip(writer: asyncio.StreamWriter) -> None:
+        for i in range(len(blob)):
+            writer.write(blob[i:i + 1])
+            await writer.drain()
+            await asyncio.sleep(0.2)
+
+    async with scripted_registry(blob, drip) as (ref, hung_up), \
+            proxy_and_proplet(broker, registry_timeout=1.0, pull_timeout=1.5) as (proxy, source):
+        with pytest.raises(FetchError, match=r"took longer than 1\.5 s .*PROXY_PULL_TIMEOUT"):
+            await asyncio.wait_for(source.fetch(WasmRef("a", image_url=ref)), 8)
+        await asyncio.wait_for(hung_up.wait(), 5)
+    assert proxy.counters.errors == 1
 
 
 async def test_blob_refs_are_left_to_the_manager(broker: Mosquitto) -> None:
