@@ -99,7 +99,9 @@ def _weighted(values: list[tuple[int, Any]], total: int) -> Any:
         return [_weighted([(n, v[i]) for n, v in values], total) for i in range(len(first))]
     if any(isinstance(v, bool) or not isinstance(v, (int, float)) for _, v in values):
         raise AggregationError("the updates give it different shapes")
-    return sum(n * v for n, v in values) / total
+    # Each value times its share (at most 1): a sum of n * v divided afterwards overflows to
+    # infinity for large finite weights (1.5e308 and 1.7e308), which the model stores as null.
+    return sum(n / total * v for n, v in values)
 
 
 @dataclass(frozen=True, slots=True)

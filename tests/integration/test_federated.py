@@ -259,6 +259,21 @@ async def test_a_round_whose_time_runs_out_aggregates_what_it_has(fleet: Fleet) 
     assert silent["state"] == "failed" and "no update" in silent["reason"] and silent["model_version"] is None
 
 
+async def test_averaging_large_finite_weights_stays_finite(fleet: Fleet) -> None:
+    """The average of finite weights lies between them: 1.5e308 and 1.7e308 (each a valid float)
+    average to 1.6e308. Summing n * v before dividing overflowed to infinity, and the model stored
+    a weight no JSON reader takes back."""
+    p1 = await fleet.participant(trained({"w": [1.5e308, -1.0], "b": 1.7e308}, samples=1))
+    p2 = await fleet.participant(trained({"w": [1.7e308, 3.0], "b": 1.5e308}, samples=3))
+    assert fleet.api is not None
+    response = await fleet.api.post("/fl/experiments", json=experiment("r-big", [p1, p2]))
+    assert response.status_code == 200, response.text
+    status = await fleet.ended("r-big")
+    assert status["state"] == "completed", status
+    model = (await fleet.api.get(f"/fl/models/{status['model_version']}")).json()
+    assert model == {"w": [pytest.approx(1.65e308), 2.0], "b": pytest.approx(1.55e308)}
+
+
 async def test_a_round_ends_once_every_started_task_has(fleet: Fleet) -> None:
     p1 = await fleet.participant(trained({"b": 1.0}, samples=1))
     p2 = await fleet.participant(failing)
