@@ -35,6 +35,19 @@ from core.store.migrate import TRACKING_TABLE, Migration
 # Metadata filter keys are restricted like upstream's, since SQLite puts them into a JSON path.
 METADATA_KEY = re.compile(r"^[a-zA-Z0-9._\-]+$")
 
+# How deep a metadata filter's values may nest: SQLite's containment query nests a subquery per
+# level, and its parser gives up ("parser stack overflow") at about eight; the same bound on both
+# backends so that a filter works on either.
+METADATA_FILTER_DEPTH = 6
+
+
+def _nesting(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max((_nesting(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_nesting(v) for v in value), default=0)
+    return 0
+
 
 T = TypeVar("T")
 
@@ -342,9 +355,12 @@ class Store(abc.ABC):
         clauses: list[str] = []
         params: list[Any] = []
         if metadata:
-            for key in metadata:
+            for key, value in metadata.items():
                 if not METADATA_KEY.match(key):
                     raise ValueError(f"metadata key {key!r} may only contain letters, digits, '.', '_' and '-'")
+                if _nesting(value) > METADATA_FILTER_DEPTH:
+                    raise ValueError(f"a metadata filter's values may nest at most {METADATA_FILTER_DEPTH} "
+                                     "objects or arrays deep")
             sql, p = self.metadata_clause(metadata)
             clauses.append(sql)
             params.extend(p)

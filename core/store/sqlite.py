@@ -12,7 +12,34 @@ from typing import Any
 
 import aiosqlite
 
-from core.store.base import Store, StoreError, WriteOp, dumps, plan
+from core.store.base import Store, StoreError, WriteOp, plan
+
+_JSON_TYPE = {None: "null", True: "true", False: "false"}
+
+
+def _contains(row: str, value: Any, depth: int) -> tuple[str, list[Any]]:
+    """A condition that the JSON value of json_each row `row` contains `value` (PostgreSQL's jsonb
+    containment: an object contains the keys it is given, an array each element it is given, in
+    any place; scalars are equal, numbers by value)."""
+    if value is None or isinstance(value, bool):
+        return f"{row}.type = ?", [_JSON_TYPE[value]]
+    if isinstance(value, (int, float)):
+        return f"{row}.type IN ('integer', 'real') AND {row}.atom = ?", [value]
+    if isinstance(value, str):
+        return f"{row}.type = 'text' AND {row}.atom = ?", [value]
+    inner = f"je{depth}"
+    clauses = [f"{row}.type = ?"]
+    params: list[Any] = ["object" if isinstance(value, dict) else "array"]
+    items = value.items() if isinstance(value, dict) else ((None, v) for v in value)
+    for key, item in items:
+        sql, p = _contains(inner, item, depth + 1)
+        if key is None:
+            clauses.append(f"EXISTS (SELECT 1 FROM json_each({row}.value) AS {inner} WHERE {sql})")
+            params.extend(p)
+        else:
+            clauses.append(f"EXISTS (SELECT 1 FROM json_each({row}.value) AS {inner} WHERE {inner}.key = ? AND {sql})")
+            params.extend([key, *p])
+    return " AND ".join(clauses), params
 
 
 class _Conn:
@@ -150,16 +177,28 @@ class SqliteStore(Store):
         return datetime.fromisoformat(value)
 
     def metadata_clause(self, metadata: dict[str, Any]) -> tuple[str, list[Any]]:
+        # JSON containment as PostgreSQL's `metadata @> filter` answers it (the filter is a JSON
+        # object the metadata must contain). Comparing json_extract() with the value did not:
+        # true matched 1 and 1 matched true (json_extract gives 1 for both), null matched nothing
+        # (`= NULL`), and an object or array matched only the same text (keys in the same order,
+        # every key and element), not one that contains it.
         clauses = []
         params: list[Any] = []
         for key, value in metadata.items():
-            path = f'$."{key}"'
+            path = f'$."{key}"'  # keys are checked against METADATA_KEY
             if isinstance(value, (dict, list)):
-                clauses.append("json_extract(metadata, ?) = json(?)")
-                params.extend([path, dumps(value)])
+                sql, p = _contains("je0", value, 1)
+                clauses.append(f"EXISTS (SELECT 1 FROM json_each(metadata) AS je0 WHERE je0.key = ? AND {sql})")
+                params.extend([key, *p])
+            elif value is None or isinstance(value, bool):
+                clauses.append("json_type(metadata, ?) = ?")
+                params.extend([path, _JSON_TYPE[value]])
+            elif isinstance(value, (int, float)):
+                clauses.append("json_type(metadata, ?) IN ('integer', 'real') AND json_extract(metadata, ?) = ?")
+                params.extend([path, path, value])
             else:
-                clauses.append("json_extract(metadata, ?) = ?")
-                params.extend([path, value])
+                clauses.append("json_type(metadata, ?) = 'text' AND json_extract(metadata, ?) = ?")
+                params.extend([path, path, value])
         return " AND ".join(clauses), params
 
     async def schema(self) -> dict[str, dict[str, Any]]:

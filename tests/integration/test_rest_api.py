@@ -111,11 +111,19 @@ async def test_list_with_pagination_state_and_metadata_filters(api: httpx.AsyncC
     assert [x["id"] for x in page["tasks"]] == list(reversed(ids))[1:3]
     site_a = (await api.get("/tasks", params={"metadata": '{"site":"a"}'})).json()
     assert sorted(x["id"] for x in site_a["tasks"]) == sorted(ids[1::2])
+    # Containment, as PostgreSQL answers it: 1 is not true, null is a value (SQLite said otherwise).
+    typed = [(await create(api, metadata=m))["id"]
+             for m in ({"v": True}, {"v": 1}, {"v": None}, {"v": {"a": 1, "b": 2}})]
+    for flt, expected in (('{"v":true}', [typed[0]]), ('{"v":1}', [typed[1]]), ('{"v":null}', [typed[2]]),
+                          ('{"v":{"b":2}}', [typed[3]])):
+        got = (await api.get("/tasks", params={"metadata": flt})).json()
+        assert [x["id"] for x in got["tasks"]] == expected, flt
     pending = (await api.get("/tasks", params={"state": "pending,0"})).json()
-    assert pending["total"] == 5
+    assert pending["total"] == 9
     for params, message in ((({"limit": 0}), "limit"), ({"limit": 101}, "limit"), ({"offset": -1}, "offset"),
                             ({"metadata": "[1]"}, "metadata"), ({"metadata": "{x"}, "metadata"),
                             ({"metadata": '{"bad key!":1}'}, "metadata key"), ({"state": "dancing"}, "state"),
+                            ({"metadata": '{"a":[[[[[[[1]]]]]]]}'}, "nest at most 6"),
                             ({"limit": "ten"}, "limit")):
         r = await api.get("/tasks", params=params)
         assert r.status_code == 400 and message in r.json()["error"], (params, r.text)
