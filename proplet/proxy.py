@@ -202,6 +202,9 @@ def _registry_host(url: str) -> tuple[str, bool | None]:
 
 
 _CLIENTS_PER_THREAD = 16
+# Distribution refuses to store manifests over 4 MiB; a larger one comes from a registry that
+# misbehaves (any host a reference names), and is not read into memory whole.
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 
 
 class RegistryPuller:
@@ -304,8 +307,8 @@ class RegistryPuller:
                 f"digest {expected}; the registry's storage may be corrupt")
         return data
 
-    def _read_body(self, ref: OciRef, response: Any, deadline: float, limit: int | None,
-                   hasher: Any = None) -> bytes:
+    def _read_body(self, ref: OciRef, response: Any, deadline: float, limit: int,
+                   hasher: Any = None, what: str = "") -> bytes:
         """A streamed response's body, at most `limit` bytes, read by `deadline`.
 
         read1 returns after one read from the socket: requests' iter_content (like urllib3's
@@ -322,8 +325,11 @@ class RegistryPuller:
         try:
             while piece := response.raw.read1(1024 * 1024, decode_content=True):
                 received += len(piece)
-                if limit is not None and received > limit:
-                    raise ArtifactUnavailable(self._too_large(ref, received))
+                if received > limit:
+                    raise ArtifactUnavailable(
+                        f"the registry at {ref.registry} sent a {what} of {ref} that is over the proxy's limit of "
+                        f"{limit} bytes ({received} bytes or more); the registry misbehaves" if what
+                        else self._too_large(ref, received))
                 if hasher is not None:
                     hasher.update(piece)
                 pieces.append(piece)
@@ -350,7 +356,7 @@ class RegistryPuller:
         with response:
             if response.status_code != 200:
                 raise ArtifactUnavailable(self._status_error(ref, response, "manifest"))
-            body = self._read_body(ref, response, deadline, None)
+            body = self._read_body(ref, response, deadline, MAX_MANIFEST_BYTES, what="manifest")
         try:
             manifest = json.loads(body)
         except ValueError:

@@ -172,10 +172,12 @@ async def test_a_resume_request_listing_one_index_many_times_gets_it_once(broker
 
 
 @asynccontextmanager
-async def scripted_registry(blob: bytes, send_blob: Any) -> AsyncIterator[tuple[str, asyncio.Event]]:
+async def scripted_registry(blob: bytes, send_blob: Any,
+                            send_manifest: Any = None) -> AsyncIterator[tuple[str, asyncio.Event]]:
     """A registry of one artifact (repository wasm/app, tag v1) on a real local HTTP server whose
-    blob is sent by `send_blob(writer)`: for registries that misbehave as docker-registry never
-    does. Yields the reference and an event set when the proxy hung up on the blob."""
+    blob is sent by `send_blob(writer)` (and manifest by `send_manifest(writer, manifest)`, headers
+    included, when given): for registries that misbehave as docker-registry never does. Yields the
+    reference and an event set when the proxy hung up."""
     digest = "sha256:" + hashlib.sha256(blob).hexdigest()
     manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
                            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "size": 2,
@@ -190,7 +192,9 @@ async def scripted_registry(blob: bytes, send_blob: Any) -> AsyncIterator[tuple[
                 path = line.split()[1].decode()
                 while (await reader.readline()).strip():
                     pass
-                if path == "/v2/wasm/app/manifests/v1":
+                if path == "/v2/wasm/app/manifests/v1" and send_manifest is not None:
+                    await send_manifest(writer, manifest)
+                elif path == "/v2/wasm/app/manifests/v1":
                     writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\n"
                                  b"Content-Length: %d\r\n\r\n" % len(manifest) + manifest)
                 elif path == f"/v2/wasm/app/blobs/{digest}":
@@ -231,6 +235,37 @@ async def test_a_registry_dripping_the_layer_is_abandoned_at_the_pull_timeout(br
             await asyncio.wait_for(source.fetch(WasmRef("a", image_url=ref)), 8)
         await asyncio.wait_for(hung_up.wait(), 5)
     assert proxy.counters.errors == 1
+
+
+async def test_a_manifest_larger_than_a_registry_would_send_is_refused_while_it_streams(broker: Mosquitto) -> None:
+    """A manifest was read whole, with no limit: a registry (any host a reference names) sending
+    200 MB of manifest had it all held in the proxy's memory. Manifests are capped at 4 MiB, as
+    distribution caps those it accepts, and the proxy hangs up once past it."""
+    sent = 0
+
+    async def huge(writer: asyncio.StreamWriter, manifest: bytes) -> None:
+        nonlocal sent
+        size = 3_000 * 65536
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % (size + len(manifest)))
+        piece = b" " * 65536  # JSON whitespace: the body stays a valid manifest
+        while sent < size:
+            writer.write(piece)
+            sent += len(piece)
+            await writer.drain()
+        writer.write(manifest)
+
+    blob = module(2_000)
+
+    async def whole(writer: asyncio.StreamWriter) -> None:
+        writer.write(blob)
+
+    async with scripted_registry(blob, whole, huge) as (ref, hung_up), \
+            proxy_and_proplet(broker) as (_, source):
+        with pytest.raises(FetchError, match=r"manifest of .* is over the proxy's limit of 4194304 bytes"):
+            await asyncio.wait_for(source.fetch(WasmRef("a", image_url=ref)), 8)
+        await asyncio.wait_for(hung_up.wait(), 5)
+    assert sent < 50_000_000
 
 
 async def test_blob_refs_are_left_to_the_manager(broker: Mosquitto) -> None:
