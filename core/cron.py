@@ -7,7 +7,8 @@ Upstream's semantics (reference §6.9) with its defects fixed: schedules are sto
 due time instead of polling once a minute; an update that does not mention `schedule` keeps it; an
 unknown timezone is refused instead of silently read as UTC. As upstream: times missed while the
 manager was down are skipped, and due tasks start by priority, then age. A run still going when its
-next time comes is not started twice: that occurrence is skipped and logged.
+next time comes is not started twice: that occurrence is skipped and logged. When clocks go back, a
+schedule naming its hours runs once in the repeated hour; one whose hour is `*` runs in both.
 """
 
 from __future__ import annotations
@@ -63,9 +64,20 @@ def _zone(timezone: str) -> ZoneInfo:
 
 
 def next_time(expression: str, timezone: str, after: datetime) -> datetime:
-    """The first time after `after` that `expression` names, read in `timezone`; in UTC."""
-    local = after.astimezone(_zone(timezone))
-    return croniter(expression.strip(), local).get_next(datetime).astimezone(UTC)
+    """The first time after `after` that `expression` names, read in `timezone`; in UTC.
+
+    When clocks go back, an hour of wall time happens twice. croniter names both occurrences, so
+    a daily 02:30 ran twice that night; as cron does, a schedule that names its hours skips the
+    second occurrence (fold=1), and one whose hour field is `*` runs in both.
+    """
+    zone = _zone(timezone)
+    text = expression.strip()
+    any_hour = text == "@hourly" or (not text.startswith("@") and text.split()[1] == "*")
+    times = croniter(text, after.astimezone(zone))
+    while True:
+        found = times.get_next(datetime).astimezone(UTC)
+        if any_hour or not found.astimezone(zone).fold:
+            return found
 
 
 class CronScheduler:

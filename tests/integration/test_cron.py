@@ -34,6 +34,27 @@ def test_times_are_read_in_the_schedules_timezone() -> None:
     assert next_time("@hourly", "", winter) == datetime(2026, 12, 6, 8, 0, tzinfo=UTC)
 
 
+def test_a_fixed_time_in_the_hour_that_repeats_when_clocks_go_back_runs_once() -> None:
+    """Europe/Paris, 2025-10-26: 02:00-03:00 happens twice. A daily 02:30 ran at both (00:30 and
+    01:30 UTC); as cron does, a schedule naming its hours runs once, and one whose hour is `*` runs
+    in both. A time that does not exist (spring) runs at the first time after the gap."""
+    after = datetime(2025, 10, 25, 12, 0, tzinfo=UTC)
+    runs = []
+    for _ in range(3):
+        after = next_time("30 2 * * *", "Europe/Paris", after)
+        runs.append(after)
+    assert runs == [datetime(2025, 10, 26, 0, 30, tzinfo=UTC), datetime(2025, 10, 27, 1, 30, tzinfo=UTC),
+                    datetime(2025, 10, 28, 1, 30, tzinfo=UTC)]
+    after = datetime(2025, 10, 26, 0, 10, tzinfo=UTC)
+    half_hourly = []
+    for _ in range(4):
+        after = next_time("*/30 * * * *", "Europe/Paris", after)
+        half_hourly.append(after.strftime("%H:%M"))
+    assert half_hourly == ["00:30", "01:00", "01:30", "02:00"]
+    assert next_time("30 2 * * *", "Europe/Paris", datetime(2025, 3, 29, 12, 0, tzinfo=UTC)) == \
+        datetime(2025, 3, 30, 1, 0, tzinfo=UTC)
+
+
 @pytest.fixture
 def managers(managers_on_each_backend: Managers) -> Managers:
     return managers_on_each_backend
