@@ -402,7 +402,7 @@ async def test_the_command_serves_until_sigterm(broker: Mosquitto, tmp_path: Pat
         async with proplet_side(broker.url, topics, stall_timeout=10) as source:
             unreachable = f"127.0.0.1:{free_port()}/wasm/app:v1"
             with pytest.raises(FetchError, match="cannot reach the registry"):
-                await asyncio.wait_for(source.fetch(WasmRef("a", image_url=unreachable)), 5)
+                await asyncio.wait_for(source.fetch(WasmRef("a", image_url=unreachable)), 15)
         process.send_signal(signal.SIGTERM)
         try:
             code = await asyncio.wait_for(process.wait(), 10)
