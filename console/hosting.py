@@ -209,6 +209,8 @@ class CoreThread:
         self._finished: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._serving: asyncio.Task[None] | None = None
+        self._abandoned = False  # the caller stopped waiting for the start (Ctrl+C): give it up
         self._thread = threading.Thread(target=self._run, name="propeller-core", daemon=True)
         self._switch_interval = sys.getswitchinterval()
 
@@ -217,9 +219,19 @@ class CoreThread:
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         self._thread.start()
         try:
-            return await asyncio.wrap_future(self._started)
+            # Shielded: cancelling the wait (Ctrl+C) must not cancel the future the core's thread
+            # still has to complete.
+            started = asyncio.wrap_future(self._started)
+            return await asyncio.shield(started)
         except BaseException:
-            await asyncio.wrap_future(self._finished)
+            # A start still under way (a database that accepts the connection and never answers
+            # keeps it for a minute) is cancelled, not waited for: Ctrl+C was otherwise ignored until
+            # the start gave up by itself. A start that failed has ended already.
+            self._abandon_start()
+            with contextlib.suppress(BaseException):  # the start's own outcome; ours is raised below
+                await asyncio.shield(asyncio.wrap_future(self._finished))
+            with contextlib.suppress(BaseException):  # taken, so that it is not logged as never retrieved
+                await started
             self._thread.join()
             sys.setswitchinterval(self._switch_interval)
             raise
@@ -250,6 +262,15 @@ class CoreThread:
             with contextlib.suppress(RuntimeError):  # the core already ended on its own
                 self._loop.call_soon_threadsafe(self._stop.set)
 
+    def _abandon_start(self) -> None:
+        """Cancel the core's start from the caller's thread (safe however far the thread has got: a
+        start not yet on its loop sees the flag, one on it is cancelled there)."""
+        self._abandoned = True
+        loop, serving = self._loop, self._serving
+        if loop is not None and serving is not None:
+            with contextlib.suppress(RuntimeError):  # the core's loop has ended already
+                loop.call_soon_threadsafe(serving.cancel)
+
     def _run(self) -> None:
         try:
             asyncio.run(self._serve())
@@ -266,7 +287,10 @@ class CoreThread:
         from core.service import ManagerCore
 
         self._stop = asyncio.Event()
+        self._serving = asyncio.current_task()
         self._loop = asyncio.get_running_loop()
+        if self._abandoned:
+            raise asyncio.CancelledError
         async with ManagerCore(self.settings) as core:
             self._started.set_result(ManagerLink(core, self._loop))
             stopping = asyncio.ensure_future(self._stop.wait())

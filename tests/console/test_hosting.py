@@ -112,3 +112,36 @@ async def test_a_hosted_core_that_shuts_itself_down_closes_the_console_with_an_e
     assert asyncio.get_running_loop().time() - started < 8
     assert app.return_code == 1
     assert not [t for t in threading.enumerate() if t.name == "propeller-core"]
+
+
+async def test_interrupting_a_core_that_is_still_starting_stops_it_at_once(tmp_path: Path) -> None:
+    """Ctrl+C while the core is still starting (a PostgreSQL host that accepts the connection and never
+    answers keeps asyncpg waiting 60 s) ends the start at once, leaving no core thread behind: the
+    interrupt cancelled the console's wait, but the core went on starting, and the console waited for
+    it, so Ctrl+C was ignored for a minute of blank screen."""
+    import socket
+
+    from console.hosting import CoreThread
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # the kernel completes the handshakes; nobody ever answers
+    try:
+        manager = ManagerSettings(storage_type="postgres", postgres_host="127.0.0.1",
+                                  postgres_port=silent.getsockname()[1], mqtt_address="mqtt://127.0.0.1:9",
+                                  http_enabled=False, _env_file=None)
+        entered = asyncio.ensure_future(CoreThread(manager).__aenter__())
+        await asyncio.sleep(0.5)  # the core is waiting for PostgreSQL by now
+        assert not entered.done()
+        started = asyncio.get_running_loop().time()
+        entered.cancel()  # what asyncio.run does with the main task on Ctrl+C
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(entered, 20)
+        assert asyncio.get_running_loop().time() - started < 10
+        for _ in range(100):
+            if not [t for t in threading.enumerate() if t.name == "propeller-core"]:
+                break
+            await asyncio.sleep(0.05)
+        assert not [t for t in threading.enumerate() if t.name == "propeller-core"]
+    finally:
+        silent.close()
