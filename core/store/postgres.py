@@ -79,8 +79,12 @@ class PostgresStore(Store):
                 self.dsn, min_size=self._min, max_size=self._max, init=_init_connection
             )
         except (OSError, asyncpg.PostgresError) as exc:
+            # A server that accepts the connection and never answers ends in asyncpg's connect timeout
+            # (60 s), a TimeoutError with no text of its own.
+            reason = str(exc) or ("the server did not answer within a minute" if isinstance(exc, TimeoutError)
+                                  else type(exc).__name__)
             raise StoreError(
-                f"Cannot connect to PostgreSQL ({self.description}): {exc}. Check that the server runs "
+                f"Cannot connect to PostgreSQL ({self.description}): {reason}. Check that the server runs "
                 "and the MANAGER_POSTGRES_* settings (host, port, user, password, database)."
             ) from exc
 

@@ -145,3 +145,25 @@ async def test_interrupting_a_core_that_is_still_starting_stops_it_at_once(tmp_p
         assert not [t for t in threading.enumerate() if t.name == "propeller-core"]
     finally:
         silent.close()
+
+
+async def test_a_database_that_never_answers_is_reported_with_the_reason(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """asyncpg gives up on a server that accepts the connection and never answers after 60 s with a
+    TimeoutError whose text is empty: the console closed with `Cannot connect to PostgreSQL (...): .`,
+    naming no reason. (Raised at once here, as asyncpg raises it after its minute.)"""
+    import asyncpg
+
+    from core.store import StoreError
+
+    async def never_answers(*args: Any, **kwargs: Any) -> Any:
+        raise TimeoutError
+
+    monkeypatch.setattr(asyncpg, "create_pool", never_answers)
+    manager = ManagerSettings(storage_type="postgres", postgres_host="127.0.0.1", mqtt_address="mqtt://127.0.0.1:9",
+                              http_enabled=False, _env_file=None)
+    app = ConsoleApp(settings=console_settings(), manager_settings=manager)
+    with pytest.raises(StoreError) as raised:
+        await app.run_async(headless=True, size=(140, 40))
+    assert "): ." not in str(raised.value)
+    assert "did not answer" in str(raised.value), str(raised.value)
