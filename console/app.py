@@ -330,7 +330,12 @@ class ConsoleApp(App[None]):
         if unknown:
             self.notify(f"console.keymap names unknown binding ids: {', '.join(unknown)}. Press ? in a view to see "
                         "the ids it uses.", severity="warning", timeout=10)
-        self.set_keymap({k: v for k, v in keymap.items() if k in keys.BINDING_IDS})
+        keyless = sorted(k for k, v in keymap.items() if k in keys.BINDING_IDS and not v)
+        if keyless:
+            defaults = {b.id: b.key for b in keys.ALL}
+            self.notify("console.keymap gives no key to " + ", ".join(f"{k} (it keeps {defaults[k]})" for k in keyless)
+                        + ". A binding cannot be removed; give it another key.", severity="warning", timeout=10)
+        self.set_keymap({k: v for k, v in keymap.items() if k in keys.BINDING_IDS and v})
 
     # ------------------------------------------------------------------------------------
     # ingest (workers: no widgets touched here)

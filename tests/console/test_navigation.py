@@ -300,3 +300,19 @@ async def test_a_view_shown_again_is_current_in_its_first_frame_with_no_repaint_
         assert app.screen is tasks
         assert tasks.table.row_count == 1
         assert app._batch_count == 0
+
+
+
+async def test_a_keymap_entry_with_no_key_is_reported(console: Any) -> None:
+    """`tasks.delete: ""` gives the binding no key, which Textual's keymap skips without a word (the
+    binding keeps D, so a user who meant to take the key away still has it): the console says so."""
+    settings = console_settings(keymap={"tasks.delete": "", "tasks.stop": "k"})
+    async with console(settings=settings) as (app, pilot, core):
+        await until(pilot, lambda: any("tasks.delete" in n.message for n in app._notifications))
+        message = next(n.message for n in app._notifications if "tasks.delete" in n.message)
+        assert "D" in message and "tasks.stop" not in message, message
+        await core.create_task(add_body())
+        await pilot.press("2")
+        await until(pilot, lambda: app.screen.query_one("#tasks").row_count == 1)
+        await pilot.press("D")  # the default key, as the notification says
+        await until(pilot, lambda: isinstance(app.screen, ConfirmModal))
