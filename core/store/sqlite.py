@@ -77,15 +77,24 @@ class SqliteStore(Store):
         return "sqlite (in memory)" if self.path == ":memory:" else f"sqlite {self.path}"
 
     async def open(self) -> None:
+        advice = "Check that the directory is writable or set MANAGER_SQLITE_PATH to another file."
         if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:  # a regular file where a directory of the path should be, say
+                raise StoreError(f"Cannot open the SQLite database at {self.path} (cannot create its "
+                                 f"directory: {exc.strerror or exc}). {advice}") from exc
+        connecting = aiosqlite.connect(self.path, isolation_level=None)
         try:
-            db = await aiosqlite.connect(self.path, isolation_level=None)
+            db = await connecting
         except sqlite3.Error as exc:
-            raise StoreError(
-                f"Cannot open the SQLite database at {self.path} ({exc}). Check that the directory "
-                "is writable or set MANAGER_SQLITE_PATH to another file."
-            ) from exc
+            # aiosqlite stops its worker thread after a failed open, and the thread then answers on
+            # this loop: wait for it, or a loop closed meanwhile (the console's core thread ends at
+            # once) has it print `RuntimeError: Event loop is closed` with a traceback on the terminal.
+            worker = getattr(connecting, "_thread", None)
+            if worker is not None and worker.is_alive():
+                await asyncio.to_thread(worker.join, 5)
+            raise StoreError(f"Cannot open the SQLite database at {self.path} ({exc}). {advice}") from exc
         db.row_factory = sqlite3.Row
         # WAL with synchronous=NORMAL never corrupts the database; commits cost ~0.04 ms instead
         # of ~0.29 ms with FULL. The writer batches commits on top of that.

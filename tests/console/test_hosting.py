@@ -167,3 +167,40 @@ async def test_a_database_that_never_answers_is_reported_with_the_reason(tmp_pat
         await app.run_async(headless=True, size=(140, 40))
     assert "): ." not in str(raised.value)
     assert "did not answer" in str(raised.value), str(raised.value)
+
+
+@pytest.mark.parametrize("where", ["a directory", "under a file"])
+async def test_a_sqlite_path_that_cannot_be_a_database_is_reported_without_a_traceback(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """MANAGER_SQLITE_PATH naming a directory: aiosqlite's worker thread, stopped after the failed
+    open, answered on the core's loop after that loop had closed, and its traceback (RuntimeError:
+    Event loop is closed) was printed on the terminal above the error. A path under a regular file
+    ended with `[Errno 17] File exists: '...'`, naming neither SQLite nor what to do."""
+    failures: list[str] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: failures.append(f"{args.exc_type.__name__}: "
+                                                                              f"{args.exc_value}"))
+    import time
+
+    import aiosqlite
+
+    stop = aiosqlite.Connection.stop
+
+    def stop_slowly(self: Any) -> Any:
+        # The worker takes its stop a little late, as on a loaded machine (a race otherwise).
+        self._tx.put_nowait((None, lambda: time.sleep(0.3)))
+        return stop(self)
+
+    monkeypatch.setattr(aiosqlite.Connection, "stop", stop_slowly)
+    (tmp_path / "file").write_text("")
+    path = tmp_path if where == "a directory" else tmp_path / "file" / "p.db"
+    manager = ManagerSettings(sqlite_path=path, mqtt_address="mqtt://127.0.0.1:9", http_enabled=False,
+                              _env_file=None)
+    app = ConsoleApp(settings=console_settings(), manager_settings=manager)
+    from core.store import StoreError
+
+    before = set(threading.enumerate())
+    with pytest.raises(StoreError, match="Cannot open the SQLite database"):
+        await app.run_async(headless=True, size=(140, 40))
+    for thread in set(threading.enumerate()) - before:  # aiosqlite's worker, if still there
+        await asyncio.to_thread(thread.join, 5)
+    assert not failures
