@@ -105,6 +105,8 @@ class CoreStatus:
     proplets_total: int
     backlog: int
     active: int
+    # Why the broker cannot be reached (and what to do), while it cannot; "" otherwise.
+    broker_error: str = ""
 
 
 class ManagerCore:
@@ -411,9 +413,10 @@ class ManagerCore:
 
     def status(self) -> CoreStatus:
         bus = self.bus
+        connected = bool(bus and bus.connected.is_set())
         return CoreStatus(
             broker_url=self.broker_address.url if self.broker_address else "",
-            broker_connected=bool(bus and bus.connected.is_set()),
+            broker_connected=connected,
             broker_embedded=self._embedded_broker is not None,
             store=self.store.description,
             api_url=self.api_url,
@@ -421,6 +424,7 @@ class ManagerCore:
             proplets_total=len(self.proplets),
             backlog=len(self._queued),
             active=len(self.active),
+            broker_error=bus.counters.last_error if bus is not None and not connected else "",
         )
 
     # ------------------------------------------------------------------------------------

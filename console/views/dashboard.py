@@ -145,6 +145,14 @@ Go anywhere with **:** (`:tasks`, `:proplets`, `:mqtt`, `:dispatch`, `:local`, `
             f"database  {escape(app.store_description())}",
             f"REST API  {escape(status.api_url or 'off')}",
         ]
+        if status.broker_error:
+            # The manager keeps retrying; the reason (and what to do) is otherwise only in the log file.
+            # Wrapped here: the panel's lines do not wrap (each would be cut to one line).
+            import textwrap
+
+            width = max(20, self.query_one("#dash-services", Static).content_size.width or 46)
+            lines.append("")
+            lines += [f"[$error]{escape(line)}[/]" for line in textwrap.wrap(status.broker_error, width)]
         if fleet.rejected:
             _at, topic, reason = fleet.rejected[-1]
             lines.append(f"rejected  {len(fleet.rejected)} messages; last: {escape(topic)}: {escape(reason[:60])}")

@@ -204,3 +204,32 @@ async def test_a_sqlite_path_that_cannot_be_a_database_is_reported_without_a_tra
     for thread in set(threading.enumerate()) - before:  # aiosqlite's worker, if still there
         await asyncio.to_thread(thread.join, 5)
     assert not failures
+
+
+async def test_an_unreachable_broker_is_explained_on_the_dashboard(tmp_path: Path) -> None:
+    """A configured broker that refuses connections: the manager retries (the broker may come up later)
+    and the console opens, but it said only `not connected`; why, and what to do, were in the log file,
+    which the console's own screen hides. The dashboard now shows the manager's reason."""
+    from textual.widgets import Static
+
+    from tests.services import free_port
+
+    manager = ManagerSettings(sqlite_path=tmp_path / "b.db", mqtt_address=f"mqtt://127.0.0.1:{free_port()}",
+                              http_enabled=False, _env_file=None)
+    seen: dict[str, str] = {}
+
+    async def read_the_dashboard(pilot: Any) -> None:
+        app = pilot.app
+
+        def services() -> str:
+            seen["text"] = " ".join(str(app.screen.query_one("#dash-services", Static).render()).split())
+            return seen["text"] if "connection refused" in seen["text"] else ""
+
+        try:
+            await until(pilot, services)
+        finally:
+            app.exit()
+
+    app = ConsoleApp(settings=console_settings(), manager_settings=manager)
+    await app.run_async(headless=True, size=(140, 40), auto_pilot=read_the_dashboard)
+    assert "Cannot reach the MQTT broker" in seen["text"], seen.get("text")
