@@ -336,6 +336,14 @@ class ConsoleApp(App[None]):
             self.notify("console.keymap gives no key to " + ", ".join(f"{k} (it keeps {defaults[k]})" for k in keyless)
                         + ". A binding cannot be removed; give it another key.", severity="warning", timeout=10)
         self.set_keymap({k: v for k, v in keymap.items() if k in keys.BINDING_IDS and v})
+        # Textual drops the key of a binding whose key the keymap gives to another one of the same view
+        # and reports it to handle_bindings_clash only when that binding has no id (all of ours have),
+        # so `tasks.stop: d` took Describe's key without a word.
+        clashes = keys.keymap_clashes({k: v for k, v in keymap.items() if k in keys.BINDING_IDS and v})
+        if clashes:
+            self.notify("console.keymap takes keys from other bindings: " + "; ".join(
+                f"{key} from {lost} (to {taker})" for key, taker, lost in clashes)
+                + ". Give one of each pair another key.", severity="warning", timeout=10)
 
     # ------------------------------------------------------------------------------------
     # ingest (workers: no widgets touched here)

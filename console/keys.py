@@ -124,9 +124,27 @@ CONFIRM = [
     Binding("escape", "cancel", "Cancel", id="confirm.cancel", show=False),
 ]
 
-ALL = (APP + TASKS + TASK_DETAIL + PROPLETS + PROPLET_DETAIL + TRAFFIC + DISPATCH + LOCAL + FIRMWARE + FL
-       + FL_ROUND + ROUND_FORM + CONFIRM)
+VIEWS = (TASKS, TASK_DETAIL, PROPLETS, PROPLET_DETAIL, TRAFFIC, DISPATCH, LOCAL, FIRMWARE, FL, FL_ROUND, ROUND_FORM,
+         CONFIRM)
+ALL = APP + [b for view in VIEWS for b in view]
 BINDING_IDS = frozenset(b.id for b in ALL if b.id)
+
+
+def keymap_clashes(keymap: dict[str, str]) -> list[tuple[str, str, str]]:
+    """(key, id given it by the keymap, id that had it) for each key the keymap gives a binding that
+    another binding active in the same view keeps (the app's bindings are active in every view)."""
+    clashes = []
+    for view in VIEWS:
+        bindings = APP + view
+        for taker in bindings:
+            for key in keymap.get(taker.id or "", "").split(","):
+                for other in bindings:
+                    kept = keymap.get(other.id or "") or other.key
+                    if other is not taker and key and key in kept.split(","):
+                        clash = (key, str(taker.id), str(other.id))
+                        if clash not in clashes:
+                            clashes.append(clash)
+    return clashes
 
 # Actions that change the fleet, a device or the database (checked by `check_action` per screen).
 MUTATING = frozenset({

@@ -316,3 +316,19 @@ async def test_a_keymap_entry_with_no_key_is_reported(console: Any) -> None:
         await until(pilot, lambda: app.screen.query_one("#tasks").row_count == 1)
         await pilot.press("D")  # the default key, as the notification says
         await until(pilot, lambda: isinstance(app.screen, ConfirmModal))
+
+
+async def test_a_keymap_entry_that_takes_another_bindings_key_is_reported(console: Any) -> None:
+    """`tasks.stop: d` takes `d` from tasks.describe in the task table: Textual drops Describe's key and
+    reports the clash (to App.handle_bindings_clash) only for bindings without an id, and all of ours
+    have one, so Describe lost its key without a word. A key swap (`tasks.stop: d, tasks.describe: x`)
+    is no clash."""
+    async with console(settings=console_settings(keymap={"tasks.stop": "d", "proplets.copy": "c",
+                                                         "proplets.describe": "y"})) as (app, pilot, _core):
+        await until(pilot, lambda: any("tasks.describe" in n.message for n in app._notifications))
+        message = next(n.message for n in app._notifications if "tasks.describe" in n.message)
+        assert "d from tasks.describe (to tasks.stop)" in message, message
+        assert "proplets" not in message, message
+        await pilot.press("2")
+        await until(pilot, lambda: isinstance(app.screen, TasksScreen))
+        assert "d" not in {k for k, b in app.screen.active_bindings.items() if b.binding.id == "tasks.describe"}
