@@ -226,18 +226,26 @@ class ConsoleApp(App[None]):
             return await super().run_async(**kwargs)
         from core.config import ManagerSettings
 
-        self._core_thread = CoreThread(self.manager_settings or ManagerSettings(), self._core_closed)
-        async with self._core_thread as manager:
-            self.manager = manager
-            self.core_status = manager.status_at_start
-            log.info("manager core started on its own thread: %s", manager.status_at_start)
-            try:
-                result = await super().run_async(**kwargs)
-            finally:
-                if self.local is not None:
-                    await self.local.stop_all()
-                log.info("console closed%s; stopping the manager core",
-                         " (the terminal hung up)" if self.hung_up else "")
+        settings = self.manager_settings or ManagerSettings()
+        self._core_thread = CoreThread(settings, self._core_closed)
+        # The core starts before anything is drawn: a database that does not answer would leave the
+        # terminal blank (asyncpg waits a minute), so a slow start says what it waits for.
+        slow_start = asyncio.get_running_loop().call_later(SLOW_START_S, _say_starting_slowly, settings)
+        try:
+            async with self._core_thread as manager:
+                slow_start.cancel()
+                self.manager = manager
+                self.core_status = manager.status_at_start
+                log.info("manager core started on its own thread: %s", manager.status_at_start)
+                try:
+                    result = await super().run_async(**kwargs)
+                finally:
+                    if self.local is not None:
+                        await self.local.stop_all()
+                    log.info("console closed%s; stopping the manager core",
+                             " (the terminal hung up)" if self.hung_up else "")
+        finally:
+            slow_start.cancel()
         log.info("manager core stopped cleanly")
         return result
 
@@ -828,6 +836,19 @@ class ConsoleApp(App[None]):
 
 # How long the UI may take to close after the terminal hung up before the backstop stops the core.
 HANG_UP_GRACE_S = 5.0
+
+# After this long without a started core, the terminal (not drawn on yet) says what the start waits for.
+SLOW_START_S = 2.0
+
+
+def _say_starting_slowly(settings: ManagerSettings) -> None:
+    if settings.storage_type == "postgres":
+        database = (f"PostgreSQL at {settings.postgres_host}:{settings.postgres_port} "
+                    f"(database {settings.postgres_db})")
+    else:
+        database = f"the {settings.storage_type} database"
+    with contextlib.suppress(OSError):
+        print(f"Starting the manager: waiting for {database}. Ctrl+C cancels.", file=sys.stderr, flush=True)
 
 
 def _silence_terminal_output() -> None:

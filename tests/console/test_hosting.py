@@ -233,3 +233,37 @@ async def test_an_unreachable_broker_is_explained_on_the_dashboard(tmp_path: Pat
     app = ConsoleApp(settings=console_settings(), manager_settings=manager)
     await app.run_async(headless=True, size=(140, 40), auto_pilot=read_the_dashboard)
     assert "Cannot reach the MQTT broker" in seen["text"], seen.get("text")
+
+
+async def test_a_slow_start_says_what_it_waits_for_and_how_to_cancel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """The core starts before the console draws anything: a database that does not answer kept the
+    terminal blank for a minute (asyncpg's connect timeout), with no word of what it waited for."""
+    import socket
+
+    import console.app
+
+    monkeypatch.setattr(console.app, "SLOW_START_S", 0.2)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        port = silent.getsockname()[1]
+        manager = ManagerSettings(storage_type="postgres", postgres_host="127.0.0.1", postgres_port=port,
+                                  mqtt_address="mqtt://127.0.0.1:9", http_enabled=False, _env_file=None)
+        app = ConsoleApp(settings=console_settings(), manager_settings=manager)
+        running = asyncio.ensure_future(app.run_async(headless=True, size=(140, 40)))
+        said = ""
+        for _ in range(100):
+            said += capsys.readouterr().err
+            if "Ctrl+C" in said:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("nothing was said while the manager was starting")
+        assert f"PostgreSQL at 127.0.0.1:{port}" in said, said
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(running, 20)
+    finally:
+        silent.close()
