@@ -16,6 +16,11 @@ from console import keys
 from console.filtering import RowFilter
 from console.widgets import CommandBar, FilterBar, FleetHeader, KeyHints, WordSuggester
 
+# A filter being typed is applied at once, then at most once per this many seconds while keys keep
+# coming: a table of 1,000 rows takes 0.1-0.2 s to fill again, and each key typed meanwhile filled it
+# again, so the list fell further behind the keys the faster one typed.
+FILTER_SETTLE_S = 0.1
+
 if TYPE_CHECKING:
     from console.app import ConsoleApp
 
@@ -39,6 +44,8 @@ class ConsoleScreen(Screen[None]):
         super().__init__(**kwargs)
         self.row_filter = RowFilter()
         self._filter_changed = False
+        self._filter_applied_at = 0.0  # perf_counter() when a typed filter was last applied
+        self._filter_timer: Any = None
         self.flushed_at = 0.0  # perf_counter() of the last catch-up with the fleet's state
         self.hidden_at = 0.0  # perf_counter() of when another screen last covered this one
 
@@ -117,8 +124,18 @@ class ConsoleScreen(Screen[None]):
     def _filter_text(self, event: FilterBar.FilterChanged) -> None:
         self.row_filter = RowFilter.parse(event.text)
         self._filter_changed = True
-        # Typing is rare compared with the cadence; apply at once so the list follows the keys.
-        self.flush()
+        # Not left to the cadence, so the list follows the keys; but coalesced (FILTER_SETTLE_S).
+        wait = self._filter_applied_at + FILTER_SETTLE_S - time.perf_counter()
+        if wait <= 0:
+            self._apply_filter()
+        elif self._filter_timer is None:
+            self._filter_timer = self.set_timer(wait, self._apply_filter)
+
+    def _apply_filter(self) -> None:
+        self._filter_timer = None
+        if self._filter_changed:  # not already applied by the cadence meanwhile
+            self.flush()
+        self._filter_applied_at = time.perf_counter()
 
     def clear_filter(self) -> bool:
         if not self.row_filter.active:

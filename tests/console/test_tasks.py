@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from console.views.tasks import TaskDetailScreen, TasksScreen
-from console.widgets import ConfirmModal
+from console.widgets import ConfirmModal, FilterBar
 from tests.console.conftest import add_body, open_view, table_rows, until
 from tests.wire import SyntheticProplet
 
@@ -47,6 +47,26 @@ async def test_rows_are_updated_in_place_by_key_as_tasks_change_state(console: A
         await pilot.press("1")
         await until(pilot, lambda: "odd input 41 refused" in str(
             app.screen.query_one("#dash-failures").render()))
+
+
+async def test_a_filter_typed_fast_fills_the_table_a_few_times_not_once_per_key(console: Any) -> None:
+    # Each key filled a table of up to 1,000 rows again (0.1-0.2 s each), so fast typing fell behind.
+    async with console() as (app, pilot, core):
+        for i in range(30):
+            await core.create_task(add_body(name=f"job-{i:02d}"))
+        screen = await open_view(app, pilot, "2", TasksScreen)
+        await until(pilot, lambda: screen.table.row_count == 30)
+        fills = []
+        original = screen._rebuild
+        screen._rebuild = lambda: (fills.append(1), original())[1]  # type: ignore[method-assign]
+        await pilot.press("slash")
+        bar = screen.query_one(FilterBar)
+        text = "job-2[0-4]"
+        for n in range(1, len(text) + 1):  # keys arriving faster than a fill (a terminal's paste, fast typing)
+            bar.value = text[:n]
+        await until(pilot, lambda: sorted(r[1] for r in table_rows(screen.table)) == [
+            "job-20", "job-21", "job-22", "job-23", "job-24"])
+        assert 1 <= len(fills) <= 3, f"{len(fills)} fills for 10 keys"
 
 
 async def test_filter_with_regex_inversion_and_literal_fallback(console: Any) -> None:
