@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -25,6 +27,25 @@ def add_task(**overrides: Any) -> TaskCreate:
     body: dict[str, Any] = {"name": "add", "file": base64.b64encode(WASM).decode(), "inputs": [2, 40]}
     body.update(overrides)
     return TaskCreate.model_validate(body)
+
+
+@contextlib.contextmanager
+def commits_held(core: Any) -> Iterator[asyncio.Event]:
+    """Hold the writer's commits back until the yielded event is set (the database itself is
+    untouched): writes stay queued while the test looks at what the manager does meanwhile."""
+    gate = asyncio.Event()
+    apply = core.store.apply
+
+    async def held_apply(ops: Any) -> None:
+        await gate.wait()
+        await apply(ops)
+
+    core.store.apply = held_apply
+    try:
+        yield gate
+    finally:
+        gate.set()
+        core.store.apply = apply
 
 
 async def run_to_end(core: Any, task_id: str, timeout: float = 5.0) -> Any:
@@ -141,17 +162,8 @@ async def test_a_task_that_left_memory_with_writes_queued_is_read_after_them(man
         await eventually(lambda: "p-late" in manager.proplets)
         task = await manager.create_task(add_task())
         await manager.start_task(task.id)
-        # Hold the writer's commits back (the database itself is untouched), so the result's
-        # state change stays queued while the task leaves memory.
-        gate = asyncio.Event()
-        apply = manager.store.apply
-
-        async def held_apply(ops: Any) -> None:
-            await gate.wait()
-            await apply(ops)
-
-        manager.store.apply = held_apply
-        try:
+        # The result's state change stays queued while the task leaves memory.
+        with commits_held(manager) as gate:
             await eventually(lambda: task.id not in manager.active)
             for other in others[:4]:  # reading 4 other tasks pushes it out of the 4 held in memory
                 await asyncio.wait_for(manager.get_task(other), 5)
@@ -161,9 +173,6 @@ async def test_a_task_that_left_memory_with_writes_queued_is_read_after_them(man
             assert not read.done(), "the read must wait for the queued writes, not return the stored state"
             gate.set()
             assert (await asyncio.wait_for(read, 5)).state is TaskState.COMPLETED
-        finally:
-            gate.set()
-            manager.store.apply = apply
 
 
 async def test_error_result_fails_the_task(manager: Any, broker: Any) -> None:
@@ -645,23 +654,12 @@ async def test_a_dispatch_overtaken_by_its_proplet_going_offline_sends_no_start(
     async with SyntheticProplet(broker.url, manager.topics, "p-slow", answer=None) as p:
         await eventually(lambda: "p-slow" in manager.proplets)
         task = await manager.create_task(add_task(max_retries=1))
-        gate = asyncio.Event()
-        apply = manager.store.apply
-
-        async def held_apply(ops: Any) -> None:
-            await gate.wait()
-            await apply(ops)
-
-        manager.store.apply = held_apply
-        try:
+        with commits_held(manager):
             starting = asyncio.create_task(manager.start_task(task.id))
             await eventually(lambda: task.id in manager.active
                              and manager.active[task.id].state is TaskState.RUNNING)  # in memory only
             await p.publish(t.ALIVE, {"proplet_id": "p-slow", "status": "offline", "namespace": "default"})
             await eventually(lambda: manager.active[task.id].state is TaskState.PENDING)
-        finally:
-            gate.set()
-            manager.store.apply = apply
         await starting
         await manager.writer.barrier()
         await asyncio.sleep(0.3)
