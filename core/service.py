@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import heapq
 import itertools
@@ -23,7 +24,7 @@ from collections import OrderedDict, defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from core import protocol
 from core import topics as topic_names
@@ -90,6 +91,34 @@ HEAP_STALE_SLACK = 1024
 # again, unless a slot frees on it sooner. Both proplets refuse only for being full (the firmware's
 # slots all busy, our outbox full), which passes; a start they can never run fails with a result.
 REFUSAL_BACKOFF = 2.0
+
+_T = TypeVar("_T")
+
+
+def _one_change_at_a_time(method: Callable[..., Awaitable[_T]]) -> Callable[..., Awaitable[_T]]:
+    """A start, stop, change, upload, delete or skip of a task waits for any other one of the same
+    task to end. Each checks the task's state, awaits (a read, a commit) and then acts on what it
+    checked; interleaved, they disagreed with each other and with the database: a PUT and a start
+    both answered 200 and the task was queued with its old inputs while the database held the new
+    ones, a start racing a delete queued the deleted task again (or answered 500: the store refused
+    its write), a PUT racing a delete kept the deleted task in memory. The dispatcher and the result
+    path do not take this turn."""
+
+    @functools.wraps(method)
+    async def one_at_a_time(self: ManagerCore, task_id: str, *args: Any, **kwargs: Any) -> _T:
+        lock = self._task_turns.get(task_id)
+        if lock is None:
+            lock = self._task_turns[task_id] = asyncio.Lock()
+        self._task_turn_users[task_id] += 1
+        try:
+            async with lock:
+                return await method(self, task_id, *args, **kwargs)
+        finally:
+            self._task_turn_users[task_id] -= 1
+            if not self._task_turn_users[task_id]:
+                del self._task_turn_users[task_id], self._task_turns[task_id]
+
+    return one_at_a_time
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +197,9 @@ class ManagerCore:
         # start or a read right after a create does not go to the database. Bounded: LRU eviction.
         self._recent: OrderedDict[str, Task] = OrderedDict()
         self._recent_max = 10_000
+        # One client change of a task at a time (see _one_change_at_a_time).
+        self._task_turns: dict[str, asyncio.Lock] = {}
+        self._task_turn_users: defaultdict[str, int] = defaultdict(int)
         # Finished tasks whose result the store refused to write (task id -> the task as finished):
         # the result is not acknowledged, so its proplet sends it again, and that repeat writes it
         # again instead of being taken for an ordinary duplicate (acknowledged, the result lost).
@@ -522,6 +554,7 @@ class ManagerCore:
         await self.writer.barrier()
         return await self.store.list_task_metrics(task_id, offset, limit)
 
+    @_one_change_at_a_time
     async def update_task(self, task_id: str, body: TaskUpdate) -> Task:
         if task_id in self.active:
             raise Conflict(f"task {task_id} is queued or running; stop it before changing it")
@@ -561,6 +594,7 @@ class ManagerCore:
         recurring = body.is_recurring if body.is_recurring is not None else bool(current and current.recurring)
         return self.cron.plan(task_id, expression, timezone, recurring)
 
+    @_one_change_at_a_time
     async def upload_file(self, task_id: str, filename: str, data: bytes) -> Task:
         from core.schemas import WASM_MAGIC
 
@@ -580,6 +614,7 @@ class ManagerCore:
         self._remember(task)
         return task.copy()
 
+    @_one_change_at_a_time
     async def delete_task(self, task_id: str) -> None:
         task = self.active.get(task_id)
         if task is not None and task.state is not TaskState.PENDING:
@@ -616,6 +651,7 @@ class ManagerCore:
             raise Conflict(f"task {task.id} has unmet dependencies: {', '.join(unmet)} not finished yet; it "
                            "starts by itself once they have")
 
+    @_one_change_at_a_time
     async def skip_task(self, task_id: str, why: str) -> None:
         """A task that will not run (its run_if does not hold, or its job ended): skipped."""
         if task_id in self.active:
@@ -741,6 +777,7 @@ class ManagerCore:
                     await self.stop_task(task.id)
         await self.groups.settle()
 
+    @_one_change_at_a_time
     async def start_task(self, task_id: str, *, dependencies_met: bool = False) -> Task:
         """Queue a task for dispatch (or re-run a finished one). Returns once that is stored.
         `dependencies_met`: the caller has just checked them (the workflow coordinator)."""
@@ -805,6 +842,7 @@ class ManagerCore:
         if dispatched:
             await self.writer.submit(self.store.op_update_task_state(before))
 
+    @_one_change_at_a_time
     async def stop_task(self, task_id: str) -> Task:
         task = self.active.get(task_id)
         if task is None:

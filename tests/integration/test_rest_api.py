@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from core import topics as t
+from tests.conftest import unique
 from tests.wire import SyntheticProplet, eventually
 
 WASM = b"\0asm\x01\0\0\0"
@@ -332,3 +333,52 @@ async def test_a_body_over_the_limit_is_refused_while_it_streams(manager_factory
         assert r.status_code == 413 and "request body over 1 MiB" in r.json()["error"], r.text
         r = await client.post("/tasks", content=b"x" * (2 * 1024 * 1024), headers={"content-type": "application/json"})
         assert r.status_code == 413 and "request body over 1 MiB" in r.json()["error"], r.text
+
+
+
+@pytest.mark.parametrize("after_restart", [False, True], ids=["remembered", "read-from-the-database"])
+@pytest.mark.parametrize("requests", [
+    [("POST", "/start", None), ("POST", "/start", None)],
+    [("DELETE", "", None), ("POST", "/start", None)],
+    [("PUT", "", {"inputs": [7]}), ("POST", "/start", None)],
+    [("POST", "/start", None), ("PUT", "", {"inputs": [7]})],
+    [("DELETE", "", None), ("PUT", "", {"inputs": [7]})],
+    [("POST", "/start", None), ("POST", "/stop", None), ("DELETE", "", None), ("PUT", "", {"inputs": [7]})],
+], ids=["start-start", "delete-start", "put-start", "start-put", "delete-put", "start-stop-delete-put"])
+async def test_concurrent_requests_on_one_task_agree_with_each_other_and_the_database(
+        manager_factory: Any, tmp_path: Any, requests: list[tuple[str, str, Any]], after_restart: bool) -> None:
+    """Before: a PUT and a start both answered 200 and the task was queued with its old inputs while
+    the database held the new ones; a start or a PUT racing a delete kept the deleted task in memory
+    (or the start answered 500)."""
+    import asyncio
+
+    same = {"sqlite_path": tmp_path / "race.db", "tenant_id": unique("t")}
+    codes: list[int] = []
+    in_memory: dict[str, Any] | None = None
+
+    async def race(client: httpx.AsyncClient, task_id: str) -> None:
+        nonlocal codes, in_memory
+        answers = await asyncio.gather(*(client.request(method, f"/tasks/{task_id}{suffix}", json=body)
+                                         for method, suffix, body in requests))
+        codes = [a.status_code for a in answers]
+        assert set(codes) <= {200, 204, 404, 409}, [a.text for a in answers]
+        r = await client.get(f"/tasks/{task_id}")
+        in_memory = r.json() if r.status_code == 200 else None
+
+    async with manager_factory(**same) as core, httpx.AsyncClient(base_url=core.api_url, timeout=10) as client:
+        task_id = (await create(client, inputs=[1]))["id"]
+        if not after_restart:
+            await race(client, task_id)  # on the task as the manager that created it remembers it
+    if after_restart:
+        async with manager_factory(**same) as core, httpx.AsyncClient(base_url=core.api_url, timeout=10) as client:
+            await race(client, task_id)
+    async with manager_factory(**same) as core, httpx.AsyncClient(base_url=core.api_url, timeout=10) as client:
+        r = await client.get(f"/tasks/{task_id}")
+        stored = r.json() if r.status_code == 200 else None
+
+    def view(task: dict[str, Any] | None) -> dict[str, Any] | None:
+        return task and {k: task[k] for k in ("state", "inputs")}
+
+    assert view(in_memory) == view(stored), codes
+    if [r[1] for r in requests] == ["/start", "/start"]:
+        assert sorted(codes) == [200, 409], codes
