@@ -776,6 +776,14 @@ class ManagerCore:
                 with contextlib.suppress(Conflict):
                     await self.stop_task(task.id)
         await self.groups.settle()
+        # The coordinator skips what waits once a stopped task ends the job; with nothing queued or
+        # running (a job not started yet) nothing ended it, and its tasks stayed pending, still
+        # startable, after a stop that answered 200. Skip what has not started here too.
+        for task in tasks:
+            if never_started(task, self):
+                with contextlib.suppress(Conflict, NotFound):
+                    await self.skip_task(task.id, f"job {job_id} was stopped")
+        await self.groups.settle()
 
     @_one_change_at_a_time
     async def start_task(self, task_id: str, *, dependencies_met: bool = False) -> Task:

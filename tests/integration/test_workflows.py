@@ -252,3 +252,18 @@ async def test_a_dependent_released_while_the_manager_was_down_starts_after_a_re
 
         await eventually(dependent_done, timeout=10)
         assert core.groups.advances >= 1 and core.groups.errors == 0
+
+
+async def test_stopping_a_job_with_nothing_running_skips_its_tasks(api: httpx.AsyncClient) -> None:
+    """Before: only queued and running tasks were stopped and the coordinator skipped the rest once
+    one of them ended; with none (a job not started yet) the stop answered 200, its tasks stayed
+    pending and the job could still be started."""
+    first, second = task(), task()
+    second["depends_on"] = [first["id"]]
+    job = (await api.post("/jobs", json={"tasks": [first, second]})).json()
+    path = f"/jobs/{job['job_id']}"
+    r = await api.post(f"{path}/stop")
+    assert r.status_code == 200, r.text
+    body = await settled(api, path, {first["id"]: "skipped", second["id"]: "skipped"})
+    assert all(f"job {job['job_id']} was stopped" in t["reason"] for t in body["tasks"])
+    assert (await api.post(f"{path}/start")).status_code == 409
