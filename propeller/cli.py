@@ -56,6 +56,12 @@ def main(ctx: click.Context, config_file: Path | None, read_only: bool | None, t
         if not config_file.is_file():
             raise click.UsageError(f"config file {config_file} does not exist")
         os.environ["PROPELLER_CONFIG"] = str(config_file)
+    elif os.environ.get("PROPELLER_CONFIG") and not Path(os.environ["PROPELLER_CONFIG"]).is_file():
+        # Settings then come from the environment and defaults only: say so, or a typo in the path
+        # runs on the defaults unnoticed. A warning, not an error: pointing it at a missing file is
+        # also how a run (the tests) keeps ~/.config/propeller/config.yaml out.
+        click.echo(f"warning: $PROPELLER_CONFIG names {os.environ['PROPELLER_CONFIG']}, which does not "
+                   "exist; no config file is read", err=True)
     if ctx.invoked_subcommand is None and headless:
         ctx.invoke(serve)
     elif ctx.invoked_subcommand is None:

@@ -93,3 +93,19 @@ def test_schedule_options_without_a_schedule_are_refused() -> None:
         out = run("tasks", "create", "add", "--wasm", "https://files.lan/add.wasm", *extra,
                   "--manager-url", "http://127.0.0.1:9")
         assert out.returncode == 2 and "go with --schedule" in out.stderr
+
+
+def test_a_propeller_config_that_does_not_exist_is_named_in_a_warning(tmp_path: Path) -> None:
+    # --config with a missing file is an error; $PROPELLER_CONFIG with one was silently ignored, so a
+    # typo in its path ran on the defaults. It stays a warning: the tests isolate themselves with it.
+    missing = tmp_path / "typo.yaml"
+    out = run("info", env={"PROPELLER_CONFIG": str(missing)})
+    assert out.returncode == 0, out.stderr
+    assert f"$PROPELLER_CONFIG names {missing}, which does not exist" in out.stderr
+    assert f"config file   {missing} (absent)" in out.stdout
+    missing_flag = run("--config", str(missing), "info")
+    assert missing_flag.returncode == 2 and f"config file {missing} does not exist" in missing_flag.stderr
+    present = tmp_path / "config.yaml"
+    present.write_text("manager:\n  http_port: 7171\n")
+    out = run("info", env={"PROPELLER_CONFIG": str(present)})
+    assert out.returncode == 0 and "PROPELLER_CONFIG" not in out.stderr and "http_port = 7171" in out.stdout
