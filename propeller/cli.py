@@ -145,11 +145,29 @@ def info() -> None:
     click.echo(f"cache dir     {paths.cache_dir()}")
     click.echo(f"state dir     {paths.state_dir()}")
     click.echo(f"console log   {paths.console_log_file()}")
+    # What a manager started now would use: the settings below leave the broker unset by default
+    # and list sqlite_path whatever the storage type.
+    from core.store import store_from_settings
+
+    click.echo(f"database      {store_from_settings(settings).description}")
+    click.echo(f"broker        {_broker_in_use(settings)}")
     click.echo("manager settings:")
     for key, value in settings.model_dump().items():
         if key in ("api_key", "postgres_pass", "http_tokens") and value:
             value = "***"
         click.echo(f"  {key} = {value}")
+
+
+def _broker_in_use(settings: Any) -> str:
+    """The broker as ManagerCore._resolve_broker would choose it at this moment."""
+    if settings.mqtt_address:
+        return str(settings.mqtt_address)
+    from core.embedded_broker import port_is_listening
+
+    port = settings.default_broker_port
+    if port_is_listening("127.0.0.1", port):
+        return f"the one listening on 127.0.0.1:{port}"
+    return f"an in-process one on 127.0.0.1:{port} (nothing listens there now)"
 
 
 # ---- REST client -----------------------------------------------------------------------------

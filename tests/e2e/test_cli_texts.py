@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from propeller.client import ApiError, module_fields
+from tests.services import Mosquitto, free_port
 
 PROPELLER = [sys.executable, "-m", "propeller"]
 
@@ -109,3 +110,17 @@ def test_a_propeller_config_that_does_not_exist_is_named_in_a_warning(tmp_path: 
     present.write_text("manager:\n  http_port: 7171\n")
     out = run("info", env={"PROPELLER_CONFIG": str(present)})
     assert out.returncode == 0 and "PROPELLER_CONFIG" not in out.stderr and "http_port = 7171" in out.stdout
+
+
+def test_info_names_the_database_and_the_broker_a_manager_would_use(broker: Mosquitto) -> None:
+    # The settings alone said mqtt_address = None and printed sqlite_path even with storage memory.
+    port = free_port()
+    out = run("info", env={"MANAGER_DEFAULT_BROKER_PORT": str(port)})
+    sqlite_path = next(line.split(" = ", 1)[1] for line in out.stdout.splitlines() if "sqlite_path = " in line)
+    assert f"database      sqlite {sqlite_path}\n" in out.stdout
+    assert f"broker        an in-process one on 127.0.0.1:{port} (nothing listens there now)\n" in out.stdout
+    out = run("info", env={"MANAGER_STORAGE_TYPE": "memory", "MANAGER_MQTT_ADDRESS": "mqtt://broker.lan:1884"})
+    assert "database      sqlite (in memory)\n" in out.stdout
+    assert "broker        mqtt://broker.lan:1884\n" in out.stdout
+    out = run("info", env={"MANAGER_DEFAULT_BROKER_PORT": str(broker.port)})
+    assert f"broker        the one listening on 127.0.0.1:{broker.port}\n" in out.stdout
