@@ -627,7 +627,13 @@ class ManagerCore:
         self.cron.forget(task_id)
         await self.writer.write(self.store.op_delete_task(task_id))
         self.events.emit(TaskDeleted(task_id))
-        if deleted.workflow_id or deleted.job_id:
+        if task is not None and deleted.job_id:
+            # A queued or running task of a job deleted is stopped first, and an interrupted task
+            # ends its job. Looked at as a group only, a sequential job whose running task went left
+            # the next one, now its first, for start_job to start: pending for ever.
+            deleted.state = TaskState.INTERRUPTED
+            self.groups.finished(deleted)
+        elif deleted.workflow_id or deleted.job_id:
             # Its dependents will never see it finish: they are skipped now, not left waiting.
             self.groups.finished_group(deleted.workflow_id, deleted.job_id)
 

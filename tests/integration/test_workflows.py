@@ -267,3 +267,19 @@ async def test_stopping_a_job_with_nothing_running_skips_its_tasks(api: httpx.As
     body = await settled(api, path, {first["id"]: "skipped", second["id"]: "skipped"})
     assert all(f"job {job['job_id']} was stopped" in t["reason"] for t in body["tasks"])
     assert (await api.post(f"{path}/start")).status_code == 409
+
+
+async def test_deleting_the_running_task_of_a_sequential_job_ends_the_job(api: httpx.AsyncClient) -> None:
+    """Before: the deleted task never finished, and the next one, now first of the job, was left for
+    start_job to start: it stayed pending for ever (the job running)."""
+    hang, after = task("hang"), task()
+    job = (await api.post("/jobs", json={"tasks": [hang, after], "execution_mode": "sequential"})).json()
+    path = f"/jobs/{job['job_id']}"
+    await api.post(f"{path}/start")
+
+    async def dispatched() -> bool:
+        return (await states(api, path))[hang["id"]] in ("scheduled", "running")
+
+    await eventually(dispatched, timeout=10)
+    assert (await api.delete(f"/tasks/{hang['id']}")).status_code == 204
+    await settled(api, path, {after["id"]: "skipped"})
