@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import weakref
 from typing import Any
 
 from amqtt.broker import Broker
+from amqtt.contexts import ListenerConfig
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.plugins.base import BaseAuthPlugin
 from amqtt.session import Session
@@ -60,11 +62,41 @@ def port_is_listening(host: str, port: int, timeout: float = 0.3) -> bool:
         return False
 
 
+class _Broker(Broker):
+    """amqtt's broker, with a session taken over by a new connection left to that connection.
+
+    A client that reconnects with clean_session off while the broker still holds its old connection
+    (a proplet back from a power cut or a cut link before its keep-alive ran out) shares one Session
+    object with it. amqtt closes the old connection, whose clean-up then marks that shared session
+    disconnected and publishes its Last Will: the new connection stayed deaf (its messages were queued
+    as if it were away) and the manager read 'offline'. The old connection's clean-up now only stops
+    it. Overrides private methods of amqtt 0.12.1 (pinned in pyproject.toml).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._taken_over: weakref.WeakSet[BrokerProtocolHandler] = weakref.WeakSet()
+
+    async def _authenticate(self, session: Session, listener: ListenerConfig) -> bool:
+        # Runs for each CONNECT just before amqtt's take-over: note the connection it replaces.
+        current = self._sessions.get(session.client_id) if session.client_id else None
+        if current is not None and current[0] is session and session.transitions.is_connected():
+            self._taken_over.add(current[1])
+        return await super()._authenticate(session, listener)
+
+    async def _handle_disconnect(self, client_session: Session, handler: BrokerProtocolHandler,
+                                 disconnect_waiter: asyncio.Future[Any]) -> None:
+        if handler in self._taken_over:
+            await self._stop_handler(handler)
+            return
+        await super()._handle_disconnect(client_session, handler, disconnect_waiter)
+
+
 class EmbeddedBroker:
     def __init__(self, host: str = "127.0.0.1", port: int = 1883) -> None:
         self.host = host
         self.port = port
-        self._broker: Broker | None = None
+        self._broker: _Broker | None = None
 
     async def start(self) -> None:
         if self.port == 0:
@@ -79,7 +111,7 @@ class EmbeddedBroker:
         # amqtt logs every connection at INFO; keep the operator's log readable.
         logging.getLogger("amqtt").setLevel(logging.WARNING)
         logging.getLogger("transitions").setLevel(logging.WARNING)
-        self._broker = Broker(config)
+        self._broker = _Broker(config)
         await self._broker.start()
         log.info("started the in-process MQTT broker on %s:%d", self.host, self.port)
 

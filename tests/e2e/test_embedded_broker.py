@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import os
 import signal
 import subprocess
@@ -13,11 +15,13 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.test_serve import PROPELLER, Serve
+from tests.e2e.test_serve import PROPELLER, Serve, _results
 from tests.services import free_port
 from tests.wire import eventually
 
 pytestmark = pytest.mark.serial
+
+ADD_WASM = Path(__file__).parents[2] / "examples" / "add.wasm"
 
 
 @pytest.fixture
@@ -33,20 +37,33 @@ def serve(tmp_path: Path) -> Iterator[Serve]:
         server.proc.wait()
 
 
+class Proplets:
+    """Real `propeller proplet` processes called edge-1 on the in-process broker of `serve`."""
+
+    def __init__(self, serve: Serve, tmp_path: Path) -> None:
+        self.serve = serve
+        self.tmp_path = tmp_path
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, keep_alive: int) -> subprocess.Popen[bytes]:
+        port = self.serve.env["MANAGER_DEFAULT_BROKER_PORT"]
+        env = dict(self.serve.env, PROPLET_MQTT_ADDRESS=f"mqtt://127.0.0.1:{port}", PROPLET_ENTITY_ID="edge-1",
+                   PROPLET_MQTT_KEEP_ALIVE=str(keep_alive))
+        log = (self.tmp_path / f"proplet-{len(self.procs)}.log").open("ab")
+        proc = subprocess.Popen([*PROPELLER, "proplet"], env=env, stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        return proc
+
+
 @pytest.fixture
-def proplet(serve: Serve, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """A real `propeller proplet` on the in-process broker, with a 2 s keep-alive (heartbeats every
-    10 s, so the manager's liveness timeout is 30 s and only the Last Will can mark it offline sooner)."""
+def proplets(serve: Serve, tmp_path: Path) -> Iterator[Proplets]:
     serve.start()
-    port = serve.env["MANAGER_DEFAULT_BROKER_PORT"]
-    env = dict(serve.env, PROPLET_MQTT_ADDRESS=f"mqtt://127.0.0.1:{port}", PROPLET_ENTITY_ID="edge-1",
-               PROPLET_MQTT_KEEP_ALIVE="2")
-    proc = subprocess.Popen([*PROPELLER, "proplet"], env=env, stdout=(tmp_path / "proplet.log").open("ab"),
-                            stderr=subprocess.STDOUT)
-    yield proc
-    proc.send_signal(signal.SIGCONT)
-    proc.kill()
-    proc.wait()
+    started = Proplets(serve, tmp_path)
+    yield started
+    for proc in started.procs:
+        proc.send_signal(signal.SIGCONT)
+        proc.kill()
+        proc.wait()
 
 
 async def _edge_1(api: httpx.AsyncClient) -> dict[str, Any] | None:
@@ -60,8 +77,11 @@ async def _alive(api: httpx.AsyncClient, alive: bool) -> dict[str, Any] | None:
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "frozen"])
 async def test_a_proplet_that_dies_or_goes_silent_is_offline_by_its_last_will(
-    serve: Serve, proplet: subprocess.Popen[bytes], sig: signal.Signals
+    serve: Serve, proplets: Proplets, sig: signal.Signals
 ) -> None:
+    # Heartbeats every 10 s: the manager's liveness timeout is 30 s, so only the Last Will can
+    # mark the proplet offline sooner.
+    proplet = proplets.start(keep_alive=2)
     async with httpx.AsyncClient(base_url=serve.url) as api:
         await eventually(lambda: _alive(api, True), timeout=15)
         proplet.send_signal(sig)
@@ -71,3 +91,23 @@ async def test_a_proplet_that_dies_or_goes_silent_is_offline_by_its_last_will(
         p = await eventually(lambda: _alive(api, False), timeout=8, interval=0.1)
         print(f"offline {time.monotonic() - lost:.1f}s after {sig.name}")
     assert "Last Will" in p["offline_reason"], p
+
+
+async def test_a_proplet_that_comes_back_while_the_broker_holds_its_old_connection_gets_its_tasks(
+    serve: Serve, proplets: Proplets
+) -> None:
+    # A device that lost power or its link comes back under the same id before the broker noticed
+    # (keep-alive 30 s): the broker takes the session over from the old connection.
+    old = proplets.start(keep_alive=30)
+    async with httpx.AsyncClient(base_url=serve.url) as api:
+        await eventually(lambda: _alive(api, True), timeout=15)
+        old.send_signal(signal.SIGSTOP)
+        proplets.start(keep_alive=30)
+        await asyncio.sleep(3)  # the new one connects and announces itself
+        created = await api.post("/tasks", json={"name": "add", "inputs": [40, 2], "proplet_id": "edge-1",
+                                                 "file": base64.b64encode(ADD_WASM.read_bytes()).decode()})
+        assert created.status_code == 201, created.text
+        tid = created.json()["id"]
+        assert (await api.post(f"/tasks/{tid}/start")).json() == {"started": True}
+        body = await eventually(lambda: _results(api, tid), timeout=10, interval=0.1)
+    assert body["results"] == "42", body
