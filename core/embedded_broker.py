@@ -92,6 +92,10 @@ class _Broker(Broker):
         await super()._handle_disconnect(client_session, handler, disconnect_waiter)
 
 
+def _quiet_probes(record: logging.LogRecord) -> bool:
+    return "No data to decode MQTT packet fixed header" not in record.getMessage()
+
+
 class EmbeddedBroker:
     def __init__(self, host: str = "127.0.0.1", port: int = 1883) -> None:
         self.host = host
@@ -110,6 +114,9 @@ class EmbeddedBroker:
         }
         # amqtt logs every connection at INFO; keep the operator's log readable.
         logging.getLogger("amqtt").setLevel(logging.WARNING)
+        # A connection closed before its CONNECT is what port_is_listening does (`propeller info`, a
+        # second manager looking for a broker); amqtt logs each as an ERROR and a WARNING.
+        logging.getLogger("amqtt.broker").addFilter(_quiet_probes)
         logging.getLogger("transitions").setLevel(logging.WARNING)
         self._broker = _Broker(config)
         await self._broker.start()

@@ -111,3 +111,16 @@ async def test_a_proplet_that_comes_back_while_the_broker_holds_its_old_connecti
         assert (await api.post(f"/tasks/{tid}/start")).json() == {"started": True}
         body = await eventually(lambda: _results(api, tid), timeout=10, interval=0.1)
     assert body["results"] == "42", body
+
+
+def test_probing_the_in_process_broker_logs_no_error(serve: Serve) -> None:
+    # `propeller info` and a second manager check whether something listens on the port by
+    # connecting and closing: amqtt logged each check as an ERROR in the serving manager's log.
+    serve.start()
+    info = subprocess.run([*PROPELLER, "info"], env=serve.env, capture_output=True, text=True, timeout=30)
+    port = serve.env["MANAGER_DEFAULT_BROKER_PORT"]
+    assert f"broker        the one listening on 127.0.0.1:{port}" in info.stdout
+    time.sleep(0.5)
+    assert serve.stop() == 0
+    log = serve.log.read_text()
+    assert "ERROR" not in log and "Failed to initialize client session" not in log, log
