@@ -9,7 +9,8 @@ starts once the one before it completed. A failed or interrupted task ends its j
 is stopped and what has not started is skipped.
 
 Upstream's semantics (reference §6.8) with its defects fixed: `sequential` waits for each task
-instead of starting them all at once; `run_if` is honoured in jobs too; a skipped task releases its
+instead of starting them all at once; `run_if` is read in jobs too (though there a failed task ends
+the job first, so a `run_if: failure` dependent is skipped with the rest); a skipped task releases its
 own dependents at once instead of at the next unrelated event; an unmet dependency on a manual
 start is a 409 with the names of the tasks it waits for, not a 500; GET /jobs/{id} answers 200.
 Dependencies are checked for existence and cycles when the tasks are created.
