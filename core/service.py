@@ -1562,10 +1562,7 @@ class ManagerCore:
                 # Acknowledged once stored, as one proplet's result is: left for the end of the
                 # broadcast, each answer came again every few seconds from its outbox until the
                 # slowest proplet had answered.
-                attempt = task.attempt
-                committed.add_done_callback(
-                    lambda f: None if f.cancelled() or f.exception() is not None
-                    else self._ack_result(msg.proplet_id, task.id, attempt))
+                self._ack_once_stored(committed, msg.proplet_id, task)
             return
         # Refused results are still acknowledged: the decision is final, and the sender's outbox
         # must not send them forever.
@@ -1606,37 +1603,34 @@ class ManagerCore:
             self._note_module_held(msg.proplet_id, task.wasm_digest)
         committed = await self._transition(task, new, detail, durable=acks)
         if committed is not None:
-            attempt = task.attempt
-
-            def ack_once_stored(f: asyncio.Future[None]) -> None:
-                if f.cancelled():
-                    return
-                if f.exception() is None:
-                    self._ack_result(msg.proplet_id, task.id, attempt)
-                else:
-                    self._unstored_results[task.id] = task
-                    while len(self._unstored_results) > self._recent_max:
-                        del self._unstored_results[next(iter(self._unstored_results))]
-
-            committed.add_done_callback(ack_once_stored)
+            self._ack_once_stored(committed, msg.proplet_id, task, keep_if_refused=True)
 
     async def _store_result_again(self, task: Task, proplet_id: str) -> None:
         """Write a finished task whose first write the store refused; acknowledge once stored."""
-        attempt = task.attempt
         committed = await self.writer.enqueue(
             self.store.op_update_task_state(task),
-            self.store.op_task_event(TaskEvent(task.id, task.state, utcnow(), attempt, task.proplet_id,
+            self.store.op_task_event(TaskEvent(task.id, task.state, utcnow(), task.attempt, task.proplet_id,
                                                f"{task.state.label}: stored when {proplet_id} sent the result again")))
+        self._ack_once_stored(committed, proplet_id, task, keep_if_refused=True)
 
-        def ack_once_stored(f: asyncio.Future[None]) -> None:
+    def _ack_once_stored(self, committed: asyncio.Future[None], proplet_id: str, task: Task, *,
+                         keep_if_refused: bool = False) -> None:
+        """Acknowledge the task's result to its proplet once `committed` has stored it. With
+        `keep_if_refused`, a result the store refused waits in `_unstored_results` for the proplet's
+        repeat (unless the task runs again meanwhile): unacknowledged, it is sent again."""
+        attempt = task.attempt
+
+        def done(f: asyncio.Future[None]) -> None:
             if f.cancelled():
                 return
             if f.exception() is None:
                 self._ack_result(proplet_id, task.id, attempt)
-            elif task.id not in self.active:
-                self._unstored_results.setdefault(task.id, task)  # not yet: the next repeat tries again
+            elif keep_if_refused and task.id not in self.active:
+                self._unstored_results[task.id] = task
+                while len(self._unstored_results) > self._recent_max:
+                    del self._unstored_results[next(iter(self._unstored_results))]
 
-        committed.add_done_callback(ack_once_stored)
+        committed.add_done_callback(done)
 
     def _note_module_held(self, proplet_id: str, digest: str) -> None:
         held = self._modules_held.setdefault(proplet_id, OrderedDict())
