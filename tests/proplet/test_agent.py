@@ -288,28 +288,9 @@ def test_generated_id_is_kept(tmp_path: Path) -> None:
     assert first.startswith("proplet-") and generated_entity_id(tmp_path) == first
 
 
+@pytest.mark.parametrize("runtime", ["internal", "external"])
 async def test_directories_need_both_the_task_and_the_proplet(manager: Any, proplet_factory: PropletFactory,
-                                                              tmp_path: Path) -> None:
-    allowed = tmp_path / "allowed"
-    allowed.mkdir()
-    (allowed / "in.txt").write_text("from the host")
-    secret = tmp_path / "secret"
-    secret.mkdir()
-    (secret / "in.txt").write_text("must not be read")
-    async with proplet_factory(manager, "p-dirs", dirs=[str(allowed)]):
-        ok = await run_task(manager, name="_start", file=b64(wasm("fsio")),
-                            inputs=["read", str(allowed / "in.txt")], cli_args=["--dir", str(allowed)])
-        assert ok.state is TaskState.COMPLETED and "from the host" in ok.results, ok.error
-        refused = await run_task(manager, name="_start", file=b64(wasm("fsio")),
-                                 inputs=["read", str(secret / "in.txt")], cli_args=["--dir", str(secret)])
-        assert "must not be read" not in (refused.results or "") and refused.state is TaskState.FAILED
-        unasked = await run_task(manager, name="_start", file=b64(wasm("fsio")),
-                                 inputs=["read", str(allowed / "in.txt")])
-        assert unasked.state is TaskState.FAILED
-
-
-async def test_directories_need_both_the_task_and_the_proplet_on_the_external_runtime_too(
-        manager: Any, proplet_factory: PropletFactory, tmp_path: Path) -> None:
+                                                              tmp_path: Path, runtime: str) -> None:
     # The external runtime passed the task's cli_args to wasmtime as they came, `--dir X` with
     # them: a directory PROPLET_DIRS refused was opened to the guest all the same.
     from tests.wasmfixtures import wasmtime_cli
@@ -320,7 +301,8 @@ async def test_directories_need_both_the_task_and_the_proplet_on_the_external_ru
     secret = tmp_path / "secret"
     secret.mkdir()
     (secret / "in.txt").write_text("must not be read")
-    async with proplet_factory(manager, "p-ext-dirs", dirs=[str(allowed)], external_wasm_runtime=wasmtime_cli()):
+    extra = {"external_wasm_runtime": wasmtime_cli()} if runtime == "external" else {}
+    async with proplet_factory(manager, f"p-dirs-{runtime}", dirs=[str(allowed)], **extra):
         ok = await run_task(manager, name="_start", file=b64(wasm("fsio")),
                             inputs=["read", str(allowed / "in.txt")], cli_args=["--dir", str(allowed)])
         assert ok.state is TaskState.COMPLETED and "from the host" in ok.results, ok.error
@@ -329,6 +311,9 @@ async def test_directories_need_both_the_task_and_the_proplet_on_the_external_ru
                                      inputs=["read", str(secret / "in.txt")], cli_args=cli_args)
             assert "must not be read" not in (refused.results or ""), cli_args
             assert refused.state is TaskState.FAILED
+        unasked = await run_task(manager, name="_start", file=b64(wasm("fsio")),
+                                 inputs=["read", str(allowed / "in.txt")])
+        assert unasked.state is TaskState.FAILED
 
 
 async def test_network_is_refused_however_the_task_spells_the_wasi_option(
