@@ -2,7 +2,7 @@
  * every message it sends about it. */
 #include "testing.h"
 
-#define PREFIX "m/acme/c/ch/"
+#define PREFIX TEST_PREFIX
 
 static proplet_t proplet;
 static proplet_t *const p = &proplet;
@@ -15,23 +15,7 @@ static int setup(void **state)
     (void)state;
     fake_engine_reset();
     fake_port_reset();
-    proplet_config_t cfg = {
-        .proplet_id = "dev-1",
-        .domain = "acme",
-        .channel = "ch",
-        .slots = 2,
-        .max_module_bytes = 4096,
-        .stack_bytes = 8192,
-        .max_memory_bytes = 1 << 20,
-        .heartbeat_ms = 10000,
-        .metrics_ms = 30000,
-        .default_timeout_ms = 0,
-        .fetch_retry_ms = 2000,
-        .fetch_retries = 2,
-        .cpu_mhz = 240,
-        .os = "test",
-        .cpu_arch = "none",
-    };
+    proplet_config_t cfg = test_config();
     proplet_port_t port = fake_port_make();
     char err[100];
     assert_true(proplet_init(p, &cfg, &port, err, sizeof err));
@@ -51,9 +35,7 @@ static int teardown(void **state)
 
 static void deliver(const char *suffix, const char *payload)
 {
-    char topic[PROPLET_TOPIC_MAX + 1];
-    snprintf(topic, sizeof topic, PREFIX "%s", suffix);
-    proplet_on_message(p, topic, strlen(topic), payload, strlen(payload));
+    test_deliver(p, suffix, payload);
 }
 
 /* A start for `name` with the fake module inline; extra is spliced into the JSON object. */
@@ -71,14 +53,6 @@ static void start_attempt(const char *id, const char *name, const char *inputs, 
 static void start(const char *id, const char *name, const char *inputs, const char *extra)
 {
     start_attempt(id, name, inputs, 1, extra);
-}
-
-static void expect_contains(const char *text, const char *needle)
-{
-    if (text == NULL)
-        fail_msg("expected a message containing '%s', got none", needle);
-    if (strstr(text, needle) == NULL)
-        fail_msg("'%s' does not contain '%s'", text, needle);
 }
 
 static void runs_an_inline_task_and_reports_it(void **state)
@@ -431,7 +405,7 @@ static void sends_a_result_again_until_the_manager_acknowledges_it(void **state)
      * not even parsed: malformed, it is not counted as invalid here. */
     deliver(TOPIC_RESULT_ACK, "{\"task_id\":\"t-50\",\"proplet_id\":\"dev-2\",\"attempt\":1}");
     deliver(TOPIC_RESULT_ACK, "{\"task_id\":\"t-50\",\"proplet_id\":\"dev-2\",\"more\":[[1,2]]}");
-    deliver(TOPIC_RESULT_ACK, "{\"task_id\":\"t-50\",\"proplet_id\":\"dev-12\",\"attempt\":1}");
+    deliver(TOPIC_RESULT_ACK, "{\"task_id\":\"t-50\",\"proplet_id\":\"dev-12\",\"more\":[[1,2]]}");
     assert_int_equal(p->counters.messages_invalid, 0);
     deliver(TOPIC_RESULT_ACK, "{\"task_id\":\"t-50\",\"proplet_id\":\"dev-1\",\"more\":[[1,2]]}");
     assert_int_equal(p->counters.messages_invalid, 1);

@@ -7,7 +7,7 @@
 
 #include "../src/core/signature.h"
 
-#define PREFIX "m/acme/c/ch/"
+#define PREFIX TEST_PREFIX
 
 static uint8_t trusted_pk[crypto_sign_PUBLICKEYBYTES], trusted_sk[crypto_sign_SECRETKEYBYTES];
 static uint8_t other_pk[crypto_sign_PUBLICKEYBYTES], other_sk[crypto_sign_SECRETKEYBYTES];
@@ -52,19 +52,7 @@ static void init_proplet(bool with_key)
 {
     fake_engine_reset();
     fake_port_reset();
-    proplet_config_t cfg = {
-        .proplet_id = "dev-1",
-        .domain = "acme",
-        .channel = "ch",
-        .slots = 2,
-        .max_module_bytes = 4096,
-        .stack_bytes = 8192,
-        .max_memory_bytes = 1 << 20,
-        .heartbeat_ms = 10000,
-        .metrics_ms = 30000,
-        .fetch_retry_ms = 2000,
-        .fetch_retries = 2,
-    };
+    proplet_config_t cfg = test_config();
     if (with_key)
         assert_true(trusted_keys_add(&cfg.trusted_keys, trusted_pk));
     proplet_port_t port = fake_port_make();
@@ -101,9 +89,7 @@ static int teardown(void **state)
 
 static void deliver(const char *suffix, const char *payload)
 {
-    char topic[PROPLET_TOPIC_MAX + 1];
-    snprintf(topic, sizeof topic, PREFIX "%s", suffix);
-    proplet_on_message(p, topic, strlen(topic), payload, strlen(payload));
+    test_deliver(p, suffix, payload);
 }
 
 /* A start of the fake module's "add" with 2 and 40; digest and signature left out when NULL. */
@@ -121,14 +107,6 @@ static void start(const char *id, const char *digest, const char *signature)
              "\"proplet_id\":\"dev-1\",\"attempt\":1%s}",
              id, module_b64, extra);
     deliver(TOPIC_START, json);
-}
-
-static void expect_contains(const char *text, const char *needle)
-{
-    if (text == NULL)
-        fail_msg("expected a message containing '%s', got none", needle);
-    if (strstr(text, needle) == NULL)
-        fail_msg("'%s' does not contain '%s'", text, needle);
 }
 
 static void expect_failed_result(size_t n, const char *id, const char *error)

@@ -57,6 +57,48 @@ static inline void b64_encode(const uint8_t *data, size_t len, char *out)
     out[o] = '\0';
 }
 
+/* ---- the proplet the proplet tests drive: "dev-1" in domain acme, channel ch ---- */
+
+#define TEST_PREFIX "m/acme/c/ch/"
+
+static inline proplet_config_t test_config(void)
+{
+    proplet_config_t cfg = {
+        .proplet_id = "dev-1",
+        .domain = "acme",
+        .channel = "ch",
+        .slots = 2,
+        .max_module_bytes = 4096,
+        .stack_bytes = 8192,
+        .max_memory_bytes = 1 << 20,
+        .heartbeat_ms = 10000,
+        .metrics_ms = 30000,
+        .default_timeout_ms = 0,
+        .fetch_retry_ms = 2000,
+        .fetch_retries = 2,
+        .cpu_mhz = 240,
+        .os = "test",
+        .cpu_arch = "none",
+    };
+    return cfg;
+}
+
+/* `payload` on the proplet's topic `suffix`, as the MQTT client hands it over. */
+static inline void test_deliver(proplet_t *p, const char *suffix, const char *payload)
+{
+    char topic[PROPLET_TOPIC_MAX + 1];
+    snprintf(topic, sizeof topic, TEST_PREFIX "%s", suffix);
+    proplet_on_message(p, topic, strlen(topic), payload, strlen(payload));
+}
+
+static inline void expect_contains(const char *text, const char *needle)
+{
+    if (text == NULL)
+        fail_msg("expected a message containing '%s', got none", needle);
+    if (strstr(text, needle) == NULL)
+        fail_msg("'%s' does not contain '%s'", text, needle);
+}
+
 /* ---- a fake port: single-threaded, records publishes ---- */
 
 #define RECORDED_MAX 64

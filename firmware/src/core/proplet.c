@@ -1074,10 +1074,10 @@ static void send_metrics(proplet_t *p, char *buf)
 
 /* Under the lock: check one slot's time limit and chunk transfer. */
 static void tick_slot(proplet_t *p, slot_t *s, uint64_t now, task_ref_t *failed_ref,
-                      char *failed_error, size_t *request_len, bool *fell_back_to_json)
+                      char *failed_error, size_t *request_len, char fell_back_for[PROPLET_ID_MAX + 1])
 {
     *request_len = 0;
-    *fell_back_to_json = false;
+    fell_back_for[0] = '\0';
     failed_error[0] = '\0';
     bool overdue = s->deadline_ms > 0 && now >= s->deadline_ms;
     if (s->state == SLOT_RUNNING) {
@@ -1109,7 +1109,7 @@ static void tick_slot(proplet_t *p, slot_t *s, uint64_t now, task_ref_t *failed_
                  * ACL drops registry/server/binary. Upstream's JSON chunks for a while (the
                  * caller logs it, outside the lock). */
                 p->json_chunks_until_ms = now + PROPLET_JSON_CHUNKS_MS;
-                *fell_back_to_json = true;
+                memcpy(fell_back_for, s->task.id, PROPLET_ID_MAX + 1);
             }
             /* Resume: name only the chunks still missing (all of them before the first). */
             uint32_t missing[PROPLET_MISSING_PER_REQUEST];
@@ -1131,12 +1131,9 @@ void proplet_tick(proplet_t *p)
         task_ref_t ref;
         char error[PROPLET_ERROR_TEXT_MAX + 1];
         size_t request_len;
-        bool fell_back_to_json;
-        char fell_back_for[PROPLET_ID_MAX + 1] = "";
+        char fell_back_for[PROPLET_ID_MAX + 1];
         lock(p);
-        tick_slot(p, &p->slots[i], now_ms(p), &ref, error, &request_len, &fell_back_to_json);
-        if (fell_back_to_json)
-            memcpy(fell_back_for, p->slots[i].task.id, sizeof fell_back_for);
+        tick_slot(p, &p->slots[i], now_ms(p), &ref, error, &request_len, fell_back_for);
         unlock(p);
         /* Logged once unlocked: a device's log writes to the UART and may block. */
         if (fell_back_for[0] != '\0')
