@@ -32,10 +32,11 @@ from core.mqtt import BrokerUnavailable, MqttBus, parse_broker_url
 from core.protocol import InvalidMessage, ResultMessage, StartMessage
 from core.signing import SignatureError
 from core.topics import Topics
-from proplet.config import PropletSettings
+from proplet.config import PropletSettings, total_memory
 from proplet.federated import FederatedClient, FederatedError, is_round_task
 from proplet.outbox import Outbox
 from proplet.runtime import Invocation, ModuleError, Runtime, RuntimeConfig, runtime_from_config
+from proplet.runtime.api import mib
 from proplet.sources import ChunkSource, FetchError, HttpSource, InlineSource, ModuleFetcher, WasmRef
 
 log = logging.getLogger(__name__)
@@ -207,7 +208,7 @@ class PropletAgent:
                 "os": platform.system().lower(),
                 "hostname": socket.gethostname(),
                 "cpu_arch": platform.machine(),
-                "total_memory_bytes": _total_memory(),
+                "total_memory_bytes": total_memory(),
             })
             ip = _local_ip()
             if ip:
@@ -347,8 +348,8 @@ class PropletAgent:
             # A task's own limit is otherwise taken as it comes: one asking for more than the box
             # has would be stopped by the kernel's OOM killer, with the proplet, not by its limit.
             raise _Refused(
-                f"task {start.id} asks for {_mib(asked)} of memory (limits.memory_bytes); proplet {self.id} "
-                f"allows at most {_mib(self.settings.task_memory_max)} per task (PROPLET_TASK_MEMORY_MAX)")
+                f"task {start.id} asks for {mib(asked)} MiB of memory (limits.memory_bytes); proplet {self.id} "
+                f"allows at most {mib(self.settings.task_memory_max)} MiB per task (PROPLET_TASK_MEMORY_MAX)")
         env = dict(start.env)
         env.setdefault("PROPLET_ID", self.id)
         return Invocation(task_id=start.id, function=start.name, inputs=start.inputs, env=env,
@@ -610,17 +611,6 @@ def _rss_bytes() -> int:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
-        return 0
-
-
-def _mib(n: int) -> str:
-    return f"{n / 1024**2:g} MiB"
-
-
-def _total_memory() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
         return 0
 
 

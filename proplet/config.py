@@ -59,11 +59,16 @@ def _boolean(value: Any) -> Any:
     return value
 
 
-def _half_the_memory() -> int:
+def total_memory() -> int:
+    """This machine's physical memory in bytes (0 if the system will not say)."""
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
-        return 4 * 1024**3  # wasm32's own ceiling
+        return 0
+
+
+def _half_the_memory() -> int:
+    return total_memory() // 2 or 4 * 1024**3  # unknown: wasm32's own ceiling
 
 
 class PropletSettings(msgspec.Struct, MqttClientOptions, kw_only=True):
@@ -146,7 +151,7 @@ class PropletSettings(msgspec.Struct, MqttClientOptions, kw_only=True):
     task_memory_max: Annotated[int, Meta(
         gt=0, description="Largest linear-memory limit a task may set (limits.memory_bytes, bytes); a task asking "
         "for more fails, naming both. Default: half this machine's memory (the figure shown is this machine's).",
-    )] = msgspec.field(default_factory=lambda: _half_the_memory())
+    )] = msgspec.field(default_factory=_half_the_memory)
     wasm_fetch_max_bytes: Annotated[int, Meta(gt=0, description="Largest module fetched (bytes).")] = 104_857_600
     http_tls_ca_cert: Annotated[str | None, Meta(description="CA bundle for https module URLs.")] = None
     http_tls_insecure_skip_verify: Annotated[bool, Meta(description="Do not verify https certificates.")] = False
