@@ -25,7 +25,6 @@ import os
 import shutil
 import signal
 import socket
-import stat
 import tempfile
 import time
 from collections import deque
@@ -51,7 +50,7 @@ from .api import (
     tail,
     wasm_kind,
 )
-from .cache import _secure_dir
+from .cache import _atomic_write, _secure_dir
 from .wasmbin import CoreExports, WasmParseError, core_exports
 
 log = logging.getLogger(__name__)
@@ -219,14 +218,17 @@ class ExternalRuntime:
         return self._dir / f"{hex_digest}.{self._cli_tag}.cwasm"
 
     async def load(self, digest: str, wasm: bytes | bytearray) -> None:
-        hex_digest = check_digest(digest)
+        await self._load(check_digest(digest), wasm, write=True)
+
+    async def _load(self, hex_digest: str, wasm: bytes | bytearray, *, write: bool) -> None:
+        """`write`: store the bytes as the module's file (not when they were just read from it)."""
         if hex_digest in self._stored:
             return
         pending = self._loading.get(hex_digest)
         if pending is None:
             # A task of its own (owned by _loading, cancelled by close()): a waiter cancelled by a
             # stop leaves the compile to finish for the others instead of abandoning its process.
-            pending = asyncio.ensure_future(self._load_now(hex_digest, wasm))
+            pending = asyncio.ensure_future(self._load_now(hex_digest, wasm, write))
             self._loading[hex_digest] = pending
             pending.add_done_callback(lambda t: self._loaded(hex_digest, t))
         await asyncio.shield(pending)
@@ -237,7 +239,7 @@ class ExternalRuntime:
         if not task.cancelled():
             task.exception()  # seen, even when every waiter was cancelled meanwhile
 
-    async def _load_now(self, hex_digest: str, wasm: bytes | bytearray) -> None:
+    async def _load_now(self, hex_digest: str, wasm: bytes | bytearray, write: bool) -> None:
         kind = wasm_kind(wasm)
         exports = None
         if kind == "module":
@@ -247,7 +249,9 @@ class ExternalRuntime:
                 raise ModuleError(f"The module is not valid WebAssembly: {e}. Rebuild it.") from None
         wasm_path = self._wasm_path(hex_digest)
         cwasm_path = self._cwasm_path(hex_digest)
-        await asyncio.to_thread(_write_atomic, wasm_path, wasm)
+        if write:
+            # Written even over a file already there: the CLI compiles from it, and it may be damaged.
+            await asyncio.to_thread(_atomic_write, wasm_path, wasm)
         if not await asyncio.to_thread(_intact, cwasm_path):
             await self._precompile(wasm_path, cwasm_path, kind)
         self._stored[hex_digest] = _Stored(kind, wasm_path, cwasm_path, exports)
@@ -297,7 +301,7 @@ class ExternalRuntime:
             with contextlib.suppress(OSError):
                 wasm_path.unlink()
             return None
-        await self.load(f"sha256:{hex_digest}", wasm)
+        await self._load(hex_digest, wasm, write=False)
         return self._stored.get(hex_digest)
 
     # ----------------------------------------------------------------------------- running
@@ -325,12 +329,9 @@ class ExternalRuntime:
 
     def _plan(self, stored: _Stored, inv: Invocation, memory: int) -> tuple[list[str], tuple[str, ...] | None, bool]:
         """The command line, the result kinds of a core export (to re-format), and command-ness."""
-        args = _without_dirs(inv.args)
-        check_cli_args(args)
+        args = _task_args(inv)
         fuel = inv.limits.fuel
-        precompiled = stored.cwasm is not None and fuel is None and not any(
-            a == f or a.startswith(f + "=") or (len(f) == 2 and a.startswith(f) and len(a) > 2)
-            for a in args for f in _CODEGEN_FLAGS)
+        precompiled = stored.cwasm is not None and fuel is None and not _changes_codegen(args)
         flags: list[str] = ["-W", f"max-memory-size={memory}", "-W", "trap-on-grow-failure=y"]
         if fuel is not None:
             flags += ["-W", f"fuel={fuel}"]
@@ -479,9 +480,8 @@ class ExternalRuntime:
             raise ServeError("Only a wasi:http/proxy component can be served over HTTP; this is a core module.")
         chosen = port if port is not None else _free_port(self.serve_host)
         argv = [self.binary, "serve", "--addr", f"{self.serve_host}:{chosen}"]
-        args = _without_dirs(inv.args)
         try:
-            check_cli_args(args)
+            args = _task_args(inv)
         except _PlanError as e:
             raise ServeError(str(e)) from None
         if not any(a.startswith("-S") and "cli" in a for a in args) and "cli" not in args:
@@ -490,7 +490,7 @@ class ExternalRuntime:
             argv += ["--env", f"{key}={value}"]
         for directory in inv.dirs:
             argv += ["--dir", directory]
-        precompiled = stored.cwasm is not None and not any(a.startswith(_CODEGEN_FLAGS) for a in args)
+        precompiled = stored.cwasm is not None and not _changes_codegen(args)
         if precompiled:
             argv.append("--allow-precompiled")
         argv += [*args, str(stored.cwasm if precompiled else stored.wasm)]
@@ -641,13 +641,17 @@ def _kill(proc: asyncio.subprocess.Process) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def _write_atomic(path: Path, data: bytes | bytearray) -> None:
-    # Written even over a file already there: the CLI compiles from it, and it may be damaged.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(tmp, stat.S_IRUSR | stat.S_IWUSR)
-    os.replace(tmp, path)
+def _task_args(inv: Invocation) -> list[str]:
+    """The task's cli_args as they go to the CLI: without `--dir` (the agent grants directories as
+    `inv.dirs`), and only if every option stays inside the sandbox (check_cli_args)."""
+    args = _without_dirs(inv.args)
+    check_cli_args(args)
+    return args
+
+
+def _changes_codegen(args: list[str]) -> bool:
+    """Whether checked args change code generation, so the precompiled file cannot be used."""
+    return any(a.startswith(_CODEGEN_FLAGS) for a in args)
 
 
 def _without_dirs(args: tuple[str, ...]) -> list[str]:
@@ -676,7 +680,7 @@ def _file_sha256(path: Path) -> str:
 
 def _seal(tmp: Path, cwasm: Path) -> None:
     """Put a fresh `wasmtime compile` output in place, with the checksum _intact() compares."""
-    _write_atomic(_checksum_path(cwasm), _file_sha256(tmp).encode())
+    _atomic_write(_checksum_path(cwasm), _file_sha256(tmp).encode())
     os.replace(tmp, cwasm)
 
 
