@@ -343,11 +343,12 @@ class ConsoleApp(App[None]):
             defaults = {b.id: b.key for b in keys.ALL}
             self.notify("console.keymap gives no key to " + ", ".join(f"{k} (it keeps {defaults[k]})" for k in keyless)
                         + ". A binding cannot be removed; give it another key.", severity="warning", timeout=10)
-        self.set_keymap({k: v for k, v in keymap.items() if k in keys.BINDING_IDS and v})
+        usable = {k: v for k, v in keymap.items() if k in keys.BINDING_IDS and v}
+        self.set_keymap(usable)
         # Textual drops the key of a binding whose key the keymap gives to another one of the same view
         # and reports it to handle_bindings_clash only when that binding has no id (all of ours have),
         # so `tasks.stop: d` took Describe's key without a word.
-        clashes = keys.keymap_clashes({k: v for k, v in keymap.items() if k in keys.BINDING_IDS and v})
+        clashes = keys.keymap_clashes(usable)
         if clashes:
             self.notify("console.keymap takes keys from other bindings: " + "; ".join(
                 f"{key} from {lost} (to {taker})" for key, taker, lost in clashes)

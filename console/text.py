@@ -37,9 +37,7 @@ class ControlCodeFilter(LineFilter):
     its clipboard. The console's own escape sequences are written from styles, never from text."""
 
     def apply(self, segments: list[Segment], background: Color) -> list[Segment]:
-        search = _CONTROL.search
-        if not any(search(segment.text) for segment in segments):
+        if not _CONTROL.search("".join(segment.text for segment in segments)):
             return segments
-        return [Segment(_CONTROL.sub("", text), style, control) if control is None and search(text)
-                else Segment(text, style, control)
-                for text, style, control in segments]
+        return [Segment(_CONTROL.sub("", segment.text), segment.style) if segment.control is None else segment
+                for segment in segments]

@@ -47,8 +47,6 @@ class DashboardScreen(ConsoleScreen):
 ### Dashboard
 The fleet at a glance: proplets, tasks by state (from the database), throughput and heartbeats over
 the last minute, the broker and the database, and the latest failures.
-Go anywhere with **:** (`:tasks`, `:proplets`, `:mqtt`, `:dispatch`, `:local`, `:fw`) or the keys
-**1**–**7**. **Ctrl+P** opens the command palette.
 """
     # Three columns where there is room, two on an 80-column terminal.
     HORIZONTAL_BREAKPOINTS: ClassVar = [(0, "-narrow"), (110, "-wide")]

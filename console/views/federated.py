@@ -376,7 +376,9 @@ follows a running round. **n** starts the next round from the model this one mad
         table = self.query_one("#updates", StateTable)
         # Updated by row key, like every table of the console: the ages change every second.
         for u in self.updates:
-            cells = (u.proplet_id, str(u.num_samples), u.source, age(now, u.received_at), u.metrics, u.weights)
+            # Cells, not str: a table reads a str as markup, and proplet ids and metrics come from the network.
+            cells = tuple(table.cell(text) for text in (u.proplet_id, str(u.num_samples), u.source,
+                                                           age(now, u.received_at), u.metrics, u.weights))
             table.sync_row(u.proplet_id, UPDATE_COLUMN_KEYS, self._update_cells.get(u.proplet_id), cells)
             self._update_cells[u.proplet_id] = cells
 
