@@ -80,9 +80,9 @@ class PostgresStore(Store):
             )
         except (OSError, asyncpg.PostgresError) as exc:
             # A server that accepts the connection and never answers ends in asyncpg's connect timeout
-            # (60 s), a TimeoutError with no text of its own.
-            reason = str(exc) or ("the server did not answer within a minute" if isinstance(exc, TimeoutError)
-                                  else type(exc).__name__)
+            # (60 s unless the DSN sets connect_timeout), a TimeoutError with no text of its own.
+            reason = str(exc) or ("the server accepted the connection but did not answer in time"
+                                  if isinstance(exc, TimeoutError) else type(exc).__name__)
             raise StoreError(
                 f"Cannot connect to PostgreSQL ({self.description}): {reason}. Check that the server runs "
                 "and the MANAGER_POSTGRES_* settings (host, port, user, password, database)."

@@ -4,8 +4,11 @@ fleet, so reopening shows the same tasks and proplets."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,16 @@ from core.domain import TaskState
 from tests.console.conftest import add_body, command, console_settings, table_rows, until
 from tests.services import Mosquitto
 from tests.wire import SyntheticProplet
+
+
+@contextlib.contextmanager
+def silent_server() -> Iterator[int]:
+    """A port that accepts connections (the kernel completes the handshakes) and never answers:
+    a PostgreSQL host that hangs."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        yield silent.getsockname()[1]
 
 
 def _manager(broker: Mosquitto, db: Path, tenant: str) -> ManagerSettings:
@@ -119,16 +132,11 @@ async def test_interrupting_a_core_that_is_still_starting_stops_it_at_once(tmp_p
     answers keeps asyncpg waiting 60 s) ends the start at once, leaving no core thread behind: the
     interrupt cancelled the console's wait, but the core went on starting, and the console waited for
     it, so Ctrl+C was ignored for a minute of blank screen."""
-    import socket
-
     from console.hosting import CoreThread
 
-    silent = socket.socket()
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(8)  # the kernel completes the handshakes; nobody ever answers
-    try:
+    with silent_server() as port:
         manager = ManagerSettings(storage_type="postgres", postgres_host="127.0.0.1",
-                                  postgres_port=silent.getsockname()[1], mqtt_address="mqtt://127.0.0.1:9",
+                                  postgres_port=port, mqtt_address="mqtt://127.0.0.1:9",
                                   http_enabled=False, _env_file=None)
         entered = asyncio.ensure_future(CoreThread(manager).__aenter__())
         await asyncio.sleep(0.5)  # the core is waiting for PostgreSQL by now
@@ -143,28 +151,17 @@ async def test_interrupting_a_core_that_is_still_starting_stops_it_at_once(tmp_p
                 break
             await asyncio.sleep(0.05)
         assert not [t for t in threading.enumerate() if t.name == "propeller-core"]
-    finally:
-        silent.close()
 
 
-async def test_a_database_that_never_answers_is_reported_with_the_reason(tmp_path: Path,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """asyncpg gives up on a server that accepts the connection and never answers after 60 s with a
-    TimeoutError whose text is empty: the console closed with `Cannot connect to PostgreSQL (...): .`,
-    naming no reason. (Raised at once here, as asyncpg raises it after its minute.)"""
-    import asyncpg
-
+async def test_a_database_that_never_answers_is_reported_with_the_reason(tmp_path: Path) -> None:
+    """asyncpg gives up on a server that accepts the connection and never answers (after 60 s, here
+    after the DSN's 0.5 s) with a TimeoutError whose text is empty: the console closed with
+    `Cannot connect to PostgreSQL (...): .`, naming no reason."""
     from core.store import StoreError
+    from core.store.postgres import PostgresStore
 
-    async def never_answers(*args: Any, **kwargs: Any) -> Any:
-        raise TimeoutError
-
-    monkeypatch.setattr(asyncpg, "create_pool", never_answers)
-    manager = ManagerSettings(storage_type="postgres", postgres_host="127.0.0.1", mqtt_address="mqtt://127.0.0.1:9",
-                              http_enabled=False, _env_file=None)
-    app = ConsoleApp(settings=console_settings(), manager_settings=manager)
-    with pytest.raises(StoreError) as raised:
-        await app.run_async(headless=True, size=(140, 40))
+    with silent_server() as port, pytest.raises(StoreError) as raised:
+        await PostgresStore(f"postgresql://u@127.0.0.1:{port}/db?connect_timeout=0.5").open()
     assert "): ." not in str(raised.value)
     assert "did not answer" in str(raised.value), str(raised.value)
 
@@ -239,16 +236,10 @@ async def test_a_slow_start_says_what_it_waits_for_and_how_to_cancel(tmp_path: P
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
     """The core starts before the console draws anything: a database that does not answer kept the
     terminal blank for a minute (asyncpg's connect timeout), with no word of what it waited for."""
-    import socket
-
     import console.app
 
     monkeypatch.setattr(console.app, "SLOW_START_S", 0.2)
-    silent = socket.socket()
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(8)
-    try:
-        port = silent.getsockname()[1]
+    with silent_server() as port:
         manager = ManagerSettings(storage_type="postgres", postgres_host="127.0.0.1", postgres_port=port,
                                   mqtt_address="mqtt://127.0.0.1:9", http_enabled=False, _env_file=None)
         app = ConsoleApp(settings=console_settings(), manager_settings=manager)
@@ -265,5 +256,3 @@ async def test_a_slow_start_says_what_it_waits_for_and_how_to_cancel(tmp_path: P
         running.cancel()
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(running, 20)
-    finally:
-        silent.close()
