@@ -277,19 +277,17 @@ class RegistryPuller:
         """When a pull starting now is abandoned (time.monotonic())."""
         return time.monotonic() + self.pull_timeout
 
-    def resolve(self, ref: OciRef, deadline: float | None = None) -> dict[str, Any]:
+    def resolve(self, ref: OciRef, deadline: float) -> dict[str, Any]:
         """The wasm layer's descriptor (mediaType, digest, size) of the manifest `ref` names."""
-        deadline = self.deadline() if deadline is None else deadline
         manifest = self._manifest(ref, ref.reference, deadline)
         if manifest.get("mediaType") in _INDEX_TYPES or "manifests" in manifest:
             manifest = self._manifest(ref, self._pick_from_index(ref, manifest), deadline)
         return self._pick_layer(ref, manifest)
 
-    def pull(self, ref: OciRef, layer: dict[str, Any], deadline: float | None = None) -> bytes:
+    def pull(self, ref: OciRef, layer: dict[str, Any], deadline: float) -> bytes:
         """The layer's bytes, size-capped and checked against the layer's digest."""
         import requests
 
-        deadline = self.deadline() if deadline is None else deadline
         expected = str(layer.get("digest", ""))
         client = self._client(ref.registry)
         try:
@@ -425,7 +423,8 @@ class RegistryPuller:
                     f"'{ref.reference}'); check the image name and tag, or push it with oras push")
         body = ""
         with contextlib.suppress(Exception):
-            body = response.text[:200]
+            # 200 bytes, not the whole body: neither the manifest cap nor the deadline bounds this read.
+            body = response.raw.read(200, decode_content=True).decode("utf-8", "replace")
         return f"the registry at {ref.registry} answered HTTP {code} for the {what} of {ref}: {body}".rstrip(": ")
 
 
