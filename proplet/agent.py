@@ -36,7 +36,7 @@ from proplet.config import PropletSettings, total_memory
 from proplet.federated import FederatedClient, FederatedError, is_round_task
 from proplet.outbox import Outbox
 from proplet.runtime import Invocation, ModuleError, Runtime, RuntimeConfig, runtime_from_config
-from proplet.runtime.api import mib
+from proplet.runtime.api import mib, split_dirs
 from proplet.sources import ChunkSource, FetchError, HttpSource, InlineSource, ModuleFetcher, WasmRef
 
 log = logging.getLogger(__name__)
@@ -373,13 +373,7 @@ class PropletAgent:
 
         A guest sees no host directory unless both the task and the proplet's configuration say so.
         """
-        asked: list[str] = []
-        args = list(start.cli_args)
-        for i, arg in enumerate(args):
-            if arg == "--dir" and i + 1 < len(args):
-                asked.append(args[i + 1])
-            elif arg.startswith("--dir="):
-                asked.append(arg.split("=", 1)[1])
+        asked, _ = split_dirs(start.cli_args)
         allowed = [os.path.realpath(d) for d in self.settings.dirs]
         granted = []
         for d in asked:

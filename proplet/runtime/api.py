@@ -166,6 +166,25 @@ def wasm_kind(wasm: bytes | bytearray) -> str:
     return "module"
 
 
+def split_dirs(args: tuple[str, ...] | list[str]) -> tuple[list[str], list[str]]:
+    """A task's cli_args split into the directories it asks for (`--dir X`, `--dir=X`) and the rest.
+    The agent grants directories itself (PROPLET_DIRS) and hands them over as `Invocation.dirs`;
+    the task's own `--dir` options must never reach the wasmtime CLI."""
+    dirs: list[str] = []
+    rest: list[str] = []
+    it = iter(args)
+    for arg in it:
+        if arg == "--dir":
+            value = next(it, None)
+            if value is not None:
+                dirs.append(value)
+        elif arg.startswith("--dir="):
+            dirs.append(arg.split("=", 1)[1])
+        else:
+            rest.append(arg)
+    return dirs, rest
+
+
 def mib(n: int) -> str:
     """A byte count as MiB for messages: 16 MiB, 1.5 MiB."""
     value = n / MIB

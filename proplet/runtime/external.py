@@ -47,6 +47,7 @@ from .api import (
     names_command,
     overflow_error,
     seconds,
+    split_dirs,
     tail,
     wasm_kind,
 )
@@ -644,7 +645,7 @@ def _kill(proc: asyncio.subprocess.Process) -> None:
 def _task_args(inv: Invocation) -> list[str]:
     """The task's cli_args as they go to the CLI: without `--dir` (the agent grants directories as
     `inv.dirs`), and only if every option stays inside the sandbox (check_cli_args)."""
-    args = _without_dirs(inv.args)
+    args = split_dirs(inv.args)[1]
     check_cli_args(args)
     return args
 
@@ -652,21 +653,6 @@ def _task_args(inv: Invocation) -> list[str]:
 def _changes_codegen(args: list[str]) -> bool:
     """Whether checked args change code generation, so the precompiled file cannot be used."""
     return any(a.startswith(_CODEGEN_FLAGS) for a in args)
-
-
-def _without_dirs(args: tuple[str, ...]) -> list[str]:
-    """A task's cli_args without its `--dir` options. The agent grants the directories it allows
-    as `Invocation.dirs`; passed on as they came, the task's own would open any host directory."""
-    kept: list[str] = []
-    skip_value = False
-    for arg in args:
-        if skip_value:
-            skip_value = False
-        elif arg == "--dir":
-            skip_value = True
-        elif not arg.startswith("--dir="):
-            kept.append(arg)
-    return kept
 
 
 def _checksum_path(cwasm: Path) -> Path:
