@@ -775,20 +775,21 @@ class ManagerCore:
             await self.start_task(task.id)
 
     async def stop_job(self, job_id: str) -> None:
-        """Stop a job's queued and running tasks; those that have not started are skipped."""
-        _, tasks = await self.get_job(job_id)
-        for task in tasks:
-            if task.id in self.active:
-                with contextlib.suppress(Conflict):
-                    await self.stop_task(task.id)
-        await self.groups.settle()
-        # The coordinator skips what waits once a stopped task ends the job; with nothing queued or
-        # running (a job not started yet) nothing ended it, and its tasks stayed pending, still
-        # startable, after a stop that answered 200. Skip what has not started here too.
-        for task in tasks:
-            if never_started(task, self):
-                with contextlib.suppress(Conflict, NotFound):
-                    await self.skip_task(task.id, f"job {job_id} was stopped")
+        """Stop a job's queued and running tasks; those that have not started are skipped. Once it
+        returns, no task of the job starts by itself."""
+        # In the group's turn, with advances that already read the group told to start nothing: a
+        # task's result handled meanwhile would otherwise start the next task of a sequential job
+        # after this stop had read it as pending and passed it by.
+        with self.groups.stopping(job_id):
+            async with self.groups.turn(job_id=job_id):
+                _, tasks = await self.get_job(job_id)
+                for task in tasks:
+                    if task.id in self.active:
+                        with contextlib.suppress(Conflict):
+                            await self.stop_task(task.id)
+                    elif never_started(task, self):
+                        with contextlib.suppress(Conflict, NotFound):
+                            await self.skip_task(task.id, f"job {job_id} was stopped")
         await self.groups.settle()
 
     @_one_change_at_a_time

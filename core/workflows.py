@@ -19,8 +19,9 @@ Dependencies are checked for existence and cycles when the tasks are created.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Coroutine, Iterable, Mapping
+from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from core.domain import Task, TaskState
@@ -85,18 +86,19 @@ class GroupCoordinator:
         self._locks: dict[str, asyncio.Lock] = {}
         self._users: dict[str, int] = {}
         self._running: set[asyncio.Task[None]] = set()
+        self._stopping: dict[str, int] = {}
         self.advances = 0
         self.errors = 0
 
     def finished(self, task: Task) -> None:
         """A task of a workflow or job reached a terminal state."""
-        self._start(self.advance(task.workflow_id, task.job_id, task.id, task.state))
+        self._spawn(self.advance(task.workflow_id, task.job_id, task.id, task.state))
 
     def finished_group(self, workflow_id: str, job_id: str) -> None:
         """Look at a whole group again (after a restart: a dependency may have finished unseen)."""
-        self._start(self.advance(workflow_id, job_id))
+        self._spawn(self.advance(workflow_id, job_id))
 
-    def _start(self, advance: Coroutine[object, object, None]) -> None:
+    def _spawn(self, advance: Coroutine[object, object, None]) -> None:
         work = asyncio.ensure_future(advance)
         self._running.add(work)
         work.add_done_callback(self._running.discard)
@@ -111,23 +113,47 @@ class GroupCoordinator:
             work.cancel()
         await asyncio.gather(*self._running, return_exceptions=True)
 
-    async def advance(self, workflow_id: str, job_id: str, finished_id: str = "",
-                      finished_state: TaskState | None = None) -> None:
+    @contextlib.asynccontextmanager
+    async def turn(self, workflow_id: str = "", job_id: str = "") -> AsyncIterator[None]:
+        """The group's turn: no advance of it runs meanwhile (a stop takes it, so that what it
+        reads of the group is what it acts on)."""
         key = f"w:{workflow_id}" if workflow_id else f"j:{job_id}"
         lock = self._locks.setdefault(key, asyncio.Lock())
         self._users[key] = self._users.get(key, 0) + 1
         try:
             async with lock:
+                yield
+        finally:
+            self._users[key] -= 1
+            if self._users[key] == 0:
+                del self._users[key], self._locks[key]
+
+    @contextlib.contextmanager
+    def stopping(self, job_id: str) -> Iterator[None]:
+        """A job being stopped: an advance that has read the group already starts none of its tasks."""
+        self._stopping[job_id] = self._stopping.get(job_id, 0) + 1
+        try:
+            yield
+        finally:
+            self._stopping[job_id] -= 1
+            if self._stopping[job_id] == 0:
+                del self._stopping[job_id]
+
+    async def advance(self, workflow_id: str, job_id: str, finished_id: str = "",
+                      finished_state: TaskState | None = None) -> None:
+        try:
+            async with self.turn(workflow_id, job_id):
                 await self._advance(workflow_id, job_id, finished_id, finished_state)
         except asyncio.CancelledError:
             raise
         except Exception:
             self.errors += 1
-            log.exception("advancing %s after task %s finished failed", key[2:], finished_id)
-        finally:
-            self._users[key] -= 1
-            if self._users[key] == 0:
-                del self._users[key], self._locks[key]
+            log.exception("advancing %s after task %s finished failed", workflow_id or job_id, finished_id)
+
+    async def _start_task(self, job_id: str, task_id: str, *, dependencies_met: bool = False) -> None:
+        if job_id and job_id in self._stopping:
+            return  # the stop skips it
+        await _quietly(self.core.start_task(task_id, dependencies_met=dependencies_met))
 
     async def _advance(self, workflow_id: str, job_id: str, finished_id: str,
                        finished_state: TaskState | None) -> None:
@@ -156,7 +182,7 @@ class GroupCoordinator:
                 if never_started(task, core):
                     # The first one is for start_job to start; each next one once the one before is done.
                     if previous is not None and previous.state in (TaskState.COMPLETED, TaskState.SKIPPED):
-                        await _quietly(core.start_task(task.id))
+                        await self._start_task(job_id, task.id)
                     return
                 if not task.state.is_terminal:
                     return  # this one is on its way
@@ -176,7 +202,7 @@ class GroupCoordinator:
                 continue
             if run:
                 # Its dependencies were just read from this group: start_task need not read them again.
-                await _quietly(core.start_task(task.id, dependencies_met=True))
+                await self._start_task(job_id, task.id, dependencies_met=True)
             else:
                 states = ", ".join(f"{d.id} {d.state.label}" for d in deps)
                 wanted = "one to fail" if task.run_if == "failure" else "all to complete"
