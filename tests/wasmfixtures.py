@@ -19,6 +19,8 @@
 | reactor            | reactor.c (-mexec-model=reactor)| add_base(i32) is right only after _initialize     |
 | flclient           | flclient.c                      | WASI command: one FL round of y = w.x + b (JSON)  |
 | big                | generated                       | ~10 MiB data segment; probe(offset) -> byte       |
+| slow-compile       | generated                       | spin.wat's exports + 6,000 filler functions: ~2 s |
+|                    |                                 | to compile, for what a timeout counts             |
 | hello-component    | hello.c + jco --wasi-command    | WASI p2 command component                         |
 | greeter-component  | greeter.c + greeter.wit + jco   | component exports: greet, add, shout, ...         |
 | http-component     | http.c + http.wit + jco         | wasi:http/proxy handler answering "hello from..." |
@@ -183,6 +185,24 @@ def _big_module() -> bytes:
     return b"\0asm\x01\x00\x00\x00" + types + funcs + memory + exports + code + data_section
 
 
+SLOW_COMPILE_FUNCTIONS = 6000
+
+
+def _slow_compile() -> Path:
+    def build(out: Path) -> None:
+        import wasmtime
+
+        # Each filler is an export, so the compiler cannot drop it as dead code.
+        body = "local.get 0 " + " ".join(f"i32.const {i} i32.mul local.get 0 i32.xor" for i in range(100))
+        fillers = "\n".join(f'(func (export "filler{i}") (param i32) (result i32) {body})'
+                             for i in range(SLOW_COMPILE_FUNCTIONS))
+        spin = (SOURCES / "spin.wat").read_text().strip()
+        assert spin.endswith(")")
+        out.write_bytes(wasmtime.wat2wasm(spin[:-1] + fillers + ")"))
+
+    return _cached("slow-compile", [(SOURCES / "spin.wat").read_bytes(), str(SLOW_COMPILE_FUNCTIONS).encode()], build)
+
+
 # --- components (jco)
 
 
@@ -292,6 +312,7 @@ _BUILDERS: dict[str, Callable[[], Path]] = {
     "reactor": _c("reactor", "reactor.c", ("-mexec-model=reactor",)),
     "flclient": _c("flclient", "flclient.c"),
     "big": _big,
+    "slow-compile": _slow_compile,
     "hello-component": _hello_component,
     "greeter-component": _canonical_component("greeter-component", "greeter.c", _greeter_wit, "greeter"),
     "http-component": _canonical_component("http-component", "http.c", _http_wit, "server"),

@@ -6,12 +6,16 @@ that kill the process, and the same error sentences. It also serves `wasi:http/p
 with `wasmtime serve`, which wasmtime-py cannot do.
 
 Modules are stored content-addressed and precompiled once with `wasmtime compile` at load (that
-also validates them), so each run skips compilation (`--allow-precompiled`), except for runs whose
-flags change code generation (fuel, or -W/-O/-C/-D in the task's cli_args), which use the .wasm and
-the CLI's own compilation cache. The CLI loads precompiled native code unchecked, so a precompiled
-file is used only when it is whole (its sha256, taken when it was compiled, is kept beside it) and
-was written by this very CLI binary (its name carries a tag of the binary); the .wasm is checked
-against its digest before it is compiled from disk.
+also validates them), so each run skips compilation (`--allow-precompiled`). A task with a fuel
+budget uses a second precompiled file, compiled with fuel metering on its first such task (as the
+internal runtime compiles for its fuel engine), before its clock starts: a task's timeout counts its
+run, never the compile. Only runs whose own cli_args change code generation (-W/-O/-C/-D) use the
+.wasm, compiled by the CLI within the run (and kept in the CLI's own compilation cache).
+
+The CLI loads precompiled native code unchecked, so a precompiled file is used only when it is
+whole (its sha256, taken when it was compiled, is kept beside it) and was written by this very CLI
+binary (its name carries a tag of the binary); the .wasm is checked against its digest before it is
+compiled from disk.
 """
 
 from __future__ import annotations
@@ -127,6 +131,8 @@ class _Stored:
     wasm: Path
     cwasm: Path | None
     exports: CoreExports | None
+    # Compiled with fuel metering, on the first task with a fuel budget.
+    fuel_cwasm: Path | None = None
 
 
 class HttpServer:
@@ -215,8 +221,9 @@ class ExternalRuntime:
     def _wasm_path(self, hex_digest: str) -> Path:
         return self._dir / f"{hex_digest}.wasm"
 
-    def _cwasm_path(self, hex_digest: str) -> Path:
-        return self._dir / f"{hex_digest}.{self._cli_tag}.cwasm"
+    def _cwasm_path(self, hex_digest: str, *, fuel: bool = False) -> Path:
+        variant = ".fuel" if fuel else ""
+        return self._dir / f"{hex_digest}.{self._cli_tag}{variant}.cwasm"
 
     async def load(self, digest: str, wasm: bytes | bytearray) -> None:
         await self._load(check_digest(digest), wasm, write=True)
@@ -234,9 +241,9 @@ class ExternalRuntime:
             pending.add_done_callback(lambda t: self._loaded(hex_digest, t))
         await asyncio.shield(pending)
 
-    def _loaded(self, hex_digest: str, task: asyncio.Task[None]) -> None:
-        if self._loading.get(hex_digest) is task:
-            del self._loading[hex_digest]
+    def _loaded(self, key: str, task: asyncio.Task[None]) -> None:
+        if self._loading.get(key) is task:
+            del self._loading[key]
         if not task.cancelled():
             task.exception()  # seen, even when every waiter was cancelled meanwhile
 
@@ -257,10 +264,10 @@ class ExternalRuntime:
             await self._precompile(wasm_path, cwasm_path, kind)
         self._stored[hex_digest] = _Stored(kind, wasm_path, cwasm_path, exports)
 
-    async def _precompile(self, wasm_path: Path, cwasm_path: Path, kind: str) -> None:
+    async def _precompile(self, wasm_path: Path, cwasm_path: Path, kind: str, flags: tuple[str, ...] = ()) -> None:
         tmp = cwasm_path.with_name(f".{cwasm_path.name}.{os.getpid()}.tmp")
         proc = await asyncio.create_subprocess_exec(
-            self.binary, "compile", "-o", str(tmp), str(wasm_path),
+            self.binary, "compile", *flags, "-o", str(tmp), str(wasm_path),
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=_cli_env())
         try:
             _, err = await proc.communicate()
@@ -286,6 +293,31 @@ class ExternalRuntime:
                 tmp.unlink()
             raise
         self.compiles += 1
+
+    async def _fuel_code(self, hex_digest: str, stored: _Stored) -> Path | None:
+        """The module precompiled with fuel metering (any budget runs on it: the budget is a run
+        flag), or None when that compile failed and the CLI must compile within the run."""
+        if stored.fuel_cwasm is not None:
+            return stored.fuel_cwasm
+        key = f"{hex_digest}.fuel"
+        pending = self._loading.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(self._compile_fuel(hex_digest, stored))
+            self._loading[key] = pending
+            pending.add_done_callback(lambda t: self._loaded(key, t))
+        try:
+            await asyncio.shield(pending)
+        except ModuleError as e:
+            log.warning("could not precompile sha256:%s with fuel metering (%s); fuel tasks of it compile "
+                        "within their run", hex_digest, e)
+            return None
+        return stored.fuel_cwasm
+
+    async def _compile_fuel(self, hex_digest: str, stored: _Stored) -> None:
+        path = self._cwasm_path(hex_digest, fuel=True)
+        if not await asyncio.to_thread(_intact, path):
+            await self._precompile(stored.wasm, path, stored.kind, ("-W", "fuel=1"))
+        stored.fuel_cwasm = path
 
     async def _stored_for(self, hex_digest: str) -> _Stored | None:
         stored = self._stored.get(hex_digest)
@@ -320,19 +352,22 @@ class ExternalRuntime:
         limits = inv.limits
         timeout = limits.timeout_s if limits.timeout_s is not None else self.config.default_timeout_s
         memory = limits.memory_bytes if limits.memory_bytes is not None else self.config.default_memory_bytes
+        fuel_code = await self._fuel_code(hex_digest, stored) if limits.fuel is not None else None
         try:
-            plan = self._plan(stored, inv, memory)
+            plan = self._plan(stored, inv, memory, fuel_code)
         except _PlanError as e:
             return Outcome("", str(e), duration_s=time.perf_counter() - started)
         argv, result_kinds, is_command = plan
         async with self._slots:
             return await self._execute(argv, inv, timeout, memory, result_kinds, is_command, started)
 
-    def _plan(self, stored: _Stored, inv: Invocation, memory: int) -> tuple[list[str], tuple[str, ...] | None, bool]:
+    def _plan(self, stored: _Stored, inv: Invocation, memory: int,
+              fuel_code: Path | None) -> tuple[list[str], tuple[str, ...] | None, bool]:
         """The command line, the result kinds of a core export (to re-format), and command-ness."""
         args = _task_args(inv)
         fuel = inv.limits.fuel
-        precompiled = stored.cwasm is not None and fuel is None and not _changes_codegen(args)
+        code = stored.cwasm if fuel is None else fuel_code
+        precompiled = code is not None and not _changes_codegen(args)
         flags: list[str] = ["-W", f"max-memory-size={memory}", "-W", "trap-on-grow-failure=y"]
         if fuel is not None:
             flags += ["-W", f"fuel={fuel}"]
@@ -350,7 +385,7 @@ class ExternalRuntime:
             flags += ["--dir", directory]
         if precompiled:
             flags.append("--allow-precompiled")
-        module = str(stored.cwasm if precompiled else stored.wasm)
+        module = str(code if precompiled else stored.wasm)
         function = inv.function
         invoke: list[str] = []
         tail_args: list[str] = []
