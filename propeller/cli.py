@@ -522,7 +522,7 @@ def jobs_get(job_id: str, manager_url: str, token: str | None, as_json: bool) ->
 @click.argument("job_id")
 @_client_options
 def jobs_start(job_id: str, manager_url: str, token: str | None, as_json: bool) -> None:
-    """Start a job that has not run yet."""
+    """Start a job; one that completed, failed or was stopped runs again from the start."""
     _show_job(job_id, manager_url, token, as_json, lambda client: client.start_job(job_id))
 
 

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from core.domain import TaskState, TaskStateChanged, group_state
@@ -83,3 +85,119 @@ async def test_a_stopped_sequential_job_starts_no_further_task(core: Any) -> Non
         assert in_memory == final
         _, job_tasks = await core.get_job(job.id)
         assert group_state([t.state for t in job_tasks]) is group_state(list(final.values()))
+
+
+async def finished(core: Any, task_ids: list[str], runs: int) -> dict[str, TaskState]:
+    """The tasks' stored states once each has ended `runs` times (completed, failed, skipped or
+    interrupted, as their lifecycle events tell) and none is queued or running."""
+    async def check() -> dict[str, TaskState] | None:
+        if any(tid in core.active for tid in task_ids):
+            return None
+        for tid in task_ids:
+            ends = [e for e in await core.task_events(tid) if e.state.is_terminal]
+            if len(ends) < runs:
+                return None
+        await core.groups.settle()
+        return {tid: (await core.get_task(tid)).state for tid in task_ids}
+
+    return await eventually(check, timeout=20)
+
+
+async def ends_of(core: Any, task_id: str) -> list[str]:
+    return [e.state.label for e in await core.task_events(task_id) if e.state.is_terminal]
+
+
+@pytest.fixture
+async def api(core: Any) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=core.api_url, timeout=20) as client:
+        yield client
+
+
+@pytest.mark.parametrize("mode", ["sequential", "parallel"])
+async def test_a_finished_job_runs_again_from_its_first_task(core: Any, api: httpx.AsyncClient, mode: str) -> None:
+    """Before: starting a job again after it had completed, failed or been stopped answered 409
+    ("create a new job"), though a single finished task can be started again and upstream's
+    StartJob starts finished tasks again. Now every task is reset and the job runs as the first
+    time, in order; each task's lifecycle events keep both runs."""
+    first, second = add_task(inputs=(1, 1)), add_task(inputs=(2, 2))
+    last = add_task(first["id"], second["id"], inputs=(3, 3)) if mode == "parallel" else add_task(inputs=(3, 3))
+    ids = [first["id"], second["id"], last["id"]]
+    r = await api.post("/jobs", json={"tasks": [first, second, last], "execution_mode": mode})
+    path = f"/jobs/{r.json()['job_id']}"
+
+    # Completed, then run again.
+    assert (await api.post(f"{path}/start")).status_code == 200
+    assert set((await finished(core, ids, 1)).values()) == {TaskState.COMPLETED}
+    r = await api.post(f"{path}/start")
+    assert r.status_code == 200, r.text
+    assert set((await finished(core, ids, 2)).values()) == {TaskState.COMPLETED}
+    body = (await api.get(path)).json()
+    assert body["state_name"] == "completed" and [t["results"] for t in body["tasks"]] == ["2", "4", "6"]
+    events = {tid: await core.task_events(tid) for tid in ids}
+    assert all([e.state.label for e in evs if e.state.is_terminal] == ["completed", "completed"]
+               for evs in events.values())
+    assert any("runs again" in e.detail for e in events[last["id"]]), events[last["id"]]
+    if mode == "sequential":
+        # The re-run kept the order: each task queued again only after the one before completed again.
+        second_runs = [([e.at for e in evs if e.detail.startswith("queued")][-1],
+                        [e.at for e in evs if e.state is TaskState.COMPLETED][-1]) for evs in events.values()]
+        for (_, done), (queued, _) in itertools.pairwise(second_runs):
+            assert queued >= done
+
+    # Stopped before it ran (everything skipped), then run again.
+    r = await api.post("/jobs", json={"tasks": [add_task(), add_task()], "execution_mode": mode})
+    stopped = r.json()
+    stopped_ids = [t["id"] for t in stopped["tasks"]]
+    assert (await api.post(f"/jobs/{stopped['job_id']}/stop")).status_code == 200
+    assert set((await finished(core, stopped_ids, 1)).values()) == {TaskState.SKIPPED}
+    assert (await api.post(f"/jobs/{stopped['job_id']}/start")).status_code == 200
+    assert set((await finished(core, stopped_ids, 2)).values()) == {TaskState.COMPLETED}
+
+
+async def test_a_failed_job_runs_again_and_a_running_one_is_refused(core: Any, api: httpx.AsyncClient) -> None:
+    ok, bad, after = add_task(), add_task(fail=True), add_task()
+    ids = [ok["id"], bad["id"], after["id"]]
+    r = await api.post("/jobs", json={"tasks": [ok, bad, after], "execution_mode": "sequential"})
+    path = f"/jobs/{r.json()['job_id']}"
+    await api.post(f"{path}/start")
+    want = [TaskState.COMPLETED, TaskState.FAILED, TaskState.SKIPPED]
+    assert list((await finished(core, ids, 1)).values()) == want
+    assert (await api.post(f"{path}/start")).status_code == 200
+    assert list((await finished(core, ids, 2)).values()) == want
+    assert await ends_of(core, ok["id"]) == ["completed", "completed"]
+    assert await ends_of(core, after["id"]) == ["skipped", "skipped"]
+
+    # While a task of it is queued or running, a job is not started again.
+    spin = {"id": str(uuid.uuid4()), "name": "spin", "file": base64.b64encode(wasm("spin")).decode()}
+    r = await api.post("/jobs", json={"tasks": [spin, add_task()], "execution_mode": "sequential"})
+    running = f"/jobs/{r.json()['job_id']}"
+    assert (await api.post(f"{running}/start")).status_code == 200
+    r = await api.post(f"{running}/start")
+    assert r.status_code == 409 and "stop it" in r.json()["error"], r.text
+    assert (await api.post(f"{running}/stop")).status_code == 200
+
+
+async def test_starting_a_finished_workflow_root_again_runs_its_dependents_again(core: Any,
+                                                                                 api: httpx.AsyncClient) -> None:
+    """Before: the root ran again but its dependents, finished from the first run, were left as
+    they were (upstream too): a workflow could not be run again. Now a start of a finished task of
+    a workflow resets the finished tasks downstream of it, which run (or are skipped) again as
+    their dependencies finish."""
+    root = add_task(inputs=(1, 1))
+    middle = add_task(root["id"], inputs=(2, 2))
+    on_failure = {**add_task(root["id"]), "run_if": "failure"}
+    leaf = add_task(middle["id"], inputs=(3, 3))
+    other_root = add_task(inputs=(5, 5))  # not downstream of the root: not run again
+    ids = [root["id"], middle["id"], on_failure["id"], leaf["id"], other_root["id"]]
+    r = await api.post("/workflows", json={"tasks": [root, middle, on_failure, leaf, other_root]})
+    assert r.status_code == 201, r.text
+    await api.post(f"/tasks/{root['id']}/start")
+    await api.post(f"/tasks/{other_root['id']}/start")
+    want = [TaskState.COMPLETED, TaskState.COMPLETED, TaskState.SKIPPED, TaskState.COMPLETED, TaskState.COMPLETED]
+    assert list((await finished(core, ids, 1)).values()) == want
+
+    assert (await api.post(f"/tasks/{root['id']}/start")).status_code == 200
+    assert list((await finished(core, ids[:4], 2)).values()) == want[:4]
+    assert await ends_of(core, leaf["id"]) == ["completed", "completed"]
+    assert await ends_of(core, on_failure["id"]) == ["skipped", "skipped"]
+    assert await ends_of(core, other_root["id"]) == ["completed"]
