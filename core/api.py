@@ -7,9 +7,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hmac
 import ipaddress
 import logging
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -39,7 +41,7 @@ from core.domain import (
     TaskState,
     group_state,
 )
-from core.errors import CoreError, InvalidRequest, NotFound
+from core.errors import CoreError, InvalidRequest, NotFound, Unavailable
 from core.federated import MAX_MODEL_VERSION, model_uri
 from core.schemas import (
     ExperimentConfig,
@@ -568,14 +570,55 @@ class _BodyLimit:
         await self.app(scope, counted, send)
 
 
-class ApiServer(uvicorn.Server):
-    """uvicorn without its signal handlers: the process entry point owns signals."""
+def listen_for_api(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets for the REST API on every address `host` names (one port for all of them).
 
-    def __init__(self, app: FastAPI, host: str, port: int) -> None:
+    The manager binds them itself, before it connects to the broker: uvicorn ends the process with
+    sys.exit when it cannot bind, which left the manager hung on its open database instead of saying
+    why, after it had already taken over the MQTT session of whatever manager held the port."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise InvalidRequest(f"The REST API address {host!r} does not resolve ({exc}). "
+                             "Set MANAGER_HTTP_HOST to an address of this machine.") from None
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys((a[0], a[1], a[2], a[3], a[4]) for a in addresses):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if sockets[0] is not sock:  # port 0: the others take the port the first was given
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
+            sock.bind(address)
+            sock.listen(2048)
+            sock.setblocking(False)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        advice = "Set MANAGER_HTTP_PORT (or --port) to a free port."
+        if exc.errno == errno.EADDRINUSE:
+            advice = ("Another Propeller manager (`propeller serve` or the console) or another program listens "
+                      "there: stop it, or set MANAGER_HTTP_PORT (or --port) to a free port.")
+        raise Unavailable(f"The REST API cannot listen on {host}:{port} ({exc.strerror or exc}). {advice}") from None
+    return sockets
+
+
+class ApiServer(uvicorn.Server):
+    """uvicorn on sockets the manager bound (listen_for_api), without its signal handlers: the process
+    entry point owns signals."""
+
+    def __init__(self, app: FastAPI, sockets: list[socket.socket]) -> None:
+        host, port = sockets[0].getsockname()[:2]
         super().__init__(uvicorn.Config(
             app, host=host, port=port, log_level="warning", access_log=False, lifespan="off",
             timeout_graceful_shutdown=5,
         ))
+        self.sockets = sockets
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().serve(sockets=sockets or self.sockets)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -589,7 +632,7 @@ class ApiServer(uvicorn.Server):
         return f"http://{host}:{port}"
 
 
-__all__ = ["ApiServer", "check_bind_is_safe", "create_app", "proplet_view", "task_view"]
+__all__ = ["ApiServer", "check_bind_is_safe", "create_app", "listen_for_api", "proplet_view", "task_view"]
 
 
 def round_view(r: FLRound, updates: list[FLUpdateRecord]) -> dict[str, Any]:

@@ -234,6 +234,7 @@ class ManagerCore:
         self.broker_address: BrokerAddress | None = None
         self._embedded_broker: Any = None
         self._http: Any = None
+        self._http_sockets: list[Any] = []
         self.api_url: str | None = None
         # Observers of the dispatch hot path (benchmarks): called with (task_id, perf_counter).
         self.on_start_published: Callable[[str, float], None] | None = None
@@ -268,6 +269,13 @@ class ManagerCore:
         self._spawn(self.writer.run(), "store-writer")
         await self._recover()
 
+        if self.settings.http_enabled:
+            # Before the broker: a manager that cannot serve its API stops here, without having
+            # connected with the manager client id (which would take over another manager's session).
+            from core.api import check_bind_is_safe, listen_for_api
+
+            check_bind_is_safe(self.settings)
+            self._http_sockets = listen_for_api(self.settings.http_host, self.settings.http_port)
         self.broker_address = await self._resolve_broker()
         # clean_session off: the broker keeps the manager's subscriptions and queues results while
         # it restarts.
@@ -310,6 +318,9 @@ class ManagerCore:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._http_task, 5)
             self._http = None
+        for sock in self._http_sockets:
+            sock.close()
+        self._http_sockets = []
         await self.groups.close()
         await self.federated.close()
         if self.bus is not None:
@@ -376,11 +387,10 @@ class ManagerCore:
         return BrokerAddress("127.0.0.1", broker.port)
 
     async def _start_http(self) -> None:
-        from core.api import ApiServer, check_bind_is_safe, create_app
+        from core.api import ApiServer, create_app
 
-        check_bind_is_safe(self.settings)
-        app = create_app(self)
-        server = ApiServer(app, self.settings.http_host, self.settings.http_port)
+        server = ApiServer(create_app(self), self._http_sockets)
+        self._http_sockets = []  # the server closes them from now on
         self._http = server
         self._http_task = asyncio.ensure_future(server.serve())
         self._http_task.set_name("http")
@@ -388,10 +398,7 @@ class ManagerCore:
             if self._http_task.done():
                 self._http = None
                 exc = self._http_task.exception()
-                raise Unavailable(
-                    f"The REST API could not listen on {self.settings.http_host}:{self.settings.http_port}"
-                    f" ({exc or 'the port is probably in use'}). Set MANAGER_HTTP_PORT to a free port."
-                )
+                raise Unavailable(f"The REST API did not start ({exc!r}); the debug log has the details.")
             await asyncio.sleep(0.005)
         self.api_url = server.url
 
@@ -761,27 +768,18 @@ class ManagerCore:
         return Page(matching[offset:offset + limit], len(matching))
 
     async def start_job(self, job_id: str) -> None:
-        """Start a job: its tasks without dependencies (parallel, configurable), or its first task
-        (sequential); the rest follow as they finish. A job that has run (completed, failed or
-        stopped) and has nothing queued or running runs again from the start: each finished task
-        is reset to pending first (its lifecycle events keep the earlier runs)."""
-        # Advances already due run first: between two tasks of a sequential job nothing is queued
-        # or running, and a job in that gap is still running, not finished.
-        await self.groups.settle()
-        async with self.groups.turn(job_id=job_id):
-            job, tasks = await self.get_job(job_id)
-            if not tasks:
-                raise InvalidRequest(f"job {job_id} has no tasks")
-            busy = sum(t.id in self.active for t in tasks)
-            if busy:
-                raise Conflict(f"job {job_id} is running ({busy} of its {len(tasks)} tasks queued or running); "
-                               f"wait for it to finish, or stop it (POST /jobs/{job_id}/stop), to run it again")
-            for task in tasks:
-                if task.state.is_terminal:
-                    await self._reset_for_rerun(task.id, f"reset: job {job_id} runs again")
-            first = tasks[:1] if job.execution_mode == "sequential" else [t for t in tasks if not t.depends_on]
-            for task in first:
-                await self.start_task(task.id)
+        """Start a job that has not run: its tasks without dependencies (parallel, configurable), or
+        its first task (sequential); the rest follow as they finish."""
+        job, tasks = await self.get_job(job_id)
+        if not tasks:
+            raise InvalidRequest(f"job {job_id} has no tasks")
+        if not all(never_started(t, self) for t in tasks):
+            state = group_state([t.state for t in tasks])
+            raise Conflict(f"job {job_id} has already been started (it is {state.label}); create a new job "
+                           "to run its tasks again")
+        first = tasks[:1] if job.execution_mode == "sequential" else [t for t in tasks if not t.depends_on]
+        for task in first:
+            await self.start_task(task.id)
 
     async def stop_job(self, job_id: str) -> None:
         """Stop a job's queued and running tasks; those that have not started are skipped. Once it
@@ -828,10 +826,15 @@ class ManagerCore:
             )
         before = task.copy()
         detail = "queued"
-        rerun = task.state.is_terminal
-        if rerun:
+        if task.state.is_terminal:
             detail = f"queued again (re-run after {task.state.label})"
-            self._clear_last_run(task)
+            task.results = None
+            task.error = ""
+            task.start_time = None
+            task.finish_time = None
+            task.retries = 0
+            if not task.pinned:
+                task.proplet_id = ""
         task.queued_at = utcnow()
         task.reason = self._why_waiting(task)
         self.active[task.id] = task
@@ -843,54 +846,7 @@ class ManagerCore:
         except StoreError:
             await self._not_started(task, before)
             raise
-        if rerun and task.workflow_id:
-            await self._rerun_downstream(task)
         return task.copy()
-
-    @staticmethod
-    def _clear_last_run(task: Task) -> None:
-        task.queued_at = None  # "never started": what the coordinator looks for
-        task.results = None
-        task.error = ""
-        task.start_time = None
-        task.finish_time = None
-        task.retries = 0
-        if not task.pinned:
-            task.proplet_id = ""
-
-    @_one_change_at_a_time
-    async def _reset_for_rerun(self, task_id: str, why: str) -> None:
-        """A finished task of a workflow or job that runs again: pending, its last run cleared,
-        started when its turn comes (its dependencies, its job's order)."""
-        if task_id in self.active:
-            raise Conflict(f"task {task_id} is queued or running")
-        task = self._recent.pop(task_id, None) or await self._load_for_start(task_id)
-        try:
-            if not task.state.is_terminal:
-                return
-            self._clear_last_run(task)
-            task.reason = why
-            done = await self._transition(task, TaskState.PENDING, why, durable=True)
-            assert done is not None
-            await done
-        finally:
-            self._remember(task)
-
-    async def _rerun_downstream(self, rerun: Task) -> None:
-        """A finished task of a workflow started again: the finished tasks that depend on it,
-        directly or not, run again (or are skipped again) as their dependencies finish."""
-        group = await self.group_tasks(workflow_id=rerun.workflow_id)
-        downstream: set[str] = set()
-        frontier = {rerun.id}
-        while frontier:
-            frontier = {t.id for t in group if frontier & set(t.depends_on)} - downstream
-            downstream |= frontier
-        for task in group:
-            if task.id in downstream and task.state.is_terminal:
-                with contextlib.suppress(Conflict, NotFound):
-                    await self._reset_for_rerun(task.id, f"reset: {rerun.id}, which it depends on, runs again")
-        # The re-run may have finished before its dependents were reset, unseen by them.
-        self.groups.finished_group(rerun.workflow_id, "")
 
     async def _not_started(self, task: Task, before: Task) -> None:
         """Undo a start whose queued state the store refused: the caller is told it failed, so the

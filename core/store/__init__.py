@@ -23,4 +23,4 @@ def store_from_settings(settings: ManagerSettings) -> Store:
 
     if settings.storage_type == "memory":
         return SqliteStore(":memory:")
-    return SqliteStore(settings.sqlite_path)
+    return SqliteStore(settings.sqlite_path, one_manager=True)

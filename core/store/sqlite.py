@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import sqlite3
+import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -64,9 +67,12 @@ class _Conn:
 class SqliteStore(Store):
     dialect = "sqlite"
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, one_manager: bool = False) -> None:
         # ":memory:" is the throw-away database of MANAGER_STORAGE_TYPE=memory.
         self.path = str(path)
+        # A manager's store: open() refuses a file another manager process holds (see _hold_for_manager).
+        self.one_manager = one_manager
+        self._manager_lock: int | None = None
         self._db: aiosqlite.Connection | None = None
         self._checkpointer: aiosqlite.Connection | None = None
         # One connection: another writer's statements must not land inside a transaction.
@@ -84,6 +90,8 @@ class SqliteStore(Store):
             except OSError as exc:  # a regular file where a directory of the path should be, say
                 raise StoreError(f"Cannot open the SQLite database at {self.path} (cannot create its "
                                  f"directory: {exc.strerror or exc}). {advice}") from exc
+            if self.one_manager:
+                self._hold_for_manager()
         connecting = aiosqlite.connect(self.path, isolation_level=None)
         try:
             db = await connecting
@@ -114,6 +122,37 @@ class SqliteStore(Store):
         if self._db is not None:
             await self._db.close()
             self._db = None
+        if self._manager_lock is not None:
+            os.close(self._manager_lock)  # releases the lock; the file stays, for the next manager
+            self._manager_lock = None
+
+    def _hold_for_manager(self) -> None:
+        """Lock `<database>.lock` for this process, or refuse: two managers on one file both dispatch
+        every queued task and answer as one MQTT client (the manager's id), taking the broker session
+        from each other. The lock file names its holder for the error; the kernel drops the lock when
+        the holder exits, however it exits."""
+        lock_path = f"{self.path}.lock"
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise StoreError(f"Cannot open the SQLite database at {self.path} (cannot create {lock_path}: "
+                             f"{exc.strerror or exc}). Check that the directory is writable or set "
+                             "MANAGER_SQLITE_PATH to another file.") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 1000).decode(errors="replace").strip() or "a process that did not say which"
+            os.close(fd)
+            raise StoreError(
+                f"Another Propeller manager is using the database {self.path}: {holder}. Stop it first (or "
+                "use that one: its REST API and broker serve proplets and clients), or give this manager a "
+                "database of its own with MANAGER_SQLITE_PATH (or --sqlite-path), and its own "
+                "MANAGER_HTTP_PORT and MANAGER_ENTITY_ID.") from None
+        os.ftruncate(fd, 0)
+        program = Path(sys.argv[0])
+        name = program.parent.name if program.name == "__main__.py" else program.name  # python -m propeller
+        os.write(fd, f"pid {os.getpid()} ({' '.join([name, *sys.argv[1:]])})\n".encode())
+        self._manager_lock = fd
 
     async def housekeeping(self) -> None:
         """Copy the write-ahead log into the database (PASSIVE: never blocks the writer)."""

@@ -124,3 +124,42 @@ def test_probing_the_in_process_broker_logs_no_error(serve: Serve) -> None:
     assert serve.stop() == 0
     log = serve.log.read_text()
     assert "ERROR" not in log and "Failed to initialize client session" not in log, log
+
+
+def _second_serve(serve: Serve, **env: str) -> subprocess.CompletedProcess[str]:
+    """Another `propeller serve` on the same machine and defaults as `serve`, which must end by itself."""
+    return subprocess.run([*PROPELLER, "serve"], env=dict(serve.env, **env), capture_output=True, text=True,
+                          timeout=20)
+
+
+def _first_kept_its_session(serve: Serve) -> None:
+    health = httpx.get(serve.url + "/health", timeout=5).json()
+    assert health["broker"]["connected"] and health["broker"]["embedded"], health
+    log = serve.log.read_text()
+    assert "take-over" not in log and "lost the broker" not in log, log
+
+
+def test_a_second_manager_on_the_same_database_refuses_to_start_naming_the_first(serve: Serve) -> None:
+    # Another API port, so only the database is shared: the second manager used to run, connect to
+    # the first one's in-process broker with the same client id, and the two took the MQTT session
+    # from each other ten times a second.
+    serve.start()
+    second = _second_serve(serve, MANAGER_HTTP_PORT=str(free_port()))
+    assert second.returncode == 1, second.stderr
+    assert "Another Propeller manager is using the database" in second.stderr, second.stderr
+    assert f"pid {serve.proc.pid} (propeller serve)" in second.stderr, second.stderr
+    _first_kept_its_session(serve)
+
+
+def test_a_second_manager_whose_api_port_is_taken_exits_saying_so_before_it_connects(
+    serve: Serve, tmp_path: Path
+) -> None:
+    # A database of its own, the first manager's API port: uvicorn's sys.exit on the failed bind left
+    # the second hung on its open database, after it had taken over the first one's MQTT session.
+    serve.start()
+    second = _second_serve(serve, MANAGER_SQLITE_PATH=str(tmp_path / "second.db"))
+    assert second.returncode == 1, second.stderr
+    assert f"The REST API cannot listen on 127.0.0.1:{serve.port} (Address already in use)" in second.stderr
+    assert "Another Propeller manager (`propeller serve` or the console)" in second.stderr
+    assert "Traceback" not in second.stderr, second.stderr
+    _first_kept_its_session(serve)
