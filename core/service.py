@@ -768,18 +768,27 @@ class ManagerCore:
         return Page(matching[offset:offset + limit], len(matching))
 
     async def start_job(self, job_id: str) -> None:
-        """Start a job that has not run: its tasks without dependencies (parallel, configurable), or
-        its first task (sequential); the rest follow as they finish."""
-        job, tasks = await self.get_job(job_id)
-        if not tasks:
-            raise InvalidRequest(f"job {job_id} has no tasks")
-        if not all(never_started(t, self) for t in tasks):
-            state = group_state([t.state for t in tasks])
-            raise Conflict(f"job {job_id} has already been started (it is {state.label}); create a new job "
-                           "to run its tasks again")
-        first = tasks[:1] if job.execution_mode == "sequential" else [t for t in tasks if not t.depends_on]
-        for task in first:
-            await self.start_task(task.id)
+        """Start a job: its tasks without dependencies (parallel, configurable), or its first task
+        (sequential); the rest follow as they finish. A job that has run (completed, failed or
+        stopped) and has nothing queued or running runs again from the start: each finished task
+        is reset to pending first (its lifecycle events keep the earlier runs)."""
+        # Advances already due run first: between two tasks of a sequential job nothing is queued
+        # or running, and a job in that gap is still running, not finished.
+        await self.groups.settle()
+        async with self.groups.turn(job_id=job_id):
+            job, tasks = await self.get_job(job_id)
+            if not tasks:
+                raise InvalidRequest(f"job {job_id} has no tasks")
+            busy = sum(t.id in self.active for t in tasks)
+            if busy:
+                raise Conflict(f"job {job_id} is running ({busy} of its {len(tasks)} tasks queued or running); "
+                               f"wait for it to finish, or stop it (POST /jobs/{job_id}/stop), to run it again")
+            for task in tasks:
+                if task.state.is_terminal:
+                    await self._reset_for_rerun(task.id, f"reset: job {job_id} runs again")
+            first = tasks[:1] if job.execution_mode == "sequential" else [t for t in tasks if not t.depends_on]
+            for task in first:
+                await self.start_task(task.id)
 
     async def stop_job(self, job_id: str) -> None:
         """Stop a job's queued and running tasks; those that have not started are skipped. Once it
@@ -826,15 +835,10 @@ class ManagerCore:
             )
         before = task.copy()
         detail = "queued"
-        if task.state.is_terminal:
+        rerun = task.state.is_terminal
+        if rerun:
             detail = f"queued again (re-run after {task.state.label})"
-            task.results = None
-            task.error = ""
-            task.start_time = None
-            task.finish_time = None
-            task.retries = 0
-            if not task.pinned:
-                task.proplet_id = ""
+            self._clear_last_run(task)
         task.queued_at = utcnow()
         task.reason = self._why_waiting(task)
         self.active[task.id] = task
@@ -846,7 +850,54 @@ class ManagerCore:
         except StoreError:
             await self._not_started(task, before)
             raise
+        if rerun and task.workflow_id:
+            await self._rerun_downstream(task)
         return task.copy()
+
+    @staticmethod
+    def _clear_last_run(task: Task) -> None:
+        task.queued_at = None  # "never started": what the coordinator looks for
+        task.results = None
+        task.error = ""
+        task.start_time = None
+        task.finish_time = None
+        task.retries = 0
+        if not task.pinned:
+            task.proplet_id = ""
+
+    @_one_change_at_a_time
+    async def _reset_for_rerun(self, task_id: str, why: str) -> None:
+        """A finished task of a workflow or job that runs again: pending, its last run cleared,
+        started when its turn comes (its dependencies, its job's order)."""
+        if task_id in self.active:
+            raise Conflict(f"task {task_id} is queued or running")
+        task = self._recent.pop(task_id, None) or await self._load_for_start(task_id)
+        try:
+            if not task.state.is_terminal:
+                return
+            self._clear_last_run(task)
+            task.reason = why
+            done = await self._transition(task, TaskState.PENDING, why, durable=True)
+            assert done is not None
+            await done
+        finally:
+            self._remember(task)
+
+    async def _rerun_downstream(self, rerun: Task) -> None:
+        """A finished task of a workflow started again: the finished tasks that depend on it,
+        directly or not, run again (or are skipped again) as their dependencies finish."""
+        group = await self.group_tasks(workflow_id=rerun.workflow_id)
+        downstream: set[str] = set()
+        frontier = {rerun.id}
+        while frontier:
+            frontier = {t.id for t in group if frontier & set(t.depends_on)} - downstream
+            downstream |= frontier
+        for task in group:
+            if task.id in downstream and task.state.is_terminal:
+                with contextlib.suppress(Conflict, NotFound):
+                    await self._reset_for_rerun(task.id, f"reset: {rerun.id}, which it depends on, runs again")
+        # The re-run may have finished before its dependents were reset, unseen by them.
+        self.groups.finished_group(rerun.workflow_id, "")
 
     async def _not_started(self, task: Task, before: Task) -> None:
         """Undo a start whose queued state the store refused: the caller is told it failed, so the
