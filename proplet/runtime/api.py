@@ -185,6 +185,77 @@ def split_dirs(args: tuple[str, ...] | list[str]) -> tuple[list[str], list[str]]
     return dirs, rest
 
 
+# The sentences both runtimes give for the same failure, so an operator reads the same words
+# whichever runtime a proplet uses (tests/runtime/test_agreement.py holds them to it).
+
+STOPPED_ERROR = "The task was stopped by request."
+
+# What each trap means, keyed by the message wasmtime gives it (wasmtime-py and the CLI print the
+# same messages). Order matters where one message contains another.
+_TRAP_DESCRIPTIONS = (
+    ("call stack exhausted", "overflowed its call stack (unbounded or too deep recursion)"),
+    ("`unreachable` instruction executed",
+     "reached an `unreachable` instruction, which is how a guest panics or aborts"),
+    ("integer divide by zero", "divided an integer by zero"),
+    ("out of bounds memory access", "accessed memory out of bounds"),
+    ("misaligned memory access", "made a misaligned atomic memory access"),
+    ("out of bounds table access", "accessed a table out of bounds"),
+    ("uninitialized element", "called through a null function pointer"),
+    ("indirect call type mismatch", "called a function through a pointer of the wrong type"),
+    ("integer overflow", "overflowed an integer operation"),
+    ("invalid conversion to integer", "converted an out-of-range float to an integer"),
+)
+# The innermost wasm frame of a wasmtime backtrace: "0: 0x3e - <unknown>!name" or "0: module!name".
+_FRAME = re.compile(r"^\s*0:\s+(?:0x[0-9a-f]+ - )?(?:<unknown>|[^!\n]*)!(.+)$", re.M)
+
+
+def trap_description(message: str) -> str | None:
+    """What a trap means ("divided an integer by zero") from wasmtime's message, or None."""
+    return next((text for needle, text in _TRAP_DESCRIPTIONS if needle in message), None)
+
+
+def first_frame(backtrace: str) -> str:
+    """The function a trap happened in, from a wasmtime backtrace ("" when it has no name)."""
+    m = _FRAME.search(backtrace)
+    if not m:
+        return ""
+    name = m.group(1).strip()
+    return "" if name.startswith("<wasm function") else name
+
+
+def fault_error(what: str, where: str = "") -> str:
+    """A guest that trapped: `what` it did (a trap description, or "failed: <cause>"), `where`."""
+    if where:
+        what += f" (in `{where}`)"
+    return f"The module {what}. This is a fault in the module; fix it or check the task's inputs."
+
+
+def timeout_error(timeout_s: float) -> str:
+    return (f"The task ran longer than its {seconds(timeout_s)} s limit and was stopped. "
+            "Raise the task's timeout or make the module finish sooner.")
+
+
+def fuel_error(fuel: int | None) -> str:
+    return (f"The task exceeded its fuel budget of {fuel} and was stopped. Raise the task's fuel limit "
+            "or reduce the work it does.")
+
+
+def memory_limit_error(limit: int) -> str:
+    return (f"The module tried to grow memory past its {mib(limit)} MiB limit. Raise the task's memory "
+            "limit or reduce what the module allocates.")
+
+
+def memory_at_start_error(limit: int, detail: str = "") -> str:
+    detail = f" ({detail})" if detail else ""
+    return (f"The module needs more memory at start than its {mib(limit)} MiB limit{detail}. "
+            "Raise the task's memory limit.")
+
+
+def invalid_module_error(kind: str, detail: str) -> str:
+    return (f"The {kind} is not valid WebAssembly: {detail}. Rebuild it, or check that the task points "
+            "at the right file.")
+
+
 def mib(n: int) -> str:
     """A byte count as MiB for messages: 16 MiB, 1.5 MiB."""
     value = n / MIB

@@ -39,6 +39,7 @@ from core.lifecycle import cancel_and_wait
 from core.wasmvalues import WasmValueError, format_value, parse_input
 
 from .api import (
+    STOPPED_ERROR,
     BoundedCapture,
     Invocation,
     ModuleError,
@@ -47,12 +48,19 @@ from .api import (
     ServeError,
     check_digest,
     command_results,
-    mib,
+    fault_error,
+    first_frame,
+    fuel_error,
+    invalid_module_error,
+    memory_at_start_error,
+    memory_limit_error,
     names_command,
     overflow_error,
     seconds,
     split_dirs,
     tail,
+    timeout_error,
+    trap_description,
     wasm_kind,
 )
 from .cache import _atomic_write, _secure_dir
@@ -254,7 +262,7 @@ class ExternalRuntime:
             try:
                 exports = core_exports(wasm)
             except WasmParseError as e:
-                raise ModuleError(f"The module is not valid WebAssembly: {e}. Rebuild it.") from None
+                raise ModuleError(invalid_module_error(kind, str(e))) from None
         wasm_path = self._wasm_path(hex_digest)
         cwasm_path = self._cwasm_path(hex_digest)
         if write:
@@ -282,10 +290,7 @@ class ExternalRuntime:
         if proc.returncode != 0:
             with contextlib.suppress(OSError):
                 tmp.unlink()
-            raise ModuleError(
-                f"The {kind} is not valid WebAssembly: {_cause(err)}. Rebuild it, or check that the "
-                "task points at the right file."
-            )
+            raise ModuleError(invalid_module_error(kind, _cause(err)))
         try:
             await asyncio.to_thread(_seal, tmp, cwasm_path)
         except BaseException:
@@ -471,10 +476,9 @@ class ExternalRuntime:
             return Outcome("", message, stdout=out, stderr=err, duration_s=duration)
 
         if stopped:
-            return failed("The task was stopped by request.")
+            return failed(STOPPED_ERROR)
         if timed_out:
-            return failed(f"The task ran longer than its {seconds(timeout)} s limit and was stopped. "
-                          "Raise the task's timeout or make the module finish sooner.")
+            return failed(timeout_error(timeout))
         code = proc.returncode
         if code != 0:
             return failed(_failure(code, err, inv, memory))
@@ -758,32 +762,32 @@ def _cause(stderr: bytes) -> str:
     return lines[-1] if lines else "no error output"
 
 
-_TRAP_HINTS = (
-    ("all fuel consumed", None),
-    ("forcing trap when growing memory", None),
-    ("call stack exhausted", "overflowed its call stack (unbounded or too deep recursion)"),
-    ("unreachable", "reached an `unreachable` instruction (a panic or abort in the guest)"),
-    ("integer divide by zero", "divided an integer by zero"),
-    ("out of bounds memory access", "accessed memory out of bounds"),
-)
-
-
 def _failure(code: int | None, stderr: bytes, inv: Invocation, memory: int) -> str:
+    """The user-facing reason for a failed `wasmtime run`, in the internal runtime's words."""
     text = stderr.decode("utf-8", "replace")
     if "all fuel consumed" in text:
-        return (f"The task exceeded its fuel budget of {inv.limits.fuel} and was stopped. Raise the "
-                "task's fuel limit or reduce the work it does.")
+        return fuel_error(inv.limits.fuel)
     if "forcing trap when growing memory" in text:
-        return (f"The module tried to grow memory past its {mib(memory)} MiB limit. Raise the task's "
-                "memory limit or reduce what the module allocates.")
+        # trap-on-grow-failure: a refusal without a wasm backtrace came before any guest code ran,
+        # at instantiation, where a memory's declared minimum is already above the limit.
+        if "failed to instantiate" in text or "wasm backtrace" not in text:
+            return memory_at_start_error(memory)
+        return memory_limit_error(memory)
     if "Error: failed to run main module" in text or text.startswith("Error:"):
-        for needle, description in _TRAP_HINTS:
-            if needle in text and description:
-                return f"The module {description}. This is a fault in the module; fix it or check the task's inputs."
         cause = _cause(stderr)
+        description = trap_description(text)
+        if description:
+            return fault_error(description, first_frame(text))
         if "exit status" in cause or "exited" in cause:
             return f"The module {cause}."
-        return f"The module failed: {cause}."
+        if "No exported func named" in cause:
+            return (f"The module has no export named {inv.function!r} and no `_start` to run instead. "
+                    "Set the task's name to one of its exported functions.")
+        if cause.startswith(("invalid params", "invalid value type", "expected ")):
+            # The CLI reads a component's inputs as one WAVE call; its parser names byte offsets only.
+            return (f"Cannot call `{inv.function}` with the inputs {list(inv.inputs)!r}: {cause}. Fix the "
+                    "task's inputs (WAVE values, one per parameter).")
+        return fault_error(f"failed: {cause}")
     return f"The module exited with code {code}" + (f": {tail(stderr)}." if stderr.strip() else ".")
 
 

@@ -55,6 +55,7 @@ from core.wasmvalues import WasmValueError, format_results, parse_input
 from . import wave
 from .api import (
     MIB,
+    STOPPED_ERROR,
     BoundedCapture,
     Invocation,
     ModuleError,
@@ -64,11 +65,18 @@ from .api import (
     ServeHandle,
     check_digest,
     command_results,
-    mib,
+    fault_error,
+    first_frame,
+    fuel_error,
+    invalid_module_error,
+    memory_at_start_error,
+    memory_limit_error,
     names_command,
     overflow_error,
     seconds,
     tail,
+    timeout_error,
+    trap_description,
     wasm_kind,
 )
 from .cache import DiskCache, UnsafeCacheDir
@@ -79,31 +87,21 @@ log = logging.getLogger(__name__)
 WASMTIME_VERSION = importlib.metadata.version("wasmtime")
 
 _CAUSE = re.compile(r"Caused by:\s*\n\s*(?:wasm trap: )?(.+)")
-_FRAME = re.compile(r"^\s*0:\s+(?:0x[0-9a-f]+ - )?(?:<unknown>|[^!]*)!(.+)$", re.M)
 
-_TRAP_TEXT = {
-    TrapCode.STACK_OVERFLOW: "overflowed its call stack (unbounded or too deep recursion)",
-    TrapCode.MEMORY_OUT_OF_BOUNDS: "accessed memory out of bounds",
-    TrapCode.HEAP_MISALIGNED: "made a misaligned atomic memory access",
-    TrapCode.TABLE_OUT_OF_BOUNDS: "accessed a table out of bounds",
-    TrapCode.INDIRECT_CALL_TO_NULL: "called through a null function pointer",
-    TrapCode.BAD_SIGNATURE: "called a function through a pointer of the wrong type",
-    TrapCode.INTEGER_OVERFLOW: "overflowed an integer operation",
-    TrapCode.INTEGER_DIVISION_BY_ZERO: "divided an integer by zero",
-    TrapCode.BAD_CONVERSION_TO_INTEGER: "converted an out-of-range float to an integer",
-    TrapCode.UNREACHABLE: "reached an `unreachable` instruction, which is how a guest panics or aborts",
+# wasmtime's message for each trap code, to describe traps reported by code (core modules) in the
+# words used for traps reported by message (components, the CLI).
+_TRAP_MESSAGES = {
+    TrapCode.STACK_OVERFLOW: "call stack exhausted",
+    TrapCode.MEMORY_OUT_OF_BOUNDS: "out of bounds memory access",
+    TrapCode.HEAP_MISALIGNED: "misaligned memory access",
+    TrapCode.TABLE_OUT_OF_BOUNDS: "out of bounds table access",
+    TrapCode.INDIRECT_CALL_TO_NULL: "uninitialized element",
+    TrapCode.BAD_SIGNATURE: "indirect call type mismatch",
+    TrapCode.INTEGER_OVERFLOW: "integer overflow",
+    TrapCode.INTEGER_DIVISION_BY_ZERO: "integer divide by zero",
+    TrapCode.BAD_CONVERSION_TO_INTEGER: "invalid conversion to integer",
+    TrapCode.UNREACHABLE: "`unreachable` instruction executed",
 }
-# Component calls report traps as plain errors without a trap code: recognise wasmtime's messages.
-_TRAP_MESSAGES = (
-    ("call stack exhausted", TrapCode.STACK_OVERFLOW),
-    ("`unreachable` instruction executed", TrapCode.UNREACHABLE),
-    ("integer divide by zero", TrapCode.INTEGER_DIVISION_BY_ZERO),
-    ("out of bounds memory access", TrapCode.MEMORY_OUT_OF_BOUNDS),
-    ("integer overflow", TrapCode.INTEGER_OVERFLOW),
-    ("indirect call type mismatch", TrapCode.BAD_SIGNATURE),
-    ("uninitialized element", TrapCode.INDIRECT_CALL_TO_NULL),
-    ("invalid conversion to integer", TrapCode.BAD_CONVERSION_TO_INTEGER),
-)
 
 
 @dataclass(slots=True)
@@ -291,10 +289,7 @@ class WasmtimeRuntime:
             else:
                 compiled = Module(engines.engine, wasm)
         except WasmtimeError as e:
-            raise ModuleError(
-                f"The {kind} is not valid WebAssembly: {_first_line(e)}. Rebuild it, or check that "
-                "the task points at the right file."
-            ) from None
+            raise ModuleError(invalid_module_error(kind, _first_line(e))) from None
         self.compiles += 1
         artifact = self._describe(engines, compiled)
         if engines.disk is not None:
@@ -606,40 +601,32 @@ class WasmtimeRuntime:
         try:
             return art.pre.instantiate(store)
         except (WasmtimeError, Trap) as e:
-            text = str(e)
-            if "exceeds memory limits" in text or "memory minimum size" in text:
-                raise _GuestFailed(
-                    f"The module needs more memory at start than its {mib(state.memory)} MiB limit "
-                    f"({_first_line(e)}). Raise the task's memory limit."
-                ) from None
             raise _GuestFailed(self._failure(e, state, store, None, art)) from None
 
     def _failure(self, e: WasmtimeError | Trap, state: _Run, store: Store, instance: Any, art: Any) -> str:
         """The user-facing reason for a guest that ended with a trap or error."""
         watch = state.watch
         if watch.reason is Reason.STOPPED:
-            return "The task was stopped by request."
+            return STOPPED_ERROR
         if watch.reason is Reason.TIMEOUT:
-            return (f"The task ran longer than its {seconds(state.timeout)} s limit and was stopped. "
-                    "Raise the task's timeout or make the module finish sooner.")
+            return timeout_error(state.timeout)
+        text = str(e)
         code = e.trap_code if isinstance(e, Trap) else None
-        if code is TrapCode.OUT_OF_FUEL or "all fuel consumed" in str(e):
-            return (f"The task exceeded its fuel budget of {state.fuel} and was stopped. Raise the "
-                    "task's fuel limit or reduce the work it does.")
+        if code is TrapCode.OUT_OF_FUEL or "all fuel consumed" in text:
+            return fuel_error(state.fuel)
         if code is TrapCode.INTERRUPT:
             return "The task was interrupted by the proplet."
+        if "exceeds memory limits" in text or "memory minimum size" in text:
+            # At instantiation: a memory's declared minimum is above the limit (core or component).
+            return memory_at_start_error(state.memory, _first_line(e))
         cause = _first_cause(e)
-        if code is None:
-            code = next((c for text, c in _TRAP_MESSAGES if text in cause), None)
-        detail = _TRAP_TEXT.get(code) if code is not None else None
-        where = _first_frame(e)
+        detail = trap_description(_TRAP_MESSAGES[code] if code in _TRAP_MESSAGES else cause)
         what = detail or f"failed: {cause}"
-        if where:
-            what += f" (in `{where}`)"
+        where = first_frame(text)
         memory = self._memory_refusal(state, store, instance, art)
         if memory:
-            return f"{memory} After the refusal the module {what}."
-        return f"The module {what}. This is a fault in the module; fix it or check the task's inputs."
+            return f"{memory} After the refusal the module {what}{f' (in `{where}`)' if where else ''}."
+        return fault_error(what, where)
 
     def _exit_failure(self, code: int, stderr: bytes, state: _Run, store: Store, instance: Any,
                       art: Any) -> str:
@@ -662,8 +649,7 @@ class WasmtimeRuntime:
         for name in art.memories:
             memory = _export(store, instance, name)
             if isinstance(memory, Memory) and memory.data_len(store) + margin > state.memory:
-                return (f"The module tried to grow memory past its {mib(state.memory)} MiB limit. "
-                        "Raise the task's memory limit or reduce what the module allocates.")
+                return memory_limit_error(state.memory)
         return ""
 
     # --- components
@@ -877,9 +863,4 @@ def _first_cause(e: BaseException) -> str:
     return causes[-1].strip() if causes else _first_line(e)
 
 
-def _first_frame(e: BaseException) -> str:
-    m = _FRAME.search(str(e))
-    if not m:
-        return ""
-    name = m.group(1).strip()
-    return "" if name.startswith("<wasm function") else name
+
