@@ -667,6 +667,14 @@ class ManagerCore:
     @_one_change_at_a_time
     async def skip_task(self, task_id: str, why: str) -> None:
         """A task that will not run (its run_if does not hold, or its job ended): skipped."""
+        await self._end_waiting(task_id, TaskState.SKIPPED, why)
+
+    @_one_change_at_a_time
+    async def fail_unstarted(self, task_id: str, why: str) -> None:
+        """A task whose turn came but that cannot start as it is (it has no module): failed."""
+        await self._end_waiting(task_id, TaskState.FAILED, why)
+
+    async def _end_waiting(self, task_id: str, end: TaskState, why: str) -> None:
         if task_id in self.active:
             raise Conflict(f"task {task_id} is queued or running")
         task = self._recent.pop(task_id, None) or await self._load_for_start(task_id)
@@ -674,8 +682,10 @@ class ManagerCore:
             if task.state is not TaskState.PENDING:
                 raise Conflict(f"task {task_id} is {task.state.label}, not waiting")
             task.reason = why
+            if end is TaskState.FAILED:
+                task.error = why
             task.finish_time = utcnow()
-            done = await self._transition(task, TaskState.SKIPPED, why, durable=True)
+            done = await self._transition(task, end, why, durable=True)
             assert done is not None
             await done
         finally:
@@ -783,10 +793,15 @@ class ManagerCore:
             if busy:
                 raise Conflict(f"job {job_id} is running ({busy} of its {len(tasks)} tasks queued or running); "
                                f"wait for it to finish, or stop it (POST /jobs/{job_id}/stop), to run it again")
+            first = tasks[:1] if job.execution_mode == "sequential" else [t for t in tasks if not t.depends_on]
+            # Checked for all before any starts: a job refused half way would be half started.
+            bare = [t.id for t in first if not t.wasm_digest and not t.image_url]
+            if bare:
+                raise InvalidRequest(f"job {job_id} cannot start: its tasks {', '.join(bare)} have no module; "
+                                     "upload a .wasm (PUT /tasks/{id}/upload) or set image_url")
             for task in tasks:
                 if task.state.is_terminal:
                     await self._reset_for_rerun(task.id, f"reset: job {job_id} runs again")
-            first = tasks[:1] if job.execution_mode == "sequential" else [t for t in tasks if not t.depends_on]
             for task in first:
                 await self.start_task(task.id)
 

@@ -93,6 +93,7 @@ class GroupCoordinator:
         self._stopping: dict[str, int] = {}
         self.advances = 0
         self.errors = 0
+        self.unstartable = 0
 
     def finished(self, task: Task) -> None:
         """A task of a workflow or job reached a terminal state."""
@@ -157,7 +158,15 @@ class GroupCoordinator:
     async def _start_task(self, job_id: str, task_id: str, *, dependencies_met: bool = False) -> None:
         if job_id and job_id in self._stopping:
             return  # the stop skips it
-        await _quietly(self.core.start_task(task_id, dependencies_met=dependencies_met))
+        with _quietly():
+            try:
+                await self.core.start_task(task_id, dependencies_met=dependencies_met)
+            except InvalidRequest as exc:
+                # As it is it can never start (it has no module): failed, so that its job ends and
+                # its dependents are released, instead of all of them waiting for ever.
+                self.unstartable += 1
+                log.warning("task %s of %s cannot start: %s", task_id, job_id or "its workflow", exc)
+                await self.core.fail_unstarted(task_id, f"its turn came but it cannot start: {exc}")
 
     async def _advance(self, workflow_id: str, job_id: str, finished_id: str,
                        finished_state: TaskState | None) -> None:
@@ -176,9 +185,11 @@ class GroupCoordinator:
             why = f"job {job_id} ended: its task {finished_id} {finished_state.label}"
             for task in tasks:
                 if task.id in core.active:
-                    await _quietly(core.stop_task(task.id))
+                    with _quietly():
+                        await core.stop_task(task.id)
                 elif task.state is TaskState.PENDING:
-                    await _quietly(core.skip_task(task.id, why))
+                    with _quietly():
+                        await core.skip_task(task.id, why)
             return
         if job is not None and job.execution_mode == "sequential":
             previous: Task | None = None
@@ -199,7 +210,8 @@ class GroupCoordinator:
             deps = [by_id[d] for d in task.depends_on if d in by_id]
             if len(deps) < len(task.depends_on):
                 gone = sorted(set(task.depends_on) - by_id.keys())
-                await _quietly(core.skip_task(task.id, f"its dependencies {', '.join(gone)} were deleted"))
+                with _quietly():
+                    await core.skip_task(task.id, f"its dependencies {', '.join(gone)} were deleted")
                 continue
             run = verdict(task, deps)
             if run is None:
@@ -210,14 +222,15 @@ class GroupCoordinator:
             else:
                 states = ", ".join(f"{d.id} {d.state.label}" for d in deps)
                 wanted = "one to fail" if task.run_if == "failure" else "all to complete"
-                await _quietly(core.skip_task(task.id, f"run_if {task.run_if or 'success'}: wanted {wanted}, "
-                                                       f"got {states}"))
+                with _quietly():
+                    await core.skip_task(task.id, f"run_if {task.run_if or 'success'}: wanted {wanted}, got {states}")
 
 
-async def _quietly(action: object) -> None:
+@contextlib.contextmanager
+def _quietly() -> Iterator[None]:
     """A start, stop or skip that another actor may have made moot meanwhile."""
     try:
-        await action  # type: ignore[misc]
+        yield
     except (Conflict, NotFound) as exc:
         log.debug("workflow step not needed: %s", exc)
     except CoreError as exc:

@@ -201,3 +201,38 @@ async def test_starting_a_finished_workflow_root_again_runs_its_dependents_again
     assert await ends_of(core, leaf["id"]) == ["completed", "completed"]
     assert await ends_of(core, on_failure["id"]) == ["skipped", "skipped"]
     assert await ends_of(core, other_root["id"]) == ["completed"]
+
+
+async def test_a_task_without_a_module_fails_its_turn_instead_of_waiting_for_ever(core: Any,
+                                                                                   api: httpx.AsyncClient) -> None:
+    """Before: when its turn came the coordinator's start was refused (no module), the refusal went
+    to the log only, and the task stayed pending for ever: its job neither running nor finished,
+    its dependents waiting. Now it fails with that reason, which ends its job or releases its
+    workflow's `run_if: failure` branch. A job whose first tasks have no module is refused whole,
+    not half started."""
+    ok, bare, after = add_task(), {**add_task(), "file": ""}, add_task()
+    ids = [ok["id"], bare["id"], after["id"]]
+    r = await api.post("/jobs", json={"tasks": [ok, bare, after], "execution_mode": "sequential"})
+    assert r.status_code == 201, r.text
+    path = f"/jobs/{r.json()['job_id']}"
+    assert (await api.post(f"{path}/start")).status_code == 200
+    assert list((await finished(core, ids, 1)).values()) == [TaskState.COMPLETED, TaskState.FAILED,
+                                                              TaskState.SKIPPED]
+    body = (await api.get(path)).json()
+    assert body["state_name"] == "failed"
+    assert "has no module" in next(t for t in body["tasks"] if t["id"] == bare["id"])["error"]
+
+    root, bare = add_task(), {**add_task(), "file": ""}
+    bare["depends_on"] = [root["id"]]
+    on_failure = {**add_task(bare["id"]), "run_if": "failure"}
+    await api.post("/workflows", json={"tasks": [root, bare, on_failure]})
+    await api.post(f"/tasks/{root['id']}/start")
+    assert list((await finished(core, [root["id"], bare["id"], on_failure["id"]], 1)).values()) == [
+        TaskState.COMPLETED, TaskState.FAILED, TaskState.COMPLETED]
+
+    good, bare = add_task(), {**add_task(), "file": ""}
+    r = await api.post("/jobs", json={"tasks": [good, bare], "execution_mode": "parallel"})
+    r = await api.post(f"/jobs/{r.json()['job_id']}/start")
+    assert r.status_code == 400 and bare["id"] in r.json()["error"] and "no module" in r.json()["error"], r.text
+    assert good["id"] not in core.active
+    assert (await core.get_task(good["id"])).state is TaskState.PENDING
