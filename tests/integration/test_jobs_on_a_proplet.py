@@ -236,3 +236,41 @@ async def test_a_task_without_a_module_fails_its_turn_instead_of_waiting_for_eve
     assert r.status_code == 400 and bare["id"] in r.json()["error"] and "no module" in r.json()["error"], r.text
     assert good["id"] not in core.active
     assert (await core.get_task(good["id"])).state is TaskState.PENDING
+
+
+async def test_a_sequential_job_goes_on_after_a_manager_restart(managers_on_each_backend: Any, broker: Mosquitto,
+                                                                 tmp_path: Path) -> None:
+    """The manager stops while the job's first task runs; that task finishes while it is down. The
+    restarted manager takes its result from the proplet's outbox and runs the rest of the job."""
+    busy = {"id": str(uuid.uuid4()), "name": "_start", "file": base64.b64encode(wasm("busy")).decode(),
+            "inputs": ["400"]}
+    rest = [add_task(inputs=(1, 1)), add_task(inputs=(2, 2))]
+    ids = [busy["id"], *(t["id"] for t in rest)]
+    first = managers_on_each_backend()
+    manager = await first.__aenter__()
+    try:
+        proplet_id = unique("restart-p")
+        settings = PropletSettings.load(mqtt_address=broker.url, tenant_id=manager.topics.domain,
+                                        channel_id=manager.topics.channel, entity_id=proplet_id,
+                                        cache_dir=tmp_path / "cache", state_dir=tmp_path / "state",
+                                        liveliness_interval=1.0)
+        async with PropletAgent(settings):
+            await eventually(lambda: proplet_id in manager.proplets and manager.proplets[proplet_id].online, 10)
+            job, _ = await manager.create_job(JobCreate.model_validate(
+                {"tasks": [busy, *rest], "execution_mode": "sequential"}))
+            await manager.start_job(job.id)
+
+            async def first_running() -> bool:
+                return (await manager.get_task(busy["id"])).state is TaskState.RUNNING
+
+            await eventually(first_running, timeout=10)
+            await first.__aexit__(None, None, None)
+            first = None
+            async with managers_on_each_backend() as restarted:
+                states = await finished(restarted, ids, 1)
+                assert list(states.values()) == [TaskState.COMPLETED] * 3, states
+                _, tasks = await restarted.get_job(job.id)
+                assert [t.results for t in tasks[1:]] == ["2", "4"]
+    finally:
+        if first is not None:
+            await first.__aexit__(None, None, None)
