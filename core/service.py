@@ -66,7 +66,7 @@ from core.store.reads import TaskReader
 from core.store.writer import StoreWriter
 from core.telemetry import CoreMetrics
 from core.topics import Topics
-from core.workflows import GroupCoordinator, never_started, validate_dag
+from core.workflows import GroupCoordinator, never_started, validate_dag, validate_sequence
 
 log = logging.getLogger(__name__)
 
@@ -745,6 +745,8 @@ class ManagerCore:
             raise Conflict(f"job {job_id} already exists")
         tasks = self._group_from_bodies(body.tasks, job_id=job_id)
         validate_dag({t.id: t for t in tasks})
+        if body.execution_mode == "sequential":
+            validate_sequence(tasks)
         now = utcnow()
         job = Job(job_id, body.name, body.execution_mode or "parallel", now, now)
         await self._insert_group(tasks, self.store.op_insert_job(job))

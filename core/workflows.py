@@ -13,8 +13,9 @@ finish. Upstream starts finished tasks again too, but its coordinator leaves fin
 alone, so there a workflow's re-run stops at the task started.
 
 Upstream's semantics (reference §6.8) with its defects fixed: `sequential` waits for each task
-instead of starting them all at once; `run_if` is read in jobs too (though there a failed task ends
-the job first, so a `run_if: failure` dependent is skipped with the rest); a skipped task releases its
+instead of starting them all at once; `run_if` is read in jobs too, in sequential ones as well (though
+there a failed task ends the job first, so a `run_if: failure` dependent is skipped with the rest,
+and a sequential job's task may depend only on tasks before it); a skipped task releases its
 own dependents at once instead of at the next unrelated event; an unmet dependency on a manual
 start is a 409 with the names of the tasks it waits for, not a 500; GET /jobs/{id} answers 200.
 Dependencies are checked for existence and cycles when the tasks are created.
@@ -61,6 +62,18 @@ def validate_dag(tasks: Mapping[str, Task]) -> None:
     stuck = sorted(tid for tid, n in waiting.items() if n > 0)
     if stuck:
         raise InvalidRequest(f"the dependencies form a cycle involving tasks {', '.join(stuck)}")
+
+
+def validate_sequence(tasks: Iterable[Task]) -> None:
+    """In a sequential job a task can depend only on tasks before it (InvalidRequest): one waiting
+    for a later task would hold up the job for ever."""
+    before: set[str] = set()
+    for task in tasks:
+        later = [d for d in task.depends_on if d not in before]
+        if later:
+            raise InvalidRequest(f"task {task.id} depends on {', '.join(later)}, which comes after it; in a "
+                                 "sequential job a task can depend only on tasks listed before it")
+        before.add(task.id)
 
 
 def verdict(task: Task, deps: Iterable[Task]) -> bool | None:
@@ -191,39 +204,43 @@ class GroupCoordinator:
                     with _quietly():
                         await core.skip_task(task.id, why)
             return
+        by_id = {t.id: t for t in tasks}
         if job is not None and job.execution_mode == "sequential":
             previous: Task | None = None
             for task in tasks:
                 if never_started(task, core):
                     # The first one is for start_job to start; each next one once the one before is done.
                     if previous is not None and previous.state in (TaskState.COMPLETED, TaskState.SKIPPED):
-                        await self._start_task(job_id, task.id)
+                        await self._release(job_id, task, by_id)
                     return
                 if not task.state.is_terminal:
                     return  # this one is on its way
                 previous = task
             return
-        by_id = {t.id: t for t in tasks}
         for task in tasks:
-            if not task.depends_on or not never_started(task, core):
-                continue
-            deps = [by_id[d] for d in task.depends_on if d in by_id]
-            if len(deps) < len(task.depends_on):
-                gone = sorted(set(task.depends_on) - by_id.keys())
-                with _quietly():
-                    await core.skip_task(task.id, f"its dependencies {', '.join(gone)} were deleted")
-                continue
-            run = verdict(task, deps)
-            if run is None:
-                continue
-            if run:
-                # Its dependencies were just read from this group: start_task need not read them again.
-                await self._start_task(job_id, task.id, dependencies_met=True)
-            else:
-                states = ", ".join(f"{d.id} {d.state.label}" for d in deps)
-                wanted = "one to fail" if task.run_if == "failure" else "all to complete"
-                with _quietly():
-                    await core.skip_task(task.id, f"run_if {task.run_if or 'success'}: wanted {wanted}, got {states}")
+            if task.depends_on and never_started(task, core):
+                await self._release(job_id, task, by_id)
+
+    async def _release(self, job_id: str, task: Task, group: Mapping[str, Task]) -> None:
+        """Start a waiting task, or skip it, by its dependencies (read from `group` just now)."""
+        deps = [group[d] for d in task.depends_on if d in group]
+        if len(deps) < len(task.depends_on):
+            gone = sorted(set(task.depends_on) - group.keys())
+            with _quietly():
+                await self.core.skip_task(task.id, f"its dependencies {', '.join(gone)} were deleted")
+            return
+        run = verdict(task, deps)
+        if run is None:
+            return
+        if run:
+            # Its dependencies were just read from this group: start_task need not read them again.
+            await self._start_task(job_id, task.id, dependencies_met=True)
+        else:
+            states = ", ".join(f"{d.id} {d.state.label}" for d in deps)
+            wanted = "one to fail" if task.run_if == "failure" else "all to complete"
+            with _quietly():
+                await self.core.skip_task(task.id, f"run_if {task.run_if or 'success'}: wanted {wanted}, "
+                                                   f"got {states}")
 
 
 @contextlib.contextmanager

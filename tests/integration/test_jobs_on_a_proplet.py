@@ -274,3 +274,26 @@ async def test_a_sequential_job_goes_on_after_a_manager_restart(managers_on_each
     finally:
         if first is not None:
             await first.__aexit__(None, None, None)
+
+
+async def test_a_sequential_job_reads_depends_on_and_run_if(core: Any, api: httpx.AsyncClient) -> None:
+    """Before: a sequential job started each next task whatever its run_if (a `run_if: failure`
+    task ran after its dependency completed), and a task depending on a later one was accepted, its
+    start then refused (unmet dependencies) and the job left pending for ever. Now the run_if of the
+    next task is read (skipped, and the job goes on, when it does not hold), and a dependency on a
+    later task is refused when the job is created."""
+    first = add_task(inputs=(1, 1))
+    on_failure = {**add_task(first["id"]), "run_if": "failure"}
+    on_success = add_task(first["id"], inputs=(2, 2))
+    ids = [first["id"], on_failure["id"], on_success["id"]]
+    r = await api.post("/jobs", json={"tasks": [first, on_failure, on_success], "execution_mode": "sequential"})
+    assert r.status_code == 201, r.text
+    await api.post(f"/jobs/{r.json()['job_id']}/start")
+    assert list((await finished(core, ids, 1)).values()) == [TaskState.COMPLETED, TaskState.SKIPPED,
+                                                              TaskState.COMPLETED]
+    assert "run_if failure" in (await core.get_task(on_failure["id"])).reason
+
+    early, late = add_task(), add_task()
+    early["depends_on"] = [late["id"]]
+    r = await api.post("/jobs", json={"tasks": [add_task(), early, late], "execution_mode": "sequential"})
+    assert r.status_code == 400 and "sequential" in r.json()["error"] and late["id"] in r.json()["error"], r.text
