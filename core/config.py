@@ -56,7 +56,7 @@ class MqttClientSettings(SectionSettings, MqttClientOptions):
     mqtt_address: str | None = Field(
         default=None,
         description="Broker URL: mqtt://host:port (also tcp://), mqtts://host:port (also ssl://, tls://) "
-        "or host:port. Unset: localhost:1883 when something listens there, else an in-process broker "
+        "or host:port. Unset: localhost:1883 when an MQTT broker listens there, else an in-process broker "
         "(manager only).",
     )
     mqtt_qos: Literal[0, 1, 2] = Field(
@@ -172,7 +172,9 @@ class ManagerSettings(MqttClientSettings):
     default_broker_port: int = Field(
         default=1883, ge=1, le=65535,
         description="With no mqtt_address: the broker on localhost at this port is used if one listens "
-        "there, else an in-process broker is started on it.",
+        "there, else an in-process broker is started on it (on 127.0.0.1 only); a manager refuses to start "
+        "when something that is not an MQTT broker listens there. Proplets look for localhost:1883: with "
+        "another port, give them PROPLET_MQTT_ADDRESS.",
     )
 
     @field_validator("http_tokens", mode="before")

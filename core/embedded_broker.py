@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import weakref
 from typing import Any
@@ -54,12 +55,42 @@ def _drop_silent_client(self: BrokerProtocolHandler) -> None:
 BrokerProtocolHandler.handle_read_timeout = _drop_silent_client  # type: ignore[method-assign]
 
 
-def port_is_listening(host: str, port: int, timeout: float = 0.3) -> bool:
+NOTHING, MQTT_BROKER, NOT_MQTT = "nothing", "an MQTT broker", "not an MQTT broker"
+
+
+def what_listens(host: str, port: int, timeout: float = 1.0) -> str:
+    """NOTHING, MQTT_BROKER or NOT_MQTT: whether an MQTT 3.1.1 CONNECT sent to host:port gets a CONNACK.
+
+    Any CONNACK counts, a refusal too (a broker that wants a password is still the broker). A
+    listener that answers otherwise, closes, or stays silent for `timeout` is something else, which
+    the manager could neither use as its broker nor replace with its in-process one."""
     try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
+        conn = socket.create_connection((host, port), timeout=min(timeout, 0.3))
     except OSError:
-        return False
+        return NOTHING
+    client_id = f"propeller-probe-{os.getpid()}".encode()
+    # CONNECT: protocol name MQTT, level 4 (3.1.1), clean session, keep-alive 5 s, the client id.
+    body = b"\x00\x04MQTT\x04\x02\x00\x05" + len(client_id).to_bytes(2, "big") + client_id
+    with conn:
+        try:
+            conn.settimeout(timeout)
+            conn.sendall(bytes([0x10, len(body)]) + body)
+            answer = conn.recv(4)
+            if answer[:1] == b"\x20":
+                conn.sendall(b"\xe0\x00")  # DISCONNECT: a clean goodbye, no Last Will, no log noise
+                return MQTT_BROKER
+        except OSError:
+            pass
+    return NOT_MQTT
+
+
+def port_taken_message(port: int) -> str:
+    """Why the manager with no broker configured cannot start when NOT_MQTT holds its broker port."""
+    return (f"Something that is not an MQTT broker listens on 127.0.0.1:{port} (it did not answer an MQTT "
+            "CONNECT), so the manager can neither use it as its broker nor start its in-process broker there. "
+            "Stop that program, or set MANAGER_MQTT_ADDRESS to your broker (mqtt://host:port), or "
+            "MANAGER_DEFAULT_BROKER_PORT to a free port for the in-process broker; proplets look for the broker "
+            f"on localhost:1883, so then start them with PROPLET_MQTT_ADDRESS=mqtt://127.0.0.1:<that port>.")
 
 
 class _Broker(Broker):
@@ -114,8 +145,8 @@ class EmbeddedBroker:
         }
         # amqtt logs every connection at INFO; keep the operator's log readable.
         logging.getLogger("amqtt").setLevel(logging.WARNING)
-        # A connection closed before its CONNECT is what port_is_listening does (`propeller info`, a
-        # second manager looking for a broker); amqtt logs each as an ERROR and a WARNING.
+        # A connection closed before its CONNECT (a port check: a health probe, a scanner, a manager
+        # older than what_listens) is no fault of the broker; amqtt logs each as an ERROR and a WARNING.
         logging.getLogger("amqtt.broker").addFilter(_quiet_probes)
         logging.getLogger("transitions").setLevel(logging.WARNING)
         self._broker = _Broker(config)

@@ -376,11 +376,15 @@ class ManagerCore:
     async def _resolve_broker(self) -> BrokerAddress:
         if self.settings.mqtt_address:
             return parse_broker_url(self.settings.mqtt_address)
-        from core.embedded_broker import EmbeddedBroker, port_is_listening
+        from core.embedded_broker import MQTT_BROKER, NOTHING, EmbeddedBroker, port_taken_message, what_listens
 
         port = self.settings.default_broker_port
-        if await asyncio.to_thread(port_is_listening, "127.0.0.1", port):
+        listener = await asyncio.to_thread(what_listens, "127.0.0.1", port)
+        if listener == MQTT_BROKER:
             return BrokerAddress("127.0.0.1", port)
+        if listener != NOTHING:
+            # Connecting would retry forever with "no CONNACK", and proplets would find nothing there.
+            raise Unavailable(port_taken_message(port))
         broker = EmbeddedBroker("127.0.0.1", port)
         await broker.start()
         self._embedded_broker = broker

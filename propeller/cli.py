@@ -162,12 +162,16 @@ def _broker_in_use(settings: Any) -> str:
     """The broker as ManagerCore._resolve_broker would choose it at this moment."""
     if settings.mqtt_address:
         return str(settings.mqtt_address)
-    from core.embedded_broker import port_is_listening
+    from core.embedded_broker import MQTT_BROKER, NOTHING, what_listens
 
     port = settings.default_broker_port
-    if port_is_listening("127.0.0.1", port):
+    listener = what_listens("127.0.0.1", port)
+    if listener == MQTT_BROKER:
         return f"the one listening on 127.0.0.1:{port}"
-    return f"an in-process one on 127.0.0.1:{port} (nothing listens there now)"
+    if listener == NOTHING:
+        return f"an in-process one on 127.0.0.1:{port} (nothing listens there now)"
+    return (f"none: something that is not an MQTT broker listens on 127.0.0.1:{port}, so a manager would "
+            "not start (set MANAGER_MQTT_ADDRESS or MANAGER_DEFAULT_BROKER_PORT)")
 
 
 # ---- REST client -----------------------------------------------------------------------------

@@ -82,7 +82,8 @@ class PropletSettings(msgspec.Struct, MqttClientOptions, kw_only=True):
 
     # The mqtt_* fields mirror core.config.MqttClientSettings (the manager's and proxy's): change both.
     mqtt_address: Annotated[str | None, Meta(
-        description="Broker URL: mqtt://host:port (or tcp://), mqtts://host:port (or ssl://, tls://).",
+        description="Broker URL: mqtt://host:port (or tcp://), mqtts://host:port (or ssl://, tls://). The default "
+        "is where a manager run with no broker configured has its in-process broker, on the same machine.",
     )] = "mqtt://localhost:1883"
     mqtt_qos: Annotated[Literal[0, 1, 2], Meta(
         description="QoS of publishes and subscriptions, except heartbeats, metrics, task_state and result_ack, "

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -163,3 +164,18 @@ def test_a_second_manager_whose_api_port_is_taken_exits_saying_so_before_it_conn
     assert "Another Propeller manager (`propeller serve` or the console)" in second.stderr
     assert "Traceback" not in second.stderr, second.stderr
     _first_kept_its_session(serve)
+
+
+def test_a_manager_whose_broker_port_holds_something_else_exits_saying_how_to_go_on(serve: Serve) -> None:
+    # Nothing configured, and a program that is not a broker on the port: the manager used to take it
+    # for its broker, say "ready" and wait for a CONNACK forever, and proplets found nothing there.
+    port = int(serve.env["MANAGER_DEFAULT_BROKER_PORT"])
+    with socket.create_server(("127.0.0.1", port)):  # accepts connections, never answers
+        out = subprocess.run([*PROPELLER, "serve"], env=serve.env, capture_output=True, text=True, timeout=20)
+        info = subprocess.run([*PROPELLER, "info"], env=serve.env, capture_output=True, text=True, timeout=20)
+    assert out.returncode == 1, out.stderr
+    assert f"Something that is not an MQTT broker listens on 127.0.0.1:{port}" in out.stderr, out.stderr
+    assert "set MANAGER_MQTT_ADDRESS to your broker" in out.stderr
+    assert "PROPLET_MQTT_ADDRESS=mqtt://127.0.0.1:<that port>" in out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    assert f"broker        none: something that is not an MQTT broker listens on 127.0.0.1:{port}" in info.stdout
