@@ -227,12 +227,21 @@ def _table(columns: list[str], rows: list[list[Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    cells = [["" if v is None else str(v) for v in r] for r in rows]
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for c in columns:
-        table.add_column(c)
-    for r in rows:
-        table.add_row(*("" if v is None else str(v) for v in r))
-    Console().print(table)
+    for i, c in enumerate(columns):
+        if c == "ID":
+            # An id is what the next command takes (`tasks get <id>`): never cut short. Rich otherwise ends
+            # a squeezed cell with "…", as it did to every id in 80 columns, a pipe's default width.
+            table.add_column(c, no_wrap=True, min_width=max((len(r[i]) for r in cells), default=0))
+        else:
+            table.add_column(c, overflow="fold")  # wrapped onto more lines, not cut
+    for r in cells:
+        table.add_row(*r)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=100_000)  # piped (grep, awk): one line per row, whatever its length
+    console.print(table)
 
 
 def _short_time(text: str | None) -> str:

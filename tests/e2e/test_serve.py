@@ -141,6 +141,8 @@ async def test_cli_client_against_serve(serve: Serve, tmp_path: Path) -> None:
         assert (await cli(serve, "tasks", "results", tid)).stdout.strip() == "11"
         table = (await cli(serve, "tasks", "list")).stdout
         assert "completed" in table and "1 of 1 tasks" in table
+        # Piped, the table was 80 columns wide and cut the id to "3a7f2f8d-569a-…"; `tasks get` needs it whole.
+        assert re.search(rf"^{tid}\s+add\s+completed\s+cli-p\s", table, re.MULTILINE), table
         detail = (await cli(serve, "tasks", "get", tid, "--events")).stdout
         assert "dispatched to cli-p" in detail
         oci = json.loads((await cli(serve, "tasks", "create", "main", "--wasm", "registry.local/wasm/app:v1",
