@@ -66,7 +66,7 @@ async def overhead(rt: WasmtimeRuntime, name: str, function: str, inputs: tuple[
     d = digest(data)
     await rt.load(d, data)
     artifact = rt._cached(d[7:], False)
-    engines = rt._engines[False]
+    engines = rt._engines[(False, False)]  # (fuel, components): core modules, no fuel
     module = artifact.module  # type: ignore[union-attr]
     command = function in ("", "_start")
     call = "_start" if command else function

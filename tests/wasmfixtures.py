@@ -22,7 +22,8 @@
 | slow-compile       | generated                       | spin.wat's exports + 6,000 filler functions: ~2 s |
 |                    |                                 | to compile, for what a timeout counts             |
 | hello-component    | hello.c + jco --wasi-command    | WASI p2 command component                         |
-| greeter-component  | greeter.c + greeter.wit + jco   | component exports: greet, add, shout, ...         |
+| membomb-component  | membomb.c + jco --wasi-command  | membomb as a WASI p2 command component            |
+| greeter-component  | greeter.c + greeter.wit + jco   | component exports: greet, add, shout, peek, ...   |
 | http-component     | http.c + http.wit + jco         | wasi:http/proxy handler answering "hello from..." |
 
 Built artifacts live in ~/.cache/propeller-test-wasm (PROPELLER_TEST_WASM_CACHE overrides), named by
@@ -241,17 +242,22 @@ def _run_node(args: list[str], cwd: Path) -> None:
         raise RuntimeError(f"node {' '.join(args[:2])} failed:\n{result.stderr[-2000:]}")
 
 
-def _hello_component() -> Path:
-    core = wasm_path("hello")
+def _command_component(name: str, core_name: str) -> Callable[[], Path]:
+    """A WASI p1 command fixture wrapped as a WASI p2 command component (jco's p1 adapter)."""
 
-    def build(out: Path) -> None:
-        jco = _jco()
-        # jco's wasm-tools runs sandboxed and reads files relative to its working directory.
-        shutil.copyfile(core, out.parent / "hello.wasm")
-        _run_node([str(jco / "node_modules" / ".bin" / "jco"), "new", "hello.wasm", "--wasi-command",
-                   "-o", "out.wasm"], cwd=out.parent)
+    def build_fixture() -> Path:
+        core = wasm_path(core_name)
 
-    return _cached("hello-component", [core.read_bytes(), JCO_VERSION.encode()], build)
+        def build(out: Path) -> None:
+            jco = _jco()
+            # jco's wasm-tools runs sandboxed and reads files relative to its working directory.
+            shutil.copyfile(core, out.parent / "core.wasm")
+            _run_node([str(jco / "node_modules" / ".bin" / "jco"), "new", "core.wasm", "--wasi-command",
+                       "-o", "out.wasm"], cwd=out.parent)
+
+        return _cached(name, [core.read_bytes(), JCO_VERSION.encode()], build)
+
+    return build_fixture
 
 
 def _canonical_component(name: str, source: str, wit_text: Callable[[Path], str], world: str) -> Callable[[], Path]:
@@ -313,7 +319,8 @@ _BUILDERS: dict[str, Callable[[], Path]] = {
     "flclient": _c("flclient", "flclient.c"),
     "big": _big,
     "slow-compile": _slow_compile,
-    "hello-component": _hello_component,
+    "hello-component": _command_component("hello-component", "hello"),
+    "membomb-component": _command_component("membomb-component", "membomb"),
     "greeter-component": _canonical_component("greeter-component", "greeter.c", _greeter_wit, "greeter"),
     "http-component": _canonical_component("http-component", "http.c", _http_wit, "server"),
 }

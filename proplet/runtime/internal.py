@@ -2,7 +2,8 @@
 
 Threading: the asyncio loop only schedules. Compiles and deserializations run on a small compile
 pool, guests on a task pool of `max_concurrent` threads (wasm calls release the GIL in ctypes).
-Each run gets its own Store with a memory limit, an epoch deadline watched by `Watchdog`
+Each run gets its own Store with a memory limit (for components, applied by the memories the
+proplet allocates for them, memories.py), an epoch deadline watched by `Watchdog`
 (wall-clock timeout and `stop()`), fuel only when the task asks for a budget (fuel makes code
 about 40 % slower, so those tasks use a second Engine), and bounded stdout/stderr captures.
 
@@ -24,6 +25,7 @@ import shutil
 import tempfile
 import threading
 import time
+import traceback
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -52,7 +54,7 @@ from wasmtime._extern import wrap_extern
 
 from core.wasmvalues import WasmValueError, format_results, parse_input
 
-from . import wave
+from . import memories, wave
 from .api import (
     MIB,
     STOPPED_ERROR,
@@ -80,6 +82,7 @@ from .api import (
     wasm_kind,
 )
 from .cache import DiskCache, UnsafeCacheDir
+from .memories import MemoryUse
 from .watchdog import Reason, Watch, Watchdog
 
 log = logging.getLogger(__name__)
@@ -140,14 +143,21 @@ Artifact = _CoreArtifact | _ComponentArtifact
 
 class _EngineSet:
     """One Engine with its linkers (defined once: defining WASI per task would cost more than the
-    task) and its disk cache directory, keyed by everything that changes the compiled code."""
+    task) and its disk cache directory, keyed by everything that changes the compiled code.
 
-    def __init__(self, config: RuntimeConfig, *, fuel: bool, cache_root: Path | None) -> None:
+    Components run on engines of their own whose memories the proplet allocates (memories.py), so
+    that a growth refused at the task's limit is seen; core modules keep wasmtime's own memories
+    (copy-on-write initial images, no Python call on a host access to memory)."""
+
+    def __init__(self, config: RuntimeConfig, *, fuel: bool, components: bool, cache_root: Path | None) -> None:
         cfg = Config()
         cfg.epoch_interruption = True
         cfg.consume_fuel = fuel
         cfg.wasm_component_model = True
         settings = [f"fuel={fuel}"]
+        if components:
+            memories.install(cfg)
+            settings.append("memories=proplet")
         if config.memory_reservation is not None:
             cfg.memory_reservation = config.memory_reservation
             settings.append(f"reservation={config.memory_reservation}")
@@ -155,6 +165,7 @@ class _EngineSet:
             cfg.memory_guard_size = config.memory_guard_size
             settings.append(f"guard={config.memory_guard_size}")
         self.fuel = fuel
+        self.components = components
         self.engine = Engine(cfg)
         self.linker = Linker(self.engine)
         self.linker.define_wasi()
@@ -185,12 +196,14 @@ class _EngineSet:
 class _Run:
     """Per-run state shared between the event loop and the guest thread."""
 
-    __slots__ = ("fuel", "memory", "stderr", "stdout", "timeout", "watch")
+    __slots__ = ("fuel", "memory", "memory_use", "stderr", "stdout", "timeout", "watch")
 
     def __init__(self, watch: Watch, timeout: float, memory: int, fuel: int | None, cap: int) -> None:
         self.watch = watch
         self.timeout = timeout
         self.memory = memory
+        # A component's memories (allocated by memories.py) record a growth refused at the limit.
+        self.memory_use = MemoryUse(memory)
         self.fuel = fuel
         self.stdout = BoundedCapture(cap)
         self.stderr = BoundedCapture(cap)
@@ -216,9 +229,10 @@ class WasmtimeRuntime:
             self._own_cache_dir = tempfile.mkdtemp(prefix="proplet-wasm-")
             cache_root = Path(self._own_cache_dir)
         try:
+            # Keyed by (fuel, components).
             self._engines = {
-                False: _EngineSet(self.config, fuel=False, cache_root=cache_root),
-                True: _EngineSet(self.config, fuel=True, cache_root=cache_root),
+                (fuel, components): _EngineSet(self.config, fuel=fuel, components=components, cache_root=cache_root)
+                for fuel in (False, True) for components in (False, True)
             }
         except UnsafeCacheDir:
             self._cleanup_own_dir()
@@ -242,12 +256,22 @@ class WasmtimeRuntime:
         with self._lock:
             if (hex_digest, False) in self._artifacts:
                 return True
-        disk = self._engines[False].disk
+        disk = self._engines[(False, False)].disk
         # The module's bytes too, not only its compiled code: a task with a fuel budget compiles
         # them for the fuel engine, and without them it would fail "not loaded" instead of the
         # agent fetching the module again (a full disk may have kept the one and not the other).
-        return (disk is not None and disk.find_code(hex_digest) is not None
+        return (disk is not None and self._find_code(hex_digest, False) is not None
                 and disk.wasm_path(hex_digest).is_file())
+
+    def _find_code(self, hex_digest: str, fuel: bool) -> tuple[_EngineSet, str, Path] | None:
+        """Compiled code on disk for the engine of its kind (a component's code in a core
+        engine's directory, written before components had engines of their own, is not used)."""
+        for components in (False, True):
+            engines = self._engines[(fuel, components)]
+            found = engines.disk.find_code(hex_digest) if engines.disk is not None else None
+            if found is not None and (found[0] == "component") == components:
+                return engines, found[0], found[1]
+        return None
 
     async def load(self, digest: str, wasm: bytes | bytearray) -> None:
         hex_digest = check_digest(digest)
@@ -273,7 +297,7 @@ class WasmtimeRuntime:
 
     def _load_sync(self, hex_digest: str, wasm: bytes | bytearray) -> None:
         kind = wasm_kind(wasm)
-        engines = self._engines[False]
+        engines = self._engines[(False, kind == "component")]
         assert engines.disk is not None
         if self._artifact_from_disk(hex_digest, False) is not None:
             _keep_wasm(engines.disk, hex_digest, wasm)
@@ -300,13 +324,11 @@ class WasmtimeRuntime:
         return artifact
 
     def _artifact_from_disk(self, hex_digest: str, fuel: bool) -> Artifact | None:
-        engines = self._engines[fuel]
-        if engines.disk is None:
-            return None
-        found = engines.disk.find_code(hex_digest)
+        found = self._find_code(hex_digest, fuel)
         if found is None:
             return None
-        kind, path = found
+        engines, kind, path = found
+        assert engines.disk is not None
         payload = engines.disk.read_code(path)
         if payload is None:
             return None
@@ -395,16 +417,17 @@ class WasmtimeRuntime:
         artifact = self._cached(hex_digest, fuel) or self._artifact_from_disk(hex_digest, fuel)
         if artifact is not None:
             return artifact
-        engines = self._engines[fuel]
-        assert engines.disk is not None
-        wasm = engines.disk.read_wasm(hex_digest)
+        disk = self._engines[(fuel, False)].disk
+        assert disk is not None
+        wasm = disk.read_wasm(hex_digest)
         if wasm is None:
             raise _GuestFailed(
                 f"Module sha256:{hex_digest} is not loaded on this proplet. Deliver the module "
                 "again (the agent calls load() before run())."
             )
         try:
-            artifact = self._compile(engines, wasm_kind(wasm), wasm, hex_digest)
+            kind = wasm_kind(wasm)
+            artifact = self._compile(self._engines[(fuel, kind == "component")], kind, wasm, hex_digest)
         except ModuleError as e:
             raise _GuestFailed(str(e)) from None
         self._remember(hex_digest, fuel, artifact)
@@ -488,7 +511,7 @@ class WasmtimeRuntime:
     def _execute(self, artifact: Artifact, inv: Invocation, state: _Run,
                  loop: asyncio.AbstractEventLoop, future: asyncio.Future[Outcome]) -> None:
         """Runs on a task thread: one Store, one instance, one call; the outcome goes to `future`."""
-        engines = self._engines[state.fuel is not None]
+        engines = self._engines[(state.fuel is not None, isinstance(artifact, _ComponentArtifact))]
         store = Store(engines.engine)
         try:
             outcome = self._guest(engines, artifact, inv, state, store)
@@ -509,14 +532,17 @@ class WasmtimeRuntime:
         fuel_used = None
         try:
             self._watchdog.arm(store, state.watch)
-            store.set_limits(memory_size=state.memory)
             if state.fuel is not None:
                 store.set_fuel(state.fuel)
             try:
                 if isinstance(artifact, _CoreArtifact):
+                    store.set_limits(memory_size=state.memory)
                     results = self._run_core(engines, artifact, inv, state, store)
                 else:
-                    results = self._run_component(engines, artifact, inv, state, store)
+                    # No store limit: it would refuse a growth before memories.py sees it, and
+                    # memories.py applies the same limit.
+                    with memories.bound(state.memory_use):
+                        results = self._run_component(engines, artifact, inv, state, store)
                 error = overflow_error(state.stdout)
             except _GuestFailed as e:
                 results, error = "", str(e)
@@ -620,7 +646,9 @@ class WasmtimeRuntime:
             # At instantiation: a memory's declared minimum is above the limit (core or component).
             return memory_at_start_error(state.memory, _first_line(e))
         cause = _first_cause(e)
-        detail = trap_description(_TRAP_MESSAGES[code] if code in _TRAP_MESSAGES else cause)
+        # The whole text: a component's trap may put its wasm trap message below other context
+        # ("memory fault at wasm address ..." above "out of bounds memory access").
+        detail = trap_description(_TRAP_MESSAGES[code] if code in _TRAP_MESSAGES else text)
         what = detail or f"failed: {cause}"
         where = first_frame(text)
         memory = self._memory_refusal(state, store, instance, art)
@@ -640,10 +668,14 @@ class WasmtimeRuntime:
     def _memory_refusal(self, state: _Run, store: Store, instance: Any, art: Any) -> str:
         """Whether a failed guest had its memory growth refused.
 
-        memory.grow past the store limit returns -1 to the guest without telling the host, so this
-        infers it: a guest that failed with its memory within a growth step of the limit (1/16 of
-        the limit, at least 2 MiB) almost certainly asked for more and was refused."""
-        if instance is None or not isinstance(art, _CoreArtifact):
+        A component's memories record a refusal (memories.py). For a core module, memory.grow past
+        the store limit returns -1 to the guest without telling the host, so this infers it: a
+        guest that failed with its memory within a growth step of the limit (1/16 of the limit, at
+        least 2 MiB) almost certainly asked for more and was refused."""
+        if isinstance(art, _ComponentArtifact):
+            refused = state.memory_use.refused_size is not None
+            return memory_limit_error(state.memory) if refused else ""
+        if instance is None:
             return ""
         margin = max(2 * MIB, state.memory // 16)
         for name in art.memories:
@@ -706,6 +738,10 @@ class WasmtimeRuntime:
                 value = callee(store, *args)
                 return "" if func.result is None else wave.encode(value, func.result)
         except (WasmtimeError, Trap) as e:
+            # wasmtime-py's component call keeps the store in a cycle through the error's frames;
+            # cleared, the store (and its memories) is freed when the run ends, not at the next
+            # garbage collection.
+            traceback.clear_frames(e.__traceback__)
             raise _GuestFailed(self._failure(e, state, store, None, art)) from None
         stdout, stderr = state.stdout.value("stdout"), state.stderr.value("stderr")
         if code != 0:

@@ -42,6 +42,11 @@ SAME_ERROR = [
      "Cannot call `add`: input 1 ('x') is not an integer, but the parameter is i32. Fix the task's inputs."),
     ("hello", "", ("--stderr=disk full", "--exit=3"), None, "The module exited with code 3: disk full."),
     ("greeter-component", "fail", (), None, fault_error(UNREACHABLE, "fail")),
+    # Past the end of its memory, within the address space reserved for it: a trap, on memories
+    # wasmtime allocates (the CLI) and on those the proplet allocates (components, internal).
+    ("greeter-component", "peek", ("4294967295",), None, fault_error("accessed memory out of bounds", "peek")),
+    ("greeter-component", "peek", ("1114112",), TaskLimits(memory_bytes=16 * MIB),
+     fault_error("accessed memory out of bounds", "peek")),
     ("greeter-component", "spin", (), TaskLimits(timeout_s=0.3), timeout_error(0.3)),
     ("greeter-component", "spin", (), TaskLimits(fuel=100_000),
      "The task exceeded its fuel budget of 100000 and was stopped. Raise the task's fuel limit or reduce "
@@ -66,6 +71,7 @@ SAME_START = [
     ("membomb-wat", ("bomb",), 16 * MIB, memory_limit_error(16 * MIB)),
     ("hello", (), 64 * 1024, "The module needs more memory at start than its 0.1 MiB limit"),
     ("hello-component", (), 64 * 1024, "The module needs more memory at start than its 0.1 MiB limit"),
+    ("membomb-component", (), 16 * MIB, memory_limit_error(16 * MIB)),
 ]
 
 
@@ -76,6 +82,11 @@ async def test_memory_limits_are_named_the_same_way(either: WasmtimeRuntime | Ex
     function = call[0] if call else ""
     outcome = await run(either, name, function, limits=TaskLimits(memory_bytes=memory))
     assert outcome.error.startswith(start), outcome.error
+
+
+async def test_a_component_within_its_memory_limit_runs(either: WasmtimeRuntime | ExternalRuntime) -> None:
+    outcome = await run(either, "greeter-component", "greet", '"world"', limits=TaskLimits(memory_bytes=16 * MIB))
+    assert (outcome.error, outcome.results) == ("", '"Hello, world!"')
 
 
 async def test_stop_gives_the_same_error(either: WasmtimeRuntime | ExternalRuntime) -> None:

@@ -8,8 +8,9 @@ import pytest
 from wasmtime import component as cm
 
 from core.domain import TaskLimits
-from proplet.runtime import Invocation, WasmtimeRuntime, wave
+from proplet.runtime import Invocation, RuntimeConfig, WasmtimeRuntime, memories, wave
 from tests.runtime.conftest import load, run
+from tests.wire import eventually
 
 
 async def test_p2_command_component(runtime: WasmtimeRuntime) -> None:
@@ -70,6 +71,44 @@ async def test_component_trap_and_timeout_and_stop(runtime: WasmtimeRuntime) -> 
     await asyncio.sleep(0.2)
     assert runtime.stop("c-stop")
     assert (await task).error == "The task was stopped by request."
+
+
+async def test_a_components_memories_are_freed_with_its_store(runtime: WasmtimeRuntime) -> None:
+    # The proplet allocates components' memories itself (proplet/runtime/memories.py).
+    for limits in (TaskLimits(), TaskLimits(memory_bytes=16 * 1024 * 1024)):
+        assert (await run(runtime, "greeter-component", "add", "2", "3", limits=limits)).results == "5"
+        assert "16 MiB limit" in (await run(runtime, "membomb-component", "",
+                                             limits=TaskLimits(memory_bytes=16 * 1024 * 1024))).error
+    # Each store is dropped on its guest thread just after its outcome is delivered.
+    await eventually(lambda: memories.live_memories() == 0)
+
+
+async def test_a_component_grows_past_a_small_reservation_up_to_its_limit(cache_dir) -> None:
+    # Memories reserved smaller than a task's limit still grow to it (a wasmtime memory would move).
+    rt = WasmtimeRuntime(RuntimeConfig(cache_dir=cache_dir, memory_reservation=8 * 1024 * 1024,
+                                       memory_guard_size=65536))
+    limits = TaskLimits(memory_bytes=32 * 1024 * 1024)
+    try:
+        outcome = await run(rt, "membomb-component", "", limits=limits)
+        assert outcome.error.startswith("The module tried to grow memory past its 32 MiB limit.")
+        beyond = await run(rt, "greeter-component", "peek", "16777216", limits=limits)
+        assert beyond.error.startswith("The module accessed memory out of bounds")
+    finally:
+        await rt.close()
+
+
+async def test_a_component_is_found_on_disk_by_a_new_runtime(cache_dir) -> None:
+    first = WasmtimeRuntime(RuntimeConfig(cache_dir=cache_dir))
+    d = await load(first, "membomb-component")
+    await first.close()
+    again = WasmtimeRuntime(RuntimeConfig(cache_dir=cache_dir))
+    try:
+        assert again.has_module(d)
+        outcome = await again.run(d, Invocation("from-disk", "", limits=TaskLimits(memory_bytes=16 * 1024 * 1024)))
+        assert outcome.error.startswith("The module tried to grow memory past its 16 MiB limit.")
+        assert (again.compiles, again.deserializations) == (0, 1)
+    finally:
+        await again.close()
 
 
 async def test_a_proxy_component_needs_the_external_runtime(runtime: WasmtimeRuntime) -> None:

@@ -68,6 +68,10 @@ void spin(void) {
 EXPORT("propeller:test/api#fail")
 void fail(void) { __builtin_trap(); }
 
+/* Reads any byte of linear memory: past its end the guest must trap, whoever allocated it. */
+EXPORT("propeller:test/api#peek")
+uint32_t peek(uint32_t offset) { return *(volatile unsigned char *)(uintptr_t)offset; }
+
 EXPORT("shout")
 uint32_t *shout(const unsigned char *s, uint32_t len) {
     unsigned char *out = cabi_realloc(0, 0, 1, len);
