@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import platform
@@ -20,6 +21,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
@@ -75,6 +77,32 @@ class _Running:
     confirm: asyncio.TimerHandle | None = None
 
 
+class ProcessConflict(OSError):
+    """Another process on this machine already is the proplet this one would be."""
+
+
+def hold_proplet_id(directory: Path, proplet_id: str) -> int:
+    """Lock `<state dir>/<id>/lock` for this process (the descriptor to close when done), or refuse.
+
+    Two proplets with one id (two started with the generated id of one machine, say) take the broker
+    session from each other many times a second and share one result outbox. The lock file names
+    its holder; the kernel drops the lock when the holder exits, however it exits."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "a process that did not say which"
+        os.close(fd)
+        raise ProcessConflict(
+            f"Another proplet runs as {proplet_id} on this machine ({holder}); two proplets with one id take "
+            "the broker session from each other. Stop it, or give this one an id of its own: "
+            "PROPLET_ENTITY_ID=<id> (or --id <id>).") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()}\n".encode())
+    return fd
+
+
 class PropletAgent:
     def __init__(self, settings: PropletSettings | None = None, *, runtime: Runtime | None = None) -> None:
         self.settings = settings or PropletSettings.load()
@@ -101,8 +129,13 @@ class PropletAgent:
 
         # A key that cannot be read stops the proplet at start (SignatureError says which file).
         self._trusted_keys = load_public_keys(self.settings.trusted_keys)
-        self.outbox = Outbox(self.settings.state_dir / self.id / "outbox", max_entries=self.settings.outbox_max,
-                             resend_after=self.settings.result_resend, fsync=self.settings.outbox_fsync)
+        self._id_lock = hold_proplet_id(self.settings.state_dir / self.id, self.id)
+        try:
+            self.outbox = Outbox(self.settings.state_dir / self.id / "outbox", max_entries=self.settings.outbox_max,
+                                 resend_after=self.settings.result_resend, fsync=self.settings.outbox_fsync)
+        except BaseException:
+            os.close(self._id_lock)
+            raise
         # Deployed latent tasks waiting for invocations: task id -> (digest, invocation).
         self._latent: dict[str, tuple[str, Invocation]] = {}
         self._loops: list[asyncio.Task[Any]] = []
@@ -164,6 +197,7 @@ class PropletAgent:
             await self.federated.aclose()
         await self.runtime.close()
         self.outbox.close()
+        os.close(self._id_lock)  # the next proplet with this id may start
         self._closed.set()
 
     def request_shutdown(self) -> None:

@@ -102,7 +102,8 @@ class PropletSettings(msgspec.Struct, MqttClientOptions, kw_only=True):
     channel_id: Annotated[str, Meta(description="Channel of the MQTT topics; must match the manager's.")] = "default"
     entity_id: Annotated[str, Meta(
         description="This proplet's id (MQTT client id and username). Empty: one is generated once and kept "
-        "in the state directory.",
+        "in the state directory, so a second proplet on the machine needs an id of its own (one started with "
+        "the id of a running one refuses to start).",
     )] = ""
     api_key: Annotated[str, Meta(description="MQTT password.")] = ""
     log_level: Annotated[str, Meta(description="debug, info, warning or error.")] = "info"

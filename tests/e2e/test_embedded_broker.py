@@ -48,8 +48,11 @@ class Proplets:
 
     def start(self, keep_alive: int) -> subprocess.Popen[bytes]:
         port = self.serve.env["MANAGER_DEFAULT_BROKER_PORT"]
+        # A state directory per process: a process stands for a device, and the frozen one still holds
+        # the id's lock where a device back from a power cut would not.
         env = dict(self.serve.env, PROPLET_MQTT_ADDRESS=f"mqtt://127.0.0.1:{port}", PROPLET_ENTITY_ID="edge-1",
-                   PROPLET_MQTT_KEEP_ALIVE=str(keep_alive))
+                   PROPLET_MQTT_KEEP_ALIVE=str(keep_alive),
+                   PROPLET_STATE_DIR=str(self.tmp_path / f"proplet-{len(self.procs)}-state"))
         log = (self.tmp_path / f"proplet-{len(self.procs)}.log").open("ab")
         proc = subprocess.Popen([*PROPELLER, "proplet"], env=env, stdout=log, stderr=subprocess.STDOUT)
         self.procs.append(proc)
@@ -179,3 +182,34 @@ def test_a_manager_whose_broker_port_holds_something_else_exits_saying_how_to_go
     assert "PROPLET_MQTT_ADDRESS=mqtt://127.0.0.1:<that port>" in out.stderr
     assert "Traceback" not in out.stderr, out.stderr
     assert f"broker        none: something that is not an MQTT broker listens on 127.0.0.1:{port}" in info.stdout
+
+
+def test_a_second_proplet_with_the_generated_id_refuses_to_start_naming_the_first(
+    serve: Serve, tmp_path: Path
+) -> None:
+    # Two `propeller proplet` on one machine, neither given an id: both took the id generated and kept
+    # for the machine, and took the broker session from each other twenty times a second.
+    serve.start()
+    env = dict(serve.env, PROPLET_MQTT_ADDRESS=f"mqtt://127.0.0.1:{serve.env['MANAGER_DEFAULT_BROKER_PORT']}")
+    log = tmp_path / "first-proplet.log"
+    first = subprocess.Popen([*PROPELLER, "proplet"], env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    try:
+        eventually_sync(lambda: "connected to" in log.read_text(), timeout=15)
+        second = subprocess.run([*PROPELLER, "proplet"], env=env, capture_output=True, text=True, timeout=20)
+        time.sleep(1)  # a take-over would show in the first one's log by now
+        assert first.poll() is None, log.read_text()
+    finally:
+        first.terminate()
+        first.wait(15)
+    assert second.returncode == 1, second.stderr
+    proplet_id = log.read_text().split("proplet ", 1)[1].split(":", 1)[0]
+    assert f"Another proplet runs as {proplet_id} on this machine (pid {first.pid})" in second.stderr, second.stderr
+    assert "PROPLET_ENTITY_ID=<id>" in second.stderr and "Traceback" not in second.stderr
+    assert "lost the broker" not in log.read_text(), log.read_text()
+
+
+def eventually_sync(check: Any, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
