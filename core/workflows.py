@@ -18,7 +18,9 @@ there a failed task ends the job first, so a `run_if: failure` dependent is skip
 and a sequential job's task may depend only on tasks before it); a skipped task releases its
 own dependents at once instead of at the next unrelated event; an unmet dependency on a manual
 start is a 409 with the names of the tasks it waits for, not a 500; GET /jobs/{id} answers 200.
-Dependencies are checked for existence and cycles when the tasks are created.
+Dependencies are checked for existence and cycles when the tasks are created. A task whose turn comes
+while it cannot be queued (the dispatch backlog is full, the database refuses the write) stays
+pending and is tried again every second.
 """
 
 from __future__ import annotations
@@ -30,12 +32,17 @@ from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Mappin
 from typing import TYPE_CHECKING
 
 from core.domain import Task, TaskState
-from core.errors import Conflict, CoreError, InvalidRequest, NotFound
+from core.errors import Conflict, CoreError, InvalidRequest, NotFound, Unavailable
+from core.store.base import StoreError
 
 if TYPE_CHECKING:
     from core.service import ManagerCore
 
 log = logging.getLogger(__name__)
+
+# A task whose turn came while it could not be queued (the dispatch backlog full, the database
+# refusing the write) is tried again after this long, for as long as that lasts.
+RETRY_START_AFTER_S = 1.0
 
 
 def validate_dag(tasks: Mapping[str, Task]) -> None:
@@ -107,6 +114,8 @@ class GroupCoordinator:
         self.advances = 0
         self.errors = 0
         self.unstartable = 0
+        self.deferred_starts = 0
+        self._retries: dict[tuple[str, str], asyncio.TimerHandle] = {}
 
     def finished(self, task: Task) -> None:
         """A task of a workflow or job reached a terminal state."""
@@ -126,7 +135,19 @@ class GroupCoordinator:
         while self._running:
             await asyncio.gather(*list(self._running), return_exceptions=True)
 
+    def _retry_later(self, workflow_id: str, job_id: str) -> None:
+        """Look at the group again in a while (once, however many of its starts were refused)."""
+        key = (workflow_id, job_id)
+        if key not in self._retries:
+            def retry() -> None:
+                del self._retries[key]
+                self.finished_group(workflow_id, job_id)
+            self._retries[key] = asyncio.get_running_loop().call_later(RETRY_START_AFTER_S, retry)
+
     async def close(self) -> None:
+        for handle in self._retries.values():
+            handle.cancel()
+        self._retries.clear()
         for work in list(self._running):
             work.cancel()
         await asyncio.gather(*self._running, return_exceptions=True)
@@ -168,12 +189,20 @@ class GroupCoordinator:
             self.errors += 1
             log.exception("advancing %s after task %s finished failed", workflow_id or job_id, finished_id)
 
-    async def _start_task(self, job_id: str, task_id: str, *, dependencies_met: bool = False) -> None:
+    async def _start_task(self, task: Task, *, dependencies_met: bool = False) -> None:
+        task_id, workflow_id, job_id = task.id, task.workflow_id, task.job_id
         if job_id and job_id in self._stopping:
             return  # the stop skips it
         with _quietly():
             try:
                 await self.core.start_task(task_id, dependencies_met=dependencies_met)
+            except (Unavailable, StoreError) as exc:
+                # Not now, but nothing about the task forbids it: it stays pending and its turn
+                # comes again (dropping it would leave it, its job and its dependents waiting for ever).
+                self.deferred_starts += 1
+                log.warning("task %s of %s cannot be queued yet (%s); trying again in %.0f s", task_id,
+                            job_id or workflow_id, exc, RETRY_START_AFTER_S)
+                self._retry_later(workflow_id, job_id)
             except InvalidRequest as exc:
                 # As it is it can never start (it has no module): failed, so that its job ends and
                 # its dependents are released, instead of all of them waiting for ever.
@@ -211,7 +240,7 @@ class GroupCoordinator:
                 if never_started(task, core):
                     # The first one is for start_job to start; each next one once the one before is done.
                     if previous is not None and previous.state in (TaskState.COMPLETED, TaskState.SKIPPED):
-                        await self._release(job_id, task, by_id)
+                        await self._release(task, by_id)
                     return
                 if not task.state.is_terminal:
                     return  # this one is on its way
@@ -219,9 +248,9 @@ class GroupCoordinator:
             return
         for task in tasks:
             if task.depends_on and never_started(task, core):
-                await self._release(job_id, task, by_id)
+                await self._release(task, by_id)
 
-    async def _release(self, job_id: str, task: Task, group: Mapping[str, Task]) -> None:
+    async def _release(self, task: Task, group: Mapping[str, Task]) -> None:
         """Start a waiting task, or skip it, by its dependencies (read from `group` just now)."""
         deps = [group[d] for d in task.depends_on if d in group]
         if len(deps) < len(task.depends_on):
@@ -234,7 +263,7 @@ class GroupCoordinator:
             return
         if run:
             # Its dependencies were just read from this group: start_task need not read them again.
-            await self._start_task(job_id, task.id, dependencies_met=True)
+            await self._start_task(task, dependencies_met=True)
         else:
             states = ", ".join(f"{d.id} {d.state.label}" for d in deps)
             wanted = "one to fail" if task.run_if == "failure" else "all to complete"

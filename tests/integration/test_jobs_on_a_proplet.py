@@ -297,3 +297,34 @@ async def test_a_sequential_job_reads_depends_on_and_run_if(core: Any, api: http
     early["depends_on"] = [late["id"]]
     r = await api.post("/jobs", json={"tasks": [add_task(), early, late], "execution_mode": "sequential"})
     assert r.status_code == 400 and "sequential" in r.json()["error"] and late["id"] in r.json()["error"], r.text
+
+
+async def test_a_dependent_released_while_the_backlog_is_full_starts_once_there_is_room(
+        core: Any, api: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: a dependent whose dependency finished while the dispatch backlog was full
+    (MANAGER_MAX_BACKLOG tasks waiting for a proplet) was refused with 503 by the coordinator's
+    start, the refusal went to the log only, and the dependent stayed pending for ever. Now the
+    coordinator tries again until the backlog has room."""
+    blocker = {**add_task(), "proplet_id": unique("absent")}  # waits in the queue: nobody is there
+    root = add_task()
+    dependent = add_task(root["id"], inputs=(20, 22))
+    r = await api.post("/tasks", json=blocker)
+    assert r.status_code == 201, r.text
+    blocker["id"] = r.json()["id"]
+    assert (await api.post("/workflows", json={"tasks": [root, dependent]})).status_code == 201
+    monkeypatch.setattr(core.settings, "max_backlog", 1)
+    with core.events.subscribe() as events:
+        assert (await api.post(f"/tasks/{blocker['id']}/start")).status_code == 200
+        # The root leaves the queue for the proplet at once; its dependent then finds the queue full.
+        monkeypatch.setattr(core.settings, "max_backlog", 2)
+        assert (await api.post(f"/tasks/{root['id']}/start")).status_code == 200
+        monkeypatch.setattr(core.settings, "max_backlog", 1)
+        while not any(isinstance(e, TaskStateChanged) and e.task_id == root["id"] and e.new.is_terminal
+                      for e in await events.wait(10)):
+            pass
+    await core.groups.settle()
+    assert (await core.get_task(dependent["id"])).state is TaskState.PENDING  # no room yet
+    assert (await api.post(f"/tasks/{blocker['id']}/stop")).status_code == 200
+    states = await finished(core, [root["id"], dependent["id"]], 1)
+    assert list(states.values()) == [TaskState.COMPLETED, TaskState.COMPLETED]
+    assert (await core.get_task(dependent["id"])).results == "42"  # upstream reports results as text
