@@ -463,6 +463,12 @@ class TrafficTap(Fanout[TrafficRecord]):
 MessageHandler = Callable[[str, bytes], Awaitable[None]]
 
 
+# A connection the broker closes this soon after accepting it, several times in a row, is most likely
+# taken over by another client with the same id (the broker closes the older connection of the two).
+CLOSED_EARLY_S = 5.0  # beyond the longest backoff, so two clients in a clash never both look settled
+CLOSED_EARLY_WARN_AFTER = 3
+
+
 @dataclass(slots=True)
 class BusCounters:
     connects: int = 0
@@ -534,7 +540,10 @@ class MqttBus:
 
     async def run(self) -> None:
         backoff = self._backoff_initial
+        # Connections in a row that the broker closed soon after accepting them (see _closed_early).
+        closed_early = 0
         while not self._closing:
+            connected_at: float | None = None
             try:
                 async with self._client as client:
                     if self.subscriptions:
@@ -548,7 +557,7 @@ class MqttBus:
                         self._first_connect.set_result(None)
                     log.info("%s: connected to %s, subscribed to %d topics",
                              self.name, self.address.url, len(self.subscriptions))
-                    backoff = self._backoff_initial
+                    connected_at = time.monotonic()
                     if self.on_connected is not None:
                         await self._guarded(self.on_connected())
                     async for message in received(client):
@@ -572,6 +581,20 @@ class MqttBus:
                 self.counters.connected_since = None
             if self._closing:
                 break
+            if connected_at is not None:
+                if time.monotonic() - connected_at >= CLOSED_EARLY_S:
+                    backoff, closed_early = self._backoff_initial, 0
+                else:
+                    # Backoff keeps growing: reconnecting at once only takes the session back.
+                    closed_early += 1
+                    if closed_early == CLOSED_EARLY_WARN_AFTER:
+                        log.warning(
+                            "%s: the broker at %s closed this connection within %.0f s of accepting it %d times "
+                            "in a row. Usually another client is connected with the same client id (%s), and "
+                            "each connection takes the session from the other: give every manager its own "
+                            "MANAGER_ENTITY_ID and every proplet its own PROPLET_ENTITY_ID. Reconnecting every "
+                            "%.0f s meanwhile.", self.name, self.address.url, CLOSED_EARLY_S, closed_early,
+                            self.conn.client_id, self._backoff_max)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self._backoff_max)
 
