@@ -96,6 +96,8 @@ class MqttConnection:
     tls_client_cert: str | None = None
     tls_client_key: str | None = None
     tls_insecure: bool = False
+    # The setting that names the broker (PROPLET_MQTT_ADDRESS...), for errors that tell what to change.
+    address_setting: str = ""
 
 
 class MqttClientOptions:
@@ -108,12 +110,15 @@ class MqttClientOptions:
                         clean_session: bool) -> MqttConnection:
         """The MqttConnection these settings describe, for `client_id` (also the username)."""
         s: Any = self
+        # The proplet's msgspec settings name their prefix ENV_PREFIX, pydantic's keep it in model_config.
+        prefix = getattr(s, "ENV_PREFIX", "") or getattr(s, "model_config", {}).get("env_prefix", "")
         return MqttConnection(
             address=address, client_id=client_id, username=client_id, password=password or None,
             keepalive=s.mqtt_keep_alive, qos=s.mqtt_qos, clean_session=clean_session,
             timeout=s.mqtt_timeout, tls_ca_cert=s.mqtt_tls_ca_cert,
             tls_client_cert=s.mqtt_tls_client_cert, tls_client_key=s.mqtt_tls_client_key,
             tls_insecure=s.mqtt_tls_insecure_skip_verify,
+            address_setting=f"{prefix}MQTT_ADDRESS",
         )
 
 
@@ -405,8 +410,8 @@ async def received(client: aiomqtt.Client) -> AsyncIterator[aiomqtt.Message]:
         yield message
 
 
-def describe_connect_error(address: BrokerAddress, exc: BaseException) -> str:
-    """A connection failure in words an operator can act on."""
+def describe_connect_error(address: BrokerAddress, exc: BaseException, address_setting: str = "") -> str:
+    """A connection failure in words an operator can act on; `address_setting` names the setting to change."""
     text = str(exc)
     if "refused" in text.lower() or isinstance(exc, ConnectionRefusedError):
         why = "connection refused"
@@ -422,10 +427,11 @@ def describe_connect_error(address: BrokerAddress, exc: BaseException) -> str:
         )
     else:
         why = text or type(exc).__name__
-    return (
-        f"Cannot reach the MQTT broker at {address.url} ({why}). Start a broker there or point the "
-        "broker address setting at a running broker."
-    )
+    start = "Start a broker there"
+    if address.host in ("localhost", "127.0.0.1") and address.port == 1883:
+        start += " (a manager here with no broker configured, `propeller serve` or the console, starts one)"
+    return (f"Cannot reach the MQTT broker at {address.url} ({why}). {start}, or set "
+            f"{address_setting or 'the broker address setting'} to the URL of a running broker.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -569,7 +575,7 @@ class MqttBus:
                         self.tap.record("in", topic, payload, message.qos)
                         await self._guarded(self.on_message(topic, payload))
             except aiomqtt.MqttError as exc:
-                self.counters.last_error = describe_connect_error(self.address, exc)
+                self.counters.last_error = describe_connect_error(self.address, exc, self.conn.address_setting)
                 if self.connected.is_set():
                     self.counters.disconnects += 1
                     log.warning("%s: lost the broker at %s: %s", self.name, self.address.url, exc)

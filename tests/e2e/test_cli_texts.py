@@ -124,3 +124,22 @@ def test_info_names_the_database_and_the_broker_a_manager_would_use(broker: Mosq
     assert "broker        mqtt://broker.lan:1884\n" in out.stdout
     out = run("info", env={"MANAGER_DEFAULT_BROKER_PORT": str(broker.port)})
     assert f"broker        the one listening on 127.0.0.1:{broker.port}\n" in out.stdout
+
+
+def test_a_proplet_that_finds_no_broker_names_the_setting_to_change() -> None:
+    # It said "point the broker address setting at a running broker", naming no setting.
+    port = free_port()
+    proc = subprocess.Popen([*PROPELLER, "proplet"], env={**os.environ, "PROPLET_MQTT_ADDRESS": f"mqtt://127.0.0.1:{port}"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=3)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=15)
+    assert (f"Cannot reach the MQTT broker at mqtt://127.0.0.1:{port} (connection refused). Start a broker there, "
+            "or set PROPLET_MQTT_ADDRESS to the URL of a running broker.") in out, out
+    # Its default, where a manager run with no broker configured puts its own.
+    from core.mqtt import BrokerAddress, describe_connect_error
+
+    text = describe_connect_error(BrokerAddress("localhost", 1883), ConnectionRefusedError(), "PROPLET_MQTT_ADDRESS")
+    assert "(a manager here with no broker configured, `propeller serve` or the console, starts one)" in text
