@@ -30,6 +30,12 @@ from wasmtime import _bindings as ffi
 log = logging.getLogger(__name__)
 
 WASM_PAGE = 65536
+# Memories one run may create: as many as one core module may declare (wasmparser's limit), far
+# above what a real component has (its modules' memories, the WASI adapter's, a GC heap). Each one
+# reserves its address space (4 GiB + guard by default): a component instantiating a 100-memory
+# module 100 times took 40 TiB of the process's 128 TiB, and three such runs at once left none for
+# other tasks' memories or for the proplet itself (mmap failing with ENOMEM).
+MAX_MEMORIES_PER_RUN = 100
 
 
 @dataclass(slots=True)
@@ -39,6 +45,8 @@ class MemoryUse:
     limit: int
     # The size in bytes a memory was asked to grow to, past the limit (None: nothing was refused).
     refused_size: int | None = None
+    # Memories created for the run so far (at most MAX_MEMORIES_PER_RUN).
+    created: int = 0
 
 
 @dataclass(slots=True)
@@ -61,6 +69,9 @@ _MAP_FAILED = ctypes.c_void_p(-1).value
 _MAP_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
 _NO_ACCESS = 0  # PROT_NONE, which the mmap module does not export
 _READ_WRITE = mmap.PROT_READ | mmap.PROT_WRITE
+# ctypes passes a size_t modulo 2**64 without a word: a larger reservation would be mapped short.
+_SIZE_MAX = ctypes.c_size_t(-1).value
+_HOST_PAGE = mmap.PAGESIZE
 
 # handle -> region, read by the C callbacks (a memory's `env` is its handle; handles are not reused).
 _REGIONS: dict[int, _Region] = {}
@@ -103,6 +114,9 @@ def _new_memory(_env: object, _ty: object, minimum: int, maximum: int, reserved:
         use: MemoryUse | None = getattr(_bound, "use", None)
         if use is None:
             return _error("no task run is bound to this thread; the proplet creates memories only for its runs")
+        if use.created >= MAX_MEMORIES_PER_RUN:
+            return _error(f"the module creates more than {MAX_MEMORIES_PER_RUN} linear memories, the most a task "
+                          "may have (each reserves its own address space)")
         if minimum > use.limit:
             # wasmtime's own words for a store limit refusing it, which the runtime recognises.
             return _error(f"memory minimum size of {minimum // WASM_PAGE} pages exceeds memory limits")
@@ -113,6 +127,16 @@ def _new_memory(_env: object, _ty: object, minimum: int, maximum: int, reserved:
         needed = -(-min(maximum, max(minimum, use.limit)) // WASM_PAGE) * WASM_PAGE
         capacity = max(reserved, needed)
         mapped = capacity + guard
+        if mapped > _SIZE_MAX:
+            # A 64-bit memory under a limit near 2**64: mmap would be given the size modulo 2**64,
+            # a mapping shorter than the capacity reported to wasmtime, and a growth past its end
+            # would mprotect whatever is mapped next to it (the proplet's own memory).
+            return _error(f"cannot reserve {mapped} bytes of address space for a linear memory "
+                          "(more than this machine can address); lower the task's memory limit")
+        if any(size % _HOST_PAGE for size in (minimum, reserved, guard)):
+            # mprotect works in whole host pages: a partial page would be readable past the memory's end.
+            return _error(f"a linear memory of {minimum} bytes (reservation {reserved}, guard {guard}) "
+                          f"is not a whole number of {_HOST_PAGE}-byte host pages")
         address = _libc.mmap(None, mapped, _NO_ACCESS, _MAP_FLAGS, -1, 0)
         if address in (None, _MAP_FAILED):
             return _error(f"cannot reserve {mapped} bytes of address space for a linear memory "
@@ -120,6 +144,7 @@ def _new_memory(_env: object, _ty: object, minimum: int, maximum: int, reserved:
         if minimum and _libc.mprotect(address, minimum, _READ_WRITE) != 0:
             _libc.munmap(address, mapped)
             return _error(f"cannot commit {minimum} bytes of a linear memory (errno {ctypes.get_errno()})")
+        use.created += 1
         handle = next(_HANDLES)
         _REGIONS[handle] = _Region(use, address, minimum, capacity, mapped)
         memory = memory_ret[0]
@@ -150,8 +175,9 @@ def _grow_memory(env: int | None, new_size: int) -> int:
             if region.use.refused_size is None:
                 region.use.refused_size = new_size
             return _error(f"growing memory to {new_size} bytes would pass the task's limit of {region.use.limit}")
-        if new_size > region.capacity:
-            return _error(f"growing memory to {new_size} bytes would pass its reservation of {region.capacity}")
+        if new_size > region.capacity or new_size % _HOST_PAGE:
+            return _error(f"growing memory to {new_size} bytes would pass its reservation of {region.capacity} "
+                          "or end within a host page")
         if new_size > region.size:
             if _libc.mprotect(region.address, new_size, _READ_WRITE) != 0:
                 return _error(f"cannot commit {new_size} bytes of a linear memory (errno {ctypes.get_errno()})")
