@@ -431,6 +431,8 @@ class ConsoleApp(App[None]):
     async def follow_core(self) -> None:
         """Status and running tasks at the render cadence, proplets every second, counts every
         COUNTS_INTERVAL: what flush() shows, read on the core's loop (it may be another thread's)."""
+        from core.store.base import StoreUnavailable
+
         await self._loaded.wait()
         last_proplets = last_counts = time.monotonic()
         while True:
@@ -442,7 +444,12 @@ class ConsoleApp(App[None]):
             self._take_snapshot(await self.manager.snapshot(proplets=with_proplets))
             if now - last_counts >= COUNTS_INTERVAL:
                 last_counts = now
-                self.fleet.counts = await self.manager.count_tasks_by_state()
+                try:
+                    self.fleet.counts = await self.manager.count_tasks_by_state()
+                except StoreUnavailable:
+                    # The counts stay as they were (the header and the dashboard say the database is
+                    # unreachable); ending this loop would freeze the whole status until a restart.
+                    pass
 
     def reload_tasks(self) -> None:
         self._reload()
@@ -485,7 +492,8 @@ class ConsoleApp(App[None]):
         embedded = " [$text-muted](in-process)[/]" if status.broker_embedded else ""
         where = (f"[b $accent]◆ Propeller[/] [$text-muted]{__version__}[/]  [$text-muted]host[/] {self.hostname}"
                  f"  [$text-muted]broker[/] {status.broker_url} {state}{embedded}"
-                 f"  [$text-muted]db[/] {self.store_description()}")
+                 f"  [$text-muted]db[/] {self.store_description()}"
+                 f"{'' if status.store_connected else ' [$error]○ unreachable[/]'}")
         counts = self.fleet.counts
         loaded = self.counts_loaded
 

@@ -53,6 +53,7 @@ from core.schemas import (
     WorkflowCreate,
     format_validation_error,
 )
+from core.store.base import StoreUnavailable
 
 if TYPE_CHECKING:
     from core.service import ManagerCore
@@ -230,6 +231,11 @@ def create_app(core: ManagerCore) -> FastAPI:
     async def _core_error(request: Request, exc: CoreError) -> Response:
         return _error(exc.status, str(exc))
 
+    @app.exception_handler(StoreUnavailable)
+    async def _store_unavailable(request: Request, exc: StoreUnavailable) -> Response:
+        log.warning("%s %s: %s", request.method, request.url.path, exc)
+        return _error(503, str(exc))
+
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
         return _error(400, format_validation_error(exc))
@@ -280,6 +286,9 @@ def create_app(core: ManagerCore) -> FastAPI:
             "broker": {"url": status.broker_url, "connected": status.broker_connected,
                        "embedded": status.broker_embedded},
             "store": status.store,
+            # Writes wait (and API writes give up after a while) while the database is unreachable.
+            "store_connected": status.store_connected,
+            "store_error": status.store_error,
         }
 
     @app.get("/metrics", name="metrics", response_class=Response)

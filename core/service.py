@@ -136,6 +136,9 @@ class CoreStatus:
     active: int
     # Why the broker cannot be reached (and what to do), while it cannot; "" otherwise.
     broker_error: str = ""
+    # False while writes find the database unreachable (they wait and are retried), with its reason.
+    store_connected: bool = True
+    store_error: str = ""
 
 
 class ManagerCore:
@@ -147,6 +150,7 @@ class ManagerCore:
         self.events: Fanout[Any] = Fanout()
         self.scheduler = Scheduler(self.settings.scheduler)
         self.writer = StoreWriter(self.store)
+        self.metrics.watch_writer(self.writer)
         self.reader = TaskReader(self.store)
         # Workflows and jobs: dependents started or skipped as the tasks they wait for finish.
         self.groups = GroupCoordinator(self)
@@ -468,6 +472,8 @@ class ManagerCore:
             backlog=len(self._queued),
             active=len(self.active),
             broker_error=bus.counters.last_error if bus is not None and not connected else "",
+            store_connected=self.writer.reachable,
+            store_error=self.writer.unreachable_reason,
         )
 
     # ------------------------------------------------------------------------------------
@@ -1426,7 +1432,7 @@ class ManagerCore:
             p = self.proplets.get(proplet_id)
             if p is not None and p.last_alive_at is not None:
                 self._alive_saved_at[proplet_id] = mono
-                await self.writer.enqueue(self.store.op_upsert_proplet(p, p.last_alive_at))
+                await self.writer.submit(self.store.op_upsert_proplet(p, p.last_alive_at))
 
     async def _republish_unconfirmed(self) -> None:
         """Send the start again for tasks an acknowledging proplet has not confirmed in time.
@@ -1478,7 +1484,7 @@ class ManagerCore:
         p.online = False
         p.offline_reason = reason
         now = utcnow()
-        await self.writer.enqueue(self.store.op_upsert_proplet(p, now))
+        await self.writer.submit(self.store.op_upsert_proplet(p, now))
         self.metrics.proplets_online.set(sum(x.online for x in self.proplets.values()))
         self.events.emit(PropletWentOffline(p.id, now, reason))
         log.info("proplet %s is offline: %s", p.id, reason)
@@ -1532,7 +1538,7 @@ class ManagerCore:
         if came_online or mono - self._alive_saved_at.get(p.id, 0.0) >= ALIVE_SAVE_INTERVAL:
             self._alive_saved_at[p.id] = mono
             self._alive_unsaved.discard(p.id)
-            await self.writer.enqueue(self.store.op_upsert_proplet(p, now))
+            await self.writer.submit(self.store.op_upsert_proplet(p, now))
         else:
             self._alive_unsaved.add(p.id)
         self.events.emit(PropletHeartbeat(p.id, now))
@@ -1616,7 +1622,8 @@ class ManagerCore:
             self.metrics.duplicate_results.inc()
             log.debug("ignoring a message for finished task %s from %s", task_id, proplet_id)
             if topic == topic_names.RESULTS:
-                self._ack_result(proplet_id, task_id, attempt if attempt is not None else stored.attempt)
+                await self._ack_once_earlier_writes_done(proplet_id, task_id,
+                                                         attempt if attempt is not None else stored.attempt)
         else:
             self._reject(topic, "not_started", f"task {task_id} was never started")
         return None
@@ -1711,6 +1718,18 @@ class ManagerCore:
                     del self._unstored_results[next(iter(self._unstored_results))]
 
         committed.add_done_callback(done)
+
+    async def _ack_once_earlier_writes_done(self, proplet_id: str, task_id: str, attempt: int) -> None:
+        """Acknowledge a repeated result once the writes queued before it are done. The first copy's
+        write may still wait for an unreachable database: acknowledged now, the result left the
+        proplet's outbox, and were that write given up, nothing would ever store it."""
+        earlier = await self.writer.enqueue()
+
+        def done(f: asyncio.Future[None]) -> None:
+            if not f.cancelled() and f.exception() is None and task_id not in self._unstored_results:
+                self._ack_result(proplet_id, task_id, attempt)
+
+        earlier.add_done_callback(done)
 
     def _note_module_held(self, proplet_id: str, digest: str) -> None:
         held = self._modules_held.setdefault(proplet_id, OrderedDict())
@@ -1833,13 +1852,13 @@ class ManagerCore:
         # Upstream proplets send uptime or serde timestamps; fall back to the receive time.
         ts = protocol.parse_timestamp(msg.timestamp) or utcnow()
         metrics = PropletMetrics(msg.proplet_id, msg.namespace, ts, msg.cpu_metrics, msg.memory_metrics)
-        await self.writer.enqueue(self.store.op_proplet_metrics(metrics))
+        await self.writer.submit(self.store.op_proplet_metrics(metrics))
         self.events.emit(PropletMetricsReceived(metrics))
 
     async def _on_task_metrics(self, topic: str, payload: bytes) -> None:
         msg = protocol.decode_task_metrics(payload, topic)
         ts = protocol.parse_timestamp(msg.timestamp) or utcnow()
-        await self.writer.enqueue(self.store.op_task_metrics(
+        await self.writer.submit(self.store.op_task_metrics(
             TaskMetrics(msg.task_id, msg.proplet_id, ts, msg.metrics, msg.aggregated)))
 
     async def _on_registry_request(self, topic: str, payload: bytes) -> None:

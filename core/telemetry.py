@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import generate_latest
 
 log = logging.getLogger(__name__)
@@ -69,5 +71,29 @@ class CoreMetrics:
         level = logging.WARNING if self._reject_logged <= 20 else logging.DEBUG
         log.log(level, "rejected a message on %s (%s): %s", topic, reason, detail)
 
+    def watch_writer(self, writer: Any) -> None:
+        """Export the store writer's figures (a `core.store.writer.StoreWriter`), read at each scrape."""
+        self.registry.register(_WriterCollector(writer))
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _WriterCollector:
+    def __init__(self, writer: Any) -> None:
+        self.writer = writer
+
+    def collect(self) -> Iterator[Any]:
+        w = self.writer
+        yield GaugeMetricFamily("manager_store_connected", "1 while the database takes writes, 0 during an outage.",
+                                value=int(w.reachable))
+        yield GaugeMetricFamily("manager_store_write_backlog", "Writes queued and not yet committed.", value=w.backlog)
+        yield CounterMetricFamily("manager_store_outages", "Times the database became unreachable.",
+                                  value=w.stats.outages)
+        yield CounterMetricFamily("manager_store_write_retries",
+                                  "Batches tried again while the database was unreachable.", value=w.stats.retries)
+        yield CounterMetricFamily("manager_store_writes_abandoned",
+                                  "Awaited writes given up during an outage (their callers were told).",
+                                  value=w.stats.abandoned)
+        yield CounterMetricFamily("manager_store_write_failures", "Writes the database refused.",
+                                  value=w.stats.failures)

@@ -11,6 +11,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -174,3 +175,93 @@ async def drop_database(db: PostgresDatabase) -> None:
         await conn.execute(f'DROP DATABASE IF EXISTS "{db.name}" WITH (FORCE)')
     finally:
         await conn.close()
+
+
+POSTGRES_BIN = Path(os.environ.get("PROPELLER_TEST_POSTGRES_BIN", "/usr/lib/postgresql/15/bin"))
+
+
+@dataclass
+class PrivatePostgres:
+    """A PostgreSQL server of our own (initdb in a temporary directory, a free port, trust auth) that
+    tests may stop and start: the shared server on 5432 serves other tests and must stay up.
+
+    PostgreSQL refuses to run as root, so as root the cluster belongs to the `postgres` user."""
+
+    port: int = field(default_factory=free_port)
+    workdir: Path | None = None
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    @property
+    def datadir(self) -> Path:
+        assert self.workdir is not None
+        return self.workdir / "data"
+
+    def _run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        as_owner = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        return subprocess.run([*as_owner, *args], capture_output=True, text=True, timeout=timeout, check=False)
+
+    def init(self) -> None:
+        initdb = POSTGRES_BIN / "initdb"
+        how = ("install the server (`apt-get install postgresql`) or point PROPELLER_TEST_POSTGRES_BIN at the "
+               "directory holding initdb and pg_ctl")
+        need(initdb.exists(), f"PostgreSQL's initdb ({initdb})", how)
+        if os.geteuid() == 0:
+            try:
+                import pwd
+
+                owner = pwd.getpwnam("postgres")
+            except KeyError:
+                owner = None
+            need(owner is not None, "the `postgres` user (PostgreSQL does not run as root)", how)
+        # Not under pytest's tmp_path: that is private to root, and the server runs as `postgres`.
+        self.workdir = Path(tempfile.mkdtemp(prefix="propeller-pg-"))
+        if os.geteuid() == 0:
+            os.chown(self.workdir, owner.pw_uid, owner.pw_gid)  # type: ignore[union-attr]
+        done = self._run(str(initdb), "-D", str(self.datadir), "-U", "postgres", "--auth=trust",
+                         "--no-sync", "--encoding=UTF8", "--locale=C")
+        need(done.returncode == 0, "a private PostgreSQL cluster", f"initdb failed: {done.stderr.strip()}")
+        with (self.datadir / "postgresql.conf").open("a") as conf:
+            conf.write(f"listen_addresses = '127.0.0.1'\nport = {self.port}\n"
+                       f"unix_socket_directories = '{self.workdir}'\nfsync = off\n"
+                       "max_connections = 40\nshared_buffers = 16MB\n")
+
+    def start(self) -> None:
+        if self.workdir is None:
+            self.init()
+        done = self._run(str(POSTGRES_BIN / "pg_ctl"), "-D", str(self.datadir), "-l",
+                         str(self.workdir / "server.log"), "-w", "-t", "30", "start")
+        if done.returncode != 0:
+            need(False, f"a private PostgreSQL on port {self.port}",
+                 f"pg_ctl start failed: {done.stderr.strip() or done.stdout.strip()}; {self.log_text()[-2000:]}")
+
+    def stop(self, mode: str = "fast") -> None:
+        """`fast` rolls back open transactions and closes every connection, as a restart does."""
+        if self.workdir is not None and (self.datadir / "postmaster.pid").exists():
+            self._run(str(POSTGRES_BIN / "pg_ctl"), "-D", str(self.datadir), "-m", mode, "-w", "stop")
+
+    def destroy(self) -> None:
+        self.stop("immediate")
+        pid_file = self.datadir / "postmaster.pid" if self.workdir is not None else None
+        if pid_file is not None and pid_file.exists():  # pg_ctl could not stop it: it must not outlive the test
+            with contextlib.suppress(ValueError, OSError):
+                os.kill(int(pid_file.read_text().split()[0]), signal.SIGKILL)
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+
+    def log_text(self) -> str:
+        path = self.workdir / "server.log" if self.workdir else None
+        return path.read_text(errors="replace") if path and path.exists() else ""
+
+
+@contextlib.contextmanager
+def private_postgres() -> Iterator[PrivatePostgres]:
+    server = PrivatePostgres()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.destroy()

@@ -141,16 +141,19 @@ the last minute, the broker and the database, and the latest failures.
             f"          {broker}{' (in-process broker)' if status.broker_embedded else ''}",
             f"topics    m/{escape(app.manager.settings.tenant_id)}/c/{escape(app.manager.settings.channel_id)}/…",
             f"database  {escape(app.store_description())}",
+            *([] if status.store_connected else ["          [$error]unreachable[/] (writes wait, retried)"]),
             f"REST API  {escape(status.api_url or 'off')}",
         ]
-        if status.broker_error:
+        problems = [status.broker_error, f"database: {status.store_error}" if status.store_error else ""]
+        if any(problems):
             # The manager keeps retrying; the reason (and what to do) is otherwise only in the log file.
             # Wrapped here: the panel's lines do not wrap (each would be cut to one line).
             import textwrap
 
             width = max(20, self.query_one("#dash-services", Static).content_size.width or 46)
-            lines.append("")
-            lines += [f"[$error]{escape(line)}[/]" for line in textwrap.wrap(status.broker_error, width)]
+            for problem in filter(None, problems):
+                lines.append("")
+                lines += [f"[$error]{escape(line)}[/]" for line in textwrap.wrap(problem, width)]
         if fleet.rejected:
             _at, topic, reason = fleet.rejected[-1]
             lines.append(f"rejected  {len(fleet.rejected)} messages; last: {escape(topic)}: {escape(reason[:60])}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Generic, Protocol, TypeVar
@@ -54,6 +54,22 @@ T = TypeVar("T")
 
 class StoreError(RuntimeError):
     """The database failed; the message says which backend and what to check."""
+
+
+class StoreUnavailable(StoreError):
+    """The database cannot be reached for now (server down, connection lost); the same write may
+    succeed once it is back, unlike one the database refused."""
+
+
+def causes(exc: BaseException) -> Iterator[BaseException]:
+    """The exception and those it was raised from or while handling (a failed rollback hides the
+    lost connection that made it fail)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
 
 
 class Conn(Protocol):
@@ -173,6 +189,11 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def transaction(self) -> Any:
         """`async with store.transaction() as conn`: a Conn inside one transaction."""
+
+    def is_transient(self, exc: BaseException) -> bool:
+        """Whether `exc` says the database could not be reached, so the same statements may succeed
+        later (the writer retries them), rather than that it refused them."""
+        return False
 
     @abc.abstractmethod
     def ts_in(self, value: datetime | None) -> Any: ...

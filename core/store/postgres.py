@@ -10,12 +10,24 @@ from typing import Any
 
 import asyncpg
 
-from core.store.base import Store, StoreError, dumps
+from core.store.base import Store, StoreError, StoreUnavailable, causes, dumps
 
 _PLACEHOLDER = re.compile(r"\?")
 _converted: dict[str, str] = {}
 # The advisory lock that serialises migration runners on one database (see core.store.migrate).
 _MIGRATION_LOCK_KEY = 0x70726F70_6D696772  # "propmigr"
+
+# The server is away or going away (SQLSTATE classes 08 and 57P01-03), has no connection slot
+# free (53300), or gave up a transaction that may succeed when run again (class 40).
+_TRANSIENT = (
+    OSError,  # refused, reset, timed out (TimeoutError is an OSError)
+    asyncpg.PostgresConnectionError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.TransactionRollbackError,
+)
 
 
 def _pg(sql: str) -> str:
@@ -68,6 +80,12 @@ class PostgresStore(Store):
         self._min = min_size
         self._max = max_size
 
+    def is_transient(self, exc: BaseException) -> bool:
+        # asyncpg reports a connection lost under a transaction as an InterfaceError ("the underlying
+        # connection is closed") raised while handling the ConnectionDoesNotExistError.
+        return any(isinstance(e, _TRANSIENT) or (isinstance(e, asyncpg.InterfaceError) and "closed" in str(e))
+                   for e in causes(exc))
+
     @property
     def description(self) -> str:
         safe = re.sub(r"//([^:@/]+):[^@/]*@", r"//\1:***@", self.dsn)
@@ -96,8 +114,17 @@ class PostgresStore(Store):
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[_Conn]:
         assert self._pool is not None, "store is not open"
-        async with self._pool.acquire() as conn:
-            yield _Conn(conn)
+        try:
+            async with self._pool.acquire() as conn:
+                yield _Conn(conn)
+        except Exception as exc:
+            # A read while the server is away: the caller (the REST API answers 503) is told so
+            # plainly; the pool connects again by itself on a later acquire.
+            if self.is_transient(exc):
+                raise StoreUnavailable(
+                    f"The database ({self.description}) cannot be reached ({str(exc) or type(exc).__name__}). "
+                    "Try again shortly: the manager reconnects by itself once the server is back.") from exc
+            raise
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[_Conn]:

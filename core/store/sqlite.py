@@ -15,7 +15,11 @@ from typing import Any
 
 import aiosqlite
 
-from core.store.base import Store, StoreError, WriteOp, plan
+from core.store.base import Store, StoreError, WriteOp, causes, plan
+
+# Another process holds the file (BUSY, LOCKED), the disk failed a read or write (IOERR) or is full
+# (FULL): the same statements may succeed later.
+_TRANSIENT_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL})
 
 _JSON_TYPE = {None: "null", True: "true", False: "false"}
 
@@ -161,6 +165,13 @@ class SqliteStore(Store):
         if self._checkpointer is None:
             self._checkpointer = await aiosqlite.connect(self.path, isolation_level=None)
         await self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    def is_transient(self, exc: BaseException) -> bool:
+        # By the result code, not the text: a trigger's RAISE() may say anything, and is a refusal.
+        # The low byte is the primary code (SQLITE_IOERR_WRITE is SQLITE_IOERR | 3 << 8).
+        return any(isinstance(e, sqlite3.Error)
+                   and ((getattr(e, "sqlite_errorcode", None) or 0) & 0xFF) in _TRANSIENT_CODES
+                   for e in causes(exc))
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[_Conn]:

@@ -6,16 +6,29 @@ transitions for the price of one commit; when idle a write commits at once. Orde
 
 Callers choose whether to wait for durability: the REST API waits (a 201 means stored), the MQTT
 handlers only wait for queue space (backpressure) and move on.
+
+A database that cannot be reached (server restarting, connection lost: `Store.is_transient`) loses
+nothing: the batch is tried again, in order, with a capped backoff, until it commits; the queue
+fills meanwhile and then holds producers back. A write someone waits for is given up after
+`awaited_patience` seconds of such an outage: its caller gets `StoreUnavailable` (the REST API
+answers 503) and handles it as a refused write, and its statements are not applied later. A write
+the database refuses (a constraint, a trigger) fails alone: the rest of its batch commits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from core.store.base import Store, StoreError, WriteOp
+from core.store.base import Store, StoreError, StoreUnavailable, WriteOp
+
+# Retrying a batch the database could not take: 0.1 s, doubling, at most 2 s between attempts.
+RETRY_FIRST = 0.1
+RETRY_MAX = 2.0
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +40,9 @@ class _Entry:
     future: asyncio.Future[None] | None = None
     # Run as soon as the write is committed, before any waiter resumes (see `enqueue`).
     then: Callable[[], None] | None = None
+    queued_at: float = 0.0
+    # Given up during an outage (its caller was told): skipped, never applied.
+    abandoned: bool = False
 
 
 @dataclass(slots=True)
@@ -34,7 +50,13 @@ class WriterStats:
     batches: int = 0
     ops: int = 0
     largest_batch: int = 0
+    # Writes the database refused.
     failures: int = 0
+    # Times the database became unreachable, batches tried again meanwhile, awaited writes given up.
+    outages: int = 0
+    retries: int = 0
+    abandoned: int = 0
+    longest_outage_s: float = 0.0
 
 
 def _consume(fut: asyncio.Future[None]) -> None:
@@ -44,8 +66,13 @@ def _consume(fut: asyncio.Future[None]) -> None:
         fut.exception()
 
 
+def _finished(entry: _Entry) -> bool:
+    return entry.future is None or entry.future.done()
+
+
 class StoreWriter:
-    def __init__(self, store: Store, *, max_queue: int = 50_000, max_batch_ops: int = 2_000) -> None:
+    def __init__(self, store: Store, *, max_queue: int = 50_000, max_batch_ops: int = 2_000,
+                 awaited_patience: float = 10.0) -> None:
         self.store = store
         # Overflow policy: block. A full queue slows the producers (MQTT intake, the API) down
         # instead of dropping state transitions.
@@ -58,6 +85,18 @@ class StoreWriter:
         self._idle = asyncio.Event()
         self._idle.set()
         self.stats = WriterStats()
+        self._awaited_patience = awaited_patience
+        # Entries with a future, oldest first, until they finish: those an outage has kept waiting
+        # longer than the patience are given up.
+        self._awaited: deque[_Entry] = deque()
+        # monotonic time the current outage began, and what the database said; None when reachable.
+        self.unreachable_since: float | None = None
+        self.unreachable_reason = ""
+
+    @property
+    def reachable(self) -> bool:
+        """False from a write failing because the database cannot be reached until one commits."""
+        return self.unreachable_since is None
 
     @property
     def backlog(self) -> int:
@@ -72,7 +111,9 @@ class StoreWriter:
         write shares the commit) gets to build its answer. It is not run if the write fails."""
         future = asyncio.get_running_loop().create_future()
         future.add_done_callback(_consume)
-        await self._put(_Entry(ops, future, then))
+        entry = _Entry(ops, future, then, time.monotonic())
+        await self._put(entry)
+        self._awaited.append(entry)
         return future
 
     async def submit(self, *ops: WriteOp) -> None:
@@ -121,42 +162,117 @@ class StoreWriter:
             await self._commit(batch)
 
     async def _commit(self, batch: list[_Entry]) -> None:
-        ops = [op for entry in batch for op in entry.ops]
-        try:
-            if ops:
-                await self.store.apply(ops)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            if len(batch) == 1:
-                self._fail(batch[0], ops)
+        taken = len(batch)
+        delay = RETRY_FIRST
+        while True:
+            batch = [entry for entry in batch if not entry.abandoned]
+            ops = [op for entry in batch for op in entry.ops]
+            try:
+                if ops:
+                    await self.store.apply(ops)
+                    self._back()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self.store.is_transient(exc):
+                    await self._wait_out(exc, delay)
+                    delay = min(delay * 2, RETRY_MAX)
+                    continue
+                self._back()
+                if len(batch) == 1:
+                    self._fail(batch[0], ops)
+                else:
+                    # Isolate the bad entry so one failing write does not lose the whole batch.
+                    for entry in batch:
+                        await self._commit_alone(entry)
             else:
-                # Isolate the bad entry so one failing write does not lose the whole batch.
                 for entry in batch:
-                    try:
-                        if entry.ops:
-                            await self.store.apply(entry.ops)
-                    except asyncio.CancelledError:
-                        raise
-                    except Exception:
-                        self._fail(entry, entry.ops)
-                    else:
-                        self._then(entry)
-                        self._done(entry)
-                self._after(batch, len(ops))
-                return
-        else:
-            for entry in batch:
-                self._then(entry)
-            for entry in batch:
-                self._done(entry)
-        self._after(batch, len(ops))
+                    self._then(entry)
+                for entry in batch:
+                    self._done(entry)
+            self._after(taken, len(ops))
+            return
 
-    def _after(self, batch: list[_Entry], n_ops: int) -> None:
+    async def _commit_alone(self, entry: _Entry) -> None:
+        delay = RETRY_FIRST
+        while not entry.abandoned:
+            try:
+                if entry.ops:
+                    await self.store.apply(entry.ops)
+                    self._back()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self.store.is_transient(exc):
+                    await self._wait_out(exc, delay)
+                    delay = min(delay * 2, RETRY_MAX)
+                    continue
+                self._back()
+                self._fail(entry, entry.ops)
+            else:
+                self._then(entry)
+                self._done(entry)
+            return
+
+    async def _wait_out(self, exc: Exception, delay: float) -> None:
+        """The database could not take a batch: note the outage (logged once), wait, give up the
+        awaited writes it has held up too long."""
+        now = time.monotonic()
+        reason = str(exc) or type(exc).__name__
+        if self.unreachable_since is None:
+            self.unreachable_since = now
+            self.stats.outages += 1
+            log.warning("the database is unreachable (%s: %s); %d writes wait and are retried until it is "
+                        "back", self.store.description, reason, self.backlog)
+            log.debug("the write that found the database unreachable", exc_info=exc)
+        else:
+            self.stats.retries += 1
+        self.unreachable_reason = reason
+        try:
+            await asyncio.sleep(delay)
+        except asyncio.CancelledError:
+            log.error("stopped while the database was unreachable: %d writes were not stored", self.backlog)
+            raise
+        self._give_up_overdue()
+
+    def _give_up_overdue(self) -> None:
+        now = time.monotonic()
+        overdue = now - self._awaited_patience
+        given_up = 0
+        while self._awaited and (_finished(self._awaited[0]) or self._awaited[0].queued_at <= overdue):
+            entry = self._awaited.popleft()
+            if _finished(entry):
+                continue
+            assert entry.future is not None
+            entry.abandoned = True
+            given_up += 1
+            entry.future.set_exception(StoreUnavailable(
+                f"The database ({self.store.description}) has been unreachable for "
+                f"{now - (self.unreachable_since or now):.0f} s ({self.unreachable_reason}); this change was "
+                "not stored. Try again once it is back: the manager reconnects by itself."))
+        if given_up:
+            self.stats.abandoned += given_up
+            log.warning("gave up %d writes whose callers waited %.0f s for the unreachable database; they "
+                        "were told, and are not stored", given_up, self._awaited_patience)
+
+    def _back(self) -> None:
+        """The database answered: an outage, if one was under way, is over."""
+        if self.unreachable_since is None:
+            return
+        lasted = time.monotonic() - self.unreachable_since
+        self.stats.longest_outage_s = max(self.stats.longest_outage_s, lasted)
+        self.unreachable_since = None
+        self.unreachable_reason = ""
+        log.warning("the database is reachable again after %.1f s; the writes held meanwhile are being stored "
+                    "(%d waiting)", lasted, self.backlog)
+
+    def _after(self, entries: int, n_ops: int) -> None:
         self.stats.batches += 1
         self.stats.ops += n_ops
         self.stats.largest_batch = max(self.stats.largest_batch, n_ops)
-        self.finished_entries += len(batch)
+        self.finished_entries += entries
+        while self._awaited and _finished(self._awaited[0]):
+            self._awaited.popleft()
         if not self.backlog:
             self._idle.set()
 
