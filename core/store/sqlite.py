@@ -150,8 +150,8 @@ class SqliteStore(Store):
             raise StoreError(
                 f"Another Propeller manager is using the database {self.path}: {holder}. Stop it first (or "
                 "use that one: its REST API and broker serve proplets and clients), or give this manager a "
-                "database of its own with MANAGER_SQLITE_PATH (or --sqlite-path), and its own "
-                "MANAGER_HTTP_PORT and MANAGER_ENTITY_ID.") from None
+                "database of its own with MANAGER_SQLITE_PATH (for `propeller serve` also --sqlite-path), "
+                "and its own MANAGER_HTTP_PORT and MANAGER_ENTITY_ID.") from None
         os.ftruncate(fd, 0)
         program = Path(sys.argv[0])
         name = program.parent.name if program.name == "__main__.py" else program.name  # python -m propeller
