@@ -84,6 +84,8 @@ MODULE_BY_REFERENCE_MIN = 16 * 1024
 MODULES_HELD_MAX = 64
 # Seconds before a task whose dispatch the store refused goes back to the queue.
 UNSTORED_DISPATCH_RETRY = 1.0
+# The reason a queued task gives while its stored module cannot be read (the database is unreachable).
+MODULE_UNREADABLE_REASON = "waiting for the database"
 # Dispatch heap entries beyond 3 × the queued tasks (stale ones outnumbering live ones 2 to 1) and this
 # slack make the heap be rebuilt from the queued tasks (see _push).
 HEAP_STALE_SLACK = 1024
@@ -119,6 +121,10 @@ def _one_change_at_a_time(method: Callable[..., Awaitable[_T]]) -> Callable[...,
                 del self._task_turn_users[task_id], self._task_turns[task_id]
 
     return one_at_a_time
+
+
+class ModuleUnreadable(Exception):
+    """A task's stored module could not be read (the database is unreachable): not now, later."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -1189,7 +1195,9 @@ class ManagerCore:
                         deferred.append(entry)
                         await self._set_reason(task)
                         continue
-                    await self._dispatch(task, targets)
+                    if not await self._dispatch(task, targets):
+                        deferred.append(entry)
+                        break  # nothing can be read from the database now
                     continue
                 if task.pinned:
                     p = self.proplets.get(task.proplet_id)
@@ -1204,7 +1212,9 @@ class ManagerCore:
                     if not task.pinned and not any(self._has_slot(p) for p in self.proplets.values() if p.online):
                         break  # nothing can take an unpinned task now; leave the rest queued
                     continue
-                await self._dispatch(task, [chosen])
+                if not await self._dispatch(task, [chosen]):
+                    deferred.append(entry)
+                    break  # nothing can be read from the database now
         finally:
             for entry in deferred:
                 heapq.heappush(self._heap, entry)
@@ -1217,8 +1227,25 @@ class ManagerCore:
             task.updated_at = utcnow()
             await self.writer.submit(self.store.op_update_task_state(task))
 
-    async def _dispatch(self, task: Task, targets: list[Proplet]) -> None:
+    async def _dispatch(self, task: Task, targets: list[Proplet]) -> bool:
+        """Send the task to `targets`. False: not now, its module cannot be read (the database is
+        unreachable); it stays queued, saying so, and the dispatcher looks again a second later."""
         assert self.bus is not None
+        module: Artifact | None = None
+        if task.wasm_digest and not task.image_url:
+            # Read before anything changes: a read that fails leaves the task as it was, queued.
+            try:
+                module = await self._resolve_blob(blob_ref(task.wasm_digest))
+            except ArtifactUnavailable:
+                pass  # the task fails below, saying so
+            except ModuleUnreadable as exc:
+                if not task.reason.startswith(MODULE_UNREADABLE_REASON):
+                    log.warning("task %s waits in the queue: %s", task.id, exc)
+                task.reason = f"{MODULE_UNREADABLE_REASON} ({exc.__cause__ or exc})"
+                task.updated_at = utcnow()
+                await self.writer.submit(self.store.op_update_task_state(task))
+                asyncio.get_running_loop().call_later(UNSTORED_DISPATCH_RETRY, self._wake.set)
+                return False
         self._queued.discard(task.id)
         task.attempt += 1
         task.reason = ""
@@ -1240,12 +1267,12 @@ class ManagerCore:
         if new is TaskState.RUNNING:
             task.start_time = now
         try:
-            payload = await self._start_payload(task)
+            payload = await self._start_payload(task, module)
         except ArtifactUnavailable as exc:
             task.error = str(exc)
             task.finish_time = now
             await self._transition(task, TaskState.FAILED, f"cannot dispatch: {exc}")
-            return
+            return True
         attempt = task.attempt
         # The start goes out only once the dispatch is stored (a manager that dies in between would
         # otherwise dispatch the task again on restart, perhaps to another proplet), and at once
@@ -1254,6 +1281,7 @@ class ManagerCore:
                                            then=lambda: self._publish_start(task, attempt, payload))
         assert committed is not None
         committed.add_done_callback(lambda f: self._dispatch_stored(f, task.id, attempt))
+        return True
 
     def _dispatch_stored(self, committed: asyncio.Future[None], task_id: str, attempt: int) -> None:
         if committed.cancelled() or committed.exception() is None:
@@ -1286,13 +1314,16 @@ class ManagerCore:
         if self.on_start_published is not None:
             self.on_start_published(task.id, time.perf_counter())
 
-    async def _start_payload(self, task: Task) -> bytes:
+    async def _start_payload(self, task: Task, module: Artifact | None = None) -> bytes:
+        """The task's start message; `module`: its stored module, when the caller has read it."""
         file = b""
         image_url = task.image_url
         digest = task.wasm_digest
         # A digest on a task with an image_url pins external bytes; otherwise the module is stored here.
         if digest and not image_url:
-            size = await self._module_size(digest)
+            if module is None:
+                module = await self._resolve_blob(blob_ref(digest))
+            size = len(module.data)
             if self.settings.inline_limit and size > self.settings.inline_limit:
                 # Too big for one message (upstream breaks at ~760 KB on a 1 MiB broker limit):
                 # the proplet fetches it in chunks from the manager's blob server instead.
@@ -1301,7 +1332,7 @@ class ManagerCore:
                 # It ran this module before: by reference, which it resolves from its own cache.
                 image_url = blob_ref(digest)
             else:
-                file = (await self._resolve_blob(blob_ref(digest))).data
+                file = module.data
         traceparent = _traceparent(task.id, task.attempt)
         msg = protocol.StartMessage(
             id=task.id, name=task.name, state=int(TaskState.RUNNING), image_url=image_url, file=file,
@@ -1326,9 +1357,6 @@ class ManagerCore:
             while len(self._signatures) > 4096:
                 self._signatures.popitem(last=False)
         return signature
-
-    async def _module_size(self, digest: str) -> int:
-        return len((await self._resolve_blob(blob_ref(digest))).data)
 
     async def _requeue(self, task: Task, why: str) -> None:
         if task.proplet_id:
@@ -1356,7 +1384,10 @@ class ManagerCore:
         cached = self._files.get(digest)
         if cached is not None:
             return cached
-        data = await self.store.file_by_digest(digest)
+        try:
+            data = await self.store.file_by_digest(digest)
+        except Exception as exc:
+            raise ModuleUnreadable(f"its module {digest[:12]} cannot be read from the database now") from exc
         if data is None:
             raise ArtifactUnavailable(f"no task of this manager has a module with digest {digest}")
         artifact = Artifact(data, digest)
@@ -1453,8 +1484,8 @@ class ManagerCore:
                 continue
             try:
                 payload = await self._start_payload(task)
-            except ArtifactUnavailable:
-                continue
+            except (ArtifactUnavailable, ModuleUnreadable):
+                continue  # the next round tries again
             if self.bus.publish_nowait(self.topics.start, payload):
                 self._sent_at[task_id] = time.monotonic()
                 self.metrics.starts_republished.inc()

@@ -5,6 +5,7 @@ connection holds locked."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
@@ -12,12 +13,20 @@ from pathlib import Path
 
 import pytest
 
+from core.config import ManagerSettings
+from core.domain import TaskState
+from core.schemas import TaskCreate
+from core.service import ManagerCore
 from core.store.base import Store, StoreUnavailable, WriteOp
 from core.store.migrate import migrate
 from core.store.postgres import PostgresStore
 from core.store.sqlite import SqliteStore
 from core.store.writer import StoreWriter
-from tests.services import PrivatePostgres, private_postgres
+from proplet.agent import PropletAgent
+from proplet.config import PropletSettings
+from tests.conftest import unique
+from tests.services import Mosquitto, PrivatePostgres, private_postgres
+from tests.wasmfixtures import wasm
 from tests.wire import eventually
 
 pytestmark = [pytest.mark.serial]
@@ -141,3 +150,35 @@ async def test_writes_wait_while_another_process_holds_the_sqlite_file_locked(tm
         other.close()
         await store.close()
     assert writer.stats.outages == 1 and writer.stats.failures == 0
+
+
+async def test_a_queued_task_whose_module_cannot_be_read_waits_for_the_database(
+        server: PrivatePostgres, broker: Mosquitto, tmp_path: Path) -> None:
+    """Before: a task queued while no proplet was free, dispatched during an outage to a manager that
+    did not hold its module in memory (here: restarted since), read the module from the database;
+    the read's error ended the dispatcher loop, which shut the manager down. Now the task stays
+    queued, saying why, and goes out once the database answers again."""
+    settings = ManagerSettings(mqtt_address=broker.url, tenant_id=unique("t"), entity_id=unique("manager"),
+                               http_port=0, mqtt_timeout=5.0)
+    async with ManagerCore(settings, store=PostgresStore(server.dsn)) as core:
+        task = await core.create_task(TaskCreate.model_validate(
+            {"name": "add", "file": base64.b64encode(wasm("add")).decode(), "inputs": [20, 22]}))
+        await core.start_task(task.id)  # no proplet: it waits in the queue
+    async with ManagerCore(settings, store=PostgresStore(server.dsn)) as core:
+        assert core.bus is not None
+        await core.bus.wait_connected(10)
+        assert task.id in core.active
+        await asyncio.to_thread(server.stop, "fast")
+        proplet = PropletSettings.load(mqtt_address=broker.url, tenant_id=settings.tenant_id,
+                                       channel_id=core.topics.channel, entity_id=unique("p"),
+                                       cache_dir=tmp_path / "cache", state_dir=tmp_path / "state")
+        async with PropletAgent(proplet):
+            await eventually(lambda: proplet.entity_id in core.proplets and core.proplets[proplet.entity_id].online, 10)
+            await eventually(lambda: "database" in core.active[task.id].reason, 10)
+            assert not core._shutdown.is_set(), "the manager is shutting down"
+            assert core.active[task.id].state is TaskState.PENDING
+            await asyncio.to_thread(server.start)
+            await eventually(lambda: task.id not in core.active, 20)
+        assert not core._shutdown.is_set()
+        done = await core.get_task(task.id)
+        assert (done.state, done.results) == (TaskState.COMPLETED, "42")
