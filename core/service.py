@@ -60,7 +60,7 @@ from core.protocol import InvalidMessage
 from core.scheduler import Scheduler
 from core.schemas import JobCreate, TaskCreate, TaskUpdate, WorkflowCreate
 from core.store import Page, Store, store_from_settings
-from core.store.base import StoreError, WriteOp
+from core.store.base import DatabaseTakenOver, StoreError, WriteOp
 from core.store.migrate import migrate
 from core.store.reads import TaskReader
 from core.store.writer import StoreWriter
@@ -228,6 +228,9 @@ class ManagerCore:
         self._wake = asyncio.Event()
         self._loops: list[asyncio.Task[Any]] = []
         self._shutdown = asyncio.Event()
+        # Set when another manager took the database over while this one was cut off from it: this
+        # one stops without storing anything more (`propeller serve` exits with this error).
+        self.taken_over: DatabaseTakenOver | None = None
         self._handlers: dict[str, Callable[[str, bytes], Awaitable[None]]] = {
             topic_names.CREATE: self._on_discovery,
             topic_names.ALIVE: self._on_alive,
@@ -277,6 +280,7 @@ class ManagerCore:
         if applied:
             log.info("applied migrations %s to %s", ", ".join(applied), self.store.description)
         self._spawn(self.writer.run(), "store-writer")
+        self._spawn(self.store.keep_manager_lock(), "database-lock")
         await self._recover()
 
         if self.settings.http_enabled:
@@ -335,11 +339,13 @@ class ManagerCore:
         await self.federated.close()
         if self.bus is not None:
             await self.bus.close()
-        with contextlib.suppress(Exception):
-            await self._save_unsaved_alive()
-        # Commit every state change taken in before the loops stop.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.writer.wait_idle(), 10)
+        if self.taken_over is None:
+            with contextlib.suppress(Exception):
+                await self._save_unsaved_alive()
+            # Commit every state change taken in before the loops stop (not into a database another
+            # manager has taken over: those writes wait for a lock that will not come back).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.writer.wait_idle(), 10)
         await cancel_and_wait(self._loops, owner="manager")
         self._loops.clear()
         for fut in self._invocations.values():
@@ -378,7 +384,11 @@ class ManagerCore:
         if task.cancelled():
             return
         exc = task.exception()
-        if exc is not None:
+        if isinstance(exc, DatabaseTakenOver):
+            self.taken_over = exc
+            log.error("%s", exc)
+            self._shutdown.set()
+        elif exc is not None:
             log.error("background loop %s failed; shutting the manager down", task.get_name(),
                       exc_info=exc)
             self._shutdown.set()

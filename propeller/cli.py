@@ -124,6 +124,8 @@ async def _serve(settings: Any) -> None:
             freeze_startup_objects()
             await core.wait_closed()
             log.info("shutting down")
+        if core.taken_over is not None:
+            raise core.taken_over
     except (CoreError, StoreError, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
 

@@ -18,7 +18,7 @@ def store_from_settings(settings: ManagerSettings) -> Store:
     if settings.storage_type == "postgres":
         from core.store.postgres import PostgresStore
 
-        return PostgresStore(settings.postgres_dsn)
+        return PostgresStore(settings.postgres_dsn, one_manager=True)
     from core.store.sqlite import SqliteStore
 
     if settings.storage_type == "memory":

@@ -8,10 +8,14 @@ nothing knows which backend is in use.
 from __future__ import annotations
 
 import abc
+import os
 import re
+import socket
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
 import orjson
@@ -59,6 +63,19 @@ class StoreError(RuntimeError):
 class StoreUnavailable(StoreError):
     """The database cannot be reached for now (server down, connection lost); the same write may
     succeed once it is back, unlike one the database refused."""
+
+
+class DatabaseTakenOver(StoreError):
+    """Another manager took this manager's database while this one was cut off from it: this one
+    must stop, or the two would both dispatch its tasks."""
+
+
+def this_manager() -> str:
+    """Who holds a database for its manager, for the error another manager shows:
+    `pid 1234 on host-a (propeller serve --port 7070)`."""
+    program = Path(sys.argv[0])
+    name = program.parent.name if program.name == "__main__.py" else program.name  # python -m propeller
+    return f"pid {os.getpid()} on {socket.gethostname()} ({' '.join([name, *sys.argv[1:]])})"
 
 
 def causes(exc: BaseException) -> Iterator[BaseException]:
@@ -215,6 +232,11 @@ class Store(abc.ABC):
 
     async def housekeeping(self) -> None:  # noqa: B027 - an optional hook; PostgreSQL needs none
         """Periodic upkeep of the backend (called every second by the core)."""
+
+    async def keep_manager_lock(self) -> None:  # noqa: B027 - SQLite's file lock lasts as long as the process
+        """Run for the manager's life: take the one-manager lock again whenever it is lost, and raise
+        DatabaseTakenOver if another manager took it meanwhile. Returns at once where the lock
+        cannot be lost."""
 
     # ---- migrations ---------------------------------------------------------------------
 

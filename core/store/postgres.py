@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -10,12 +13,37 @@ from typing import Any
 
 import asyncpg
 
-from core.store.base import Store, StoreError, StoreUnavailable, causes, dumps
+from core.store.base import (
+    DatabaseTakenOver,
+    Store,
+    StoreError,
+    StoreUnavailable,
+    WriteOp,
+    causes,
+    dumps,
+    this_manager,
+)
+
+log = logging.getLogger(__name__)
 
 _PLACEHOLDER = re.compile(r"\?")
 _converted: dict[str, str] = {}
 # The advisory lock that serialises migration runners on one database (see core.store.migrate).
 _MIGRATION_LOCK_KEY = 0x70726F70_6D696772  # "propmigr"
+# The session-level advisory lock a manager holds on its database for its life (see
+# PostgresStore.open). pg_locks shows a bigint key as classid (high half) and objid (low half).
+_MANAGER_LOCK_KEY = 0x70726F70_6D6E6772  # "propmngr"
+_MANAGER_LOCK_HOLDER = (
+    "SELECT a.application_name, host(a.client_addr), a.backend_start, l.pid FROM pg_locks l "
+    "LEFT JOIN pg_stat_activity a ON a.pid = l.pid "
+    "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+    f"AND l.classid = {_MANAGER_LOCK_KEY >> 32} AND l.objid = {_MANAGER_LOCK_KEY & 0xFFFFFFFF} "
+    "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+)
+# How often the lock's connection is checked when nothing was heard from it, and how long a check
+# (or a connection attempt to take the lock again) may take.
+_LOCK_CHECK_INTERVAL = 5.0
+_LOCK_CHECK_TIMEOUT = 10.0
 
 # The server is away or going away (SQLSTATE classes 08 and 57P01-03), has no connection slot
 # free (53300), or gave up a transaction that may succeed when run again (class 40).
@@ -27,6 +55,7 @@ _TRANSIENT = (
     asyncpg.CannotConnectNowError,
     asyncpg.TooManyConnectionsError,
     asyncpg.TransactionRollbackError,
+    StoreUnavailable,  # this store's own "not now" (a write while the manager lock is being taken again)
 )
 
 
@@ -74,11 +103,18 @@ class PostgresStore(Store):
     def _list_param(self, values: Sequence[str]) -> Any:
         return list(values)
 
-    def __init__(self, dsn: str, *, min_size: int = 1, max_size: int = 10) -> None:
+    def __init__(self, dsn: str, *, min_size: int = 1, max_size: int = 10, one_manager: bool = False) -> None:
         self.dsn = dsn
         self._pool: asyncpg.Pool | None = None
         self._min = min_size
         self._max = max_size
+        # A manager's store: open() takes the manager lock or refuses (see _take_manager_lock).
+        self.one_manager = one_manager
+        # The connection (outside the pool) whose session holds the manager lock; None while the
+        # lock is not held, and then no batch is applied.
+        self._lock_conn: asyncpg.Connection | None = None
+        self._lock_lost = asyncio.Event()
+        self._closing = False
 
     def is_transient(self, exc: BaseException) -> bool:
         # asyncpg reports a connection lost under a transaction as an InterfaceError ("the underlying
@@ -92,11 +128,22 @@ class PostgresStore(Store):
         return f"postgres {safe}"
 
     async def open(self) -> None:
+        self._closing = False
         try:
             self._pool = await asyncpg.create_pool(
                 self.dsn, min_size=self._min, max_size=self._max, init=_init_connection
             )
+            if self.one_manager:
+                holder = await self._take_manager_lock()
+                if holder is not None:
+                    await self.close()
+                    raise StoreError(
+                        f"Another Propeller manager is using the database ({self.description}): {holder}. "
+                        "Stop it first (or use that one: its REST API and broker serve proplets and clients), "
+                        "or give this manager a database of its own (MANAGER_POSTGRES_DB), and its own "
+                        "MANAGER_HTTP_PORT and MANAGER_ENTITY_ID.")
         except (OSError, asyncpg.PostgresError) as exc:
+            await self.close()
             # A server that accepts the connection and never answers ends in asyncpg's connect timeout
             # (60 s unless the DSN sets connect_timeout), a TimeoutError with no text of its own.
             reason = str(exc) or ("the server accepted the connection but did not answer in time"
@@ -107,9 +154,122 @@ class PostgresStore(Store):
             ) from exc
 
     async def close(self) -> None:
+        self._closing = True
+        if self._lock_conn is not None:
+            conn, self._lock_conn = self._lock_conn, None
+            try:
+                await conn.close(timeout=5)  # ends the session, which releases the lock
+            except Exception:
+                conn.terminate()
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
+
+    # ---- the one-manager lock -------------------------------------------------------------
+
+    async def _take_manager_lock(self, timeout: float = 60.0) -> str | None:
+        """Take the manager lock on a connection of its own; None when taken, else who holds it.
+
+        Two managers on one database would both recover and dispatch its queued tasks. A
+        session-level advisory lock is held as long as its connection lives, and PostgreSQL drops it
+        when the holder goes away however it goes (a crash, a lost host), so no stale lock is left.
+        The connection's application_name says who holds it, for the refusal another manager shows."""
+        conn = await asyncpg.connect(self.dsn, timeout=timeout,
+                                     server_settings={"application_name": this_manager()[:63]})
+        try:
+            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _MANAGER_LOCK_KEY):
+                rows = await conn.fetch(_MANAGER_LOCK_HOLDER)
+                await conn.close(timeout=5)
+                return self._holder(rows)
+        except BaseException:
+            conn.terminate()
+            raise
+        conn.add_termination_listener(self._lock_connection_ended)
+        self._lock_conn = conn
+        self._lock_lost.clear()
+        return None
+
+    @staticmethod
+    def _holder(rows: list[Any]) -> str:
+        if not rows:  # released between our attempt and the look-up
+            return "a manager that has just stopped (start this one again)"
+        name, address, since, pid = rows[0]
+        who = name or f"a session that did not name itself (server process {pid})"
+        where = f"connected from {address}" if address else "connected through a local socket"
+        when = f" since {since:%Y-%m-%d %H:%M:%S %Z}" if since is not None else ""
+        return f"{who}, {where}{when}"
+
+    def _lock_connection_ended(self, conn: asyncpg.Connection) -> None:
+        if conn is not self._lock_conn or self._closing:
+            return
+        self._lock_conn = None
+        self._lock_lost.set()
+        log.warning("the connection holding this manager's lock on %s was lost; writes wait until the lock "
+                    "is taken again", self.description)
+
+    @property
+    def holds_manager_lock(self) -> bool:
+        return self._lock_conn is not None
+
+    async def keep_manager_lock(self) -> None:
+        """Take the manager lock again whenever its connection is lost (a server restart ends every
+        session, and with it the lock). Writes wait meanwhile (apply() raises StoreUnavailable, so
+        the writer retries them). If another manager took the lock meanwhile, it has recovered the
+        database as its own: raise DatabaseTakenOver, which stops this manager."""
+        if not self.one_manager:
+            return
+        while True:
+            try:
+                await asyncio.wait_for(self._lock_lost.wait(), _LOCK_CHECK_INTERVAL)
+            except TimeoutError:
+                await self._check_lock_connection()
+                continue
+            await self._retake_manager_lock()
+
+    async def _check_lock_connection(self) -> None:
+        """A connection cut without a word (a host or network gone) is noticed only when used."""
+        conn = self._lock_conn
+        if conn is None:
+            return
+        try:
+            await conn.fetchval("SELECT 1", timeout=_LOCK_CHECK_TIMEOUT)
+        except Exception as exc:
+            log.debug("the manager lock's connection failed its check", exc_info=exc)
+            conn.terminate()  # the termination listener marks the lock lost
+
+    async def _retake_manager_lock(self) -> None:
+        lost_at = time.monotonic()
+        delay = 0.1
+        while True:
+            try:
+                holder = await self._take_manager_lock(timeout=_LOCK_CHECK_TIMEOUT)
+            except Exception as exc:
+                if not self.is_transient(exc):
+                    raise StoreError(f"Cannot take this manager's lock on the database ({self.description}) "
+                                     f"again: {exc}. Check the MANAGER_POSTGRES_* settings and restart the "
+                                     "manager.") from exc
+                await asyncio.sleep(delay)
+                # At most 0.5 s (a refused connection costs nothing): writes wait for the lock, and
+                # the writer's next retry should find it taken.
+                delay = min(delay * 2, 0.5)
+                continue
+            if holder is not None:
+                raise DatabaseTakenOver(
+                    f"Another Propeller manager took the database ({self.description}) while this one's "
+                    f"connection to it was lost: {holder}. This manager stops so that only one manager "
+                    "dispatches its tasks. Use that one, or stop it and start this one again (or give this "
+                    "one a database of its own with MANAGER_POSTGRES_DB).")
+            log.warning("took this manager's lock on %s again after %.1f s", self.description,
+                        time.monotonic() - lost_at)
+            return
+
+    async def apply(self, ops: Sequence[WriteOp]) -> None:
+        # A batch applied while the lock is not held could land after another manager took the
+        # database over; the writer keeps it and tries again.
+        if self.one_manager and self._lock_conn is None:
+            raise StoreUnavailable(f"This manager's lock on the database ({self.description}) is being taken "
+                                   "again after its connection was lost.")
+        await super().apply(ops)
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[_Conn]:

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.e2e.test_serve import PROPELLER, Serve, _results
-from tests.services import free_port
+from tests.services import create_database, drop_database, free_port
 from tests.wire import eventually
 
 pytestmark = pytest.mark.serial
@@ -153,6 +153,28 @@ def test_a_second_manager_on_the_same_database_refuses_to_start_naming_the_first
     assert "Another Propeller manager is using the database" in second.stderr, second.stderr
     assert f"pid {serve.proc.pid} (propeller serve)" in second.stderr, second.stderr
     _first_kept_its_session(serve)
+
+
+async def test_a_second_manager_on_the_same_postgres_database_refuses_to_start_naming_the_first(serve: Serve) -> None:
+    # Its own API port and entity id, as a manager on another host would have: before, both ran on the
+    # database, and each recovered and dispatched the same queued tasks.
+    db = await create_database()
+    try:
+        serve.env.update(MANAGER_STORAGE_TYPE="postgres", MANAGER_POSTGRES_HOST="127.0.0.1",
+                         MANAGER_POSTGRES_PORT="5432", MANAGER_POSTGRES_USER="postgres", MANAGER_POSTGRES_PASS="",
+                         MANAGER_POSTGRES_DB=db.name, MANAGER_POSTGRES_SSLMODE="disable")
+        await asyncio.to_thread(serve.start)
+        second = await asyncio.to_thread(_second_serve, serve, MANAGER_HTTP_PORT=str(free_port()),
+                                         MANAGER_ENTITY_ID="second-manager")
+        assert second.returncode == 1, second.stderr
+        assert "Another Propeller manager is using the database (postgres postgresql://postgres:***@" in \
+            second.stderr, second.stderr
+        assert f"pid {serve.proc.pid} on {socket.gethostname()} (propeller serve)" in second.stderr, second.stderr
+        assert "Traceback" not in second.stderr, second.stderr
+        _first_kept_its_session(serve)
+        assert await asyncio.to_thread(serve.stop) == 0
+    finally:
+        await drop_database(db)
 
 
 def test_a_second_manager_whose_api_port_is_taken_exits_saying_so_before_it_connects(
