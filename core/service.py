@@ -279,6 +279,7 @@ class ManagerCore:
         applied = await migrate(self.store)
         if applied:
             log.info("applied migrations %s to %s", ", ".join(applied), self.store.description)
+        await self.store.reserve_row_ids()
         self._spawn(self.writer.run(), "store-writer")
         self._spawn(self.store.keep_manager_lock(), "database-lock")
         await self._recover()

@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -123,8 +124,16 @@ _PROPLET_COLUMNS = (
     "created_at", "updated_at",
 )
 
+# The writer may apply a batch again when the connection died during its COMMIT, which may have
+# succeeded: every write below is a no-op when repeated. An insert under a client-chosen id finding
+# a row with that id leaves it alone if it is this very write's (the same creation time), and
+# otherwise sets the NOT NULL name to NULL, which the database refuses: a second caller choosing an
+# id in use is still told (a NOT EXISTS guard does the same, but costs SQLite a temporary table per
+# statement). Event and metrics rows carry an id chosen when the write is built (Store._row_id),
+# which a repeat finds taken.
 SQL_INSERT_TASK = (
-    f"INSERT INTO tasks ({', '.join(_TASK_COLUMNS)}) VALUES ({', '.join('?' * len(_TASK_COLUMNS))})"
+    f"INSERT INTO tasks ({', '.join(_TASK_COLUMNS)}) VALUES ({', '.join('?' * len(_TASK_COLUMNS))}) "
+    "ON CONFLICT (id) DO UPDATE SET name = NULL WHERE tasks.created_at <> excluded.created_at"
 )
 SQL_UPDATE_TASK = (
     f"UPDATE tasks SET {', '.join(f'{c} = ?' for c in _TASK_MUTABLE)} WHERE id = ?"
@@ -140,7 +149,8 @@ SQL_UPDATE_TASK_STATE = (
 SQL_UPDATE_TASK_FILE = "UPDATE tasks SET file = ?, wasm_digest = ?, updated_at = ? WHERE id = ?"
 SQL_DELETE_TASK = "DELETE FROM tasks WHERE id = ?"
 SQL_INSERT_EVENT = (
-    "INSERT INTO task_events (task_id, state, attempt, proplet_id, detail, at) VALUES (?, ?, ?, ?, ?, ?)"
+    "INSERT INTO task_events (id, task_id, state, attempt, proplet_id, detail, at) VALUES (?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (id) DO NOTHING"
 )
 SQL_UPSERT_PROPLET = (
     f"INSERT INTO proplets ({', '.join(_PROPLET_COLUMNS)}) VALUES ({', '.join('?' * len(_PROPLET_COLUMNS))}) "
@@ -155,7 +165,10 @@ SQL_PUT_SCHEDULE = (
     "recurring = excluded.recurring, next_run = excluded.next_run"
 )
 SQL_DELETE_SCHEDULE = "DELETE FROM task_schedules WHERE task_id = ?"
-SQL_INSERT_JOB = "INSERT INTO jobs (id, name, execution_mode, created_at, updated_at) VALUES (?, ?, ?, ?, ?)"
+SQL_INSERT_JOB = (
+    "INSERT INTO jobs (id, name, execution_mode, created_at, updated_at) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT (id) DO UPDATE SET name = NULL WHERE jobs.created_at <> excluded.created_at"
+)
 _JOB_SELECT = "id, name, execution_mode, created_at, updated_at"
 _FL_ROUND_COLUMNS = (
     "round_id", "experiment_id", "model_ref", "task_wasm_image", "participants", "started", "hyperparams",
@@ -171,15 +184,20 @@ SQL_INSERT_FL_UPDATE = (
     "INSERT INTO fl_updates (round_id, proplet_id, num_samples, body, source, received_at) "
     "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (round_id, proplet_id) DO NOTHING"
 )
-SQL_INSERT_FL_MODEL = "INSERT INTO fl_models (version, round_id, data, created_at) VALUES (?, ?, ?, ?)"
+# Versions come from the one round loop: a version stored already is this write's.
+SQL_INSERT_FL_MODEL = (
+    "INSERT INTO fl_models (version, round_id, data, created_at) VALUES (?, ?, ?, ?) ON CONFLICT (version) DO NOTHING"
+)
 SQL_INSERT_PROPLET_METRICS = (
-    "INSERT INTO proplet_metrics (proplet_id, namespace, timestamp, cpu_metrics, memory_metrics) "
-    "SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM proplets WHERE id = ?)"
+    "INSERT INTO proplet_metrics (id, proplet_id, namespace, timestamp, cpu_metrics, memory_metrics) "
+    "SELECT ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM proplets WHERE id = ?) ON CONFLICT (id) DO NOTHING"
 )
 SQL_INSERT_TASK_METRICS = (
-    "INSERT INTO task_metrics (task_id, proplet_id, timestamp, metrics, aggregated) "
-    "SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM tasks WHERE id = ?)"
+    "INSERT INTO task_metrics (id, task_id, proplet_id, timestamp, metrics, aggregated) "
+    "SELECT ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM tasks WHERE id = ?) ON CONFLICT (id) DO NOTHING"
 )
+# Tables whose rows get their id from Store._row_id.
+_BUILT_ID_TABLES = ("task_events", "proplet_metrics", "task_metrics")
 
 
 def dumps(value: Any) -> str:
@@ -229,6 +247,28 @@ class Store(abc.ABC):
 
     def bool_in(self, value: bool) -> Any:
         return value
+
+    # The last id given to an event or metrics row (see SQL_INSERT_TASK); 0 until the first.
+    _last_row_id = 0
+
+    def _row_id(self) -> int:
+        """A new row id, larger than those given before: histories are read in id order. Ids start
+        at the clock (microseconds × 1024, so a later manager starts above an earlier one's) or above
+        the largest stored, whichever is higher (see reserve_row_ids). One counter keeps them unique
+        because one manager, hence one store, writes a database (its lock)."""
+        if not self._last_row_id:
+            self._last_row_id = time.time_ns() // 1000 << 10
+        self._last_row_id += 1
+        return self._last_row_id
+
+    async def reserve_row_ids(self) -> None:
+        """After the migrations: start row ids above every id stored, in case the clock was set back
+        since they were written (a repeated id would make a new row a no-op)."""
+        floor = time.time_ns() // 1000 << 10
+        async with self.connection() as conn:
+            for table in _BUILT_ID_TABLES:
+                floor = max(floor, (await conn.fetch(f"SELECT MAX(id) FROM {table}"))[0][0] or 0)
+        self._last_row_id = max(self._last_row_id, floor)
 
     async def housekeeping(self) -> None:  # noqa: B027 - an optional hook; PostgreSQL needs none
         """Periodic upkeep of the backend (called every second by the core)."""
@@ -711,7 +751,7 @@ class Store(abc.ABC):
     def op_task_event(self, e: TaskEvent) -> WriteOp:
         return WriteOp(
             SQL_INSERT_EVENT,
-            (e.task_id, int(e.state), e.attempt, e.proplet_id, e.detail, self.ts_in(e.at)),
+            (self._row_id(), e.task_id, int(e.state), e.attempt, e.proplet_id, e.detail, self.ts_in(e.at)),
             phase=_PHASE_EVENT,
         )
 
@@ -724,7 +764,7 @@ class Store(abc.ABC):
     def op_proplet_metrics(self, m: PropletMetrics) -> WriteOp:
         return WriteOp(
             SQL_INSERT_PROPLET_METRICS,
-            (m.proplet_id, m.namespace, self.ts_in(m.timestamp), dumps(m.cpu_metrics),
+            (self._row_id(), m.proplet_id, m.namespace, self.ts_in(m.timestamp), dumps(m.cpu_metrics),
              dumps(m.memory_metrics), m.proplet_id),
             phase=_PHASE_METRICS,
         )
@@ -732,7 +772,7 @@ class Store(abc.ABC):
     def op_task_metrics(self, m: TaskMetrics) -> WriteOp:
         return WriteOp(
             SQL_INSERT_TASK_METRICS,
-            (m.task_id, m.proplet_id, self.ts_in(m.timestamp), dumps(m.metrics),
+            (self._row_id(), m.task_id, m.proplet_id, self.ts_in(m.timestamp), dumps(m.metrics),
              None if m.aggregated is None else dumps(m.aggregated), m.task_id),
             phase=_PHASE_METRICS,
         )

@@ -315,7 +315,9 @@ async def test_group_commit_batches_and_keeps_order(store: Store) -> None:
         assert got is not None and got.attempt == 199
         assert writer.stats.largest_batch > 1, "concurrent writes should share a transaction"
         # A failing write is isolated: the others in its batch still commit.
-        bad = await writer.enqueue(store.op_insert_task(task))  # duplicate primary key
+        # Another task under a stored id (the same insert repeated is a no-op: a retried batch).
+        clash = dataclasses.replace(task, created_at=task.created_at + timedelta(seconds=1))
+        bad = await writer.enqueue(store.op_insert_task(clash))  # duplicate primary key
         other = make_task()
         good = await writer.enqueue(store.op_insert_task(other))
         await good
@@ -445,7 +447,8 @@ async def test_an_action_after_a_commit_runs_before_its_waiters_resume_and_not_a
 
         await asyncio.gather(api_waiter(), dispatch)
         assert order == ["then", "waiter"]
-        duplicate = await writer.enqueue(store.op_insert_task(task), then=lambda: order.append("refused"))
+        clash = dataclasses.replace(task, created_at=task.created_at + timedelta(seconds=1))  # another task, same id
+        duplicate = await writer.enqueue(store.op_insert_task(clash), then=lambda: order.append("refused"))
         with pytest.raises(Exception, match="refused a write"):
             await duplicate
         assert "refused" not in order

@@ -1,0 +1,258 @@
+"""A batch applied twice leaves the database as applied once.
+
+The writer tries a batch again when the database could not be reached (core.store.writer). If the
+connection died during COMMIT, the commit may have succeeded, and the retry applies the same
+statements again: every write the store builds (`Store.op_*`) must make such a repeat a no-op, not a
+refusal (a task's or job's primary key) nor a second row (events, metrics). Checked on both backends
+by applying a batch of every op kind twice, and through the writer with a real cut: a TCP proxy in
+front of PostgreSQL that closes the writer's connection right after the server answered COMMIT,
+before the answer reaches the manager."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+from core.cron import Schedule
+from core.domain import (
+    FLRound,
+    FLUpdateRecord,
+    Job,
+    Proplet,
+    PropletMetrics,
+    Task,
+    TaskEvent,
+    TaskMetrics,
+    TaskState,
+    new_task_id,
+)
+from core.store import Store
+from core.store.base import WriteOp
+from core.store.migrate import migrate
+from core.store.postgres import PostgresStore
+from core.store.sqlite import SqliteStore
+from core.store.writer import StoreWriter
+from tests.services import create_database, drop_database
+
+TABLES = ("jobs", "tasks", "task_events", "task_schedules", "proplets", "proplet_metrics", "task_metrics",
+          "fl_rounds", "fl_updates", "fl_models")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    db = None
+    if request.param == "sqlite":
+        s: Store = SqliteStore(tmp_path / "store.db")
+    else:
+        db = await create_database()
+        s = PostgresStore(db.dsn)
+    await s.open()
+    await migrate(s)
+    try:
+        yield s
+    finally:
+        await s.close()
+        if db is not None:
+            await drop_database(db)
+
+
+def _task(**overrides: Any) -> Task:
+    now = datetime.now(UTC)
+    values: dict[str, Any] = dict(id=new_task_id(), name="add", inputs=["1", "2"], file=b"\0asm\x01\0\0\0",
+                                  wasm_digest="sha256:" + "a" * 64, created_at=now, updated_at=now)
+    values.update(overrides)
+    return Task(**values)
+
+
+def _every_kind_of_write(store: Store) -> tuple[list[WriteOp], set[str]]:
+    """A batch with each write the store builds, as the core sends them; and the builders used."""
+    now = datetime.now(UTC)
+    used: set[str] = set()
+
+    def op(name: str, *args: Any) -> WriteOp:
+        used.add(name)
+        built: WriteOp = getattr(store, name)(*args)
+        return built
+
+    job = Job(new_task_id(), "nightly", "parallel", now, now)
+    task = _task(job_id=job.id)
+    gone = _task()
+    proplet, gone_proplet = Proplet("p-1", name="edge"), Proplet("p-2")
+    running = _task(id=task.id, job_id=job.id, state=TaskState.RUNNING, proplet_id="p-1", attempt=1)
+    fl_round = FLRound("round-1", "model-0", ["p-1"], 1, 30.0, now + timedelta(seconds=30))
+    ops = [
+        op("op_insert_job", job),
+        op("op_insert_task", task),
+        op("op_insert_task", gone),
+        op("op_task_event", TaskEvent(task.id, TaskState.PENDING, now, 0, "", "created")),
+        op("op_put_schedule", Schedule(task.id, "@daily", "UTC", True, now + timedelta(days=1))),
+        op("op_upsert_proplet", proplet, now),
+        op("op_upsert_proplet", gone_proplet, now),
+        op("op_update_task", running),
+        op("op_update_task_state", running),
+        op("op_set_task_file", running),
+        op("op_task_event", TaskEvent(task.id, TaskState.RUNNING, now, 1, "p-1", "")),
+        op("op_proplet_metrics", PropletMetrics("p-1", "", now, {"cpu": 1}, {"rss": 2})),
+        op("op_task_metrics", TaskMetrics(task.id, "p-1", now, {"cpu": 1})),
+        op("op_put_schedule", Schedule(gone.id, "@daily", "UTC", True, now)),
+        op("op_delete_schedule", gone.id),
+        op("op_delete_task", gone.id),
+        op("op_delete_proplet", gone_proplet.id),
+        op("op_put_fl_round", fl_round),
+        op("op_insert_fl_update", FLUpdateRecord("round-1", "p-1", 10, {"w": [1.0]}, "rest", now)),
+        op("op_insert_fl_model", 1, "round-1", {"w": [1.0]}, now),
+    ]
+    return ops, used
+
+
+async def _contents(store: Store) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of the tables the writes touch (generated ids left out), in a stable order."""
+    out = {}
+    async with store.connection() as conn:
+        for table in TABLES:
+            rows = await conn.fetch(f"SELECT * FROM {table}")
+            out[table] = sorted(tuple((k, repr(v)) for k, v in dict(r).items() if k != "id") for r in rows)
+    return out
+
+
+async def test_every_write_applied_again_changes_nothing_and_raises_nothing(store: Store) -> None:
+    ops, used = _every_kind_of_write(store)
+    builders = {name for name in dir(store) if name.startswith("op_")}
+    assert used == builders, f"writes this test does not repeat: {sorted(builders - used)}"
+    await store.apply(ops)
+    once = await _contents(store)
+    assert len(once["tasks"]) == 1 and len(once["task_events"]) == 2 and len(once["task_metrics"]) == 1
+    await store.apply(ops)  # the retry of a batch whose COMMIT succeeded unseen
+    assert await _contents(store) == once
+
+
+async def test_a_task_another_write_created_with_the_same_id_is_still_refused(store: Store) -> None:
+    # The repeat of one's own insert is a no-op; an insert of another task under an existing id (two
+    # API calls choosing one id at once) must still fail, so the second caller is told.
+    first = _task()
+    await store.apply([store.op_insert_task(first)])
+    other = _task(id=first.id, name="mul", created_at=first.created_at + timedelta(milliseconds=1))
+    with pytest.raises(Exception) as refused:
+        await store.apply([store.op_insert_task(other)])
+    assert not store.is_transient(refused.value)
+    got = await store.get_task(first.id)
+    assert got is not None and got.name == "add"
+
+
+async def test_events_built_twice_are_two_rows(store: Store) -> None:
+    # Only a repeat of the same write is a no-op: the same event recorded twice (two results alike)
+    # is two rows, as before.
+    task = _task()
+    now = datetime.now(UTC)
+    event = TaskEvent(task.id, TaskState.COMPLETED, now, 1, "p-1", "")
+    await store.apply([store.op_insert_task(task), store.op_task_event(event), store.op_task_event(event)])
+    assert len(await store.task_events(task.id)) == 2
+
+
+class _CommitCutter:
+    """A TCP proxy in front of PostgreSQL that, once armed, closes the client's connection right after
+    the server's `COMMIT` CommandComplete, without passing it on: the transaction is committed, and
+    the client sees its connection lost during COMMIT."""
+
+    COMMIT_DONE = b"C\x00\x00\x00\x0bCOMMIT\x00"
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.armed = False
+        self.cuts = 0
+        self._server: asyncio.Server | None = None
+        self._links: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for link in list(self._links):
+            link.cancel()
+        await asyncio.gather(*self._links, return_exceptions=True)
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        link = asyncio.current_task()
+        assert link is not None
+        self._links.add(link)
+        try:
+            await asyncio.gather(self._pipe(client_r, server_w, watch=False),
+                                 self._pipe(server_r, client_w, watch=True))
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._links.discard(link)
+            for w in (client_w, server_w):
+                w.transport.abort()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, watch: bool) -> None:
+        while data := await reader.read(65536):
+            if watch and self.armed and self.COMMIT_DONE in data:
+                self.armed = False
+                self.cuts += 1
+                raise ConnectionError("cut after COMMIT")
+            writer.write(data)
+            await writer.drain()
+        raise ConnectionError("closed")
+
+
+@pytest.fixture
+async def postgres_dsn() -> AsyncIterator[Any]:
+    db = await create_database()
+    try:
+        yield db
+    finally:
+        await drop_database(db)
+
+
+def _through(dsn: str, port: int) -> str:
+    """`dsn` by way of the proxy on `port`, without TLS (the proxy reads the protocol in clear)."""
+    parts = urlsplit(dsn)
+    netloc = parts.netloc.rsplit("@", 1)[0] + f"@127.0.0.1:{port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "sslmode=disable", ""))
+
+
+async def test_a_batch_whose_commit_answer_was_lost_is_stored_once_and_refused_to_nobody(postgres_dsn: Any) -> None:
+    """Before: the retried batch hit the task's primary key, so the caller that created the task was
+    told the write was refused (and the task existed), and its events were stored twice."""
+    cutter = _CommitCutter(urlsplit(postgres_dsn.dsn).port or 5432)
+    store = PostgresStore(_through(postgres_dsn.dsn, await cutter.start()))
+    await store.open()
+    await migrate(store)
+    writer = StoreWriter(store)
+    runner = asyncio.create_task(writer.run())
+    try:
+        tasks = [_task() for _ in range(300)]
+        now = datetime.now(UTC)
+        cutter.armed = True
+        waits = [await writer.enqueue(store.op_insert_task(t),
+                                      store.op_task_event(TaskEvent(t.id, TaskState.PENDING, now, 0, "", "created")),
+                                      store.op_task_metrics(TaskMetrics(t.id, "p-1", now, {"n": 1})))
+                 for t in tasks]
+        results = await asyncio.wait_for(asyncio.gather(*waits, return_exceptions=True), 30)
+        assert cutter.cuts == 1, "the proxy never saw the COMMIT it was to cut"
+        refused = [r for r in results if isinstance(r, BaseException)]
+        assert not refused, refused[:3]
+        assert writer.stats.failures == 0 and writer.stats.outages == 1
+        async with store.connection() as conn:
+            counts = [(await conn.fetch(f"SELECT count(*), count(DISTINCT task_id) FROM {table}"))[0]
+                      for table in ("task_events", "task_metrics")]
+            assert (await conn.fetch("SELECT count(*) FROM tasks"))[0][0] == 300
+        assert [tuple(c) for c in counts] == [(300, 300), (300, 300)]
+    finally:
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+        await store.close()
+        await cutter.close()
