@@ -163,14 +163,39 @@ class StoreWriter:
 
     async def _commit(self, batch: list[_Entry]) -> None:
         taken = len(batch)
+        batch, n_ops, refused = await self._apply(batch)
+        if not refused:
+            for entry in batch:
+                self._then(entry)
+            for entry in batch:
+                self._done(entry)
+        elif len(batch) == 1:
+            self._fail(batch[0], batch[0].ops)
+        else:
+            # Isolate the bad entry so one failing write does not lose the whole batch.
+            for entry in batch:
+                alone, _, refused = await self._apply([entry])
+                if not alone:
+                    continue  # given up during an outage meanwhile
+                if refused:
+                    self._fail(entry, entry.ops)
+                else:
+                    self._then(entry)
+                    self._done(entry)
+        self._after(taken, n_ops)
+
+    async def _apply(self, batch: list[_Entry]) -> tuple[list[_Entry], int, bool]:
+        """Apply the entries' writes in one transaction, again and again while the database cannot be
+        reached, leaving out entries given up meanwhile. Returns the entries tried last, their number
+        of statements, and whether the database refused them."""
         delay = RETRY_FIRST
         while True:
             batch = [entry for entry in batch if not entry.abandoned]
             ops = [op for entry in batch for op in entry.ops]
+            if not ops:
+                return batch, 0, False
             try:
-                if ops:
-                    await self.store.apply(ops)
-                    self._back()
+                await self.store.apply(ops)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -179,40 +204,9 @@ class StoreWriter:
                     delay = min(delay * 2, RETRY_MAX)
                     continue
                 self._back()
-                if len(batch) == 1:
-                    self._fail(batch[0], ops)
-                else:
-                    # Isolate the bad entry so one failing write does not lose the whole batch.
-                    for entry in batch:
-                        await self._commit_alone(entry)
-            else:
-                for entry in batch:
-                    self._then(entry)
-                for entry in batch:
-                    self._done(entry)
-            self._after(taken, len(ops))
-            return
-
-    async def _commit_alone(self, entry: _Entry) -> None:
-        delay = RETRY_FIRST
-        while not entry.abandoned:
-            try:
-                if entry.ops:
-                    await self.store.apply(entry.ops)
-                    self._back()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if self.store.is_transient(exc):
-                    await self._wait_out(exc, delay)
-                    delay = min(delay * 2, RETRY_MAX)
-                    continue
-                self._back()
-                self._fail(entry, entry.ops)
-            else:
-                self._then(entry)
-                self._done(entry)
-            return
+                return batch, len(ops), True
+            self._back()
+            return batch, len(ops), False
 
     async def _wait_out(self, exc: Exception, delay: float) -> None:
         """The database could not take a batch: note the outage (logged once), wait, give up the
