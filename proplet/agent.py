@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
 import platform
@@ -29,6 +28,7 @@ import orjson
 
 from core import __version__, protocol
 from core import topics as t
+from core.instance import HeldElsewhere, hold_lock_file
 from core.lifecycle import cancel_and_wait
 from core.mqtt import BrokerUnavailable, MqttBus, parse_broker_url
 from core.protocol import InvalidMessage, ResultMessage, StartMessage
@@ -82,25 +82,17 @@ class ProcessConflict(OSError):
 
 
 def hold_proplet_id(directory: Path, proplet_id: str) -> int:
-    """Lock `<state dir>/<id>/lock` for this process (the descriptor to close when done), or refuse.
-
-    Two proplets with one id (two started with the generated id of one machine, say) take the broker
-    session from each other many times a second and share one result outbox. The lock file names
-    its holder; the kernel drops the lock when the holder exits, however it exits."""
+    """Lock `<state dir>/<id>/lock` for this process (the descriptor to close when done), or refuse:
+    two proplets with one id (two started with the generated id of one machine, say) take the broker
+    session from each other many times a second and share one result outbox."""
     directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.read(fd, 200).decode(errors="replace").strip() or "a process that did not say which"
-        os.close(fd)
+        return hold_lock_file(directory / "lock")
+    except HeldElsewhere as held:
         raise ProcessConflict(
-            f"Another proplet runs as {proplet_id} on this machine ({holder}); two proplets with one id take "
-            "the broker session from each other. Stop it, or give this one an id of its own: "
+            f"Another proplet runs as {proplet_id} on this machine: {held.holder}. Two proplets with one id "
+            "take the broker session from each other. Stop it, or give this one an id of its own: "
             "PROPLET_ENTITY_ID=<id> (or --id <id>).") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()}\n".encode())
-    return fd
 
 
 class PropletAgent:

@@ -8,15 +8,11 @@ nothing knows which backend is in use.
 from __future__ import annotations
 
 import abc
-import os
 import re
-import socket
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
 import orjson
@@ -69,14 +65,6 @@ class StoreUnavailable(StoreError):
 class DatabaseTakenOver(StoreError):
     """Another manager took this manager's database while this one was cut off from it: this one
     must stop, or the two would both dispatch its tasks."""
-
-
-def this_manager() -> str:
-    """Who holds a database for its manager, for the error another manager shows:
-    `pid 1234 on host-a (propeller serve --port 7070)`."""
-    program = Path(sys.argv[0])
-    name = program.parent.name if program.name == "__main__.py" else program.name  # python -m propeller
-    return f"pid {os.getpid()} on {socket.gethostname()} ({' '.join([name, *sys.argv[1:]])})"
 
 
 def causes(exc: BaseException) -> Iterator[BaseException]:

@@ -13,6 +13,7 @@ from typing import Any
 
 import asyncpg
 
+from core.instance import this_process
 from core.store.base import (
     DatabaseTakenOver,
     Store,
@@ -21,7 +22,6 @@ from core.store.base import (
     WriteOp,
     causes,
     dumps,
-    this_manager,
 )
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ class PostgresStore(Store):
         when the holder goes away however it goes (a crash, a lost host), so no stale lock is left.
         The connection's application_name says who holds it, for the refusal another manager shows."""
         conn = await asyncpg.connect(self.dsn, timeout=timeout,
-                                     server_settings={"application_name": this_manager()[:63]})
+                                     server_settings={"application_name": this_process()[:63]})
         try:
             if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _MANAGER_LOCK_KEY):
                 rows = await conn.fetch(_MANAGER_LOCK_HOLDER)

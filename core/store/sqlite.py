@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import os
 import sqlite3
-import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -15,6 +13,7 @@ from typing import Any
 
 import aiosqlite
 
+from core.instance import HeldElsewhere, hold_lock_file
 from core.store.base import Store, StoreError, WriteOp, causes, plan
 
 # Another process holds the file (BUSY, LOCKED), the disk failed a read or write (IOERR) or is full
@@ -135,28 +134,19 @@ class SqliteStore(Store):
         every queued task and answer as one MQTT client (the manager's id), taking the broker session
         from each other. The lock file names its holder for the error; the kernel drops the lock when
         the holder exits, however it exits."""
-        lock_path = f"{self.path}.lock"
+        lock_path = Path(f"{self.path}.lock")
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self._manager_lock = hold_lock_file(lock_path)
+        except HeldElsewhere as held:
+            raise StoreError(
+                f"Another Propeller manager is using the database {self.path}: {held.holder}. Stop it first "
+                "(or use that one: its REST API and broker serve proplets and clients), or give this manager "
+                "a database of its own with MANAGER_SQLITE_PATH (for `propeller serve` also --sqlite-path), "
+                "and its own MANAGER_HTTP_PORT and MANAGER_ENTITY_ID.") from None
         except OSError as exc:
             raise StoreError(f"Cannot open the SQLite database at {self.path} (cannot create {lock_path}: "
                              f"{exc.strerror or exc}). Check that the directory is writable or set "
                              "MANAGER_SQLITE_PATH to another file.") from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(fd, 1000).decode(errors="replace").strip() or "a process that did not say which"
-            os.close(fd)
-            raise StoreError(
-                f"Another Propeller manager is using the database {self.path}: {holder}. Stop it first (or "
-                "use that one: its REST API and broker serve proplets and clients), or give this manager a "
-                "database of its own with MANAGER_SQLITE_PATH (for `propeller serve` also --sqlite-path), "
-                "and its own MANAGER_HTTP_PORT and MANAGER_ENTITY_ID.") from None
-        os.ftruncate(fd, 0)
-        program = Path(sys.argv[0])
-        name = program.parent.name if program.name == "__main__.py" else program.name  # python -m propeller
-        os.write(fd, f"pid {os.getpid()} ({' '.join([name, *sys.argv[1:]])})\n".encode())
-        self._manager_lock = fd
 
     async def housekeeping(self) -> None:
         """Copy the write-ahead log into the database (PASSIVE: never blocks the writer)."""

@@ -151,7 +151,7 @@ def test_a_second_manager_on_the_same_database_refuses_to_start_naming_the_first
     second = _second_serve(serve, MANAGER_HTTP_PORT=str(free_port()))
     assert second.returncode == 1, second.stderr
     assert "Another Propeller manager is using the database" in second.stderr, second.stderr
-    assert f"pid {serve.proc.pid} (propeller serve)" in second.stderr, second.stderr
+    assert f"pid {serve.proc.pid} on {socket.gethostname()} (propeller serve)" in second.stderr, second.stderr
     _first_kept_its_session(serve)
 
 
@@ -225,7 +225,8 @@ def test_a_second_proplet_with_the_generated_id_refuses_to_start_naming_the_firs
         first.wait(15)
     assert second.returncode == 1, second.stderr
     proplet_id = log.read_text().split("proplet ", 1)[1].split(":", 1)[0]
-    assert f"Another proplet runs as {proplet_id} on this machine (pid {first.pid})" in second.stderr, second.stderr
+    assert (f"Another proplet runs as {proplet_id} on this machine: pid {first.pid} on {socket.gethostname()} "
+            "(propeller proplet)") in second.stderr, second.stderr
     assert "PROPLET_ENTITY_ID=<id>" in second.stderr and "Traceback" not in second.stderr
     assert "lost the broker" not in log.read_text(), log.read_text()
 
