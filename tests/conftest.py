@@ -7,11 +7,14 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from tests.services import Mosquitto, create_database, drop_database
+from tests.services import Mosquitto, PrivatePostgres, create_database, drop_database, private_postgres
+
+if TYPE_CHECKING:
+    from core.store import Store
 
 
 @pytest.fixture(autouse=True)
@@ -52,6 +55,36 @@ async def pg_dsn() -> AsyncIterator[str]:
         yield db.dsn
     finally:
         await drop_database(db)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    """A migrated store on SQLite, then on PostgreSQL (a database of its own on the shared server)."""
+    from core.store.migrate import migrate
+    from core.store.postgres import PostgresStore
+    from core.store.sqlite import SqliteStore
+
+    db = None
+    if request.param == "sqlite":
+        s: Store = SqliteStore(tmp_path / "store.db")
+    else:
+        db = await create_database()
+        s = PostgresStore(db.dsn)
+    await s.open()
+    await migrate(s)
+    try:
+        yield s
+    finally:
+        await s.close()
+        if db is not None:
+            await drop_database(db)
+
+
+@pytest.fixture
+def private_pg() -> Iterator[PrivatePostgres]:
+    """A PostgreSQL server of the test's own, which it may stop and start (tests.services.PrivatePostgres)."""
+    with private_postgres() as server:
+        yield server
 
 
 def unique(prefix: str) -> str:

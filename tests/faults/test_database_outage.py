@@ -7,7 +7,6 @@ other tests. Everything else is real too: Mosquitto, `propeller serve`, two `pro
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import time
 from collections import Counter
@@ -20,10 +19,9 @@ import httpx
 import pytest
 
 from core.domain import TaskState
-from tests.faults.test_faults import create_many, online, report, start_all
+from tests.faults.test_faults import online, report, start_busy_tasks, start_fleet
 from tests.fleet import Fleet, make_fleet
-from tests.services import PrivatePostgres, private_postgres
-from tests.wasmfixtures import wasm
+from tests.services import PrivatePostgres
 from tests.wire import eventually
 
 pytestmark = [pytest.mark.serial, pytest.mark.slow]
@@ -32,17 +30,11 @@ TERMINAL = "completed,failed,interrupted,skipped"
 
 
 @pytest.fixture
-def database() -> Iterator[PrivatePostgres]:
-    with private_postgres() as server:
-        yield server
-
-
-@pytest.fixture
-def fleet(tmp_path: Path, database: PrivatePostgres) -> Iterator[Fleet]:
+def fleet(tmp_path: Path, private_pg: PrivatePostgres) -> Iterator[Fleet]:
     f = make_fleet(tmp_path)
     f.manager_env.update({
         "MANAGER_STORAGE_TYPE": "postgres", "MANAGER_POSTGRES_HOST": "127.0.0.1",
-        "MANAGER_POSTGRES_PORT": str(database.port), "MANAGER_POSTGRES_USER": "postgres",
+        "MANAGER_POSTGRES_PORT": str(private_pg.port), "MANAGER_POSTGRES_USER": "postgres",
         "MANAGER_POSTGRES_DB": "postgres",
     })
     try:
@@ -99,28 +91,23 @@ def _mismatches(views: dict[str, dict[str, Any]], stored: dict[str, tuple[int, A
 # dispatches and results waited for are given up, and their callers' handling of that is tested too.
 @pytest.mark.parametrize("outage_s", [2.0, 12.0])
 async def test_postgres_stopped_mid_run_loses_and_duplicates_nothing(
-        fleet: Fleet, database: PrivatePostgres, outage_s: float) -> None:
+        fleet: Fleet, private_pg: PrivatePostgres, outage_s: float) -> None:
     proplets = ["db-1", "db-2"]
-    await asyncio.to_thread(fleet.start_manager)
-    for name in proplets:
-        fleet.start_proplet(name, PROPLET_MAX_CONCURRENT_TASKS="2")
-    busy = base64.b64encode(wasm("busy")).decode()
+    await start_fleet(fleet, proplets)
     async with httpx.AsyncClient(base_url=fleet.api, timeout=30) as api:
-        await online(api, set(proplets))
-        ids = await create_many(api, 400, {"name": "_start", "file": busy, "inputs": ["40"]})
-        await start_all(api, ids)
+        ids = await start_busy_tasks(api, proplets, 400, "40")
         await eventually(lambda: _at_least(api, "completed", 60), 120, interval=0.02)
-        await asyncio.to_thread(database.stop, "fast")
+        await asyncio.to_thread(private_pg.stop, "fast")
         stopped = time.monotonic()
         await eventually(lambda: _store_unreachable(api), 10, interval=0.05)
         await asyncio.sleep(outage_s - (time.monotonic() - stopped))
-        await asyncio.to_thread(database.start)
+        await asyncio.to_thread(private_pg.start)
         back = time.monotonic()
         store_back = asyncio.create_task(_seconds_until(lambda: _store_connected(api), 30))
         try:
             await eventually(lambda: _at_least(api, TERMINAL, len(ids)), 60, interval=0.2)
         except AssertionError:
-            stored, _ = await _rows(database.dsn)
+            stored, _ = await _rows(private_pg.dsn)
             stuck = [(tid, row) for tid, row in stored.items() if row[0] not in (3, 4, 5, 6)]
             views = await _api_views(api, [tid for tid, _ in stuck[:5]])
             raise AssertionError(f"{len(stuck)} tasks not finished in the database: {stuck[:5]}; "
@@ -128,7 +115,7 @@ async def test_postgres_stopped_mid_run_loses_and_duplicates_nothing(
         all_done_s = time.monotonic() - back
         store_back_s = await store_back
         views = await _api_views(api, ids)
-        stored, history = await _rows(database.dsn)
+        stored, history = await _rows(private_pg.dsn)
         metrics = (await api.get("/metrics")).text
     runs = fleet.executions(proplets)
     duplicated = sum(1 for n in runs.values() if n > 1)
@@ -154,16 +141,14 @@ async def test_postgres_stopped_mid_run_loses_and_duplicates_nothing(
     fleet.stop_all()
     fleet.procs.clear()
     executed_before = sum(runs.values())
-    await asyncio.to_thread(fleet.start_manager)
-    for name in proplets:
-        fleet.start_proplet(name, PROPLET_MAX_CONCURRENT_TASKS="2")
+    await start_fleet(fleet, proplets)
     async with httpx.AsyncClient(base_url=fleet.api, timeout=30) as api:
         await online(api, set(proplets))
         await asyncio.sleep(2.0)  # a proplet's heartbeats and outbox have had their turn
         assert await _count(api, "completed") == len(ids)
         views = await _api_views(api, ids)
     assert sum(fleet.executions(proplets).values()) == executed_before
-    assert not _mismatches(views, (await _rows(database.dsn))[0])
+    assert not _mismatches(views, (await _rows(private_pg.dsn))[0])
 
 
 async def _at_least(api: httpx.AsyncClient, states: str, n: int) -> bool:

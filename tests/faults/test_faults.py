@@ -63,6 +63,26 @@ async def start_all(api: httpx.AsyncClient, ids: list[str], concurrency: int = 1
     await asyncio.gather(*(start(tid) for tid in ids))
 
 
+async def start_fleet(fleet: Fleet, proplets: list[str]) -> None:
+    """The manager (returns once its API answers), then `proplets` with two task slots each."""
+    await asyncio.to_thread(fleet.start_manager)
+    for name in proplets:
+        fleet.start_proplet(name, PROPLET_MAX_CONCURRENT_TASKS="2")
+
+
+def busy_task(loops: str) -> dict[str, Any]:
+    """A task's body: the `busy` module looping `loops` times."""
+    return {"name": "_start", "file": base64.b64encode(wasm("busy")).decode(), "inputs": [loops]}
+
+
+async def start_busy_tasks(api: httpx.AsyncClient, proplets: list[str], n: int, loops: str) -> list[str]:
+    """Once `proplets` are online, `n` busy tasks (`busy_task(loops)`) created and started; their ids."""
+    await online(api, set(proplets))
+    ids = await create_many(api, n, busy_task(loops))
+    await start_all(api, ids)
+    return ids
+
+
 async def in_flight(api: httpx.AsyncClient) -> dict[str, int]:
     return {s: await count(api, s) for s in ("pending", "scheduled", "running", "completed")}
 
@@ -95,13 +115,10 @@ def report(fault: str, **figures: Any) -> None:
 
 async def test_broker_killed_with_1000_tasks_in_flight(fleet: Fleet) -> None:
     proplets = ["bk-1", "bk-2", "bk-3"]
-    await asyncio.to_thread(fleet.start_manager)
-    for name in proplets:
-        fleet.start_proplet(name, PROPLET_MAX_CONCURRENT_TASKS="2")
-    busy = base64.b64encode(wasm("busy")).decode()
+    await start_fleet(fleet, proplets)
     async with httpx.AsyncClient(base_url=fleet.api, timeout=30) as api:
         await online(api, set(proplets))
-        ids = await create_many(api, 1000, {"name": "_start", "file": busy, "inputs": ["20"]})
+        ids = await create_many(api, 1000, busy_task("20"))
         starting = asyncio.create_task(start_all(api, ids))
         await eventually(lambda: _at_least(api, "completed", 100), 120, interval=0.02)
         at_kill = await in_flight(api)
@@ -136,14 +153,9 @@ async def _at_least(api: httpx.AsyncClient, states: str, n: int) -> bool:
 
 async def test_manager_killed_mid_run_recovers_from_its_database(fleet: Fleet) -> None:
     proplets = ["mk-1", "mk-2"]
-    await asyncio.to_thread(fleet.start_manager)
-    for name in proplets:
-        fleet.start_proplet(name, PROPLET_MAX_CONCURRENT_TASKS="2")
-    busy = base64.b64encode(wasm("busy")).decode()
+    await start_fleet(fleet, proplets)
     async with httpx.AsyncClient(base_url=fleet.api, timeout=30) as api:
-        await online(api, set(proplets))
-        ids = await create_many(api, 300, {"name": "_start", "file": busy, "inputs": ["30"]})
-        await start_all(api, ids)
+        ids = await start_busy_tasks(api, proplets, 300, "30")
         await eventually(lambda: _at_least(api, "completed", 60), 120, interval=0.02)
         at_kill = await in_flight(api)
         fleet.signal("manager", signal.SIGKILL)

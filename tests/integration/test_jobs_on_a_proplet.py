@@ -9,6 +9,7 @@ import base64
 import itertools
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +31,22 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.fixture
 async def core(managers_on_each_backend: Any, broker: Mosquitto, tmp_path: Path) -> AsyncIterator[Any]:
     """A manager (SQLite, then PostgreSQL) with one real proplet online."""
-    async with managers_on_each_backend() as manager:
-        proplet_id = unique("jobs-p")
-        settings = PropletSettings.load(mqtt_address=broker.url, tenant_id=manager.topics.domain,
-                                        channel_id=manager.topics.channel, entity_id=proplet_id,
-                                        cache_dir=tmp_path / "cache", state_dir=tmp_path / "state",
-                                        liveliness_interval=1.0)
-        async with PropletAgent(settings):
-            await eventually(lambda: proplet_id in manager.proplets and manager.proplets[proplet_id].online, 10)
-            yield manager
+    async with managers_on_each_backend() as manager, proplet_online(manager, broker, tmp_path, "jobs-p"):
+        yield manager
+
+
+@asynccontextmanager
+async def proplet_online(manager: Any, broker: Mosquitto, tmp_path: Path, prefix: str) -> AsyncIterator[None]:
+    """A real proplet (id `prefix`-...) on `manager`'s domain and channel, running until the block
+    ends; the block is entered once `manager` sees it online."""
+    proplet_id = unique(prefix)
+    settings = PropletSettings.load(mqtt_address=broker.url, tenant_id=manager.topics.domain,
+                                    channel_id=manager.topics.channel, entity_id=proplet_id,
+                                    cache_dir=tmp_path / "cache", state_dir=tmp_path / "state",
+                                    liveliness_interval=1.0)
+    async with PropletAgent(settings):
+        await eventually(lambda: proplet_id in manager.proplets and manager.proplets[proplet_id].online, 10)
+        yield
 
 
 def add_task(*deps: str, inputs: tuple[int, int] = (1, 2), fail: bool = False) -> dict[str, Any]:
@@ -249,13 +257,7 @@ async def test_a_sequential_job_goes_on_after_a_manager_restart(managers_on_each
     first = managers_on_each_backend()
     manager = await first.__aenter__()
     try:
-        proplet_id = unique("restart-p")
-        settings = PropletSettings.load(mqtt_address=broker.url, tenant_id=manager.topics.domain,
-                                        channel_id=manager.topics.channel, entity_id=proplet_id,
-                                        cache_dir=tmp_path / "cache", state_dir=tmp_path / "state",
-                                        liveliness_interval=1.0)
-        async with PropletAgent(settings):
-            await eventually(lambda: proplet_id in manager.proplets and manager.proplets[proplet_id].online, 10)
+        async with proplet_online(manager, broker, tmp_path, "restart-p"):
             job, _ = await manager.create_job(JobCreate.model_validate(
                 {"tasks": [busy, *rest], "execution_mode": "sequential"}))
             await manager.start_job(job.id)

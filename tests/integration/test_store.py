@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -18,24 +17,6 @@ from core.store.reads import TaskReader
 from core.store.sqlite import SqliteStore
 from core.store.writer import StoreWriter
 from tests.services import create_database, drop_database
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    db = None
-    if request.param == "sqlite":
-        s: Store = SqliteStore(tmp_path / "store.db")
-    else:
-        db = await create_database()
-        s = PostgresStore(db.dsn)
-    await s.open()
-    await migrate(s)
-    try:
-        yield s
-    finally:
-        await s.close()
-        if db is not None:
-            await drop_database(db)
 
 
 def make_task(**overrides: object) -> Task:

@@ -8,7 +8,7 @@ import asyncio
 import base64
 import contextlib
 import sqlite3
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +25,7 @@ from core.store.writer import StoreWriter
 from proplet.agent import PropletAgent
 from proplet.config import PropletSettings
 from tests.conftest import unique
-from tests.services import Mosquitto, PrivatePostgres, private_postgres
+from tests.services import Mosquitto, PrivatePostgres
 from tests.wasmfixtures import wasm
 from tests.wire import eventually
 
@@ -35,14 +35,8 @@ INSERT = "INSERT INTO outage_probe (n) VALUES (?)"
 
 
 @pytest.fixture
-def server() -> Iterator[PrivatePostgres]:
-    with private_postgres() as pg:
-        yield pg
-
-
-@pytest.fixture
-async def postgres(server: PrivatePostgres) -> AsyncIterator[PostgresStore]:
-    store = PostgresStore(server.dsn)
+async def postgres(private_pg: PrivatePostgres) -> AsyncIterator[PostgresStore]:
+    store = PostgresStore(private_pg.dsn)
     await store.open()
     await migrate(store)
     async with store.transaction() as conn:
@@ -71,18 +65,18 @@ async def _writing(writer: StoreWriter) -> AsyncIterator[None]:
 
 
 async def test_writes_queued_while_postgres_is_down_are_committed_in_order_once_it_is_back(
-        server: PrivatePostgres, postgres: PostgresStore) -> None:
+        private_pg: PrivatePostgres, postgres: PostgresStore) -> None:
     writer = StoreWriter(postgres)
     async with _writing(writer):
         await writer.submit(WriteOp(INSERT, (0,)))
         await writer.wait_idle()
-        await asyncio.to_thread(server.stop, "fast")
+        await asyncio.to_thread(private_pg.stop, "fast")
         for n in range(1, 51):
             await writer.submit(WriteOp(INSERT, (n,)))
         await eventually(lambda: not writer.reachable, 5)
         await asyncio.sleep(1.0)
         assert writer.backlog > 0 and writer.stats.failures == 0
-        await asyncio.to_thread(server.start)
+        await asyncio.to_thread(private_pg.start)
         await asyncio.wait_for(writer.wait_idle(), 10)
         assert writer.reachable and writer.unreachable_reason == ""
         # The pool replaced its dead connections by itself: reads work again too.
@@ -92,26 +86,26 @@ async def test_writes_queued_while_postgres_is_down_are_committed_in_order_once_
 
 
 async def test_an_awaited_write_is_given_up_after_its_patience_and_never_applied(
-        server: PrivatePostgres, postgres: PostgresStore) -> None:
+        private_pg: PrivatePostgres, postgres: PostgresStore) -> None:
     writer = StoreWriter(postgres, awaited_patience=0.5)
     async with _writing(writer):
-        await asyncio.to_thread(server.stop, "fast")
+        await asyncio.to_thread(private_pg.stop, "fast")
         awaited = await writer.enqueue(WriteOp(INSERT, (1,)))
         await writer.submit(WriteOp(INSERT, (2,)))
         with pytest.raises(StoreUnavailable, match="unreachable"):
             await asyncio.wait_for(awaited, 5)
-        await asyncio.to_thread(server.start)
+        await asyncio.to_thread(private_pg.start)
         await asyncio.wait_for(writer.wait_idle(), 10)
         assert await _probe(postgres) == [2]
     assert writer.stats.abandoned == 1 and writer.stats.failures == 0
 
 
 async def test_a_read_while_postgres_is_down_says_the_database_is_unreachable(
-        server: PrivatePostgres, postgres: PostgresStore) -> None:
-    await asyncio.to_thread(server.stop, "fast")
+        private_pg: PrivatePostgres, postgres: PostgresStore) -> None:
+    await asyncio.to_thread(private_pg.stop, "fast")
     with pytest.raises(StoreUnavailable, match="cannot be reached"):
         await postgres.count_tasks_by_state()
-    await asyncio.to_thread(server.start)
+    await asyncio.to_thread(private_pg.start)
     assert await postgres.count_tasks_by_state() is not None
 
 
@@ -153,22 +147,22 @@ async def test_writes_wait_while_another_process_holds_the_sqlite_file_locked(tm
 
 
 async def test_a_queued_task_whose_module_cannot_be_read_waits_for_the_database(
-        server: PrivatePostgres, broker: Mosquitto, tmp_path: Path) -> None:
+        private_pg: PrivatePostgres, broker: Mosquitto, tmp_path: Path) -> None:
     """Before: a task queued while no proplet was free, dispatched during an outage to a manager that
     did not hold its module in memory (here: restarted since), read the module from the database;
     the read's error ended the dispatcher loop, which shut the manager down. Now the task stays
     queued, saying why, and goes out once the database answers again."""
     settings = ManagerSettings(mqtt_address=broker.url, tenant_id=unique("t"), entity_id=unique("manager"),
                                http_port=0, mqtt_timeout=5.0)
-    async with ManagerCore(settings, store=PostgresStore(server.dsn)) as core:
+    async with ManagerCore(settings, store=PostgresStore(private_pg.dsn)) as core:
         task = await core.create_task(TaskCreate.model_validate(
             {"name": "add", "file": base64.b64encode(wasm("add")).decode(), "inputs": [20, 22]}))
         await core.start_task(task.id)  # no proplet: it waits in the queue
-    async with ManagerCore(settings, store=PostgresStore(server.dsn)) as core:
+    async with ManagerCore(settings, store=PostgresStore(private_pg.dsn)) as core:
         assert core.bus is not None
         await core.bus.wait_connected(10)
         assert task.id in core.active
-        await asyncio.to_thread(server.stop, "fast")
+        await asyncio.to_thread(private_pg.stop, "fast")
         proplet = PropletSettings.load(mqtt_address=broker.url, tenant_id=settings.tenant_id,
                                        channel_id=core.topics.channel, entity_id=unique("p"),
                                        cache_dir=tmp_path / "cache", state_dir=tmp_path / "state")
@@ -177,7 +171,7 @@ async def test_a_queued_task_whose_module_cannot_be_read_waits_for_the_database(
             await eventually(lambda: "database" in core.active[task.id].reason, 10)
             assert not core._shutdown.is_set(), "the manager is shutting down"
             assert core.active[task.id].state is TaskState.PENDING
-            await asyncio.to_thread(server.start)
+            await asyncio.to_thread(private_pg.start)
             await eventually(lambda: task.id not in core.active, 20)
         assert not core._shutdown.is_set()
         done = await core.get_task(task.id)

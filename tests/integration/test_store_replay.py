@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -37,30 +36,11 @@ from core.store import Store
 from core.store.base import WriteOp
 from core.store.migrate import migrate
 from core.store.postgres import PostgresStore
-from core.store.sqlite import SqliteStore
 from core.store.writer import StoreWriter
 from tests.services import create_database, drop_database
 
 TABLES = ("jobs", "tasks", "task_events", "task_schedules", "proplets", "proplet_metrics", "task_metrics",
           "fl_rounds", "fl_updates", "fl_models")
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    db = None
-    if request.param == "sqlite":
-        s: Store = SqliteStore(tmp_path / "store.db")
-    else:
-        db = await create_database()
-        s = PostgresStore(db.dsn)
-    await s.open()
-    await migrate(s)
-    try:
-        yield s
-    finally:
-        await s.close()
-        if db is not None:
-            await drop_database(db)
 
 
 def _task(**overrides: Any) -> Task:
