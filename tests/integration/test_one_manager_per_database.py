@@ -10,7 +10,6 @@ import asyncio
 import base64
 import os
 import socket
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -22,7 +21,7 @@ from core.service import ManagerCore
 from core.store.base import StoreError
 from core.store.postgres import _MANAGER_LOCK_KEY, PostgresStore
 from tests.conftest import unique
-from tests.services import Mosquitto, create_database, drop_database, private_postgres
+from tests.services import Mosquitto, private_postgres
 from tests.wasmfixtures import wasm
 from tests.wire import eventually
 
@@ -39,20 +38,11 @@ def _add_task() -> TaskCreate:
                                       "inputs": [20, 22]})
 
 
-@pytest.fixture
-async def shared_dsn() -> AsyncIterator[str]:
-    db = await create_database()
-    try:
-        yield db.dsn
-    finally:
-        await drop_database(db)
-
-
 async def test_a_second_manager_on_the_same_postgres_database_refuses_to_start_naming_the_first(
-        broker: Mosquitto, shared_dsn: str) -> None:
+        broker: Mosquitto, pg_dsn: str) -> None:
     """Before, both ran: each recovered and dispatched the same queued tasks."""
-    async with ManagerCore(_settings(broker), store=PostgresStore(shared_dsn, one_manager=True)) as first:
-        second = ManagerCore(_settings(broker), store=PostgresStore(shared_dsn, one_manager=True))
+    async with ManagerCore(_settings(broker), store=PostgresStore(pg_dsn, one_manager=True)) as first:
+        second = ManagerCore(_settings(broker), store=PostgresStore(pg_dsn, one_manager=True))
         with pytest.raises(StoreError) as refused:
             await second.__aenter__()
         message = str(refused.value)
@@ -63,7 +53,7 @@ async def test_a_second_manager_on_the_same_postgres_database_refuses_to_start_n
         task = await first.create_task(_add_task())
         assert (await first.get_task(task.id)).name == "add"
     # Once the first has stopped, the lock is free again.
-    async with ManagerCore(_settings(broker), store=PostgresStore(shared_dsn, one_manager=True)) as third:
+    async with ManagerCore(_settings(broker), store=PostgresStore(pg_dsn, one_manager=True)) as third:
         assert await third.get_task(task.id) is not None
 
 
