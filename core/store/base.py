@@ -62,6 +62,11 @@ class StoreUnavailable(StoreError):
     succeed once it is back, unlike one the database refused."""
 
 
+class CommitInDoubt(StoreUnavailable):
+    """The connection was lost while a batch's COMMIT was under way: the batch may have been stored
+    (applied again, it is a no-op if so), so nobody waiting for it may be told it was not."""
+
+
 class DatabaseTakenOver(StoreError):
     """Another manager took this manager's database while this one was cut off from it: this one
     must stop, or the two would both dispatch its tasks."""
@@ -697,12 +702,26 @@ class Store(abc.ABC):
         safe because each phase only depends on earlier phases. An update superseded by a later
         one with the same key is dropped.
         """
-        async with self.transaction() as conn:
-            for group in plan(ops):
-                if len(group) == 1:
-                    await conn.execute(group[0].sql, group[0].params)
-                else:
-                    await conn.executemany(group[0].sql, [op.params for op in group])
+        await self._apply_in(self.transaction(), ops)
+
+    async def _apply_in(self, transaction: Any, ops: Sequence[WriteOp]) -> None:
+        """Apply the batch inside `transaction` (an `async with` giving a Conn). A transient failure
+        of its COMMIT raises CommitInDoubt: the batch may have been stored."""
+        committing = False
+        try:
+            async with transaction as conn:
+                for group in plan(ops):
+                    if len(group) == 1:
+                        await conn.execute(group[0].sql, group[0].params)
+                    else:
+                        await conn.executemany(group[0].sql, [op.params for op in group])
+                committing = True
+        except Exception as exc:
+            if committing and self.is_transient(exc):
+                raise CommitInDoubt(
+                    f"the connection to the database ({self.description}) was lost during COMMIT "
+                    f"({str(exc) or type(exc).__name__})") from exc
+            raise
 
     async def delete(self, op: WriteOp) -> int:
         """Run one delete in its own transaction; return the number of rows it removed."""

@@ -12,6 +12,8 @@ nothing: the batch is tried again, in order, with a capped backoff, until it com
 fills meanwhile and then holds producers back. A write someone waits for is given up after
 `awaited_patience` seconds of such an outage: its caller gets `StoreUnavailable` (the REST API
 answers 503) and handles it as a refused write, and its statements are not applied later. A write
+whose COMMIT was under way when the connection was lost may be stored: it is not given up, its
+caller waits until a retry settles it. A write
 the database refuses (a constraint, a trigger) fails alone: the rest of its batch commits.
 """
 
@@ -24,7 +26,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from core.store.base import Store, StoreError, StoreUnavailable, WriteOp
+from core.store.base import CommitInDoubt, Store, StoreError, StoreUnavailable, WriteOp, causes
 
 # Retrying a batch the database could not take: 0.1 s, doubling, at most 2 s between attempts.
 RETRY_FIRST = 0.1
@@ -43,6 +45,9 @@ class _Entry:
     queued_at: float = 0.0
     # Given up during an outage (its caller was told): skipped, never applied.
     abandoned: bool = False
+    # Its batch's COMMIT was under way when the connection was lost, so it may be stored: never
+    # given up (its caller would be told "not stored"); a retry settles it.
+    in_doubt: bool = False
 
 
 @dataclass(slots=True)
@@ -200,6 +205,9 @@ class StoreWriter:
                 raise
             except Exception as exc:
                 if self.store.is_transient(exc):
+                    if any(isinstance(e, CommitInDoubt) for e in causes(exc)):
+                        for entry in batch:
+                            entry.in_doubt = True
                     await self._wait_out(exc, delay)
                     delay = min(delay * 2, RETRY_MAX)
                     continue
@@ -233,9 +241,13 @@ class StoreWriter:
         now = time.monotonic()
         overdue = now - self._awaited_patience
         given_up = 0
+        kept: list[_Entry] = []
         while self._awaited and (_finished(self._awaited[0]) or self._awaited[0].queued_at <= overdue):
             entry = self._awaited.popleft()
             if _finished(entry):
+                continue
+            if entry.in_doubt:
+                kept.append(entry)
                 continue
             assert entry.future is not None
             entry.abandoned = True
@@ -244,6 +256,7 @@ class StoreWriter:
                 f"The database ({self.store.description}) has been unreachable for "
                 f"{now - (self.unreachable_since or now):.0f} s ({self.unreachable_reason}); this change was "
                 "not stored. Try again once it is back: the manager reconnects by itself."))
+        self._awaited.extendleft(reversed(kept))
         if given_up:
             self.stats.abandoned += given_up
             log.warning("gave up %d writes whose callers waited %.0f s for the unreachable database; they "

@@ -236,3 +236,33 @@ async def test_a_batch_whose_commit_answer_was_lost_is_stored_once_and_refused_t
             await runner
         await store.close()
         await cutter.close()
+
+
+async def test_a_write_whose_commit_answer_was_lost_is_not_given_up_as_not_stored(postgres_dsn: Any) -> None:
+    """A write the writer gives up during an outage is reported "not stored" (StoreUnavailable). One
+    whose COMMIT was sent and whose answer was lost may be stored: it must not be reported so, but
+    waits until a retry settles it. Before: given up at the first retry past its patience, its caller
+    was told it was not stored, and the task was in the database."""
+    cutter = _CommitCutter(urlsplit(postgres_dsn.dsn).port or 5432)
+    store = PostgresStore(_through(postgres_dsn.dsn, await cutter.start()))
+    await store.open()
+    await migrate(store)
+    writer = StoreWriter(store, awaited_patience=0.0)  # every awaited write is overdue at once
+    runner = asyncio.create_task(writer.run())
+    try:
+        task = _task()
+        cutter.armed = True
+        result = await asyncio.wait_for(asyncio.gather(await writer.enqueue(store.op_insert_task(task)),
+                                                       return_exceptions=True), 30)
+        assert cutter.cuts == 1, "the proxy never saw the COMMIT it was to cut"
+        async with store.connection() as conn:
+            stored = (await conn.fetch("SELECT count(*) FROM tasks WHERE id = $1", (task.id,)))[0][0]
+        assert stored == 1
+        assert result == [None], f"the caller was told {result[0]!r}, but the task was stored"
+        assert writer.stats.abandoned == 0
+    finally:
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+        await store.close()
+        await cutter.close()
