@@ -114,6 +114,8 @@ class PostgresStore(Store):
         # lock is not held, and then no batch is applied.
         self._lock_conn: asyncpg.Connection | None = None
         self._lock_lost = asyncio.Event()
+        # Held while a batch runs on the lock's connection (see apply); one use at a time.
+        self._lock_conn_busy = asyncio.Lock()
         self._closing = False
 
     def is_transient(self, exc: BaseException) -> bool:
@@ -181,6 +183,7 @@ class PostgresStore(Store):
                 rows = await conn.fetch(_MANAGER_LOCK_HOLDER)
                 await conn.close(timeout=5)
                 return self._holder(rows)
+            await _init_connection(conn)  # batches run on it (see apply)
         except BaseException:
             conn.terminate()
             raise
@@ -229,13 +232,14 @@ class PostgresStore(Store):
     async def _check_lock_connection(self) -> None:
         """A connection cut without a word (a host or network gone) is noticed only when used."""
         conn = self._lock_conn
-        if conn is None:
+        if conn is None or self._lock_conn_busy.locked():  # a batch under way uses it, and sees a loss
             return
-        try:
-            await conn.fetchval("SELECT 1", timeout=_LOCK_CHECK_TIMEOUT)
-        except Exception as exc:
-            log.debug("the manager lock's connection failed its check", exc_info=exc)
-            conn.terminate()  # the termination listener marks the lock lost
+        async with self._lock_conn_busy:  # a batch must not find the connection in use (asyncpg refuses)
+            try:
+                await conn.fetchval("SELECT 1", timeout=_LOCK_CHECK_TIMEOUT)
+            except Exception as exc:
+                log.debug("the manager lock's connection failed its check", exc_info=exc)
+                conn.terminate()  # the termination listener marks the lock lost
 
     async def _retake_manager_lock(self) -> None:
         lost_at = time.monotonic()
@@ -264,12 +268,25 @@ class PostgresStore(Store):
             return
 
     async def apply(self, ops: Sequence[WriteOp]) -> None:
-        # A batch applied while the lock is not held could land after another manager took the
-        # database over; the writer keeps it and tries again.
-        if self.one_manager and self._lock_conn is None:
-            raise StoreUnavailable(f"This manager's lock on the database ({self.description}) is being taken "
-                                   "again after its connection was lost.")
-        await super().apply(ops)
+        if not self.one_manager:
+            await super().apply(ops)
+            return
+        # A manager's batches run in the session that holds the lock: one that commits was committed
+        # under the lock. (On a pool connection, a batch under way when the lock's session ended
+        # committed even after another manager had taken the database over.) While the lock is not
+        # held the writer keeps the batch and tries again.
+        async with self._lock_conn_busy:
+            conn = self._lock_conn
+            if conn is None:
+                raise StoreUnavailable(f"This manager's lock on the database ({self.description}) is being "
+                                       "taken again after its connection was lost.")
+            await self._apply_in(self._transaction_on(conn), ops)
+
+    @staticmethod
+    @asynccontextmanager
+    async def _transaction_on(conn: asyncpg.Connection) -> AsyncIterator[_Conn]:
+        async with conn.transaction():
+            yield _Conn(conn)
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[_Conn]:

@@ -18,7 +18,8 @@ from core.config import ManagerSettings
 from core.domain import Task
 from core.schemas import TaskCreate
 from core.service import ManagerCore
-from core.store.base import StoreError
+from core.store.base import StoreError, WriteOp
+from core.store.migrate import migrate
 from core.store.postgres import _MANAGER_LOCK_KEY, PostgresStore
 from tests.conftest import unique
 from tests.services import Mosquitto, private_postgres
@@ -110,3 +111,37 @@ async def test_a_manager_whose_lock_another_manager_took_while_it_was_cut_off_st
 async def _lock_waiters(conn: asyncpg.Connection) -> bool:
     return bool(await conn.fetchval(
         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"))
+
+
+async def test_a_batch_under_way_when_the_lock_is_lost_and_taken_by_another_manager_is_not_committed(
+        pg_dsn: str) -> None:
+    """The lock's session ends while a batch runs (its statements were sent after apply() found the
+    lock held) and another manager takes the lock before the batch's COMMIT: the batch must not be
+    committed into the database the other manager now owns. Before: the batch ran on a pool
+    connection, whose session knows nothing of the lock, and committed (the task row was there)."""
+    store = PostgresStore(pg_dsn, one_manager=True)
+    await store.open()
+    other = await asyncpg.connect(pg_dsn)
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        await migrate(store)
+        assert store._lock_conn is not None
+        lock_pid = store._lock_conn.get_server_pid()
+        orphan = Task(id=unique("orphan"), name="add")
+        waiting = asyncio.ensure_future(other.execute("SELECT pg_advisory_lock($1)", _MANAGER_LOCK_KEY))
+        await eventually(lambda: _lock_waiters(admin), 5)
+        # A batch whose statements take a second: the lock is lost and taken by `other` meanwhile.
+        batch = asyncio.ensure_future(store.apply([
+            store.op_insert_task(orphan), WriteOp("SELECT pg_sleep(1)", (), phase=4)]))
+        await asyncio.sleep(0.3)
+        assert not batch.done()
+        assert await admin.fetchval("SELECT pg_terminate_backend($1, 5000)", lock_pid)
+        await asyncio.wait_for(waiting, 5)  # the other manager holds the lock before the COMMIT
+        with pytest.raises(Exception) as failed:
+            await asyncio.wait_for(batch, 10)
+        assert store.is_transient(failed.value), failed.value
+        assert await admin.fetchval("SELECT count(*) FROM tasks WHERE id = $1", orphan.id) == 0
+    finally:
+        await other.close()
+        await admin.close()
+        await store.close()
