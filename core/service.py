@@ -489,8 +489,12 @@ class ManagerCore:
             backlog=len(self._queued),
             active=len(self.active),
             broker_error=bus.counters.last_error if bus is not None and not connected else "",
-            store_connected=self.writer.reachable,
-            store_error=self.writer.unreachable_reason,
+            # The lock's connection is checked when nothing is written: an idle manager's database going
+            # away shows too.
+            store_connected=self.writer.reachable and self.store.holds_manager_lock,
+            store_error=self.writer.unreachable_reason or (
+                "" if self.store.holds_manager_lock
+                else "the connection holding this manager's lock on the database was lost; taking it again"),
         )
 
     # ------------------------------------------------------------------------------------

@@ -86,7 +86,7 @@ class _WriterCollector:
     def collect(self) -> Iterator[Any]:
         w = self.writer
         yield GaugeMetricFamily("manager_store_connected", "1 while the database takes writes, 0 during an outage.",
-                                value=int(w.reachable))
+                                value=int(w.reachable and w.store.holds_manager_lock))
         yield GaugeMetricFamily("manager_store_write_backlog", "Writes queued and not yet committed.", value=w.backlog)
         yield CounterMetricFamily("manager_store_outages", "Times the database became unreachable.",
                                   value=w.stats.outages)

@@ -266,6 +266,11 @@ class Store(abc.ABC):
     async def housekeeping(self) -> None:  # noqa: B027 - an optional hook; PostgreSQL needs none
         """Periodic upkeep of the backend (called every second by the core)."""
 
+    @property
+    def holds_manager_lock(self) -> bool:
+        """False while the one-manager lock is lost and being taken again (no write is applied then)."""
+        return True
+
     async def keep_manager_lock(self) -> None:  # noqa: B027 - SQLite's file lock lasts as long as the process
         """Run for the manager's life: take the one-manager lock again whenever it is lost, and raise
         DatabaseTakenOver if another manager took it meanwhile. Returns at once where the lock

@@ -212,7 +212,7 @@ class PostgresStore(Store):
 
     @property
     def holds_manager_lock(self) -> bool:
-        return self._lock_conn is not None
+        return not self.one_manager or self._lock_conn is not None
 
     async def keep_manager_lock(self) -> None:
         """Take the manager lock again whenever its connection is lost (a server restart ends every

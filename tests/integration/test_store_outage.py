@@ -176,3 +176,21 @@ async def test_a_queued_task_whose_module_cannot_be_read_waits_for_the_database(
         assert not core._shutdown.is_set()
         done = await core.get_task(task.id)
         assert (done.state, done.results) == (TaskState.COMPLETED, "42")
+
+
+async def test_health_says_the_store_is_disconnected_while_postgres_is_down_with_no_write_under_way(
+        private_pg: PrivatePostgres, broker: Mosquitto) -> None:
+    """/health's store_connected came from the writer alone: an idle manager (nothing to write) whose
+    database was down said store_connected: true while every read answered 503. The manager's lock
+    connection, checked by the database-lock loop, tells it too."""
+    settings = ManagerSettings(mqtt_address=broker.url, tenant_id=unique("t"), entity_id=unique("manager"),
+                               http_port=0, mqtt_timeout=5.0)
+    async with ManagerCore(settings, store=PostgresStore(private_pg.dsn, one_manager=True)) as core:
+        assert core.status().store_connected
+        await asyncio.to_thread(private_pg.stop, "fast")
+        with pytest.raises(StoreUnavailable):
+            await core.store.list_jobs(0, 10)
+        await eventually(lambda: not core.status().store_connected, 10)
+        assert core.status().store_error, "no reason given"
+        await asyncio.to_thread(private_pg.start)
+        await eventually(lambda: core.status().store_connected, 20)
