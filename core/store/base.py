@@ -241,27 +241,28 @@ class Store(abc.ABC):
     def bool_in(self, value: bool) -> Any:
         return value
 
-    # The last id given to an event or metrics row (see SQL_INSERT_TASK); 0 until the first.
+    # The last id given to an event or metrics row (see SQL_INSERT_TASK), by any store of this
+    # process: one counter for all, so that two stores (tests open several, on one database at
+    # times) never give two rows one id, which ON CONFLICT (id) DO NOTHING would drop unseen.
     _last_row_id = 0
 
     def _row_id(self) -> int:
-        """A new row id, larger than those given before: histories are read in id order. Ids start
-        at the clock (microseconds × 1024, so a later manager starts above an earlier one's) or above
-        the largest stored, whichever is higher (see reserve_row_ids). One counter keeps them unique
-        because one manager, hence one store, writes a database (its lock)."""
-        if not self._last_row_id:
-            self._last_row_id = time.time_ns() // 1000 << 10
-        self._last_row_id += 1
-        return self._last_row_id
+        """A new row id, larger than those given before: histories are read in id order. Ids follow
+        the clock (microseconds × 1024, so a later manager starts above an earlier one's) and stay
+        above the largest stored (see reserve_row_ids). Unique in the process (one counter) and
+        across managers, since one manager at a time writes a database (its lock)."""
+        row_id = max(Store._last_row_id + 1, time.time_ns() // 1000 << 10)
+        Store._last_row_id = row_id
+        return row_id
 
     async def reserve_row_ids(self) -> None:
         """After the migrations: start row ids above every id stored, in case the clock was set back
         since they were written (a repeated id would make a new row a no-op)."""
-        floor = time.time_ns() // 1000 << 10
+        floor = 0
         async with self.connection() as conn:
             for table in _BUILT_ID_TABLES:
                 floor = max(floor, (await conn.fetch(f"SELECT MAX(id) FROM {table}"))[0][0] or 0)
-        self._last_row_id = max(self._last_row_id, floor)
+        Store._last_row_id = max(Store._last_row_id, floor)
 
     async def housekeeping(self) -> None:  # noqa: B027 - an optional hook; PostgreSQL needs none
         """Periodic upkeep of the backend (called every second by the core)."""
