@@ -203,16 +203,30 @@ def _through(dsn: str, port: int) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "sslmode=disable", ""))
 
 
+@contextlib.asynccontextmanager
+async def _writer_behind_cutter(dsn: str, **writer_options: Any) -> AsyncIterator[
+        tuple[_CommitCutter, PostgresStore, StoreWriter]]:
+    """A migrated store on `dsn` by way of a _CommitCutter, and a running writer in front of it."""
+    cutter = _CommitCutter(urlsplit(dsn).port or 5432)
+    store = PostgresStore(_through(dsn, await cutter.start()))
+    await store.open()
+    await migrate(store)
+    writer = StoreWriter(store, **writer_options)
+    runner = asyncio.create_task(writer.run())
+    try:
+        yield cutter, store, writer
+    finally:
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+        await store.close()
+        await cutter.close()
+
+
 async def test_a_batch_whose_commit_answer_was_lost_is_stored_once_and_refused_to_nobody(postgres_dsn: Any) -> None:
     """Before: the retried batch hit the task's primary key, so the caller that created the task was
     told the write was refused (and the task existed), and its events were stored twice."""
-    cutter = _CommitCutter(urlsplit(postgres_dsn.dsn).port or 5432)
-    store = PostgresStore(_through(postgres_dsn.dsn, await cutter.start()))
-    await store.open()
-    await migrate(store)
-    writer = StoreWriter(store)
-    runner = asyncio.create_task(writer.run())
-    try:
+    async with _writer_behind_cutter(postgres_dsn.dsn) as (cutter, store, writer):
         tasks = [_task() for _ in range(300)]
         now = datetime.now(UTC)
         cutter.armed = True
@@ -230,12 +244,6 @@ async def test_a_batch_whose_commit_answer_was_lost_is_stored_once_and_refused_t
                       for table in ("task_events", "task_metrics")]
             assert (await conn.fetch("SELECT count(*) FROM tasks"))[0][0] == 300
         assert [tuple(c) for c in counts] == [(300, 300), (300, 300)]
-    finally:
-        runner.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await runner
-        await store.close()
-        await cutter.close()
 
 
 async def test_a_write_whose_commit_answer_was_lost_is_not_given_up_as_not_stored(postgres_dsn: Any) -> None:
@@ -243,13 +251,8 @@ async def test_a_write_whose_commit_answer_was_lost_is_not_given_up_as_not_store
     whose COMMIT was sent and whose answer was lost may be stored: it must not be reported so, but
     waits until a retry settles it. Before: given up at the first retry past its patience, its caller
     was told it was not stored, and the task was in the database."""
-    cutter = _CommitCutter(urlsplit(postgres_dsn.dsn).port or 5432)
-    store = PostgresStore(_through(postgres_dsn.dsn, await cutter.start()))
-    await store.open()
-    await migrate(store)
-    writer = StoreWriter(store, awaited_patience=0.0)  # every awaited write is overdue at once
-    runner = asyncio.create_task(writer.run())
-    try:
+    # awaited_patience 0: every awaited write is overdue at once.
+    async with _writer_behind_cutter(postgres_dsn.dsn, awaited_patience=0.0) as (cutter, store, writer):
         task = _task()
         cutter.armed = True
         result = await asyncio.wait_for(asyncio.gather(await writer.enqueue(store.op_insert_task(task)),
@@ -260,12 +263,6 @@ async def test_a_write_whose_commit_answer_was_lost_is_not_given_up_as_not_store
         assert stored == 1
         assert result == [None], f"the caller was told {result[0]!r}, but the task was stored"
         assert writer.stats.abandoned == 0
-    finally:
-        runner.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await runner
-        await store.close()
-        await cutter.close()
 
 
 async def test_two_stores_in_one_process_never_give_two_rows_one_id(
