@@ -54,7 +54,7 @@ from core.domain import (
 from core.errors import Conflict, InvalidRequest, NotFound, TimedOut, Unavailable, UpstreamFailed
 from core.events import Fanout
 from core.federated import FederatedLearning
-from core.lifecycle import cancel_and_wait
+from core.lifecycle import KeyedLocks, cancel_and_wait
 from core.mqtt import BrokerAddress, BrokerUnavailable, MqttBus, parse_broker_url
 from core.protocol import InvalidMessage
 from core.scheduler import Scheduler
@@ -108,17 +108,8 @@ def _one_change_at_a_time(method: Callable[..., Awaitable[_T]]) -> Callable[...,
 
     @functools.wraps(method)
     async def one_at_a_time(self: ManagerCore, task_id: str, *args: Any, **kwargs: Any) -> _T:
-        lock = self._task_turns.get(task_id)
-        if lock is None:
-            lock = self._task_turns[task_id] = asyncio.Lock()
-        self._task_turn_users[task_id] += 1
-        try:
-            async with lock:
-                return await method(self, task_id, *args, **kwargs)
-        finally:
-            self._task_turn_users[task_id] -= 1
-            if not self._task_turn_users[task_id]:
-                del self._task_turn_users[task_id], self._task_turns[task_id]
+        async with self._task_turns.hold(task_id):
+            return await method(self, task_id, *args, **kwargs)
 
     return one_at_a_time
 
@@ -208,8 +199,7 @@ class ManagerCore:
         self._recent: OrderedDict[str, Task] = OrderedDict()
         self._recent_max = 10_000
         # One client change of a task at a time (see _one_change_at_a_time).
-        self._task_turns: dict[str, asyncio.Lock] = {}
-        self._task_turn_users: defaultdict[str, int] = defaultdict(int)
+        self._task_turns = KeyedLocks()
         # Finished tasks whose result the store refused to write (task id -> the task as finished):
         # the result is not acknowledged, so its proplet sends it again, and that repeat writes it
         # again instead of being taken for an ordinary duplicate (acknowledged, the result lost).

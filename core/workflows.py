@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 
 from core.domain import Task, TaskState
 from core.errors import Conflict, CoreError, InvalidRequest, NotFound, Unavailable
+from core.lifecycle import KeyedLocks
 from core.store.base import StoreError
 
 if TYPE_CHECKING:
@@ -107,8 +108,7 @@ class GroupCoordinator:
 
     def __init__(self, core: ManagerCore) -> None:
         self.core = core
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._users: dict[str, int] = {}
+        self._turns = KeyedLocks()
         self._running: set[asyncio.Task[None]] = set()
         self._stopping: dict[str, int] = {}
         self.advances = 0
@@ -157,15 +157,8 @@ class GroupCoordinator:
         """The group's turn: no advance of it runs meanwhile (a stop takes it, so that what it
         reads of the group is what it acts on)."""
         key = f"w:{workflow_id}" if workflow_id else f"j:{job_id}"
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        self._users[key] = self._users.get(key, 0) + 1
-        try:
-            async with lock:
-                yield
-        finally:
-            self._users[key] -= 1
-            if self._users[key] == 0:
-                del self._users[key], self._locks[key]
+        async with self._turns.hold(key):
+            yield
 
     @contextlib.contextmanager
     def stopping(self, job_id: str) -> Iterator[None]:
