@@ -306,8 +306,8 @@ class PostgresStore(Store):
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[_Conn]:
         assert self._pool is not None, "store is not open"
-        async with self._pool.acquire() as conn, conn.transaction():
-            yield _Conn(conn)
+        async with self._pool.acquire() as conn, self._transaction_on(conn) as in_transaction:
+            yield in_transaction
 
     async def lock_migrations(self, conn: Any) -> None:
         # A transaction-level advisory lock: released at commit or rollback, even if the
