@@ -6,7 +6,7 @@ import contextlib
 import os
 import resource
 import signal
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +15,16 @@ from core.domain import TaskLimits
 from proplet.runtime import Invocation, RuntimeConfig, WasmtimeRuntime
 from proplet.runtime.cache import UnsafeCacheDir
 from tests.wasmfixtures import digest, wasm
+
+
+@contextlib.asynccontextmanager
+async def runtime_on(cache_dir: Path) -> AsyncIterator[WasmtimeRuntime]:
+    """A runtime of its own on `cache_dir` (a proplet started again on the same disk), closed after."""
+    runtime = WasmtimeRuntime(RuntimeConfig(cache_dir=cache_dir))
+    try:
+        yield runtime
+    finally:
+        await runtime.close()
 
 
 async def test_second_load_of_a_digest_does_not_compile(runtime: WasmtimeRuntime) -> None:
@@ -38,15 +48,11 @@ async def test_concurrent_loads_compile_once(runtime: WasmtimeRuntime) -> None:
 async def test_a_fresh_runtime_uses_the_disk_cache(cache_dir: Path) -> None:
     data = wasm("hello")
     d = digest(data)
-    first = WasmtimeRuntime(RuntimeConfig(cache_dir=cache_dir))
-    try:
+    async with runtime_on(cache_dir) as first:
         await first.load(d, data)
         assert first.compiles == 1
-    finally:
-        await first.close()
 
-    second = WasmtimeRuntime(RuntimeConfig(cache_dir=cache_dir))
-    try:
+    async with runtime_on(cache_dir) as second:
         # The agent skips the fetch when has_module() is true, and runs without calling load().
         assert second.has_module(d)
         outcome = await second.run(d, Invocation("t", "", ("cached",)))
@@ -54,8 +60,6 @@ async def test_a_fresh_runtime_uses_the_disk_cache(cache_dir: Path) -> None:
         assert (second.compiles, second.deserializations) == (0, 1)
         await second.run(d, Invocation("t", "", ("again",)))
         assert second.deserializations == 1  # now in memory
-    finally:
-        await second.close()
 
 
 async def test_compiled_code_without_the_modules_bytes_is_not_a_loaded_module(cache_dir: Path) -> None:
@@ -64,21 +68,15 @@ async def test_compiled_code_without_the_modules_bytes_is_not_a_loaded_module(ca
     # fetch, and the task failed "not loaded".
     data = wasm("spin")
     d = digest(data)
-    first = WasmtimeRuntime(RuntimeConfig(cache_dir=cache_dir))
-    try:
+    async with runtime_on(cache_dir) as first:
         await first.load(d, data)
-    finally:
-        await first.close()
     [stored] = [p for p in cache_dir.rglob("*") if p.is_file() and p.read_bytes() == data]  # noqa: ASYNC240
     stored.unlink()
-    second = WasmtimeRuntime(RuntimeConfig(cache_dir=cache_dir))
-    try:
+    async with runtime_on(cache_dir) as second:
         assert not second.has_module(d)
         await second.load(d, data)  # what the agent does then
         outcome = await second.run(d, Invocation("f", "count", ("10",), limits=TaskLimits(fuel=10_000)))
         assert (outcome.error, outcome.results) == ("", "10")
-    finally:
-        await second.close()
 
 
 async def test_fuel_tasks_compile_for_the_fuel_engine_once(runtime: WasmtimeRuntime) -> None:
@@ -94,21 +92,17 @@ async def test_fuel_tasks_compile_for_the_fuel_engine_once(runtime: WasmtimeRunt
 async def test_a_damaged_cache_file_is_recompiled_not_loaded(cache_dir: Path) -> None:
     data = wasm("add")
     d = digest(data)
-    first = WasmtimeRuntime(RuntimeConfig(cache_dir=cache_dir))
-    await first.load(d, data)
-    await first.close()
+    async with runtime_on(cache_dir) as first:
+        await first.load(d, data)
     [compiled] = cache_dir.glob("wasmtime-py-*-nofuel-*/*.cwasm")  # noqa: ASYNC240 - a test's setup
     raw = bytearray(compiled.read_bytes())
     raw[-100] ^= 0xFF  # flip bits inside the native code
     compiled.write_bytes(bytes(raw))
 
-    second = WasmtimeRuntime(RuntimeConfig(cache_dir=cache_dir))
-    try:
+    async with runtime_on(cache_dir) as second:
         outcome = await second.run(d, Invocation("t", "add", ("1", "2")))
         assert outcome.results == "3"
         assert (second.compiles, second.deserializations) == (1, 0)
-    finally:
-        await second.close()
 
 
 def test_a_cache_dir_others_can_write_is_refused(tmp_path: Path) -> None:
