@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import socket
 import ssl
 import time
@@ -539,7 +540,8 @@ class MqttBus:
     async def wait_connected(self, timeout: float | None = None) -> None:
         """Wait for the first connection; raise BrokerUnavailable with the reason on timeout."""
         try:
-            await asyncio.wait_for(asyncio.shield(self._first_connect), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for, which may drop a cancel (see publish)
+                await asyncio.shield(self._first_connect)
         except TimeoutError:
             reason = self.counters.last_error or "no answer"
             raise BrokerUnavailable(reason) from None
@@ -634,16 +636,19 @@ class MqttBus:
                 client = self._live
                 if client is not None:
                     try:
-                        await client.publish(
-                            topic, payload, qos=qos, retain=retain,
-                            timeout=max(0.1, deadline - time.monotonic()),
-                        )
+                        # Bounded here, not by aiomqtt: given a timeout, aiomqtt waits for the PUBACK in
+                        # asyncio.wait_for, which on Python 3.11 drops a cancel that comes in the turn the
+                        # PUBACK is read and returns as if none came (CPython gh-86296). A chunk worker
+                        # stopped that way went back to its queue and held the proxy's stop for 10 s.
+                        async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
+                            await client.publish(topic, payload, qos=qos, retain=retain, timeout=math.inf)
                         self.counters.published += 1
                         self.tap.record("out", topic, payload, qos)
                         return
-                    except aiomqtt.MqttError as exc:
+                    except (aiomqtt.MqttError, TimeoutError) as exc:
                         self.counters.publish_retries += 1
-                        log.debug("%s: publish to %s failed (%s); retrying", self.name, topic, exc)
+                        log.debug("%s: publish to %s failed (%s); retrying", self.name, topic,
+                                  str(exc) or "no PUBACK in time")
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._closing:
                     raise BrokerUnavailable(
@@ -651,7 +656,8 @@ class MqttBus:
                         or f"no acknowledgement from the MQTT broker at {self.address.url} in time"
                     )
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.connected.wait(), remaining)
+                    async with asyncio.timeout(remaining):  # not wait_for: see above
+                        await self.connected.wait()
                 if self._live is client:
                     # Same connection still up after a failed publish: give the loop a moment.
                     await asyncio.sleep(0.01)
