@@ -323,6 +323,14 @@ class ConsoleApp(App[None]):
         # as the toast was drawn). No notification of the console is styled with markup.
         super().notify(message, title=title, severity=severity, timeout=timeout, markup=False)
 
+    def action_help_quit(self) -> None:
+        # Ctrl+C does not quit; Textual's hint says which key does, but as markup, which notify()
+        # above shows as typed ("Press [b]ctrl+q[/b] to quit the app").
+        keys = [self.get_key_display(active.binding) for active in self.active_bindings.values()
+                if active.binding.action in ("quit", "app.quit")]
+        how = f"Press {' or '.join(dict.fromkeys(keys))} (or type :q Enter)" if keys else "Type :q Enter"
+        self.notify(f"Ctrl+C does not quit the console. {how} to quit.", title="Do you want to quit?")
+
     def _apply_theme_setting(self) -> None:
         wanted = resolve_name(self.settings.theme)
         if wanted in self.available_themes:

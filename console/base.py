@@ -105,7 +105,7 @@ class ConsoleScreen(Screen[None]):
 
     def refused_read_only(self) -> bool:
         if self.console.read_only:
-            self.notify("The console is read-only (--readonly or console.read_only); this action is disabled.",
+            self.notify("The console is read-only (--read-only or console.read_only); this action is disabled.",
                         severity="warning")
             return True
         return False

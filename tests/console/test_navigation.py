@@ -215,6 +215,7 @@ async def test_read_only_mode_greys_out_and_refuses_every_mutating_action(consol
         app.screen.action_submit()
         await pilot.pause(0.3)
         assert (await core.list_tasks()).total == 1
+        assert any("(--read-only or console.read_only)" in n.message for n in app._notifications)
         await pilot.press("escape", "7")
         await until(pilot, lambda: app.current_mode == "firmware")
         app.screen.query_one("#port", Input).value = "/dev/ttyUSB9"
@@ -332,3 +333,15 @@ async def test_a_keymap_entry_that_takes_another_bindings_key_is_reported(consol
         await pilot.press("2")
         await until(pilot, lambda: isinstance(app.screen, TasksScreen))
         assert "d" not in {k for k, b in app.screen.active_bindings.items() if b.binding.id == "tasks.describe"}
+
+
+async def test_ctrl_c_says_how_to_quit_in_plain_text(console: Any) -> None:
+    """Ctrl+C does not quit; Textual's hint about the key that does was markup, which the console's
+    plain-text notifications showed as typed: "Press [b]ctrl+q[/b] to quit the app"."""
+    async with console() as (app, pilot, _core):
+        await pilot.press("ctrl+c")
+        await until(pilot, lambda: any("quit" in n.message for n in app._notifications))
+        message = next(n.message for n in app._notifications if "quit" in n.message)
+        assert "[b]" not in message and "ctrl+q" not in message, message
+        assert "Press ^q (or type :q Enter) to quit" in message, message  # ^q: as the footer shows keys
+        assert app.is_running
