@@ -142,6 +142,7 @@ field. After dispatching, the task table opens on the new task.
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.exports: tuple[str, ...] = ()
+        self._filled_name = ""  # the function the form filled in from the module's only export
 
     def compose_body(self) -> ComposeResult:
         with VerticalScroll(id="form"):
@@ -257,8 +258,11 @@ field. After dispatching, the task table opens on the new task.
             if self.exports:
                 hint += f"; exports: {', '.join(self.exports)}"
             name = self.query_one("#name", Input)
-            if not name.value and len(self.exports) == 1:
-                name.value = self.exports[0]
+            # A function the form filled in for the previous module is replaced too (add.wasm, then
+            # hello.wasm: `add` became `_start`); one the user typed is kept.
+            if (not name.value or name.value == self._filled_name) and name.value not in self.exports:
+                name.value = self.exports[0] if len(self.exports) == 1 else ""
+                self._filled_name = name.value
         elif event.source.kind == "url":
             hint = "fetched over HTTP by the proplet"
         else:

@@ -95,6 +95,24 @@ async def test_form_shows_validation_errors_next_to_the_fields(console: Any, tmp
         assert (await core.list_tasks()).total == 0
 
 
+async def test_changing_the_module_replaces_the_function_the_form_filled_in(console: Any) -> None:
+    """add.wasm fills in `add`; hello.wasm then must not keep it (the task failed: no export `add`),
+    while a function the user typed stays."""
+    async with console() as (app, pilot, _core):
+        screen = await open_view(app, pilot, "5", DispatchScreen)
+        module, name = screen.query_one("#module", Input), screen.query_one("#name", Input)
+        module.value = str(EXAMPLES / "add.wasm")
+        await until(pilot, lambda: name.value == "add")
+        module.value = str(EXAMPLES / "hello.wasm")
+        await until(pilot, lambda: screen.exports == ("_start",))
+        await until(pilot, lambda: name.value == "_start")
+        name.value = "main"
+        module.value = str(EXAMPLES / "add.wasm")
+        await until(pilot, lambda: screen.exports == ("add",))
+        await pilot.pause(0.1)
+        assert name.value == "main"
+
+
 async def test_wat_files_compile_and_urls_and_oci_references_are_accepted(console: Any, tmp_path: Path) -> None:
     broken = tmp_path / "broken.wat"
     broken.write_text("(module (func (export \"f\") (result i32) i32.add))")
