@@ -309,6 +309,8 @@ def tasks_create(name: str, source: str, inputs: tuple[str, ...], env: tuple[str
     """Create a task that calls export NAME of a module."""
     if (recurring or timezone) and not schedule:
         raise click.UsageError("--recurring and --timezone go with --schedule (the cron expression they apply to)")
+    if wait_s and not start_now:
+        raise click.UsageError("--wait goes with --start (a task that is not started has no result to wait for)")
     body: dict[str, Any] = {"name": name, "inputs": list(inputs), "daemon": daemon, "broadcast": broadcast,
                             "max_retries": retries}
     from propeller.client import module_fields

@@ -96,6 +96,13 @@ def test_schedule_options_without_a_schedule_are_refused() -> None:
         assert out.returncode == 2 and "go with --schedule" in out.stderr
 
 
+def test_wait_without_start_is_refused() -> None:
+    # It was ignored: the task was created, not started, and the command returned at once.
+    out = run("tasks", "create", "add", "--wasm", "https://files.lan/add.wasm", "--wait", "10",
+              "--manager-url", "http://127.0.0.1:9")
+    assert out.returncode == 2 and "--wait goes with --start" in out.stderr
+
+
 def test_a_propeller_config_that_does_not_exist_is_named_in_a_warning(tmp_path: Path) -> None:
     # --config with a missing file is an error; $PROPELLER_CONFIG with one was silently ignored, so a
     # typo in its path ran on the defaults. It stays a warning: the tests isolate themselves with it.
