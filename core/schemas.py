@@ -335,7 +335,17 @@ def format_validation_error(exc: Any) -> str:
     """Pydantic's error list as one readable sentence."""
     parts = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body",))
+        where = tuple(err.get("loc", ()))
+        if err.get("type") == "json_invalid":
+            # FastAPI's location is ("body", <character offset>): it read as "1: JSON decode error".
+            reason = (err.get("ctx") or {}).get("error") or "JSON decode error"
+            at = f" (at character {where[-1]})" if where and isinstance(where[-1], int) else ""
+            parts.append(f"the body is not valid JSON: {reason}{at}")
+            continue
+        if where == ("body",) and err.get("type") in ("model_attributes_type", "dict_type"):
+            parts.append("the body must be a JSON object")
+            continue
+        loc = ".".join(str(p) for p in where if p not in ("body",))
         msg = err.get("msg", "invalid")
         msg = msg.removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}" if loc else msg)

@@ -92,6 +92,9 @@ async def test_create_validation_errors_are_400(api: httpx.AsyncClient, body: di
 async def test_wrong_bodies_are_400_not_500(api: httpx.AsyncClient) -> None:
     r = await api.post("/tasks", content=b"{broken", headers={"content-type": "application/json"})
     assert r.status_code == 400
+    # Not "1: JSON decode error" (FastAPI's location: the body, character 1).
+    assert r.json()["error"] == ("the body is not valid JSON: Expecting property name enclosed in double quotes "
+                                 "(at character 1)"), r.text
     r = await api.post("/tasks", content=b'{"name":"x","inputs":[Infinity]}',
                        headers={"content-type": "application/json"})
     assert r.status_code == 400 and "not a number" in r.json()["error"], r.text
@@ -100,7 +103,7 @@ async def test_wrong_bodies_are_400_not_500(api: httpx.AsyncClient) -> None:
                        headers={"content-type": "application/json"})
     assert r.status_code == 201 and r.json()["inputs"] == ["1000000000000000000000000000000"], r.text
     r = await api.post("/tasks", content=b'["a list"]', headers={"content-type": "application/json"})
-    assert r.status_code == 400
+    assert r.status_code == 400 and r.json()["error"] == "the body must be a JSON object", r.text
     r = await api.post("/tasks", content=b'{"name":"x"}', headers={"content-type": "text/plain"})
     assert r.status_code == 400 and "content type" in r.json()["error"]
 
