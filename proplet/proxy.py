@@ -70,7 +70,8 @@ class ProxySettings(MqttClientSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")
     chunk_size: int = Field(
         default=protocol.UPSTREAM_CHUNK_SIZE, ge=1024, le=64 * 1024 * 1024,
-        description="Raw bytes per chunk (about 4/3 of it travels as base64).",
+        description="Raw bytes per chunk: sent as they are to proplets that ask for binary chunks (ours, the "
+        "firmware), as base64 (about 4/3 of it) in upstream's JSON chunks.",
     )
     registry_url: str = Field(
         default="",

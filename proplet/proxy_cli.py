@@ -34,9 +34,11 @@ def proxy_command(mqtt_address: str | None, registry_url: str | None, chunk_size
     """Run the OCI proxy until SIGINT or SIGTERM.
 
     Proplets ask for OCI references (registry/repository:tag or @sha256:…) on registry/proplet;
-    the proxy pulls the wasm layer with oras and publishes it in chunks on registry/server. The
-    reference's tag or digest is honoured. Registries on a loopback address are spoken to over
-    plain HTTP; others over HTTPS unless PROXY_REGISTRY_INSECURE is set for PROXY_REGISTRY_URL.
+    the proxy pulls the wasm layer with oras and publishes it in chunks: raw bytes on
+    registry/server/binary for proplets that ask for them (ours), upstream's base64 JSON chunks on
+    registry/server for the others. The reference's tag or digest is honoured. Registries on a
+    loopback address are spoken to over plain HTTP; others over HTTPS unless PROXY_REGISTRY_INSECURE
+    is set for PROXY_REGISTRY_URL.
     """
     from proplet.proxy import ProxySettings
 
