@@ -6,8 +6,8 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime
 from typing import Any
 
@@ -40,10 +40,19 @@ _MANAGER_LOCK_HOLDER = (
     f"AND l.classid = {_MANAGER_LOCK_KEY >> 32} AND l.objid = {_MANAGER_LOCK_KEY & 0xFFFFFFFF} "
     "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
 )
-# How often the lock's connection is checked when nothing was heard from it, and how long a check
-# (or a connection attempt to take the lock again) may take.
-_LOCK_CHECK_INTERVAL = 5.0
-_LOCK_CHECK_TIMEOUT = 10.0
+# How long PostgreSQL may take to answer a statement, or to accept a new connection, before the
+# connection is given up as lost. A connection that silently stops answering (a network partition, a
+# NAT that dropped its state, a host gone: no RST, no FIN) is otherwise noticed only when the kernel
+# stops retransmitting, after about 15 minutes, and the writer's batch waits on it all that time.
+# asyncpg's command_timeout and connect timeout, not TCP keepalive or TCP_USER_TIMEOUT: asyncpg does
+# not set those, and they act only when the far end's kernel stops acknowledging, which a stalled
+# server or a proxy that stops forwarding does not. Far above what the manager's statements take (a
+# batch of 2,000 writes commits in well under a second); one that does take longer is given up and
+# retried like any other write the database could not take.
+ANSWER_TIMEOUT = 10.0
+# How often the lock's connection is checked when nothing was heard from it; the check itself may
+# take ANSWER_TIMEOUT. An idle manager notices a silent connection within the sum of the two.
+LOCK_CHECK_INTERVAL = 5.0
 
 # The server is away or going away (SQLSTATE classes 08 and 57P01-03), has no connection slot
 # free (53300), or gave up a transaction that may succeed when run again (class 40).
@@ -69,6 +78,26 @@ def _pg(sql: str) -> str:
     return out
 
 
+class NoAnswer(TimeoutError):
+    """PostgreSQL did not answer within ANSWER_TIMEOUT; the connection was given up (an OSError, so a
+    transient failure: the writer tries its batch again, a read answers "unavailable")."""
+
+
+@contextmanager
+def _given_up_when_silent(conn: asyncpg.Connection) -> Iterator[None]:
+    """End `conn` when a statement on it times out. asyncpg would first send a cancel request and wait
+    for it, for as long again, over a connection of its own that takes the same silent road; a
+    connection that did not answer is not trusted again anyway (its session may still run the
+    statement, so the next one could not start before that ends)."""
+    try:
+        yield
+    except TimeoutError as exc:
+        conn.terminate()
+        if isinstance(exc, NoAnswer):
+            raise
+        raise NoAnswer(f"no answer within {ANSWER_TIMEOUT:g} s; the connection was given up as lost") from exc
+
+
 class _Conn:
     __slots__ = ("conn",)
 
@@ -76,15 +105,18 @@ class _Conn:
         self.conn = conn
 
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
-        status = await self.conn.execute(_pg(sql), *params)
+        with _given_up_when_silent(self.conn):
+            status = await self.conn.execute(_pg(sql), *params)
         tail = status.rsplit(" ", 1)[-1]
         return int(tail) if tail.isdigit() else 0
 
     async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        await self.conn.executemany(_pg(sql), rows)
+        with _given_up_when_silent(self.conn):
+            await self.conn.executemany(_pg(sql), rows)
 
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        return list(await self.conn.fetch(_pg(sql), *params))
+        with _given_up_when_silent(self.conn):
+            return list(await self.conn.fetch(_pg(sql), *params))
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -113,6 +145,10 @@ class PostgresStore(Store):
         # The connection (outside the pool) whose session holds the manager lock; None while the
         # lock is not held, and then no batch is applied.
         self._lock_conn: asyncpg.Connection | None = None
+        # The server process of the lock's latest session. After a silent loss the server may keep
+        # that session, and the lock with it, until its own TCP keepalive gives up (two hours by
+        # default): taking the lock again ends it (see _take_manager_lock).
+        self._lock_pid: int | None = None
         self._lock_lost = asyncio.Event()
         # Held while a batch runs on the lock's connection (see apply); one use at a time.
         self._lock_conn_busy = asyncio.Lock()
@@ -133,7 +169,8 @@ class PostgresStore(Store):
         self._closing = False
         try:
             self._pool = await asyncpg.create_pool(
-                self.dsn, min_size=self._min, max_size=self._max, init=_init_connection
+                self.dsn, min_size=self._min, max_size=self._max, init=_init_connection,
+                timeout=ANSWER_TIMEOUT, command_timeout=ANSWER_TIMEOUT,
             )
             if self.one_manager:
                 holder = await self._take_manager_lock()
@@ -147,9 +184,9 @@ class PostgresStore(Store):
         except (OSError, asyncpg.PostgresError) as exc:
             await self.close()
             # A server that accepts the connection and never answers ends in asyncpg's connect timeout
-            # (60 s unless the DSN sets connect_timeout), a TimeoutError with no text of its own.
-            reason = str(exc) or ("the server accepted the connection but did not answer in time"
-                                  if isinstance(exc, TimeoutError) else type(exc).__name__)
+            # (ANSWER_TIMEOUT), a TimeoutError with no text of its own.
+            reason = str(exc) or (f"the server accepted the connection but did not answer within "
+                                  f"{ANSWER_TIMEOUT:g} s" if isinstance(exc, TimeoutError) else type(exc).__name__)
             raise StoreError(
                 f"Cannot connect to PostgreSQL ({self.description}): {reason}. Check that the server runs "
                 "and the MANAGER_POSTGRES_* settings (host, port, user, password, database)."
@@ -169,19 +206,26 @@ class PostgresStore(Store):
 
     # ---- the one-manager lock -------------------------------------------------------------
 
-    async def _take_manager_lock(self, timeout: float = 60.0) -> str | None:
+    async def _take_manager_lock(self) -> str | None:
         """Take the manager lock on a connection of its own; None when taken, else who holds it.
 
         Two managers on one database would both recover and dispatch its queued tasks. A
         session-level advisory lock is held as long as its connection lives, and PostgreSQL drops it
-        when the holder goes away however it goes (a crash, a lost host), so no stale lock is left.
-        The connection's application_name says who holds it, for the refusal another manager shows."""
-        conn = await asyncpg.connect(self.dsn, timeout=timeout,
-                                     server_settings={"application_name": this_process()[:63]})
+        when the holder goes away however it goes (a crash, a lost host), so no stale lock is left;
+        but a client that vanished without a word is noticed by the server only when its TCP
+        keepalive gives up, so a session of this manager's that the manager gave up as silent may
+        still hold the lock: it is ended here (raising StoreUnavailable, so that the caller tries
+        again). The connection's application_name says who holds it, for the refusal another manager
+        shows."""
+        name = this_process()[:63]
+        conn = await asyncpg.connect(self.dsn, timeout=ANSWER_TIMEOUT, command_timeout=ANSWER_TIMEOUT,
+                                     server_settings={"application_name": name})
         try:
             if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _MANAGER_LOCK_KEY):
                 rows = await conn.fetch(_MANAGER_LOCK_HOLDER)
-                await conn.close(timeout=5)
+                if rows and self._lock_pid is not None and (rows[0][0], rows[0][3]) == (name, self._lock_pid):
+                    await self._end_own_session(conn, self._lock_pid)
+                await conn.close()
                 return self._holder(rows)
             await _init_connection(conn)  # batches run on it (see apply)
         except BaseException:
@@ -189,8 +233,25 @@ class PostgresStore(Store):
             raise
         conn.add_termination_listener(self._lock_connection_ended)
         self._lock_conn = conn
+        self._lock_pid = conn.get_server_pid()
         self._lock_lost.clear()
         return None
+
+    async def _end_own_session(self, conn: asyncpg.Connection, pid: int) -> None:
+        """End this manager's earlier lock session, which the server has not yet found gone. It runs
+        nothing that could still commit: a batch it was running is rolled back, and the writer tries
+        that batch again on the new session."""
+        try:
+            ended = await conn.fetchval("SELECT pg_terminate_backend($1)", pid)
+        except asyncpg.PostgresError as exc:  # e.g. a role that may not signal its own sessions
+            ended, why = False, str(exc)
+        else:
+            why = "" if ended else "it had ended meanwhile"
+        log.warning("this manager's lock on %s is still held by its own earlier session (server process %d), "
+                    "which the server has not yet found gone; %s", self.description, pid,
+                    "ended it" if ended else f"could not end it ({why}); waiting for the server to drop it")
+        raise StoreUnavailable(f"This manager's lock on the database ({self.description}) is still held by "
+                               f"its own earlier session (server process {pid}); taking it again.")
 
     @staticmethod
     def _holder(rows: list[Any]) -> str:
@@ -223,7 +284,8 @@ class PostgresStore(Store):
             return
         while True:
             try:
-                await asyncio.wait_for(self._lock_lost.wait(), _LOCK_CHECK_INTERVAL)
+                async with asyncio.timeout(LOCK_CHECK_INTERVAL):
+                    await self._lock_lost.wait()
             except TimeoutError:
                 await self._check_lock_connection()
                 continue
@@ -236,7 +298,7 @@ class PostgresStore(Store):
             return
         async with self._lock_conn_busy:  # a batch must not find the connection in use (asyncpg refuses)
             try:
-                await conn.fetchval("SELECT 1", timeout=_LOCK_CHECK_TIMEOUT)
+                await conn.fetchval("SELECT 1", timeout=ANSWER_TIMEOUT)
             except Exception as exc:
                 log.debug("the manager lock's connection failed its check", exc_info=exc)
                 conn.terminate()  # the termination listener marks the lock lost
@@ -246,7 +308,7 @@ class PostgresStore(Store):
         delay = 0.1
         while True:
             try:
-                holder = await self._take_manager_lock(timeout=_LOCK_CHECK_TIMEOUT)
+                holder = await self._take_manager_lock()
             except Exception as exc:
                 if not self.is_transient(exc):
                     raise StoreError(f"Cannot take this manager's lock on the database ({self.description}) "
@@ -285,8 +347,18 @@ class PostgresStore(Store):
     @staticmethod
     @asynccontextmanager
     async def _transaction_on(conn: asyncpg.Connection) -> AsyncIterator[_Conn]:
-        async with conn.transaction():
-            yield _Conn(conn)
+        transaction = conn.transaction()
+        with _given_up_when_silent(conn):  # BEGIN and COMMIT; the statements' own in _Conn
+            await transaction.start()
+            try:
+                yield _Conn(conn)
+            except BaseException:
+                # A connection given up (NoAnswer) has no transaction left to roll back: its own
+                # error says why, not a failed ROLLBACK's "the connection is closed".
+                if not conn.is_closed():
+                    await transaction.rollback()
+                raise
+            await transaction.commit()
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[_Conn]:
