@@ -169,6 +169,18 @@ def test_keys_sent_in_one_burst_through_the_terminal_fill_the_form_field_by_fiel
     tmux.wait_for(lambda s: tmux.pane_dead(), timeout=30, what="the process exiting")
 
 
+def test_quitting_with_colon_q_typed_in_one_go_prints_no_warning(
+        tmux: Tmux, broker: Mosquitto, tmp_path: Path) -> None:
+    # The command bar's ghost-text worker for "q" never ran, and Python said so at exit:
+    # "RuntimeWarning: coroutine 'Suggester._get_suggestion' was never awaited".
+    _start(tmux, _env(broker, tmp_path / "home"))
+    tmux.wait_for(lambda s: "Dashboard" in s and "connected" in s, what="the dashboard")
+    tmux.keys(":", "q", "Enter")
+    tmux.wait_for(lambda s: tmux.pane_dead(), timeout=30, what="the process exiting")
+    screen = tmux.wait_for(lambda s: "Propeller console closed" in s, what="the goodbye line", history=True)
+    assert "Warning" not in screen and "never awaited" not in screen, screen
+
+
 def test_a_hung_up_terminal_stops_the_manager_cleanly(tmux: Tmux, broker: Mosquitto, tmp_path: Path) -> None:
     env = _env(broker, tmp_path / "home")
     _start(tmux, env)
