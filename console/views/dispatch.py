@@ -15,6 +15,7 @@ from textual.message import Message
 from textual.screen import ModalScreen
 from textual.suggester import Suggester
 from textual.widgets import Button, Checkbox, DirectoryTree, Input, Label, Select, Static
+from textual.widgets.input import Selection
 
 from console import keys
 from console.base import ConsoleScreen, PaletteCommand
@@ -338,6 +339,12 @@ field. After dispatching, the task table opens on the new task.
     def _dispatched(self, event: Dispatched) -> None:
         verb = "dispatched" if event.started else "created (not started)"
         self.notify(f"Task {event.task_id[:8]} ({event.name}) {verb}.", timeout=4)
+        # The form keeps its fields (Enter dispatches the same again), but the next `5` opens it on
+        # the module, selected, so a path typed replaces it; it reopened on the field Enter was
+        # pressed in, and "examples/hello.wasm" went into Inputs after "40 2".
+        module = self.query_one("#module", Input)
+        self.set_focus(module)
+        module.selection = Selection(0, len(module.value))
         self.console.show_task_in_table(event.task_id)
 
     def action_browse(self) -> None:

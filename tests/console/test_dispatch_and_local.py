@@ -113,6 +113,22 @@ async def test_changing_the_module_replaces_the_function_the_form_filled_in(cons
         assert name.value == "main"
 
 
+async def test_after_a_dispatch_the_form_reopens_on_the_module_ready_to_be_replaced(console: Any) -> None:
+    async with console() as (app, pilot, core):
+        screen = await open_view(app, pilot, "5", DispatchScreen)
+        screen.query_one("#start-now").value = False
+        await pilot.press(*"examples/add.wasm")
+        await until(pilot, lambda: screen.query_one("#name", Input).value == "add")
+        await pilot.press("tab", "tab", *"40 2", "enter")
+        await until(pilot, lambda: isinstance(app.screen, TasksScreen))
+        await open_view(app, pilot, "5", DispatchScreen)
+        await pilot.press(*"examples/hello.wasm")
+        await until(pilot, lambda: screen.query_one("#name", Input).value == "_start")
+        assert screen.query_one("#module", Input).value == "examples/hello.wasm"
+        assert screen.query_one("#inputs", Input).value == "40 2"
+        assert (await core.list_tasks()).total == 1
+
+
 async def test_wat_files_compile_and_urls_and_oci_references_are_accepted(console: Any, tmp_path: Path) -> None:
     broken = tmp_path / "broken.wat"
     broken.write_text("(module (func (export \"f\") (result i32) i32.add))")
