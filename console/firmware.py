@@ -32,6 +32,16 @@ def tools() -> Any:
     return firmware
 
 
+def _not_installed(exc: ModuleNotFoundError, doing: str) -> FirmwareUnavailable:
+    """pyserial (and the rest of the firmware tools) is an extra: a base install had the view say
+    "Listing serial ports failed: No module named 'serial'"."""
+    root = (exc.name or "").split(".")[0]
+    package = {"serial": "pyserial"}.get(root, root or "a module")
+    return FirmwareUnavailable(
+        f"{doing} needs {package}, which is not installed. Install the firmware tools: "
+        "pip install 'propeller[firmware]' (in a checkout: .venv/bin/pip install -e '.[firmware]').")
+
+
 @dataclass(slots=True)
 class FirmwareJob:
     name: str
@@ -79,7 +89,10 @@ class Firmware:
 
     async def ports(self) -> list[Any]:
         fw = tools()
-        return await asyncio.to_thread(fw.list_ports)
+        try:
+            return await asyncio.to_thread(fw.list_ports)
+        except ModuleNotFoundError as exc:
+            raise _not_installed(exc, "Listing serial ports") from None
 
     async def build(self, job: FirmwareJob) -> None:
         fw = tools()
@@ -107,14 +120,20 @@ class Firmware:
         """Blocking: runs in a thread worker until job.stop is set."""
         fw = tools()
         job.on_line(f"$ monitor {port} (x stops)")
-        for line in fw.monitor_lines(port, stop=job.stop):
-            job.on_line(line)
+        try:
+            for line in fw.monitor_lines(port, stop=job.stop):
+                job.on_line(line)
+        except ModuleNotFoundError as exc:
+            raise _not_installed(exc, "The serial monitor") from None
 
     def provision(self, job: FirmwareJob, port: str, values: dict[str, str]) -> dict[str, str]:
         """Blocking: runs in a thread worker."""
         fw = tools()
         job.on_line(f"$ provision {port}")
-        return dict(fw.provision(port, values, on_line=job.on_line))
+        try:
+            return dict(fw.provision(port, values, on_line=job.on_line))
+        except ModuleNotFoundError as exc:
+            raise _not_installed(exc, "Provisioning") from None
 
     def error_types(self) -> tuple[type[BaseException], ...]:
         try:

@@ -45,6 +45,20 @@ async def test_build_without_registry_access_says_so_and_what_to_do(console: Any
         assert any("PlatformIO registry" in n.message for n in app._notifications)
 
 
+async def test_without_pyserial_the_view_says_what_to_install(console: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # scripts/run installs no extras: the view said "Listing serial ports failed: No module named 'serial'".
+    for name in ("serial", "serial.tools", "serial.tools.list_ports"):
+        monkeypatch.setitem(sys.modules, name, None)
+    async with console() as (app, pilot, _core):
+        screen = await open_view(app, pilot, "7", FirmwareScreen)
+        await until(pilot, lambda: "needs pyserial" in _message(screen))
+        assert "pip install 'propeller[firmware]'" in _message(screen)
+        screen.query_one("#port", Input).value = MISSING_PORT
+        await pilot.press("m")
+        await until(pilot, lambda: screen.job is not None and screen.job.name == "monitor" and not screen.job.running)
+        assert "The serial monitor needs pyserial" in _message(screen)
+
+
 async def test_flash_and_monitor_without_a_board_say_so(console: Any) -> None:
     async with console() as (app, pilot, _core):
         screen = await open_view(app, pilot, "7", FirmwareScreen)
