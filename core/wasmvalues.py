@@ -32,6 +32,19 @@ class WasmValueError(ValueError):
     """An input that does not fit the export's parameter type."""
 
 
+# Inputs up to this many characters are quoted whole in errors: the embedded proplet takes no longer
+# ones (firmware/src/core/limits.h, PROPLET_INPUT_TEXT_MAX), so its errors read the same.
+QUOTED_INPUT_MAX = 80
+
+
+def quoted_input(text: str) -> str:
+    """`text` as Python quotes it, cut short past QUOTED_INPUT_MAX characters: an error that quoted a
+    200 KB input whole would carry it into the result, the task's events and every log line."""
+    if len(text) <= QUOTED_INPUT_MAX:
+        return repr(text)
+    return f"{text[:QUOTED_INPUT_MAX]!r}… ({len(text):,} characters)"
+
+
 # Digits of the largest wasm integer (2^64 - 1).
 _MAX_DIGITS = 20
 
@@ -42,14 +55,14 @@ def parse_input(text: str, kind: str, index: int = 0) -> int | float:
     if kind in _RANGES:
         bits = _RANGES[kind]
         if not _INT.match(s):
-            raise WasmValueError(f"input {index} ({text!r}) is not an integer, but the parameter is {kind}")
+            raise WasmValueError(f"input {index} ({quoted_input(text)}) is not an integer, but the parameter is {kind}")
         if len(s.lstrip("+-").lstrip("0")) > _MAX_DIGITS:
             # Past every wasm integer, and past the digits int() converts (a ValueError otherwise).
-            raise WasmValueError(f"input {index} ({text!r}) does not fit in {kind}")
+            raise WasmValueError(f"input {index} ({quoted_input(text)}) does not fit in {kind}")
         value = int(s)
         lo, hi = -(1 << (bits - 1)), (1 << bits) - 1
         if not lo <= value <= hi:
-            raise WasmValueError(f"input {index} ({text!r}) does not fit in {kind}")
+            raise WasmValueError(f"input {index} ({quoted_input(text)}) does not fit in {kind}")
         if value >= 1 << (bits - 1):
             value -= 1 << bits
         return value
@@ -62,7 +75,7 @@ def parse_input(text: str, kind: str, index: int = 0) -> int | float:
         if low in ("nan", "+nan", "-nan"):
             return math.nan
         if not _FLOAT.match(s):
-            raise WasmValueError(f"input {index} ({text!r}) is not a number, but the parameter is {kind}")
+            raise WasmValueError(f"input {index} ({quoted_input(text)}) is not a number, but the parameter is {kind}")
         value = float(s)
         if kind == "f32":
             try:

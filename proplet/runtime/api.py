@@ -17,6 +17,7 @@ from typing import Protocol, runtime_checkable
 
 from core.domain import TaskLimits
 from core.protocol import FL_ROUND_TASK_PREFIX
+from core.wasmvalues import quoted_input
 
 MIB = 1024 * 1024
 
@@ -263,7 +264,7 @@ def nul_error(env: Mapping[str, str], argv: list[str] | None = None) -> str:
     are C strings, cut short at a NUL character (or refused, by the CLI's exec)."""
     for i, text in enumerate(argv or ()):
         if "\0" in text:
-            what = "The task's name" if i == 0 else f"Input {i - 1} ({text!r})"
+            what = "The task's name" if i == 0 else f"Input {i - 1} ({quoted_input(text)})"
             return (f"{what} holds a NUL character, which a command's arguments cannot carry. "
                     "Remove it from the task.")
     for key, value in env.items():

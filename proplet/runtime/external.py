@@ -45,7 +45,7 @@ from wasmtime import Config, Engine, WasmtimeError
 from wasmtime import component as cm
 
 from core.lifecycle import cancel_and_wait
-from core.wasmvalues import WasmValueError, format_value, parse_input
+from core.wasmvalues import WasmValueError, format_value, parse_input, quoted_input
 
 from . import wave
 from .api import (
@@ -900,7 +900,8 @@ def _failure(code: int | None, stderr: bytes, inv: Invocation, memory: int) -> s
                     "Set the task's name to one of its exported functions.")
         if cause.startswith(("invalid params", "invalid value type", "expected ")):
             # The CLI reads a component's inputs as one WAVE call; its parser names byte offsets only.
-            return (f"Cannot call `{inv.function}` with the inputs {list(inv.inputs)!r}: {cause}. Fix the "
+            inputs = ", ".join(map(quoted_input, inv.inputs))
+            return (f"Cannot call `{inv.function}` with the inputs [{inputs}]: {cause}. Fix the "
                     "task's inputs (WAVE values, one per parameter).")
         return fault_error(f"failed: {cause}")
     return f"The module exited with code {code}" + (f": {tail(stderr)}." if stderr.strip() else ".")

@@ -24,6 +24,8 @@ from typing import Any
 
 from wasmtime import component as cm
 
+from core.wasmvalues import quoted_input
+
 
 class WaveError(ValueError):
     """Text that is not a valid WAVE value of the expected type."""
@@ -71,7 +73,7 @@ def parse_input(text: str, ty: Any, index: int = 0) -> Any:
             return _scalar_values(text)
         return parse(text, ty)
     except WaveError as e:
-        raise WaveError(f"input {index} ({text!r}) is not a valid {type_name(ty)}: {e}") from None
+        raise WaveError(f"input {index} ({quoted_input(text)}) is not a valid {type_name(ty)}: {e}") from None
 
 
 def parse(text: str, ty: Any) -> Any:

@@ -102,10 +102,14 @@ SAME_ERROR = [
     ("hello-component", "a#b", (), None, _no_export("a#b", "wasi:cli/run@0.2.12#run")),
     # More digits than Python converts to an int at once (4,300): still a bad input, not a crash.
     ("greeter-component", "add", ("1" * 5000, "1"), None,
-     _bad_input("add", f"input 0 ({'1' * 5000!r}) is not a valid s32: {'1' * 24}… is outside s32 "
-                "(-2147483648..2147483647)")),
+     _bad_input("add", f"input 0 ({'1' * 80!r}… (5,000 characters)) is not a valid s32: {'1' * 24}… is outside "
+                "s32 (-2147483648..2147483647)")),
     ("add", "add", ("1" * 5000, "1"), None,
-     f"Cannot call `add`: input 0 ({'1' * 5000!r}) does not fit in i32. Fix the task's inputs."),
+     f"Cannot call `add`: input 0 ({'1' * 80!r}… (5,000 characters)) does not fit in i32. Fix the task's inputs."),
+    # An error quotes a long input only in part: whole, it went into the result, the events and the logs.
+    ("greeter-component", "greet", ('"' + "a" * 200_000,), None,
+     _bad_input("greet", "input 0 ('\"" + "a" * 79 + "'… (200,001 characters)) is not a valid string: missing "
+                "closing \"")),
     # A lone surrogate has no UTF-8 form (wasmtime-py's lowering panicked on a char holding one).
     ("greeter-component", "greet", ("\ud800",), None,
      _bad_input("greet", "input 0 ('\\ud800') is not a valid string: it holds a lone surrogate (U+D800), which is "
