@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import platform
 import socket
@@ -117,6 +118,7 @@ class PropletAgent:
         # of a second run. Bounded: oldest dropped.
         self._finished: OrderedDict[tuple[str, int], ResultMessage] = OrderedDict()
         self._finished_max = 2_000
+        self._reannounced_at = -math.inf  # when results waiting unconfirmed last made it announce again
         from core.signing import load_public_keys
 
         # A key that cannot be read stops the proplet at start (SignatureError says which file).
@@ -251,11 +253,14 @@ class PropletAgent:
         The manager compares it with what it thinks runs here (reconciliation)."""
         return tuple(dict.fromkeys((*self.running, *self.outbox.task_ids())))
 
+    def _discovery_payload(self) -> bytes:
+        return protocol.encode_discovery(
+            protocol.DiscoveryMessage(self.id, self.settings.manager_k8s_namespace, self.metadata()))
+
     async def _announce(self) -> None:
         """On every (re)connect: discovery, then a heartbeat right away."""
         assert self.bus is not None
-        discovery = protocol.DiscoveryMessage(self.id, self.settings.manager_k8s_namespace, self.metadata())
-        await self.bus.publish(self.topics.create, protocol.encode_discovery(discovery))
+        await self.bus.publish(self.topics.create, self._discovery_payload())
         await self.bus.publish(self.topics.alive, self._alive_payload(protocol.ALIVE_STATUS))
         # A broker that crashed may have lost results published before: send the unconfirmed again.
         for result in self.outbox.due(reconnected=True):
@@ -266,7 +271,16 @@ class PropletAgent:
         while True:
             await asyncio.sleep(min(1.0, self.settings.result_resend))
             if self.bus.connected.is_set():
-                for result in self.outbox.due():
+                due = list(self.outbox.due())
+                now = time.monotonic()
+                if due and now - self._reannounced_at >= self.settings.result_resend:
+                    # A manager that confirmed results before and now lets them wait may know this
+                    # proplet only from its heartbeats (it was deleted while online, or the manager
+                    # started on a new database): without the discovery's capabilities it never
+                    # confirms, and the outbox fills. Announcing again costs one message.
+                    self._reannounced_at = now
+                    self.bus.send(self.topics.create, self._discovery_payload())
+                for result in due:
                     self._publish_result(result)
 
     async def _heartbeats(self) -> None:

@@ -398,3 +398,19 @@ async def test_starts_beyond_the_slots_wait_on_the_proplet_as_scheduled_then_run
     starts = sorted(d.start_time for d in done)
     assert all((b - a).total_seconds() >= 0.35 for a, b in itertools.pairwise(starts))
     assert agent.counters.duplicate_starts == 0
+
+
+async def test_a_proplet_deleted_while_online_announces_itself_again_once_results_wait(
+        manager: Any, proplet_factory: PropletFactory) -> None:
+    # Deleted while online, the proplet came back from its heartbeats alone: no capabilities, so its
+    # results were never confirmed and were sent every 5 s until its outbox filled.
+    async with proplet_factory(manager, "p-deleted", result_resend=0.5) as agent:
+        await run_task(manager, name="add", file=b64(wasm("add")), inputs=[1, 2], proplet_id="p-deleted")
+        await eventually(lambda: len(agent.outbox) == 0, 5)  # the manager confirms results
+        await manager.delete_proplet("p-deleted")
+        await eventually(lambda: "p-deleted" in manager.proplets, 5)  # back by its next heartbeat
+        assert not manager.proplets["p-deleted"].metadata
+        done = await run_task(manager, name="add", file=b64(wasm("add")), inputs=[40, 2], proplet_id="p-deleted")
+        assert done.results == "42"
+        await eventually(lambda: len(agent.outbox) == 0, 5)
+        assert "result_ack" in manager.proplets["p-deleted"].metadata["capabilities"]
