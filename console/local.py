@@ -179,7 +179,8 @@ class LocalFleet:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
         try:
-            await asyncio.wait_for(process.wait(), grace)
+            async with asyncio.timeout(grace):
+                await process.wait()
         except TimeoutError:
             log.warning("local proplet %s did not stop within %.0fs; killing it", proplet_id, grace)
             with contextlib.suppress(ProcessLookupError):

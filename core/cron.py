@@ -148,7 +148,8 @@ class CronScheduler:
             upcoming = min((s.next_run for s in self.schedules.values()), default=None)
             wait = _MAX_SLEEP_S if upcoming is None else min(_MAX_SLEEP_S, (upcoming - now).total_seconds())
             try:
-                await asyncio.wait_for(self._changed.wait(), max(wait, 0.001))
+                async with asyncio.timeout(max(wait, 0.001)):
+                    await self._changed.wait()
             except TimeoutError:
                 pass
 

@@ -156,7 +156,8 @@ class EmbeddedBroker:
     async def stop(self) -> None:
         if self._broker is not None:
             try:
-                await asyncio.wait_for(self._broker.shutdown(), 5)
+                async with asyncio.timeout(5):
+                    await self._broker.shutdown()
             except Exception:
                 log.exception("the in-process broker did not shut down cleanly")
             self._broker = None

@@ -58,7 +58,8 @@ class Subscription(Generic[T]):
         """Everything buffered, waiting up to `timeout` seconds for the first item."""
         if not self.buffer:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._ready.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._ready.wait()
         return self.drain()
 
     def close(self) -> None:

@@ -237,7 +237,8 @@ class FederatedLearning:
         upcoming = min((x.round.deadline for x in self._running.values()), default=None)
         wait = _MAX_SLEEP_S if upcoming is None else min(_MAX_SLEEP_S, (upcoming - now).total_seconds())
         try:
-            item = await asyncio.wait_for(self._intake.get(), max(wait, 0.001))
+            async with asyncio.timeout(max(wait, 0.001)):
+                item = await self._intake.get()
         except TimeoutError:
             return
         if item.update is not None:

@@ -554,8 +554,17 @@ class MqttBus:
             connected_at: float | None = None
             try:
                 async with self._client as client:
+                    if self._closing:
+                        # aiomqtt waits for the CONNACK in asyncio.wait_for, which may drop the owner's
+                        # cancel (see publish); the owner closes the bus before it cancels this loop.
+                        break
                     if self.subscriptions:
-                        await client.subscribe(self.subscriptions)
+                        # Bounded here, not by aiomqtt, for the same reason as publish's PUBACK wait.
+                        try:
+                            async with asyncio.timeout(self.conn.timeout):
+                                await client.subscribe(self.subscriptions, timeout=math.inf)
+                        except TimeoutError:
+                            raise aiomqtt.MqttError("no SUBACK in time") from None
                     self._live = client
                     self.counters.connects += 1
                     self.counters.connected_since = time.time()

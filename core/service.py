@@ -321,7 +321,8 @@ class ManagerCore:
         if self._http is not None:
             self._http.should_exit = True
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._http_task, 5)
+                async with asyncio.timeout(5):
+                    await self._http_task
             self._http = None
         for sock in self._http_sockets:
             sock.close()
@@ -336,7 +337,8 @@ class ManagerCore:
             # Commit every state change taken in before the loops stop (not into a database another
             # manager has taken over: those writes wait for a lock that will not come back).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.writer.wait_idle(), 10)
+                async with asyncio.timeout(10):
+                    await self.writer.wait_idle()
         await cancel_and_wait(self._loops, owner="manager")
         self._loops.clear()
         for fut in self._invocations.values():
@@ -991,7 +993,8 @@ class ManagerCore:
                                          tuple(inputs), env)
             await self.bus.publish(self.topics.invoke, protocol.encode_invoke(msg))
             try:
-                result = await asyncio.wait_for(fut, timeout)
+                async with asyncio.timeout(timeout):
+                    result = await fut
             except TimeoutError:
                 raise TimedOut(f"invocation of task {task_id} timed out after {timeout:.0f}s") from None
         except BrokerUnavailable as exc:

@@ -166,8 +166,10 @@ async def stream_command(argv: list[str], *, timeout: float, on_line: LineHandle
                 on_line(line, parse_progress(line))
 
     try:
-        await asyncio.wait_for(pump(), timeout)
-        result.returncode = await asyncio.wait_for(proc.wait(), max(1.0, timeout))
+        async with asyncio.timeout(timeout):
+            await pump()
+        async with asyncio.timeout(max(1.0, timeout)):
+            result.returncode = await proc.wait()
     except TimeoutError:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)

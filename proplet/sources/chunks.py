@@ -402,7 +402,10 @@ class ChunkSource:
             deadline = min(transfer.last_progress + self.stall_timeout, transfer.started + self.transfer_timeout)
             if deadline > now:
                 try:
-                    return await asyncio.wait_for(asyncio.shield(transfer.future), deadline - now)
+                    # Shielded: a waiter that gives up (its timeout, its own cancel) leaves the transfer to
+                    # the other waiters.
+                    async with asyncio.timeout(deadline - now):
+                        return await asyncio.shield(transfer.future)
                 except TimeoutError:
                     continue  # progress may have moved the deadline; look again
             if now >= transfer.started + self.transfer_timeout:
