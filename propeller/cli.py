@@ -306,7 +306,16 @@ def tasks_create(name: str, source: str, inputs: tuple[str, ...], env: tuple[str
                  timeout: float | None, fuel: int | None, memory: int | None, retries: int, daemon: bool,
                  schedule: str | None, recurring: bool, timezone: str | None,
                  start_now: bool, wait_s: float | None, manager_url: str, token: str | None, as_json: bool) -> None:
-    """Create a task that calls export NAME of a module."""
+    """Create a task that calls export NAME of a module.
+
+    \b
+    Exit codes (with --start --wait N):
+      0  the task completed
+      1  the manager refused or could not be reached (nothing was waited for)
+      2  a usage error in the command line
+      3  the task had not finished after N seconds (it goes on: `propeller tasks get ID`)
+      4  the task failed, was skipped or was interrupted (its error goes to stderr)
+    """
     if (recurring or timezone) and not schedule:
         raise click.UsageError("--recurring and --timezone go with --schedule (the cron expression they apply to)")
     if wait_s and not start_now:
@@ -341,15 +350,38 @@ def tasks_create(name: str, source: str, inputs: tuple[str, ...], env: tuple[str
             else:
                 task = _run(lambda: client.get_task(task["id"]))
     _show(task, as_json, _task_detail)
+    if wait_s:
+        _exit_for_outcome(task, wait_s)
+
+
+# `tasks create|start --wait`: how a script tells the outcome (documented in `tasks create --help`).
+# 1 is click's ClickException (an API error) and 2 its usage error, so the task's outcomes come after.
+EXIT_NOT_FINISHED = 3
+EXIT_TASK_FAILED = 4
+_FINISHED = ("completed", "failed", "skipped", "interrupted")
 
 
 def _wait_for(client: ManagerClient, task_id: str, wait_s: float) -> dict[str, Any]:
     deadline = time.monotonic() + wait_s
     while True:
         task = _run(lambda: client.get_task(task_id))
-        if task["state_name"] in ("completed", "failed", "skipped", "interrupted") or time.monotonic() > deadline:
+        if task["state_name"] in _FINISHED or time.monotonic() > deadline:
             return task
         time.sleep(0.05)
+
+
+def _exit_for_outcome(task: dict[str, Any], wait_s: float) -> None:
+    """After a wait: a task that did not complete is said on stderr and ends the command non-zero."""
+    state, tid = task["state_name"], task["id"]
+    if state == "completed":
+        return
+    if state in _FINISHED:
+        reason = task.get("error") or task.get("reason") or "no error was given"
+        click.echo(f"task {tid} {state}: {reason}", err=True)
+        raise SystemExit(EXIT_TASK_FAILED)
+    click.echo(f"task {tid} is {state}, not finished after {wait_s:g}s; it goes on: follow it with "
+               f"`propeller tasks get {tid}`", err=True)
+    raise SystemExit(EXIT_NOT_FINISHED)
 
 
 @tasks.command("start")
@@ -357,11 +389,13 @@ def _wait_for(client: ManagerClient, task_id: str, wait_s: float) -> dict[str, A
 @click.option("--wait", "wait_s", type=float, help="Wait up to N seconds for the result.")
 @_client_options
 def tasks_start(task_id: str, wait_s: float | None, manager_url: str, token: str | None, as_json: bool) -> None:
-    """Start (or re-run) a task."""
+    """Start (or re-run) a task. With --wait, the exit codes are those of `tasks create --help`."""
     with ManagerClient(manager_url, token) as client:
         _run(lambda: client.start_task(task_id))
         task = _wait_for(client, task_id, wait_s) if wait_s else _run(lambda: client.get_task(task_id))
     _show(task, as_json, _task_detail)
+    if wait_s:
+        _exit_for_outcome(task, wait_s)
 
 
 @tasks.command("stop")

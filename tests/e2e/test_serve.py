@@ -262,3 +262,37 @@ async def test_cli_runs_federated_rounds_on_real_proplets(serve: Serve, tmp_path
             proc.wait(15)
     assert serve.stop() == 0
     assert "Traceback" not in serve.log.read_text()
+
+
+async def test_create_start_wait_exits_non_zero_when_the_task_fails_or_does_not_finish(serve: Serve,
+                                                                                      tmp_path: Path) -> None:
+    # It exited 0 in both cases, so a script could not tell a failed or unfinished task from a result.
+    serve.start()
+    broker_port = int(serve.env["MANAGER_DEFAULT_BROKER_PORT"])
+    module = tmp_path / "add.wasm"
+    module.write_bytes(WASM)
+    topics = Topics("propeller", "default")
+    async with SyntheticProplet(f"mqtt://127.0.0.1:{broker_port}", topics, "fails",
+                                answer=lambda start: (None, "the module trapped: unreachable")):
+        await eventually(lambda: asyncio.to_thread(_cli_json, serve, "proplets", "list"), timeout=10)
+        failed = await cli(serve, "tasks", "create", "add", "--wasm", str(module), "--start", "--wait", "10")
+        assert failed.returncode == 4, failed.stderr
+        assert re.search(r"state_name\s+failed", failed.stdout), failed.stdout
+        assert "failed: the module trapped: unreachable" in failed.stderr
+        as_json = await cli(serve, "tasks", "create", "add", "--wasm", str(module), "--start", "--wait", "10",
+                            "--json")
+        assert as_json.returncode == 4 and json.loads(as_json.stdout)["state_name"] == "failed"
+    async with SyntheticProplet(f"mqtt://127.0.0.1:{broker_port}", topics, "silent", answer=None):
+        await eventually(lambda: asyncio.to_thread(_cli_json, serve, "proplets", "list", "--status", "active"),
+                         timeout=10)
+        late = await cli(serve, "tasks", "create", "add", "--wasm", str(module), "--start", "--wait", "0.5")
+        assert late.returncode == 3, late.stderr
+        tid = re.search(r"^id\s+(\S+)", late.stdout, re.MULTILINE)
+        assert tid is not None, late.stdout
+        assert "not finished after 0.5s" in late.stderr and f"propeller tasks get {tid[1]}" in late.stderr
+        assert (await cli(serve, "tasks", "stop", tid[1])).returncode == 0
+        again = await cli(serve, "tasks", "start", tid[1], "--wait", "0.5")
+        assert again.returncode == 3 and "not finished after 0.5s" in again.stderr, again.stderr
+    help_text = (await cli(serve, "tasks", "create", "--help")).stdout
+    assert "Exit codes" in help_text and "3" in help_text and "4" in help_text
+    serve.stop()
