@@ -589,7 +589,14 @@ class MqttBus:
                 self.counters.last_error = describe_connect_error(self.address, exc, self.conn.address_setting)
                 if self.connected.is_set():
                     self.counters.disconnects += 1
-                    log.warning("%s: lost the broker at %s: %s", self.name, self.address.url, exc)
+                    if (closed_early >= CLOSED_EARLY_WARN_AFTER and connected_at is not None
+                            and time.monotonic() - connected_at < CLOSED_EARLY_S):
+                        # Still taken over: each line says why, not only the warning minutes above.
+                        log.warning("%s: lost the broker at %s again %.1f s after connecting: another client "
+                                    "probably uses the client id %s (see the warning above)", self.name,
+                                    self.address.url, time.monotonic() - connected_at, self.conn.client_id)
+                    else:
+                        log.warning("%s: lost the broker at %s: %s", self.name, self.address.url, exc)
                 else:
                     log.warning("%s: %s", self.name, self.counters.last_error)
             finally:

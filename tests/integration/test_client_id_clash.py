@@ -32,6 +32,10 @@ async def test_two_clients_with_one_id_are_named_as_the_likely_cause(
         warning = await eventually(
             lambda: next((r.getMessage() for r in caplog.records if "same client id" in r.getMessage()), None),
             timeout=20)
+        # Each take-over after the warning says so too: the warning alone scrolled away under a log
+        # of bare "lost the broker" lines.
+        again = await eventually(
+            lambda: next((r.getMessage() for r in caplog.records if "again" in r.getMessage()), None), timeout=20)
     finally:
         for bus in buses:
             await bus.close()
@@ -41,3 +45,4 @@ async def test_two_clients_with_one_id_are_named_as_the_likely_cause(
     assert f"Usually another client is connected with the same client id ({client_id})" in warning, warning
     assert "MANAGER_ENTITY_ID" in warning and "PROPLET_ENTITY_ID" in warning
     assert "closed this connection within 5 s of accepting it 3 times in a row" in warning
+    assert f"another client probably uses the client id {client_id}" in again, again
