@@ -311,10 +311,11 @@ def tasks_create(name: str, source: str, inputs: tuple[str, ...], env: tuple[str
     \b
     Exit codes (with --start --wait N):
       0  the task completed
-      1  the manager refused or could not be reached (nothing was waited for)
+      1  the manager refused a request or could not be reached
       2  a usage error in the command line
       3  the task had not finished after N seconds (it goes on: `propeller tasks get ID`)
       4  the task failed, was skipped or was interrupted (its error goes to stderr)
+      130  interrupted by Ctrl-C while waiting (the task goes on; its id goes to stderr)
     """
     if (recurring or timezone) and not schedule:
         raise click.UsageError("--recurring and --timezone go with --schedule (the cron expression they apply to)")
@@ -361,13 +362,22 @@ EXIT_TASK_FAILED = 4
 _FINISHED = ("completed", "failed", "skipped", "interrupted")
 
 
+EXIT_INTERRUPTED = 130  # the shell's 128 + SIGINT
+
+
 def _wait_for(client: ManagerClient, task_id: str, wait_s: float) -> dict[str, Any]:
     deadline = time.monotonic() + wait_s
-    while True:
-        task = _run(lambda: client.get_task(task_id))
-        if task["state_name"] in _FINISHED or time.monotonic() > deadline:
-            return task
-        time.sleep(0.05)
+    try:
+        while True:
+            task = _run(lambda: client.get_task(task_id))
+            if task["state_name"] in _FINISHED or time.monotonic() > deadline:
+                return task
+            time.sleep(0.05)
+    except KeyboardInterrupt:
+        # Ctrl-C ends the wait, not the task: name it, or it runs on with no id to follow it by.
+        click.echo(f"\nstopped waiting; task {task_id} was started and goes on. Follow it with "
+                   f"`propeller tasks get {task_id}`, stop it with `propeller tasks stop {task_id}`.", err=True)
+        raise SystemExit(EXIT_INTERRUPTED) from None
 
 
 def _exit_for_outcome(task: dict[str, Any], wait_s: float) -> None:

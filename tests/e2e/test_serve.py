@@ -296,3 +296,36 @@ async def test_create_start_wait_exits_non_zero_when_the_task_fails_or_does_not_
     help_text = (await cli(serve, "tasks", "create", "--help")).stdout
     assert "Exit codes" in help_text and "3" in help_text and "4" in help_text
     serve.stop()
+
+
+async def test_ctrl_c_while_waiting_names_the_started_task_and_exits_130(serve: Serve, tmp_path: Path) -> None:
+    # It printed only "Aborted!" (exit 1): the task, created and started, went on with no id to follow it by.
+    serve.start()
+    broker_port = int(serve.env["MANAGER_DEFAULT_BROKER_PORT"])
+    module = tmp_path / "add.wasm"
+    module.write_bytes(WASM)
+    async with SyntheticProplet(f"mqtt://127.0.0.1:{broker_port}", Topics("propeller", "default"), "silent",
+                                answer=None) as proplet:
+        await eventually(lambda: asyncio.to_thread(_cli_json, serve, "proplets", "list", "--status", "active"),
+                         timeout=10)
+        proc = await asyncio.create_subprocess_exec(
+            *PROPELLER, "tasks", "create", "add", "--wasm", str(module), "--start", "--wait", "60",
+            "--manager-url", serve.url, env=serve.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            await eventually(lambda: proplet.starts, timeout=10)
+            await asyncio.sleep(0.3)  # well into the wait
+            proc.send_signal(signal.SIGINT)
+            async with asyncio.timeout(15):
+                out, err = await proc.communicate()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    stdout, stderr = out.decode(), err.decode()
+    tid = proplet.starts[0]["id"]
+    assert proc.returncode == 130, (stdout, stderr)
+    assert "Aborted!" not in stderr
+    assert f"task {tid}" in stderr and f"propeller tasks get {tid}" in stderr, stderr
+    help_text = (await cli(serve, "tasks", "create", "--help")).stdout
+    assert re.search(r"130\s+interrupted by Ctrl-C", help_text), help_text
+    serve.stop()
