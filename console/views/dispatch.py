@@ -135,9 +135,12 @@ field. After dispatching, the task table opens on the new task.
             self.name = name
             self.started = started
 
-    class ModuleResolved(Message):
-        def __init__(self, source: ModuleSource) -> None:
+    class ModuleProbed(Message):
+        """What the Module field named when it was read: `source` is None when it named no readable module."""
+
+        def __init__(self, typed: str, source: ModuleSource | None) -> None:
             super().__init__()
+            self.typed = typed
             self.source = source
 
     def __init__(self, **kwargs: Any) -> None:
@@ -195,9 +198,13 @@ field. After dispatching, the task table opens on the new task.
 
     def on_mount(self) -> None:
         self.set_class(self.console.read_only, "-read-only")
+        self._show_hint("")
+
+    def _show_hint(self, text: str) -> None:
         if self.console.read_only:
-            self.query_one("#dispatch-hint", Static).update(
-                Content("The console is read-only: tasks cannot be dispatched from here."))
+            refusal = "the console is read-only: tasks cannot be dispatched from here"
+            text = f"{text}; {refusal}" if text else refusal.capitalize() + "."
+        self.query_one("#dispatch-hint", Static).update(Content(text))
 
     def on_screen_resume(self) -> None:
         super().on_screen_resume()
@@ -241,17 +248,27 @@ field. After dispatching, the task table opens on the new task.
         self.exports = ()
         if event.value.strip():
             self.probe_module(event.value)
+        else:
+            # The hint described the module the field named before; the placeholder says what goes here.
+            self.workers.cancel_group(self, "module-probe")
+            self._show_hint("")
 
     @work(exclusive=True, group="module-probe", description="Reading the module", exit_on_error=False)
     async def probe_module(self, text: str) -> None:
         try:
-            source = await resolve_module(text)
+            source: ModuleSource | None = await resolve_module(text)
         except FieldError:
-            return  # shown when the form is submitted; typing a path is not an error yet
-        self.post_message(self.ModuleResolved(source))
+            source = None  # shown when the form is submitted; typing a path is not an error yet
+        self.post_message(self.ModuleProbed(text, source))
 
-    @on(ModuleResolved)
-    def _module_resolved(self, event: ModuleResolved) -> None:
+    @on(ModuleProbed)
+    def _module_probed(self, event: ModuleProbed) -> None:
+        if event.typed != self.query_one("#module", Input).value:
+            return  # the field has changed since: a probe of its newer text is on its way
+        if event.source is None:
+            self.exports = ()
+            self._show_hint("")
+            return
         self.exports = event.source.exports
         hint = ""
         if event.source.kind == "file":
@@ -268,7 +285,7 @@ field. After dispatching, the task table opens on the new task.
             hint = "fetched over HTTP by the proplet"
         else:
             hint = "an OCI reference: fetched through the proxy"
-        self.query_one("#dispatch-hint", Static).update(Content(hint))
+        self._show_hint(hint)
 
     # -- actions ---------------------------------------------------------------------------
 
@@ -367,7 +384,7 @@ field. After dispatching, the task table opens on the new task.
         self.query_one("#target", Select).value = "any"
         self.query_one("#daemon", Checkbox).value = False
         self.show_errors({})
-        self.query_one("#dispatch-hint", Static).update(Content(""))
+        self._show_hint("")
         self.query_one("#module", Input).focus()
 
     def palette_commands(self) -> list[PaletteCommand]:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from textual.widgets import Input, Log, Select
+from textual.widgets import Input, Log, Select, Static
 
 from console.views.dispatch import DispatchScreen, FilePicker
 from console.views.local import LocalScreen
@@ -111,6 +111,25 @@ async def test_changing_the_module_replaces_the_function_the_form_filled_in(cons
         await until(pilot, lambda: screen.exports == ("add",))
         await pilot.pause(0.1)
         assert name.value == "main"
+
+
+async def test_the_module_hint_goes_when_the_field_no_longer_names_a_readable_module(console: Any) -> None:
+    """"169 bytes; exports: _start" stayed under an emptied Module field, and under a path to nothing."""
+    async with console() as (app, pilot, _core):
+        screen = await open_view(app, pilot, "5", DispatchScreen)
+        hint = screen.query_one("#dispatch-hint", Static)
+        await pilot.press(*"examples/hello.wasm")
+        await until(pilot, lambda: "exports: _start" in str(hint.render()))
+        await pilot.press(*["backspace"] * len("examples/hello.wasm"))
+        await until(pilot, lambda: screen.query_one("#module", Input).value == "")
+        await until(pilot, lambda: str(hint.render()).strip() == "")
+        assert screen.exports == ()
+        await pilot.press(*"examples/hello.wasm")
+        await until(pilot, lambda: "exports: _start" in str(hint.render()))
+        await pilot.press("backspace")  # examples/hello.was: no such file
+        await until(pilot, lambda: "exports" not in str(hint.render()))
+        await pilot.pause(0.3)  # a probe of the earlier text, finishing late, does not bring it back
+        assert "exports" not in str(hint.render()) and screen.exports == ()
 
 
 async def test_after_a_dispatch_the_form_reopens_on_the_module_ready_to_be_replaced(console: Any) -> None:
