@@ -48,9 +48,10 @@ class TrafficScreen(ConsoleScreen):
     HELP = """\
 ### MQTT traffic
 Every message the manager sends (→ out) and receives (← in), at most `console.traffic_lines` kept.
-**p** pauses the stream (messages are still counted), **/** filters by topic (regex, `!` inverts),
-**i** cycles in / out / all, **y** copies the payload shown, **C** clears. Under a flood, at most
-100 lines are listed per refresh and the rest counted ("not listed"); pause or filter to read.
+**p** pauses the stream (messages are still counted), **/** filters the stream and the topic tree
+by topic (regex, `!` inverts), **i** cycles in / out / all, **y** copies the payload shown, **C**
+clears. Under a flood, at most 100 lines are listed per refresh and the rest counted ("not listed");
+pause or filter to read.
 """
     DEFAULT_CSS = """
     TrafficScreen #traffic-body { height: 1fr; }
@@ -107,6 +108,7 @@ Every message the manager sends (→ out) and receives (← in), at most `consol
         if self._filter_changed:
             self._filter_changed = False
             self._rebuild()
+            self._rebuild_tree()
         self._update_tree()
         if self.paused:
             # The stream stays where it stopped; what arrives meanwhile is listed on resume.
@@ -160,9 +162,27 @@ Every message the manager sends (→ out) and receives (← in), at most `consol
         for topic in sorted(changed):
             node = self._topic_nodes.get(topic)
             if node is None:
+                if not self.row_filter.matches(topic):
+                    continue  # listed when the filter changes to let it through (_rebuild_tree)
                 node = self._add_topic(tree, topic)
             node.set_label(Text(f"{self._leaf_name(topic)} ({traffic.counts.get(topic, 0):,})"))
         changed.clear()
+
+    def _rebuild_tree(self) -> None:
+        """The topics the topic filter lets through, with their counts. Only when the filter changes:
+        messages update the nodes by key (_update_tree)."""
+        traffic = self.console.traffic
+        tree = self.query_one(TopicTree)
+        tree.root.remove_children()
+        self._topic_nodes.clear()
+        for topic in sorted(traffic.counts):
+            if self.row_filter.matches(topic):
+                node = self._add_topic(tree, topic)
+                node.set_label(Text(f"{self._leaf_name(topic)} ({traffic.counts[topic]:,})"))
+        traffic.changed_topics.clear()
+        selected = self._topic_nodes.get(self.selected_topic or "")
+        if selected is not None:
+            tree.move_cursor(selected)
 
     def _leaf_name(self, topic: str) -> str:
         return self.console.traffic.short_topic(topic).rsplit("/", 1)[-1]

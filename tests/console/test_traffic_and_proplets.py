@@ -116,6 +116,37 @@ async def test_pause_filter_direction_and_follow(console: Any) -> None:
             await until(pilot, lambda: screen.pending_below == 0 and log.scroll_y >= log.max_scroll_y - 1)
 
 
+def _tree_topics(node: Any) -> list[str]:
+    """The topics listed under `node`; an interior node with nothing under it is listed as "<empty ...>"."""
+    if node.data:
+        return [node.data]
+    found = [topic for child in node.children for topic in _tree_topics(child)]
+    return found if found or node.is_root else [f"<empty {node.label}>"]
+
+
+async def test_the_topic_filter_filters_the_topic_tree_too(console: Any) -> None:
+    """With `/` `alive$` the stream showed only heartbeats, but the tree still listed every topic."""
+    async with console() as (app, pilot, core):
+        screen = await open_view(app, pilot, "4", TrafficScreen)
+        tree = screen.query_one("#topics")
+        async with SyntheticProplet(core.status().broker_url, core.topics, "tree-proplet", heartbeat=0.05):
+            task = await core.create_task(add_body())
+            await core.start_task(task.id)
+            await until(pilot, lambda: {core.topics.start, core.topics.alive} <= set(_tree_topics(tree.root)))
+            await pilot.press("slash", *"alive$", "enter")
+            await until(pilot, lambda: _tree_topics(tree.root) == [core.topics.alive])
+            # Still counted as they come, by key.
+            node = screen._topic_nodes[core.topics.alive]
+            label = str(node.label)
+            await until(pilot, lambda: str(node.label) != label)
+            assert str(node.label).startswith("alive (")
+            assert _tree_topics(tree.root) == [core.topics.alive]
+            await pilot.press("escape")  # Esc clears the filter: every topic again, with its count
+            await until(pilot, lambda: {core.topics.start, core.topics.alive} <= set(_tree_topics(tree.root)))
+            assert str(screen._topic_nodes[core.topics.start].label) == "start (1)"
+            assert all(not t.startswith("<empty") for t in _tree_topics(tree.root))
+
+
 async def test_proplets_table_detail_and_forget(console: Any) -> None:
     async with console() as (app, pilot, core):
         screen = await open_view(app, pilot, "3", PropletsScreen)
