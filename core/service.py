@@ -21,7 +21,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict, defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -565,11 +565,13 @@ class ManagerCore:
         metadata: dict[str, Any] | None = None,
         states: Sequence[TaskState] | None = None,
         proplet_id: str | None = None,
+        id_prefix: str | None = None,
     ) -> Page[Task]:
         await self.writer.barrier()
         try:
             return await self.store.list_tasks(
-                offset=offset, limit=limit, metadata=metadata, states=states, proplet_id=proplet_id
+                offset=offset, limit=limit, metadata=metadata, states=states, proplet_id=proplet_id,
+                id_prefix=id_prefix,
             )
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
@@ -806,47 +808,164 @@ class ManagerCore:
         """Start a job: its tasks without dependencies (parallel, configurable), or its first task
         (sequential); the rest follow as they finish. A job that has run (completed, failed or
         stopped) and has nothing queued or running runs again from the start: each finished task
-        is reset to pending first (its lifecycle events keep the earlier runs)."""
+        is reset to pending first (its lifecycle events keep the earlier runs).
+
+        The resets and the queueing of the first tasks are one commit: a manager killed half way
+        through left the job half reset, its reset tasks never queued and nothing to start them
+        after a restart. Now a restart finds the job as it was, or its run under way."""
         # Advances already due run first: between two tasks of a sequential job nothing is queued
         # or running, and a job in that gap is still running, not finished.
         await self.groups.settle()
         async with self.groups.turn(job_id=job_id):
-            job, tasks = await self.get_job(job_id)
-            if not tasks:
-                raise InvalidRequest(f"job {job_id} has no tasks")
-            busy = sum(t.id in self.active for t in tasks)
-            if busy:
-                raise Conflict(f"job {job_id} is running ({busy} of its {len(tasks)} tasks queued or running); "
-                               f"wait for it to finish, or stop it (POST /jobs/{job_id}/stop), to run it again")
-            first = tasks[:1] if job.execution_mode == "sequential" else [t for t in tasks if not t.depends_on]
-            # Checked for all before any starts: a job refused half way would be half started.
-            bare = [t.id for t in first if not t.wasm_digest and not t.image_url]
-            if bare:
-                raise InvalidRequest(f"job {job_id} cannot start: its tasks {', '.join(bare)} have no module; "
-                                     "upload a .wasm (PUT /tasks/{id}/upload) or set image_url")
-            for task in tasks:
-                if task.state.is_terminal:
-                    await self._reset_for_rerun(task.id, f"reset: job {job_id} runs again")
-            for task in first:
-                await self.start_task(task.id)
+            async with self._turns_of_tasks(t.id for t in await self._job_rows(job_id)):
+                # Read in the tasks' turns, after the writes queued before: what is reset is what is stored.
+                job, tasks = await self.get_job(job_id)
+                if not tasks:
+                    raise InvalidRequest(f"job {job_id} has no tasks")
+                busy = sum(t.id in self.active for t in tasks)
+                if busy:
+                    raise Conflict(f"job {job_id} is running ({busy} of its {len(tasks)} tasks queued or running); "
+                                   f"wait for it to finish, or stop it (POST /jobs/{job_id}/stop), to run it again")
+                first = tasks[:1] if job.execution_mode == "sequential" else [t for t in tasks if not t.depends_on]
+                # Checked for all before any starts: a job refused half way would be half started.
+                bare = [t.id for t in first if not t.wasm_digest and not t.image_url]
+                if bare:
+                    raise InvalidRequest(f"job {job_id} cannot start: its tasks {', '.join(bare)} have no module; "
+                                         "upload a .wasm (PUT /tasks/{id}/upload) or set image_url")
+                if len(self._queued) + len(first) > self.settings.max_backlog:
+                    raise Unavailable(
+                        f"{len(self._queued)} tasks are already waiting for a proplet (the limit is "
+                        f"{self.settings.max_backlog}) and job {job_id} would queue {len(first)} more; try "
+                        "again when proplets have caught up")
+                await self._start_job_tasks(job_id, tasks, {t.id for t in first})
+
+    async def _start_job_tasks(self, job_id: str, stored: list[Task], first: set[str]) -> None:
+        """Reset the finished tasks of a job and queue `first`, in one commit (the caller holds the
+        group's and the tasks' turns and has checked that none is queued or running)."""
+        ops: list[WriteOp] = []
+        changed: list[TaskStateChanged] = []
+        before: dict[str, Task] = {}
+        queued: list[Task] = []
+        for row in stored:
+            rerun, starts = row.state.is_terminal, row.id in first
+            if not (rerun or starts):
+                continue
+            task = self._recent.pop(row.id, None) or row
+            before[task.id] = task.copy()
+            self._unstored_results.pop(task.id, None)  # the re-run's writes supersede it
+            if rerun:
+                self._clear_last_run(task)
+                task.reason = f"reset: job {job_id} runs again"
+                staged, event = self._change_state(task, TaskState.PENDING, task.reason)
+                ops += staged
+                changed.append(event)
+            if starts:
+                task.queued_at = utcnow()
+                task.reason = self._why_waiting(task)
+                staged, event = self._change_state(task, TaskState.PENDING, "queued")
+                ops += staged
+                changed.append(event)
+                queued.append(task)
+            else:
+                self._remember(task)
+        for task in queued:
+            self.active[task.id] = task
+            self._push(task)
+        done = await self.writer.enqueue(*ops)
+        for event in changed:
+            self.events.emit(event)
+        self._wake.set()
+        try:
+            await done
+        except StoreError:
+            # Not stored: the job is as it was (the caller is told), in memory too.
+            for task_id, was in before.items():
+                task = self.active.get(task_id)
+                if task is not None:
+                    await self._not_started(task, was)
+                else:
+                    self._remember(was)
+                    self.events.emit(TaskStateChanged(task_id, was.name, TaskState.PENDING, was.state, utcnow(),
+                                                      was.proplet_id, "not reset: the database refused to store it"))
+            raise
 
     async def stop_job(self, job_id: str) -> None:
         """Stop a job's queued and running tasks; those that have not started are skipped. Once it
-        returns, no task of the job starts by itself."""
+        returns, no task of the job starts by itself.
+
+        Every change is in one commit, which is all the call waits for: one commit per task (and
+        the coordinator's look at the group after each) made a stop of a 200-task job take a second."""
         # In the group's turn, with advances that already read the group told to start nothing: a
         # task's result handled meanwhile would otherwise start the next task of a sequential job
         # after this stop had read it as pending and passed it by.
         with self.groups.stopping(job_id):
             async with self.groups.turn(job_id=job_id):
-                _, tasks = await self.get_job(job_id)
-                for task in tasks:
-                    if task.id in self.active:
-                        with contextlib.suppress(Conflict):
-                            await self.stop_task(task.id)
-                    elif never_started(task, self):
-                        with contextlib.suppress(Conflict, NotFound):
-                            await self.skip_task(task.id, f"job {job_id} was stopped")
-        await self.groups.settle()
+                rows = await self._job_rows(job_id)
+                async with self._turns_of_tasks(t.id for t in rows):
+                    await self._stop_job_tasks(job_id, rows)
+
+    async def _stop_job_tasks(self, job_id: str, stored: list[Task]) -> None:
+        """Interrupt the queued and running tasks, skip those not started, in one commit. Nothing
+        is awaited between reading a task's state and changing it: a result handled meanwhile
+        cannot slip in between."""
+        ops: list[WriteOp] = []
+        changed: list[TaskStateChanged] = []
+        ended: list[Task] = []
+        for row in stored:
+            task = self.active.get(row.id)
+            row = self._recent.get(row.id) or row  # what the task is now, its writes queued or not
+            if task is not None:
+                if task.state is TaskState.PENDING:
+                    detail = "stopped before it was dispatched"
+                else:
+                    self._send_stop(task)
+                    detail = "stopped by request"
+                task.error = "stopped by request"
+                task.finish_time = utcnow()
+                staged, event = self._change_state(task, TaskState.INTERRUPTED, detail)
+            elif never_started(row, self):
+                task = self._recent.pop(row.id, None) or row
+                task.reason = f"job {job_id} was stopped"
+                task.finish_time = utcnow()
+                staged, event = self._change_state(task, TaskState.SKIPPED, task.reason)
+                self._remember(task)
+            else:
+                continue
+            ops += staged
+            changed.append(event)
+            ended.append(task)
+        if not ops:
+            return
+        done = await self.writer.enqueue(*ops)
+        for event in changed:
+            self.events.emit(event)
+        # The coordinator is not told of each: the job is over, every task of it finished, and
+        # there is nothing left for it to start or skip.
+        for task in ended:
+            await self._round_task_ended(task)
+        await done
+
+    async def _job_rows(self, job_id: str) -> list[Task]:
+        """A job's stored tasks, read without waiting for the writer (a stop would wait behind
+        every result and dispatch queued before it). Every change of a task is made in memory
+        (`active`, `_recent`) before it is queued: read those first, not these rows, for the state."""
+        if await self.store.get_job(job_id) is None:
+            raise NotFound(f"job {job_id} not found")
+        rows = await self.store.group_tasks(job_id=job_id)
+        if any(row.id in self._evicted_unwritten for row in rows):
+            # Out of memory with writes still queued (rare): their rows are read once those are in.
+            await self.writer.barrier()
+            rows = await self.store.group_tasks(job_id=job_id)
+        return rows
+
+    @contextlib.asynccontextmanager
+    async def _turns_of_tasks(self, task_ids: Iterable[str]) -> AsyncIterator[None]:
+        """The turns (see _one_change_at_a_time) of many tasks, taken in one order so that two
+        callers cannot each hold one the other waits for."""
+        async with contextlib.AsyncExitStack() as stack:
+            for task_id in sorted(set(task_ids)):
+                await stack.enter_async_context(self._task_turns.hold(task_id))
+            yield
 
     @_one_change_at_a_time
     async def start_task(self, task_id: str, *, dependencies_met: bool = False) -> Task:
@@ -1054,6 +1173,19 @@ class ManagerCore:
         (callers that answer a client await it, or act once the change is stored); otherwise the
         write is queued without one.
         """
+        ops, event = self._change_state(task, new, detail)
+        fut = await self.writer.enqueue(*ops, then=then) if durable or then is not None else None
+        if fut is None:
+            await self.writer.submit(*ops)
+        self.events.emit(event)
+        if new.is_terminal and (task.workflow_id or task.job_id):
+            self.groups.finished(task)
+        await self._round_task_ended(task)
+        return fut
+
+    def _change_state(self, task: Task, new: TaskState, detail: str) -> tuple[tuple[WriteOp, ...], TaskStateChanged]:
+        """Apply a state change in memory; return its writes and its event, neither queued nor
+        announced yet (_transition does both; a job's start and stop gather many in one commit)."""
         old = task.state
         if new is not old and new not in ALLOWED_TRANSITIONS[old]:
             log.error("refusing transition %s -> %s of task %s (%s)", old.label, new.label, task.id, detail)
@@ -1066,16 +1198,12 @@ class ManagerCore:
             self.metrics.tasks_finished.labels(new.label).inc()
         ops = (self.store.op_update_task_state(task),
                self.store.op_task_event(TaskEvent(task.id, new, now, task.attempt, task.proplet_id, detail)))
-        fut = await self.writer.enqueue(*ops, then=then) if durable or then is not None else None
-        if fut is None:
-            await self.writer.submit(*ops)
-        self.events.emit(TaskStateChanged(task.id, task.name, old, new, now, task.proplet_id, detail))
-        if new.is_terminal and (task.workflow_id or task.job_id):
-            self.groups.finished(task)
-        if new.is_terminal and task.name.startswith(protocol.FL_ROUND_TASK_PREFIX) and "ROUND_ID" in task.env:
+        return ops, TaskStateChanged(task.id, task.name, old, new, now, task.proplet_id, detail)
+
+    async def _round_task_ended(self, task: Task) -> None:
+        if task.state.is_terminal and task.name.startswith(protocol.FL_ROUND_TASK_PREFIX) and "ROUND_ID" in task.env:
             # By its result, or failed when its proplet went offline, or stopped: the round hears of it.
             await self.federated.on_round_task_ended(task)
-        return fut
 
     def _forget(self, task: Task) -> None:
         """Drop a task from the dispatcher's structures and free its slot."""

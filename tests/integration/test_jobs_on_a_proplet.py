@@ -1,6 +1,7 @@
 """Jobs and workflows run by a real proplet (real wasmtime, the `add` module built from
 tests/wasm/add.wat) against a manager on SQLite and on PostgreSQL and a real Mosquitto: stops that
-race the start of a sequential job's next task, and re-runs of finished jobs and workflows."""
+race the start of a sequential job's next task, re-runs of finished jobs and workflows, and a
+manager killed in the middle of a job's re-run."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import pytest
 
 from core.domain import TaskState, TaskStateChanged, group_state
 from core.schemas import JobCreate
+from core.store.base import DatabaseTakenOver
 from proplet.agent import PropletAgent
 from proplet.config import PropletSettings
 from tests.conftest import unique
@@ -276,6 +278,94 @@ async def test_a_sequential_job_goes_on_after_a_manager_restart(managers_on_each
     finally:
         if first is not None:
             await first.__aexit__(None, None, None)
+
+
+class Crash:
+    """What a SIGKILL of the manager leaves in its database, at a chosen moment: every write
+    committed before it and none after. Wraps `manager`'s store: once a batch holding `marker` is
+    committed (`after_commit`) or reached (not `after_commit`), no write reaches the database any
+    more; `kill()` then stops the manager without storing what it still holds."""
+
+    def __init__(self, manager: Any, marker: str, *, after_commit: bool) -> None:
+        self.manager = manager
+        self.happened = asyncio.Event()
+        real = manager.store.apply
+
+        async def apply(ops: Any) -> None:
+            hit = any(isinstance(p, str) and marker in p for op in ops for p in op.params)
+            if self.happened.is_set() or (hit and not after_commit):
+                self.happened.set()
+                await asyncio.Event().wait()  # dead: never stored
+            await real(ops)
+            if hit:
+                self.happened.set()
+
+        manager.store.apply = apply
+
+    async def kill(self, started: Any, *doomed: asyncio.Future[Any]) -> None:
+        """Stop the manager (`started`: what started it) without storing anything more."""
+        for work in doomed:
+            work.cancel()
+        await asyncio.gather(*doomed, return_exceptions=True)
+        # As for a manager whose database was taken over: it stops without writing anything more.
+        self.manager.taken_over = DatabaseTakenOver("killed by the test")
+        await started.__aexit__(None, None, None)
+
+
+@pytest.mark.parametrize(("mode", "after_commit"), [("sequential", True), ("parallel", True),
+                                                    ("sequential", False)],
+                         ids=["sequential-killed-after-its-first-write", "parallel-killed-after-its-first-write",
+                              "sequential-killed-before-it-wrote"])
+async def test_a_manager_killed_while_rerunning_a_job_leaves_it_finished_or_runs_it_again(
+        managers_on_each_backend: Any, broker: Mosquitto, tmp_path: Path, mode: str, after_commit: bool) -> None:
+    """Before: a re-run (a start of a finished job) reset the job's tasks one commit at a time, then
+    queued its first tasks in more commits; a manager killed between two of them left the job half
+    reset, its reset tasks pending and never queued, and after a restart nothing started them: the
+    job stayed pending. Now the resets and the queueing of the first tasks are one commit, so a
+    restart finds either the job as it was (finished, and it can be started again) or the re-run
+    under way, which goes on to its end."""
+    first, second = add_task(inputs=(1, 1)), add_task(inputs=(2, 2))
+    last = add_task(first["id"], second["id"], inputs=(3, 3)) if mode == "parallel" else add_task(inputs=(3, 3))
+    ids = [first["id"], second["id"], last["id"]]
+    started = managers_on_each_backend()
+    manager = await started.__aenter__()
+    crash: Crash | None = None
+    try:
+        async with proplet_online(manager, broker, tmp_path, "rerun-p"):
+            job, _ = await manager.create_job(JobCreate.model_validate(
+                {"tasks": [first, second, last], "execution_mode": mode}))
+            await manager.start_job(job.id)
+            assert set((await finished(manager, ids, 1)).values()) == {TaskState.COMPLETED}
+
+            crash = Crash(manager, f"reset: job {job.id} runs again", after_commit=after_commit)
+            rerun = asyncio.ensure_future(manager.start_job(job.id))
+            await asyncio.wait_for(crash.happened.wait(), 10)
+            await crash.kill(started, rerun)
+            async with managers_on_each_backend() as restarted:
+                async def settled() -> list[int] | None:
+                    """How many runs each task has had, once every task has finished."""
+                    _, tasks = await restarted.get_job(job.id)
+                    if any(t.id in restarted.active or not t.state.is_terminal for t in tasks):
+                        return None
+                    return [len(await ends_of(restarted, tid)) for tid in ids]
+
+                try:
+                    runs = await eventually(settled, timeout=20)
+                except AssertionError:
+                    _, tasks = await restarted.get_job(job.id)
+                    raise AssertionError(f"job {job.id} left unfinished after the restart: "
+                                         f"{[(t.state.label, t.reason) for t in tasks]}") from None
+                # Killed after the commit that holds the re-run: it went on; before it: as it was.
+                assert runs == ([2, 2, 2] if after_commit else [1, 1, 1])
+                assert set((await finished(restarted, ids, runs[0])).values()) == {TaskState.COMPLETED}
+                if not after_commit:
+                    await restarted.start_job(job.id)
+                    assert set((await finished(restarted, ids, 2)).values()) == {TaskState.COMPLETED}
+                _, tasks = await restarted.get_job(job.id)
+                assert [t.results for t in tasks] == ["2", "4", "6"]
+    finally:
+        if crash is None:
+            await started.__aexit__(None, None, None)
 
 
 async def test_a_sequential_job_reads_depends_on_and_run_if(core: Any, api: httpx.AsyncClient) -> None:
