@@ -338,8 +338,12 @@ class ConsoleApp(App[None]):
             self.theme = wanted
             return
         self.theme = "propeller-dark"
-        self.notify(f"The theme '{self.settings.theme}' (console.theme) does not exist; using propeller-dark. "
-                    f"Themes: {', '.join(self.theme_names())}.", severity="warning", timeout=10)
+        origin = self.settings.origin("theme")
+        given = f"{origin} {self.settings.theme}" if origin.startswith("--") else \
+            f"{origin} ({self.settings.theme})"
+        self.notify(f"No theme '{self.settings.theme}' (given by {given}); using propeller-dark. Available themes: "
+                    f"{', '.join(self.theme_names())} (aliases: {', '.join(ALIASES)}).", severity="warning",
+                    timeout=10)
 
     def _apply_keymap(self) -> None:
         keymap = dict(self.settings.keymap)

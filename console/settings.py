@@ -17,16 +17,19 @@ console:
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from core import paths
 from core.config import SectionSettings
 
 DEFAULT_THEME = "propeller-dark"
+# The `propeller` flags that set console settings (propeller/cli.py), for messages about a value given.
+FLAGS = {"theme": "--theme", "read_only": "--read-only", "mouse": "--mouse/--no-mouse"}
 
 
 class FirmwareSettings(BaseModel):
@@ -98,10 +101,26 @@ class ConsoleSettings(SectionSettings):
         return value
 
 
+    # The settings given by flags the user typed (load_settings), so a message about a value names
+    # what the user wrote: `--theme nosuch`, not the config file's `console.theme`.
+    _from_flags: frozenset[str] = PrivateAttr(default_factory=frozenset)
+
     def all_theme_dirs(self) -> list[Path]:
         return [paths.config_dir() / "themes", *self.theme_dirs]
+
+    def origin(self, name: str) -> str:
+        """Where the user gave this setting's value: the flag, the environment variable or the config file."""
+        if name in self._from_flags:
+            return FLAGS.get(name, f"--{name.replace('_', '-')}")
+        variable = f"{self.model_config.get('env_prefix', '')}{name}".upper()
+        if any(key.upper() == variable for key in os.environ):
+            return variable
+        return f"console.{name} in the config file"
 
 
 def load_settings(**overrides: Any) -> ConsoleSettings:
     """The console settings with the given overrides (None values are ignored: flags not typed)."""
-    return ConsoleSettings(**{k: v for k, v in overrides.items() if v is not None})
+    typed = {k: v for k, v in overrides.items() if v is not None}
+    settings = ConsoleSettings(**typed)
+    settings._from_flags = frozenset(typed)
+    return settings

@@ -145,6 +145,26 @@ async def test_themes_switch_at_run_time_and_come_from_the_config(console: Any, 
         assert app.theme == "ansi-dark"
 
 
+async def test_an_unknown_theme_is_reported_under_the_name_the_user_gave_it(
+        console: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`propeller --theme nosuch` warned about `console.theme`, a setting the user had not touched."""
+    from console.settings import load_settings
+
+    def warning(app: Any) -> str:
+        return next(n.message for n in app._notifications if "nosuch" in n.message)
+
+    async with console(settings=load_settings(theme="nosuch")) as (app, pilot, _core):  # as run_console does
+        await until(pilot, lambda: warning(app))
+        message = warning(app)
+        assert "--theme nosuch" in message and "console.theme" not in message
+        assert "propeller-dark" in message and "propeller-light" in message and "ansi-light" in message
+        assert app.theme == "propeller-dark"
+    monkeypatch.setenv("PROPELLER_CONSOLE_THEME", "nosuch")
+    async with console(settings=load_settings()) as (app, pilot, _core):
+        await until(pilot, lambda: warning(app))
+        assert "PROPELLER_CONSOLE_THEME" in warning(app) and "--theme" not in warning(app)
+
+
 async def test_user_theme_files_are_loaded_and_bad_ones_reported(console: Any, tmp_path: Path) -> None:
     themes = tmp_path / "themes"
     themes.mkdir()
