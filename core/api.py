@@ -310,6 +310,9 @@ def create_app(core: ManagerCore) -> FastAPI:
         metadata: Annotated[str | None, Query(description="JSON object the task metadata must contain")] = None,
         state: Annotated[str | None, Query(description="Comma-separated states (names or numbers)")] = None,
         proplet_id: str | None = None,
+        id_prefix: Annotated[str | None, Query(
+            description="Tasks whose id starts with this (hex digits and '-', e.g. the 8 characters the "
+                        "console shows); answered from the primary key's index")] = None,
     ) -> dict[str, Any]:
         _page(offset, limit, max_limit=100)
         meta = None
@@ -328,7 +331,7 @@ def create_app(core: ManagerCore) -> FastAPI:
                 raise InvalidRequest(
                     f"unknown state in {state!r}: use {', '.join(s.label for s in TaskState)}") from None
         page = await core.list_tasks(offset=offset, limit=limit, metadata=meta, states=states,
-                                     proplet_id=proplet_id)
+                                     proplet_id=proplet_id, id_prefix=id_prefix)
         return {"offset": offset, "limit": limit, "total": page.total,
                 "tasks": [view(t) for t in page.items]}
 

@@ -565,11 +565,13 @@ class ManagerCore:
         metadata: dict[str, Any] | None = None,
         states: Sequence[TaskState] | None = None,
         proplet_id: str | None = None,
+        id_prefix: str | None = None,
     ) -> Page[Task]:
         await self.writer.barrier()
         try:
             return await self.store.list_tasks(
-                offset=offset, limit=limit, metadata=metadata, states=states, proplet_id=proplet_id
+                offset=offset, limit=limit, metadata=metadata, states=states, proplet_id=proplet_id,
+                id_prefix=id_prefix,
             )
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None

@@ -275,9 +275,48 @@ def _unset_time(value: Any) -> bool:
     return isinstance(value, str) and value.startswith("0001-")
 
 
+# The console shows the first 8 characters of a task id; the task commands take any unique start
+# of at least this many hex digits.
+MIN_ID_PREFIX = 4
+_SHOWN_MATCHES = 10
+
+
+def _full_task_id(client: Any, text: str) -> str:
+    """The task id that `text` (a whole id, or a unique start of one) names, found with the API's
+    `id_prefix` filter; an unknown or ambiguous start is an error that says what to type."""
+    import uuid
+
+    text = text.strip()
+    try:
+        uuid.UUID(text)
+        return text
+    except ValueError:
+        pass
+    if not text or any(c not in "0123456789abcdefABCDEF-" for c in text):
+        raise click.BadParameter(f"{text!r} is not hex: give a task id or its start, as `propeller tasks list` "
+                                 "or the console shows it", param_hint="TASK_ID")
+    if sum(c != "-" for c in text) < MIN_ID_PREFIX:
+        raise click.BadParameter(f"{text!r} is too short: give at least {MIN_ID_PREFIX} hex digits of the task id",
+                                 param_hint="TASK_ID")
+    page = _run(lambda: client.list_tasks(0, _SHOWN_MATCHES, id_prefix=text))
+    ids = [t["id"] for t in page["tasks"]]
+    if page["total"] == 1 and ids:
+        return str(ids[0])
+    if not ids:
+        raise click.ClickException(f"no task id starts with {text}; `propeller tasks list` shows the tasks")
+    more = f"\n  ... and {page['total'] - len(ids)} more" if page["total"] > len(ids) else ""
+    raise click.ClickException(f"{text} matches {page['total']} tasks; give more of the id:\n  "
+                               + "\n  ".join(f"{t['id']}  {t['name']}  {t.get('state_name', '')}"
+                                              for t in page["tasks"]) + more)
+
+
 @main.group()
 def tasks() -> None:
-    """Create, start, stop and inspect tasks on a running manager."""
+    """Create, start, stop and inspect tasks on a running manager.
+
+    TASK_ID may be a task's whole id or a unique start of it, at least 4 hex digits (the console
+    shows 8).
+    """
 
 
 @tasks.command("create")
@@ -401,6 +440,7 @@ def _exit_for_outcome(task: dict[str, Any], wait_s: float) -> None:
 def tasks_start(task_id: str, wait_s: float | None, manager_url: str, token: str | None, as_json: bool) -> None:
     """Start (or re-run) a task. With --wait, the exit codes are those of `tasks create --help`."""
     with ManagerClient(manager_url, token) as client:
+        task_id = _full_task_id(client, task_id)
         _run(lambda: client.start_task(task_id))
         task = _wait_for(client, task_id, wait_s) if wait_s else _run(lambda: client.get_task(task_id))
     _show(task, as_json, _task_detail)
@@ -413,8 +453,10 @@ def tasks_start(task_id: str, wait_s: float | None, manager_url: str, token: str
 @_client_options
 def tasks_stop(task_id: str, manager_url: str, token: str | None, as_json: bool) -> None:
     """Stop a queued or running task."""
-    _fetch_and_show(manager_url, token, as_json, lambda client: client.stop_task(task_id),
-                    lambda d: click.echo(f"stopped {task_id}"))
+    with ManagerClient(manager_url, token) as client:
+        task_id = _full_task_id(client, task_id)
+        data = _run(lambda: client.stop_task(task_id))
+    _show(data, as_json, lambda d: click.echo(f"stopped {task_id}"))
 
 
 @tasks.command("get")
@@ -424,6 +466,7 @@ def tasks_stop(task_id: str, manager_url: str, token: str | None, as_json: bool)
 def tasks_get(task_id: str, with_events: bool, manager_url: str, token: str | None, as_json: bool) -> None:
     """Show one task."""
     with ManagerClient(manager_url, token) as client:
+        task_id = _full_task_id(client, task_id)
         task = _run(lambda: client.get_task(task_id))
         events = _run(lambda: client.events(task_id))["events"] if with_events else None
     if as_json:
@@ -453,6 +496,7 @@ def tasks_list(state: str | None, limit: int, offset: int, manager_url: str, tok
 def tasks_results(task_id: str, manager_url: str, token: str | None, as_json: bool) -> None:
     """Print a task's result (or its error)."""
     with ManagerClient(manager_url, token) as client:
+        task_id = _full_task_id(client, task_id)
         data = _run(lambda: client.results(task_id))
 
     def render(d: dict[str, Any]) -> None:
@@ -469,9 +513,10 @@ def tasks_results(task_id: str, manager_url: str, token: str | None, as_json: bo
 @_client_options
 def tasks_delete(task_id: str, yes: bool, manager_url: str, token: str | None, as_json: bool) -> None:
     """Delete a task (a running one is stopped first)."""
-    if not yes:
-        click.confirm(f"Delete task {task_id}?", abort=True)
     with ManagerClient(manager_url, token) as client:
+        task_id = _full_task_id(client, task_id)
+        if not yes:
+            click.confirm(f"Delete task {task_id}?", abort=True)
         _run(lambda: client.delete_task(task_id))
     _show({"deleted": task_id}, as_json, lambda d: click.echo(f"deleted {task_id}"))
 

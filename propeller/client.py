@@ -53,10 +53,13 @@ class ManagerClient:
     def create_task(self, body: dict[str, Any]) -> dict[str, Any]:
         return self.request("POST", "/tasks", json=body)
 
-    def list_tasks(self, offset: int = 0, limit: int = 100, state: str | None = None) -> dict[str, Any]:
+    def list_tasks(self, offset: int = 0, limit: int = 100, state: str | None = None,
+                   id_prefix: str | None = None) -> dict[str, Any]:
         params: dict[str, Any] = {"offset": offset, "limit": limit}
         if state:
             params["state"] = state
+        if id_prefix:
+            params["id_prefix"] = id_prefix
         return self.request("GET", "/tasks", params=params)
 
     def get_task(self, task_id: str) -> dict[str, Any]:

@@ -40,6 +40,27 @@ METADATA_KEY = re.compile(r"^[a-zA-Z0-9._\-]+$")
 # level, and its parser gives up ("parser stack overflow") at about eight; the same bound on both
 # backends so that a filter works on either.
 METADATA_FILTER_DEPTH = 6
+# A task id's start, as the console shows it (8 characters) or longer: hex digits and the dashes of a UUID.
+TASK_ID_PREFIX = re.compile(r"[0-9a-f-]{1,36}")
+_HEX = "0123456789abcdef"
+
+
+def _id_prefix_clause(id_prefix: str, params: list[Any]) -> str:
+    """Ids that start with `id_prefix`: a range on the primary key, which both backends answer from
+    its index (a bare LIKE is a full scan on PostgreSQL outside the C collation), then LIKE for
+    exactness. The prefix holds hex digits and dashes only, so it has no LIKE wildcards to escape."""
+    prefix = id_prefix.strip().lower()
+    if not TASK_ID_PREFIX.fullmatch(prefix):
+        raise ValueError(f"invalid id prefix {id_prefix!r}: use the start of a task id (hex digits and "
+                         "'-', at most 36 characters)")
+    bare = prefix.rstrip("-")
+    if not bare:
+        params.append(prefix + "%")
+        return "id LIKE ?"
+    # The next hex digit bounds the range; after 'f', 'g' (a letter after every hex digit in any collation).
+    following = "g" if bare[-1] == "f" else _HEX[_HEX.index(bare[-1]) + 1]
+    params.extend((bare, bare[:-1] + following, prefix + "%"))
+    return "id >= ? AND id < ? AND id LIKE ?"
 
 
 def _nesting(value: Any) -> int:
@@ -418,8 +439,9 @@ class Store(abc.ABC):
         metadata: dict[str, Any] | None = None,
         states: Sequence[TaskState] | None = None,
         proplet_id: str | None = None,
+        id_prefix: str | None = None,
     ) -> Page[Task]:
-        where, params = self._task_filter(metadata, states, proplet_id)
+        where, params = self._task_filter(metadata, states, proplet_id, id_prefix)
         async with self.connection() as conn:
             total = (await conn.fetch(f"SELECT COUNT(*) FROM tasks{where}", params))[0][0]
             rows = await conn.fetch(
@@ -433,9 +455,12 @@ class Store(abc.ABC):
         metadata: dict[str, Any] | None,
         states: Sequence[TaskState] | None,
         proplet_id: str | None,
+        id_prefix: str | None = None,
     ) -> tuple[str, list[Any]]:
         clauses: list[str] = []
         params: list[Any] = []
+        if id_prefix is not None:
+            clauses.append(_id_prefix_clause(id_prefix, params))
         if metadata:
             for key, value in metadata.items():
                 if not METADATA_KEY.match(key):

@@ -329,3 +329,33 @@ async def test_ctrl_c_while_waiting_names_the_started_task_and_exits_130(serve: 
     help_text = (await cli(serve, "tasks", "create", "--help")).stdout
     assert re.search(r"130\s+interrupted by Ctrl-C", help_text), help_text
     serve.stop()
+
+
+async def test_task_commands_take_the_consoles_short_ids(serve: Serve) -> None:
+    # The console shows 8 characters of a task id; `tasks get` answered "400 ... task ids are UUIDs".
+    serve.start()
+    twins = ["beefcafe-0000-4000-8000-000000000001", "beefcafe-0000-4000-8000-000000000002"]
+    file = base64.b64encode(WASM).decode()
+    async with httpx.AsyncClient(base_url=serve.url) as api:
+        made = await api.post("/workflows", json={"tasks": [{"id": i, "name": "add", "file": file} for i in twins]})
+        assert made.status_code == 201, made.text
+        lone = (await api.post("/tasks", json={"name": "add", "file": file})).json()["id"]
+    short = lone[:8]
+    got = await cli(serve, "tasks", "get", short, "--events")
+    assert got.returncode == 0 and re.search(rf"^id\s+{lone}\s*$", got.stdout, re.MULTILINE), got.stderr
+    assert json.loads((await cli(serve, "tasks", "results", short, "--json")).stdout)["state"] == 0
+    ambiguous = await cli(serve, "tasks", "get", "beefcafe")
+    assert ambiguous.returncode == 1 and "beefcafe matches 2 tasks" in ambiguous.stderr, ambiguous.stderr
+    assert all(i in ambiguous.stderr for i in twins)
+    assert (await cli(serve, "tasks", "get", "beefcafe-0000-4000-8000-000000000002")).returncode == 0
+    assert (await cli(serve, "tasks", "get", "BEEFCAFE-0000-4000-8000-00000000000")).returncode == 1
+    missing = await cli(serve, "tasks", "get", "0000dead")
+    assert missing.returncode == 1 and "no task id starts with 0000dead" in missing.stderr, missing.stderr
+    short_prefix = await cli(serve, "tasks", "get", "bee")
+    assert short_prefix.returncode == 2 and "at least 4" in short_prefix.stderr, short_prefix.stderr
+    assert "not hex" in (await cli(serve, "tasks", "get", "zzzzzzzz")).stderr
+    stopped = await cli(serve, "tasks", "stop", "beefcafe-0000-4000-8000-0000000000")
+    assert stopped.returncode == 1 and "matches 2 tasks" in stopped.stderr
+    deleted = await cli(serve, "tasks", "delete", short, "--yes")
+    assert deleted.returncode == 0 and f"deleted {lone}" in deleted.stdout, deleted.stderr
+    serve.stop()

@@ -137,6 +137,19 @@ async def test_list_with_pagination_state_and_metadata_filters(api: httpx.AsyncC
         assert r.status_code == 400 and "offset must be at most" in r.json()["error"], (path, r.text)
 
 
+async def test_list_by_id_prefix(api: httpx.AsyncClient) -> None:
+    # The console shows 8 characters of an id; the CLI resolves them through this filter.
+    tid = (await create(api))["id"]
+    await create(api)
+    got = (await api.get("/tasks", params={"id_prefix": tid[:8]})).json()
+    assert [x["id"] for x in got["tasks"]] == [tid] and got["total"] == 1
+    assert (await api.get("/tasks", params={"id_prefix": tid[:8].upper()})).json()["total"] == 1
+    r = await api.get("/tasks", params={"id_prefix": "not hex"})
+    assert r.status_code == 400 and "id prefix" in r.json()["error"], r.text
+    schema = (await api.get("/openapi.json")).json()
+    assert "id_prefix" in {p["name"] for p in schema["paths"]["/tasks"]["get"]["parameters"]}
+
+
 @pytest.mark.parametrize(("method", "path"), [
     ("GET", "/tasks/{id}"), ("PUT", "/tasks/{id}"), ("DELETE", "/tasks/{id}"), ("POST", "/tasks/{id}/start"),
     ("POST", "/tasks/{id}/stop"), ("GET", "/tasks/{id}/results"), ("GET", "/tasks/{id}/metrics"),

@@ -117,6 +117,29 @@ async def test_list_pagination_order_and_filters(store: Store) -> None:
         await store.list_tasks(metadata={"bad key'": 1})
 
 
+async def test_an_id_prefix_filter_matches_the_start_of_the_id_on_both_backends(store: Store) -> None:
+    # What `propeller tasks get 1a2b3c4d` resolves the console's 8-character ids through.
+    ids = ["1a2b3c4d-0000-4000-8000-000000000001", "1a2b3c4d-0000-4000-8000-000000000002",
+           "1a2b3c4f-0000-4000-8000-000000000003", "1a2b3c3f-0000-4000-8000-000000000004",
+           "fa2b3c4d-0000-4000-8000-000000000005"]
+    await write(store, *(store.op_insert_task(make_task(id=i)) for i in ids))
+
+    async def matching(prefix: str) -> list[str]:
+        return sorted(t.id for t in (await store.list_tasks(id_prefix=prefix)).items)
+
+    assert await matching("1a2b3c4d") == ids[:2]
+    assert await matching("1A2B3C4D-0000-4000-8000-000000000002") == [ids[1]]
+    assert await matching("1a2b3c4d-") == ids[:2]
+    assert await matching("1a2b3c4") == ids[:3]
+    assert await matching("1a2b3c") == sorted(ids[:4])
+    assert await matching("f") == [ids[4]]
+    assert await matching("1a2b3c4e") == []
+    assert (await store.list_tasks(id_prefix="1a2b", limit=1)).total == 4
+    for bad in ("1a2%", "1a2_", "xyz", "1" * 37):
+        with pytest.raises(ValueError, match="id prefix"):
+            await store.list_tasks(id_prefix=bad)
+
+
 async def test_a_metadata_filter_is_json_containment_on_both_backends(store: Store) -> None:
     """The filter is a JSON object the metadata must contain (PostgreSQL's `@>`). SQLite compared
     json_extract() with the value: true matched 1 and 1 matched true, null matched nothing, and a
