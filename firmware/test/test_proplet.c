@@ -455,6 +455,56 @@ static void does_not_resend_on_a_timer_while_disconnected(void **state)
     assert_int_equal(fake_count(TOPIC_RESULTS), 3); /* connected again: the timer resumes */
 }
 
+/* A manager that confirmed results before and now lets one wait may know this proplet only from its
+ * heartbeats (deleted while online, or a manager on a new database): without the discovery's
+ * capabilities it never confirms. A result waiting its resend period makes the proplet announce
+ * itself again before sending it, at most once per period. */
+static void announces_itself_again_when_a_result_waits_unconfirmed(void **state)
+{
+    (void)state;
+    proplet_on_connected(p);
+    assert_int_equal(fake_count(TOPIC_CREATE), 1);
+    start("t-53", "add", "\"1\",\"1\"", "");
+    assert_true(proplet_run_next(p));
+    deliver(TOPIC_RESULT_ACK, "{\"task_id\":\"t-0\",\"proplet_id\":\"dev-1\",\"attempt\":1}");
+    proplet_tick(p);
+    assert_int_equal(fake_count(TOPIC_CREATE), 1); /* nothing waits long enough yet */
+    size_t before = fake.count;
+    fake.now += PROPLET_RESULT_RESEND_MS;
+    proplet_tick(p);
+    assert_int_equal(fake_count(TOPIC_CREATE), 2);
+    expect_contains(fake_published(TOPIC_CREATE, 1), "\"capabilities\":[\"task_state\",\"result_ack\"]");
+    /* The discovery goes out first, so the manager knows the proplet confirms results. */
+    assert_string_equal(fake.messages[before].topic, PREFIX "control/proplet/create");
+    assert_string_equal(fake.messages[before + 1].topic, PREFIX "control/proplet/results");
+    /* Two results due together bring one discovery; ticks within the period bring none. */
+    start("t-54", "add", "\"2\",\"2\"", "");
+    assert_true(proplet_run_next(p));
+    fake.now += PROPLET_RESULT_RESEND_MS / 2;
+    proplet_tick(p);
+    assert_int_equal(fake_count(TOPIC_CREATE), 2);
+    fake.now += PROPLET_RESULT_RESEND_MS / 2;
+    proplet_tick(p);
+    assert_int_equal(fake_count(TOPIC_CREATE), 3);
+    assert_int_equal(fake_count(TOPIC_RESULTS), 5);
+    fake.now += PROPLET_RESULT_RESEND_MS - 1;
+    proplet_tick(p);
+    assert_int_equal(fake_count(TOPIC_CREATE), 3);
+    fake.now += 1;
+    proplet_tick(p);
+    assert_int_equal(fake_count(TOPIC_CREATE), 4);
+    assert_int_equal(fake_count(TOPIC_RESULTS), 7);
+    /* Confirmed: nothing waits, so no more discoveries. */
+    deliver(TOPIC_RESULT_ACK, "{\"task_id\":\"t-53\",\"proplet_id\":\"dev-1\",\"attempt\":1,"
+                              "\"more\":[[\"t-54\",1]]}");
+    for (int i = 0; i < 3; i++) {
+        fake.now += PROPLET_RESULT_RESEND_MS;
+        proplet_tick(p);
+    }
+    assert_int_equal(fake_count(TOPIC_CREATE), 4);
+    assert_int_equal(fake_count(TOPIC_RESULTS), 7);
+}
+
 static void asks_for_json_chunks_once_binary_ones_never_arrived(void **state)
 {
     (void)state;
@@ -639,6 +689,7 @@ int main(void)
         TEST(keeps_results_the_broker_did_not_take_until_it_is_back),
         TEST(sends_a_result_again_until_the_manager_acknowledges_it),
         TEST(does_not_resend_on_a_timer_while_disconnected),
+        TEST(announces_itself_again_when_a_result_waits_unconfirmed),
         TEST(asks_for_json_chunks_once_binary_ones_never_arrived),
         TEST(asks_again_for_missing_chunks_then_gives_up),
         TEST(fails_at_once_when_the_registry_cannot_serve),

@@ -317,3 +317,25 @@ async def test_results_are_acknowledged_by_the_manager_and_not_sent_again(manage
             await asyncio.sleep(6)  # longer than the device's resend interval
             sent = [r for r in wire.messages(t.RESULTS) if r["task_id"] == done.id]
             assert len(sent) == 1, proplet.log
+
+
+async def test_a_proplet_deleted_while_online_announces_itself_again_once_results_wait(
+        manager_factory, host_proplets, wasm, broker) -> None:
+    """Deleted while online, the device comes back by its heartbeats alone: the manager lacks its
+    capabilities, so it never confirms its results. A result left unconfirmed for the resend period
+    (5 s) makes the device send its discovery again before the result, and the manager confirms."""
+    async with manager_factory() as core:
+        topics = Topics(core.settings.tenant_id, core.settings.channel_id)
+        async with WireClient(broker.url, topics, subscribe=[t.RESULT_ACK]) as wire:
+            proplet = host_proplets(core, "esp-deleted")
+            await online(core, "esp-deleted")
+            done = await run_task(core, "esp-deleted", name="add", file=module(wasm["add"]), inputs=["1", "2"])
+            await wire.expect(t.RESULT_ACK, lambda a: a["task_id"] == done.id)  # the device sees acks
+            await core.delete_proplet("esp-deleted")
+            p = await online(core, "esp-deleted", timeout=5)  # back by its next heartbeat
+            assert "result_ack" not in p.capabilities
+            done = await run_task(core, "esp-deleted", name="add", file=module(wasm["add"]), inputs=["40", "2"])
+            assert done.results == "42", proplet.log
+            await wire.expect(t.RESULT_ACK, lambda a: a["task_id"] == done.id, timeout=15)
+            assert "result_ack" in core.proplets["esp-deleted"].capabilities
+            assert proplet.log.count("announcing this proplet again") == 1, proplet.log

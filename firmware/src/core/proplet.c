@@ -284,11 +284,43 @@ static void send_alive(proplet_t *p, char *buf)
     send(p, TOPIC_ALIVE, buf, protocol_encode_alive(&msg, buf, PROPLET_MSG_MAX));
 }
 
+/* The discovery (create): who this proplet is and what it can do, capabilities included. The
+ * caller passes its own thread's buffer. */
+static void send_discovery(proplet_t *p, char *buf)
+{
+    char ip[48] = "";
+    if (p->port.network_address != NULL)
+        p->port.network_address(p->port.ctx, ip, sizeof ip);
+    discovery_msg_t msg = {
+        .proplet_id = p->cfg.proplet_id,
+        .namespace_ = PROPLET_NAMESPACE,
+        .description = p->cfg.description,
+        .os = p->cfg.os,
+        .hostname = p->cfg.hostname,
+        .cpu_arch = p->cfg.cpu_arch,
+        .ip = ip,
+        .wasm_runtime = engine_name(),
+        .proplet_version = PROPLET_VERSION,
+        .total_memory_bytes = p->cfg.total_memory_bytes,
+        .max_concurrent_tasks = p->cfg.slots,
+        .heartbeat_interval_s = p->cfg.heartbeat_ms / 1000.0,
+        .max_module_bytes = p->cfg.max_module_bytes,
+        .capabilities = capabilities,
+        .capability_count = sizeof capabilities / sizeof capabilities[0],
+    };
+    send(p, TOPIC_CREATE, buf, protocol_encode_discovery(&msg, buf, PROPLET_MSG_MAX));
+}
+
 /* Send again the results the manager may not have: after a connect (`reconnected`) every one not
  * acknowledged (without acknowledgements, the recent ones and those never sent), otherwise those
  * sent but unacknowledged for PROPLET_RESULT_RESEND_MS (a result that could not go out at all
  * waits for the connect: trying it on every tick would only log failures). Oldest first; stops at
- * the first that does not go out. */
+ * the first that does not go out.
+ *
+ * On the timer, the discovery goes out again before the first due result, at most once per
+ * PROPLET_RESULT_RESEND_MS: a manager that confirmed results before and now lets them wait may know
+ * this proplet only from its heartbeats (it was deleted while online, or the manager started on a
+ * new database), and without the discovery's capabilities it never confirms. */
 static void resend_results(proplet_t *p, char *buf, bool reconnected)
 {
     for (size_t n = 0; n < PROPLET_RECENT_TASKS; n++) {
@@ -303,6 +335,10 @@ static void resend_results(proplet_t *p, char *buf, bool reconnected)
                                          || now - r->finished_ms < PROPLET_UNCONFIRMED_TTL_MS
                                    : p->connected && p->acks_seen && r->sent_ms != 0
                                          && now - r->sent_ms >= PROPLET_RESULT_RESEND_MS);
+        /* Claimed under the lock: a connect on the MQTT thread announces too. */
+        bool rediscover = due && !reconnected && now - p->discovery_ms >= PROPLET_RESULT_RESEND_MS;
+        if (rediscover)
+            p->discovery_ms = now;
         if (due) {
             memcpy(ref.id, r->id, sizeof ref.id);
             ref.attempt = r->attempt;
@@ -313,6 +349,11 @@ static void resend_results(proplet_t *p, char *buf, bool reconnected)
         unlock(p);
         if (!due)
             continue;
+        if (rediscover) {
+            plog(p, PROPLET_LOG_INFO, "announcing this proplet again: the result of task %s waits "
+                 "unconfirmed (does the manager know this proplet only from its heartbeats?)", ref.id);
+            send_discovery(p, buf);
+        }
         bool sent = send_result(p, &ref, results, error[0] != '\0' ? error : NULL, buf);
         if (!sent)
             return; /* disconnected: the next connect tries again */
@@ -337,29 +378,10 @@ void proplet_on_connected(proplet_t *p)
 {
     lock(p);
     p->connected = true;
+    p->discovery_ms = now_ms(p);
     unlock(p);
-    char ip[48] = "";
-    if (p->port.network_address != NULL)
-        p->port.network_address(p->port.ctx, ip, sizeof ip);
-    discovery_msg_t msg = {
-        .proplet_id = p->cfg.proplet_id,
-        .namespace_ = PROPLET_NAMESPACE,
-        .description = p->cfg.description,
-        .os = p->cfg.os,
-        .hostname = p->cfg.hostname,
-        .cpu_arch = p->cfg.cpu_arch,
-        .ip = ip,
-        .wasm_runtime = engine_name(),
-        .proplet_version = PROPLET_VERSION,
-        .total_memory_bytes = p->cfg.total_memory_bytes,
-        .max_concurrent_tasks = p->cfg.slots,
-        .heartbeat_interval_s = p->cfg.heartbeat_ms / 1000.0,
-        .max_module_bytes = p->cfg.max_module_bytes,
-        .capabilities = capabilities,
-        .capability_count = sizeof capabilities / sizeof capabilities[0],
-    };
     char *buf = p->inbound_out[0];
-    send(p, TOPIC_CREATE, buf, protocol_encode_discovery(&msg, buf, PROPLET_MSG_MAX));
+    send_discovery(p, buf);
     resend_results(p, buf, true);
     send_alive(p, buf);
     lock(p);

@@ -131,6 +131,9 @@ typedef struct proplet {
      * disconnected (into a bounded buffer): timed resends wait for the connection, or each would
      * add another copy to that buffer. */
     bool connected;
+    /* When the discovery last went out (on a connect, or again because results waited unconfirmed):
+     * the timed one goes out at most once per PROPLET_RESULT_RESEND_MS. */
+    uint64_t discovery_ms;
     uint64_t next_heartbeat_ms;
     uint64_t next_metrics_ms;
     proplet_counters_t counters;
