@@ -39,6 +39,13 @@ class ModuleSource:
 
 
 def _read_module(path: Path) -> tuple[bytes, tuple[str, ...]]:
+    raw = module_bytes(path)
+    return raw, function_exports(raw, path)
+
+
+def module_bytes(path: Path) -> bytes:
+    """The binary module in a local file: a .wasm as it is, WebAssembly text (.wat, or a file that
+    starts with '(') compiled to binary. The CLI's --wasm reads files through this too."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -53,7 +60,7 @@ def _read_module(path: Path) -> tuple[bytes, tuple[str, ...]]:
             raw = wasmtime.wat2wasm(raw.decode(errors="replace"))
         except Exception as exc:
             raise FieldError("module", f"{path} is not valid WebAssembly text: {_first_line(exc)}") from None
-    return raw, function_exports(raw, path)
+    return raw
 
 
 def _first_line(exc: BaseException) -> str:

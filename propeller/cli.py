@@ -322,7 +322,8 @@ def tasks() -> None:
 @tasks.command("create")
 @click.argument("name")
 @click.option("--wasm", "source", required=True,
-              help="The module: a local .wasm file, an http(s):// URL, or an OCI reference.")
+              help="The module: a local .wasm file (or .wat text, compiled here), an http(s):// URL, or "
+                   "an OCI reference.")
 @click.option("--input", "-i", "inputs", multiple=True, help="An argument (repeat for several).")
 @click.option("--env", "-e", multiple=True, help="KEY=VALUE for the guest (repeat for several).")
 @click.option("--arg", "cli_args", multiple=True, help="A runtime CLI argument (repeat).")
@@ -522,8 +523,8 @@ def tasks_delete(task_id: str, yes: bool, manager_url: str, token: str | None, a
 
 
 def _group_body(path: str) -> dict[str, Any]:
-    """A workflow or job body from a JSON file; a task's `wasm` (a local .wasm, an http(s) URL or
-    an OCI reference) becomes its `file` or `image_url`, as in `tasks create --wasm`."""
+    """A workflow or job body from a JSON file; a task's `wasm` (a local .wasm or .wat, an http(s)
+    URL or an OCI reference) becomes its `file` or `image_url`, as in `tasks create --wasm`."""
     from propeller.client import module_fields
 
     body = _json_file(path)

@@ -133,14 +133,18 @@ class ManagerClient:
 
 
 def module_fields(source: str) -> dict[str, str]:
-    """Task fields for a module given as a local .wasm path, an http(s) URL or an OCI reference."""
+    """Task fields for a module given as a local .wasm or .wat path, an http(s) URL or an OCI reference."""
     if source.startswith(("http://", "https://")):
         return {"image_url": source}
     path = Path(source).expanduser()
     if path.exists():
-        data = path.read_bytes()
-        if not data.startswith(b"\0asm"):
-            raise ApiError(f"{path} is not a WebAssembly module (it does not start with \\0asm)")
+        # As the console's dispatch form reads a file: WebAssembly text is compiled here.
+        from console.modules import FieldError, module_bytes
+
+        try:
+            data = module_bytes(path)
+        except FieldError as exc:
+            raise ApiError(str(exc)) from None
         return {"file": base64.b64encode(data).decode("ascii")}
     # An OCI reference is host/repository[:tag|@digest]; anything shaped like a path, or naming a
     # .wasm/.wat file (as the console's dispatch form reads it), is a file.

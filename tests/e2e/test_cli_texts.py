@@ -150,3 +150,27 @@ def test_a_proplet_that_finds_no_broker_names_the_setting_to_change() -> None:
 
     text = describe_connect_error(BrokerAddress("localhost", 1883), ConnectionRefusedError(), "PROPLET_MQTT_ADDRESS")
     assert "(a manager here with no broker configured, `propeller serve` or the console, starts one)" in text
+
+
+def test_wasm_takes_a_wat_file_as_the_consoles_dispatch_form_does(tmp_path: Path) -> None:
+    # --wasm refused .wat ("does not start with \0asm") while the dispatch form compiled it.
+    import base64
+
+    wat = tmp_path / "add.wat"
+    wat.write_text('(module (func (export "add") (param i32 i32) (result i32) local.get 0 local.get 1 i32.add))')
+    data = base64.b64decode(module_fields(str(wat))["file"])
+    assert data.startswith(b"\0asm")
+    from console.modules import function_exports
+
+    assert function_exports(data) == ("add",)
+    bad = tmp_path / "bad.wat"
+    bad.write_text("(module (func (export \"f\") not-an-instruction))")
+    with pytest.raises(ApiError, match="not valid WebAssembly"):
+        module_fields(str(bad))
+    text = tmp_path / "notes.wasm"
+    text.write_text("hello")
+    with pytest.raises(ApiError, match="not a WebAssembly module"):
+        module_fields(str(text))
+    out = run("tasks", "create", "add", "--wasm", str(wat), "--manager-url", "http://127.0.0.1:9")
+    assert out.returncode == 1 and "Cannot reach the manager" in out.stderr, out.stderr
+    assert ".wat" in run("tasks", "create", "--help").stdout
