@@ -530,10 +530,17 @@ def _group_body(path: str) -> dict[str, Any]:
     body = _json_file(path)
     if not isinstance(body, dict) or not isinstance(body.get("tasks"), list):
         raise click.BadParameter(f'{path} must hold a JSON object with a "tasks" list')
+    folder = _folder_of(path)
     for task in body["tasks"]:
         if isinstance(task, dict) and "wasm" in task:
-            task.update(_run(lambda t=task: module_fields(str(t.pop("wasm")))))
+            task.update(_run(lambda t=task: module_fields(str(t.pop("wasm")), folder)))
     return body
+
+
+def _folder_of(path: str) -> Path:
+    """Where a JSON file's relative `wasm` paths are read from: the file's own folder (as
+    docker-compose reads its paths), so the file works from any current directory."""
+    return Path(path).expanduser().resolve().parent
 
 
 def _group_detail(g: dict[str, Any]) -> None:
@@ -557,7 +564,8 @@ def workflows() -> None:
 @_client_options
 def workflows_create(file: str, manager_url: str, token: str | None, as_json: bool) -> None:
     """Create a workflow from FILE: {"tasks": [{"id": <uuid>, "name", "wasm", "inputs", "depends_on",
-    "run_if"}, ...]}. Nothing starts: start its first tasks with `tasks start`."""
+    "run_if"}, ...]}. Nothing starts: start its first tasks with `tasks start`. A relative "wasm" path
+    is read from FILE's folder."""
     body = _group_body(file)
     _fetch_and_show(manager_url, token, as_json, lambda client: client.create_workflow(body), _group_detail)
 
@@ -581,7 +589,7 @@ def jobs() -> None:
 @_client_options
 def jobs_create(file: str, start_now: bool, manager_url: str, token: str | None, as_json: bool) -> None:
     """Create a job from FILE: {"name", "execution_mode": parallel|sequential|configurable, "tasks":
-    [{"name", "wasm", "inputs", ...}, ...]}."""
+    [{"name", "wasm", "inputs", ...}, ...]}. A relative "wasm" path is read from FILE's folder."""
     body = _group_body(file)
     with ManagerClient(manager_url, token) as client:
         data = _run(lambda: client.create_job(body))
@@ -653,15 +661,15 @@ def federated() -> None:
 def fl_start(file: str, wait: bool, manager_url: str, token: str | None, as_json: bool) -> None:
     """Start a round from FILE: {"round_id", "model_ref": "global_model_v0", "participants": [proplet
     ids], "hyperparams": {...}, "k_of_n", "timeout_s", "wasm": <.wasm path, http(s) URL or OCI
-    reference>}. Each participant that is online runs the module with ROUND_ID, MODEL_URI, MODEL_DATA
-    and HYPERPARAMS in its env and prints its update as JSON."""
+    reference; a relative path is read from FILE's folder>}. Each participant that is online runs the
+    module with ROUND_ID, MODEL_URI, MODEL_DATA and HYPERPARAMS in its env and prints its update as JSON."""
     from propeller.client import module_fields
 
     body = _json_file(file)
     if not isinstance(body, dict):
         raise click.BadParameter(f"{file} must hold a JSON object")
     if "wasm" in body:
-        fields = _run(lambda: module_fields(str(body.pop("wasm"))))
+        fields = _run(lambda: module_fields(str(body.pop("wasm")), _folder_of(file)))
         body["task_wasm_file" if "file" in fields else "task_wasm_image"] = fields.get("file") or fields["image_url"]
     with ManagerClient(manager_url, token) as client:
         data = _run(lambda: client.start_experiment(body))

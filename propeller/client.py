@@ -132,11 +132,15 @@ class ManagerClient:
         return self.request("GET", f"/proplets/{proplet_id}")
 
 
-def module_fields(source: str) -> dict[str, str]:
-    """Task fields for a module given as a local .wasm or .wat path, an http(s) URL or an OCI reference."""
+def module_fields(source: str, relative_to: Path | None = None) -> dict[str, str]:
+    """Task fields for a module given as a local .wasm or .wat path, an http(s) URL or an OCI reference.
+    A relative path is read from `relative_to` (the folder of the JSON file that names it), else
+    from the current directory."""
     if source.startswith(("http://", "https://")):
         return {"image_url": source}
     path = Path(source).expanduser()
+    if relative_to is not None and not path.is_absolute():
+        path = relative_to / path
     if path.exists():
         # As the console's dispatch form reads a file: WebAssembly text is compiled here.
         from console.modules import FieldError, module_bytes
@@ -149,6 +153,6 @@ def module_fields(source: str) -> dict[str, str]:
     # An OCI reference is host/repository[:tag|@digest]; anything shaped like a path, or naming a
     # .wasm/.wat file (as the console's dispatch form reads it), is a file.
     if source.startswith(("/", "./", "../", "~")) or source.endswith((".wasm", ".wat")):
-        where = "" if path.is_absolute() else f" (looked in {Path.cwd()})"
+        where = "" if Path(source).expanduser().is_absolute() else f" (looked in {relative_to or Path.cwd()})"
         raise ApiError(f"{source}: no such file{where}")
     return {"image_url": source}

@@ -3,6 +3,7 @@ generate`, and the checks on the arguments of the client commands (no service ne
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -174,3 +175,33 @@ def test_wasm_takes_a_wat_file_as_the_consoles_dispatch_form_does(tmp_path: Path
     out = run("tasks", "create", "add", "--wasm", str(wat), "--manager-url", "http://127.0.0.1:9")
     assert out.returncode == 1 and "Cannot reach the manager" in out.stderr, out.stderr
     assert ".wat" in run("tasks", "create", "--help").stdout
+
+
+def test_a_relative_wasm_in_a_job_workflow_or_round_file_is_read_from_the_files_folder(tmp_path: Path) -> None:
+    # It was read from the current directory, so `jobs create jobs/nightly.json` run from elsewhere
+    # said "no such file" for the add.wasm beside the JSON file.
+    import base64
+
+    from propeller.cli import _group_body
+
+    folder = tmp_path / "jobs"
+    folder.mkdir()
+    (folder / "add.wasm").write_bytes(b"\0asm\x01\0\0\0")
+    tasks = [{"name": "add", "wasm": "add.wasm"}, {"name": "add", "wasm": "https://files.lan/add.wasm"}]
+    (folder / "job.json").write_text(json.dumps({"name": "j", "tasks": tasks}))
+    (folder / "workflow.json").write_text(json.dumps({"tasks": tasks}))
+    (folder / "round.json").write_text(json.dumps({"round_id": "r", "model_ref": "m", "participants": ["p"],
+                                                   "wasm": "add.wasm"}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for args in (["jobs", "create", "../jobs/job.json"], ["workflows", "create", "../jobs/workflow.json"],
+                 ["fl", "start", "../jobs/round.json"]):
+        out = run(*args, "--manager-url", "http://127.0.0.1:9", cwd=elsewhere)
+        assert out.returncode == 1 and "Cannot reach the manager" in out.stderr, (args, out.stderr)
+    body = _group_body(str(folder / "job.json"))
+    assert base64.b64decode(body["tasks"][0]["file"]) == b"\0asm\x01\0\0\0"
+    assert body["tasks"][1]["image_url"] == "https://files.lan/add.wasm"
+    (folder / "missing.json").write_text(json.dumps({"tasks": [{"name": "add", "wasm": "nope.wasm"}]}))
+    out = run("jobs", "create", "../jobs/missing.json", "--manager-url", "http://127.0.0.1:9", cwd=elsewhere)
+    assert out.returncode == 1 and "nope.wasm: no such file" in out.stderr and f"looked in {folder}" in out.stderr
+    assert "folder" in run("jobs", "create", "--help").stdout
