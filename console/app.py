@@ -45,7 +45,7 @@ from textual.widgets import Input
 from textual.worker import Worker, WorkerState
 
 from console import keys
-from console.base import ConsoleScreen, PaletteCommand
+from console.base import READ_ONLY, ConsoleScreen, PaletteCommand
 from console.firmware import Firmware
 from console.fleet import Clock, FleetState, TrafficState, utc_clock
 from console.hosting import CoreSnapshot, CoreThread, ManagerLink
@@ -635,6 +635,14 @@ class ConsoleApp(App[None]):
                 return False
         return True
 
+    async def run_action(self, action: Any, default_namespace: Any = None, namespaces: Any = None) -> bool:
+        # A key whose action check_action disables is otherwise passed over without a word: in
+        # read-only mode a mutating one says why it is refused (its key is shown disabled).
+        if isinstance(action, str) and isinstance(default_namespace, ConsoleScreen) and \
+                default_namespace.refuse_binding(action):
+            return True
+        return await super().run_action(action, default_namespace, namespaces)
+
     def action_mode(self, mode: str) -> None:
         self.go(mode)
 
@@ -749,7 +757,7 @@ class ConsoleApp(App[None]):
 
     def _confirm(self, question: str, label: str, then: Callable[[], None]) -> None:
         if self.read_only:
-            self.notify("The console is read-only; this action is disabled.", severity="warning")
+            self.notify(f"{label} is disabled: {READ_ONLY}.", severity="warning")
             return
 
         def answered(yes: bool | None) -> None:

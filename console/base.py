@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from textual import on
 from textual.app import ComposeResult
+from textual.binding import Binding
 from textual.screen import Screen
 from textual.worker import Worker
 
@@ -20,6 +21,7 @@ from console.widgets import CommandBar, FilterBar, FleetHeader, KeyHints, WordSu
 # coming: a table of 1,000 rows takes 0.1-0.2 s to fill again, and each key typed meanwhile filled it
 # again, so the list fell further behind the keys the faster one typed.
 FILTER_SETTLE_S = 0.1
+READ_ONLY = "the console is read-only (--read-only or console.read_only)"
 
 if TYPE_CHECKING:
     from console.app import ConsoleApp
@@ -103,12 +105,21 @@ class ConsoleScreen(Screen[None]):
             return None  # shown greyed out in the footer, not run
         return True
 
-    def refused_read_only(self) -> bool:
+    def refused_read_only(self, what: str = "") -> bool:
+        """Whether the console is read-only; if so, says so (what: the refused action, as the footer names it)."""
         if self.console.read_only:
-            self.notify("The console is read-only (--read-only or console.read_only); this action is disabled.",
-                        severity="warning")
+            self.notify(f"{what or 'This action'} is disabled: {READ_ONLY}.", severity="warning")
             return True
         return False
+
+    def refuse_binding(self, action: str) -> bool:
+        """Refuses a mutating binding's action in read-only mode, naming it (ConsoleApp.run_action): Textual
+        passes over a key whose action check_action disables without a word."""
+        if not self.console.read_only or action.partition("(")[0] not in self.MUTATING:
+            return False
+        described = next((b.description for b in self.BINDINGS
+                          if isinstance(b, Binding) and b.action == action and b.description), "")
+        return self.refused_read_only(described)
 
     # -- bars ----------------------------------------------------------------------------
 

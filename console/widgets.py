@@ -318,8 +318,10 @@ class KeyHints(Widget):
     def _append(self, text: Text, hints: list[_Hint], binding: Binding, enabled: bool,
                 key_style: Any, description_style: Any) -> None:
         start = text.cell_len
-        if not enabled:  # refused here (read-only mode): shown dimmed, as Textual's Footer does
-            key_style, description_style = key_style + _DIMMED, description_style + _DIMMED
+        if not enabled:
+            # Refused here (read-only mode): dimmed, as Textual's Footer does, and the key without its
+            # colour too, since a terminal that ignores "dim" showed "f5 Dispatch" as if it worked.
+            key_style = description_style = description_style + _DIMMED
         text.append(f" {self.app.get_key_display(binding)} ", key_style)
         if binding.description:
             text.append(f"{binding.description} ", description_style)
@@ -328,10 +330,8 @@ class KeyHints(Widget):
     def on_click(self, event: Any) -> None:
         for hint in self._hints:
             if hint.start <= event.x < hint.end:
-                if hint.enabled:
-                    self.app.simulate_key(hint.key)
-                else:
-                    self.app.bell()
+                # A disabled key too: pressing it says why it is refused (ConsoleApp.run_action).
+                self.app.simulate_key(hint.key)
                 return
 
 

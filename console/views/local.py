@@ -53,8 +53,10 @@ the selected one, **X** stops all. They are stopped when the console exits. The 
             for key, label, width in COLUMNS:
                 table.add_column(label, key=key, width=width)
             yield table
-            yield StatusLine(Content("No local proplets yet: press a to launch one, n to launch several."),
-                         id="local-status", classes="status-line")
+            empty = "No local proplets yet: press a to launch one, n to launch several."
+            if self.console.read_only:
+                empty = "No local proplets: the console is read-only (--read-only), so none are launched from here."
+            yield StatusLine(Content(empty), id="local-status", classes="status-line")
             yield Log(id="local-output", max_lines=self.console.settings.local_proplet_output_lines)
 
     @property

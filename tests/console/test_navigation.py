@@ -244,6 +244,64 @@ async def test_read_only_mode_greys_out_and_refuses_every_mutating_action(consol
         assert not isinstance(app.screen, ConfirmModal)
 
 
+async def test_in_read_only_mode_every_mutating_key_is_shown_disabled_and_says_why_when_pressed(
+        console: Any) -> None:
+    """F5 in the read-only dispatch form (and s, x, D, a, n, f, p... elsewhere) did nothing, silently."""
+    from console import keys
+    from console.views.dispatch import DispatchScreen
+    from console.views.federated import FederatedScreen
+    from console.views.firmware import FirmwareScreen
+    from console.views.local import LocalScreen
+    from console.views.proplets import PropletsScreen
+
+    async with console(read_only=True) as (app, pilot, core):
+        task = await core.create_task(add_body())
+        refused: set[str] = set()
+
+        async def check(screen: Any) -> None:
+            screen.set_focus(None)  # letters go to the bindings, not into a field
+            await pilot.pause()
+            mutating = [a for a in screen.active_bindings.values()
+                        if a.binding.action.partition("(")[0] in keys.MUTATING]
+            assert mutating, type(screen).__name__
+            assert not any(a.enabled for a in mutating)
+            footer = screen.query_one(KeyHints)
+            footer.refresh()
+            await pilot.pause()
+            hints = {h.key: h.enabled for h in footer._hints}
+            assert not any(hints.get(a.binding.key, False) for a in mutating)
+            app.action_help()
+            await until(pilot, lambda: isinstance(app.screen, HelpScreen))
+            rows = {binding_id: enabled for _k, _d, binding_id, enabled in app.screen.bindings}
+            assert not any(rows[a.binding.id] for a in mutating)
+            await pilot.press("escape")
+            await until(pilot, lambda: app.screen is screen)
+            for active in mutating:
+                app.clear_notifications()
+                await pilot.press(active.binding.key)
+                await until(pilot, lambda active=active: any(
+                    active.binding.description in n.message and "--read-only" in n.message
+                    for n in app._notifications))
+                refused.add(str(active.binding.id))
+            assert app.screen is screen  # no confirmation, no form
+
+        await check(await open_view(app, pilot, "2", TasksScreen))
+        await pilot.press("enter")
+        await until(pilot, lambda: type(app.screen).__name__ == "TaskDetailScreen")
+        await check(app.screen)
+        await pilot.press("escape")
+        await check(await open_view(app, pilot, "3", PropletsScreen))
+        local = await open_view(app, pilot, "6", LocalScreen)
+        await check(local)
+        assert "press a" not in str(local.query_one("#local-status").render())
+        await check(await open_view(app, pilot, "7", FirmwareScreen))
+        await check(await open_view(app, pilot, "8", FederatedScreen))
+        await check(await open_view(app, pilot, "5", DispatchScreen))
+        assert {"tasks.start", "task.delete", "proplets.delete", "local.launch_many", "firmware.flash", "fl.new",
+                "dispatch.submit"} <= refused
+        assert (await core.get_task(task.id)).state.label == "pending" and not app.local.proplets
+
+
 async def test_console_settings_come_from_the_console_section(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = tmp_path / "config.yaml"
     config.write_text(
