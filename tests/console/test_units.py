@@ -287,3 +287,50 @@ def test_the_managers_refusals_land_on_the_field_they_are_about() -> None:
         "round_id": "round r1 exists; give a new round_id"}
     assert set(round_errors_by_field("none of the participants (x) is online")) == {"participants"}
     assert set(round_errors_by_field("the coordinator answered 502")) == {"form"}
+
+
+DOC_KEY_NAMES = {"slash": "/", "question_mark": "?", "colon": ":", "escape": "Esc", "backspace": "Backspace",
+                 "enter": "Enter", "tab": "Tab"}
+
+
+def doc_key(key: str) -> str:
+    """A binding's key as docs/console.md writes it: `/`, `Esc`, `Ctrl+O`, `F5`, `D`."""
+    *modifiers, name = key.split("+")
+    name = DOC_KEY_NAMES.get(name, name.upper() if len(name) > 1 or modifiers else name)
+    return "+".join([m.capitalize() for m in modifiers] + [name])
+
+
+def console_bindings() -> dict[str, tuple[str, str]]:
+    """Every binding with an id of the console: the app's and those of each view, detail screen and dialog."""
+    from textual.binding import Binding
+    from textual.screen import Screen
+
+    import console.app
+
+    def subclasses(cls: type) -> list[type]:
+        return [c for sub in cls.__subclasses__() for c in (sub, *subclasses(sub))]
+
+    found = {}
+    for cls in (console.app.ConsoleApp, *subclasses(Screen)):
+        if cls.__module__.startswith("console."):
+            for binding in cls.__dict__.get("BINDINGS", []):
+                if isinstance(binding, Binding) and binding.id:
+                    found[binding.id] = (",".join(doc_key(k) for k in binding.key.split(",")), binding.description)
+    return found
+
+
+def test_docs_key_tables_list_every_binding_of_every_view_exactly() -> None:
+    """docs/console.md had no `r` (reload) nor `c` (copy result), which `?` shows."""
+    import re
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "console.md").read_text()
+    section = text.split("\n## Keys\n", 1)[1].split("\n## ", 1)[0]
+    documented = {}
+    for key, does, binding_id in re.findall(r"^\| `([^`]+)` \| ([^|]+?) \| `([^`]+)` \|$", section, re.MULTILINE):
+        assert binding_id not in documented, f"{binding_id} is listed twice"
+        documented[binding_id] = (key, does)
+    bindings = console_bindings()
+    from console import keys
+
+    assert keys.BINDING_IDS <= set(bindings) and {"task.reload", "task.copy_result"} <= set(bindings)
+    assert documented == bindings
