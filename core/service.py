@@ -93,6 +93,10 @@ HEAP_STALE_SLACK = 1024
 # again, unless a slot frees on it sooner. Both proplets refuse only for being full (the firmware's
 # slots all busy, our outbox full), which passes; a start they can never run fails with a result.
 REFUSAL_BACKOFF = 2.0
+# After the manager was cut off from the broker (a broker restart, as a rule), proplets come back on
+# their own reconnect backoff, which grows with the outage (the firmware's up to 30 s, ours 2 s): the
+# silence the manager counts against them starts that much later, up to this.
+RECONNECT_ALLOWANCE_MAX = 30.0
 
 _T = TypeVar("_T")
 
@@ -181,8 +185,11 @@ class ManagerCore:
         # that: popping it took them out of reconciliation, so a proplet that lost them left them
         # scheduled, or running once they had started, for ever).
         self._waiting_on_proplet: set[str] = set()
-        # When the manager last (re)connected to the broker: proplet silence is measured from here.
+        # When the manager last (re)connected to the broker: proplet silence is measured from here,
+        # plus the allowance for their reconnect backoff after an outage of the manager's own.
         self._listening_since: datetime | None = None
+        self._reconnect_allowance = 0.0
+        self._heard_broker_at: datetime | None = None  # last known connected (connect, liveness loop)
         # Starts that never left: (task id, attempt, why). Their publish found no connection, or the
         # store refused their dispatch; the dispatcher puts them back in the queue.
         self._lost_starts: list[tuple[str, int, str]] = []
@@ -352,6 +359,10 @@ class ManagerCore:
 
     async def _broker_connected(self) -> None:
         self._listening_since = utcnow()
+        if self._heard_broker_at is not None:
+            outage = (self._listening_since - self._heard_broker_at).total_seconds()
+            self._reconnect_allowance = min(RECONNECT_ALLOWANCE_MAX, max(0.0, outage))
+        self._heard_broker_at = self._listening_since
         # Tasks queued while the broker was away go out now, and starts it may have lost in a
         # crash are sent again at once instead of after the ack timeout.
         for task_id in self._sent_at:
@@ -1551,7 +1562,9 @@ class ManagerCore:
         listening_since = self._listening_since
         if listening_since is None or self.bus is None or not self.bus.connected.is_set():
             return
-        now = utcnow()
+        now = self._heard_broker_at = utcnow()
+        # A proplet reconnecting after the same outage waits out its own backoff first.
+        listening_since += timedelta(seconds=self._reconnect_allowance)
         for p in list(self.proplets.values()):
             if not p.online:
                 continue

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 import uuid
 from collections import defaultdict
 from collections.abc import Callable
@@ -191,6 +193,20 @@ async def eventually(check: Callable[[], Any], timeout: float = 5.0, interval: f
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"condition not met within {timeout}s (last value: {value!r})")
         await asyncio.sleep(interval)
+
+
+async def start_synthetic_process(broker_url: str, domain: str, proplet_id: str, *,
+                                  heartbeat: float | None = None) -> subprocess.Popen[bytes]:
+    """A silent synthetic proplet in a process of its own (`main` below), for tests that kill it."""
+    args = [sys.executable, "-m", "tests.wire", "--broker", broker_url, "--domain", domain, "--id", proplet_id,
+            "--silent"]
+    if heartbeat is not None:
+        args += ["--heartbeat", str(heartbeat)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE)  # noqa: ASYNC220 - once; then its "ready" line is awaited
+    assert proc.stdout is not None
+    line = await asyncio.to_thread(proc.stdout.readline)
+    assert line.strip() == b"ready", line
+    return proc
 
 
 def main() -> None:

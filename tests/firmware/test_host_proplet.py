@@ -295,7 +295,7 @@ async def test_a_result_finished_while_the_broker_was_down_arrives_once_it_is_ba
         await eventually(lambda: f"task {task.id} completed" in proplet.log, timeout=30)
         own_broker.start()
         done = await finished(core, task.id, timeout=30)
-        assert (done.state, done.results) == (TaskState.COMPLETED, "1073741824"), proplet.log
+        assert (done.state, done.results) == (TaskState.COMPLETED, "1073741824"), (done.error, proplet.log)
         resent = proplet.log.count(f"sent the result of task {task.id} again")
         assert resent == 1, proplet.log
 

@@ -18,7 +18,7 @@ from core.domain import TaskState
 from core.schemas import TaskCreate
 from core.topics import Topics
 from tests.conftest import unique
-from tests.wire import SyntheticProplet, WireClient, add_inputs, eventually
+from tests.wire import SyntheticProplet, WireClient, add_inputs, eventually, start_synthetic_process
 
 WASM = b"\0asm\x01\0\0\0"
 
@@ -361,19 +361,6 @@ async def test_last_will_marks_offline_at_once_and_fails_or_retries_its_tasks(ma
     finally:
         doomed.kill()
         doomed.wait()
-
-
-async def start_synthetic_process(broker_url: str, domain: str, proplet_id: str) -> Any:
-    import subprocess
-    import sys
-
-    proc = subprocess.Popen(  # noqa: ASYNC220 - started once, the test then waits for its "ready" line
-        [sys.executable, "-m", "tests.wire", "--broker", broker_url, "--domain", domain, "--id", proplet_id,
-         "--silent"], stdout=subprocess.PIPE)
-    assert proc.stdout is not None
-    line = await asyncio.to_thread(proc.stdout.readline)
-    assert line.strip() == b"ready", line
-    return proc
 
 
 async def test_liveness_timeout_takes_a_silent_proplet_offline(manager_factory: Any, broker: Any) -> None:
