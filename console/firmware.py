@@ -33,13 +33,7 @@ def tools() -> Any:
 
 
 def _not_installed(exc: ModuleNotFoundError, doing: str) -> FirmwareUnavailable:
-    """pyserial (and the rest of the firmware tools) is an extra: a base install had the view say
-    "Listing serial ports failed: No module named 'serial'"."""
-    root = (exc.name or "").split(".")[0]
-    package = {"serial": "pyserial"}.get(root, root or "a module")
-    return FirmwareUnavailable(
-        f"{doing} needs {package}, which is not installed. Install the firmware tools: "
-        "pip install 'propeller[firmware]' (in a checkout: .venv/bin/pip install -e '.[firmware]').")
+    return FirmwareUnavailable(tools().missing_tool_text(exc, doing))
 
 
 @dataclass(slots=True)

@@ -341,6 +341,15 @@ class PortInfo:
         return bool(self.vendor)
 
 
+def missing_tool_text(exc: ModuleNotFoundError, doing: str) -> str:
+    """What to install when an optional firmware tool is missing: pyserial and the rest are the
+    `firmware` extra, so a base install met "No module named 'serial'" (or a traceback)."""
+    root = (exc.name or "").split(".")[0]
+    package = {"serial": "pyserial"}.get(root, root or "a module")
+    return (f"{doing} needs {package}, which is not installed. Install the firmware tools: "
+            "pip install 'propeller[firmware]' (in a checkout: .venv/bin/pip install -e '.[firmware]').")
+
+
 def list_ports() -> list[PortInfo]:
     from serial.tools import list_ports as serial_ports
 
@@ -563,6 +572,8 @@ def monitor_command(port: str, baud: int) -> None:
             click.echo(line)
     except FirmwareError as exc:
         raise click.ClickException(str(exc)) from None
+    except ModuleNotFoundError as exc:
+        raise click.ClickException(missing_tool_text(exc, "The serial monitor")) from None
     except KeyboardInterrupt:
         pass
 
@@ -596,6 +607,8 @@ def provision_command(port: str, wifi_ssid: str | None, wifi_password: str | Non
         settings = provision(port, values, reboot=not no_reboot, timeout=timeout, on_line=click.echo)
     except FirmwareError as exc:
         raise click.ClickException(str(exc)) from None
+    except ModuleNotFoundError as exc:
+        raise click.ClickException(missing_tool_text(exc, "Provisioning")) from None
     for key, value in settings.items():
         click.echo(f"  {key} = {value}")
 
@@ -604,7 +617,10 @@ def provision_command(port: str, wifi_ssid: str | None, wifi_password: str | Non
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def ports_command(as_json: bool) -> None:
     """List serial ports; boards with a known USB bridge are marked."""
-    ports = list_ports()
+    try:
+        ports = list_ports()
+    except ModuleNotFoundError as exc:
+        raise click.ClickException(missing_tool_text(exc, "Listing serial ports")) from None
     if as_json:
         import json
 
@@ -625,6 +641,6 @@ def ports_command(as_json: bool) -> None:
 __all__ = [
     "BENCH_ENV", "DEVICE_ENV", "CommandResult", "FirmwareError", "FirmwareProject", "PortInfo", "Provisioner",
     "RegistryProbe", "build", "check_can_build", "explain_esptool_failure", "firmware_group", "flash",
-    "list_ports", "monitor_lines", "parse_progress", "probe_registry", "provision", "render_command",
-    "run_esptool", "stream_command", "trusted_keys_setting",
+    "list_ports", "missing_tool_text", "monitor_lines", "parse_progress", "probe_registry", "provision",
+    "render_command", "run_esptool", "stream_command", "trusted_keys_setting",
 ]

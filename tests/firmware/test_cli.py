@@ -177,6 +177,21 @@ def test_ports_lists_what_pyserial_sees() -> None:
         assert port["device"] in text.stdout
 
 
+def test_without_pyserial_the_commands_say_what_to_install(tmp_path) -> None:
+    # A base install (scripts/run) has no pyserial: `firmware ports` ended in a traceback.
+    shadow = tmp_path / "no-pyserial" / "serial"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'serial'\", name='serial')\n")
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(shadow.parent), os.environ.get("PYTHONPATH")]))}
+    for args, doing in ((["ports"], "Listing serial ports"),
+                        (["monitor", "--port", "/dev/ttyNONE"], "The serial monitor"),
+                        (["provision", "--port", "/dev/ttyNONE", "--id", "x"], "Provisioning")):
+        done = propeller(*args, env=env)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert f"{doing} needs pyserial, which is not installed" in done.stderr, done.stderr
+        assert "pip install 'propeller[firmware]'" in done.stderr
+
+
 def test_monitor_streams_what_the_device_prints() -> None:
     controller, terminal = os.openpty()
     stop = threading.Event()
