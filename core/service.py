@@ -693,8 +693,11 @@ class ManagerCore:
         tasks = await self.store.group_tasks(workflow_id=workflow_id, job_id=job_id)
         return [self.active[t.id].copy() if t.id in self.active else t for t in tasks]
 
-    async def _check_dependencies(self, task: Task) -> None:
-        group = {t.id: t for t in await self.group_tasks(workflow_id=task.workflow_id, job_id=task.job_id)}
+    async def _check_dependencies(self, task: Task, group_read: list[Task] | None = None) -> None:
+        """Conflict unless every dependency has finished; `group_read`: the task's group, read in its turn."""
+        if group_read is None:
+            group_read = await self.group_tasks(workflow_id=task.workflow_id, job_id=task.job_id)
+        group = {t.id: t for t in group_read}
         unmet = [d for d in task.depends_on if d not in group or not group[d].state.is_terminal]
         if unmet:
             raise Conflict(f"task {task.id} has unmet dependencies: {', '.join(unmet)} not finished yet; it "
@@ -978,50 +981,95 @@ class ManagerCore:
                 await stack.enter_async_context(self._task_turns.hold(task_id))
             yield
 
-    @_one_change_at_a_time
     async def start_task(self, task_id: str, *, dependencies_met: bool = False) -> Task:
         """Queue a task for dispatch (or re-run a finished one). Returns once that is stored.
-        `dependencies_met`: the caller has just checked them (the workflow coordinator)."""
-        if task_id in self.active:
-            state = self.active[task_id].state
-            what = "queued" if state is TaskState.PENDING else state.label
-            raise Conflict(f"task {task_id} is already {what}; stop it first to start it again")
-        self._unstored_results.pop(task_id, None)  # the re-run's writes supersede it
-        task = self._recent.pop(task_id, None) or await self._load_for_start(task_id)
+        `dependencies_met`: the caller has just checked them (the workflow coordinator).
+
+        A finished task of a workflow started again resets the finished tasks downstream of it,
+        directly or not, to pending, in the commit that queues it: they run (or are skipped) again
+        as their dependencies finish. A commit per reset left a manager killed half way with a
+        workflow half re-run, the tasks not yet reset keeping the results of the run before."""
+        # In the task's turn (see _one_change_at_a_time), and for a re-run in a workflow in the
+        # turns of its downstream tasks too: known only once the task and its group are read, so
+        # then the turns are let go and all taken again in one order (_turns_of_tasks).
+        held: set[str] = set()
+        while True:
+            turns = self._turns_of_tasks({task_id, *held}) if held else self._task_turns.hold(task_id)
+            async with turns:
+                if task_id in self.active:
+                    state = self.active[task_id].state
+                    what = "queued" if state is TaskState.PENDING else state.label
+                    raise Conflict(f"task {task_id} is already {what}; stop it first to start it again")
+                task = self._recent.get(task_id) or await self._load_for_start(task_id)
+                group: list[Task] | None = None
+                downstream: set[str] = set()
+                if task.state.is_terminal and task.workflow_id:
+                    group = await self.group_tasks(workflow_id=task.workflow_id)
+                    downstream = _downstream_of(task.id, group)
+                    if not downstream <= held:
+                        held = downstream
+                        continue
+                return await self._start_in_turn(task, group, [t for t in group or () if t.id in downstream],
+                                                 dependencies_met=dependencies_met)
+
+    async def _start_in_turn(self, task: Task, group: list[Task] | None, downstream: list[Task], *,
+                             dependencies_met: bool) -> Task:
+        """start_task once the turns are held. For a re-run in a workflow, `group` is the workflow
+        as read in them and `downstream` its tasks downstream of `task`, reset in the same commit."""
         if task.depends_on and not dependencies_met:
-            try:
-                await self._check_dependencies(task)
-            except Conflict:
-                self._remember(task)
-                raise
+            await self._check_dependencies(task, group)
         if not task.wasm_digest and not task.image_url:
             raise InvalidRequest(
-                f"task {task_id} has no module: upload a .wasm (PUT /tasks/{task_id}/upload) or set image_url"
+                f"task {task.id} has no module: upload a .wasm (PUT /tasks/{task.id}/upload) or set image_url"
             )
         if len(self._queued) >= self.settings.max_backlog:
             raise Unavailable(
                 f"{len(self._queued)} tasks are already waiting for a proplet (the limit is "
                 f"{self.settings.max_backlog}); try again when proplets have caught up"
             )
+        task = self._recent.pop(task.id, None) or task
+        self._unstored_results.pop(task.id, None)  # the re-run's writes supersede it
         before = task.copy()
         detail = "queued"
-        rerun = task.state.is_terminal
-        if rerun:
+        if task.state.is_terminal:
             detail = f"queued again (re-run after {task.state.label})"
             self._clear_last_run(task)
         task.queued_at = utcnow()
         task.reason = self._why_waiting(task)
+        ops, queued = self._change_state(task, TaskState.PENDING, detail)
+        changed = [queued]
+        reset: dict[str, Task] = {}  # the downstream tasks reset, as they were
+        why = f"reset: {task.id}, which it depends on, runs again"
+        for row in downstream:
+            if row.id in self.active:
+                continue  # queued or running: it is not a finished run to clear
+            other = self._recent.get(row.id) or row
+            if not other.state.is_terminal:
+                continue
+            reset[other.id] = other.copy()
+            self._unstored_results.pop(other.id, None)
+            self._clear_last_run(other)
+            other.reason = why
+            staged, event = self._change_state(other, TaskState.PENDING, why)
+            ops += staged
+            changed.append(event)
+            self._remember(other)
         self.active[task.id] = task
         self._push(task)
-        done = await self._transition(task, TaskState.PENDING, detail, durable=True)
+        done = await self.writer.enqueue(*ops)
+        for event in changed:
+            self.events.emit(event)
         self._wake.set()
         try:
             await done
         except StoreError:
+            # Not stored: the task and its downstream are as they were (the caller is told), in memory too.
             await self._not_started(task, before)
+            for was in reset.values():
+                self._remember(was)
+                self.events.emit(TaskStateChanged(was.id, was.name, TaskState.PENDING, was.state, utcnow(),
+                                                  was.proplet_id, "not reset: the database refused to store it"))
             raise
-        if rerun and task.workflow_id:
-            await self._rerun_downstream(task)
         return task.copy()
 
     @staticmethod
@@ -1034,40 +1082,6 @@ class ManagerCore:
         task.retries = 0
         if not task.pinned:
             task.proplet_id = ""
-
-    @_one_change_at_a_time
-    async def _reset_for_rerun(self, task_id: str, why: str) -> None:
-        """A finished task of a workflow or job that runs again: pending, its last run cleared,
-        started when its turn comes (its dependencies, its job's order)."""
-        if task_id in self.active:
-            raise Conflict(f"task {task_id} is queued or running")
-        task = self._recent.pop(task_id, None) or await self._load_for_start(task_id)
-        try:
-            if not task.state.is_terminal:
-                return
-            self._clear_last_run(task)
-            task.reason = why
-            done = await self._transition(task, TaskState.PENDING, why, durable=True)
-            assert done is not None
-            await done
-        finally:
-            self._remember(task)
-
-    async def _rerun_downstream(self, rerun: Task) -> None:
-        """A finished task of a workflow started again: the finished tasks that depend on it,
-        directly or not, run again (or are skipped again) as their dependencies finish."""
-        group = await self.group_tasks(workflow_id=rerun.workflow_id)
-        downstream: set[str] = set()
-        frontier = {rerun.id}
-        while frontier:
-            frontier = {t.id for t in group if frontier & set(t.depends_on)} - downstream
-            downstream |= frontier
-        for task in group:
-            if task.id in downstream and task.state.is_terminal:
-                with contextlib.suppress(Conflict, NotFound):
-                    await self._reset_for_rerun(task.id, f"reset: {rerun.id}, which it depends on, runs again")
-        # The re-run may have finished before its dependents were reset, unseen by them.
-        self.groups.finished_group(rerun.workflow_id, "")
 
     async def _not_started(self, task: Task, before: Task) -> None:
         """Undo a start whose queued state the store refused: the caller is told it failed, so the
@@ -2045,6 +2059,16 @@ class ManagerCore:
         request = protocol.decode_registry_request(payload, topic)
         if self.chunks is not None:
             self.chunks.submit(request)
+
+
+def _downstream_of(task_id: str, group: Sequence[Task]) -> set[str]:
+    """The ids of the tasks of `group` that depend on `task_id`, directly or not."""
+    downstream: set[str] = set()
+    frontier = {task_id}
+    while frontier:
+        frontier = {t.id for t in group if frontier & set(t.depends_on)} - downstream
+        downstream |= frontier
+    return downstream
 
 
 def _traceparent(task_id: str, attempt: int) -> str:

@@ -8,9 +8,9 @@ dependencies start together and the rest follow their dependencies; in `sequenti
 starts once the one before it completed. A failed or interrupted task ends its job: what still runs
 is stopped and what has not started is skipped. Runs again: a finished job started again has every
 task reset to pending and runs from the start; a finished task of a workflow started again resets
-the finished tasks downstream of it, which then run (or are skipped) again as their dependencies
-finish. Upstream starts finished tasks again too, but its coordinator leaves finished dependents
-alone, so there a workflow's re-run stops at the task started.
+the finished tasks downstream of it, in the commit that queues it, which then run (or are skipped)
+again as their dependencies finish. Upstream starts finished tasks again too, but its coordinator
+leaves finished dependents alone, so there a workflow's re-run stops at the task started.
 
 Upstream's semantics (reference §6.8) with its defects fixed: `sequential` waits for each task
 instead of starting them all at once; `run_if` is read in jobs too, in sequential ones as well (though

@@ -1,7 +1,7 @@
 """Jobs and workflows run by a real proplet (real wasmtime, the `add` module built from
 tests/wasm/add.wat) against a manager on SQLite and on PostgreSQL and a real Mosquitto: stops that
 race the start of a sequential job's next task, re-runs of finished jobs and workflows, and a
-manager killed in the middle of a job's re-run."""
+manager killed in the middle of a job's or a workflow task's re-run."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import httpx
 import pytest
 
 from core.domain import TaskState, TaskStateChanged, group_state
-from core.schemas import JobCreate
-from core.store.base import DatabaseTakenOver
+from core.schemas import JobCreate, WorkflowCreate
+from core.store.base import DatabaseTakenOver, StoreError
 from proplet.agent import PropletAgent
 from proplet.config import PropletSettings
 from tests.conftest import unique
@@ -366,6 +366,103 @@ async def test_a_manager_killed_while_rerunning_a_job_leaves_it_finished_or_runs
     finally:
         if crash is None:
             await started.__aexit__(None, None, None)
+
+
+@pytest.mark.parametrize(("marker", "after_commit"), [("queued again", True), ("which it depends on", True),
+                                                      ("queued again", False)],
+                         ids=["killed-after-the-rerun-was-queued", "killed-after-the-first-reset",
+                              "killed-before-it-wrote"])
+async def test_a_manager_killed_while_rerunning_a_workflow_task_leaves_it_finished_or_reruns_its_downstream(
+        managers_on_each_backend: Any, broker: Mosquitto, tmp_path: Path, marker: str, after_commit: bool) -> None:
+    """Before: a start of a finished workflow task queued it in one commit, then reset each finished
+    task downstream of it in a commit of its own; a manager killed between two of them left the
+    workflow inconsistent after a restart: the root ran again while its dependents not yet reset
+    kept their old results (they had finished, so nothing started them). Now the re-run and every
+    reset downstream are one commit: a restart finds the workflow as it was, or the whole re-run
+    stored, which goes on to its end."""
+    root = add_task(inputs=(1, 1))
+    middle = add_task(root["id"], inputs=(2, 2))
+    leaf = add_task(middle["id"], inputs=(3, 3))
+    aside = add_task(inputs=(5, 5))  # not downstream of the root: runs once whatever happens
+    ids = [root["id"], middle["id"], leaf["id"]]
+    started = managers_on_each_backend()
+    manager = await started.__aenter__()
+    crash: Crash | None = None
+    try:
+        async with proplet_online(manager, broker, tmp_path, "wf-rerun-p"):
+            await manager.create_workflow(WorkflowCreate.model_validate({"tasks": [root, middle, leaf, aside]}))
+            await manager.start_task(root["id"])
+            await manager.start_task(aside["id"])
+            assert set((await finished(manager, [*ids, aside["id"]], 1)).values()) == {TaskState.COMPLETED}
+
+            crash = Crash(manager, marker, after_commit=after_commit)
+            rerun = asyncio.ensure_future(manager.start_task(root["id"]))
+            await asyncio.wait_for(crash.happened.wait(), 10)
+            await crash.kill(started, rerun)
+            async with managers_on_each_backend() as restarted:
+                async def settled() -> list[int] | None:
+                    """How many runs each task has had, once none is queued, running or waiting."""
+                    tasks = await restarted.group_tasks(workflow_id=(await restarted.get_task(root["id"])).workflow_id)
+                    if any(t.id in restarted.active or not t.state.is_terminal for t in tasks):
+                        return None
+                    await restarted.groups.settle()
+                    return [len(await ends_of(restarted, tid)) for tid in ids]
+
+                try:
+                    runs = await eventually(settled, timeout=20)
+                except AssertionError:
+                    tasks = [await restarted.get_task(tid) for tid in ids]
+                    raise AssertionError(f"workflow left unfinished after the restart: "
+                                         f"{[(t.state.label, t.reason) for t in tasks]}") from None
+                # Killed after the commit that holds the re-run: all of it ran again; before it: as it was.
+                want = [2, 2, 2] if after_commit else [1, 1, 1]
+                assert runs == want, f"runs of root, middle, leaf after the restart: {runs}, not {want}"
+                if not after_commit:
+                    await restarted.start_task(root["id"])
+                    assert set((await finished(restarted, ids, 2)).values()) == {TaskState.COMPLETED}
+                assert [(await restarted.get_task(tid)).results for tid in ids] == ["2", "4", "6"]
+                assert await ends_of(restarted, aside["id"]) == ["completed"]
+    finally:
+        if crash is None:
+            await started.__aexit__(None, None, None)
+
+
+async def test_a_workflow_rerun_the_database_refuses_leaves_the_workflow_as_it_was(
+        core: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The re-run and the resets downstream are one commit: refused, none of it is stored, and
+    memory too has the task and its downstream as they were (finished, with their results)."""
+    root = add_task(inputs=(1, 1))
+    middle = add_task(root["id"], inputs=(2, 2))
+    leaf = add_task(middle["id"], inputs=(3, 3))
+    ids = [root["id"], middle["id"], leaf["id"]]
+    await core.create_workflow(WorkflowCreate.model_validate({"tasks": [root, middle, leaf]}))
+    await core.start_task(root["id"])
+    assert set((await finished(core, ids, 1)).values()) == {TaskState.COMPLETED}
+
+    real = core.store.apply
+
+    async def apply(ops: Any) -> None:
+        if any(isinstance(p, str) and "which it depends on" in p for op in ops for p in op.params):
+            raise RuntimeError("the database refuses it (a trigger, a full disk)")
+        await real(ops)
+
+    monkeypatch.setattr(core.store, "apply", apply)
+    with pytest.raises(StoreError):
+        await core.start_task(root["id"])
+    await core.writer.barrier()
+    monkeypatch.setattr(core.store, "apply", real)
+    await asyncio.sleep(0.3)  # a start that went out anyway would be back with its result by now
+    await core.groups.settle()
+    assert root["id"] not in core.active
+    in_memory = [await core.get_task(tid) for tid in ids]
+    assert [(t.state, t.results) for t in in_memory] == [(TaskState.COMPLETED, r) for r in ("2", "4", "6")]
+    stored = [await core.reader.get(tid) for tid in ids]
+    assert [(t.state, t.results) for t in stored] == [(TaskState.COMPLETED, r) for r in ("2", "4", "6")]
+    assert [await ends_of(core, tid) for tid in ids] == [["completed"]] * 3
+
+    await core.start_task(root["id"])  # and it can be re-run
+    assert set((await finished(core, ids, 2)).values()) == {TaskState.COMPLETED}
+    assert [(await core.get_task(tid)).results for tid in ids] == ["2", "4", "6"]
 
 
 async def test_a_sequential_job_reads_depends_on_and_run_if(core: Any, api: httpx.AsyncClient) -> None:
