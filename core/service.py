@@ -868,11 +868,7 @@ class ManagerCore:
             before[task.id] = task.copy()
             self._unstored_results.pop(task.id, None)  # the re-run's writes supersede it
             if rerun:
-                self._clear_last_run(task)
-                task.reason = f"reset: job {job_id} runs again"
-                staged, event = self._change_state(task, TaskState.PENDING, task.reason)
-                ops += staged
-                changed.append(event)
+                self._stage_reset(task, f"reset: job {job_id} runs again", ops, changed)
             if starts:
                 task.queued_at = utcnow()
                 task.reason = self._why_waiting(task)
@@ -885,12 +881,8 @@ class ManagerCore:
         for task in queued:
             self.active[task.id] = task
             self._push(task)
-        done = await self.writer.enqueue(*ops)
-        for event in changed:
-            self.events.emit(event)
-        self._wake.set()
         try:
-            await done
+            await self._store_staged(ops, changed)
         except StoreError:
             # Not stored: the job is as it was (the caller is told), in memory too.
             for task_id, was in before.items():
@@ -898,9 +890,7 @@ class ManagerCore:
                 if task is not None:
                     await self._not_started(task, was)
                 else:
-                    self._remember(was)
-                    self.events.emit(TaskStateChanged(task_id, was.name, TaskState.PENDING, was.state, utcnow(),
-                                                      was.proplet_id, "not reset: the database refused to store it"))
+                    self._unreset(was)
             raise
 
     async def stop_job(self, job_id: str) -> None:
@@ -1036,7 +1026,8 @@ class ManagerCore:
             self._clear_last_run(task)
         task.queued_at = utcnow()
         task.reason = self._why_waiting(task)
-        ops, queued = self._change_state(task, TaskState.PENDING, detail)
+        staged, queued = self._change_state(task, TaskState.PENDING, detail)
+        ops = list(staged)
         changed = [queued]
         reset: dict[str, Task] = {}  # the downstream tasks reset, as they were
         why = f"reset: {task.id}, which it depends on, runs again"
@@ -1048,29 +1039,42 @@ class ManagerCore:
                 continue
             reset[other.id] = other.copy()
             self._unstored_results.pop(other.id, None)
-            self._clear_last_run(other)
-            other.reason = why
-            staged, event = self._change_state(other, TaskState.PENDING, why)
-            ops += staged
-            changed.append(event)
+            self._stage_reset(other, why, ops, changed)
             self._remember(other)
         self.active[task.id] = task
         self._push(task)
-        done = await self.writer.enqueue(*ops)
-        for event in changed:
-            self.events.emit(event)
-        self._wake.set()
         try:
-            await done
+            await self._store_staged(ops, changed)
         except StoreError:
             # Not stored: the task and its downstream are as they were (the caller is told), in memory too.
             await self._not_started(task, before)
             for was in reset.values():
-                self._remember(was)
-                self.events.emit(TaskStateChanged(was.id, was.name, TaskState.PENDING, was.state, utcnow(),
-                                                  was.proplet_id, "not reset: the database refused to store it"))
+                self._unreset(was)
             raise
         return task.copy()
+
+    def _stage_reset(self, task: Task, why: str, ops: list[WriteOp], changed: list[TaskStateChanged]) -> None:
+        """Clear a finished task's last run and make it pending again, its writes and announcement
+        added to `ops` and `changed` (a re-run stores all it resets in one commit)."""
+        self._clear_last_run(task)
+        task.reason = why
+        staged, event = self._change_state(task, TaskState.PENDING, why)
+        ops += staged
+        changed.append(event)
+
+    def _unreset(self, was: Task) -> None:
+        """A reset the database refused: the finished task as it was, in memory too."""
+        self._remember(was)
+        self.events.emit(TaskStateChanged(was.id, was.name, TaskState.PENDING, was.state, utcnow(),
+                                          was.proplet_id, "not reset: the database refused to store it"))
+
+    async def _store_staged(self, ops: list[WriteOp], changed: list[TaskStateChanged]) -> None:
+        """Store staged changes in one commit, announcing them at once; raises what refused them."""
+        done = await self.writer.enqueue(*ops)
+        for event in changed:
+            self.events.emit(event)
+        self._wake.set()
+        await done
 
     @staticmethod
     def _clear_last_run(task: Task) -> None:
