@@ -919,14 +919,7 @@ class ManagerCore:
             task = self.active.get(row.id)
             row = self._recent.get(row.id) or row  # what the task is now, its writes queued or not
             if task is not None:
-                if task.state is TaskState.PENDING:
-                    detail = "stopped before it was dispatched"
-                else:
-                    self._send_stop(task)
-                    detail = "stopped by request"
-                task.error = "stopped by request"
-                task.finish_time = utcnow()
-                staged, event = self._change_state(task, TaskState.INTERRUPTED, detail)
+                staged, event = self._change_state(task, TaskState.INTERRUPTED, self._stopping(task))
             elif never_started(row, self):
                 task = self._recent.pop(row.id, None) or row
                 task.reason = f"job {job_id} was stopped"
@@ -1109,6 +1102,13 @@ class ManagerCore:
         if task is None:
             stored = await self.get_task(task_id)
             raise Conflict(f"task {task_id} is {stored.state.label}, not queued or running")
+        done = await self._transition(task, TaskState.INTERRUPTED, self._stopping(task), durable=True)
+        await done
+        return task.copy()
+
+    def _stopping(self, task: Task) -> str:
+        """A queued or running task stopped by request: its proplet told (if it has it), its error and end
+        set. Returns the detail of its change to interrupted."""
         if task.state is TaskState.PENDING:
             detail = "stopped before it was dispatched"
         else:
@@ -1116,9 +1116,7 @@ class ManagerCore:
             detail = "stopped by request"
         task.error = "stopped by request"
         task.finish_time = utcnow()
-        done = await self._transition(task, TaskState.INTERRUPTED, detail, durable=True)
-        await done
-        return task.copy()
+        return detail
 
     async def invoke_task(self, task_id: str, inputs: list[str], env: dict[str, str],
                           timeout: float = 30.0) -> str:
