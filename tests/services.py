@@ -5,6 +5,7 @@ With CI=true a missing service fails the test; locally it skips with a reason sa
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -265,3 +266,36 @@ def private_postgres() -> Iterator[PrivatePostgres]:
         yield server
     finally:
         server.destroy()
+
+
+class TcpProxy:
+    """A TCP proxy on a free loopback port in front of `upstream_port`. Subclasses say in `_serve` what
+    each connection does; `close` ends the listener and every connection still open."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self._server: asyncio.Server | None = None
+        self._links: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._link, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for link in list(self._links):
+            link.cancel()
+        await asyncio.gather(*self._links, return_exceptions=True)
+
+    async def _link(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        link = asyncio.current_task()
+        assert link is not None
+        self._links.add(link)
+        try:
+            await self._serve(client_r, client_w)
+        finally:
+            self._links.discard(link)
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        raise NotImplementedError

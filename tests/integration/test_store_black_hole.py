@@ -27,7 +27,7 @@ from core.service import ManagerCore
 from core.store.postgres import ANSWER_TIMEOUT, LOCK_CHECK_INTERVAL, PostgresStore
 from tests.conftest import unique
 from tests.integration.test_store_replay import _task, _through
-from tests.services import Mosquitto
+from tests.services import Mosquitto, TcpProxy
 from tests.wire import eventually
 
 pytestmark = [pytest.mark.serial, pytest.mark.slow]
@@ -39,23 +39,17 @@ DETECTION_BOUND = LOCK_CHECK_INTERVAL + ANSWER_TIMEOUT
 SLACK = 2.0
 
 
-class _BlackHole:
+class _BlackHole(TcpProxy):
     """A TCP proxy that, while cut, forwards nothing either way and closes nothing; see the module's
     docstring for what happens when it forwards again."""
 
     def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
+        super().__init__(upstream_port)
         self._forwarding = asyncio.Event()
         self._forwarding.set()
-        self._server: asyncio.Server | None = None
-        self._links: set[asyncio.Task[None]] = set()
         self._kept: list[asyncio.StreamWriter] = []
         # What each link's reader got during the cut, by the writer it goes to.
         self._held: dict[asyncio.StreamWriter, bytearray] = {}
-
-    async def start(self) -> int:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return int(self._server.sockets[0].getsockname()[1])
 
     def cut(self) -> None:
         self._forwarding.clear()
@@ -68,18 +62,11 @@ class _BlackHole:
         self._forwarding.set()
 
     async def close(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for link in list(self._links):
-            link.cancel()
-        await asyncio.gather(*self._links, return_exceptions=True)
+        await super().close()
         for writer in self._kept:
             writer.transport.abort()
 
     async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        link = asyncio.current_task()
-        assert link is not None
-        self._links.add(link)
         server_w: asyncio.StreamWriter | None = None
         keep_server_side = False
         try:
@@ -96,7 +83,6 @@ class _BlackHole:
         except (ConnectionError, OSError, asyncio.CancelledError):
             pass  # the proxy's end (close) cancels its links: not an error of theirs
         finally:
-            self._links.discard(link)
             client_w.transport.abort()
             if server_w is not None:
                 if keep_server_side:

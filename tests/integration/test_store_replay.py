@@ -37,7 +37,7 @@ from core.store.base import WriteOp
 from core.store.migrate import migrate
 from core.store.postgres import PostgresStore
 from core.store.writer import StoreWriter
-from tests.services import create_database, drop_database
+from tests.services import TcpProxy, create_database, drop_database
 
 TABLES = ("jobs", "tasks", "task_events", "task_schedules", "proplets", "proplet_metrics", "task_metrics",
           "fl_rounds", "fl_updates", "fl_models")
@@ -136,7 +136,7 @@ async def test_events_built_twice_are_two_rows(store: Store) -> None:
     assert len(await store.task_events(task.id)) == 2
 
 
-class _CommitCutter:
+class _CommitCutter(TcpProxy):
     """A TCP proxy in front of PostgreSQL that, once armed, closes the client's connection right after
     the server's `COMMIT` CommandComplete, without passing it on: the transaction is committed, and
     the client sees its connection lost during COMMIT."""
@@ -144,35 +144,18 @@ class _CommitCutter:
     COMMIT_DONE = b"C\x00\x00\x00\x0bCOMMIT\x00"
 
     def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
+        super().__init__(upstream_port)
         self.armed = False
         self.cuts = 0
-        self._server: asyncio.Server | None = None
-        self._links: set[asyncio.Task[None]] = set()
-
-    async def start(self) -> int:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return int(self._server.sockets[0].getsockname()[1])
-
-    async def close(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for link in list(self._links):
-            link.cancel()
-        await asyncio.gather(*self._links, return_exceptions=True)
 
     async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         server_r, server_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-        link = asyncio.current_task()
-        assert link is not None
-        self._links.add(link)
         try:
             await asyncio.gather(self._pipe(client_r, server_w, watch=False),
                                  self._pipe(server_r, client_w, watch=True))
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
-            self._links.discard(link)
             for w in (client_w, server_w):
                 w.transport.abort()
 
