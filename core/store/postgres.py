@@ -50,6 +50,12 @@ _MANAGER_LOCK_HOLDER = (
 # batch of 2,000 writes commits in well under a second); one that does take longer is given up and
 # retried like any other write the database could not take.
 ANSWER_TIMEOUT = 10.0
+# How long an upkeep statement (a migration, e.g. an index build on a large table, a wait for another
+# manager's migrations, metrics pruning) may run: the server cancels it after this long
+# (statement_timeout), and the connection is given up as lost only when the server has not answered
+# ANSWER_TIMEOUT after that. Under ANSWER_TIMEOUT, such a statement was killed at 10 s and reported as
+# a lost connection, and a migration that needs longer could never complete.
+MAINTENANCE_TIMEOUT = 1800.0
 # How often the lock's connection is checked when nothing was heard from it; the check itself may
 # take ANSWER_TIMEOUT. An idle manager notices a silent connection within the sum of the two.
 LOCK_CHECK_INTERVAL = 5.0
@@ -84,7 +90,7 @@ class NoAnswer(TimeoutError):
 
 
 @contextmanager
-def _given_up_when_silent(conn: asyncpg.Connection) -> Iterator[None]:
+def _given_up_when_silent(conn: asyncpg.Connection, limit: float | None = None) -> Iterator[None]:
     """End `conn` when a statement on it times out. asyncpg would first send a cancel request and wait
     for it, for as long again, over a connection of its own that takes the same silent road; a
     connection that did not answer is not trusted again anyway (its session may still run the
@@ -92,31 +98,40 @@ def _given_up_when_silent(conn: asyncpg.Connection) -> Iterator[None]:
     try:
         yield
     except TimeoutError as exc:
-        conn.terminate()
-        if isinstance(exc, NoAnswer):
+        if isinstance(exc, NoAnswer):  # a statement's own guard, inside this one, ended the connection
             raise
-        raise NoAnswer(f"no answer within {ANSWER_TIMEOUT:g} s; the connection was given up as lost") from exc
+        conn.terminate()
+        raise NoAnswer(f"no answer within {limit or ANSWER_TIMEOUT:g} s; the connection was given up as lost") from exc
 
 
 class _Conn:
-    __slots__ = ("conn",)
+    __slots__ = ("conn", "timeout")
 
-    def __init__(self, conn: asyncpg.Connection) -> None:
+    def __init__(self, conn: asyncpg.Connection, timeout: float | None = None) -> None:
         self.conn = conn
+        # None: the pool's command_timeout, ANSWER_TIMEOUT (see maintenance for the others)
+        self.timeout = timeout
 
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
-        with _given_up_when_silent(self.conn):
-            status = await self.conn.execute(_pg(sql), *params)
+        with _given_up_when_silent(self.conn, self.timeout):
+            status = await self.conn.execute(_pg(sql), *params, timeout=self.timeout)
         tail = status.rsplit(" ", 1)[-1]
         return int(tail) if tail.isdigit() else 0
 
     async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        with _given_up_when_silent(self.conn):
-            await self.conn.executemany(_pg(sql), rows)
+        with _given_up_when_silent(self.conn, self.timeout):
+            await self.conn.executemany(_pg(sql), rows, timeout=self.timeout)
 
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        with _given_up_when_silent(self.conn):
-            return list(await self.conn.fetch(_pg(sql), *params))
+        with _given_up_when_silent(self.conn, self.timeout):
+            return list(await self.conn.fetch(_pg(sql), *params, timeout=self.timeout))
+
+
+def _is_closed(conn: asyncpg.Connection) -> bool:
+    try:
+        return conn.is_closed()
+    except asyncpg.InterfaceError:  # a pool's connection that terminate() handed back to the pool
+        return True
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -346,16 +361,21 @@ class PostgresStore(Store):
 
     @staticmethod
     @asynccontextmanager
-    async def _transaction_on(conn: asyncpg.Connection) -> AsyncIterator[_Conn]:
+    async def _transaction_on(conn: asyncpg.Connection, *, upkeep: bool = False) -> AsyncIterator[_Conn]:
+        """A transaction on `conn`; an `upkeep` one lets its statements run MAINTENANCE_TIMEOUT."""
         transaction = conn.transaction()
         with _given_up_when_silent(conn):  # BEGIN and COMMIT; the statements' own in _Conn
             await transaction.start()
             try:
-                yield _Conn(conn)
+                if upkeep:
+                    await conn.execute(f"SET LOCAL statement_timeout = {int(MAINTENANCE_TIMEOUT * 1000)}")
+                    yield _Conn(conn, MAINTENANCE_TIMEOUT + ANSWER_TIMEOUT)
+                else:
+                    yield _Conn(conn)
             except BaseException:
                 # A connection given up (NoAnswer) has no transaction left to roll back: its own
                 # error says why, not a failed ROLLBACK's "the connection is closed".
-                if not conn.is_closed():
+                if not _is_closed(conn):
                     await transaction.rollback()
                 raise
             await transaction.commit()
@@ -380,6 +400,20 @@ class PostgresStore(Store):
         assert self._pool is not None, "store is not open"
         async with self._pool.acquire() as conn, self._transaction_on(conn) as in_transaction:
             yield in_transaction
+
+    @asynccontextmanager
+    async def maintenance(self, what: str) -> AsyncIterator[_Conn]:
+        """A transaction whose statements the server cancels after MAINTENANCE_TIMEOUT (a slow
+        statement is not a lost connection: that is still given up ANSWER_TIMEOUT later)."""
+        assert self._pool is not None, "store is not open"
+        try:
+            async with self._pool.acquire() as conn, self._transaction_on(conn, upkeep=True) as in_transaction:
+                yield in_transaction
+        except asyncpg.QueryCanceledError as exc:
+            raise StoreError(
+                f"{what[:1].upper()}{what[1:]} did not finish within {MAINTENANCE_TIMEOUT:g} s on the database "
+                f"({self.description}) and was cancelled ({exc}). Look for a session holding locks on its "
+                "tables (pg_stat_activity), or run it by hand when the database is less busy.") from exc
 
     async def lock_migrations(self, conn: Any) -> None:
         # A transaction-level advisory lock: released at commit or rollback, even if the

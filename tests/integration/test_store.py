@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import random
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -458,3 +459,130 @@ async def test_an_action_after_a_commit_runs_before_its_waiters_resume_and_not_a
         assert "refused" not in order
     finally:
         loop_task.cancel()
+
+
+def _reopened(store: Store) -> Store:
+    """Another store on the same database, as a manager run before this one had."""
+    return SqliteStore(store.path) if isinstance(store, SqliteStore) else PostgresStore(store.dsn)  # type: ignore[attr-defined]
+
+
+async def _samples(store: Store, table: str, column: str) -> dict[str, list[tuple[datetime, int]]]:
+    async with store.connection() as conn:
+        rows = await conn.fetch(f"SELECT {column}, timestamp, id FROM {table}")
+    out: dict[str, list[tuple[datetime, int]]] = {}
+    for owner, ts, row_id in rows:
+        out.setdefault(owner, []).append((store.ts_out(ts), row_id))  # type: ignore[arg-type]
+    return out
+
+
+def _newest(samples: dict[str, list[tuple[datetime, int]]], keep: int) -> dict[str, set[int]]:
+    return {owner: {i for _, i in sorted(rows, reverse=True)[:keep]} for owner, rows in samples.items()}
+
+
+async def test_pruning_keeps_the_newest_samples_of_every_proplet_and_task(store: Store) -> None:
+    """The newest `keep` samples (by timestamp, then row id) of each owner stay: on a store's first
+    prune those of every owner, written by an earlier run too; then those of owners that got samples
+    since. An owner with more to delete than one statement takes (PRUNE_CHUNK) is pruned to the end."""
+    from core.store.base import PRUNE_CHUNK
+
+    keep, now, rng = 3, datetime.now(UTC), random.Random(20261206)
+    proplets = [Proplet(id=f"p{i}", name="n", created_at=now) for i in range(3)]
+    tasks = [make_task() for _ in range(3)]
+    await write(store, *(store.op_upsert_proplet(p, now) for p in proplets), *(store.op_insert_task(t) for t in tasks))
+    counts = [1, keep, 2 * PRUNE_CHUNK + 50]
+
+    def stamp(n: int) -> datetime:  # out of order, and repeated: ties go to the later row
+        return now + timedelta(seconds=rng.randrange(n // 3 + 1))
+
+    earlier = _reopened(store)
+    await earlier.open()
+    try:
+        await write(earlier, *(earlier.op_proplet_metrics(PropletMetrics(p.id, "", stamp(n), {"i": k}, {}))
+                               for p, n in zip(proplets, counts, strict=True) for k in range(n)))
+        await write(earlier, *(earlier.op_task_metrics(TaskMetrics(t.id, "p0", stamp(n), {"i": k}))
+                               for t, n in zip(tasks, counts, strict=True) for k in range(n)))
+    finally:
+        await earlier.close()
+    tables = (("proplet_metrics", "proplet_id"), ("task_metrics", "task_id"))
+    before = {t: await _samples(store, t, c) for t, c in tables}
+
+    assert await store.prune_metrics(keep) == 2 * (counts[2] - keep)
+    for table, column in tables:
+        assert {o: set(ids) for o, ids in _newest(await _samples(store, table, column), 99).items()} \
+            == _newest(before[table], keep)
+    assert await store.prune_metrics(keep) == 0
+
+    later = now + timedelta(hours=1)
+    await write(store, *(store.op_proplet_metrics(PropletMetrics("p0", "", later, {}, {})) for _ in range(2)),
+                *(store.op_task_metrics(TaskMetrics(tasks[2].id, "p0", later, {})) for _ in range(2)))
+    before = {t: await _samples(store, t, c) for t, c in tables}
+    assert await store.prune_metrics(keep) == 2  # p0 has 3 samples now; the task two more than kept
+    for table, column in tables:
+        assert {o: set(ids) for o, ids in _newest(await _samples(store, table, column), 99).items()} \
+            == _newest(before[table], keep)
+    assert [m.timestamp for m in (await store.list_task_metrics(tasks[2].id, 0, 10)).items][:2] == [later, later]
+
+
+async def test_a_write_during_a_long_prune_on_sqlite_waits_for_a_slice_of_it_not_all(tmp_path: Path) -> None:
+    """A prune on SQLite holds the one connection only a slice at a time, so a write that comes during
+    a long prune is committed before the prune ends. (One DELETE over the whole table held it, and
+    with it every write, for the whole prune: 1.3 s with 1.2 million samples.)"""
+    store = SqliteStore(tmp_path / "store.db")
+    await store.open()
+    try:
+        await migrate(store)
+        task, now = make_task(), datetime.now(UTC)
+        await write(store, store.op_insert_task(task))
+        assert await store.prune_metrics(1) == 0  # the first, which also reads every proplet and task
+        await write(store, *(store.op_task_metrics(TaskMetrics(task.id, "p", now + timedelta(seconds=i), {}))
+                             for i in range(40_000)))
+        pruning = asyncio.create_task(store.prune_metrics(1))
+        await asyncio.sleep(0)  # the prune runs to its first statement, which holds the connection
+        assert store._lock.locked()
+        await write(store, store.op_task_event(TaskEvent(task.id, TaskState.PENDING, now)))
+        assert not pruning.done(), "the write waited for the whole prune"
+        assert await pruning == 39_999
+        assert [e.state for e in await store.task_events(task.id)] == [TaskState.PENDING]
+    finally:
+        await store.close()
+
+
+async def test_a_slow_migration_or_upkeep_statement_on_postgres_is_not_a_lost_connection(
+        pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Migrations and pruning may run longer than ANSWER_TIMEOUT (the hot path's bound for a silent
+    connection): a migration that took longer was killed and reported as "no answer within 10 s; the
+    connection was given up as lost", and could never be applied. They get MAINTENANCE_TIMEOUT; one
+    that takes longer still is cancelled by the server and said so."""
+    from core.store import postgres
+    from core.store.base import StoreError, StoreUnavailable
+    from core.store.migrate import Migration
+
+    monkeypatch.setattr(postgres, "ANSWER_TIMEOUT", 0.5)
+    monkeypatch.setattr(postgres, "MAINTENANCE_TIMEOUT", 2.0, raising=False)
+    store = PostgresStore(pg_dsn)
+    await store.open()
+    try:
+        await migrate(store)
+        assert await store.apply_migration(Migration("9001_slow_index_build", 9001, "SELECT pg_sleep(1.0);"))
+        assert "9001_slow_index_build" in await store.applied_migrations()
+
+        with pytest.raises(StoreError) as raised:
+            async with store.maintenance("pruning metrics") as conn:
+                await conn.execute("SELECT pg_sleep(4)")
+        message = str(raised.value)
+        assert message.startswith("Pruning metrics did not finish within 2 s on the database"), message
+        assert "statement timeout" in message and "lost" not in message, message
+        assert not isinstance(raised.value, StoreUnavailable)
+        async with store.connection() as conn:  # the store works on
+            assert (await conn.fetch("SELECT 1"))[0][0] == 1
+
+        # The hot path keeps its bound: a statement that gets no answer is given up, and says so (in a
+        # transaction on a pool's connection it said "cannot call Connection.is_closed()").
+        with pytest.raises(StoreUnavailable, match=r"no answer within 0\.5 s"):
+            async with store.connection() as conn:
+                await conn.fetch("SELECT pg_sleep(2)")
+        with pytest.raises(postgres.NoAnswer, match=r"no answer within 0\.5 s; the connection was given up as lost"):
+            async with store.transaction() as conn:
+                await conn.execute("SELECT pg_sleep(2)")
+    finally:
+        await store.close()
