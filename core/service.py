@@ -77,6 +77,23 @@ ALIVE_SAVE_INTERVAL = 1.0
 CAP_TASK_STATE = "task_state"  # confirms starts on control/proplet/task_state
 CAP_RESULT_ACK = "result_ack"  # keeps results until control/manager/result_ack arrives
 CAP_MODULE_CACHE = "module_cache"  # keeps modules by digest: a start may name one by reference
+# The reason of a pending task never queued (created, not started): without one it looked queued.
+NOT_STARTED = "not started: start it (s in the console, propeller tasks start <id>, POST /tasks/<id>/start)"
+NOT_STARTED_IN_JOB = "not started: start its job (propeller jobs start <job_id>, POST /jobs/<job_id>/start)"
+NOT_STARTED_AFTER_DEPENDENCIES = "not started: waiting for its dependencies to finish"
+
+
+def not_started_reason(task: Task, schedule: Schedule | None = None) -> str:
+    """What a task never started waits for, and how to start it: what `reason` says until it is queued."""
+    if schedule is not None and schedule.expression:
+        return f"not started: scheduled for {schedule.next_run:%Y-%m-%d %H:%M} UTC (cron '{schedule.expression}')"
+    if task.job_id:
+        return NOT_STARTED_IN_JOB
+    if task.depends_on:
+        return NOT_STARTED_AFTER_DEPENDENCIES
+    return NOT_STARTED
+
+
 # A module at least this big goes to a proplet that ran it before (and keeps modules) by reference
 # instead of inside the start: decoding and hashing a 240 KB start cost every repeated run ~1 ms.
 MODULE_BY_REFERENCE_MIN = 16 * 1024
@@ -513,6 +530,7 @@ class ManagerCore:
             group = {t.id: t for t in await self.group_tasks(workflow_id=task.workflow_id, job_id=task.job_id)}
             validate_dag({**group, task.id: task})
         schedule = self.cron.plan(task.id, body.schedule, body.timezone, body.is_recurring) if body.schedule else None
+        task.reason = not_started_reason(task, schedule)
         await self._insert_tasks([task], *([self.store.op_put_schedule(schedule)] if schedule else []))
         if schedule is not None:
             self.cron.adopt(schedule)
@@ -603,10 +621,15 @@ class ManagerCore:
             raise Conflict(f"task {task_id} is queued or running; stop it before changing it")
         task = await self.get_task(task_id)
         old_digest = task.wasm_digest
+        # A never-started task's reason follows a schedule added or removed; a reset's reason stays.
+        said_not_started = task.state is TaskState.PENDING and task.queued_at is None and task.reason in (
+            "", not_started_reason(task, self.cron.get(task_id)))
         body.apply(task)
         task.updated_at = utcnow()
-        ops = [self.store.op_update_task(task)]
         schedule = self._updated_schedule(task_id, body)
+        if said_not_started:
+            task.reason = not_started_reason(task, schedule if schedule is not None else self.cron.get(task_id))
+        ops = [self.store.op_update_task(task)]
         if schedule is not None:
             ops.append(self.store.op_put_schedule(schedule) if schedule.expression
                        else self.store.op_delete_schedule(task_id))
@@ -758,14 +781,16 @@ class ManagerCore:
         """Store new tasks (with `extra` in the same commit), announce them, keep them in memory."""
         ops = list(extra)
         for task in tasks:
+            task.reason = task.reason or not_started_reason(task)
             if task.file:
                 self._files.put(task.wasm_digest, Artifact(task.file, task.wasm_digest))
             ops += [self.store.op_insert_task(task),
                     self.store.op_task_event(TaskEvent(task.id, TaskState.PENDING, task.created_at, 0, "", "created"))]
         await self.writer.write(*ops)
         for task in tasks:
+            # The console shows the event's detail as the task's reason.
             self.events.emit(TaskStateChanged(task.id, task.name, TaskState.PENDING, TaskState.PENDING,
-                                              task.created_at, "", "created"))
+                                              task.created_at, "", task.reason))
             task.file = b""
             self._remember(task)
 

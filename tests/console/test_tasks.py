@@ -230,3 +230,27 @@ async def test_detail_shows_the_workflow_and_dependencies_of_a_task(console: Any
         fields = str(app.screen.query_one("#task-fields").render())
         assert f"workflow {tasks[0].workflow_id}" in fields
         assert f"after      {root.id}   run_if failure" in fields
+
+
+async def test_a_task_never_started_says_so_in_the_table_and_the_detail_until_it_is_started(console: Any) -> None:
+    # Created and not started looked like queued: pending, nothing said.
+    async with console() as (app, pilot, core):
+        before = await core.create_task(add_body(name="before", proplet_id="nobody"))
+        screen = await open_view(app, pilot, "2", TasksScreen)
+        during = await core.create_task(add_body(name="during", proplet_id="nobody"))
+        await until(pilot, lambda: screen.table.row_count == 2)
+        for task in (before, during):
+            await until(pilot, lambda t=task: str(screen.table.get_cell(t.id, "outcome")).startswith(
+                "not started: start it (s in the console"))
+        screen.select(during.id)
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, TaskDetailScreen) and app.screen.task_data is not None)
+        detail = app.screen
+        assert "not started: start it (s in the console" in str(detail.query_one("#task-fields").render())
+        await pilot.press("s")
+        await until(pilot, lambda: detail.task_data is not None and detail.task_data.queued_at is not None)
+        await until(pilot, lambda: "not started" not in str(detail.query_one("#task-fields").render())
+                    and "proplet nobody" in str(detail.query_one("#task-fields").render()))
+        await pilot.press("escape")
+        await until(pilot, lambda: isinstance(app.screen, TasksScreen))
+        await until(pilot, lambda: "not started" not in str(screen.table.get_cell(during.id, "outcome")))

@@ -225,6 +225,45 @@ async def test_start_stop_results_events_metrics_and_delete(api: httpx.AsyncClie
         assert (await api.get(f"/tasks/{tid}")).status_code == 404
 
 
+async def test_a_task_never_started_says_so_and_how_to_start_it_on_each_backend(
+        managers_on_each_backend: Any) -> None:
+    """Created and never started is not queued: its reason says so (stored, so after a restart too)."""
+    root, dependent = str(uuid.uuid4()), str(uuid.uuid4())
+    async with managers_on_each_backend() as core:
+        async with httpx.AsyncClient(base_url=core.api_url, timeout=10) as api:
+            plain = await create(api)
+            assert plain["state_name"] == "pending" and plain["queued_at"] == "0001-01-01T00:00:00Z"
+            assert plain["reason"].startswith("not started: start it")
+            assert "propeller tasks start <id>" in plain["reason"] and "POST /tasks/<id>/start" in plain["reason"]
+            scheduled = await create(api, schedule="0 3 * * *")
+            assert scheduled["reason"].startswith("not started: scheduled for ") and "03:00" in scheduled["reason"]
+            # A schedule added or removed later changes it too.
+            r = await api.put(f"/tasks/{scheduled['id']}", json={"schedule": ""})
+            assert r.json()["reason"] == plain["reason"]
+            r = await api.put(f"/tasks/{scheduled['id']}", json={"schedule": "0 3 * * *"})
+            assert r.json()["reason"] == scheduled["reason"]
+            r = await api.post("/workflows", json={"tasks": [
+                {"id": root, "name": "add", "file": B64},
+                {"id": dependent, "name": "add", "file": B64, "depends_on": [root]}]})
+            assert r.status_code == 201, r.text
+            reasons = {t["id"]: t["reason"] for t in r.json()["tasks"]}
+            assert reasons[root] == plain["reason"]
+            assert reasons[dependent] == "not started: waiting for its dependencies to finish"
+            r = await api.post("/jobs", json={"name": "j", "tasks": [{"name": "add", "file": B64}]})
+            job = r.json()
+            assert job["tasks"][0]["reason"].startswith("not started: start its job")
+            assert "propeller jobs start <job_id>" in job["tasks"][0]["reason"]
+    async with managers_on_each_backend() as core:
+        async with httpx.AsyncClient(base_url=core.api_url, timeout=10) as api:
+            assert (await api.get(f"/tasks/{plain['id']}")).json()["reason"] == plain["reason"]
+            listed = {t["id"]: t["reason"] for t in (await api.get("/tasks")).json()["tasks"]}
+            assert listed[dependent] == reasons[dependent] and listed[scheduled["id"]] == scheduled["reason"]
+            # Started, it is queued and waits for a proplet instead.
+            assert (await api.post(f"/tasks/{plain['id']}/start")).status_code == 200
+            reason = (await api.get(f"/tasks/{plain['id']}")).json()["reason"]
+            assert reason and not reason.startswith("not started")
+
+
 async def _state(api: httpx.AsyncClient, tid: str, state: int) -> bool:
     return bool((await api.get(f"/tasks/{tid}")).json()["state"] == state)
 
