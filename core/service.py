@@ -555,6 +555,11 @@ class ManagerCore:
             return task.copy()
         await self._written(task_id)
         stored = await self.reader.get(task_id)
+        # Brought into memory while the row was read (and perhaps changed since: a stop, a failed
+        # turn): the row is the older, and remembered it would stand for the task from then on.
+        task = self.active.get(task_id) or self._recent.get(task_id)
+        if task is not None:
+            return task.copy()
         if stored is None:
             raise NotFound(f"task {task_id} not found")
         self._remember(stored)

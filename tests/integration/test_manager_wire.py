@@ -897,3 +897,29 @@ async def test_starting_and_stopping_while_the_fleet_is_full_does_not_grow_the_q
     assert len(manager._heap) <= 1_100, f"{len(manager._heap)} heap entries for 1 queued task"
     async with SyntheticProplet(manager.broker_address.url, manager.topics, "p-heap"):
         assert (await finished(manager, blocker.id)).state is TaskState.COMPLETED
+
+
+async def test_a_read_that_races_a_change_of_the_task_does_not_leave_the_older_state_behind(
+        manager_factory: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A task out of memory is read from the database; a failed turn (or a stop) loads and changes it
+    # meanwhile. The read's older row was remembered over the change, and every later read said pending.
+    async with manager_factory() as core:
+        task = await core.create_task(TaskCreate(name="add", file=base64.b64encode(WASM).decode()))
+        core._recent.pop(task.id)  # out of memory, as an older task is
+        read_started, release = asyncio.Event(), asyncio.Event()
+        read_row = core.reader.get
+
+        async def slow_read(task_id: str) -> Any:
+            row = await read_row(task_id)
+            read_started.set()
+            await release.wait()
+            return row
+
+        monkeypatch.setattr(core.reader, "get", slow_read)
+        racing = asyncio.create_task(core.get_task(task.id))
+        await read_started.wait()
+        monkeypatch.setattr(core.reader, "get", read_row)
+        await core.fail_unstarted(task.id, "its dependency failed")
+        release.set()
+        await racing
+        assert (await core.get_task(task.id)).state is TaskState.FAILED
