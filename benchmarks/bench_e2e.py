@@ -107,6 +107,10 @@ async def latency(core: ManagerCore, body: TaskCreate, samples: int) -> tuple[li
     try:
         for i in range(samples + 50):
             task = await core.create_task(body)
+            # Each sample starts with the manager idle: the task's own writes, not the commit of the
+            # previous task's result still under way (which the sample would otherwise wait behind
+            # or not, depending on how soon this loop wakes up).
+            await core.writer.wait_idle()
             sub.drain()
             t0 = time.perf_counter()
             await core.start_task(task.id)
