@@ -7,11 +7,11 @@ import os
 import sqlite3
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
@@ -21,6 +21,8 @@ from core.store.base import PRUNE_CHUNK, Store, StoreError, WriteOp, causes, pla
 # Another process holds the file (BUSY, LOCKED), the disk failed a read or write (IOERR) or is full
 # (FULL): the same statements may succeed later.
 _TRANSIENT_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL})
+
+T = TypeVar("T")
 
 _JSON_TYPE = {None: "null", True: "true", False: "false"}
 
@@ -187,64 +189,60 @@ class SqliteStore(Store):
             else:
                 await self._db.commit()
 
-    async def apply(self, ops: Sequence[WriteOp]) -> None:
-        """The whole batch in one trip to aiosqlite's thread.
-
-        Each statement sent separately is a thread hop with a GIL handoff (~0.1-1 ms under load);
-        a batch is BEGIN, a few executemany and COMMIT, so it runs as one function on the
-        connection's own thread (aiosqlite's `_execute`, private but stable across the pinned
-        versions) instead of five or more hops.
-        """
+    async def _in_one_trip(self, body: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `body` in one transaction, as one function on aiosqlite's thread (`_execute`, private
+        but stable across the pinned versions): each statement sent separately is a thread hop with
+        a GIL handoff (~0.1-1 ms under load)."""
         assert self._db is not None, "store is not open"
-        groups = plan(ops)
         db = self._db
 
-        def run() -> None:
+        def run() -> T:
             conn = db._conn
             conn.execute("BEGIN IMMEDIATE")
             try:
-                for group in groups:
-                    if len(group) == 1:
-                        conn.execute(group[0].sql, group[0].params)
-                    else:
-                        conn.executemany(group[0].sql, [op.params for op in group])
+                result = body(conn)
             except BaseException:
                 conn.rollback()
                 raise
             conn.commit()
+            return result
 
         async with self._lock:
-            await db._execute(run)
+            return await db._execute(run)
+
+    async def apply(self, ops: Sequence[WriteOp]) -> None:
+        """The whole batch (BEGIN, a few executemany and COMMIT) in one trip to aiosqlite's thread
+        instead of five or more hops."""
+        groups = plan(ops)
+
+        def run(conn: sqlite3.Connection) -> None:
+            for group in groups:
+                if len(group) == 1:
+                    conn.execute(group[0].sql, group[0].params)
+                else:
+                    conn.executemany(group[0].sql, [op.params for op in group])
+
+        await self._in_one_trip(run)
 
     async def _prune_slice(self, sql: str, owners: deque[str], keep: int) -> int:
         """As Store._prune_slice, in one trip to aiosqlite's thread (as apply): every write waits
         for a slice, so a slice is kept to about 2 ms."""
-        assert self._db is not None, "store is not open"
-        db = self._db
         budget = self._prune_slice_seconds
 
-        def run() -> int:
-            conn = db._conn
+        def run(conn: sqlite3.Connection) -> int:
             deleted = 0
             deadline = time.perf_counter() + budget
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                while owners:
-                    owner = owners[0]
-                    count = conn.execute(sql, (owner, owner, keep - 1, PRUNE_CHUNK)).rowcount
-                    deleted += count
-                    if count < PRUNE_CHUNK:
-                        owners.popleft()
-                    if time.perf_counter() >= deadline:
-                        break
-            except BaseException:
-                conn.rollback()
-                raise
-            conn.commit()
+            while owners:
+                owner = owners[0]
+                count = conn.execute(sql, (owner, owner, keep - 1, PRUNE_CHUNK)).rowcount
+                deleted += count
+                if count < PRUNE_CHUNK:
+                    owners.popleft()
+                if time.perf_counter() >= deadline:
+                    break
             return deleted
 
-        async with self._lock:
-            return await db._execute(run)
+        return await self._in_one_trip(run)
 
     def ts_in(self, value: datetime | None) -> Any:
         if value is None:
