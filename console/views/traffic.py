@@ -169,17 +169,14 @@ pause or filter to read.
         changed.clear()
 
     def _rebuild_tree(self) -> None:
-        """The topics the topic filter lets through, with their counts. Only when the filter changes:
-        messages update the nodes by key (_update_tree)."""
+        """The tree again, from every topic counted, through the same filter and labels as the
+        messages' updates (_update_tree). Only when the filter changes: messages update nodes by key."""
         traffic = self.console.traffic
         tree = self.query_one(TopicTree)
         tree.root.remove_children()
         self._topic_nodes.clear()
-        for topic in sorted(traffic.counts):
-            if self.row_filter.matches(topic):
-                node = self._add_topic(tree, topic)
-                node.set_label(Text(f"{self._leaf_name(topic)} ({traffic.counts[topic]:,})"))
-        traffic.changed_topics.clear()
+        traffic.changed_topics.update(traffic.counts)
+        self._update_tree()
         selected = self._topic_nodes.get(self.selected_topic or "")
         if selected is not None:
             tree.move_cursor(selected)
