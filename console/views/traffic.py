@@ -75,7 +75,6 @@ pause or filter to read.
         self._payload_text = ""
         self._payload_rows = 0
         self._topic_nodes: dict[str, Any] = {}
-        self._topics_seen: set[str] = set()
 
     def compose_body(self) -> ComposeResult:
         with Horizontal(id="traffic-body"):
