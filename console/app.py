@@ -327,9 +327,9 @@ class ConsoleApp(App[None]):
     def action_help_quit(self) -> None:
         # Ctrl+C does not quit; Textual's hint says which key does, but as markup, which notify()
         # above shows as typed ("Press [b]ctrl+q[/b] to quit the app").
-        keys = [self.get_key_display(active.binding) for active in self.active_bindings.values()
-                if active.binding.action in ("quit", "app.quit")]
-        how = f"Press {' or '.join(dict.fromkeys(keys))} (or type :q Enter)" if keys else "Type :q Enter"
+        quit_keys = [self.get_key_display(active.binding) for active in self.active_bindings.values()
+                     if active.binding.action in ("quit", "app.quit")]
+        how = f"Press {' or '.join(dict.fromkeys(quit_keys))} (or type :q Enter)" if quit_keys else "Type :q Enter"
         self.notify(f"Ctrl+C does not quit the console. {how} to quit.", title="Do you want to quit?")
 
     def _apply_theme_setting(self) -> None:
