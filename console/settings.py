@@ -28,8 +28,8 @@ from core import paths
 from core.config import SectionSettings
 
 DEFAULT_THEME = "propeller-dark"
-# The `propeller` flags that set console settings (propeller/cli.py), for messages about a value given.
-FLAGS = {"theme": "--theme", "read_only": "--read-only", "mouse": "--mouse/--no-mouse"}
+# The `propeller` flags (propeller/cli.py) not spelt --<setting with '-' for '_'>, for messages about a value given.
+FLAGS = {"mouse": "--mouse/--no-mouse"}
 
 
 class FirmwareSettings(BaseModel):
