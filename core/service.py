@@ -1235,9 +1235,10 @@ class ManagerCore:
         if fut is None:
             await self.writer.submit(*ops)
         self.events.emit(event)
-        if new.is_terminal and (task.workflow_id or task.job_id):
-            self.groups.finished(task)
-        await self._round_task_ended(task)
+        if new.is_terminal:
+            if task.workflow_id or task.job_id:
+                self.groups.finished(task)
+            await self._round_task_ended(task)
         return fut
 
     def _change_state(self, task: Task, new: TaskState, detail: str) -> tuple[tuple[WriteOp, ...], TaskStateChanged]:
