@@ -22,7 +22,7 @@ from core.store.base import StoreError, WriteOp
 from core.store.migrate import migrate
 from core.store.postgres import _MANAGER_LOCK_KEY, PostgresStore
 from tests.conftest import unique
-from tests.services import Mosquitto, private_postgres
+from tests.services import Mosquitto, PrivatePostgres
 from tests.wasmfixtures import wasm
 from tests.wire import eventually
 
@@ -58,54 +58,53 @@ async def test_a_second_manager_on_the_same_postgres_database_refuses_to_start_n
         assert await third.get_task(task.id) is not None
 
 
-async def test_the_lock_is_taken_again_after_the_postgres_server_restarts(broker: Mosquitto) -> None:
-    with private_postgres() as server:
-        store = PostgresStore(server.dsn, one_manager=True)
-        async with ManagerCore(_settings(broker), store=store) as core:
-            await asyncio.to_thread(server.stop, "fast")  # ends every session, the lock's too
-            await eventually(lambda: not store.holds_manager_lock, 5)
-            await asyncio.to_thread(server.start)
-            await eventually(lambda: store.holds_manager_lock, 15)
-            # It holds the lock again: another manager is refused, and this one stores as before.
-            with pytest.raises(StoreError, match="Another Propeller manager is using the database"):
-                await PostgresStore(server.dsn, one_manager=True).open()
-            task = await asyncio.wait_for(core.create_task(_add_task()), 15)
-            assert (await core.get_task(task.id)).name == "add"
-            assert core.taken_over is None and not core._shutdown.is_set()
+async def test_the_lock_is_taken_again_after_the_postgres_server_restarts(
+        broker: Mosquitto, private_pg: PrivatePostgres) -> None:
+    store = PostgresStore(private_pg.dsn, one_manager=True)
+    async with ManagerCore(_settings(broker), store=store) as core:
+        await asyncio.to_thread(private_pg.stop, "fast")  # ends every session, the lock's too
+        await eventually(lambda: not store.holds_manager_lock, 5)
+        await asyncio.to_thread(private_pg.start)
+        await eventually(lambda: store.holds_manager_lock, 15)
+        # It holds the lock again: another manager is refused, and this one stores as before.
+        with pytest.raises(StoreError, match="Another Propeller manager is using the database"):
+            await PostgresStore(private_pg.dsn, one_manager=True).open()
+        task = await asyncio.wait_for(core.create_task(_add_task()), 15)
+        assert (await core.get_task(task.id)).name == "add"
+        assert core.taken_over is None and not core._shutdown.is_set()
 
 
 async def test_a_manager_whose_lock_another_manager_took_while_it_was_cut_off_stops_and_stores_nothing(
-        broker: Mosquitto) -> None:
+        broker: Mosquitto, private_pg: PrivatePostgres) -> None:
     """The lock's session is ended from the server (as a restart, an idle-session killer or a failover
     does) while another manager waits for the lock, so that one gets it first: this one must not run
     on as a second manager, nor write what it queued meanwhile into the other one's database."""
-    with private_postgres() as server:
-        store = PostgresStore(server.dsn, one_manager=True)
-        core = ManagerCore(_settings(broker), store=store)
-        orphan = Task(id=unique("orphan"), name="add")
-        other = await asyncpg.connect(server.dsn, server_settings={
-            "application_name": "pid 4242 on other-host (propeller serve)"})
-        try:
-            async with core:
-                assert store._lock_conn is not None
-                lock_pid = store._lock_conn.get_server_pid()
-                waiting = asyncio.ensure_future(other.execute("SELECT pg_advisory_lock($1)", _MANAGER_LOCK_KEY))
-                admin = await asyncpg.connect(server.dsn)
-                try:
-                    await eventually(lambda: _lock_waiters(admin), 5)
-                    assert await admin.fetchval("SELECT pg_terminate_backend($1, 5000)", lock_pid)
-                finally:
-                    await admin.close()
-                await asyncio.wait_for(waiting, 5)  # the other manager holds it
-                await core.writer.submit(store.op_insert_task(orphan))
-                await asyncio.wait_for(core.wait_closed(), 20)
-                assert core.taken_over is not None
-                message = str(core.taken_over)
-                assert "Another Propeller manager took the database" in message, message
-                assert "pid 4242 on other-host (propeller serve)" in message, message
-            assert await other.fetchval("SELECT count(*) FROM tasks WHERE id = $1", orphan.id) == 0
-        finally:
-            await other.close()
+    store = PostgresStore(private_pg.dsn, one_manager=True)
+    core = ManagerCore(_settings(broker), store=store)
+    orphan = Task(id=unique("orphan"), name="add")
+    other = await asyncpg.connect(private_pg.dsn, server_settings={
+        "application_name": "pid 4242 on other-host (propeller serve)"})
+    try:
+        async with core:
+            assert store._lock_conn is not None
+            lock_pid = store._lock_conn.get_server_pid()
+            waiting = asyncio.ensure_future(other.execute("SELECT pg_advisory_lock($1)", _MANAGER_LOCK_KEY))
+            admin = await asyncpg.connect(private_pg.dsn)
+            try:
+                await eventually(lambda: _lock_waiters(admin), 5)
+                assert await admin.fetchval("SELECT pg_terminate_backend($1, 5000)", lock_pid)
+            finally:
+                await admin.close()
+            await asyncio.wait_for(waiting, 5)  # the other manager holds it
+            await core.writer.submit(store.op_insert_task(orphan))
+            await asyncio.wait_for(core.wait_closed(), 20)
+            assert core.taken_over is not None
+            message = str(core.taken_over)
+            assert "Another Propeller manager took the database" in message, message
+            assert "pid 4242 on other-host (propeller serve)" in message, message
+        assert await other.fetchval("SELECT count(*) FROM tasks WHERE id = $1", orphan.id) == 0
+    finally:
+        await other.close()
 
 
 async def _lock_waiters(conn: asyncpg.Connection) -> bool:

@@ -37,7 +37,7 @@ from core.store.base import WriteOp
 from core.store.migrate import migrate
 from core.store.postgres import PostgresStore
 from core.store.writer import StoreWriter
-from tests.services import TcpProxy, create_database, drop_database
+from tests.services import TcpProxy
 
 TABLES = ("jobs", "tasks", "task_events", "task_schedules", "proplets", "proplet_metrics", "task_metrics",
           "fl_rounds", "fl_updates", "fl_models")
@@ -170,15 +170,6 @@ class _CommitCutter(TcpProxy):
         raise ConnectionError("closed")
 
 
-@pytest.fixture
-async def postgres_dsn() -> AsyncIterator[Any]:
-    db = await create_database()
-    try:
-        yield db
-    finally:
-        await drop_database(db)
-
-
 def _through(dsn: str, port: int) -> str:
     """`dsn` by way of the proxy on `port`, without TLS (the proxy reads the protocol in clear)."""
     parts = urlsplit(dsn)
@@ -206,10 +197,10 @@ async def _writer_behind_cutter(dsn: str, **writer_options: Any) -> AsyncIterato
         await cutter.close()
 
 
-async def test_a_batch_whose_commit_answer_was_lost_is_stored_once_and_refused_to_nobody(postgres_dsn: Any) -> None:
+async def test_a_batch_whose_commit_answer_was_lost_is_stored_once_and_refused_to_nobody(pg_dsn: str) -> None:
     """Before: the retried batch hit the task's primary key, so the caller that created the task was
     told the write was refused (and the task existed), and its events were stored twice."""
-    async with _writer_behind_cutter(postgres_dsn.dsn) as (cutter, store, writer):
+    async with _writer_behind_cutter(pg_dsn) as (cutter, store, writer):
         tasks = [_task() for _ in range(300)]
         now = datetime.now(UTC)
         cutter.armed = True
@@ -229,13 +220,13 @@ async def test_a_batch_whose_commit_answer_was_lost_is_stored_once_and_refused_t
         assert [tuple(c) for c in counts] == [(300, 300), (300, 300)]
 
 
-async def test_a_write_whose_commit_answer_was_lost_is_not_given_up_as_not_stored(postgres_dsn: Any) -> None:
+async def test_a_write_whose_commit_answer_was_lost_is_not_given_up_as_not_stored(pg_dsn: str) -> None:
     """A write the writer gives up during an outage is reported "not stored" (StoreUnavailable). One
     whose COMMIT was sent and whose answer was lost may be stored: it must not be reported so, but
     waits until a retry settles it. Before: given up at the first retry past its patience, its caller
     was told it was not stored, and the task was in the database."""
     # awaited_patience 0: every awaited write is overdue at once.
-    async with _writer_behind_cutter(postgres_dsn.dsn, awaited_patience=0.0) as (cutter, store, writer):
+    async with _writer_behind_cutter(pg_dsn, awaited_patience=0.0) as (cutter, store, writer):
         task = _task()
         cutter.armed = True
         result = await asyncio.wait_for(asyncio.gather(await writer.enqueue(store.op_insert_task(task)),
