@@ -25,7 +25,7 @@ import asyncio
 import sys
 import tempfile
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -136,8 +136,8 @@ def line(label: str, elapsed: float | None, lat: list[float], deleted: int | Non
     print(f"  {label:<34}{took:>12}  {writes}{gone}", flush=True)
 
 
-async def bench(store_factory: object, args: argparse.Namespace, label: str) -> None:
-    store: Store = store_factory()  # type: ignore[operator]
+async def bench(store_factory: Callable[[], Store], args: argparse.Namespace, label: str) -> None:
+    store = store_factory()
     await store.open()
     await migrate(store)
     t0 = time.perf_counter()
@@ -147,7 +147,7 @@ async def bench(store_factory: object, args: argparse.Namespace, label: str) -> 
           flush=True)
     await store.close()
 
-    store = store_factory()  # type: ignore[operator]
+    store = store_factory()
     await store.open()
     await migrate(store)
     await store.reserve_row_ids()
