@@ -776,7 +776,7 @@ class Store(abc.ABC):
 
     def _note_sample(self, table: str, owner: str) -> None:
         """A metrics sample of `owner` is about to be written: the next prune looks at it."""
-        state = self._prune_state or self._pruning()
+        state = self._pruning()
         noted = state.noted[table]
         if owner in noted:
             return
