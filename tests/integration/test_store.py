@@ -558,7 +558,7 @@ async def test_a_slow_migration_or_upkeep_statement_on_postgres_is_not_a_lost_co
     from core.store.migrate import Migration
 
     monkeypatch.setattr(postgres, "ANSWER_TIMEOUT", 0.5)
-    monkeypatch.setattr(postgres, "MAINTENANCE_TIMEOUT", 2.0, raising=False)
+    monkeypatch.setattr(postgres, "MAINTENANCE_TIMEOUT", 2.0)
     store = PostgresStore(pg_dsn)
     await store.open()
     try:
