@@ -293,7 +293,7 @@ class WasmtimeRuntime:
         kind = wasm_kind(wasm)
         engines = self._engines[(False, kind == "component")]
         assert engines.disk is not None
-        if self._artifact_from_disk(hex_digest, False) is not None:
+        if self._artifact_from_disk(hex_digest, False, wasm) is not None:
             _keep_wasm(engines.disk, hex_digest, wasm)
             return
         artifact = self._compile(engines, kind, wasm, hex_digest)
@@ -317,7 +317,10 @@ class WasmtimeRuntime:
                 log.warning("could not cache compiled module sha256:%s on disk: %s", hex_digest, e)
         return artifact
 
-    def _artifact_from_disk(self, hex_digest: str, fuel: bool) -> Artifact | None:
+    def _artifact_from_disk(self, hex_digest: str, fuel: bool,
+                            wasm: bytes | bytearray | None = None) -> Artifact | None:
+        """The compiled code on disk, described from `wasm` (the delivered bytes) or, without them,
+        from the bytes kept on disk."""
         found = self._find_code(hex_digest, fuel)
         if found is None:
             return None
@@ -331,8 +334,9 @@ class WasmtimeRuntime:
                 compiled: Module | cm.Component = cm.Component.deserialize(engines.engine, payload)
             else:
                 compiled = Module.deserialize(engines.engine, payload)
-            artifact = self._describe(engines, compiled,
-                                      engines.disk.read_wasm(hex_digest) if kind == "module" else None)
+            if kind == "module" and wasm is None:
+                wasm = engines.disk.read_wasm(hex_digest)
+            artifact = self._describe(engines, compiled, wasm)
         except (WasmtimeError, ModuleError) as e:
             log.warning("cannot use cached %s (%s); recompiling", path, _first_line(e))
             with contextlib.suppress(OSError):
