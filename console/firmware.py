@@ -32,10 +32,6 @@ def tools() -> Any:
     return firmware
 
 
-def _not_installed(exc: ModuleNotFoundError, doing: str) -> FirmwareUnavailable:
-    return FirmwareUnavailable(tools().missing_tool_text(exc, doing))
-
-
 @dataclass(slots=True)
 class FirmwareJob:
     name: str
@@ -83,10 +79,7 @@ class Firmware:
 
     async def ports(self) -> list[Any]:
         fw = tools()
-        try:
-            return await asyncio.to_thread(fw.list_ports)
-        except ModuleNotFoundError as exc:
-            raise _not_installed(exc, "Listing serial ports") from None
+        return await asyncio.to_thread(fw.list_ports)
 
     async def build(self, job: FirmwareJob) -> None:
         fw = tools()
@@ -114,20 +107,14 @@ class Firmware:
         """Blocking: runs in a thread worker until job.stop is set."""
         fw = tools()
         job.on_line(f"$ monitor {port} (x stops)")
-        try:
-            for line in fw.monitor_lines(port, stop=job.stop):
-                job.on_line(line)
-        except ModuleNotFoundError as exc:
-            raise _not_installed(exc, "The serial monitor") from None
+        for line in fw.monitor_lines(port, stop=job.stop):
+            job.on_line(line)
 
     def provision(self, job: FirmwareJob, port: str, values: dict[str, str]) -> dict[str, str]:
         """Blocking: runs in a thread worker."""
         fw = tools()
         job.on_line(f"$ provision {port}")
-        try:
-            return dict(fw.provision(port, values, on_line=job.on_line))
-        except ModuleNotFoundError as exc:
-            raise _not_installed(exc, "Provisioning") from None
+        return dict(fw.provision(port, values, on_line=job.on_line))
 
     def error_types(self) -> tuple[type[BaseException], ...]:
         try:

@@ -351,7 +351,10 @@ def missing_tool_text(exc: ModuleNotFoundError, doing: str) -> str:
 
 
 def list_ports() -> list[PortInfo]:
-    from serial.tools import list_ports as serial_ports
+    try:
+        from serial.tools import list_ports as serial_ports
+    except ModuleNotFoundError as exc:
+        raise FirmwareError(missing_tool_text(exc, "Listing serial ports")) from None
 
     ports = []
     for port in sorted(serial_ports.comports(), key=lambda p: p.device):
@@ -360,13 +363,17 @@ def list_ports() -> list[PortInfo]:
     return ports
 
 
-def open_serial(port: str, baud: int = CONSOLE_BAUD, timeout: float = 0.2) -> Any:
-    """Open a serial port without resetting the board.
+def open_serial(port: str, baud: int = CONSOLE_BAUD, timeout: float = 0.2, *,
+                doing: str = "Opening a serial port") -> Any:
+    """Open a serial port without resetting the board (`doing`: what for, should pyserial be missing).
 
     Asserting DTR/RTS on open drives an ESP32's EN/IO0 through the auto-reset circuit, so both
     are released before the port is opened.
     """
-    import serial
+    try:
+        import serial
+    except ModuleNotFoundError as exc:
+        raise FirmwareError(missing_tool_text(exc, doing)) from None
 
     check_port(port)
     conn = serial.serial_for_url(port, do_not_open=True, baudrate=baud, timeout=timeout)
@@ -381,7 +388,7 @@ def open_serial(port: str, baud: int = CONSOLE_BAUD, timeout: float = 0.2) -> An
 
 def monitor_lines(port: str, baud: int = CONSOLE_BAUD, stop: threading.Event | None = None) -> Iterator[str]:
     """Lines the device prints, until stop is set (or forever)."""
-    with contextlib.closing(open_serial(port, baud)) as conn:
+    with contextlib.closing(open_serial(port, baud, doing="The serial monitor")) as conn:
         pending = b""
         while stop is None or not stop.is_set():
             pending += conn.read(256)
@@ -420,7 +427,7 @@ class Provisioner:
     def __init__(self, port: str, baud: int = CONSOLE_BAUD, timeout: float = 5.0) -> None:
         self.port = port
         self.timeout = timeout
-        self._conn = open_serial(port, baud)
+        self._conn = open_serial(port, baud, doing="Provisioning")
         self._pending = b""
 
     def close(self) -> None:
@@ -572,8 +579,6 @@ def monitor_command(port: str, baud: int) -> None:
             click.echo(line)
     except FirmwareError as exc:
         raise click.ClickException(str(exc)) from None
-    except ModuleNotFoundError as exc:
-        raise click.ClickException(missing_tool_text(exc, "The serial monitor")) from None
     except KeyboardInterrupt:
         pass
 
@@ -607,8 +612,6 @@ def provision_command(port: str, wifi_ssid: str | None, wifi_password: str | Non
         settings = provision(port, values, reboot=not no_reboot, timeout=timeout, on_line=click.echo)
     except FirmwareError as exc:
         raise click.ClickException(str(exc)) from None
-    except ModuleNotFoundError as exc:
-        raise click.ClickException(missing_tool_text(exc, "Provisioning")) from None
     for key, value in settings.items():
         click.echo(f"  {key} = {value}")
 
@@ -619,8 +622,8 @@ def ports_command(as_json: bool) -> None:
     """List serial ports; boards with a known USB bridge are marked."""
     try:
         ports = list_ports()
-    except ModuleNotFoundError as exc:
-        raise click.ClickException(missing_tool_text(exc, "Listing serial ports")) from None
+    except FirmwareError as exc:
+        raise click.ClickException(str(exc)) from None
     if as_json:
         import json
 
@@ -641,6 +644,6 @@ def ports_command(as_json: bool) -> None:
 __all__ = [
     "BENCH_ENV", "DEVICE_ENV", "CommandResult", "FirmwareError", "FirmwareProject", "PortInfo", "Provisioner",
     "RegistryProbe", "build", "check_can_build", "explain_esptool_failure", "firmware_group", "flash",
-    "list_ports", "missing_tool_text", "monitor_lines", "parse_progress", "probe_registry", "provision",
+    "list_ports", "monitor_lines", "parse_progress", "probe_registry", "provision",
     "render_command", "run_esptool", "stream_command", "trusted_keys_setting",
 ]

@@ -16,7 +16,7 @@ from textual.widgets import DataTable, Input, Label, Log, ProgressBar, Static
 
 from console import keys
 from console.base import ConsoleScreen, PaletteCommand
-from console.firmware import FirmwareJob, FirmwareUnavailable
+from console.firmware import FirmwareJob
 from console.widgets import ConfirmModal, ConsoleInput, StateTable
 
 PROVISION_FIELDS = (("wifi_ssid", "Wi-Fi network"), ("wifi_pass", "Wi-Fi password"), ("mqtt_url", "Broker URL"),
@@ -128,7 +128,7 @@ Commands come from `console.firmware` in the config file.
     async def list_ports(self) -> None:
         try:
             ports = await self.console.firmware.ports()
-        except FirmwareUnavailable as exc:
+        except self.console.firmware.error_types() as exc:
             self.post_message(self.JobEnded(_failed("ports", str(exc))))
             return
         self.post_message(self.PortsListed(ports))
