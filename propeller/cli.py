@@ -17,6 +17,7 @@ from typing import Any
 
 import click
 
+from core.domain import TaskState
 from core.entrypoint import (
     LazyEpilogCommand,
     freeze_startup_objects,
@@ -399,10 +400,8 @@ def tasks_create(name: str, source: str, inputs: tuple[str, ...], env: tuple[str
 # 1 is click's ClickException (an API error) and 2 its usage error, so the task's outcomes come after.
 EXIT_NOT_FINISHED = 3
 EXIT_TASK_FAILED = 4
-_FINISHED = ("completed", "failed", "skipped", "interrupted")
-
-
 EXIT_INTERRUPTED = 130  # the shell's 128 + SIGINT
+_FINISHED = frozenset(state.label for state in TaskState if state.is_terminal)
 
 
 def _wait_for(client: ManagerClient, task_id: str, wait_s: float) -> dict[str, Any]:
