@@ -17,7 +17,7 @@ from typing import Protocol, runtime_checkable
 
 from core.domain import TaskLimits
 from core.protocol import FL_ROUND_TASK_PREFIX
-from core.wasmvalues import quoted_input
+from core.wasmvalues import WasmValueError, parse_input, quoted_input
 
 MIB = 1024 * 1024
 
@@ -278,6 +278,33 @@ def no_start_error(exports: tuple[str, ...]) -> str:
     """A core module run as a command that has no `_start`."""
     return ("The module has no `_start` export, so it cannot run as a command. "
             f"Its exports are: {', '.join(exports) or '(none)'}. Set the task's name to the function to call.")
+
+
+class CallError(Exception):
+    """The task's name or inputs do not fit the module or component; the message is the task's failure."""
+
+
+def plan_core_call(funcs: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]], names: tuple[str, ...],
+                   function: str, inputs: tuple[str, ...]) -> list[int | float] | None:
+    """The converted inputs of the core export a task's name means, or None when the task runs the
+    module's `_start` as a command; CallError saying why neither can be. Both runtimes decide here."""
+    if function not in funcs or function == "_start":
+        if not (names_command(function) or "_start" in funcs):
+            raise CallError(missing_export_error(function, names))
+        if "_start" not in funcs:
+            raise CallError(no_start_error(names))
+        return None
+    params, results = funcs[function]
+    if len(inputs) != len(params):
+        raise CallError(count_error(function, params, len(inputs)))
+    try:
+        values = [parse_input(text, kind, i) for i, (text, kind) in enumerate(zip(inputs, params, strict=True))]
+    except WasmValueError as e:
+        raise CallError(f"Cannot call `{function}`: {e}. Fix the task's inputs.") from None
+    unfit = result_kinds_error(function, results)
+    if unfit:
+        raise CallError(unfit)
+    return values
 
 
 def timeout_error(timeout_s: float) -> str:

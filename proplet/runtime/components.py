@@ -16,7 +16,7 @@ from wasmtime import Engine
 from wasmtime import component as cm
 
 from . import wave
-from .api import count_error, missing_export_error, names_command
+from .api import CallError, count_error, missing_export_error, names_command
 
 
 @dataclass(slots=True)
@@ -45,10 +45,6 @@ class Call:
     func: ComponentFunc | None
     args: list[Any]
     argv: list[str] | None
-
-
-class CallError(Exception):
-    """The task's name or inputs do not fit the component; the message is the task's failure."""
 
 
 def describe_exports(component: cm.Component, engine: Engine) -> ComponentExports:

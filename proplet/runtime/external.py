@@ -45,12 +45,13 @@ from wasmtime import Config, Engine, WasmtimeError
 from wasmtime import component as cm
 
 from core.lifecycle import cancel_and_wait
-from core.wasmvalues import WasmValueError, format_value, parse_input, quoted_input
+from core.wasmvalues import WasmValueError, format_value, quoted_input
 
 from . import wave
 from .api import (
     STOPPED_ERROR,
     BoundedCapture,
+    CallError,
     Invocation,
     ModuleError,
     Outcome,
@@ -58,19 +59,16 @@ from .api import (
     ServeError,
     check_digest,
     command_results,
-    count_error,
     fault_error,
     first_frame,
     fuel_error,
     invalid_module_error,
     memory_at_start_error,
     memory_limit_error,
-    missing_export_error,
     names_command,
-    no_start_error,
     nul_error,
     overflow_error,
-    result_kinds_error,
+    plan_core_call,
     seconds,
     split_dirs,
     tail,
@@ -79,7 +77,7 @@ from .api import (
     wasm_kind,
 )
 from .cache import _atomic_write, _secure_dir
-from .components import Call, CallError, ComponentExports, describe_exports, invoke_text, plan_call
+from .components import Call, ComponentExports, describe_exports, invoke_text, plan_call
 from .wasmbin import CoreExports, WasmParseError, core_exports
 
 log = logging.getLogger(__name__)
@@ -444,30 +442,18 @@ class ExternalRuntime:
         user_invokes = "--invoke" in args or any(a.startswith("--invoke=") for a in args)
         if stored.kind == "module":
             assert stored.exports is not None
-            funcs = stored.exports.funcs
-            as_export = function in funcs and function != "_start"
-            if not as_export and not (names_command(function) or "_start" in funcs):
-                raise _PlanError(missing_export_error(function, stored.exports.names))
-            if not as_export and "_start" not in funcs:
-                raise _PlanError(no_start_error(stored.exports.names))
-            if as_export:
-                params, results = funcs[function]
-                if len(inv.inputs) != len(params):
-                    raise _PlanError(count_error(function, params, len(inv.inputs)))
-                try:
-                    values = [parse_input(t, k, i) for i, (t, k) in enumerate(zip(inv.inputs, params, strict=True))]
-                except WasmValueError as e:
-                    raise _PlanError(f"Cannot call `{function}`: {e}. Fix the task's inputs.") from None
-                unfit = result_kinds_error(function, results)
-                if unfit:
-                    raise _PlanError(unfit)
+            try:
+                values = plan_core_call(stored.exports.funcs, stored.exports.names, function, inv.inputs)
+            except CallError as e:
+                raise _PlanError(str(e)) from None
+            is_command = values is None
+            if values is not None:
                 if not user_invokes:
                     invoke = ["--invoke", function]
                 tail_args = [_cli_number(v) for v in values]
-                result_kinds = results
+                result_kinds = stored.exports.funcs[function][1]
             else:
                 tail_args = list(inv.inputs)
-            is_command = not as_export
         elif stored.component is not None and not user_invokes:
             call = _component_call(stored.component, inv)
             is_command = call.func is None

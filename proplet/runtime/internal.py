@@ -52,13 +52,14 @@ from wasmtime import _bindings as ffi
 from wasmtime import component as cm
 from wasmtime._extern import wrap_extern
 
-from core.wasmvalues import WasmValueError, format_results, parse_input
+from core.wasmvalues import format_results
 
 from . import memories, wave
 from .api import (
     MIB,
     STOPPED_ERROR,
     BoundedCapture,
+    CallError,
     Invocation,
     ModuleError,
     Outcome,
@@ -67,19 +68,15 @@ from .api import (
     ServeHandle,
     check_digest,
     command_results,
-    count_error,
     fault_error,
     first_frame,
     fuel_error,
     invalid_module_error,
     memory_at_start_error,
     memory_limit_error,
-    missing_export_error,
-    names_command,
-    no_start_error,
     nul_error,
     overflow_error,
-    result_kinds_error,
+    plan_core_call,
     seconds,
     tail,
     timeout_error,
@@ -87,7 +84,7 @@ from .api import (
     wasm_kind,
 )
 from .cache import DiskCache, UnsafeCacheDir
-from .components import CallError, ComponentExports, describe_exports, plan_call
+from .components import ComponentExports, describe_exports, plan_call
 from .memories import MemoryUse
 from .wasmbin import WasmParseError, core_exports
 from .watchdog import Reason, Watch, Watchdog
@@ -569,17 +566,13 @@ class WasmtimeRuntime:
     def _run_core(self, engines: _EngineSet, art: _CoreArtifact, inv: Invocation, state: _Run,
                   store: Store) -> str:
         function = inv.function
-        as_export = function in art.funcs and function != "_start"
-        if not as_export and not (names_command(function) or "_start" in art.funcs):
-            raise _GuestFailed(missing_export_error(function, art.export_names))
-        if not as_export and "_start" not in art.funcs:
-            raise _GuestFailed(no_start_error(art.export_names))
+        try:
+            args = plan_core_call(art.funcs, art.export_names, function, inv.inputs)
+        except CallError as e:
+            raise _GuestFailed(str(e)) from None
+        as_export = args is not None
         if as_export:
             params, result_kinds = art.funcs[function]
-            args = _core_args(function, params, inv.inputs)
-            unfit = result_kinds_error(function, result_kinds)
-            if unfit:
-                raise _GuestFailed(unfit)
             argv = None
         else:
             argv = [function or "main", *inv.inputs]
@@ -813,15 +806,6 @@ def _kind(ty: wasmtime.ValType) -> str:
     # The C API's kind for externref is named WASM_ANYREF, and wasmtime-py prints it so.
     text = str(ty)
     return "externref" if text == "anyref" else text
-
-
-def _core_args(function: str, params: tuple[str, ...], inputs: tuple[str, ...]) -> list[int | float]:
-    if len(inputs) != len(params):
-        raise _GuestFailed(count_error(function, list(params), len(inputs)))
-    try:
-        return [parse_input(text, kind, i) for i, (text, kind) in enumerate(zip(inputs, params, strict=True))]
-    except WasmValueError as e:
-        raise _GuestFailed(f"Cannot call `{function}`: {e}. Fix the task's inputs.") from None
 
 
 def _first_line(e: BaseException) -> str:
