@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import wasmtime
 
 from core.domain import TaskLimits
 from proplet.runtime import Invocation, RuntimeConfig, WasmtimeRuntime
@@ -77,6 +78,23 @@ async def test_compiled_code_without_the_modules_bytes_is_not_a_loaded_module(ca
         await second.load(d, data)  # what the agent does then
         outcome = await second.run(d, Invocation("f", "count", ("10",), limits=TaskLimits(fuel=10_000)))
         assert (outcome.error, outcome.results) == ("", "10")
+
+
+async def test_a_load_from_compiled_code_reads_signatures_from_the_delivered_bytes(cache_dir: Path) -> None:
+    # With the compiled code on disk and the kept bytes gone, the load asked wasmtime-py for the
+    # export signatures, which aborts the process on a v128.
+    data = bytes(wasmtime.wat2wasm('(module (func (export "take") (param v128)))'))
+    d = digest(data)
+    async with runtime_on(cache_dir) as first:
+        await first.load(d, data)
+    [stored] = [p for p in cache_dir.rglob("*") if p.is_file() and p.read_bytes() == data]  # noqa: ASYNC240
+    stored.unlink()
+    async with runtime_on(cache_dir) as second:
+        await second.load(d, data)
+        assert (second.compiles, second.deserializations) == (0, 1)
+        outcome = await second.run(d, Invocation("t", "take", ("1",)))
+        assert outcome.error == ("Cannot call `take`: parameter 0 has type v128, which a task input cannot "
+                                 "provide. Fix the task's inputs.")
 
 
 async def test_fuel_tasks_compile_for_the_fuel_engine_once(runtime: WasmtimeRuntime) -> None:
