@@ -45,8 +45,9 @@ def quoted_input(text: str) -> str:
     return f"{text[:QUOTED_INPUT_MAX]!r}… ({len(text):,} characters)"
 
 
-# Digits of the largest wasm integer (2^64 - 1).
-_MAX_DIGITS = 20
+# Digits of the largest wasm or component integer (2^64 - 1): more cannot fit, and int() refuses
+# more than 4,300 (a ValueError).
+MAX_INTEGER_DIGITS = 20
 
 
 def parse_input(text: str, kind: str, index: int = 0) -> int | float:
@@ -56,8 +57,7 @@ def parse_input(text: str, kind: str, index: int = 0) -> int | float:
         bits = _RANGES[kind]
         if not _INT.match(s):
             raise WasmValueError(f"input {index} ({quoted_input(text)}) is not an integer, but the parameter is {kind}")
-        if len(s.lstrip("+-").lstrip("0")) > _MAX_DIGITS:
-            # Past every wasm integer, and past the digits int() converts (a ValueError otherwise).
+        if len(s.lstrip("+-").lstrip("0")) > MAX_INTEGER_DIGITS:
             raise WasmValueError(f"input {index} ({quoted_input(text)}) does not fit in {kind}")
         value = int(s)
         lo, hi = -(1 << (bits - 1)), (1 << bits) - 1

@@ -24,7 +24,7 @@ from typing import Any
 
 from wasmtime import component as cm
 
-from core.wasmvalues import quoted_input
+from core.wasmvalues import MAX_INTEGER_DIGITS, quoted_input
 
 
 class WaveError(ValueError):
@@ -51,8 +51,6 @@ _TYPE_NAMES: dict[type, str] = {
     cm.BorrowType: "borrow<resource>",
 }
 
-# Digits of the largest component integer (2^64 - 1).
-_MAX_DIGITS = 20
 _NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _INTEGER = re.compile(r"[+-]?[0-9]+")
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -130,8 +128,7 @@ class _Parser:
         if type(ty) in _INT_RANGES:
             digits = self.match(_INTEGER, "an integer")
             lo, hi = _INT_RANGES[type(ty)]
-            if len(digits.lstrip("+-").lstrip("0")) > _MAX_DIGITS:
-                # Past every component integer, and past the digits int() converts.
+            if len(digits.lstrip("+-").lstrip("0")) > MAX_INTEGER_DIGITS:
                 raise WaveError(f"{digits[:24]}… is outside {type_name(ty)} ({lo}..{hi})")
             value = int(digits)
             if not lo <= value <= hi:
