@@ -118,7 +118,7 @@ class PropletAgent:
         # of a second run. Bounded: oldest dropped.
         self._finished: OrderedDict[tuple[str, int], ResultMessage] = OrderedDict()
         self._finished_max = 2_000
-        self._reannounced_at = -math.inf  # when results waiting unconfirmed last made it announce again
+        self._announced_at = -math.inf  # last discovery sent: on a connect, or for results left unconfirmed
         from core.signing import load_public_keys
 
         # A key that cannot be read stops the proplet at start (SignatureError says which file).
@@ -260,6 +260,7 @@ class PropletAgent:
     async def _announce(self) -> None:
         """On every (re)connect: discovery, then a heartbeat right away."""
         assert self.bus is not None
+        self._announced_at = time.monotonic()  # a connect's discovery counts, as on the firmware
         await self.bus.publish(self.topics.create, self._discovery_payload())
         await self.bus.publish(self.topics.alive, self._alive_payload(protocol.ALIVE_STATUS))
         # A broker that crashed may have lost results published before: send the unconfirmed again.
@@ -273,12 +274,12 @@ class PropletAgent:
             if self.bus.connected.is_set():
                 due = list(self.outbox.due())
                 now = time.monotonic()
-                if due and now - self._reannounced_at >= self.settings.result_resend:
+                if due and now - self._announced_at >= self.settings.result_resend:
                     # A manager that confirmed results before and now lets them wait may know this
                     # proplet only from its heartbeats (it was deleted while online, or the manager
                     # started on a new database): without the discovery's capabilities it never
                     # confirms, and the outbox fills. Announcing again costs one message.
-                    self._reannounced_at = now
+                    self._announced_at = now
                     self.bus.send(self.topics.create, self._discovery_payload())
                 for result in due:
                     self._publish_result(result)
