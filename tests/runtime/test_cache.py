@@ -63,16 +63,22 @@ async def test_a_fresh_runtime_uses_the_disk_cache(cache_dir: Path) -> None:
         assert second.deserializations == 1  # now in memory
 
 
+async def _keep_only_compiled_code(cache_dir: Path, d: str, data: bytes) -> None:
+    """Load `data` into the cache, then delete the kept copy of its bytes (a full disk kept the compiled
+    code and not the bytes)."""
+    async with runtime_on(cache_dir) as first:
+        await first.load(d, data)
+    [stored] = [p for p in cache_dir.rglob("*") if p.is_file() and p.read_bytes() == data]  # noqa: ASYNC240
+    stored.unlink()
+
+
 async def test_compiled_code_without_the_modules_bytes_is_not_a_loaded_module(cache_dir: Path) -> None:
     # A fuel task compiles the bytes for the fuel engine: with only the compiled code left on disk
     # (a full disk kept the one and not the other), has_module() said yes, the agent skipped the
     # fetch, and the task failed "not loaded".
     data = wasm("spin")
     d = digest(data)
-    async with runtime_on(cache_dir) as first:
-        await first.load(d, data)
-    [stored] = [p for p in cache_dir.rglob("*") if p.is_file() and p.read_bytes() == data]  # noqa: ASYNC240
-    stored.unlink()
+    await _keep_only_compiled_code(cache_dir, d, data)
     async with runtime_on(cache_dir) as second:
         assert not second.has_module(d)
         await second.load(d, data)  # what the agent does then
@@ -85,10 +91,7 @@ async def test_a_load_from_compiled_code_reads_signatures_from_the_delivered_byt
     # export signatures, which aborts the process on a v128.
     data = bytes(wasmtime.wat2wasm('(module (func (export "take") (param v128)))'))
     d = digest(data)
-    async with runtime_on(cache_dir) as first:
-        await first.load(d, data)
-    [stored] = [p for p in cache_dir.rglob("*") if p.is_file() and p.read_bytes() == data]  # noqa: ASYNC240
-    stored.unlink()
+    await _keep_only_compiled_code(cache_dir, d, data)
     async with runtime_on(cache_dir) as second:
         await second.load(d, data)
         assert (second.compiles, second.deserializations) == (0, 1)
