@@ -169,36 +169,36 @@ class StoreWriter:
     async def _commit(self, batch: list[_Entry]) -> None:
         taken = len(batch)
         batch, n_ops, refused = await self._apply(batch)
-        if not refused:
+        if refused is None:
             for entry in batch:
                 self._then(entry)
             for entry in batch:
                 self._done(entry)
         elif len(batch) == 1:
-            self._fail(batch[0], batch[0].ops)
+            self._fail(batch[0], batch[0].ops, refused)
         else:
             # Isolate the bad entry so one failing write does not lose the whole batch.
             for entry in batch:
                 alone, _, refused = await self._apply([entry])
                 if not alone:
                     continue  # given up during an outage meanwhile
-                if refused:
-                    self._fail(entry, entry.ops)
+                if refused is not None:
+                    self._fail(entry, entry.ops, refused)
                 else:
                     self._then(entry)
                     self._done(entry)
         self._after(taken, n_ops)
 
-    async def _apply(self, batch: list[_Entry]) -> tuple[list[_Entry], int, bool]:
+    async def _apply(self, batch: list[_Entry]) -> tuple[list[_Entry], int, Exception | None]:
         """Apply the entries' writes in one transaction, again and again while the database cannot be
         reached, leaving out entries given up meanwhile. Returns the entries tried last, their number
-        of statements, and whether the database refused them."""
+        of statements, and what the database refused them with (None: stored)."""
         delay = RETRY_FIRST
         while True:
             batch = [entry for entry in batch if not entry.abandoned]
             ops = [op for entry in batch for op in entry.ops]
             if not ops:
-                return batch, 0, False
+                return batch, 0, None
             try:
                 await self.store.apply(ops)
             except asyncio.CancelledError:
@@ -212,9 +212,9 @@ class StoreWriter:
                     delay = min(delay * 2, RETRY_MAX)
                     continue
                 self._back()
-                return batch, len(ops), True
+                return batch, len(ops), exc
             self._back()
-            return batch, len(ops), False
+            return batch, len(ops), None
 
     async def _wait_out(self, exc: Exception, delay: float) -> None:
         """The database could not take a batch: note the outage (logged once), wait, give up the
@@ -294,8 +294,10 @@ class StoreWriter:
         if entry.future is not None and not entry.future.done():
             entry.future.set_result(None)
 
-    def _fail(self, entry: _Entry, ops: Sequence[WriteOp]) -> None:
+    def _fail(self, entry: _Entry, ops: Sequence[WriteOp], refusal: Exception) -> None:
         self.stats.failures += 1
-        log.exception("store write failed (%d statements, first: %.80s)", len(ops), ops[0].sql if ops else "")
+        # Not log.exception: this runs after the except block, where it logged "NoneType: None".
+        log.error("store write failed (%d statements, first: %.80s)", len(ops), ops[0].sql if ops else "",
+                  exc_info=refusal)
         if entry.future is not None and not entry.future.done():
             entry.future.set_exception(StoreError(f"the {self.store.dialect} store refused a write"))
