@@ -364,21 +364,29 @@ class PostgresStore(Store):
     async def _transaction_on(conn: asyncpg.Connection, *, upkeep: bool = False) -> AsyncIterator[_Conn]:
         """A transaction on `conn`; an `upkeep` one lets its statements run MAINTENANCE_TIMEOUT."""
         transaction = conn.transaction()
-        with _given_up_when_silent(conn):  # BEGIN and COMMIT; the statements' own in _Conn
-            await transaction.start()
-            try:
-                if upkeep:
-                    await conn.execute(f"SET LOCAL statement_timeout = {int(MAINTENANCE_TIMEOUT * 1000)}")
-                    yield _Conn(conn, MAINTENANCE_TIMEOUT + ANSWER_TIMEOUT)
-                else:
-                    yield _Conn(conn)
-            except BaseException:
-                # A connection given up (NoAnswer) has no transaction left to roll back: its own
-                # error says why, not a failed ROLLBACK's "the connection is closed".
-                if not _is_closed(conn):
-                    await transaction.rollback()
-                raise
-            await transaction.commit()
+        try:
+            with _given_up_when_silent(conn):  # BEGIN and COMMIT; the statements' own in _Conn
+                await transaction.start()
+                try:
+                    if upkeep:
+                        await conn.execute(f"SET LOCAL statement_timeout = {int(MAINTENANCE_TIMEOUT * 1000)}")
+                        yield _Conn(conn, MAINTENANCE_TIMEOUT + ANSWER_TIMEOUT)
+                    else:
+                        yield _Conn(conn)
+                except BaseException:
+                    # A connection given up (NoAnswer) has no transaction left to roll back: its own
+                    # error says why, not a failed ROLLBACK's "the connection is closed".
+                    if not _is_closed(conn):
+                        await transaction.rollback()
+                    raise
+                await transaction.commit()
+        except asyncpg.InternalClientError as exc:
+            # asyncpg's protocol out of step with a session the server ended under it ("cannot switch
+            # to state 15; another operation (2) is in progress" from a COMMIT as PostgreSQL shut
+            # down): the connection is unusable, and a COMMIT's fate unknown. Taken for a refusal,
+            # the batch was dropped; as a lost connection it is tried again (a no-op if it was stored).
+            conn.terminate()
+            raise StoreUnavailable(f"the connection to the database broke ({exc})") from exc
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[_Conn]:
