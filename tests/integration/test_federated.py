@@ -247,9 +247,11 @@ async def test_a_round_needs_an_online_participant_and_a_new_id(fleet: Fleet) ->
 async def test_a_round_whose_time_runs_out_aggregates_what_it_has(fleet: Fleet) -> None:
     p1, p2 = await fleet.participant(answer=None), await fleet.participant(answer=None)
     assert fleet.api is not None
-    await fleet.api.post("/fl/experiments", json=experiment("r-late", [p1, p2], timeout_s=1))
-    await fleet.api.post("/fl/experiments", json=experiment("r-silent", [p1, p2], timeout_s=1))
+    # The update goes in right after its round starts, with 3 s to spare: with 1 s, and the second
+    # round created in between, a loaded CI machine on PostgreSQL let the deadline pass first.
+    await fleet.api.post("/fl/experiments", json=experiment("r-late", [p1, p2], timeout_s=3))
     await fleet.api.post("/fl/update", json={"round_id": "r-late", "proplet_id": p1, "update": {"b": 7}})
+    await fleet.api.post("/fl/experiments", json=experiment("r-silent", [p1, p2], timeout_s=1))
     late = await fleet.ended("r-late")
     assert late["state"] == "completed" and late["num_updates"] == 1 and "1 of the 2" in late["reason"]
     too_late = await fleet.api.post("/fl/update", json={"round_id": "r-late", "proplet_id": p2, "update": {"b": 1}})
