@@ -1000,8 +1000,9 @@ class ManagerCore:
 
         A finished task of a workflow started again resets the finished tasks downstream of it,
         directly or not, to pending, in the commit that queues it: they run (or are skipped) again
-        as their dependencies finish. A commit per reset left a manager killed half way with a
-        workflow half re-run, the tasks not yet reset keeping the results of the run before."""
+        as their dependencies finish. It is refused (Conflict) while one of them is queued or
+        running. A commit per reset left a manager killed half way with a workflow half re-run, the
+        tasks not yet reset keeping the results of the run before."""
         # In the task's turn (see _one_change_at_a_time), and for a re-run in a workflow in the
         # turns of its downstream tasks too: known only once the task and its group are read, so
         # then the turns are let go and all taken again in one order (_turns_of_tasks).
@@ -1010,9 +1011,8 @@ class ManagerCore:
             turns = self._turns_of_tasks({task_id, *held}) if held else self._task_turns.hold(task_id)
             async with turns:
                 if task_id in self.active:
-                    state = self.active[task_id].state
-                    what = "queued" if state is TaskState.PENDING else state.label
-                    raise Conflict(f"task {task_id} is already {what}; stop it first to start it again")
+                    raise Conflict(f"task {task_id} is already {_activity(self.active[task_id])}; "
+                                   "stop it first to start it again")
                 task = self._recent.get(task_id) or await self._load_for_start(task_id)
                 group: list[Task] | None = None
                 downstream: set[str] = set()
@@ -1031,6 +1031,12 @@ class ManagerCore:
         as read in them and `downstream` its tasks downstream of `task`, reset in the same commit."""
         if task.depends_on and not dependencies_met:
             await self._check_dependencies(task, group)
+        busy = [row.id for row in downstream if row.id in self.active]
+        if busy:
+            # Left alone, it would finish on this task's previous result and never run again after
+            # this run: the workflow would end looking re-run with a stale result in it.
+            raise Conflict(f"task {busy[0]}, downstream of {task.id}, is {_activity(self.active[busy[0]])}: "
+                           f"stop it (or wait for it to finish) before running {task.id} again")
         if not task.wasm_digest and not task.image_url:
             raise InvalidRequest(
                 f"task {task.id} has no module: upload a .wasm (PUT /tasks/{task.id}/upload) or set image_url"
@@ -1055,8 +1061,6 @@ class ManagerCore:
         reset: dict[str, Task] = {}  # the downstream tasks reset, as they were
         why = f"reset: {task.id}, which it depends on, runs again"
         for row in downstream:
-            if row.id in self.active:
-                continue  # queued or running: it is not a finished run to clear
             other = self._recent.get(row.id) or row
             if not other.state.is_terminal:
                 continue
@@ -2092,6 +2096,11 @@ class ManagerCore:
         request = protocol.decode_registry_request(payload, topic)
         if self.chunks is not None:
             self.chunks.submit(request)
+
+
+def _activity(active_task: Task) -> str:
+    """What a queued or running task is doing, as a refusal to start it (or what it depends on) says."""
+    return "queued" if active_task.state is TaskState.PENDING else active_task.state.label
 
 
 def _downstream_of(task_id: str, group: Sequence[Task]) -> set[str]:

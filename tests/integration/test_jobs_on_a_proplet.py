@@ -213,6 +213,38 @@ async def test_starting_a_finished_workflow_root_again_runs_its_dependents_again
     assert await ends_of(core, other_root["id"]) == ["completed"]
 
 
+async def test_a_workflow_task_is_not_run_again_while_a_task_downstream_of_it_runs(core: Any,
+                                                                                  api: httpx.AsyncClient) -> None:
+    """Before: a re-run of a finished root left a dependent that was still running (on the root's
+    previous result) alone; it then completed on that stale result and was never run again after
+    the root's new run, so the workflow ended looking re-run with a middle from the run before.
+    Now the re-run is refused (409) naming the running task, and nothing changes; once that task
+    is stopped the re-run goes ahead and runs it again."""
+    root = add_task(inputs=(1, 1))
+    middle = {"id": str(uuid.uuid4()), "name": "spin", "file": base64.b64encode(wasm("spin")).decode(),
+              "depends_on": [root["id"]]}
+    leaf = add_task(middle["id"], inputs=(3, 3))
+    r = await api.post("/workflows", json={"tasks": [root, middle, leaf]})
+    assert r.status_code == 201, r.text
+    assert (await api.post(f"/tasks/{root['id']}/start")).status_code == 200
+    await eventually(lambda: middle["id"] in core.active and core.active[middle["id"]].state is TaskState.RUNNING, 10)
+
+    r = await api.post(f"/tasks/{root['id']}/start")
+    assert r.status_code == 409, r.text
+    error = r.json()["error"]
+    assert middle["id"] in error and "running" in error and "stop it" in error, error
+    assert root["id"] not in core.active
+    assert await ends_of(core, root["id"]) == ["completed"]
+    assert core.active[middle["id"]].state is TaskState.RUNNING
+
+    assert (await api.post(f"/tasks/{middle['id']}/stop")).status_code == 200
+    await eventually(lambda: middle["id"] not in core.active, 10)
+    assert (await api.post(f"/tasks/{root['id']}/start")).status_code == 200
+    await eventually(lambda: middle["id"] in core.active and core.active[middle["id"]].state is TaskState.RUNNING, 10)
+    assert (await finished(core, [root["id"]], 2))[root["id"]] is TaskState.COMPLETED
+    assert (await api.post(f"/tasks/{middle['id']}/stop")).status_code == 200
+
+
 async def test_a_task_without_a_module_fails_its_turn_instead_of_waiting_for_ever(core: Any,
                                                                                    api: httpx.AsyncClient) -> None:
     """Before: when its turn came the coordinator's start was refused (no module), the refusal went
