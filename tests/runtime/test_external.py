@@ -221,6 +221,27 @@ def test_find_wasmtime_cli_fixes_a_missing_exec_bit(tmp_path: Path) -> None:
     assert find_wasmtime_cli(str(tmp_path / "missing")) is None
 
 
+def test_a_runtime_setting_naming_something_else_is_refused_and_left_alone(
+        caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    # PROPLET_EXTERNAL_WASM_RUNTIME pointing at a module (or any other file): the proplet made it
+    # executable, started with it as its runtime, and every task then failed with "OSError: [Errno 8]
+    # Exec format error ... see its log".
+    module = tmp_path / "add.wasm"
+    module.write_bytes(wasm("add"))
+    os.chmod(module, 0o644)
+    script = tmp_path / "not-wasmtime"
+    script.write_text("#!/bin/sh\necho 'something else 1.0'\n")
+    os.chmod(script, 0o755)
+    for path in (module, script):
+        assert find_wasmtime_cli(str(path)) is None
+    assert not os.stat(module).st_mode & (stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    with caplog.at_level(logging.WARNING):
+        fallback = runtime_from_config(str(script), RuntimeConfig(cache_dir=tmp_path / "c"))
+    assert isinstance(fallback, WasmtimeRuntime)
+    assert f"PROPLET_EXTERNAL_WASM_RUNTIME={script} is not a wasmtime CLI" in caplog.text
+    assert "something else 1.0" in caplog.text
+
+
 async def test_runtime_from_config(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
     config = RuntimeConfig(cache_dir=tmp_path / "c")
     with caplog.at_level(logging.WARNING):
