@@ -447,8 +447,8 @@ class ChunkSource:
     def _too_large(self, transfer: _Transfer, size: int) -> FetchError:
         return FetchError(
             f"{transfer.ref} is larger than the proplet's limit of {format_size(self.max_bytes)} "
-            f"({format_size(size)} announced or received). Ship a smaller module or raise the proplet's "
-            "fetch limit.")
+            f"({format_size(size)} announced or received). Ship a smaller module or raise "
+            "PROPLET_WASM_FETCH_MAX_BYTES on the proplet.")
 
     @staticmethod
     def _progress(transfer: _Transfer) -> str:

@@ -162,7 +162,7 @@ class HttpSource:
                 raise FetchError(
                     f"{shown} is {format_size(int(declared))} ({declared} bytes), over the proplet's "
                     f"limit of {format_size(self.max_bytes)} for a module. Ship a smaller module or "
-                    "raise the proplet's fetch limit."
+                    "raise PROPLET_WASM_FETCH_MAX_BYTES on the proplet."
                 )
             decoder = _BoundedDecoder.for_response(response.headers.get("content-encoding", ""), shown)
             # httpx hands over 64 KiB pieces: hash them 2 MiB at a time, so that the hashing thread
@@ -177,8 +177,8 @@ class HttpSource:
                 if len(data) + len(piece) > self.max_bytes:
                     raise FetchError(
                         f"{shown} sent more than the proplet's limit of {format_size(self.max_bytes)} "
-                        "for a module; the download was stopped. Ship a smaller module or raise the "
-                        "proplet's fetch limit."
+                        "for a module; the download was stopped. Ship a smaller module or raise "
+                        "PROPLET_WASM_FETCH_MAX_BYTES on the proplet."
                     )
                 data += piece
                 hasher.update(piece)

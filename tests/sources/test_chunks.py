@@ -310,7 +310,8 @@ async def test_more_bytes_than_the_limit_fail_even_without_a_size(broker: Mosqui
         await raw.wait_requests(1)
         for chunk in chunks_of(REF, module(5_000), 1000, digest=False):
             await raw.send(chunk)
-        with pytest.raises(FetchError, match=r"larger than the proplet's limit of 2\.441 KiB"):
+        with pytest.raises(FetchError, match=r"larger than the proplet's limit of 2\.441 KiB .*raise "
+                           r"PROPLET_WASM_FETCH_MAX_BYTES on the proplet\."):
             await asyncio.wait_for(fetch, 5)
 
 

@@ -186,7 +186,9 @@ async def test_a_content_length_over_the_limit_fails_before_any_body_byte(source
         await wait_for_hang_up(reader)
 
     async with HttpServer({"/huge": huge}) as server:
-        expected = r"is 1\.863 GiB \(2000000000 bytes\), over the proplet's limit of 976\.6 KiB"
+        # The way out names the setting: "raise the proplet's fetch limit" left the operator to find it.
+        expected = (r"is 1\.863 GiB \(2000000000 bytes\), over the proplet's limit of 976\.6 KiB for a module\. "
+                    r"Ship a smaller module or raise PROPLET_WASM_FETCH_MAX_BYTES on the proplet\.")
         with pytest.raises(FetchError, match=expected):
             await asyncio.wait_for(source.fetch(WasmRef("t", image_url=server.url("/huge"))), 5)
         await asyncio.wait_for(server.hung_up["/huge"].wait(), 5)
@@ -211,7 +213,8 @@ async def test_a_body_without_content_length_is_capped_while_streaming(source: H
             await writer.drain()
 
     async with HttpServer({"/endless": endless}) as server:
-        with pytest.raises(FetchError, match=r"sent more than the proplet's limit of 976\.6 KiB"):
+        with pytest.raises(FetchError, match=r"sent more than the proplet's limit of 976\.6 KiB .*raise "
+                           r"PROPLET_WASM_FETCH_MAX_BYTES on the proplet\."):
             await asyncio.wait_for(source.fetch(WasmRef("t", image_url=server.url("/endless"))), 10)
         await asyncio.wait_for(server.hung_up["/endless"].wait(), 5)
     # The client stopped near the limit, not after the 50 MB the server was ready to send.
@@ -345,7 +348,8 @@ async def test_a_compressed_body_is_capped_on_its_decoded_bytes_without_inflatin
         assert await source.fetch(WasmRef("t", image_url=server.url("/m.wasm"))) == MODULE
         tracemalloc.start()
         try:
-            with pytest.raises(FetchError, match=r"sent more than the proplet's limit of 976\.6 KiB"):
+            with pytest.raises(FetchError, match=r"sent more than the proplet's limit of 976\.6 KiB .*raise "
+                           r"PROPLET_WASM_FETCH_MAX_BYTES on the proplet\."):
                 await asyncio.wait_for(source.fetch(WasmRef("t", image_url=server.url("/bomb.wasm"))), 10)
             _, peak = tracemalloc.get_traced_memory()
         finally:
