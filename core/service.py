@@ -81,6 +81,7 @@ CAP_MODULE_CACHE = "module_cache"  # keeps modules by digest: a start may name o
 NOT_STARTED = "not started: start it (s in the console, propeller tasks start <id>, POST /tasks/<id>/start)"
 NOT_STARTED_IN_JOB = "not started: start its job (propeller jobs start <job_id>, POST /jobs/<job_id>/start)"
 NOT_STARTED_AFTER_DEPENDENCIES = "not started: waiting for its dependencies to finish"
+NOT_STARTED_IN_SEQUENCE = "not started: waiting for the job's earlier tasks to finish (sequential job)"
 
 
 def not_started_reason(task: Task, schedule: Schedule | None = None) -> str:
@@ -881,18 +882,27 @@ class ManagerCore:
                         f"{len(self._queued)} tasks are already waiting for a proplet (the limit is "
                         f"{self.settings.max_backlog}) and job {job_id} would queue {len(first)} more; try "
                         "again when proplets have caught up")
-                await self._start_job_tasks(job_id, tasks, {t.id for t in first})
+                await self._start_job_tasks(job_id, tasks, {t.id for t in first}, job.execution_mode)
 
-    async def _start_job_tasks(self, job_id: str, stored: list[Task], first: set[str]) -> None:
+    async def _start_job_tasks(self, job_id: str, stored: list[Task], first: set[str], execution_mode: str) -> None:
         """Reset the finished tasks of a job and queue `first`, in one commit (the caller holds the
         group's and the tasks' turns and has checked that none is queued or running)."""
         ops: list[WriteOp] = []
         changed: list[TaskStateChanged] = []
         before: dict[str, Task] = {}
+        waiting: dict[str, Task] = {}  # tasks whose reason only changes, as they were
         queued: list[Task] = []
         for row in stored:
             rerun, starts = row.state.is_terminal, row.id in first
             if not (rerun or starts):
+                if row.reason == NOT_STARTED_IN_JOB:
+                    # Its job runs now: it waits for its turn, not for someone to start the job.
+                    task = self._recent.pop(row.id, None) or row
+                    waiting[task.id] = task.copy()
+                    task.reason = (NOT_STARTED_IN_SEQUENCE if execution_mode == "sequential"
+                                   else NOT_STARTED_AFTER_DEPENDENCIES)
+                    ops.append(self.store.op_update_task_state(task))
+                    self._remember(task)
                 continue
             task = self._recent.pop(row.id, None) or row
             before[task.id] = task.copy()
@@ -921,6 +931,8 @@ class ManagerCore:
                     await self._not_started(task, was)
                 else:
                     self._unreset(was)
+            for was in waiting.values():
+                self._remember(was)
             raise
 
     async def stop_job(self, job_id: str) -> None:

@@ -264,6 +264,34 @@ async def test_a_task_never_started_says_so_and_how_to_start_it_on_each_backend(
             assert reason and not reason.startswith("not started")
 
 
+async def test_a_started_jobs_waiting_tasks_say_what_they_wait_for_on_each_backend(
+        managers_on_each_backend: Any) -> None:
+    """Once its job runs, a task whose turn has not come waits for the tasks before it (sequential)
+    or its dependencies; it does not ask to start the job (`jobs create --start` showed the second
+    task 'not started: start its job (propeller jobs start <job_id>, ...)' while the job ran)."""
+    first, second = str(uuid.uuid4()), str(uuid.uuid4())
+    async with managers_on_each_backend() as core:
+        async with httpx.AsyncClient(base_url=core.api_url, timeout=10) as api:
+            # No proplet: the first task stays queued, the others wait for it.
+            r = await api.post("/jobs", json={"name": "seq", "execution_mode": "sequential", "tasks": [
+                {"name": "add", "file": B64}, {"name": "add", "file": B64}]})
+            seq = r.json()
+            r = await api.post("/jobs", json={"name": "par", "tasks": [
+                {"id": first, "name": "add", "file": B64},
+                {"id": second, "name": "add", "file": B64, "depends_on": [first]}]})
+            par = r.json()
+            for job in (seq, par):
+                assert (await api.post(f"/jobs/{job['job_id']}/start")).status_code == 200
+            waiting = (await api.get(f"/jobs/{seq['job_id']}")).json()["tasks"][1]
+            assert waiting["reason"] == "not started: waiting for the job's earlier tasks to finish (sequential job)"
+            dependent = (await api.get(f"/tasks/{second}")).json()
+            assert dependent["reason"] == "not started: waiting for its dependencies to finish"
+    async with managers_on_each_backend() as core:
+        async with httpx.AsyncClient(base_url=core.api_url, timeout=10) as api:
+            assert (await api.get(f"/tasks/{waiting['id']}")).json()["reason"] == waiting["reason"]
+            assert (await api.get(f"/tasks/{second}")).json()["reason"] == dependent["reason"]
+
+
 async def _state(api: httpx.AsyncClient, tid: str, state: int) -> bool:
     return bool((await api.get(f"/tasks/{tid}")).json()["state"] == state)
 
