@@ -224,15 +224,6 @@ PRUNE_NOTED_MAX = 20_000
 PRUNE_SWEEP_PAGE = 500
 
 
-def _prune_sql(table: str, column: str) -> str:
-    """Delete up to PRUNE_CHUNK samples of one owner older than its `keep`-th newest (parameters: owner,
-    owner, keep - 1, PRUNE_CHUNK): a walk of idx_<table>_newest (migration 5), nothing when the owner
-    has `keep` samples or fewer."""
-    return (f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE {column} = ? AND (timestamp, id) < "
-            f"(SELECT timestamp, id FROM {table} WHERE {column} = ? ORDER BY timestamp DESC, id DESC "
-            "LIMIT 1 OFFSET ?) LIMIT ?)")
-
-
 @dataclass(slots=True)
 class _PruneState:
     """Which owners the next prune looks at (see Store.prune_metrics)."""
@@ -786,27 +777,17 @@ class Store(abc.ABC):
         noted[owner] = None
 
     async def _prune_owners(self, table: str, column: str, owners: deque[str], keep: int) -> int:
-        sql = _prune_sql(table, column)
         deleted = 0
         while owners:
-            deleted += await self._prune_slice(sql, owners, keep)
+            deleted += await self._prune_slice(table, column, owners, keep)
         return deleted
 
-    async def _prune_slice(self, sql: str, owners: deque[str], keep: int) -> int:
-        """In one transaction of about `_prune_slice_seconds`: prune the owners at the front of
-        `owners`, removing each one done (one with more to delete than a statement takes stays)."""
-        deleted = 0
-        async with self.maintenance("pruning metrics") as conn:
-            deadline = time.perf_counter() + self._prune_slice_seconds
-            while owners:
-                owner = owners[0]
-                count = await conn.execute(sql, (owner, owner, keep - 1, PRUNE_CHUNK))
-                deleted += count
-                if count < PRUNE_CHUNK:
-                    owners.popleft()
-                if time.perf_counter() >= deadline:
-                    break
-        return deleted
+    @abc.abstractmethod
+    async def _prune_slice(self, table: str, column: str, owners: deque[str], keep: int) -> int:
+        """In one transaction of about `_prune_slice_seconds`: delete the samples of `table` older than
+        the `keep` newest (by timestamp, then id) of the owners (`column`) at the front of `owners`, at
+        most PRUNE_CHUNK rows per statement, removing each owner done (one with more left to delete
+        stays at the front); return how many were deleted."""
 
     async def schema(self) -> dict[str, dict[str, Any]]:
         """Tables, columns and indexes, for the parity test and `propeller info`."""

@@ -71,6 +71,16 @@ class _Conn:
         return list(await self.db.execute_fetchall(sql, params))
 
 
+def _prune_sql(table: str, column: str) -> str:
+    """Delete up to PRUNE_CHUNK samples of one owner older than its `keep`-th newest (parameters: owner,
+    owner, keep - 1, PRUNE_CHUNK): a walk of idx_<table>_newest (migration 5), nothing when the owner
+    has `keep` samples or fewer. A statement per owner: in-process it costs no round trip (and SQLite
+    has no LATERAL join, with which PostgreSQL's statement walks many owners' indexes in one)."""
+    return (f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE {column} = ? AND (timestamp, id) < "
+            f"(SELECT timestamp, id FROM {table} WHERE {column} = ? ORDER BY timestamp DESC, id DESC "
+            "LIMIT 1 OFFSET ?) LIMIT ?)")
+
+
 class SqliteStore(Store):
     dialect = "sqlite"
     # A prune's slice holds the one connection: every write waits for it.
@@ -224,9 +234,10 @@ class SqliteStore(Store):
 
         await self._in_one_trip(run)
 
-    async def _prune_slice(self, sql: str, owners: deque[str], keep: int) -> int:
-        """As Store._prune_slice, in one trip to aiosqlite's thread (as apply): every write waits
-        for a slice, so a slice is kept to about 2 ms."""
+    async def _prune_slice(self, table: str, column: str, owners: deque[str], keep: int) -> int:
+        """As Store._prune_slice, a statement per owner, in one trip to aiosqlite's thread (as apply):
+        every write waits for a slice, so a slice is kept to about 2 ms."""
+        sql = _prune_sql(table, column)
         budget = self._prune_slice_seconds
 
         def run(conn: sqlite3.Connection) -> int:

@@ -523,6 +523,69 @@ async def test_pruning_keeps_the_newest_samples_of_every_proplet_and_task(store:
     assert [m.timestamp for m in (await store.list_task_metrics(tasks[2].id, 0, 10)).items][:2] == [later, later]
 
 
+async def test_pruning_many_owners_keeps_each_ones_newest_across_statements(store: Store) -> None:
+    """Owners below, at and just above `keep`, and ones with more to delete than a statement takes
+    (PRUNE_CHUNK) between them, samples sharing timestamps (the newer row id stays): a statement
+    that reaches PRUNE_CHUNK in the middle of its owners leaves no owner before that one half done,
+    nor one after it untouched."""
+    from core.store.base import PRUNE_CHUNK
+
+    keep, now, rng = 4, datetime.now(UTC), random.Random(61206)
+    pattern = [0, 1, keep - 1, keep, keep + 1, PRUNE_CHUNK + keep + 3, 2, 2 * PRUNE_CHUNK + keep + 1, keep + 7]
+    counts = pattern * 3
+    proplets = [Proplet(id=f"p{i:02d}", name="n", created_at=now) for i in range(len(counts))]
+    tasks = [make_task() for _ in counts]
+    await write(store, *(store.op_upsert_proplet(p, now) for p in proplets), *(store.op_insert_task(t) for t in tasks))
+    # Three samples a second, written out of order: ids do not follow timestamps, and ties are many.
+    proplet_samples = [(p.id, k) for p, n in zip(proplets, counts, strict=True) for k in range(n)]
+    task_samples = [(t.id, k) for t, n in zip(tasks, counts, strict=True) for k in range(n)]
+    rng.shuffle(proplet_samples)
+    rng.shuffle(task_samples)
+    await write(store, *(store.op_proplet_metrics(PropletMetrics(o, "", now + timedelta(seconds=k // 3), {}, {}))
+                         for o, k in proplet_samples),
+                *(store.op_task_metrics(TaskMetrics(o, "p00", now + timedelta(seconds=k // 3), {}))
+                  for o, k in task_samples))
+    tables = (("proplet_metrics", "proplet_id"), ("task_metrics", "task_id"))
+    before = {t: await _samples(store, t, c) for t, c in tables}
+
+    assert await store.prune_metrics(keep) == 2 * sum(max(0, n - keep) for n in counts)
+    for table, column in tables:
+        assert {o: set(ids) for o, ids in _newest(await _samples(store, table, column), 10**6).items()} \
+            == _newest(before[table], keep)
+
+
+async def test_a_first_prune_on_postgres_takes_a_statement_for_many_owners_not_one_each(
+        pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store's first prune looks at every task and proplet. A statement per owner was a round trip
+    each, 3.6 s for 20,200 owners (benchmarks/bench_prune.py); every statement sent to the server,
+    BEGIN and COMMIT included, is counted here."""
+    from core.store import postgres
+
+    sent: list[str] = []
+    init_connection = postgres._init_connection
+
+    async def counted(conn: object) -> None:
+        await init_connection(conn)  # type: ignore[arg-type]
+        conn.add_query_logger(lambda record: sent.append(record.query))  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(postgres, "_init_connection", counted)
+    store = PostgresStore(pg_dsn)
+    await store.open()
+    try:
+        await migrate(store)
+        owners, now = 1000, datetime.now(UTC)
+        tasks = [make_task() for _ in range(owners)]
+        await write(store, *(store.op_insert_task(t) for t in tasks))
+        await write(store, *(store.op_task_metrics(TaskMetrics(t.id, "p", now + timedelta(seconds=k), {}))
+                             for t in tasks[::10] for k in range(3)))
+        sent.clear()
+        assert await store.prune_metrics(2) == owners // 10
+        assert len(sent) < owners // 10, f"{len(sent)} statements for {owners} owners"
+        assert all(p.total == 2 for p in [await store.list_task_metrics(t.id, 0, 5) for t in tasks[::10]])
+    finally:
+        await store.close()
+
+
 async def test_a_write_during_a_long_prune_on_sqlite_waits_for_a_slice_of_it_not_all(tmp_path: Path) -> None:
     """A prune on SQLite holds the one connection only a slice at a time, so a write that comes during
     a long prune is committed before the prune ends. (One DELETE over the whole table held it, and
