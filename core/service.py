@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 from core import protocol
 from core import topics as topic_names
+from core.bounded import BoundedLru, payload_bytes
 from core.chunks import Artifact, ArtifactCache, ArtifactUnavailable, ChunkServer, blob_ref, is_blob_ref
 from core.config import ManagerSettings
 from core.cron import CronScheduler, Schedule
@@ -98,6 +99,10 @@ def not_started_reason(task: Task, schedule: Schedule | None = None) -> str:
 # A module at least this big goes to a proplet that ran it before (and keeps modules) by reference
 # instead of inside the start: decoding and hashing a 240 KB start cost every repeated run ~1 ms.
 MODULE_BY_REFERENCE_MIN = 16 * 1024
+# Idle tasks kept in memory (least recently used dropped), so that a start or a read right after a
+# change does not go to the database; bounded by bytes too, as a task's results may be 1 MiB or more.
+RECENT_TASKS = 10_000
+RECENT_TASKS_MAX_BYTES = 64 * 1024 * 1024
 # Modules remembered per proplet as held by it (least recently used dropped).
 MODULES_HELD_MAX = 64
 # Seconds before a task whose dispatch the store refused goes back to the queue.
@@ -221,8 +226,7 @@ class ManagerCore:
         self._signatures: OrderedDict[str, str] = OrderedDict()
         # Write-through copies of recently touched idle tasks (the manager is the only writer), so a
         # start or a read right after a create does not go to the database. Bounded: LRU eviction.
-        self._recent: OrderedDict[str, Task] = OrderedDict()
-        self._recent_max = 10_000
+        self._recent: BoundedLru[str, Task] = BoundedLru(RECENT_TASKS, RECENT_TASKS_MAX_BYTES, _held_bytes)
         # One client change of a task at a time (see _one_change_at_a_time).
         self._task_turns = KeyedLocks()
         # Finished tasks whose result the store refused to write (task id -> the task as finished):
@@ -574,10 +578,7 @@ class ManagerCore:
         return stored
 
     def _remember(self, task: Task) -> None:
-        self._recent[task.id] = task
-        self._recent.move_to_end(task.id)
-        while len(self._recent) > self._recent_max:
-            evicted, _ = self._recent.popitem(last=False)
+        for evicted in self._recent.put(task.id, task):
             if self.writer.backlog:
                 self._evicted_unwritten[evicted] = self.writer.queued_entries
                 self._evicted_unwritten.move_to_end(evicted)
@@ -694,7 +695,7 @@ class ManagerCore:
         deleted = await self.get_task(task_id)
         if task is not None:
             self._forget(task)
-        self._recent.pop(task_id, None)
+        self._recent.pop(task_id)
         self._unstored_results.pop(task_id, None)
         self.cron.forget(task_id)
         await self.writer.write(self.store.op_delete_task(task_id))
@@ -745,7 +746,7 @@ class ManagerCore:
     async def _end_waiting(self, task_id: str, end: TaskState, why: str) -> None:
         if task_id in self.active:
             raise Conflict(f"task {task_id} is queued or running")
-        task = self._recent.pop(task_id, None) or await self._load_for_start(task_id)
+        task = self._recent.pop(task_id) or await self._load_for_start(task_id)
         try:
             if task.state is not TaskState.PENDING:
                 raise Conflict(f"task {task_id} is {task.state.label}, not waiting")
@@ -897,14 +898,14 @@ class ManagerCore:
             if not (rerun or starts):
                 if row.reason == NOT_STARTED_IN_JOB:
                     # Its job runs now: it waits for its turn, not for someone to start the job.
-                    task = self._recent.pop(row.id, None) or row
+                    task = self._recent.pop(row.id) or row
                     waiting[task.id] = task.copy()
                     task.reason = (NOT_STARTED_IN_SEQUENCE if execution_mode == "sequential"
                                    else NOT_STARTED_AFTER_DEPENDENCIES)
                     ops.append(self.store.op_update_task_state(task))
                     self._remember(task)
                 continue
-            task = self._recent.pop(row.id, None) or row
+            task = self._recent.pop(row.id) or row
             before[task.id] = task.copy()
             self._unstored_results.pop(task.id, None)  # the re-run's writes supersede it
             if rerun:
@@ -963,7 +964,7 @@ class ManagerCore:
             if task is not None:
                 staged, event = self._change_state(task, TaskState.INTERRUPTED, self._stopping(task))
             elif never_started(row, self):
-                task = self._recent.pop(row.id, None) or row
+                task = self._recent.pop(row.id) or row
                 task.reason = f"job {job_id} was stopped"
                 task.finish_time = utcnow()
                 staged, event = self._change_state(task, TaskState.SKIPPED, task.reason)
@@ -1058,7 +1059,7 @@ class ManagerCore:
                 f"{len(self._queued)} tasks are already waiting for a proplet (the limit is "
                 f"{self.settings.max_backlog}); try again when proplets have caught up"
             )
-        task = self._recent.pop(task.id, None) or task
+        task = self._recent.pop(task.id) or task
         self._unstored_results.pop(task.id, None)  # the re-run's writes supersede it
         before = task.copy()
         detail = "queued"
@@ -1135,7 +1136,7 @@ class ManagerCore:
             return  # stopped or deleted meanwhile: that decided
         dispatched = task.state is not TaskState.PENDING
         self._forget(task)
-        self._recent.pop(task.id, None)
+        self._recent.pop(task.id)
         self._remember(before)
         self.events.emit(TaskStateChanged(task.id, task.name, task.state, before.state, utcnow(), before.proplet_id,
                                           "not started: the database refused to store it"))
@@ -2108,6 +2109,12 @@ class ManagerCore:
         request = protocol.decode_registry_request(payload, topic)
         if self.chunks is not None:
             self.chunks.submit(request)
+
+
+def _held_bytes(task: Task) -> int:
+    """About what a kept task holds beyond its fixed fields (`file` is dropped once cached)."""
+    return (payload_bytes(task.results) + len(task.error) + sum(map(len, task.inputs))
+            + (payload_bytes(task.metadata) if task.metadata else 0) + len(task.file))
 
 
 def _activity(active_task: Task) -> str:

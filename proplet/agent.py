@@ -18,7 +18,6 @@ import os
 import platform
 import socket
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +28,7 @@ import orjson
 
 from core import __version__, protocol
 from core import topics as t
+from core.bounded import BoundedLru, payload_bytes
 from core.instance import HeldElsewhere, hold_lock_file
 from core.lifecycle import cancel_and_wait
 from core.mqtt import BrokerUnavailable, MqttBus, parse_broker_url
@@ -49,6 +49,10 @@ CAPABILITIES = ["task_state", "result_ack", "chunk_resume", "wasm_digest", "limi
 # A task still running after this long is confirmed with task_state; a faster one is confirmed by
 # its result (which carries its start time), saving a message and a state change per task.
 CONFIRM_AFTER_S = 0.05
+# Results remembered for repeated starts (see PropletAgent._finished): at most this many, weighing
+# at most this much together, which an edge box can spare.
+FINISHED_RESULTS = 2_000
+FINISHED_RESULTS_MAX_BYTES = 16 * 1024 * 1024
 # Upstream's manager matches this text to redeploy latent tasks (upstream §5.7).
 NOT_PRECOMPILED = "task {id} has not been precompiled; deploy it as a latent task first"
 
@@ -115,9 +119,9 @@ class PropletAgent:
         # Modules running at once; starts beyond it wait here (fetched already) for a free slot.
         self._slots = asyncio.Semaphore(self.settings.max_concurrent_tasks)
         # Results of recent tasks by (id, attempt): a repeated start gets the result again instead
-        # of a second run. Bounded: oldest dropped.
-        self._finished: OrderedDict[tuple[str, int], ResultMessage] = OrderedDict()
-        self._finished_max = 2_000
+        # of a second run. Bounded by count and bytes (a result may hold 1 MiB of output): oldest dropped.
+        self._finished: BoundedLru[tuple[str, int], ResultMessage] = BoundedLru(
+            FINISHED_RESULTS, FINISHED_RESULTS_MAX_BYTES, _result_bytes)
         self._announced_at = -math.inf  # last discovery sent: on a connect, or for results left unconfirmed
         from core.signing import load_public_keys
 
@@ -126,7 +130,8 @@ class PropletAgent:
         self._id_lock = hold_proplet_id(self.settings.state_dir / self.id, self.id)
         try:
             self.outbox = Outbox(self.settings.state_dir / self.id / "outbox", max_entries=self.settings.outbox_max,
-                                 resend_after=self.settings.result_resend, fsync=self.settings.outbox_fsync)
+                                 max_bytes=self.settings.outbox_max_bytes, resend_after=self.settings.result_resend,
+                                 fsync=self.settings.outbox_fsync)
         except BaseException:
             os.close(self._id_lock)
             raise
@@ -492,9 +497,7 @@ class PropletAgent:
             self.counters.completed += 1
         this.confirm.cancel()
         result = ResultMessage(start.id, self.id, results, error, start.attempt, start.traceparent, started_at)
-        self._finished[(start.id, start.attempt)] = result
-        while len(self._finished) > self._finished_max:
-            self._finished.popitem(last=False)
+        self._finished.put((start.id, start.attempt), result)
         # Stored before it is sent: it survives our crash and a broker's until the manager confirms.
         self.outbox.put(result)
         self._publish_result(result)
@@ -608,6 +611,10 @@ class PropletAgent:
                 percent = 100.0 * (cpu - cpu0) / (now - t0)  # 100 = one core, as upstream
         self._cpu_sample = (cpu, now)
         return {"user_seconds": times.user, "system_seconds": times.system, "percent": round(percent, 2)}
+
+
+def _result_bytes(result: ResultMessage) -> int:
+    return payload_bytes(result.results) + len(result.error)
 
 
 def _wasi_options(args: tuple[str, ...]) -> list[str]:

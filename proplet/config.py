@@ -163,6 +163,10 @@ class PropletSettings(msgspec.Struct, MqttClientOptions, kw_only=True):
     outbox_max: Annotated[int, Meta(
         ge=1, description="Results kept until the manager confirms them; when full, new tasks are refused.",
     )] = 100_000
+    outbox_max_bytes: Annotated[int, Meta(
+        ge=1, description="Bytes of results kept until the manager confirms them (in memory and on disk); "
+                          "when exceeded, new tasks are refused.",
+    )] = 32 * 1024 * 1024
     outbox_fsync: Annotated[bool, Meta(
         description="Flush each result to disk (survives power loss, costs a disk flush per result).",
     )] = False

@@ -13,8 +13,9 @@ largest single cost of a short task. The log is emptied (truncated) whenever eve
 confirmed, which under a steady flow of acknowledgements is most of the time, and rewritten with
 only the waiting results when it has grown large with confirmed ones.
 
-Bounded: at most `max_entries` results. When the outbox is full the proplet refuses new tasks
-(they go to another proplet) rather than drop a finished result.
+Bounded: at most `max_entries` results, weighing at most `max_bytes` together (each is held in
+memory too, and one may carry 1 MiB of output). When the outbox is full the proplet refuses new
+tasks (they go to another proplet) rather than drop a finished result.
 
 Upstream's manager sends no acknowledgements. Until this proplet has seen one, results are sent
 once and entries expire after `unconfirmed_ttl`, so an upstream manager is not flooded with
@@ -53,20 +54,24 @@ class _Entry:
     size: int  # bytes of its record in the log
     sent_at: float
     written_at: float
+    held: int = 0  # bytes of its record, whether or not the log holds it (what `max_bytes` bounds)
 
 
 class Outbox:
-    def __init__(self, directory: Path, *, max_entries: int = 100_000, resend_after: float = 5.0,
+    def __init__(self, directory: Path, *, max_entries: int = 100_000, max_bytes: int = 32 * 1024 * 1024,
+                 resend_after: float = 5.0,
                  unconfirmed_ttl: float = 300.0, fsync: bool = False) -> None:
         self.directory = directory
         self.path = directory / LOG_NAME
         self.fsync = fsync
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
         self.resend_after = resend_after
         self.unconfirmed_ttl = unconfirmed_ttl
         self._entries: dict[tuple[str, int], _Entry] = {}
         self._log_bytes = 0
         self._live_bytes = 0
+        self._held_bytes = 0
         self._torn = False
         self.acks_seen = (directory / ACKS_SEEN_NAME).exists()
         self.acknowledged = 0
@@ -126,7 +131,7 @@ class Outbox:
         records = []
         for entry in self._entries.values():
             record = _RESULT + protocol.encode_result(entry.result) + b"\n"
-            entry.size = len(record)
+            entry.size = entry.held = len(record)
             records.append(record)
         data = b"".join(records)
         tmp = self.path.with_suffix(".tmp")
@@ -139,7 +144,7 @@ class Outbox:
         if self._fd >= 0:
             os.close(self._fd)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_CLOEXEC", 0))
-        self._log_bytes = self._live_bytes = len(data)
+        self._log_bytes = self._live_bytes = self._held_bytes = len(data)
 
     def _compact(self) -> None:
         try:
@@ -185,7 +190,7 @@ class Outbox:
 
     @property
     def full(self) -> bool:
-        return len(self._entries) >= self.max_entries
+        return len(self._entries) >= self.max_entries or self._held_bytes >= self.max_bytes
 
     def task_ids(self) -> tuple[str, ...]:
         return tuple(task_id for task_id, _ in self._entries)
@@ -201,10 +206,12 @@ class Outbox:
         previous = self._entries.get(key)
         if previous is not None:
             self._live_bytes -= previous.size
+            self._held_bytes -= previous.held
         now = time.monotonic()
         size = len(record) if self._append(record) else 0
-        self._entries[key] = _Entry(result, size, now, now)
+        self._entries[key] = _Entry(result, size, now, now, len(record))
         self._live_bytes += size
+        self._held_bytes += len(record)
 
     def ack(self, task_id: str, attempt: int) -> bool:
         """The manager stored this result: forget it. Returns False for an unknown entry."""
@@ -231,6 +238,7 @@ class Outbox:
 
     def _forget(self, key: tuple[str, int], entry: _Entry) -> None:
         self._live_bytes -= entry.size
+        self._held_bytes -= entry.held
         if self._entries:
             self._append(_ACK + orjson.dumps(key) + b"\n")
         self._compact()

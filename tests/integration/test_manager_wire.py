@@ -16,6 +16,7 @@ from core import topics as t
 from core.config import ManagerSettings
 from core.domain import TaskState
 from core.schemas import TaskCreate
+from core.service import RECENT_TASKS_MAX_BYTES
 from core.topics import Topics
 from tests.conftest import unique
 from tests.wire import SyntheticProplet, WireClient, add_inputs, eventually, start_synthetic_process
@@ -143,7 +144,7 @@ async def test_result_completes_the_task_and_duplicates_do_not_reapply(manager: 
 
 
 async def test_tasks_no_longer_held_in_memory_are_read_back_together(manager: Any, broker: Any) -> None:
-    manager._recent_max = 4  # hold only 4 idle tasks: the others are read back from the database
+    manager._recent.max_entries = 4  # hold only 4 idle tasks: the others are read back from the database
     async with SyntheticProplet(broker.url, manager.topics, "p-old"):
         await eventually(lambda: "p-old" in manager.proplets)
         ids = [(await manager.create_task(add_task(inputs=[i, 1]))).id for i in range(30)]
@@ -155,7 +156,7 @@ async def test_tasks_no_longer_held_in_memory_are_read_back_together(manager: An
 
 
 async def test_a_task_that_left_memory_with_writes_queued_is_read_after_them(manager: Any, broker: Any) -> None:
-    manager._recent_max = 4
+    manager._recent.max_entries = 4
     # 8 others: the first 4 leave memory before the writer is held, so reading them does not wait.
     others = [(await manager.create_task(add_task())).id for _ in range(8)]
     async with SyntheticProplet(broker.url, manager.topics, "p-late", delay=0.3):
@@ -173,6 +174,30 @@ async def test_a_task_that_left_memory_with_writes_queued_is_read_after_them(man
             assert not read.done(), "the read must wait for the queued writes, not return the stored state"
             gate.set()
             assert (await asyncio.wait_for(read, 5)).state is TaskState.COMPLETED
+
+
+async def test_tasks_with_large_results_are_not_all_kept_in_memory_and_read_back_whole(manager: Any,
+                                                                                        broker: Any) -> None:
+    """Before: the manager kept its 10,000 most recently used tasks in memory whatever their size:
+    with results of 1 MiB (a proplet's output cap) that was up to 10 GB; 80 such tasks were all
+    held (80 MiB). Now the kept tasks weigh at most RECENT_TASKS_MAX_BYTES together; the others are
+    read back from the database, results whole."""
+    def big(start: dict[str, Any]) -> tuple[Any, str | None]:
+        return f"{start['id']}:" + "x" * (1024 * 1024), None
+
+    async with SyntheticProplet(broker.url, manager.topics, "p-big", answer=big):
+        await eventually(lambda: "p-big" in manager.proplets)
+        ids = [(await manager.create_task(add_task())).id for _ in range(80)]
+        for task_id in ids:
+            await manager.start_task(task_id)
+        for task_id in ids:
+            await finished(manager, task_id, timeout=20)
+    assert manager._recent.bytes <= RECENT_TASKS_MAX_BYTES
+    assert sum(task_id in manager._recent for task_id in ids) < 70
+    for task_id in ids:
+        task = await manager.get_task(task_id)
+        assert task.results == f"{task_id}:" + "x" * (1024 * 1024)
+    assert manager._recent.bytes <= RECENT_TASKS_MAX_BYTES
 
 
 async def test_error_result_fails_the_task(manager: Any, broker: Any) -> None:

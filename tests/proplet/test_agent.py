@@ -14,6 +14,7 @@ from core import protocol
 from core import topics as t
 from core.domain import TaskState
 from core.schemas import TaskCreate
+from proplet.agent import FINISHED_RESULTS_MAX_BYTES
 from proplet.config import PropletSettings, generated_entity_id, parse_duration
 from tests.proplet.conftest import PropletFactory
 from tests.proplet.helpers import b64, run_task, run_to_end
@@ -109,6 +110,27 @@ async def test_a_repeated_start_is_not_run_twice(manager: Any, proplet_factory: 
         # The stored result is sent again (the manager may have lost it), not recomputed.
         await eventually(lambda: len([m for m in spy.messages(t.RESULTS) if m["task_id"] == done.id]) == 2)
         assert agent.counters.started == 1
+
+
+async def test_remembered_results_are_bounded_by_bytes_and_the_latest_still_answer_repeats(
+        manager: Any, proplet_factory: PropletFactory, broker: Any) -> None:
+    """Before: a proplet remembered its last 2,000 results for repeated starts whatever their size:
+    with 1 MiB of output each (the capture cap) up to 2 GB on an edge box; 24 were all held.
+    Now they weigh at most FINISHED_RESULTS_MAX_BYTES together, and a repeat of a recent task is
+    still answered with its result instead of a second run."""
+    async with proplet_factory(manager, "p-bigout") as agent, \
+            WireClient(broker.url, manager.topics, subscribe=[t.RESULTS]) as spy:
+        done = [await run_task(manager, name="_start", file=b64(wasm("bigout"))) for _ in range(24)]
+        assert all(len(task.results) >= 1024 * 1024 for task in done), [len(task.results) for task in done]
+        assert agent._finished.bytes <= FINISHED_RESULTS_MAX_BYTES
+        assert len(agent._finished) < 24
+        last = done[-1]
+        start = protocol.StartMessage(id=last.id, name="_start", file=wasm("bigout"), proplet_id="p-bigout",
+                                      attempt=last.attempt)
+        await spy.publish(t.START, protocol.encode_start(start))
+        await eventually(lambda: agent.counters.duplicate_starts == 1)
+        await eventually(lambda: any(m["task_id"] == last.id for m in spy.messages(t.RESULTS)))
+        assert agent.counters.started == 24
 
 
 async def test_starts_for_other_proplets_are_ignored(manager: Any, proplet_factory: PropletFactory,

@@ -113,6 +113,23 @@ def test_full_outbox_and_fsync_mode(tmp_path: Path) -> None:
     assert sorted(Outbox(tmp_path).task_ids()) == ["a", "b"]
 
 
+def test_the_outbox_is_full_by_bytes_too_counting_results_the_disk_refused(tmp_path: Path) -> None:
+    """Before: only the count bounded it (100,000 by default), and each waiting result is held in
+    memory: with 1 MiB of output each, a manager away for a while let a proplet hold gigabytes.
+    Now it is full once its results weigh `max_bytes`, whether or not the log could keep them;
+    confirmed results free their room, and a restart counts what it loaded."""
+    box = Outbox(tmp_path, max_bytes=3 * 1024 * 1024)
+    for name in "ab":
+        box.put(result(name, value="x" * (1024 * 1024)))
+    assert not box.full
+    box.close()  # the descriptor is gone: the next write fails, the result stays in memory
+    box.put(result("c", value="x" * (1024 * 1024)))
+    assert box.write_failures == 1 and box.full
+    assert box.ack("c", 1) and not box.full
+    assert Outbox(tmp_path, max_bytes=2 * 1024 * 1024).full  # a and b, loaded from the log
+    assert not Outbox(tmp_path, max_bytes=3 * 1024 * 1024).full
+
+
 def test_a_write_that_fails_keeps_the_result_in_memory_and_counts_it(tmp_path: Path) -> None:
     box = Outbox(tmp_path)
     box.close()  # the descriptor is gone: every write fails with EBADF
