@@ -82,7 +82,8 @@ def verify_digest(keys: list[Ed25519PublicKey], digest: str, signature: str) -> 
 
     if not digest:
         raise SignatureError("the start names no module digest, so its signature cannot be checked; "
-                             "create the task with wasm_digest (or an inline module)")
+                             "create the task with its digest (propeller tasks create --digest sha256:<hex>, "
+                             "or wasm_digest in the REST body or a job file), or with the module inline")
     if not signature:
         raise SignatureError(f"the module {digest} is not signed, and this proplet only runs signed modules; "
                              "configure MANAGER_SIGNING_KEY on the manager")

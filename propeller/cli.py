@@ -325,6 +325,9 @@ def tasks() -> None:
 @click.option("--wasm", "source", required=True,
               help="The module: a local .wasm file (or .wat text, compiled here), an http(s):// URL, or "
                    "an OCI reference.")
+@click.option("--digest", "wasm_digest",
+              help="With a URL or an OCI reference: the module's sha256:<hex> (wasm_digest). Proplets run "
+                   "only those exact bytes; those with PROPLET_TRUSTED_KEYS need it.")
 @click.option("--input", "-i", "inputs", multiple=True, help="An argument (repeat for several).")
 @click.option("--env", "-e", multiple=True, help="KEY=VALUE for the guest (repeat for several).")
 @click.option("--arg", "cli_args", multiple=True, help="A runtime CLI argument (repeat).")
@@ -346,7 +349,8 @@ def tasks_create(name: str, source: str, inputs: tuple[str, ...], env: tuple[str
                  cli_args: tuple[str, ...], proplet_id: str | None, broadcast: bool, priority: int | None,
                  timeout: float | None, fuel: int | None, memory: int | None, retries: int, daemon: bool,
                  schedule: str | None, recurring: bool, timezone: str | None,
-                 start_now: bool, wait_s: float | None, manager_url: str, token: str | None, as_json: bool) -> None:
+                 start_now: bool, wait_s: float | None, manager_url: str, token: str | None, as_json: bool,
+                 wasm_digest: str | None) -> None:
     """Create a task that calls export NAME of a module.
 
     \b
@@ -367,6 +371,11 @@ def tasks_create(name: str, source: str, inputs: tuple[str, ...], env: tuple[str
     from propeller.client import module_fields
 
     body.update(_run(lambda: module_fields(source)))
+    if wasm_digest:
+        if "image_url" not in body:
+            raise click.UsageError("--digest goes with an http(s) URL or an OCI reference (a local file's digest "
+                                   "is taken from its bytes)")
+        body["wasm_digest"] = wasm_digest
     if env:
         pairs = [e.partition("=") for e in env]
         if any(not sep for _, sep, _ in pairs):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import os
 import re
@@ -359,3 +360,61 @@ async def test_task_commands_take_the_consoles_short_ids(serve: Serve) -> None:
     deleted = await cli(serve, "tasks", "delete", short, "--yes")
     assert deleted.returncode == 0 and f"deleted {lone}" in deleted.stdout, deleted.stderr
     serve.stop()
+
+
+def _generate_keys(folder: Path) -> None:
+    keys = subprocess.run([*PROPELLER, "keys", "generate", "--dir", str(folder)], capture_output=True, text=True,
+                          timeout=30)
+    assert keys.returncode == 0, keys.stderr
+
+
+def _web_server(folder: Path, port: int) -> subprocess.Popen[bytes]:
+    """`python -m http.server`, as an operator serves a module."""
+    return subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+                            cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+async def test_a_url_task_runs_on_a_proplet_that_trusts_only_signed_modules_given_digest(
+        serve: Serve, tmp_path: Path) -> None:
+    """README, Security: with MANAGER_SIGNING_KEY and PROPLET_TRUSTED_KEYS, a task given by URL needs
+    its wasm_digest. `tasks create` had no way to give it, and the failure said 'create the task
+    with wasm_digest', which no option of the CLI set."""
+    from tests.wasmfixtures import wasm
+
+    add = wasm("add")
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "add.wasm").write_bytes(add)
+    _generate_keys(tmp_path)
+    serve.env["MANAGER_SIGNING_KEY"] = str(tmp_path / "propeller-signing.pem")
+    serve.env["PROPLET_TRUSTED_KEYS"] = str(tmp_path / "propeller-signing.pub.pem")
+    serve.start()
+    port = free_port()
+    web = _web_server(tmp_path / "www", port)
+    broker = f"mqtt://127.0.0.1:{serve.env['MANAGER_DEFAULT_BROKER_PORT']}"
+    proplet = _start_proplet(serve, "signed-p", broker, tmp_path)
+    try:
+        wait_port(port)
+        await eventually(lambda: asyncio.to_thread(_cli_json, serve, "proplets", "list", "--status", "active"),
+                         timeout=20, interval=0.2)
+        url = f"http://127.0.0.1:{port}/add.wasm"
+        bare = await cli(serve, "tasks", "create", "add", "--wasm", url, "-i", "1", "-i", "2", "--start",
+                         "--wait", "20")
+        assert bare.returncode == 4, bare.stdout + bare.stderr
+        assert "propeller tasks create --digest" in bare.stderr, bare.stderr
+        digest = "sha256:" + hashlib.sha256(add).hexdigest()
+        pinned = await cli(serve, "tasks", "create", "add", "--wasm", url, "--digest", digest, "-i", "1", "-i", "2",
+                           "--start", "--wait", "20", "--json")
+        assert pinned.returncode == 0, pinned.stdout + pinned.stderr
+        task = json.loads(pinned.stdout)
+        assert (task["results"], task["wasm_digest"]) == ("3", digest)
+        wrong = await cli(serve, "tasks", "create", "add", "--wasm", url, "--digest", "sha256:abc")
+        assert wrong.returncode == 1 and "wasm_digest" in wrong.stderr, wrong.stderr
+        local = await cli(serve, "tasks", "create", "add", "--wasm", str(tmp_path / "www" / "add.wasm"),
+                          "--digest", digest)
+        assert local.returncode == 2 and "--digest" in local.stderr, local.stderr
+    finally:
+        web.terminate()
+        proplet.send_signal(signal.SIGTERM)
+        web.wait(10)
+        proplet.wait(15)
+    assert serve.stop() == 0
