@@ -503,10 +503,18 @@ class ConsoleApp(App[None]):
         assert status is not None, "set once the core is there"
         state = "[$success]● connected[/]" if status.broker_connected else "[$error]○ not connected[/]"
         embedded = " [$text-muted](in-process)[/]" if status.broker_embedded else ""
-        where = (f"[b $accent]◆ Propeller[/] [$text-muted]{__version__}[/]  [$text-muted]host[/] {self.hostname}"
+        store = self.store_description()
+        unreachable = "" if status.store_connected else " [$error]○ unreachable[/]"
+        host = f"[$text-muted]host[/] {escape(self.hostname)}"
+        # The shorter forms drop the version, then the database's path, then the broker's URL: the
+        # states stay (FleetHeader shows the first form that fits).
+        where = (f"[b $accent]◆ Propeller[/] [$text-muted]{__version__}[/]  {host}"
                  f"  [$text-muted]broker[/] {status.broker_url} {state}{embedded}"
-                 f"  [$text-muted]db[/] {self.store_description()}"
-                 f"{'' if status.store_connected else ' [$error]○ unreachable[/]'}")
+                 f"  [$text-muted]db[/] {store}{unreachable}",
+                 f"[b $accent]◆ Propeller[/]  {host}  [$text-muted]broker[/] {status.broker_url} {state}{embedded}"
+                 f"  [$text-muted]db[/] {store.split(' ')[0]}{unreachable}",
+                 f"[b $accent]◆[/] {escape(self.hostname)}  [$text-muted]broker[/] {state}{embedded}"
+                 f"  [$text-muted]db[/] {store.split(' ')[0]}{unreachable}")
         counts = self.fleet.counts
         loaded = self.counts_loaded
 
@@ -514,17 +522,20 @@ class ConsoleApp(App[None]):
             mark = header.marker(key, value) if loaded else ""
             return f"{value:,}{mark}"
 
-        right = (f"proplets [b]{n('online', status.proplets_online)}[/]/{status.proplets_total} online"
-                 f"  │  active [b $primary]{n('active', status.active)}[/]"
-                 f"  queued {n('queued', status.backlog)}"
-                 f"  completed [$success]{n('completed', counts.get(TaskState.COMPLETED, 0))}[/]"
-                 f"  failed [$error]{n('failed', counts.get(TaskState.FAILED, 0))}[/]")
+        online = f"[b]{n('online', status.proplets_online)}[/]/{status.proplets_total} online"
+        active = f"active [b $primary]{n('active', status.active)}[/]"
+        queued = f"queued {n('queued', status.backlog)}"
+        completed = f"completed [$success]{n('completed', counts.get(TaskState.COMPLETED, 0))}[/]"
+        failed = f"failed [$error]{n('failed', counts.get(TaskState.FAILED, 0))}[/]"
         # Crumbs are text, not markup: a filter as typed (`[` is common in a regex) or a proplet id
         # from the network; read as markup, one closed the console (MarkupError) or was restyled.
         crumb_text = " › ".join(f"[b]{escape(c)}[/]" if i == len(crumbs) - 1 else escape(c)
                                 for i, c in enumerate(crumbs) if c)
         badge = "  [reverse $warning] READ-ONLY [/]" if self.read_only else ""
-        header.show(where, f"{crumb_text}{badge}  │  {right}")
+        # Shorter forms, tighter and then without the queued and completed counts: failed stays.
+        header.show(where, (f"{crumb_text}{badge}  │  proplets {online}  │  {active}  {queued}  {completed}  {failed}",
+                            f"{crumb_text}{badge} │ {online} │ {active} {queued} {completed} {failed}",
+                            f"{crumb_text}{badge} │ {online} │ {active} {failed}"))
 
     # ------------------------------------------------------------------------------------
     # navigation and commands

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
+from rich.cells import cell_len
 from rich.style import Style
 from rich.text import Text
 from textual import on
@@ -197,11 +198,17 @@ class FleetHeader(Widget):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._deltas: dict[str, tuple[int, str, float]] = {}
-        self._shown: tuple[str, str] = ("", "")
+        self._shown: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+        self._lines: tuple[tuple[Content, ...], ...] = ((Content(""),), (Content(""),))
         self._content = Content("")
 
     def render(self) -> Content:
-        return self._content
+        # Each line is the first of its forms that fits (they go from the fullest to the shortest),
+        # chosen at every render so a resized terminal gets the form that fits it.
+        width = self.content_size.width
+        return Content("\n").join(
+            next((form for form in forms if width <= 0 or form.cell_length <= width), forms[-1])
+            for forms in self._lines)
 
     def marker(self, key: str, value: int, now: float | None = None) -> str:
         now = time.monotonic() if now is None else now
@@ -219,15 +226,21 @@ class FleetHeader(Widget):
             return ""
         return mark
 
-    def show(self, where: str, crumbs: str) -> None:
-        if (where, crumbs) == self._shown:
+    def show(self, where: str | Sequence[str], crumbs: str | Sequence[str]) -> None:
+        """Each line as markup, or as several forms from the fullest to the shortest: on a narrow
+        terminal (80 columns over SSH) the shorter ones keep what matters (the broker's and the
+        database's state, the failed count) in view, where the full line was cut at the right."""
+        shown = tuple((line,) if isinstance(line, str) else tuple(line) for line in (where, crumbs))
+        if shown == self._shown:
             return
-        self._shown = (where, crumbs)
-        self._content = Content.from_markup(where + "\n" + crumbs)
+        self._shown = (shown[0], shown[1])
+        self._lines = tuple(tuple(Content.from_markup(form) for form in forms) for forms in shown)
+        self._content = Content("\n").join(forms[0] for forms in self._lines)
         self.refresh()
 
     @property
     def text(self) -> str:
+        """Everything the header says (each line's fullest form)."""
         return self._content.plain
 
 
@@ -296,14 +309,24 @@ class KeyHints(Widget):
         text = Text(no_wrap=True, overflow="ellipsis")
         hints: list[_Hint] = []
         palette = None
-        shown: set[str] = set()
-        for _node, binding, enabled, _tooltip in self.screen.active_bindings.values():
+        shown: dict[str, tuple[Binding, bool, bool]] = {}
+        for node, binding, enabled, _tooltip in self.screen.active_bindings.values():
             if binding.key == self.app.COMMAND_PALETTE_BINDING and self.app.ENABLE_COMMAND_PALETTE:
                 palette = (binding, enabled)
                 continue
             if not binding.show or binding.action in shown:
                 continue
-            shown.add(binding.action)
+            shown[binding.action] = (binding, enabled, node is self.app)
+        # On a narrow terminal the app's keys (`:` and `?`, which lead to all the others) stay in view:
+        # the view's keys that do not fit give way to them, the last first.
+        entries = list(shown.values())
+        width = self.size.width
+        while width and sum(self._width(b) for b, _, _ in entries) > width:
+            view_keys = [i for i, (_, _, app_key) in enumerate(entries) if not app_key]
+            if not view_keys:
+                break
+            del entries[view_keys[-1]]
+        for binding, enabled, _app_key in entries:
             self._append(text, hints, binding, enabled, key_style, description_style)
         if palette is not None:
             binding, enabled = palette
@@ -314,6 +337,11 @@ class KeyHints(Widget):
                 self._append(text, hints, binding, enabled, key_style, description_style)
         self._hints = hints
         return text
+
+    def _width(self, binding: Binding) -> int:
+        """The cells `_append` takes for the binding."""
+        key = cell_len(f" {self.app.get_key_display(binding)} ")
+        return key + (cell_len(f"{binding.description} ") if binding.description else 0)
 
     def _append(self, text: Text, hints: list[_Hint], binding: Binding, enabled: bool,
                 key_style: Any, description_style: Any) -> None:
@@ -440,6 +468,7 @@ class ConfirmModal(ModalScreen[bool]):
         align: center middle;
         & > Vertical {
             width: 64;
+            max-width: 100%;
             height: auto;
             border: thick $error 80%;
             background: $surface;
@@ -484,7 +513,9 @@ class PromptModal(ModalScreen[str | None]):
     DEFAULT_CSS = """
     PromptModal {
         align: center middle;
-        & > Vertical { width: 56; height: auto; border: thick $primary; background: $surface; padding: 1 2; }
+        & > Vertical {
+            width: 56; max-width: 100%; height: auto; border: thick $primary; background: $surface; padding: 1 2;
+        }
         & #error { color: $error; height: auto; }
     }
     """

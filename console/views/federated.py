@@ -409,8 +409,8 @@ class StartRoundModal(ModalScreen[dict[str, Any] | None]):
     BINDINGS: ClassVar = keys.ROUND_FORM
     DEFAULT_CSS = """
     StartRoundModal { align: center middle; }
-    StartRoundModal > VerticalScroll { width: 96; max-height: 90%; height: auto; border: thick $primary;
-                                       background: $surface; padding: 0 2; }
+    StartRoundModal > VerticalScroll { width: 96; max-width: 100%; max-height: 90%; height: auto;
+                                       border: thick $primary; background: $surface; padding: 0 2; }
     StartRoundModal .row { height: auto; margin-top: 1; }
     StartRoundModal Input.-textual-compact:focus { background: $primary 25%; }
     StartRoundModal .field-label { width: 14; color: $text-muted; }

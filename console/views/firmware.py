@@ -36,8 +36,10 @@ def lan_address() -> str:
 class ProvisionModal(ModalScreen[dict[str, str] | None]):
     DEFAULT_CSS = """
     ProvisionModal { align: center middle; }
-    ProvisionModal > Vertical { width: 72; height: auto; border: thick $primary; background: $surface; padding: 1 2; }
+    ProvisionModal > Vertical { width: 72; max-width: 100%; height: auto; border: thick $primary; background: $surface;
+                                padding: 1 2; }
     ProvisionModal Label { padding-top: 1; }
+    ProvisionModal Input.-textual-compact:focus { background: $primary 25%; }
     """
     BINDINGS: ClassVar = [Binding("escape", "cancel", "Cancel", id="provision.cancel")]
 
@@ -50,8 +52,9 @@ class ProvisionModal(ModalScreen[dict[str, str] | None]):
             box.border_title = "Provision the board (Enter in the last field sends)"
             for key, label in PROVISION_FIELDS:
                 yield Label(label)
+                # Compact (no border): the six fields fit a 24-line terminal.
                 yield ConsoleInput(self.defaults.get(key, ""), id=f"prov-{key}",
-                                   password=key == "wifi_pass")
+                                   password=key == "wifi_pass", compact=True)
 
     @on(Input.Submitted)
     def _submitted(self, event: Input.Submitted) -> None:

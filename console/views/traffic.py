@@ -32,6 +32,18 @@ the start of the payload; module bytes are never shown). It follows the newest l
 are at the bottom; scroll up to read and it stops, **G** follows again.
 """
 
+    # Whether the reader is at the bottom, as of their last scroll: a resize moves the bottom (a smaller
+    # terminal leaves the same top line with more lines below it), not where the reader is.
+    following = True
+
+    def watch_scroll_y(self, old_value: float, new_value: float) -> None:
+        super().watch_scroll_y(old_value, new_value)
+        self.following = new_value >= self.max_scroll_y - 1
+
+    def on_resize(self) -> None:
+        if self.following:
+            self.scroll_end(animate=False, immediate=True, x_axis=False)
+
 
 class TopicTree(Tree[str]):
     """Labels are given as Text, never as str: Tree reads a str as markup, and topic levels come from
@@ -55,7 +67,7 @@ pause or filter to read.
 """
     DEFAULT_CSS = """
     TrafficScreen #traffic-body { height: 1fr; }
-    TrafficScreen TopicTree { width: 38; border-right: solid $panel; }
+    TrafficScreen TopicTree { width: 38; max-width: 35%; border-right: solid $panel; }
     TrafficScreen #traffic-right { width: 1fr; }
     TrafficScreen TrafficLog { height: 2fr; }
     TrafficScreen #payload-box { height: 1fr; border-top: solid $panel; }
@@ -135,7 +147,7 @@ pause or filter to read.
             self.not_listed += skipped
             lines.insert(0, f"… {skipped:,} messages not listed (too many to read; p pauses, / filters by topic)")
         # Follow only when the reader is at the bottom; otherwise count what arrived below (toolong).
-        at_bottom = log.scroll_y >= log.max_scroll_y - 1
+        at_bottom = log.following
         log.write_lines(lines, scroll_end=at_bottom)
         if at_bottom:
             self.pending_below = 0

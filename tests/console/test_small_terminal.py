@@ -1,0 +1,137 @@
+"""The console on a small terminal: 80x24 is the default of most terminals an operator opens over SSH on
+a gateway, and 60x15 a split pane. What matters stays in view there, dialogs fit, and a resize while a
+view is shown keeps it working."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from console.views.federated import FederatedScreen, StartRoundModal
+from console.views.firmware import ProvisionModal
+from console.views.local import LocalScreen
+from console.views.tasks import TasksScreen
+from console.views.traffic import TrafficScreen
+from console.widgets import ConfirmModal, FleetHeader, KeyHints
+from tests.console.conftest import open_view, until
+
+SMALL = (80, 24)
+TINY = (60, 15)
+
+
+def shown(widget: Any) -> list[str]:
+    """The lines a one- or two-line widget draws, cut at its width as the terminal cuts them."""
+    return [line[: widget.content_size.width] for line in str(widget.render()).split("\n")]
+
+
+async def test_the_header_keeps_the_broker_and_database_state_in_view_on_a_narrow_terminal(console: Any) -> None:
+    # At 80 columns the first line was cut after "db sqli…", so "○ unreachable" was never seen; at 60
+    # after the broker's URL, so its state was not either. The counts' line lost "failed" at 80.
+    async with console(size=SMALL) as (app, pilot, _core):
+        await open_view(app, pilot, "6", LocalScreen)
+        header = app.screen.query_one(FleetHeader)
+        await until(pilot, lambda: "connected" in header.text)
+        where, counts = shown(header)
+        assert "● connected" in where and "db sqlite" in where, where
+        assert "failed 0" in counts and "Local proplets" in counts, counts
+
+        # The database goes away (as test_database_outage has it on PostgreSQL): every status says so.
+        take_snapshot = app._take_snapshot
+
+        def store_down(snapshot: Any) -> None:
+            take_snapshot(dataclasses.replace(snapshot, status=dataclasses.replace(snapshot.status,
+                                                                                   store_connected=False)))
+
+        app._take_snapshot = store_down
+        await until(pilot, lambda: "unreachable" in header.text)
+        where, _ = shown(header)
+        assert "○ unreachable" in where and "● connected" in where, where
+
+        await pilot.resize_terminal(*TINY)
+        await until(pilot, lambda: header.content_size.width == TINY[0] - 2)
+        where, counts = shown(header)
+        assert "● connected" in where and "○ unreachable" in where, where
+        assert "failed 0" in counts, counts
+        # Everything is still said where there is room for it.
+        assert app.core_status.broker_url in header.text and "sqlite " in header.text
+
+
+async def test_the_footer_keeps_the_command_and_help_keys_at_80_columns(console: Any) -> None:
+    # The task views' keys filled the line and `? Help`, the key that lists the others, was cut off.
+    async with console(size=SMALL) as (app, pilot, _core):
+        screen = await open_view(app, pilot, "2", TasksScreen)
+        footer = screen.query_one(KeyHints)
+        await until(pilot, lambda: "d Describe" in shown(footer)[0])
+        line = shown(footer)[0]
+        assert ": Command" in line and "? Help" in line, line
+        assert "…" not in line
+        # A key that did not fit is not offered to a click either.
+        assert all(hint.end <= footer.size.width for hint in footer._hints)
+        await pilot.press("7")
+        await until(pilot, lambda: "r Ports" in shown(app.screen.query_one(KeyHints))[0])
+        assert "? Help" in shown(app.screen.query_one(KeyHints))[0]
+
+
+def _fits(app: Any, box: Any) -> bool:
+    region = box.region
+    return region.x >= 0 and region.y >= 0 and region.right <= app.size.width and region.bottom <= app.size.height
+
+
+async def test_dialogs_fit_a_small_terminal(console: Any) -> None:
+    # The confirm dialog (64 wide) lost its right border and half its "No" button at 60 columns, the
+    # round form (96 wide) its right part at 80, and the provisioning dialog its last two fields (the
+    # one Enter sends from among them) below the 24th row.
+    async with console(size=TINY) as (app, pilot, _core):
+        app.push_screen(ConfirmModal("Delete task 96bf4ade and its history? A running task is stopped first."))
+        await until(pilot, lambda: isinstance(app.screen, ConfirmModal))
+        await pilot.pause()
+        box = app.screen.query_one("Vertical")
+        assert _fits(app, box), box.region
+        assert _fits(app, app.screen.query_one("#no")), app.screen.query_one("#no").region
+        await pilot.press("n")
+
+        await pilot.resize_terminal(*SMALL)
+        await open_view(app, pilot, "8", FederatedScreen)
+        await pilot.press("s")
+        await until(pilot, lambda: isinstance(app.screen, StartRoundModal))
+        await pilot.pause()
+        assert _fits(app, app.screen.query_one("VerticalScroll")), app.screen.query_one("VerticalScroll").region
+        await pilot.press("escape")
+        await until(pilot, lambda: isinstance(app.screen, FederatedScreen))
+
+        app.push_screen(ProvisionModal({"mqtt_url": "mqtt://192.0.2.2:1883", "channel": "default"}))
+        await until(pilot, lambda: isinstance(app.screen, ProvisionModal))
+        await pilot.pause()
+        assert _fits(app, app.screen.query_one("Vertical")), app.screen.query_one("Vertical").region
+        assert _fits(app, app.screen.query_one("#prov-channel")), app.screen.query_one("#prov-channel").region
+
+
+def _heartbeats(app: Any, n: int, start: float = 0.0) -> list[Any]:
+    from core.mqtt import TrafficRecord
+
+    alive = b'{"proplet_id":"gw-proplet-1","status":"alive","namespace":"default"}'
+    topic = app.traffic.prefix + "control/proplet/alive"
+    return [TrafficRecord(1_767_600_000.0 + start + i, "in", topic, len(alive), alive, 1) for i in range(n)]
+
+
+async def test_the_traffic_stream_has_room_for_its_topics_and_keeps_following_through_a_resize(
+        console: Any) -> None:
+    # At 80 columns the topic tree kept its 38 columns and the stream's topics were cut to
+    # "control/proplet/ali"; at 60 no topic showed at all. Made smaller, the stream stopped following
+    # ("12 new ↓") though the operator had not scrolled: the bottom had moved away from under it.
+    async with console(size=SMALL) as (app, pilot, _core):
+        screen = await open_view(app, pilot, "4", TrafficScreen)
+        log = screen.log_widget
+        app.traffic.ingest(_heartbeats(app, 40))
+        await until(pilot, lambda: log.line_count >= 40)
+        line = next(line for line in log.lines if "alive" in line)
+        assert line.index("alive") + len("alive") <= log.content_size.width, (line, log.content_size.width)
+        await until(pilot, lambda: log.scroll_y == log.max_scroll_y > 0)
+
+        await pilot.resize_terminal(*TINY)
+        await pilot.pause()
+        app.traffic.ingest(_heartbeats(app, 5, start=40))
+        await until(pilot, lambda: log.line_count >= 45)
+        await pilot.pause(0.3)
+        assert screen.pending_below == 0 and log.scroll_y == log.max_scroll_y, (screen.pending_below, log.scroll_y)
+        assert "new ↓" not in str(screen.query_one("#traffic-status").render())
