@@ -113,6 +113,8 @@ class _Intake:
     source: str = ""
     # The participant whose round task ended (with `update`, or without one).
     ended_proplet: str = ""
+    # Why that task brought no update (failed, or printed something else), for the round's reason.
+    why_none: str = ""
 
 
 @dataclass(slots=True)
@@ -125,6 +127,8 @@ class _Running:
     # Participants whose round task ended (completed or failed): once all started ones have, a round
     # that still lacks updates need not wait for its deadline.
     ended: set[str] = field(default_factory=set)
+    # Why a participant's ended task brought no update: said in the reason of a round left without any.
+    lacks: dict[str, str] = field(default_factory=dict)
 
     def answer(self, counted: bool) -> dict[str, Any]:
         """What POST /fl/update answers."""
@@ -241,17 +245,21 @@ class FederatedLearning:
                 item = await self._intake.get()
         except TimeoutError:
             return
+        why_none = item.why_none
         if item.update is not None:
             try:
                 await self.accept_update(item.update, item.source, durable=False)
             except CoreError as exc:
                 log.warning("update of %s for round %s (by %s) refused: %s", item.update.proplet_id,
                             item.round_id, item.source, exc)
+                why_none = f"its update was refused: {exc}"
         # Marked in turn with the updates queued before it, so a round does not close on a task
         # that ended while its update still waited in this queue.
         running = self._running.get(item.round_id)
         if item.ended_proplet and running is not None:
             running.ended.add(item.ended_proplet)
+            if why_none:
+                running.lacks[item.ended_proplet] = why_none
         await self._complete_if_ready(item.round_id)
 
     # ---- experiments and rounds --------------------------------------------------------------
@@ -468,12 +476,20 @@ class FederatedLearning:
             return
         envelope = task.results
         update = None
-        if task.state is TaskState.COMPLETED and isinstance(envelope, dict) and "update_b64" in envelope:
+        why_none = ""
+        if task.state is not TaskState.COMPLETED:
+            why_none = f"its task {task.state.label}" + (f": {task.error}" if task.error else "")
+        elif isinstance(envelope, dict) and "update_b64" in envelope:
             try:
                 update = _update_from_output(envelope, round_id, task.proplet_id)
             except (ValueError, binascii.Error, ValidationError) as exc:
                 self._refused(f"result of task {task.id}", exc)
-        await self._intake.put(_Intake(round_id, update, "result", ended_proplet=task.proplet_id))
+                text = format_validation_error(exc) if isinstance(exc, ValidationError) else str(exc)
+                why_none = f"its task's output is not an update ({text})"
+        else:
+            why_none = "its task completed without an update in its result"
+        await self._intake.put(_Intake(round_id, update, "result", ended_proplet=task.proplet_id,
+                                       why_none=why_none))
 
     def _refused(self, where: str, exc: Exception) -> None:
         self.counters.updates_refused += 1
@@ -546,7 +562,7 @@ class FederatedLearning:
             why = "its deadline passed" if timed_out else "every started task ended"
             ops = []
             if not updates:
-                r.state, r.reason = RoundState.FAILED, f"no update arrived before {why}"
+                r.state, r.reason = RoundState.FAILED, f"no update arrived before {why}" + _why_none(r, running.lacks)
             else:
                 try:
                     model = federated_average([(u.num_samples, u.body["update"]) for u in updates])
@@ -644,6 +660,19 @@ class FederatedLearning:
         if data is None:
             raise NotFound(f"model version {version} is unknown (GET /fl/models lists them)")
         return data
+
+
+# Participants named in the reason of a round that got no update (the rest are counted).
+WHY_NONE_SHOWN = 5
+
+
+def _why_none(r: FLRound, lacks: dict[str, str]) -> str:
+    """": p1: its task failed: …; p2: …" for the started participants whose task brought no update."""
+    said = [f"{pid}: {lacks[pid]}" for pid in r.started if pid in lacks]
+    if not said:
+        return ""
+    more = len(said) - WHY_NONE_SHOWN
+    return ": " + "; ".join(said[:WHY_NONE_SHOWN]) + (f"; and {more} more" if more > 0 else "")
 
 
 def _update_from_output(obj: dict[str, Any], round_id: str, proplet_id: str) -> FLUpdate:

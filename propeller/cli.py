@@ -670,7 +670,10 @@ def fl_start(file: str, wait: bool, manager_url: str, token: str | None, as_json
     """Start a round from FILE: {"round_id", "model_ref": "global_model_v0", "participants": [proplet
     ids], "hyperparams": {...}, "k_of_n", "timeout_s", "wasm": <.wasm path, http(s) URL or OCI
     reference; a relative path is read from FILE's folder>}. Each participant that is online runs the
-    module with ROUND_ID, MODEL_URI, MODEL_DATA and HYPERPARAMS in its env and prints its update as JSON."""
+    module with ROUND_ID, MODEL_URI, MODEL_DATA and HYPERPARAMS in its env and prints its update as JSON.
+
+    With --wait it exits 0 once the round made a model, 4 if the round failed (why goes to stderr),
+    1 if the manager refused the round or could not be reached."""
     from propeller.client import module_fields
 
     body = _json_file(file)
@@ -687,6 +690,9 @@ def fl_start(file: str, wait: bool, manager_url: str, token: str | None, as_json
             data = status
     _show(data, as_json, _round_detail if wait else lambda d: _table(["FIELD", "VALUE"], [
         [k, ", ".join(v) if isinstance(v, list) else v] for k, v in d.items()]))
+    if wait and data.get("state") == "failed":
+        click.echo(f"round {data.get('round_id')} failed: {data.get('reason') or 'no reason given'}", err=True)
+        raise SystemExit(EXIT_TASK_FAILED)
 
 
 def _round_detail(r: dict[str, Any]) -> None:

@@ -418,3 +418,31 @@ async def test_a_url_task_runs_on_a_proplet_that_trusts_only_signed_modules_give
         web.wait(10)
         proplet.wait(15)
     assert serve.stop() == 0
+
+
+async def test_fl_start_wait_exits_4_naming_why_a_round_failed(serve: Serve, tmp_path: Path) -> None:
+    # README's round with a module that prints no update (examples/hello.wasm): `fl start --wait`
+    # showed 'failed: no update arrived before every started task ended' and exited 0.
+    serve.start()
+    broker_port = int(serve.env["MANAGER_DEFAULT_BROKER_PORT"])
+    (tmp_path / "m.wasm").write_bytes(WASM)
+    (tmp_path / "round.json").write_text(json.dumps({"round_id": "hello-1", "model_ref": "global_model_v0",
+                                                     "participants": ["fl-hello"], "wasm": "m.wasm"}))
+
+    def hello(start: dict[str, Any]) -> tuple[Any, str | None]:
+        output = base64.b64encode(b"Hello from Propeller!\n").decode()
+        return {"task_id": start["id"], "round_id": "hello-1", "num_samples": 1, "update_b64": output,
+                "format": "f32-delta", "metrics": {}}, None
+
+    async with SyntheticProplet(f"mqtt://127.0.0.1:{broker_port}", Topics("propeller", "default"), "fl-hello",
+                                answer=hello):
+        await eventually(lambda: asyncio.to_thread(_cli_json, serve, "proplets", "list", "--status", "active"),
+                         timeout=10)
+        out = await cli(serve, "fl", "start", str(tmp_path / "round.json"), "--wait")
+    assert out.returncode == 4, out.stdout + out.stderr
+    assert re.search(r"state\s+failed", out.stdout), out.stdout
+    assert ("round hello-1 failed: no update arrived before every started task ended: fl-hello: its task's "
+            "output is not an update") in out.stderr, out.stderr
+    help_text = (await cli(serve, "fl", "start", "--help")).stdout
+    assert "4" in help_text and "failed" in help_text
+    assert serve.stop() == 0

@@ -286,6 +286,32 @@ async def test_a_round_ends_once_every_started_task_has(fleet: Fleet) -> None:
     assert "every started task ended" in status["reason"]
 
 
+def printed(text: bytes) -> Callable[[dict[str, Any]], tuple[Any, str | None]]:
+    """A participant whose training module printed `text`, in upstream's FL envelope."""
+
+    def answer(start: dict[str, Any]) -> tuple[Any, str | None]:
+        env = start.get("env") or {}
+        return {"task_id": start["id"], "round_id": env["ROUND_ID"], "proplet_id": "", "num_samples": 1,
+                "update_b64": base64.b64encode(text).decode(), "format": "f32-delta", "metrics": {}}, None
+
+    return answer
+
+
+async def test_a_round_without_updates_says_why_each_participant_brought_none(fleet: Fleet) -> None:
+    # The round said only 'no update arrived before every started task ended': an operator who ran a
+    # module that prints something else (README's hello.wasm) had to dig the tasks' results out.
+    chatty = await fleet.participant(printed(b"Hello from Propeller!\n"))
+    broken = await fleet.participant(failing)
+    assert fleet.api is not None
+    await fleet.api.post("/fl/experiments", json=experiment("r-none", [chatty, broken], timeout_s=600))
+    status = await fleet.ended("r-none")
+    assert status["state"] == "failed"
+    assert status["reason"].startswith("no update arrived before every started task ended: ")
+    assert (f"{chatty}: its task's output is not an update (the envelope's update_b64 holds no JSON object"
+            in status["reason"])
+    assert f"{broken}: its task failed: the training module trapped" in status["reason"]
+
+
 async def test_a_participant_that_goes_offline_does_not_hold_its_round_until_the_deadline(fleet: Fleet) -> None:
     p1 = await fleet.participant(trained({"b": 1.0}, samples=1))
     assert fleet.api is not None
