@@ -415,7 +415,8 @@ class PropletAgent:
         return asked
 
     def _granted_dirs(self, start: StartMessage) -> tuple[str, ...]:
-        """Directories the task asks for (`--dir X` in cli_args) that the proplet allows (PROPLET_DIRS).
+        """Directories the task asks for (`--dir X` in cli_args), each of which the proplet must allow
+        (PROPLET_DIRS): a task asking for another one is refused, naming it.
 
         A guest sees no host directory unless both the task and the proplet's configuration say so.
         """
@@ -424,10 +425,15 @@ class PropletAgent:
         granted = []
         for d in asked:
             real = os.path.realpath(d)
-            if any(real == a or real.startswith(a + os.sep) for a in allowed):
-                granted.append(real)
-            else:
-                log.warning("task %s asked for directory %s, which PROPLET_DIRS does not allow", start.id, d)
+            if not any(real == a or real.startswith(a + os.sep) for a in allowed):
+                # Refused, as network access is: run without it, the guest failed with only
+                # "Capabilities insufficient", the reason left in this proplet's log.
+                shared = ", ".join(self.settings.dirs) or "none"
+                raise _Refused(
+                    f"task {start.id} asks for directory {d} (`--dir` in cli_args), which proplet {self.id} does "
+                    f"not share (PROPLET_DIRS: {shared}). Run it on a proplet whose PROPLET_DIRS holds that "
+                    "directory, or add it there.")
+            granted.append(real)
         return tuple(granted)
 
     async def _module(self, start: StartMessage) -> str:

@@ -116,7 +116,7 @@ class PropletSettings(msgspec.Struct, MqttClientOptions, kw_only=True):
     )] = ""
     dirs: Annotated[list[str], Meta(
         description="':'-separated host directories a task may use (preopened at the same path). Nothing else "
-        "of the host file system is visible to guests.",
+        "of the host file system is visible to guests; a task asking (`--dir`) for another one fails, naming it.",
     )] = msgspec.field(default_factory=list)
     tags: Annotated[list[str], Meta(description="Comma-separated tags (discovery).")] = msgspec.field(
         default_factory=list)

@@ -333,6 +333,10 @@ async def test_directories_need_both_the_task_and_the_proplet(manager: Any, prop
                                      inputs=["read", str(secret / "in.txt")], cli_args=cli_args)
             assert "must not be read" not in (refused.results or ""), cli_args
             assert refused.state is TaskState.FAILED
+            # It said only the guest's 'error: read …/in.txt: Capabilities insufficient', the refusal
+            # being in the proplet's log: now it names the directory and the setting, as for the network.
+            assert (f"asks for directory {secret} (`--dir` in cli_args), which proplet p-dirs-{runtime} does not "
+                    "share" in refused.error and "PROPLET_DIRS" in refused.error), refused.error
         unasked = await run_task(manager, name="_start", file=b64(wasm("fsio")),
                                  inputs=["read", str(allowed / "in.txt")])
         assert unasked.state is TaskState.FAILED
