@@ -106,4 +106,23 @@ def load_settings(make: Callable[..., Any], **overrides: Any) -> Any:
     try:
         return make(**{k: v for k, v in overrides.items() if v is not None})
     except ValueError as exc:  # pydantic's ValidationError is a ValueError too
-        raise click.ClickException(f"invalid configuration: {exc}") from None
+        errors = getattr(exc, "errors", None)
+        prefix = getattr(make, "model_config", {}).get("env_prefix", "")
+        text = _settings_errors(errors(), prefix) if callable(errors) and prefix else str(exc)
+        raise click.ClickException(f"invalid configuration: {text}") from None
+
+
+def _settings_errors(errors: list[Any], env_prefix: str) -> str:
+    """Pydantic's errors by the names an operator sets: "MANAGER_HTTP_PORT (http_port in the config
+    file's manager: section) is 'x': Input should be a valid integer", without its URL and types."""
+    section = env_prefix.rstrip("_").lower()
+    parts = []
+    for err in errors:
+        key = "__".join(str(p) for p in err.get("loc", ()))
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        if not key:
+            parts.append(msg)
+            continue
+        given = f" is {err['input']!r}" if "input" in err and not isinstance(err["input"], dict) else ""
+        parts.append(f"{env_prefix}{key.upper()} ({key} in the config file's {section}: section){given}: {msg}")
+    return "; ".join(parts)

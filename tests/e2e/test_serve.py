@@ -212,6 +212,22 @@ def test_invalid_configuration_is_a_clear_error(tmp_path: Path) -> None:
     env = dict(os.environ, MANAGER_MQTT_ADDRESS="ftp://nowhere", MANAGER_HTTP_PORT=str(free_port()))
     out = subprocess.run([*PROPELLER, "serve"], env=env, capture_output=True, text=True, timeout=30)
     assert out.returncode == 1 and "unsupported broker scheme" in out.stderr
+    # PostgreSQL's own name for itself, by env or in the config file: pydantic's text came as it was
+    # ("1 validation error for ManagerSettings / storage_type / Input should be ... / For further
+    # information visit https://errors.pydantic.dev/..."), naming neither the variable nor the key.
+    env = dict(os.environ, MANAGER_STORAGE_TYPE="postgresql")
+    out = subprocess.run([*PROPELLER, "serve"], env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1] == (
+        "Error: invalid configuration: MANAGER_STORAGE_TYPE (storage_type in the config file's manager: section) "
+        "is 'postgresql': Input should be 'sqlite', 'postgres' or 'memory'"), out.stderr
+    config = tmp_path / "config.yaml"
+    config.write_text("manager:\n  storage_type: postgresql\n  http_port: seventy\n")
+    out = subprocess.run([*PROPELLER, "--config", str(config), "serve"], env=dict(os.environ), capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 1 and "errors.pydantic.dev" not in out.stderr, out.stderr
+    assert "MANAGER_HTTP_PORT (http_port in the config file's manager: section) is 'seventy'" in out.stderr
+    assert "MANAGER_STORAGE_TYPE (storage_type in the config file's manager: section) is 'postgresql'" in out.stderr
 
 
 def _start_proplet(serve: Serve, name: str, broker_url: str, workdir: Path) -> subprocess.Popen[bytes]:
