@@ -384,6 +384,12 @@ class ManagerCore:
         if self._heard_broker_at is not None:
             outage = (self._listening_since - self._heard_broker_at).total_seconds()
             self._reconnect_allowance = min(RECONNECT_ALLOWANCE_MAX, max(0.0, outage))
+        else:
+            # Subscribed for the first time: proplets that announced before now (started with this
+            # manager, or before it) announce again. After a broker outage they do so on their own
+            # reconnect. Upstream's proplets do not subscribe to it; they announce only on connect.
+            assert self.bus is not None
+            self.bus.send(self.topics.discover, b"{}")
         self._heard_broker_at = self._listening_since
         # Tasks queued while the broker was away go out now, and starts it may have lost in a
         # crash are sent again at once instead of after the ack timeout.

@@ -14,6 +14,9 @@ STOP = "control/manager/stop"
 INVOKE = "control/manager/invoke"
 # Extension: the manager acknowledges a stored result so a proplet can drop it from its outbox.
 RESULT_ACK = "control/manager/result_ack"
+# Extension: the manager, once subscribed at its start, asks the proplets to announce themselves
+# again: those started with it (or before it) announced while nobody listened.
+DISCOVER = "control/manager/discover"
 CREATE = "control/proplet/create"
 ALIVE = "control/proplet/alive"
 RESULTS = "control/proplet/results"
@@ -37,7 +40,7 @@ MANAGER_TELEMETRY = (ALIVE, METRICS, TASK_METRICS)
 MANAGER_INBOUND = (
     CREATE, ALIVE, RESULTS, INVOKE_RESULTS, METRICS, TASK_METRICS, TASK_STATE,
 )
-PROPLET_INBOUND = (START, STOP, INVOKE, RESULT_ACK, REGISTRY_CHUNK, REGISTRY_CHUNK_BINARY)
+PROPLET_INBOUND = (START, STOP, INVOKE, RESULT_ACK, DISCOVER, REGISTRY_CHUNK, REGISTRY_CHUNK_BINARY)
 
 # Federated learning. The round start is under the prefix; a proplet's update fallback and the
 # next-round notice are not (upstream publishes them bare).
@@ -93,6 +96,10 @@ class Topics:
     @property
     def result_ack(self) -> str:
         return self.topic(RESULT_ACK)
+
+    @property
+    def discover(self) -> str:
+        return self.topic(DISCOVER)
 
     @property
     def create(self) -> str:

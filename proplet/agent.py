@@ -49,6 +49,8 @@ CAPABILITIES = ["task_state", "result_ack", "chunk_resume", "wasm_digest", "limi
 # A task still running after this long is confirmed with task_state; a faster one is confirmed by
 # its result (which carries its start time), saving a message and a state change per task.
 CONFIRM_AFTER_S = 0.05
+# Requests to announce again (`discover`) closer together than this get one answer.
+DISCOVER_ANSWER_MIN_S = 1.0
 # Results remembered for repeated starts (see PropletAgent._finished): at most this many, weighing
 # at most this much together, which an edge box can spare.
 FINISHED_RESULTS = 2_000
@@ -123,6 +125,7 @@ class PropletAgent:
         self._finished: BoundedLru[tuple[str, int], ResultMessage] = BoundedLru(
             FINISHED_RESULTS, FINISHED_RESULTS_MAX_BYTES, _result_bytes)
         self._announced_at = -math.inf  # last discovery sent: on a connect, or for results left unconfirmed
+        self._discover_answered_at = -math.inf  # last discovery sent at a manager's request
         from core.signing import load_public_keys
 
         # A key that cannot be read stops the proplet at start (SignatureError says which file).
@@ -272,6 +275,16 @@ class PropletAgent:
         for result in self.outbox.due(reconnected=True):
             self._publish_result(result)
 
+    def _on_discover(self) -> None:
+        """A manager that started after this proplet announced asks for the discovery again. Answered
+        even right after a connect's own discovery: that one may be what the manager missed."""
+        assert self.bus is not None
+        now = time.monotonic()
+        if now - self._discover_answered_at < DISCOVER_ANSWER_MIN_S:
+            return  # one answer per burst of requests (managers of the fleet starting together)
+        self._discover_answered_at = self._announced_at = now
+        self.bus.send(self.topics.create, self._discovery_payload())
+
     async def _resend_results(self) -> None:
         assert self.bus is not None
         while True:
@@ -313,6 +326,8 @@ class PropletAgent:
                 self._on_stop(protocol.decode_stop(payload, topic))
             elif suffix == t.INVOKE:
                 self._on_invoke(protocol.decode_invoke(payload, topic))
+            elif suffix == t.DISCOVER:
+                self._on_discover()
             elif suffix == t.RESULT_ACK:
                 ack = protocol.decode_result_ack(payload, topic)
                 if ack.proplet_id == self.id:

@@ -14,7 +14,7 @@ from core import protocol
 from core import topics as t
 from core.domain import TaskState
 from core.schemas import TaskCreate
-from proplet.agent import FINISHED_RESULTS_MAX_BYTES
+from proplet.agent import FINISHED_RESULTS_MAX_BYTES, PropletAgent
 from proplet.config import PropletSettings, generated_entity_id, parse_duration
 from tests.proplet.conftest import PropletFactory
 from tests.proplet.helpers import b64, run_task, run_to_end
@@ -440,3 +440,25 @@ async def test_a_proplet_deleted_while_online_announces_itself_again_once_result
         assert done.results == "42"
         await eventually(lambda: len(agent.outbox) == 0, 5)
         assert "result_ack" in manager.proplets["p-deleted"].metadata["capabilities"]
+
+
+async def test_a_manager_started_after_its_proplets_learns_their_discovery(
+        manager_factory: Any, broker: Any, tmp_path: Path) -> None:
+    # `propeller serve` and two `propeller proplet` started together: the proplets announced
+    # themselves before the manager subscribed, so it knew them from heartbeats only: `proplets list`
+    # showed no runtime, OS or tags, and without the capabilities it sent no acknowledgements.
+    from core.topics import Topics
+    from tests.conftest import unique
+
+    tenant = unique("t")
+    settings = PropletSettings.load(mqtt_address=broker.url, tenant_id=tenant, entity_id="early-p",
+                                    cache_dir=tmp_path / "cache", state_dir=tmp_path / "state",
+                                    liveliness_interval=0.5, tags=["rack-3"])
+    async with PropletAgent(settings) as agent:
+        assert agent.bus is not None
+        await agent.bus.wait_connected(10)
+        async with manager_factory(tenant_id=tenant) as core:
+            assert core.topics == Topics(tenant, "default")
+            await eventually(lambda: "early-p" in core.proplets and core.proplets["early-p"].online, 10)
+            metadata = await eventually(lambda: core.proplets["early-p"].metadata or None, 5)
+            assert metadata["tags"] == ["rack-3"] and "task_state" in metadata["capabilities"], metadata
