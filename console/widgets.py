@@ -427,6 +427,16 @@ class StateTable(DataTable[Any]):
     }
     """
 
+    # Columns kept at the left while the table scrolls right, once it is wider than its window (an
+    # 80-column terminal over SSH): what names a row stays next to the cells scrolled to. Only then,
+    # since Textual draws fixed columns in their own colour and without the zebra stripes.
+    pinned_columns = 0
+
+    def on_resize(self) -> None:
+        if self.pinned_columns:
+            wide = sum(column.get_render_width(self) for column in self.ordered_columns)
+            self.fixed_columns = self.pinned_columns if wide > self.scrollable_content_region.width else 0
+
     def cell(self, text: str, sort_key: Any = None, state: str = "") -> Cell:
         component = STATE_COMPONENTS.get(state.split(" ")[0], "") if state else ""
         if state == "error":

@@ -136,7 +136,19 @@ the last minute, the broker and the database, and the latest failures.
         self._set("dash-tasks", "\n".join(rows))
         # Broker and database
         broker = "[$success]connected[/]" if status.broker_connected else "[$error]not connected[/]"
-        lines = [
+        lines = []
+        problems = [status.broker_error, f"database: {status.store_error}" if status.store_error else ""]
+        if any(problems):
+            # The manager keeps retrying; the reason (and what to do) is otherwise only in the log file.
+            # Wrapped here: the panel's lines do not wrap (each would be cut to one line). First in the
+            # panel, which shows five lines on a 24-line terminal: under the others, it was cut off.
+            import textwrap
+
+            width = max(20, self.query_one("#dash-services", Static).content_size.width or 46)
+            for problem in filter(None, problems):
+                lines += [f"[$error]{escape(line)}[/]" for line in textwrap.wrap(problem, width)]
+                lines.append("")
+        lines += [
             f"broker    {escape(status.broker_url)}",
             f"          {broker}{' (in-process broker)' if status.broker_embedded else ''}",
             f"topics    m/{escape(app.manager.settings.tenant_id)}/c/{escape(app.manager.settings.channel_id)}/…",
@@ -144,16 +156,6 @@ the last minute, the broker and the database, and the latest failures.
             *([] if status.store_connected else ["          [$error]unreachable[/] (writes wait, retried)"]),
             f"REST API  {escape(status.api_url or 'off')}",
         ]
-        problems = [status.broker_error, f"database: {status.store_error}" if status.store_error else ""]
-        if any(problems):
-            # The manager keeps retrying; the reason (and what to do) is otherwise only in the log file.
-            # Wrapped here: the panel's lines do not wrap (each would be cut to one line).
-            import textwrap
-
-            width = max(20, self.query_one("#dash-services", Static).content_size.width or 46)
-            for problem in filter(None, problems):
-                lines.append("")
-                lines += [f"[$error]{escape(line)}[/]" for line in textwrap.wrap(problem, width)]
         if fleet.rejected:
             _at, topic, reason = fleet.rejected[-1]
             lines.append(f"rejected  {len(fleet.rejected)} messages; last: {escape(topic)}: {escape(reason[:60])}")

@@ -75,6 +75,7 @@ announces itself again).
 
     def compose_body(self) -> ComposeResult:
         table = PropletTable(id="proplets", cursor_type="row", zebra_stripes=True)
+        table.pinned_columns = 1
         for key, label, width in COLUMNS:
             table.add_column(label, key=key, width=width)
         yield table

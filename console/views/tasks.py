@@ -91,6 +91,9 @@ it and **D** deletes it (both ask first), **y** copies its id (OSC 52, works ove
 
     def compose_body(self) -> ComposeResult:
         table = TasksTable(id="tasks", cursor_type="row", zebra_stripes=True)
+        # Only the id: what is left of the window must hold the last column whole, or scrolled to the
+        # end the result's first characters were under the pinned ones.
+        table.pinned_columns = 1
         for key, label, width in COLUMNS:
             table.add_column(label, key=key, width=width)
         yield table

@@ -5,15 +5,19 @@ view is shown keeps it working."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
+
+from textual.widgets import Static
 
 from console.views.federated import FederatedScreen, StartRoundModal
 from console.views.firmware import ProvisionModal
 from console.views.local import LocalScreen
+from console.views.proplets import PropletsScreen
 from console.views.tasks import TasksScreen
 from console.views.traffic import TrafficScreen
 from console.widgets import ConfirmModal, FleetHeader, KeyHints
-from tests.console.conftest import open_view, until
+from tests.console.conftest import add_body, console_settings, open_view, until
 
 SMALL = (80, 24)
 TINY = (60, 15)
@@ -135,3 +139,56 @@ async def test_the_traffic_stream_has_room_for_its_topics_and_keeps_following_th
         await pilot.pause(0.3)
         assert screen.pending_below == 0 and log.scroll_y == log.max_scroll_y, (screen.pending_below, log.scroll_y)
         assert "new ↓" not in str(screen.query_one("#traffic-status").render())
+
+
+async def test_scrolled_to_its_last_columns_a_table_keeps_what_names_each_row(console: Any) -> None:
+    # At 80 columns the task table's RESULT / REASON is past the right edge; scrolling right to read
+    # it took the ID off the left, so the result was nobody's. The same with a proplet's metrics.
+    async with console(size=SMALL) as (app, pilot, core):
+        task = await core.create_task(add_body())
+        screen = await open_view(app, pilot, "2", TasksScreen)
+        await until(pilot, lambda: screen.table.row_count == 1)
+        for size in (SMALL, TINY):
+            await pilot.resize_terminal(*size)
+            await pilot.pause()
+            table = screen.table
+            assert table.max_scroll_x > 0
+            table.scroll_to(x=table.max_scroll_x, animate=False, immediate=True)
+            await pilot.pause()
+            header, row = table.render_line(0).text, table.render_line(1).text
+            assert header.lstrip().startswith("ID") and "RESULT / REASON" in header, header
+            assert row.lstrip().startswith(task.id[:8]), row
+
+        screen = await open_view(app, pilot, "3", PropletsScreen)
+        table = screen.table
+        await pilot.resize_terminal(*SMALL)
+        await pilot.pause()
+        table.scroll_to(x=table.max_scroll_x, animate=False, immediate=True)
+        await pilot.pause()
+        header = table.render_line(0).text
+        assert header.lstrip().startswith("ID") and "OS/ARCH" in header, header
+
+
+async def test_the_dashboard_shows_why_the_broker_is_unreachable_on_an_80x24_terminal(tmp_path: Path) -> None:
+    # The reason and what to do came under the broker's, topics', database's and API's lines, and the
+    # panel shows five lines at 80x24: the operator saw "not connected" and nothing of why.
+    from console.app import ConsoleApp
+    from core.config import ManagerSettings
+
+    manager = ManagerSettings(mqtt_address="mqtt://127.0.0.1:9", tenant_id="small", entity_id="small-manager",
+                              sqlite_path=tmp_path / "propeller.db", http_enabled=False, mqtt_timeout=1.0)
+    app = ConsoleApp(settings=console_settings(), manager_settings=manager)
+    seen: dict[str, list[str]] = {}
+
+    async def look(pilot: Any) -> None:
+        try:
+            await until(pilot, lambda: app.counts_loaded and app.core_status.broker_error != "", timeout=15)
+            services = app.screen.query_one("#dash-services", Static)
+            await until(pilot, lambda: "Cannot reach" in str(services.render()))
+            lines = str(services.render()).split("\n")
+            seen["lines"], seen["shown"] = lines, lines[: services.parent.content_size.height]
+        finally:
+            app.exit()
+
+    await app.run_async(headless=True, size=SMALL, auto_pilot=look)
+    assert "running broker." in " ".join(seen["shown"]), seen

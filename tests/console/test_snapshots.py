@@ -259,3 +259,43 @@ def test_help_for_the_tasks_view(snap_compare: Any, snapshot_app: Callable[..., 
         await until(pilot, lambda: pilot.app.screen.__class__.__name__ == "HelpScreen")
 
     assert snap_compare(snapshot_app(read_only=True), run_before=_ready(help_screen), terminal_size=SIZE)
+
+
+# An 80x24 terminal, the default of most terminals an operator opens over SSH on a gateway: the
+# header's and footer's short forms, the two-column dashboard, the task table's first columns and
+# the traffic view with room for its topics.
+SMALL = (80, 24)
+
+
+def test_dashboard_on_an_80x24_terminal(snap_compare: Any, snapshot_app: Callable[..., ConsoleApp]) -> None:
+    async def dashboard(pilot: Any) -> None:
+        await until(pilot, lambda: "exceeded its fuel" in str(pilot.app.screen.query_one("#dash-failures").render()))
+
+    assert snap_compare(snapshot_app(), run_before=_ready(dashboard), terminal_size=SMALL)
+
+
+def test_tasks_table_on_an_80x24_terminal(snap_compare: Any, snapshot_app: Callable[..., ConsoleApp]) -> None:
+    async def tasks(pilot: Any) -> None:
+        await pilot.press("2")
+        await until(pilot, lambda: isinstance(pilot.app.screen, TasksScreen) and pilot.app.screen.table.row_count == 6)
+
+    assert snap_compare(snapshot_app(), run_before=_ready(tasks), terminal_size=SMALL)
+
+
+def test_traffic_on_an_80x24_terminal(snap_compare: Any, snapshot_app: Callable[..., ConsoleApp]) -> None:
+    async def traffic(pilot: Any) -> None:
+        app = pilot.app
+        app.traffic.ingest(_traffic())
+        await pilot.press("4")
+        await until(pilot, lambda: isinstance(app.screen, TrafficScreen)
+                    and app.screen.query_one("#traffic-log").line_count == 14)
+        screen = app.screen
+        tree = screen.query_one("#topics")
+        tree.focus()
+        tree.move_cursor(screen._topic_nodes[PREFIX + "control/manager/start"])
+        await until(pilot, lambda: "not shown" in str(screen.query_one("#payload").render()))
+
+    app = snapshot_app()
+    app.traffic.rate_in.per_second = lambda now, window=5: 0.0  # type: ignore[method-assign]
+    app.traffic.rate_out.per_second = lambda now, window=5: 0.0  # type: ignore[method-assign]
+    assert snap_compare(app, run_before=_ready(traffic), terminal_size=SMALL)
