@@ -503,17 +503,30 @@ def tasks_list(state: str | None, limit: int, offset: int, manager_url: str, tok
 @click.argument("task_id")
 @_client_options
 def tasks_results(task_id: str, manager_url: str, token: str | None, as_json: bool) -> None:
-    """Print a task's result (or its error)."""
+    """Print a task's result. Exits 0 if it completed, 4 if it failed, was skipped or was interrupted
+    (its error goes to stderr), 3 if it has not finished (nothing is printed)."""
     with ManagerClient(manager_url, token) as client:
         task_id = _full_task_id(client, task_id)
         data = _run(lambda: client.results(task_id))
+    try:
+        state: TaskState | None = TaskState(data.get("state"))
+    except ValueError:
+        state = None  # a manager that does not say: print what it answered
 
     def render(d: dict[str, Any]) -> None:
-        if d.get("error"):
-            click.echo(f"error: {d['error']}")
         results = d.get("results")
-        click.echo(results if isinstance(results, str) else json.dumps(results))
+        if results not in (None, ""):
+            click.echo(results if isinstance(results, str) else json.dumps(results))
+    if state is not None and not state.is_terminal:
+        if as_json:
+            _show(data, as_json, render)
+        click.echo(f"task {task_id} has no result yet: it is {state.label}. Follow it with "
+                   f"`propeller tasks get {task_id}`.", err=True)
+        raise SystemExit(EXIT_NOT_FINISHED)
     _show(data, as_json, render)
+    if state is not None and state is not TaskState.COMPLETED:
+        click.echo(f"task {task_id} {state.label}: {data.get('error') or 'no error given'}", err=True)
+        raise SystemExit(EXIT_TASK_FAILED)
 
 
 @tasks.command("delete")

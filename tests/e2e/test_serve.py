@@ -299,6 +299,12 @@ async def test_create_start_wait_exits_non_zero_when_the_task_fails_or_does_not_
         as_json = await cli(serve, "tasks", "create", "add", "--wasm", str(module), "--start", "--wait", "10",
                             "--json")
         assert as_json.returncode == 4 and json.loads(as_json.stdout)["state_name"] == "failed"
+        # `tasks results` of that task printed 'error: ...' on stdout and exited 0, as for a result.
+        failed_id = json.loads(as_json.stdout)["id"]
+        results = await cli(serve, "tasks", "results", failed_id)
+        assert results.returncode == 4, results.stdout + results.stderr
+        assert f"task {failed_id} failed: the module trapped: unreachable" in results.stderr
+        assert "trapped" not in results.stdout
     async with SyntheticProplet(f"mqtt://127.0.0.1:{broker_port}", topics, "silent", answer=None):
         await eventually(lambda: asyncio.to_thread(_cli_json, serve, "proplets", "list", "--status", "active"),
                          timeout=10)
@@ -307,6 +313,10 @@ async def test_create_start_wait_exits_non_zero_when_the_task_fails_or_does_not_
         tid = re.search(r"^id\s+(\S+)", late.stdout, re.MULTILINE)
         assert tid is not None, late.stdout
         assert "not finished after 0.5s" in late.stderr and f"propeller tasks get {tid[1]}" in late.stderr
+        # A task still running had the result 'null'.
+        pending = await cli(serve, "tasks", "results", tid[1])
+        assert pending.returncode == 3 and pending.stdout == "", pending.stdout + pending.stderr
+        assert f"task {tid[1]} has no result yet" in pending.stderr
         assert (await cli(serve, "tasks", "stop", tid[1])).returncode == 0
         again = await cli(serve, "tasks", "start", tid[1], "--wait", "0.5")
         assert again.returncode == 3 and "not finished after 0.5s" in again.stderr, again.stderr
