@@ -686,7 +686,8 @@ def fl_start(file: str, wait: bool, manager_url: str, token: str | None, as_json
     module with ROUND_ID, MODEL_URI, MODEL_DATA and HYPERPARAMS in its env and prints its update as JSON.
 
     With --wait it exits 0 once the round made a model, 4 if the round failed (why goes to stderr),
-    1 if the manager refused the round or could not be reached."""
+    1 if the manager refused the round or could not be reached, 130 when Ctrl-C ends the wait (the
+    round goes on)."""
     from propeller.client import module_fields
 
     body = _json_file(file)
@@ -698,8 +699,15 @@ def fl_start(file: str, wait: bool, manager_url: str, token: str | None, as_json
     with ManagerClient(manager_url, token) as client:
         data = _run(lambda: client.start_experiment(body))
         if wait:
-            while (status := _run(lambda: client.round_status(data["round_id"]))["status"])["state"] == "running":
-                time.sleep(0.5)
+            try:
+                while (status := _run(lambda: client.round_status(data["round_id"]))["status"])["state"] == "running":
+                    time.sleep(0.5)
+            except KeyboardInterrupt:
+                # Ctrl-C ends the wait, not the round: name it, as `tasks create --wait` names its task.
+                round_id = data["round_id"]
+                click.echo(f"\nstopped waiting; round {round_id} was started and goes on. Follow it with "
+                           f"`propeller fl status {round_id}`.", err=True)
+                raise SystemExit(EXIT_INTERRUPTED) from None
             data = status
     _show(data, as_json, _round_detail if wait else lambda d: _table(["FIELD", "VALUE"], [
         [k, ", ".join(v) if isinstance(v, list) else v] for k, v in d.items()]))

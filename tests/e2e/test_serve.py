@@ -472,3 +472,34 @@ async def test_fl_start_wait_exits_4_naming_why_a_round_failed(serve: Serve, tmp
     help_text = (await cli(serve, "fl", "start", "--help")).stdout
     assert "4" in help_text and "failed" in help_text
     assert serve.stop() == 0
+
+
+async def test_ctrl_c_while_a_round_is_awaited_names_the_round_and_exits_130(serve: Serve, tmp_path: Path) -> None:
+    # `fl start --wait` printed only "Aborted!" (exit 1), the round going on for up to its 300 s.
+    serve.start()
+    broker_port = int(serve.env["MANAGER_DEFAULT_BROKER_PORT"])
+    (tmp_path / "m.wasm").write_bytes(WASM)
+    (tmp_path / "round.json").write_text(json.dumps({"round_id": "slow-1", "model_ref": "global_model_v0",
+                                                     "participants": ["fl-slow"], "wasm": "m.wasm"}))
+    async with SyntheticProplet(f"mqtt://127.0.0.1:{broker_port}", Topics("propeller", "default"), "fl-slow",
+                                answer=None) as proplet:
+        await eventually(lambda: asyncio.to_thread(_cli_json, serve, "proplets", "list", "--status", "active"),
+                         timeout=10)
+        proc = await asyncio.create_subprocess_exec(
+            *PROPELLER, "fl", "start", str(tmp_path / "round.json"), "--wait", "--manager-url", serve.url,
+            env=serve.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            await eventually(lambda: proplet.starts, timeout=10)
+            await asyncio.sleep(0.3)
+            proc.send_signal(signal.SIGINT)
+            async with asyncio.timeout(15):
+                out, err = await proc.communicate()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    stderr = err.decode()
+    assert proc.returncode == 130, (out.decode(), stderr)
+    assert "Aborted!" not in stderr
+    assert "round slow-1" in stderr and "propeller fl status slow-1" in stderr, stderr
+    serve.stop()
