@@ -31,9 +31,10 @@ T = TypeVar("T")
 # 39 MB database, and grew without end. Past this size the last frames are copied holding the write
 # lock, so the next write starts the log over; the file is then cut back to this size. The writes
 # wait for that copy and the fsync that ends it (10-35 ms measured under that load), so it is done
-# at most once per WAL_RESTART_INTERVAL: the log stays under this size plus that many seconds of writes.
+# at most once per WAL_RESTART_INTERVAL: the log stays under this size plus that many seconds of
+# writes (at most ~260 MB with a 10 s interval under that load, where writes filled ~25 MB/s).
 WAL_RESTART_BYTES = 16 * 1024 * 1024
-WAL_RESTART_INTERVAL = 10.0
+WAL_RESTART_INTERVAL = 5.0
 # Before taking the lock, more PASSIVE checkpoints (at most this many) until at most this much is left.
 WAL_CATCH_UP_PASSES = 4
 WAL_CATCH_UP_BYTES = 256 * 1024
