@@ -111,9 +111,12 @@ the last minute, the broker and the database, and the latest failures.
         proplets = sorted(fleet.proplets.values(), key=lambda p: (not p.online, p.id))
         online = sum(1 for p in proplets if p.online)
         lines = [f"[b $success]{online}[/] online   [b $error]{len(proplets) - online}[/] offline", ""]
+        # The ids as wide as the longest shown, not 22: a panel is 36 columns wide on an 80-column
+        # terminal (42 on a wide one), and the task counts were cut off the end of the line.
+        id_width = max((len(p.id[:22]) for p in proplets[:8]), default=0)
         for p in proplets[:8]:
             dot = "[$success]●[/]" if p.online else "[$error]○[/]"
-            lines.append(f"{dot} {escape(p.id[:22]):<22} {age(now, p.last_seen):>9}  {p.task_count} tasks")
+            lines.append(f"{dot} {escape(p.id[:22]):<{id_width}} {age(now, p.last_seen):>7}  {p.task_count} tasks")
         if len(proplets) > 8:
             lines.append(f"… and {len(proplets) - 8} more (:proplets)")
         if not proplets:

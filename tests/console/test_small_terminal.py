@@ -192,3 +192,17 @@ async def test_the_dashboard_shows_why_the_broker_is_unreachable_on_an_80x24_ter
 
     await app.run_async(headless=True, size=SMALL, auto_pilot=look)
     assert "running broker." in " ".join(seen["shown"]), seen
+
+
+async def test_the_dashboard_lists_each_proplet_with_its_task_count_at_80_columns(console: Any) -> None:
+    # The ids were padded to 22 and the ages to 9 in a panel 36 columns wide: "● gw-proplet-1
+    # 2s ago …", the task count cut off (even at 140 columns: "0 tas…").
+    from tests.wire import SyntheticProplet
+
+    async with console(size=SMALL) as (app, pilot, core):
+        async with SyntheticProplet(core.status().broker_url, core.topics, "small-proplet-1", heartbeat=0.5):
+            proplets = app.screen.query_one("#dash-proplets", Static)
+            await until(pilot, lambda: "small-proplet-1" in str(proplets.render()), timeout=15)
+            line = next(line for line in str(proplets.render()).split("\n") if "small-proplet-1" in line)
+            assert line.rstrip().endswith("0 tasks") and len(line.rstrip()) <= proplets.content_size.width, (
+                line, proplets.content_size.width)
