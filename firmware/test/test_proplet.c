@@ -505,6 +505,30 @@ static void announces_itself_again_when_a_result_waits_unconfirmed(void **state)
     assert_int_equal(fake_count(TOPIC_RESULTS), 7);
 }
 
+static void announces_itself_again_when_a_manager_asks(void **state)
+{
+    (void)state;
+    proplet_on_connected(p);
+    assert_int_equal(fake_count(TOPIC_CREATE), 1);
+    /* A manager that started after the connect's discovery asks: answered at once, even so soon. */
+    deliver(TOPIC_DISCOVER, "{}");
+    assert_int_equal(fake_count(TOPIC_CREATE), 2);
+    expect_contains(fake_published(TOPIC_CREATE, 1), "\"capabilities\":[\"task_state\",\"result_ack\"]");
+    /* Managers starting together: one answer per PROPLET_DISCOVER_ANSWER_MIN_MS. */
+    deliver(TOPIC_DISCOVER, "{}");
+    fake.now += PROPLET_DISCOVER_ANSWER_MIN_MS - 1;
+    deliver(TOPIC_DISCOVER, "anything: the payload is not read");
+    assert_int_equal(fake_count(TOPIC_CREATE), 2);
+    fake.now += 1;
+    deliver(TOPIC_DISCOVER, "{}");
+    assert_int_equal(fake_count(TOPIC_CREATE), 3);
+    /* Subscribed on every connect, with the other topics. */
+    bool subscribed = false;
+    for (size_t i = 0; i < PROPLET_SUBSCRIPTION_COUNT; i++)
+        subscribed = subscribed || strcmp(proplet_subscriptions[i], TOPIC_DISCOVER) == 0;
+    assert_true(subscribed);
+}
+
 static void asks_for_json_chunks_once_binary_ones_never_arrived(void **state)
 {
     (void)state;
@@ -690,6 +714,7 @@ int main(void)
         TEST(sends_a_result_again_until_the_manager_acknowledges_it),
         TEST(does_not_resend_on_a_timer_while_disconnected),
         TEST(announces_itself_again_when_a_result_waits_unconfirmed),
+        TEST(announces_itself_again_when_a_manager_asks),
         TEST(asks_for_json_chunks_once_binary_ones_never_arrived),
         TEST(asks_again_for_missing_chunks_then_gives_up),
         TEST(fails_at_once_when_the_registry_cannot_serve),

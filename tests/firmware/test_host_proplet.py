@@ -15,6 +15,7 @@ from core import topics as t
 from core.domain import TaskState, utcnow
 from core.schemas import LimitsBody, TaskCreate
 from core.topics import Topics
+from tests.conftest import unique
 from tests.wire import WireClient, eventually
 
 pytestmark = pytest.mark.slow
@@ -241,6 +242,22 @@ async def test_heartbeats_keep_the_proplet_online_with_its_metadata(manager_fact
         assert page.items[0].memory_metrics["rss_bytes"] > 0
 
 
+async def test_a_manager_started_after_the_proplet_learns_its_discovery(manager_factory, host_proplets,
+                                                                        broker) -> None:
+    """Before: the proplet announced itself on connect only, so a manager started after it (both
+    started at boot) knew it from heartbeats: no metadata, and without its capabilities no result
+    acknowledgements. Now the manager's request (control/manager/discover) brings the discovery."""
+    tenant = unique("early")
+    early = host_proplets(None, "esp-early", "--broker", broker.url, "--id", "esp-early", "--domain", tenant,
+                          "--channel", "default", join=False)
+    early.wait_for_log("connected to")
+    async with manager_factory(tenant_id=tenant) as core:
+        await online(core, "esp-early")
+        meta = await eventually(lambda: core.proplets["esp-early"].metadata or None, timeout=5)
+        assert meta["capabilities"] == ["task_state", "result_ack"], meta
+        assert "task_state" in core.proplets["esp-early"].capabilities
+
+
 async def test_a_killed_proplet_goes_offline_through_its_last_will(manager_factory, host_proplets) -> None:
     async with manager_factory(heartbeat_interval=30) as core:
         proplet = host_proplets(core, "esp-kill", "--heartbeat", "30")
@@ -254,7 +271,6 @@ async def test_a_killed_proplet_goes_offline_through_its_last_will(manager_facto
 async def test_the_proplet_comes_back_after_a_broker_restart(manager_factory, host_proplets, own_broker, tmp_path,
                                                              wasm) -> None:
     """Reconnect and re-subscribe: after the broker restarts, tasks reach the proplet again."""
-    from tests.conftest import unique
 
     tenant = unique("t")
     async with manager_factory(mqtt_address=own_broker.url, tenant_id=tenant) as core:
@@ -278,7 +294,6 @@ async def test_a_result_finished_while_the_broker_was_down_arrives_once_it_is_ba
     device keeps it unconfirmed and sends it again once, on the connect (paho, like the device's
     client, also buffers the first send). That it is not sent again on a timer while the broker is
     away is the C unit test does_not_resend_on_a_timer_while_disconnected."""
-    from tests.conftest import unique
 
     tenant = unique("t")
     async with manager_factory(mqtt_address=own_broker.url, tenant_id=tenant) as core:

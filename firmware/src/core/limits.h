@@ -120,4 +120,9 @@
 #define PROPLET_UNCONFIRMED_TTL_MS 60000
 #endif
 
+/* Requests to announce again (control/manager/discover) closer together than this get one answer. */
+#ifndef PROPLET_DISCOVER_ANSWER_MIN_MS
+#define PROPLET_DISCOVER_ANSWER_MIN_MS 1000
+#endif
+
 #endif

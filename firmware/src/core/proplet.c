@@ -8,7 +8,8 @@
 #include "b64.h"
 
 const char *const proplet_subscriptions[PROPLET_SUBSCRIPTION_COUNT] = {
-    TOPIC_START, TOPIC_STOP, TOPIC_RESULT_ACK, TOPIC_REGISTRY_CHUNK, TOPIC_REGISTRY_CHUNK_BINARY};
+    TOPIC_START, TOPIC_STOP, TOPIC_RESULT_ACK, TOPIC_DISCOVER, TOPIC_REGISTRY_CHUNK,
+    TOPIC_REGISTRY_CHUNK_BINARY};
 
 static const char *const capabilities[] = {"task_state", "result_ack"};
 
@@ -784,6 +785,24 @@ static void handle_result_ack(proplet_t *p, const char *payload, size_t len)
     unlock(p);
 }
 
+/* A manager that started after this proplet announced (with it, at boot, or later on a new
+ * database) asks for the discovery again; answered at most once per PROPLET_DISCOVER_ANSWER_MIN_MS
+ * (managers of a fleet starting together), even right after a connect's own discovery: that one may
+ * be what the manager missed. */
+static void handle_discover(proplet_t *p)
+{
+    lock(p);
+    uint64_t now = now_ms(p);
+    bool answer = !p->discover_answered || now - p->discover_answered_ms >= PROPLET_DISCOVER_ANSWER_MIN_MS;
+    if (answer) {
+        p->discover_answered = true;
+        p->discover_answered_ms = p->discovery_ms = now;
+    }
+    unlock(p);
+    if (answer)
+        send_discovery(p, p->inbound_out[0]);
+}
+
 void proplet_on_message(proplet_t *p, const char *topic, size_t topic_len, const char *payload,
                         size_t len)
 {
@@ -799,6 +818,8 @@ void proplet_on_message(proplet_t *p, const char *topic, size_t topic_len, const
         handle_stop(p, payload, len);
     else if (IS(TOPIC_RESULT_ACK))
         handle_result_ack(p, payload, len);
+    else if (IS(TOPIC_DISCOVER))
+        handle_discover(p);
     else if (IS(TOPIC_REGISTRY_CHUNK))
         handle_chunk(p, payload, len, false);
     else if (IS(TOPIC_REGISTRY_CHUNK_BINARY))

@@ -134,6 +134,9 @@ typedef struct proplet {
     /* When the discovery last went out (on a connect, or again because results waited unconfirmed):
      * the timed one goes out at most once per PROPLET_RESULT_RESEND_MS. */
     uint64_t discovery_ms;
+    /* When the discovery last went out at a manager's request (TOPIC_DISCOVER), if ever. */
+    bool discover_answered;
+    uint64_t discover_answered_ms;
     uint64_t next_heartbeat_ms;
     uint64_t next_metrics_ms;
     proplet_counters_t counters;
@@ -145,7 +148,7 @@ typedef struct proplet {
 } proplet_t;
 
 /* Topic suffixes the port subscribes to on every (re)connect. */
-#define PROPLET_SUBSCRIPTION_COUNT 5
+#define PROPLET_SUBSCRIPTION_COUNT 6
 extern const char *const proplet_subscriptions[PROPLET_SUBSCRIPTION_COUNT];
 
 /* False (with err) when the configuration is unusable (names too long, no slots...). */

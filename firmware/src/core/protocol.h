@@ -26,6 +26,8 @@
 #define TOPIC_TASK_STATE "control/proplet/task_state"
 #define TOPIC_REGISTRY_REQUEST "registry/proplet"
 #define TOPIC_RESULT_ACK "control/manager/result_ack"
+/* Extension: a manager that has just subscribed asks proplets to announce themselves again. */
+#define TOPIC_DISCOVER "control/manager/discover"
 #define TOPIC_REGISTRY_CHUNK "registry/server"
 /* Extension: chunks as a JSON header line, '\n', then the raw bytes (asked for with
  * "encoding":"binary"); a quarter fewer bytes on the air and no base64 to decode. */
