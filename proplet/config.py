@@ -146,7 +146,8 @@ class PropletSettings(msgspec.Struct, MqttClientOptions, kw_only=True):
         description="Let daemon tasks serve wasi:http components (needs PROPLET_EXTERNAL_WASM_RUNTIME).",
     )] = False
     http_proxy_port: Annotated[int, Meta(
-        ge=1, le=65535, description="First port tried for a served wasi:http component.")] = 8222
+        ge=1, le=65535, description="First port tried for a served wasi:http component: each daemon task takes "
+        "the first free one from here (the task's result names it).")] = 8222
     task_timeout: Annotated[float, Meta(
         gt=0, description="Wall-clock limit of a task that sets none (seconds).")] = 300.0
     task_memory_limit: Annotated[int, Meta(

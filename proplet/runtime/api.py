@@ -101,6 +101,8 @@ class RuntimeConfig:
     # A guest blocked in a host call (e.g. a WASI sleep) cannot be interrupted; after its
     # deadline plus this grace the run is reported as timed out and its thread abandoned.
     blocked_grace_s: float = 2.0
+    # First port tried for a served wasi:http component (the next free one is taken); None: any free port.
+    http_first_port: int | None = None
 
 
 class ServeHandle(Protocol):

@@ -276,6 +276,8 @@ class ExternalRuntime:
         self._running: dict[str, set[asyncio.subprocess.Process]] = {}
         self._stopped: set[asyncio.subprocess.Process] = set()
         self._servers: dict[str, set[HttpServer]] = {}
+        # Ports of the servers started or starting, not offered to the next one.
+        self._serving_ports: set[int] = set()
         # Reads components' export types (made on the first component).
         self._types_engine: Engine | None = None
         self.compiles = 0
@@ -612,7 +614,25 @@ class ExternalRuntime:
             raise ServeError(f"Module sha256:{hex_digest} is not loaded on this proplet. Deliver it again.")
         if stored.kind != "component":
             raise ServeError("Only a wasi:http/proxy component can be served over HTTP; this is a core module.")
-        chosen = port if port is not None else _free_port(self.serve_host)
+        chosen = port if port is not None else self._serve_port()
+        self._serving_ports.add(chosen)
+        try:
+            return await self._serve_on(stored, inv, chosen)
+        except BaseException:
+            self._serving_ports.discard(chosen)
+            raise
+
+    def _serve_port(self) -> int:
+        """The first port from config.http_first_port that this runtime does not serve on (or start
+        serving on) and that is free; any free port without it, or when the next 100 are taken."""
+        first = self.config.http_first_port
+        if first is not None:
+            for candidate in range(first, min(first + 100, 65536)):
+                if candidate not in self._serving_ports and _bindable(self.serve_host, candidate):
+                    return candidate
+        return _free_port(self.serve_host)
+
+    async def _serve_on(self, stored: _Stored, inv: Invocation, chosen: int) -> HttpServer:
         argv = [self.binary, "serve", "--addr", f"{self.serve_host}:{chosen}"]
         try:
             args = _task_args(inv)
@@ -662,6 +682,7 @@ class ExternalRuntime:
 
     async def _forget_when_done(self, server: HttpServer) -> None:
         await server.process.wait()
+        self._serving_ports.discard(server.port)
         servers = self._servers.get(server.task_id)
         if servers is not None:
             servers.discard(server)
@@ -939,6 +960,16 @@ def _free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
 
 
 async def _port_open(host: str, port: int) -> bool:

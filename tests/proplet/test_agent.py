@@ -462,3 +462,30 @@ async def test_a_manager_started_after_its_proplets_learns_their_discovery(
             await eventually(lambda: "early-p" in core.proplets and core.proplets["early-p"].online, 10)
             metadata = await eventually(lambda: core.proplets["early-p"].metadata or None, 5)
             assert metadata["tags"] == ["rack-3"] and "task_state" in metadata["capabilities"], metadata
+
+
+async def test_a_daemon_serves_on_the_first_free_port_from_http_proxy_port(
+        manager: Any, proplet_factory: PropletFactory) -> None:
+    # PROPLET_HTTP_PROXY_PORT ("First port tried for a served wasi:http component") was read and
+    # never used: with it set to 58222 the component served on a random port (56305).
+    from tests.services import free_port
+    from tests.wasmfixtures import wasmtime_cli
+
+    first = free_port()
+    async with proplet_factory(manager, "p-web-port", external_wasm_runtime=wasmtime_cli(), http_enabled=True,
+                               http_proxy_port=first):
+        ports, task_ids = [], []
+        for _ in range(2):
+            task = await manager.create_task(TaskCreate(name="serve", file=b64(wasm("http-component")), daemon=True))
+            task_ids.append(task.id)
+            await manager.start_task(task.id)
+
+            async def serving(task_id: str = task.id) -> Any:
+                results = (await manager.get_task(task_id)).results
+                return results if isinstance(results, str) and results.startswith("serving HTTP on port") else None
+
+            ports.append(int((await eventually(serving, 60)).rsplit(" ", 1)[1]))
+        # The first on the port the setting names, the next one after it (the first is taken).
+        assert ports[0] == first and ports[1] > first, ports
+        for task_id in task_ids:
+            await manager.stop_task(task_id)
