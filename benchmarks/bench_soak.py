@@ -18,7 +18,7 @@ The first rounds fill caches that are bounded by design (recent tasks kept, conn
 compiled modules); growth is read from the second half of the run, per 10,000 tasks. Nothing is
 asserted: a bounded process shows growth near zero, a leak a steady climb.
 
-    .venv/bin/python benchmarks/bench_soak.py [--rounds 10] [--round 5000]
+    .venv/bin/python benchmarks/bench_soak.py [--rounds 10] [--round 5000] [--large-results]
 """
 
 from __future__ import annotations
@@ -157,11 +157,17 @@ async def main() -> None:
     parser.add_argument("--round", type=int, default=5000, help="tasks per round")
     parser.add_argument("--window", type=int, default=64, help="tasks being submitted at once")
     parser.add_argument("--heartbeats", type=int, default=200, help="flood heartbeats per second")
+    parser.add_argument("--large-results", action="store_true",
+                        help="every task writes 4 MiB to stdout: a result of 1 MiB (the capture cap) each")
     args = parser.parse_args()
 
-    module = base64.b64encode(wasm("add")).decode()
-    bodies = [TaskCreate(name="no_such_export" if i % 10 == 9 else "add", file=module, inputs=[i, 1])
-              for i in range(args.round)]
+    if args.large_results:
+        large = base64.b64encode(wasm("bigout")).decode()
+        bodies = [TaskCreate(name="_start", file=large) for _ in range(args.round)]
+    else:
+        module = base64.b64encode(wasm("add")).decode()
+        bodies = [TaskCreate(name="no_such_export" if i % 10 == 9 else "add", file=module, inputs=[i, 1])
+                  for i in range(args.round)]
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         broker = Mosquitto(workdir / "broker")
