@@ -148,6 +148,11 @@ class ManagerSettings(MqttClientSettings):
     max_backlog: int = Field(
         default=100_000, ge=1, description="Tasks that may wait for a proplet; beyond it, starts are refused."
     )
+    max_result_bytes: int = Field(
+        default=32 * 1024 * 1024, ge=1024,
+        description="Largest result message a proplet may send (bytes); a larger one fails its task, "
+        "its result dropped. Our proplets keep at most 1 MiB each of stdout and stderr.",
+    )
     ack_timeout: float = Field(
         default=5.0,
         gt=0,

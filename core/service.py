@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import heapq
@@ -1883,6 +1884,14 @@ class ManagerCore:
         task = await self._task_for_message(topic_names.RESULTS, msg.task_id, msg.proplet_id, msg.attempt)
         if task is None:
             return
+        if len(payload) > self.settings.max_result_bytes:
+            # Stored and served whole, one such result (Mosquitto passes up to 256 MB) would take the
+            # manager's memory and disk with it; the task fails saying why instead.
+            error = (f"the result sent by {msg.proplet_id or 'the proplet'} was {_size_text(len(payload))}, over the "
+                     f"manager's limit of {_size_text(self.settings.max_result_bytes)} (MANAGER_MAX_RESULT_BYTES); "
+                     "it was dropped")
+            self._reject(topic_names.RESULTS, "result_too_large", f"task {task.id}: {error}")
+            msg = dataclasses.replace(msg, results=None, error=error)
         if task.broadcast:
             # The same checks as for one proplet's task below: an answer to an earlier run (an
             # outbox repeats it until acknowledged) must not count for this run, nor finish a
@@ -2115,6 +2124,10 @@ class ManagerCore:
         request = protocol.decode_registry_request(payload, topic)
         if self.chunks is not None:
             self.chunks.submit(request)
+
+
+def _size_text(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
 
 
 def _held_bytes(task: Task) -> int:

@@ -208,6 +208,27 @@ async def test_error_result_fails_the_task(manager: Any, broker: Any) -> None:
         assert (done.state, done.error) == (TaskState.FAILED, "wasm trap: unreachable")
 
 
+async def test_a_result_over_the_managers_limit_fails_its_task_saying_so(manager_factory: Any, broker: Any) -> None:
+    """Before: a result message of any size (Mosquitto passes up to 256 MB) was decoded, stored and
+    served whole: a proplet sending one (a defect, another implementation) took the manager's memory
+    and disk with it. Now one over MANAGER_MAX_RESULT_BYTES fails its task naming both sizes, is
+    counted as rejected, and acknowledged (its proplet stops sending it); one under it is intact."""
+    def sized(start: dict[str, Any]) -> tuple[Any, str | None]:
+        return "y" * int(start["inputs"][0]), None
+
+    async with manager_factory(max_result_bytes=64 * 1024) as core, \
+            SyntheticProplet(broker.url, core.topics, "p-huge", answer=sized):
+        await eventually(lambda: "p-huge" in core.proplets)
+        small = await run_to_end(core, (await core.create_task(add_task(inputs=[60_000, 0]))).id)
+        assert (small.state, small.results) == (TaskState.COMPLETED, "y" * 60_000)
+        before = core.metrics.messages_rejected.labels(t.RESULTS, "result_too_large")._value.get()
+        huge = await run_to_end(core, (await core.create_task(add_task(inputs=[200_000, 0]))).id)
+        assert (huge.state, huge.results) == (TaskState.FAILED, None)
+        assert "p-huge was 195.4 KiB, over the manager's limit of 64.0 KiB (MANAGER_MAX_RESULT_BYTES)" in huge.error
+        assert core.metrics.messages_rejected.labels(t.RESULTS, "result_too_large")._value.get() == before + 1
+        assert (await core.get_task(huge.id)).results is None
+
+
 async def test_results_from_the_wrong_proplet_or_for_unknown_tasks_are_rejected(manager: Any, broker: Any) -> None:
     async with SyntheticProplet(broker.url, manager.topics, "p-own", answer=None), \
             WireClient(broker.url, manager.topics) as intruder:
