@@ -117,7 +117,7 @@ field. After dispatching, the task table opens on the new task.
     DispatchScreen .field-label { width: 14; color: $text-muted; }
     DispatchScreen .field { width: 1fr; height: auto; }
     DispatchScreen .field Input, DispatchScreen .field Select { width: 1fr; }
-    DispatchScreen .error { color: $error; height: auto; padding-left: 1; display: none; }
+    DispatchScreen .error { color: $error; max-width: 100%; height: auto; padding-left: 1; display: none; }
     DispatchScreen .error.-shown { display: block; }
     DispatchScreen .hint { color: $text-muted; padding-left: 15; height: auto; }
     DispatchScreen #limits Input { width: 1fr; }

@@ -415,7 +415,7 @@ class StartRoundModal(ModalScreen[dict[str, Any] | None]):
     StartRoundModal Input.-textual-compact:focus { background: $primary 25%; }
     StartRoundModal .field-label { width: 14; color: $text-muted; }
     StartRoundModal Input { width: 1fr; }
-    StartRoundModal .error { color: $error; height: auto; padding-left: 14; display: none; }
+    StartRoundModal .error { color: $error; max-width: 100%; height: auto; padding-left: 14; display: none; }
     StartRoundModal .error.-shown { display: block; }
     StartRoundModal .hint { color: $text-muted; height: auto; margin-top: 1; }
     """

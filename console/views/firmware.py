@@ -39,6 +39,7 @@ class ProvisionModal(ModalScreen[dict[str, str] | None]):
     ProvisionModal > Vertical { width: 72; max-width: 100%; height: auto; border: thick $primary; background: $surface;
                                 padding: 1 2; }
     ProvisionModal Label { padding-top: 1; }
+    ProvisionModal Input.-textual-compact { background: $panel; }
     ProvisionModal Input.-textual-compact:focus { background: $primary 25%; }
     """
     BINDINGS: ClassVar = [Binding("escape", "cancel", "Cancel", id="provision.cancel")]

@@ -108,6 +108,11 @@ async def test_dialogs_fit_a_small_terminal(console: Any) -> None:
         await pilot.pause()
         assert _fits(app, app.screen.query_one("Vertical")), app.screen.query_one("Vertical").region
         assert _fits(app, app.screen.query_one("#prov-channel")), app.screen.query_one("#prov-channel").region
+        # Borderless, an empty field must still show where it is: not the dialog's own background.
+        box, field = app.screen.query_one("Vertical"), app.screen.query_one("#prov-wifi_ssid")
+        field.blur()
+        await pilot.pause()
+        assert field.styles.background != box.styles.background
 
 
 def _heartbeats(app: Any, n: int, start: float = 0.0) -> list[Any]:
@@ -206,3 +211,38 @@ async def test_the_dashboard_lists_each_proplet_with_its_task_count_at_80_column
             line = next(line for line in str(proplets.render()).split("\n") if "small-proplet-1" in line)
             assert line.rstrip().endswith("0 tasks") and len(line.rstrip()) <= proplets.content_size.width, (
                 line, proplets.content_size.width)
+
+
+async def test_a_field_error_in_the_dispatch_form_wraps_instead_of_being_cut(console: Any) -> None:
+    # At 80 columns the module's error read "✗ No file examples/nothere/add.wasm. Type a path to a
+    # .wasm/.wat file, an" and stopped: what to type instead was past the right edge.
+    from textual.widgets import Input, Label
+
+    from console.views.dispatch import DispatchScreen
+
+    async with console(size=SMALL) as (app, pilot, _core):
+        screen = await open_view(app, pilot, "5", DispatchScreen)
+        screen.query_one("#module", Input).value = "examples/nothere/add.wasm"
+        await pilot.press("f5")
+        error = screen.query_one("#error-module", Label)
+        await until(pilot, lambda: error.has_class("-shown"))
+        await pilot.pause()
+        text = str(error.render())
+        assert "OCI reference" in text, text  # the whole message, to its end
+        assert error.region.right <= error.parent.content_region.right, (error.region, error.parent.content_region)
+        assert error.size.height >= 2
+
+        # The round form's errors too ("No proplet is online: launch some (:local) or name the
+        # participants." was cut at "name the").
+        await pilot.press("escape")  # out of the form's fields, where "8" would be typed
+        await until(pilot, lambda: not isinstance(app.screen, DispatchScreen))
+        await open_view(app, pilot, "8", FederatedScreen)
+        await pilot.press("s")
+        await until(pilot, lambda: isinstance(app.screen, StartRoundModal))
+        modal = app.screen
+        modal.query_one("#hyperparams", Input).value = "{lr: 0.01}"
+        await pilot.press("f5")
+        await until(pilot, lambda: modal.query(".error.-shown"))
+        await pilot.pause()
+        for error in modal.query(".error.-shown"):
+            assert error.region.right <= error.parent.content_region.right, (error.render(), error.region)
