@@ -329,7 +329,8 @@ static void refuses_what_no_trusted_key_signed_before_running_it(void **state)
         {"t-unsigned", module_digest, NULL, unsigned_error},
         {"t-no-digest", NULL, good,
          "the start names no module digest, so its signature cannot be checked; create the task "
-         "with wasm_digest (or an inline module)"},
+         "with its digest (propeller tasks create --digest sha256:<hex>, or wasm_digest in the REST "
+         "body or a job file), or with the module inline"},
         {"t-garbled", module_digest, "c2lnbmF0dXJl",
          "the start message is invalid: field 'wasm_signature' must be the standard base64 of a "
          "64-byte Ed25519 signature"},

@@ -118,7 +118,8 @@ bool signature_check_start(const trusted_keys_t *keys, const start_msg_t *m, cha
     if (!m->has_digest) {
         snprintf(err, err_len,
                  "the start names no module digest, so its signature cannot be checked; create the "
-                 "task with wasm_digest (or an inline module)");
+                 "task with its digest (propeller tasks create --digest sha256:<hex>, or wasm_digest "
+                 "in the REST body or a job file), or with the module inline");
         return false;
     }
     char digest[DIGEST_TEXT_SIZE];
