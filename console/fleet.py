@@ -72,6 +72,21 @@ class RateSeries:
 # tasks
 
 
+# Characters of a result or an error a task row keeps: a result may be 1 MiB (a proplet's output
+# cap), and 1,000 rows of those, turned to text for every redraw and searched by every filter, took
+# the console's memory and time.
+ROW_TEXT_MAX = 1000
+
+
+def result_text(results: Any) -> str:
+    """A task's result as text: a string as it is, anything else as JSON."""
+    return results if isinstance(results, str) else orjson.dumps(results).decode()
+
+
+def row_text(text: str) -> str:
+    return text if len(text) <= ROW_TEXT_MAX else text[:ROW_TEXT_MAX] + "…"
+
+
 @dataclass(slots=True)
 class TaskRow:
     id: str
@@ -83,7 +98,9 @@ class TaskRow:
     updated_at: datetime | None = None
     start_time: datetime | None = None
     finish_time: datetime | None = None
-    results: Any = None
+    # The beginning of the result as text, and of the error (ROW_TEXT_MAX): the detail screen reads
+    # the whole task from the core.
+    results: str | None = None
     error: str = ""
     detail: str = ""
     source: str = ""
@@ -96,7 +113,8 @@ class TaskRow:
         return cls(
             id=task.id, name=task.name, state=task.state, proplet_id=task.proplet_id, attempt=task.attempt,
             created_at=task.created_at, updated_at=task.updated_at, start_time=task.start_time,
-            finish_time=task.finish_time, results=task.results, error=task.error, detail=task.reason,
+            finish_time=task.finish_time, results=None if task.results is None else row_text(result_text(task.results)),
+            error=row_text(task.error), detail=task.reason,
             source=describe_source(task), inputs=tuple(task.inputs),
         )
 
@@ -106,7 +124,7 @@ class TaskRow:
         if self.error:
             return self.error
         if self.results is not None:
-            return self.results if isinstance(self.results, str) else orjson.dumps(self.results).decode()
+            return self.results
         return self.detail
 
     @property

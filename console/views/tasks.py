@@ -15,13 +15,15 @@ from textual.widgets import DataTable, Label, Static
 
 from console import keys
 from console.base import ConsoleScreen, PaletteCommand
-from console.fleet import TaskRow
+from console.fleet import TaskRow, result_text
 from console.text import escape
 from console.widgets import ConfirmModal, StateTable, StatusLine
 
 COLUMNS = (("id", "ID", 10), ("name", "NAME", 14), ("state", "STATE", 11), ("proplet", "PROPLET", 22),
            ("created", "CREATED (UTC)", 14), ("duration", "DURATION", 9), ("outcome", "RESULT / REASON", 40))
 COLUMN_KEYS = tuple(key for key, _, _ in COLUMNS)
+# Characters of a result or an error the detail screen lays out; `c` copies the whole result.
+DETAIL_TEXT_MAX = 16_000
 SORTS = {"name": "name", "state": "state", "created": "created", "proplet": "proplet"}
 
 
@@ -339,9 +341,9 @@ state. **s** starts it again (a new attempt), **x** stops it, **D** deletes it; 
         self.query_one("#task-fields", Static).update(Content.from_markup("\n".join(lines)))
         out = []
         if task.results is not None:
-            out.append("[b $success]Result[/]  " + escape(_result_text(task.results)))
+            out.append("[b $success]Result[/]  " + escape(_shown_in_part(result_text(task.results))))
         if task.error:
-            out.append("[b $error]Error[/]   " + escape(task.error))
+            out.append("[b $error]Error[/]   " + escape(_shown_in_part(task.error)))
         self.query_one("#task-output", Static).update(Content.from_markup("\n".join(out)))
         timeline = self.query_one("#timeline", StateTable)
         timeline.clear()
@@ -377,7 +379,7 @@ state. **s** starts it again (a new attempt), **x** stops it, **D** deletes it; 
         if task is None or (task.results is None and not task.error):
             self.notify("This task has no result yet.", severity="warning")
             return
-        text = _result_text(task.results) if task.results is not None else task.error
+        text = result_text(task.results) if task.results is not None else task.error
         self.app.copy_to_clipboard(text)
         self.notify("Copied the result", timeout=3)
 
@@ -394,10 +396,13 @@ state. **s** starts it again (a new attempt), **x** stops it, **D** deletes it; 
         ]
 
 
-def _result_text(results: Any) -> str:
-    import orjson
-
-    return results if isinstance(results, str) else orjson.dumps(results).decode()
+def _shown_in_part(text: str) -> str:
+    """The beginning of a long result or error: laying out a whole 1 MiB result took the screen seconds."""
+    if len(text) <= DETAIL_TEXT_MAX:
+        return text
+    size = len(text.encode())
+    in_all = f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
+    return f"{text[:DETAIL_TEXT_MAX]}…\n({in_all} in all; c copies it whole)"
 
 
 def _state_var(state: str) -> str:

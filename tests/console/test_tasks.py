@@ -122,6 +122,33 @@ async def test_sort_by_name_state_and_age(console: Any) -> None:
         await until(pilot, lambda: next(r[1] for r in table_rows(table)) == "aardvark")
 
 
+async def test_a_large_result_is_kept_and_shown_in_part_and_copied_whole(console: Any) -> None:
+    """Before: each task row kept its whole result (1,000 rows of 1 MiB results: 1 GB in the
+    console), turned it to text and searched it again for every redraw and filter, and the detail
+    screen laid out all of it. Now a row keeps the beginning, the detail shows the first part and
+    says how much there is, and `c` still copies the whole result."""
+    big = "0123456789abcdef" * 65536  # 1 MiB
+
+    def answer(start: dict[str, Any]) -> tuple[Any, str | None]:
+        return big, None
+
+    async with console() as (app, pilot, core):
+        async with SyntheticProplet(core.status().broker_url, core.topics, "big-proplet", answer=answer):
+            task = await core.create_task(add_body())
+            await core.start_task(task.id)
+            screen = await open_view(app, pilot, "2", TasksScreen)
+            await until(pilot, lambda: (row := app.fleet.tasks.get(task.id)) is not None and row.results)
+        row = app.fleet.tasks[task.id]
+        assert big.startswith(row.results.rstrip("…")) and len(row.results) <= 1001
+        await until(pilot, lambda: screen.table.row_count == 1)
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, TaskDetailScreen) and app.screen.task_data is not None)
+        shown = str(app.screen.query_one("#task-output").render())
+        assert len(shown) < 20_000 and "1.0 MiB in all" in shown and "c copies" in shown, shown[-300:]
+        await pilot.press("c")
+        assert app.clipboard == big
+
+
 async def test_copy_task_id_to_the_clipboard(console: Any) -> None:
     async with console() as (app, pilot, core):
         task = await core.create_task(add_body())
