@@ -718,7 +718,9 @@ class ConsoleApp(App[None]):
             return
         focused = screen.focused
         parts = []
-        title = getattr(screen, "CRUMB", "") or type(screen).__name__
+        # A view by its name; a detail screen (no CRUMB of its own) as its header shows it: view › item.
+        title = screen.CRUMB or " › ".join(screen.crumbs()) if isinstance(screen, ConsoleScreen) else ""
+        title = title or type(screen).__name__
         widget_help = getattr(focused, "HELP", "") if focused is not None else ""
         if widget_help:
             parts.append(widget_help)

@@ -274,6 +274,9 @@ async def test_in_read_only_mode_every_mutating_key_is_shown_disabled_and_says_w
             await until(pilot, lambda: isinstance(app.screen, HelpScreen))
             rows = {binding_id: enabled for _k, _d, binding_id, enabled in app.screen.bindings}
             assert not any(rows[a.binding.id] for a in mutating)
+            # Titled as the header names the view (a detail screen: its view and the item), not
+            # by the class ("Help: TaskDetailScreen" before).
+            assert app.screen.help_title == (screen.CRUMB or " › ".join(screen.crumbs())), app.screen.help_title
             await pilot.press("escape")
             await until(pilot, lambda: app.screen is screen)
             for active in mutating:
