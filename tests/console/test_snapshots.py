@@ -213,24 +213,30 @@ def test_proplet_detail(snap_compare: Any, snapshot_app: Callable[..., ConsoleAp
     assert snap_compare(snapshot_app(), run_before=_ready(detail), terminal_size=SIZE)
 
 
-def test_traffic(snap_compare: Any, snapshot_app: Callable[..., ConsoleApp]) -> None:
-    async def traffic(pilot: Any) -> None:
-        app = pilot.app
-        app.traffic.ingest(_traffic())
-        await pilot.press("4")
-        await until(pilot, lambda: isinstance(app.screen, TrafficScreen)
-                    and app.screen.query_one("#traffic-log").line_count == 14)
-        screen = app.screen
-        tree = screen.query_one("#topics")
-        tree.focus()
-        tree.move_cursor(screen._topic_nodes[PREFIX + "control/manager/start"])
-        await until(pilot, lambda: "not shown" in str(screen.query_one("#payload").render()))
+async def _show_traffic(pilot: Any) -> None:
+    """The traffic view with sample messages, the start topic's payload shown."""
+    app = pilot.app
+    app.traffic.ingest(_traffic())
+    await pilot.press("4")
+    await until(pilot, lambda: isinstance(app.screen, TrafficScreen)
+                and app.screen.query_one("#traffic-log").line_count == 14)
+    screen = app.screen
+    tree = screen.query_one("#topics")
+    tree.focus()
+    tree.move_cursor(screen._topic_nodes[PREFIX + "control/manager/start"])
+    await until(pilot, lambda: "not shown" in str(screen.query_one("#payload").render()))
 
+
+def _traffic_app(snapshot_app: Callable[..., ConsoleApp]) -> ConsoleApp:
     # The traffic rates are computed against the wall clock: freeze them out of the status line.
     app = snapshot_app()
     app.traffic.rate_in.per_second = lambda now, window=5: 0.0  # type: ignore[method-assign]
     app.traffic.rate_out.per_second = lambda now, window=5: 0.0  # type: ignore[method-assign]
-    assert snap_compare(app, run_before=_ready(traffic), terminal_size=SIZE)
+    return app
+
+
+def test_traffic(snap_compare: Any, snapshot_app: Callable[..., ConsoleApp]) -> None:
+    assert snap_compare(_traffic_app(snapshot_app), run_before=_ready(_show_traffic), terminal_size=SIZE)
 
 
 def test_dispatch_form_with_errors_in_place(snap_compare: Any, snapshot_app: Callable[..., ConsoleApp]) -> None:
@@ -283,19 +289,4 @@ def test_tasks_table_on_an_80x24_terminal(snap_compare: Any, snapshot_app: Calla
 
 
 def test_traffic_on_an_80x24_terminal(snap_compare: Any, snapshot_app: Callable[..., ConsoleApp]) -> None:
-    async def traffic(pilot: Any) -> None:
-        app = pilot.app
-        app.traffic.ingest(_traffic())
-        await pilot.press("4")
-        await until(pilot, lambda: isinstance(app.screen, TrafficScreen)
-                    and app.screen.query_one("#traffic-log").line_count == 14)
-        screen = app.screen
-        tree = screen.query_one("#topics")
-        tree.focus()
-        tree.move_cursor(screen._topic_nodes[PREFIX + "control/manager/start"])
-        await until(pilot, lambda: "not shown" in str(screen.query_one("#payload").render()))
-
-    app = snapshot_app()
-    app.traffic.rate_in.per_second = lambda now, window=5: 0.0  # type: ignore[method-assign]
-    app.traffic.rate_out.per_second = lambda now, window=5: 0.0  # type: ignore[method-assign]
-    assert snap_compare(app, run_before=_ready(traffic), terminal_size=SMALL)
+    assert snap_compare(_traffic_app(snapshot_app), run_before=_ready(_show_traffic), terminal_size=SMALL)

@@ -446,14 +446,19 @@ async def test_a_url_task_runs_on_a_proplet_that_trusts_only_signed_modules_give
     assert serve.stop() == 0
 
 
+def _serve_with_round(serve: Serve, tmp_path: Path, round_id: str, participant: str) -> int:
+    """Start the manager and write tmp_path/round.json (one participant); the embedded broker's port."""
+    serve.start()
+    (tmp_path / "m.wasm").write_bytes(WASM)
+    (tmp_path / "round.json").write_text(json.dumps({"round_id": round_id, "model_ref": "global_model_v0",
+                                                     "participants": [participant], "wasm": "m.wasm"}))
+    return int(serve.env["MANAGER_DEFAULT_BROKER_PORT"])
+
+
 async def test_fl_start_wait_exits_4_naming_why_a_round_failed(serve: Serve, tmp_path: Path) -> None:
     # README's round with a module that prints no update (examples/hello.wasm): `fl start --wait`
     # showed 'failed: no update arrived before every started task ended' and exited 0.
-    serve.start()
-    broker_port = int(serve.env["MANAGER_DEFAULT_BROKER_PORT"])
-    (tmp_path / "m.wasm").write_bytes(WASM)
-    (tmp_path / "round.json").write_text(json.dumps({"round_id": "hello-1", "model_ref": "global_model_v0",
-                                                     "participants": ["fl-hello"], "wasm": "m.wasm"}))
+    broker_port = _serve_with_round(serve, tmp_path, "hello-1", "fl-hello")
 
     def hello(start: dict[str, Any]) -> tuple[Any, str | None]:
         output = base64.b64encode(b"Hello from Propeller!\n").decode()
@@ -476,11 +481,7 @@ async def test_fl_start_wait_exits_4_naming_why_a_round_failed(serve: Serve, tmp
 
 async def test_ctrl_c_while_a_round_is_awaited_names_the_round_and_exits_130(serve: Serve, tmp_path: Path) -> None:
     # `fl start --wait` printed only "Aborted!" (exit 1), the round going on for up to its 300 s.
-    serve.start()
-    broker_port = int(serve.env["MANAGER_DEFAULT_BROKER_PORT"])
-    (tmp_path / "m.wasm").write_bytes(WASM)
-    (tmp_path / "round.json").write_text(json.dumps({"round_id": "slow-1", "model_ref": "global_model_v0",
-                                                     "participants": ["fl-slow"], "wasm": "m.wasm"}))
+    broker_port = _serve_with_round(serve, tmp_path, "slow-1", "fl-slow")
     async with SyntheticProplet(f"mqtt://127.0.0.1:{broker_port}", Topics("propeller", "default"), "fl-slow",
                                 answer=None) as proplet:
         await eventually(lambda: asyncio.to_thread(_cli_json, serve, "proplets", "list", "--status", "active"),
