@@ -325,6 +325,20 @@ async def test_create_start_wait_exits_non_zero_when_the_task_fails_or_does_not_
     serve.stop()
 
 
+async def _ctrl_c_once_started(proc: asyncio.subprocess.Process, proplet: SyntheticProplet) -> tuple[bytes, bytes]:
+    """SIGINT to a waiting CLI once `proplet` got its start (well into the wait); its output."""
+    try:
+        await eventually(lambda: proplet.starts, timeout=10)
+        await asyncio.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        async with asyncio.timeout(15):
+            return await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
 async def test_ctrl_c_while_waiting_names_the_started_task_and_exits_130(serve: Serve, tmp_path: Path) -> None:
     # It printed only "Aborted!" (exit 1): the task, created and started, went on with no id to follow it by.
     serve.start()
@@ -338,16 +352,7 @@ async def test_ctrl_c_while_waiting_names_the_started_task_and_exits_130(serve: 
         proc = await asyncio.create_subprocess_exec(
             *PROPELLER, "tasks", "create", "add", "--wasm", str(module), "--start", "--wait", "60",
             "--manager-url", serve.url, env=serve.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            await eventually(lambda: proplet.starts, timeout=10)
-            await asyncio.sleep(0.3)  # well into the wait
-            proc.send_signal(signal.SIGINT)
-            async with asyncio.timeout(15):
-                out, err = await proc.communicate()
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+        out, err = await _ctrl_c_once_started(proc, proplet)
     stdout, stderr = out.decode(), err.decode()
     tid = proplet.starts[0]["id"]
     assert proc.returncode == 130, (stdout, stderr)
@@ -489,16 +494,7 @@ async def test_ctrl_c_while_a_round_is_awaited_names_the_round_and_exits_130(ser
         proc = await asyncio.create_subprocess_exec(
             *PROPELLER, "fl", "start", str(tmp_path / "round.json"), "--wait", "--manager-url", serve.url,
             env=serve.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            await eventually(lambda: proplet.starts, timeout=10)
-            await asyncio.sleep(0.3)
-            proc.send_signal(signal.SIGINT)
-            async with asyncio.timeout(15):
-                out, err = await proc.communicate()
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+        out, err = await _ctrl_c_once_started(proc, proplet)
     stderr = err.decode()
     assert proc.returncode == 130, (out.decode(), stderr)
     assert "Aborted!" not in stderr
