@@ -414,13 +414,17 @@ def create_app(core: ManagerCore) -> FastAPI:
         offset: int = 0,
         limit: int = 100,
         status: Annotated[str | None, Query(description="pending, running, completed or failed")] = None,
+        id_prefix: Annotated[str | None, Query(
+            description="Jobs whose id starts with this (hex digits and '-'); answered from the primary "
+                        "key's index")] = None,
     ) -> dict[str, Any]:
         _page(offset, limit, max_limit=1000)
         states = {"pending": TaskState.PENDING, "running": TaskState.RUNNING,
                   "completed": TaskState.COMPLETED, "failed": TaskState.FAILED}
         if status is not None and status not in states:
             raise InvalidRequest("status must be pending, running, completed or failed")
-        page = await core.list_jobs(offset=offset, limit=limit, state=states.get(status or ""))
+        page = await core.list_jobs(offset=offset, limit=limit, state=states.get(status or ""),
+                                    id_prefix=id_prefix)
         return {"offset": offset, "limit": limit, "total": page.total,
                 "jobs": [job_view(job, tasks, view) for job, tasks in page.items]}
 

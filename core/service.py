@@ -837,17 +837,18 @@ class ManagerCore:
             raise NotFound(f"job {job_id} not found")
         return job, await self._stored_group(job_id=job_id)
 
-    async def list_jobs(self, *, offset: int = 0, limit: int = 100,
-                        state: TaskState | None = None) -> Page[tuple[Job, list[Task]]]:
-        """Jobs, newest first, with their tasks; `state` filters on the derived state."""
+    async def list_jobs(self, *, offset: int = 0, limit: int = 100, state: TaskState | None = None,
+                        id_prefix: str | None = None) -> Page[tuple[Job, list[Task]]]:
+        """Jobs, newest first, with their tasks; `state` filters on the derived state, `id_prefix`
+        on the start of the id."""
         await self.writer.barrier()
         if state is None:
-            page = await self.store.list_jobs(offset, limit)
+            page = await self._stored_jobs(offset, limit, id_prefix)
             return Page([(job, await self._stored_group(job_id=job.id)) for job in page.items], page.total)
         matching: list[tuple[Job, list[Task]]] = []
         at = 0
         while True:
-            page = await self.store.list_jobs(at, 500)
+            page = await self._stored_jobs(at, 500, id_prefix)
             for job in page.items:
                 tasks = await self._stored_group(job_id=job.id)
                 if group_state([t.state for t in tasks]) is state:
@@ -856,6 +857,12 @@ class ManagerCore:
             if not page.items or at >= page.total:
                 break
         return Page(matching[offset:offset + limit], len(matching))
+
+    async def _stored_jobs(self, offset: int, limit: int, id_prefix: str | None) -> Page[Job]:
+        try:
+            return await self.store.list_jobs(offset, limit, id_prefix)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
 
     async def start_job(self, job_id: str) -> None:
         """Start a job: its tasks without dependencies (parallel, configurable), or its first task

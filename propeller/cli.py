@@ -282,9 +282,9 @@ MIN_ID_PREFIX = 4
 _SHOWN_MATCHES = 10
 
 
-def _full_task_id(client: Any, text: str) -> str:
-    """The task id that `text` (a whole id, or a unique start of one) names, found with the API's
-    `id_prefix` filter; an unknown or ambiguous start is an error that says what to type."""
+def _full_id(client: Any, text: str, kind: str) -> str:
+    """The `kind` ("task" or "job") id that `text` (a whole id, or a unique start of one) names, found
+    with the API's `id_prefix` filter; an unknown or ambiguous start is an error that says what to type."""
     import uuid
 
     text = text.strip()
@@ -293,22 +293,26 @@ def _full_task_id(client: Any, text: str) -> str:
         return text
     except ValueError:
         pass
+    hint = f"{kind.upper()}_ID"
     if not text or any(c not in "0123456789abcdefABCDEF-" for c in text):
-        raise click.BadParameter(f"{text!r} is not hex: give a task id or its start, as `propeller tasks list` "
-                                 "or the console shows it", param_hint="TASK_ID")
+        raise click.BadParameter(f"{text!r} is not hex: give a {kind} id or its start, as `propeller {kind}s list` "
+                                 "or the console shows it", param_hint=hint)
     if sum(c != "-" for c in text) < MIN_ID_PREFIX:
-        raise click.BadParameter(f"{text!r} is too short: give at least {MIN_ID_PREFIX} hex digits of the task id",
-                                 param_hint="TASK_ID")
-    page = _run(lambda: client.list_tasks(0, _SHOWN_MATCHES, id_prefix=text))
-    ids = [t["id"] for t in page["tasks"]]
-    if page["total"] == 1 and ids:
-        return str(ids[0])
-    if not ids:
-        raise click.ClickException(f"no task id starts with {text}; `propeller tasks list` shows the tasks")
-    more = f"\n  ... and {page['total'] - len(ids)} more" if page["total"] > len(ids) else ""
-    raise click.ClickException(f"{text} matches {page['total']} tasks; give more of the id:\n  "
-                               + "\n  ".join(f"{t['id']}  {t['name']}  {t.get('state_name', '')}"
-                                              for t in page["tasks"]) + more)
+        raise click.BadParameter(f"{text!r} is too short: give at least {MIN_ID_PREFIX} hex digits of the {kind} id",
+                                 param_hint=hint)
+    if kind == "job":
+        page = _run(lambda: client.list_jobs(0, _SHOWN_MATCHES, id_prefix=text))
+        found = [(j["job_id"], j["name"], j.get("state_name", "")) for j in page["jobs"]]
+    else:
+        page = _run(lambda: client.list_tasks(0, _SHOWN_MATCHES, id_prefix=text))
+        found = [(t["id"], t["name"], t.get("state_name", "")) for t in page["tasks"]]
+    if page["total"] == 1 and found:
+        return str(found[0][0])
+    if not found:
+        raise click.ClickException(f"no {kind} id starts with {text}; `propeller {kind}s list` shows the {kind}s")
+    more = f"\n  ... and {page['total'] - len(found)} more" if page["total"] > len(found) else ""
+    raise click.ClickException(f"{text} matches {page['total']} {kind}s; give more of the id:\n  "
+                               + "\n  ".join(f"{i}  {name}  {state}" for i, name, state in found) + more)
 
 
 @main.group()
@@ -449,7 +453,7 @@ def _exit_for_outcome(task: dict[str, Any], wait_s: float) -> None:
 def tasks_start(task_id: str, wait_s: float | None, manager_url: str, token: str | None, as_json: bool) -> None:
     """Start (or re-run) a task. With --wait, the exit codes are those of `tasks create --help`."""
     with ManagerClient(manager_url, token) as client:
-        task_id = _full_task_id(client, task_id)
+        task_id = _full_id(client, task_id, "task")
         _run(lambda: client.start_task(task_id))
         task = _wait_for(client, task_id, wait_s) if wait_s else _run(lambda: client.get_task(task_id))
     _show(task, as_json, _task_detail)
@@ -463,7 +467,7 @@ def tasks_start(task_id: str, wait_s: float | None, manager_url: str, token: str
 def tasks_stop(task_id: str, manager_url: str, token: str | None, as_json: bool) -> None:
     """Stop a queued or running task."""
     with ManagerClient(manager_url, token) as client:
-        task_id = _full_task_id(client, task_id)
+        task_id = _full_id(client, task_id, "task")
         data = _run(lambda: client.stop_task(task_id))
     _show(data, as_json, lambda d: click.echo(f"stopped {task_id}"))
 
@@ -475,7 +479,7 @@ def tasks_stop(task_id: str, manager_url: str, token: str | None, as_json: bool)
 def tasks_get(task_id: str, with_events: bool, manager_url: str, token: str | None, as_json: bool) -> None:
     """Show one task."""
     with ManagerClient(manager_url, token) as client:
-        task_id = _full_task_id(client, task_id)
+        task_id = _full_id(client, task_id, "task")
         task = _run(lambda: client.get_task(task_id))
         events = _run(lambda: client.events(task_id))["events"] if with_events else None
     if as_json:
@@ -506,7 +510,7 @@ def tasks_results(task_id: str, manager_url: str, token: str | None, as_json: bo
     """Print a task's result. Exits 0 if it completed, 4 if it failed, was skipped or was interrupted
     (its error goes to stderr), 3 if it has not finished (nothing is printed)."""
     with ManagerClient(manager_url, token) as client:
-        task_id = _full_task_id(client, task_id)
+        task_id = _full_id(client, task_id, "task")
         data = _run(lambda: client.results(task_id))
     try:
         state: TaskState | None = TaskState(data.get("state"))
@@ -536,7 +540,7 @@ def tasks_results(task_id: str, manager_url: str, token: str | None, as_json: bo
 def tasks_delete(task_id: str, yes: bool, manager_url: str, token: str | None, as_json: bool) -> None:
     """Delete a task (a running one is stopped first)."""
     with ManagerClient(manager_url, token) as client:
-        task_id = _full_task_id(client, task_id)
+        task_id = _full_id(client, task_id, "task")
         if not yes:
             click.confirm(f"Delete task {task_id}?", abort=True)
         _run(lambda: client.delete_task(task_id))
@@ -601,7 +605,10 @@ def workflows_get(workflow_id: str, manager_url: str, token: str | None, as_json
 
 @main.group()
 def jobs() -> None:
-    """Create, start, stop and inspect jobs: named groups of tasks run together."""
+    """Create, start, stop and inspect jobs: named groups of tasks run together.
+
+    JOB_ID may be a job's whole id or a unique start of it, at least 4 hex digits.
+    """
 
 
 @jobs.command("create")
@@ -636,14 +643,18 @@ def jobs_list(status: str | None, limit: int, offset: int, manager_url: str, tok
 
 
 def _show_job(job_id: str, manager_url: str, token: str | None, as_json: bool,
-              action: Callable[[Any], Any] | None = None) -> None:
-    """Run `action` on the job, if any, then show the job as it is."""
-    def fetch(client: Any) -> Any:
-        if action is not None:
-            action(client)
-        return client.get_job(job_id)
+              action: Callable[[Any, str], Any] | None = None) -> None:
+    """Run `action` on the job (the client and its whole id), if any, then show the job as it is."""
+    with ManagerClient(manager_url, token) as client:
+        full_id = _full_id(client, job_id, "job")
 
-    _fetch_and_show(manager_url, token, as_json, fetch, _group_detail)
+        def fetch() -> Any:
+            if action is not None:
+                action(client, full_id)
+            return client.get_job(full_id)
+
+        data = _run(fetch)
+    _show(data, as_json, _group_detail)
 
 
 @jobs.command("get")
@@ -659,7 +670,7 @@ def jobs_get(job_id: str, manager_url: str, token: str | None, as_json: bool) ->
 @_client_options
 def jobs_start(job_id: str, manager_url: str, token: str | None, as_json: bool) -> None:
     """Start a job; one that completed, failed or was stopped runs again from the start."""
-    _show_job(job_id, manager_url, token, as_json, lambda client: client.start_job(job_id))
+    _show_job(job_id, manager_url, token, as_json, lambda client, full_id: client.start_job(full_id))
 
 
 @jobs.command("stop")
@@ -667,7 +678,7 @@ def jobs_start(job_id: str, manager_url: str, token: str | None, as_json: bool) 
 @_client_options
 def jobs_stop(job_id: str, manager_url: str, token: str | None, as_json: bool) -> None:
     """Stop a job: its queued and running tasks are stopped, the rest skipped."""
-    _show_job(job_id, manager_url, token, as_json, lambda client: client.stop_job(job_id))
+    _show_job(job_id, manager_url, token, as_json, lambda client, full_id: client.stop_job(full_id))
 
 
 @main.group("fl")

@@ -91,10 +91,13 @@ class ManagerClient:
     def create_job(self, body: dict[str, Any]) -> dict[str, Any]:
         return self.request("POST", "/jobs", json=body)
 
-    def list_jobs(self, offset: int = 0, limit: int = 100, status: str | None = None) -> dict[str, Any]:
+    def list_jobs(self, offset: int = 0, limit: int = 100, status: str | None = None,
+                  id_prefix: str | None = None) -> dict[str, Any]:
         params: dict[str, Any] = {"offset": offset, "limit": limit}
         if status:
             params["status"] = status
+        if id_prefix:
+            params["id_prefix"] = id_prefix
         return self.request("GET", "/jobs", params=params)
 
     def get_job(self, job_id: str) -> dict[str, Any]:

@@ -46,13 +46,13 @@ TASK_ID_PREFIX = re.compile(r"[0-9a-f-]{1,36}")
 _HEX = "0123456789abcdef"
 
 
-def _id_prefix_clause(id_prefix: str, params: list[Any]) -> str:
+def _id_prefix_clause(id_prefix: str, params: list[Any], what: str = "task") -> str:
     """Ids that start with `id_prefix`: a range on the primary key, which both backends answer from
     its index (a bare LIKE is a full scan on PostgreSQL outside the C collation), then LIKE for
     exactness. The prefix holds hex digits and dashes only, so it has no LIKE wildcards to escape."""
     prefix = id_prefix.strip().lower()
     if not TASK_ID_PREFIX.fullmatch(prefix):
-        raise ValueError(f"invalid id prefix {id_prefix!r}: use the start of a task id (hex digits and "
+        raise ValueError(f"invalid id prefix {id_prefix!r}: use the start of a {what} id (hex digits and "
                          "'-', at most 36 characters)")
     bare = prefix.rstrip("-")
     if not bare:
@@ -559,12 +559,15 @@ class Store(abc.ABC):
             rows = await conn.fetch(f"SELECT {_JOB_SELECT} FROM jobs WHERE id = ?", (job_id,))
         return self._job_from_row(rows[0]) if rows else None
 
-    async def list_jobs(self, offset: int, limit: int) -> Page[Job]:
-        """Jobs, newest first."""
+    async def list_jobs(self, offset: int, limit: int, id_prefix: str | None = None) -> Page[Job]:
+        """Jobs, newest first; those whose id starts with `id_prefix` if given."""
+        params: list[Any] = []
+        where = f" WHERE {_id_prefix_clause(id_prefix, params, 'job')}" if id_prefix is not None else ""
         async with self.connection() as conn:
-            total = (await conn.fetch("SELECT COUNT(*) FROM jobs", ()))[0][0]
+            total = (await conn.fetch(f"SELECT COUNT(*) FROM jobs{where}", tuple(params)))[0][0]
             rows = await conn.fetch(
-                f"SELECT {_JOB_SELECT} FROM jobs ORDER BY created_at DESC, id LIMIT ? OFFSET ?", (limit, offset))
+                f"SELECT {_JOB_SELECT} FROM jobs{where} ORDER BY created_at DESC, id LIMIT ? OFFSET ?",
+                (*params, limit, offset))
         return Page([self._job_from_row(r) for r in rows], int(total))
 
     def _job_from_row(self, row: Any) -> Job:

@@ -393,6 +393,29 @@ async def test_task_commands_take_the_consoles_short_ids(serve: Serve) -> None:
     serve.stop()
 
 
+async def test_job_commands_take_a_start_of_the_id(serve: Serve) -> None:
+    # `jobs get 1a2b3c4d` answered 404: only a whole job id was taken, while tasks took a start.
+    serve.start()
+    file = base64.b64encode(WASM).decode()
+    async with httpx.AsyncClient(base_url=serve.url) as api:
+        ids = [(await api.post("/jobs", json={"name": f"j{n}", "tasks": [{"name": "add", "file": file}]})).json()
+               ["job_id"] for n in range(2)]
+        listed = (await api.get("/jobs", params={"id_prefix": ids[0][:8]})).json()
+        assert [j["job_id"] for j in listed["jobs"]] == [ids[0]] and listed["total"] == 1
+        refused = await api.get("/jobs", params={"id_prefix": "zz"})
+        assert refused.status_code == 400 and "start of a job id" in refused.text, refused.text
+    got = await cli(serve, "jobs", "get", ids[1][:8], "--json")
+    assert got.returncode == 0 and json.loads(got.stdout)["job_id"] == ids[1], got.stderr
+    stopped = await cli(serve, "jobs", "stop", ids[0][:6], "--json")
+    assert stopped.returncode == 0 and json.loads(stopped.stdout)["job_id"] == ids[0], stopped.stderr
+    missing = await cli(serve, "jobs", "start", "0000dead")
+    assert missing.returncode == 1 and "no job id starts with 0000dead" in missing.stderr, missing.stderr
+    group_help = await asyncio.to_thread(subprocess.run, [*PROPELLER, "jobs", "--help"], capture_output=True,
+                                         text=True, timeout=30)
+    assert "JOB_ID may be" in group_help.stdout, group_help.stdout
+    assert serve.stop() == 0
+
+
 def _generate_keys(folder: Path) -> None:
     keys = subprocess.run([*PROPELLER, "keys", "generate", "--dir", str(folder)], capture_output=True, text=True,
                           timeout=30)
