@@ -26,6 +26,11 @@ def payload_bytes(value: Any) -> int:
     return len(json.dumps(value, separators=(",", ":"), default=str))
 
 
+def size_text(size: int) -> str:
+    """A byte count for messages: 195.4 KiB, 1.0 MiB."""
+    return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
+
+
 class BoundedLru(Generic[K, V]):
     """`put` makes a key the most recently used and evicts the least recently used entries while
     there are more than `max_entries` or their values weigh more than `max_bytes` together (the

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 from core import protocol
 from core import topics as topic_names
-from core.bounded import BoundedLru, payload_bytes
+from core.bounded import BoundedLru, payload_bytes, size_text
 from core.chunks import Artifact, ArtifactCache, ArtifactUnavailable, ChunkServer, blob_ref, is_blob_ref
 from core.config import ManagerSettings
 from core.cron import CronScheduler, Schedule
@@ -1894,8 +1894,8 @@ class ManagerCore:
         if len(payload) > self.settings.max_result_bytes:
             # Stored and served whole, one such result (Mosquitto passes up to 256 MB) would take the
             # manager's memory and disk with it; the task fails saying why instead.
-            error = (f"the result sent by {msg.proplet_id or 'the proplet'} was {_size_text(len(payload))}, over the "
-                     f"manager's limit of {_size_text(self.settings.max_result_bytes)} (MANAGER_MAX_RESULT_BYTES); "
+            error = (f"the result sent by {msg.proplet_id or 'the proplet'} was {size_text(len(payload))}, over the "
+                     f"manager's limit of {size_text(self.settings.max_result_bytes)} (MANAGER_MAX_RESULT_BYTES); "
                      "it was dropped")
             self._reject(topic_names.RESULTS, "result_too_large", f"task {task.id}: {error}")
             msg = dataclasses.replace(msg, results=None, error=error)
@@ -2131,10 +2131,6 @@ class ManagerCore:
         request = protocol.decode_registry_request(payload, topic)
         if self.chunks is not None:
             self.chunks.submit(request)
-
-
-def _size_text(size: int) -> str:
-    return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
 
 
 def _held_bytes(task: Task) -> int:

@@ -18,6 +18,7 @@ from console.base import ConsoleScreen, PaletteCommand
 from console.fleet import TaskRow, result_text
 from console.text import escape
 from console.widgets import ConfirmModal, StateTable, StatusLine
+from core.bounded import size_text
 
 COLUMNS = (("id", "ID", 10), ("name", "NAME", 14), ("state", "STATE", 11), ("proplet", "PROPLET", 22),
            ("created", "CREATED (UTC)", 14), ("duration", "DURATION", 9), ("outcome", "RESULT / REASON", 40))
@@ -400,9 +401,7 @@ def _shown_in_part(text: str) -> str:
     """The beginning of a long result or error: laying out a whole 1 MiB result took the screen seconds."""
     if len(text) <= DETAIL_TEXT_MAX:
         return text
-    size = len(text.encode())
-    in_all = f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
-    return f"{text[:DETAIL_TEXT_MAX]}…\n({in_all} in all; c copies it whole)"
+    return f"{text[:DETAIL_TEXT_MAX]}…\n({size_text(len(text.encode()))} in all; c copies it whole)"
 
 
 def _state_var(state: str) -> str:
