@@ -7,8 +7,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
-from textual import on
-from textual.app import ComposeResult
+from textual import events, on
+from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
 from textual.worker import Worker
@@ -25,6 +25,13 @@ READ_ONLY = "the console is read-only (--read-only or console.read_only)"
 
 if TYPE_CHECKING:
     from console.app import ConsoleApp
+
+
+def app_style_inputs(app: App[Any]) -> tuple[object, ...]:
+    """What a widget's styles depend on outside its own screen: the app's classes and pseudo-classes
+    (focus, dark, ansi, ...) and the theme. Textual applies a change of these to the screens shown at
+    the time only; the CSS itself, when it changes, is applied again on a view switch by Textual."""
+    return app.theme, app.classes, app.pseudo_classes
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +57,7 @@ class ConsoleScreen(Screen[None]):
         self._filter_timer: Any = None
         self.flushed_at = 0.0  # perf_counter() of the last catch-up with the fleet's state
         self.hidden_at = 0.0  # perf_counter() of when another screen last covered this one
+        self._styled_for: tuple[object, ...] | None = None  # app_style_inputs() when last covered
 
     @property
     def console(self) -> ConsoleApp:
@@ -85,8 +93,17 @@ class ConsoleScreen(Screen[None]):
 
     def on_screen_suspend(self) -> None:
         self.hidden_at = time.perf_counter()
+        self._styled_for = app_style_inputs(self.app)
 
-    def on_screen_resume(self) -> None:
+    def on_screen_resume(self, event: events.ScreenResume | None = None) -> None:
+        # Textual styles every widget of a screen again when it is shown (Screen._on_screen_resume,
+        # which runs after this handler), and restyling clears each widget's rendered lines, so the
+        # first frame renders everything anew: 10 ms of styling and a full frame on every view switch,
+        # half of a switch's latency under a traffic flood. A screen's styles go stale while it is
+        # hidden only if what they depend on outside it changed meanwhile; otherwise it is skipped.
+        if (event is not None and event.refresh_styles and self._styled_for is not None
+                and self._styled_for == app_style_inputs(self.app)):
+            event.refresh_styles = False
         # Hidden views are not rendered; catch up at once when shown again (back from a detail
         # screen or a dialog). A view switch has caught up already, before the screen resumed.
         if self.flushed_at <= self.hidden_at:

@@ -12,7 +12,7 @@ from textual.widgets import Input
 
 from console.app import VIEWS, ConsoleApp
 from console.settings import ConsoleSettings
-from console.views.tasks import TasksScreen
+from console.views.tasks import TasksScreen, TasksTable
 from console.widgets import CommandBar, ConfirmModal, FleetHeader, HelpScreen, KeyHints
 from tests.console.conftest import add_body, command, console_settings, open_view, until
 
@@ -143,6 +143,45 @@ async def test_themes_switch_at_run_time_and_come_from_the_config(console: Any, 
         app.run_command("theme no-such-theme")
         await until(pilot, lambda: any("No theme 'no-such-theme'" in n.message for n in app._notifications))
         assert app.theme == "ansi-dark"
+
+
+async def test_a_view_shown_again_is_styled_again_only_when_the_app_changed_meanwhile(console: Any) -> None:
+    """Textual restyled every widget of a view on each switch back to it, which also threw away every
+    widget's rendered lines: half of a view switch's time under a traffic flood. Skipped now unless
+    something the styles depend on outside the view changed while it was hidden."""
+    from console.views.traffic import TrafficScreen
+
+    async with console() as (app, pilot, _core):
+        tasks = await open_view(app, pilot, "2", TasksScreen)
+        restyled: list[str] = []
+        original = tasks.update_node_styles
+
+        def counting(animate: bool = True) -> None:
+            restyled.append(app.theme)
+            original(animate)
+
+        tasks.update_node_styles = counting  # type: ignore[method-assign]
+        table = tasks.query_one(TasksTable)
+        dark_background = table.styles.background
+        await open_view(app, pilot, "4", TrafficScreen)
+        await open_view(app, pilot, "2", TasksScreen)
+        assert restyled == []
+        # The app loses focus while the view is hidden: widgets styled by :focus / :blur must follow.
+        await open_view(app, pilot, "4", TrafficScreen)
+        app.app_focus = False
+        await pilot.pause()
+        app.go("tasks")  # not by a key: a key would give the app its focus back first
+        await until(pilot, lambda: app.screen is tasks)
+        assert len(restyled) == 1
+        app.app_focus = True
+        await pilot.pause()
+        # The theme changes while it is hidden: shown in the new theme's colours.
+        await open_view(app, pilot, "4", TrafficScreen)
+        app.run_command("theme light")
+        await until(pilot, lambda: app.theme == "propeller-light")
+        await open_view(app, pilot, "2", TasksScreen)
+        await until(pilot, lambda: table.styles.background != dark_background)
+        assert restyled[-1] == "propeller-light"
 
 
 async def test_an_unknown_theme_is_reported_under_the_name_the_user_gave_it(
