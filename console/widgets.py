@@ -79,6 +79,7 @@ class CommandBar(ConsoleInput):
         dock: bottom;
         display: none;
         border: tall $accent;
+        margin-bottom: 1;  /* above the key hints, docked at the bottom too: they hid its lower border */
         &.-open { display: block; }
     }
     """
@@ -128,6 +129,7 @@ class FilterBar(ConsoleInput):
         dock: bottom;
         display: none;
         border: tall $primary;
+        margin-bottom: 1;  /* above the key hints, docked at the bottom too: they hid its lower border */
         &.-open { display: block; }
     }
     """

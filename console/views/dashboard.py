@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 import time
 from typing import Any, ClassVar
 
@@ -50,6 +51,9 @@ the last minute, the broker and the database, and the latest failures.
 """
     # Three columns where there is room, two on an 80-column terminal.
     HORIZONTAL_BREAKPOINTS: ClassVar = [(0, "-narrow"), (110, "-wide")]
+    # On a short terminal (24 lines: five lines inside a panel) the states go in two columns without
+    # bars and the sparklines take a line each, so every state and both rates stay in view.
+    VERTICAL_BREAKPOINTS: ClassVar = [(0, "-short"), (30, "-tall")]
     DEFAULT_CSS = """
     DashboardScreen #dash-grid {
         grid-size: 3 2;
@@ -62,6 +66,7 @@ the last minute, the broker and the database, and the latest failures.
         grid-columns: 1fr 1fr;
         grid-rows: 1fr 1fr 1fr;
     }
+    DashboardScreen.-short Panel > Sparkline { height: 1; margin-bottom: 0; }
     """
 
     def __init__(self, **kwargs: Any) -> None:
@@ -110,7 +115,10 @@ the last minute, the broker and the database, and the latest failures.
         # Proplets
         proplets = sorted(fleet.proplets.values(), key=lambda p: (not p.online, p.id))
         online = sum(1 for p in proplets if p.online)
-        lines = [f"[b $success]{online}[/] online   [b $error]{len(proplets) - online}[/] offline", ""]
+        short = self.has_class("-short")
+        lines = [f"[b $success]{online}[/] online   [b $error]{len(proplets) - online}[/] offline"]
+        if not short or proplets:
+            lines.append("")
         # The ids as wide as the longest shown, not 22: a panel is 36 columns wide on an 80-column
         # terminal (42 on a wide one), and the task counts were cut off the end of the line.
         id_width = max((len(p.id[:22]) for p in proplets[:8]), default=0)
@@ -120,21 +128,35 @@ the last minute, the broker and the database, and the latest failures.
         if len(proplets) > 8:
             lines.append(f"… and {len(proplets) - 8} more (:proplets)")
         if not proplets:
-            lines.append("No proplet has joined yet. Launch one with :local (then a), or start")
-            lines.append("`propeller proplet` on a machine that reaches the broker.")
+            # Wrapped to the panel: its lines do not wrap, and the way to launch one was cut off.
+            width = max(20, self.query_one("#dash-proplets", Static).content_size.width or 42)
+            lines += textwrap.wrap("No proplet has joined yet. Launch one with :local (then a), or start "
+                                   "`propeller proplet` on a machine that reaches the broker.", width)
         self._set("dash-proplets", "\n".join(lines))
         # Tasks by state
         counts = fleet.counts
         total = sum(counts.values())
+
+        def state_text(state: TaskState, label: int, number: int = 6) -> str:
+            return f"[{STATE_VARS[state]}]{state.label:<{label}}[/] {counts.get(state, 0):>{number},}"
+
         rows = []
-        for state in TaskState:
-            n = counts.get(state, 0)
-            width = int(24 * n / total) if total else 0
-            bar = "█" * width
-            rows.append(f"[{STATE_VARS[state]}]{state.label:<12}[/] {n:>7,}  [{STATE_VARS[state]}]{bar}[/]")
+        if short:
+            # Waiting and running on the left, finished on the right: 4 lines instead of 7, in the
+            # 36 columns of a panel on an 80-column terminal.
+            states = list(TaskState)
+            left, right = states[:3], states[3:]
+            for i, state in enumerate(right):
+                rows.append(f"{state_text(left[i], 9) if i < len(left) else ' ' * 16}  {state_text(state, 11)}")
+        else:
+            for state in TaskState:
+                n = counts.get(state, 0)
+                bar = "█" * (int(24 * n / total) if total else 0)
+                rows.append(f"{state_text(state, 12, 7)}  [{STATE_VARS[state]}]{bar}[/]")
         status = app.core_status
         assert status is not None, "flushed before the fleet was loaded"
-        rows.append("")
+        if not short:
+            rows.append("")
         rows.append(f"total {total:,}   active {status.active:,}   queued {status.backlog:,}")
         self._set("dash-tasks", "\n".join(rows))
         # Broker and database
@@ -145,8 +167,6 @@ the last minute, the broker and the database, and the latest failures.
             # The manager keeps retrying; the reason (and what to do) is otherwise only in the log file.
             # Wrapped here: the panel's lines do not wrap (each would be cut to one line). First in the
             # panel, which shows five lines on a 24-line terminal: under the others, it was cut off.
-            import textwrap
-
             width = max(20, self.query_one("#dash-services", Static).content_size.width or 46)
             for problem in filter(None, problems):
                 lines += [f"[$error]{escape(line)}[/]" for line in textwrap.wrap(problem, width)]

@@ -246,3 +246,31 @@ async def test_a_field_error_in_the_dispatch_form_wraps_instead_of_being_cut(con
         await pilot.pause()
         for error in modal.query(".error.-shown"):
             assert error.region.right <= error.parent.content_region.right, (error.render(), error.region)
+
+
+async def test_an_80x24_dashboard_shows_every_state_both_rates_and_how_to_launch_a_proplet(console: Any) -> None:
+    # A panel shows five lines there: "skipped", "interrupted" and the totals were below its edge,
+    # each second sparkline too, the way to launch a proplet was cut at "Launch o…", and the `:`
+    # bar's lower border was under the key hints.
+    from console.widgets import CommandBar
+
+    async with console(size=SMALL) as (app, pilot, _core):
+        screen = app.screen
+        tasks = screen.query_one("#dash-tasks", Static)
+        proplets = screen.query_one("#dash-proplets", Static)
+        # The screen takes its size classes once laid out; the next refresh shows the short form.
+        await until(pilot, lambda: len(str(tasks.render()).split("\n")) <= 5 and "broker." in str(proplets.render()))
+        await pilot.pause()
+        assert "interrupted" in str(tasks.render())
+        for static in (tasks, proplets):
+            lines = str(static.render()).split("\n")
+            assert len(lines) <= static.parent.content_size.height, lines
+            assert all(len(line.rstrip()) <= static.content_size.width for line in lines), lines
+        assert "total 0" in str(tasks.render())
+        for spark in ("finished-rate", "dispatched-rate", "heartbeat-rate", "mqtt-rate"):
+            widget = screen.query_one(f"#{spark}")
+            assert widget.region.height >= 1 and widget.region.bottom <= widget.parent.content_region.bottom, spark
+        await pilot.press("colon")
+        bar = screen.query_one(CommandBar)
+        await until(pilot, lambda: bar.has_focus and bar.region.height == 3)
+        assert bar.region.bottom <= screen.query_one(KeyHints).region.y
