@@ -538,12 +538,18 @@ class TrafficState:
     def short_topic(self, topic: str) -> str:
         return topic[len(self.prefix):] if self.prefix and topic.startswith(self.prefix) else topic
 
-    def format_line(self, e: TrafficEntry, width: int = 160) -> str:
-        at = datetime.fromtimestamp(e.at, UTC).strftime("%H:%M:%S.%f")[:-3]
-        arrow = "→ out" if e.direction == "out" else "← in "
+    def format_line(self, e: TrafficEntry, width: int = 160, compact: bool = False) -> str:
+        """`compact`: for a narrow stream (a split pane), seconds without milliseconds, the arrow alone
+        and no QoS, so the topic's last level (what the message is) still shows."""
+        if compact:
+            at = datetime.fromtimestamp(e.at, UTC).strftime("%H:%M:%S")
+            arrow = "→" if e.direction == "out" else "←"
+        else:
+            at = datetime.fromtimestamp(e.at, UTC).strftime("%H:%M:%S.%f")[:-3]
+            arrow = ("→ out" if e.direction == "out" else "← in ") + f" q{e.qos}"
         head = e.preview[:400]
         head = _BASE64_FIELD.sub(lambda m: m.group(1) + b"<base64>" + m.group(3), head)
         text = head.decode(errors="replace").replace("\n", " ").replace("\r", " ")
         if len(text) > width:
             text = text[: width - 1] + "…"
-        return f"{at} {arrow} q{e.qos} {self.short_topic(e.topic)}  {short_size(e.size)}  {text}"
+        return f"{at} {arrow} {self.short_topic(e.topic)}  {short_size(e.size)}  {text}"

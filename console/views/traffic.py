@@ -23,6 +23,7 @@ DIRECTIONS = ("all", "in", "out")
 # a flood of thousands of messages a second would otherwise spend the manager's loop on rendering.
 # The rest are counted on a marker line; the topic tree, payload view and counts still see them all.
 MAX_LINES_PER_REFRESH = 100
+COMPACT_BELOW = 56  # stream columns
 
 
 class TrafficLog(Log):
@@ -142,7 +143,8 @@ pause or filter to read.
         if not visible:
             return
         skipped = len(visible) - MAX_LINES_PER_REFRESH
-        lines = [traffic.format_line(e) for e in visible[-MAX_LINES_PER_REFRESH:]]
+        compact = self._compact()
+        lines = [traffic.format_line(e, compact=compact) for e in visible[-MAX_LINES_PER_REFRESH:]]
         if skipped > 0:
             self.not_listed += skipped
             lines.insert(0, f"… {skipped:,} messages not listed (too many to read; p pauses, / filters by topic)")
@@ -154,6 +156,12 @@ pause or filter to read.
         else:
             self.pending_below += len(lines)
 
+    def _compact(self) -> bool:
+        # Under 56 columns (a 60-column split pane) the full line's 22 columns of time, direction
+        # and QoS left no room for the topic. Lines keep the form they were written in.
+        width = self.log_widget.content_size.width
+        return 0 < width < COMPACT_BELOW
+
     def _rebuild(self) -> None:
         log = self.log_widget
         log.clear()
@@ -161,7 +169,8 @@ pause or filter to read.
         traffic = self.console.traffic
         entries = list(traffic.entries)
         self.last_seq = entries[-1].seq if entries else self.last_seq
-        lines = [traffic.format_line(e) for e in entries if self.visible(e)]
+        compact = self._compact()
+        lines = [traffic.format_line(e, compact=compact) for e in entries if self.visible(e)]
         log.write_lines(lines[-log.max_lines:] if log.max_lines else lines, scroll_end=True)
 
     def _update_tree(self) -> None:

@@ -144,6 +144,10 @@ async def test_the_traffic_stream_has_room_for_its_topics_and_keeps_following_th
         await pilot.pause(0.3)
         assert screen.pending_below == 0 and log.scroll_y == log.max_scroll_y, (screen.pending_below, log.scroll_y)
         assert "new ↓" not in str(screen.query_one("#traffic-status").render())
+        # Written at 60 columns, a line is shorter in front (no milliseconds, no QoS): the topic's
+        # last level shows (it was cut at "control/proplet/").
+        line = log.lines[-1]
+        assert line.index("alive") + len("alive") <= log.content_size.width, (line, log.content_size.width)
 
 
 async def test_scrolled_to_its_last_columns_a_table_keeps_what_names_each_row(console: Any) -> None:
