@@ -5,17 +5,22 @@ A separate process floods the manager's topics at 2,000 messages/s (heartbeats f
 chatter of a large fleet); a synthetic proplet process (benchmarks/loadgen.py) records when each start
 message arrives. Phases, each on a fresh manager and database, same broker, same flood:
 
-1. headless: the manager alone; dispatch latency (submit -> start on the wire at the proplet).
-2. console: the console hosting the manager in-process exactly as `propeller` does (the core on a
-   thread and event loop of its own, console.hosting.CoreThread), on the MQTT traffic view (the busiest
-   one). Keys are delivered the way a terminal delivers them (through the driver) and the time to the
-   first frame that shows their effect is measured; the frames are fully rendered to terminal sequences
-   (a driver that discards them instead of writing to a TTY). Dispatch latency again, submitted on the
-   core's loop as the REST API submits.
+- headless: the manager alone; dispatch latency (submit -> start on the wire at the proplet).
+- console: the console hosting the manager in-process exactly as `propeller` does (the core on a
+  thread and event loop of its own, console.hosting.CoreThread), on the MQTT traffic view (the busiest
+  one). In the first console phase, keys are delivered the way a terminal delivers them (through the
+  driver) and the time to the first frame that shows their effect is measured; the frames are fully
+  rendered to terminal sequences (a driver that discards them instead of writing to a TTY). Then
+  dispatch latency again, submitted on the core's loop as the REST API submits.
+
+The two alternate for `--rounds` rounds (headless first in even rounds, the console first in odd
+ones), so that a VM whose speed drifts during the run (they do, by tens of percent) weighs on both
+alike: a p99 of one phase of 1,000 dispatches moved by 2x from run to run on its own. The dispatch
+figures are pooled over the rounds, and each round's ratio is printed too.
 
 Figures are printed next to each other; nothing is asserted (see tests/console for behaviour).
 
-    .venv/bin/python benchmarks/bench_console.py [--rate 2000] [--keys 200] [--dispatches 1000]
+    .venv/bin/python benchmarks/bench_console.py [--rate 2000] [--keys 200] [--dispatches 1000] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -320,6 +325,7 @@ async def main() -> None:
     parser.add_argument("--proplets", type=int, default=200, help="proplet ids the flood speaks for")
     parser.add_argument("--keys", type=int, default=200, help="key presses measured")
     parser.add_argument("--dispatches", type=int, default=1000, help="dispatch latency samples per phase")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of a headless and a console phase, alternated")
     parser.add_argument("--flood", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -327,6 +333,10 @@ async def main() -> None:
         flood(args.port, args.rate, args.proplets)
         return
 
+    headless: list[float] = []
+    headless_gc = GcPauses()
+    console: dict[str, Any] = {"switch": [], "pause": [], "dispatch": [], "gc": GcPauses()}
+    rounds: list[tuple[list[float], list[float]]] = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         broker = Mosquitto(tmp / "broker")
@@ -338,15 +348,30 @@ async def main() -> None:
             flooder = start_process(__file__, "--flood", "--port", str(broker.port), "--rate", str(args.rate),
                                     "--proplets", str(args.proplets))
             try:
-                progress("phase 1: headless manager")
-                async with ManagerCore(manager_settings(broker, tmp, "headless")) as core:
-                    await wait_for_proplet(core, "bench-proplet")
-                    await asyncio.sleep(2.0)  # let the flood's proplets appear
-                    with GcPauses() as headless_gc:
-                        headless = await dispatch_latency(core, proplet, args.dispatches)
-                progress("phase 2: the console on the same load")
-                console = await console_phase(manager_settings(broker, tmp, "console"), proplet, args.keys,
-                                              args.dispatches)
+                for n in range(args.rounds):
+                    phases: dict[str, list[float]] = {}
+                    for phase in (("headless", "console") if n % 2 == 0 else ("console", "headless")):
+                        if phase == "headless":
+                            progress(f"round {n + 1}/{args.rounds}: headless manager")
+                            async with ManagerCore(manager_settings(broker, tmp, f"headless-{n}")) as core:
+                                await wait_for_proplet(core, "bench-proplet")
+                                await asyncio.sleep(2.0)  # let the flood's proplets appear
+                                with headless_gc:
+                                    phases[phase] = await dispatch_latency(core, proplet, args.dispatches)
+                            headless += phases[phase]
+                        else:
+                            progress(f"round {n + 1}/{args.rounds}: the console on the same load")
+                            shown = await console_phase(manager_settings(broker, tmp, f"console-{n}"), proplet,
+                                                        args.keys if n == 0 else 0, args.dispatches)
+                            phases[phase] = shown["dispatch"]
+                            for key in ("switch", "pause", "dispatch"):
+                                console[key] += shown[key]
+                            for gen, pauses in shown["gc"].pauses.items():
+                                console["gc"].pauses[gen] += pauses
+                            if n == 0:
+                                console.update({k: v for k, v in shown.items() if k not in ("switch", "pause",
+                                                                                            "dispatch", "gc")})
+                    rounds.append((phases["headless"], phases["console"]))
             finally:
                 sent = stop_flood(flooder)
                 proplet.kill()
@@ -363,16 +388,19 @@ async def main() -> None:
     print(f"  view switch (2 / 4)         {summary(console['switch'])}")
     print(f"  pause the stream (p)        {summary(console['pause'])}")
     print()
-    print("dispatch latency, submit -> start on the wire at the proplet:")
+    print(f"dispatch latency, submit -> start on the wire at the proplet ({args.rounds} rounds, alternated):")
     h50, h99 = pct(headless, 0.5), pct(headless, 0.99)
     c50, c99 = pct(console["dispatch"], 0.5), pct(console["dispatch"], 0.99)
     print(f"  headless manager            {summary(headless)}")
     print(f"  console open                {summary(console['dispatch'])}")
     print(f"  console / headless          p50 {c50 / h50:.2f}x   p99 {c99 / h99:.2f}x   target <= 2x")
+    for n, (alone, beside) in enumerate(rounds, 1):
+        print(f"    round {n}: headless p99 {pct(alone, 0.99):6.2f} ms, console p99 {pct(beside, 0.99):6.2f} ms: "
+              f"p50 {pct(beside, 0.5) / pct(alone, 0.5):.2f}x   p99 {pct(beside, 0.99) / pct(alone, 0.99):.2f}x")
     print(f"  garbage collections while dispatching, headless: {headless_gc.summary()}")
     print(f"                                     console open: {console['gc'].summary()}")
     print()
-    print(f"console: {console['traffic_seen']:,} MQTT messages seen by the traffic view, "
+    print(f"console (first round): {console['traffic_seen']:,} MQTT messages seen by the traffic view, "
           f"{console['traffic_dropped']:,} dropped by its bounded tap, {console['events_dropped']:,} core events "
           f"dropped; {console['proplets_shown']} proplets in the fleet view; "
           f"{console['bytes_written'] / 1e6:.1f} MB of terminal output rendered in {console['seconds']:.0f} s")
