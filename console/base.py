@@ -67,8 +67,9 @@ class ConsoleScreen(Screen[None]):
         yield FleetHeader()
         yield from self.compose_body()
         yield FilterBar(placeholder="filter: regex, ! in front inverts; Enter keeps it, Esc clears it")
-        yield CommandBar(placeholder=":command  (tasks, proplets, mqtt, dispatch, local, fw, fl, dash, theme <name>, "
-                                     "q)", suggester=WordSuggester(lambda: self.console.command_words()))
+        # 71 columns: whole inside the bar on an 80-column terminal (it was cut after "theme").
+        yield CommandBar(placeholder=":tasks, proplets, mqtt, dispatch, local, fw, fl, dash, theme <name>, q",
+                         suggester=WordSuggester(lambda: self.console.command_words()))
         yield KeyHints()
 
     def compose_body(self) -> ComposeResult:

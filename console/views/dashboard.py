@@ -94,6 +94,12 @@ the last minute, the broker and the database, and the latest failures.
             )
             yield Panel("Recent failures", Static(id="dash-failures"))
 
+    def on_resize(self) -> None:
+        # The short or tall form follows the size classes Textual sets in its own resize handler,
+        # which runs after this one: drawn again right after it rather than a refresh later.
+        if self.flushed_at:  # drawn once already (before that, the first refresh draws it)
+            self.call_next(self.flush)
+
     def _set(self, widget_id: str, markup: str) -> None:
         if self._last.get(widget_id) == markup:
             return

@@ -262,10 +262,8 @@ async def test_an_80x24_dashboard_shows_every_state_both_rates_and_how_to_launch
         screen = app.screen
         tasks = screen.query_one("#dash-tasks", Static)
         proplets = screen.query_one("#dash-proplets", Static)
-        # The screen takes its size classes once laid out; the next refresh shows the short form.
-        await until(pilot, lambda: len(str(tasks.render()).split("\n")) <= 5 and "broker." in str(proplets.render()))
+        await until(pilot, lambda: "interrupted" in str(tasks.render()) and "broker." in str(proplets.render()))
         await pilot.pause()
-        assert "interrupted" in str(tasks.render())
         for static in (tasks, proplets):
             lines = str(static.render()).split("\n")
             assert len(lines) <= static.parent.content_size.height, lines
@@ -278,3 +276,11 @@ async def test_an_80x24_dashboard_shows_every_state_both_rates_and_how_to_launch
         bar = screen.query_one(CommandBar)
         await until(pilot, lambda: bar.has_focus and bar.region.height == 3)
         assert bar.region.bottom <= screen.query_one(KeyHints).region.y
+        placeholder = str(bar.placeholder)
+        assert len(placeholder) <= bar.content_size.width and placeholder.endswith("q"), (placeholder, bar.content_size)
+        await pilot.press("escape")
+
+        # Made tall, the states get their bars back at once, not a refresh later.
+        app._cadence.base = app._cadence.interval = 60.0  # no refresh from the cadence meanwhile
+        await pilot.resize_terminal(80, 40)
+        await until(pilot, lambda: "█" in str(tasks.render()) or len(str(tasks.render()).split("\n")) > 5, timeout=2)
