@@ -82,25 +82,25 @@ async def test_no_access_past_the_end_of_a_memory_reaches_anything(runtime: Wasm
     # The garbage collector is off: a trapped run's memories must be freed without it (a store kept in
     # a cycle through the trap's frames waited for the next collection).
     gc.disable()
-    live_before = memories.live_memories()
-    d = await load(runtime, PROBE)
-    end = 16 * MIB  # after growing by 255 pages, the memory is the whole 16 MiB limit
-    assert await call(runtime, d, "probe", 0, 65535) == ("0", "")
-    assert (await call(runtime, d, "probe", 255, end - 1)) == ("0", "")
-    assert (await call(runtime, d, "store", 255, end - 4)) == ("256", "")
-    for function, grow, at in [
-        ("probe", 0, 65536), ("store", 0, 65533), ("far", 0, 65535 - 0x1000 + 1), ("probe", 0, 0xFFFFFFF0),
-        ("probe", 0, 0xFFFFFFFF), ("far", 0, 0xFFFFFFFF), ("probe", 255, end), ("store", 255, end - 3),
-        ("far", 255, end - 0x1000), ("probe", 255, 0xFFFFFFF0), ("far", 255, 0xFFFFF000), ("probe", 100, 8 * MIB),
-    ]:
-        results, error = await call(runtime, d, function, grow, at)
-        assert (results, error.startswith(OUT_OF_BOUNDS)) == ("", True), (function, grow, hex(at), error)
-    # Each run's thread drops its store just after handing over the outcome: under load the last
-    # runs' may still be on their way out when the loop reads the count, so it is given a moment.
     try:
+        live_before = memories.live_memories()
+        d = await load(runtime, PROBE)
+        end = 16 * MIB  # after growing by 255 pages, the memory is the whole 16 MiB limit
+        assert await call(runtime, d, "probe", 0, 65535) == ("0", "")
+        assert (await call(runtime, d, "probe", 255, end - 1)) == ("0", "")
+        assert (await call(runtime, d, "store", 255, end - 4)) == ("256", "")
+        for function, grow, at in [
+            ("probe", 0, 65536), ("store", 0, 65533), ("far", 0, 65535 - 0x1000 + 1), ("probe", 0, 0xFFFFFFF0),
+            ("probe", 0, 0xFFFFFFFF), ("far", 0, 0xFFFFFFFF), ("probe", 255, end), ("store", 255, end - 3),
+            ("far", 255, end - 0x1000), ("probe", 255, 0xFFFFFFF0), ("far", 255, 0xFFFFF000), ("probe", 100, 8 * MIB),
+        ]:
+            results, error = await call(runtime, d, function, grow, at)
+            assert (results, error.startswith(OUT_OF_BOUNDS)) == ("", True), (function, grow, hex(at), error)
+        # Each run's thread drops its store just after handing over the outcome: under load the last
+        # runs' may still be on their way out when the loop reads the count, so it is given a moment.
         await eventually(lambda: memories.live_memories() <= live_before, timeout=5)
     finally:
-        gc.enable()
+        gc.enable()  # also when an assertion above fails: the rest of the session needs it
     await eventually(lambda: memories.live_memories() == 0)
 
 
