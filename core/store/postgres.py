@@ -62,6 +62,9 @@ MAINTENANCE_TIMEOUT = 1800.0
 # How often the lock's connection is checked when nothing was heard from it; the check itself may
 # take ANSWER_TIMEOUT. An idle manager notices a silent connection within the sum of the two.
 LOCK_CHECK_INTERVAL = 5.0
+# How many times the manager lock is tried when each attempt finds it held and then free (see
+# _take_manager_lock); beyond that, whoever takes and drops it so often is reported as its holder.
+_LOCK_ATTEMPTS = 5
 
 # The server is away or going away (SQLSTATE classes 08 and 57P01-03), has no connection slot
 # free (53300), or gave up a transaction that may succeed when run again (class 40).
@@ -265,12 +268,22 @@ class PostgresStore(Store):
         conn = await asyncpg.connect(self.dsn, timeout=ANSWER_TIMEOUT, command_timeout=ANSWER_TIMEOUT,
                                      server_settings={"application_name": name})
         try:
-            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _MANAGER_LOCK_KEY):
-                rows = await conn.fetch(_MANAGER_LOCK_HOLDER)
-                if rows and self._lock_pid is not None and (rows[0][0], rows[0][3]) == (name, self._lock_pid):
-                    await self._end_own_session(conn, self._lock_pid)
+            # A holder that lets go between the attempt and the look-up (this manager's own earlier
+            # session, ended a moment ago, most often) leaves no row: the lock is tried again then.
+            # Read as "another manager holds it", that stopped a manager whose lock's connection had
+            # merely been replaced, or refused to start one.
+            for _ in range(_LOCK_ATTEMPTS):
+                if await conn.fetchval("SELECT pg_try_advisory_lock($1)", _MANAGER_LOCK_KEY):
+                    break
+                rows = await self._lock_holder(conn)
+                if rows:
+                    if self._lock_pid is not None and (rows[0][0], rows[0][3]) == (name, self._lock_pid):
+                        await self._end_own_session(conn, self._lock_pid)
+                    await conn.close()
+                    return self._holder(rows)
+            else:
                 await conn.close()
-                return self._holder(rows)
+                return self._holder([])
             await _init_connection(conn)  # batches run on it (see apply)
         except BaseException:
             conn.terminate()
@@ -280,6 +293,11 @@ class PostgresStore(Store):
         self._lock_pid = conn.get_server_pid()
         self._lock_lost.clear()
         return None
+
+    async def _lock_holder(self, conn: asyncpg.Connection) -> list[Any]:
+        """The session holding the manager lock (application name, address, start, server process),
+        or no row when none does."""
+        return list(await conn.fetch(_MANAGER_LOCK_HOLDER))
 
     async def _end_own_session(self, conn: asyncpg.Connection, pid: int) -> None:
         """End this manager's earlier lock session, which the server has not yet found gone. It runs
@@ -299,8 +317,9 @@ class PostgresStore(Store):
 
     @staticmethod
     def _holder(rows: list[Any]) -> str:
-        if not rows:  # released between our attempt and the look-up
-            return "a manager that has just stopped (start this one again)"
+        if not rows:  # released between each of our attempts and its look-up
+            return (f"a session that released it between each of {_LOCK_ATTEMPTS} attempts and the look-up "
+                    "of its holder (start this one again)")
         name, address, since, pid = rows[0]
         who = name or f"a session that did not name itself (server process {pid})"
         where = f"connected from {address}" if address else "connected through a local socket"

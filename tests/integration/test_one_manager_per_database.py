@@ -144,3 +144,54 @@ async def test_a_batch_under_way_when_the_lock_is_lost_and_taken_by_another_mana
         await other.close()
         await admin.close()
         await store.close()
+
+
+class _HolderLetsGo(PostgresStore):
+    """A store whose first look-up of the lock's holder comes just after that holder let go: the
+    holder's session (`holder`) releases the lock first, as a session that is ending does."""
+
+    def __init__(self, dsn: str, holder: asyncpg.Connection) -> None:
+        super().__init__(dsn, one_manager=True)
+        self.holder: asyncpg.Connection | None = holder
+        self.lookups = 0
+
+    async def _lock_holder(self, conn: asyncpg.Connection) -> list:
+        self.lookups += 1
+        if self.holder is not None:
+            assert await self.holder.fetchval("SELECT pg_advisory_unlock($1)", _MANAGER_LOCK_KEY)
+            self.holder = None
+        return await super()._lock_holder(conn)
+
+
+async def test_a_lock_let_go_between_the_attempt_and_the_look_up_of_its_holder_is_taken(
+        broker: Mosquitto, private_pg: PrivatePostgres) -> None:
+    """Before, the empty look-up read as "another manager holds it": a manager refused to start, and a
+    running one whose lock's connection had been replaced (its own earlier session still ending)
+    stopped as taken over, closing its API under its clients."""
+    other = await asyncpg.connect(private_pg.dsn)
+    admin = await asyncpg.connect(private_pg.dsn)
+    try:
+        # At start-up.
+        assert await other.fetchval("SELECT pg_try_advisory_lock($1)", _MANAGER_LOCK_KEY)
+        store = _HolderLetsGo(private_pg.dsn, other)
+        async with ManagerCore(_settings(broker), store=store) as core:
+            assert store.holds_manager_lock and store.lookups == 1
+            # Running: the lock's session ends, a session that was waiting takes the lock and lets go of
+            # it just after this manager's next attempt.
+            assert store._lock_conn is not None
+            lock_pid = store._lock_conn.get_server_pid()
+            waiting = asyncio.ensure_future(other.execute("SELECT pg_advisory_lock($1)", _MANAGER_LOCK_KEY))
+            await eventually(lambda: _lock_waiters(admin), 5)
+            store.holder = other
+            assert await admin.fetchval("SELECT pg_terminate_backend($1, 5000)", lock_pid)
+            await asyncio.wait_for(waiting, 5)
+            await eventually(lambda: store.holds_manager_lock, 10)
+            assert store.lookups == 2 and store.holder is None
+            assert core.taken_over is None and not core._shutdown.is_set()
+            task = await asyncio.wait_for(core.create_task(_add_task()), 15)
+            assert (await core.get_task(task.id)).name == "add"
+            assert store._lock_conn is not None
+            assert store._lock_conn.get_server_pid() != lock_pid
+    finally:
+        await other.close()
+        await admin.close()
