@@ -17,6 +17,20 @@ if TYPE_CHECKING:
     from core.store import Store
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """A failed test that ran a fleet of processes (tests.fleet.Fleet) reports the tail of each one's
+    log: a manager or proplet that died or misbehaved says why there, and CI keeps nothing else."""
+    from tests.fleet import Fleet
+
+    report = yield
+    if report.failed and call.when == "call":
+        for name, value in getattr(item, "funcargs", {}).items():
+            if isinstance(value, Fleet):
+                report.sections.append((f"logs of fixture {name!r}'s processes", value.logs()))
+    return report
+
+
 @pytest.fixture(autouse=True)
 def isolated_environment(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """No test reads the developer's config file, XDG directories or MANAGER_*/PROPLET_* variables."""
