@@ -102,6 +102,9 @@ FIELDS = ("module", "name", "inputs", "env", "target", "proplet", "timeout", "fu
 class DispatchScreen(ConsoleScreen):
     CRUMB = "Dispatch"
     BINDINGS: ClassVar = keys.DISPATCH
+    # Under 30 lines (80x24 is most terminals' default) the rows lose the blank line between them,
+    # which put the buttons and the "start now" box below the bottom edge.
+    VERTICAL_BREAKPOINTS: ClassVar = [(0, "-short"), (30, "-tall")]
     HELP = """\
 ### Dispatch a task
 **Module**: a local `.wasm` or `.wat` file (Ctrl+O or F2 browses; `.wat` is compiled here), an
@@ -126,6 +129,7 @@ field. After dispatching, the task table opens on the new task.
     DispatchScreen #limits Input { margin-right: 1; }
     DispatchScreen #buttons Button { margin-right: 2; }
     DispatchScreen.-read-only #submit { display: none; }
+    DispatchScreen.-short .row { margin-top: 0; }
     """
 
     class Dispatched(Message):

@@ -284,3 +284,30 @@ async def test_an_80x24_dashboard_shows_every_state_both_rates_and_how_to_launch
         app._cadence.base = app._cadence.interval = 60.0  # no refresh from the cadence meanwhile
         await pilot.resize_terminal(80, 40)
         await until(pilot, lambda: "█" in str(tasks.render()) or len(str(tasks.render()).split("\n")) > 5, timeout=2)
+
+
+async def test_the_whole_dispatch_form_fits_an_80x24_terminal_without_a_scroll(console: Any) -> None:
+    # Its buttons and the "start now" box were below the bottom edge: an operator saw no Dispatch
+    # button and had to know that Enter or F5 submits, or scroll the form.
+    from textual.containers import VerticalScroll
+    from textual.widgets import Button
+
+    from console.views.dispatch import DispatchScreen
+
+    async with console(size=SMALL) as (app, pilot, _core):
+        screen = await open_view(app, pilot, "5", DispatchScreen)
+        await pilot.pause()
+        form = screen.query_one("#form", VerticalScroll)
+        assert form.max_scroll_y == 0, form.virtual_size
+        for widget_id in ("#module", "#name", "#inputs", "#env", "#target", "#proplet", "#timeout", "#priority",
+                          "#daemon", "#start-now", "#submit", "#reset"):
+            region = screen.query_one(widget_id).region
+            assert region.height >= 1 and region.bottom <= form.content_region.bottom, (widget_id, region)
+        assert "Dispatch" in str(screen.query_one("#submit", Button).label)
+
+        # Taller, the rows get their spacing back.
+        await pilot.resize_terminal(80, 40)
+        await until(pilot, lambda: not screen.has_class("-short"))
+        await pilot.pause()
+        rows = [screen.query_one(i).region.y for i in ("#module", "#name")]
+        assert rows[1] - rows[0] >= 3, rows  # a blank line between rows (the module's hint is one)
