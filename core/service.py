@@ -233,8 +233,10 @@ class ManagerCore:
         # Finished tasks whose result the store refused to write (task id -> the task as finished):
         # the result is not acknowledged, so its proplet sends it again, and that repeat writes it
         # again instead of being taken for an ordinary duplicate (acknowledged, the result lost).
-        # Bounded: oldest dropped (a proplet that never repeats its result keeps none here).
-        self._unstored_results: dict[str, Task] = {}
+        # Bounded like `_recent`, by count and by the bytes of the results held: oldest dropped (a
+        # proplet that never repeats its result keeps none here).
+        self._unstored_results: BoundedLru[str, Task] = BoundedLru(RECENT_TASKS, RECENT_TASKS_MAX_BYTES,
+                                                                   _held_bytes)
         # Tasks evicted from `_recent` while writes were still queued: task id -> how many writer
         # entries had been queued then. Reading such a task back waits for those writes only; any
         # other task not in memory has nothing queued (every task write goes through memory), so
@@ -703,7 +705,7 @@ class ManagerCore:
         if task is not None:
             self._forget(task)
         self._recent.pop(task_id)
-        self._unstored_results.pop(task_id, None)
+        self._unstored_results.pop(task_id)
         self.cron.forget(task_id)
         await self.writer.write(self.store.op_delete_task(task_id))
         self.events.emit(TaskDeleted(task_id))
@@ -921,7 +923,7 @@ class ManagerCore:
                 continue
             task = self._recent.pop(row.id) or row
             before[task.id] = task.copy()
-            self._unstored_results.pop(task.id, None)  # the re-run's writes supersede it
+            self._unstored_results.pop(task.id)  # the re-run's writes supersede it
             if rerun:
                 self._stage_reset(task, f"reset: job {job_id} runs again", ops, changed)
             if starts:
@@ -1074,7 +1076,7 @@ class ManagerCore:
                 f"{self.settings.max_backlog}); try again when proplets have caught up"
             )
         task = self._recent.pop(task.id) or task
-        self._unstored_results.pop(task.id, None)  # the re-run's writes supersede it
+        self._unstored_results.pop(task.id)  # the re-run's writes supersede it
         before = task.copy()
         detail = "queued"
         if task.state.is_terminal:
@@ -1092,7 +1094,7 @@ class ManagerCore:
             if not other.state.is_terminal:
                 continue
             reset[other.id] = other.copy()
-            self._unstored_results.pop(other.id, None)
+            self._unstored_results.pop(other.id)
             self._stage_reset(other, why, ops, changed)
             self._remember(other)
         self.active[task.id] = task
@@ -1865,7 +1867,7 @@ class ManagerCore:
         if task is not None:
             return task
         if self._unstored_results and topic == topic_names.RESULTS:
-            unstored = self._unstored_results.pop(task_id, None)
+            unstored = self._unstored_results.pop(task_id)
             if unstored is not None:
                 await self._store_result_again(unstored, proplet_id)
                 return None
@@ -1979,9 +1981,7 @@ class ManagerCore:
             if f.exception() is None:
                 self._ack_result(proplet_id, task.id, attempt)
             elif keep_if_refused and task.id not in self.active:
-                self._unstored_results[task.id] = task
-                while len(self._unstored_results) > self._recent_max:
-                    del self._unstored_results[next(iter(self._unstored_results))]
+                self._unstored_results.put(task.id, task)
 
         committed.add_done_callback(done)
 

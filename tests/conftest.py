@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -29,6 +30,18 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             if isinstance(value, Fleet):
                 report.sections.append((f"logs of fixture {name!r}'s processes", value.logs()))
     return report
+
+
+@pytest.fixture(autouse=True)
+def no_exception_lost_in_asyncio(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """An exception raised in a callback, or by a task nobody awaits, is only logged by asyncio's
+    default handler (the caller never sees it): a bug however the test's own assertions went. A
+    manager's done-callback failed that way on every refused result write, unseen by the tests."""
+    yield
+    lost = [r for when in ("setup", "call") for r in caplog.get_records(when)
+            if r.name == "asyncio" and r.levelno >= logging.ERROR]
+    assert not lost, "asyncio logged an exception nobody handled:\n" + "\n".join(
+        logging.Formatter().format(r) for r in lost)
 
 
 @pytest.fixture(autouse=True)
