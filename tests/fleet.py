@@ -24,6 +24,7 @@ from tests.services import Mosquitto, free_port, wait_port
 
 PROPELLER = [sys.executable, "-m", "propeller"]
 _LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+_ASYNCIO_ERROR = re.compile(r"^\S+ \S+ (ERROR|CRITICAL)\s+asyncio: ")
 
 
 @dataclass
@@ -94,6 +95,9 @@ class Fleet:
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-4000:]}" for p in sorted(self.workdir.glob("*.log")))
 
+    def lost_exceptions(self) -> list[str]:
+        return lost_exceptions(self.workdir)
+
     def log_lines(self, name: str, pattern: str) -> list[tuple[datetime, str]]:
         """Timestamped lines of a process's log matching `pattern` (a regex)."""
         rx = re.compile(pattern)
@@ -126,10 +130,18 @@ class Fleet:
                 proc.wait()
 
 
+def lost_exceptions(folder: Path) -> list[str]:
+    """What asyncio's default handler logged in the processes whose logs (*.log) are in `folder`: an
+    exception raised in a callback or by a task nobody awaited reached no caller, a bug whatever the
+    test saw (the in-process counterpart is tests.conftest.no_exception_lost_in_asyncio)."""
+    return [f"{path.stem}: {line}" for path in sorted(folder.glob("*.log"))
+            for line in path.read_text(errors="replace").splitlines() if _ASYNCIO_ERROR.match(line)]
+
+
 def make_fleet(workdir: Path, *, persistence: bool = False) -> Fleet:
     broker = Mosquitto(workdir / "mosquitto", persistence=persistence)
     broker.start()
     return Fleet(workdir, broker)
 
 
-__all__ = ["PROPELLER", "Fleet", "make_fleet", "wait_port"]
+__all__ = ["PROPELLER", "Fleet", "lost_exceptions", "make_fleet", "wait_port"]

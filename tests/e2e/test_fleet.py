@@ -39,6 +39,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         finally:
             f.stop_all()
             f.broker.stop()
+        assert not f.lost_exceptions(), f.lost_exceptions()
 
 
 async def submit(api: httpx.AsyncClient, **body: Any) -> str:

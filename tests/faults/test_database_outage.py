@@ -42,6 +42,7 @@ def fleet(tmp_path: Path, private_pg: PrivatePostgres) -> Iterator[Fleet]:
     finally:
         f.stop_all()
         f.broker.stop()
+    assert not f.lost_exceptions(), f.lost_exceptions()
 
 
 async def _count(api: httpx.AsyncClient, states: str) -> int:

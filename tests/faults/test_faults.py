@@ -34,6 +34,7 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
     finally:
         f.stop_all()
         f.broker.stop()
+    assert not f.lost_exceptions(), f.lost_exceptions()
 
 
 async def online(api: httpx.AsyncClient, names: set[str], timeout: float = 30) -> None:
