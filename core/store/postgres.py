@@ -174,6 +174,24 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         )
 
 
+def _is_transient(exc: BaseException) -> bool:
+    # asyncpg reports a connection lost under a transaction as an InterfaceError ("the underlying
+    # connection is closed") raised while handling the ConnectionDoesNotExistError.
+    return any(isinstance(e, _TRANSIENT) or (isinstance(e, asyncpg.InterfaceError) and "closed" in str(e))
+               for e in causes(exc))
+
+
+def _quiet_pool_reconnects(record: logging.LogRecord) -> bool:
+    """asyncpg's pool logs each failed attempt to reconnect its idle connections as a warning with a
+    35-line traceback, every 1 to 4 s for as long as the server is away: an outage of ten minutes
+    wrote hundreds of them. The store writer says once that the database is unreachable and once
+    that it is back; a failure of another kind (a password refused, a database dropped) still shows."""
+    if record.exc_info and str(record.msg).startswith("Failed to restore the pool connection floor"):
+        exc = record.exc_info[1]
+        return exc is None or not _is_transient(exc)
+    return True
+
+
 class PostgresStore(Store):
     dialect = "postgres"
     _IN_LIST = "= ANY(?::text[])"
@@ -202,10 +220,7 @@ class PostgresStore(Store):
         self._prune_owners_per_statement = PRUNE_OWNERS_FIRST
 
     def is_transient(self, exc: BaseException) -> bool:
-        # asyncpg reports a connection lost under a transaction as an InterfaceError ("the underlying
-        # connection is closed") raised while handling the ConnectionDoesNotExistError.
-        return any(isinstance(e, _TRANSIENT) or (isinstance(e, asyncpg.InterfaceError) and "closed" in str(e))
-                   for e in causes(exc))
+        return _is_transient(exc)
 
     @property
     def description(self) -> str:
@@ -214,6 +229,7 @@ class PostgresStore(Store):
 
     async def open(self) -> None:
         self._closing = False
+        logging.getLogger("asyncpg.pool").addFilter(_quiet_pool_reconnects)  # once: filters are a set
         try:
             self._pool = await asyncpg.create_pool(
                 self.dsn, min_size=self._min, max_size=self._max, init=_init_connection,

@@ -137,6 +137,9 @@ async def test_postgres_stopped_mid_run_loses_and_duplicates_nothing(
     assert not mismatched, mismatched[:5]
     assert not gaps, list(gaps.items())[:5]
     assert len(outage_lines) == 1, outage_lines
+    # Said once by the writer, not with a traceback every 1-4 s by asyncpg's pool for the whole outage.
+    reconnect_tracebacks = fleet.log_lines("manager", r"Failed to restore the pool connection floor")
+    assert not reconnect_tracebacks, reconnect_tracebacks[:3]
 
     # A manager restarted on the same database finds everything finished: nothing runs again.
     fleet.stop_all()
