@@ -380,6 +380,16 @@ DRAIN_BATCH = 32
 _DISCONNECTED: Any = object()
 
 
+def _loss_seen(disconnected: asyncio.Future[None]) -> None:
+    """Marks a lost connection's error as taken. The bus learns of the loss from aiomqtt's MqttError
+    or from received(); a loss while it was subscribing or closing (aiomqtt's __aexit__ returns at
+    once from a connection already lost), or while it was connecting (aiomqtt's __aenter__ replaces
+    a future already done), left the error untaken, and asyncio logged "Future exception was never
+    retrieved" when the future was collected, in whatever the process did then."""
+    if not disconnected.cancelled():
+        disconnected.exception()
+
+
 async def received(client: aiomqtt.Client) -> AsyncIterator[aiomqtt.Message]:
     """`client.messages`, without a task and an `asyncio.wait` per message.
 
@@ -552,8 +562,11 @@ class MqttBus:
         closed_early = 0
         while not self._closing:
             connected_at: float | None = None
+            # A loss during the connect is set on the future aiomqtt then replaces (see _loss_seen).
+            self._client._disconnected.add_done_callback(_loss_seen)
             try:
                 async with self._client as client:
+                    client._disconnected.add_done_callback(_loss_seen)
                     if self._closing:
                         # aiomqtt waits for the CONNACK in asyncio.wait_for, which may drop the owner's
                         # cancel (see publish); the owner closes the bus before it cancels this loop.
