@@ -294,6 +294,10 @@ class TcpProxy:
         self._links.add(link)
         try:
             await self._serve(client_r, client_w)
+        except asyncio.CancelledError:
+            # Ended by close(). Left cancelled, the task makes the done-callback asyncio 3.11's
+            # start_server puts on it raise CancelledError (task.exception()), logged as lost.
+            client_w.transport.abort()
         finally:
             self._links.discard(link)
 
