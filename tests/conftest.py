@@ -19,6 +19,14 @@ if TYPE_CHECKING:
     from core.store import Store
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """What is loaded by now (the modules of the product, its libraries and the tests) lives for the
+    whole session: out of the collector's reach, the collection at the end of each test (see
+    no_exception_lost_in_asyncio) walks only what the tests made."""
+    gc.collect()
+    gc.freeze()
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     """A failed test that ran a fleet of processes (tests.fleet.Fleet) reports the tail of each one's
