@@ -532,6 +532,8 @@ class MqttBus:
         self.connected = asyncio.Event()
         self._client = make_client(conn, will=will)
         self._live: aiomqtt.Client | None = None
+        # The "disconnected" future of aiomqtt's that _loss_seen watches (see _watch_loss).
+        self._watched_loss: asyncio.Future[None] | None = None
         self._window = asyncio.Semaphore(publish_window)
         self._background: set[asyncio.Task[None]] = set()
         self._backoff_initial = backoff_initial
@@ -562,11 +564,10 @@ class MqttBus:
         closed_early = 0
         while not self._closing:
             connected_at: float | None = None
-            # A loss during the connect is set on the future aiomqtt then replaces (see _loss_seen).
-            self._client._disconnected.add_done_callback(_loss_seen)
+            self._watch_loss()  # a loss during the connect is set on the future aiomqtt then replaces
             try:
                 async with self._client as client:
-                    client._disconnected.add_done_callback(_loss_seen)
+                    self._watch_loss()
                     if self._closing:
                         # aiomqtt waits for the CONNACK in asyncio.wait_for, which may drop the owner's
                         # cancel (see publish); the owner closes the bus before it cancels this loop.
@@ -634,6 +635,14 @@ class MqttBus:
                             self.conn.client_id, self._backoff_max)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self._backoff_max)
+
+    def _watch_loss(self) -> None:
+        """_loss_seen on aiomqtt's current "disconnected" future, once: a future stays the same over
+        every failed connect while the broker is away, and took one more callback per attempt."""
+        disconnected = self._client._disconnected
+        if disconnected is not self._watched_loss:
+            disconnected.add_done_callback(_loss_seen)
+            self._watched_loss = disconnected
 
     async def _guarded(self, awaitable: Awaitable[None]) -> None:
         try:
