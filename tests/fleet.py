@@ -95,9 +95,6 @@ class Fleet:
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-4000:]}" for p in sorted(self.workdir.glob("*.log")))
 
-    def lost_exceptions(self) -> list[str]:
-        return lost_exceptions(self.workdir)
-
     def log_lines(self, name: str, pattern: str) -> list[tuple[datetime, str]]:
         """Timestamped lines of a process's log matching `pattern` (a regex)."""
         rx = re.compile(pattern)
@@ -130,12 +127,13 @@ class Fleet:
                 proc.wait()
 
 
-def lost_exceptions(folder: Path) -> list[str]:
-    """What asyncio's default handler logged in the processes whose logs (*.log) are in `folder`: an
-    exception raised in a callback or by a task nobody awaited reached no caller, a bug whatever the
-    test saw (the in-process counterpart is tests.conftest.no_exception_lost_in_asyncio)."""
-    return [f"{path.stem}: {line}" for path in sorted(folder.glob("*.log"))
+def assert_no_lost_exceptions(folder: Path) -> None:
+    """Nothing that asyncio's default handler logged in the processes whose logs (*.log) are in
+    `folder`: an exception raised in a callback or by a task nobody awaited reached no caller, a bug
+    whatever the test saw (the in-process counterpart is tests.conftest.no_exception_lost_in_asyncio)."""
+    lost = [f"{path.stem}: {line}" for path in sorted(folder.glob("*.log"))
             for line in path.read_text(errors="replace").splitlines() if _ASYNCIO_ERROR.match(line)]
+    assert not lost, lost
 
 
 def make_fleet(workdir: Path, *, persistence: bool = False) -> Fleet:
@@ -144,4 +142,4 @@ def make_fleet(workdir: Path, *, persistence: bool = False) -> Fleet:
     return Fleet(workdir, broker)
 
 
-__all__ = ["PROPELLER", "Fleet", "lost_exceptions", "make_fleet", "wait_port"]
+__all__ = ["PROPELLER", "Fleet", "assert_no_lost_exceptions", "make_fleet", "wait_port"]

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.fleet import Fleet, make_fleet
+from tests.fleet import Fleet, assert_no_lost_exceptions, make_fleet
 from tests.registry import running_registry
 from tests.wasmfixtures import big_module_byte, wasm
 from tests.wire import eventually
@@ -39,7 +39,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         finally:
             f.stop_all()
             f.broker.stop()
-        assert not f.lost_exceptions(), f.lost_exceptions()
+        assert_no_lost_exceptions(f.workdir)
 
 
 async def submit(api: httpx.AsyncClient, **body: Any) -> str:

@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from core.topics import Topics
-from tests.fleet import lost_exceptions
+from tests.fleet import assert_no_lost_exceptions
 from tests.services import free_port, wait_port
 from tests.wire import SyntheticProplet, eventually
 
@@ -74,7 +74,7 @@ def serve(tmp_path: Path) -> Iterator[Serve]:
     if server.proc is not None:
         server.proc.kill()
         server.proc.wait()
-    assert not lost_exceptions(tmp_path), lost_exceptions(tmp_path)
+    assert_no_lost_exceptions(tmp_path)
 
 
 def cli_blocking(serve: Serve, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -20,7 +20,7 @@ import pytest
 
 from core.domain import TaskState
 from tests.faults.test_faults import online, report, start_busy_tasks, start_fleet
-from tests.fleet import Fleet, make_fleet
+from tests.fleet import Fleet, assert_no_lost_exceptions, make_fleet
 from tests.services import PrivatePostgres
 from tests.wire import eventually
 
@@ -42,7 +42,7 @@ def fleet(tmp_path: Path, private_pg: PrivatePostgres) -> Iterator[Fleet]:
     finally:
         f.stop_all()
         f.broker.stop()
-    assert not f.lost_exceptions(), f.lost_exceptions()
+    assert_no_lost_exceptions(f.workdir)
 
 
 async def _count(api: httpx.AsyncClient, states: str) -> int:

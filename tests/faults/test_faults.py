@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.fleet import Fleet, make_fleet
+from tests.fleet import Fleet, assert_no_lost_exceptions, make_fleet
 from tests.wasmfixtures import wasm
 from tests.wire import eventually
 
@@ -34,7 +34,7 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
     finally:
         f.stop_all()
         f.broker.stop()
-    assert not f.lost_exceptions(), f.lost_exceptions()
+    assert_no_lost_exceptions(f.workdir)
 
 
 async def online(api: httpx.AsyncClient, names: set[str], timeout: float = 30) -> None:
