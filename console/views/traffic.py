@@ -11,6 +11,8 @@ from textual import on
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.content import Content
+from textual.geometry import Size
+from textual.reactive import Reactive
 from textual.widgets import Log, Static, Tree
 
 from console import keys
@@ -36,6 +38,16 @@ are at the bottom; scroll up to read and it stops, **G** follows again.
     # Whether the reader is at the bottom, as of their last scroll: a resize moves the bottom (a smaller
     # terminal leaves the same top line with more lines below it), not where the reader is.
     following = True
+
+    # Widget's virtual_size asks for a layout of the whole screen whenever it changes, that is after
+    # every batch of lines written until the log holds max_lines: 10-15 ms each under a flood, with
+    # the GIL held, so the hosted core's dispatches waited behind them. The log's height is set by
+    # the screen's CSS, not by its lines, so only its scrollbars follow its size; a scrollbar that
+    # appears or goes still asks for a layout (Widget.show_vertical_scrollbar does).
+    virtual_size: Reactive[Size] = Reactive(Size(0, 0), repaint=True)
+
+    def watch_virtual_size(self, size: Size) -> None:
+        self._scroll_update(size)
 
     def watch_scroll_y(self, old_value: float, new_value: float) -> None:
         super().watch_scroll_y(old_value, new_value)

@@ -193,3 +193,35 @@ async def test_proplets_table_detail_and_forget(console: Any) -> None:
             await until(pilot, lambda: isinstance(app.screen, ConfirmModal))
             await pilot.press("y")
             await until(pilot, lambda: [r[0] for r in table_rows(table)] == ["beta-proplet"])
+
+
+async def test_a_growing_stream_does_not_lay_the_screen_out_again_for_each_batch_of_lines(console: Any) -> None:
+    """Under a flood, every batch of lines written while the stream grows to its limit changed its
+    size, and each size change laid the whole screen out again (10-15 ms with the GIL held, while the
+    hosted core waited). Only its scrollbar depends on the stream's length, and must still follow it."""
+    async with console(traffic_lines=5000) as (app, pilot, core):
+        screen = await open_view(app, pilot, "4", TrafficScreen)
+        log = screen.query_one("#traffic-log", Log)
+        layouts = 0
+        lay_out = screen._refresh_layout
+
+        def counted(*args: Any, **kwargs: Any) -> None:
+            nonlocal layouts
+            layouts += 1
+            lay_out(*args, **kwargs)
+
+        screen._refresh_layout = counted  # type: ignore[method-assign]
+        async with SyntheticProplet(core.status().broker_url, core.topics, "chatty-proplet", heartbeat=0.01):
+            # Once its scrollbar shows (the one change of the stream's size that needs a layout).
+            await until(pilot, lambda: log.show_vertical_scrollbar and log.line_count > log.size.height)
+            await pilot.pause(0.3)
+            layouts, lines = 0, log.line_count
+            for _ in range(8):  # batches of lines, one per refresh
+                grown = log.line_count
+                await until(pilot, lambda grown=grown: log.line_count > grown)
+            await pilot.pause()
+            assert log.line_count > lines
+            assert layouts <= 1, f"{layouts} layouts for 8 batches of lines"
+            # The scrollbar follows the length, and the stream follows its bottom.
+            await until(pilot, lambda: log.vertical_scrollbar.window_virtual_size == log.line_count)
+            assert log.scroll_y == log.max_scroll_y
