@@ -40,8 +40,8 @@ are at the bottom; scroll up to read and it stops, **G** follows again.
     following = True
 
     # Widget's virtual_size asks for a layout of the whole screen whenever it changes, that is after
-    # every batch of lines written until the log holds max_lines: 10-15 ms each under a flood, with
-    # the GIL held, so the hosted core's dispatches waited behind them. The log's height is set by
+    # every batch of lines written until the log holds max_lines: 10-15 ms of the console's thread
+    # each under a flood (with the GIL held, which the hosted core shares). The log's height is set by
     # the screen's CSS, not by its lines, so only its scrollbars follow its size; a scrollbar that
     # appears or goes still asks for a layout (Widget.show_vertical_scrollbar does).
     virtual_size: Reactive[Size] = Reactive(Size(0, 0), repaint=True)
