@@ -95,6 +95,9 @@ pause or filter to read.
         self.pending_below = 0
         self.not_listed = 0
         self.buffered_while_paused = 0
+        # Lines were written before the stream had a width (the view's first show comes before its
+        # first layout), so in the full form whatever the width turns out to be.
+        self._written_without_width = False
         self.selected_topic: str | None = None
         self._payload_seq = -1
         self._payload_text = ""
@@ -133,6 +136,11 @@ pause or filter to read.
             self._filter_changed = False
             self._rebuild()
             self._rebuild_tree()
+        elif self._written_without_width and self.log_widget.content_size.width and not self.paused:
+            # Too narrow for them (an 80-column terminal): written again, once, as they would be now.
+            self._written_without_width = False
+            if self._compact():
+                self._rebuild()
         self._update_tree()
         if self.paused:
             # The stream stays where it stopped; what arrives meanwhile is listed on resume.
@@ -157,6 +165,7 @@ pause or filter to read.
         skipped = len(visible) - MAX_LINES_PER_REFRESH
         compact = self._compact()
         lines = [traffic.format_line(e, compact=compact) for e in visible[-MAX_LINES_PER_REFRESH:]]
+        self._written_without_width |= not log.content_size.width
         if skipped > 0:
             self.not_listed += skipped
             lines.insert(0, f"… {skipped:,} messages not listed (too many to read; p pauses, / filters by topic)")
@@ -183,6 +192,7 @@ pause or filter to read.
         self.last_seq = entries[-1].seq if entries else self.last_seq
         compact = self._compact()
         lines = [traffic.format_line(e, compact=compact) for e in entries if self.visible(e)]
+        self._written_without_width = bool(lines) and not log.content_size.width
         log.write_lines(lines[-log.max_lines:] if log.max_lines else lines, scroll_end=True)
 
     def _update_tree(self) -> None:

@@ -5,6 +5,7 @@ view is shown keeps it working."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from console.views.firmware import ProvisionModal
 from console.views.local import LocalScreen
 from console.views.proplets import PropletsScreen
 from console.views.tasks import TasksScreen
-from console.views.traffic import TrafficScreen
+from console.views.traffic import COMPACT_BELOW, TrafficScreen
 from console.widgets import ConfirmModal, FleetHeader, KeyHints
 from tests.console.conftest import add_body, console_settings, open_view, until
 
@@ -148,6 +149,22 @@ async def test_the_traffic_stream_has_room_for_its_topics_and_keeps_following_th
         # last level shows (it was cut at "control/proplet/").
         line = log.lines[-1]
         assert line.index("alive") + len("alive") <= log.content_size.width, (line, log.content_size.width)
+
+
+async def test_traffic_that_arrived_before_the_view_was_first_shown_is_listed_for_its_width(console: Any) -> None:
+    # The view's first show lists the traffic so far before its first layout, when the stream has no
+    # width yet: those lines took the full form (milliseconds, "← in  q1") and kept it, so at 80
+    # columns the first screenful showed less of each payload than the lines below it.
+    async with console(size=SMALL) as (app, pilot, _core):
+        app.traffic.ingest(_heartbeats(app, 30))
+        screen = await open_view(app, pilot, "4", TrafficScreen)
+        log = screen.log_widget
+        await until(pilot, lambda: log.line_count >= 30 and log.content_size.width > 0)
+        app.traffic.ingest(_heartbeats(app, 5, start=30))
+        await until(pilot, lambda: log.line_count >= 35)
+        assert log.content_size.width < COMPACT_BELOW
+        full_form = [line for line in log.lines if not re.match(r"\d\d:\d\d:\d\d [←→] control/", line)]
+        assert not full_form, (len(full_form), full_form[:2])
 
 
 async def test_scrolled_to_its_last_columns_a_table_keeps_what_names_each_row(console: Any) -> None:
