@@ -197,8 +197,9 @@ async def test_proplets_table_detail_and_forget(console: Any) -> None:
 
 async def test_a_growing_stream_does_not_lay_the_screen_out_again_for_each_batch_of_lines(console: Any) -> None:
     """Under a flood, every batch of lines written while the stream grows to its limit changed its
-    size, and each size change laid the whole screen out again (10-15 ms with the GIL held, while the
-    hosted core waited). Only its scrollbar depends on the stream's length, and must still follow it."""
+    size, and each size change laid the whole screen out again (10-15 ms of the console's thread each,
+    with the GIL the hosted core shares). Only its scrollbar depends on the stream's length, and must
+    still follow it."""
     async with console(traffic_lines=5000) as (app, pilot, core):
         screen = await open_view(app, pilot, "4", TrafficScreen)
         log = screen.query_one("#traffic-log", Log)
