@@ -298,6 +298,9 @@ async def console_phase(manager: ManagerSettings, proplet: subprocess.Popen[str]
         results["traffic_dropped"] = app.traffic.dropped
         results["events_dropped"] = app._event_sub.dropped
         results["proplets_shown"] = len(app.fleet.proplets)
+        aside = app._core_thread.stand_aside if app._core_thread is not None else None
+        results["stand_aside"] = (None if aside is None else
+                                  (aside.signals, aside.waits, aside.waited_s, aside.skipped))
         app.exit()
 
     started = time.perf_counter()
@@ -326,12 +329,19 @@ async def main() -> None:
     parser.add_argument("--keys", type=int, default=200, help="key presses measured")
     parser.add_argument("--dispatches", type=int, default=1000, help="dispatch latency samples per phase")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of a headless and a console phase, alternated")
+    parser.add_argument("--without-stand-aside", action="store_true",
+                        help="the console's thread does not stand aside for the core (console.hosting.StandAside), "
+                             "to measure what it changes")
     parser.add_argument("--flood", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.flood:
         flood(args.port, args.rate, args.proplets)
         return
+    if args.without_stand_aside:
+        from console.hosting import StandAside
+
+        StandAside.install = lambda self: False  # type: ignore[method-assign]
 
     headless: list[float] = []
     headless_gc = GcPauses()
@@ -366,11 +376,12 @@ async def main() -> None:
                             phases[phase] = shown["dispatch"]
                             for key in ("switch", "pause", "dispatch"):
                                 console[key] += shown[key]
+                            console.setdefault("stand_aside", []).append(shown["stand_aside"])
                             for gen, pauses in shown["gc"].pauses.items():
                                 console["gc"].pauses[gen] += pauses
                             if n == 0:
-                                console.update({k: v for k, v in shown.items() if k not in ("switch", "pause",
-                                                                                            "dispatch", "gc")})
+                                console.update({k: v for k, v in shown.items() if k not in (
+                                    "switch", "pause", "dispatch", "gc", "stand_aside")})
                     rounds.append((phases["headless"], phases["console"]))
             finally:
                 sent = stop_flood(flooder)
@@ -397,6 +408,14 @@ async def main() -> None:
     for n, (alone, beside) in enumerate(rounds, 1):
         print(f"    round {n}: headless p99 {pct(alone, 0.99):6.2f} ms, console p99 {pct(beside, 0.99):6.2f} ms: "
               f"p50 {pct(beside, 0.5) / pct(alone, 0.5):.2f}x   p99 {pct(beside, 0.99) / pct(alone, 0.99):.2f}x")
+    for n, aside in enumerate(console["stand_aside"], 1):
+        if aside is None:
+            print(f"    console phase {n}: the console's thread did not stand aside for the core (not installed)")
+        else:
+            signals, waits, waited, skipped = aside
+            print(f"    console phase {n}: the console's thread stood aside for the core {waits:,} times "
+                  f"({signals:,} signalled in a frame), {waited * 1000:.0f} ms in all; {skipped:,} left out "
+                  "(its share of a window was spent)")
     print(f"  garbage collections while dispatching, headless: {headless_gc.summary()}")
     print(f"                                     console open: {console['gc'].summary()}")
     print()

@@ -4,8 +4,9 @@
 
 `ConsoleApp` starts `ManagerCore` on a thread and event loop of its own (console.hosting.CoreThread)
 before the UI starts and stops it when the UI ends (quit, `:q`, SIGTERM, or the terminal hanging up),
-so the manager shuts down cleanly and the next start shows the same fleet from the database; rendering
-never holds up the core's dispatch for longer than a GIL switch. Tests pass an already entered core
+so the manager shuts down cleanly and the next start shows the same fleet from the database; the
+console's thread stands aside while the core has a start or a result in hand (console.hosting.StandAside),
+so rendering does not hold up dispatch. Tests pass an already entered core
 instead, which then shares the UI's loop. Either way every call goes through `self.manager`.
 
 Data flow (docs/ARCHITECTURE.md, STYLE rules 17-20): two ingest workers drain the core's event

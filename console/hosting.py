@@ -1,8 +1,10 @@
 """How the console reaches the manager core it hosts.
 
 `propeller` runs the core on a thread of its own with its own event loop (`CoreThread`), so that
-rendering a frame (15-20 ms of Python under a traffic flood) never holds up a dispatch: the core
-waits at most one GIL switch interval for the CPU, not for the frame. Everything the console asks
+rendering a frame (5-30 ms of Python under a traffic flood) does not hold up a dispatch for the whole
+frame: the core takes the GIL back within a switch interval. It still has to take it back at each
+crossing between threads, so while the core has a start or a result in hand the console's thread
+stands aside (`StandAside`). Everything the console asks
 of the core goes through `ManagerLink`, which runs the call on the core's loop and hands the result
 back to the console's loop. Tests that build the core on their own loop give the console a link
 without a thread (`ManagerLink(core)`), so the same console code serves both.
@@ -17,8 +19,10 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import signal
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -40,6 +44,14 @@ T = TypeVar("T")
 # How long a thread may hold the GIL while another waits for it (CPython's default is 5 ms). The core's
 # thread wakes for each MQTT message; a shorter slice lets it in sooner while the console renders.
 GIL_SWITCH_INTERVAL = 0.0002
+
+# StandAside: the signal that asks the console's thread to stand aside, the longest it waits for the
+# core each time, and the share of its time it may spend waiting, per window (a core busy without a
+# break, dispatching a thousand tasks a second, must not freeze the screen).
+STAND_ASIDE_SIGNAL = getattr(signal, "SIGUSR2", None)
+STAND_ASIDE_MAX_WAIT = 0.005
+STAND_ASIDE_WINDOW = 0.1
+STAND_ASIDE_MAX_SHARE = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +207,116 @@ class ManagerLink:
         return bus.tap.subscribe(maxlen) if bus is not None else None
 
 
+class StandAside:
+    """The console's thread stops while the core it hosts has time-critical work in hand.
+
+    Both threads share one GIL, and the core's work crosses threads (to SQLite's thread and back):
+    each crossing during a frame (5-30 ms of Python under a traffic flood) waited 0.3-0.4 ms for the
+    GIL, and a start dispatched meanwhile left 2-4 ms after it was asked for instead of 0.5. A
+    shorter switch interval did not help: each handover costs a thread wake-up too.
+
+    The core says when such work begins and when it is through (core.critical, on its own thread).
+    If this thread is waiting for events in its loop's selector then, it looks on waking and waits
+    for the core before it does anything. If it is running (a frame), the core sends it a signal:
+    CPython runs the handler between two bytecodes of the main thread, in the middle of a frame too,
+    and the handler waits. A wait ends when the core is through, after STAND_ASIDE_MAX_WAIT at the
+    latest, and waits stop for the rest of a window once they took STAND_ASIDE_MAX_SHARE of it.
+
+    Installed only from the main thread (where handlers run), with the signal free, on a selector
+    event loop; otherwise the console runs as before. `close()` only once the core's thread has
+    ended: a signal sent with no handler would end the process."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._gate = threading.Event()  # set: nothing to stand aside for
+        self._gate.set()
+        self._main = threading.main_thread().ident
+        self._selector: Any = getattr(loop, "_selector", None)  # asyncio's selector loops (private, stable)
+        self._previous_handler: Any = None
+        self._installed = False
+        self._waiting = False  # in a wait: a signal arriving meanwhile has nothing to add
+        self._selecting = False  # this thread waits in its loop's selector: no signal needed
+        self._window_start = 0.0
+        self._window_waited = 0.0
+        self.waits = 0
+        self.waited_s = 0.0
+        self.signals = 0
+        self.skipped = 0  # began while the share of the window was spent
+
+    def install(self) -> bool:
+        if (STAND_ASIDE_SIGNAL is None or not hasattr(signal, "pthread_kill") or self._selector is None
+                or threading.current_thread() is not threading.main_thread()
+                or signal.getsignal(STAND_ASIDE_SIGNAL) not in (signal.SIG_DFL, None)):
+            log.debug("the console does not stand aside for the core here (no free signal, not the main "
+                      "thread, or not a selector event loop)")
+            return False
+        self._previous_handler = signal.signal(STAND_ASIDE_SIGNAL, self._on_signal)
+        select = self._selector.select
+
+        def select_then_stand_aside(timeout: float | None = None) -> Any:
+            self._selecting = True
+            try:
+                return select(timeout)
+            finally:
+                self._selecting = False
+                if not self._gate.is_set():
+                    self._stand_aside()
+
+        self._selector.select = select_then_stand_aside
+        self._installed = True
+        return True
+
+    def close(self, *, core_thread_ended: bool) -> None:
+        """The selector as it was, and the signal's handler too once the core's thread has ended; while
+        it may still run (the console gave up waiting for it), the signal is ignored instead."""
+        if not self._installed:
+            return
+        self._installed = False
+        self._gate.set()
+        del self._selector.select  # the selector's own method again
+        signal.signal(STAND_ASIDE_SIGNAL, self._previous_handler if core_thread_ended else signal.SIG_IGN)
+
+    # ---- on the core's thread (core.critical.CriticalWorkListener) ----
+
+    def began(self) -> None:
+        if not self._installed:
+            return
+        now = time.monotonic()
+        if now - self._window_start >= STAND_ASIDE_WINDOW:
+            self._window_start = now
+            self._window_waited = 0.0
+        elif self._window_waited >= STAND_ASIDE_WINDOW * STAND_ASIDE_MAX_SHARE:
+            self.skipped += 1
+            return
+        self._gate.clear()
+        # Read after the gate is closed: a selector returning meanwhile sees it closed.
+        if not self._selecting:
+            self.signals += 1
+            signal.pthread_kill(self._main, STAND_ASIDE_SIGNAL)
+
+    def through(self) -> None:
+        self._gate.set()
+
+    # ---- on the console's thread ----
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if not self._gate.is_set():
+            self._stand_aside()
+
+    def _stand_aside(self) -> None:
+        if self._waiting:
+            return
+        self._waiting = True
+        started = time.monotonic()
+        try:
+            self._gate.wait(STAND_ASIDE_MAX_WAIT)
+        finally:
+            waited = time.monotonic() - started
+            self._window_waited += waited
+            self.waited_s += waited
+            self.waits += 1
+            self._waiting = False
+
+
 class CoreThread:
     """`async with CoreThread(settings) as link`: the manager core started on its own thread and loop,
     stopped (cleanly, as `propeller serve` stops) when the block ends. A start-up failure (database or
@@ -213,10 +335,14 @@ class CoreThread:
         self._abandoned = False  # the caller stopped waiting for the start (Ctrl+C): give it up
         self._thread = threading.Thread(target=self._run, name="propeller-core", daemon=True)
         self._switch_interval = sys.getswitchinterval()
+        self.stand_aside: StandAside | None = None
 
     async def __aenter__(self) -> ManagerLink:
         self._caller_loop = asyncio.get_running_loop()
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+        stand_aside = StandAside(self._caller_loop)
+        if stand_aside.install():
+            self.stand_aside = stand_aside
         self._thread.start()
         try:
             # Shielded: cancelling the wait (Ctrl+C) must not cancel the future the core's thread
@@ -233,7 +359,7 @@ class CoreThread:
             with contextlib.suppress(BaseException):  # taken, so that it is not logged as never retrieved
                 await started
             self._thread.join()
-            sys.setswitchinterval(self._switch_interval)
+            self._restore()
             raise
 
     async def __aexit__(self, *exc: object) -> None:
@@ -242,7 +368,12 @@ class CoreThread:
             await asyncio.wrap_future(self._finished)
             self._thread.join()  # the future is its last act: returns at once
         finally:
-            sys.setswitchinterval(self._switch_interval)
+            self._restore()
+
+    def _restore(self) -> None:
+        sys.setswitchinterval(self._switch_interval)
+        if self.stand_aside is not None:
+            self.stand_aside.close(core_thread_ended=not self._thread.is_alive())
 
     def stop_and_wait(self, timeout: float) -> bool:
         """Stop the core from any thread and wait for it; True once it has stopped. For the console's
@@ -292,6 +423,7 @@ class CoreThread:
         if self._abandoned:
             raise asyncio.CancelledError
         async with ManagerCore(self.settings) as core:
+            core.critical_work.listener = self.stand_aside
             self._started.set_result(ManagerLink(core, self._loop))
             stopping = asyncio.ensure_future(self._stop.wait())
             closed = asyncio.ensure_future(core.wait_closed())

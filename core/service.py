@@ -32,6 +32,7 @@ from core import topics as topic_names
 from core.bounded import BoundedLru, payload_bytes, size_text
 from core.chunks import Artifact, ArtifactCache, ArtifactUnavailable, ChunkServer, blob_ref, is_blob_ref
 from core.config import ManagerSettings
+from core.critical import CriticalWork
 from core.cron import CronScheduler, Schedule
 from core.domain import (
     ALLOWED_TRANSITIONS,
@@ -176,6 +177,8 @@ class ManagerCore:
         self.scheduler = Scheduler(self.settings.scheduler)
         self.writer = StoreWriter(self.store)
         self.metrics.watch_writer(self.writer)
+        # Starts, stops and results in hand, for a host that shares the interpreter (the console).
+        self.critical_work = CriticalWork(lambda: not self.writer.backlog, self.writer.wait_idle)
         self.reader = TaskReader(self.store)
         # Workflows and jobs: dependents started or skipped as the tasks they wait for finish.
         self.groups = GroupCoordinator(self)
@@ -373,6 +376,7 @@ class ManagerCore:
                     await self.writer.wait_idle()
         await cancel_and_wait(self._loops, owner="manager")
         self._loops.clear()
+        await self.critical_work.close()
         for fut in self._invocations.values():
             if not fut.done():
                 fut.cancel()
@@ -1032,6 +1036,10 @@ class ManagerCore:
         as their dependencies finish. It is refused (Conflict) while one of them is queued or
         running. A commit per reset left a manager killed half way with a workflow half re-run, the
         tasks not yet reset keeping the results of the run before."""
+        with self.critical_work:
+            return await self._start_task(task_id, dependencies_met)
+
+    async def _start_task(self, task_id: str, dependencies_met: bool) -> Task:
         # In the task's turn (see _one_change_at_a_time), and for a re-run in a workflow in the
         # turns of its downstream tasks too: known only once the task and its group are read, so
         # then the turns are let go and all taken again in one order (_turns_of_tasks).
@@ -1161,6 +1169,10 @@ class ManagerCore:
 
     @_one_change_at_a_time
     async def stop_task(self, task_id: str) -> Task:
+        with self.critical_work:
+            return await self._stop_task(task_id)
+
+    async def _stop_task(self, task_id: str) -> Task:
         task = self.active.get(task_id)
         if task is None:
             stored = await self.get_task(task_id)
@@ -1889,6 +1901,10 @@ class ManagerCore:
         return None
 
     async def _on_result(self, topic: str, payload: bytes) -> None:
+        with self.critical_work:
+            await self._take_result(topic, payload)
+
+    async def _take_result(self, topic: str, payload: bytes) -> None:
         msg = protocol.decode_result(payload, topic)
         task = await self._task_for_message(topic_names.RESULTS, msg.task_id, msg.proplet_id, msg.attempt)
         if task is None:

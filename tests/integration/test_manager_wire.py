@@ -969,3 +969,55 @@ async def test_a_read_that_races_a_change_of_the_task_does_not_leave_the_older_s
         release.set()
         await racing
         assert (await core.get_task(task.id)).state is TaskState.FAILED
+
+
+class CriticalWorkSeen:
+    """A host listening to the core's time-critical work (as the console's StandAside does): what had
+    left the manager each time it was told the work began or was through."""
+
+    def __init__(self, core: Any) -> None:
+        self.core = core
+        self.traffic = core.bus.tap.subscribe()
+        self.out: list[str] = []  # topics published by the manager, in order
+        self.told: list[tuple[str, list[str]]] = []
+
+    def _look(self, what: str) -> None:
+        self.out += [record.topic for record in self.traffic.drain() if record.direction == "out"]
+        self.told.append((what, list(self.out)))
+
+    def began(self) -> None:
+        self._look("began")
+
+    def through(self) -> None:
+        self._look("through")
+
+
+async def test_a_start_and_its_result_are_time_critical_until_they_have_left_the_manager(
+        manager: Any, broker: Any) -> None:
+    seen = CriticalWorkSeen(manager)
+    manager.critical_work.listener = seen
+    start, ack = manager.topics.start, manager.topics.result_ack
+    async with SyntheticProplet(broker.url, manager.topics, "p-critical",
+                                metadata={"capabilities": ["task_state", "result_ack"]}):
+        await eventually(lambda: manager.proplets.get("p-critical") and manager.proplets["p-critical"].online)
+        task = await manager.create_task(add_task())
+        assert seen.told == [], "creating a task is not time-critical"
+        done = await run_to_end(manager, task.id)
+        assert done.state is TaskState.COMPLETED
+        await eventually(lambda: not manager.critical_work.busy)
+    told = [what for what, _ in seen.told]
+    assert told[0] == "began" and told[-1] == "through"
+    assert told == ["began", "through"] * (len(told) // 2), f"began and through do not alternate: {told}"
+    # The start had left when the work was first through; the result's acknowledgement when it was
+    # last through (the result arrives in a busy period of its own, or in the start's if it is quick).
+    first_through = next(out for what, out in seen.told if what == "through")
+    assert start in first_through and seen.told[0][1].count(start) == 0
+    assert ack in seen.told[-1][1]
+
+
+async def test_without_a_listener_the_core_keeps_no_critical_work_in_hand(manager: Any, broker: Any) -> None:
+    async with SyntheticProplet(broker.url, manager.topics, "p-headless"):
+        await eventually(lambda: manager.proplets.get("p-headless") and manager.proplets["p-headless"].online)
+        done = await run_to_end(manager, (await manager.create_task(add_task())).id)
+        assert done.state is TaskState.COMPLETED
+        assert not manager.critical_work.busy
