@@ -1,15 +1,15 @@
 """When the manager core has time-critical work in hand, for a host that shares its interpreter.
 
 The console runs the core on a thread of its own, beside the thread that renders its frames, and both
-share one GIL. Each time the core's work crosses a thread (to SQLite's thread and back) or waits on
-the network, it has to win the GIL back from a frame in progress: 0.3-0.4 ms a crossing on a 2-core
+share one GIL. Each time the core's work crosses a thread (to SQLite's thread and back), it has to
+win the GIL back from a frame in progress: 0.3-0.4 ms a crossing on a 2-core
 VM, so a start asked for during a frame left 2-4 ms later instead of 0.5 (docs/performance.md). The
 core marks such work, and a host that listens (console.hosting.StandAside) stops its own thread until
 the work is through.
 
 Time-critical here: a start or a stop asked for, and a result received, each until what they queued
 for the database is committed (the start leaves, the result is acknowledged, from that commit).
-Headless, nobody listens, and a section costs a check of one attribute.
+Headless, nobody listens, and a section costs a counter.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class CriticalWork:
     may be. Once the last open section ends, the listener is told the work is through as soon as the
     writes are drained: a start leaves from its commit, which its section does not always wait for."""
 
-    __slots__ = ("_busy", "_depth", "_drained", "_settling", "_wait_drained", "_watch", "listener")
+    __slots__ = ("_busy", "_closed", "_depth", "_drained", "_settling", "_wait_drained", "_watch", "listener")
 
     def __init__(self, drained: Callable[[], bool], wait_drained: Callable[[], Awaitable[None]]) -> None:
         self.listener: CriticalWorkListener | None = None
@@ -49,6 +49,7 @@ class CriticalWork:
         self._busy = False  # `began` told and `through` not yet
         self._settling = False  # a look at whether the work is through is due on the next turn
         self._watch: asyncio.Task[None] | None = None
+        self._closed = False  # the core is stopping: no more watches
 
     def __enter__(self) -> None:
         self._depth += 1
@@ -68,7 +69,7 @@ class CriticalWork:
         self._settling = False
         if self._depth or not self._busy or self._watch is not None:
             return  # still in hand, or the watch tells it
-        if self._drained():
+        if self._drained() or self._closed:
             self._through()
         else:
             self._watch = asyncio.get_running_loop().create_task(self._through_once_drained())
@@ -79,6 +80,7 @@ class CriticalWork:
 
     async def close(self) -> None:
         """Stop watching (the core is stopping); the listener is told the work is through."""
+        self._closed = True
         watch = self._watch
         if watch is not None:
             watch.cancel()

@@ -129,7 +129,7 @@ async def test_a_section_opened_while_writes_drain_ends_the_busy_period_itself()
     assert heard.told == ["began", "through"]
 
 
-async def test_closing_tells_a_listener_that_still_waits(caplog: pytest.LogCaptureFixture) -> None:
+async def test_closing_tells_a_listener_that_still_waits() -> None:
     writes, heard = Writes(), Recorder()
     work = critical_work(writes, heard)
     with work:
@@ -137,6 +137,10 @@ async def test_closing_tells_a_listener_that_still_waits(caplog: pytest.LogCaptu
     await settle()
     await work.close()
     assert heard.told == ["began", "through"]
+    with work:  # a section ending as the core stops is not left waiting for writes either
+        writes.queue()
+    await settle()
+    assert heard.told == ["began", "through", "began", "through"]
 
 
 async def test_without_a_listener_sections_tell_nobody_and_cost_nothing_more() -> None:
