@@ -7,11 +7,13 @@ message arrives. Phases, each on a fresh manager and database, same broker, same
 
 - headless: the manager alone; dispatch latency (submit -> start on the wire at the proplet).
 - console: the console hosting the manager in-process exactly as `propeller` does (the core on a
-  thread and event loop of its own, console.hosting.CoreThread), on the MQTT traffic view (the busiest
-  one). In the first console phase, keys are delivered the way a terminal delivers them (through the
-  driver) and the time to the first frame that shows their effect is measured; the frames are fully
-  rendered to terminal sequences (a driver that discards them instead of writing to a TTY). Then
-  dispatch latency again, submitted on the core's loop as the REST API submits.
+  thread and event loop of its own, console.hosting.CoreThread, the console's thread standing aside
+  while the core has a start or a result in hand, console.hosting.StandAside; `--without-stand-aside`
+  measures without that), on the MQTT traffic view (the busiest one). In the first console phase,
+  keys are delivered the way a terminal delivers them (through the driver) and the time to the first
+  frame that shows their effect is measured; the frames are fully rendered to terminal sequences (a
+  driver that discards them instead of writing to a TTY). Then dispatch latency again, submitted on
+  the core's loop as the REST API submits.
 
 The two alternate for `--rounds` rounds (headless first in even rounds, the console first in odd
 ones), so that a VM whose speed drifts during the run (they do, by tens of percent) weighs on both
@@ -21,6 +23,7 @@ figures are pooled over the rounds, and each round's ratio is printed too.
 Figures are printed next to each other; nothing is asserted (see tests/console for behaviour).
 
     .venv/bin/python benchmarks/bench_console.py [--rate 2000] [--keys 200] [--dispatches 1000] [--rounds 3]
+                                                 [--without-stand-aside]
 """
 
 from __future__ import annotations
