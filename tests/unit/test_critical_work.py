@@ -102,12 +102,8 @@ async def test_writes_queued_again_as_the_first_commit_ends_are_waited_for_too()
     with work:
         writes.queue()
     await settle()
-
-    def commit_then_queue_the_dispatch() -> None:
-        writes.commit_all()
-        writes.queue()  # the dispatcher's write, queued in the same turn as the commit ended
-
-    commit_then_queue_the_dispatch()
+    writes.commit_all()
+    writes.queue()  # the dispatcher's write, queued in the same turn as the commit ended
     await settle()
     assert heard.told == ["began"]
     writes.commit_all()
