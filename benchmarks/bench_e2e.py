@@ -4,10 +4,14 @@ Prints, next to the raw MQTT QoS 1 round trip of the same broker in the same run
 - warm task latency (module cached on the proplet), submit -> the core emits its completion, p50/p99,
   split at the moment the start is published;
 - tasks per second end to end with N proplet processes on SQLite;
+- both again for a bigger module (`--module-kib`, 1 MiB by default: `add` with a custom section,
+  as debug info or embedded data make a real module), sent inline with each task as upstream's
+  clients do: what a module's size costs on the warm path (the manager stores it once per digest);
 - the resident memory of an idle proplet;
 - CPU time per task in the throughput run, by process (manager, broker, each proplet).
 
     .venv/bin/python benchmarks/bench_e2e.py [--latency-samples 1000] [--tasks 10000] [--proplets 4]
+                                             [--module-kib 1024]
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from core.events import Fanout, Subscription  # noqa: E402
 from core.schemas import TaskCreate  # noqa: E402
 from core.service import ManagerCore  # noqa: E402
 from tests.services import Mosquitto  # noqa: E402
-from tests.wasmfixtures import wasm  # noqa: E402
+from tests.wasmfixtures import wasm, with_custom_section  # noqa: E402
 
 
 def start_proplet(broker: Mosquitto, domain: str, name: str, workdir: Path, **extra: str) -> subprocess.Popen[bytes]:
@@ -159,8 +163,15 @@ async def main() -> None:
     parser.add_argument("--tasks", type=int, default=10_000)
     parser.add_argument("--proplets", type=int, default=4)
     parser.add_argument("--window", type=int, default=400)
+    parser.add_argument("--module-kib", type=int, default=1024,
+                        help="size of the bigger module measured after the small one (0: skip it)")
     args = parser.parse_args()
     body = TaskCreate(name="add", file=base64.b64encode(wasm("add")).decode(), inputs=["1", "2"])
+    big_module = with_custom_section(wasm("add"), "padding", os.urandom(args.module_kib * 1024))
+    big_body = TaskCreate(name="add", file=base64.b64encode(big_module).decode(), inputs=["1", "2"])
+    big_tasks = max(1, args.tasks // 5)
+    big_lat: list[float] = []
+    big_rate = 0.0
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -184,6 +195,10 @@ async def main() -> None:
                     cpu_before = {k: cpu_seconds(pid) for k, pid in pids.items()}
                     rate = await throughput(core, body, args.tasks, args.window)
                     cpu_used = {k: cpu_seconds(pid) - cpu_before[k] for k, pid in pids.items()}
+                    if args.module_kib:
+                        big_one = TaskCreate.model_validate({**big_body.model_dump(), "proplet_id": names[0]})
+                        big_lat, _ = await latency(core, big_one, args.latency_samples)
+                        big_rate = await throughput(core, big_body, big_tasks, args.window)
         finally:
             broker.stop()
 
@@ -198,6 +213,11 @@ async def main() -> None:
     print(f"  and start published -> completed (broker both ways, the proplet, the result taken in): "
           f"p50 {pct(after, 0.5):6.3f} ms  p99 {pct(after, 0.99):6.3f} ms")
     print(f"end to end, SQLite, {args.proplets} proplet processes: {rate:,.0f} tasks/s over {args.tasks:,} tasks")
+    if big_lat:
+        b50, b99 = pct(big_lat, 0.5), pct(big_lat, 0.99)
+        print(f"with a {args.module_kib:,} KiB module, sent inline with each task: warm task p50 {b50:6.3f} ms  "
+              f"p99 {b99:6.3f} ms ({b50 / r50:.2f}x / {b99 / r99:.2f}x the round trip); "
+              f"{big_rate:,.0f} tasks/s over {big_tasks:,} tasks")
     print(f"idle proplet RSS: {', '.join(f'{m:.1f}' for m in idle_rss)} MB")
     # Where the throughput goes: the machine's cores are shared by all of these.
     total = sum(cpu_used.values())

@@ -654,7 +654,7 @@ class ManagerCore:
             ops.append(self.store.op_put_schedule(schedule) if schedule.expression
                        else self.store.op_delete_schedule(task_id))
         if task.wasm_digest != old_digest:
-            ops.append(self.store.op_set_task_file(task))
+            ops += self.store.ops_set_task_module(task, old_digest)
             if task.file:
                 self._files.put(task.wasm_digest, Artifact(task.file, task.wasm_digest))
         await self.writer.write(*ops)
@@ -691,11 +691,12 @@ class ManagerCore:
         if task_id in self.active:
             raise Conflict(f"task {task_id} is queued or running; stop it before replacing its module")
         task = await self.get_task(task_id)
+        old_digest = task.wasm_digest
         task.file = data
         task.wasm_digest = protocol.sha256_digest(data)
         task.updated_at = utcnow()
         self._files.put(task.wasm_digest, Artifact(data, task.wasm_digest))
-        await self.writer.write(self.store.op_set_task_file(task))
+        await self.writer.write(*self.store.ops_set_task_module(task, old_digest))
         task.file = b""
         self._remember(task)
         return task.copy()
@@ -711,7 +712,10 @@ class ManagerCore:
         self._recent.pop(task_id)
         self._unstored_results.pop(task_id)
         self.cron.forget(task_id)
-        await self.writer.write(self.store.op_delete_task(task_id))
+        ops = [self.store.op_delete_task(task_id)]
+        if deleted.wasm_digest:
+            ops.append(self.store.op_forget_module(deleted.wasm_digest))
+        await self.writer.write(*ops)
         self.events.emit(TaskDeleted(task_id))
         if task is not None and deleted.job_id:
             # A queued or running task of a job deleted is stopped first, and an interrupted task
@@ -804,6 +808,7 @@ class ManagerCore:
             task.reason = task.reason or not_started_reason(task)
             if task.file:
                 self._files.put(task.wasm_digest, Artifact(task.file, task.wasm_digest))
+                ops.append(self.store.op_put_module(task.wasm_digest, task.file))
             ops += [self.store.op_insert_task(task),
                     self.store.op_task_event(TaskEvent(task.id, TaskState.PENDING, task.created_at, 0, "", "created"))]
         await self.writer.write(*ops)

@@ -170,6 +170,12 @@ def _name(text: str) -> bytes:
     return _leb(len(text)) + text.encode()
 
 
+def with_custom_section(module: bytes, name: str, payload: bytes) -> bytes:
+    """The module plus a custom section `name` carrying `payload`: still valid wasm with the same
+    exports, bigger (or carrying a marker) as a real module with debug info or data would be."""
+    return module + _section(0, _name(name) + payload)
+
+
 def _big_module() -> bytes:
     """A core module with one active data segment of BIG_MODULE_BYTES and probe(i32) -> i32 that
     returns the byte at an offset (written as binary: a WAT text of it would be 30 MB)."""

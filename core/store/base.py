@@ -119,20 +119,24 @@ class Page(Generic[T]):
     total: int
 
 
+# The module is not among them: it is stored once per digest in `modules` (migration 6).
 _TASK_COLUMNS = (
-    "id", "name", "kind", "state", "image_url", "file", "wasm_digest", "cli_args", "inputs", "env",
+    "id", "name", "kind", "state", "image_url", "wasm_digest", "cli_args", "inputs", "env",
     "daemon", "latent", "encrypted", "kbs_resource_path", "proplet_id", "pinned", "broadcast",
     "priority", "metadata", "monitoring_profile", "hal_storage_path", "mode", "depends_on", "run_if",
     "workflow_id", "job_id", "limits", "max_retries", "attempt", "retries", "results", "error", "reason",
     "queued_at", "start_time", "finish_time", "created_at", "updated_at",
 )
-# What changes after creation (the file and the identity do not change on a state update).
+# What changes after creation (the module and the identity do not change on a state update).
 _TASK_MUTABLE = (
     "name", "state", "image_url", "wasm_digest", "cli_args", "inputs", "env", "daemon", "latent",
     "proplet_id", "pinned", "broadcast", "priority", "metadata", "limits", "max_retries", "attempt",
     "retries", "results", "error", "reason", "queued_at", "start_time", "finish_time", "updated_at",
 )
-_TASK_SELECT = ", ".join(c for c in _TASK_COLUMNS if c != "file")
+_TASK_SELECT = ", ".join(_TASK_COLUMNS)
+# A task's module: stored for a task without an image_url (a digest beside an image_url pins bytes
+# fetched from elsewhere, which are not stored).
+_TASK_MODULE = "(SELECT data FROM modules WHERE digest = tasks.wasm_digest AND tasks.image_url = '') AS file"
 
 _PROPLET_COLUMNS = (
     "id", "name", "namespace", "metadata", "alive_history", "online", "offline_reason",
@@ -161,8 +165,10 @@ _TASK_STATE_COLUMNS = (
 SQL_UPDATE_TASK_STATE = (
     f"UPDATE tasks SET {', '.join(f'{c} = ?' for c in _TASK_STATE_COLUMNS)} WHERE id = ?"
 )
-SQL_UPDATE_TASK_FILE = "UPDATE tasks SET file = ?, wasm_digest = ?, updated_at = ? WHERE id = ?"
+SQL_UPDATE_TASK_MODULE = "UPDATE tasks SET wasm_digest = ?, updated_at = ? WHERE id = ?"
 SQL_DELETE_TASK = "DELETE FROM tasks WHERE id = ?"
+SQL_PUT_MODULE = "INSERT INTO modules (digest, data) VALUES (?, ?) ON CONFLICT (digest) DO NOTHING"
+SQL_FORGET_MODULE = "DELETE FROM modules WHERE digest = ? AND NOT EXISTS (SELECT 1 FROM tasks WHERE wasm_digest = ?)"
 SQL_INSERT_EVENT = (
     "INSERT INTO task_events (id, task_id, state, attempt, proplet_id, detail, at) VALUES (?, ?, ?, ?, ?, ?, ?) "
     "ON CONFLICT (id) DO NOTHING"
@@ -365,7 +371,7 @@ class Store(abc.ABC):
     def task_row(self, t: Task) -> tuple[Any, ...]:
         values = {
             "id": t.id, "name": t.name, "kind": t.kind, "state": int(t.state),
-            "image_url": t.image_url, "file": t.file or None, "wasm_digest": t.wasm_digest,
+            "image_url": t.image_url, "wasm_digest": t.wasm_digest,
             "cli_args": None if t.cli_args is None else dumps(t.cli_args),
             "inputs": dumps(t.inputs), "env": dumps(t.env),
             "daemon": self.bool_in(t.daemon), "latent": self.bool_in(t.latent),
@@ -437,7 +443,7 @@ class Store(abc.ABC):
     # ---- reads --------------------------------------------------------------------------
 
     async def get_task(self, task_id: str, *, with_file: bool = True) -> Task | None:
-        columns = _TASK_SELECT + (", file" if with_file else "")
+        columns = _TASK_SELECT + (", " + _TASK_MODULE if with_file else "")
         async with self.connection() as conn:
             rows = await conn.fetch(f"SELECT {columns} FROM tasks WHERE id = ?", (task_id,))
         if not rows:
@@ -668,9 +674,7 @@ class Store(abc.ABC):
 
     async def file_by_digest(self, digest: str) -> bytes | None:
         async with self.connection() as conn:
-            rows = await conn.fetch(
-                "SELECT file FROM tasks WHERE wasm_digest = ? AND file IS NOT NULL LIMIT 1", (digest,)
-            )
+            rows = await conn.fetch("SELECT data FROM modules WHERE digest = ?", (digest,))
         return bytes(rows[0][0]) if rows else None
 
     async def task_events(self, task_id: str) -> list[TaskEvent]:
@@ -835,7 +839,16 @@ class Store(abc.ABC):
     # builders for write operations
 
     def op_insert_task(self, task: Task) -> WriteOp:
+        """The task's row; its module, if it carries one, goes in with op_put_module."""
         return WriteOp(SQL_INSERT_TASK, self.task_row(task), phase=_PHASE_TASK_INSERT)
+
+    def op_put_module(self, digest: str, data: bytes) -> WriteOp:
+        """Store a module under its digest, once: a module already stored is left as it is."""
+        return WriteOp(SQL_PUT_MODULE, (digest, data), phase=_PHASE_MODULE, key=digest)
+
+    def op_forget_module(self, digest: str) -> WriteOp:
+        """Delete a module no task refers to any more (kept while one does)."""
+        return WriteOp(SQL_FORGET_MODULE, (digest, digest), barrier=True)
 
     def op_update_task(self, task: Task) -> WriteOp:
         return WriteOp(SQL_UPDATE_TASK, self.task_update_row(task), phase=_PHASE_TASK_UPDATE, key=task.id)
@@ -849,12 +862,15 @@ class Store(abc.ABC):
             ts(task.queued_at), ts(task.start_time), ts(task.finish_time), ts(task.updated_at), task.id,
         ), phase=_PHASE_TASK_UPDATE, key=task.id)
 
-    def op_set_task_file(self, task: Task) -> WriteOp:
-        return WriteOp(
-            SQL_UPDATE_TASK_FILE,
-            (task.file or None, task.wasm_digest, self.ts_in(task.updated_at), task.id),
-            phase=_PHASE_TASK_UPDATE, key=task.id,
-        )
+    def ops_set_task_module(self, task: Task, old_digest: str) -> list[WriteOp]:
+        """The task's module replaced (task.file and task.wasm_digest; an empty file: none
+        stored), and the one it had forgotten if no other task has it."""
+        ops = [self.op_put_module(task.wasm_digest, task.file)] if task.file else []
+        ops.append(WriteOp(SQL_UPDATE_TASK_MODULE, (task.wasm_digest, self.ts_in(task.updated_at), task.id),
+                           phase=_PHASE_TASK_UPDATE, key=task.id))
+        if old_digest and old_digest != task.wasm_digest:
+            ops.append(self.op_forget_module(old_digest))
+        return ops
 
     def op_delete_task(self, task_id: str) -> WriteOp:
         return WriteOp(SQL_DELETE_TASK, (task_id,), barrier=True)
@@ -907,7 +923,7 @@ class WriteOp:
     barrier: bool = False
 
 
-_PHASE_TASK_INSERT, _PHASE_TASK_UPDATE, _PHASE_EVENT, _PHASE_PROPLET, _PHASE_METRICS = range(5)
+_PHASE_MODULE, _PHASE_TASK_INSERT, _PHASE_TASK_UPDATE, _PHASE_EVENT, _PHASE_PROPLET, _PHASE_METRICS = range(6)
 
 
 def plan(ops: Sequence[WriteOp]) -> list[list[WriteOp]]:

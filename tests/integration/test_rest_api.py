@@ -187,6 +187,28 @@ async def test_upload_checks_name_and_magic(api: httpx.AsyncClient, manager: Any
     assert r.status_code == 400
 
 
+async def test_tasks_with_one_module_store_it_once_until_the_last_of_them_lets_it_go(
+        api: httpx.AsyncClient, manager: Any) -> None:
+    module = WASM + bytes(range(256)) * 64
+    first = await create(api, file=base64.b64encode(module).decode())
+    second = await create(api, file=base64.b64encode(module).decode())
+    digest = first["wasm_digest"]
+    assert second["wasm_digest"] == digest
+
+    async def stored() -> list[bytes]:
+        async with manager.store.connection() as conn:
+            return [bytes(r[0]) for r in await conn.fetch("SELECT data FROM modules WHERE digest = ?", (digest,))]
+
+    assert await stored() == [module]
+    assert (await manager.store.get_task(second["id"])).file == module
+    assert (await api.delete(f"/tasks/{first['id']}")).status_code == 204
+    assert await stored() == [module], "the second task still runs it"
+    r = await api.put(f"/tasks/{second['id']}/upload", files={"file": ("new.wasm", WASM + b"\x02")})
+    assert r.status_code == 200
+    assert await stored() == [], "replaced in the last task that had it"
+    assert (await manager.store.get_task(second["id"])).file == WASM + b"\x02"
+
+
 async def test_start_stop_results_events_metrics_and_delete(api: httpx.AsyncClient, manager: Any,
                                                              broker: Any) -> None:
     bare = (await api.post("/tasks", json={"name": "add"})).json()

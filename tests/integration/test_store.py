@@ -24,7 +24,7 @@ def make_task(**overrides: object) -> Task:
     now = datetime.now(UTC)
     values: dict[str, object] = dict(
         id=new_task_id(), name="add", inputs=["1", "2"], env={"K": "v"}, metadata={"site": "a", "n": 3},
-        file=b"\0asm\x01\0\0\0", wasm_digest="sha256:" + "a" * 64, cli_args=["--x"],
+        wasm_digest="sha256:" + "a" * 64, cli_args=["--x"],
         limits=TaskLimits(timeout_s=2.5, fuel=1000, memory_bytes=1 << 20), created_at=now, updated_at=now,
     )
     values.update(overrides)
@@ -37,8 +37,8 @@ async def write(store: Store, *ops: object) -> None:
 
 async def test_task_round_trip(store: Store) -> None:
     task = make_task(results={"x": [1, 2]}, monitoring_profile={"enabled": True}, hal_storage_path="/h",
-                     pinned=True, proplet_id="p1", max_retries=2)
-    await write(store, store.op_insert_task(task))
+                     pinned=True, proplet_id="p1", max_retries=2, file=b"\0asm\x01\0\0\0")
+    await write(store, store.op_put_module(task.wasm_digest, task.file), store.op_insert_task(task))
     got = await store.get_task(task.id)
     assert got is not None
     assert got == task
@@ -191,11 +191,67 @@ async def test_events_in_order(store: Store) -> None:
     assert await store.task_events(task.id) == events
 
 
-async def test_file_by_digest(store: Store) -> None:
-    task = make_task(file=b"\0asm" + b"x" * 1000, wasm_digest="sha256:" + "b" * 64)
-    await write(store, store.op_insert_task(task))
-    assert await store.file_by_digest(task.wasm_digest) == task.file
+async def _count(store: Store, sql: str) -> int:
+    async with store.connection() as conn:
+        return int((await conn.fetch(sql))[0][0])
+
+
+async def test_a_module_is_stored_once_and_forgotten_with_the_last_task_that_has_it(store: Store) -> None:
+    module = b"\0asm" + random.randbytes(200_000)
+    digest = "sha256:" + "b" * 64
+    first, second = make_task(file=module, wasm_digest=digest), make_task(file=module, wasm_digest=digest)
+    await write(store, *(op for t in (first, second)
+                         for op in (store.op_put_module(digest, module), store.op_insert_task(t))))
+    assert await store.file_by_digest(digest) == module
     assert await store.file_by_digest("sha256:" + "c" * 64) is None
+    got = await store.get_task(first.id)
+    assert got is not None and got.file == module
+    assert await _count(store, "SELECT COUNT(*) FROM modules") == 1
+    # Not in the tasks' rows, which every state change writes again.
+    assert await _count(store, "SELECT COUNT(*) FROM tasks WHERE file IS NOT NULL") == 0
+    # A digest beside an image_url pins bytes fetched from elsewhere: the stored module is not its file.
+    pinned = make_task(file=b"", image_url="registry.local/app:1", wasm_digest=digest)
+    await write(store, store.op_insert_task(pinned))
+    got = await store.get_task(pinned.id)
+    assert got is not None and got.file == b""
+    await write(store, store.op_delete_task(first.id), store.op_forget_module(digest))
+    assert await store.file_by_digest(digest) == module, "the second task still has it"
+    await write(store, store.op_delete_task(second.id), store.op_delete_task(pinned.id),
+                store.op_forget_module(digest))
+    assert await store.file_by_digest(digest) is None
+
+
+async def test_replacing_a_module_forgets_the_old_one_only_when_no_task_has_it(store: Store) -> None:
+    old, new = b"\0asm" + b"o" * 100, b"\0asm" + b"n" * 100
+    old_digest, new_digest = "sha256:" + "d" * 64, "sha256:" + "e" * 64
+    shared, alone = make_task(file=old, wasm_digest=old_digest), make_task(file=old, wasm_digest=old_digest)
+    await write(store, store.op_put_module(old_digest, old), store.op_insert_task(shared), store.op_insert_task(alone))
+    shared.file, shared.wasm_digest = new, new_digest
+    await write(store, *store.ops_set_task_module(shared, old_digest))
+    assert await store.file_by_digest(old_digest) == old and await store.file_by_digest(new_digest) == new
+    alone.file, alone.wasm_digest = b"", ""  # the module removed: none stored, the old one goes
+    await write(store, *store.ops_set_task_module(alone, old_digest))
+    assert await store.file_by_digest(old_digest) is None
+    got = await store.get_task(shared.id)
+    assert got is not None and (got.file, got.wasm_digest) == (new, new_digest)
+
+
+async def test_migration_6_moves_the_modules_out_of_the_task_rows(store: Store) -> None:
+    module = b"\0asm" + b"m" * 5000
+    digest = "sha256:" + "f" * 64
+    a, b = make_task(file=b"", wasm_digest=digest), make_task(file=b"", wasm_digest=digest)
+    await write(store, store.op_insert_task(a), store.op_insert_task(b))
+    async with store.transaction() as conn:
+        # The rows as migration 6 finds them: each task with its copy of the module.
+        await conn.execute("UPDATE tasks SET file = ? WHERE wasm_digest = ?", (module, digest))
+        await conn.execute("DELETE FROM schema_migrations WHERE id = ?", ("6_modules",))
+    assert await migrate(store) == ["6_modules"]
+    assert await store.file_by_digest(digest) == module
+    for task in (a, b):
+        got = await store.get_task(task.id)
+        assert got is not None and got.file == module
+    assert await _count(store, "SELECT COUNT(*) FROM modules") == 1
+    assert await _count(store, "SELECT COUNT(*) FROM tasks WHERE file IS NOT NULL") == 0
 
 
 async def test_proplets_upsert_and_delete(store: Store) -> None:

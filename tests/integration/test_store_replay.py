@@ -41,7 +41,7 @@ from core.store.postgres import PostgresStore
 from core.store.writer import StoreWriter
 from tests.services import TcpProxy
 
-TABLES = ("jobs", "tasks", "task_events", "task_schedules", "proplets", "proplet_metrics", "task_metrics",
+TABLES = ("modules", "jobs", "tasks", "task_events", "task_schedules", "proplets", "proplet_metrics", "task_metrics",
           "fl_rounds", "fl_updates", "fl_models")
 
 
@@ -63,14 +63,21 @@ def _every_kind_of_write(store: Store) -> tuple[list[WriteOp], set[str]]:
         built: WriteOp = getattr(store, name)(*args)
         return built
 
+    def ops(name: str, *args: Any) -> list[WriteOp]:
+        used.add(name)
+        built: list[WriteOp] = getattr(store, name)(*args)
+        return built
+
     job = Job(new_task_id(), "nightly", "parallel", now, now)
     task = _task(job_id=job.id)
     gone = _task()
     proplet, gone_proplet = Proplet("p-1", name="edge"), Proplet("p-2")
-    running = _task(id=task.id, job_id=job.id, state=TaskState.RUNNING, proplet_id="p-1", attempt=1)
+    running = _task(id=task.id, job_id=job.id, state=TaskState.RUNNING, proplet_id="p-1", attempt=1,
+                    file=b"\0asm\x01\0\0\0\0\x01", wasm_digest="sha256:" + "b" * 64)
     fl_round = FLRound("round-1", "model-0", ["p-1"], 1, 30.0, now + timedelta(seconds=30))
     ops = [
         op("op_insert_job", job),
+        op("op_put_module", task.wasm_digest, task.file),
         op("op_insert_task", task),
         op("op_insert_task", gone),
         op("op_task_event", TaskEvent(task.id, TaskState.PENDING, now, 0, "", "created")),
@@ -79,13 +86,14 @@ def _every_kind_of_write(store: Store) -> tuple[list[WriteOp], set[str]]:
         op("op_upsert_proplet", gone_proplet, now),
         op("op_update_task", running),
         op("op_update_task_state", running),
-        op("op_set_task_file", running),
+        *ops("ops_set_task_module", running, task.wasm_digest),
         op("op_task_event", TaskEvent(task.id, TaskState.RUNNING, now, 1, "p-1", "")),
         op("op_proplet_metrics", PropletMetrics("p-1", "", now, {"cpu": 1}, {"rss": 2})),
         op("op_task_metrics", TaskMetrics(task.id, "p-1", now, {"cpu": 1})),
         op("op_put_schedule", Schedule(gone.id, "@daily", "UTC", True, now)),
         op("op_delete_schedule", gone.id),
         op("op_delete_task", gone.id),
+        op("op_forget_module", gone.wasm_digest),
         op("op_delete_proplet", gone_proplet.id),
         op("op_put_fl_round", fl_round),
         op("op_insert_fl_update", FLUpdateRecord("round-1", "p-1", 10, {"w": [1.0]}, "rest", now)),
@@ -106,11 +114,13 @@ async def _contents(store: Store) -> dict[str, list[tuple[Any, ...]]]:
 
 async def test_every_write_applied_again_changes_nothing_and_raises_nothing(store: Store) -> None:
     ops, used = _every_kind_of_write(store)
-    builders = {name for name in dir(store) if name.startswith("op_")}
+    builders = {name for name in dir(store) if name.startswith(("op_", "ops_"))}
     assert used == builders, f"writes this test does not repeat: {sorted(builders - used)}"
     await store.apply(ops)
     once = await _contents(store)
     assert len(once["tasks"]) == 1 and len(once["task_events"]) == 2 and len(once["task_metrics"]) == 1
+    # The first module went with the last task that had it (`gone`); the one `running` set stays.
+    assert once["modules"] == [(("digest", repr("sha256:" + "b" * 64)), ("data", repr(b"\0asm\x01\0\0\0\0\x01")))]
     await store.apply(ops)  # the retry of a batch whose COMMIT succeeded unseen
     assert await _contents(store) == once
 

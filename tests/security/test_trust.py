@@ -22,7 +22,7 @@ from core.signing import generate_keypair
 from proplet.agent import PropletAgent
 from proplet.config import PropletSettings
 from tests.fleet import make_fleet
-from tests.wasmfixtures import wasm, wasmtime_cli
+from tests.wasmfixtures import wasm, wasmtime_cli, with_custom_section
 from tests.wire import WireClient, eventually
 
 
@@ -127,7 +127,7 @@ SECRETS = {"MANAGER_API_KEY": "mgr-pass-7f3a9c", "PROPLET_API_KEY": "plt-pass-4b
 async def test_secrets_never_reach_the_logs(tmp_path: Path) -> None:
     marker = b"TOP-SECRET-PAYLOAD-31337"
     module = wasm("add") + b"\0" * 0  # the module itself must not be logged either
-    custom = _with_custom_section(module, marker)
+    custom = with_custom_section(module, "secret", marker)
     fleet = make_fleet(tmp_path)
     try:
         await asyncio.to_thread(fleet.start_manager, MANAGER_LOG_LEVEL="debug", MANAGER_API_KEY=SECRETS[
@@ -158,22 +158,3 @@ async def test_secrets_never_reach_the_logs(tmp_path: Path) -> None:
     assert b64(custom)[:40] not in logs
     print(f"\nSECURITY logs: {len(logs)} characters of debug logs from manager and proplet contain no API key, "
           "password, token or module content")
-
-
-def _with_custom_section(module: bytes, payload: bytes) -> bytes:
-    """The module plus a custom section carrying `payload` (still valid wasm, same exports)."""
-    name = b"secret"
-    body = bytes([len(name)]) + name + payload
-    return module + b"\x00" + _leb(len(body)) + body
-
-
-def _leb(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
