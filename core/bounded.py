@@ -53,6 +53,18 @@ class BoundedLru(Generic[K, V]):
         entry = self._entries.get(key)
         return entry[0] if entry is not None else None
 
+    def use(self, key: K) -> V | None:
+        """`get`, and the key becomes the most recently used."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        self._entries.move_to_end(key)
+        return entry[0]
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.bytes = 0
+
     def pop(self, key: K) -> V | None:
         entry = self._entries.pop(key, None)
         if entry is None:

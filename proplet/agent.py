@@ -114,6 +114,7 @@ class PropletAgent:
                 default_timeout_s=self.settings.task_timeout,
                 default_memory_bytes=self.settings.task_memory_limit,
                 cache_dir=self.settings.cache_dir,
+                memory_cache_bytes=self.settings.compiled_cache_max_bytes,
                 http_first_port=self.settings.http_proxy_port,
             ),
         )

@@ -71,6 +71,10 @@ def _half_the_memory() -> int:
     return total_memory() // 2 or 4 * 1024**3  # unknown: wasm32's own ceiling
 
 
+def _an_eighth_of_the_memory_up_to_1_gib() -> int:
+    return min(total_memory() // 8 or 256 * 1024**2, 1024**3)
+
+
 class PropletSettings(msgspec.Struct, MqttClientOptions, kw_only=True):
     """Everything `propeller proplet` reads. Names and meanings follow upstream's Rust proplet.
 
@@ -174,6 +178,11 @@ class PropletSettings(msgspec.Struct, MqttClientOptions, kw_only=True):
     result_resend: Annotated[float, Meta(gt=0, description="Seconds before an unconfirmed result is sent again.")] = 5.0
     cache_dir: Annotated[Path, Meta(description="Where compiled modules are kept between runs.")] = msgspec.field(
         default_factory=lambda: paths.cache_dir() / "proplet")
+    compiled_cache_max_bytes: Annotated[int, Meta(
+        gt=0, description="Compiled code kept in memory for the next runs (bytes; least recently used dropped, the "
+        "copy in cache_dir stays): a 10 MiB module holds 10-20 MiB while kept. Default: an eighth of this "
+        "machine's memory, at most 1 GiB (the figure shown is this machine's).",
+    )] = msgspec.field(default_factory=_an_eighth_of_the_memory_up_to_1_gib)
     state_dir: Annotated[Path, Meta(
         description="Where the generated entity id and the result outbox are kept.")] = msgspec.field(
         default_factory=lambda: paths.state_dir() / "proplet")

@@ -89,8 +89,10 @@ class RuntimeConfig:
     capture_bytes: int = MIB
     # Where compiled modules are serialized; None keeps them in memory only.
     cache_dir: Path | None = None
-    # Compiled modules kept in memory (least recently used evicted; the disk copy stays).
+    # Compiled modules kept in memory (least recently used evicted; the disk copy stays), and
+    # their compiled code's bytes together: a 10 MiB module holds 10-20 MiB while it is kept.
     memory_cache_entries: int = 64
+    memory_cache_bytes: int = 256 * MIB
     # Virtual address space reserved per linear memory (wasmtime's default, 4 GiB + guard,
     # when None). Lower it to fit tens of thousands of live instances in one process.
     memory_reservation: int | None = None

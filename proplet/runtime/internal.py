@@ -26,7 +26,6 @@ import tempfile
 import threading
 import time
 import traceback
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +51,7 @@ from wasmtime import _bindings as ffi
 from wasmtime import component as cm
 from wasmtime._extern import wrap_extern
 
+from core.bounded import BoundedLru
 from core.wasmvalues import format_results
 
 from . import memories, wave
@@ -121,15 +121,22 @@ class _CoreArtifact:
     memories: tuple[str, ...]
     # A module importing nothing from WASI skips building a WasiConfig per run (~0.1 ms).
     uses_wasi: bool = True
+    # Its compiled code's size (serialized), what keeping it in memory costs.
+    code_bytes: int = 0
 
 
 @dataclass(slots=True)
 class _ComponentArtifact:
     component: cm.Component
     exports: ComponentExports
+    code_bytes: int = 0
 
 
 Artifact = _CoreArtifact | _ComponentArtifact
+
+
+def _code_bytes(artifact: Artifact) -> int:
+    return artifact.code_bytes
 
 
 class _EngineSet:
@@ -232,7 +239,8 @@ class WasmtimeRuntime:
         self._pool = ThreadPoolExecutor(self.config.max_concurrent, thread_name_prefix="wasm-task")
         self._compile_pool = ThreadPoolExecutor(2, thread_name_prefix="wasm-compile")
         self._slots = asyncio.Semaphore(self.config.max_concurrent)
-        self._artifacts: OrderedDict[tuple[str, bool], Artifact] = OrderedDict()
+        self._artifacts: BoundedLru[tuple[str, bool], Artifact] = BoundedLru(
+            self.config.memory_cache_entries, self.config.memory_cache_bytes, _code_bytes)
         self._lock = threading.Lock()
         self._loading: dict[str, asyncio.Future[None]] = {}
         self._closed = False
@@ -267,8 +275,7 @@ class WasmtimeRuntime:
     async def load(self, digest: str, wasm: bytes | bytearray) -> None:
         hex_digest = check_digest(digest)
         with self._lock:
-            if (hex_digest, False) in self._artifacts:
-                self._artifacts.move_to_end((hex_digest, False))
+            if self._artifacts.use((hex_digest, False)) is not None:
                 return
         pending = self._loading.get(hex_digest)
         if pending is not None:
@@ -306,10 +313,11 @@ class WasmtimeRuntime:
         except WasmtimeError as e:
             raise ModuleError(invalid_module_error(kind, _first_line(e))) from None
         self.compiles += 1
-        artifact = self._describe(engines, compiled, wasm)
+        code = bytes(compiled.serialize())
+        artifact = self._describe(engines, compiled, len(code), wasm)
         if engines.disk is not None:
             try:
-                engines.disk.write_code(hex_digest, kind, bytes(compiled.serialize()))
+                engines.disk.write_code(hex_digest, kind, code)
             except OSError as e:
                 log.warning("could not cache compiled module sha256:%s on disk: %s", hex_digest, e)
         return artifact
@@ -333,7 +341,7 @@ class WasmtimeRuntime:
                 compiled = Module.deserialize(engines.engine, payload)
             if kind == "module" and wasm is None:
                 wasm = engines.disk.read_wasm(hex_digest)
-            artifact = self._describe(engines, compiled, wasm)
+            artifact = self._describe(engines, compiled, len(payload), wasm)
         except (WasmtimeError, ModuleError) as e:
             log.warning("cannot use cached %s (%s); recompiling", path, _first_line(e))
             with contextlib.suppress(OSError):
@@ -343,7 +351,7 @@ class WasmtimeRuntime:
         self._remember(hex_digest, fuel, artifact)
         return artifact
 
-    def _describe(self, engines: _EngineSet, compiled: Module | cm.Component,
+    def _describe(self, engines: _EngineSet, compiled: Module | cm.Component, code_bytes: int,
                   wasm: bytes | bytearray | None = None) -> Artifact:
         """Everything a run needs to know about the exports, computed once per compiled module.
 
@@ -375,22 +383,16 @@ class WasmtimeRuntime:
                 elif isinstance(ty, wasmtime.MemoryType):
                     memories.append(export.name)
             uses_wasi = any(imp.module.startswith("wasi") for imp in compiled.imports)
-            return _CoreArtifact(compiled, pre, funcs, tuple(names), tuple(memories), uses_wasi)
-        return _ComponentArtifact(compiled, describe_exports(compiled, engines.engine))
+            return _CoreArtifact(compiled, pre, funcs, tuple(names), tuple(memories), uses_wasi, code_bytes)
+        return _ComponentArtifact(compiled, describe_exports(compiled, engines.engine), code_bytes)
 
     def _remember(self, hex_digest: str, fuel: bool, artifact: Artifact) -> None:
         with self._lock:
-            self._artifacts[(hex_digest, fuel)] = artifact
-            self._artifacts.move_to_end((hex_digest, fuel))
-            while len(self._artifacts) > self.config.memory_cache_entries:
-                self._artifacts.popitem(last=False)
+            self._artifacts.put((hex_digest, fuel), artifact)
 
     def _cached(self, hex_digest: str, fuel: bool) -> Artifact | None:
         with self._lock:
-            artifact = self._artifacts.get((hex_digest, fuel))
-            if artifact is not None:
-                self._artifacts.move_to_end((hex_digest, fuel))
-            return artifact
+            return self._artifacts.use((hex_digest, fuel))
 
     def _artifact_sync(self, hex_digest: str, fuel: bool) -> Artifact:
         """Memory, then disk, then (for the fuel engine) a compile from the stored bytes."""

@@ -15,7 +15,7 @@ import wasmtime
 from core.domain import TaskLimits
 from proplet.runtime import Invocation, RuntimeConfig, WasmtimeRuntime
 from proplet.runtime.cache import UnsafeCacheDir
-from tests.wasmfixtures import digest, wasm
+from tests.wasmfixtures import big_module_byte, digest, wasm, with_custom_section
 
 
 @contextlib.asynccontextmanager
@@ -143,6 +143,25 @@ async def test_memory_cache_is_bounded(cache_dir: Path) -> None:
         # The evicted module still runs, from disk, without recompiling.
         outcome = await rt.run(digest(wasm("add")), Invocation("t", "add", ("2", "3")))
         assert outcome.results == "5"
+        assert (rt.compiles, rt.deserializations) == (3, 1)
+    finally:
+        await rt.close()
+
+
+async def test_memory_cache_is_bounded_by_the_bytes_of_compiled_code_too(cache_dir: Path) -> None:
+    # By count alone, 64 modules of 10 MiB held over 1 GiB: too much for the small boxes proplets run on.
+    limit = 25 * 2**20
+    rt = WasmtimeRuntime(RuntimeConfig(cache_dir=cache_dir, memory_cache_bytes=limit))
+    modules = [with_custom_section(wasm("big"), "copy", bytes([i])) for i in range(3)]
+    try:
+        for data in modules:
+            await rt.load(digest(data), data)
+        # Each holds the 10 MiB data segment: two fit under 25 MiB, the first loaded made room.
+        assert len(rt._artifacts) == 2 and 20 * 2**20 < rt._artifacts.bytes <= limit
+        assert (digest(modules[0])[7:], False) not in rt._artifacts
+        # The evicted module still runs, from disk, without recompiling.
+        outcome = await rt.run(digest(modules[0]), Invocation("t", "probe", ("5",)))
+        assert outcome.error == "" and outcome.results == str(big_module_byte(5))
         assert (rt.compiles, rt.deserializations) == (3, 1)
     finally:
         await rt.close()

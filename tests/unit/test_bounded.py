@@ -17,6 +17,16 @@ def test_the_least_recently_used_go_first_when_the_bytes_run_out() -> None:
     assert [kept.get(k) for k in "bd"] == ["xx", "xxxxxx"] and kept.bytes == 8
 
 
+def test_a_use_makes_an_entry_the_newest_and_clear_empties_the_map() -> None:
+    kept: BoundedLru[str, str] = BoundedLru(max_entries=2, max_bytes=100, weigh=len)
+    kept.put("a", "x")
+    kept.put("b", "yy")
+    assert kept.use("a") == "x" and kept.use("missing") is None
+    assert kept.put("c", "z") == ["b"]  # `a` was used after `b` was put
+    kept.clear()
+    assert (len(kept), kept.bytes, kept.get("a")) == (0, 0, None)
+
+
 def test_the_entry_count_bounds_too_and_one_heavy_entry_is_kept_alone() -> None:
     kept: BoundedLru[int, bytes] = BoundedLru(max_entries=3, max_bytes=1000, weigh=len)
     evicted = [k for i in range(5) for k in kept.put(i, b"x")]
