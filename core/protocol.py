@@ -243,6 +243,9 @@ class StartMessage:
     limits: TaskLimits = field(default_factory=TaskLimits)
     attempt: int = 0
     traceparent: str = ""
+    # Extension, to a proplet announcing `result_ack_in_start` only: its results the manager has
+    # stored since ([task_id, attempt] pairs), which would otherwise take a result_ack message each.
+    result_acks: tuple[tuple[str, int], ...] = ()
 
     def targets(self, proplet_id: str) -> bool:
         """Whether a proplet with this id should run the task (upstream's filter)."""
@@ -276,6 +279,8 @@ def encode_start(msg: StartMessage) -> bytes:
         obj["limits"] = msg.limits.to_dict()
     _put_if(obj, "attempt", msg.attempt)
     _put_if(obj, "traceparent", msg.traceparent)
+    if msg.result_acks:
+        obj["result_acks"] = [list(pair) for pair in msg.result_acks]
     return _dumps(obj)
 
 
@@ -320,6 +325,7 @@ def _start_from(r: _Reader) -> StartMessage:
         limits=r.limits(),
         attempt=r.opt_int("attempt", 0, minimum=0) or 0,
         traceparent=r.opt_str("traceparent"),
+        result_acks=_ack_pairs(r, "result_acks"),
     )
     if msg.encrypted:
         if not msg.image_url:
@@ -438,18 +444,23 @@ def encode_result_ack(msg: ResultAckMessage) -> bytes:
 
 def decode_result_ack(payload: bytes | str, topic: str = "control/manager/result_ack") -> ResultAckMessage:
     r = _Reader(payload, topic)
-    raw = r.obj.get("more") or []
-    if not isinstance(raw, list) or not all(
-        isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], int)
-        and not isinstance(p[1], bool) and p[1] >= 0 for p in raw
-    ):
-        raise r.fail("field 'more' must be a list of [task_id, attempt] pairs")
     return ResultAckMessage(
         task_id=r.req_str("task_id"),
         proplet_id=r.req_str("proplet_id"),
         attempt=r.opt_int("attempt", 0, minimum=0) or 0,
-        more=tuple((p[0], p[1]) for p in raw),
+        more=_ack_pairs(r, "more"),
     )
+
+
+def _ack_pairs(r: _Reader, name: str) -> tuple[tuple[str, int], ...]:
+    """An optional list of [task_id, attempt] pairs."""
+    raw = r.obj.get(name) or []
+    if not isinstance(raw, list) or not all(
+        isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], int)
+        and not isinstance(p[1], bool) and p[1] >= 0 for p in raw
+    ):
+        raise r.fail(f"field '{name}' must be a list of [task_id, attempt] pairs")
+    return tuple((p[0], p[1]) for p in raw)
 
 
 # ---------------------------------------------------------------------------------------------

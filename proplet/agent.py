@@ -45,7 +45,9 @@ from proplet.sources import ChunkSource, FetchError, HttpSource, InlineSource, M
 log = logging.getLogger(__name__)
 
 # module_cache: modules are kept by digest, so a start may name one it ran before by reference.
-CAPABILITIES = ["task_state", "result_ack", "chunk_resume", "wasm_digest", "limits", "module_cache"]
+# result_ack_in_start: a start may carry acknowledgements of earlier results (`result_acks`).
+CAPABILITIES = ["task_state", "result_ack", "result_ack_in_start", "chunk_resume", "wasm_digest", "limits",
+                "module_cache"]
 # A task still running after this long is confirmed with task_state; a faster one is confirmed by
 # its result (which carries its start time), saving a message and a state change per task.
 CONFIRM_AFTER_S = 0.05
@@ -349,6 +351,8 @@ class PropletAgent:
             raise
         if start is None or not start.targets(self.id):
             return
+        for task_id, attempt in start.result_acks:
+            self.outbox.ack(task_id, attempt)
         if start.id in self.running:
             # The manager did not see our confirmation (a broker crash loses it): confirm again.
             self.counters.duplicate_starts += 1

@@ -36,7 +36,7 @@ starts = st.builds(
     kbs_resource_path=text, monitoring_profile=st.none() | json_obj, proplet_id=text,
     hal_storage_path=text, parent_results=st.none() | json_obj, mode=st.sampled_from(["", "infer", "train"]),
     wasm_digest=st.just("") | digests, wasm_signature=text, limits=limits, attempt=st.integers(0, 1000),
-    traceparent=text,
+    traceparent=text, result_acks=st.lists(st.tuples(ids, st.integers(0, 100)), max_size=3).map(tuple),
 )
 stops = st.builds(p.StopMessage, id=ids, proplet_id=text, broadcast=st.booleans(), traceparent=text).map(
     lambda m: m if not m.broadcast else p.StopMessage(m.id, "", True, m.traceparent))
