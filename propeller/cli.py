@@ -13,7 +13,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import click
 
@@ -32,7 +32,38 @@ __all__ = ["main", "settings_help", "setup_logging"]
 DEFAULT_MANAGER_URL = "http://127.0.0.1:7070"
 
 
-@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+class _CommandsOfOtherPackages(click.Group):
+    """The top-level group, with the commands of the other packages imported only when asked for:
+    importing them all cost every process (an idle proplet among them) the memory of the firmware
+    tools too."""
+
+    # name -> (module, attribute); listed when the module is installed.
+    lazy: ClassVar[dict[str, tuple[str, str]]] = {
+        "proplet": ("proplet.cli", "proplet_command"),
+        "proxy": ("proplet.proxy_cli", "proxy_command"),
+        "firmware": ("propeller.firmware", "firmware_group"),
+    }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        import importlib.util
+
+        installed = [name for name, (module, _) in self.lazy.items() if importlib.util.find_spec(module)]
+        return sorted({*super().list_commands(ctx), *installed})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy and cmd_name not in self.commands:
+            import importlib
+            import importlib.util
+
+            module, attr = self.lazy[cmd_name]
+            if importlib.util.find_spec(module) is None:
+                return None
+            self.add_command(getattr(importlib.import_module(module), attr), cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_CommandsOfOtherPackages, invoke_without_command=True,
+             context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Config file (YAML with manager:, proplet:, proxy:, console: sections). "
                    "Default: $PROPELLER_CONFIG or ~/.config/propeller/config.yaml.")
@@ -823,17 +854,3 @@ def keys_generate(directory: Path, name: str, force: bool) -> None:
     private, public = generate_keypair(directory, name)
     click.echo(f"private key (manager, keep secret): {private}\n  MANAGER_SIGNING_KEY={private.resolve()}")
     click.echo(f"public key (proplets):              {public}\n  PROPLET_TRUSTED_KEYS={public.resolve()}")
-
-
-def _register_optional_commands() -> None:
-    """Commands of the other packages, registered when those packages provide them."""
-    import importlib
-    import importlib.util
-
-    for module_name, attr in (("proplet.cli", "proplet_command"), ("proplet.proxy_cli", "proxy_command"),
-                              ("propeller.firmware", "firmware_group")):
-        if importlib.util.find_spec(module_name) is not None:
-            main.add_command(getattr(importlib.import_module(module_name), attr))
-
-
-_register_optional_commands()

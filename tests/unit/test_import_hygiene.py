@@ -43,6 +43,18 @@ def test_the_proplet_command_does_not_load_pydantic() -> None:
     assert not {m for m in loaded if m.split(".")[0] in {"pydantic", "pydantic_core", "pydantic_settings"}}
 
 
+def test_the_proplet_command_does_not_load_the_firmware_tools() -> None:
+    # ~0.5 MB of an idle proplet (configparser, shutil's compressors, ...): loaded when asked for only.
+    loaded = _imported_after(["propeller.cli", "proplet.cli", "proplet.agent"])
+    assert "propeller.firmware" not in loaded
+    from propeller.cli import main
+
+    out = subprocess.run([sys.executable, "-m", "propeller", "firmware", "--help"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert out.returncode == 0 and "Build, flash, monitor and provision" in out.stdout, out.stderr
+    assert {"firmware", "proplet", "proxy"} <= set(main.list_commands(main.make_context("propeller", [])))
+
+
 def test_import_linter_contracts_hold() -> None:
     lint = Path(sys.executable).with_name("lint-imports")
     out = subprocess.run([str(lint)], capture_output=True, text=True, cwd=ROOT, timeout=300)
