@@ -68,6 +68,9 @@ async def test_create_returns_201_location_and_the_upstream_shape(api: httpx.Asy
     ({}, "name"),
     ({"name": ""}, "name"),
     ({"name": "x", "file": "!!not base64"}, "base64"),
+    ({"name": "x", "file": B64.rstrip("=")}, "base64"),  # strict: padding required,
+    ({"name": "x", "file": B64[:4] + "\n" + B64[4:]}, "base64"),  # no line breaks,
+    ({"name": "x", "file": "AGFzbQ==é"}, "base64"),  # nothing outside the alphabet
     ({"name": "x", "file": base64.b64encode(b"ELF-not-wasm").decode()}, "not a WebAssembly module"),
     ({"name": "x", "priority": 101}, "priority"),
     ({"name": "x", "proplet_id": "p", "broadcast": True}, "cannot both be set"),
