@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+import core.service
 from core import protocol
 from core import topics as t
 from core.domain import TaskState
@@ -226,9 +227,11 @@ async def test_a_module_the_proplet_ran_before_is_named_by_reference_not_resent(
 
 
 async def test_a_result_is_acknowledged_by_the_next_start_to_its_proplet_or_alone_soon_after(
-        broker: Any, manager: Any, proplet_factory: PropletFactory) -> None:
+        broker: Any, manager: Any, proplet_factory: PropletFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     # An acknowledgement of its own cost the manager a send (~0.1 ms) on the way of the next start,
     # and the proplet a message to read, for every task of a client submitting one after another.
+    # A wait of 1 s instead of 20 ms: a loaded test machine must not send the first one alone.
+    monkeypatch.setattr(core.service, "ACK_RIDE_S", 1.0)
     async with WireClient(broker.url, manager.topics, subscribe=[t.START, t.RESULT_ACK]) as spy, \
             proplet_factory(manager, "p-ride") as agent:
         body = {"name": "add", "file": b64(wasm("add")), "inputs": [1, 2], "proplet_id": "p-ride"}
@@ -240,7 +243,7 @@ async def test_a_result_is_acknowledged_by_the_next_start_to_its_proplet_or_alon
         start = next(m for m in spy.messages(t.START) if m["id"] == second.id)
         assert start["result_acks"] == [[first.id, first.attempt]]
         # Nothing follows the second task: its acknowledgement goes alone (after ACK_RIDE_S).
-        await eventually(lambda: len(agent.outbox) == 0, 2)
+        await eventually(lambda: len(agent.outbox) == 0, 5)
         assert [m["task_id"] for m in spy.messages(t.RESULT_ACK)] == [second.id]
 
 
