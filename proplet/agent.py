@@ -117,6 +117,7 @@ class PropletAgent:
                 default_memory_bytes=self.settings.task_memory_limit,
                 cache_dir=self.settings.cache_dir,
                 memory_cache_bytes=self.settings.compiled_cache_max_bytes,
+                disk_cache_bytes=self.settings.disk_cache_bytes,
                 http_first_port=self.settings.http_proxy_port,
             ),
         )

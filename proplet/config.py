@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import typing
 import uuid
@@ -73,6 +74,19 @@ def _half_the_memory() -> int:
 
 def _an_eighth_of_the_memory_up_to_1_gib() -> int:
     return min(total_memory() // 8 or 256 * 1024**2, 1024**3)
+
+
+def a_tenth_of_the_disk_up_to_1_gib(path: Path) -> int:
+    """The default bound of the module cache: a tenth of the file system that holds `path` (or
+    would, once created), at most 1 GiB, as wasmtime's own cache."""
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    try:
+        size = shutil.disk_usage(existing).total
+    except OSError:
+        size = 0
+    return min(size // 10 or 1024**3, 1024**3)
 
 
 class PropletSettings(msgspec.Struct, MqttClientOptions, kw_only=True):
@@ -183,6 +197,11 @@ class PropletSettings(msgspec.Struct, MqttClientOptions, kw_only=True):
         "copy in cache_dir stays): a 10 MiB module holds 10-20 MiB while kept. Default: an eighth of this "
         "machine's memory, at most 1 GiB (the figure shown is this machine's).",
     )] = msgspec.field(default_factory=_an_eighth_of_the_memory_up_to_1_gib)
+    cache_max_bytes: Annotated[int, Meta(
+        gt=0, description="Bytes of modules and compiled code kept in cache_dir; the modules run least recently "
+        "are removed first (and fetched again when a task needs them). Default: a tenth of the file system that "
+        "holds cache_dir, at most 1 GiB.",
+    )] | None = None
     state_dir: Annotated[Path, Meta(
         description="Where the generated entity id and the result outbox are kept.")] = msgspec.field(
         default_factory=lambda: paths.state_dir() / "proplet")
@@ -195,6 +214,13 @@ class PropletSettings(msgspec.Struct, MqttClientOptions, kw_only=True):
     def __post_init__(self) -> None:
         if not self.entity_id:
             self.entity_id = generated_entity_id(self.state_dir)
+
+    @property
+    def disk_cache_bytes(self) -> int:
+        """`cache_max_bytes`, or its default for cache_dir's file system."""
+        if self.cache_max_bytes is not None:
+            return self.cache_max_bytes
+        return a_tenth_of_the_disk_up_to_1_gib(self.cache_dir)
 
     @property
     def queued_tasks(self) -> int:

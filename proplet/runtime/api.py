@@ -93,6 +93,9 @@ class RuntimeConfig:
     # their compiled code's bytes together: a 10 MiB module holds 10-20 MiB while it is kept.
     memory_cache_entries: int = 64
     memory_cache_bytes: int = 256 * MIB
+    # Bytes of modules and compiled code kept under cache_dir (least recently used removed first;
+    # wasmtime's own cache defaults to the same 1 GiB).
+    disk_cache_bytes: int = 1024 * MIB
     # Virtual address space reserved per linear memory (wasmtime's default, 4 GiB + guard,
     # when None). Lower it to fit tens of thousands of live instances in one process.
     memory_reservation: int | None = None

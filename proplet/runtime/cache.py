@@ -17,14 +17,29 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import stat
 import tempfile
+import threading
+import time
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 _HEADER = b"PROPLETCWASM\x01"
 _HASH_LEN = 32
+
+# Every file of a module starts with its digest: `<hex>.wasm`, `<hex>.module.cwasm`, the external
+# runtime's `<hex>.<cli tag>[.fuel].cwasm[.sha256]`.
+_MODULE_FILE = re.compile(r"([0-9a-f]{64})\.")
+# A temporary file older than this was left by a process that died while writing it.
+_ABANDONED_TEMP_S = 3600.0
+# A trim goes down to this share of the limit, so that a stream of new modules does not scan the
+# directory on every write.
+_TRIM_TO = 0.9
+# A module run again within this time is not touched again (its files' modification time is its recency).
+_TOUCH_EVERY_S = 60.0
 
 
 class UnsafeCacheDir(Exception):
@@ -76,17 +91,22 @@ class DiskCache:
             return None
         return data[head:]
 
-    def write_code(self, hex_digest: str, kind: str, payload: bytes) -> None:
+    def write_code(self, hex_digest: str, kind: str, payload: bytes) -> int:
+        """Bytes written."""
         body = _HEADER + hashlib.sha256(payload).digest() + payload
         _atomic_write(self.code_path(hex_digest, kind), body)
+        return len(body)
 
     def wasm_path(self, hex_digest: str) -> Path:
         return self.wasm_dir / f"{hex_digest}.wasm"
 
-    def write_wasm(self, hex_digest: str, wasm: bytes | bytearray) -> None:
+    def write_wasm(self, hex_digest: str, wasm: bytes | bytearray) -> int:
+        """Bytes written (none when the file is there already)."""
         path = self.wasm_path(hex_digest)
-        if not path.exists():
-            _atomic_write(path, wasm)
+        if path.exists():
+            return 0
+        _atomic_write(path, wasm)
+        return len(wasm)
 
     def read_wasm(self, hex_digest: str) -> bytes | None:
         """The delivered bytes, re-verified against their digest (they are compiled, not trusted)."""
@@ -110,3 +130,119 @@ def _atomic_write(path: Path, data: bytes | bytearray) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+class DiskBudget:
+    """Keeps the files under a cache root within `max_bytes`, removing the modules least recently
+    used first.
+
+    A module's files (its bytes, its code for each engine configuration, the external runtime's
+    precompiled files) are found by the digest their names start with, in the root and the
+    directories under it, and removed together; the runtime then forgets the module (`forget`), so
+    that the agent fetches it again when a task needs it. Recency is the newest modification time
+    of a module's files: a run touches them (`used`, at most once a minute per module, so a module
+    run from memory all day is not the first to go, and its recency survives a restart). Code
+    compiled for an engine configuration no longer in use (wasmtime upgraded, the runtime switched)
+    is never touched again, so it goes first. A module that `in_use()` names (a load or a run of it
+    under way) is never removed; `lock` is held while a module is checked and removed, so a caller
+    that marks a module in use under it, or reads its files under it, never sees them vanish."""
+
+    def __init__(self, root: Path, max_bytes: int, *, files_of: Callable[[str], Collection[Path]],
+                 in_use: Callable[[], Collection[str]] = frozenset,
+                 forget: Callable[[str], None] | None = None) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+        self.lock = threading.RLock()
+        self._files_of = files_of
+        self._in_use = in_use
+        self._forget = forget
+        # The bytes under the root as of the last scan plus what was written since; None until the
+        # first write scans.
+        self._total: int | None = None
+        self._scan_lock = threading.Lock()
+        self._touched: dict[str, float] = {}
+        # Observable (tests, logs): modules removed to stay within the limit, and their bytes.
+        self.evicted = 0
+        self.evicted_bytes = 0
+
+    def added(self, nbytes: int) -> None:
+        """`nbytes` were just written under the root; trim when that takes it past the limit. Runs
+        on the writing thread (a compile's or asyncio.to_thread's), never on the event loop."""
+        with self._scan_lock:
+            if self._total is None:
+                self._total = sum(size for size, _, _ in self._modules().values())
+            else:
+                self._total += nbytes
+            if self._total > self.max_bytes:
+                self._total = self._trim()
+
+    def used(self, hex_digest: str) -> None:
+        """A run of the module: it becomes the most recently used (its files touched, at most once
+        a minute: a few system calls, on the event loop)."""
+        now = time.monotonic()
+        if now - self._touched.get(hex_digest, -_TOUCH_EVERY_S) < _TOUCH_EVERY_S:
+            return
+        self._touched[hex_digest] = now
+        # The clock's own time, not the file system's (os.utime(path) alone): that one advances a
+        # tick (4-10 ms) at a time, so a module run right after another was written could tie with it.
+        when = time.time_ns()
+        for path in self._files_of(hex_digest):
+            with contextlib.suppress(OSError):
+                os.utime(path, ns=(when, when))
+
+    def _files(self) -> Iterator[os.DirEntry[str]]:
+        with contextlib.suppress(OSError), os.scandir(self.root) as top:
+            for entry in top:
+                if entry.is_dir(follow_symlinks=False):
+                    with contextlib.suppress(OSError), os.scandir(entry.path) as inner:
+                        yield from (f for f in inner if f.is_file(follow_symlinks=False))
+                elif entry.is_file(follow_symlinks=False):
+                    yield entry
+
+    def _modules(self) -> dict[str, tuple[int, float, list[str]]]:
+        """digest -> (bytes, newest mtime, paths); abandoned temporary files are removed on the way."""
+        modules: dict[str, tuple[int, float, list[str]]] = {}
+        now = time.time()
+        for entry in self._files():
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+                if now - st.st_mtime > _ABANDONED_TEMP_S:
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
+                continue
+            match = _MODULE_FILE.match(entry.name)
+            if match is None:
+                continue
+            size, newest, paths = modules.get(match[1], (0, 0.0, []))
+            paths.append(entry.path)
+            modules[match[1]] = (size + st.st_size, max(newest, st.st_mtime), paths)
+        return modules
+
+    def _trim(self) -> int:
+        modules = self._modules()
+        total = sum(size for size, _, _ in modules.values())
+        target = self.max_bytes * _TRIM_TO
+        for hex_digest, (size, _, paths) in sorted(modules.items(), key=lambda item: item[1][1]):
+            if total <= target:
+                break
+            with self.lock:
+                if hex_digest in self._in_use():
+                    continue
+                if self._forget is not None:
+                    self._forget(hex_digest)
+                for path in paths:
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
+            self._touched.pop(hex_digest, None)
+            total -= size
+            self.evicted += 1
+            self.evicted_bytes += size
+            log.info("removed module sha256:%s (%d bytes) from the cache in %s, the least recently used, "
+                     "to keep it under %d bytes", hex_digest, size, self.root, self.max_bytes)
+        if total > self.max_bytes:
+            log.warning("the modules in use take %d bytes of the cache in %s, more than its limit of %d bytes",
+                        total, self.root, self.max_bytes)
+        return total

@@ -38,7 +38,8 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections import deque
+from collections import Counter, deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,7 @@ from .api import (
     trap_description,
     wasm_kind,
 )
-from .cache import _atomic_write, _secure_dir
+from .cache import DiskBudget, _atomic_write, _secure_dir
 from .components import Call, ComponentExports, describe_exports, invoke_text, plan_call
 from .wasmbin import CoreExports, WasmParseError, core_exports
 
@@ -260,10 +261,11 @@ class ExternalRuntime:
         self.serve_start_timeout_s = serve_start_timeout_s
         self._own_dir: str | None = None
         if self.config.cache_dir is not None:
-            root = Path(self.config.cache_dir) / "external"
+            cache_root = Path(self.config.cache_dir)
+            root = cache_root / "external"
         else:
             self._own_dir = tempfile.mkdtemp(prefix="proplet-wasmtime-cli-")
-            root = Path(self._own_dir)
+            cache_root = root = Path(self._own_dir)
         self._dir = _secure_dir(root)
         # Another CLI (an upgrade) refuses the files of the one before, or worse: name them apart.
         st = os.stat(path)
@@ -281,12 +283,38 @@ class ExternalRuntime:
         # Reads components' export types (made on the first component).
         self._types_engine: Engine | None = None
         self.compiles = 0
+        # Modules whose files a run or a server start reads (marked under the budget's lock).
+        self._using: Counter[str] = Counter()
+        # The disk cache's bound (the whole cache directory, the internal runtime's files too). A
+        # module removed from disk is forgotten, so that has_module() says no and the agent
+        # delivers it again.
+        self._budget = DiskBudget(cache_root, self.config.disk_cache_bytes, files_of=self._files_of,
+                                  in_use=self._modules_in_use, forget=lambda h: self._stored.pop(h, None))
 
     # ----------------------------------------------------------------------------- modules
 
     def has_module(self, digest: str) -> bool:
         hex_digest = check_digest(digest)
         return hex_digest in self._stored or self._wasm_path(hex_digest).exists()
+
+    def _files_of(self, hex_digest: str) -> list[Path]:
+        code = [self._cwasm_path(hex_digest, fuel=fuel) for fuel in (False, True)]
+        return [self._wasm_path(hex_digest), *code, *map(_checksum_path, code)]
+
+    def _modules_in_use(self) -> set[str]:
+        # Called from the trimming thread: list() and set() of a dict do not let the loop in.
+        return {key.split(".")[0] for key in list(self._loading)} | set(self._using)
+
+    @contextlib.contextmanager
+    def _using_module(self, hex_digest: str) -> Iterator[None]:
+        with self._budget.lock:
+            self._using[hex_digest] += 1
+        try:
+            yield
+        finally:
+            self._using[hex_digest] -= 1
+            if not self._using[hex_digest]:
+                del self._using[hex_digest]
 
     def _wasm_path(self, hex_digest: str) -> Path:
         return self._dir / f"{hex_digest}.wasm"
@@ -329,7 +357,7 @@ class ExternalRuntime:
         cwasm_path = self._cwasm_path(hex_digest)
         if write:
             # Written even over a file already there: the CLI compiles from it, and it may be damaged.
-            await asyncio.to_thread(_atomic_write, wasm_path, wasm)
+            await asyncio.to_thread(self._write_wasm, wasm_path, wasm)
         component = None
         if kind == "component":
             # Both compiles at once: the load takes as long as the slower one.
@@ -342,6 +370,14 @@ class ExternalRuntime:
         elif not await asyncio.to_thread(_intact, cwasm_path):
             await self._precompile(wasm_path, cwasm_path, kind)
         self._stored[hex_digest] = _Stored(kind, wasm_path, cwasm_path, exports, component)
+
+    def _write_wasm(self, path: Path, wasm: bytes | bytearray) -> None:
+        _atomic_write(path, wasm)
+        self._budget.added(len(wasm))
+
+    def _seal(self, tmp: Path, cwasm: Path) -> None:
+        _seal(tmp, cwasm)
+        self._budget.added(cwasm.stat().st_size)
 
     def _component_exports(self, hex_digest: str, wasm: bytes | bytearray) -> ComponentExports | None:
         """A component's export types, read through wasmtime-py (on a thread: it compiles)."""
@@ -381,7 +417,7 @@ class ExternalRuntime:
                 tmp.unlink()
             raise ModuleError(invalid_module_error(kind, _cause(err)))
         try:
-            await asyncio.to_thread(_seal, tmp, cwasm_path)
+            await asyncio.to_thread(self._seal, tmp, cwasm_path)
         except BaseException:
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -439,6 +475,11 @@ class ExternalRuntime:
             hex_digest = check_digest(digest)
         except ValueError as e:
             return Outcome("", f"{e}.")
+        with self._using_module(hex_digest):
+            self._budget.used(hex_digest)
+            return await self._run(hex_digest, inv, started)
+
+    async def _run(self, hex_digest: str, inv: Invocation, started: float) -> Outcome:
         stored = await self._stored_for(hex_digest)
         if stored is None:
             return Outcome("", f"Module sha256:{hex_digest} is not loaded on this proplet. Deliver the "
@@ -609,6 +650,11 @@ class ExternalRuntime:
     async def serve_http(self, digest: str, inv: Invocation, port: int | None = None) -> HttpServer:
         """Start `wasmtime serve` for a wasi:http/proxy component; return once it accepts connections."""
         hex_digest = check_digest(digest)
+        with self._using_module(hex_digest):  # until the server has read the module
+            self._budget.used(hex_digest)
+            return await self._serve(hex_digest, inv, port)
+
+    async def _serve(self, hex_digest: str, inv: Invocation, port: int | None) -> HttpServer:
         stored = await self._stored_for(hex_digest)
         if stored is None:
             raise ServeError(f"Module sha256:{hex_digest} is not loaded on this proplet. Deliver it again.")

@@ -83,7 +83,7 @@ from .api import (
     trap_description,
     wasm_kind,
 )
-from .cache import DiskCache, UnsafeCacheDir
+from .cache import DiskBudget, DiskCache, UnsafeCacheDir
 from .components import ComponentExports, describe_exports, plan_call
 from .memories import MemoryUse
 from .wasmbin import WasmParseError, core_exports
@@ -243,6 +243,11 @@ class WasmtimeRuntime:
             self.config.memory_cache_entries, self.config.memory_cache_bytes, _code_bytes)
         self._lock = threading.Lock()
         self._loading: dict[str, asyncio.Future[None]] = {}
+        # The disk cache's bound. Loads under way write the module's files; reads of them hold the
+        # budget's lock. A module removed from disk is forgotten in memory too, so that has_module()
+        # says no and the agent delivers it again (a fuel task compiles from the bytes on disk).
+        self._budget = DiskBudget(cache_root, self.config.disk_cache_bytes, files_of=self._files_of,
+                                  in_use=lambda: set(self._loading), forget=self._forget)
         self._closed = False
         # Observable counters (tests and metrics): real compiles vs loads from the disk cache.
         self.compiles = 0
@@ -261,6 +266,18 @@ class WasmtimeRuntime:
         # agent fetching the module again (a full disk may have kept the one and not the other).
         return (disk is not None and self._find_code(hex_digest, False) is not None
                 and disk.wasm_path(hex_digest).is_file())
+
+    def _files_of(self, hex_digest: str) -> list[Path]:
+        files = []
+        for engines in self._engines.values():
+            assert engines.disk is not None
+            files += [engines.disk.code_path(hex_digest, kind) for kind in ("module", "component")]
+        return [*files, self._engines[(False, False)].disk.wasm_path(hex_digest)]  # type: ignore[union-attr]
+
+    def _forget(self, hex_digest: str) -> None:
+        with self._lock:
+            for fuel in (False, True):
+                self._artifacts.pop((hex_digest, fuel))
 
     def _find_code(self, hex_digest: str, fuel: bool) -> tuple[_EngineSet, str, Path] | None:
         """Compiled code on disk for the engine of its kind (a component's code in a core
@@ -298,10 +315,10 @@ class WasmtimeRuntime:
         engines = self._engines[(False, kind == "component")]
         assert engines.disk is not None
         if self._artifact_from_disk(hex_digest, False, wasm) is not None:
-            _keep_wasm(engines.disk, hex_digest, wasm)
+            self._budget.added(_keep_wasm(engines.disk, hex_digest, wasm))
             return
         artifact = self._compile(engines, kind, wasm, hex_digest)
-        _keep_wasm(engines.disk, hex_digest, wasm)
+        self._budget.added(_keep_wasm(engines.disk, hex_digest, wasm))
         self._remember(hex_digest, False, artifact)
 
     def _compile(self, engines: _EngineSet, kind: str, wasm: bytes | bytearray, hex_digest: str) -> Artifact:
@@ -317,7 +334,7 @@ class WasmtimeRuntime:
         artifact = self._describe(engines, compiled, len(code), wasm)
         if engines.disk is not None:
             try:
-                engines.disk.write_code(hex_digest, kind, code)
+                self._budget.added(engines.disk.write_code(hex_digest, kind, code))
             except OSError as e:
                 log.warning("could not cache compiled module sha256:%s on disk: %s", hex_digest, e)
         return artifact
@@ -326,21 +343,22 @@ class WasmtimeRuntime:
                             wasm: bytes | bytearray | None = None) -> Artifact | None:
         """The compiled code on disk, described from `wasm` (the delivered bytes) or, without them,
         from the bytes kept on disk."""
-        found = self._find_code(hex_digest, fuel)
-        if found is None:
-            return None
-        engines, kind, path = found
-        assert engines.disk is not None
-        payload = engines.disk.read_code(path)
-        if payload is None:
-            return None
+        with self._budget.lock:  # not removed between the look and the reads
+            found = self._find_code(hex_digest, fuel)
+            if found is None:
+                return None
+            engines, kind, path = found
+            assert engines.disk is not None
+            payload = engines.disk.read_code(path)
+            if payload is None:
+                return None
+            if kind == "module" and wasm is None:
+                wasm = engines.disk.read_wasm(hex_digest)
         try:
             if kind == "component":
                 compiled: Module | cm.Component = cm.Component.deserialize(engines.engine, payload)
             else:
                 compiled = Module.deserialize(engines.engine, payload)
-            if kind == "module" and wasm is None:
-                wasm = engines.disk.read_wasm(hex_digest)
             artifact = self._describe(engines, compiled, len(payload), wasm)
         except (WasmtimeError, ModuleError) as e:
             log.warning("cannot use cached %s (%s); recompiling", path, _first_line(e))
@@ -401,7 +419,8 @@ class WasmtimeRuntime:
             return artifact
         disk = self._engines[(fuel, False)].disk
         assert disk is not None
-        wasm = disk.read_wasm(hex_digest)
+        with self._budget.lock:
+            wasm = disk.read_wasm(hex_digest)
         if wasm is None:
             raise _GuestFailed(
                 f"Module sha256:{hex_digest} is not loaded on this proplet. Deliver the module "
@@ -448,6 +467,7 @@ class WasmtimeRuntime:
                         self._compile_pool, self._artifact_sync, hex_digest, fuel is not None)
                 except _GuestFailed as e:
                     return Outcome("", str(e), duration_s=time.perf_counter() - started)
+            self._budget.used(hex_digest)
             self._watchdog.restart_clock(watch, timeout)
             future: asyncio.Future[Outcome] = loop.create_future()
             job = self._pool.submit(self._execute, artifact, inv, state, loop, future)
@@ -746,14 +766,15 @@ class WasmtimeRuntime:
 # ------------------------------------------------------------------------------------ helpers
 
 
-def _keep_wasm(disk: DiskCache, hex_digest: str, wasm: bytes | bytearray) -> None:
-    """Keep the delivered bytes for a later compile (for the fuel engine). A cache like the
-    compiled code: when the disk is full, only a fuel task of this module fails (asking for the
-    module again), instead of the load and every task of it."""
+def _keep_wasm(disk: DiskCache, hex_digest: str, wasm: bytes | bytearray) -> int:
+    """Keep the delivered bytes for a later compile (for the fuel engine); the bytes written. A
+    cache like the compiled code: when the disk is full, only a fuel task of this module fails
+    (asking for the module again), instead of the load and every task of it."""
     try:
-        disk.write_wasm(hex_digest, wasm)
+        return disk.write_wasm(hex_digest, wasm)
     except OSError as e:
         log.warning("could not keep module sha256:%s on disk: %s", hex_digest, e)
+        return 0
 
 
 def _export(store: Store, instance: wasmtime.Instance, name: str) -> Any:

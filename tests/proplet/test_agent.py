@@ -19,7 +19,7 @@ from proplet.agent import FINISHED_RESULTS_MAX_BYTES, PropletAgent
 from proplet.config import PropletSettings, generated_entity_id, parse_duration
 from tests.proplet.conftest import PropletFactory
 from tests.proplet.helpers import b64, run_task, run_to_end
-from tests.wasmfixtures import wasm
+from tests.wasmfixtures import digest, wasm, with_custom_section
 from tests.wire import WireClient, eventually
 
 
@@ -224,6 +224,33 @@ async def test_a_module_the_proplet_ran_before_is_named_by_reference_not_resent(
             third = await run_task(manager, name="_start", file=b64(module), proplet_id="p-ref")
             assert third.state is TaskState.COMPLETED, third.error
             assert fresh.chunks is not None and fresh.chunks.counters.completed == 1
+
+
+async def test_the_module_cache_stays_within_its_bound_and_a_removed_module_is_fetched_again(
+        broker: Any, manager: Any, proplet_factory: PropletFactory, tmp_path: Path) -> None:
+    modules = [with_custom_section(wasm("add"), "padding", bytes([n]) * 300 * 1024) for n in range(5)]
+    limit = 2**20  # room for three of them at most (the bytes and the compiled code of each)
+    cache = tmp_path / "p-bound" / "cache"
+    async with proplet_factory(manager, "p-bound", cache_max_bytes=limit) as agent:
+        assert agent.settings.disk_cache_bytes == limit
+        for n, module in enumerate(modules):
+            done = await run_task(manager, name="add", file=b64(module), inputs=[n, 1], proplet_id="p-bound")
+            assert done.state is TaskState.COMPLETED and done.results == str(n + 1), done.error
+            await asyncio.sleep(0.02)  # past the file system's clock tick: one module clearly older
+        assert 0 < _bytes_under(cache) <= limit
+        assert not agent.runtime.has_module(digest(modules[0]))
+        # The manager names the module by its digest (this proplet ran it): the proplet no longer
+        # has it, so it asks for the chunks, and the task runs.
+        assert agent.chunks is not None
+        fetched = agent.chunks.counters.completed
+        again = await run_task(manager, name="add", file=b64(modules[0]), inputs=[40, 2], proplet_id="p-bound")
+        assert again.state is TaskState.COMPLETED and again.results == "42", again.error
+        assert agent.chunks.counters.completed == fetched + 1
+        assert _bytes_under(cache) <= limit
+
+
+def _bytes_under(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
 
 async def test_a_result_is_acknowledged_by_the_next_start_to_its_proplet_or_alone_soon_after(

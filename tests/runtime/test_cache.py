@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import resource
+import shutil
 import signal
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -14,7 +17,7 @@ import wasmtime
 
 from core.domain import TaskLimits
 from proplet.runtime import Invocation, RuntimeConfig, WasmtimeRuntime
-from proplet.runtime.cache import UnsafeCacheDir
+from proplet.runtime.cache import DiskBudget, UnsafeCacheDir
 from tests.wasmfixtures import big_module_byte, digest, wasm, with_custom_section
 
 
@@ -39,7 +42,6 @@ async def test_second_load_of_a_digest_does_not_compile(runtime: WasmtimeRuntime
 
 
 async def test_concurrent_loads_compile_once(runtime: WasmtimeRuntime) -> None:
-    import asyncio
 
     data = wasm("fsio")
     await asyncio.gather(*(runtime.load(digest(data), data) for _ in range(5)))
@@ -189,3 +191,108 @@ async def test_a_full_disk_costs_the_cache_not_the_task(runtime: WasmtimeRuntime
         await runtime.load(d, data)
     outcome = await runtime.run(d, Invocation("t", "", ("full",)))
     assert (outcome.error, outcome.results[:18]) == ("", "argv: [main] [full")
+
+
+def _cache_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def _module_files(root: Path, d: str) -> list[Path]:
+    return sorted(p for p in root.rglob(f"{d[7:]}.*") if p.is_file())
+
+
+def _age_files(root: Path, seconds: float) -> float:
+    """Set every file's modification time `seconds` back; returns that time."""
+    when = time.time() - seconds
+    for path in root.rglob("*.*"):
+        os.utime(path, (when, when))
+    return when
+
+
+def _padded(n: int) -> bytes:
+    """`add` with 200 KiB of its own: distinct modules of about the same size on disk."""
+    return with_custom_section(wasm("add"), "padding", bytes([n]) * 200 * 1024)
+
+
+async def test_the_disk_cache_is_bounded_and_removes_the_module_run_least_recently(cache_dir: Path) -> None:
+    # Unbounded, every module a proplet ever ran stayed in cache_dir (bytes and compiled code):
+    # an edge box deploying a new version daily filled its disk.
+    modules = [_padded(n) for n in range(4)]
+    async with runtime_on(cache_dir) as probe:
+        await probe.load(digest(modules[0]), modules[0])
+    footprint = _cache_bytes(cache_dir)
+    shutil.rmtree(cache_dir)
+    limit = int(footprint * 3.5)
+    rt = WasmtimeRuntime(RuntimeConfig(cache_dir=cache_dir, disk_cache_bytes=limit))
+    try:
+        for data in modules[:3]:
+            await rt.load(digest(data), data)
+            await asyncio.sleep(0.02)  # past the file system's clock tick: one module clearly older
+        # The first is run again: now the second is the one run least recently.
+        outcome = await rt.run(digest(modules[0]), Invocation("t", "add", ("2", "3")))
+        assert outcome.results == "5"
+        await rt.load(digest(modules[3]), modules[3])
+
+        assert rt._budget.evicted == 1
+        assert _module_files(cache_dir, digest(modules[1])) == []
+        assert all(_module_files(cache_dir, digest(m)) for m in (modules[0], modules[2], modules[3]))
+        assert _cache_bytes(cache_dir) <= limit
+        # Forgotten in memory too: the agent asks for it again, and it runs once delivered.
+        assert not rt.has_module(digest(modules[1]))
+        await rt.load(digest(modules[1]), modules[1])
+        outcome = await rt.run(digest(modules[1]), Invocation("t", "add", ("40", "2")))
+        assert outcome.results == "42"
+        assert rt.compiles == 5
+        assert _cache_bytes(cache_dir) <= limit
+    finally:
+        await rt.close()
+
+
+async def test_a_module_run_from_memory_is_not_the_first_to_leave_the_disk(cache_dir: Path) -> None:
+    # A run served from memory touches no file; without the touch, the module run all day would be
+    # the oldest on disk and the first removed (and, forgotten, fetched and compiled again).
+    modules = [_padded(n) for n in range(3)]
+    rt = WasmtimeRuntime(RuntimeConfig(cache_dir=cache_dir))
+    try:
+        for data in modules:
+            await rt.load(digest(data), data)
+        old = _age_files(cache_dir, 3600)
+        await rt.run(digest(modules[0]), Invocation("t", "add", ("1", "1")))
+        touched = _module_files(cache_dir, digest(modules[0]))
+        assert touched and all(p.stat().st_mtime > old + 3000 for p in touched)
+        assert all(p.stat().st_mtime == old for p in _module_files(cache_dir, digest(modules[1])))
+    finally:
+        await rt.close()
+
+
+def _fake_module_file(root: Path, sub: str, hex_digest: str, size: int, age_s: float) -> Path:
+    path = root / sub / f"{hex_digest}.module.cwasm"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\0" * size)
+    when = time.time() - age_s
+    os.utime(path, (when, when))
+    return path
+
+
+def test_the_budget_removes_oldest_first_spares_modules_in_use_and_abandoned_temporary_files(tmp_path: Path) -> None:
+    oldest, older, newer = ("a" * 64, "b" * 64, "c" * 64)
+    stale_engine = _fake_module_file(tmp_path, "wasmtime-py-1.0-x86_64-nofuel-0", oldest, 4000, 300)
+    in_use = _fake_module_file(tmp_path, "wasmtime-py-2.0-x86_64-nofuel-0", older, 4000, 200)
+    kept = _fake_module_file(tmp_path, "wasm", newer, 4000, 100)
+    abandoned = tmp_path / "wasm" / f".{newer}.wasm.x1.tmp"
+    abandoned.write_bytes(b"\0" * 10)
+    os.utime(abandoned, (time.time() - 7200, time.time() - 7200))
+    being_written = tmp_path / "wasm" / f".{newer}.wasm.x2.tmp"
+    being_written.write_bytes(b"\0" * 10)
+    forgotten: list[str] = []
+    budget = DiskBudget(tmp_path, 9000, files_of=lambda h: [], in_use=lambda: {older}, forget=forgotten.append)
+
+    budget.added(0)  # the first write scans: 12,000 bytes, over 9,000
+
+    assert not stale_engine.exists() and in_use.exists() and kept.exists()
+    assert forgotten == [oldest] and budget.evicted == 1
+    assert not abandoned.exists() and being_written.exists()
+    newest = _fake_module_file(tmp_path, "wasm", "d" * 64, 2000, 0)
+    budget.added(2000)  # 10,000: down to 8,100 at most, sparing the one in use
+    assert in_use.exists() and not kept.exists() and newest.exists()
+    assert forgotten == [oldest, newer] and budget.evicted_bytes == 8000

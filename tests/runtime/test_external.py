@@ -30,7 +30,7 @@ from proplet.runtime import (
 )
 from proplet.runtime import external as external_module
 from tests.runtime.conftest import load, run
-from tests.wasmfixtures import digest, wasm, wasmtime_cli
+from tests.wasmfixtures import digest, wasm, wasmtime_cli, with_custom_section
 from tests.wire import eventually
 
 
@@ -168,6 +168,46 @@ async def test_precompiled_once_and_reused(external: ExternalRuntime, tmp_path: 
         assert fresh.compiles == 0
     finally:
         await fresh.close()
+
+
+async def test_the_disk_cache_is_bounded_and_spares_the_module_running(tmp_path: Path) -> None:
+    cache = tmp_path / "ext-cache"
+    busy = with_custom_section(wasm("busy"), "padding", bytes(200 * 1024))
+    modules = [with_custom_section(wasm("add"), "padding", bytes([n]) * 200 * 1024) for n in range(3)]
+    probe = ExternalRuntime(wasmtime_cli(), RuntimeConfig(cache_dir=cache))
+    try:
+        for data in (busy, *modules):
+            await probe.load(digest(data), data)
+    finally:
+        await probe.close()
+    # Room for `busy` and two of the others, and once trimmed (to 90%) still for them.
+    limit = _bytes_under(cache, digest(busy)) + int(2.5 * _bytes_under(cache, digest(modules[0])))
+    rt = ExternalRuntime(wasmtime_cli(), RuntimeConfig(cache_dir=tmp_path / "bounded", disk_cache_bytes=limit))
+    try:
+        await rt.load(digest(busy), busy)
+        assert (await rt.run(digest(busy), Invocation("t", "", ("1",)))).error == ""
+        for data in modules[:2]:
+            await asyncio.sleep(0.02)  # past the file system's clock tick: one module clearly older
+            await rt.load(digest(data), data)
+        # `busy` was run last a moment ago (its files are touched once a minute at most): it is the
+        # least recently used, but running, so the next one goes instead.
+        running = asyncio.ensure_future(rt.run(digest(busy), Invocation("slow", "", ("1500",))))
+        await asyncio.sleep(0.2)
+        await rt.load(digest(modules[2]), modules[2])
+        assert (await running).error == ""
+        assert [rt.has_module(digest(d)) for d in (busy, *modules)] == [True, False, True, True]
+        assert _bytes_under(tmp_path / "bounded") <= limit
+        # Delivered again, it runs; now `busy`, no longer running, is the one to go.
+        await rt.load(digest(modules[0]), modules[0])
+        assert (await rt.run(digest(modules[0]), Invocation("t", "add", ("40", "2")))).results == "42"
+        assert [rt.has_module(digest(d)) for d in (busy, *modules)] == [False, True, True, True]
+    finally:
+        await rt.close()
+
+
+def _bytes_under(root: Path, of: str = "sha256:") -> int:
+    """Bytes of the files under `root` (of the module whose digest is `of`)."""
+    return sum(p.stat().st_size for p in root.rglob(f"{of[7:]}*") if p.is_file())
 
 
 def _port_free(port: int) -> bool:
