@@ -140,7 +140,7 @@ class DiskBudget:
     precompiled files) are found by the digest their names start with, in the root and the
     directories under it, and removed together; the runtime then forgets the module (`forget`), so
     that the agent fetches it again when a task needs it. Recency is the newest modification time
-    of a module's files: a run touches them (`used`, at most once a minute per module, so a module
+    of a module's files: a run touches them (`due`, `touch`: at most once a minute per module, so a module
     run from memory all day is not the first to go, and its recency survives a restart). Code
     compiled for an engine configuration no longer in use (wasmtime upgraded, the runtime switched)
     is never touched again, so it goes first. A module that `in_use()` names (a load or a run of it
@@ -176,13 +176,17 @@ class DiskBudget:
             if self._total > self.max_bytes:
                 self._total = self._trim()
 
-    def used(self, hex_digest: str) -> None:
-        """A run of the module: it becomes the most recently used (its files touched, at most once
-        a minute: a few system calls, on the event loop)."""
+    def due(self, hex_digest: str) -> bool:
+        """A run of the module: whether to `touch` it now (at most once a minute). Cheap enough for
+        every run on the event loop; the touch itself is a few system calls, for a thread."""
         now = time.monotonic()
         if now - self._touched.get(hex_digest, -_TOUCH_EVERY_S) < _TOUCH_EVERY_S:
-            return
+            return False
         self._touched[hex_digest] = now
+        return True
+
+    def touch(self, hex_digest: str) -> None:
+        """The module becomes the most recently used: its files' modification time is now."""
         # The clock's own time, not the file system's (os.utime(path) alone): that one advances a
         # tick (4-10 ms) at a time, so a module run right after another was written could tie with it.
         when = time.time_ns()

@@ -476,7 +476,8 @@ class ExternalRuntime:
         except ValueError as e:
             return Outcome("", f"{e}.")
         with self._using_module(hex_digest):
-            self._budget.used(hex_digest)
+            if self._budget.due(hex_digest):
+                asyncio.get_running_loop().run_in_executor(None, self._budget.touch, hex_digest)
             return await self._run(hex_digest, inv, started)
 
     async def _run(self, hex_digest: str, inv: Invocation, started: float) -> Outcome:
@@ -651,7 +652,8 @@ class ExternalRuntime:
         """Start `wasmtime serve` for a wasi:http/proxy component; return once it accepts connections."""
         hex_digest = check_digest(digest)
         with self._using_module(hex_digest):  # until the server has read the module
-            self._budget.used(hex_digest)
+            if self._budget.due(hex_digest):
+                asyncio.get_running_loop().run_in_executor(None, self._budget.touch, hex_digest)
             return await self._serve(hex_digest, inv, port)
 
     async def _serve(self, hex_digest: str, inv: Invocation, port: int | None) -> HttpServer:

@@ -467,7 +467,8 @@ class WasmtimeRuntime:
                         self._compile_pool, self._artifact_sync, hex_digest, fuel is not None)
                 except _GuestFailed as e:
                     return Outcome("", str(e), duration_s=time.perf_counter() - started)
-            self._budget.used(hex_digest)
+            if self._budget.due(hex_digest):
+                self._compile_pool.submit(self._budget.touch, hex_digest)
             self._watchdog.restart_clock(watch, timeout)
             future: asyncio.Future[Outcome] = loop.create_future()
             job = self._pool.submit(self._execute, artifact, inv, state, loop, future)
