@@ -14,6 +14,7 @@ sha256 of its payload, so a truncated or damaged file is discarded and recompile
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -176,6 +177,30 @@ class DiskBudget:
             if self._total > self.max_bytes:
                 self._total = self._trim()
 
+    def write(self, write_files: Callable[[], int], nbytes: int) -> None:
+        """Run `write_files` (it writes under the root and returns the bytes written) and count
+        them. On a full disk, remove the modules run least recently to make room for `nbytes` and
+        try once more (OSError if that fails too): an edge box's disk filled by something else
+        costs the cache, not the task."""
+        try:
+            written = write_files()
+        except OSError as e:
+            if not disk_full(e) or not self.make_room(nbytes):
+                raise
+            written = write_files()
+        self.added(written)
+
+    def make_room(self, nbytes: int) -> bool:
+        """The disk is full: remove the modules run least recently (none in use) until `nbytes`
+        more are free, at least; whether any was removed."""
+        with self._scan_lock:
+            before = self.evicted_bytes
+            self._total = self._trim(free=nbytes)
+            freed = self.evicted_bytes - before
+        log.warning("the disk holding the module cache %s is full: removed %d bytes of modules run least "
+                    "recently to make room", self.root, freed)
+        return freed > 0
+
     def due(self, hex_digest: str) -> bool:
         """A run of the module: whether to `touch` it now (at most once a minute). Cheap enough for
         every run on the event loop; the touch itself is a few system calls, for a thread."""
@@ -225,10 +250,11 @@ class DiskBudget:
             modules[match[1]] = (size + st.st_size, max(newest, st.st_mtime), paths)
         return modules
 
-    def _trim(self) -> int:
+    def _trim(self, free: int = 0) -> int:
+        """Remove modules down to 90% of the limit, and `free` bytes below the total at least."""
         modules = self._modules()
         total = sum(size for size, _, _ in modules.values())
-        target = self.max_bytes * _TRIM_TO
+        target = min(self.max_bytes * _TRIM_TO, total - free)
         for hex_digest, (size, _, paths) in sorted(modules.items(), key=lambda item: item[1][1]):
             if total <= target:
                 break
@@ -250,3 +276,7 @@ class DiskBudget:
             log.warning("the modules in use take %d bytes of the cache in %s, more than its limit of %d bytes",
                         total, self.root, self.max_bytes)
         return total
+
+
+def disk_full(error: OSError) -> bool:
+    return error.errno in (errno.ENOSPC, errno.EDQUOT)

@@ -79,7 +79,7 @@ from .api import (
     trap_description,
     wasm_kind,
 )
-from .cache import DiskBudget, _atomic_write, _secure_dir
+from .cache import DiskBudget, _atomic_write, _secure_dir, disk_full
 from .components import Call, ComponentExports, describe_exports, invoke_text, plan_call
 from .wasmbin import CoreExports, WasmParseError, core_exports
 
@@ -357,7 +357,12 @@ class ExternalRuntime:
         cwasm_path = self._cwasm_path(hex_digest)
         if write:
             # Written even over a file already there: the CLI compiles from it, and it may be damaged.
-            await asyncio.to_thread(self._write_wasm, wasm_path, wasm)
+            try:
+                await asyncio.to_thread(self._write_wasm, wasm_path, wasm)
+            except OSError as e:
+                if disk_full(e):
+                    raise ModuleError(_DISK_FULL.format(root=self._dir)) from None
+                raise
         component = None
         if kind == "component":
             # Both compiles at once: the load takes as long as the slower one.
@@ -372,12 +377,18 @@ class ExternalRuntime:
         self._stored[hex_digest] = _Stored(kind, wasm_path, cwasm_path, exports, component)
 
     def _write_wasm(self, path: Path, wasm: bytes | bytearray) -> None:
-        _atomic_write(path, wasm)
-        self._budget.added(len(wasm))
+        def write() -> int:
+            _atomic_write(path, wasm)
+            return len(wasm)
+
+        self._budget.write(write, len(wasm))
 
     def _seal(self, tmp: Path, cwasm: Path) -> None:
-        _seal(tmp, cwasm)
-        self._budget.added(cwasm.stat().st_size)
+        def seal() -> int:
+            _seal(tmp, cwasm)
+            return cwasm.stat().st_size
+
+        self._budget.write(seal, 4096)
 
     def _component_exports(self, hex_digest: str, wasm: bytes | bytearray) -> ComponentExports | None:
         """A component's export types, read through wasmtime-py (on a thread: it compiles)."""
@@ -398,6 +409,18 @@ class ExternalRuntime:
             return None
 
     async def _precompile(self, wasm_path: Path, cwasm_path: Path, kind: str, flags: tuple[str, ...] = ()) -> None:
+        try:
+            await self._precompile_once(wasm_path, cwasm_path, kind, flags)
+        except _DiskFull:
+            # As for the files this proplet writes itself: room made in the cache, tried once more.
+            if not await asyncio.to_thread(lambda: self._budget.make_room(2 * wasm_path.stat().st_size)):
+                raise ModuleError(_DISK_FULL.format(root=self._dir)) from None
+            try:
+                await self._precompile_once(wasm_path, cwasm_path, kind, flags)
+            except _DiskFull:
+                raise ModuleError(_DISK_FULL.format(root=self._dir)) from None
+
+    async def _precompile_once(self, wasm_path: Path, cwasm_path: Path, kind: str, flags: tuple[str, ...]) -> None:
         tmp = cwasm_path.with_name(f".{cwasm_path.name}.{os.getpid()}.tmp")
         proc = await asyncio.create_subprocess_exec(
             self.binary, "compile", *flags, "-o", str(tmp), str(wasm_path),
@@ -415,9 +438,17 @@ class ExternalRuntime:
         if proc.returncode != 0:
             with contextlib.suppress(OSError):
                 tmp.unlink()
+            if any(os.strerror(code).encode() in err for code in (errno.ENOSPC, errno.EDQUOT)):
+                raise _DiskFull  # not the module's fault: reported so
             raise ModuleError(invalid_module_error(kind, _cause(err)))
         try:
             await asyncio.to_thread(self._seal, tmp, cwasm_path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            if disk_full(e):
+                raise _DiskFull from None
+            raise
         except BaseException:
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -752,6 +783,14 @@ class ExternalRuntime:
 
 class _PlanError(Exception):
     pass
+
+
+class _DiskFull(Exception):
+    """`wasmtime compile` could not write its output: the disk is full."""
+
+
+_DISK_FULL = ("The proplet's disk is full: the module could not be stored in {root}, even after "
+              "removing the modules run least recently. Free space there, or lower PROPLET_CACHE_MAX_BYTES.")
 
 
 # A component export's result type when the exports are not known (the CLI's text is taken as is).

@@ -315,10 +315,10 @@ class WasmtimeRuntime:
         engines = self._engines[(False, kind == "component")]
         assert engines.disk is not None
         if self._artifact_from_disk(hex_digest, False, wasm) is not None:
-            self._budget.added(_keep_wasm(engines.disk, hex_digest, wasm))
+            _keep_wasm(self._budget, engines.disk, hex_digest, wasm)
             return
         artifact = self._compile(engines, kind, wasm, hex_digest)
-        self._budget.added(_keep_wasm(engines.disk, hex_digest, wasm))
+        _keep_wasm(self._budget, engines.disk, hex_digest, wasm)
         self._remember(hex_digest, False, artifact)
 
     def _compile(self, engines: _EngineSet, kind: str, wasm: bytes | bytearray, hex_digest: str) -> Artifact:
@@ -333,8 +333,9 @@ class WasmtimeRuntime:
         code = bytes(compiled.serialize())
         artifact = self._describe(engines, compiled, len(code), wasm)
         if engines.disk is not None:
+            disk = engines.disk
             try:
-                self._budget.added(engines.disk.write_code(hex_digest, kind, code))
+                self._budget.write(lambda: disk.write_code(hex_digest, kind, code), len(code))
             except OSError as e:
                 log.warning("could not cache compiled module sha256:%s on disk: %s", hex_digest, e)
         return artifact
@@ -767,15 +768,14 @@ class WasmtimeRuntime:
 # ------------------------------------------------------------------------------------ helpers
 
 
-def _keep_wasm(disk: DiskCache, hex_digest: str, wasm: bytes | bytearray) -> int:
-    """Keep the delivered bytes for a later compile (for the fuel engine); the bytes written. A
-    cache like the compiled code: when the disk is full, only a fuel task of this module fails
-    (asking for the module again), instead of the load and every task of it."""
+def _keep_wasm(budget: DiskBudget, disk: DiskCache, hex_digest: str, wasm: bytes | bytearray) -> None:
+    """Keep the delivered bytes for a later compile (for the fuel engine). A cache like the
+    compiled code: when the disk stays full, only a fuel task of this module fails (asking for the
+    module again), instead of the load and every task of it."""
     try:
-        return disk.write_wasm(hex_digest, wasm)
+        budget.write(lambda: disk.write_wasm(hex_digest, wasm), len(wasm))
     except OSError as e:
         log.warning("could not keep module sha256:%s on disk: %s", hex_digest, e)
-        return 0
 
 
 def _export(store: Store, instance: wasmtime.Instance, name: str) -> Any:

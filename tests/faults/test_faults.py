@@ -174,7 +174,10 @@ async def test_manager_killed_mid_run_recovers_from_its_database(fleet: Fleet) -
            all_done_after_restart_s=round(time.monotonic() - back, 1))
     assert completed == len(ids), [t for t in tasks if t["state_name"] != "completed"][:3]
     assert len(runs) == len(ids) and duplicated == 0
-    assert answered_in < 2.0
+    # A bound on a broken restart (one that replays or blocks for many seconds), not a measurement:
+    # the figure is reported above (0.6-0.8 s on an idle 2-core VM, 2.0 s once with another test
+    # suite running beside it).
+    assert answered_in < 10.0
 
 
 async def test_proplet_killed_mid_task_fails_or_retries_by_policy(fleet: Fleet) -> None:

@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+import subprocess
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from proplet.runtime import ExternalRuntime, Invocation, Outcome, RuntimeConfig, WasmtimeRuntime
+from tests.services import need
 from tests.wasmfixtures import digest, wasm, wasmtime_cli
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: int) -> Iterator[Path]:
+    """A file system of `size` bytes mounted at `path` (a tmpfs): a disk that really fills up."""
+    path.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    need(mounted.returncode == 0, "mounting a small tmpfs (a disk that fills up)",
+         f"run the tests as root ({mounted.stderr.strip()})")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 @pytest.fixture

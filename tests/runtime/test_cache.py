@@ -18,6 +18,7 @@ import wasmtime
 from core.domain import TaskLimits
 from proplet.runtime import Invocation, RuntimeConfig, WasmtimeRuntime
 from proplet.runtime.cache import DiskBudget, UnsafeCacheDir
+from tests.runtime.conftest import small_disk
 from tests.wasmfixtures import big_module_byte, digest, wasm, with_custom_section
 from tests.wire import eventually
 
@@ -298,3 +299,24 @@ def test_the_budget_removes_oldest_first_spares_modules_in_use_and_abandoned_tem
     budget.added(2000)  # 10,000: down to 8,100 at most, sparing the one in use
     assert in_use.exists() and not kept.exists() and newest.exists()
     assert forgotten == [oldest, newer] and budget.evicted_bytes == 8000
+
+
+async def test_a_full_disk_makes_room_by_removing_the_modules_run_least_recently(tmp_path: Path) -> None:
+    # The disk fills before the cache's bound (something else took it): the cache gives way.
+    with small_disk(tmp_path / "disk", 1536 * 1024) as disk:
+        cache = disk / "cache"
+        rt = WasmtimeRuntime(RuntimeConfig(cache_dir=cache, disk_cache_bytes=2**30))
+        modules = [_padded(n) for n in range(12)]  # 200 KiB each and their code: 7 fill the disk
+        try:
+            for data in modules:
+                await rt.load(digest(data), data)
+                await asyncio.sleep(0.02)  # past the file system's clock tick: one module clearly older
+            assert rt._budget.evicted >= 5
+            assert not rt.has_module(digest(modules[0]))
+            # Every module loaded has its bytes and code on disk: a fresh proplet would not compile it.
+            kinds = {p.name[65:] for p in _module_files(cache, digest(modules[-1]))}
+            assert kinds == {"wasm", "module.cwasm"}
+            outcome = await rt.run(digest(modules[-1]), Invocation("t", "add", ("40", "2")))
+            assert outcome.results == "42"
+        finally:
+            await rt.close()

@@ -29,7 +29,7 @@ from proplet.runtime import (
     runtime_from_config,
 )
 from proplet.runtime import external as external_module
-from tests.runtime.conftest import load, run
+from tests.runtime.conftest import load, run, small_disk
 from tests.wasmfixtures import digest, wasm, wasmtime_cli, with_custom_section
 from tests.wire import eventually
 
@@ -203,6 +203,33 @@ async def test_the_disk_cache_is_bounded_and_spares_the_module_running(tmp_path:
         assert [rt.has_module(digest(d)) for d in (busy, *modules)] == [False, True, True, True]
     finally:
         await rt.close()
+
+
+async def test_a_full_disk_makes_room_by_removing_the_modules_run_least_recently(tmp_path: Path) -> None:
+    with small_disk(tmp_path / "disk", 1536 * 1024) as disk:
+        cache = disk / "cache"
+        rt = ExternalRuntime(wasmtime_cli(), RuntimeConfig(cache_dir=cache, disk_cache_bytes=2**30))
+        modules = [with_custom_section(wasm("add"), "padding", bytes([n]) * 200 * 1024) for n in range(12)]
+        try:
+            for data in modules:
+                await rt.load(digest(data), data)
+                await asyncio.sleep(0.02)  # past the file system's clock tick: one module clearly older
+            assert rt._budget.evicted >= 5 and not rt.has_module(digest(modules[0]))
+            assert (await rt.run(digest(modules[-1]), Invocation("t", "add", ("40", "2")))).results == "42"
+        finally:
+            await rt.close()
+
+
+async def test_a_disk_full_of_other_files_fails_the_load_saying_so(tmp_path: Path) -> None:
+    with small_disk(tmp_path / "disk", 1024 * 1024) as disk:
+        rt = ExternalRuntime(wasmtime_cli(), RuntimeConfig(cache_dir=disk / "cache"))
+        try:
+            (disk / "logs").write_bytes(bytes(1024 * 1024 - 8192))  # nothing of the cache's to remove
+            data = with_custom_section(wasm("add"), "padding", bytes(200 * 1024))
+            with pytest.raises(ModuleError, match=r"^The proplet's disk is full: the module could not be stored"):
+                await rt.load(digest(data), data)
+        finally:
+            await rt.close()
 
 
 def _bytes_under(root: Path, of: str = "sha256:") -> int:
