@@ -220,11 +220,15 @@ async def test_a_full_disk_makes_room_by_removing_the_modules_run_least_recently
             await rt.close()
 
 
-async def test_a_disk_full_of_other_files_fails_the_load_saying_so(tmp_path: Path) -> None:
+# The other file leaves no room for the module's bytes, or room for them (51 pages of the 256) but
+# not for the code `wasmtime compile` writes, which was reported as "not valid WebAssembly: No space
+# left on device".
+@pytest.mark.parametrize("other_file", [1024 * 1024 - 8192, 835_000], ids=["bytes", "compiled-code"])
+async def test_a_disk_full_of_other_files_fails_the_load_saying_so(tmp_path: Path, other_file: int) -> None:
     with small_disk(tmp_path / "disk", 1024 * 1024) as disk:
         rt = ExternalRuntime(wasmtime_cli(), RuntimeConfig(cache_dir=disk / "cache"))
         try:
-            (disk / "logs").write_bytes(bytes(1024 * 1024 - 8192))  # nothing of the cache's to remove
+            (disk / "logs").write_bytes(bytes(other_file))  # nothing of the cache's to remove
             data = with_custom_section(wasm("add"), "padding", bytes(200 * 1024))
             with pytest.raises(ModuleError, match=r"^The proplet's disk is full: the module could not be stored"):
                 await rt.load(digest(data), data)
