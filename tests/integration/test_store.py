@@ -705,3 +705,40 @@ async def test_a_slow_migration_or_upkeep_statement_on_postgres_is_not_a_lost_co
                 await conn.execute("SELECT pg_sleep(2)")
     finally:
         await store.close()
+
+
+async def _plan(store: Store, sql: str, params: tuple[object, ...]) -> str:
+    async with store.connection() as conn:
+        rows = await conn.fetch("EXPLAIN QUERY PLAN " + sql, params)
+    return "\n".join(str(tuple(row)) for row in rows)
+
+
+async def _task_indexes(store: Store) -> set[str]:
+    sql = ("SELECT indexname FROM pg_indexes WHERE tablename = 'tasks'" if store.dialect == "postgres" else
+           "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'tasks'")
+    async with store.connection() as conn:
+        return {row[0] for row in await conn.fetch(sql)}
+
+
+async def test_a_page_of_one_state_or_one_proplet_is_read_in_order_from_an_index(store: Store) -> None:
+    # With an index on the state alone, every task of that state was read and sorted for each page:
+    # 0.27 s for a page of 100 among 300,000 completed tasks on SQLite, 1.1 ms with migration 7.
+    start = datetime.now(UTC)
+    tasks = [make_task(state=TaskState.FAILED if i % 20 == 0 else TaskState.COMPLETED, proplet_id=f"p{i % 4}",
+                       created_at=start + timedelta(seconds=i)) for i in range(2000)]
+    await write(store, *(store.op_insert_task(t) for t in tasks))
+    page = await store.list_tasks(states=[TaskState.COMPLETED], limit=100, offset=10)
+    completed = [t.id for t in reversed(tasks) if t.state is TaskState.COMPLETED]
+    assert page.total == 1900 and [t.id for t in page.items] == completed[10:110]
+    page = await store.list_tasks(proplet_id="p1", limit=5)
+    assert [t.id for t in page.items] == [t.id for t in reversed(tasks) if t.proplet_id == "p1"][:5]
+
+    indexes = await _task_indexes(store)
+    assert {"idx_tasks_state_newest", "idx_tasks_proplet_newest"} <= indexes
+    assert not {"idx_tasks_state", "idx_tasks_proplet_id"} & indexes  # replaced: one index to update, not two
+    if store.dialect == "sqlite":  # PostgreSQL weighs its choices by the table's statistics
+        for column, value in (("state", int(TaskState.COMPLETED)), ("proplet_id", "p1")):
+            sql = f"SELECT id FROM tasks WHERE {column} = ? ORDER BY created_at DESC, id LIMIT ? OFFSET ?"
+            plan = await _plan(store, sql, (value, 100, 10))
+            assert f"idx_tasks_{'state' if column == 'state' else 'proplet'}_newest" in plan, plan
+            assert "TEMP B-TREE" not in plan, plan
