@@ -144,7 +144,9 @@ class PropletAgent:
             os.close(self._id_lock)
             raise
         # Deployed latent tasks waiting for invocations: task id -> (digest, invocation).
-        self._latent: dict[str, tuple[str, Invocation]] = {}
+        # Deployed latent tasks: the module's digest, the call, and the start (to fetch the module
+        # again if the cache removed it meanwhile).
+        self._latent: dict[str, tuple[str, Invocation, StartMessage]] = {}
         self._loops: list[asyncio.Task[Any]] = []
         self._closed = asyncio.Event()
         self.bus: MqttBus | None = None
@@ -490,7 +492,7 @@ class PropletAgent:
             digest = await self._module(start)
             if start.latent:
                 # Deployed, not run: invocations call it (upstream publishes nothing here either).
-                self._latent[start.id] = (digest, invocation)
+                self._latent[start.id] = (digest, invocation, start)
                 log.info("task %s deployed as latent", start.id)
                 this.confirm.cancel()
                 self._send_state(start, protocol.TASK_STATE_RUNNING)
@@ -503,6 +505,9 @@ class PropletAgent:
                 results, error = served
             else:
                 async with self._slots:
+                    if not self.runtime.has_module(digest):
+                        # Removed from the cache (its bound) while the task waited for a slot.
+                        digest = await self._module(start)
                     started_at = _now_text()
                     self._executing(this)
                     outcome = await self.runtime.run(digest, invocation)
@@ -560,13 +565,19 @@ class PropletAgent:
         if deployed is None:
             results, error = "", NOT_PRECOMPILED.format(id=invoke.id)
         else:
-            digest, base = deployed
+            digest, base, start = deployed
             env = {**base.env, **invoke.env}
             inv = Invocation(task_id=f"{invoke.id}-inv-{invoke.invocation_id}", function=base.function,
                              inputs=invoke.inputs or base.inputs, env=env, args=base.args, limits=base.limits,
                              dirs=base.dirs)
-            outcome = await self.runtime.run(digest, inv)
-            results, error = outcome.results, outcome.error
+            try:
+                if not self.runtime.has_module(digest):
+                    # Removed from the cache since it was deployed: fetched again, as for a start.
+                    digest = await self._module(start)
+                outcome = await self.runtime.run(digest, inv)
+                results, error = outcome.results, outcome.error
+            except (FetchError, ModuleError) as exc:
+                results, error = "", str(exc)
         msg = protocol.InvokeResultMessage(invoke.id, invoke.invocation_id, self.id, results, error,
                                            invoke.traceparent)
         assert self.bus is not None

@@ -23,6 +23,7 @@ import stat
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
@@ -144,9 +145,9 @@ class DiskBudget:
     of a module's files: a run touches them (`due`, `touch`: at most once a minute per module, so a module
     run from memory all day is not the first to go, and its recency survives a restart). Code
     compiled for an engine configuration no longer in use (wasmtime upgraded, the runtime switched)
-    is never touched again, so it goes first. A module that `in_use()` names (a load or a run of it
-    under way) is never removed; `lock` is held while a module is checked and removed, so a caller
-    that marks a module in use under it, or reads its files under it, never sees them vanish."""
+    is never touched again, so it goes first. A module in use (`using`: a run of it under way) or
+    that `in_use()` names (a load of it under way) is never removed; `lock` is held while a module
+    is checked and removed, so a module marked in use, or files read under it, never vanish."""
 
     def __init__(self, root: Path, max_bytes: int, *, files_of: Callable[[str], Collection[Path]],
                  in_use: Callable[[], Collection[str]] = frozenset,
@@ -162,6 +163,7 @@ class DiskBudget:
         self._total: int | None = None
         self._scan_lock = threading.Lock()
         self._touched: dict[str, float] = {}
+        self._using: Counter[str] = Counter()
         # Observable (tests, logs): modules removed to stay within the limit, and their bytes.
         self.evicted = 0
         self.evicted_bytes = 0
@@ -176,6 +178,19 @@ class DiskBudget:
                 self._total += nbytes
             if self._total > self.max_bytes:
                 self._total = self._trim()
+
+    @contextlib.contextmanager
+    def using(self, hex_digest: str) -> Iterator[None]:
+        """The module's files are not removed meanwhile (a run or a server start reads them)."""
+        with self.lock:
+            self._using[hex_digest] += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self._using[hex_digest] -= 1
+                if not self._using[hex_digest]:
+                    del self._using[hex_digest]
 
     def write(self, write_files: Callable[[], int], nbytes: int) -> None:
         """Run `write_files` (it writes under the root and returns the bytes written) and count
@@ -259,7 +274,7 @@ class DiskBudget:
             if total <= target:
                 break
             with self.lock:
-                if hex_digest in self._in_use():
+                if hex_digest in self._using or hex_digest in self._in_use():
                     continue
                 if self._forget is not None:
                     self._forget(hex_digest)

@@ -38,8 +38,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections import Counter, deque
-from collections.abc import Iterator
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -283,8 +282,6 @@ class ExternalRuntime:
         # Reads components' export types (made on the first component).
         self._types_engine: Engine | None = None
         self.compiles = 0
-        # Modules whose files a run or a server start reads (marked under the budget's lock).
-        self._using: Counter[str] = Counter()
         # The disk cache's bound (the whole cache directory, the internal runtime's files too). A
         # module removed from disk is forgotten, so that has_module() says no and the agent
         # delivers it again.
@@ -302,19 +299,8 @@ class ExternalRuntime:
         return [self._wasm_path(hex_digest), *code, *map(_checksum_path, code)]
 
     def _modules_in_use(self) -> set[str]:
-        # Called from the trimming thread: list() and set() of a dict do not let the loop in.
-        return {key.split(".")[0] for key in list(self._loading)} | set(self._using)
-
-    @contextlib.contextmanager
-    def _using_module(self, hex_digest: str) -> Iterator[None]:
-        with self._budget.lock:
-            self._using[hex_digest] += 1
-        try:
-            yield
-        finally:
-            self._using[hex_digest] -= 1
-            if not self._using[hex_digest]:
-                del self._using[hex_digest]
+        # Called from the trimming thread: list() of a dict does not let the loop in.
+        return {key.split(".")[0] for key in list(self._loading)}
 
     def _wasm_path(self, hex_digest: str) -> Path:
         return self._dir / f"{hex_digest}.wasm"
@@ -506,7 +492,7 @@ class ExternalRuntime:
             hex_digest = check_digest(digest)
         except ValueError as e:
             return Outcome("", f"{e}.")
-        with self._using_module(hex_digest):
+        with self._budget.using(hex_digest):
             if self._budget.due(hex_digest):
                 asyncio.get_running_loop().run_in_executor(None, self._budget.touch, hex_digest)
             return await self._run(hex_digest, inv, started)
@@ -682,7 +668,7 @@ class ExternalRuntime:
     async def serve_http(self, digest: str, inv: Invocation, port: int | None = None) -> HttpServer:
         """Start `wasmtime serve` for a wasi:http/proxy component; return once it accepts connections."""
         hex_digest = check_digest(digest)
-        with self._using_module(hex_digest):  # until the server has read the module
+        with self._budget.using(hex_digest):  # until the server has read the module
             if self._budget.due(hex_digest):
                 asyncio.get_running_loop().run_in_executor(None, self._budget.touch, hex_digest)
             return await self._serve(hex_digest, inv, port)

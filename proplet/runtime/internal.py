@@ -443,6 +443,10 @@ class WasmtimeRuntime:
             hex_digest = check_digest(digest)
         except ValueError as e:
             return Outcome("", f"{e}.")
+        with self._budget.using(hex_digest):  # its files stay, for a compile with fuel from them
+            return await self._run(hex_digest, inv, started)
+
+    async def _run(self, hex_digest: str, inv: Invocation, started: float) -> Outcome:
         limits = inv.limits
         timeout = limits.timeout_s if limits.timeout_s is not None else self.config.default_timeout_s
         memory = limits.memory_bytes if limits.memory_bytes is not None else self.config.default_memory_bytes

@@ -249,6 +249,48 @@ async def test_the_module_cache_stays_within_its_bound_and_a_removed_module_is_f
         assert _bytes_under(cache) <= limit
 
 
+async def test_a_task_whose_module_left_the_cache_while_it_waited_for_a_slot_fetches_it_again(
+        broker: Any, manager: Any, proplet_factory: PropletFactory) -> None:
+    # One slot: while `busy` runs, three tasks of other modules wait on the proplet, fetched and
+    # loaded; a cache with room for two removes the first of them before its turn comes.
+    busy = with_custom_section(wasm("busy"), "padding", bytes(200 * 1024))
+    modules = [with_custom_section(wasm("add"), "padding", bytes([n]) * 200 * 1024) for n in range(3)]
+    async with proplet_factory(manager, "p-slot", max_concurrent_tasks=1, max_queued_tasks=3,
+                               cache_max_bytes=500 * 1024) as agent:
+        running = await manager.create_task(TaskCreate(name="_start", file=b64(busy), inputs=["1500"],
+                                                       proplet_id="p-slot"))
+        await manager.start_task(running.id)
+        await eventually(lambda: manager.active[running.id].state is TaskState.RUNNING, 10)
+        waiting = []
+        for n, module in enumerate(modules):
+            task = await manager.create_task(TaskCreate(name="add", file=b64(module), inputs=[n, 1],
+                                                        proplet_id="p-slot"))
+            await manager.start_task(task.id)
+            waiting.append(task.id)
+            await eventually(lambda m=module: agent.runtime.has_module(digest(m)), 10)  # taken in and loaded
+        assert agent.runtime._budget.evicted >= 1  # type: ignore[attr-defined]
+        for n, task_id in enumerate(waiting):
+            done = await run_to_end(manager, task_id, 30)
+            assert done.state is TaskState.COMPLETED and done.results == str(n + 1), done.error
+        assert (await run_to_end(manager, running.id)).state is TaskState.COMPLETED
+
+
+async def test_a_latent_task_whose_module_left_the_cache_is_fetched_again_when_invoked(
+        manager: Any, proplet_factory: PropletFactory) -> None:
+    others = [with_custom_section(wasm("add"), "padding", bytes([n]) * 200 * 1024) for n in range(3)]
+    async with proplet_factory(manager, "p-lat2", cache_max_bytes=500 * 1024) as agent:
+        task = await manager.create_task(TaskCreate(name="add", file=b64(wasm("add")), latent=True))
+        await manager.start_task(task.id)
+        await eventually(lambda: manager.active[task.id].state is TaskState.RUNNING)
+        for n, module in enumerate(others):
+            await asyncio.sleep(0.02)  # past the file system's clock tick: the latent one clearly older
+            done = await run_task(manager, name="add", file=b64(module), inputs=[n, 1], proplet_id="p-lat2")
+            assert done.state is TaskState.COMPLETED, done.error
+        assert not agent.runtime.has_module(digest(wasm("add")))
+        assert await manager.invoke_task(task.id, ["3", "4"], {}) == "7"
+        await manager.stop_task(task.id)
+
+
 def _bytes_under(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
