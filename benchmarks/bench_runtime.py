@@ -4,8 +4,9 @@
 
 Baseline (same process, same Engine, same compiled Module): new Store + epoch deadline +
 WasiConfig with captured stdout + Linker.instantiate + one call + dropping the Store. Measured: `await runtime.run(...)`
-for the same module and call, which adds the thread hop, the concurrency slot, the watchdog, the
-memory limit, input parsing and result formatting. Printed: p50/p99 of both, the overhead and the
+for the same module and call, which adds the thread hops (not for `add`: a short module whose
+imports cannot block runs on the event loop after its first runs), the concurrency slot, the
+watchdog, the memory limit, input parsing and result formatting. Printed: p50/p99 of both, the overhead and the
 ratio; then the RSS growth of N live instances (one Store each) of a one-page module.
 Figures only: this is not a test and asserts nothing.
 """

@@ -123,6 +123,11 @@ class _CoreArtifact:
     uses_wasi: bool = True
     # Its compiled code's size (serialized), what keeping it in memory costs.
     code_bytes: int = 0
+    # Its imports cannot block or reach outside the run (see _INLINE_SAFE_IMPORTS).
+    inline_safe: bool = False
+    # Run on the event loop (see _run_inline), once its last runs on a thread were all short.
+    inline: bool = False
+    short_runs: int = 0
 
 
 @dataclass(slots=True)
@@ -252,6 +257,9 @@ class WasmtimeRuntime:
         # Observable counters (tests and metrics): real compiles vs loads from the disk cache.
         self.compiles = 0
         self.deserializations = 0
+        # Runs made on the event loop, and those of them interrupted at their slice's end (run again on a thread).
+        self.inline_runs = 0
+        self.inline_fallbacks = 0
 
     # ----------------------------------------------------------------------------- cache
 
@@ -401,8 +409,11 @@ class WasmtimeRuntime:
                                           (tuple(_kind(p) for p in ty.params), tuple(_kind(r) for r in ty.results)))
                 elif isinstance(ty, wasmtime.MemoryType):
                     memories.append(export.name)
-            uses_wasi = any(imp.module.startswith("wasi") for imp in compiled.imports)
-            return _CoreArtifact(compiled, pre, funcs, tuple(names), tuple(memories), uses_wasi, code_bytes)
+            imports = compiled.imports
+            uses_wasi = any(imp.module.startswith("wasi") for imp in imports)
+            inline_safe = all((imp.module, imp.name) in _INLINE_SAFE_IMPORTS for imp in imports)
+            return _CoreArtifact(compiled, pre, funcs, tuple(names), tuple(memories), uses_wasi, code_bytes,
+                                 inline_safe)
         return _ComponentArtifact(compiled, describe_exports(compiled, engines.engine), code_bytes)
 
     def _remember(self, hex_digest: str, fuel: bool, artifact: Artifact) -> None:
@@ -475,6 +486,12 @@ class WasmtimeRuntime:
             if self._budget.due(hex_digest):
                 self._compile_pool.submit(self._budget.touch, hex_digest)
             self._watchdog.restart_clock(watch, timeout)
+            inline = (isinstance(artifact, _CoreArtifact) and artifact.inline and not inv.dirs
+                      and timeout >= _INLINE_MIN_TIMEOUT_S and not watch.stop_requested)
+            if inline:
+                outcome = self._run_inline(artifact, inv, state)  # type: ignore[arg-type]
+                if outcome is not None:
+                    return outcome
             future: asyncio.Future[Outcome] = loop.create_future()
             job = self._pool.submit(self._execute, artifact, inv, state, loop, future)
             # Backstop for a guest blocked inside a host call (a WASI sleep or read), where epochs
@@ -488,7 +505,10 @@ class WasmtimeRuntime:
 
             timer = loop.call_later(timeout + self.config.blocked_grace_s, on_blocked)
             try:
-                return await future
+                outcome = await future
+                if isinstance(artifact, _CoreArtifact) and artifact.inline_safe and not inline:
+                    _count_short_run(artifact, outcome)
+                return outcome
             except asyncio.CancelledError:
                 # Either the agent gave up on this run or the guest is blocked: interrupt the guest
                 # too, and keep its slot until its thread has really finished.
@@ -515,6 +535,30 @@ class WasmtimeRuntime:
             self._watchdog.unregister(watch)
             if release_slot:
                 self._slots.release()
+
+    def _run_inline(self, art: _CoreArtifact, inv: Invocation, state: _Run) -> Outcome | None:
+        """The guest run here, on the event loop: a module whose runs are short skips the two
+        thread hand-overs a run otherwise costs (0.1-0.3 ms, more than such a guest itself). Its
+        imports cannot block or reach outside the run, so the loop waits at most one epoch tick:
+        a guest still running then is interrupted, and None is returned to run it again from the
+        start on a thread, where a stop and its deadline reach it (nothing it did is visible but
+        its output, which is dropped). A run that took long is not made here again either."""
+        watch = self._watchdog.slice_watch(inv.task_id)
+        here = _Run(watch, state.timeout, state.memory, state.fuel, self.config.capture_bytes)
+        engines = self._engines[(state.fuel is not None, False)]
+        store = Store(engines.engine)
+        outcome = self._guest(engines, art, inv, here, store)
+        # Freed in a later turn of the loop, once the caller has sent the result on its way (a
+        # store's memories take ~0.1 ms to unmap).
+        asyncio.get_running_loop().call_soon(_release, store)
+        self.inline_runs += 1
+        if watch.reason is Reason.SLICE:
+            self.inline_fallbacks += 1
+        if watch.reason is Reason.SLICE or outcome.duration_s > _INLINE_SHORT_S:
+            art.inline, art.short_runs = False, 0
+            log.info("module %s no longer runs on the event loop: a run took %.1f ms", inv.task_id,
+                     outcome.duration_s * 1e3)
+        return None if watch.reason is Reason.SLICE else outcome
 
     def _execute(self, artifact: Artifact, inv: Invocation, state: _Run,
                  loop: asyncio.AbstractEventLoop, future: asyncio.Future[Outcome]) -> None:
@@ -770,6 +814,32 @@ class WasmtimeRuntime:
 
 
 # ------------------------------------------------------------------------------------ helpers
+
+
+# Imports of a module that may run on the event loop: none blocks (no poll_oneoff: a sleep would
+# hold the loop, which no epoch interrupts) and none reaches outside the run (no files, sockets).
+_INLINE_SAFE_IMPORTS = frozenset(("wasi_snapshot_preview1", name) for name in (
+    "args_get", "args_sizes_get", "environ_get", "environ_sizes_get", "clock_res_get", "clock_time_get",
+    "fd_close", "fd_fdstat_get", "fd_filestat_get", "fd_prestat_get", "fd_prestat_dir_name", "fd_read",
+    "fd_seek", "fd_write", "proc_exit", "random_get", "sched_yield"))
+# A module runs on the event loop after this many runs in a row on a thread each shorter than
+# _INLINE_SHORT_S; one run on the loop longer than that sends it back to the threads.
+_INLINE_AFTER_RUNS = 3
+_INLINE_SHORT_S = 0.0005
+# Tasks with a shorter timeout keep the thread, where their deadline is enforced.
+_INLINE_MIN_TIMEOUT_S = 1.0
+
+
+def _count_short_run(art: _CoreArtifact, outcome: Outcome) -> None:
+    if outcome.error or outcome.duration_s > _INLINE_SHORT_S:
+        art.short_runs = 0
+        return
+    art.short_runs += 1
+    art.inline = art.short_runs >= _INLINE_AFTER_RUNS
+
+
+def _release(_: object) -> None:
+    """Called with what the loop should let go of (the last reference: freed after this turn)."""
 
 
 def _keep_wasm(budget: DiskBudget, disk: DiskCache, hex_digest: str, wasm: bytes | bytearray) -> None:

@@ -30,6 +30,8 @@ class Reason(StrEnum):
 
     STOPPED = "stopped"
     TIMEOUT = "timeout"
+    # A guest run on the event loop reached the end of its slice (one tick): it runs again on a thread.
+    SLICE = "slice"
 
 
 @dataclass(slots=True, eq=False)
@@ -43,6 +45,8 @@ class Watch:
     # Set by the callback when it interrupted the guest; read by the runner after the trap.
     reason: Reason | None = None
     armed: bool = False
+    # Interrupt at the first tick, whatever the deadline: a guest run on the event loop.
+    slice_only: bool = False
 
 
 _CALLBACK_TYPE = ctypes.CFUNCTYPE(
@@ -68,6 +72,9 @@ def _on_deadline(_ctx: object, data: int | None, delta: ctypes._Pointer, kind: c
     try:
         watch = _WATCHES.get(data or 0)
         if watch is not None:
+            if watch.slice_only:
+                watch.reason = Reason.SLICE
+                return _trap(b"the guest's slice on the event loop ended")
             if watch.stop_requested:
                 watch.reason = Reason.STOPPED
                 return _trap(b"task stopped by request")
@@ -112,6 +119,11 @@ class Watchdog:
         with self._lock:
             self._by_task.setdefault(task_id, set()).add(watch)
         return watch
+
+    def slice_watch(self, task_id: str) -> Watch:
+        """A watch for a guest run on the event loop: interrupted at the next tick (within one
+        tick), never registered (stop() cannot come while the loop runs the guest)."""
+        return Watch(task_id, float("inf"), next(_HANDLES), slice_only=True)
 
     def restart_clock(self, watch: Watch, timeout_s: float) -> None:
         """The timeout counts guest time, not time spent waiting for a slot or a compile."""

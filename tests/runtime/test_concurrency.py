@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import re
+import time
+
+import wasmtime
 
 from core.domain import TaskLimits
 from proplet.runtime import Invocation, RuntimeConfig, WasmtimeRuntime
 from tests.runtime.conftest import load
+from tests.wasmfixtures import digest
 
 
 def _interval(outcome) -> tuple[int, int]:
@@ -86,3 +90,49 @@ async def test_a_run_given_up_while_it_waits_for_a_slot_is_forgotten(cache_dir) 
         assert "stopped by request" in (await busy).error
     finally:
         await rt.close()
+
+
+async def test_a_short_module_runs_on_the_event_loop_and_one_that_turns_long_goes_back_to_a_thread(
+        runtime: WasmtimeRuntime) -> None:
+    # A thread hand-over each way cost 0.1-0.3 ms a run, more than a short guest itself.
+    d = await load(runtime, "spin")
+    for _ in range(10):  # a few short runs in a row on a thread (a first one may be slow)
+        assert (await runtime.run(d, Invocation("t", "count", ("10",)))).results == "10"
+    inline = runtime.inline_runs
+    assert inline >= 1
+
+    # Now a long run: interrupted within an epoch tick, run again from the start on a thread.
+    gaps: list[float] = []
+
+    async def beat() -> None:
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(0.002)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    beating = asyncio.ensure_future(beat())
+    try:
+        outcome = await runtime.run(d, Invocation("t", "count", ("300000000",)))
+    finally:
+        beating.cancel()
+    assert outcome.error == "" and outcome.results == "300000000"
+    assert (runtime.inline_runs, runtime.inline_fallbacks) == (inline + 1, 1)
+    assert max(gaps) < 0.2, max(gaps)  # the loop held a tick or two, not the whole 0.3 s or more
+    # Back on the threads for good: the next short run does not go on the loop.
+    assert (await runtime.run(d, Invocation("t", "count", ("10",)))).results == "10"
+    assert runtime.inline_runs == inline + 1
+
+
+async def test_a_module_that_could_block_never_runs_on_the_event_loop(runtime: WasmtimeRuntime) -> None:
+    # It could sleep (poll_oneoff), which no epoch interrupts: the loop would be held.
+    data = wasmtime.wat2wasm("""(module
+      (import "wasi_snapshot_preview1" "poll_oneoff" (func (param i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      (func (export "one") (result i32) i32.const 1))""")
+    d = digest(bytes(data))
+    await runtime.load(d, bytes(data))
+    for _ in range(5):
+        assert (await runtime.run(d, Invocation("t", "one", ()))).results == "1"
+    assert runtime.inline_runs == 0
