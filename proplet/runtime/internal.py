@@ -260,6 +260,8 @@ class WasmtimeRuntime:
         # Runs made on the event loop, and those of them interrupted at their slice's end (run again on a thread).
         self.inline_runs = 0
         self.inline_fallbacks = 0
+        # Runs on the guest threads now (their outcome not yet back on the loop).
+        self._threaded_runs = 0
 
     # ----------------------------------------------------------------------------- cache
 
@@ -486,13 +488,17 @@ class WasmtimeRuntime:
             if self._budget.due(hex_digest):
                 self._compile_pool.submit(self._budget.touch, hex_digest)
             self._watchdog.restart_clock(watch, timeout)
+            # Only while nothing else runs: guests on threads run in parallel, on the loop one by one.
             inline = (isinstance(artifact, _CoreArtifact) and artifact.inline and not inv.dirs
-                      and timeout >= _INLINE_MIN_TIMEOUT_S and not watch.stop_requested)
+                      and timeout >= _INLINE_MIN_TIMEOUT_S and not watch.stop_requested
+                      and self._threaded_runs == 0)
             if inline:
                 outcome = self._run_inline(artifact, inv, state)  # type: ignore[arg-type]
                 if outcome is not None:
                     return outcome
             future: asyncio.Future[Outcome] = loop.create_future()
+            self._threaded_runs += 1
+            future.add_done_callback(self._threaded_run_ended)
             job = self._pool.submit(self._execute, artifact, inv, state, loop, future)
             # Backstop for a guest blocked inside a host call (a WASI sleep or read), where epochs
             # cannot reach it. A timer rather than asyncio.wait(timeout=...): it is on every run.
@@ -536,10 +542,13 @@ class WasmtimeRuntime:
             if release_slot:
                 self._slots.release()
 
+    def _threaded_run_ended(self, _: asyncio.Future[Outcome]) -> None:
+        self._threaded_runs -= 1
+
     def _run_inline(self, art: _CoreArtifact, inv: Invocation, state: _Run) -> Outcome | None:
         """The guest run here, on the event loop: a module whose runs are short skips the two
-        thread hand-overs a run otherwise costs (0.1-0.3 ms, more than such a guest itself). Its
-        imports cannot block or reach outside the run, so the loop waits at most one epoch tick:
+        thread hand-overs a run otherwise costs (0.1-0.3 ms, a good part of such a guest's time). Its
+        imports cannot block or reach outside the run, so the loop waits at most two epoch ticks:
         a guest still running then is interrupted, and None is returned to run it again from the
         start on a thread, where a stop and its deadline reach it (nothing it did is visible but
         its output, which is dropped). A run that took long is not made here again either."""
@@ -554,7 +563,7 @@ class WasmtimeRuntime:
         self.inline_runs += 1
         if watch.reason is Reason.SLICE:
             self.inline_fallbacks += 1
-        if watch.reason is Reason.SLICE or outcome.duration_s > _INLINE_SHORT_S:
+        if watch.reason is Reason.SLICE or outcome.duration_s > _INLINE_LONG_S:
             art.inline, art.short_runs = False, 0
             log.info("module %s no longer runs on the event loop: a run took %.1f ms", inv.task_id,
                      outcome.duration_s * 1e3)
@@ -823,9 +832,12 @@ _INLINE_SAFE_IMPORTS = frozenset(("wasi_snapshot_preview1", name) for name in (
     "fd_close", "fd_fdstat_get", "fd_filestat_get", "fd_prestat_get", "fd_prestat_dir_name", "fd_read",
     "fd_seek", "fd_write", "proc_exit", "random_get", "sched_yield"))
 # A module runs on the event loop after this many runs in a row on a thread each shorter than
-# _INLINE_SHORT_S; one run on the loop longer than that sends it back to the threads.
+# _INLINE_SHORT_S (there a run's two thread hand-overs, 0.1-0.3 ms, weigh); one run on the loop
+# longer than _INLINE_LONG_S sends it back to the threads (a single slow run, a collection or the
+# VM's scheduler, is not enough).
 _INLINE_AFTER_RUNS = 3
-_INLINE_SHORT_S = 0.0005
+_INLINE_SHORT_S = 0.002
+_INLINE_LONG_S = 0.005
 # Tasks with a shorter timeout keep the thread, where their deadline is enforced.
 _INLINE_MIN_TIMEOUT_S = 1.0
 

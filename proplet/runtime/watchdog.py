@@ -45,8 +45,10 @@ class Watch:
     # Set by the callback when it interrupted the guest; read by the runner after the trap.
     reason: Reason | None = None
     armed: bool = False
-    # Interrupt at the first tick, whatever the deadline: a guest run on the event loop.
+    # Interrupt at the second tick, whatever the deadline: a guest run on the event loop (the
+    # first may come right after it started; the second comes one to two ticks after).
     slice_only: bool = False
+    ticks: int = 0
 
 
 _CALLBACK_TYPE = ctypes.CFUNCTYPE(
@@ -73,8 +75,10 @@ def _on_deadline(_ctx: object, data: int | None, delta: ctypes._Pointer, kind: c
         watch = _WATCHES.get(data or 0)
         if watch is not None:
             if watch.slice_only:
-                watch.reason = Reason.SLICE
-                return _trap(b"the guest's slice on the event loop ended")
+                watch.ticks += 1
+                if watch.ticks >= 2:
+                    watch.reason = Reason.SLICE
+                    return _trap(b"the guest's slice on the event loop ended")
             if watch.stop_requested:
                 watch.reason = Reason.STOPPED
                 return _trap(b"task stopped by request")
@@ -121,8 +125,8 @@ class Watchdog:
         return watch
 
     def slice_watch(self, task_id: str) -> Watch:
-        """A watch for a guest run on the event loop: interrupted at the next tick (within one
-        tick), never registered (stop() cannot come while the loop runs the guest)."""
+        """A watch for a guest run on the event loop: interrupted at the second tick (after one
+        to two ticks), never registered (stop() cannot come while the loop runs the guest)."""
         return Watch(task_id, float("inf"), next(_HANDLES), slice_only=True)
 
     def restart_clock(self, watch: Watch, timeout_s: float) -> None:
