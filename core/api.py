@@ -630,6 +630,10 @@ class ApiServer(uvicorn.Server):
         super().__init__(uvicorn.Config(
             app, host=host, port=port, log_level="warning", access_log=False, lifespan="off",
             timeout_graceful_shutdown=5,
+            # Longer than clients keep an idle connection (httpx 5 s, the console and CLI included):
+            # with uvicorn's 5 s both ends dropped it at once, and a request sent on it as the
+            # server closed it failed with a ReadError (seen in the broker-kill fault test).
+            timeout_keep_alive=75,
         ))
         self.sockets = sockets
 
