@@ -142,12 +142,13 @@ class DiskBudget:
     precompiled files) are found by the digest their names start with, in the root and the
     directories under it, and removed together; the runtime then forgets the module (`forget`), so
     that the agent fetches it again when a task needs it. Recency is the newest modification time
-    of a module's files: a run touches them (`due`, `touch`: at most once a minute per module, so a module
-    run from memory all day is not the first to go, and its recency survives a restart). Code
-    compiled for an engine configuration no longer in use (wasmtime upgraded, the runtime switched)
-    is never touched again, so it goes first. A module in use (`using`: a run of it under way) or
-    that `in_use()` names (a load of it under way) is never removed; `lock` is held while a module
-    is checked and removed, so a module marked in use, or files read under it, never vanish."""
+    of a module's files: a run touches them (`due`, `touch`: at most once a minute per module, so a
+    module run from memory all day is not the first to go, and its recency survives a restart).
+    Code compiled for an engine configuration no longer in use (wasmtime upgraded, the runtime
+    switched) is never touched again, so it goes first. A module in use (`using`: a run of it or a
+    read of its files under way) or that `in_use()` names (a load of it under way) is never
+    removed; `lock` is held only while a module is checked and removed, so a module marked in use
+    never loses its files, and the event loop never waits on a read."""
 
     def __init__(self, root: Path, max_bytes: int, *, files_of: Callable[[str], Collection[Path]],
                  in_use: Callable[[], Collection[str]] = frozenset,

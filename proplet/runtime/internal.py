@@ -248,8 +248,8 @@ class WasmtimeRuntime:
             self.config.memory_cache_entries, self.config.memory_cache_bytes, _code_bytes)
         self._lock = threading.Lock()
         self._loading: dict[str, asyncio.Future[None]] = {}
-        # The disk cache's bound. Loads under way write the module's files; reads of them hold the
-        # budget's lock. A module removed from disk is forgotten in memory too, so that has_module()
+        # The disk cache's bound. Loads under way write the module's files; runs and reads of them
+        # mark it in use. A module removed from disk is forgotten in memory too, so that has_module()
         # says no and the agent delivers it again (a fuel task compiles from the bytes on disk).
         self._budget = DiskBudget(cache_root, self.config.disk_cache_bytes, files_of=self._files_of,
                                   in_use=lambda: set(self._loading), forget=self._forget)
@@ -354,7 +354,7 @@ class WasmtimeRuntime:
                             wasm: bytes | bytearray | None = None) -> Artifact | None:
         """The compiled code on disk, described from `wasm` (the delivered bytes) or, without them,
         from the bytes kept on disk."""
-        with self._budget.lock:  # not removed between the look and the reads
+        with self._budget.using(hex_digest):  # not removed between the look and the reads
             found = self._find_code(hex_digest, fuel)
             if found is None:
                 return None
@@ -433,7 +433,7 @@ class WasmtimeRuntime:
             return artifact
         disk = self._engines[(fuel, False)].disk
         assert disk is not None
-        with self._budget.lock:
+        with self._budget.using(hex_digest):
             wasm = disk.read_wasm(hex_digest)
         if wasm is None:
             raise _GuestFailed(
