@@ -143,9 +143,8 @@ class PropletAgent:
         except BaseException:
             os.close(self._id_lock)
             raise
-        # Deployed latent tasks waiting for invocations: task id -> (digest, invocation).
-        # Deployed latent tasks: the module's digest, the call, and the start (to fetch the module
-        # again if the cache removed it meanwhile).
+        # Deployed latent tasks waiting for invocations: task id -> (the module's digest, the call,
+        # and the start, to fetch the module again if the cache removed it meanwhile).
         self._latent: dict[str, tuple[str, Invocation, StartMessage]] = {}
         self._loops: list[asyncio.Task[Any]] = []
         self._closed = asyncio.Event()

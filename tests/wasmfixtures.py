@@ -64,6 +64,11 @@ def digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+def bytes_on_disk(root: Path, module_digest: str = "sha256:") -> int:
+    """Bytes of the files under `root` (a module cache), or of those of one module."""
+    return sum(p.stat().st_size for p in root.rglob(f"{module_digest[7:]}*") if p.is_file())
+
+
 def wasm(name: str) -> bytes:
     return wasm_path(name).read_bytes()
 

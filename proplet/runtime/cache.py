@@ -142,12 +142,12 @@ class DiskBudget:
     precompiled files) are found by the digest their names start with, in the root and the
     directories under it, and removed together; the runtime then forgets the module (`forget`), so
     that the agent fetches it again when a task needs it. Recency is the newest modification time
-    of a module's files: a run touches them (`due`, `touch`: at most once a minute per module, so a
+    of a module's files: a run touches them (`used`: at most once a minute per module, so a
     module run from memory all day is not the first to go, and its recency survives a restart).
     Code compiled for an engine configuration no longer in use (wasmtime upgraded, the runtime
     switched) is never touched again, so it goes first. A module in use (`using`: a run of it or a
     read of its files under way) or that `in_use()` names (a load of it under way) is never
-    removed; `lock` is held only while a module is checked and removed, so a module marked in use
+    removed; a lock is held only while a module is checked and removed, so a module marked in use
     never loses its files, and the event loop never waits on a read."""
 
     def __init__(self, root: Path, max_bytes: int, *, files_of: Callable[[str], Collection[Path]],
@@ -155,7 +155,7 @@ class DiskBudget:
                  forget: Callable[[str], None] | None = None) -> None:
         self.root = root
         self.max_bytes = max_bytes
-        self.lock = threading.RLock()
+        self._lock = threading.Lock()
         self._files_of = files_of
         self._in_use = in_use
         self._forget = forget
@@ -183,12 +183,12 @@ class DiskBudget:
     @contextlib.contextmanager
     def using(self, hex_digest: str) -> Iterator[None]:
         """The module's files are not removed meanwhile (a run or a server start reads them)."""
-        with self.lock:
+        with self._lock:
             self._using[hex_digest] += 1
         try:
             yield
         finally:
-            with self.lock:
+            with self._lock:
                 self._using[hex_digest] -= 1
                 if not self._using[hex_digest]:
                     del self._using[hex_digest]
@@ -217,16 +217,17 @@ class DiskBudget:
                     "recently to make room", self.root, freed)
         return freed > 0
 
-    def due(self, hex_digest: str) -> bool:
-        """A run of the module: whether to `touch` it now (at most once a minute). Cheap enough for
-        every run on the event loop; the touch itself is a few system calls, for a thread."""
+    def used(self, hex_digest: str, on_thread: Callable[[Callable[[str], None], str], object]) -> None:
+        """A run of the module: it becomes the most recently used. Cheap enough for every run on the
+        event loop: at most once a minute, its files are touched, a few system calls that
+        `on_thread(fn, arg)` (an executor's submit) runs elsewhere."""
         now = time.monotonic()
         if now - self._touched.get(hex_digest, -_TOUCH_EVERY_S) < _TOUCH_EVERY_S:
-            return False
+            return
         self._touched[hex_digest] = now
-        return True
+        on_thread(self._touch, hex_digest)
 
-    def touch(self, hex_digest: str) -> None:
+    def _touch(self, hex_digest: str) -> None:
         """The module becomes the most recently used: its files' modification time is now."""
         # The clock's own time, not the file system's (os.utime(path) alone): that one advances a
         # tick (4-10 ms) at a time, so a module run right after another was written could tie with it.
@@ -274,7 +275,7 @@ class DiskBudget:
         for hex_digest, (size, _, paths) in sorted(modules.items(), key=lambda item: item[1][1]):
             if total <= target:
                 break
-            with self.lock:
+            with self._lock:
                 if hex_digest in self._using or hex_digest in self._in_use():
                     continue
                 if self._forget is not None:

@@ -374,7 +374,7 @@ class ExternalRuntime:
             _seal(tmp, cwasm)
             return cwasm.stat().st_size
 
-        self._budget.write(seal, 4096)
+        self._budget.write(seal, 4096)  # the code is written already: room for its checksum
 
     def _component_exports(self, hex_digest: str, wasm: bytes | bytearray) -> ComponentExports | None:
         """A component's export types, read through wasmtime-py (on a thread: it compiles)."""
@@ -493,8 +493,7 @@ class ExternalRuntime:
         except ValueError as e:
             return Outcome("", f"{e}.")
         with self._budget.using(hex_digest):
-            if self._budget.due(hex_digest):
-                asyncio.get_running_loop().run_in_executor(None, self._budget.touch, hex_digest)
+            self._budget.used(hex_digest, functools.partial(asyncio.get_running_loop().run_in_executor, None))
             return await self._run(hex_digest, inv, started)
 
     async def _run(self, hex_digest: str, inv: Invocation, started: float) -> Outcome:
@@ -669,8 +668,7 @@ class ExternalRuntime:
         """Start `wasmtime serve` for a wasi:http/proxy component; return once it accepts connections."""
         hex_digest = check_digest(digest)
         with self._budget.using(hex_digest):  # until the server has read the module
-            if self._budget.due(hex_digest):
-                asyncio.get_running_loop().run_in_executor(None, self._budget.touch, hex_digest)
+            self._budget.used(hex_digest, functools.partial(asyncio.get_running_loop().run_in_executor, None))
             return await self._serve(hex_digest, inv, port)
 
     async def _serve(self, hex_digest: str, inv: Invocation, port: int | None) -> HttpServer:

@@ -248,8 +248,8 @@ class WasmtimeRuntime:
             self.config.memory_cache_entries, self.config.memory_cache_bytes, _code_bytes)
         self._lock = threading.Lock()
         self._loading: dict[str, asyncio.Future[None]] = {}
-        # The disk cache's bound. Loads under way write the module's files; runs and reads of them
-        # mark it in use. A module removed from disk is forgotten in memory too, so that has_module()
+        # The disk cache's bound. Loads under way write the module's files; runs mark it in use.
+        # A module removed from disk is forgotten in memory too, so that has_module()
         # says no and the agent delivers it again (a fuel task compiles from the bytes on disk).
         self._budget = DiskBudget(cache_root, self.config.disk_cache_bytes, files_of=self._files_of,
                                   in_use=lambda: set(self._loading), forget=self._forget)
@@ -354,17 +354,17 @@ class WasmtimeRuntime:
                             wasm: bytes | bytearray | None = None) -> Artifact | None:
         """The compiled code on disk, described from `wasm` (the delivered bytes) or, without them,
         from the bytes kept on disk."""
-        with self._budget.using(hex_digest):  # not removed between the look and the reads
-            found = self._find_code(hex_digest, fuel)
-            if found is None:
-                return None
-            engines, kind, path = found
-            assert engines.disk is not None
-            payload = engines.disk.read_code(path)
-            if payload is None:
-                return None
-            if kind == "module" and wasm is None:
-                wasm = engines.disk.read_wasm(hex_digest)
+        # The files stay meanwhile: a run marks its module in use, a load has it among those loading.
+        found = self._find_code(hex_digest, fuel)
+        if found is None:
+            return None
+        engines, kind, path = found
+        assert engines.disk is not None
+        payload = engines.disk.read_code(path)
+        if payload is None:
+            return None
+        if kind == "module" and wasm is None:
+            wasm = engines.disk.read_wasm(hex_digest)
         try:
             if kind == "component":
                 compiled: Module | cm.Component = cm.Component.deserialize(engines.engine, payload)
@@ -433,8 +433,7 @@ class WasmtimeRuntime:
             return artifact
         disk = self._engines[(fuel, False)].disk
         assert disk is not None
-        with self._budget.using(hex_digest):
-            wasm = disk.read_wasm(hex_digest)
+        wasm = disk.read_wasm(hex_digest)  # in use: run() marked it
         if wasm is None:
             raise _GuestFailed(
                 f"Module sha256:{hex_digest} is not loaded on this proplet. Deliver the module "
@@ -456,7 +455,7 @@ class WasmtimeRuntime:
             hex_digest = check_digest(digest)
         except ValueError as e:
             return Outcome("", f"{e}.")
-        with self._budget.using(hex_digest):  # its files stay, for a compile with fuel from them
+        with self._budget.using(hex_digest):  # its files stay, for a load or a compile with fuel from them
             return await self._run(hex_digest, inv, started)
 
     async def _run(self, hex_digest: str, inv: Invocation, started: float) -> Outcome:
@@ -485,8 +484,7 @@ class WasmtimeRuntime:
                         self._compile_pool, self._artifact_sync, hex_digest, fuel is not None)
                 except _GuestFailed as e:
                     return Outcome("", str(e), duration_s=time.perf_counter() - started)
-            if self._budget.due(hex_digest):
-                self._compile_pool.submit(self._budget.touch, hex_digest)
+            self._budget.used(hex_digest, self._compile_pool.submit)
             self._watchdog.restart_clock(watch, timeout)
             # Only while nothing else runs: guests on threads run in parallel, on the loop one by one.
             inline = (isinstance(artifact, _CoreArtifact) and artifact.inline and not inv.dirs
@@ -565,8 +563,8 @@ class WasmtimeRuntime:
             self.inline_fallbacks += 1
         if watch.reason is Reason.SLICE or outcome.duration_s > _INLINE_LONG_S:
             art.inline, art.short_runs = False, 0
-            log.info("module %s no longer runs on the event loop: a run took %.1f ms", inv.task_id,
-                     outcome.duration_s * 1e3)
+            log.info("the module of task %s no longer runs on the event loop: a run took %.1f ms",
+                     inv.task_id, outcome.duration_s * 1e3)
         return None if watch.reason is Reason.SLICE else outcome
 
     def _execute(self, artifact: Artifact, inv: Invocation, state: _Run,

@@ -30,7 +30,7 @@ class Reason(StrEnum):
 
     STOPPED = "stopped"
     TIMEOUT = "timeout"
-    # A guest run on the event loop reached the end of its slice (one tick): it runs again on a thread.
+    # A guest run on the event loop reached the end of its slice (two ticks): it runs again on a thread.
     SLICE = "slice"
 
 

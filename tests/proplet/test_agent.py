@@ -19,7 +19,7 @@ from proplet.agent import FINISHED_RESULTS_MAX_BYTES, PropletAgent
 from proplet.config import PropletSettings, generated_entity_id, parse_duration
 from tests.proplet.conftest import PropletFactory
 from tests.proplet.helpers import b64, run_task, run_to_end
-from tests.wasmfixtures import digest, wasm, with_custom_section
+from tests.wasmfixtures import bytes_on_disk, digest, wasm, with_custom_section
 from tests.wire import WireClient, eventually
 
 
@@ -237,7 +237,7 @@ async def test_the_module_cache_stays_within_its_bound_and_a_removed_module_is_f
             done = await run_task(manager, name="add", file=b64(module), inputs=[n, 1], proplet_id="p-bound")
             assert done.state is TaskState.COMPLETED and done.results == str(n + 1), done.error
             await asyncio.sleep(0.02)  # past the file system's clock tick: one module clearly older
-        assert 0 < _bytes_under(cache) <= limit
+        assert 0 < bytes_on_disk(cache) <= limit
         assert not agent.runtime.has_module(digest(modules[0]))
         # The manager names the module by its digest (this proplet ran it): the proplet no longer
         # has it, so it asks for the chunks, and the task runs.
@@ -246,7 +246,7 @@ async def test_the_module_cache_stays_within_its_bound_and_a_removed_module_is_f
         again = await run_task(manager, name="add", file=b64(modules[0]), inputs=[40, 2], proplet_id="p-bound")
         assert again.state is TaskState.COMPLETED and again.results == "42", again.error
         assert agent.chunks.counters.completed == fetched + 1
-        assert _bytes_under(cache) <= limit
+        assert bytes_on_disk(cache) <= limit
 
 
 async def test_a_task_whose_module_left_the_cache_while_it_waited_for_a_slot_fetches_it_again(
@@ -289,10 +289,6 @@ async def test_a_latent_task_whose_module_left_the_cache_is_fetched_again_when_i
         assert not agent.runtime.has_module(digest(wasm("add")))
         assert await manager.invoke_task(task.id, ["3", "4"], {}) == "7"
         await manager.stop_task(task.id)
-
-
-def _bytes_under(root: Path) -> int:
-    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
 
 async def test_a_result_is_acknowledged_by_the_next_start_to_its_proplet_or_alone_soon_after(

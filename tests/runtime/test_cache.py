@@ -19,7 +19,7 @@ from core.domain import TaskLimits
 from proplet.runtime import Invocation, RuntimeConfig, WasmtimeRuntime
 from proplet.runtime.cache import DiskBudget, UnsafeCacheDir
 from tests.runtime.conftest import small_disk
-from tests.wasmfixtures import big_module_byte, digest, wasm, with_custom_section
+from tests.wasmfixtures import big_module_byte, bytes_on_disk, digest, wasm, with_custom_section
 from tests.wire import eventually
 
 
@@ -195,10 +195,6 @@ async def test_a_full_disk_costs_the_cache_not_the_task(runtime: WasmtimeRuntime
     assert (outcome.error, outcome.results[:18]) == ("", "argv: [main] [full")
 
 
-def _cache_bytes(root: Path) -> int:
-    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-
-
 def _module_files(root: Path, d: str) -> list[Path]:
     return sorted(p for p in root.rglob(f"{d[7:]}.*") if p.is_file())
 
@@ -222,7 +218,7 @@ async def test_the_disk_cache_is_bounded_and_removes_the_module_run_least_recent
     modules = [_padded(n) for n in range(4)]
     async with runtime_on(cache_dir) as probe:
         await probe.load(digest(modules[0]), modules[0])
-    footprint = _cache_bytes(cache_dir)
+    footprint = bytes_on_disk(cache_dir)
     shutil.rmtree(cache_dir)
     limit = int(footprint * 3.5)
     rt = WasmtimeRuntime(RuntimeConfig(cache_dir=cache_dir, disk_cache_bytes=limit))
@@ -238,14 +234,14 @@ async def test_the_disk_cache_is_bounded_and_removes_the_module_run_least_recent
         assert rt._budget.evicted == 1
         assert _module_files(cache_dir, digest(modules[1])) == []
         assert all(_module_files(cache_dir, digest(m)) for m in (modules[0], modules[2], modules[3]))
-        assert _cache_bytes(cache_dir) <= limit
+        assert bytes_on_disk(cache_dir) <= limit
         # Forgotten in memory too: the agent asks for it again, and it runs once delivered.
         assert not rt.has_module(digest(modules[1]))
         await rt.load(digest(modules[1]), modules[1])
         outcome = await rt.run(digest(modules[1]), Invocation("t", "add", ("40", "2")))
         assert outcome.results == "42"
         assert rt.compiles == 5
-        assert _cache_bytes(cache_dir) <= limit
+        assert bytes_on_disk(cache_dir) <= limit
     finally:
         await rt.close()
 

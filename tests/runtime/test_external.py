@@ -30,7 +30,7 @@ from proplet.runtime import (
 )
 from proplet.runtime import external as external_module
 from tests.runtime.conftest import load, run, small_disk
-from tests.wasmfixtures import digest, wasm, wasmtime_cli, with_custom_section
+from tests.wasmfixtures import bytes_on_disk, digest, wasm, wasmtime_cli, with_custom_section
 from tests.wire import eventually
 
 
@@ -181,7 +181,7 @@ async def test_the_disk_cache_is_bounded_and_spares_the_module_running(tmp_path:
     finally:
         await probe.close()
     # Room for `busy` and two of the others, and once trimmed (to 90%) still for them.
-    limit = _bytes_under(cache, digest(busy)) + int(2.5 * _bytes_under(cache, digest(modules[0])))
+    limit = bytes_on_disk(cache, digest(busy)) + int(2.5 * bytes_on_disk(cache, digest(modules[0])))
     rt = ExternalRuntime(wasmtime_cli(), RuntimeConfig(cache_dir=tmp_path / "bounded", disk_cache_bytes=limit))
     try:
         await rt.load(digest(busy), busy)
@@ -196,7 +196,7 @@ async def test_the_disk_cache_is_bounded_and_spares_the_module_running(tmp_path:
         await rt.load(digest(modules[2]), modules[2])
         assert (await running).error == ""
         assert [rt.has_module(digest(d)) for d in (busy, *modules)] == [True, False, True, True]
-        assert _bytes_under(tmp_path / "bounded") <= limit
+        assert bytes_on_disk(tmp_path / "bounded") <= limit
         # Delivered again, it runs; now `busy`, no longer running, is the one to go.
         await rt.load(digest(modules[0]), modules[0])
         assert (await rt.run(digest(modules[0]), Invocation("t", "add", ("40", "2")))).results == "42"
@@ -234,11 +234,6 @@ async def test_a_disk_full_of_other_files_fails_the_load_saying_so(tmp_path: Pat
                 await rt.load(digest(data), data)
         finally:
             await rt.close()
-
-
-def _bytes_under(root: Path, of: str = "sha256:") -> int:
-    """Bytes of the files under `root` (of the module whose digest is `of`)."""
-    return sum(p.stat().st_size for p in root.rglob(f"{of[7:]}*") if p.is_file())
 
 
 def _port_free(port: int) -> bool:
