@@ -164,6 +164,7 @@ def proplet_view(p: Proplet, running: list[str] | None = None) -> dict[str, Any]
         "namespace": p.namespace,
         "metadata": p.metadata,
         "offline_reason": p.offline_reason,
+        "draining": p.draining,
     }
     if p.last_alive_at is not None:
         view["last_alive_at"] = rfc3339(p.last_alive_at)

@@ -218,6 +218,9 @@ class Proplet:
     online: bool = False
     # Why the proplet was last marked offline (Last Will, heartbeat timeout).
     offline_reason: str = ""
+    # Shutting down (its heartbeats say so): it finishes what it runs and is sent no new task.
+    # Not stored: the next heartbeat after a manager restart says it again.
+    draining: bool = False
     task_count: int = 0
     created_at: datetime = field(default_factory=utcnow)
 

@@ -508,6 +508,9 @@ class AliveMessage:
     # Extension: tasks the proplet is running now, for the manager's reconciliation.
     running: tuple[str, ...] = ()
     traceparent: str = ""
+    # Extension: shutting down; it finishes what it runs and takes no new task (status stays
+    # "alive": upstream's manager reads any status as alive, and the proplet is).
+    draining: bool = False
 
     @property
     def offline(self) -> bool:
@@ -519,6 +522,7 @@ def encode_alive(msg: AliveMessage) -> bytes:
     _put_if(obj, "namespace", msg.namespace)
     _put_if(obj, "running", list(msg.running))
     _put_if(obj, "traceparent", msg.traceparent)
+    _put_if(obj, "draining", msg.draining)
     return _dumps(obj)
 
 
@@ -530,6 +534,7 @@ def decode_alive(payload: bytes | str, topic: str = "control/proplet/alive") -> 
         namespace=r.opt_str("namespace"),
         running=r.opt_str_list("running"),
         traceparent=r.opt_str("traceparent"),
+        draining=r.opt_bool("draining"),
     )
 
 
@@ -699,13 +704,16 @@ TASK_STATE_RUNNING = "running"
 TASK_STATE_REJECTED = "rejected"
 # Accepted and waiting on the proplet for a free slot (it announced `max_queued_tasks`).
 TASK_STATE_QUEUED = "queued"
-TASK_STATES = (TASK_STATE_RUNNING, TASK_STATE_REJECTED, TASK_STATE_QUEUED)
+# Given back unfinished: the proplet is shutting down. The manager queues it again at once, not as
+# a retry (nothing went wrong with the task) and not as a refusal (no back-off).
+TASK_STATE_RETURNED = "returned"
+TASK_STATES = (TASK_STATE_RUNNING, TASK_STATE_REJECTED, TASK_STATE_QUEUED, TASK_STATE_RETURNED)
 
 
 @dataclass(frozen=True, slots=True)
 class TaskStateMessage:
     """Extension `control/proplet/task_state`: a proplet confirms it started a task, holds it for a
-    free slot, or refuses it."""
+    free slot, refuses it, or gives it back unfinished as it shuts down."""
 
     task_id: str
     proplet_id: str
@@ -729,7 +737,7 @@ def decode_task_state(
     r = _Reader(payload, topic)
     state = r.req_str("state")
     if state not in TASK_STATES:
-        raise r.fail(f"field 'state' must be 'running', 'queued' or 'rejected', got {state!r}")
+        raise r.fail(f"field 'state' must be one of {', '.join(map(repr, TASK_STATES))}, got {state!r}")
     return TaskStateMessage(
         task_id=r.req_str("task_id"),
         proplet_id=r.req_str("proplet_id"),

@@ -63,6 +63,8 @@ def proplet_sdf(p: Proplet) -> dict[str, Any]:
                 "proplet_id": _STRING, "namespace": _STRING,
                 "status": {**_STRING, "enum": ["alive", "offline"]},
                 "running": {**_STRINGS, "description": "Extension: ids of the tasks it runs now"},
+                "draining": {"type": "boolean", "description": "Extension: shutting down; it finishes what it "
+                             "runs, takes no new task and gives back the rest"},
             }, ["proplet_id", "status"], "Sent every PROPLET_LIVELINESS_INTERVAL seconds"),
             "TaskDispatch": _object({
                 "id": _STRING, "name": {**_STRING, "description": "The export to call"},

@@ -1373,6 +1373,8 @@ class ManagerCore:
         return self.settings.effective_liveness_timeout
 
     def _has_slot(self, p: Proplet) -> bool:
+        if p.draining:
+            return False
         cap = p.max_in_flight
         return cap is None or len(self._slots.get(p.id, ())) < cap
 
@@ -1386,6 +1388,8 @@ class ManagerCore:
                 return f"waiting for proplet {task.proplet_id}, which the manager has never seen"
             if not p.online:
                 return f"waiting for proplet {task.proplet_id}, which is offline"
+            if p.draining:
+                return f"waiting for proplet {task.proplet_id}, which is shutting down, to come back"
             if not self._has_slot(p):
                 return f"waiting for a free slot on proplet {task.proplet_id}"
             if self._refused_lately(task.id, p.id):
@@ -1394,6 +1398,8 @@ class ManagerCore:
             return "waiting for the dispatcher"
         if not online:
             return "no live proplet: the task starts when one comes online"
+        if all(p.draining for p in online):
+            return f"the {len(online)} live proplets are shutting down: the task starts when one comes online"
         if not task.broadcast and not any(self._has_slot(p) for p in online):
             return f"all {len(online)} live proplets are at capacity"
         if task.id in self._refused_by and all(self._refused_lately(task.id, p.id)
@@ -1442,7 +1448,7 @@ class ManagerCore:
                 if task is None or entry[2] not in self._queued or task.state is not TaskState.PENDING:
                     continue  # stopped, deleted or already dispatched
                 if task.broadcast:
-                    targets = [p for p in self.proplets.values() if p.online]
+                    targets = [p for p in self.proplets.values() if p.online and not p.draining]
                     if not targets:
                         deferred.append(entry)
                         await self._set_reason(task)
@@ -1773,6 +1779,7 @@ class ManagerCore:
     async def _mark_offline(self, p: Proplet, reason: str) -> None:
         p.online = False
         p.offline_reason = reason
+        p.draining = False
         now = utcnow()
         await self.writer.submit(self.store.op_upsert_proplet(p, now))
         self.metrics.proplets_online.set(sum(x.online for x in self.proplets.values()))
@@ -1857,6 +1864,12 @@ class ManagerCore:
                                             "when its connection dropped)")
             return
         p, _ = self._proplet(msg.proplet_id, msg.namespace)
+        if msg.draining != p.draining:
+            p.draining = msg.draining
+            if p.draining:
+                log.info("proplet %s is shutting down: it finishes the tasks it runs and is sent no new one", p.id)
+            else:
+                self._wake.set()
         await self._seen_alive(p, utcnow())
         if CAP_TASK_STATE in p.capabilities:
             await self._reconcile(p, frozenset(msg.running))
@@ -2138,6 +2151,17 @@ class ManagerCore:
                 self._waiting_on_proplet.add(task.id)
                 await self._transition(task, TaskState.SCHEDULED, f"waiting on {msg.proplet_id} for a free slot"
                                        + (f" ({msg.reason})" if msg.reason else ""))
+        elif msg.state == protocol.TASK_STATE_RETURNED:
+            p = self.proplets.get(msg.proplet_id)
+            if p is not None and p.online and not p.draining:
+                # Its draining heartbeat was missed (this manager started since): without this, the
+                # task would go straight back to it, and back again, until its next heartbeat.
+                p.draining = True
+            if task.state in (TaskState.SCHEDULED, TaskState.RUNNING):
+                # Not a retry (nothing went wrong with the task) and not a refusal (no back-off):
+                # the proplet shut down, and the task runs again from the start.
+                await self._requeue(task, f"given back by proplet {msg.proplet_id}, which is shutting down"
+                                    + (f" ({msg.reason})" if msg.reason else "") + "; queued again")
         elif task.state in (TaskState.SCHEDULED, TaskState.RUNNING):
             # A refusal says the proplet is full (REFUSAL_BACKOFF), which passes: the task waits in
             # the queue, offered to others now and to this one again once a slot frees there or the

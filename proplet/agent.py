@@ -73,6 +73,8 @@ class PropletCounters:
     duplicate_starts: int = 0
     rejected_messages: int = 0
     stopped: int = 0
+    # Unfinished tasks handed back to the manager as the proplet shut down.
+    given_back: int = 0
 
 
 @dataclass(slots=True)
@@ -83,6 +85,8 @@ class _Running:
     stop_requested: bool = False
     # False while the start waits for a free slot (the manager sends up to max_queued_tasks more).
     executing: bool = False
+    # Interrupted by the proplet's shutdown: given back to the manager instead of a result; why.
+    given_back: str = ""
     confirm: asyncio.TimerHandle | None = None
 
 
@@ -148,6 +152,9 @@ class PropletAgent:
         self._latent: dict[str, tuple[str, Invocation, StartMessage]] = {}
         self._loops: list[asyncio.Task[Any]] = []
         self._closed = asyncio.Event()
+        # Shutting down (request_shutdown): running tasks finish, new ones are given back.
+        self.draining = False
+        self._grace_over = False
         self.bus: MqttBus | None = None
         self.http: HttpSource | None = None
         self.chunks: ChunkSource | None = None
@@ -183,12 +190,14 @@ class PropletAgent:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        for task_id, running in list(self.running.items()):
-            running.stop_requested = True
-            self.runtime.stop(task_id)
-            running.job.cancel()
+        # Whatever still runs is given back (a task stopped by request meanwhile ends as such).
+        for running in list(self.running.values()):
+            self._give_back_running(running, f"still running at the end of the {self.settings.shutdown_grace:g} s "
+                                    "shutdown grace" if self._grace_over else "still running when the proplet stopped")
         if self.running:
             await asyncio.wait([r.job for r in self.running.values()], timeout=10)
+        for task_id in list(self._latent):
+            self._give_back(self._latent.pop(task_id)[2], "deployed as latent here")
         if self.federated is not None:
             # While the bus is up: an update that falls back to MQTT must still reach the broker.
             await self.federated.flush()
@@ -209,7 +218,60 @@ class PropletAgent:
         self._closed.set()
 
     def request_shutdown(self) -> None:
+        """SIGTERM or SIGINT. The first drains: the tasks running get `shutdown_grace` seconds to
+        finish, and the rest are given back. A second (or a grace of 0) stops at once."""
+        if self.draining or self.settings.shutdown_grace <= 0:
+            self._closed.set()
+            return
+        self.draining = True
+        self._spawn(self._drain(self.settings.shutdown_grace), "drain")
+
+    async def _drain(self, grace: float) -> None:
+        assert self.bus is not None
+        # Heard before the tasks given back below (same connection, in order): the manager then
+        # dispatches them elsewhere, not here. QoS 1: a lost one would send tasks back here.
+        self.bus.send(self.topics.alive, self._alive_payload(protocol.ALIVE_STATUS), qos=1)
+        for running in list(self.running.values()):
+            # Not started yet (fetching, or waiting for a slot): another proplet can start it now.
+            # A daemon serves until stopped: it would only hold the shutdown for the whole grace.
+            if not running.executing:
+                self._give_back_running(running, "not started yet")
+            elif running.start.daemon:
+                self._give_back_running(running, "a daemon: it serves until stopped")
+        jobs = [r.job for r in self.running.values() if not r.given_back]
+        log.info("shutting down: %d running tasks get up to %g s to finish (a second signal stops at once); "
+                 "no new task is taken", len(jobs), grace)
+        if jobs:
+            _, still_running = await asyncio.wait(jobs, timeout=grace)
+            self._grace_over = bool(still_running)
         self._closed.set()
+
+    def _give_back_running(self, running: _Running, why: str) -> None:
+        if running.stop_requested or running.given_back:
+            running.job.cancel()
+            return
+        running.given_back = why
+        self.runtime.stop(running.start.id)
+        running.job.cancel()
+
+    def _give_back(self, start: StartMessage, why: str) -> None:
+        """Hand an unfinished task back to the manager as this proplet shuts down."""
+        assert self.bus is not None
+        self.counters.given_back += 1
+        log.info("giving task %s back to the manager: %s", start.id, why)
+        if start.attempt:
+            # Our manager (it numbers attempts) queues it again at once. QoS 1: it must arrive
+            # before the goodbye, which would otherwise fail the task as lost with this proplet.
+            msg = protocol.TaskStateMessage(start.id, self.id, protocol.TASK_STATE_RETURNED, start.attempt, why,
+                                            start.traceparent)
+            self.bus.send(self.topics.task_state, protocol.encode_task_state(msg), qos=1)
+            return
+        # Upstream's manager cannot take a task back: it fails, saying why, rather than showing it
+        # running for ever.
+        result = ResultMessage(start.id, self.id, "", f"proplet {self.id} shut down before the task finished "
+                               f"({why}); start it again", start.attempt, start.traceparent, _now_text())
+        self.outbox.put(result)
+        self._publish_result(result)
 
     async def wait_closed(self) -> None:
         await self._closed.wait()
@@ -258,9 +320,10 @@ class PropletAgent:
         return meta
 
     def _alive_payload(self, status: str) -> bytes:
+        alive = status == protocol.ALIVE_STATUS
         return protocol.encode_alive(protocol.AliveMessage(
-            self.id, status, self.settings.manager_k8s_namespace,
-            self.held_tasks() if status == protocol.ALIVE_STATUS else ()))
+            self.id, status, self.settings.manager_k8s_namespace, self.held_tasks() if alive else (),
+            draining=alive and self.draining))
 
     def held_tasks(self) -> tuple[str, ...]:
         """Tasks this proplet still answers for: running, or finished with the result unconfirmed.
@@ -366,6 +429,9 @@ class PropletAgent:
             self.counters.duplicate_starts += 1
             log.info("task %s already ran; sending its result again instead of running it twice", start.id)
             self._publish_result(previous)
+            return
+        if self.draining:
+            self._give_back(start, "it takes no new task while it shuts down")
             return
         if self.outbox.full:
             log.warning("refusing task %s: %d results wait for the manager's confirmation", start.id,
@@ -521,6 +587,9 @@ class PropletAgent:
         except Exception as exc:
             log.exception("task %s failed inside the proplet", start.id)
             error = f"the proplet failed running the task ({type(exc).__name__}: {exc}); see its log"
+        if this.given_back:
+            self._give_back(start, this.given_back)
+            return
         if this.stop_requested and error:
             error = "stopped by request"
         if error:

@@ -190,6 +190,12 @@ class PropletSettings(msgspec.Struct, MqttClientOptions, kw_only=True):
         description="Flush each result to disk (survives power loss, costs a disk flush per result).",
     )] = False
     result_resend: Annotated[float, Meta(gt=0, description="Seconds before an unconfirmed result is sent again.")] = 5.0
+    shutdown_grace: Annotated[float, Meta(
+        ge=0, description="On SIGTERM or SIGINT: seconds the running tasks get to finish, while the proplet takes no "
+        "new task (its heartbeats say it is shutting down). Tasks still running then, and those that were not yet "
+        "running, are given back to the manager, which runs them again (upstream's manager, which cannot, gets "
+        "them failed, saying why). A second signal stops at once. 0: give them back at once.",
+    )] = 20.0
     cache_dir: Annotated[Path, Meta(description="Where compiled modules are kept between runs.")] = msgspec.field(
         default_factory=lambda: paths.cache_dir() / "proplet")
     compiled_cache_max_bytes: Annotated[int, Meta(
@@ -207,7 +213,8 @@ class PropletSettings(msgspec.Struct, MqttClientOptions, kw_only=True):
         default_factory=lambda: paths.state_dir() / "proplet")
 
     _DURATIONS: ClassVar[frozenset[str]] = frozenset(
-        {"liveliness_interval", "metrics_interval", "task_timeout", "chunk_stall_timeout", "result_resend"})
+        {"liveliness_interval", "metrics_interval", "task_timeout", "chunk_stall_timeout", "result_resend",
+         "shutdown_grace"})
     _COLON_LISTS: ClassVar[frozenset[str]] = frozenset({"dirs", "trusted_keys"})
     _COMMA_LISTS: ClassVar[frozenset[str]] = frozenset({"tags"})
 

@@ -73,7 +73,9 @@ class Fleet:
         self.spawn(name, [*PROPELLER, "proplet"], {
             "PROPLET_MQTT_ADDRESS": self.broker.url, "PROPLET_TENANT_ID": self.domain, "PROPLET_ENTITY_ID": name,
             "PROPLET_CACHE_DIR": str(self.workdir / name / "cache"), "PROPLET_STATE_DIR": str(self.workdir / name),
-            "PROPLET_LIVELINESS_INTERVAL": "1s", "PROPLET_MQTT_KEEP_ALIVE": "5", **extra})
+            "PROPLET_LIVELINESS_INTERVAL": "1s", "PROPLET_MQTT_KEEP_ALIVE": "5",
+            # A test's teardown (stop_all) does not wait out the default 20 s for a task left running.
+            "PROPLET_SHUTDOWN_GRACE": "2s", **extra})
 
     def start_proxy(self) -> None:
         self.spawn("proxy", [*PROPELLER, "proxy"], {

@@ -211,6 +211,53 @@ async def test_proplet_killed_mid_task_fails_or_retries_by_policy(fleet: Fleet) 
     assert (rerun["state_name"], rerun["proplet_id"], rerun["retries"]) == ("completed", "pk-spare", 1)
 
 
+async def test_proplet_stopped_with_sigterm_finishes_short_tasks_and_hands_over_the_rest(fleet: Fleet) -> None:
+    """SIGTERM (systemctl stop, an upgrade, a reboot): the proplet finishes what it can within its
+    grace and gives back the rest, which runs on another proplet, not failed and not as a retry; a
+    second SIGTERM stops it at once. Before, both tasks failed "stopped by request"."""
+    await asyncio.to_thread(fleet.start_manager)
+    fleet.start_proplet("pt-leaving", PROPLET_SHUTDOWN_GRACE="60s")
+    busy = base64.b64encode(wasm("busy")).decode()
+    async with httpx.AsyncClient(base_url=fleet.api, timeout=30) as api:
+        await online(api, {"pt-leaving"})
+        short = (await api.post("/tasks", json={"name": "_start", "file": busy, "inputs": ["1500"]})).json()["id"]
+        long = (await api.post("/tasks", json={"name": "_start", "file": busy, "inputs": ["20000"]})).json()["id"]
+        for tid in (short, long):
+            await api.post(f"/tasks/{tid}/start")
+        await eventually(lambda: _both_running(api, short, long), 20, interval=0.05)
+        fleet.start_proplet("pt-spare")
+        await online(api, {"pt-spare"})
+        fleet.signal("pt-leaving", signal.SIGTERM)
+
+        async def draining() -> bool:
+            return bool((await api.get("/proplets/pt-leaving")).json()["draining"])
+
+        await eventually(draining, 5, interval=0.05)
+        finished = await eventually(lambda: _terminal(api, short), 10)
+        await asyncio.sleep(0.5)
+        assert fleet.procs["pt-leaving"].poll() is None, "the long task keeps it draining"
+        second = time.monotonic()
+        fleet.signal("pt-leaving", signal.SIGTERM)
+        code = await asyncio.to_thread(fleet.procs["pt-leaving"].wait, 10)
+        stopped_after = time.monotonic() - second
+        moved = await eventually(lambda: _running_on(api, long, "pt-spare"), 10)
+        events = (await api.get(f"/tasks/{long}/events")).json()["events"]
+    report("proplet SIGTERM", short_task=f"{finished['state_name']} on {finished['proplet_id']}",
+           second_sigterm_exit_s=round(stopped_after, 3), long_task=f"running on {moved['proplet_id']} "
+           f"(attempt {moved['attempt']}, retries {moved['retries']})")
+    assert (finished["state_name"], finished["proplet_id"], finished["error"]) == ("completed", "pt-leaving", "")
+    assert code == 0 and stopped_after < 3
+    assert (moved["attempt"], moved["retries"]) == (2, 0)
+    assert any(e["detail"] == "given back by proplet pt-leaving, which is shutting down (still running when the "
+               "proplet stopped); queued again" for e in events), events
+    assert not any("stopped by request" in e["detail"] or e["state_name"] == "failed" for e in events)
+
+
+async def _running_on(api: httpx.AsyncClient, tid: str, proplet: str) -> Any:
+    task = (await api.get(f"/tasks/{tid}")).json()
+    return task if (task["state_name"], task["proplet_id"]) == ("running", proplet) else None
+
+
 async def _both_running(api: httpx.AsyncClient, *ids: str) -> bool:
     states = [(await api.get(f"/tasks/{tid}")).json()["state_name"] for tid in ids]
     return states == ["running"] * len(ids)
