@@ -164,6 +164,8 @@ class PropletRow:
     online: bool = False
     last_seen: datetime | None = None
     offline_reason: str = ""
+    # Shutting down: finishing its tasks, sent no new one.
+    draining: bool = False
     task_count: int = 0
     # Tasks the manager may send it at once (running slots plus the starts it queues), and of
     # those how many run at once.
@@ -181,22 +183,26 @@ class PropletRow:
     def update_from(self, p: Proplet) -> bool:
         """Refresh from the core's view; True when something shown changed."""
         md = p.metadata
-        new = (p.name, p.online, p.last_alive_at, p.offline_reason, p.task_count, p.max_in_flight, p.max_tasks,
-               str(md.get("wasm_runtime", "")),
+        new = (p.name, p.online, p.last_alive_at, p.offline_reason, p.draining, p.task_count, p.max_in_flight,
+               p.max_tasks, str(md.get("wasm_runtime", "")),
                "/".join(x for x in (str(md.get("os", "")), str(md.get("cpu_arch", ""))) if x))
-        old = (self.name, self.online, self.last_seen, self.offline_reason, self.task_count, self.capacity,
-               self.slots, self.runtime, self.platform)
+        old = (self.name, self.online, self.last_seen, self.offline_reason, self.draining, self.task_count,
+               self.capacity, self.slots, self.runtime, self.platform)
         if new == old:
             return False
-        (self.name, self.online, self.last_seen, self.offline_reason, self.task_count, self.capacity,
-         self.slots, self.runtime, self.platform) = new
+        (self.name, self.online, self.last_seen, self.offline_reason, self.draining, self.task_count,
+         self.capacity, self.slots, self.runtime, self.platform) = new
         for at in p.alive_history:
             if not self.heartbeats or at > self.heartbeats[-1]:
                 self.heartbeats.append(at)
         return True
 
+    @property
+    def state(self) -> str:
+        return ("draining" if self.draining else "online") if self.online else "offline"
+
     def search_text(self) -> tuple[str, ...]:
-        return (self.id, self.name, "online" if self.online else "offline", self.runtime, self.platform)
+        return (self.id, self.name, self.state, self.runtime, self.platform)
 
 
 # ------------------------------------------------------------------------------------------
@@ -316,6 +322,7 @@ class FleetState:
             elif isinstance(event, PropletWentOffline):
                 row = self._proplet_row(event.proplet_id)
                 row.online = False
+                row.draining = False
                 row.offline_reason = event.reason
                 self._touch_proplet(event.proplet_id)
             elif isinstance(event, PropletMetricsReceived):

@@ -128,8 +128,11 @@ class LocalFleet:
         proplet_id = self._new_id()
         argv = self.render(proplet_id)
         state = self.state_root / proplet_id
-        env = {**os.environ, **self.env, "PROPLET_ENTITY_ID": proplet_id,
-               "PROPLET_STATE_DIR": str(state / "state"), "PROPLET_CACHE_DIR": str(state / "cache"),
+        # Its shutdown grace within the console's STOP_GRACE, so that a stop drains it (unless
+        # configured otherwise) rather than killing it with its tasks.
+        env = {"PROPLET_SHUTDOWN_GRACE": f"{STOP_GRACE - 2:g}", **os.environ, **self.env,
+               "PROPLET_ENTITY_ID": proplet_id, "PROPLET_STATE_DIR": str(state / "state"),
+               "PROPLET_CACHE_DIR": str(state / "cache"),
                # Plain output: the console shows it in a log view, not a terminal.
                "NO_COLOR": "1", "TERM": "dumb"}
         try:

@@ -406,6 +406,7 @@ STATE_COMPONENTS = {
     "completed": "state--completed", "failed": "state--failed", "skipped": "state--skipped",
     "interrupted": "state--interrupted", "online": "state--online", "offline": "state--offline",
     "stopped": "state--offline", "exited": "state--failed", "stopping": "state--scheduled",
+    "draining": "state--scheduled",
 }
 
 

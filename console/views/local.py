@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any, ClassVar
 
@@ -150,7 +151,8 @@ the selected one, **X** stops all. They are stopped when the console exits. The 
                 self.stop([proplet_id])
 
         self.app.push_screen(ConfirmModal(
-            f"Stop local proplet {proplet_id}? Tasks running on it fail or are retried elsewhere.", "Stop"),
+            f"Stop local proplet {proplet_id}? Its running tasks get its shutdown grace (3 s unless "
+            "PROPLET_SHUTDOWN_GRACE says otherwise) to finish; the rest run again on another proplet.", "Stop"),
             confirmed)
 
     def action_stop_all(self) -> None:
@@ -169,8 +171,8 @@ the selected one, **X** stops all. They are stopped when the console exits. The 
 
     @work(group="local-stop", description="Stopping local proplets", exit_on_error=False)
     async def stop(self, proplet_ids: list[str]) -> None:
-        for proplet_id in proplet_ids:
-            await self.console.local.stop(proplet_id)
+        # Together: each may take its shutdown grace to drain.
+        await asyncio.gather(*(self.console.local.stop(proplet_id) for proplet_id in proplet_ids))
         self.notify(f"Stopped {', '.join(proplet_ids)}", timeout=3)
 
     def action_forget(self) -> None:

@@ -43,7 +43,7 @@ class PropletTable(StateTable):
     HELP = "Proplets known to this manager. **Enter**/**d** opens one; **/** filters; **y** copies the id."
 
     def row_cells(self, row: PropletRow, now: datetime) -> tuple[Any, ...]:
-        state = "online" if row.online else "offline"
+        state = row.state
         last = row.last_seen
         return (
             self.cell(row.id),
@@ -64,8 +64,9 @@ class PropletsScreen(ConsoleScreen):
     HELP = """\
 ### Proplets
 Liveness comes from heartbeats: a proplet is offline after three heartbeat intervals of silence, or at
-once when its Last Will arrives. **D** forgets a proplet that runs nothing (it reappears when it
-announces itself again).
+once when its Last Will arrives. A proplet told to stop (SIGTERM) is **draining**: it finishes what
+it runs, is sent no new task, and gives back what it has not finished. **D** forgets a proplet that
+runs nothing (it reappears when it announces itself again).
 """
 
     def __init__(self, **kwargs: Any) -> None:
@@ -228,12 +229,13 @@ then live). **y** copies the id; **Esc** goes back.
             return
         now = self.console.clock()
         running = self.console.running_by_proplet.get(self.proplet_id, [])
-        key = (row.online, row.last_seen, row.offline_reason, row.task_count, row.cpu_percent, row.rss_bytes,
+        key = (row.state, row.last_seen, row.offline_reason, row.task_count, row.cpu_percent, row.rss_bytes,
                len(row.heartbeats), len(row.cpu), tuple(running), age(now, row.last_seen))
         if key == self._rendered:
             return
         self._rendered = key
-        state = "[$success]online[/]" if row.online else "[$error]offline[/]"
+        state = {"online": "[$success]online[/]", "offline": "[$error]offline[/]",
+                 "draining": "[$warning]draining[/]: shutting down, finishing its tasks, sent no new one"}[row.state]
         lines = [
             f"[b]{escape(row.id)}[/b]  ({escape(row.name)})",
             f"state      {state}" + (f"  {escape(row.offline_reason)}" if row.offline_reason else ""),
