@@ -39,7 +39,7 @@ from core.domain import TaskState, TaskStateChanged  # noqa: E402
 from core.events import Fanout, Subscription  # noqa: E402
 from core.schemas import TaskCreate  # noqa: E402
 from core.service import ManagerCore  # noqa: E402
-from tests.services import Mosquitto  # noqa: E402
+from tests.services import Mosquitto, free_port  # noqa: E402
 from tests.wasmfixtures import wasm, with_custom_section  # noqa: E402
 
 
@@ -47,7 +47,7 @@ def start_proplet(broker: Mosquitto, domain: str, name: str, workdir: Path, **ex
     env = {**os.environ, "PROPLET_MQTT_ADDRESS": broker.url, "PROPLET_TENANT_ID": domain,
            "PROPLET_ENTITY_ID": name, "PROPLET_CACHE_DIR": str(workdir / name / "cache"),
            "PROPLET_STATE_DIR": str(workdir / name), "PROPLET_LOG_LEVEL": "warning",
-           "PROPLET_METRICS_INTERVAL": "0", **extra}
+           "PROPLET_METRICS_INTERVAL": "0", "PROPLET_METRICS_PORT": str(free_port()), **extra}
     return subprocess.Popen([sys.executable, "-m", "propeller", "proplet"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

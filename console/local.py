@@ -129,8 +129,10 @@ class LocalFleet:
         argv = self.render(proplet_id)
         state = self.state_root / proplet_id
         # Its shutdown grace within the console's STOP_GRACE, so that a stop drains it (unless
-        # configured otherwise) rather than killing it with its tasks.
-        env = {"PROPLET_SHUTDOWN_GRACE": f"{STOP_GRACE - 2:g}", **os.environ, **self.env,
+        # configured otherwise) rather than killing it with its tasks. No /metrics endpoint unless
+        # configured: local proplets are several on one machine, and only one could have :9092.
+        env = {"PROPLET_SHUTDOWN_GRACE": f"{STOP_GRACE - 2:g}", "PROPLET_METRICS_ENABLED": "false", **os.environ,
+               **self.env,
                "PROPLET_ENTITY_ID": proplet_id, "PROPLET_STATE_DIR": str(state / "state"),
                "PROPLET_CACHE_DIR": str(state / "cache"),
                # Plain output: the console shows it in a log view, not a terminal.

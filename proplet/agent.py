@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiomqtt
 import orjson
@@ -38,9 +38,13 @@ from core.topics import Topics
 from proplet.config import PropletSettings, total_memory
 from proplet.federated import FederatedClient, FederatedError, is_round_task
 from proplet.outbox import Outbox
+from proplet.process import cgroup_memory, rss_bytes
 from proplet.runtime import Invocation, ModuleError, Runtime, RuntimeConfig, runtime_from_config
 from proplet.runtime.api import mib, split_dirs
 from proplet.sources import ChunkSource, FetchError, HttpSource, InlineSource, ModuleFetcher, WasmRef
+
+if TYPE_CHECKING:
+    from proplet.telemetry import MetricsServer
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +164,7 @@ class PropletAgent:
         self.chunks: ChunkSource | None = None
         self.fetcher: ModuleFetcher | None = None
         self.federated: FederatedClient | None = None
+        self.metrics_server: MetricsServer | None = None
         self._cpu_sample: tuple[float, float] | None = None
 
     # ------------------------------------------------------------------------------------
@@ -185,6 +190,11 @@ class PropletAgent:
         self._spawn(self._resend_results(), "outbox")
         if s.metrics_interval > 0:
             self._spawn(self._metrics(), "metrics")
+        if s.metrics_enabled:
+            # Imported only then: prometheus_client is ~1.5 MB of an idle proplet's memory.
+            from proplet.telemetry import start_metrics_server
+
+            self.metrics_server = start_metrics_server(self)
         log.info("proplet %s: runtime %s, broker %s, domain %s, channel %s", self.id, self.runtime.name,
                  conn.address.url, s.tenant_id, s.channel_id)
         return self
@@ -213,6 +223,8 @@ class PropletAgent:
         if self.federated is not None:
             await self.federated.aclose()
         await self.runtime.close()
+        if self.metrics_server is not None:
+            await asyncio.to_thread(self.metrics_server.close)
         self.outbox.close()
         os.close(self._id_lock)  # the next proplet with this id may start
         self._closed.set()
@@ -747,20 +759,8 @@ def _option_on(option: str, names: tuple[str, ...]) -> bool:
 
 
 def _memory_metrics() -> dict[str, int]:
-    out = {"rss_bytes": _rss_bytes(), "heap_alloc_bytes": 0, "heap_sys_bytes": 0, "heap_inuse_bytes": 0}
-    for key, path in (("container_usage_bytes", "/sys/fs/cgroup/memory.current"),
-                      ("container_limit_bytes", "/sys/fs/cgroup/memory.max")):
-        with contextlib.suppress(OSError, ValueError):
-            out[key] = int(open(path).read().strip())
-    return out
-
-
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
+    return {"rss_bytes": rss_bytes(), "heap_alloc_bytes": 0, "heap_sys_bytes": 0, "heap_inuse_bytes": 0,
+            **cgroup_memory()}
 
 
 def _local_ip() -> str:

@@ -128,6 +128,14 @@ class PropletSettings(msgspec.Struct, MqttClientOptions, kw_only=True):
     liveliness_interval: Annotated[float, Meta(gt=0, description="Seconds between heartbeats.")] = 10.0
     metrics_interval: Annotated[float, Meta(
         ge=0, description="Seconds between metrics reports; 0 disables them.")] = 10.0
+    metrics_enabled: Annotated[bool, Meta(
+        description="Serve Prometheus metrics (GET /metrics, upstream's proplet_* names) and GET /health over "
+        "HTTP, as upstream's proplet does. A port in use is logged and the proplet runs without them.",
+    )] = True
+    metrics_port: Annotated[int, Meta(ge=1, le=65535, description="Port of /metrics and /health.")] = 9092
+    metrics_host: Annotated[str, Meta(
+        description="Address /metrics and /health listen on (upstream: all interfaces); 127.0.0.1 keeps them "
+        "on this machine.")] = "0.0.0.0"
     external_wasm_runtime: Annotated[str, Meta(
         description="Path or name of a wasmtime CLI to run modules with, instead of the internal runtime (one not "
                     "found, or that does not answer `--version` as wasmtime, is logged and the internal runtime used).",

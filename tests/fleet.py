@@ -75,7 +75,9 @@ class Fleet:
             "PROPLET_CACHE_DIR": str(self.workdir / name / "cache"), "PROPLET_STATE_DIR": str(self.workdir / name),
             "PROPLET_LIVELINESS_INTERVAL": "1s", "PROPLET_MQTT_KEEP_ALIVE": "5",
             # A test's teardown (stop_all) does not wait out the default 20 s for a task left running.
-            "PROPLET_SHUTDOWN_GRACE": "2s", **extra})
+            "PROPLET_SHUTDOWN_GRACE": "2s",
+            # Several proplets on one machine: only one could have :9092.
+            "PROPLET_METRICS_ENABLED": "false", **extra})
 
     def start_proxy(self) -> None:
         self.spawn("proxy", [*PROPELLER, "proxy"], {

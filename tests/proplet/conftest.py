@@ -24,6 +24,8 @@ def proplet_factory(broker: Any, tmp_path: Path) -> PropletFactory:
             "mqtt_address": broker.url, "tenant_id": core.topics.domain, "channel_id": core.topics.channel,
             "entity_id": proplet_id, "cache_dir": tmp_path / proplet_id / "cache",
             "state_dir": tmp_path / proplet_id / "state", "liveliness_interval": 1.0, "metrics_interval": 0.5,
+            # Tests run many proplets at once; those of /metrics choose their own port.
+            "metrics_enabled": False,
         }
         values.update(overrides)
         async with PropletAgent(PropletSettings.load(**values)) as agent:
