@@ -92,6 +92,8 @@ class _Running:
     # Interrupted by the proplet's shutdown: given back to the manager instead of a result; why.
     given_back: str = ""
     confirm: asyncio.TimerHandle | None = None
+    # Sends its task_metrics while it runs (started once it has run for a moment; see _confirm).
+    monitor: asyncio.Task[None] | None = None
 
 
 class ProcessConflict(OSError):
@@ -599,6 +601,8 @@ class PropletAgent:
         except Exception as exc:
             log.exception("task %s failed inside the proplet", start.id)
             error = f"the proplet failed running the task ({type(exc).__name__}: {exc}); see its log"
+        if this.monitor is not None:
+            this.monitor.cancel()
         if this.given_back:
             self._give_back(start, this.given_back)
             return
@@ -670,9 +674,32 @@ class PropletAgent:
             return
         if running.executing:
             self._send_state(running.start, protocol.TASK_STATE_RUNNING)
+            if self.settings.enable_monitoring and running.monitor is None:
+                running.monitor = asyncio.ensure_future(self._monitor(running))
         else:
             self._send_state(running.start, protocol.TASK_STATE_QUEUED,
                              f"all {self.settings.max_concurrent_tasks} slots busy")
+
+    async def _monitor(self, running: _Running) -> None:
+        """The task's metrics while it runs: first when it has run FIRST_SAMPLE_S, then every interval."""
+        from proplet.monitoring import FIRST_SAMPLE_S, TaskMonitor, profile_for
+
+        start = running.start
+        profile = profile_for(start.monitoring_profile, start.daemon)
+        if not profile.enabled:
+            return
+        monitor = TaskMonitor(start.id, self.id, profile, lambda: self.runtime.usage(start.id),
+                              total_memory(), start.traceparent)
+        await asyncio.sleep(max(0.0, FIRST_SAMPLE_S - CONFIRM_AFTER_S))  # _confirm came CONFIRM_AFTER_S in
+        assert self.bus is not None
+        try:
+            while (message := monitor.sample()) is not None:
+                if profile.export_to_mqtt and self.bus.connected.is_set():
+                    # QoS 0, as the proplet's own metrics: the next sample supersedes a lost one.
+                    self.bus.send(self.topics.task_metrics, protocol.encode_task_metrics(message), qos=0)
+                await asyncio.sleep(profile.interval_s)
+        except Exception:  # the task runs on; only its metrics stop
+            log.exception("task %s: its metrics could not be taken; no more are sent for it", start.id)
 
     def _executing(self, running: _Running) -> None:
         """The task got its slot. One reported as waiting is confirmed as running once it has run

@@ -128,6 +128,11 @@ class PropletSettings(msgspec.Struct, MqttClientOptions, kw_only=True):
     liveliness_interval: Annotated[float, Meta(gt=0, description="Seconds between heartbeats.")] = 10.0
     metrics_interval: Annotated[float, Meta(
         ge=0, description="Seconds between metrics reports; 0 disables them.")] = 10.0
+    enable_monitoring: Annotated[bool, Meta(
+        description="Send each task's metrics (control/proplet/task_metrics: CPU, memory, disk, threads) while it "
+        "runs, from 100 ms after it began, every interval of its monitoring_profile (10 s; daemons 120 s); "
+        "false: none.",
+    )] = True
     metrics_enabled: Annotated[bool, Meta(
         description="Serve Prometheus metrics (GET /metrics, upstream's proplet_* names) and GET /health over "
         "HTTP, as upstream's proplet does. A port in use is logged and the proplet runs without them.",

@@ -1,7 +1,7 @@
 """Wasm execution for the proplet: the internal wasmtime-py runtime and the external CLI runtime.
 
 The agent uses only the names re-exported here: build a runtime with `runtime_from_config`, then
-`load` / `has_module` / `run` / `stop` / `serve_http` / `close` (see `api.Runtime`).
+`load` / `has_module` / `run` / `stop` / `usage` / `serve_http` / `close` (see `api.Runtime`).
 """
 
 from .api import (
@@ -13,6 +13,7 @@ from .api import (
     RuntimeConfig,
     ServeError,
     ServeHandle,
+    Usage,
     check_digest,
     wasm_kind,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "RuntimeConfig",
     "ServeError",
     "ServeHandle",
+    "Usage",
     "WasmtimeRuntime",
     "check_digest",
     "find_wasmtime_cli",

@@ -110,6 +110,44 @@ class RuntimeConfig:
     http_first_port: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """What a running task has used so far, for its task_metrics. None: this runtime cannot tell.
+
+    The internal runtime runs a guest on a thread of the proplet: its CPU time is that thread's
+    since the run began and its memory the guest's linear memory. The external runtime's guest is a
+    process of its own: all of it is that process's."""
+
+    cpu_seconds: float
+    memory_bytes: int
+    threads: int
+    open_files: int | None = None
+    disk_read_bytes: int | None = None
+    disk_write_bytes: int | None = None
+
+
+def process_usage(pid: int) -> Usage | None:
+    """A process's usage from /proc (Linux); None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open(f"/proc/{pid}/statm") as f:
+            resident_pages = int(f.read().split()[1])
+        threads = int(fields[17])
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        open_files = len(os.listdir(f"/proc/{pid}/fd"))
+    except (OSError, ValueError, IndexError):
+        return None
+    read = write = None
+    try:
+        with open(f"/proc/{pid}/io") as f:
+            io = dict(line.split(":", 1) for line in f.read().splitlines())
+        read, write = int(io["read_bytes"]), int(io["write_bytes"])
+    except (OSError, ValueError, KeyError):
+        pass  # /proc/<pid>/io needs ptrace rights, which a hardened box may withhold
+    return Usage(cpu, resident_pages * os.sysconf("SC_PAGE_SIZE"), threads, open_files, read, write)
+
+
 class ServeHandle(Protocol):
     """A running wasi:http server started by `serve_http`."""
 
@@ -137,6 +175,10 @@ class Runtime(Protocol):
     async def run(self, digest: str, inv: Invocation) -> Outcome: ...
 
     def stop(self, task_id: str) -> bool: ...
+
+    def usage(self, task_id: str) -> Usage | None:
+        """What the task's run has used so far (None: it is not running here)."""
+        ...
 
     async def serve_http(self, digest: str, inv: Invocation, port: int | None = None) -> ServeHandle: ...
 

@@ -59,6 +59,7 @@ from .api import (
     Outcome,
     RuntimeConfig,
     ServeError,
+    Usage,
     check_digest,
     command_results,
     fault_error,
@@ -71,6 +72,7 @@ from .api import (
     nul_error,
     overflow_error,
     plan_core_call,
+    process_usage,
     seconds,
     split_dirs,
     tail,
@@ -650,6 +652,11 @@ class ExternalRuntime:
             return failed(f"Could not read the results {printed!r} printed by {self.binary}. "
                           "Report this with the module and the wasmtime version.")
         return Outcome(",".join(values), stdout=out, stderr=err, duration_s=duration)
+
+    def usage(self, task_id: str) -> Usage | None:
+        # The `wasmtime run` of the task, or its `wasmtime serve` (a daemon).
+        procs = [*self._running.get(task_id, ()), *(s.process for s in self._servers.get(task_id, ()))]
+        return process_usage(procs[0].pid) if procs else None
 
     def stop(self, task_id: str) -> bool:
         found = False

@@ -66,6 +66,7 @@ from .api import (
     RuntimeConfig,
     ServeError,
     ServeHandle,
+    Usage,
     check_digest,
     command_results,
     fault_error,
@@ -248,6 +249,8 @@ class WasmtimeRuntime:
             self.config.memory_cache_entries, self.config.memory_cache_bytes, _code_bytes)
         self._lock = threading.Lock()
         self._loading: dict[str, asyncio.Future[None]] = {}
+        # Runs under way by task id, for usage().
+        self._runs: dict[str, _Run] = {}
         # The disk cache's bound. Loads under way write the module's files; runs mark it in use.
         # A module removed from disk is forgotten in memory too, so that has_module()
         # says no and the agent delivers it again (a fuel task compiles from the bytes on disk).
@@ -472,6 +475,7 @@ class WasmtimeRuntime:
             # Given up while waiting for a slot: forget the run, or stop() would find it for ever.
             self._watchdog.unregister(watch)
             raise
+        self._runs[inv.task_id] = state
         try:
             if watch.stop_requested:
                 return Outcome("", "The task was stopped by request before it started.",
@@ -537,6 +541,8 @@ class WasmtimeRuntime:
                 timer.cancel()
         finally:
             self._watchdog.unregister(watch)
+            if self._runs.get(inv.task_id) is state:
+                del self._runs[inv.task_id]
             if release_slot:
                 self._slots.release()
 
@@ -589,6 +595,10 @@ class WasmtimeRuntime:
                store: Store) -> Outcome:
         started = time.perf_counter()
         fuel_used = None
+        watch = state.watch
+        if not watch.slice_only:  # a run on the event loop is over before anyone asks
+            watch.cpu_clock = time.pthread_getcpuclockid(threading.get_ident())
+            watch.cpu_at_start = time.thread_time()
         try:
             self._watchdog.arm(store, state.watch)
             if state.fuel is not None:
@@ -681,9 +691,16 @@ class WasmtimeRuntime:
 
     def _instantiate_core(self, art: _CoreArtifact, store: Store, state: _Run) -> wasmtime.Instance:
         try:
-            return art.pre.instantiate(store)
+            instance = art.pre.instantiate(store)
         except (WasmtimeError, Trap) as e:
             raise _GuestFailed(self._failure(e, state, store, None, art)) from None
+        watch = state.watch
+        if art.memories and not watch.slice_only:
+            memory = instance.exports(store)[art.memories[0]]
+            if isinstance(memory, wasmtime.Memory):
+                watch.memory_bytes = memory.data_len(store)
+                watch.memory = memory._memory  # wasmtime-py keeps the handle only there
+        return instance
 
     def _failure(self, e: WasmtimeError | Trap, state: _Run, store: Store, instance: Any, art: Any) -> str:
         """The user-facing reason for a guest that ended with a trap or error."""
@@ -791,6 +808,18 @@ class WasmtimeRuntime:
 
     def stop(self, task_id: str) -> bool:
         return self._watchdog.stop(task_id)
+
+    def usage(self, task_id: str) -> Usage | None:
+        run = self._runs.get(task_id)
+        if run is None:
+            return None
+        watch = run.watch
+        cpu = 0.0
+        if watch.cpu_clock is not None:
+            with contextlib.suppress(OSError):  # the thread ended meanwhile
+                cpu = max(0.0, time.clock_gettime(watch.cpu_clock) - watch.cpu_at_start)
+        memory = run.memory_use.size if run.memory_use.created else watch.memory_bytes
+        return Usage(cpu, memory, threads=1)
 
     async def serve_http(self, digest: str, inv: Invocation, port: int | None = None) -> ServeHandle:
         raise ServeError(

@@ -47,6 +47,8 @@ class MemoryUse:
     refused_size: int | None = None
     # Memories created for the run so far (at most MAX_MEMORIES_PER_RUN).
     created: int = 0
+    # Their accessible bytes together (the task's memory in its task_metrics).
+    size: int = 0
 
 
 @dataclass(slots=True)
@@ -145,6 +147,7 @@ def _new_memory(_env: object, _ty: object, minimum: int, maximum: int, reserved:
             _libc.munmap(address, mapped)
             return _error(f"cannot commit {minimum} bytes of a linear memory (errno {ctypes.get_errno()})")
         use.created += 1
+        use.size += minimum
         handle = next(_HANDLES)
         _REGIONS[handle] = _Region(use, address, minimum, capacity, mapped)
         memory = memory_ret[0]
@@ -181,6 +184,7 @@ def _grow_memory(env: int | None, new_size: int) -> int:
         if new_size > region.size:
             if _libc.mprotect(region.address, new_size, _READ_WRITE) != 0:
                 return _error(f"cannot commit {new_size} bytes of a linear memory (errno {ctypes.get_errno()})")
+            region.use.size += new_size - region.size
             region.size = new_size
         return 0
     except BaseException:  # pragma: no cover - defensive, see above

@@ -49,6 +49,13 @@ class Watch:
     # first may come right after it started; the second comes one to two ticks after).
     slice_only: bool = False
     ticks: int = 0
+    # For the task's metrics (WasmtimeRuntime.usage): the guest thread's CPU clock and its CPU
+    # time when the run began; the guest's exported memory and its size as the callback last saw it
+    # (read there, on the guest's thread, since a store may not be touched from another).
+    cpu_clock: int | None = None
+    cpu_at_start: float = 0.0
+    memory: ffi.wasmtime_memory_t | None = None
+    memory_bytes: int = 0
 
 
 _CALLBACK_TYPE = ctypes.CFUNCTYPE(
@@ -68,7 +75,7 @@ _HANDLES = itertools.count(1)
 _CONTINUE = 0  # WASMTIME_UPDATE_DEADLINE_CONTINUE
 
 
-def _on_deadline(_ctx: object, data: int | None, delta: ctypes._Pointer, kind: ctypes._Pointer) -> int:
+def _on_deadline(ctx: object, data: int | None, delta: ctypes._Pointer, kind: ctypes._Pointer) -> int:
     # Runs on the guest's thread at every tick; it must never raise (ctypes would print the
     # exception and return 0, which wasmtime reads as "continue" with garbage in `delta`).
     try:
@@ -85,6 +92,8 @@ def _on_deadline(_ctx: object, data: int | None, delta: ctypes._Pointer, kind: c
             if time.monotonic() >= watch.deadline:
                 watch.reason = Reason.TIMEOUT
                 return _trap(b"task ran past its deadline")
+            if watch.memory is not None:
+                watch.memory_bytes = ffi.wasmtime_memory_data_size(ctx, ctypes.byref(watch.memory))
         delta[0] = 1
         kind[0] = _CONTINUE
         return 0
