@@ -492,6 +492,12 @@ class PropletAgent:
     # running tasks
 
     def _invocation(self, start: StartMessage) -> Invocation:
+        if start.encrypted:
+            # Its bytes would be fetched and fail as "not valid WebAssembly", which hides why.
+            raise _Refused(
+                f"task {start.id} is encrypted: it needs a TEE runtime, which proplet {self.id} does not have "
+                "(upstream's proplet runs encrypted tasks inside a TEE). Run it on such a proplet, or start it "
+                "unencrypted.")
         asked = start.limits.memory_bytes
         if asked is not None and asked > self.settings.task_memory_max:
             # A task's own limit is otherwise taken as it comes: one asking for more than the box

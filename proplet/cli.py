@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import click
@@ -47,6 +48,10 @@ def proplet_command(mqtt_address: str | None, entity_id: str | None, log_level: 
     settings = load_settings(PropletSettings.load, mqtt_address=mqtt_address, entity_id=entity_id or None,
                              log_level=log_level)
     setup_logging(settings.log_level, log_format)
+    from proplet.config import unused_variables
+
+    for sentence in unused_variables():
+        logging.getLogger("proplet.config").warning("%s", sentence)
     try:
         asyncio.run(_run(settings))
     except KeyboardInterrupt:

@@ -10,13 +10,14 @@ small edge boxes, and pydantic is ~9.5 MB of an idle proplet's memory (msgspec ~
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import shutil
 import socket
 import typing
 import uuid
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -306,6 +307,45 @@ class PropletSettings(msgspec.Struct, MqttClientOptions, kw_only=True):
                 default = str(value)
             rows.append((f"{cls.ENV_PREFIX}{field.name.upper()}", default, description))
         return rows
+
+
+# Upstream's proplet variables this proplet does not act on, and why (said at start when one is set).
+UPSTREAM_ONLY = {
+    "MQTT_MAX_PACKET_SIZE": "a module too big for one message comes in chunks instead",
+    "MQTT_INFLIGHT": "paho keeps its own window of unacknowledged messages",
+    "MQTT_REQUEST_CHANNEL_CAPACITY": "messages go straight to the MQTT client here",
+    "KBS_URI": "this proplet has no TEE runtime: it fails encrypted tasks, saying so",
+    "AA_CONFIG_PATH": "this proplet has no TEE runtime",
+    "LAYER_STORE_PATH": "this proplet has no TEE runtime",
+    "PULL_CONCURRENT_LIMIT": "this proplet has no TEE runtime",
+    "HAL_ENABLED": "this proplet gives guests no HAL",
+    "USB_ENABLED": "this proplet gives guests no USB",
+    "PLUGIN_DIR": "this proplet loads no plugins",
+    "OTEL_URL": "this proplet exports no traces (each message carries the task's traceparent)",
+    "TRACE_RATIO": "this proplet exports no traces",
+}
+# Read by other parts than the settings.
+_READ_ELSEWHERE = {"CONFIG_FILE", "CONFIG_SECTION"}
+
+
+def unused_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """A sentence for each PROPLET_* variable set that no setting reads: upstream's that do nothing
+    here, and the rest, most likely misspelt (with the nearest setting's name)."""
+    prefix = PropletSettings.ENV_PREFIX
+    settings = [name.upper() for name in _FIELD_KINDS]
+    out = []
+    for var in sorted(os.environ if environ is None else environ):
+        name = var.upper()[len(prefix):] if var.upper().startswith(prefix) else None
+        if name is None or name in settings or name in _READ_ELSEWHERE:
+            continue
+        if name in UPSTREAM_ONLY:
+            out.append(f"{var} (upstream's) has no effect here: {UPSTREAM_ONLY[name]}.")
+            continue
+        near = difflib.get_close_matches(name, settings, n=1, cutoff=0.75)
+        hint = f" Did you mean {prefix}{near[0]}?" if near else ""
+        out.append(f"{var} is not a setting of this proplet and is ignored.{hint} "
+                   "`propeller proplet --help` lists them.")
+    return out
 
 
 # Each field's annotation (with its Meta), and its type without the Meta.

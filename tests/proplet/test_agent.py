@@ -16,7 +16,7 @@ from core import topics as t
 from core.domain import TaskState
 from core.schemas import TaskCreate
 from proplet.agent import FINISHED_RESULTS_MAX_BYTES, PropletAgent
-from proplet.config import PropletSettings, generated_entity_id, parse_duration
+from proplet.config import PropletSettings, generated_entity_id, parse_duration, unused_variables
 from tests.proplet.conftest import PropletFactory
 from tests.proplet.helpers import b64, run_task, run_to_end
 from tests.wasmfixtures import bytes_on_disk, digest, wasm, with_custom_section
@@ -576,3 +576,24 @@ async def test_a_daemon_serves_on_the_first_free_port_from_http_proxy_port(
         assert ports[0] == first and ports[1] > first, ports
         for task_id in task_ids:
             await manager.stop_task(task_id)
+
+
+async def test_an_encrypted_task_fails_saying_it_needs_a_tee(manager: Any, proplet_factory: PropletFactory) -> None:
+    async with proplet_factory(manager, "p-no-tee") as agent:
+        # An OCI reference no proxy serves: refused before any fetch, which would only time out.
+        done = await run_task(manager, name="add", image_url="registry.invalid/secret:1", inputs=[1, 2],
+                              encrypted=True)
+    assert done.state is TaskState.FAILED
+    assert done.error.startswith(f"task {done.id} is encrypted: it needs a TEE runtime, which proplet p-no-tee")
+    assert agent.counters.failed == 1
+
+
+def test_upstream_variables_that_do_nothing_here_and_misspelt_ones_are_named() -> None:
+    environ = {"PROPLET_HAL_ENABLED": "true", "PROPLET_MQTT_ADRESS": "mqtt://x", "PROPLET_TENANT_ID": "t",
+               "PROPLET_CONFIG_FILE": "/etc/upstream.toml", "PROPLET_WHATEVER": "1", "PATH": "/bin"}
+    assert unused_variables(environ) == [
+        "PROPLET_HAL_ENABLED (upstream's) has no effect here: this proplet gives guests no HAL.",
+        "PROPLET_MQTT_ADRESS is not a setting of this proplet and is ignored. Did you mean PROPLET_MQTT_ADDRESS? "
+        "`propeller proplet --help` lists them.",
+        "PROPLET_WHATEVER is not a setting of this proplet and is ignored. `propeller proplet --help` lists them.",
+    ]
