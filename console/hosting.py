@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 if TYPE_CHECKING:
     from console.rounds import RoundRow, RoundsView, UpdateRow
     from core.config import ManagerSettings
-    from core.domain import Proplet, PropletMetrics, Task, TaskEvent, TaskState
+    from core.domain import Proplet, PropletMetrics, Task, TaskEvent, TaskMetrics, TaskState
     from core.events import Subscription
     from core.mqtt import TrafficRecord
     from core.schemas import TaskCreate
@@ -130,6 +130,10 @@ class ManagerLink:
 
     async def task_events(self, task_id: str) -> list[TaskEvent]:
         return await self.on_core(self.core.task_events, task_id)
+
+    async def latest_task_metrics(self, task_id: str) -> TaskMetrics | None:
+        page = await self.on_core(self.core.task_metrics, task_id, 0, 1)
+        return page.items[0] if page.items else None
 
     async def count_tasks_by_state(self) -> dict[TaskState, int]:
         return await self.on_core(self.core.store.count_tasks_by_state)

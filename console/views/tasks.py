@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import datetime
 from typing import Any, ClassVar
 
@@ -19,6 +20,7 @@ from console.fleet import TaskRow, result_text
 from console.text import escape
 from console.widgets import ConfirmModal, StateTable, StatusLine
 from core.bounded import size_text
+from core.domain import TaskState
 
 COLUMNS = (("id", "ID", 10), ("name", "NAME", 14), ("state", "STATE", 11), ("proplet", "PROPLET", 22),
            ("created", "CREATED (UTC)", 14), ("duration", "DURATION", 9), ("outcome", "RESULT / REASON", 40))
@@ -242,6 +244,10 @@ it and **D** deletes it (both ask first), **y** copies its id (OSC 52, works ove
         return commands
 
 
+# How often the detail of a running task fetches its latest metrics sample again.
+USAGE_REFRESH_S = 2.0
+
+
 class TaskDetailScreen(ConsoleScreen):
     """One task: fields, inputs, results or error, its proplet, and the lifecycle timeline."""
 
@@ -249,7 +255,8 @@ class TaskDetailScreen(ConsoleScreen):
     HELP = """\
 ### Task
 The lifecycle timeline lists every transition with its time and how long the task stayed in that
-state. **s** starts it again (a new attempt), **x** stops it, **D** deletes it; **y** copies the id,
+state. A task that has run for a moment shows its CPU and memory (its proplet's latest sample).
+**s** starts it again (a new attempt), **x** stops it, **D** deletes it; **y** copies the id,
 **c** the result. **Esc** goes back.
 """
     DEFAULT_CSS = """
@@ -263,6 +270,9 @@ state. **s** starts it again (a new attempt), **x** stops it, **D** deletes it; 
         self.task_id = task_id
         self.task_data: Any = None
         self.events: list[Any] = []
+        # Its latest task_metrics sample (its proplet's, while it runs), and when it was fetched.
+        self.usage: Any = None
+        self._loaded_at = 0.0
         self._dirty: set[str] = set()
 
     def crumbs(self) -> list[str]:
@@ -291,9 +301,11 @@ state. **s** starts it again (a new attempt), **x** stops it, **D** deletes it; 
     @work(exclusive=True, group="task-detail", description="Loading the task", exit_on_error=False)
     async def load(self) -> None:
         manager = self.console.manager
+        self._loaded_at = time.monotonic()
         task = await manager.get_task(self.task_id)
         events = await manager.task_events(self.task_id)
-        self.task_data, self.events = task, events
+        usage = await manager.latest_task_metrics(self.task_id)
+        self.task_data, self.events, self.usage = task, events, usage
         self.post_message(self.Loaded())
 
     class Loaded(Message):
@@ -304,7 +316,8 @@ state. **s** starts it again (a new attempt), **x** stops it, **D** deletes it; 
         self.render_task()
 
     def flush_body(self) -> None:
-        if self.task_id in self._dirty:
+        running = self.task_data is not None and self.task_data.state is TaskState.RUNNING
+        if self.task_id in self._dirty or (running and time.monotonic() - self._loaded_at >= USAGE_REFRESH_S):
             self._dirty.clear()
             self.load()
         elif self._dirty:
@@ -339,6 +352,9 @@ state. **s** starts it again (a new attempt), **x** stops it, **D** deletes it; 
                      f"   finished {fmt_time(task.finish_time) or '-'}")
         if task.reason and not task.state.is_terminal:
             lines.append(f"waiting    {escape(task.reason)}")
+        if self.usage is not None:
+            lines.append("usage      " + usage_text(self.usage.metrics, self.usage.aggregated)
+                         + f"   (sampled {fmt_time(self.usage.timestamp)})")
         self.query_one("#task-fields", Static).update(Content.from_markup("\n".join(lines)))
         out = []
         if task.results is not None:
@@ -402,6 +418,20 @@ def _shown_in_part(text: str) -> str:
     if len(text) <= DETAIL_TEXT_MAX:
         return text
     return f"{text[:DETAIL_TEXT_MAX]}…\n({size_text(len(text.encode()))} in all; c copies it whole)"
+
+
+def usage_text(metrics: dict[str, Any], aggregated: dict[str, Any] | None) -> str:
+    """A task_metrics sample in a line: "cpu 98.5%  memory 128.0 KiB  (avg cpu 97.1%, max memory …)"."""
+    parts = []
+    if isinstance(metrics.get("cpu_percent"), int | float):
+        parts.append(f"cpu {metrics['cpu_percent']:.1f}%")
+    if isinstance(metrics.get("memory_bytes"), int):
+        parts.append(f"memory {size_text(metrics['memory_bytes'])}")
+    text = "  ".join(parts) or "-"
+    if aggregated and isinstance(aggregated.get("sample_count"), int):
+        text += (f"  ({aggregated['sample_count']} samples: avg cpu {aggregated.get('avg_cpu_usage', 0):.1f}%, "
+                 f"max memory {size_text(int(aggregated.get('max_memory_usage', 0)))})")
+    return text
 
 
 def _state_var(state: str) -> str:

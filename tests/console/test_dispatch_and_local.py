@@ -3,7 +3,9 @@ the form's validation in place, the file picker, and local proplet management.""
 
 from __future__ import annotations
 
+import base64
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +14,11 @@ from textual.widgets import Input, Log, Select, Static
 
 from console.views.dispatch import DispatchScreen, FilePicker
 from console.views.local import LocalScreen
-from console.views.tasks import TasksScreen
+from console.views.tasks import TaskDetailScreen, TasksScreen
 from console.widgets import ConfirmModal, PromptModal
+from core.schemas import TaskCreate
 from tests.console.conftest import EXAMPLES, open_view, table_rows, until
+from tests.wasmfixtures import wasm
 
 pytestmark = pytest.mark.slow
 
@@ -236,3 +240,21 @@ async def test_a_broken_local_proplet_command_is_reported(console: Any) -> None:
         await pilot.press("a")
         await until(pilot, lambda: any("was not found" in n.message and "local_proplet_command" in n.message
                                        for n in app._notifications))
+
+
+async def test_a_running_tasks_detail_shows_its_cpu_and_memory_from_its_proplet(console: Any) -> None:
+    async with console() as (app, pilot, core):
+        await app.local.launch(1)
+        await until(pilot, lambda: sum(p.online for p in app.fleet.proplets.values()) == 1, timeout=40)
+        task = await core.create_task(TaskCreate(
+            name="_start", file=base64.b64encode(wasm("busy")).decode(), inputs=["20000"],
+            monitoring_profile={"interval": 0.3}))
+        await core.start_task(task.id)
+        await app.push_screen(TaskDetailScreen(task.id))
+        fields = app.screen.query_one("#task-fields", Static)
+        # The guest spins a core: its own CPU, and its linear memory, refreshed while it runs.
+        await until(pilot, lambda: re.search(r"usage      cpu (9\d|1\d\d)\.\d% {2}memory \d+\.\d KiB  "
+                                             r"\((\d+) samples", str(fields.render())), timeout=20)
+        first = int(re.search(r"\((\d+) samples", str(fields.render()))[1])  # type: ignore[index]
+        await until(pilot, lambda: int(re.search(r"\((\d+) samples", str(fields.render()))[1]) > first + 1)  # type: ignore[index]
+        await core.stop_task(task.id)
