@@ -2149,8 +2149,8 @@ class ManagerCore:
                 # The proplet holds the start until a slot frees: confirmed, so not sent again; it
                 # stays scheduled until the proplet says it runs (or its result does).
                 self._waiting_on_proplet.add(task.id)
-                await self._transition(task, TaskState.SCHEDULED, f"waiting on {msg.proplet_id} for a free slot"
-                                       + (f" ({msg.reason})" if msg.reason else ""))
+                await self._transition(task, TaskState.SCHEDULED, f"waiting on {msg.proplet_id}"
+                                       + (f": {msg.reason}" if msg.reason else " for a free slot"))
         elif msg.state == protocol.TASK_STATE_RETURNED:
             p = self.proplets.get(msg.proplet_id)
             if p is not None and p.online and not p.draining:

@@ -87,8 +87,10 @@ class _Running:
     job: asyncio.Task[None]
     started_at: float = field(default_factory=time.monotonic)
     stop_requested: bool = False
-    # False while the start waits for a free slot (the manager sends up to max_queued_tasks more).
+    # False while the start waits for its module or a free slot (the manager sends up to
+    # max_queued_tasks more than the slots); waiting_for_slot says which.
     executing: bool = False
+    waiting_for_slot: bool = False
     # Interrupted by the proplet's shutdown: given back to the manager instead of a result; why.
     given_back: str = ""
     confirm: asyncio.TimerHandle | None = None
@@ -589,6 +591,7 @@ class PropletAgent:
             if served is not None:
                 results, error = served
             else:
+                this.waiting_for_slot = True
                 async with self._slots:
                     if not self.runtime.has_module(digest):
                         # Removed from the cache (its bound) while the task waited for a slot.
@@ -682,9 +685,12 @@ class PropletAgent:
             self._send_state(running.start, protocol.TASK_STATE_RUNNING)
             if self.settings.enable_monitoring and running.monitor is None:
                 running.monitor = asyncio.ensure_future(self._monitor(running))
-        else:
+        elif running.waiting_for_slot:
+            slots = self.settings.max_concurrent_tasks
             self._send_state(running.start, protocol.TASK_STATE_QUEUED,
-                             f"all {self.settings.max_concurrent_tasks} slots busy")
+                             f"all {slots} slots are busy" if slots > 1 else "its one slot is busy")
+        else:
+            self._send_state(running.start, protocol.TASK_STATE_QUEUED, "getting its module (fetch and compile)")
 
     async def _monitor(self, running: _Running) -> None:
         """The task's metrics while it runs: first when it has run FIRST_SAMPLE_S, then every interval."""

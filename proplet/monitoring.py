@@ -13,7 +13,6 @@ linear memory (`Runtime.usage`). A task of the external runtime is its own proce
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -85,8 +84,8 @@ class TaskMonitor:
         self._usage = usage
         self._machine_memory = machine_memory
         self._traceparent = traceparent
-        self._began = time.monotonic()
-        self._last: tuple[float, float] | None = None  # (cpu seconds, monotonic) at the last sample
+        # (cpu seconds, wall seconds) of the run at the last sample: the first covers the run so far.
+        self._last = (0.0, 0.0)
         # (cpu %, memory bytes) of the samples the aggregates cover; oldest dropped.
         self._history: deque[tuple[float, int]] = deque(maxlen=profile.history_size)
         self.samples = 0
@@ -96,14 +95,14 @@ class TaskMonitor:
         usage = self._usage()
         if usage is None:
             return None
-        now = time.monotonic()
-        cpu0, t0 = self._last if self._last is not None else (0.0, self._began)
-        cpu_percent = round(100.0 * (usage.cpu_seconds - cpu0) / (now - t0), 2) if now > t0 else 0.0
-        self._last = (usage.cpu_seconds, now)
+        cpu0, wall0 = self._last
+        wall = usage.wall_seconds
+        cpu_percent = round(100.0 * (usage.cpu_seconds - cpu0) / (wall - wall0), 2) if wall > wall0 else 0.0
+        self._last = (usage.cpu_seconds, wall)
         self.samples += 1
         self._history.append((cpu_percent, usage.memory_bytes))
         p = self.profile
-        metrics: dict[str, Any] = {"uptime_seconds": round(now - self._began, 3)}
+        metrics: dict[str, Any] = {"uptime_seconds": round(wall, 3)}
         if p.collect_cpu:
             metrics["cpu_percent"] = cpu_percent
         if p.collect_memory:

@@ -118,6 +118,8 @@ class Usage:
     since the run began and its memory the guest's linear memory. The external runtime's guest is a
     process of its own: all of it is that process's."""
 
+    # Since the run began: wall-clock seconds, and CPU seconds used.
+    wall_seconds: float
     cpu_seconds: float
     memory_bytes: int
     threads: int
@@ -133,8 +135,12 @@ def process_usage(pid: int) -> Usage | None:
             fields = f.read().rsplit(")", 1)[1].split()
         with open(f"/proc/{pid}/statm") as f:
             resident_pages = int(f.read().split()[1])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        ticks = os.sysconf("SC_CLK_TCK")
         threads = int(fields[17])
-        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        cpu = (int(fields[11]) + int(fields[12])) / ticks
+        wall = max(0.0, uptime - int(fields[19]) / ticks)  # starttime: clock ticks after boot
         open_files = len(os.listdir(f"/proc/{pid}/fd"))
     except (OSError, ValueError, IndexError):
         return None
@@ -145,7 +151,7 @@ def process_usage(pid: int) -> Usage | None:
         read, write = int(io["read_bytes"]), int(io["write_bytes"])
     except (OSError, ValueError, KeyError):
         pass  # /proc/<pid>/io needs ptrace rights, which a hardened box may withhold
-    return Usage(cpu, resident_pages * os.sysconf("SC_PAGE_SIZE"), threads, open_files, read, write)
+    return Usage(wall, cpu, resident_pages * os.sysconf("SC_PAGE_SIZE"), threads, open_files, read, write)
 
 
 class ServeHandle(Protocol):

@@ -599,6 +599,7 @@ class WasmtimeRuntime:
         if not watch.slice_only:  # a run on the event loop is over before anyone asks
             watch.cpu_clock = time.pthread_getcpuclockid(threading.get_ident())
             watch.cpu_at_start = time.thread_time()
+            watch.began = time.monotonic()
         try:
             self._watchdog.arm(store, state.watch)
             if state.fuel is not None:
@@ -814,12 +815,13 @@ class WasmtimeRuntime:
         if run is None:
             return None
         watch = run.watch
+        if watch.cpu_clock is None:
+            return Usage(0.0, 0.0, 0, threads=1)  # its guest has not begun (its module is compiling)
         cpu = 0.0
-        if watch.cpu_clock is not None:
-            with contextlib.suppress(OSError):  # the thread ended meanwhile
-                cpu = max(0.0, time.clock_gettime(watch.cpu_clock) - watch.cpu_at_start)
+        with contextlib.suppress(OSError):  # the thread ended meanwhile
+            cpu = max(0.0, time.clock_gettime(watch.cpu_clock) - watch.cpu_at_start)
         memory = run.memory_use.size if run.memory_use.created else watch.memory_bytes
-        return Usage(cpu, memory, threads=1)
+        return Usage(time.monotonic() - watch.began, cpu, memory, threads=1)
 
     async def serve_http(self, digest: str, inv: Invocation, port: int | None = None) -> ServeHandle:
         raise ServeError(

@@ -54,6 +54,7 @@ class Watch:
     # (read there, on the guest's thread, since a store may not be touched from another).
     cpu_clock: int | None = None
     cpu_at_start: float = 0.0
+    began: float = 0.0  # time.monotonic() when the guest's run began
     memory: ffi.wasmtime_memory_t | None = None
     memory_bytes: int = 0
 

@@ -491,7 +491,7 @@ async def test_daemon_serves_wasi_http_until_stopped(manager: Any, proplet_facto
 async def test_starts_beyond_the_slots_wait_on_the_proplet_as_scheduled_then_run(
         manager: Any, proplet_factory: PropletFactory) -> None:
     # One slot and two queue places: the manager sends all three at once; two wait on the proplet,
-    # shown as scheduled ("waiting on ... for a free slot"), not as running, and are not sent again.
+    # shown as scheduled ("waiting on ...: its one slot is busy"), not as running, and are not sent again.
     async with proplet_factory(manager, "p-queue", max_concurrent_tasks=1, max_queued_tasks=2) as agent:
         busy = b64(wasm("busy"))
         tasks = [await manager.create_task(TaskCreate(name="_start", file=busy, inputs=["400"])) for _ in range(3)]
@@ -504,7 +504,7 @@ async def test_starts_beyond_the_slots_wait_on_the_proplet_as_scheduled_then_run
         assert states.count(TaskState.RUNNING) == 1 and states.count(TaskState.SCHEDULED) == 2
         waiting = next(t for t in tasks if manager.active[t.id].state is TaskState.SCHEDULED)
         events = await manager.task_events(waiting.id)
-        assert any("waiting on p-queue for a free slot" in e.detail for e in events)
+        assert "waiting on p-queue: its one slot is busy" in [e.detail for e in events]
         done = [await run_to_end(manager, t.id) for t in tasks]
     assert all(d.state is TaskState.COMPLETED for d in done)
     # One after the other, each start time when it got the slot (not when the start arrived).

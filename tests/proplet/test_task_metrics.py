@@ -51,7 +51,7 @@ async def test_a_running_task_reports_its_own_cpu_and_memory_every_interval(
         assert m.proplet_id == f"p-mon-{runtime}" and m.aggregated["sample_count"] == i
         # It spins one core: its own CPU, not the proplet's (nothing else runs there, but the
         # internal runtime's figure comes from the guest's thread alone).
-        assert m.metrics["cpu_percent"] > 50, m.metrics
+        assert 50 < m.metrics["cpu_percent"] <= 140, m.metrics  # one core; the first sample too
         assert m.aggregated["max_cpu_usage"] >= m.aggregated["avg_cpu_usage"] > 50
     memory = samples[-1].metrics["memory_bytes"]
     if runtime == "internal":
