@@ -173,6 +173,8 @@ class PropletRow:
     slots: int | None = None
     runtime: str = ""
     platform: str = ""
+    # Its Prometheus endpoint, when it announced one (metadata.metrics_port).
+    metrics_url: str = ""
     cpu_percent: float | None = None
     rss_bytes: int | None = None
     # Bounded histories for the detail plots: oldest dropped.
@@ -183,15 +185,18 @@ class PropletRow:
     def update_from(self, p: Proplet) -> bool:
         """Refresh from the core's view; True when something shown changed."""
         md = p.metadata
+        port = md.get("metrics_port")
+        host = md.get("ip") or md.get("hostname")
+        metrics_url = f"http://{host}:{port}/metrics" if isinstance(port, int) and host else ""
         new = (p.name, p.online, p.last_alive_at, p.offline_reason, p.draining, p.task_count, p.max_in_flight,
                p.max_tasks, str(md.get("wasm_runtime", "")),
-               "/".join(x for x in (str(md.get("os", "")), str(md.get("cpu_arch", ""))) if x))
+               "/".join(x for x in (str(md.get("os", "")), str(md.get("cpu_arch", ""))) if x), metrics_url)
         old = (self.name, self.online, self.last_seen, self.offline_reason, self.draining, self.task_count,
-               self.capacity, self.slots, self.runtime, self.platform)
+               self.capacity, self.slots, self.runtime, self.platform, self.metrics_url)
         if new == old:
             return False
         (self.name, self.online, self.last_seen, self.offline_reason, self.draining, self.task_count,
-         self.capacity, self.slots, self.runtime, self.platform) = new
+         self.capacity, self.slots, self.runtime, self.platform, self.metrics_url) = new
         for at in p.alive_history:
             if not self.heartbeats or at > self.heartbeats[-1]:
                 self.heartbeats.append(at)

@@ -333,6 +333,8 @@ class PropletAgent:
             ip = _local_ip()
             if ip:
                 meta["ip"] = ip
+        if self.metrics_server is not None:
+            meta["metrics_port"] = self.metrics_server.port  # where /metrics and /health answer
         return meta
 
     def _alive_payload(self, status: str) -> bytes:

@@ -14,11 +14,19 @@ import pytest
 import wasmtime
 
 from console.filtering import RowFilter
-from console.fleet import FleetState, RateSeries, TrafficEntry, TrafficState, pretty_payload, summarise_payload
+from console.fleet import (
+    FleetState,
+    PropletRow,
+    RateSeries,
+    TrafficEntry,
+    TrafficState,
+    pretty_payload,
+    summarise_payload,
+)
 from console.local import LaunchError, LocalFleet
 from console.modules import DispatchForm, FormErrors, ModuleSource, build_body, errors_by_field, split_inputs
 from console.themes import ThemeFileError, load_themes, theme_from_mapping
-from core.domain import Task, TaskDeleted, TaskState, TaskStateChanged
+from core.domain import Proplet, Task, TaskDeleted, TaskState, TaskStateChanged
 from core.mqtt import TrafficRecord
 from tests.console.conftest import EXAMPLES
 
@@ -334,3 +342,14 @@ def test_docs_key_tables_list_every_binding_of_every_view_exactly() -> None:
 
     assert keys.BINDING_IDS <= set(bindings) and {"task.reload", "task.copy_result"} <= set(bindings)
     assert documented == bindings
+
+
+def test_a_proplets_row_names_its_metrics_endpoint_and_says_when_it_drains() -> None:
+    p = Proplet(id="edge-1", online=True, metadata={"ip": "10.0.0.7", "metrics_port": 9092})
+    row = PropletRow("edge-1")
+    assert row.update_from(p) and (row.metrics_url, row.state) == ("http://10.0.0.7:9092/metrics", "online")
+    assert not row.update_from(p)  # nothing changed
+    p.draining = True
+    assert row.update_from(p) and row.state == "draining"
+    p.metadata = {"hostname": "edge-1.lan"}  # no endpoint announced
+    assert row.update_from(p) and row.metrics_url == ""

@@ -54,6 +54,8 @@ async def test_metrics_and_health_follow_the_tasks_with_upstreams_names(
         assert 10_000_000 < first["proplet_memory_rss_bytes"] < 2_000_000_000
         assert await health(port) == {"status": "ok", "running_tasks": 0, "proplet_id": "p-prom",
                                       "mqtt_connected": True, "draining": False}
+        # Announced in discovery, so the manager (and its console) can name the scrape target.
+        assert manager.proplets["p-prom"].metadata["metrics_port"] == port
 
         done = await run_task(manager, name="add", file=b64(wasm("add")), inputs=[40, 2])
         failed = await run_task(manager, name="boom", file=b64(wasm("traps")))
@@ -97,7 +99,7 @@ async def test_a_port_in_use_leaves_the_proplet_running_without_the_endpoint(
 async def test_disabled_it_listens_nowhere(manager: Any, proplet_factory: PropletFactory) -> None:
     port = free_port()
     async with proplet_factory(manager, "p-no-prom", metrics_port=port) as agent:  # the factory disables it
-        assert agent.metrics_server is None
+        assert agent.metrics_server is None and "metrics_port" not in manager.proplets["p-no-prom"].metadata
         with pytest.raises(httpx.ConnectError):
             await scrape(port)
 
