@@ -49,10 +49,11 @@ async def test_a_running_task_reports_its_own_cpu_and_memory_every_interval(
     for i, m in enumerate(samples, 1):
         assert UPSTREAM_FIELDS <= set(m.metrics) and set(m.aggregated) == AGGREGATES
         assert m.proplet_id == f"p-mon-{runtime}" and m.aggregated["sample_count"] == i
-        # It spins one core: its own CPU, not the proplet's (nothing else runs there, but the
-        # internal runtime's figure comes from the guest's thread alone).
-        assert 50 < m.metrics["cpu_percent"] <= 140, m.metrics  # one core; the first sample too
-        assert m.aggregated["max_cpu_usage"] >= m.aggregated["avg_cpu_usage"] > 50
+        # It spins a core: its own CPU, not the proplet's (nothing else runs there, but the
+        # internal runtime's figure comes from the guest's thread alone). Well above idle, however
+        # much of a core a loaded machine leaves it, and never more than one, the first sample too.
+        assert 20 < m.metrics["cpu_percent"] <= 140, m.metrics
+        assert m.aggregated["max_cpu_usage"] >= m.aggregated["avg_cpu_usage"] > 20
     memory = samples[-1].metrics["memory_bytes"]
     if runtime == "internal":
         # The guest's linear memory: whole wasm pages, far below the proplet's own RSS.

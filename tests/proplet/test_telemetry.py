@@ -67,9 +67,10 @@ async def test_metrics_and_health_follow_the_tasks_with_upstreams_names(
         assert (busy["proplet_tasks_started_total"], busy["proplet_tasks_completed_total"],
                 busy["proplet_tasks_failed_total"], busy["proplet_tasks_running"]) == (3, 1, 1, 1)
         assert (await health(port))["running_tasks"] == 1
-        # A spinning guest keeps a core busy: the ratio is over the time since the last scrape.
+        # A spinning guest keeps a core busy (as much of one as a loaded machine leaves it): the
+        # ratio is over the time since the last scrape.
         await asyncio.sleep(0.5)
-        assert (await scrape(port))["proplet_cpu_usage_ratio"] > 0.5
+        assert (await scrape(port))["proplet_cpu_usage_ratio"] > 0.2
         await manager.stop_task(spin.id)
         await eventually(lambda: spin.id not in agent.running)
         assert (await scrape(port))["proplet_tasks_running"] == 0
