@@ -2153,7 +2153,7 @@ class ManagerCore:
                                        + (f": {msg.reason}" if msg.reason else " for a free slot"))
         elif msg.state == protocol.TASK_STATE_RETURNED:
             p = self.proplets.get(msg.proplet_id)
-            if p is not None and p.online and not p.draining:
+            if p is not None and p.online:
                 # Its draining heartbeat was missed (this manager started since): without this, the
                 # task would go straight back to it, and back again, until its next heartbeat.
                 p.draining = True

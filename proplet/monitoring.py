@@ -88,7 +88,6 @@ class TaskMonitor:
         self._last = (0.0, 0.0)
         # (cpu %, memory bytes) of the samples the aggregates cover; oldest dropped.
         self._history: deque[tuple[float, int]] = deque(maxlen=profile.history_size)
-        self.samples = 0
 
     def sample(self) -> TaskMetricsMessage | None:
         """The next message, or None when the task no longer runs."""
@@ -99,7 +98,6 @@ class TaskMonitor:
         wall = usage.wall_seconds
         cpu_percent = round(100.0 * (usage.cpu_seconds - cpu0) / (wall - wall0), 2) if wall > wall0 else 0.0
         self._last = (usage.cpu_seconds, wall)
-        self.samples += 1
         self._history.append((cpu_percent, usage.memory_bytes))
         p = self.profile
         metrics: dict[str, Any] = {"uptime_seconds": round(wall, 3)}

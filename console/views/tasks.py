@@ -272,7 +272,7 @@ state. A task that has run for a moment shows its CPU and memory (its proplet's 
         self.events: list[Any] = []
         # Its latest task_metrics sample (its proplet's, while it runs), and when it was fetched.
         self.usage: Any = None
-        self._loaded_at = 0.0
+        self._usage_at = 0.0
         self._dirty: set[str] = set()
 
     def crumbs(self) -> list[str]:
@@ -301,27 +301,36 @@ state. A task that has run for a moment shows its CPU and memory (its proplet's 
     @work(exclusive=True, group="task-detail", description="Loading the task", exit_on_error=False)
     async def load(self) -> None:
         manager = self.console.manager
-        self._loaded_at = time.monotonic()
+        self._usage_at = time.monotonic()
         task = await manager.get_task(self.task_id)
         events = await manager.task_events(self.task_id)
         usage = await manager.latest_task_metrics(self.task_id)
         self.task_data, self.events, self.usage = task, events, usage
         self.post_message(self.Loaded())
 
+    @work(exclusive=True, group="task-usage", description="Loading the task's metrics", exit_on_error=False)
+    async def load_usage(self) -> None:
+        """Only the latest metrics sample: the task and its timeline change with its events."""
+        self._usage_at = time.monotonic()
+        self.usage = await self.console.manager.latest_task_metrics(self.task_id)
+        self.post_message(self.Loaded())
+
     class Loaded(Message):
-        """The task and its timeline were fetched."""
+        """The task and its timeline, or its metrics, were fetched."""
 
     @on(Loaded)
     def _loaded(self) -> None:
         self.render_task()
 
     def flush_body(self) -> None:
-        running = self.task_data is not None and self.task_data.state is TaskState.RUNNING
-        if self.task_id in self._dirty or (running and time.monotonic() - self._loaded_at >= USAGE_REFRESH_S):
+        if self.task_id in self._dirty:
             self._dirty.clear()
             self.load()
-        elif self._dirty:
-            self._dirty.clear()
+            return
+        self._dirty.clear()
+        running = self.task_data is not None and self.task_data.state is TaskState.RUNNING
+        if running and time.monotonic() - self._usage_at >= USAGE_REFRESH_S:
+            self.load_usage()
 
     def render_task(self) -> None:
         task = self.task_data
