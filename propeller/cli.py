@@ -260,6 +260,7 @@ def _json_file(path: str) -> Any:
 def _table(columns: list[str], rows: list[list[Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     cells = [["" if v is None else str(v) for v in r] for r in rows]
     table = Table(box=None, pad_edge=False, header_style="bold")
@@ -271,7 +272,9 @@ def _table(columns: list[str], rows: list[list[Any]]) -> None:
         else:
             table.add_column(c, overflow="fold")  # wrapped onto more lines, not cut
     for r in cells:
-        table.add_row(*r)
+        # Text, not str: a str cell is read as markup, and results are whatever a guest printed
+        # ("argv: [hello] [world]" showed as "argv:  ", each [word] taken for a style).
+        table.add_row(*(Text(value) for value in r))
     console = Console()
     if not console.is_terminal:
         console = Console(width=100_000)  # piped (grep, awk): one line per row, whatever its length

@@ -395,6 +395,31 @@ async def test_task_commands_take_the_consoles_short_ids(serve: Serve) -> None:
     serve.stop()
 
 
+async def test_tables_show_a_guests_output_as_printed(serve: Serve) -> None:
+    # Rich read each cell as markup: "argv: [hello] [world]" showed as "argv:  ", every [word] taken
+    # for a style, and a result or an error could be restyled by what a guest printed.
+    serve.start()
+    printed = "argv: [hello] [world] [/] [bold]x"
+
+    def echo_argv(start: dict[str, Any]) -> tuple[Any, str | None]:
+        return (printed, None) if start["name"] == "hello" else (None, "trap: [red]unreachable[/red]")
+
+    broker_port = int(serve.env["MANAGER_DEFAULT_BROKER_PORT"])
+    async with SyntheticProplet(f"mqtt://127.0.0.1:{broker_port}", Topics("propeller", "default"), "echo-p",
+                                answer=echo_argv):
+        await eventually(lambda: asyncio.to_thread(_cli_json, serve, "proplets", "list"), timeout=10)
+        made = await cli(serve, "tasks", "create", "hello", "--wasm", "registry.local/wasm/hello:v1", "--start",
+                         "--wait", "10")
+        assert made.returncode == 0, made.stderr
+        assert re.search(rf"^results\s+{re.escape(printed)}\s*$", made.stdout, re.MULTILINE), made.stdout
+        failed = await cli(serve, "tasks", "create", "boom", "--wasm", "registry.local/wasm/boom:v1", "--start",
+                           "--wait", "10")
+        assert failed.returncode == 4 and "trap: [red]unreachable[/red]" in failed.stdout + failed.stderr
+        listed = (await cli(serve, "tasks", "list")).stdout
+        assert printed in listed and "trap: [red]unreachable[/red]" in listed, listed
+    serve.stop()
+
+
 async def test_job_commands_take_a_start_of_the_id(serve: Serve) -> None:
     # `jobs get 1a2b3c4d` answered 404: only a whole job id was taken, while tasks took a start.
     serve.start()
