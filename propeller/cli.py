@@ -857,3 +857,82 @@ def keys_generate(directory: Path, name: str, force: bool) -> None:
     private, public = generate_keypair(directory, name)
     click.echo(f"private key (manager, keep secret): {private}\n  MANAGER_SIGNING_KEY={private.resolve()}")
     click.echo(f"public key (proplets):              {public}\n  PROPLET_TRUSTED_KEYS={public.resolve()}")
+
+
+# ---- push ------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("module", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("reference")
+@click.option("--insecure", is_flag=True,
+              help="Plain HTTP to the registry (one on a loopback address always gets plain HTTP).")
+@click.option("--username", "-u", envvar="PROPELLER_REGISTRY_USERNAME",
+              help="Registry user (PROPELLER_REGISTRY_USERNAME). Without one, ~/.docker/config.json's "
+                   "entry for the registry is used, if any (docker login).")
+@click.option("--password-stdin", is_flag=True, help="Read the password from stdin.")
+@click.option("--registry-token", envvar="PROPELLER_REGISTRY_TOKEN",
+              help="Bearer token, when no user is given (PROPELLER_REGISTRY_TOKEN).")
+@click.option("--annotation", "-a", "annotations", multiple=True,
+              help="KEY=VALUE added to the manifest's annotations (repeat for several).")
+@click.option("--timeout", type=float, default=30.0, show_default=True,
+              help="Seconds to wait for the registry to connect or answer each request.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was pushed as JSON.")
+def push(module: Path, reference: str, insecure: bool, username: str | None, password_stdin: bool,
+         registry_token: str | None, annotations: tuple[str, ...], timeout: float, as_json: bool) -> None:
+    """Push MODULE (a .wasm file, or .wat text compiled here) to an OCI registry as REFERENCE
+    (host[:port]/repository[:tag], tag `latest` when none), where proplets fetch it by that
+    reference through the proxy (`propeller proxy`).
+
+    The artifact is the CNCF wasm OCI layout that `oras push … app.wasm:application/wasm` makes:
+    one application/wasm layer and a wasm config (os wasip1 for a core module, wasip2 for a
+    component). A module wasmtime rejects is not pushed. The password comes from
+    PROPELLER_REGISTRY_PASSWORD or, with --password-stdin, from stdin.
+
+    Prints the reference, the manifest's digest (the reference pinned to this very artifact) and
+    the module's sha256, which `tasks create --digest` takes so that proplets run only these bytes.
+
+    \b
+    Exit codes:
+      0  pushed
+      1  the registry could not be reached or refused the module
+      2  a usage error: a file that is not a module, a reference that is not a name to push to
+    """
+    from console.modules import FieldError, module_bytes
+    from propeller.oci import BadReference, NotAModule, PushError, push_module
+
+    try:
+        data = module_bytes(module)
+    except FieldError as exc:
+        raise click.UsageError(str(exc)) from None
+    pairs = [a.partition("=") for a in annotations]
+    if any(not sep or not key for key, sep, _ in pairs):
+        raise click.BadParameter("use KEY=VALUE", param_hint="--annotation")
+    password = ""
+    if password_stdin:
+        password = click.get_text_stream("stdin").read().rstrip("\r\n")
+    elif username:
+        password = os.environ.get("PROPELLER_REGISTRY_PASSWORD", "")
+    if password_stdin and not username:
+        raise click.UsageError("--password-stdin goes with --username")
+    filename = module.name if module.suffix == ".wasm" else f"{module.stem}.wasm"
+    try:
+        pushed = push_module(data, filename, reference, insecure=insecure, username=username or "",
+                             password=password, token=registry_token or "", timeout=timeout,
+                             annotations={k: v for k, _, v in pairs})
+    except NotAModule as exc:
+        raise click.UsageError(f"{module}: {exc}; nothing was pushed") from None
+    except BadReference as exc:
+        raise click.UsageError(str(exc)) from None
+    except PushError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(pushed.as_dict(), indent=2))
+        return
+    click.echo(f"pushed   {pushed.reference} ({pushed.kind}, {pushed.size:,} bytes)")
+    click.echo(f"pinned   {pushed.pinned}")
+    click.echo(f"module   {pushed.module_digest}")
+    name = pushed.exports[0] if len(pushed.exports) == 1 else "<export>"
+    if len(pushed.exports) > 1:
+        click.echo(f"exports  {', '.join(pushed.exports)}")
+    click.echo(f"run it:  propeller tasks create {name} --wasm {pushed.reference} --digest {pushed.module_digest}")

@@ -259,7 +259,7 @@ class RegistryPuller:
         if client is not None:
             clients.move_to_end(registry)
             return client
-        client = _make_registry_client(registry, plain_http=self.plain_http(registry), timeout=self.timeout)
+        client = make_registry_client(registry, plain_http=self.plain_http(registry), timeout=self.timeout)
         if self.authenticate and registry == self.default_registry:
             if self.username:
                 client.auth.set_basic_auth(self.username, self.password)
@@ -376,7 +376,7 @@ class RegistryPuller:
             return str(entries[0]["digest"])
         raise ArtifactUnavailable(
             f"{ref} is an image index with {len(entries)} manifests and none for a wasm platform; push the "
-            "wasm module as a single artifact (oras push … module.wasm:application/wasm)")
+            "wasm module as a single artifact (propeller push module.wasm <reference>)")
 
     def _pick_layer(self, ref: OciRef, manifest: dict[str, Any]) -> dict[str, Any]:
         layers = [layer for layer in manifest.get("layers") or []
@@ -385,7 +385,7 @@ class RegistryPuller:
         candidates = wasm or layers
         if not candidates:
             raise ArtifactUnavailable(
-                f"{ref} has no layers; push the wasm module with oras push … module.wasm:application/wasm")
+                f"{ref} has no layers; push the wasm module with propeller push module.wasm <reference>")
         # Upstream takes the largest layer; a wasm-typed layer wins over any other first.
         layer = max(candidates, key=lambda item: int(item.get("size") or 0))
         size = int(layer.get("size") or 0)
@@ -421,7 +421,7 @@ class RegistryPuller:
                     "PROXY_REGISTRY_URL to it with PROXY_AUTHENTICATE=true and a username/password or token")
         if code == 404:
             return (f"{ref} does not exist in the registry at {ref.registry} (no {what} for "
-                    f"'{ref.reference}'); check the image name and tag, or push it with oras push")
+                    f"'{ref.reference}'); check the image name and tag, or push it with propeller push")
         body = ""
         with contextlib.suppress(Exception):
             # 200 bytes, not the whole body: neither the manifest cap nor the deadline bounds this read.
@@ -429,7 +429,8 @@ class RegistryPuller:
         return f"the registry at {ref.registry} answered HTTP {code} for the {what} of {ref}: {body}".rstrip(": ")
 
 
-def _make_registry_client(registry: str, *, plain_http: bool, timeout: float) -> Any:
+def make_registry_client(registry: str, *, plain_http: bool, timeout: float) -> Any:
+    """An oras-py registry client for `registry` (the proxy's pulls, `propeller push`)."""
     import oras.auth
     import oras.provider
     import requests
@@ -438,10 +439,23 @@ def _make_registry_client(registry: str, *, plain_http: bool, timeout: float) ->
         """oras-py's registry client without its retry decorator, which sleeps 3 s, 5 s, 11 s, 29 s
         and 83 s before a refused connection surfaces, and with a timeout on every request
         (requests has none by default). Basic-auth registries (htpasswd) are answered with the
-        configured credentials, which oras-py's token backend cannot do."""
+        configured credentials, which oras-py's token backend cannot do.
+
+        `last_refusal` is the last request the registry refused (HTTP 4xx/5xx, HEADs aside: a
+        missing blob is how a push learns to upload it): oras-py's push raises a bare ValueError
+        and only logs the registry's reason, which this keeps for the caller."""
+
+        last_refusal: requests.Response | None = None
 
         def do_request(self, url: str, method: str = "GET", data: Any = None, headers: dict | None = None,
                        json: Any = None, stream: bool = False) -> requests.Response:
+            response = self._send_authenticated(url, method, data, headers, json, stream)
+            if response.status_code >= 400 and method != "HEAD":
+                self.last_refusal = response
+            return response
+
+        def _send_authenticated(self, url: str, method: str, data: Any, headers: dict | None, json: Any,
+                                stream: bool) -> requests.Response:
             headers = dict(headers or {})
             token = getattr(self.auth, "token", None)
             if token:

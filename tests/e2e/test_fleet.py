@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -101,6 +105,24 @@ async def test_oci_module_through_the_proxy_by_tag_and_digest(api: httpx.AsyncCl
     missing = await submit(api, name="add", image_url=fleet.registry.ref(repo, "nope"))
     task = await finished(api, missing)
     assert task["state_name"] == "failed" and "nope" in task["error"], task
+
+
+async def test_a_module_pushed_with_propeller_push_runs_by_its_reference(api: httpx.AsyncClient, fleet: Fleet,
+                                                                        tmp_path: Path) -> None:
+    """The operator's path with no oras CLI: `propeller push`, then a task naming what it printed."""
+    module = tmp_path / "add.wasm"
+    module.write_bytes(wasm("add"))
+    reference = f"{fleet.registry.host}/wasm/{fleet.domain}-pushed:v1"
+    out = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "propeller", "push", str(module), reference,
+                                                   "--json"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    pushed = json.loads(out.stdout)
+    by_tag = await submit(api, name="add", image_url=pushed["reference"], wasm_digest=pushed["module_digest"],
+                          inputs=[30, 12])
+    task = await finished(api, by_tag)
+    assert (task["state_name"], task["results"], task["wasm_digest"]) == ("completed", "42", pushed["module_digest"])
+    by_manifest = await submit(api, name="add", image_url=pushed["pinned"], inputs=[1, 2])
+    assert (await finished(api, by_manifest))["results"] == "3"
 
 
 async def test_ten_megabyte_module_over_chunks(api: httpx.AsyncClient) -> None:

@@ -82,7 +82,7 @@ async def test_an_unknown_tag_fails_at_once_with_the_reason(broker: Mosquitto, r
             await asyncio.wait_for(source.fetch(WasmRef("a", image_url=ref)), 5)
     assert str(failure.value) == (
         f"OCI proxy (propeller proxy) cannot serve {ref}: {ref} does not exist in the registry at "
-        f"{registry.host} (no manifest for 'nope'); check the image name and tag, or push it with oras push")
+        f"{registry.host} (no manifest for 'nope'); check the image name and tag, or push it with propeller push")
     assert proxy.counters.errors == 1
 
 
