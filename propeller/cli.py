@@ -873,13 +873,17 @@ def keys_generate(directory: Path, name: str, force: bool) -> None:
 @click.option("--password-stdin", is_flag=True, help="Read the password from stdin.")
 @click.option("--registry-token", envvar="PROPELLER_REGISTRY_TOKEN",
               help="Bearer token, when no user is given (PROPELLER_REGISTRY_TOKEN).")
+@click.option("--ca-cert", type=click.Path(exists=True, dir_okay=False), envvar="PROPELLER_REGISTRY_CA_CERT",
+              help="PEM file of the CA that signed the registry's certificate (a private registry's own CA; "
+                   "PROPELLER_REGISTRY_CA_CERT). Default: the system's CAs.")
 @click.option("--annotation", "-a", "annotations", multiple=True,
               help="KEY=VALUE added to the manifest's annotations (repeat for several).")
 @click.option("--timeout", type=float, default=30.0, show_default=True,
               help="Seconds to wait for the registry to connect or answer each request.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was pushed as JSON.")
 def push(module: Path, reference: str, insecure: bool, username: str | None, password_stdin: bool,
-         registry_token: str | None, annotations: tuple[str, ...], timeout: float, as_json: bool) -> None:
+         registry_token: str | None, ca_cert: str | None, annotations: tuple[str, ...], timeout: float,
+         as_json: bool) -> None:
     """Push MODULE (a .wasm file, or .wat text compiled here) to an OCI registry as REFERENCE
     (host[:port]/repository[:tag], tag `latest` when none), where proplets fetch it by that
     reference through the proxy (`propeller proxy`).
@@ -918,7 +922,7 @@ def push(module: Path, reference: str, insecure: bool, username: str | None, pas
     filename = module.name if module.suffix == ".wasm" else f"{module.stem}.wasm"
     try:
         pushed = push_module(data, filename, reference, insecure=insecure, username=username or "",
-                             password=password, token=registry_token or "", timeout=timeout,
+                             password=password, token=registry_token or "", timeout=timeout, ca_cert=ca_cert,
                              annotations={k: v for k, _, v in pairs})
     except NotAModule as exc:
         raise click.UsageError(f"{module}: {exc}; nothing was pushed") from None

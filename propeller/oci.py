@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from proplet.proxy import is_loopback_host, make_registry_client, parse_oci_ref
+from proplet.proxy import is_loopback_host, make_registry_client, parse_oci_ref, tls_reason
 
 WASM_LAYER_MEDIA_TYPE = "application/wasm"
 WASM_CONFIG_MEDIA_TYPE = "application/vnd.wasm.config.v0+json"
@@ -91,12 +91,13 @@ def wasm_config(module_digest: str, kind: str, created: str) -> dict[str, Any]:
 
 
 def push_module(data: bytes, filename: str, reference: str, *, insecure: bool = False, username: str = "",
-                password: str = "", token: str = "", timeout: float = 30.0,
+                password: str = "", token: str = "", timeout: float = 30.0, ca_cert: str | None = None,
                 annotations: dict[str, str] | None = None) -> Pushed:
     """Push `data` (a module: NotAModule otherwise) as `reference` (registry/repository[:tag],
     `latest` when no tag; BadReference for one that is not a name to push to). Registries on a
-    loopback address are spoken to over plain HTTP, others over HTTPS unless `insecure`. Blocks;
-    raises PushError with the reason."""
+    loopback address are spoken to over plain HTTP, others over HTTPS unless `insecure`, their
+    certificate checked against `ca_cert` (a PEM file) or else the system's CAs. Blocks; raises
+    PushError with the reason."""
     import requests
 
     kind, exports = inspect_module(data)
@@ -113,7 +114,7 @@ def push_module(data: bytes, filename: str, reference: str, *, insecure: bool = 
                         "digits, '.', '_' or '-', not starting with '.' or '-' (the OCI distribution rules)")
     plain_http = insecure or is_loopback_host(ref.registry)
     url = f"{'http' if plain_http else 'https'}://{ref.registry}"
-    client = make_registry_client(ref.registry, plain_http=plain_http, timeout=timeout)
+    client = make_registry_client(ref.registry, plain_http=plain_http, timeout=timeout, ca_cert=ca_cert)
     if username or token:
         # Given credentials win: oras-py otherwise reads ~/.docker/config.json on every push and
         # takes the registry's entry there over them.
@@ -146,7 +147,8 @@ def push_module(data: bytes, filename: str, reference: str, *, insecure: bool = 
                             if client.last_refusal is not None else
                             f"the registry at {url} sent an answer that is not the registry API's") from None
         except requests.exceptions.SSLError as exc:
-            raise PushError(f"TLS with the registry at {url} failed ({exc}); if it speaks plain HTTP, "
+            raise PushError(f"TLS with the registry at {url} failed ({tls_reason(exc)}); if its certificate comes "
+                            "from a private CA, give that CA's PEM file with --ca-cert; if it speaks plain HTTP, "
                             "add --insecure") from None
         except requests.Timeout:
             raise PushError(f"the registry at {url} did not answer within {timeout:g} s; check that it is "
@@ -181,8 +183,9 @@ def _refusal(response: Any, url: str, target: str, with_credentials: bool) -> st
     try:
         messages = [str(e.get("message") or e.get("code")) for e in response.json().get("errors", [])
                     if isinstance(e, dict)]
-    except ValueError:  # not JSON: the status alone is the answer
-        pass
+    except ValueError:  # not JSON: its text, if short, says why ("Client sent an HTTP request to an HTTPS server.")
+        text = response.text.strip()
+        messages = [text] if text and len(text) <= 200 and "<" not in text else []
     detail = "; ".join(m for m in messages if m) or response.reason or "no reason given"
     return f"the registry at {url} refused {target} (HTTP {code}): {detail}"
 

@@ -23,6 +23,7 @@ import hashlib
 import ipaddress
 import json
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -83,6 +84,11 @@ class ProxySettings(MqttClientSettings):
         description="Talk plain HTTP to the registry of registry_url. Registries on a loopback address always "
         "use plain HTTP.",
     )
+    registry_ca_cert: str | None = Field(
+        default=None,
+        description="PEM file of the CA that signed the certificate of the registry of registry_url (a private "
+        "registry's own CA); other registries are checked against the system's CAs.",
+    )
     authenticate: bool = Field(default=False, description="Send credentials to the registry of registry_url.")
     registry_username: str = Field(default="", description="Registry user (with authenticate).")
     registry_password: str = Field(default="", description="Registry password (with authenticate).")
@@ -120,6 +126,10 @@ class ProxySettings(MqttClientSettings):
 
     @model_validator(mode="after")
     def _credentials_need_a_registry(self) -> ProxySettings:
+        if self.registry_ca_cert and not self.registry_url:
+            raise ValueError("PROXY_REGISTRY_CA_CERT needs PROXY_REGISTRY_URL: the CA is trusted for that registry")
+        if self.registry_ca_cert and not os.path.isfile(self.registry_ca_cert):
+            raise ValueError(f"PROXY_REGISTRY_CA_CERT names {self.registry_ca_cert}, which is not a file")
         if self.authenticate and not self.registry_url:
             raise ValueError(
                 "PROXY_AUTHENTICATE needs PROXY_REGISTRY_URL: credentials are only sent to that registry"
@@ -223,9 +233,11 @@ class RegistryPuller:
         timeout: float = 30.0,
         pull_timeout: float = 300.0,
         max_bytes: int = 100 * 1024 * 1024,
+        ca_cert: str | None = None,
     ) -> None:
         self.default_registry, scheme_insecure = _registry_host(registry_url) if registry_url else ("", None)
         self.insecure = insecure or bool(scheme_insecure)
+        self.ca_cert = ca_cert
         self.username = username
         self.password = password
         self.token = token
@@ -243,7 +255,7 @@ class RegistryPuller:
             username=settings.registry_username, password=settings.registry_password,
             token=settings.registry_token, authenticate=settings.authenticate,
             timeout=settings.registry_timeout, pull_timeout=settings.pull_timeout,
-            max_bytes=settings.max_artifact_bytes,
+            max_bytes=settings.max_artifact_bytes, ca_cert=settings.registry_ca_cert,
         )
 
     def parse(self, ref: str) -> OciRef:
@@ -259,7 +271,8 @@ class RegistryPuller:
         if client is not None:
             clients.move_to_end(registry)
             return client
-        client = make_registry_client(registry, plain_http=self.plain_http(registry), timeout=self.timeout)
+        client = make_registry_client(registry, plain_http=self.plain_http(registry), timeout=self.timeout,
+                                      ca_cert=self.ca_cert if registry == self.default_registry else None)
         if self.authenticate and registry == self.default_registry:
             if self.username:
                 client.auth.set_basic_auth(self.username, self.password)
@@ -403,8 +416,9 @@ class RegistryPuller:
 
         url = self._url(ref)
         if isinstance(exc, requests.exceptions.SSLError):
-            return (f"TLS with the registry at {url} failed ({exc}). If it speaks plain HTTP, set "
-                    "PROXY_REGISTRY_URL to it with PROXY_REGISTRY_INSECURE=true")
+            return (f"TLS with the registry at {url} failed ({tls_reason(exc)}). If its certificate comes from a "
+                    "private CA, set PROXY_REGISTRY_URL to it and PROXY_REGISTRY_CA_CERT to that CA's PEM file; if "
+                    "it speaks plain HTTP, set PROXY_REGISTRY_URL to it with PROXY_REGISTRY_INSECURE=true")
         if isinstance(exc, requests.Timeout | urllib3.exceptions.TimeoutError | TimeoutError):
             return f"the registry at {url} did not answer within {self.timeout:g} s; check that it is healthy"
         reason = "connection refused" if "refused" in str(exc).lower() else type(exc).__name__
@@ -429,8 +443,20 @@ class RegistryPuller:
         return f"the registry at {ref.registry} answered HTTP {code} for the {what} of {ref}: {body}".rstrip(": ")
 
 
-def make_registry_client(registry: str, *, plain_http: bool, timeout: float) -> Any:
-    """An oras-py registry client for `registry` (the proxy's pulls, `propeller push`)."""
+def tls_reason(exc: Exception) -> str:
+    """The useful end of requests' nested TLS error ("... certificate verify failed: self-signed
+    certificate in certificate chain (_ssl.c:992)"), not its three layers of wrappers."""
+    text = str(exc)
+    for marker in ("certificate verify failed: ", "SSL: "):
+        if marker in text:
+            text = text.split(marker, 1)[1]
+            break
+    return text.split(" (_ssl.c")[0].rstrip("')\"")
+
+
+def make_registry_client(registry: str, *, plain_http: bool, timeout: float, ca_cert: str | None = None) -> Any:
+    """An oras-py registry client for `registry` (the proxy's pulls, `propeller push`); `ca_cert`:
+    the PEM file its certificate is checked against instead of the system's CAs."""
     import oras.auth
     import oras.provider
     import requests
@@ -463,7 +489,7 @@ def make_registry_client(registry: str, *, plain_http: bool, timeout: float) -> 
 
             def send() -> requests.Response:
                 return self.session.request(method, url, data=data, json=json, headers=headers,
-                                            stream=stream, verify=self._tls_verify, timeout=timeout)
+                                            stream=stream, verify=ca_cert or self._tls_verify, timeout=timeout)
 
             response = send()
             if response.status_code not in (401, 403):

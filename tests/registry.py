@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -32,15 +33,18 @@ class DockerRegistry:
     port: int = field(default_factory=free_port)
     # (user, password): the registry requires HTTP basic auth (htpasswd), and pushes send it.
     credentials: tuple[str, str] | None = None
+    # Where it listens; (certificate, key): it serves HTTPS with them (the certificate is its CA).
+    address: str = "127.0.0.1"
+    tls: tuple[Path, Path] | None = None
     process: subprocess.Popen[bytes] | None = None
 
     @property
     def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.address}:{self.port}"
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{'https' if self.tls else 'http'}://{self.host}"
 
     def start(self) -> None:
         binary = shutil.which("docker-registry") or "/usr/bin/docker-registry"
@@ -52,21 +56,23 @@ class DockerRegistry:
             htpasswd = self.workdir / "htpasswd"
             htpasswd.write_text(f"{self.credentials[0]}:{bcrypt_hash(self.credentials[1])}\n")
             auth = f"auth:\n  htpasswd: {{realm: propeller-test, path: {htpasswd}}}\n"
+        tls = f"  tls: {{certificate: {self.tls[0]}, key: {self.tls[1]}}}\n" if self.tls else ""
         config.write_text(
             "version: 0.1\n"
             "log: {level: warn, fields: {service: registry}}\n"
             f"storage:\n  filesystem: {{rootdirectory: {self.workdir / 'data'}}}\n  delete: {{enabled: true}}\n"
-            f"http:\n  addr: {self.host}\n{auth}"
+            f"http:\n  addr: {self.host}\n{tls}{auth}"
         )
         log = (self.workdir / "registry.log").open("wb")
         self.process = subprocess.Popen([binary, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT)
         log.close()
+        context = ssl.create_default_context(cafile=str(self.tls[0])) if self.tls else None
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 break
             try:
-                with urllib.request.urlopen(f"{self.url}/v2/", timeout=1):
+                with urllib.request.urlopen(f"{self.url}/v2/", timeout=1, context=context):
                     return
             except urllib.error.HTTPError:
                 return  # it answers (401 when it requires credentials)

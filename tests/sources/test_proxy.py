@@ -18,12 +18,15 @@ from click.testing import CliRunner
 
 from core.lifecycle import cancel_and_wait
 from core.topics import Topics
+from propeller.oci import push_module
 from proplet.proxy import OciProxy, ProxySettings, run_proxy
 from proplet.sources import ChunkSource, FetchError, ModuleFetcher, WasmRef
 from tests.conftest import unique
 from tests.registry import DockerRegistry, running_registry
-from tests.services import Mosquitto, free_port
+from tests.services import Mosquitto, free_port, need
 from tests.sources.conftest import proplet_side
+from tests.tls import non_loopback_address, self_signed
+from tests.wasmfixtures import wasm
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -387,6 +390,31 @@ def test_settings_from_the_config_files_proxy_section(monkeypatch: pytest.Monkey
 def test_credentials_without_a_registry_are_a_configuration_error() -> None:
     with pytest.raises(ValueError, match="PROXY_AUTHENTICATE needs PROXY_REGISTRY_URL"):
         ProxySettings(authenticate=True, registry_token="t")
+
+
+def test_a_ca_without_a_registry_or_that_is_no_file_is_a_configuration_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="PROXY_REGISTRY_CA_CERT needs PROXY_REGISTRY_URL"):
+        ProxySettings(registry_ca_cert=str(tmp_path))
+    with pytest.raises(ValueError, match=r"PROXY_REGISTRY_CA_CERT names .*missing.pem, which is not a file"):
+        ProxySettings(registry_url="registry.lan:5000", registry_ca_cert=str(tmp_path / "missing.pem"))
+
+
+async def test_a_registry_whose_certificate_comes_from_a_private_ca(broker: Mosquitto, tmp_path: Path) -> None:
+    address = non_loopback_address()  # a loopback registry is spoken to over plain HTTP
+    need(address is not None, "a non-loopback IPv4 address", "run the tests on a machine with a network interface")
+    assert address is not None
+    cert, key = self_signed(tmp_path / "tls", address)
+    with running_registry(tmp_path / "registry", address=address, tls=(cert, key)) as registry:
+        data = wasm("add")
+        push_module(data, "add.wasm", f"{registry.host}/wasm/private-ca:v1", ca_cert=str(cert))
+        ref = registry.ref("wasm/private-ca", "v1")
+        async with proxy_and_proplet(broker) as (_, source):
+            with pytest.raises(FetchError, match=r"TLS with the registry at https://.* failed \(self-signed "
+                                                 r"certificate\)\. If its certificate comes from a private CA, set "
+                                                 r"PROXY_REGISTRY_URL to it and PROXY_REGISTRY_CA_CERT"):
+                await asyncio.wait_for(source.fetch(WasmRef("a", image_url=ref)), 5)
+        async with proxy_and_proplet(broker, registry_url=registry.host, registry_ca_cert=str(cert)) as (_, source):
+            assert await source.fetch(WasmRef("a", image_url=ref)) == data
 
 
 def test_the_command_documents_every_variable() -> None:

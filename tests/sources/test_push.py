@@ -7,9 +7,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -19,7 +21,8 @@ from propeller.oci import WASM_CONFIG_MEDIA_TYPE, BadReference, NotAModule, Push
 from proplet.proxy import RegistryPuller
 from tests.conftest import unique
 from tests.registry import DockerRegistry, running_registry
-from tests.services import free_port
+from tests.services import free_port, need
+from tests.tls import non_loopback_address, self_signed
 from tests.wasmfixtures import wasm, wasm_path
 
 pytestmark = pytest.mark.timeout(120)
@@ -167,7 +170,7 @@ def test_the_command_prints_what_to_run_and_exits_by_outcome(registry: DockerReg
 
 
 def test_the_password_comes_from_stdin_or_the_environment(tmp_path: Path) -> None:
-    env = {**__import__("os").environ, "HOME": str(tmp_path / "home")}
+    env = {**os.environ, "HOME": str(tmp_path / "home")}
     with running_registry(tmp_path / "registry", credentials=("alice", "s3cret")) as registry:
         target = f"{registry.host}/wasm/private:v1"
         missing = run(str(wasm_path("add")), target, env=env)
@@ -182,3 +185,34 @@ def test_the_password_comes_from_stdin_or_the_environment(tmp_path: Path) -> Non
         assert wrong.returncode == 1 and "refused the credentials" in wrong.stderr
         lonely = run(str(wasm_path("add")), target, "--password-stdin", input="s3cret\n", env=env)
         assert lonely.returncode == 2 and "--password-stdin goes with --username" in lonely.stderr
+
+
+@pytest.fixture
+def tls_registry(tmp_path: Path) -> Iterator[DockerRegistry]:
+    """A registry serving HTTPS with its own CA, on this machine's non-loopback address (one on a
+    loopback address is spoken to over plain HTTP)."""
+    address = non_loopback_address()
+    need(address is not None, "a non-loopback IPv4 address", "run the tests on a machine with a network interface")
+    assert address is not None
+    cert, key = self_signed(tmp_path / "tls", address)
+    with running_registry(tmp_path / "registry", address=address, tls=(cert, key)) as registry:
+        yield registry
+
+
+def test_a_registry_with_a_private_ca_is_trusted_with_ca_cert(tls_registry: DockerRegistry) -> None:
+    assert tls_registry.tls is not None
+    ca = str(tls_registry.tls[0])
+    target = f"{tls_registry.host}/wasm/private-ca:v1"
+    with pytest.raises(PushError, match=r"TLS with the registry at https://.* failed \(.*certificate.*\); if its "
+                                        r"certificate comes from a private CA, give that CA's PEM file with --ca-cert"):
+        push_module(wasm("add"), "add.wasm", target)
+    pushed = push_module(wasm("add"), "add.wasm", target, ca_cert=ca)
+    puller = RegistryPuller(registry_url=tls_registry.host, ca_cert=ca)
+    ref = puller.parse(pushed.pinned)
+    deadline = puller.deadline()
+    assert puller.pull(ref, puller.resolve(ref, deadline), deadline) == wasm("add")
+    by_env = run(str(wasm_path("add")), f"{tls_registry.host}/wasm/private-ca:v2",
+                 env={**os.environ, "PROPELLER_REGISTRY_CA_CERT": ca})
+    assert by_env.returncode == 0, by_env.stderr
+    untrusted = run(str(wasm_path("add")), f"{tls_registry.host}/wasm/private-ca:v3")
+    assert untrusted.returncode == 1 and "--ca-cert" in untrusted.stderr and "Traceback" not in untrusted.stderr
