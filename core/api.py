@@ -290,6 +290,10 @@ def create_app(core: ManagerCore) -> FastAPI:
             # Writes wait (and API writes give up after a while) while the database is unreachable.
             "store_connected": status.store_connected,
             "store_error": status.store_error,
+            # MANAGER_OCI_PROXY: what the hosted proxy has answered; null when it is not hosted.
+            "oci_proxy": None if core.oci_artifacts is None else {
+                name: getattr(core.oci_artifacts.counters, name) for name in ("requests", "pulls", "cache_hits",
+                                                                              "errors")},
         }
 
     @app.get("/metrics", name="metrics", response_class=Response)

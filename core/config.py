@@ -145,6 +145,13 @@ class ManagerSettings(MqttClientSettings):
         description="Largest module (bytes) sent inline in a start message; larger ones go out in chunks.",
     )
     chunk_size: int = Field(default=512_000, ge=1024, description="Chunk size in bytes for chunked delivery.")
+    oci_proxy: bool = Field(
+        default=False,
+        description="Host the OCI proxy on the manager's own MQTT connection, so tasks naming OCI references "
+        "run without a `propeller proxy` service (one box). Its registry, credentials, CA, cache and chunk "
+        "settings are the proxy's PROXY_* variables (config file: proxy: section). Leave it off where a "
+        "proxy already serves this broker and channel: both would answer every request.",
+    )
     max_backlog: int = Field(
         default=100_000, ge=1, description="Tasks that may wait for a proplet; beyond it, starts are refused."
     )

@@ -106,10 +106,14 @@ def load_settings(make: Callable[..., Any], **overrides: Any) -> Any:
     try:
         return make(**{k: v for k, v in overrides.items() if v is not None})
     except ValueError as exc:  # pydantic's ValidationError is a ValueError too
-        errors = getattr(exc, "errors", None)
-        prefix = getattr(make, "model_config", {}).get("env_prefix", "")
-        text = _settings_errors(errors(), prefix) if callable(errors) and prefix else str(exc)
-        raise click.ClickException(f"invalid configuration: {text}") from None
+        raise click.ClickException(f"invalid configuration: {settings_error_text(exc, make)}") from None
+
+
+def settings_error_text(exc: ValueError, make: Any) -> str:
+    """Why settings of class `make` are invalid, by the names an operator sets."""
+    errors = getattr(exc, "errors", None)
+    prefix = getattr(make, "model_config", {}).get("env_prefix", "")
+    return _settings_errors(errors(), prefix) if callable(errors) and prefix else str(exc)
 
 
 def _settings_errors(errors: list[Any], env_prefix: str) -> str:

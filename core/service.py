@@ -276,6 +276,9 @@ class ManagerCore:
         }
         self.bus: MqttBus | None = None
         self.chunks: ChunkServer | None = None
+        # MANAGER_OCI_PROXY: the OCI proxy's chunk server on the manager's connection.
+        self.oci_chunks: ChunkServer | None = None
+        self.oci_artifacts: Any = None  # proplet.proxy.OciArtifacts, imported only when hosted
         self.broker_address: BrokerAddress | None = None
         self._embedded_broker: Any = None
         self._http: Any = None
@@ -342,8 +345,12 @@ class ManagerCore:
             self.bus, self.topics.registry_chunk, resolve=self._resolve_blob, accepts=is_blob_ref,
             chunk_size=self.settings.chunk_size, binary_topic=self.topics.registry_chunk_binary,
         )
+        if self.settings.oci_proxy:
+            self.oci_chunks = self._host_oci_proxy()
         self._spawn(self.bus.run(), "mqtt")
         self._spawn(self.chunks.run(), "chunk-server")
+        if self.oci_chunks is not None:
+            self._spawn(self.oci_chunks.run(), "oci-proxy")
         self._spawn(self._dispatch_loop(), "dispatcher")
         self._spawn(self.cron.run(), "cron")
         self._spawn(self.federated.run(), "federated-learning")
@@ -384,6 +391,8 @@ class ManagerCore:
                     await self.writer.wait_idle()
         await cancel_and_wait(self._loops, owner="manager")
         self._loops.clear()
+        if self.oci_artifacts is not None:
+            self.oci_artifacts.close()  # pulls still under way in their threads are not waited for
         await self.critical_work.close()
         for fut in self._invocations.values():
             if not fut.done():
@@ -2200,8 +2209,31 @@ class ManagerCore:
 
     async def _on_registry_request(self, topic: str, payload: bytes) -> None:
         request = protocol.decode_registry_request(payload, topic)
+        # Each server takes the requests that are its own: blob refs the manager's, OCI references
+        # the hosted proxy's.
         if self.chunks is not None:
             self.chunks.submit(request)
+        if self.oci_chunks is not None:
+            if self.oci_chunks.submit(request):
+                self.oci_artifacts.counters.requests += 1
+
+    def _host_oci_proxy(self) -> ChunkServer:
+        """The OCI proxy's chunk server, on the manager's bus (which subscribes to the registry
+        requests already) with the proxy's PROXY_* settings; MQTT settings of the proxy's own are
+        not read (it has no connection of its own)."""
+        from core.entrypoint import settings_error_text
+        from proplet.proxy import OciArtifacts, ProxySettings
+
+        assert self.bus is not None
+        try:
+            settings = ProxySettings()
+        except ValueError as exc:  # pydantic's ValidationError
+            raise InvalidRequest(f"MANAGER_OCI_PROXY: the proxy's settings are invalid: "
+                                 f"{settings_error_text(exc, ProxySettings)}") from None
+        self.oci_artifacts = OciArtifacts(settings)
+        log.info("hosting the OCI proxy (registry %s, chunks of %d bytes)", settings.registry_url or "named by "
+                 "each reference", settings.chunk_size)
+        return self.oci_artifacts.chunk_server(self.bus, self.topics)
 
 
 def _held_bytes(task: Task) -> int:

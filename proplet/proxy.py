@@ -568,113 +568,39 @@ class ProxyCounters:
     errors: int = 0
 
 
-class OciProxy:
-    """Answers registry requests for OCI references. An async context manager that runs headless:
-    `__aenter__` connects and starts serving, `__aexit__` stops; `wait_closed()` runs until
-    `request_shutdown()` or a fatal error."""
+class OciArtifacts:
+    """What answers a registry request for an OCI reference: the artifact pulled from its registry
+    (concurrent requests for one reference share one pull), kept by digest. Served by a ChunkServer
+    on the MQTT connection of `propeller proxy` (OciProxy) or of a manager that hosts the proxy
+    (MANAGER_OCI_PROXY), whose connection already answers the manager's own chunk requests."""
 
-    def __init__(self, settings: ProxySettings | None = None, *, puller: RegistryPuller | None = None) -> None:
-        self.settings = settings or ProxySettings()
-        self.topics = Topics(self.settings.tenant_id, self.settings.channel_id)
-        self.puller = puller or RegistryPuller.from_settings(self.settings)
-        self.counters = ProxyCounters()
-        self.bus: MqttBus | None = None
-        self.chunks: ChunkServer | None = None
-        self.health_url: str | None = None
+    def __init__(self, settings: ProxySettings, *, puller: RegistryPuller | None = None,
+                 counters: ProxyCounters | None = None) -> None:
+        self.settings = settings
+        self.puller = puller or RegistryPuller.from_settings(settings)
+        self.counters = counters or ProxyCounters()
         # Pulled layers by digest, shared by every tag that points at them. The chunk server's cache
         # by reference holds the same bytes objects, so together they stay near cache_bytes.
-        self._blobs = ArtifactCache(self.settings.cache_bytes)
+        self._blobs = ArtifactCache(settings.cache_bytes)
         self._pulling: dict[str, asyncio.Future[Artifact]] = {}
-        self._loops: list[asyncio.Task[Any]] = []
-        self._health: asyncio.Server | None = None
-        self._shutdown = asyncio.Event()
-
-    async def __aenter__(self) -> OciProxy:
-        try:
-            await self._start()
-        except BaseException:
-            await self._stop()
-            raise
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self._stop()
-
-    async def _start(self) -> None:
-        s = self.settings
-        conn = s.mqtt_connection(parse_broker_url(s.mqtt_address or "mqtt://localhost:1883"), s.entity_id,
-                                 s.api_key, clean_session=True)
-        # No Last Will on the proplet alive topic: upstream's proxy registers itself as a phantom
-        # proplet that way (defect 9).
-        self.bus = MqttBus(conn, subscriptions=[self.topics.registry_request], on_message=self._on_message,
-                           name="proxy")
-        self.chunks = ChunkServer(
-            self.bus, self.topics.registry_chunk, resolve=self._resolve, accepts=self.accepts,
-            chunk_size=s.chunk_size, workers=s.workers, max_queued=s.max_queued,
-            cache=_RefCache(s.cache_bytes, s.tag_ttl), binary_topic=self.topics.registry_chunk_binary,
-        )
-        self._spawn(self.bus.run(), "proxy-mqtt")
-        self._spawn(self.chunks.run(), "proxy-chunks")
-        if s.http_port is not None:
-            self._health = await asyncio.start_server(self._serve_health, s.http_host, s.http_port)
-            port = self._health.sockets[0].getsockname()[1]
-            self.health_url = f"http://{s.http_host}:{port}/health"
-        log.info("proxy serving %s on %s (chunks of %d bytes)%s", self.topics.registry_request,
-                 conn.address.url, s.chunk_size, f", health at {self.health_url}" if self.health_url else "")
-
-    async def _stop(self) -> None:
-        if self._health is not None:
-            self._health.close()
-            self._health = None
-        if self.bus is not None:
-            await self.bus.close()
-        await cancel_and_wait(self._loops, owner="proxy")
-        self._loops.clear()
-        for future in self._pulling.values():
-            future.cancel()
-        self._shutdown.set()
-
-    def request_shutdown(self) -> None:
-        self._shutdown.set()
-
-    async def wait_closed(self) -> None:
-        await self._shutdown.wait()
-
-    async def wait_connected(self, timeout: float | None = None) -> None:
-        assert self.bus is not None, "enter the proxy first (async with OciProxy(...))"
-        await self.bus.wait_connected(timeout)
-
-    def _spawn(self, coro: Any, name: str) -> None:
-        task = asyncio.ensure_future(coro)
-        task.set_name(name)
-        task.add_done_callback(self._loop_ended)
-        self._loops.append(task)
-
-    def _loop_ended(self, task: asyncio.Task[Any]) -> None:
-        if task.cancelled():
-            return
-        exc = task.exception()
-        if exc is not None:
-            log.error("proxy loop %s failed; stopping the proxy", task.get_name(), exc_info=exc)
-            self._shutdown.set()
 
     @staticmethod
     def accepts(app_name: str) -> bool:
         return not is_blob_ref(app_name)
 
-    async def _on_message(self, topic: str, payload: bytes) -> None:
-        try:
-            request = protocol.decode_registry_request(payload, topic)
-        except InvalidMessage as exc:
-            self.counters.invalid += 1
-            log.warning("dropped a registry request: %s", exc)
-            return
-        self.counters.requests += 1
-        assert self.chunks is not None
-        if not self.chunks.submit(request):
-            self.counters.ignored += 1
+    def chunk_server(self, bus: MqttBus, topics: Topics) -> ChunkServer:
+        s = self.settings
+        return ChunkServer(
+            bus, topics.registry_chunk, resolve=self.resolve, accepts=self.accepts,
+            chunk_size=s.chunk_size, workers=s.workers, max_queued=s.max_queued,
+            cache=_RefCache(s.cache_bytes, s.tag_ttl), binary_topic=topics.registry_chunk_binary,
+        )
 
-    async def _resolve(self, app_name: str) -> Artifact:
+    def close(self) -> None:
+        for future in self._pulling.values():
+            future.cancel()
+
+    async def resolve(self, app_name: str) -> Artifact:
         """ChunkServer's resolver. Concurrent requests for one reference share one pull."""
         pending = self._pulling.get(app_name)
         if pending is not None:
@@ -731,6 +657,103 @@ class OciProxy:
                  (time.perf_counter() - started) * 1000)
         return artifact
 
+
+class OciProxy:
+    """`propeller proxy`: answers registry requests for OCI references on a connection of its own.
+    An async context manager that runs headless: `__aenter__` connects and starts serving,
+    `__aexit__` stops; `wait_closed()` runs until `request_shutdown()` or a fatal error."""
+
+    def __init__(self, settings: ProxySettings | None = None, *, puller: RegistryPuller | None = None) -> None:
+        self.settings = settings or ProxySettings()
+        self.topics = Topics(self.settings.tenant_id, self.settings.channel_id)
+        self.artifacts = OciArtifacts(self.settings, puller=puller)
+        self.puller = self.artifacts.puller
+        self.counters = self.artifacts.counters
+        self.bus: MqttBus | None = None
+        self.chunks: ChunkServer | None = None
+        self.health_url: str | None = None
+        self._loops: list[asyncio.Task[Any]] = []
+        self._health: asyncio.Server | None = None
+        self._shutdown = asyncio.Event()
+
+    async def __aenter__(self) -> OciProxy:
+        try:
+            await self._start()
+        except BaseException:
+            await self._stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stop()
+
+    async def _start(self) -> None:
+        s = self.settings
+        conn = s.mqtt_connection(parse_broker_url(s.mqtt_address or "mqtt://localhost:1883"), s.entity_id,
+                                 s.api_key, clean_session=True)
+        # No Last Will on the proplet alive topic: upstream's proxy registers itself as a phantom
+        # proplet that way (defect 9).
+        self.bus = MqttBus(conn, subscriptions=[self.topics.registry_request], on_message=self._on_message,
+                           name="proxy")
+        self.chunks = self.artifacts.chunk_server(self.bus, self.topics)
+        self._spawn(self.bus.run(), "proxy-mqtt")
+        self._spawn(self.chunks.run(), "proxy-chunks")
+        if s.http_port is not None:
+            self._health = await asyncio.start_server(self._serve_health, s.http_host, s.http_port)
+            port = self._health.sockets[0].getsockname()[1]
+            self.health_url = f"http://{s.http_host}:{port}/health"
+        log.info("proxy serving %s on %s (chunks of %d bytes)%s", self.topics.registry_request,
+                 conn.address.url, s.chunk_size, f", health at {self.health_url}" if self.health_url else "")
+
+    async def _stop(self) -> None:
+        if self._health is not None:
+            self._health.close()
+            self._health = None
+        if self.bus is not None:
+            await self.bus.close()
+        await cancel_and_wait(self._loops, owner="proxy")
+        self._loops.clear()
+        self.artifacts.close()
+        self._shutdown.set()
+
+    def request_shutdown(self) -> None:
+        self._shutdown.set()
+
+    async def wait_closed(self) -> None:
+        await self._shutdown.wait()
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        assert self.bus is not None, "enter the proxy first (async with OciProxy(...))"
+        await self.bus.wait_connected(timeout)
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        task.add_done_callback(self._loop_ended)
+        self._loops.append(task)
+
+    def _loop_ended(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("proxy loop %s failed; stopping the proxy", task.get_name(), exc_info=exc)
+            self._shutdown.set()
+
+    accepts = staticmethod(OciArtifacts.accepts)
+
+    async def _on_message(self, topic: str, payload: bytes) -> None:
+        try:
+            request = protocol.decode_registry_request(payload, topic)
+        except InvalidMessage as exc:
+            self.counters.invalid += 1
+            log.warning("dropped a registry request: %s", exc)
+            return
+        self.counters.requests += 1
+        assert self.chunks is not None
+        if not self.chunks.submit(request):
+            self.counters.ignored += 1
+
     async def _serve_health(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             async with asyncio.timeout(5):
@@ -757,6 +780,6 @@ class OciProxy:
 
 async def run_proxy(settings: ProxySettings | None = None) -> None:
     """Run a proxy until cancelled or a background loop fails: for a task group in another
-    program (the manager can host the proxy this way)."""
+    program. (A manager hosts the proxy on its own connection instead: MANAGER_OCI_PROXY.)"""
     async with OciProxy(settings) as proxy:
         await proxy.wait_closed()

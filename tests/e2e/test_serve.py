@@ -22,6 +22,7 @@ import pytest
 
 from core.topics import Topics
 from tests.fleet import assert_no_lost_exceptions
+from tests.registry import running_registry
 from tests.services import free_port, wait_port
 from tests.wire import SyntheticProplet, eventually
 
@@ -550,3 +551,45 @@ async def test_ctrl_c_while_a_round_is_awaited_names_the_round_and_exits_130(ser
     assert "Aborted!" not in stderr
     assert "round slow-1" in stderr and "propeller fl status slow-1" in stderr, stderr
     serve.stop()
+
+
+async def test_serve_hosting_the_oci_proxy_runs_a_pushed_module_with_no_proxy_service(serve: Serve,
+                                                                                   tmp_path: Path) -> None:
+    """One box: `propeller serve` with MANAGER_OCI_PROXY, a `propeller proplet`, no `propeller proxy`.
+    A module pushed with `propeller push` runs by its reference, and by a reference without a
+    registry host (PROXY_REGISTRY_URL, read by the hosted proxy as by the service)."""
+
+    with running_registry(tmp_path / "registry") as registry:
+        await _run_pushed_module_on_serve_hosting_the_proxy(serve, registry.host, tmp_path)
+
+
+async def _run_pushed_module_on_serve_hosting_the_proxy(serve: Serve, registry_host: str, tmp_path: Path) -> None:
+    from tests.wasmfixtures import wasm_path
+
+    serve.env.update({"MANAGER_OCI_PROXY": "true", "PROXY_REGISTRY_URL": registry_host})
+    serve.start()
+    repository = f"wasm/hosted-{uuid.uuid4().hex[:8]}"
+    pushed = await asyncio.to_thread(subprocess.run, [*PROPELLER, "push", str(wasm_path("add")),
+                                                      f"{registry_host}/{repository}:v1", "--json"],
+                                     capture_output=True, text=True, timeout=60)
+    assert pushed.returncode == 0, pushed.stderr
+    module_digest = json.loads(pushed.stdout)["module_digest"]
+    broker_port = int(serve.env["MANAGER_DEFAULT_BROKER_PORT"])
+    proplet = _start_proplet(serve, "oci-p", f"mqtt://127.0.0.1:{broker_port}", tmp_path)
+    try:
+        await eventually(lambda: asyncio.to_thread(_cli_json, serve, "proplets", "list", "--status", "active"),
+                         timeout=20, interval=0.2)
+        for reference, inputs in ((f"{registry_host}/{repository}:v1", ("40", "2")), (f"{repository}:v1", ("5", "6"))):
+            out = await cli(serve, "tasks", "create", "add", "--wasm", reference, "--digest", module_digest,
+                            "-i", inputs[0], "-i", inputs[1], "--start", "--wait", "20", "--json")
+            assert out.returncode == 0, out.stderr + serve.log.read_text()[-3000:]
+            task = json.loads(out.stdout)
+            assert (task["state_name"], task["results"]) == ("completed", str(int(inputs[0]) + int(inputs[1])))
+        health = (await asyncio.to_thread(httpx.get, serve.url + "/health")).json()
+        # Both tasks ran on the one proplet, which fetched the module once (then its cache had it).
+        assert health["oci_proxy"]["pulls"] == 1 and health["oci_proxy"]["errors"] == 0, health
+    finally:
+        proplet.send_signal(signal.SIGTERM)
+        proplet.wait(15)
+    assert serve.stop() == 0
+    assert "hosting the OCI proxy" in serve.log.read_text()

@@ -484,3 +484,41 @@ async def test_the_command_serves_until_sigterm(broker: Mosquitto, tmp_path: Pat
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_a_manager_hosting_the_proxy_serves_oci_references_and_its_own_modules_on_one_connection(
+        broker: Mosquitto, registry: DockerRegistry, manager_factory: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import base64
+
+    from core.chunks import blob_ref
+    from core.schemas import TaskCreate
+
+    monkeypatch.setenv("PROXY_REGISTRY_URL", registry.host)  # the proxy's own variables, read by the manager
+    repo = unique("wasm/hosted")
+    oci_module, inline_module = module(3_000), module(700_000)
+    registry.push(repo, "v1", oci_module)
+    async with manager_factory(oci_proxy=True) as core:
+        task = await core.create_task(TaskCreate(name="add", file=base64.b64encode(inline_module).decode()))
+        async with proplet_side(broker.url, core.topics, stall_timeout=10, max_resumes=1, binary=True) as source:
+            assert await source.fetch(WasmRef("a", image_url=f"{repo}:v1")) == oci_module  # via PROXY_REGISTRY_URL
+            assert await source.fetch(WasmRef("b", image_url=blob_ref(task.wasm_digest))) == inline_module
+        counters = core.oci_artifacts.counters
+        assert (counters.requests, counters.pulls, counters.errors) == (1, 1, 0)
+        api = httpx.AsyncClient(base_url=core.api_url)
+        async with api:
+            health = (await api.get("/health")).json()
+        assert health["oci_proxy"] == {"requests": 1, "pulls": 1, "cache_hits": 0, "errors": 0}
+
+
+async def test_invalid_proxy_settings_stop_a_manager_that_hosts_the_proxy(manager_factory: Any, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from core.errors import InvalidRequest
+
+    monkeypatch.setenv("PROXY_REGISTRY_URL", "registry.lan:5000")
+    monkeypatch.setenv("PROXY_REGISTRY_CA_CERT", str(tmp_path / "missing.pem"))
+    with pytest.raises(InvalidRequest, match=r"MANAGER_OCI_PROXY: the proxy's settings are invalid: .*"
+                                             r"PROXY_REGISTRY_CA_CERT names .*missing.pem, which is not a file"):
+        async with manager_factory(oci_proxy=True):
+            pass
+    async with manager_factory() as core:  # not hosting it, the manager does not read them
+        assert core.oci_artifacts is None
