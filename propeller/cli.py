@@ -866,7 +866,8 @@ def keys_generate(directory: Path, name: str, force: bool) -> None:
 @click.argument("module", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("reference")
 @click.option("--insecure", is_flag=True,
-              help="Plain HTTP to the registry (one on a loopback address always gets plain HTTP).")
+              help="Plain HTTP to the registry (one on a loopback address gets plain HTTP unless --ca-cert "
+                   "is given).")
 @click.option("--username", "-u", envvar="PROPELLER_REGISTRY_USERNAME",
               help="Registry user (PROPELLER_REGISTRY_USERNAME). Without one, ~/.docker/config.json's "
                    "entry for the registry is used, if any (docker login).")

@@ -95,8 +95,9 @@ def push_module(data: bytes, filename: str, reference: str, *, insecure: bool = 
                 annotations: dict[str, str] | None = None) -> Pushed:
     """Push `data` (a module: NotAModule otherwise) as `reference` (registry/repository[:tag],
     `latest` when no tag; BadReference for one that is not a name to push to). Registries on a
-    loopback address are spoken to over plain HTTP, others over HTTPS unless `insecure`, their
-    certificate checked against `ca_cert` (a PEM file) or else the system's CAs. Blocks; raises
+    loopback address are spoken to over plain HTTP unless `ca_cert` is given, others over HTTPS
+    unless `insecure`, their certificate checked against `ca_cert` (a PEM file) or else the
+    system's CAs. Blocks; raises
     PushError with the reason."""
     import requests
 
@@ -112,7 +113,9 @@ def push_module(data: bytes, filename: str, reference: str, *, insecure: bool = 
         raise BadReference(f"{reference!r} is not a valid name to push to: a repository is lower-case letters, "
                         "digits and separators (. _ __ -) in /-separated parts, and a tag at most 128 letters, "
                         "digits, '.', '_' or '-', not starting with '.' or '-' (the OCI distribution rules)")
-    plain_http = insecure or is_loopback_host(ref.registry)
+    # A loopback registry gets plain HTTP (as a local docker-registry serves), unless a CA is given
+    # for it: that says it serves TLS.
+    plain_http = insecure or (is_loopback_host(ref.registry) and not ca_cert)
     url = f"{'http' if plain_http else 'https'}://{ref.registry}"
     client = make_registry_client(ref.registry, plain_http=plain_http, timeout=timeout, ca_cert=ca_cert)
     if username or token:

@@ -81,8 +81,8 @@ class ProxySettings(MqttClientSettings):
     )
     registry_insecure: bool = Field(
         default=False,
-        description="Talk plain HTTP to the registry of registry_url. Registries on a loopback address always "
-        "use plain HTTP.",
+        description="Talk plain HTTP to the registry of registry_url. Registries on a loopback address get plain "
+        "HTTP unless registry_url names one with https:// or registry_ca_cert is set.",
     )
     registry_ca_cert: str | None = Field(
         default=None,
@@ -238,6 +238,9 @@ class RegistryPuller:
         self.default_registry, scheme_insecure = _registry_host(registry_url) if registry_url else ("", None)
         self.insecure = insecure or bool(scheme_insecure)
         self.ca_cert = ca_cert
+        # A loopback registry gets plain HTTP, unless PROXY_REGISTRY_URL names it with https:// or a
+        # CA for it is given: both say it serves TLS.
+        self._tls_on_loopback = not self.insecure and (scheme_insecure is False or bool(ca_cert))
         self.username = username
         self.password = password
         self.token = token
@@ -262,7 +265,9 @@ class RegistryPuller:
         return parse_oci_ref(ref, self.default_registry)
 
     def plain_http(self, registry: str) -> bool:
-        return is_loopback_host(registry) or (self.insecure and registry == self.default_registry)
+        if registry == self.default_registry:
+            return self.insecure or (is_loopback_host(registry) and not self._tls_on_loopback)
+        return is_loopback_host(registry)
 
     def _client(self, registry: str) -> Any:
         # Bounded: references name any host. Overflow: the least recently used client is closed.

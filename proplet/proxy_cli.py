@@ -36,9 +36,10 @@ def proxy_command(mqtt_address: str | None, registry_url: str | None, chunk_size
     Proplets ask for OCI references (registry/repository:tag or @sha256:…) on registry/proplet;
     the proxy pulls the wasm layer with oras and publishes it in chunks: raw bytes on
     registry/server/binary for proplets that ask for them (ours), upstream's base64 JSON chunks on
-    registry/server for the others. The reference's tag or digest is honoured. Registries on a
-    loopback address are spoken to over plain HTTP; others over HTTPS unless PROXY_REGISTRY_INSECURE
-    is set for PROXY_REGISTRY_URL.
+    registry/server for the others. The reference's tag or digest is honoured. Registries are
+    spoken to over HTTPS, unless PROXY_REGISTRY_INSECURE is set for PROXY_REGISTRY_URL; one on a
+    loopback address over plain HTTP, unless PROXY_REGISTRY_URL names it with https:// or
+    PROXY_REGISTRY_CA_CERT is set for it.
     """
     from proplet.proxy import ProxySettings
 

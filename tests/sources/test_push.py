@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from core.chunks import ArtifactUnavailable
 from propeller.oci import WASM_CONFIG_MEDIA_TYPE, BadReference, NotAModule, PushError, push_module
 from proplet.proxy import RegistryPuller
 from tests.conftest import unique
@@ -216,3 +217,20 @@ def test_a_registry_with_a_private_ca_is_trusted_with_ca_cert(tls_registry: Dock
     assert by_env.returncode == 0, by_env.stderr
     untrusted = run(str(wasm_path("add")), f"{tls_registry.host}/wasm/private-ca:v3")
     assert untrusted.returncode == 1 and "--ca-cert" in untrusted.stderr and "Traceback" not in untrusted.stderr
+
+
+def test_a_loopback_registry_serving_tls_is_spoken_to_over_https_when_its_ca_is_given(tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path / "tls", "127.0.0.1")
+    with running_registry(tmp_path / "registry", tls=(cert, key)) as registry:
+        target = f"{registry.host}/wasm/local-tls:v1"
+        with pytest.raises(PushError, match=r"refused .* \(HTTP 400\): Client sent an HTTP request to an HTTPS server"):
+            push_module(wasm("add"), "add.wasm", target)  # loopback: plain HTTP by default
+        pushed = push_module(wasm("add"), "add.wasm", target, ca_cert=str(cert))
+        trusting = RegistryPuller(registry_url=registry.host, ca_cert=str(cert))
+        ref = trusting.parse(pushed.pinned)
+        deadline = trusting.deadline()
+        assert trusting.pull(ref, trusting.resolve(ref, deadline), deadline) == wasm("add")
+        # https:// in PROXY_REGISTRY_URL says TLS too; without the CA the certificate is not trusted.
+        with pytest.raises(ArtifactUnavailable, match=r"TLS with the registry at https://127.0.0.1:\d+ failed "
+                                                      r"\(self-signed certificate\)"):
+            RegistryPuller(registry_url=f"https://{registry.host}").resolve(ref, deadline)
