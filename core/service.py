@@ -487,7 +487,11 @@ class ManagerCore:
         now = utcnow()
         for p in await self.store.all_proplets():
             last = p.last_alive_at
-            p.online = bool(last and (now - last).total_seconds() <= self._liveness_timeout(p))
+            # Stored offline stays offline: it said so (clean shutdown, Last Will) or went silent, and
+            # its last heartbeat, however recent, is no sign of life. Judged by that heartbeat alone, a
+            # proplet stopped just before the manager came back as online for a liveness timeout, and
+            # was sent tasks meanwhile. Stored online is kept only while its heartbeat is recent.
+            p.online = p.online and bool(last and (now - last).total_seconds() <= self._liveness_timeout(p))
             self.proplets[p.id] = p
         recovered_at = time.monotonic()
         holding: set[str] = set()

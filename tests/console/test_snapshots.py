@@ -78,9 +78,9 @@ TASKS = [
 PROPLETS = [
     Proplet("gw-proplet-1", "brave-otter", {"os": "linux", "cpu_arch": "x86_64", "wasm_runtime": "wasmtime",
                                              "max_concurrent_tasks": 4}, "default",
-            [at(300 - 2 * i) for i in range(10, 0, -1)]),
+            [at(300 - 2 * i) for i in range(10, 0, -1)], online=True),
     Proplet("gw-proplet-2", "calm-heron", {"os": "linux", "cpu_arch": "aarch64", "wasm_runtime": "wasmtime"},
-            "default", [at(296 - 2 * i) for i in range(10, 0, -1)]),
+            "default", [at(296 - 2 * i) for i in range(10, 0, -1)], online=True),
     Proplet("esp32-s3-kitchen", "keen-wren", {"os": "esp-idf", "cpu_arch": "xtensa", "wasm_runtime": "wamr"},
             "default", []),
 ]

@@ -611,6 +611,34 @@ async def test_a_restarted_manager_does_not_judge_proplets_by_heartbeats_it_coul
             assert second.proplets["beating"].online
 
 
+async def test_a_proplet_that_said_it_went_offline_just_before_a_restart_is_offline_after_it(
+        manager_factory: Any, broker: Any, tmp_path: Any) -> None:
+    """Its last heartbeat was recent, but it announced its shutdown: the restarted manager took the
+    heartbeat's age alone and showed it online for a liveness timeout (the console's local proplets,
+    stopped as it quits, came back as ghosts), sending it tasks that waited for nobody."""
+    same = {"liveness_timeout": 30.0, "sqlite_path": tmp_path / "restart.db", "tenant_id": unique("t"),
+            "entity_id": unique("manager")}
+    topics = Topics(same["tenant_id"], ManagerSettings().channel_id)
+    async with SyntheticProplet(broker.url, topics, "staying", answer=None) as staying, \
+            SyntheticProplet(broker.url, topics, "leaving", answer=None) as leaving:
+        async with manager_factory(**same) as first:
+            await staying.announce()
+            await leaving.announce()
+            await eventually(lambda: {"staying", "leaving"} <= {p.id for p in first.proplets.values() if p.online})
+            for _ in range(3):  # heartbeats the manager holds back (it stores one in a while)
+                await leaving.alive()
+            await leaving.publish(t.ALIVE, {"status": "offline", "proplet_id": "leaving", "namespace": "default"})
+            await eventually(lambda: not first.proplets["leaving"].online)
+        async with manager_factory(**same) as second:
+            assert second.proplets["staying"].online
+            assert not second.proplets["leaving"].online
+            assert "announced it is offline" in second.proplets["leaving"].offline_reason
+            task = await second.create_task(add_task())
+            await second.start_task(task.id)
+            start = await staying.expect(t.START, lambda m: m["id"] == task.id)
+            assert start["proplet_id"] == "staying"
+
+
 async def test_starts_a_proplet_confirmed_as_waiting_are_reconciled_like_the_others(manager_factory: Any,
                                                                                    broker: Any) -> None:
     """A start the proplet confirmed as `queued` (waiting for a slot there) is still compared with
