@@ -184,6 +184,7 @@ the last minute, the broker and the database, and the latest failures.
             f"database  {escape(app.store_description())}",
             *([] if status.store_connected else ["          [$error]unreachable[/] (writes wait, retried)"]),
             f"REST API  {escape(status.api_url or 'off')}",
+            *(["OCI proxy hosted here (MANAGER_OCI_PROXY)"] if app.manager.settings.oci_proxy else []),
         ]
         if fleet.rejected:
             _at, topic, reason = fleet.rejected[-1]

@@ -287,8 +287,10 @@ field. After dispatching, the task table opens on the new task.
                 self._filled_name = name.value
         elif event.source.kind == "url":
             hint = "fetched over HTTP by the proplet"
+        elif self.console.manager is not None and self.console.manager.settings.oci_proxy:
+            hint = "an OCI reference: fetched through the proxy this manager hosts"
         else:
-            hint = "an OCI reference: fetched through the proxy"
+            hint = "an OCI reference: fetched through the proxy (`propeller proxy`, or MANAGER_OCI_PROXY=true)"
         self._show_hint(hint)
 
     # -- actions ---------------------------------------------------------------------------
