@@ -393,7 +393,8 @@ def tasks_create(name: str, source: str, inputs: tuple[str, ...], env: tuple[str
 
     \b
     Exit codes (with --start --wait N):
-      0  the task completed
+      0  the task completed (a --daemon task: it is running; the wait ends once it reports, as a
+         wasi:http daemon reports its port)
       1  the manager refused a request or could not be reached
       2  a usage error in the command line
       3  the task had not finished after N seconds (it goes on: `propeller tasks get ID`)
@@ -452,11 +453,13 @@ _FINISHED = frozenset(state.label for state in TaskState if state.is_terminal)
 
 
 def _wait_for(client: ManagerClient, task_id: str, wait_s: float) -> dict[str, Any]:
+    """The task once it has finished, or once a daemon is up (running, and what it reported, such
+    as the port a wasi:http daemon serves, is in), or as it is after `wait_s` seconds."""
     deadline = time.monotonic() + wait_s
     try:
         while True:
             task = _run(lambda: client.get_task(task_id))
-            if task["state_name"] in _FINISHED or time.monotonic() > deadline:
+            if task["state_name"] in _FINISHED or _daemon_up(task) or time.monotonic() > deadline:
                 return task
             time.sleep(0.05)
     except KeyboardInterrupt:
@@ -466,10 +469,15 @@ def _wait_for(client: ManagerClient, task_id: str, wait_s: float) -> dict[str, A
         raise SystemExit(EXIT_INTERRUPTED) from None
 
 
+def _daemon_up(task: dict[str, Any]) -> bool:
+    return bool(task.get("daemon")) and task["state_name"] == "running" and task.get("results") not in (None, "")
+
+
 def _exit_for_outcome(task: dict[str, Any], wait_s: float) -> None:
-    """After a wait: a task that did not complete is said on stderr and ends the command non-zero."""
+    """After a wait: a task that did not complete is said on stderr and ends the command non-zero.
+    A daemon is not meant to finish: running at the end of the wait, it is what was asked for."""
     state, tid = task["state_name"], task["id"]
-    if state == "completed":
+    if state == "completed" or (task.get("daemon") and state == "running"):
         return
     if state in _FINISHED:
         reason = task.get("error") or task.get("reason") or "no error was given"

@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
+from core import topics as t
 from core.topics import Topics
 from tests.fleet import assert_no_lost_exceptions
 from tests.registry import running_registry
@@ -393,6 +394,51 @@ async def test_task_commands_take_the_consoles_short_ids(serve: Serve) -> None:
     assert stopped.returncode == 1 and "matches 2 tasks" in stopped.stderr
     deleted = await cli(serve, "tasks", "delete", short, "--yes")
     assert deleted.returncode == 0 and f"deleted {lone}" in deleted.stdout, deleted.stderr
+    serve.stop()
+
+
+async def test_waiting_for_a_daemon_ends_once_it_is_up(serve: Serve, tmp_path: Path) -> None:
+    # A daemon never finishes: `--start --wait 10` waited the whole 10 s, then exited 3, "not
+    # finished", for a daemon serving since the first second.
+    serve.start()
+    broker_port = int(serve.env["MANAGER_DEFAULT_BROKER_PORT"])
+    module = tmp_path / "serve.wasm"
+    module.write_bytes(WASM)
+    topics = Topics("propeller", "default")
+    # It confirms starts (task_state): a start stays scheduled until it says it runs.
+    async with SyntheticProplet(f"mqtt://127.0.0.1:{broker_port}", topics, "serves", answer=None,
+                                metadata={"capabilities": ["task_state"]}) as proplet:
+        await eventually(lambda: asyncio.to_thread(_cli_json, serve, "proplets", "list"), timeout=10)
+
+        confirmed: set[str] = set()
+
+        async def confirm_running(report: str) -> None:
+            start = await proplet.expect(t.START, lambda m: m["id"] not in confirmed)
+            confirmed.add(start["id"])
+            await asyncio.sleep(0.3)
+            await proplet.publish(t.TASK_STATE, {"task_id": start["id"], "proplet_id": "serves", "state": "running",
+                                                 "attempt": start["attempt"], "reason": report})
+
+        async def create_daemon(wait: str, report: str | None) -> subprocess.CompletedProcess[str]:
+            answering = asyncio.create_task(confirm_running(report)) if report is not None else None
+            out = await cli(serve, "tasks", "create", "serve", "--wasm", str(module), "--daemon", "--start",
+                            "--wait", wait)
+            if answering is not None:
+                await answering
+            return out
+
+        began = time.monotonic()
+        up = await create_daemon("20", "serving HTTP on port 8222")
+        assert up.returncode == 0, up.stderr
+        assert re.search(r"^state_name\s+running", up.stdout, re.MULTILINE), up.stdout
+        assert re.search(r"^results\s+serving HTTP on port 8222", up.stdout, re.MULTILINE), up.stdout
+        assert time.monotonic() - began < 10  # not the whole wait
+        # Running but reporting nothing: the whole wait, then running is what was asked for.
+        silent = await create_daemon("1.5", "")
+        assert silent.returncode == 0 and re.search(r"^state_name\s+running", silent.stdout, re.MULTILINE)
+        # Never confirmed: not up, exit 3 as for any task.
+        stuck = await create_daemon("0.5", None)
+        assert stuck.returncode == 3 and "is scheduled, not finished after 0.5s" in stuck.stderr, stuck.stderr
     serve.stop()
 
 
