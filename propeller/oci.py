@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from core.chunks import ArtifactUnavailable
 from proplet.proxy import is_loopback_host, make_registry_client, parse_oci_ref, tls_reason
 
 WASM_LAYER_MEDIA_TYPE = "application/wasm"
@@ -97,22 +98,21 @@ def push_module(data: bytes, filename: str, reference: str, *, insecure: bool = 
     `latest` when no tag; BadReference for one that is not a name to push to). Registries on a
     loopback address are spoken to over plain HTTP unless `ca_cert` is given, others over HTTPS
     unless `insecure`, their certificate checked against `ca_cert` (a PEM file) or else the
-    system's CAs. Blocks; raises
-    PushError with the reason."""
+    system's CAs. Blocks; raises PushError with the reason."""
     import requests
 
     kind, exports = inspect_module(data)
     if "@" in reference:
-        raise BadReference(f"{reference!r} names a digest: push to a tag (registry/repository:tag); the digest of "
-                        "what was pushed is printed after")
+        raise BadReference(f"{reference!r} names a digest: push to a tag (registry/repository:tag); the digest "
+                           "of what was pushed is printed after")
     try:
         ref = parse_oci_ref(reference, "")
-    except Exception as exc:  # ArtifactUnavailable, with the proxy's wording of a bad reference
+    except ArtifactUnavailable as exc:  # with the proxy's wording of a reference it cannot read
         raise BadReference(str(exc)) from None
     if not _REPOSITORY.fullmatch(ref.repository) or not _TAG.fullmatch(ref.tag):
         raise BadReference(f"{reference!r} is not a valid name to push to: a repository is lower-case letters, "
-                        "digits and separators (. _ __ -) in /-separated parts, and a tag at most 128 letters, "
-                        "digits, '.', '_' or '-', not starting with '.' or '-' (the OCI distribution rules)")
+                           "digits and separators (. _ __ -) in /-separated parts, and a tag at most 128 letters, "
+                           "digits, '.', '_' or '-', not starting with '.' or '-' (the OCI distribution rules)")
     # A loopback registry gets plain HTTP (as a local docker-registry serves), unless a CA is given
     # for it: that says it serves TLS.
     plain_http = insecure or (is_loopback_host(ref.registry) and not ca_cert)
@@ -145,10 +145,6 @@ def push_module(data: bytes, filename: str, reference: str, *, insecure: bool = 
                 disable_path_validation=True,
                 quiet=True,
             )
-        except requests.exceptions.JSONDecodeError:  # an answer oras-py expected as JSON: a refusal
-            raise PushError(_refusal(client.last_refusal, url, target, bool(username or token))
-                            if client.last_refusal is not None else
-                            f"the registry at {url} sent an answer that is not the registry API's") from None
         except requests.exceptions.SSLError as exc:
             raise PushError(f"TLS with the registry at {url} failed ({tls_reason(exc)}); if its certificate comes "
                             "from a private CA, give that CA's PEM file with --ca-cert; if it speaks plain HTTP, "
@@ -156,14 +152,16 @@ def push_module(data: bytes, filename: str, reference: str, *, insecure: bool = 
         except requests.Timeout:
             raise PushError(f"the registry at {url} did not answer within {timeout:g} s; check that it is "
                             "healthy, or raise --timeout") from None
+        except ValueError as exc:
+            # oras-py's "Issue with <url>: <reason>" (it only logs the registry's reason), or an
+            # answer it expected as JSON (requests' JSONDecodeError is a ValueError too): a refusal.
+            if client.last_refusal is not None:
+                raise PushError(_refusal(client.last_refusal, url, target, bool(username or token))) from None
+            raise PushError(f"the registry at {url} refused {target}: {exc}") from None
         except requests.RequestException as exc:
             reason = "connection refused" if "refused" in str(exc).lower() else type(exc).__name__
             raise PushError(f"cannot reach the registry at {url} ({reason}); check the reference's host "
                             "and port, and that the registry runs") from None
-        except ValueError as exc:  # oras-py's "Issue with <url>: <reason>", the registry's reason logged only
-            if client.last_refusal is not None:
-                raise PushError(_refusal(client.last_refusal, url, target, bool(username or token))) from None
-            raise PushError(f"the registry at {url} refused {target}: {exc}") from None
     digest = response.headers.get("Docker-Content-Digest", "")
     if not digest.startswith("sha256:"):
         # Distribution always sends it; a registry that does not is read back instead.

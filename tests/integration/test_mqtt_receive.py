@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import signal
 import socket
 from typing import Any
 
@@ -124,17 +125,23 @@ async def test_a_publish_from_the_loop_is_written_before_the_loop_turns(broker: 
         assert got.payload == b"now"
 
 
-async def test_a_message_larger_than_the_socket_buffer_is_written_through_the_loop(broker: Any) -> None:
+async def test_a_message_larger_than_the_socket_buffer_is_written_through_the_loop(own_broker: Any) -> None:
     """A send that the socket does not take whole falls back to waiting for writability."""
-    address = parse_broker_url(broker.url)
+    address = parse_broker_url(own_broker.url)
     big = bytes(range(256)) * (64 * 1024)  # 16 MiB
     async with make_client(MqttConnection(address, "big-reader")) as reader, \
             make_client(MqttConnection(address, "big-writer")) as writer:
         await reader.subscribe("big/#", qos=1)
         paho = writer._client
-        # A small send buffer, so that the first send cannot take the whole message.
+        # A small send buffer, and a broker that does not read meanwhile, so that the first send
+        # cannot take the whole message: a broker reading on the other core, with a receive buffer
+        # that grows to tcp_rmem's maximum (32 MiB on some machines), took it all in one send().
         paho.socket().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
-        paho.publish("big/n", big, qos=1)
+        own_broker.process.send_signal(signal.SIGSTOP)
+        try:
+            paho.publish("big/n", big, qos=1)
+        finally:
+            own_broker.process.send_signal(signal.SIGCONT)
         assert paho.want_write(), "the socket took 16 MiB at once; the fallback is not exercised"
         await asyncio.wait_for(writer.publish("big/after", b"after", qos=1), 20)
         messages = received(reader)
