@@ -434,6 +434,8 @@ class PropletAgent:
             raise
         if start is None or not start.targets(self.id):
             return
+        if start.attempt:
+            self.outbox.manager_acknowledges()  # only this project's manager numbers attempts
         for task_id, attempt in start.result_acks:
             self.outbox.ack(task_id, attempt)
         if start.id in self.running:

@@ -17,10 +17,13 @@ Bounded: at most `max_entries` results, weighing at most `max_bytes` together (e
 memory too, and one may carry 1 MiB of output). When the outbox is full the proplet refuses new
 tasks (they go to another proplet) rather than drop a finished result.
 
-Upstream's manager sends no acknowledgements. Until this proplet has seen one, results are sent
-once and entries expire after `unconfirmed_ttl`, so an upstream manager is not flooded with
-repeats. The first acknowledgement is remembered on disk (`acks_seen`, an empty file), so a
-restarted proplet keeps sending its waiting results until they are confirmed.
+Upstream's manager sends no acknowledgements. Until this proplet has seen one, or a start with
+an attempt (which only this project's manager sends), results are sent once and entries expire
+after `unconfirmed_ttl`, so an upstream manager is not flooded with repeats. Waiting for the first
+acknowledgement alone lost a result resent on a reconnect before the manager had subscribed again
+on a restarted broker: sent once, it was never sent again. That the manager acknowledges is
+remembered on disk (`acks_seen`, an empty file), so a restarted proplet keeps sending its waiting
+results until they are confirmed.
 """
 
 from __future__ import annotations
@@ -213,17 +216,23 @@ class Outbox:
         self._live_bytes += size
         self._held_bytes += len(record)
 
+    def manager_acknowledges(self) -> None:
+        """The manager acknowledges results (it sent one, or a start with an attempt, which only
+        this project's manager sends): from now on results are sent again until confirmed."""
+        if self.acks_seen:
+            return
+        self.acks_seen = True
+        # Kept across restarts: results loaded from the log must still wait for their ack,
+        # not expire after one send as they do for a manager that never acknowledges.
+        try:
+            (self.directory / ACKS_SEEN_NAME).touch()
+        except OSError as exc:
+            log.warning("could not record in %s that the manager acknowledges results: %s",
+                        self.directory, exc)
+
     def ack(self, task_id: str, attempt: int) -> bool:
         """The manager stored this result: forget it. Returns False for an unknown entry."""
-        if not self.acks_seen:
-            self.acks_seen = True
-            # Kept across restarts: results loaded from the log must still wait for their ack,
-            # not expire after one send as they do for a manager that never acknowledges.
-            try:
-                (self.directory / ACKS_SEEN_NAME).touch()
-            except OSError as exc:
-                log.warning("could not record in %s that the manager acknowledges results: %s",
-                            self.directory, exc)
+        self.manager_acknowledges()
         key = (task_id, attempt)
         entry = self._entries.pop(key, None)
         if entry is None and attempt == 0:

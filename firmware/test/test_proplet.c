@@ -55,6 +55,17 @@ static void start(const char *id, const char *name, const char *inputs, const ch
     start_attempt(id, name, inputs, 1, extra);
 }
 
+/* A start as upstream's manager sends it: no attempt (and it never acknowledges results). */
+static void upstream_start(const char *id, const char *name, const char *inputs)
+{
+    char json[2048];
+    snprintf(json, sizeof json,
+             "{\"id\":\"%s\",\"name\":\"%s\",\"state\":2,\"file\":\"%s\",\"inputs\":[%s],"
+             "\"broadcast\":false,\"proplet_id\":\"dev-1\"}",
+             id, name, module_b64, inputs);
+    deliver(TOPIC_START, json);
+}
+
 static void runs_an_inline_task_and_reports_it(void **state)
 {
     (void)state;
@@ -151,10 +162,18 @@ static void holds_the_slot_until_the_result_is_out(void **state)
     assert_string_equal(fake_published(TOPIC_ALIVE, 1),
                         "{\"proplet_id\":\"dev-1\",\"status\":\"alive\",\"namespace\":\"embedded\","
                         "\"running\":[\"t-6b\"]}");
-    /* Once reported, the slot is free again. */
+    /* Once reported the slot is free again, and heartbeats list the task until the manager
+     * confirms the result (a start with an attempt is from a manager that does): it may take a
+     * heartbeat in before the result. */
     fake.now += 10000;
     proplet_tick(p);
     assert_string_equal(fake_published(TOPIC_ALIVE, 2),
+                        "{\"proplet_id\":\"dev-1\",\"status\":\"alive\",\"namespace\":\"embedded\","
+                        "\"running\":[\"t-6b\"]}");
+    deliver(TOPIC_RESULT_ACK, "{\"task_id\":\"t-6b\",\"proplet_id\":\"dev-1\",\"attempt\":1}");
+    fake.now += 10000;
+    proplet_tick(p);
+    assert_string_equal(fake_published(TOPIC_ALIVE, fake_count(TOPIC_ALIVE) - 1),
                         "{\"proplet_id\":\"dev-1\",\"status\":\"alive\",\"namespace\":\"embedded\"}");
 }
 
@@ -347,7 +366,8 @@ static void keeps_results_the_broker_did_not_take_until_it_is_back(void **state)
 {
     (void)state;
     proplet_on_connected(p);
-    start("t-30", "add", "\"1\",\"2\"", "");
+    /* Upstream's manager: its starts have no attempt, and it acknowledges nothing. */
+    upstream_start("t-30", "add", "\"1\",\"2\"");
     fake.offline = true;
     assert_true(proplet_run_next(p));
     assert_int_equal(fake_count(TOPIC_RESULTS), 0);
@@ -363,10 +383,10 @@ static void keeps_results_the_broker_did_not_take_until_it_is_back(void **state)
                         "{\"proplet_id\":\"dev-1\",\"status\":\"alive\",\"namespace\":\"embedded\"}");
     assert_string_equal(fake_published(TOPIC_RESULTS, 0),
                         "{\"task_id\":\"t-30\",\"proplet_id\":\"dev-1\",\"results\":\"3\","
-                        "\"error\":null,\"attempt\":1}");
+                        "\"error\":null}");
     assert_int_equal(p->counters.results_resent, 1);
-    /* Sent once, to a manager that does not acknowledge (as upstream's): once it is no longer
-     * recent, a later reconnect has nothing more to send. */
+    /* Sent once, to a manager that does not acknowledge: once it is no longer recent, a later
+     * reconnect has nothing more to send. */
     fake.now += PROPLET_UNCONFIRMED_TTL_MS;
     proplet_on_connected(p);
     assert_int_equal(fake_count(TOPIC_RESULTS), 1);
@@ -376,7 +396,7 @@ static void keeps_results_the_broker_did_not_take_until_it_is_back(void **state)
     for (int i = 0; i < PROPLET_RECENT_TASKS + 1; i++) {
         snprintf(id, sizeof id, "t-4%d", i);
         fake.offline = false;
-        start(id, "add", "\"1\",\"1\"", "");
+        upstream_start(id, "add", "\"1\",\"1\"");
         fake.offline = true;
         assert_true(proplet_run_next(p));
     }
@@ -388,6 +408,31 @@ static void keeps_results_the_broker_did_not_take_until_it_is_back(void **state)
     expect_contains(fake_published(TOPIC_RESULTS, 1), "\"task_id\":\"t-41\"");
     snprintf(id, sizeof id, "\"task_id\":\"t-4%d\"", PROPLET_RECENT_TASKS);
     expect_contains(fake_published(TOPIC_RESULTS, PROPLET_RECENT_TASKS), id);
+}
+
+/* A start with an attempt is from this project's manager, which acknowledges every result: before
+ * its first acknowledgement, a result finished while the broker was away is listed in heartbeats and
+ * sent again until confirmed. Sent only once on the reconnect, it was lost when the manager had not
+ * subscribed again yet on the restarted broker, and the task failed as lost. */
+static void a_manager_that_sends_attempts_gets_a_result_again_until_it_confirms(void **state)
+{
+    (void)state;
+    proplet_on_connected(p);
+    start("t-35", "add", "\"3\",\"4\"", "");
+    fake.offline = true;
+    assert_true(proplet_run_next(p));
+    fake.offline = false;
+    size_t alive_before = fake_count(TOPIC_ALIVE);
+    proplet_on_connected(p);
+    assert_int_equal(fake_count(TOPIC_RESULTS), 1); /* on the connect */
+    expect_contains(fake_published(TOPIC_ALIVE, alive_before), "\"running\":[\"t-35\"]");
+    fake.now += PROPLET_RESULT_RESEND_MS;
+    proplet_tick(p);
+    assert_int_equal(fake_count(TOPIC_RESULTS), 2); /* the timer, as nothing confirmed it */
+    deliver(TOPIC_RESULT_ACK, "{\"task_id\":\"t-35\",\"proplet_id\":\"dev-1\",\"attempt\":1}");
+    fake.now += PROPLET_RESULT_RESEND_MS;
+    proplet_tick(p);
+    assert_int_equal(fake_count(TOPIC_RESULTS), 2);
 }
 
 /* With a manager that acknowledges (result_ack, ours), a result is sent again until it is. */
@@ -409,26 +454,27 @@ static void sends_a_result_again_until_the_manager_acknowledges_it(void **state)
     assert_int_equal(p->counters.messages_invalid, 0);
     deliver(TOPIC_RESULT_ACK, "{\"task_id\":\"t-50\",\"proplet_id\":\"dev-1\",\"more\":[[1,2]]}");
     assert_int_equal(p->counters.messages_invalid, 1);
+    /* Those confirmed nothing: both go out again (the starts' attempts say the manager confirms). */
     fake.now += PROPLET_RESULT_RESEND_MS;
     proplet_tick(p);
-    assert_int_equal(fake_count(TOPIC_RESULTS), 2); /* no acknowledgement seen yet: sent once */
+    assert_int_equal(fake_count(TOPIC_RESULTS), 4);
     deliver(TOPIC_RESULT_ACK, "{\"task_id\":\"t-50\",\"proplet_id\":\"dev-1\",\"attempt\":1}");
     /* t-51 is not confirmed: heartbeats list it, and it goes out again. */
     fake.now += PROPLET_RESULT_RESEND_MS;
     proplet_tick(p);
-    assert_int_equal(fake_count(TOPIC_RESULTS), 3);
-    expect_contains(fake_published(TOPIC_RESULTS, 2), "\"task_id\":\"t-51\"");
+    assert_int_equal(fake_count(TOPIC_RESULTS), 5);
+    expect_contains(fake_published(TOPIC_RESULTS, 4), "\"task_id\":\"t-51\"");
     expect_contains(fake_published(TOPIC_ALIVE, fake_count(TOPIC_ALIVE) - 1), "\"running\":[\"t-51\"]");
     deliver(TOPIC_RESULT_ACK, "{\"task_id\":\"t-0\",\"proplet_id\":\"dev-1\",\"attempt\":1,"
                               "\"more\":[[\"t-51\",1]]}");
     size_t beats = fake_count(TOPIC_ALIVE);
     fake.now += 2 * PROPLET_RESULT_RESEND_MS; /* a heartbeat is due too */
     proplet_tick(p);
-    assert_int_equal(fake_count(TOPIC_RESULTS), 3);
+    assert_int_equal(fake_count(TOPIC_RESULTS), 5);
     assert_int_equal(fake_count(TOPIC_ALIVE), beats + 1);
     assert_null(strstr(fake_published(TOPIC_ALIVE, beats), "running"));
     proplet_on_connected(p);
-    assert_int_equal(fake_count(TOPIC_RESULTS), 3); /* both confirmed: nothing to send again */
+    assert_int_equal(fake_count(TOPIC_RESULTS), 5); /* both confirmed: nothing to send again */
 }
 
 /* The ports take publishes while disconnected (into a bounded buffer): an unconfirmed result is not
@@ -711,6 +757,7 @@ int main(void)
         TEST(frees_idle_modules_when_instantiation_runs_out_of_memory),
         TEST(fetches_a_chunked_module),
         TEST(keeps_results_the_broker_did_not_take_until_it_is_back),
+        TEST(a_manager_that_sends_attempts_gets_a_result_again_until_it_confirms),
         TEST(sends_a_result_again_until_the_manager_acknowledges_it),
         TEST(does_not_resend_on_a_timer_while_disconnected),
         TEST(announces_itself_again_when_a_result_waits_unconfirmed),

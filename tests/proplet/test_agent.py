@@ -179,6 +179,30 @@ async def test_upstream_manager_interop(broker: Any, manager: Any, proplet_facto
         assert result["proplet_id"] == "p-up"
 
 
+async def test_only_a_start_with_an_attempt_says_the_manager_acknowledges_results(broker: Any, tmp_path: Path
+                                                                                 ) -> None:
+    """Only this project's manager numbers attempts, and it acknowledges every result: from its first
+    start the proplet sends results again until confirmed. Upstream's starts (no attempt) leave it
+    sending each once, as a manager that never acknowledges needs. Nobody acknowledges here."""
+    from core.topics import Topics
+    from tests.conftest import unique
+
+    topics = Topics(unique("t"), "default")
+    settings = PropletSettings.load(mqtt_address=broker.url, tenant_id=topics.domain, entity_id="p-acks",
+                                    cache_dir=tmp_path / "cache", state_dir=tmp_path / "state", metrics_enabled=False)
+    async with PropletAgent(settings) as agent, WireClient(broker.url, topics, subscribe=[t.RESULTS]) as manager:
+        assert agent.bus is not None
+        await agent.bus.wait_connected(10)
+        start = {"name": "add", "state": 2, "file": b64(wasm("add")), "inputs": ["1", "2"], "proplet_id": "p-acks"}
+        await manager.publish(t.START, {**start, "id": "upstream-1"})
+        assert (await manager.expect(t.RESULTS, lambda m: m["task_id"] == "upstream-1"))["results"] == "3"
+        assert not agent.outbox.acks_seen
+        await manager.publish(t.START, {**start, "id": "ours-1", "attempt": 1})
+        assert (await manager.expect(t.RESULTS, lambda m: m["task_id"] == "ours-1"))["results"] == "3"
+        assert agent.outbox.acks_seen
+        assert set(agent.outbox.task_ids()) == {"upstream-1", "ours-1"}  # both still wait for a confirmation
+
+
 async def test_latent_task_deploys_then_answers_invocations(manager: Any, proplet_factory: PropletFactory) -> None:
     async with proplet_factory(manager, "p-lat"):
         task = await manager.create_task(TaskCreate(name="add", file=b64(wasm("add")), latent=True))

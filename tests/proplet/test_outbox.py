@@ -174,3 +174,16 @@ def test_a_restart_does_not_forget_that_the_manager_acknowledges(tmp_path: Path)
     assert [r.task_id for r in again.due(reconnected=True)] == ["waiting"]  # lost on the way
     assert [r.task_id for r in again.due()] == ["waiting"]
     assert again.get("waiting", 1) == result("waiting")
+
+
+def test_told_the_manager_acknowledges_before_any_acknowledgement_results_wait_for_one(tmp_path: Path) -> None:
+    # A start with an attempt says so (only this project's manager numbers attempts). Learnt from the
+    # first acknowledgement only, a proplet's first result, finished while the broker was away, was
+    # sent once on the reconnect, lost when the manager had not subscribed again yet, and never sent
+    # again: its task failed as lost.
+    box = Outbox(tmp_path, resend_after=0.0, unconfirmed_ttl=0.0)
+    box.put(result("first"))
+    box.manager_acknowledges()
+    assert [r.task_id for r in box.due(reconnected=True)] == ["first"]  # lost on the way
+    assert [r.task_id for r in box.due()] == ["first"]  # the timer sends it again, it does not expire
+    assert Outbox(tmp_path).acks_seen  # remembered, as an acknowledgement is

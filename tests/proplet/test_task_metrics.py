@@ -111,4 +111,8 @@ async def test_two_guests_at_once_are_measured_apart_on_the_internal_runtime(
         assert all(d.state is TaskState.COMPLETED for d in done)
         samples = [await stored_metrics(manager, task.id, 3) for task in tasks]
     cpu = [m.metrics["cpu_percent"] for each in samples for m in each]
-    assert all(20 < c <= 140 for c in cpu), cpu  # one core, give or take the sampling moments
+    # One core at most, give or take the sampling moments (a process-wide clock gave 193-237%). A
+    # loaded machine gives each guest what share of a core its other work leaves: one sample of a
+    # CI run read 18%, the others 62-94%.
+    assert all(0 < c <= 140 for c in cpu), cpu
+    assert sum(cpu) / len(cpu) > 20, cpu

@@ -589,6 +589,12 @@ static void handle_start(proplet_t *p, const char *payload, size_t len)
     signature_check_start(&p->cfg.trusted_keys, m, untrusted, sizeof untrusted);
     start_decision_t d;
     lock(p);
+    /* A start with an attempt comes from this project's manager, which acknowledges every result
+     * (upstream's has no attempts and acknowledges none): results are sent again until confirmed
+     * from now on, not once. Waiting for the first acknowledgement instead lost a task's result
+     * resent on a reconnect before the manager had subscribed again on the restarted broker. */
+    if (m->attempt > 0)
+        p->acks_seen = true;
     decide_start(p, m, untrusted, &d);
     unlock(p);
     protocol_start_release(m);
