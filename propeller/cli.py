@@ -7,6 +7,7 @@ This is the process entry point: it alone configures logging and signal handling
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -940,7 +941,7 @@ def push(module: Path, reference: str, insecure: bool, username: str | None, pas
     except PushError as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
-        click.echo(json.dumps(pushed.as_dict(), indent=2))
+        click.echo(json.dumps(dataclasses.asdict(pushed), indent=2))
         return
     click.echo(f"pushed   {pushed.reference} ({pushed.kind}, {pushed.size:,} bytes)")
     click.echo(f"pinned   {pushed.pinned}")

@@ -24,18 +24,16 @@ from pathlib import Path
 from typing import Any
 
 from core.chunks import ArtifactUnavailable
-from proplet.proxy import is_loopback_host, make_registry_client, parse_oci_ref, tls_reason
+from proplet.proxy import make_registry_client, parse_oci_ref, speaks_plain_http, tls_reason
+from proplet.runtime.api import ModuleError, wasm_kind
 
 WASM_LAYER_MEDIA_TYPE = "application/wasm"
 WASM_CONFIG_MEDIA_TYPE = "application/vnd.wasm.config.v0+json"
 TITLE_ANNOTATION = "org.opencontainers.image.title"
 CREATED_ANNOTATION = "org.opencontainers.image.created"
-WASM_MAGIC = b"\0asm"
 # The OCI distribution specification's names: a registry refuses others, some without saying why.
 _REPOSITORY = re.compile(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*")
 _TAG = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}")
-# A component's header: the magic, then layer 1 (a core module's version is 1, layer 0).
-_COMPONENT_VERSION = b"\x0d\x00\x01\x00"
 
 
 class PushError(Exception):
@@ -61,19 +59,16 @@ class Pushed:
     exports: tuple[str, ...] = ()  # a core module's exported functions: what a task's name may call
     annotations: dict[str, str] = field(default_factory=dict)
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"reference": self.reference, "pinned": self.pinned, "manifest_digest": self.manifest_digest,
-                "module_digest": self.module_digest, "size": self.size, "kind": self.kind,
-                "exports": list(self.exports), "annotations": self.annotations}
-
 
 def inspect_module(data: bytes) -> tuple[str, tuple[str, ...]]:
     """('component', ()) or ('core module', its exported functions); NotAModule for anything else,
     or a core module wasmtime does not compile (pushing it would only move the failure to every
     proplet that fetches it)."""
-    if not data.startswith(WASM_MAGIC) or len(data) < 8:
-        raise NotAModule("it is not a WebAssembly module (it does not start with \\0asm)")
-    if data[4:8] == _COMPONENT_VERSION:
+    try:
+        kind = wasm_kind(data)  # the proplet's own reading of the header
+    except ModuleError:
+        raise NotAModule("it is not a WebAssembly module (it does not start with \\0asm)") from None
+    if kind == "component":
         return "component", ()
     import wasmtime
 
@@ -113,9 +108,7 @@ def push_module(data: bytes, filename: str, reference: str, *, insecure: bool = 
         raise BadReference(f"{reference!r} is not a valid name to push to: a repository is lower-case letters, "
                            "digits and separators (. _ __ -) in /-separated parts, and a tag at most 128 letters, "
                            "digits, '.', '_' or '-', not starting with '.' or '-' (the OCI distribution rules)")
-    # A loopback registry gets plain HTTP (as a local docker-registry serves), unless a CA is given
-    # for it: that says it serves TLS.
-    plain_http = insecure or (is_loopback_host(ref.registry) and not ca_cert)
+    plain_http = speaks_plain_http(ref.registry, insecure=insecure, serves_tls=bool(ca_cert))
     url = f"{'http' if plain_http else 'https'}://{ref.registry}"
     client = make_registry_client(ref.registry, plain_http=plain_http, timeout=timeout, ca_cert=ca_cert)
     if username or token:

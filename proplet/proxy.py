@@ -201,6 +201,13 @@ def is_loopback_host(registry: str) -> bool:
         return False
 
 
+def speaks_plain_http(registry: str, *, insecure: bool, serves_tls: bool) -> bool:
+    """Whether to speak plain HTTP to `registry`: when told to (insecure), or on a loopback address,
+    as a local docker-registry serves, unless something says it serves TLS (an https:// URL for it,
+    a CA given for it). The proxy's pulls and `propeller push` follow this one rule."""
+    return insecure or (is_loopback_host(registry) and not serves_tls)
+
+
 def _registry_host(url: str) -> tuple[str, bool | None]:
     """host[:port] of PROXY_REGISTRY_URL, and True/False when its scheme says http/https."""
     text = url.strip().rstrip("/")
@@ -238,9 +245,8 @@ class RegistryPuller:
         self.default_registry, scheme_insecure = _registry_host(registry_url) if registry_url else ("", None)
         self.insecure = insecure or bool(scheme_insecure)
         self.ca_cert = ca_cert
-        # A loopback registry gets plain HTTP, unless PROXY_REGISTRY_URL names it with https:// or a
-        # CA for it is given: both say it serves TLS.
-        self._tls_on_loopback = not self.insecure and (scheme_insecure is False or bool(ca_cert))
+        # PROXY_REGISTRY_URL with https://, or a CA for it: its registry serves TLS, even on loopback.
+        self._serves_tls = scheme_insecure is False or bool(ca_cert)
         self.username = username
         self.password = password
         self.token = token
@@ -266,8 +272,8 @@ class RegistryPuller:
 
     def plain_http(self, registry: str) -> bool:
         if registry == self.default_registry:
-            return self.insecure or (is_loopback_host(registry) and not self._tls_on_loopback)
-        return is_loopback_host(registry)
+            return speaks_plain_http(registry, insecure=self.insecure, serves_tls=self._serves_tls)
+        return speaks_plain_http(registry, insecure=False, serves_tls=False)
 
     def _client(self, registry: str) -> Any:
         # Bounded: references name any host. Overflow: the least recently used client is closed.

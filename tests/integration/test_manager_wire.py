@@ -580,13 +580,18 @@ async def test_latent_task_invoke_round_trip(manager: Any, broker: Any) -> None:
         assert await call == "11"
 
 
+def restarted_manager(sqlite_path: Any, **settings: Any) -> tuple[dict[str, Any], Topics]:
+    """Settings that two managers started one after the other share (the second is the first
+    restarted: same database, tenant and id), and their topics."""
+    same = {"sqlite_path": sqlite_path, "tenant_id": unique("t"), "entity_id": unique("manager"), **settings}
+    return same, Topics(same["tenant_id"], ManagerSettings().channel_id)
+
+
 async def test_a_restarted_manager_does_not_judge_proplets_by_heartbeats_it_could_not_hear(
         manager_factory: Any, broker: Any, tmp_path: Any) -> None:
     """Down for longer than the liveness timeout, the manager comes back to stale heartbeat rows:
     a proplet still beating keeps its running task; one that stays silent loses it after a timeout."""
-    same = {"liveness_timeout": 1.0, "sqlite_path": tmp_path / "restart.db", "tenant_id": unique("t"),
-            "entity_id": unique("manager")}
-    topics = Topics(same["tenant_id"], ManagerSettings().channel_id)
+    same, topics = restarted_manager(tmp_path / "restart.db", liveness_timeout=1.0)
     async with SyntheticProplet(broker.url, topics, "beating", answer=None) as beating, \
             SyntheticProplet(broker.url, topics, "vanished", answer=None, last_will=False) as vanished:
         async with manager_factory(**same) as first:
@@ -616,9 +621,7 @@ async def test_a_proplet_that_said_it_went_offline_just_before_a_restart_is_offl
     """Its last heartbeat was recent, but it announced its shutdown: the restarted manager took the
     heartbeat's age alone and showed it online for a liveness timeout (the console's local proplets,
     stopped as it quits, came back as ghosts), sending it tasks that waited for nobody."""
-    same = {"liveness_timeout": 30.0, "sqlite_path": tmp_path / "restart.db", "tenant_id": unique("t"),
-            "entity_id": unique("manager")}
-    topics = Topics(same["tenant_id"], ManagerSettings().channel_id)
+    same, topics = restarted_manager(tmp_path / "restart.db", liveness_timeout=30.0)
     async with SyntheticProplet(broker.url, topics, "staying", answer=None) as staying, \
             SyntheticProplet(broker.url, topics, "leaving", answer=None) as leaving:
         async with manager_factory(**same) as first:
@@ -895,9 +898,7 @@ async def test_a_broadcast_recovered_with_no_proplet_online_waits_for_every_answ
         manager_factory: Any, broker: Any, tmp_path: Any) -> None:
     """Down for longer than the liveness timeout, the manager finds no proplet counted online for a
     running broadcast: the first answer after the restart must not finish it."""
-    same = {"liveness_timeout": 1.0, "sqlite_path": tmp_path / "bc-restart.db", "tenant_id": unique("t"),
-            "entity_id": unique("manager")}
-    topics = Topics(same["tenant_id"], ManagerSettings().channel_id)
+    same, topics = restarted_manager(tmp_path / "bc-restart.db", liveness_timeout=1.0)
     async with SyntheticProplet(broker.url, topics, "bcr-a", answer=None) as a, \
             SyntheticProplet(broker.url, topics, "bcr-b", answer=None) as b:
         async with manager_factory(**same) as first:
@@ -927,9 +928,7 @@ async def test_a_broadcast_recovered_with_no_proplet_left_is_retried_or_fails(
         manager_factory: Any, broker: Any, tmp_path: Any, max_retries: int) -> None:
     """Its proplets gone while the manager was down, a recovered broadcast must not stay running for
     ever: like a task whose proplet stays silent after the restart, it is retried or failed."""
-    same = {"liveness_timeout": 1.0, "sqlite_path": tmp_path / "bc-gone.db", "tenant_id": unique("t"),
-            "entity_id": unique("manager")}
-    topics = Topics(same["tenant_id"], ManagerSettings().channel_id)
+    same, topics = restarted_manager(tmp_path / "bc-gone.db", liveness_timeout=1.0)
     async with SyntheticProplet(broker.url, topics, "bcg-a", answer=None) as a:
         async with manager_factory(**same) as first:
             await a.announce()
