@@ -85,6 +85,16 @@ class SchedulerPolicy(StrEnum):
     LEAST_LOADED = "least_loaded"
 
 
+# How long the manager waits for an invocation of a latent task: upstream's 30 s, or the task's own
+# wall-clock limit and a margin (for the call to reach the proplet and the answer to come back).
+INVOKE_TIMEOUT_S = 30.0
+INVOKE_MARGIN_S = 5.0
+
+
+def invocation_wait_s(task_timeout_s: float | None) -> float:
+    return task_timeout_s + INVOKE_MARGIN_S if task_timeout_s else INVOKE_TIMEOUT_S
+
+
 @dataclass(frozen=True, slots=True)
 class TaskLimits:
     """Per-task sandbox limits (an extension; upstream peers ignore it)."""

@@ -28,6 +28,10 @@ from core.domain import TaskLimits
 # Upstream's manager names a federated-learning round's task `fl-round-<round>-<proplet>`; proplets
 # run such a task's module as a command (`_start`).
 FL_ROUND_TASK_PREFIX = "fl-round-"
+# What a proplet's answer to an invocation says when it does not hold the task deployed; upstream's
+# manager matches this text to try another proplet, so proplets keep it word for word.
+NOT_DEPLOYED_MARK = "has not been precompiled"
+NOT_DEPLOYED = "task {id} " + NOT_DEPLOYED_MARK + "; deploy it as a latent task first"
 # Extension, in a round task's env: the manager takes the update from the task's result (the FL
 # envelope), so the proplet need not POST it or publish it on the fallback topic as well.
 FL_UPDATE_IN_RESULT = "FL_UPDATE_IN_RESULT"

@@ -51,6 +51,7 @@ from core.domain import (
     TaskState,
     TaskStateChanged,
     group_state,
+    invocation_wait_s,
     new_task_id,
     utcnow,
 )
@@ -198,6 +199,8 @@ class ManagerCore:
         self._queued: set[str] = set()
         self._seq = itertools.count()
         self._slots: defaultdict[str, set[str]] = defaultdict(set)
+        # The latent tasks among them, deployed and waiting for invocations (they take no capacity).
+        self._latent_deployed: defaultdict[str, set[str]] = defaultdict(set)
         self._broadcast_waiting: dict[str, set[str]] = {}
         # Running broadcasts recovered after a restart with no proplet counted online to wait for
         # (the manager was down for longer than the liveness timeout): whom they wait for is decided
@@ -229,6 +232,9 @@ class ManagerCore:
         # Acknowledgements waiting for a start to carry them (CAP_RESULT_ACK_IN_START), by proplet.
         self._riding_acks: dict[str, list[tuple[str, int]]] = {}
         self._invocations: dict[str, asyncio.Future[protocol.InvokeResultMessage]] = {}
+        # Whose turn it is to answer the next call of each broadcast latent task (an index into
+        # its holders), dropped with the task.
+        self._invoke_turns: dict[str, int] = {}
         self._files = ArtifactCache(max_bytes=64 * 1024 * 1024)
         # Digests of modules each proplet completed a task with, for proplets that keep modules
         # (CAP_MODULE_CACHE). Bounded per proplet; a proplet that lost one fetches it in chunks.
@@ -511,7 +517,7 @@ class ManagerCore:
                 else:
                     self._broadcasts_unheard.add(task.id)
             elif task.proplet_id:
-                self._slots[task.proplet_id].add(task.id)
+                self._take_slot(task.proplet_id, task)
                 holding.add(task.proplet_id)
         # A proplet holding in-flight tasks is presumed alive however stale its last stored
         # heartbeat: the manager was down, not the proplet. The liveness check then gives it one
@@ -1220,7 +1226,11 @@ class ManagerCore:
         return detail
 
     async def invoke_task(self, task_id: str, inputs: list[str], env: dict[str, str],
-                          timeout: float = 30.0) -> str:
+                          timeout: float | None = None) -> str:
+        """Call a deployed latent task once and return its result. A broadcast one is called on one
+        of the proplets holding it, in turn (as upstream's manager does), not on all of them; one
+        answering that it does not hold it passes the call to the next. `timeout` (the task's own
+        wall-clock limit and a margin, else 30 s as upstream) counts all the tries together."""
         task = self.active.get(task_id)
         if task is None:
             stored = await self.get_task(task_id)
@@ -1231,26 +1241,52 @@ class ManagerCore:
             raise Conflict(f"task {task_id} is not a latent task and cannot be invoked")
         if task.state is not TaskState.RUNNING and task.state is not TaskState.SCHEDULED:
             raise Conflict(f"task {task_id} is still queued; invoke it once it has been deployed")
+        if timeout is None:
+            timeout = invocation_wait_s(task.limits.timeout_s)
+        holders = self._latent_holders(task) if task.broadcast else [task.proplet_id]
+        if not holders:
+            raise Conflict(f"broadcast task {task_id} is deployed on no proplet online now; stop it and start "
+                           "it again to deploy it on the proplets online")
+        try:
+            async with asyncio.timeout(timeout):
+                for i, proplet_id in enumerate(holders):
+                    result = await self._invoke_on(task, proplet_id, inputs, env)
+                    if not (result.error and protocol.NOT_DEPLOYED_MARK in result.error and i + 1 < len(holders)):
+                        break
+        except TimeoutError:
+            raise TimedOut(f"invocation of task {task_id} timed out after {timeout:g} s") from None
+        except BrokerUnavailable as exc:
+            raise Unavailable(str(exc)) from None
+        if result.error:
+            raise UpstreamFailed(f"invocation of task {task_id} failed on {result.proplet_id}: {result.error}")
+        return result.results
+
+    def _latent_holders(self, task: Task) -> list[str]:
+        """The proplets online that hold a broadcast latent task deployed (sent its start and not
+        answered with an error or gone offline since), starting with the next one's turn."""
+        waiting = self._broadcast_waiting.get(task.id)
+        if waiting is None:  # recovered after a restart, before its proplets were heard again
+            answered = task.results if isinstance(task.results, dict) else {}
+            waiting = {p.id for p in self.proplets.values() if p.id not in answered}
+        holders = sorted(pid for pid in waiting if (p := self.proplets.get(pid)) is not None and p.online)
+        if not holders:
+            return []
+        turn = self._invoke_turns.get(task.id, 0) % len(holders)
+        self._invoke_turns[task.id] = turn + 1
+        return holders[turn:] + holders[:turn]
+
+    async def _invoke_on(self, task: Task, proplet_id: str, inputs: list[str],
+                         env: dict[str, str]) -> protocol.InvokeResultMessage:
         assert self.bus is not None
         invocation_id = str(uuid.uuid4())
         fut: asyncio.Future[protocol.InvokeResultMessage] = asyncio.get_running_loop().create_future()
         self._invocations[invocation_id] = fut
         try:
-            msg = protocol.InvokeMessage(task.id, invocation_id, task.proplet_id, task.broadcast,
-                                         tuple(inputs), env)
+            msg = protocol.InvokeMessage(task.id, invocation_id, proplet_id, False, tuple(inputs), env)
             await self.bus.publish(self.topics.invoke, protocol.encode_invoke(msg))
-            try:
-                async with asyncio.timeout(timeout):
-                    result = await fut
-            except TimeoutError:
-                raise TimedOut(f"invocation of task {task_id} timed out after {timeout:.0f}s") from None
-        except BrokerUnavailable as exc:
-            raise Unavailable(str(exc)) from None
+            return await fut
         finally:
             self._invocations.pop(invocation_id, None)
-        if result.error:
-            raise UpstreamFailed(f"invocation of task {task_id} failed on {result.proplet_id}: {result.error}")
-        return result.results
 
     # ------------------------------------------------------------------------------------
     # proplet operations
@@ -1276,6 +1312,7 @@ class ManagerCore:
             raise Conflict(f"proplet {proplet_id} has {p.task_count} active tasks; stop them first")
         del self.proplets[proplet_id]
         self._slots.pop(proplet_id, None)
+        self._latent_deployed.pop(proplet_id, None)
         self._alive_saved_at.pop(proplet_id, None)
         self._alive_unsaved.discard(proplet_id)
         self._modules_held.pop(proplet_id, None)
@@ -1341,6 +1378,7 @@ class ManagerCore:
         self._queued.discard(task.id)
         self._broadcast_waiting.pop(task.id, None)
         self._broadcasts_unheard.discard(task.id)
+        self._invoke_turns.pop(task.id, None)
         self._refused_by.pop(task.id, None)
         self._sent_at.pop(task.id, None)
         self._waiting_on_proplet.discard(task.id)
@@ -1348,6 +1386,8 @@ class ManagerCore:
             slots = self._slots.get(task.proplet_id)
             if slots is not None and task.id in slots:
                 slots.discard(task.id)
+                if task.latent:
+                    self._latent_deployed[task.proplet_id].discard(task.id)
                 if self._refused_by:
                     self._slot_freed_at[task.proplet_id] = time.monotonic()
                 self._wake.set()
@@ -1389,7 +1429,15 @@ class ManagerCore:
         if p.draining:
             return False
         cap = p.max_in_flight
-        return cap is None or len(self._slots.get(p.id, ())) < cap
+        return cap is None or len(self._slots.get(p.id, ())) - len(self._latent_deployed.get(p.id, ())) < cap
+
+    def _take_slot(self, proplet_id: str, task: Task) -> None:
+        """Count the task as held by the proplet. A latent one takes no slot from its capacity: it
+        waits for invocations without running (a few deployed functions would otherwise leave the
+        proplet no room for tasks), but is still held there (reconciled, failed with the proplet)."""
+        self._slots[proplet_id].add(task.id)
+        if task.latent:
+            self._latent_deployed[proplet_id].add(task.id)
 
     def _why_waiting(self, task: Task) -> str:
         if self.bus is not None and not self.bus.connected.is_set():
@@ -1530,7 +1578,7 @@ class ManagerCore:
         else:
             p = targets[0]
             task.proplet_id = p.id
-            self._slots[p.id].add(task.id)
+            self._take_slot(p.id, task)
             # A proplet that confirms starts is scheduled until it does; an upstream proplet
             # is marked running on publish, as upstream's manager does.
             new = TaskState.SCHEDULED if CAP_TASK_STATE in p.capabilities else TaskState.RUNNING
@@ -1637,6 +1685,8 @@ class ManagerCore:
     async def _requeue(self, task: Task, why: str) -> None:
         if task.proplet_id:
             self._slots[task.proplet_id].discard(task.id)
+            if task.latent:
+                self._latent_deployed[task.proplet_id].discard(task.id)
             if not task.pinned:
                 task.proplet_id = ""
         self._broadcast_waiting.pop(task.id, None)

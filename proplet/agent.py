@@ -61,8 +61,6 @@ DISCOVER_ANSWER_MIN_S = 1.0
 # at most this much together, which an edge box can spare.
 FINISHED_RESULTS = 2_000
 FINISHED_RESULTS_MAX_BYTES = 16 * 1024 * 1024
-# Upstream's manager matches this text to redeploy latent tasks (upstream §5.7).
-NOT_PRECOMPILED = "task {id} has not been precompiled; deploy it as a latent task first"
 
 
 class _Refused(Exception):
@@ -344,9 +342,9 @@ class PropletAgent:
             draining=alive and self.draining))
 
     def held_tasks(self) -> tuple[str, ...]:
-        """Tasks this proplet still answers for: running, or finished with the result unconfirmed.
-        The manager compares it with what it thinks runs here (reconciliation)."""
-        return tuple(dict.fromkeys((*self.running, *self.outbox.task_ids())))
+        """Tasks this proplet still answers for: running, deployed as latent, or finished with the
+        result unconfirmed. The manager compares it with what it thinks runs here (reconciliation)."""
+        return tuple(dict.fromkeys((*self.running, *self._latent, *self.outbox.task_ids())))
 
     def _discovery_payload(self) -> bytes:
         return protocol.encode_discovery(
@@ -660,7 +658,7 @@ class PropletAgent:
     async def _invoke(self, invoke: protocol.InvokeMessage) -> None:
         deployed = self._latent.get(invoke.id)
         if deployed is None:
-            results, error = "", NOT_PRECOMPILED.format(id=invoke.id)
+            results, error = "", protocol.NOT_DEPLOYED.format(id=invoke.id)
         else:
             digest, base, start = deployed
             env = {**base.env, **invoke.env}

@@ -15,6 +15,7 @@ from core import protocol
 from core import topics as t
 from core.config import ManagerSettings
 from core.domain import TaskState
+from core.errors import UpstreamFailed
 from core.schemas import TaskCreate
 from core.service import RECENT_TASKS_MAX_BYTES
 from core.topics import Topics
@@ -343,6 +344,31 @@ async def test_a_proplet_gets_as_many_starts_as_its_slots_and_queue_and_no_more(
             await finished(manager, task.id)
 
 
+
+async def test_deployed_latent_tasks_take_none_of_a_proplets_slots(manager: Any, broker: Any) -> None:
+    """Before: each deployed latent task held one of its proplet's slots until stopped, so a proplet
+    with one slot that had one function deployed was sent no other task ever again."""
+    async with SyntheticProplet(broker.url, manager.topics, "one-slot", answer=None,
+                                metadata={"max_concurrent_tasks": 1}) as proplet:
+        await eventually(lambda: "one-slot" in manager.proplets)
+        functions = [await manager.create_task(add_task(latent=True, proplet_id="one-slot")) for _ in range(3)]
+        for task in functions:
+            await manager.start_task(task.id)
+        await eventually(lambda: len(proplet.starts) == 3)
+        plain = await manager.create_task(add_task(proplet_id="one-slot"))
+        await manager.start_task(plain.id)
+        await eventually(lambda: len(proplet.starts) == 4)
+        # The one slot is the plain task's: the next waits for it, the functions still count as held.
+        after = await manager.create_task(add_task(proplet_id="one-slot"))
+        await manager.start_task(after.id)
+        await asyncio.sleep(0.2)
+        waiting = await manager.get_task(after.id)
+        assert waiting.state is TaskState.PENDING and "free slot" in waiting.reason
+        assert manager.get_proplet("one-slot").task_count == 4
+        for task in (*functions, plain, after):
+            await manager.stop_task(task.id)
+
+
 async def test_broadcast_runs_everywhere_and_collects_every_answer(manager: Any, broker: Any) -> None:
     async with SyntheticProplet(broker.url, manager.topics, "bc-a"), \
             SyntheticProplet(broker.url, manager.topics, "bc-b", answer=lambda s: ("", "boom")):
@@ -578,6 +604,62 @@ async def test_latent_task_invoke_round_trip(manager: Any, broker: Any) -> None:
         await p.publish(t.INVOKE_RESULTS, {"task_id": task.id, "invocation_id": invoke["invocation_id"],
                                            "proplet_id": "p-lat", "results": "11", "error": None})
         assert await call == "11"
+
+
+
+async def test_a_broadcast_latent_task_is_called_on_one_holder_in_turn_and_passed_on_by_one_without_it(
+        manager: Any, broker: Any) -> None:
+    """Before: a call of a broadcast latent task went to every proplet (broadcast: true), each ran
+    it, and all answers but the first were rejected as unknown. Now one holder answers each call,
+    in turn, and one saying it does not hold the task passes the call to the next, as upstream's
+    manager does."""
+    async with SyntheticProplet(broker.url, manager.topics, "p-bl-a", answer=None) as a, \
+            SyntheticProplet(broker.url, manager.topics, "p-bl-b", answer=None) as b:
+        await eventually(lambda: {"p-bl-a", "p-bl-b"} <= set(manager.proplets))
+        task = await manager.create_task(add_task(latent=True, broadcast=True))
+        await manager.start_task(task.id)
+        await a.expect(t.START)
+        await b.expect(t.START)
+        holders = {"p-bl-a": a, "p-bl-b": b}
+
+        seen: set[str] = set()
+        asked: list[list[str]] = []
+
+        async def call(answers: dict[str, str]) -> str:
+            """One invocation; each proplet asked answers `answers[its id]` (an error if it starts with
+            "error: "). Whom it was sent to, in order, goes to `asked`."""
+            asked.append([])
+            pending = asyncio.create_task(manager.invoke_task(task.id, ["5", "6"], {}, timeout=5))
+            while not pending.done():
+                for proplet in holders.values():
+                    for invoke in proplet.messages(t.INVOKE):
+                        if invoke["invocation_id"] in seen:
+                            continue
+                        seen.add(invoke["invocation_id"])
+                        assert invoke["broadcast"] is False
+                        asked[-1].append(invoke["proplet_id"])
+                        answer = answers[invoke["proplet_id"]]
+                        error = answer.removeprefix("error: ") if answer.startswith("error: ") else None
+                        await proplet.publish(t.INVOKE_RESULTS, {
+                            "task_id": task.id, "invocation_id": invoke["invocation_id"],
+                            "proplet_id": invoke["proplet_id"], "results": "" if error else answer,
+                            "error": error})
+                await asyncio.sleep(0.01)
+            return await pending
+
+        both = {"p-bl-a": "11", "p-bl-b": "11"}
+        assert [await call(both) for _ in range(4)] == ["11"] * 4
+        assert asked == [["p-bl-a"], ["p-bl-b"], ["p-bl-a"], ["p-bl-b"]]
+        not_here = f"error: task {task.id} has not been precompiled; deploy it as a latent task first"
+        asked.clear()
+        assert [await call({"p-bl-a": not_here, "p-bl-b": "11"}) for _ in range(2)] == ["11", "11"]
+        assert asked == [["p-bl-a", "p-bl-b"], ["p-bl-b"]]
+        asked.clear()
+        with pytest.raises(UpstreamFailed, match="has not been precompiled"):
+            await call({"p-bl-a": not_here, "p-bl-b": not_here})
+        assert asked == [["p-bl-a", "p-bl-b"]]
+        unknown = manager.metrics.messages_rejected.labels(t.INVOKE_RESULTS, "unknown_invocation")
+        assert unknown._value.get() == 0
 
 
 def restarted_manager(sqlite_path: Any, **settings: Any) -> tuple[dict[str, Any], Topics]:

@@ -213,6 +213,46 @@ async def test_latent_task_deploys_then_answers_invocations(manager: Any, prople
         await manager.stop_task(task.id)
 
 
+
+
+async def test_a_latent_task_stays_deployed_past_the_managers_reconciliation(
+        manager_factory: Any, proplet_factory: PropletFactory) -> None:
+    """Before: heartbeats listed running tasks and unconfirmed results, not deployed latent ones, so
+    the manager's reconciliation failed every latent task a few seconds after its deployment
+    ("proplet ... no longer has the task")."""
+    async with manager_factory(ack_timeout=0.5) as core, proplet_factory(core, "p-lat-long"):
+        task = await core.create_task(TaskCreate(name="add", file=b64(wasm("add")), latent=True))
+        await core.start_task(task.id)
+        await eventually(lambda: core.active[task.id].state is TaskState.RUNNING)
+        await asyncio.sleep(4.5)  # heartbeats every second, past the reconciliation's 3 s grace
+        assert core.active[task.id].state is TaskState.RUNNING, (await core.get_task(task.id)).error
+        assert await core.invoke_task(task.id, ["3", "4"], {}) == "7"
+        await core.stop_task(task.id)
+
+
+async def test_a_broadcast_latent_task_runs_once_per_call_on_its_proplets_in_turn(
+        manager: Any, proplet_factory: PropletFactory, broker: Any) -> None:
+    async with WireClient(broker.url, manager.topics, subscribe=[t.INVOKE_RESULTS]) as spy, \
+            proplet_factory(manager, "p-fan-1") as first:
+        async with proplet_factory(manager, "p-fan-2") as second:
+            task = await manager.create_task(TaskCreate(name="add", file=b64(wasm("add")), latent=True,
+                                                        broadcast=True))
+            await manager.start_task(task.id)
+            await eventually(lambda: task.id in first._latent and task.id in second._latent)
+            assert [await manager.invoke_task(task.id, [str(n), "1"], {}) for n in range(4)] == ["1", "2", "3", "4"]
+            await eventually(lambda: len(spy.messages(t.INVOKE_RESULTS)) >= 4)
+            await asyncio.sleep(0.2)  # time for a second answer to any call to arrive
+            answers = spy.messages(t.INVOKE_RESULTS)
+            assert sorted(m["proplet_id"] for m in answers) == ["p-fan-1", "p-fan-1", "p-fan-2", "p-fan-2"]
+        # The second one left (handing its deployment back): the calls go to the first alone.
+        await eventually(lambda: not manager.proplets["p-fan-2"].online)
+        assert await manager.invoke_task(task.id, ["20", "22"], {}) == "42"
+        assert await manager.invoke_task(task.id, ["1", "1"], {}) == "2"
+        await eventually(lambda: len(spy.messages(t.INVOKE_RESULTS)) >= 6)
+        assert [m["proplet_id"] for m in spy.messages(t.INVOKE_RESULTS)[4:]] == ["p-fan-1", "p-fan-1"]
+        await manager.stop_task(task.id)
+
+
 async def test_large_module_arrives_in_chunks_and_is_verified(manager_factory: Any, proplet_factory: PropletFactory
                                                               ) -> None:
     from tests.wasmfixtures import big_module_byte
