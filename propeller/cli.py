@@ -297,11 +297,13 @@ def _task_rows(tasks: list[dict[str, Any]]) -> None:
 
 
 def _task_detail(t: dict[str, Any]) -> None:
-    fields = ["id", "name", "state_name", "proplet_id", "image_url", "wasm_digest", "inputs", "env",
-              "priority", "attempt", "reason", "results", "error", "created_at", "start_time", "finish_time",
-              "workflow_id", "job_id", "depends_on", "schedule", "is_recurring", "timezone", "next_run"]
+    fields = ["id", "name", "state_name", "proplet_id", "broadcast", "daemon", "latent", "image_url", "wasm_digest",
+              "inputs", "env", "priority", "attempt", "reason", "results", "error", "created_at", "start_time",
+              "finish_time", "workflow_id", "job_id", "depends_on", "schedule", "is_recurring", "timezone", "next_run"]
     if not t.get("schedule"):
         fields.remove("is_recurring")  # false, and meaningless, without a schedule
+    # The kinds of task, shown only when they apply: "false" three times in every task says nothing.
+    fields = [f for f in fields if f not in ("broadcast", "daemon", "latent") or t.get(f)]
     _table(["FIELD", "VALUE"], [[f, json.dumps(t.get(f)) if isinstance(t.get(f), (dict, list)) else t.get(f)]
                                 for f in fields if t.get(f) not in (None, "", [], {}) and not _unset_time(t.get(f))])
 
@@ -378,6 +380,8 @@ def tasks() -> None:
 @click.option("--memory", type=int, help="Largest linear memory in bytes.")
 @click.option("--retries", type=int, default=0, help="Retries when its proplet goes offline.")
 @click.option("--daemon", is_flag=True, help="A long-running task.")
+@click.option("--latent", is_flag=True,
+              help="Deploy it when started, then call it as often as needed with `tasks invoke` (a function).")
 @click.option("--schedule", help="Start it at the times of this cron expression ('*/15 * * * *', @daily).")
 @click.option("--recurring", is_flag=True, help="With --schedule: every time, not only the next one.")
 @click.option("--timezone", help="With --schedule: the IANA zone it is read in (default UTC).")
@@ -387,7 +391,7 @@ def tasks() -> None:
 def tasks_create(name: str, source: str, inputs: tuple[str, ...], env: tuple[str, ...],
                  cli_args: tuple[str, ...], proplet_id: str | None, broadcast: bool, priority: int | None,
                  timeout: float | None, fuel: int | None, memory: int | None, retries: int, daemon: bool,
-                 schedule: str | None, recurring: bool, timezone: str | None,
+                 latent: bool, schedule: str | None, recurring: bool, timezone: str | None,
                  start_now: bool, wait_s: float | None, manager_url: str, token: str | None, as_json: bool,
                  wasm_digest: str | None) -> None:
     """Create a task that calls export NAME of a module.
@@ -395,7 +399,7 @@ def tasks_create(name: str, source: str, inputs: tuple[str, ...], env: tuple[str
     \b
     Exit codes (with --start --wait N):
       0  the task completed (a --daemon task: it is running; the wait ends once it reports, as a
-         wasi:http daemon reports its port)
+         wasi:http daemon reports its port; a --latent task: it is deployed, ready for `tasks invoke`)
       1  the manager refused a request or could not be reached
       2  a usage error in the command line
       3  the task had not finished after N seconds (it goes on: `propeller tasks get ID`)
@@ -406,8 +410,13 @@ def tasks_create(name: str, source: str, inputs: tuple[str, ...], env: tuple[str
         raise click.UsageError("--recurring and --timezone go with --schedule (the cron expression they apply to)")
     if wait_s and not start_now:
         raise click.UsageError("--wait goes with --start (a task that is not started has no result to wait for)")
+    if latent and (daemon or schedule):
+        raise click.UsageError("--latent goes with neither --daemon nor --schedule: a latent task is deployed "
+                               "once and then called with `propeller tasks invoke`")
     body: dict[str, Any] = {"name": name, "inputs": list(inputs), "daemon": daemon, "broadcast": broadcast,
                             "max_retries": retries}
+    if latent:
+        body["latent"] = True
     from propeller.client import module_fields
 
     body.update(_run(lambda: module_fields(source)))
@@ -417,10 +426,7 @@ def tasks_create(name: str, source: str, inputs: tuple[str, ...], env: tuple[str
                                    "is taken from its bytes)")
         body["wasm_digest"] = wasm_digest
     if env:
-        pairs = [e.partition("=") for e in env]
-        if any(not sep for _, sep, _ in pairs):
-            raise click.BadParameter("use KEY=VALUE", param_hint="--env")
-        body["env"] = {k: v for k, _, v in pairs}
+        body["env"] = _env_pairs(env)
     if cli_args:
         body["cli_args"] = list(cli_args)
     if proplet_id:
@@ -471,14 +477,24 @@ def _wait_for(client: ManagerClient, task_id: str, wait_s: float) -> dict[str, A
 
 
 def _daemon_up(task: dict[str, Any]) -> bool:
-    return bool(task.get("daemon")) and task["state_name"] == "running" and task.get("results") not in (None, "")
+    """A daemon that runs and has reported, or a latent task deployed (its proplet confirmed it)."""
+    if task["state_name"] != "running":
+        return False
+    return bool(task.get("latent")) or (bool(task.get("daemon")) and task.get("results") not in (None, ""))
+
+
+def _env_pairs(env: tuple[str, ...]) -> dict[str, str]:
+    pairs = [e.partition("=") for e in env]
+    if any(not sep for _, sep, _ in pairs):
+        raise click.BadParameter("use KEY=VALUE", param_hint="--env")
+    return {k: v for k, _, v in pairs}
 
 
 def _exit_for_outcome(task: dict[str, Any], wait_s: float) -> None:
     """After a wait: a task that did not complete is said on stderr and ends the command non-zero.
     A daemon is not meant to finish: running at the end of the wait, it is what was asked for."""
     state, tid = task["state_name"], task["id"]
-    if state == "completed" or (task.get("daemon") and state == "running"):
+    if state == "completed" or ((task.get("daemon") or task.get("latent")) and state == "running"):
         return
     if state in _FINISHED:
         reason = task.get("error") or task.get("reason") or "no error was given"
@@ -502,6 +518,43 @@ def tasks_start(task_id: str, wait_s: float | None, manager_url: str, token: str
     _show(task, as_json, _task_detail)
     if wait_s:
         _exit_for_outcome(task, wait_s)
+
+
+@tasks.command("invoke")
+@click.argument("task_id")
+@click.option("--input", "-i", "inputs", multiple=True,
+              help="An argument (repeat for several); none: the task's own inputs.")
+@click.option("--env", "-e", multiple=True, help="KEY=VALUE for this call, over the task's env (repeat).")
+@_client_options
+def tasks_invoke(task_id: str, inputs: tuple[str, ...], env: tuple[str, ...], manager_url: str, token: str | None,
+                 as_json: bool) -> None:
+    """Call a deployed latent task (`tasks create --latent --start`) and print its result.
+
+    Each call runs once, on the task's proplet (a --broadcast task: on one of its proplets, in
+    turn). The manager waits 30 s, or the task's --timeout and 5 s.
+
+    \b
+    Exit codes:
+      0  the call returned; its result is printed
+      1  the manager refused the call (not a latent task, not deployed) or could not be reached
+      3  no answer within the wait
+      4  the call failed on the proplet (a trap, a limit, wrong inputs); the error goes to stderr
+    """
+    from core.domain import invocation_wait_s
+    from propeller.client import ApiError
+
+    with ManagerClient(manager_url, token) as client:
+        task_id = _full_id(client, task_id, "task")
+        limit = (_run(lambda: client.get_task(task_id)).get("limits") or {}).get("timeout_s")
+        try:
+            data = client.invoke(task_id, list(inputs), _env_pairs(env), invocation_wait_s(limit))
+        except ApiError as exc:
+            outcome = {502: EXIT_TASK_FAILED, 504: EXIT_NOT_FINISHED}.get(exc.status or 0)
+            if outcome is None:
+                raise click.ClickException(str(exc)) from None
+            click.echo(str(exc).split(": ", 1)[-1], err=True)
+            raise SystemExit(outcome) from None
+    _show(data, as_json, lambda d: click.echo(d.get("results") if d.get("results") is not None else ""))
 
 
 @tasks.command("stop")

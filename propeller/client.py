@@ -10,7 +10,12 @@ import httpx
 
 
 class ApiError(Exception):
-    """The manager answered with an error, or could not be reached. The message is for the user."""
+    """The manager answered with an error, or could not be reached. The message is for the user;
+    `status` is the HTTP status of the answer (None when there was none)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class ManagerClient:
@@ -43,7 +48,7 @@ class ManagerClient:
                 message = response.json().get("error") or response.text
             except ValueError:
                 message = response.text or response.reason_phrase
-            raise ApiError(f"{response.status_code} {response.reason_phrase}: {message}")
+            raise ApiError(f"{response.status_code} {response.reason_phrase}: {message}", response.status_code)
         if response.status_code == 204 or not response.content:
             return None
         return response.json()
@@ -73,6 +78,11 @@ class ManagerClient:
 
     def delete_task(self, task_id: str) -> None:
         self.request("DELETE", f"/tasks/{task_id}")
+
+    def invoke(self, task_id: str, inputs: list[str], env: dict[str, str], wait_s: float) -> dict[str, Any]:
+        """Call a deployed latent task; the manager answers within `wait_s` (its own limit)."""
+        return self.request("POST", f"/tasks/{task_id}/invoke", json={"inputs": inputs, "env": env},
+                            timeout=httpx.Timeout(self._http.timeout.connect, read=wait_s + 10))
 
     def results(self, task_id: str) -> dict[str, Any]:
         return self.request("GET", f"/tasks/{task_id}/results")

@@ -442,6 +442,67 @@ async def test_waiting_for_a_daemon_ends_once_it_is_up(serve: Serve, tmp_path: P
     serve.stop()
 
 
+
+async def test_a_latent_function_is_deployed_once_then_invoked_from_the_cli(serve: Serve, tmp_path: Path) -> None:
+    """The FaaS path from the command line, on a real `propeller proplet`: `tasks create --latent
+    --start --wait` returns once deployed, `tasks invoke` calls it with new inputs, and the exit
+    code tells a call that failed on the proplet (4), one nobody answered in time (3) and one the
+    manager refused (1). Before, the CLI could neither create a latent task nor invoke one."""
+    from tests.wasmfixtures import wasm_path
+
+    serve.start()
+    broker_url = f"mqtt://127.0.0.1:{serve.env['MANAGER_DEFAULT_BROKER_PORT']}"
+    component = str(wasm_path("greeter-component"))
+    proplet = _start_proplet(serve, "faas-p", broker_url, tmp_path)
+    try:
+        await eventually(lambda: asyncio.to_thread(_cli_json, serve, "proplets", "list", "--status", "active"),
+                         timeout=20, interval=0.2)
+        began = time.monotonic()
+        deployed = await cli(serve, "tasks", "create", "greet", "--wasm", component, "--latent", "-i", '"nobody"',
+                             "--start", "--wait", "30", "--json")
+        assert deployed.returncode == 0, deployed.stderr + serve.log.read_text()[-3000:]
+        greet = json.loads(deployed.stdout)
+        assert (greet["state_name"], greet["latent"], greet["results"]) == ("running", True, None)
+        assert time.monotonic() - began < 20  # once deployed, not the whole wait
+        short = greet["id"][:8]
+        called = await cli(serve, "tasks", "invoke", short, "-i", '"world"')
+        assert (called.returncode, called.stdout) == (0, '"Hello, world!"\n'), called.stderr
+        # No inputs: the task's own.
+        assert (await cli(serve, "tasks", "invoke", short)).stdout == '"Hello, nobody!"\n'
+        wrong = await cli(serve, "tasks", "invoke", short, "-i", "1", "-i", "2")
+        assert wrong.returncode == 4 and "greet" in wrong.stderr and "faas-p" in wrong.stderr, wrong.stderr
+
+        spin = json.loads((await cli(serve, "tasks", "create", "spin", "--wasm", component, "--latent",
+                                     "--timeout", "0.5", "--start", "--wait", "30", "--json")).stdout)
+        looped = await cli(serve, "tasks", "invoke", spin["id"])
+        assert looped.returncode == 4 and "0.5 s limit" in looped.stderr, looped.stderr
+        assert (await cli(serve, "tasks", "invoke", short, "-i", '"again"')).stdout == '"Hello, again!"\n'
+
+        plain = json.loads((await cli(serve, "tasks", "create", "greet", "--wasm", component, "-i", '"x"',
+                                      "--start", "--wait", "30", "--json")).stdout)
+        refused = await cli(serve, "tasks", "invoke", plain["id"])
+        assert refused.returncode == 1 and "not a latent task" in refused.stderr, refused.stderr
+        assert (await cli(serve, "tasks", "stop", short)).returncode == 0
+        stopped = await cli(serve, "tasks", "invoke", short)
+        assert stopped.returncode == 1 and "interrupted; start it before invoking it" in stopped.stderr
+    finally:
+        proplet.send_signal(signal.SIGTERM)
+        proplet.wait(15)
+
+    # A proplet that never answers the call: exit 3 once the task's limit and the margin are over.
+    topics = Topics("propeller", "default")
+    async with SyntheticProplet(broker_url, topics, "mute-p", answer=None):
+        await eventually(lambda: asyncio.to_thread(_cli_json, serve, "proplets", "list", "--status", "active"),
+                         timeout=10)
+        mute = json.loads((await cli(serve, "tasks", "create", "greet", "--wasm", component, "--latent",
+                                     "--proplet", "mute-p", "--timeout", "0.5", "--start", "--json")).stdout)
+        began = time.monotonic()
+        silent = await cli(serve, "tasks", "invoke", mute["id"])
+        assert silent.returncode == 3 and "timed out after 5.5 s" in silent.stderr, silent.stderr
+        assert 5 < time.monotonic() - began < 20
+    serve.stop()
+
+
 async def test_tables_show_a_guests_output_as_printed(serve: Serve) -> None:
     # Rich read each cell as markup: "argv: [hello] [world]" showed as "argv:  ", every [word] taken
     # for a style, and a result or an error could be restyled by what a guest printed.
