@@ -51,7 +51,7 @@ from console.firmware import Firmware
 from console.fleet import Clock, FleetState, TrafficState, utc_clock
 from console.hosting import CoreSnapshot, CoreThread, ManagerLink
 from console.local import LocalFleet
-from console.messages import TaskDeletedHere
+from console.messages import TaskDeletedHere, TaskInvokedHere
 from console.settings import ConsoleSettings, load_settings
 from console.text import ControlCodeFilter, escape
 from console.themes import ALIASES, TERMINAL_THEMES, load_themes, resolve_name
@@ -63,7 +63,7 @@ from console.views.local import LocalScreen
 from console.views.proplets import PropletsScreen
 from console.views.tasks import TaskDetailScreen, TasksScreen
 from console.views.traffic import TrafficScreen
-from console.widgets import ConfirmModal, FleetHeader, HelpScreen
+from console.widgets import ConfirmModal, FleetHeader, HelpScreen, PromptModal
 
 if TYPE_CHECKING:
     from core.config import ManagerSettings
@@ -764,6 +764,53 @@ class ConsoleApp(App[None]):
     def confirm_delete_task(self, task_id: str) -> None:
         self._confirm(f"Delete task {task_id[:8]} and its history? A running task is stopped first. "
                       "This cannot be undone.", "Delete", lambda: self._task_action("delete", task_id))
+
+    def invoke_task(self, task_id: str) -> None:
+        """Ask for the inputs of a call of a deployed latent task, then call it (the result is told)."""
+        if self.read_only:
+            self.notify(f"Invoke is disabled: {READ_ONLY}.", severity="warning")
+            return
+        self._ask_invocation(task_id)
+
+    @work(group="task-actions", description="Reading the task to invoke", exit_on_error=False)
+    async def _ask_invocation(self, task_id: str) -> None:
+        from console.modules import split_inputs
+        from core.domain import TaskState
+
+        task = await self.manager.get_task(task_id)
+        short = task_id[:8]
+        if not task.latent:
+            self.notify(f"Task {short} is not latent: only a task dispatched as latent (the form's latent box) "
+                        "is deployed to be called.", severity="warning")
+            return
+        if task.state not in (TaskState.RUNNING, TaskState.SCHEDULED):
+            self.notify(f"Task {short} is {task.state.label}, not deployed: start it (s) first.", severity="warning")
+            return
+
+        def answered(text: str | None) -> None:
+            if text is not None:
+                self._invoke(task_id, split_inputs(text))
+
+        self.push_screen(PromptModal(f"Call {task.name} of task {short} with the inputs (Enter calls; empty: "
+                                     "the task's own)", " ".join(task.inputs)), answered)
+
+    @work(group="invocations", description="Invoking a task", exit_on_error=False)
+    async def _invoke(self, task_id: str, inputs: list[str]) -> None:
+        from console.fleet import row_text
+        from console.views.tasks import fmt_duration
+
+        began = time.monotonic()
+        results = await self.manager.invoke_task(task_id, inputs)
+        took = time.monotonic() - began
+        self.notify(f"Task {task_id[:8]} returned {row_text(results) or '(nothing)'} in {fmt_duration(took)}.",
+                    timeout=8)
+        self.post_message(TaskInvokedHere(task_id, inputs, results, took))
+
+    @on(TaskInvokedHere)
+    def _task_invoked_here(self, message: TaskInvokedHere) -> None:
+        screen = self.screen
+        if isinstance(screen, TaskDetailScreen) and screen.task_id == message.task_id:
+            screen.show_call(message)
 
     def confirm_forget_proplet(self, proplet_id: str) -> None:
         self._confirm(f"Forget proplet {proplet_id}? The manager deletes its record; it reappears when it "

@@ -102,6 +102,9 @@ class ManagerLink:
     async def stop_task(self, task_id: str) -> Task:
         return await self.on_core(self.core.stop_task, task_id)
 
+    async def invoke_task(self, task_id: str, inputs: list[str]) -> str:
+        return await self.on_core(self.core.invoke_task, task_id, inputs, {})
+
     async def delete_task(self, task_id: str) -> None:
         await self.on_core(self.core.delete_task, task_id)
 

@@ -32,6 +32,7 @@ TASKS = [
     Binding("slash", "filter", "Filter", id="tasks.filter"),
     Binding("s", "start", "Start/Re-run", id="tasks.start"),
     Binding("x", "stop", "Stop", id="tasks.stop"),
+    Binding("i", "invoke", "Invoke", id="tasks.invoke"),
     Binding("D", "delete", "Delete", id="tasks.delete"),
     Binding("y", "copy", "Copy id", id="tasks.copy"),
     Binding("N", "sort('name')", "Sort name", id="tasks.sort_name", show=False),
@@ -44,6 +45,7 @@ TASKS = [
 TASK_DETAIL = [
     Binding("s", "start", "Start/Re-run", id="task.start"),
     Binding("x", "stop", "Stop", id="task.stop"),
+    Binding("i", "invoke", "Invoke", id="task.invoke"),
     Binding("D", "delete", "Delete", id="task.delete"),
     Binding("y", "copy", "Copy id", id="task.copy"),
     Binding("c", "copy_result", "Copy result", id="task.copy_result"),
@@ -149,5 +151,5 @@ def keymap_clashes(keymap: dict[str, str]) -> list[tuple[str, str, str]]:
 # Actions that change the fleet, a device or the database (checked by `check_action` per screen).
 MUTATING = frozenset({
     "start", "stop", "delete", "submit", "launch", "launch_many", "stop_all", "flash", "provision", "new_round",
-    "next_round",
+    "next_round", "invoke",
 })

@@ -13,3 +13,13 @@ class TaskDeletedHere(Message):
     """The operator deleted a task from the console: its detail screen, if open, closes."""
 
     task_id: str
+
+
+@dataclass
+class TaskInvokedHere(Message):
+    """The operator called a latent task from the console: its detail screen, if open, shows the call."""
+
+    task_id: str
+    inputs: list[str]
+    results: str
+    seconds: float

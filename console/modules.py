@@ -134,6 +134,7 @@ class DispatchForm:
     retries: str = ""
     priority: str = ""
     daemon: bool = False
+    latent: bool = False
     errors: dict[str, str] = field(default_factory=dict)
 
 
@@ -213,6 +214,11 @@ def build_body(form: DispatchForm, module: ModuleSource) -> dict[str, Any]:
         return int(text)
 
     check(name)
+    if form.latent:
+        if form.daemon:
+            errors["form"] = ("A task is either a daemon (it runs until stopped) or latent (deployed, then called "
+                              "with i in the task table); untick one.")
+        body["latent"] = True
     if form.env.strip():
         env = check(lambda: parse_env(form.env))
         if env is not None:

@@ -180,6 +180,7 @@ field. After dispatching, the task table opens on the new task.
             with Horizontal(classes="row"):
                 yield Label("", classes="field-label")
                 yield Checkbox("daemon (long-running)", id="daemon")
+                yield Checkbox("latent (i calls it)", id="latent")
                 yield Checkbox("start now", value=True, id="start-now")
             yield Label("", classes="error", id="error-form")
             with Horizontal(id="buttons"):
@@ -228,7 +229,7 @@ field. After dispatching, the task table opens on the new task.
             module=text("module"), name=text("name"), inputs=text("inputs"), env=text("env"),
             target=str(target), proplet_id=text("proplet"), timeout_s=text("timeout"), fuel=text("fuel"),
             memory_mib=text("memory"), retries=text("retries"), priority=text("priority"),
-            daemon=self.query_one("#daemon", Checkbox).value)
+            daemon=self.query_one("#daemon", Checkbox).value, latent=self.query_one("#latent", Checkbox).value)
 
     def show_errors(self, errors: dict[str, str]) -> None:
         for name in (*FIELDS, "form"):
@@ -389,6 +390,7 @@ field. After dispatching, the task table opens on the new task.
             self.query_one(f"#{widget_id}", Input).value = ""
         self.query_one("#target", Select).value = "any"
         self.query_one("#daemon", Checkbox).value = False
+        self.query_one("#latent", Checkbox).value = False
         self.show_errors({})
         self._show_hint("")
         self.query_one("#module", Input).focus()

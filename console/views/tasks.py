@@ -83,7 +83,8 @@ class TasksScreen(ConsoleScreen):
 ### Tasks
 Every task of this manager, newest first, updated live (at most `console.task_rows`; the oldest finished
 ones leave first). Colours follow the state. **s** starts a task (a finished one runs again), **x** stops
-it and **D** deletes it (both ask first), **y** copies its id (OSC 52, works over SSH).
+it and **D** deletes it (both ask first), **y** copies its id (OSC 52, works over SSH). **i** calls a
+deployed latent task (dispatched with the form's latent box) with the inputs you type, and tells its result.
 """
 
     def __init__(self, **kwargs: Any) -> None:
@@ -223,6 +224,11 @@ it and **D** deletes it (both ask first), **y** copies its id (OSC 52, works ove
         if task_id and not self.refused_read_only():
             self.console.confirm_delete_task(task_id)
 
+    def action_invoke(self) -> None:
+        task_id = self.selected_id()
+        if task_id and not self.refused_read_only():
+            self.console.invoke_task(task_id)
+
     def action_reload(self) -> None:
         self.console.reload_tasks()
 
@@ -240,6 +246,7 @@ it and **D** deletes it (both ask first), **y** copies its id (OSC 52, works ove
                 PaletteCommand("Task: start / re-run", "Queue the selected task", self.action_start, True),
                 PaletteCommand("Task: stop", "Stop the selected task", self.action_stop, True),
                 PaletteCommand("Task: delete", "Delete the selected task", self.action_delete, True),
+                PaletteCommand("Task: invoke", "Call the selected latent task", self.action_invoke, True),
             ]
         return commands
 
@@ -257,7 +264,8 @@ class TaskDetailScreen(ConsoleScreen):
 The lifecycle timeline lists every transition with its time and how long the task stayed in that
 state. A task that has run for a moment shows its CPU and memory (its proplet's latest sample).
 **s** starts it again (a new attempt), **x** stops it, **D** deletes it; **y** copies the id,
-**c** the result. **Esc** goes back.
+**c** the result. **i** calls a deployed latent task with the inputs you type (its last call is
+shown here). **Esc** goes back.
 """
     DEFAULT_CSS = """
     TaskDetailScreen #task-fields { height: auto; padding: 0 1; }
@@ -274,6 +282,8 @@ state. A task that has run for a moment shows its CPU and memory (its proplet's 
         self.usage: Any = None
         self._usage_at = 0.0
         self._dirty: set[str] = set()
+        # The latest call made from here of a latent task (TaskInvokedHere).
+        self.last_call: Any = None
 
     def crumbs(self) -> list[str]:
         return ["Tasks", short_id(self.task_id)]
@@ -353,6 +363,12 @@ state. A task that has run for a moment shows its CPU and memory (its proplet's 
             lines.append("limits     " + ", ".join(f"{k}={v}" for k, v in limits.items()))
         if task.daemon:
             lines.append("daemon     yes")
+        if task.latent:
+            lines.append("latent     yes: deployed while it runs; i calls it")
+        if self.last_call is not None:
+            call = self.last_call
+            lines.append(f"last call  {escape(' '.join(call.inputs) or '(its own inputs)')} → "
+                         f"{escape(_shown_in_part(call.results)) or '(nothing)'}   in {fmt_duration(call.seconds)}")
         if task.workflow_id or task.job_id:
             lines.append("group      " + (f"workflow {task.workflow_id}" if task.workflow_id else f"job {task.job_id}"))
         if task.depends_on:
@@ -396,6 +412,14 @@ state. A task that has run for a moment shows its CPU and memory (its proplet's 
         if not self.refused_read_only():
             self.console.confirm_delete_task(self.task_id)
 
+    def action_invoke(self) -> None:
+        if not self.refused_read_only():
+            self.console.invoke_task(self.task_id)
+
+    def show_call(self, call: Any) -> None:
+        self.last_call = call
+        self.render_task()
+
     def action_copy(self) -> None:
         self.app.copy_to_clipboard(self.task_id)
         self.notify(f"Copied task id {self.task_id}", timeout=3)
@@ -417,6 +441,7 @@ state. A task that has run for a moment shows its CPU and memory (its proplet's 
             PaletteCommand("Task: start / re-run", "Queue this task again", self.action_start, True),
             PaletteCommand("Task: stop", "Stop this task", self.action_stop, True),
             PaletteCommand("Task: delete", "Delete this task", self.action_delete, True),
+            PaletteCommand("Task: invoke", "Call this latent task", self.action_invoke, True),
             PaletteCommand("Task: copy id", "Copy this task's id", self.action_copy),
             PaletteCommand("Task: copy result", "Copy this task's result", self.action_copy_result),
         ]

@@ -317,7 +317,7 @@ async def test_the_whole_dispatch_form_fits_an_80x24_terminal_without_a_scroll(c
         form = screen.query_one("#form", VerticalScroll)
         assert form.max_scroll_y == 0, form.virtual_size
         for widget_id in ("#module", "#name", "#inputs", "#env", "#target", "#proplet", "#timeout", "#priority",
-                          "#daemon", "#start-now", "#submit", "#reset"):
+                          "#daemon", "#latent", "#start-now", "#submit", "#reset"):
             region = screen.query_one(widget_id).region
             assert region.height >= 1 and region.bottom <= form.content_region.bottom, (widget_id, region)
         assert "Dispatch" in str(screen.query_one("#submit", Button).label)

@@ -281,3 +281,72 @@ async def test_a_task_never_started_says_so_in_the_table_and_the_detail_until_it
         await pilot.press("escape")
         await until(pilot, lambda: isinstance(app.screen, TasksScreen))
         await until(pilot, lambda: "not started" not in str(screen.table.get_cell(during.id, "outcome")))
+
+
+async def test_a_latent_task_dispatched_from_the_form_is_called_with_i_on_a_real_proplet(
+        console: Any, tmp_path: Any) -> None:
+    """The FaaS path in the console: the form's latent box deploys the module on a real proplet, `i`
+    in the table or the detail asks for inputs and calls it, and the result is told (and shown in the
+    detail as its last call); a call that fails, or of a task that is not latent, says why."""
+    from textual.widgets import Checkbox, Input, Static
+
+    from console.views.dispatch import DispatchScreen
+    from console.widgets import PromptModal
+    from proplet.agent import PropletAgent
+    from proplet.config import PropletSettings
+    from tests.console.conftest import EXAMPLES
+
+    async with console() as (app, pilot, core):
+        settings = PropletSettings.load(mqtt_address=core.status().broker_url, tenant_id=core.topics.domain,
+                                        channel_id=core.topics.channel, entity_id="faas-console",
+                                        cache_dir=tmp_path / "cache", state_dir=tmp_path / "state",
+                                        metrics_enabled=False)
+        async with PropletAgent(settings):
+            await until(pilot, lambda: "faas-console" in app.fleet.proplets and app.fleet.proplets[
+                "faas-console"].online, timeout=15)
+            form = await open_view(app, pilot, "5", DispatchScreen)
+            await pilot.press(*str(EXAMPLES / "add.wasm"))
+            await until(pilot, lambda: form.query_one("#name", Input).value == "add")
+            form.query_one("#inputs", Input).value = "1 2"
+            form.query_one("#latent", Checkbox).value = True
+            await pilot.press("f5")
+            tasks = await until(pilot, lambda: app.screen if isinstance(app.screen, TasksScreen) else None)
+            await until(pilot, lambda: any(r[2] == "running" for r in table_rows(tasks.table)), timeout=15)
+            task_id = tasks.selected_id()  # the table selects the task just dispatched
+            assert task_id is not None and (await core.get_task(task_id)).latent
+
+            await pilot.press("i")
+            prompt = await until(pilot, lambda: app.screen if isinstance(app.screen, PromptModal) else None)
+            answer = prompt.query_one("#answer", Input)
+            assert answer.value == "1 2"  # its own inputs, to edit
+            answer.value = "40 2"
+            await pilot.press("enter")
+            await until(pilot, lambda: any(f"Task {task_id[:8]} returned 42 in" in n.message
+                                           for n in app._notifications), timeout=15)
+
+            await pilot.press("enter")  # the detail
+            detail = await until(pilot, lambda: app.screen if isinstance(app.screen, TaskDetailScreen) else None)
+            fields = detail.query_one("#task-fields", Static)
+            await until(pilot, lambda: "latent     yes" in str(fields.render()))
+            await pilot.press("i")
+            prompt = await until(pilot, lambda: app.screen if isinstance(app.screen, PromptModal) else None)
+            prompt.query_one("#answer", Input).value = "5, 6"
+            await pilot.press("enter")
+            await until(pilot, lambda: "last call  5 6 → 11" in str(fields.render()), timeout=15)
+            await pilot.press("i")
+            prompt = await until(pilot, lambda: app.screen if isinstance(app.screen, PromptModal) else None)
+            prompt.query_one("#answer", Input).value = "x"
+            await pilot.press("enter")
+            await until(pilot, lambda: any("failed on faas-console" in n.message and n.severity == "error"
+                                           for n in app._notifications), timeout=15)
+
+            plain = await core.create_task(add_body())
+            await pilot.press("escape")
+            await until(pilot, lambda: isinstance(app.screen, TasksScreen))
+            await until(pilot, lambda: plain.id in tasks._shown)
+            tasks.select(plain.id)
+            await pilot.press("i")
+            await until(pilot, lambda: any(f"Task {plain.id[:8]} is not latent" in n.message
+                                           for n in app._notifications))
+            assert not isinstance(app.screen, PromptModal)
+            await core.stop_task(task_id)
