@@ -82,6 +82,7 @@ CAP_TASK_STATE = "task_state"  # confirms starts on control/proplet/task_state
 CAP_RESULT_ACK = "result_ack"  # keeps results until control/manager/result_ack arrives
 CAP_MODULE_CACHE = "module_cache"  # keeps modules by digest: a start may name one by reference
 CAP_RESULT_ACK_IN_START = "result_ack_in_start"  # reads acknowledgements a start carries (`result_acks`)
+CAP_LATENT = "latent"  # deploys latent tasks and answers their invocations
 # How long a result's acknowledgement to such a proplet waits for a start to it to carry it before
 # it goes alone: a message less per task for a client that submits the next task on a result, and
 # the acknowledgement's send (~0.1 ms here) no longer on the way of that start.
@@ -1459,6 +1460,9 @@ class ManagerCore:
             return "waiting for the dispatcher"
         if not online:
             return "no live proplet: the task starts when one comes online"
+        if task.latent and not any(_holds_latent(p) for p in online):
+            return ("no live proplet can hold a latent task (embedded proplets cannot): it starts when one that "
+                    "can comes online")
         if all(p.draining for p in online):
             return f"the {len(online)} live proplets are shutting down: the task starts when one comes online"
         if not task.broadcast and not any(self._has_slot(p) for p in online):
@@ -1481,6 +1485,9 @@ class ManagerCore:
         return True
 
     def _candidates(self, task: Task) -> list[Proplet]:
+        if task.latent:
+            return [p for p in self.proplets.values()
+                    if p.online and self._has_slot(p) and _holds_latent(p) and not self._refused_lately(task.id, p.id)]
         if task.id not in self._refused_by:
             return [p for p in self.proplets.values() if p.online and self._has_slot(p)]
         return [p for p in self.proplets.values()
@@ -1509,7 +1516,8 @@ class ManagerCore:
                 if task is None or entry[2] not in self._queued or task.state is not TaskState.PENDING:
                     continue  # stopped, deleted or already dispatched
                 if task.broadcast:
-                    targets = [p for p in self.proplets.values() if p.online and not p.draining]
+                    targets = [p for p in self.proplets.values()
+                               if p.online and not p.draining and (not task.latent or _holds_latent(p))]
                     if not targets:
                         deferred.append(entry)
                         await self._set_reason(task)
@@ -2316,6 +2324,15 @@ def _traceparent(task_id: str, attempt: int) -> str:
     trace = hashlib.sha256(task_id.encode()).hexdigest()[:32]
     span = hashlib.sha256(f"{task_id}/{attempt}".encode()).hexdigest()[:16]
     return f"00-{trace}-{span}-01"
+
+
+def _holds_latent(p: Proplet) -> bool:
+    """Whether the proplet deploys latent tasks and answers invocations: ours say so in their
+    capabilities; upstream's announce none, and of those its Rust proplet does and its embedded one
+    (WAMR) does not (it would run the task once, and the function would be gone)."""
+    if CAP_LATENT in p.capabilities:
+        return True
+    return "capabilities" not in p.metadata and p.metadata.get("wasm_runtime") != "wamr"
 
 
 _ADJECTIVES = (

@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 # module_cache: modules are kept by digest, so a start may name one it ran before by reference.
 # result_ack_in_start: a start may carry acknowledgements of earlier results (`result_acks`).
 CAPABILITIES = ["task_state", "result_ack", "result_ack_in_start", "chunk_resume", "wasm_digest", "limits",
-                "module_cache"]
+                "module_cache", "latent"]
 # A task still running after this long is confirmed with task_state; a faster one is confirmed by
 # its result (which carries its start time), saving a message and a state change per task.
 CONFIRM_AFTER_S = 0.05

@@ -369,6 +369,37 @@ async def test_deployed_latent_tasks_take_none_of_a_proplets_slots(manager: Any,
             await manager.stop_task(task.id)
 
 
+
+async def test_latent_tasks_go_only_to_proplets_that_can_hold_them(manager: Any, broker: Any) -> None:
+    """Before: a latent task went to any proplet, the firmware included, which cannot hold one: it
+    failed it (ours) or ran it once (upstream's embedded proplet), and there was no function left to
+    call, while another proplet could have held it."""
+    firmware = {"capabilities": ["task_state", "result_ack"], "wasm_runtime": "wamr"}
+    upstream_embedded = {"wasm_runtime": "wamr", "os": "zephyr"}
+    async with SyntheticProplet(broker.url, manager.topics, "lat-fw", answer=None, metadata=firmware) as fw, \
+            SyntheticProplet(broker.url, manager.topics, "lat-emb", answer=None, metadata=upstream_embedded) as emb:
+        await eventually(lambda: {"lat-fw", "lat-emb"} <= set(manager.proplets))
+        function = await manager.create_task(add_task(latent=True))
+        await manager.start_task(function.id)
+        await asyncio.sleep(0.2)
+        waiting = await manager.get_task(function.id)
+        assert waiting.state is TaskState.PENDING and "no live proplet can hold a latent task" in waiting.reason
+        plain = await manager.create_task(add_task())
+        await manager.start_task(plain.id)
+        await eventually(lambda: len(fw.starts) + len(emb.starts) == 1)  # a plain task goes anywhere
+        async with SyntheticProplet(broker.url, manager.topics, "lat-ours", answer=None,
+                                    metadata={"capabilities": ["task_state", "latent"]}) as ours, \
+                SyntheticProplet(broker.url, manager.topics, "lat-rust", answer=None,
+                                 metadata={"wasm_runtime": "wasmtime-internal"}):
+            await eventually(lambda: [s["id"] for s in ours.starts] == [function.id])
+            everywhere = await manager.create_task(add_task(latent=True, broadcast=True))
+            await manager.start_task(everywhere.id)
+            await eventually(lambda: manager.active[everywhere.id].state is TaskState.RUNNING)
+            assert manager._broadcast_waiting[everywhere.id] == {"lat-ours", "lat-rust"}
+            for task in (function, plain, everywhere):
+                await manager.stop_task(task.id)
+
+
 async def test_broadcast_runs_everywhere_and_collects_every_answer(manager: Any, broker: Any) -> None:
     async with SyntheticProplet(broker.url, manager.topics, "bc-a"), \
             SyntheticProplet(broker.url, manager.topics, "bc-b", answer=lambda s: ("", "boom")):
