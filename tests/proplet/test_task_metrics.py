@@ -50,10 +50,13 @@ async def test_a_running_task_reports_its_own_cpu_and_memory_every_interval(
         assert UPSTREAM_FIELDS <= set(m.metrics) and set(m.aggregated) == AGGREGATES
         assert m.proplet_id == f"p-mon-{runtime}" and m.aggregated["sample_count"] == i
         # It spins a core: its own CPU, not the proplet's (nothing else runs there, but the
-        # internal runtime's figure comes from the guest's thread alone). Well above idle, however
-        # much of a core a loaded machine leaves it, and never more than one, the first sample too.
-        assert 20 < m.metrics["cpu_percent"] <= 140, m.metrics
-        assert m.aggregated["max_cpu_usage"] >= m.aggregated["avg_cpu_usage"] > 20
+        # internal runtime's figure comes from the guest's thread alone). Never more than one core,
+        # the first sample too; well above idle on average, however much of a core a loaded machine
+        # leaves it. One sample alone may read low: the first covers 0.1 s, and a process's CPU
+        # time (the external runtime's) counts in 10 ms ticks, so a busy machine read 10%.
+        assert 0 <= m.metrics["cpu_percent"] <= 140, m.metrics
+        assert m.aggregated["max_cpu_usage"] >= m.aggregated["avg_cpu_usage"]
+    assert samples[-1].aggregated["avg_cpu_usage"] > 20, [m.metrics["cpu_percent"] for m in samples]
     memory = samples[-1].metrics["memory_bytes"]
     if runtime == "internal":
         # The guest's linear memory: whole wasm pages, far below the proplet's own RSS.
