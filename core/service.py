@@ -2328,11 +2328,10 @@ def _traceparent(task_id: str, attempt: int) -> str:
 
 def _holds_latent(p: Proplet) -> bool:
     """Whether the proplet deploys latent tasks and answers invocations: ours say so in their
-    capabilities; upstream's announce none, and of those its Rust proplet does and its embedded one
-    (WAMR) does not (it would run the task once, and the function would be gone)."""
-    if CAP_LATENT in p.capabilities:
-        return True
-    return "capabilities" not in p.metadata and p.metadata.get("wasm_runtime") != "wamr"
+    capabilities (earlier versions did not, but held them), and so does upstream's Rust proplet;
+    embedded ones (`environment: embedded`: the firmware, upstream's embedded proplet) do not, unless
+    they announce it. Sent one, the firmware fails it and upstream's runs it once: no function left."""
+    return CAP_LATENT in p.capabilities or p.metadata.get("environment") != "embedded"
 
 
 _ADJECTIVES = (

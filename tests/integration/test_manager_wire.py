@@ -374,8 +374,9 @@ async def test_latent_tasks_go_only_to_proplets_that_can_hold_them(manager: Any,
     """Before: a latent task went to any proplet, the firmware included, which cannot hold one: it
     failed it (ours) or ran it once (upstream's embedded proplet), and there was no function left to
     call, while another proplet could have held it."""
-    firmware = {"capabilities": ["task_state", "result_ack"], "wasm_runtime": "wamr"}
-    upstream_embedded = {"wasm_runtime": "wamr", "os": "zephyr"}
+    firmware = {"capabilities": ["task_state", "result_ack"], "environment": "embedded",
+                "wasm_runtime": "wasmtime-c-api"}  # its host build
+    upstream_embedded = {"environment": "embedded", "wasm_runtime": "wamr", "os": "zephyr"}
     async with SyntheticProplet(broker.url, manager.topics, "lat-fw", answer=None, metadata=firmware) as fw, \
             SyntheticProplet(broker.url, manager.topics, "lat-emb", answer=None, metadata=upstream_embedded) as emb:
         await eventually(lambda: {"lat-fw", "lat-emb"} <= set(manager.proplets))
@@ -387,15 +388,20 @@ async def test_latent_tasks_go_only_to_proplets_that_can_hold_them(manager: Any,
         plain = await manager.create_task(add_task())
         await manager.start_task(plain.id)
         await eventually(lambda: len(fw.starts) + len(emb.starts) == 1)  # a plain task goes anywhere
+        # An embedded proplet that says it holds them (none does yet), upstream's Rust one, an earlier ours.
         async with SyntheticProplet(broker.url, manager.topics, "lat-ours", answer=None,
-                                    metadata={"capabilities": ["task_state", "latent"]}) as ours, \
+                                    metadata={"capabilities": ["task_state", "latent"], "environment": "embedded"}), \
                 SyntheticProplet(broker.url, manager.topics, "lat-rust", answer=None,
-                                 metadata={"wasm_runtime": "wasmtime-internal"}):
-            await eventually(lambda: [s["id"] for s in ours.starts] == [function.id])
+                                 metadata={"environment": "docker", "wasm_runtime": "wasmtime-internal"}), \
+                SyntheticProplet(broker.url, manager.topics, "lat-older-ours", answer=None,
+                                 metadata={"capabilities": ["task_state", "result_ack"], "environment": "binary"}):
+            await eventually(lambda: function.id in manager._slots.get(manager.active[function.id].proplet_id, ()))
+            assert manager.active[function.id].proplet_id in {"lat-ours", "lat-rust", "lat-older-ours"}
+            assert function.id not in {s["id"] for s in fw.starts + emb.starts}
             everywhere = await manager.create_task(add_task(latent=True, broadcast=True))
             await manager.start_task(everywhere.id)
             await eventually(lambda: manager.active[everywhere.id].state is TaskState.RUNNING)
-            assert manager._broadcast_waiting[everywhere.id] == {"lat-ours", "lat-rust"}
+            assert manager._broadcast_waiting[everywhere.id] == {"lat-ours", "lat-rust", "lat-older-ours"}
             for task in (function, plain, everywhere):
                 await manager.stop_task(task.id)
 
