@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-WASM_MAGIC = b"\0asm"
+from core.domain import WASM_MAGIC
+
 _OCI = re.compile(r"^[a-z0-9.-]+(:[0-9]+)?/[\w./-]+(:[\w.-]+|@sha256:[0-9a-f]{64})?$", re.IGNORECASE)
 
 

@@ -85,6 +85,24 @@ class SchedulerPolicy(StrEnum):
     LEAST_LOADED = "least_loaded"
 
 
+WASM_MAGIC = b"\0asm"
+
+
+def is_component(wasm: bytes | bytearray | memoryview) -> bool:
+    """Whether a wasm binary is a component rather than a core module, from its header as upstream
+    tells them apart: byte 4 is the version for core modules (1) and the layer-encoded version for
+    components (0x0d, and 0x0a in older component encodings), followed by the layer (1)."""
+    return len(wasm) >= 8 and wasm[:4] == WASM_MAGIC and wasm[4] in (0x0D, 0x0A) and wasm[6:8] == b"\x01\x00"
+
+
+@dataclass(frozen=True, slots=True)
+class ModuleNeeds:
+    """What a proplet must take to run a module (placement): its size, and whether it is a component."""
+
+    size: int
+    component: bool
+
+
 # How long the manager waits for an invocation of a latent task: upstream's 30 s, or the task's own
 # wall-clock limit and a margin (for the call to reach the proplet and the answer to come back).
 INVOKE_TIMEOUT_S = 30.0

@@ -12,10 +12,9 @@ import orjson
 import pybase64
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from core.domain import Task, TaskLimits, new_task_id
+from core.domain import WASM_MAGIC, Task, TaskLimits, new_task_id
 from core.errors import InvalidRequest
 
-WASM_MAGIC = b"\0asm"
 MAX_METADATA_BYTES = 1024 * 1024
 
 

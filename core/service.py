@@ -36,8 +36,10 @@ from core.critical import CriticalWork
 from core.cron import CronScheduler, Schedule
 from core.domain import (
     ALLOWED_TRANSITIONS,
+    WASM_MAGIC,
     Job,
     MessageRejected,
+    ModuleNeeds,
     Proplet,
     PropletCameOnline,
     PropletHeartbeat,
@@ -52,6 +54,7 @@ from core.domain import (
     TaskStateChanged,
     group_state,
     invocation_wait_s,
+    is_component,
     new_task_id,
     utcnow,
 )
@@ -83,6 +86,7 @@ CAP_RESULT_ACK = "result_ack"  # keeps results until control/manager/result_ack 
 CAP_MODULE_CACHE = "module_cache"  # keeps modules by digest: a start may name one by reference
 CAP_RESULT_ACK_IN_START = "result_ack_in_start"  # reads acknowledgements a start carries (`result_acks`)
 CAP_LATENT = "latent"  # deploys latent tasks and answers their invocations
+CAP_COMPONENTS = "components"  # runs components (announced by an embedded proplet that does)
 # How long a result's acknowledgement to such a proplet waits for a start to it to carry it before
 # it goes alone: a message less per task for a client that submits the next task on a result, and
 # the acknowledgement's send (~0.1 ms here) no longer on the way of that start.
@@ -236,6 +240,12 @@ class ManagerCore:
         # Whose turn it is to answer the next call of each broadcast latent task (an index into
         # its holders), dropped with the task.
         self._invoke_turns: dict[str, int] = {}
+        # The size and kind of the modules of tasks created since the start (by digest), to send a
+        # task only to a proplet that can take its module: not a component or a module over its
+        # announced max_module_bytes to the firmware. Unknown (a URL, an OCI reference, a task from
+        # before a restart): any proplet, which fails it saying why if it cannot.
+        self._module_needs: BoundedLru[str, ModuleNeeds] = BoundedLru(max_entries=4096, max_bytes=1 << 62,
+                                                                      weigh=lambda _: 0)
         self._files = ArtifactCache(max_bytes=64 * 1024 * 1024)
         # Digests of modules each proplet completed a task with, for proplets that keep modules
         # (CAP_MODULE_CACHE). Bounded per proplet; a proplet that lost one fetches it in chunks.
@@ -685,6 +695,7 @@ class ManagerCore:
             ops += self.store.ops_set_task_module(task, old_digest)
             if task.file:
                 self._files.put(task.wasm_digest, Artifact(task.file, task.wasm_digest))
+                self._note_module_needs(task.wasm_digest, task.file)
         await self.writer.write(*ops)
         if schedule is not None:
             if schedule.expression:
@@ -710,8 +721,6 @@ class ManagerCore:
 
     @_one_change_at_a_time
     async def upload_file(self, task_id: str, filename: str, data: bytes) -> Task:
-        from core.schemas import WASM_MAGIC
-
         if not filename.endswith(".wasm"):
             raise InvalidRequest(f"the uploaded file must be a .wasm file, got {filename!r}")
         if not data.startswith(WASM_MAGIC):
@@ -836,6 +845,7 @@ class ManagerCore:
             task.reason = task.reason or not_started_reason(task)
             if task.file:
                 self._files.put(task.wasm_digest, Artifact(task.file, task.wasm_digest))
+                self._note_module_needs(task.wasm_digest, task.file)
                 ops.append(self.store.op_put_module(task.wasm_digest, task.file))
             ops += [self.store.op_insert_task(task),
                     self.store.op_task_event(TaskEvent(task.id, TaskState.PENDING, task.created_at, 0, "", "created"))]
@@ -1463,6 +1473,9 @@ class ManagerCore:
         if task.latent and not any(_holds_latent(p) for p in online):
             return ("no live proplet can hold a latent task (embedded proplets cannot): it starts when one that "
                     "can comes online")
+        needs = self._module_needs.get(task.wasm_digest) if task.wasm_digest else None
+        if needs is not None and not task.broadcast and not any(_can_take(p, needs) for p in online):
+            return _why_none_can_take(needs, online)
         if all(p.draining for p in online):
             return f"the {len(online)} live proplets are shutting down: the task starts when one comes online"
         if not task.broadcast and not any(self._has_slot(p) for p in online):
@@ -1485,13 +1498,18 @@ class ManagerCore:
         return True
 
     def _candidates(self, task: Task) -> list[Proplet]:
+        out = [p for p in self.proplets.values() if p.online and self._has_slot(p)]
+        if task.id in self._refused_by:
+            out = [p for p in out if not self._refused_lately(task.id, p.id)]
         if task.latent:
-            return [p for p in self.proplets.values()
-                    if p.online and self._has_slot(p) and _holds_latent(p) and not self._refused_lately(task.id, p.id)]
-        if task.id not in self._refused_by:
-            return [p for p in self.proplets.values() if p.online and self._has_slot(p)]
-        return [p for p in self.proplets.values()
-                if p.online and self._has_slot(p) and not self._refused_lately(task.id, p.id)]
+            out = [p for p in out if _holds_latent(p)]
+        needs = self._module_needs.get(task.wasm_digest) if task.wasm_digest else None
+        if needs is not None:
+            out = [p for p in out if _can_take(p, needs)]
+        return out
+
+    def _note_module_needs(self, digest: str, module: bytes) -> None:
+        self._module_needs.put(digest, ModuleNeeds(len(module), is_component(module)))
 
     async def _dispatch_loop(self) -> None:
         while True:
@@ -2332,6 +2350,27 @@ def _holds_latent(p: Proplet) -> bool:
     embedded ones (`environment: embedded`: the firmware, upstream's embedded proplet) do not, unless
     they announce it. Sent one, the firmware fails it and upstream's runs it once: no function left."""
     return CAP_LATENT in p.capabilities or p.metadata.get("environment") != "embedded"
+
+
+def _can_take(p: Proplet, needs: ModuleNeeds) -> bool:
+    """Whether the proplet can run a module of this size and kind, by what it announced."""
+    limit = p.metadata.get("max_module_bytes")
+    if isinstance(limit, int | float) and not isinstance(limit, bool) and 0 < limit < needs.size:
+        return False
+    return not needs.component or _runs_components(p)
+
+
+def _runs_components(p: Proplet) -> bool:
+    """Embedded proplets (WAMR, and the firmware's host build) run core modules only, unless they say."""
+    return CAP_COMPONENTS in p.capabilities or p.metadata.get("environment") != "embedded"
+
+
+def _why_none_can_take(needs: ModuleNeeds, online: list[Proplet]) -> str:
+    if needs.component and not any(_runs_components(p) for p in online):
+        return ("its module is a component, and no live proplet runs components (embedded proplets run core "
+                "modules only): it starts when one that does comes online")
+    return (f"its module ({size_text(needs.size)}) is larger than every live proplet that could run it takes "
+            "(max_module_bytes in their metadata): it starts when one that takes it comes online")
 
 
 _ADJECTIVES = (

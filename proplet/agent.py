@@ -314,6 +314,8 @@ class PropletAgent:
             "heartbeat_interval": s.liveliness_interval,
             "max_concurrent_tasks": s.max_concurrent_tasks,
             "max_queued_tasks": s.queued_tasks,
+            # The largest module it fetches: the manager sends it no task whose module is larger.
+            "max_module_bytes": s.wasm_fetch_max_bytes,
         }
         if s.description:
             meta["description"] = s.description

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from core.domain import TaskLimits
+from core.domain import WASM_MAGIC, TaskLimits, is_component
 from core.protocol import FL_ROUND_TASK_PREFIX
 from core.wasmvalues import WasmValueError, parse_input, quoted_input
 
@@ -23,7 +23,6 @@ MIB = 1024 * 1024
 
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
-WASM_MAGIC = b"\0asm"
 
 # Task names that mean "run the module as a command" rather than "call this export".
 _COMMAND_NAMES = frozenset({"", "_start", "main"})
@@ -215,11 +214,7 @@ def wasm_kind(wasm: bytes | bytearray) -> str:
             f"This is not a WebAssembly binary: it starts with {head} instead of 00 61 73 6d. "
             "Check that the task points at a .wasm file (not WAT text, an archive or an error page)."
         )
-    # Byte 4 is the version for core modules (1) and the layer-encoded version for components
-    # (0x0d, and 0x0a in older component encodings), followed by the layer (1 for components).
-    if wasm[4] in (0x0D, 0x0A) and wasm[6:8] == b"\x01\x00":
-        return "component"
-    return "module"
+    return "component" if is_component(wasm) else "module"
 
 
 def split_dirs(args: tuple[str, ...] | list[str]) -> tuple[list[str], list[str]]:

@@ -406,6 +406,38 @@ async def test_latent_tasks_go_only_to_proplets_that_can_hold_them(manager: Any,
                 await manager.stop_task(task.id)
 
 
+
+async def test_a_task_goes_only_to_a_proplet_that_can_take_its_module(manager: Any, broker: Any) -> None:
+    """Before: any live proplet got any task, so with an ESP32 in the fleet a component, or a module
+    over the board's max_module_bytes, could land on it and fail there while a Linux proplet sat idle."""
+    component = base64.b64encode(b"\0asm\x0d\x00\x01\x00" + bytes(16)).decode()
+    big = base64.b64encode(WASM + bytes(5000)).decode()  # only its size matters: nothing compiles it here
+    firmware = {"capabilities": ["task_state", "result_ack"], "environment": "embedded", "max_module_bytes": 4096}
+    async with SyntheticProplet(broker.url, manager.topics, "fit-board", metadata=firmware) as board:
+        await eventually(lambda: "fit-board" in manager.proplets)
+        comp = await manager.create_task(add_task(file=component))
+        large = await manager.create_task(add_task(file=big))
+        small = await manager.create_task(add_task())
+        for task in (comp, large, small):
+            await manager.start_task(task.id)
+        assert (await finished(manager, small.id)).results == "42"  # a small core module runs on the board
+        await asyncio.sleep(0.2)
+        waiting = {t.id: (await manager.get_task(t.id)) for t in (comp, large)}
+        assert all(t.state is TaskState.PENDING for t in waiting.values())
+        assert "its module is a component, and no live proplet runs components" in waiting[comp.id].reason
+        assert "larger than every live proplet that could run it takes" in waiting[large.id].reason
+        assert [s["id"] for s in board.starts] == [small.id]
+        # Pinned to the board, it goes there (which says why it cannot run it).
+        pinned = await manager.create_task(add_task(file=component, proplet_id="fit-board"))
+        await manager.start_task(pinned.id)
+        await eventually(lambda: pinned.id in {s["id"] for s in board.starts})
+        async with SyntheticProplet(broker.url, manager.topics, "fit-linux",
+                                    metadata={"environment": "binary", "max_module_bytes": 100 << 20}) as linux:
+            for task in (comp, large):
+                assert (await finished(manager, task.id)).proplet_id == "fit-linux"
+            assert {s["id"] for s in linux.starts} == {comp.id, large.id}
+
+
 async def test_broadcast_runs_everywhere_and_collects_every_answer(manager: Any, broker: Any) -> None:
     async with SyntheticProplet(broker.url, manager.topics, "bc-a"), \
             SyntheticProplet(broker.url, manager.topics, "bc-b", answer=lambda s: ("", "boom")):
