@@ -7,6 +7,8 @@ Prints, next to the raw MQTT QoS 1 round trip of the same broker in the same run
 - both again for a bigger module (`--module-kib`, 1 MiB by default: `add` with a custom section,
   as debug info or embedded data make a real module), sent inline with each task as upstream's
   clients do: what a module's size costs on the warm path (the manager stores it once per digest);
+- a call of a deployed latent task (upstream's FaaS path: `invoke_task`, module compiled and kept),
+  p50/p99;
 - the resident memory of an idle proplet;
 - CPU time per task in the throughput run, by process (manager, broker, each proplet).
 
@@ -135,6 +137,23 @@ async def latency(core: ManagerCore, body: TaskCreate, samples: int) -> tuple[li
     return out, before_start
 
 
+async def invocations(core: ManagerCore, body: TaskCreate, samples: int) -> list[float]:
+    """Deploy the task as a latent one, then call it `samples` times, one after another: the manager
+    publishes the invoke, the proplet runs the kept module, the answer comes back to the caller."""
+    task = await core.create_task(TaskCreate.model_validate({**body.model_dump(), "latent": True}))
+    await core.start_task(task.id)
+    while core.active[task.id].state is not TaskState.RUNNING:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    out = []
+    for i in range(samples + 50):
+        t0 = time.perf_counter()
+        assert await core.invoke_task(task.id, ["1", "2"], {}) == "3"
+        if i >= 50:
+            out.append((time.perf_counter() - t0) * 1000)
+    await core.stop_task(task.id)
+    return out
+
+
 async def throughput(core: ManagerCore, body: TaskCreate, tasks: int, window: int) -> float:
     ids = [(await core.create_task(body)).id for _ in range(tasks)]
     sub = core.events.subscribe(maxlen=tasks * 6)
@@ -189,6 +208,7 @@ async def main() -> None:
                     idle_rss = [rss_mb(p.pid) for p in procs]
                     one = TaskCreate.model_validate({**body.model_dump(), "proplet_id": names[0]})
                     lat, before_start = await latency(core, one, args.latency_samples)
+                    calls = await invocations(core, one, args.latency_samples)
                     assert broker.process is not None
                     pids = {"manager (this process)": os.getpid(), "Mosquitto": broker.process.pid,
                             **{f"proplet {n}": p.pid for n, p in zip(names, procs, strict=True)}}
@@ -212,6 +232,9 @@ async def main() -> None:
           f"  p99 {pct(before_start, 0.99):6.3f} ms")
     print(f"  and start published -> completed (broker both ways, the proplet, the result taken in): "
           f"p50 {pct(after, 0.5):6.3f} ms  p99 {pct(after, 0.99):6.3f} ms")
+    c50, c99 = pct(calls, 0.5), pct(calls, 0.99)
+    print(f"call of a deployed latent task (invoke -> its answer): p50 {c50:6.3f} ms  p99 {c99:6.3f} ms  "
+          f"({c50 / r50:.2f}x / {c99 / r99:.2f}x the round trip)")
     print(f"end to end, SQLite, {args.proplets} proplet processes: {rate:,.0f} tasks/s over {args.tasks:,} tasks")
     if big_lat:
         b50, b99 = pct(big_lat, 0.5), pct(big_lat, 0.99)

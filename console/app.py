@@ -791,8 +791,8 @@ class ConsoleApp(App[None]):
             if text is not None:
                 self._invoke(task_id, split_inputs(text))
 
-        self.push_screen(PromptModal(f"Call {task.name} of task {short} with the inputs (Enter calls; empty: "
-                                     "the task's own)", " ".join(task.inputs)), answered)
+        self.push_screen(PromptModal(f"Call {task.name} of task {short} with these inputs (Enter calls it; "
+                                     "empty: the task's own; Esc cancels)", " ".join(task.inputs)), answered)
 
     @work(group="invocations", description="Invoking a task", exit_on_error=False)
     async def _invoke(self, task_id: str, inputs: list[str]) -> None:

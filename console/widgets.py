@@ -529,6 +529,7 @@ class PromptModal(ModalScreen[str | None]):
         & > Vertical {
             width: 56; max-width: 100%; height: auto; border: thick $primary; background: $surface; padding: 1 2;
         }
+        & #question { width: 1fr; }
         & #error { color: $error; height: auto; }
     }
     """
@@ -542,7 +543,7 @@ class PromptModal(ModalScreen[str | None]):
 
     def compose(self) -> ComposeResult:
         with Vertical():
-            yield Label(self.question)
+            yield Label(self.question, id="question")  # wrapped: a long question was cut at the edge
             yield ConsoleInput(self.initial, id="answer")
             yield Label("", id="error")
 

@@ -17,8 +17,8 @@ import asyncio
 import contextlib
 import ctypes
 import hashlib
-import importlib.metadata
 import logging
+import os
 import platform
 import re
 import shutil
@@ -92,7 +92,24 @@ from .watchdog import Reason, Watch, Watchdog
 
 log = logging.getLogger(__name__)
 
-WASMTIME_VERSION = importlib.metadata.version("wasmtime")
+
+
+def _wasmtime_version() -> str:
+    """wasmtime-py's version (it names the compiled modules in the cache), read from the name of its
+    dist-info folder: importlib.metadata would cost an idle proplet ~4 MB of memory (it imports
+    zipfile, email and csv) for this one string."""
+    site_packages = os.path.dirname(os.path.dirname(os.path.abspath(wasmtime.__file__)))
+    prefix, suffix = "wasmtime-", ".dist-info"
+    found = [entry[len(prefix):-len(suffix)] for entry in os.listdir(site_packages)
+             if entry.startswith(prefix) and entry.endswith(suffix)]
+    if len(found) == 1:
+        return found[0]
+    import importlib.metadata  # installed some other way: ask the slow way
+
+    return importlib.metadata.version("wasmtime")
+
+
+WASMTIME_VERSION = _wasmtime_version()
 
 _CAUSE = re.compile(r"Caused by:\s*\n\s*(?:wasm trap: )?(.+)")
 
