@@ -77,6 +77,8 @@ class PropletCounters:
     stopped: int = 0
     # Unfinished tasks handed back to the manager as the proplet shut down.
     given_back: int = 0
+    # Invocations answered "busy" (more in flight than the slots and the queue).
+    calls_refused: int = 0
 
 
 @dataclass(slots=True)
@@ -156,6 +158,9 @@ class PropletAgent:
         # Deployed latent tasks waiting for invocations: task id -> (the module's digest, the call,
         # and the start, to fetch the module again if the cache removed it meanwhile).
         self._latent: dict[str, tuple[str, Invocation, StartMessage]] = {}
+        # Invocations running or waiting for the runtime: bounded like starts (slots and queue), so a
+        # flood of calls is answered "busy" instead of piling up in memory.
+        self.calls_in_flight = 0
         self._loops: list[asyncio.Task[Any]] = []
         self._closed = asyncio.Event()
         # Shutting down (request_shutdown): running tasks finish, new ones are given back.
@@ -343,6 +348,11 @@ class PropletAgent:
             self.id, status, self.settings.manager_k8s_namespace, self.held_tasks() if alive else (),
             draining=alive and self.draining))
 
+    @property
+    def latent_deployed(self) -> int:
+        """Latent tasks deployed here, waiting for invocations."""
+        return len(self._latent)
+
     def held_tasks(self) -> tuple[str, ...]:
         """Tasks this proplet still answers for: running, deployed as latent, or finished with the
         result unconfirmed. The manager compares it with what it thinks runs here (reconciliation)."""
@@ -489,6 +499,13 @@ class PropletAgent:
     def _on_invoke(self, invoke: protocol.InvokeMessage) -> None:
         if not invoke.targets(self.id):
             return
+        most = self.settings.max_concurrent_tasks + self.settings.queued_tasks
+        if self.calls_in_flight >= most:
+            self.counters.calls_refused += 1
+            self._answer_invocation(invoke, "", f"proplet {self.id} is busy: {self.calls_in_flight} calls of latent "
+                                                f"tasks run or wait already (at most {most}); call again later")
+            return
+        self.calls_in_flight += 1
         job = asyncio.ensure_future(self._invoke(invoke))
         job.set_name(f"invoke {invoke.id}")
         self._loops.append(job)
@@ -658,23 +675,31 @@ class PropletAgent:
         return "", f"wasmtime serve exited with code {code}: {server.stderr_tail}"
 
     async def _invoke(self, invoke: protocol.InvokeMessage) -> None:
+        try:
+            results, error = await self._call(invoke)
+        finally:
+            self.calls_in_flight -= 1
+        self._answer_invocation(invoke, results, error)
+
+    async def _call(self, invoke: protocol.InvokeMessage) -> tuple[str, str]:
         deployed = self._latent.get(invoke.id)
         if deployed is None:
-            results, error = "", protocol.NOT_DEPLOYED.format(id=invoke.id)
-        else:
-            digest, base, start = deployed
-            env = {**base.env, **invoke.env}
-            inv = Invocation(task_id=f"{invoke.id}-inv-{invoke.invocation_id}", function=base.function,
-                             inputs=invoke.inputs or base.inputs, env=env, args=base.args, limits=base.limits,
-                             dirs=base.dirs)
-            try:
-                if not self.runtime.has_module(digest):
-                    # Removed from the cache since it was deployed: fetched again, as for a start.
-                    digest = await self._module(start)
-                outcome = await self.runtime.run(digest, inv)
-                results, error = outcome.results, outcome.error
-            except (FetchError, ModuleError) as exc:
-                results, error = "", str(exc)
+            return "", protocol.NOT_DEPLOYED.format(id=invoke.id)
+        digest, base, start = deployed
+        env = {**base.env, **invoke.env}
+        inv = Invocation(task_id=f"{invoke.id}-inv-{invoke.invocation_id}", function=base.function,
+                         inputs=invoke.inputs or base.inputs, env=env, args=base.args, limits=base.limits,
+                         dirs=base.dirs)
+        try:
+            if not self.runtime.has_module(digest):
+                # Removed from the cache since it was deployed: fetched again, as for a start.
+                digest = await self._module(start)
+            outcome = await self.runtime.run(digest, inv)
+        except (FetchError, ModuleError) as exc:
+            return "", str(exc)
+        return outcome.results, outcome.error
+
+    def _answer_invocation(self, invoke: protocol.InvokeMessage, results: str, error: str) -> None:
         msg = protocol.InvokeResultMessage(invoke.id, invoke.invocation_id, self.id, results, error,
                                            invoke.traceparent)
         assert self.bus is not None

@@ -91,6 +91,10 @@ class PropletCollector(Collector):
         yield counter("proplet_duplicate_starts", "Starts of a task already running or run, not run again",
                       counters.duplicate_starts)
         yield counter("proplet_rejected_messages", "MQTT messages rejected as malformed", counters.rejected_messages)
+        yield gauge("proplet_latent_tasks", "Latent tasks deployed here, waiting for invocations",
+                    agent.latent_deployed)
+        yield gauge("proplet_calls_in_flight", "Invocations of latent tasks running or waiting", agent.calls_in_flight)
+        yield counter("proplet_calls_refused", "Invocations answered busy (too many in flight)", counters.calls_refused)
         yield gauge("proplet_results_unconfirmed", "Results kept until the manager confirms them",
                     len(agent.outbox))
         yield gauge("proplet_mqtt_connected", "1 while connected to the broker",

@@ -14,6 +14,7 @@ import core.service
 from core import protocol
 from core import topics as t
 from core.domain import TaskState
+from core.errors import UpstreamFailed
 from core.schemas import TaskCreate
 from proplet.agent import FINISHED_RESULTS_MAX_BYTES, PropletAgent
 from proplet.config import PropletSettings, generated_entity_id, parse_duration, unused_variables
@@ -228,6 +229,30 @@ async def test_a_latent_task_stays_deployed_past_the_managers_reconciliation(
         assert core.active[task.id].state is TaskState.RUNNING, (await core.get_task(task.id)).error
         assert await core.invoke_task(task.id, ["3", "4"], {}) == "7"
         await core.stop_task(task.id)
+
+
+
+async def test_calls_beyond_the_slots_and_the_queue_are_answered_busy(manager: Any,
+                                                                      proplet_factory: PropletFactory) -> None:
+    """Before: every invocation became a job waiting for the runtime, however many came (a flood of
+    calls piled up in memory). Now the slots and the queue bound them, as they bound starts."""
+    async with proplet_factory(manager, "p-calls", max_concurrent_tasks=1, max_queued_tasks=1) as agent:
+        task = await manager.create_task(TaskCreate(name="spin", file=b64(wasm("spin")), latent=True,
+                                                    limits={"timeout_s": 0.5}))
+        await manager.start_task(task.id)
+        await eventually(lambda: manager.active[task.id].state is TaskState.RUNNING)
+        calls = [asyncio.ensure_future(manager.invoke_task(task.id, [], {})) for _ in range(2)]
+        await eventually(lambda: agent.calls_in_flight == 2)
+        with pytest.raises(UpstreamFailed, match=r"p-calls is busy: 2 calls of latent tasks run or wait already "
+                                                 r"\(at most 2\)"):
+            await manager.invoke_task(task.id, [], {})
+        for call in calls:  # the two taken each ran into the task's limit, one after the other
+            with pytest.raises(UpstreamFailed, match=r"0\.5 s limit"):
+                await call
+        assert agent.counters.calls_refused == 1 and agent.calls_in_flight == 0
+        with pytest.raises(UpstreamFailed, match=r"0\.5 s limit"):  # room again
+            await manager.invoke_task(task.id, [], {})
+        await manager.stop_task(task.id)
 
 
 async def test_a_broadcast_latent_task_runs_once_per_call_on_its_proplets_in_turn(
