@@ -133,6 +133,9 @@ REFUSAL_BACKOFF = 2.0
 # their own reconnect backoff, which grows with the outage (the firmware's up to 30 s, ours 2 s): the
 # silence the manager counts against them starts that much later, up to this.
 RECONNECT_ALLOWANCE_MAX = 30.0
+# Invocations waiting for their answers at once (each holds an API request): more are refused (503)
+# rather than piling up.
+INVOCATIONS_MAX = 1024
 
 _T = TypeVar("_T")
 
@@ -1254,6 +1257,9 @@ class ManagerCore:
             raise Conflict(f"task {task_id} is still queued; invoke it once it has been deployed")
         if timeout is None:
             timeout = invocation_wait_s(task.limits.timeout_s)
+        if len(self._invocations) >= INVOCATIONS_MAX:
+            raise Unavailable(f"{len(self._invocations)} invocations already wait for their answers (at most "
+                              f"{INVOCATIONS_MAX}); call again later")
         holders = self._latent_holders(task) if task.broadcast else [task.proplet_id]
         if not holders:
             raise Conflict(f"broadcast task {task_id} is deployed on no proplet online now; stop it and start "

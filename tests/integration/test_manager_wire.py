@@ -11,11 +11,12 @@ from typing import Any
 import orjson
 import pytest
 
+import core.service
 from core import protocol
 from core import topics as t
 from core.config import ManagerSettings
 from core.domain import TaskState
-from core.errors import UpstreamFailed
+from core.errors import Unavailable, UpstreamFailed
 from core.schemas import TaskCreate
 from core.service import RECENT_TASKS_MAX_BYTES
 from core.topics import Topics
@@ -660,7 +661,7 @@ async def _metrics_with(manager: Any, pid: str, n: int) -> Any:
     return page if page.total >= n else None
 
 
-async def test_latent_task_invoke_round_trip(manager: Any, broker: Any) -> None:
+async def test_latent_task_invoke_round_trip(manager: Any, broker: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     async with SyntheticProplet(broker.url, manager.topics, "p-lat", answer=None) as p:
         await eventually(lambda: "p-lat" in manager.proplets)
         task = await manager.create_task(add_task(latent=True))
@@ -673,6 +674,15 @@ async def test_latent_task_invoke_round_trip(manager: Any, broker: Any) -> None:
         await p.publish(t.INVOKE_RESULTS, {"task_id": task.id, "invocation_id": invoke["invocation_id"],
                                            "proplet_id": "p-lat", "results": "11", "error": None})
         assert await call == "11"
+        # Too many calls waiting for answers at once: refused, not piled up.
+        monkeypatch.setattr(core.service, "INVOCATIONS_MAX", 1)
+        first = asyncio.create_task(manager.invoke_task(task.id, ["1", "1"], {}, timeout=5))
+        invoke = await p.expect(t.INVOKE, lambda m: m["invocation_id"] != invoke["invocation_id"])
+        with pytest.raises(Unavailable, match="1 invocations already wait for their answers"):
+            await manager.invoke_task(task.id, ["2", "2"], {}, timeout=5)
+        await p.publish(t.INVOKE_RESULTS, {"task_id": task.id, "invocation_id": invoke["invocation_id"],
+                                           "proplet_id": "p-lat", "results": "2", "error": None})
+        assert await first == "2"
 
 
 
