@@ -1669,9 +1669,10 @@ class ManagerCore:
             self.on_start_published(task.id, time.perf_counter())
 
     async def _start_payload(self, task: Task, module: Artifact | None = None,
-                             result_acks: tuple[tuple[str, int], ...] = ()) -> bytes:
+                             result_acks: tuple[tuple[str, int], ...] = (), to: str = "") -> bytes:
         """The task's start message; `module`: its stored module, when the caller has read it;
-        `result_acks`: acknowledgements it carries to its proplet."""
+        `result_acks`: acknowledgements it carries to its proplet; `to`: a broadcast task's start for
+        this one proplet only."""
         file = b""
         image_url = task.image_url
         digest = task.wasm_digest
@@ -1684,7 +1685,7 @@ class ManagerCore:
                 # Too big for one message (upstream breaks at ~760 KB on a 1 MiB broker limit):
                 # the proplet fetches it in chunks from the manager's blob server instead.
                 image_url = blob_ref(digest)
-            elif size >= MODULE_BY_REFERENCE_MIN and digest in self._modules_held.get(task.proplet_id, ()):
+            elif size >= MODULE_BY_REFERENCE_MIN and digest in self._modules_held.get(to or task.proplet_id, ()):
                 # It ran this module before: by reference, which it resolves from its own cache.
                 image_url = blob_ref(digest)
             else:
@@ -1692,10 +1693,10 @@ class ManagerCore:
         traceparent = _traceparent(task.id, task.attempt)
         msg = protocol.StartMessage(
             id=task.id, name=task.name, state=int(TaskState.RUNNING), image_url=image_url, file=file,
-            inputs=tuple(task.inputs), cli_args=tuple(task.cli_args or ()), broadcast=task.broadcast,
+            inputs=tuple(task.inputs), cli_args=tuple(task.cli_args or ()), broadcast=task.broadcast and not to,
             daemon=task.daemon, latent=task.latent, encrypted=task.encrypted, env=task.env,
             kbs_resource_path=task.kbs_resource_path, monitoring_profile=task.monitoring_profile,
-            proplet_id=task.proplet_id, hal_storage_path=task.hal_storage_path or "", mode=task.mode,
+            proplet_id=to or task.proplet_id, hal_storage_path=task.hal_storage_path or "", mode=task.mode,
             wasm_digest=digest, wasm_signature=self._signature(digest), limits=task.limits,
             attempt=task.attempt, traceparent=traceparent, result_acks=result_acks,
         )
@@ -1939,6 +1940,35 @@ class ManagerCore:
             self.events.emit(PropletCameOnline(p.id, now))
             log.info("proplet %s is online", p.id)
             self._wake.set()
+            if self._broadcast_waiting and _holds_latent(p):
+                await self._deploy_broadcast_functions(p)
+
+    async def _deploy_broadcast_functions(self, p: Proplet) -> None:
+        """Deploy on a proplet that came online (new, or back) the broadcast latent tasks that run:
+        such a task is a function of the whole fleet, and one deployed on no proplet but those live
+        when it started would leave out every proplet that joins or restarts later."""
+        for task_id, holders in list(self._broadcast_waiting.items()):
+            task = self.active.get(task_id)
+            if task is None or not task.latent or task.state is not TaskState.RUNNING or p.id in holders:
+                continue
+            holders.add(p.id)
+            if isinstance(task.results, dict) and p.id in task.results:
+                # Its answer of before (it went offline, say) no longer stands: it is asked again.
+                task.results = {k: v for k, v in task.results.items() if k != p.id}
+            try:
+                payload = await self._start_payload(task, to=p.id)
+            except (ArtifactUnavailable, ModuleUnreadable) as exc:
+                holders.discard(p.id)
+                log.warning("broadcast latent task %s not deployed on %s, which came online: %s", task.id, p.id, exc)
+                continue
+            attempt = task.attempt
+
+            def publish(task: Task = task, attempt: int = attempt, payload: bytes = payload) -> None:
+                if self.active.get(task.id) is task and task.attempt == attempt and task.state is TaskState.RUNNING:
+                    assert self.bus is not None
+                    self.bus.publish_nowait(self.topics.start, payload)
+
+            await self._transition(task, TaskState.RUNNING, f"deployed on {p.id} too (it came online)", then=publish)
 
     async def _on_discovery(self, topic: str, payload: bytes) -> None:
         msg = protocol.decode_discovery(payload, topic)

@@ -278,6 +278,31 @@ async def test_a_broadcast_latent_task_runs_once_per_call_on_its_proplets_in_tur
         await manager.stop_task(task.id)
 
 
+
+async def test_a_broadcast_latent_task_is_deployed_on_proplets_that_come_online_later(
+        manager: Any, proplet_factory: PropletFactory, broker: Any) -> None:
+    """Before: a broadcast function was deployed on the proplets live when it started, and never on
+    one that joined later or came back after a restart, so the fleet's new members never ran it."""
+    async with WireClient(broker.url, manager.topics, subscribe=[t.INVOKE_RESULTS]) as spy, \
+            proplet_factory(manager, "p-early") as early:
+        task = await manager.create_task(TaskCreate(name="add", file=b64(wasm("add")), latent=True, broadcast=True))
+        await manager.start_task(task.id)
+        await eventually(lambda: task.id in early._latent)
+        for round_ in range(2):  # a proplet joining, then the same one restarted
+            async with proplet_factory(manager, "p-late") as late:
+                await eventually(lambda late=late: task.id in late._latent)
+                before = len(spy.messages(t.INVOKE_RESULTS))
+                assert [await manager.invoke_task(task.id, [str(n), "1"], {}) for n in range(4)] == ["1", "2", "3", "4"]
+                await eventually(lambda before=before: len(spy.messages(t.INVOKE_RESULTS)) == before + 4)
+                answered = sorted(m["proplet_id"] for m in spy.messages(t.INVOKE_RESULTS)[before:])
+                assert answered == ["p-early", "p-early", "p-late", "p-late"], (round_, answered)
+            await eventually(lambda: not manager.proplets["p-late"].online)
+        events = [e.detail for e in await manager.task_events(task.id)]
+        assert events.count("deployed on p-late too (it came online)") == 2, events
+        assert manager.active[task.id].state is TaskState.RUNNING
+        await manager.stop_task(task.id)
+
+
 async def test_large_module_arrives_in_chunks_and_is_verified(manager_factory: Any, proplet_factory: PropletFactory
                                                               ) -> None:
     from tests.wasmfixtures import big_module_byte
