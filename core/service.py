@@ -2224,6 +2224,11 @@ class ManagerCore:
                                                            "known once the proplets are heard after the restart)")
         waiting = self._broadcast_waiting.get(task.id, set())
         waiting.discard(proplet_id)
+        if waiting and task.latent:
+            # Its holders never answer while it is deployed: an answer is one fewer holder.
+            why = error or "it answered"
+            return await self._durably(task, task.state, f"{proplet_id} no longer holds it ({why}); "
+                                                         f"{len(waiting)} still do")
         if waiting:
             return await self._durably(task, task.state, f"answer from {proplet_id} ({len(waiting)} to go)")
         return await self._broadcast_finished(task, answers)

@@ -275,6 +275,9 @@ async def test_a_broadcast_latent_task_runs_once_per_call_on_its_proplets_in_tur
         assert await manager.invoke_task(task.id, ["1", "1"], {}) == "2"
         await eventually(lambda: len(spy.messages(t.INVOKE_RESULTS)) >= 6)
         assert [m["proplet_id"] for m in spy.messages(t.INVOKE_RESULTS)[4:]] == ["p-fan-1", "p-fan-1"]
+        details = [e.detail for e in await manager.task_events(task.id)]
+        assert any(d.startswith("p-fan-2 no longer holds it (went offline") and d.endswith("; 1 still do")
+                   for d in details), details
         await manager.stop_task(task.id)
 
 
