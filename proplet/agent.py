@@ -158,6 +158,8 @@ class PropletAgent:
         # Deployed latent tasks waiting for invocations: task id -> (the module's digest, the call,
         # and the start, to fetch the module again if the cache removed it meanwhile).
         self._latent: dict[str, tuple[str, Invocation, StartMessage]] = {}
+        # Why the latest deployments that failed did (a call of one says so, not "not precompiled").
+        self._undeployed: BoundedLru[str, str] = BoundedLru(256, 256 * 4096, len)
         # Invocations running or waiting for the runtime: bounded like starts (slots and queue), so a
         # flood of calls is answered "busy" instead of piling up in memory.
         self.calls_in_flight = 0
@@ -601,6 +603,7 @@ class PropletAgent:
             if start.latent:
                 # Deployed, not run: invocations call it (upstream publishes nothing here either).
                 self._latent[start.id] = (digest, invocation, start)
+                self._undeployed.pop(start.id)
                 log.info("task %s deployed as latent", start.id)
                 this.confirm.cancel()
                 self._send_state(start, protocol.TASK_STATE_RUNNING)
@@ -640,6 +643,8 @@ class PropletAgent:
             error = "stopped by request"
         if error:
             self.counters.failed += 1
+            if start.latent:
+                self._undeployed.put(start.id, error[:4096])
         else:
             self.counters.completed += 1
         this.confirm.cancel()
@@ -683,7 +688,16 @@ class PropletAgent:
 
     async def _call(self, invoke: protocol.InvokeMessage) -> tuple[str, str]:
         deployed = self._latent.get(invoke.id)
+        deploying = self.running.get(invoke.id) if deployed is None else None
+        if deploying is not None and deploying.start.latent:
+            # Called while its module is still fetched or compiled (upstream's manager takes a latent
+            # task for running once its start is published): the call waits for the deployment.
+            await asyncio.wait([deploying.job])
+            deployed = self._latent.get(invoke.id)
         if deployed is None:
+            why = self._undeployed.get(invoke.id)
+            if why is not None:
+                return "", f"task {invoke.id} could not be deployed here: {why}"
             return "", protocol.NOT_DEPLOYED.format(id=invoke.id)
         digest, base, start = deployed
         env = {**base.env, **invoke.env}

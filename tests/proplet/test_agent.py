@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import re
 from pathlib import Path
@@ -178,6 +179,47 @@ async def test_upstream_manager_interop(broker: Any, manager: Any, proplet_facto
         assert result["task_id"] == "8f14e45f-ceea-467f-a8f5-5a0c4a1e0b11"
         assert result["results"] == "42" and result["error"] is None
         assert result["proplet_id"] == "p-up"
+
+
+
+async def test_upstream_manager_latent_and_invoke_interop(broker: Any, manager: Any,
+                                                          proplet_factory: PropletFactory) -> None:
+    """The FaaS path byte for byte as upstream's Go manager speaks it: a start with latent: true (no
+    result follows: the task stays running), then invokes; each answer as it parses one (results a
+    string, error a string or null), and its redeploy trigger for a task the proplet does not hold."""
+    async with proplet_factory(manager, "p-up-lat"), \
+            WireClient(broker.url, manager.topics, subscribe=[t.RESULTS, t.INVOKE_RESULTS]) as upstream:
+        task_id = "c9f0f895-fb98-4b91-9c3e-0b4e4a0cf1a2"
+        raw = (
+            '{"id":"' + task_id + '","name":"add","state":2,"file":"' + b64(wasm("add")) +
+            '","inputs":null,"cli_args":null,"broadcast":false,"daemon":false,"latent":true,'
+            '"encrypted":false,"proplet_id":"p-up-lat"}'
+        ).encode()
+        await upstream.publish(t.START, raw)
+        # Called at once, as upstream's manager allows (it marks the task running on publish): the call
+        # waits for the deployment under way instead of failing as "not precompiled".
+        for n, inputs in enumerate((["19", "23"], ["1", "2"])):
+            invocation = f"0d6b7c1e-5a3f-4e2b-8c9d-00000000000{n}"
+            await upstream.publish(t.INVOKE, (
+                '{"id":"' + task_id + '","broadcast":false,"proplet_id":"p-up-lat","invocation_id":"' + invocation +
+                '","inputs":["' + '","'.join(inputs) + '"]}').encode())
+            answer = await upstream.expect(t.INVOKE_RESULTS, lambda m, i=invocation: m["invocation_id"] == i)
+            assert answer == {"task_id": task_id, "invocation_id": invocation, "proplet_id": "p-up-lat",
+                              "results": str(sum(map(int, inputs))), "error": None}
+        await upstream.publish(t.INVOKE, b'{"id":"not-deployed","broadcast":false,"proplet_id":"p-up-lat",'
+                                         b'"invocation_id":"x-1","inputs":[]}')
+        refused = await upstream.expect(t.INVOKE_RESULTS, lambda m: m["invocation_id"] == "x-1")
+        assert refused["results"] == "" and "has not been precompiled" in refused["error"]
+        assert upstream.messages(t.RESULTS) == []  # a deployment publishes no result
+        # A deployment that fails: a call made meanwhile says why, not "not precompiled".
+        broken = base64.b64encode(b"\0asm\x01\0\0\0 not wasm").decode()
+        await upstream.publish(t.START, ('{"id":"broken-fn","name":"add","file":"' + broken + '","latent":true,'
+                                         '"proplet_id":"p-up-lat"}').encode())
+        await upstream.publish(t.INVOKE, b'{"id":"broken-fn","broadcast":false,"proplet_id":"p-up-lat",'
+                                         b'"invocation_id":"x-2","inputs":["1","2"]}')
+        failed = await upstream.expect(t.INVOKE_RESULTS, lambda m: m["invocation_id"] == "x-2")
+        assert failed["error"].startswith("task broken-fn could not be deployed here: "), failed
+        assert (await upstream.expect(t.RESULTS))["task_id"] == "broken-fn"  # its start's failure, as upstream
 
 
 async def test_only_a_start_with_an_attempt_says_the_manager_acknowledges_results(broker: Any, tmp_path: Path
