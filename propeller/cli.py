@@ -881,9 +881,16 @@ def proplets_list(status: str | None, manager_url: str, token: str | None, as_js
     _fetch_and_show(manager_url, token, as_json, lambda client: client.list_proplets(status), lambda d: _table(
         ["ID", "NAME", "ALIVE", "TASKS", "LAST HEARTBEAT", "RUNTIME", "OS/ARCH"],
         [[p["id"], p["name"], "yes" if p["alive"] else "no", p["task_count"],
-          _short_time(p.get("last_alive_at")), p["metadata"].get("wasm_runtime", ""),
+          _short_time(p.get("last_alive_at")), _runtime_name(p["metadata"].get("wasm_runtime", "")),
           f"{p['metadata'].get('os', '')}/{p['metadata'].get('cpu_arch', '')}".strip("/")]
          for p in d["proplets"]]))
+
+
+def _runtime_name(runtime: Any) -> str:
+    """A proplet's runtime for a table: an external runtime is announced by its path (upstream's
+    field), which made the table as wide as the path; `proplets get` shows it whole."""
+    text = str(runtime or "")
+    return f"{Path(text).name} (external)" if "/" in text else text
 
 
 @proplets.command("get")
