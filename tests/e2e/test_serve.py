@@ -525,6 +525,15 @@ async def test_tables_show_a_guests_output_as_printed(serve: Serve) -> None:
         assert failed.returncode == 4 and "trap: [red]unreachable[/red]" in failed.stdout + failed.stderr
         listed = (await cli(serve, "tasks", "list")).stdout
         assert printed in listed and "trap: [red]unreachable[/red]" in listed, listed
+    # An external runtime is announced by its path: the table names its file, `proplets get` the path.
+    external = {"wasm_runtime": "/opt/wasmtime-v40.0.0-aarch64-linux/wasmtime", "os": "linux", "cpu_arch": "aarch64"}
+    async with SyntheticProplet(f"mqtt://127.0.0.1:{broker_port}", Topics("propeller", "default"), "ext-p",
+                                metadata=external):
+        await eventually(lambda: asyncio.to_thread(_cli_json, serve, "proplets", "list", "--status", "active"),
+                         timeout=10)
+        table = (await cli(serve, "proplets", "list")).stdout
+        assert re.search(r"^ext-p\s.*\swasmtime \(external\)\s+linux/aarch64\s*$", table, re.MULTILINE), table
+        assert "/opt/wasmtime-v40.0.0-aarch64-linux/wasmtime" in (await cli(serve, "proplets", "get", "ext-p")).stdout
     serve.stop()
 
 
