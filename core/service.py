@@ -515,7 +515,9 @@ class ManagerCore:
             self.proplets[p.id] = p
         recovered_at = time.monotonic()
         holding: set[str] = set()
-        for task in await self.store.active_tasks():
+        active = await self.store.active_tasks()
+        await self._learn_module_needs(active)
+        for task in active:
             self.active[task.id] = task
             if task.state is not TaskState.PENDING:
                 # Unconfirmed starts go out again after the ack timeout, and running tasks that no
@@ -629,7 +631,24 @@ class ManagerCore:
         stored = await self.reader.get(task_id)
         if stored is None:
             raise NotFound(f"task {task_id} not found")
+        await self._learn_module_needs([stored])
         return stored
+
+    async def _learn_module_needs(self, tasks: Iterable[Task]) -> None:
+        """Learn what the stored modules of tasks read from the database need of a proplet (size,
+        component or not): known already for modules received since the start, and read once per
+        module otherwise (its size and header, not the module)."""
+        unknown = {t.wasm_digest for t in tasks
+                   if t.wasm_digest and not t.image_url and t.wasm_digest not in self._module_needs}
+        if not unknown:
+            return
+        try:
+            heads = await self.store.module_heads(sorted(unknown))
+        except StoreError as exc:
+            log.warning("cannot read the sizes of %d modules; their tasks go to any proplet: %s", len(unknown), exc)
+            return
+        for digest, (size, head) in heads.items():
+            self._module_needs.put(digest, ModuleNeeds(size, is_component(head)))
 
     def _remember(self, task: Task) -> None:
         for evicted in self._recent.put(task.id, task):

@@ -672,6 +672,18 @@ class Store(abc.ABC):
             rows = await conn.fetch("SELECT state, COUNT(*) FROM tasks GROUP BY state")
         return {TaskState(r[0]): int(r[1]) for r in rows}
 
+    async def module_heads(self, digests: Sequence[str]) -> dict[str, tuple[int, bytes]]:
+        """Each stored module's size and first 8 bytes (its header), by digest, without reading it
+        whole: what the dispatcher needs to know which proplets can take it."""
+        out: dict[str, tuple[int, bytes]] = {}
+        async with self.connection() as conn:
+            for i in range(0, len(digests), 500):
+                part = list(digests[i:i + 500])
+                rows = await conn.fetch("SELECT digest, length(data), substr(data, 1, 8) FROM modules "
+                                        f"WHERE digest IN ({', '.join('?' * len(part))})", tuple(part))
+                out.update({r[0]: (int(r[1]), bytes(r[2])) for r in rows})
+        return out
+
     async def file_by_digest(self, digest: str) -> bytes | None:
         async with self.connection() as conn:
             rows = await conn.fetch("SELECT data FROM modules WHERE digest = ?", (digest,))

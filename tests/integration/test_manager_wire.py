@@ -777,6 +777,37 @@ async def test_a_restarted_manager_does_not_judge_proplets_by_heartbeats_it_coul
             assert second.proplets["beating"].online
 
 
+
+async def test_after_a_restart_tasks_still_go_only_to_a_proplet_that_can_take_their_module(
+        manager_factory: Any, broker: Any, tmp_path: Any) -> None:
+    """The manager knew the size and kind of the modules it received since it started only: after a
+    restart, a queued component, or one started then, could go to an embedded proplet. It now reads
+    them (size and header) for the tasks it reads back."""
+    same, topics = restarted_manager(tmp_path / "needs.db")
+    component = base64.b64encode(b"\0asm\x0d\x00\x01\x00" + bytes(16)).decode()
+    board = {"capabilities": ["task_state", "result_ack"], "environment": "embedded", "max_module_bytes": 4096}
+    async with SyntheticProplet(broker.url, topics, "needs-board", metadata=board) as on_board:
+        async with manager_factory(**same) as first:
+            await on_board.announce()
+            await eventually(lambda: "needs-board" in first.proplets)
+            queued = await first.create_task(add_task(file=component))
+            await first.start_task(queued.id)
+            later = await first.create_task(add_task(file=base64.b64encode(WASM + bytes(5000)).decode()))
+            await eventually(lambda: "no live proplet runs components" in first.active[queued.id].reason)
+        async with manager_factory(**same) as second:
+            await on_board.announce()
+            await eventually(lambda: second.proplets.get("needs-board") is not None
+                             and second.proplets["needs-board"].online)
+            await second.start_task(later.id)
+            await asyncio.sleep(0.3)
+            assert on_board.starts == []
+            assert "no live proplet runs components" in (await second.get_task(queued.id)).reason
+            assert "larger than every live proplet" in (await second.get_task(later.id)).reason
+            async with SyntheticProplet(broker.url, topics, "needs-linux", metadata={"environment": "binary"}):
+                for task in (queued, later):
+                    assert (await finished(second, task.id)).proplet_id == "needs-linux"
+
+
 async def test_a_proplet_that_said_it_went_offline_just_before_a_restart_is_offline_after_it(
         manager_factory: Any, broker: Any, tmp_path: Any) -> None:
     """Its last heartbeat was recent, but it announced its shutdown: the restarted manager took the

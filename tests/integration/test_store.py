@@ -204,6 +204,8 @@ async def test_a_module_is_stored_once_and_forgotten_with_the_last_task_that_has
                          for op in (store.op_put_module(digest, module), store.op_insert_task(t))))
     assert await store.file_by_digest(digest) == module
     assert await store.file_by_digest("sha256:" + "c" * 64) is None
+    # Its size and header, for placement, without the module.
+    assert await store.module_heads([digest, "sha256:" + "c" * 64]) == {digest: (len(module), module[:8])}
     got = await store.get_task(first.id)
     assert got is not None and got.file == module
     assert await _count(store, "SELECT COUNT(*) FROM modules") == 1
