@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from core.bounded import size_text
 from core.domain import (
     MessageRejected,
     Proplet,
@@ -175,6 +176,8 @@ class PropletRow:
     platform: str = ""
     # Its Prometheus endpoint, when it announced one (metadata.metrics_port).
     metrics_url: str = ""
+    # What the manager sends it, as far as it is limited ("modules up to 4.0 KiB, core modules only").
+    takes: str = ""
     cpu_percent: float | None = None
     rss_bytes: int | None = None
     # Bounded histories for the detail plots: oldest dropped.
@@ -190,13 +193,14 @@ class PropletRow:
         metrics_url = f"http://{host}:{port}/metrics" if isinstance(port, int) and host else ""
         new = (p.name, p.online, p.last_alive_at, p.offline_reason, p.draining, p.task_count, p.max_in_flight,
                p.max_tasks, str(md.get("wasm_runtime", "")),
-               "/".join(x for x in (str(md.get("os", "")), str(md.get("cpu_arch", ""))) if x), metrics_url)
+               "/".join(x for x in (str(md.get("os", "")), str(md.get("cpu_arch", ""))) if x), metrics_url,
+               takes_text(p))
         old = (self.name, self.online, self.last_seen, self.offline_reason, self.draining, self.task_count,
-               self.capacity, self.slots, self.runtime, self.platform, self.metrics_url)
+               self.capacity, self.slots, self.runtime, self.platform, self.metrics_url, self.takes)
         if new == old:
             return False
         (self.name, self.online, self.last_seen, self.offline_reason, self.draining, self.task_count,
-         self.capacity, self.slots, self.runtime, self.platform, self.metrics_url) = new
+         self.capacity, self.slots, self.runtime, self.platform, self.metrics_url, self.takes) = new
         for at in p.alive_history:
             if not self.heartbeats or at > self.heartbeats[-1]:
                 self.heartbeats.append(at)
@@ -208,6 +212,18 @@ class PropletRow:
 
     def search_text(self) -> tuple[str, ...]:
         return (self.id, self.name, self.state, self.runtime, self.platform)
+
+
+def takes_text(p: Proplet) -> str:
+    """What limits the tasks the manager sends a proplet, from what it announced (core.domain.Proplet)."""
+    parts = []
+    if p.max_module_bytes is not None:
+        parts.append(f"modules up to {size_text(p.max_module_bytes)}")
+    if not p.runs_components:
+        parts.append("core modules only")
+    if not p.holds_latent:
+        parts.append("no latent tasks")
+    return ", ".join(parts)
 
 
 # ------------------------------------------------------------------------------------------

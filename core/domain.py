@@ -276,6 +276,36 @@ class Proplet:
         return self._announced_count("max_concurrent_tasks")
 
     @property
+    def embedded(self) -> bool:
+        """The firmware or upstream's embedded proplet (`environment: embedded`): WAMR on a board."""
+        return self.metadata.get("environment") == "embedded"
+
+    @property
+    def holds_latent(self) -> bool:
+        """Whether it deploys latent tasks and answers invocations: ours say so in their capabilities
+        (earlier versions did not, but held them), and so does upstream's Rust proplet; embedded ones
+        do not, unless they announce it (sent one, the firmware fails it and upstream's runs it once:
+        no function left to call)."""
+        return "latent" in self.capabilities or not self.embedded
+
+    @property
+    def runs_components(self) -> bool:
+        """Embedded proplets (WAMR, and the firmware's host build) run core modules only, unless they say."""
+        return "components" in self.capabilities or not self.embedded
+
+    @property
+    def max_module_bytes(self) -> int | None:
+        """The largest module it takes, as it announced (None: it did not say)."""
+        return self._announced_count("max_module_bytes")
+
+    def can_take(self, needs: ModuleNeeds) -> bool:
+        """Whether it can run a module of this size and kind, by what it announced."""
+        limit = self.max_module_bytes
+        if limit is not None and limit < needs.size:
+            return False
+        return not needs.component or self.runs_components
+
+    @property
     def max_in_flight(self) -> int | None:
         """Tasks the manager may have on this proplet at once: its slots plus the starts it said it
         queues (`max_queued_tasks`, ours only; a proplet that refuses starts when full, such as the

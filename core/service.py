@@ -85,8 +85,6 @@ CAP_TASK_STATE = "task_state"  # confirms starts on control/proplet/task_state
 CAP_RESULT_ACK = "result_ack"  # keeps results until control/manager/result_ack arrives
 CAP_MODULE_CACHE = "module_cache"  # keeps modules by digest: a start may name one by reference
 CAP_RESULT_ACK_IN_START = "result_ack_in_start"  # reads acknowledgements a start carries (`result_acks`)
-CAP_LATENT = "latent"  # deploys latent tasks and answers their invocations
-CAP_COMPONENTS = "components"  # runs components (announced by an embedded proplet that does)
 # How long a result's acknowledgement to such a proplet waits for a start to it to carry it before
 # it goes alone: a message less per task for a client that submits the next task on a result, and
 # the acknowledgement's send (~0.1 ms here) no longer on the way of that start.
@@ -1495,11 +1493,11 @@ class ManagerCore:
             return "waiting for the dispatcher"
         if not online:
             return "no live proplet: the task starts when one comes online"
-        if task.latent and not any(_holds_latent(p) for p in online):
+        if task.latent and not any(p.holds_latent for p in online):
             return ("no live proplet can hold a latent task (embedded proplets cannot): it starts when one that "
                     "can comes online")
         needs = self._module_needs.get(task.wasm_digest) if task.wasm_digest else None
-        if needs is not None and not task.broadcast and not any(_can_take(p, needs) for p in online):
+        if needs is not None and not task.broadcast and not any(p.can_take(needs) for p in online):
             return _why_none_can_take(needs, online)
         if all(p.draining for p in online):
             return f"the {len(online)} live proplets are shutting down: the task starts when one comes online"
@@ -1527,10 +1525,10 @@ class ManagerCore:
         if task.id in self._refused_by:
             out = [p for p in out if not self._refused_lately(task.id, p.id)]
         if task.latent:
-            out = [p for p in out if _holds_latent(p)]
+            out = [p for p in out if p.holds_latent]
         needs = self._module_needs.get(task.wasm_digest) if task.wasm_digest else None
         if needs is not None:
-            out = [p for p in out if _can_take(p, needs)]
+            out = [p for p in out if p.can_take(needs)]
         return out
 
     def _note_module_needs(self, digest: str, module: bytes) -> None:
@@ -1560,7 +1558,7 @@ class ManagerCore:
                     continue  # stopped, deleted or already dispatched
                 if task.broadcast:
                     targets = [p for p in self.proplets.values()
-                               if p.online and not p.draining and (not task.latent or _holds_latent(p))]
+                               if p.online and not p.draining and (not task.latent or p.holds_latent)]
                     if not targets:
                         deferred.append(entry)
                         await self._set_reason(task)
@@ -1959,7 +1957,7 @@ class ManagerCore:
             self.events.emit(PropletCameOnline(p.id, now))
             log.info("proplet %s is online", p.id)
             self._wake.set()
-            if self._broadcast_waiting and _holds_latent(p):
+            if self._broadcast_waiting and p.holds_latent:
                 await self._deploy_broadcast_functions(p)
 
     async def _deploy_broadcast_functions(self, p: Proplet) -> None:
@@ -2404,29 +2402,8 @@ def _traceparent(task_id: str, attempt: int) -> str:
     return f"00-{trace}-{span}-01"
 
 
-def _holds_latent(p: Proplet) -> bool:
-    """Whether the proplet deploys latent tasks and answers invocations: ours say so in their
-    capabilities (earlier versions did not, but held them), and so does upstream's Rust proplet;
-    embedded ones (`environment: embedded`: the firmware, upstream's embedded proplet) do not, unless
-    they announce it. Sent one, the firmware fails it and upstream's runs it once: no function left."""
-    return CAP_LATENT in p.capabilities or p.metadata.get("environment") != "embedded"
-
-
-def _can_take(p: Proplet, needs: ModuleNeeds) -> bool:
-    """Whether the proplet can run a module of this size and kind, by what it announced."""
-    limit = p.metadata.get("max_module_bytes")
-    if isinstance(limit, int | float) and not isinstance(limit, bool) and 0 < limit < needs.size:
-        return False
-    return not needs.component or _runs_components(p)
-
-
-def _runs_components(p: Proplet) -> bool:
-    """Embedded proplets (WAMR, and the firmware's host build) run core modules only, unless they say."""
-    return CAP_COMPONENTS in p.capabilities or p.metadata.get("environment") != "embedded"
-
-
 def _why_none_can_take(needs: ModuleNeeds, online: list[Proplet]) -> str:
-    if needs.component and not any(_runs_components(p) for p in online):
+    if needs.component and not any(p.runs_components for p in online):
         return ("its module is a component, and no live proplet runs components (embedded proplets run core "
                 "modules only): it starts when one that does comes online")
     return (f"its module ({size_text(needs.size)}) is larger than every live proplet that could run it takes "

@@ -245,6 +245,8 @@ then live). **y** copies the id; **Esc** goes back.
                if row.slots and row.capacity and row.capacity > row.slots else ""),
             f"runtime    {escape(row.runtime or '-')}   {escape(row.platform or '')}",
         ]
+        if row.takes:
+            lines.append(f"takes      {escape(row.takes)}")
         if row.metrics_url:
             lines.append(f"metrics    {escape(row.metrics_url)}")
         if row.cpu_percent is not None:

@@ -22,6 +22,7 @@ from console.fleet import (
     TrafficState,
     pretty_payload,
     summarise_payload,
+    takes_text,
 )
 from console.local import LaunchError, LocalFleet
 from console.modules import DispatchForm, FormErrors, ModuleSource, build_body, errors_by_field, split_inputs
@@ -342,6 +343,19 @@ def test_docs_key_tables_list_every_binding_of_every_view_exactly() -> None:
 
     assert keys.BINDING_IDS <= set(bindings) and {"task.reload", "task.copy_result"} <= set(bindings)
     assert documented == bindings
+
+
+def test_a_proplets_row_says_what_the_manager_sends_it_no_more() -> None:
+    board = Proplet(id="esp-1", online=True, metadata={"environment": "embedded", "max_module_bytes": 4096,
+                                                       "capabilities": ["task_state", "result_ack"]})
+    row = PropletRow("esp-1")
+    assert row.update_from(board) and row.takes == "modules up to 4.0 KiB, core modules only, no latent tasks"
+    ours = Proplet(id="gw-1", online=True, metadata={"environment": "binary", "max_module_bytes": 100 << 20})
+    assert PropletRow("gw-1").update_from(ours)
+    assert takes_text(ours) == "modules up to 100.0 MiB"
+    assert takes_text(Proplet(id="rust-1", online=True)) == ""  # upstream's Rust proplet announces no limit
+    board.metadata = {**board.metadata, "capabilities": ["latent", "components"]}
+    assert row.update_from(board) and row.takes == "modules up to 4.0 KiB"
 
 
 def test_a_proplets_row_names_its_metrics_endpoint_and_says_when_it_drains() -> None:
