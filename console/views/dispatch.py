@@ -29,6 +29,7 @@ from console.modules import (
     resolve_module,
 )
 from console.widgets import CompletingInput, ConsoleInput
+from core.domain import is_component
 
 TARGETS = [("any live proplet", "any"), ("a pinned proplet", "pinned"), ("every live proplet (broadcast)", "broadcast")]
 
@@ -278,6 +279,9 @@ field. After dispatching, the task table opens on the new task.
         hint = ""
         if event.source.kind == "file":
             hint = f"{len(event.source.data):,} bytes"
+            if is_component(event.source.data):
+                # The manager sends it to no embedded proplet: say so before it waits in the queue.
+                hint += "; a component: for proplets that run components, not the boards"
             if self.exports:
                 hint += f"; exports: {', '.join(self.exports)}"
             name = self.query_one("#name", Input)

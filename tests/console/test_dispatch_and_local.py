@@ -136,6 +136,23 @@ async def test_the_module_hint_goes_when_the_field_no_longer_names_a_readable_mo
         assert "exports" not in str(hint.render()) and screen.exports == ()
 
 
+
+async def test_the_module_hint_says_a_component_is_not_for_the_boards(console: Any) -> None:
+    # The manager sends a component to no embedded proplet: the form says so before the task waits.
+    from tests.wasmfixtures import wasm_path
+
+    async with console() as (app, pilot, _core):
+        screen = await open_view(app, pilot, "5", DispatchScreen)
+        hint = screen.query_one("#dispatch-hint", Static)
+        module = screen.query_one("#module", Input)
+        module.value = str(wasm_path("greeter-component"))
+        await until(pilot, lambda: "a component: for proplets that run components, not the boards" in str(
+            hint.render()))
+        module.value = str(EXAMPLES / "hello.wasm")
+        await until(pilot, lambda: "exports: _start" in str(hint.render()))
+        assert "component" not in str(hint.render())
+
+
 async def test_after_a_dispatch_the_form_reopens_on_the_module_ready_to_be_replaced(console: Any) -> None:
     async with console() as (app, pilot, core):
         screen = await open_view(app, pilot, "5", DispatchScreen)
