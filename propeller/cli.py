@@ -304,8 +304,14 @@ def _task_detail(t: dict[str, Any]) -> None:
         fields.remove("is_recurring")  # false, and meaningless, without a schedule
     # The kinds of task, shown only when they apply: "false" three times in every task says nothing.
     fields = [f for f in fields if f not in ("broadcast", "daemon", "latent") or t.get(f)]
-    _table(["FIELD", "VALUE"], [[f, json.dumps(t.get(f)) if isinstance(t.get(f), (dict, list)) else t.get(f)]
+    _table(["FIELD", "VALUE"], [[f, _field_text(t.get(f))]
                                 for f in fields if t.get(f) not in (None, "", [], {}) and not _unset_time(t.get(f))])
+
+
+def _field_text(value: Any) -> Any:
+    if isinstance(value, bool):
+        return "yes" if value else "no"  # Python's True and False are not the reader's words
+    return json.dumps(value) if isinstance(value, (dict, list)) else value
 
 
 def _unset_time(value: Any) -> bool:

@@ -162,7 +162,7 @@ async def test_cli_client_against_serve(serve: Serve, tmp_path: Path) -> None:
         assert nightly["timezone"] == "Europe/Paris"
         nightly_detail = (await cli(serve, "tasks", "get", nightly["id"])).stdout
         assert "next_run" in nightly_detail
-        assert re.search(r"is_recurring\s+True", nightly_detail), nightly_detail
+        assert re.search(r"is_recurring\s+yes", nightly_detail), nightly_detail
         assert "is_recurring" not in (await cli(serve, "tasks", "get", tid)).stdout
         first, second = str(uuid.uuid4()), str(uuid.uuid4())
         job_file = tmp_path / "job.json"
@@ -465,6 +465,7 @@ async def test_a_latent_function_is_deployed_once_then_invoked_from_the_cli(serv
         assert (greet["state_name"], greet["latent"], greet["results"]) == ("running", True, None)
         assert time.monotonic() - began < 20  # once deployed, not the whole wait
         short = greet["id"][:8]
+        assert re.search(r"^latent\s+yes\s*$", (await cli(serve, "tasks", "get", short)).stdout, re.MULTILINE)
         called = await cli(serve, "tasks", "invoke", short, "-i", '"world"')
         assert (called.returncode, called.stdout) == (0, '"Hello, world!"\n'), called.stderr
         # No inputs: the task's own.
