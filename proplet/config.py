@@ -10,7 +10,6 @@ small edge boxes, and pydantic is ~9.5 MB of an idle proplet's memory (msgspec ~
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 import shutil
@@ -341,6 +340,8 @@ def unused_variables(environ: Mapping[str, str] | None = None) -> list[str]:
         if name in UPSTREAM_ONLY:
             out.append(f"{var} (upstream's) has no effect here: {UPSTREAM_ONLY[name]}.")
             continue
+        import difflib  # only for a variable no setting reads: ~0.2 MB of every idle proplet otherwise
+
         near = difflib.get_close_matches(name, settings, n=1, cutoff=0.75)
         hint = f" Did you mean {prefix}{near[0]}?" if near else ""
         out.append(f"{var} is not a setting of this proplet and is ignored.{hint} "
