@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import click
 
-from core.domain import TaskState
+from core.domain import TaskState, invocation_wait_s
 from core.entrypoint import (
     LazyEpilogCommand,
     freeze_startup_objects,
@@ -498,7 +498,8 @@ def _env_pairs(env: tuple[str, ...]) -> dict[str, str]:
 
 def _exit_for_outcome(task: dict[str, Any], wait_s: float) -> None:
     """After a wait: a task that did not complete is said on stderr and ends the command non-zero.
-    A daemon is not meant to finish: running at the end of the wait, it is what was asked for."""
+    A daemon or a latent task is not meant to finish: running at the end of the wait, it is what was
+    asked for."""
     state, tid = task["state_name"], task["id"]
     if state == "completed" or ((task.get("daemon") or task.get("latent")) and state == "running"):
         return
@@ -546,7 +547,6 @@ def tasks_invoke(task_id: str, inputs: tuple[str, ...], env: tuple[str, ...], ma
       3  no answer within the wait
       4  the call failed on the proplet (a trap, a limit, wrong inputs); the error goes to stderr
     """
-    from core.domain import invocation_wait_s
     from propeller.client import ApiError
 
     with ManagerClient(manager_url, token) as client:
