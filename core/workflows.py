@@ -55,6 +55,10 @@ def validate_dag(tasks: Mapping[str, Task]) -> None:
             if dep not in tasks:
                 group = f"workflow {task.workflow_id}" if task.workflow_id else f"job {task.job_id}"
                 raise InvalidRequest(f"task {task.id} depends on {dep}, which is not a task of {group}")
+            if tasks[dep].latent:
+                raise InvalidRequest(f"task {task.id} depends on {dep}, a latent task: deployed, it never "
+                                     "finishes (it waits for invocations until stopped), so "
+                                     f"{task.id} would never start")
     # Kahn's algorithm: what cannot be ordered lies on a cycle or behind one.
     waiting = {t.id: len(set(t.depends_on)) for t in tasks.values()}
     dependents: dict[str, list[str]] = {}
@@ -76,7 +80,12 @@ def validate_sequence(tasks: Iterable[Task]) -> None:
     """In a sequential job a task can depend only on tasks before it (InvalidRequest): one waiting
     for a later task would hold up the job for ever."""
     before: set[str] = set()
+    latent = ""
     for task in tasks:
+        if latent:
+            raise InvalidRequest(f"task {latent} is latent: deployed, it never finishes, so in a sequential job "
+                                 f"task {task.id} after it would never start; put it last, or run the job in parallel")
+        latent = task.id if task.latent else ""
         later = [d for d in task.depends_on if d not in before]
         if later:
             raise InvalidRequest(f"task {task.id} depends on {', '.join(later)}, which comes after it; in a "

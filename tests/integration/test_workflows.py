@@ -124,6 +124,8 @@ async def test_a_failed_dependency_runs_the_failure_branch(api: httpx.AsyncClien
     (lambda a, b: [a, {**b, "id": a["id"]}], "unique"),
     (lambda a, b: [{**a, "id": "not-a-uuid"}], "UUID"),
     (lambda a, b: [], "tasks"),
+    # A deployed latent task never finishes: what waits for it would wait for ever.
+    (lambda a, b: [{**a, "latent": True}, {**b, "depends_on": [a["id"]]}], "a latent task: deployed, it never"),
 ])
 async def test_invalid_workflows_are_refused_with_400(api: httpx.AsyncClient, tasks: Any, message: str) -> None:
     r = await api.post("/workflows", json={"tasks": tasks(task(), task())})
@@ -195,6 +197,17 @@ async def test_a_sequential_job_runs_each_task_after_the_one_before_completed(ap
                          next(e["at"] for e in events if e["state_name"] == "completed")))
     for (_, done), (queued, _) in itertools.pairwise(timeline):
         assert queued >= done
+
+
+async def test_a_latent_task_may_end_a_sequential_job_but_not_come_before_another(api: httpx.AsyncClient) -> None:
+    first, last = task(), {**task(), "latent": True}
+    refused = await api.post("/jobs", json={"tasks": [last, first], "execution_mode": "sequential"})
+    assert refused.status_code == 400, refused.text
+    assert f"task {last['id']} is latent: deployed, it never finishes" in refused.json()["error"]
+    assert (await api.get("/tasks")).json()["total"] == 0
+    # Last in a sequential job, or anywhere in a parallel one, it is deployed with the job.
+    assert (await api.post("/jobs", json={"tasks": [first, last], "execution_mode": "sequential"})).status_code == 201
+    assert (await api.post("/jobs", json={"tasks": [{**last, "id": str(uuid.uuid4())}, task()]})).status_code == 201
 
 
 async def test_a_failed_task_ends_its_job(api: httpx.AsyncClient) -> None:
