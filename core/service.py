@@ -1557,13 +1557,17 @@ class ManagerCore:
                 if task is None or entry[2] not in self._queued or task.state is not TaskState.PENDING:
                     continue  # stopped, deleted or already dispatched
                 if task.broadcast:
-                    targets = [p for p in self.proplets.values()
-                               if p.online and not p.draining and (not task.latent or p.holds_latent)]
+                    live = [p for p in self.proplets.values() if p.online and not p.draining]
+                    needs = self._module_needs.get(task.wasm_digest) if task.wasm_digest else None
+                    targets = [p for p in live if (not task.latent or p.holds_latent)
+                               and (needs is None or p.can_take(needs))]
                     if not targets:
                         deferred.append(entry)
                         await self._set_reason(task)
                         continue
-                    if not await self._dispatch(task, targets):
+                    # Some live proplets cannot run it (a board, for a component): a start of its
+                    # own to each of the others, instead of one that every proplet reads.
+                    if not await self._dispatch(task, targets, one_by_one=len(targets) < len(live)):
                         deferred.append(entry)
                         break  # nothing can be read from the database now
                     continue
@@ -1595,9 +1599,10 @@ class ManagerCore:
             task.updated_at = utcnow()
             await self.writer.submit(self.store.op_update_task_state(task))
 
-    async def _dispatch(self, task: Task, targets: list[Proplet]) -> bool:
-        """Send the task to `targets`. False: not now, its module cannot be read (the database is
-        unreachable); it stays queued, saying so, and the dispatcher looks again a second later."""
+    async def _dispatch(self, task: Task, targets: list[Proplet], *, one_by_one: bool = False) -> bool:
+        """Send the task to `targets` (a broadcast with `one_by_one`: a start to each, not one to all).
+        False: not now, its module cannot be read (the database is unreachable); it stays queued,
+        saying so, and the dispatcher looks again a second later."""
         assert self.bus is not None
         module: Artifact | None = None
         if task.wasm_digest and not task.image_url:
@@ -1638,18 +1643,22 @@ class ManagerCore:
         # proplet sends those results again (result_resend) and they are acknowledged again.
         acks = () if task.broadcast else tuple(self._riding_acks.pop(task.proplet_id, ()))
         try:
-            payload = await self._start_payload(task, module, acks)
+            if one_by_one:
+                payloads = [await self._start_payload(task, module, to=p.id) for p in targets]
+            else:
+                payloads = [await self._start_payload(task, module, acks)]
         except ArtifactUnavailable as exc:
             task.error = str(exc)
             task.finish_time = now
             await self._transition(task, TaskState.FAILED, f"cannot dispatch: {exc}")
             return True
         attempt = task.attempt
+
         # The start goes out only once the dispatch is stored (a manager that dies in between would
         # otherwise dispatch the task again on restart, perhaps to another proplet), and at once
         # then: before whoever waits for the same commit (the API answering the start) resumes.
         committed = await self._transition(task, new, detail,
-                                           then=lambda: self._publish_start(task, attempt, payload))
+                                           then=lambda: self._publish_start(task, attempt, *payloads))
         assert committed is not None
         committed.add_done_callback(lambda f: self._dispatch_stored(f, task.id, attempt))
         return True
@@ -1669,7 +1678,8 @@ class ManagerCore:
         self._lost_starts.append((task_id, attempt, why))
         self._wake.set()
 
-    def _publish_start(self, task: Task, attempt: int, payload: bytes) -> None:
+    def _publish_start(self, task: Task, attempt: int, *payloads: bytes) -> None:
+        """Publish the task's start (a broadcast's one by one: one message per proplet)."""
         # Pending again with the same attempt: put back in the queue before its dispatch was
         # committed (its proplet declared offline, a stop then a re-run); the next dispatch sends
         # its own start, and this one would run the task a second time.
@@ -1677,9 +1687,10 @@ class ManagerCore:
                 or task.state is TaskState.PENDING):
             return  # stopped or re-queued meanwhile
         assert self.bus is not None
-        if not self.bus.publish_nowait(self.topics.start, payload):
-            self._start_lost(task.id, attempt, "the broker connection dropped before the start went out")
-            return
+        for payload in payloads:
+            if not self.bus.publish_nowait(self.topics.start, payload):
+                self._start_lost(task.id, attempt, "the broker connection dropped before the start went out")
+                return
         self._sent_at[task.id] = time.monotonic()
         self.metrics.tasks_dispatched.inc()
         if self.on_start_published is not None:

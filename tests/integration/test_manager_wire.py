@@ -439,6 +439,28 @@ async def test_a_task_goes_only_to_a_proplet_that_can_take_its_module(manager: A
             assert {s["id"] for s in linux.starts} == {comp.id, large.id}
 
 
+
+async def test_a_broadcast_goes_to_the_proplets_that_can_take_its_module_one_by_one(manager: Any, broker: Any) -> None:
+    """Before: a broadcast of a component was one start that every proplet read, and the boards
+    failed it: the broadcast failed, whatever the proplets that could run it answered."""
+    component = base64.b64encode(b"\0asm\x0d\x00\x01\x00" + bytes(16)).decode()
+    board = {"capabilities": ["task_state", "result_ack"], "environment": "embedded"}
+    async with SyntheticProplet(broker.url, manager.topics, "bc-board", metadata=board,
+                                answer=lambda s: ("", "components are not supported here")) as on_board, \
+            SyntheticProplet(broker.url, manager.topics, "bc-linux-1", metadata={"environment": "binary"}), \
+            SyntheticProplet(broker.url, manager.topics, "bc-linux-2", metadata={"environment": "docker"}):
+        await eventually(lambda: {"bc-board", "bc-linux-1", "bc-linux-2"} <= set(manager.proplets))
+        everywhere = await manager.create_task(add_task(file=component, broadcast=True))
+        done = await run_to_end(manager, everywhere.id)
+        assert done.state is TaskState.COMPLETED, done.error
+        assert set(done.results) == {"bc-linux-1", "bc-linux-2"}
+        assert on_board.starts == []
+        # A core module any of them runs: one start for all, as upstream's manager sends it.
+        core_module = await run_to_end(manager, (await manager.create_task(add_task(broadcast=True))).id)
+        assert set(core_module.results) == {"bc-board", "bc-linux-1", "bc-linux-2"}
+        assert [s["broadcast"] for s in on_board.starts] == [True]
+
+
 async def test_broadcast_runs_everywhere_and_collects_every_answer(manager: Any, broker: Any) -> None:
     async with SyntheticProplet(broker.url, manager.topics, "bc-a"), \
             SyntheticProplet(broker.url, manager.topics, "bc-b", answer=lambda s: ("", "boom")):
