@@ -1419,9 +1419,7 @@ class ManagerCore:
         if task.proplet_id:
             slots = self._slots.get(task.proplet_id)
             if slots is not None and task.id in slots:
-                slots.discard(task.id)
-                if task.latent:
-                    self._latent_deployed[task.proplet_id].discard(task.id)
+                self._free_slot(task.proplet_id, task)
                 if self._refused_by:
                     self._slot_freed_at[task.proplet_id] = time.monotonic()
                 self._wake.set()
@@ -1472,6 +1470,12 @@ class ManagerCore:
         self._slots[proplet_id].add(task.id)
         if task.latent:
             self._latent_deployed[proplet_id].add(task.id)
+
+    def _free_slot(self, proplet_id: str, task: Task) -> None:
+        """The task is no longer held by the proplet (`_take_slot` undone)."""
+        self._slots[proplet_id].discard(task.id)
+        if task.latent:
+            self._latent_deployed[proplet_id].discard(task.id)
 
     def _why_waiting(self, task: Task) -> str:
         if self.bus is not None and not self.bus.connected.is_set():
@@ -1745,9 +1749,7 @@ class ManagerCore:
 
     async def _requeue(self, task: Task, why: str) -> None:
         if task.proplet_id:
-            self._slots[task.proplet_id].discard(task.id)
-            if task.latent:
-                self._latent_deployed[task.proplet_id].discard(task.id)
+            self._free_slot(task.proplet_id, task)
             if not task.pinned:
                 task.proplet_id = ""
         self._broadcast_waiting.pop(task.id, None)

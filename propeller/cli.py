@@ -472,7 +472,7 @@ def _wait_for(client: ManagerClient, task_id: str, wait_s: float) -> dict[str, A
     try:
         while True:
             task = _run(lambda: client.get_task(task_id))
-            if task["state_name"] in _FINISHED or _daemon_up(task) or time.monotonic() > deadline:
+            if task["state_name"] in _FINISHED or _is_up(task) or time.monotonic() > deadline:
                 return task
             time.sleep(0.05)
     except KeyboardInterrupt:
@@ -482,7 +482,7 @@ def _wait_for(client: ManagerClient, task_id: str, wait_s: float) -> dict[str, A
         raise SystemExit(EXIT_INTERRUPTED) from None
 
 
-def _daemon_up(task: dict[str, Any]) -> bool:
+def _is_up(task: dict[str, Any]) -> bool:
     """A daemon that runs and has reported, or a latent task deployed (its proplet confirmed it)."""
     if task["state_name"] != "running":
         return False
