@@ -132,6 +132,9 @@ def process_usage(pid: int) -> Usage | None:
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
+        if fields[0] in ("Z", "X"):
+            # Exited, not reaped yet: its memory reads 0, a sample no one should see (CI saw one).
+            return None
         with open(f"/proc/{pid}/statm") as f:
             resident_pages = int(f.read().split()[1])
         with open("/proc/uptime") as f:

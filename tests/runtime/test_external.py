@@ -427,3 +427,25 @@ async def test_a_server_stopped_while_it_starts_does_not_keep_running(external: 
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(server, signal.SIGKILL)
+
+
+def test_an_exited_process_not_yet_reaped_has_no_usage() -> None:
+    """A task's `wasmtime run` sampled as it exited read 0 bytes of memory (a zombie's statm), and
+    that sample went to the manager as the task's last."""
+    import subprocess
+    import time
+    from pathlib import Path
+
+    from proplet.runtime.api import process_usage
+
+    proc = subprocess.Popen(["sleep", "0.2"])
+    try:
+        running = process_usage(proc.pid)
+        assert running is not None and running.memory_bytes > 0
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the process did not exit"
+            time.sleep(0.01)
+        assert process_usage(proc.pid) is None
+    finally:
+        proc.wait()
