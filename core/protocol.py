@@ -711,7 +711,14 @@ TASK_STATE_QUEUED = "queued"
 # Given back unfinished: the proplet is shutting down. The manager queues it again at once, not as
 # a retry (nothing went wrong with the task) and not as a refusal (no back-off).
 TASK_STATE_RETURNED = "returned"
-TASK_STATES = (TASK_STATE_RUNNING, TASK_STATE_REJECTED, TASK_STATE_QUEUED, TASK_STATE_RETURNED)
+# Cannot be run by this proplet, for what the proplet is or allows (a component on a board, a module
+# over its size limit, a directory or the network it does not grant): unlike `rejected`, waiting
+# does not help. The manager sends the task to another proplet, or fails it when it is pinned there
+# or no live proplet is left to try. Sent only to a manager that numbers attempts (this project's);
+# upstream's reads no task_state, and gets a failed result instead.
+TASK_STATE_UNSUPPORTED = "unsupported"
+TASK_STATES = (TASK_STATE_RUNNING, TASK_STATE_REJECTED, TASK_STATE_QUEUED, TASK_STATE_RETURNED,
+               TASK_STATE_UNSUPPORTED)
 
 
 @dataclass(frozen=True, slots=True)

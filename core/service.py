@@ -215,6 +215,9 @@ class ManagerCore:
         self._broadcasts_unheard: set[str] = set()
         # task id -> {proplet id: monotonic time it refused the task}; see REFUSAL_BACKOFF.
         self._refused_by: defaultdict[str, dict[str, float]] = defaultdict(dict)
+        # task id -> {proplet id: why it cannot run the task} (task_state `unsupported`): never sent
+        # there again while the task lives.
+        self._unsupported_by: dict[str, dict[str, str]] = {}
         # proplet id -> monotonic time a slot last freed on it, kept only while refusals are held:
         # a refusal older than that was for being full, which it may no longer be.
         self._slot_freed_at: dict[str, float] = {}
@@ -1414,6 +1417,7 @@ class ManagerCore:
         self._broadcasts_unheard.discard(task.id)
         self._invoke_turns.pop(task.id, None)
         self._refused_by.pop(task.id, None)
+        self._unsupported_by.pop(task.id, None)
         self._sent_at.pop(task.id, None)
         self._waiting_on_proplet.discard(task.id)
         if task.proplet_id:
@@ -1503,6 +1507,10 @@ class ManagerCore:
         needs = self._module_needs.get(task.wasm_digest) if task.wasm_digest else None
         if needs is not None and not task.broadcast and not any(p.can_take(needs) for p in online):
             return _why_none_can_take(needs, online)
+        unsupported = self._unsupported_by.get(task.id)
+        if unsupported and not self._able(task, online):
+            return ("no live proplet can run it (" + "; ".join(f"{p}: {why}" for p, why in unsupported.items())
+                    + "): it starts when one that can comes online")
         if all(p.draining for p in online):
             return f"the {len(online)} live proplets are shutting down: the task starts when one comes online"
         if not task.broadcast and not any(self._has_slot(p) for p in online):
@@ -1528,11 +1536,20 @@ class ManagerCore:
         out = [p for p in self.proplets.values() if p.online and self._has_slot(p)]
         if task.id in self._refused_by:
             out = [p for p in out if not self._refused_lately(task.id, p.id)]
+        return self._able(task, out)
+
+    def _able(self, task: Task, proplets: Iterable[Proplet]) -> list[Proplet]:
+        """Those of `proplets` that can run the task, as far as the manager knows: by what they
+        announced, and by what they answered when it was sent to them."""
+        out = list(proplets)
         if task.latent:
             out = [p for p in out if p.holds_latent]
         needs = self._module_needs.get(task.wasm_digest) if task.wasm_digest else None
         if needs is not None:
             out = [p for p in out if p.can_take(needs)]
+        unsupported = self._unsupported_by.get(task.id)
+        if unsupported:
+            out = [p for p in out if p.id not in unsupported]
         return out
 
     def _note_module_needs(self, digest: str, module: bytes) -> None:
@@ -2322,6 +2339,9 @@ class ManagerCore:
                 # the proplet shut down, and the task runs again from the start.
                 await self._requeue(task, f"given back by proplet {msg.proplet_id}, which is shutting down"
                                     + (f" ({msg.reason})" if msg.reason else "") + "; queued again")
+        elif msg.state == protocol.TASK_STATE_UNSUPPORTED:
+            if task.state in (TaskState.SCHEDULED, TaskState.RUNNING):
+                await self._unsupported_on(task, msg.proplet_id, msg.reason or "no reason given")
         elif task.state in (TaskState.SCHEDULED, TaskState.RUNNING):
             # A refusal says the proplet is full (REFUSAL_BACKOFF), which passes: the task waits in
             # the queue, offered to others now and to this one again once a slot frees there or the
@@ -2331,6 +2351,26 @@ class ManagerCore:
             # (a little after the back-off: timers may fire up to the clock's resolution early)
             asyncio.get_running_loop().call_later(REFUSAL_BACKOFF + 0.1, self._wake.set)
             await self._requeue(task, f"proplet {msg.proplet_id} refused it: {msg.reason or 'no reason given'}")
+
+    async def _unsupported_on(self, task: Task, proplet_id: str, why: str) -> None:
+        """The proplet cannot run the task (task_state `unsupported`): another live proplet that
+        may gets it; pinned there, or with none left to try, it fails with every proplet's reason."""
+        self.metrics.tasks_unsupported.inc()
+        unsupported = self._unsupported_by.setdefault(task.id, {})
+        unsupported[proplet_id] = why
+        others = [] if task.pinned else self._able(task, (p for p in self.proplets.values() if p.online))
+        if others:
+            await self._requeue(task, f"proplet {proplet_id} cannot run it ({why}); queued for another proplet")
+            return
+        if task.pinned:
+            error = f"proplet {proplet_id}, which the task is pinned to, cannot run it: {why}"
+        elif len(unsupported) == 1:
+            error = f"proplet {proplet_id} cannot run it, and no other live proplet can: {why}"
+        else:
+            error = "no live proplet can run it: " + "; ".join(f"{p}: {w}" for p, w in unsupported.items())
+        task.error = error
+        task.finish_time = utcnow()
+        await self._transition(task, TaskState.FAILED, error)
 
     async def _on_invoke_result(self, topic: str, payload: bytes) -> None:
         msg = protocol.decode_invoke_result(payload, topic)

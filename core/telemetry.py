@@ -41,6 +41,10 @@ class CoreMetrics:
             "manager_duplicate_results_total", "Results for tasks that already had one (ignored).", registry=r
         )
         self.tasks_retried = Counter("manager_tasks_retried_total", "Tasks re-queued for another attempt.", registry=r)
+        self.tasks_unsupported = Counter(
+            "manager_tasks_unsupported_total",
+            "Starts a proplet answered it cannot run (task_state unsupported): sent to another, or failed.", registry=r
+        )
         self.starts_republished = Counter(
             "manager_starts_republished_total", "Starts sent again because no proplet confirmed them.", registry=r
         )

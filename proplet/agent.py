@@ -41,7 +41,15 @@ from proplet.outbox import Outbox
 from proplet.process import cgroup_memory, rss_bytes
 from proplet.runtime import Invocation, ModuleError, Runtime, RuntimeConfig, runtime_from_config
 from proplet.runtime.api import mib, split_dirs
-from proplet.sources import ChunkSource, FetchError, HttpSource, InlineSource, ModuleFetcher, WasmRef
+from proplet.sources import (
+    ChunkSource,
+    FetchError,
+    HttpSource,
+    InlineSource,
+    ModuleFetcher,
+    ModuleTooLarge,
+    WasmRef,
+)
 
 if TYPE_CHECKING:
     from proplet.telemetry import MetricsServer
@@ -79,6 +87,8 @@ class PropletCounters:
     given_back: int = 0
     # Invocations answered "busy" (more in flight than the slots and the queue).
     calls_refused: int = 0
+    # Starts answered with task_state `unsupported` (this proplet cannot run them; another may).
+    unsupported: int = 0
 
 
 @dataclass(slots=True)
@@ -476,6 +486,15 @@ class PropletAgent:
         self.running[start.id] = _Running(start, job)
         job.add_done_callback(lambda _j, tid=start.id: self.running.pop(tid, None))
 
+    def _unsupported(self, start: StartMessage, why: str) -> None:
+        assert self.bus is not None
+        self.counters.unsupported += 1
+        log.info("task %s cannot run here; the manager is told so: %s", start.id, why)
+        msg = protocol.TaskStateMessage(start.id, self.id, protocol.TASK_STATE_UNSUPPORTED, start.attempt, why,
+                                        start.traceparent)
+        # QoS 1, as `returned`: lost, the task would wait for the start's confirmation timeout.
+        self.bus.send(self.topics.task_state, protocol.encode_task_state(msg), qos=1)
+
     def _refuse_invalid_start(self, payload: bytes, reason: str) -> None:
         try:
             raw = orjson.loads(payload)
@@ -589,6 +608,7 @@ class PropletAgent:
         this.confirm = asyncio.get_running_loop().call_later(CONFIRM_AFTER_S, self._confirm, start.id)
         results: Any = ""
         error = ""
+        cannot_run_here = False
         try:
             if self._trusted_keys:
                 from core.signing import verify_digest
@@ -627,7 +647,11 @@ class PropletAgent:
                 if outcome.ok and is_round_task(invocation.env):
                     assert self.federated is not None
                     results = self.federated.report(start.id, invocation.env, outcome.stdout)
-        except (FetchError, ModuleError, _Refused, SignatureError, FederatedError) as exc:
+        except (_Refused, ModuleTooLarge) as exc:
+            # What this proplet is or allows, not the task: another proplet may run it.
+            error = str(exc)
+            cannot_run_here = True
+        except (FetchError, ModuleError, SignatureError, FederatedError) as exc:
             error = str(exc)
         except asyncio.CancelledError:
             error = "stopped by request"
@@ -641,6 +665,13 @@ class PropletAgent:
             return
         if this.stop_requested and error:
             error = "stopped by request"
+        elif cannot_run_here and start.attempt and not start.broadcast:
+            # Our manager (it numbers attempts) sends it to another proplet, or fails it if it is
+            # pinned here or none is left. Upstream's reads no task_state: it gets the failed result.
+            # A broadcast's answer is this proplet's, failed.
+            this.confirm.cancel()
+            self._unsupported(start, error)
+            return
         if error:
             self.counters.failed += 1
             if start.latent:

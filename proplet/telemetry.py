@@ -94,6 +94,8 @@ class PropletCollector(Collector):
         yield gauge("proplet_latent_tasks", "Latent tasks deployed here, waiting for invocations",
                     agent.latent_deployed)
         yield gauge("proplet_calls_in_flight", "Invocations of latent tasks running or waiting", agent.calls_in_flight)
+        yield counter("proplet_tasks_unsupported", "Starts this proplet cannot run, answered so for another to run",
+                      counters.unsupported)
         yield counter("proplet_calls_refused", "Invocations answered busy (too many in flight)", counters.calls_refused)
         yield gauge("proplet_results_unconfirmed", "Results kept until the manager confirms them",
                     len(agent.outbox))

@@ -6,7 +6,14 @@ data, digest = await fetcher.fetch(WasmRef(task_id, image_url=..., file=..., dig
 ```
 """
 
-from proplet.sources.base import DEFAULT_MAX_MODULE_BYTES, DigestingSource, FetchError, WasmRef, WasmSource
+from proplet.sources.base import (
+    DEFAULT_MAX_MODULE_BYTES,
+    DigestingSource,
+    FetchError,
+    ModuleTooLarge,
+    WasmRef,
+    WasmSource,
+)
 from proplet.sources.chunks import ChunkCounters, ChunkSource
 from proplet.sources.fetcher import ModuleFetcher, SignatureVerifier
 from proplet.sources.http import HttpSource
@@ -21,6 +28,7 @@ __all__ = [
     "HttpSource",
     "InlineSource",
     "ModuleFetcher",
+    "ModuleTooLarge",
     "SignatureVerifier",
     "WasmRef",
     "WasmSource",

@@ -22,6 +22,11 @@ class FetchError(Exception):
     the agent publishes it as the task's error."""
 
 
+class ModuleTooLarge(FetchError):
+    """The module is over this proplet's limit (PROPLET_WASM_FETCH_MAX_BYTES): another proplet, with
+    a higher limit, may take it."""
+
+
 @dataclass(frozen=True, slots=True)
 class WasmRef:
     """Where a task's module comes from, as the start message says."""

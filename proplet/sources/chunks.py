@@ -45,6 +45,7 @@ from proplet.sources.base import (
     BackgroundSha256,
     FetchError,
     ModuleBytes,
+    ModuleTooLarge,
     WasmRef,
     format_size,
 )
@@ -444,8 +445,8 @@ class ChunkSource:
             f"{self.stall_timeout:g} s after {transfer.resumes} requests for the missing ones; is the {server} "
             "still running?")
 
-    def _too_large(self, transfer: _Transfer, size: int) -> FetchError:
-        return FetchError(
+    def _too_large(self, transfer: _Transfer, size: int) -> ModuleTooLarge:
+        return ModuleTooLarge(
             f"{transfer.ref} is larger than the proplet's limit of {format_size(self.max_bytes)} "
             f"({format_size(size)} announced or received). Ship a smaller module or raise "
             "PROPLET_WASM_FETCH_MAX_BYTES on the proplet.")

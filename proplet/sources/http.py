@@ -25,6 +25,7 @@ from proplet.sources.base import (
     BackgroundSha256,
     FetchError,
     ModuleBytes,
+    ModuleTooLarge,
     WasmRef,
     format_size,
 )
@@ -159,7 +160,7 @@ class HttpSource:
             declared = response.headers.get("content-length")
             if declared is not None and declared.strip().isdigit() and int(declared) > self.max_bytes:
                 # Leaving the block closes the connection without reading the body.
-                raise FetchError(
+                raise ModuleTooLarge(
                     f"{shown} is {format_size(int(declared))} ({declared} bytes), over the proplet's "
                     f"limit of {format_size(self.max_bytes)} for a module. Ship a smaller module or "
                     "raise PROPLET_WASM_FETCH_MAX_BYTES on the proplet."
@@ -175,7 +176,7 @@ class HttpSource:
                 piece = raw if decoder is None else decoder.decode(raw, self.max_bytes - len(data) + 1)
                 self.fetched_bytes += len(piece)
                 if len(data) + len(piece) > self.max_bytes:
-                    raise FetchError(
+                    raise ModuleTooLarge(
                         f"{shown} sent more than the proplet's limit of {format_size(self.max_bytes)} "
                         "for a module; the download was stopped. Ship a smaller module or raise "
                         "PROPLET_WASM_FETCH_MAX_BYTES on the proplet."

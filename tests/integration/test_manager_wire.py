@@ -597,6 +597,75 @@ async def test_a_refusing_proplet_hands_the_task_to_another(manager: Any, broker
         assert yes.starts
 
 
+async def test_a_proplet_that_cannot_run_a_task_hands_it_to_one_that_can(manager: Any, broker: Any) -> None:
+    """`unsupported` is what a proplet answers for a task it can never run (a module over its size
+    limit, a directory or the network it does not grant): a task placed there goes to another
+    proplet, and is never sent back to it; before, it failed there while another could run it."""
+    async with SyntheticProplet(broker.url, manager.topics, "cant", answer=None,
+                                metadata={"capabilities": ["task_state"]}) as cant, \
+            SyntheticProplet(broker.url, manager.topics, "can"):
+        await eventually(lambda: {"cant", "can"} <= manager.proplets.keys())
+        refused_before = manager.metrics.tasks_unsupported._value.get()
+        handed_over = 0
+        for _ in range(4):
+            task = await manager.create_task(add_task())
+            await manager.start_task(task.id)
+            proplet = await eventually(lambda tid=task.id: manager.active.get(tid) and manager.active[tid].proplet_id)
+            if proplet == "cant":
+                start = await cant.expect(t.START, lambda m, tid=task.id: m["id"] == tid)
+                await cant.publish(t.TASK_STATE, {"task_id": task.id, "proplet_id": "cant", "state": "unsupported",
+                                                  "reason": "the module is over 4 KiB", "attempt": start["attempt"]})
+                handed_over += 1
+            done = await finished(manager, task.id)
+            assert done.proplet_id == "can" and done.state is TaskState.COMPLETED, done.error
+            if proplet == "cant":
+                details = [e.detail for e in await manager.task_events(task.id)]
+                assert any("proplet cant cannot run it (the module is over 4 KiB); queued for another proplet" in d
+                           for d in details), details
+                # Sent once to the proplet that cannot run it, never again.
+                assert sum(1 for m in cant.starts if m["id"] == task.id) == 1
+        assert handed_over >= 1  # round robin over two proplets: at least one of four went there first
+        assert manager.metrics.tasks_unsupported._value.get() == refused_before + handed_over
+
+
+async def test_a_task_no_proplet_can_run_fails_with_each_reason(manager: Any, broker: Any) -> None:
+    """Pinned to a proplet that cannot run it, a task fails with that proplet's reason; unpinned, it
+    fails once every live proplet has said it cannot, with each one's reason (a task that waited
+    instead would wait for ever, and `tasks create --wait` would say only that it had not finished)."""
+    async def refuse_all(proplet: SyntheticProplet, reason: str) -> None:
+        answered: set[tuple[str, int]] = set()
+        while True:
+            start = await proplet.expect(t.START, lambda m: m.get("proplet_id") == proplet.proplet_id
+                                         and (m["id"], m["attempt"]) not in answered, timeout=60)
+            answered.add((start["id"], start["attempt"]))
+            await proplet.publish(t.TASK_STATE, {"task_id": start["id"], "proplet_id": proplet.proplet_id,
+                                                 "state": "unsupported", "reason": reason,
+                                                 "attempt": start["attempt"]})
+
+    async with SyntheticProplet(broker.url, manager.topics, "board", answer=None) as board, \
+            SyntheticProplet(broker.url, manager.topics, "small", answer=None) as small:
+        await eventually(lambda: {"board", "small"} <= manager.proplets.keys())
+        refusers = [asyncio.create_task(refuse_all(board, "components do not run here")),
+                    asyncio.create_task(refuse_all(small, "the module is over its 1 MiB limit"))]
+        try:
+            pinned = await manager.create_task(add_task(proplet_id="board"))
+            await manager.start_task(pinned.id)
+            done = await finished(manager, pinned.id)
+            assert done.state is TaskState.FAILED
+            assert done.error == "proplet board, which the task is pinned to, cannot run it: components do not run here"
+
+            anywhere = await manager.create_task(add_task())
+            await manager.start_task(anywhere.id)
+            done = await finished(manager, anywhere.id)
+            assert done.state is TaskState.FAILED
+            assert done.error.startswith("no live proplet can run it: "), done.error
+            assert "board: components do not run here" in done.error
+            assert "small: the module is over its 1 MiB limit" in done.error
+        finally:
+            for job in refusers:
+                job.cancel()
+
+
 async def test_large_inline_module_goes_out_in_chunks(manager_factory: Any, broker: Any) -> None:
     big = WASM + bytes(range(256)) * 40  # 10 KB
     async with manager_factory(inline_limit=4096, chunk_size=3000) as core, \

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 import core.service
@@ -21,6 +22,7 @@ from proplet.agent import FINISHED_RESULTS_MAX_BYTES, PropletAgent
 from proplet.config import PropletSettings, generated_entity_id, parse_duration, unused_variables
 from tests.proplet.conftest import PropletFactory
 from tests.proplet.helpers import b64, run_task, run_to_end
+from tests.sources.test_http import HttpServer, serve
 from tests.wasmfixtures import bytes_on_disk, digest, wasm, with_custom_section
 from tests.wire import WireClient, eventually
 
@@ -75,7 +77,9 @@ async def test_a_task_asking_for_more_memory_than_the_proplet_allows_fails_namin
         greedy = await run_task(manager, name="_start", file=b64(wasm("membomb")),
                                 limits={"memory_bytes": 4 * 1024**3})
         assert greedy.state is TaskState.FAILED
-        assert greedy.error == (f"task {greedy.id} asks for 4096 MiB of memory (limits.memory_bytes); proplet "
+        # The only live proplet: the task fails (not waits) with its reason.
+        assert greedy.error == ("proplet p-small cannot run it, and no other live proplet can: "
+                                f"task {greedy.id} asks for 4096 MiB of memory (limits.memory_bytes); proplet "
                                 "p-small allows at most 64 MiB per task (PROPLET_TASK_MEMORY_MAX)")
         within = await run_task(manager, name="_start", file=b64(wasm("membomb")),
                                 limits={"memory_bytes": 16 * 1024 * 1024})
@@ -588,6 +592,57 @@ async def test_directories_need_both_the_task_and_the_proplet(manager: Any, prop
         assert unasked.state is TaskState.FAILED
 
 
+async def test_a_task_a_proplet_cannot_run_runs_on_one_that_can(manager: Any, proplet_factory: PropletFactory,
+                                                                 tmp_path: Path) -> None:
+    """Two real proplets, one sharing the directory the task asks for: each task lands on the other
+    first as often as round robin sends it there, and completes on the one that shares it (it used
+    to fail there, saying the directory was not shared). A module over a proplet's size limit goes
+    the same way."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "in.txt").write_text("from the host")
+    big = with_custom_section(wasm("add"), "padding", bytes(300 * 1024))
+    async with proplet_factory(manager, "p-shares", dirs=[str(shared)]) as shares, \
+            proplet_factory(manager, "p-small", wasm_fetch_max_bytes=256 * 1024) as small:
+        for _ in range(4):
+            done = await run_task(manager, name="_start", file=b64(wasm("fsio")),
+                                  inputs=["read", str(shared / "in.txt")], cli_args=["--dir", str(shared)])
+            assert done.state is TaskState.COMPLETED and "from the host" in done.results, done.error
+            assert done.proplet_id == "p-shares"
+        refused_dirs = small.counters.unsupported
+        assert refused_dirs >= 1  # round robin sent some there first
+        assert small.counters.started == refused_dirs and small.counters.failed == 0
+        tasks = (await manager.list_tasks(limit=100)).items
+        events = [e.detail for task in tasks for e in await manager.task_events(task.id)]
+        assert any("proplet p-small cannot run it (task" in d and "PROPLET_DIRS" in d for d in events), events
+        # A module the manager stores is placed by the size the proplet announced; one it does not
+        # (an http URL, an OCI reference) is found too large by the proplet that fetches it.
+        async with HttpServer({"/big.wasm": serve(big)}) as server:
+            for _ in range(2):
+                done = await run_task(manager, name="add", image_url=server.url("/big.wasm"), inputs=["1", "2"])
+                assert done.state is TaskState.COMPLETED and done.results == "3", done.error
+                assert done.proplet_id == "p-shares"
+        assert small.counters.unsupported > refused_dirs
+        assert shares.counters.unsupported == 0
+
+
+async def test_upstream_manager_gets_a_failed_result_for_a_task_the_proplet_cannot_run(
+        broker: Any, manager: Any, proplet_factory: PropletFactory, tmp_path: Path) -> None:
+    """Upstream's manager reads no task_state: a start it sends (no attempt) that this proplet cannot
+    run is answered with a failed result, as before, not with `unsupported`."""
+    async with proplet_factory(manager, "p-up-dir"), \
+            WireClient(broker.url, manager.topics, subscribe=[t.RESULTS, t.TASK_STATE]) as upstream:
+        raw = orjson.dumps({"id": "4e0f7a1c-2b9d-4c55-9f0e-7d1a3b5c6e70", "name": "_start", "state": 2,
+                            "file": b64(wasm("fsio")), "inputs": ["read", "/etc/hostname"],
+                            "cli_args": ["--dir", "/etc"], "broadcast": False, "daemon": False, "latent": False,
+                            "encrypted": False, "proplet_id": "p-up-dir"})
+        await upstream.publish(t.START, raw)
+        result = await upstream.expect(t.RESULTS)
+        assert result["task_id"] == "4e0f7a1c-2b9d-4c55-9f0e-7d1a3b5c6e70"
+        assert "asks for directory /etc" in result["error"] and "PROPLET_DIRS" in result["error"]
+        assert not [m for m in upstream.messages(t.TASK_STATE) if m["state"] == "unsupported"]
+
+
 async def test_network_is_refused_however_the_task_spells_the_wasi_option(
         manager: Any, proplet_factory: PropletFactory) -> None:
     # Only `-S http` and `-S inherit-network` were recognised: `-S inherit-network=y`, a list such
@@ -761,8 +816,9 @@ async def test_an_encrypted_task_fails_saying_it_needs_a_tee(manager: Any, propl
         done = await run_task(manager, name="add", image_url="registry.invalid/secret:1", inputs=[1, 2],
                               encrypted=True)
     assert done.state is TaskState.FAILED
-    assert done.error.startswith(f"task {done.id} is encrypted: it needs a TEE runtime, which proplet p-no-tee")
-    assert agent.counters.failed == 1
+    assert f"task {done.id} is encrypted: it needs a TEE runtime, which proplet p-no-tee" in done.error
+    # Another proplet (upstream's, with a TEE) may run it: ours says it cannot, rather than failing it.
+    assert agent.counters.unsupported == 1 and agent.counters.failed == 0
 
 
 def test_upstream_variables_that_do_nothing_here_and_misspelt_ones_are_named() -> None:
