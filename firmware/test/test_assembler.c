@@ -124,13 +124,25 @@ static void ignores_duplicates_and_lists_what_is_missing(void **state)
     expect_module(&a);
 }
 
-static void expect_failure(assembler_t *a, const chunk_msg_t *c, const char *needle)
+static void expect_failure_of(assembler_t *a, const chunk_msg_t *c, const char *needle, bool too_large)
 {
     assert_int_equal(assembler_add(a, c), ASSEMBLY_FAILED);
     if (strstr(assembler_error(a), needle) == NULL)
         fail_msg("error '%s' does not mention '%s'", assembler_error(a), needle);
     assert_null(a->buf);
+    /* Only a module too large for this proplet may go to another: a broken transfer fails. */
+    assert_int_equal(a->too_large, too_large);
     assembler_reset(a);
+}
+
+static void expect_failure(assembler_t *a, const chunk_msg_t *c, const char *needle)
+{
+    expect_failure_of(a, c, needle, false);
+}
+
+static void expect_too_large(assembler_t *a, const chunk_msg_t *c, const char *needle)
+{
+    expect_failure_of(a, c, needle, true);
 }
 
 static void refuses_a_module_larger_than_the_limit(void **state)
@@ -139,17 +151,17 @@ static void refuses_a_module_larger_than_the_limit(void **state)
     assembler_t a;
     assembler_begin(&a, "blob:m", 16);
     chunk_msg_t c = piece(0, 10, true);
-    expect_failure(&a, &c, "the module blob:m is 23 bytes but this proplet holds at most 16");
+    expect_too_large(&a, &c, "the module blob:m is 23 bytes but this proplet holds at most 16");
     /* Without an announced size, the first full chunk shows that the rest cannot fit. */
     assembler_begin(&a, "blob:m", 16);
     chunk_msg_t c0 = piece(0, 10, false);
-    expect_failure(&a, &c0, "do not add up");
+    expect_too_large(&a, &c0, "add up to more than this proplet's 16-byte module limit");
     /* ... and a stashed last chunk that turns out not to fit is refused too. */
     assembler_begin(&a, "blob:m", 22);
     chunk_msg_t last = piece(2, 10, false);
     assert_int_equal(assembler_add(&a, &last), ASSEMBLY_WAITING);
     chunk_msg_t first = piece(0, 10, false);
-    expect_failure(&a, &first, "does not fit");
+    expect_too_large(&a, &first, "do not fit this proplet's 22-byte module limit");
 }
 
 static void fails_on_inconsistent_chunks(void **state)
@@ -184,7 +196,7 @@ static void fails_on_inconsistent_chunks(void **state)
     assembler_begin(&a, "blob:m", 64);
     chunk_msg_t too_many = piece(0, 10, false);
     too_many.total_chunks = PROPLET_MAX_CHUNKS + 1;
-    expect_failure(&a, &too_many, "raise the manager's chunk_size");
+    expect_too_large(&a, &too_many, "raise the manager's chunk_size");
 
     assembler_begin(&a, "blob:m", 64);
     chunk_msg_t lying_size = piece(2, 10, true);

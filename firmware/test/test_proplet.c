@@ -196,24 +196,72 @@ static void refuses_when_every_slot_is_busy(void **state)
     }
 }
 
-static void fails_tasks_it_can_never_run(void **state)
+/* A start naming this proplet with the module inline: `file` (base64), `more` spliced into the JSON. */
+static void start_with_file(const char *id, const char *file_b64, const char *more)
+{
+    static char json[8000];
+    snprintf(json, sizeof json,
+             "{\"id\":\"%s\",\"name\":\"add\",\"file\":\"%s\",\"inputs\":[\"1\",\"1\"],"
+             "\"proplet_id\":\"dev-1\"%s}",
+             id, file_b64, more);
+    deliver(TOPIC_START, json);
+}
+
+/* The preamble of a WebAssembly component (layer 1), base64. */
+#define COMPONENT_B64 "AGFzbQ0AAQA="
+
+/* What this proplet can never run (a latent task, a module over its limit, a component) may run on
+ * another proplet: this project's manager, which numbers attempts, is told so with task_state
+ * `unsupported` and sends the task elsewhere (or fails it, if it is pinned here). Before, the task
+ * failed here while another proplet could have run it. */
+static void answers_unsupported_for_tasks_it_can_never_run(void **state)
 {
     (void)state;
-    start("t-11", "add", "\"1\",\"1\"", ",\"latent\":true");
-    expect_contains(fake_published(TOPIC_RESULTS, 0), "latent tasks (deploy, then invoke) are not supported");
-
+    static char big_b64[7000];
     uint8_t big[5000];
     memset(big, 0, sizeof big);
-    static char big_b64[7000];
     b64_encode(big, sizeof big, big_b64);
-    char json[8000];
-    snprintf(json, sizeof json, "{\"id\":\"t-12\",\"name\":\"add\",\"file\":\"%s\"}", big_b64);
-    deliver(TOPIC_START, json);
-    expect_contains(fake_published(TOPIC_RESULTS, 1),
-                    "the module is 5000 bytes but this proplet holds at most 4096");
 
-    deliver(TOPIC_START, "{\"id\":\"t-13\",\"name\":\"add\",\"file\":\"AGFz*QEAAAA=\"}");
-    expect_contains(fake_published(TOPIC_RESULTS, 2), "field 'file' is not valid standard base64");
+    start("t-11", "add", "\"1\",\"1\"", ",\"latent\":true");
+    start_with_file("t-12", big_b64, ",\"attempt\":1");
+    start_with_file("t-13", COMPONENT_B64, ",\"attempt\":1");
+    const char *expected[] = {"latent tasks (deploy, then invoke) are not supported",
+                              "the module is 5000 bytes but this proplet holds at most 4096",
+                              "the module is a WebAssembly component; this proplet runs core modules only"};
+    for (size_t i = 0; i < 3; i++) {
+        const char *said = fake_published(TOPIC_TASK_STATE, i);
+        expect_contains(said, "\"state\":\"unsupported\"");
+        expect_contains(said, expected[i]);
+        expect_contains(said, "\"attempt\":1");
+    }
+    assert_int_equal(fake_count(TOPIC_RESULTS), 0);
+    assert_int_equal(p->counters.tasks_unsupported, 3);
+    assert_int_equal(p->counters.tasks_failed, 0);
+    assert_int_equal(proplet_busy_slots(p), 0);
+    /* Nothing is remembered as run: the same start again is answered the same way. */
+    start_with_file("t-13", COMPONENT_B64, ",\"attempt\":1");
+    expect_contains(fake_published(TOPIC_TASK_STATE, 3), "\"state\":\"unsupported\"");
+
+    /* A broken start is the task's fault, not this proplet's: failed wherever it goes. */
+    start_with_file("t-14", "AGFz*QEAAAA=", ",\"attempt\":1");
+    expect_contains(fake_published(TOPIC_RESULTS, 0), "field 'file' is not valid standard base64");
+}
+
+/* Upstream's manager reads no task_state (and numbers no attempts), and a broadcast's answer is
+ * this proplet's own: both get a failed result saying why, as before. */
+static void fails_for_upstream_and_broadcasts_what_it_can_never_run(void **state)
+{
+    (void)state;
+    start_with_file("t-15", module_b64, ",\"latent\":true");
+    expect_contains(fake_published(TOPIC_RESULTS, 0), "latent tasks (deploy, then invoke) are not supported");
+    start_with_file("t-16", COMPONENT_B64, "");
+    expect_contains(fake_published(TOPIC_RESULTS, 1), "the module is a WebAssembly component");
+    start_with_file("t-17", COMPONENT_B64, ",\"attempt\":1,\"broadcast\":true");
+    expect_contains(fake_published(TOPIC_RESULTS, 2), "the module is a WebAssembly component");
+    assert_int_equal(p->counters.tasks_unsupported, 0);
+    assert_int_equal(p->counters.tasks_failed, 3);
+    for (size_t i = 0; i < fake_count(TOPIC_TASK_STATE); i++)
+        assert_null(strstr(fake_published(TOPIC_TASK_STATE, i), "unsupported"));
     assert_int_equal(proplet_busy_slots(p), 0);
 }
 
@@ -358,6 +406,40 @@ static void fetches_a_chunked_module(void **state)
     assert_int_equal(fake.wakes, 1);
     assert_true(proplet_run_next(p));
     expect_contains(fake_published(TOPIC_RESULTS, 0), "\"results\":\"42\"");
+}
+
+/* A module fetched in chunks shows what it is only as it arrives (the manager did not know it: an
+ * OCI reference): one over the limit, or a component, goes back to our manager as `unsupported`. */
+static void answers_unsupported_for_a_fetched_module_it_cannot_run(void **state)
+{
+    (void)state;
+    static const uint8_t component[8] = {0x00, 0x61, 0x73, 0x6d, 0x0d, 0x00, 0x01, 0x00};
+    deliver(TOPIC_START, "{\"id\":\"t-21\",\"name\":\"run\",\"image_url\":\"reg/app:1\","
+                         "\"proplet_id\":\"dev-1\",\"attempt\":2}");
+    binary_chunk("reg/app:1", 0, 1, component, sizeof component, sizeof component);
+    const char *said = fake_published(TOPIC_TASK_STATE, 1); /* after its "running" */
+    expect_contains(said, "\"state\":\"unsupported\"");
+    expect_contains(said, "\"attempt\":2");
+    expect_contains(said, "the module is a WebAssembly component");
+
+    uint8_t big[5000];
+    memset(big, 0, sizeof big);
+    deliver(TOPIC_START, "{\"id\":\"t-22\",\"name\":\"add\",\"image_url\":\"reg/big:1\","
+                         "\"proplet_id\":\"dev-1\",\"attempt\":1}");
+    binary_chunk("reg/big:1", 0, 2, big, 100, sizeof big); /* its announced size is enough */
+    said = fake_published(TOPIC_TASK_STATE, 3);
+    expect_contains(said, "\"state\":\"unsupported\"");
+    expect_contains(said, "is 5000 bytes but this proplet holds at most 4096");
+
+    /* A transfer that went wrong is not this proplet's limit: the task fails. */
+    deliver(TOPIC_START, "{\"id\":\"t-23\",\"name\":\"add\",\"image_url\":\"reg/gone:1\","
+                         "\"proplet_id\":\"dev-1\",\"attempt\":1}");
+    deliver(TOPIC_REGISTRY_CHUNK, "{\"app_name\":\"reg/gone:1\",\"chunk_idx\":0,\"total_chunks\":1,"
+                                  "\"data\":\"\",\"error\":\"no such tag\"}");
+    expect_contains(fake_published(TOPIC_RESULTS, 0), "no such tag");
+    assert_int_equal(fake_count(TOPIC_RESULTS), 1);
+    assert_int_equal(p->counters.tasks_unsupported, 2);
+    assert_int_equal(proplet_busy_slots(p), 0);
 }
 
 /* The broker drops away while tasks finish: their results are kept and sent on the next connect;
@@ -749,13 +831,15 @@ int main(void)
         TEST(runs_each_attempt_once),
         TEST(holds_the_slot_until_the_result_is_out),
         TEST(refuses_when_every_slot_is_busy),
-        TEST(fails_tasks_it_can_never_run),
+        TEST(answers_unsupported_for_tasks_it_can_never_run),
+        TEST(fails_for_upstream_and_broadcasts_what_it_can_never_run),
         TEST(reports_what_went_wrong_in_the_module),
         TEST(passes_the_task_limits_to_the_engine),
         TEST(rejects_a_module_that_does_not_load),
         TEST(parses_a_module_once_for_many_tasks),
         TEST(frees_idle_modules_when_instantiation_runs_out_of_memory),
         TEST(fetches_a_chunked_module),
+        TEST(answers_unsupported_for_a_fetched_module_it_cannot_run),
         TEST(keeps_results_the_broker_did_not_take_until_it_is_back),
         TEST(a_manager_that_sends_attempts_gets_a_result_again_until_it_confirms),
         TEST(sends_a_result_again_until_the_manager_acknowledges_it),

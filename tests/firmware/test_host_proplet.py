@@ -130,6 +130,53 @@ async def test_a_module_too_large_for_the_proplet_fails_clearly(manager_factory,
                                    "smaller module or run the task on a proplet with more memory")
 
 
+async def test_a_module_the_board_cannot_run_goes_to_a_proplet_that_can(manager_factory, host_proplets, broker,
+                                                                          tmp_path, monkeypatch) -> None:
+    """A mixed fleet, tasks by OCI reference: the manager does not know those modules, so round robin
+    sends some to the board. A component, or a module over the board's limit, used to fail there
+    while a Linux proplet sat idle; now the board answers `unsupported` once it sees the module's
+    size or kind in its chunks, and the task runs on the Python proplet."""
+    from proplet.agent import PropletAgent
+    from proplet.config import PropletSettings
+    from tests.registry import running_registry
+    from tests.wasmfixtures import wasm as fixture, with_custom_section
+
+    with running_registry(tmp_path / "registry") as registry:
+        component = fixture("greeter-component")
+        big = with_custom_section(fixture("add"), "padding", bytes(8192))
+        registry.push("wasm/greeter", "v1", component)
+        registry.push("wasm/big-add", "v1", big)
+        monkeypatch.setenv("PROXY_REGISTRY_URL", registry.host)
+        async with manager_factory(oci_proxy=True, chunk_size=4096) as core:
+            board = host_proplets(core, "esp-mixed", "--max-module-bytes", "4096")
+            settings = PropletSettings.load(
+                mqtt_address=broker.url, tenant_id=core.settings.tenant_id, channel_id=core.settings.channel_id,
+                entity_id="linux-mixed", cache_dir=tmp_path / "linux" / "cache", state_dir=tmp_path / "linux" / "state",
+                liveliness_interval=1.0, metrics_enabled=False)
+            async with PropletAgent(settings) as linux:
+                await online(core, "esp-mixed")
+                await online(core, "linux-mixed")
+                unsupported_before = core.metrics.tasks_unsupported._value.get()
+                tasks = []
+                for i in range(3):
+                    tasks.append(await core.create_task(TaskCreate(
+                        name="add", image_url=f"{registry.host}/wasm/greeter:v1", inputs=[str(i), "2"])))
+                    tasks.append(await core.create_task(TaskCreate(
+                        name="add", image_url=f"{registry.host}/wasm/big-add:v1", inputs=[str(i), "3"])))
+                for task in tasks:
+                    await core.start_task(task.id)
+                for task in tasks:
+                    done = await finished(core, task.id, timeout=30)
+                    assert done.state is TaskState.COMPLETED, (done.error, board.log)
+                    assert done.proplet_id == "linux-mixed"
+                    assert done.results == str(int(task.inputs[0]) + int(task.inputs[1]))
+                handed_over = core.metrics.tasks_unsupported._value.get() - unsupported_before
+                assert handed_over >= 1  # round robin over two proplets sent some to the board first
+                log = board.log
+                assert "is a WebAssembly component" in log or "this proplet holds at most 4096" in log, log
+                assert linux.counters.unsupported == 0
+
+
 async def test_stop_interrupts_a_looping_task(manager_factory, host_proplets, wasm, broker) -> None:
     async with manager_factory() as core:
         topics = Topics(core.settings.tenant_id, core.settings.channel_id)

@@ -38,6 +38,8 @@ static assembly_state_t fail(assembler_t *a, const char *fmt, ...)
     return a->state;
 }
 
+#define fail_too_large(a, ...) ((a)->too_large = true, fail((a), __VA_ARGS__))
+
 static bool is_received(const assembler_t *a, uint32_t idx)
 {
     return (a->received[idx / 8] >> (idx % 8)) & 1u;
@@ -47,12 +49,12 @@ static bool is_received(const assembler_t *a, uint32_t idx)
 static assembly_state_t start_transfer(assembler_t *a, const chunk_msg_t *c)
 {
     if (c->total_chunks > PROPLET_MAX_CHUNKS)
-        return fail(a,
+        return fail_too_large(a,
                     "%s is split into %u chunks; this proplet accepts at most %d (raise the "
                     "manager's chunk_size)",
                     a->app_name, (unsigned)c->total_chunks, PROPLET_MAX_CHUNKS);
     if (c->size > a->max_bytes)
-        return fail(a,
+        return fail_too_large(a,
                     "the module %s is %llu bytes but this proplet holds at most %zu; use a "
                     "smaller module or run the task on a proplet with more memory",
                     a->app_name, (unsigned long long)c->size, a->max_bytes);
@@ -61,7 +63,8 @@ static assembly_state_t start_transfer(assembler_t *a, const chunk_msg_t *c)
     a->cap = c->size > 0 ? (size_t)c->size : a->max_bytes;
     a->buf = malloc(a->cap > 0 ? a->cap : 1);
     if (a->buf == NULL)
-        return fail(a, "out of memory: cannot hold the %zu-byte module %s", a->cap, a->app_name);
+        return fail_too_large(a, "out of memory: cannot hold the %zu-byte module %s", a->cap,
+                              a->app_name);
     return ASSEMBLY_WAITING;
 }
 
@@ -82,14 +85,23 @@ static bool place(assembler_t *a, uint32_t idx, size_t data_len, size_t *offset)
             bool fits = a->size > 0 ? before_last < a->size && a->size <= before_last + data_len
                                     : before_last < a->cap;
             if (!fits) {
-                fail(a, "the chunks of %s do not add up to a module of at most %zu bytes",
-                     a->app_name, a->cap);
+                if (a->size == 0) /* no size announced: the module is longer than the buffer */
+                    fail_too_large(a, "the chunks of %s add up to more than this proplet's "
+                                      "%zu-byte module limit", a->app_name, a->cap);
+                else
+                    fail(a, "the chunks of %s do not add up to their announced size",
+                         a->app_name);
                 return false;
             }
             if (a->last_stashed) {
                 uint64_t final = before_last;
-                if (a->last_len > data_len || final + a->last_len > a->cap) {
+                if (a->last_len > data_len) {
                     fail(a, "the last chunk of %s does not fit the others", a->app_name);
+                    return false;
+                }
+                if (final + a->last_len > a->cap) {
+                    fail_too_large(a, "the chunks of %s do not fit this proplet's %zu-byte module "
+                                      "limit", a->app_name, a->cap);
                     return false;
                 }
                 memmove(a->buf + final, a->buf + a->cap - a->last_len, a->last_len);
@@ -120,8 +132,8 @@ static bool place(assembler_t *a, uint32_t idx, size_t data_len, size_t *offset)
         } else {
             /* Its place depends on the other chunks' length: keep it at the end for now. */
             if (data_len > a->cap) {
-                fail(a, "chunk %u of %s is larger than this proplet's %zu-byte module limit",
-                     (unsigned)idx, a->app_name, a->cap);
+                fail_too_large(a, "chunk %u of %s is larger than this proplet's %zu-byte module "
+                                  "limit", (unsigned)idx, a->app_name, a->cap);
                 return false;
             }
             a->last_stashed = true;
@@ -129,8 +141,8 @@ static bool place(assembler_t *a, uint32_t idx, size_t data_len, size_t *offset)
         }
     }
     if (*offset > a->cap || data_len > a->cap - *offset) {
-        fail(a, "chunk %u of %s does not fit this proplet's %zu-byte module limit", (unsigned)idx,
-             a->app_name, a->cap);
+        fail_too_large(a, "chunk %u of %s does not fit this proplet's %zu-byte module limit",
+                       (unsigned)idx, a->app_name, a->cap);
         return false;
     }
     return true;

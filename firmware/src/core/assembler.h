@@ -38,6 +38,10 @@ typedef struct {
     bool has_digest;
     uint8_t digest[SHA256_BYTES];
     size_t length; /* module length once complete */
+    /* Failed because the module is more than this proplet can hold (its size, its number of
+     * chunks, or the memory for it), not because the transfer went wrong: a proplet with more
+     * room may run it. */
+    bool too_large;
     char error[PROPLET_ERROR_TEXT_MAX + 1];
 } assembler_t;
 

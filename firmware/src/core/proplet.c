@@ -400,6 +400,7 @@ typedef enum {
     START_ADOPTED,   /* already held: now on the newer attempt */
     START_ACCEPTED, /* in a slot */
     START_REJECTED, /* transient refusal: the manager may send it elsewhere */
+    START_UNSUPPORTED, /* never runs here, may elsewhere: task_state unsupported (our manager) */
     START_FAILED    /* the task cannot run here: failed result */
 } start_outcome_t;
 
@@ -422,6 +423,38 @@ static void decide_failed(start_decision_t *d, const char *fmt, ...)
     d->outcome = START_FAILED;
 }
 
+/* Whether a task that cannot run on this proplet, for what the proplet is (a component, a module
+ * too large for it, a latent task), is answered with task_state `unsupported`, which this project's
+ * manager takes to send it to another proplet (or to fail it, if it is pinned here). Upstream's
+ * manager reads no task_state and numbers no attempts: it gets a failed result, as does each
+ * proplet's answer to a broadcast. */
+static bool may_go_elsewhere(uint32_t attempt, bool broadcast)
+{
+    return attempt > 0 && !broadcast;
+}
+
+/* The task never runs here, but may on another proplet. */
+static void decide_cannot_run(start_decision_t *d, const start_msg_t *m, const char *fmt, ...)
+{
+    va_list args;
+    va_start(args, fmt);
+    vsnprintf(d->text, sizeof d->text, fmt, args);
+    va_end(args);
+    d->outcome = may_go_elsewhere(m->attempt, m->broadcast) ? START_UNSUPPORTED : START_FAILED;
+}
+
+/* A WebAssembly component (layer 1) rather than a core module: the preamble's version field. */
+static bool is_component(const uint8_t *module, size_t len)
+{
+    static const uint8_t component_preamble[8] = {0x00, 0x61, 0x73, 0x6d, 0x0d, 0x00, 0x01, 0x00};
+    return len >= sizeof component_preamble
+           && memcmp(module, component_preamble, sizeof component_preamble) == 0;
+}
+
+#define COMPONENT_REFUSAL                                                                         \
+    "the module is a WebAssembly component; this proplet runs core modules only: run the task on " \
+    "a proplet that runs components"
+
 /* Decode the inline module into its own buffer, bounded by max_module_bytes. */
 static bool decode_inline(proplet_t *p, const start_msg_t *m, uint8_t **out, size_t *out_len,
                           start_decision_t *d)
@@ -432,20 +465,25 @@ static bool decode_inline(proplet_t *p, const start_msg_t *m, uint8_t **out, siz
         return false;
     }
     if (len > p->cfg.max_module_bytes) {
-        decide_failed(d,
-                      "the module is %zu bytes but this proplet holds at most %zu; use a smaller "
-                      "module or run the task on a proplet with more memory",
-                      len, p->cfg.max_module_bytes);
+        decide_cannot_run(d, m,
+                          "the module is %zu bytes but this proplet holds at most %zu; use a smaller "
+                          "module or run the task on a proplet with more memory",
+                          len, p->cfg.max_module_bytes);
         return false;
     }
     uint8_t *buf = malloc(len > 0 ? len : 1);
     if (buf == NULL) {
-        decide_failed(d, "out of memory: cannot hold the %zu-byte module", len);
+        decide_cannot_run(d, m, "out of memory: cannot hold the %zu-byte module", len);
         return false;
     }
     if (!b64_decode(m->file_b64, m->file_b64_len, buf, len, out_len)) {
         free(buf);
         decide_failed(d, "field 'file' is not valid standard base64");
+        return false;
+    }
+    if (is_component(buf, *out_len)) {
+        free(buf);
+        decide_cannot_run(d, m, COMPONENT_REFUSAL);
         return false;
     }
     *out = buf;
@@ -490,19 +528,21 @@ static void decide_start(proplet_t *p, const start_msg_t *m, const char *untrust
         d->outcome = START_RESENT;
         return;
     }
-    /* Permanent refusals fail the task: the manager cannot tell a pinned task from one it
-     * placed here, and re-sends a rejected pinned task to this proplet again at once. */
+    /* Permanent refusals are not `rejected`, which the manager takes as "busy" and sends again:
+     * what this proplet can never run goes elsewhere (decide_cannot_run), and a module no key
+     * here trusts fails. */
     if (untrusted[0] != '\0') {
         decide_failed(d, "%s", untrusted);
         return;
     }
     if (m->latent) {
-        decide_failed(d, "latent tasks (deploy, then invoke) are not supported by the embedded "
-                         "proplet; run the task on a Python proplet");
+        decide_cannot_run(d, m, "latent tasks (deploy, then invoke) are not supported by the "
+                                "embedded proplet; run the task on a Python proplet");
         return;
     }
     if (m->encrypted) {
-        decide_failed(d, "encrypted tasks need a TEE, which the embedded proplet does not have");
+        decide_cannot_run(d, m,
+                          "encrypted tasks need a TEE, which the embedded proplet does not have");
         return;
     }
     slot_t *slot = NULL;
@@ -617,6 +657,14 @@ static void handle_start(proplet_t *p, const char *payload, size_t len)
         plog(p, PROPLET_LOG_WARN, "refusing task %s: %s", d.ref.id, d.text);
         send_task_state(p, &d.ref, "rejected", d.text, buf);
         return;
+    case START_UNSUPPORTED:
+        plog(p, PROPLET_LOG_WARN, "task %s cannot run here; the manager is told so: %s", d.ref.id,
+             d.text);
+        lock(p);
+        p->counters.tasks_unsupported++;
+        unlock(p);
+        send_task_state(p, &d.ref, "unsupported", d.text, buf);
+        return;
     case START_FAILED:
         plog(p, PROPLET_LOG_WARN, "task %s failed: %s", d.ref.id, d.text);
         lock(p);
@@ -707,6 +755,19 @@ static void handle_stop(proplet_t *p, const char *payload, size_t len)
 /* ------------------------------------------------------------------------------------------
  * chunks */
 
+/* The fetched module is one this proplet cannot run: our manager sends the task to another
+ * proplet (task_state `unsupported`), and nothing is remembered as finished here. */
+static void finish_unsupported(proplet_t *p, slot_t *s, const task_ref_t *ref, const char *why,
+                               char *buf)
+{
+    plog(p, PROPLET_LOG_WARN, "task %s cannot run here; the manager is told so: %s", ref->id, why);
+    send_task_state(p, ref, "unsupported", why, buf);
+    lock(p);
+    p->counters.tasks_unsupported++;
+    free_slot(s);
+    unlock(p);
+}
+
 static void handle_chunk(proplet_t *p, const char *payload, size_t len, bool binary)
 {
     chunk_msg_t *c = &p->inbound_chunk;
@@ -719,7 +780,7 @@ static void handle_chunk(proplet_t *p, const char *payload, size_t len, bool bin
     }
     /* One slot at a time, so no slot waits on another slot's decoding. */
     for (unsigned i = 0; i < p->cfg.slots; i++) {
-        bool failed = false, ready = false;
+        bool failed = false, ready = false, elsewhere = false;
         task_ref_t ref;
         char error[PROPLET_ERROR_TEXT_MAX + 1];
         lock(p);
@@ -731,16 +792,29 @@ static void handle_chunk(proplet_t *p, const char *payload, size_t len, bool bin
                 s->last_progress_ms = now_ms(p);
             if (st == ASSEMBLY_COMPLETE) {
                 s->module = assembler_take(&s->assembler, &s->module_len);
-                s->state = SLOT_READY;
-                ready = true;
+                if (is_component(s->module, s->module_len)) {
+                    /* Placed here by a manager that did not know the module (a URL or an OCI
+                     * reference): only once its bytes are here does the kind show. */
+                    copy_text(error, sizeof error, COMPONENT_REFUSAL);
+                    begin_report(s, &ref);
+                    failed = true;
+                    elsewhere = may_go_elsewhere(s->task.attempt, s->task.broadcast);
+                } else {
+                    s->state = SLOT_READY;
+                    ready = true;
+                }
             } else if (st == ASSEMBLY_FAILED) {
                 copy_text(error, sizeof error, assembler_error(&s->assembler));
                 begin_report(s, &ref);
                 failed = true;
+                elsewhere = s->assembler.too_large
+                            && may_go_elsewhere(s->task.attempt, s->task.broadcast);
             }
         }
         unlock(p);
-        if (failed) {
+        if (failed && elsewhere) {
+            finish_unsupported(p, s, &ref, error, p->inbound_out[0]);
+        } else if (failed) {
             plog(p, PROPLET_LOG_WARN, "task %s failed: %s", ref.id, error);
             finish_report(p, s, &ref, "", error, p->inbound_out[0]);
         }

@@ -104,6 +104,7 @@ typedef struct {
 typedef struct {
     uint32_t tasks_completed;
     uint32_t tasks_failed;
+    uint32_t tasks_unsupported; /* answered task_state unsupported: another proplet may run them */
     uint32_t messages_invalid;
     uint32_t messages_oversized;
     uint32_t results_resent;  /* published again: after a reconnect, or not acknowledged in time */
