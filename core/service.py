@@ -1509,8 +1509,7 @@ class ManagerCore:
             return _why_none_can_take(needs, online)
         unsupported = self._unsupported_by.get(task.id)
         if unsupported and not self._able(task, online):
-            return ("no live proplet can run it (" + "; ".join(f"{p}: {why}" for p, why in unsupported.items())
-                    + "): it starts when one that can comes online")
+            return f"no live proplet can run it ({_each_reason(unsupported)}): it starts when one that can comes online"
         if all(p.draining for p in online):
             return f"the {len(online)} live proplets are shutting down: the task starts when one comes online"
         if not task.broadcast and not any(self._has_slot(p) for p in online):
@@ -2367,7 +2366,7 @@ class ManagerCore:
         elif len(unsupported) == 1:
             error = f"proplet {proplet_id} cannot run it, and no other live proplet can: {why}"
         else:
-            error = "no live proplet can run it: " + "; ".join(f"{p}: {w}" for p, w in unsupported.items())
+            error = "no live proplet can run it: " + _each_reason(unsupported)
         task.error = error
         task.finish_time = utcnow()
         await self._transition(task, TaskState.FAILED, error)
@@ -2453,6 +2452,11 @@ def _traceparent(task_id: str, attempt: int) -> str:
     trace = hashlib.sha256(task_id.encode()).hexdigest()[:32]
     span = hashlib.sha256(f"{task_id}/{attempt}".encode()).hexdigest()[:16]
     return f"00-{trace}-{span}-01"
+
+
+def _each_reason(by_proplet: dict[str, str]) -> str:
+    """`a: why; b: why`, each reason without its closing full stop (it reads as one sentence)."""
+    return "; ".join(f"{p}: {why.rstrip('.')}" for p, why in by_proplet.items())
 
 
 def _why_none_can_take(needs: ModuleNeeds, online: list[Proplet]) -> str:
