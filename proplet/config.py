@@ -147,7 +147,8 @@ class PropletSettings(msgspec.Struct, MqttClientOptions, kw_only=True):
     )] = ""
     dirs: Annotated[list[str], Meta(
         description="':'-separated host directories a task may use (preopened at the same path). Nothing else "
-        "of the host file system is visible to guests; a task asking (`--dir`) for another one fails, naming it.",
+        "of the host file system is visible to guests; a task asking (`--dir`) for another one is not run here, "
+        "naming it: this project's manager sends it to another proplet (it fails if pinned here or none can run it).",
     )] = msgspec.field(default_factory=list)
     tags: Annotated[list[str], Meta(description="Comma-separated tags (discovery).")] = msgspec.field(
         default_factory=list)
@@ -171,7 +172,8 @@ class PropletSettings(msgspec.Struct, MqttClientOptions, kw_only=True):
         "signed with one of these keys run.",
     )] = msgspec.field(default_factory=list)
     allow_network: Annotated[bool, Meta(
-        description="Let tasks that ask for it (`-S http` in their cli_args) make outgoing HTTP requests.",
+        description="Let tasks that ask for it (`-S http` in their cli_args) make outgoing HTTP requests. Without it "
+        "such a task is not run here, saying so: this project's manager sends it to another proplet.",
     )] = False
     http_enabled: Annotated[bool, Meta(
         description="Let daemon tasks serve wasi:http components (needs PROPLET_EXTERNAL_WASM_RUNTIME).",
@@ -185,9 +187,12 @@ class PropletSettings(msgspec.Struct, MqttClientOptions, kw_only=True):
         gt=0, description="Linear-memory limit of a task that sets none (bytes).")] = 256 * 1024 * 1024
     task_memory_max: Annotated[int, Meta(
         gt=0, description="Largest linear-memory limit a task may set (limits.memory_bytes, bytes); a task asking "
-        "for more fails, naming both. Default: half this machine's memory (the figure shown is this machine's).",
+        "for more is not run here, naming both (this project's manager sends it to another proplet). Default: half "
+        "this machine's memory (the figure shown is this machine's).",
     )] = msgspec.field(default_factory=_half_the_memory)
-    wasm_fetch_max_bytes: Annotated[int, Meta(gt=0, description="Largest module fetched (bytes).")] = 104_857_600
+    wasm_fetch_max_bytes: Annotated[int, Meta(gt=0, description=(
+        "Largest module fetched (bytes), announced to the manager as max_module_bytes; a task with a larger module "
+        "is not run here (this project's manager sends it to another proplet)."))] = 104_857_600
     http_tls_ca_cert: Annotated[str | None, Meta(description="CA bundle for https module URLs.")] = None
     http_tls_insecure_skip_verify: Annotated[bool, Meta(description="Do not verify https certificates.")] = False
     chunk_stall_timeout: Annotated[float, Meta(
@@ -313,7 +318,7 @@ UPSTREAM_ONLY = {
     "MQTT_MAX_PACKET_SIZE": "a module too big for one message comes in chunks instead",
     "MQTT_INFLIGHT": "paho keeps its own window of unacknowledged messages",
     "MQTT_REQUEST_CHANNEL_CAPACITY": "messages go straight to the MQTT client here",
-    "KBS_URI": "this proplet has no TEE runtime: it fails encrypted tasks, saying so",
+    "KBS_URI": "this proplet has no TEE runtime: it does not run encrypted tasks, saying so",
     "AA_CONFIG_PATH": "this proplet has no TEE runtime",
     "LAYER_STORE_PATH": "this proplet has no TEE runtime",
     "PULL_CONCURRENT_LIMIT": "this proplet has no TEE runtime",
