@@ -644,6 +644,8 @@ class PropletAgent:
                     self._executing(this)
                     outcome = await self.runtime.run(digest, invocation)
                 results, error = outcome.results, outcome.error
+                # A daemon wasi:http component on a proplet that does not serve HTTP: one that does may.
+                cannot_run_here = outcome.elsewhere and start.daemon
                 if outcome.ok and is_round_task(invocation.env):
                     assert self.federated is not None
                     results = self.federated.report(start.id, invocation.env, outcome.stdout)

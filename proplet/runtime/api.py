@@ -68,6 +68,9 @@ class Outcome:
     stderr: bytes = b""
     duration_s: float = 0.0
     fuel_used: int | None = None
+    # The module cannot run on this proplet but may on another (a wasi:http proxy component, which
+    # only a proplet that serves HTTP runs): the agent lets the manager give a daemon task elsewhere.
+    elsewhere: bool = False
 
     @property
     def ok(self) -> bool:

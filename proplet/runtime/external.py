@@ -510,7 +510,8 @@ class ExternalRuntime:
         try:
             plan = self._plan(stored, inv, memory, fuel_code)
         except _PlanError as e:
-            return Outcome("", str(e), duration_s=time.perf_counter() - started)
+            return Outcome("", str(e), duration_s=time.perf_counter() - started,
+                           elsewhere=isinstance(e, _ServedElsewhere))
         async with self._slots:
             return await self._execute(plan, inv, timeout, memory, started)
 
@@ -776,6 +777,10 @@ class _PlanError(Exception):
     pass
 
 
+class _ServedElsewhere(_PlanError):
+    """A wasi:http proxy component: a proplet that serves HTTP runs it (Outcome.elsewhere)."""
+
+
 class _DiskFull(Exception):
     """`wasmtime compile` could not write its output: the disk is full."""
 
@@ -804,7 +809,7 @@ _PROXY_ERROR = ("This is a wasi:http proxy component: it answers HTTP requests a
 
 def _component_call(exports: ComponentExports, inv: Invocation) -> Call:
     if exports.is_proxy and exports.run_index is None:
-        raise _PlanError(_PROXY_ERROR)
+        raise _ServedElsewhere(_PROXY_ERROR)
     try:
         return plan_call(exports, inv.function, inv.inputs, network=inv.network)
     except CallError as e:

@@ -234,6 +234,10 @@ class _GuestFailed(Exception):
     """A run ended without a result; the message is the user-facing reason."""
 
 
+class _ServedElsewhere(_GuestFailed):
+    """A wasi:http proxy component: a proplet that serves HTTP runs it (Outcome.elsewhere)."""
+
+
 class WasmtimeRuntime:
     """The internal runtime (wasmtime-py in this process)."""
 
@@ -612,6 +616,7 @@ class WasmtimeRuntime:
                store: Store) -> Outcome:
         started = time.perf_counter()
         fuel_used = None
+        elsewhere = False
         watch = state.watch
         if not watch.slice_only:  # a run on the event loop is over before anyone asks
             watch.cpu_clock = time.pthread_getcpuclockid(threading.get_ident())
@@ -633,6 +638,7 @@ class WasmtimeRuntime:
                 error = overflow_error(state.stdout)
             except _GuestFailed as e:
                 results, error = "", str(e)
+                elsewhere = isinstance(e, _ServedElsewhere)
             if state.fuel is not None:
                 with contextlib.suppress(WasmtimeError):
                     fuel_used = state.fuel - store.get_fuel()
@@ -645,6 +651,7 @@ class WasmtimeRuntime:
             stderr=state.stderr.value("stderr"),
             duration_s=time.perf_counter() - started,
             fuel_used=fuel_used,
+            elsewhere=elsewhere,
         )
 
     def _wasi(self, inv: Invocation, state: _Run, argv: list[str] | None) -> WasiConfig:
@@ -781,7 +788,7 @@ class WasmtimeRuntime:
                        state: _Run, store: Store) -> str:
         exports = art.exports
         if exports.is_proxy and exports.run_index is None:
-            raise _GuestFailed(
+            raise _ServedElsewhere(
                 "This is a wasi:http proxy component; the internal runtime cannot serve HTTP. Start "
                 "the proplet with PROPLET_EXTERNAL_WASM_RUNTIME=wasmtime to serve it."
             )

@@ -702,6 +702,39 @@ async def test_daemon_serves_wasi_http_until_stopped(manager: Any, proplet_facto
         await eventually(closed, 10)
 
 
+async def test_a_daemon_web_component_goes_to_the_proplet_that_serves_http(
+        manager: Any, proplet_factory: PropletFactory) -> None:
+    """Two proplets, one serving wasi:http (the wasmtime CLI, PROPLET_HTTP_ENABLED) and one that
+    cannot (the internal runtime): daemon web components sent to the second failed there, "the
+    internal runtime cannot serve HTTP", while the first could serve them. Now each is served."""
+    import httpx
+
+    from tests.wasmfixtures import wasmtime_cli
+
+    async with proplet_factory(manager, "p-no-web") as no_web, \
+            proplet_factory(manager, "p-web-2", external_wasm_runtime=wasmtime_cli(), http_enabled=True):
+        for _ in range(2):  # round robin: one of the two lands on p-no-web first
+            task = await manager.create_task(TaskCreate(name="serve", file=b64(wasm("http-component")),
+                                                        daemon=True))
+            await manager.start_task(task.id)
+
+            async def serving(tid: str = task.id) -> Any:
+                events = await manager.task_events(tid)
+                assert not any(e.state is TaskState.FAILED for e in events), events
+                return next((e for e in events if e.detail.startswith("running on p-web-2: serving HTTP")), None)
+
+            event = await eventually(serving, 60)
+            port = int(event.detail.rsplit(" ", 1)[1])
+            async with httpx.AsyncClient() as client:
+                assert (await client.get(f"http://127.0.0.1:{port}/hello")).status_code == 200
+            await manager.stop_task(task.id)
+        assert no_web.counters.unsupported >= 1 and no_web.counters.failed == 0
+    # Not a daemon, it is no task to serve: it fails wherever it lands, as before.
+    async with proplet_factory(manager, "p-no-web-2"):
+        done = await run_task(manager, name="serve", file=b64(wasm("http-component")))
+        assert done.state is TaskState.FAILED and "cannot serve HTTP" in done.error
+
+
 async def test_starts_beyond_the_slots_wait_on_the_proplet_as_scheduled_then_run(
         manager: Any, proplet_factory: PropletFactory) -> None:
     # One slot and two queue places: the manager sends all three at once; two wait on the proplet,

@@ -114,6 +114,9 @@ async def test_a_component_is_found_on_disk_by_a_new_runtime(cache_dir) -> None:
 async def test_a_proxy_component_needs_the_external_runtime(runtime: WasmtimeRuntime) -> None:
     outcome = await run(runtime, "http-component", "")
     assert "PROPLET_EXTERNAL_WASM_RUNTIME=wasmtime" in outcome.error
+    assert outcome.elsewhere  # a proplet that serves HTTP runs it (the agent tells the manager)
+    failed = await run(runtime, "greeter-component", "nope")
+    assert failed.error and not failed.elsewhere
 
 
 @pytest.mark.parametrize(

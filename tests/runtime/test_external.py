@@ -130,6 +130,7 @@ async def test_a_proxy_component_is_served_not_run(external: ExternalRuntime) ->
     outcome = await run(external, "http-component", "")
     assert outcome.error.startswith("This is a wasi:http proxy component: it answers HTTP requests")
     assert "PROPLET_HTTP_ENABLED=true" in outcome.error
+    assert outcome.elsewhere  # a proplet that serves HTTP runs it (the agent tells the manager)
 
 
 async def test_a_component_wasmtime_py_cannot_read_goes_to_the_cli_unchecked(
