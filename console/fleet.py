@@ -221,6 +221,8 @@ def takes_text(p: Proplet) -> str:
         parts.append(f"modules up to {size_text(p.max_module_bytes)}")
     if not p.runs_components:
         parts.append("core modules only")
+    if not p.provides_wasi:
+        parts.append("no WASI")
     if not p.holds_latent:
         parts.append("no latent tasks")
     return ", ".join(parts)

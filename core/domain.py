@@ -95,12 +95,39 @@ def is_component(wasm: bytes | bytearray | memoryview) -> bool:
     return len(wasm) >= 8 and wasm[:4] == WASM_MAGIC and wasm[4] in (0x0D, 0x0A) and wasm[6:8] == b"\x01\x00"
 
 
+# The import modules of WASI preview 1 (and its older name): a module importing from one needs a
+# proplet that provides WASI, which embedded proplets do not (the firmware links no host function,
+# upstream's embedded proplet only WAMR's libc-builtin).
+WASI_IMPORT_MODULES = frozenset({"wasi_snapshot_preview1", "wasi_unstable"})
+# How much of a stored module the manager reads back to learn its needs (see module_needs): the
+# header and, for all but unusual modules, the type and import sections that follow it.
+MODULE_HEAD_BYTES = 4096
+
+
 @dataclass(frozen=True, slots=True)
 class ModuleNeeds:
-    """What a proplet must take to run a module (placement): its size, and whether it is a component."""
+    """What a proplet must take to run a module (placement): its size, whether it is a component, and
+    whether it imports WASI."""
 
     size: int
     component: bool
+    wasi: bool = False
+
+
+def module_needs(size: int, head: bytes | bytearray) -> ModuleNeeds:
+    """The needs of a module of `size` bytes from its first bytes (the whole module, or at least
+    MODULE_HEAD_BYTES of it). Imports cut off in a shorter head, or a module that does not parse, count
+    as no WASI: the proplet it lands on then says whether it can run it (task_state unsupported)."""
+    from core.wasmbin import WasmParseError, imported_modules
+
+    component = is_component(head)
+    wasi = False
+    if not component:
+        try:
+            wasi = bool(imported_modules(head) & WASI_IMPORT_MODULES)
+        except WasmParseError:
+            pass
+    return ModuleNeeds(size, component, wasi)
 
 
 # How long the manager waits for an invocation of a latent task: upstream's 30 s, or the task's own
@@ -294,6 +321,11 @@ class Proplet:
         return "components" in self.capabilities or not self.embedded
 
     @property
+    def provides_wasi(self) -> bool:
+        """Embedded proplets give modules no WASI (WASI_IMPORT_MODULES), unless they say so (`wasi`)."""
+        return "wasi" in self.capabilities or not self.embedded
+
+    @property
     def max_module_bytes(self) -> int | None:
         """The largest module it takes, as it announced (None: it did not say)."""
         return self._announced_count("max_module_bytes")
@@ -302,6 +334,8 @@ class Proplet:
         """Whether it can run a module of this size and kind, by what it announced."""
         limit = self.max_module_bytes
         if limit is not None and limit < needs.size:
+            return False
+        if needs.wasi and not self.provides_wasi:
             return False
         return not needs.component or self.runs_components
 

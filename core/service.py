@@ -54,7 +54,7 @@ from core.domain import (
     TaskStateChanged,
     group_state,
     invocation_wait_s,
-    is_component,
+    module_needs,
     new_task_id,
     utcnow,
 )
@@ -637,8 +637,8 @@ class ManagerCore:
 
     async def _learn_module_needs(self, tasks: Iterable[Task]) -> None:
         """Learn what the stored modules of tasks read from the database need of a proplet (size,
-        component or not): known already for modules received since the start, and read once per
-        module otherwise (its size and header, not the module)."""
+        component or not, WASI or not): known already for modules received since the start, and read
+        once per module otherwise (its size and first MODULE_HEAD_BYTES, not the module)."""
         unknown = {t.wasm_digest for t in tasks
                    if t.wasm_digest and not t.image_url and t.wasm_digest not in self._module_needs}
         if not unknown:
@@ -649,7 +649,7 @@ class ManagerCore:
             log.warning("cannot read the sizes of %d modules; their tasks go to any proplet: %s", len(unknown), exc)
             return
         for digest, (size, head) in heads.items():
-            self._module_needs.put(digest, ModuleNeeds(size, is_component(head)))
+            self._module_needs.put(digest, module_needs(size, head))
 
     def _remember(self, task: Task) -> None:
         for evicted in self._recent.put(task.id, task):
@@ -1552,7 +1552,7 @@ class ManagerCore:
         return out
 
     def _note_module_needs(self, digest: str, module: bytes) -> None:
-        self._module_needs.put(digest, ModuleNeeds(len(module), is_component(module)))
+        self._module_needs.put(digest, module_needs(len(module), module))
 
     async def _dispatch_loop(self) -> None:
         while True:
@@ -2463,6 +2463,9 @@ def _why_none_can_take(needs: ModuleNeeds, online: list[Proplet]) -> str:
     if needs.component and not any(p.runs_components for p in online):
         return ("its module is a component, and no live proplet runs components (embedded proplets run core "
                 "modules only): it starts when one that does comes online")
+    if needs.wasi and not any(p.provides_wasi for p in online):
+        return ("its module imports WASI, and no live proplet provides it (embedded proplets do not): it "
+                "starts when one that does comes online")
     return (f"its module ({size_text(needs.size)}) is larger than every live proplet that could run it takes "
             "(max_module_bytes in their metadata): it starts when one that takes it comes online")
 

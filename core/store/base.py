@@ -20,6 +20,7 @@ import orjson
 
 from core.cron import Schedule
 from core.domain import (
+    MODULE_HEAD_BYTES,
     FLRound,
     FLUpdateRecord,
     Job,
@@ -673,14 +674,16 @@ class Store(abc.ABC):
         return {TaskState(r[0]): int(r[1]) for r in rows}
 
     async def module_heads(self, digests: Sequence[str]) -> dict[str, tuple[int, bytes]]:
-        """Each stored module's size and first 8 bytes (its header), by digest, without reading it
-        whole: what the dispatcher needs to know which proplets can take it."""
+        """Each stored module's size and first MODULE_HEAD_BYTES (its header, and as a rule its
+        imports), by digest, without reading it whole: what the dispatcher needs to know which
+        proplets can take it (core.domain.module_needs)."""
         out: dict[str, tuple[int, bytes]] = {}
         async with self.connection() as conn:
             for i in range(0, len(digests), 500):
                 part = list(digests[i:i + 500])
-                rows = await conn.fetch("SELECT digest, length(data), substr(data, 1, 8) FROM modules "
-                                        f"WHERE digest IN ({', '.join('?' * len(part))})", tuple(part))
+                rows = await conn.fetch(
+                    f"SELECT digest, length(data), substr(data, 1, {MODULE_HEAD_BYTES}) FROM modules "
+                    f"WHERE digest IN ({', '.join('?' * len(part))})", tuple(part))
                 out.update({r[0]: (int(r[1]), bytes(r[2])) for r in rows})
         return out
 

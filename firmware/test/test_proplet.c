@@ -442,6 +442,38 @@ static void answers_unsupported_for_a_fetched_module_it_cannot_run(void **state)
     assert_int_equal(proplet_busy_slots(p), 0);
 }
 
+/* A module that imports something (WASI, as every wasm32-wasi program does) cannot run on this
+ * proplet, which links no host functions: inline or fetched, it goes to a proplet with WASI. */
+static void answers_unsupported_for_a_module_with_imports(void **state)
+{
+    (void)state;
+    static const uint8_t wasi[] = {
+        0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00,                /* preamble */
+        0x01, 0x04, 0x01, 0x60, 0x00, 0x00,                            /* type () -> () */
+        0x02, 0x23, 0x01, 0x16, 'w', 'a', 's', 'i', '_', 's', 'n', 'a', 'p', 's', 'h', 'o', 't', '_',
+        'p', 'r', 'e', 'v', 'i', 'e', 'w', '1', 0x08, 'f', 'd', '_', 'w', 'r', 'i', 't', 'e', 0x00,
+        0x00, /* import wasi_snapshot_preview1.fd_write, a function of type 0 */
+    };
+    char b64[128];
+    b64_encode(wasi, sizeof wasi, b64);
+    start_with_file("t-18", b64, ",\"attempt\":1");
+    const char *said = fake_published(TOPIC_TASK_STATE, 0);
+    expect_contains(said, "\"state\":\"unsupported\"");
+    expect_contains(said, "the module imports wasi_snapshot_preview1.fd_write; the embedded proplet provides "
+                          "no imports (no WASI)");
+    deliver(TOPIC_START, "{\"id\":\"t-19\",\"name\":\"_start\",\"image_url\":\"reg/hello:1\","
+                         "\"proplet_id\":\"dev-1\",\"attempt\":1}");
+    binary_chunk("reg/hello:1", 0, 1, wasi, sizeof wasi, sizeof wasi);
+    said = fake_published(TOPIC_TASK_STATE, 2); /* after its "running" */
+    expect_contains(said, "\"state\":\"unsupported\"");
+    expect_contains(said, "imports wasi_snapshot_preview1.fd_write");
+    assert_int_equal(fake_count(TOPIC_RESULTS), 0);
+    /* The modules of the other tests import nothing, and run. */
+    start("t-20", "add", "\"1\",\"2\"", "");
+    assert_true(proplet_run_next(p));
+    expect_contains(fake_published(TOPIC_RESULTS, 0), "\"results\":\"3\"");
+}
+
 /* The broker drops away while tasks finish: their results are kept and sent on the next connect;
  * more than the proplet can keep push the oldest out, counted and logged. */
 static void keeps_results_the_broker_did_not_take_until_it_is_back(void **state)
@@ -833,6 +865,7 @@ int main(void)
         TEST(refuses_when_every_slot_is_busy),
         TEST(answers_unsupported_for_tasks_it_can_never_run),
         TEST(fails_for_upstream_and_broadcasts_what_it_can_never_run),
+        TEST(answers_unsupported_for_a_module_with_imports),
         TEST(reports_what_went_wrong_in_the_module),
         TEST(passes_the_task_limits_to_the_engine),
         TEST(rejects_a_module_that_does_not_load),

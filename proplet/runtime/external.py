@@ -47,6 +47,7 @@ from wasmtime import Config, Engine, WasmtimeError
 from wasmtime import component as cm
 
 from core.lifecycle import cancel_and_wait
+from core.wasmbin import CoreExports, WasmParseError, core_exports
 from core.wasmvalues import WasmValueError, format_value, quoted_input
 
 from . import wave
@@ -82,7 +83,6 @@ from .api import (
 )
 from .cache import DiskBudget, _atomic_write, _secure_dir, disk_full
 from .components import Call, ComponentExports, describe_exports, invoke_text, plan_call
-from .wasmbin import CoreExports, WasmParseError, core_exports
 
 log = logging.getLogger(__name__)
 

@@ -52,6 +52,7 @@ from wasmtime import component as cm
 from wasmtime._extern import wrap_extern
 
 from core.bounded import BoundedLru
+from core.wasmbin import WasmParseError, core_exports
 from core.wasmvalues import format_results
 
 from . import memories, wave
@@ -87,7 +88,6 @@ from .api import (
 from .cache import DiskBudget, DiskCache, UnsafeCacheDir
 from .components import ComponentExports, describe_exports, plan_call
 from .memories import MemoryUse
-from .wasmbin import WasmParseError, core_exports
 from .watchdog import Reason, Watch, Watchdog
 
 log = logging.getLogger(__name__)

@@ -133,9 +133,9 @@ async def test_a_module_too_large_for_the_proplet_fails_clearly(manager_factory,
 async def test_a_module_the_board_cannot_run_goes_to_a_proplet_that_can(manager_factory, host_proplets, broker,
                                                                           tmp_path, monkeypatch) -> None:
     """A mixed fleet, tasks by OCI reference: the manager does not know those modules, so round robin
-    sends some to the board. A component, or a module over the board's limit, used to fail there
-    while a Linux proplet sat idle; now the board answers `unsupported` once it sees the module's
-    size or kind in its chunks, and the task runs on the Python proplet."""
+    sends some to the board. A component, a module over the board's limit, or a WASI program used to
+    fail there while a Linux proplet sat idle; now the board answers `unsupported` once it sees the
+    module's size, kind or imports in its chunks, and the task runs on the Python proplet."""
     from proplet.agent import PropletAgent
     from proplet.config import PropletSettings
     from tests.registry import running_registry
@@ -146,6 +146,7 @@ async def test_a_module_the_board_cannot_run_goes_to_a_proplet_that_can(manager_
         big = with_custom_section(fixture("add"), "padding", bytes(8192))
         registry.push("wasm/greeter", "v1", component)
         registry.push("wasm/big-add", "v1", big)
+        registry.push("wasm/hello", "v1", fixture("hello"))  # a WASI command: the board has no WASI
         monkeypatch.setenv("PROXY_REGISTRY_URL", registry.host)
         async with manager_factory(oci_proxy=True, chunk_size=4096) as core:
             board = host_proplets(core, "esp-mixed", "--max-module-bytes", "4096")
@@ -163,17 +164,23 @@ async def test_a_module_the_board_cannot_run_goes_to_a_proplet_that_can(manager_
                         name="add", image_url=f"{registry.host}/wasm/greeter:v1", inputs=[str(i), "2"])))
                     tasks.append(await core.create_task(TaskCreate(
                         name="add", image_url=f"{registry.host}/wasm/big-add:v1", inputs=[str(i), "3"])))
+                    tasks.append(await core.create_task(TaskCreate(
+                        name="_start", image_url=f"{registry.host}/wasm/hello:v1", inputs=[f"arg{i}"])))
                 for task in tasks:
                     await core.start_task(task.id)
                 for task in tasks:
                     done = await finished(core, task.id, timeout=30)
                     assert done.state is TaskState.COMPLETED, (done.error, board.log)
                     assert done.proplet_id == "linux-mixed"
-                    assert done.results == str(int(task.inputs[0]) + int(task.inputs[1]))
+                    if task.name == "_start":
+                        assert f"[{task.inputs[0]}]" in done.results, done.results
+                    else:
+                        assert done.results == str(int(task.inputs[0]) + int(task.inputs[1]))
                 handed_over = core.metrics.tasks_unsupported._value.get() - unsupported_before
                 assert handed_over >= 1  # round robin over two proplets sent some to the board first
                 log = board.log
-                assert "is a WebAssembly component" in log or "this proplet holds at most 4096" in log, log
+                assert any(why in log for why in ("is a WebAssembly component", "this proplet holds at most 4096",
+                                                  "imports wasi_snapshot_preview1")), log
                 assert linux.counters.unsupported == 0
 
 

@@ -26,6 +26,11 @@ from tests.wire import SyntheticProplet, WireClient, add_inputs, eventually, sta
 WASM = b"\0asm\x01\0\0\0"
 
 
+# A core module that imports WASI (wasi_snapshot_preview1.fd_write), as any wasm32-wasi program does.
+WASI_MODULE = (b"\0asm\x01\x00\x00\x00" + b"\x01\x04\x01\x60\x00\x00"
+               + b"\x02\x23\x01\x16wasi_snapshot_preview1\x08fd_write\x00\x00")
+
+
 def add_task(**overrides: Any) -> TaskCreate:
     body: dict[str, Any] = {"name": "add", "file": base64.b64encode(WASM).decode(), "inputs": [2, 40]}
     body.update(overrides)
@@ -409,24 +414,28 @@ async def test_latent_tasks_go_only_to_proplets_that_can_hold_them(manager: Any,
 
 
 async def test_a_task_goes_only_to_a_proplet_that_can_take_its_module(manager: Any, broker: Any) -> None:
-    """Before: any live proplet got any task, so with an ESP32 in the fleet a component, or a module
-    over the board's max_module_bytes, could land on it and fail there while a Linux proplet sat idle."""
+    """Before: any live proplet got any task, so with an ESP32 in the fleet a component, a module over
+    the board's max_module_bytes, or one that imports WASI could land on it and fail there while a
+    Linux proplet sat idle."""
     component = base64.b64encode(b"\0asm\x0d\x00\x01\x00" + bytes(16)).decode()
+    wasi = base64.b64encode(WASI_MODULE).decode()
     big = base64.b64encode(WASM + bytes(5000)).decode()  # only its size matters: nothing compiles it here
     firmware = {"capabilities": ["task_state", "result_ack"], "environment": "embedded", "max_module_bytes": 4096}
     async with SyntheticProplet(broker.url, manager.topics, "fit-board", metadata=firmware) as board:
         await eventually(lambda: "fit-board" in manager.proplets)
         comp = await manager.create_task(add_task(file=component))
         large = await manager.create_task(add_task(file=big))
+        command = await manager.create_task(add_task(file=wasi))
         small = await manager.create_task(add_task())
-        for task in (comp, large, small):
+        for task in (comp, large, command, small):
             await manager.start_task(task.id)
         assert (await finished(manager, small.id)).results == "42"  # a small core module runs on the board
         await asyncio.sleep(0.2)
-        waiting = {t.id: (await manager.get_task(t.id)) for t in (comp, large)}
+        waiting = {t.id: (await manager.get_task(t.id)) for t in (comp, large, command)}
         assert all(t.state is TaskState.PENDING for t in waiting.values())
         assert "its module is a component, and no live proplet runs components" in waiting[comp.id].reason
         assert "larger than every live proplet that could run it takes" in waiting[large.id].reason
+        assert "its module imports WASI, and no live proplet provides it" in waiting[command.id].reason
         assert [s["id"] for s in board.starts] == [small.id]
         # Pinned to the board, it goes there (which says why it cannot run it).
         pinned = await manager.create_task(add_task(file=component, proplet_id="fit-board"))
@@ -434,9 +443,9 @@ async def test_a_task_goes_only_to_a_proplet_that_can_take_its_module(manager: A
         await eventually(lambda: pinned.id in {s["id"] for s in board.starts})
         async with SyntheticProplet(broker.url, manager.topics, "fit-linux",
                                     metadata={"environment": "binary", "max_module_bytes": 100 << 20}) as linux:
-            for task in (comp, large):
+            for task in (comp, large, command):
                 assert (await finished(manager, task.id)).proplet_id == "fit-linux"
-            assert {s["id"] for s in linux.starts} == {comp.id, large.id}
+            assert {s["id"] for s in linux.starts} == {comp.id, large.id, command.id}
 
 
 
@@ -884,18 +893,22 @@ async def test_after_a_restart_tasks_still_go_only_to_a_proplet_that_can_take_th
             queued = await first.create_task(add_task(file=component))
             await first.start_task(queued.id)
             later = await first.create_task(add_task(file=base64.b64encode(WASM + bytes(5000)).decode()))
+            # A WASI program padded past the first 8 bytes' reach: its imports come right after them.
+            command = await first.create_task(add_task(file=base64.b64encode(WASI_MODULE + bytes(300)).decode()))
             await eventually(lambda: "no live proplet runs components" in first.active[queued.id].reason)
         async with manager_factory(**same) as second:
             await on_board.announce()
             await eventually(lambda: second.proplets.get("needs-board") is not None
                              and second.proplets["needs-board"].online)
             await second.start_task(later.id)
+            await second.start_task(command.id)
             await asyncio.sleep(0.3)
             assert on_board.starts == []
             assert "no live proplet runs components" in (await second.get_task(queued.id)).reason
             assert "larger than every live proplet" in (await second.get_task(later.id)).reason
+            assert "imports WASI" in (await second.get_task(command.id)).reason
             async with SyntheticProplet(broker.url, topics, "needs-linux", metadata={"environment": "binary"}):
-                for task in (queued, later):
+                for task in (queued, later, command):
                     assert (await finished(second, task.id)).proplet_id == "needs-linux"
 
 

@@ -10,7 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from core.domain import Proplet, PropletMetrics, Task, TaskEvent, TaskLimits, TaskMetrics, TaskState, new_task_id
+from core.domain import (
+    MODULE_HEAD_BYTES,
+    Proplet,
+    PropletMetrics,
+    Task,
+    TaskEvent,
+    TaskLimits,
+    TaskMetrics,
+    TaskState,
+    new_task_id,
+)
 from core.store import Store
 from core.store.migrate import load_migrations, migrate
 from core.store.postgres import PostgresStore
@@ -204,8 +214,9 @@ async def test_a_module_is_stored_once_and_forgotten_with_the_last_task_that_has
                          for op in (store.op_put_module(digest, module), store.op_insert_task(t))))
     assert await store.file_by_digest(digest) == module
     assert await store.file_by_digest("sha256:" + "c" * 64) is None
-    # Its size and header, for placement, without the module.
-    assert await store.module_heads([digest, "sha256:" + "c" * 64]) == {digest: (len(module), module[:8])}
+    # Its size and first bytes (header and imports), for placement, without the module.
+    assert await store.module_heads([digest, "sha256:" + "c" * 64]) == {
+        digest: (len(module), module[:MODULE_HEAD_BYTES])}
     got = await store.get_task(first.id)
     assert got is not None and got.file == module
     assert await _count(store, "SELECT COUNT(*) FROM modules") == 1

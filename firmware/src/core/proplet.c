@@ -451,6 +451,59 @@ static bool is_component(const uint8_t *module, size_t len)
            && memcmp(module, component_preamble, sizeof component_preamble) == 0;
 }
 
+/* A LEB128 u32 at *pos, advancing it; false past `end` or over 32 bits. */
+static bool read_u32(const uint8_t *m, size_t end, size_t *pos, uint32_t *out)
+{
+    uint32_t value = 0;
+    for (unsigned shift = 0; shift < 35; shift += 7) {
+        if (*pos >= end)
+            return false;
+        uint8_t byte = m[(*pos)++];
+        value |= (uint32_t)(byte & 0x7f) << shift;
+        if ((byte & 0x80) == 0) {
+            *out = value;
+            return true;
+        }
+    }
+    return false;
+}
+
+/* Whether a core module imports anything, naming its first import ("module.name") in `what`.
+ * The embedded proplet links no host functions (no WASI, no libc on the device): such a module
+ * cannot run here, but can on a proplet with WASI. Sections are walked, not validated: a module
+ * that does not parse is left to the engine, which says why. */
+static bool first_import(const uint8_t *m, size_t len, char *what, size_t what_len)
+{
+    size_t pos = 8;
+    while (pos < len) {
+        uint8_t id = m[pos++];
+        uint32_t size;
+        if (!read_u32(m, len, &pos, &size) || size > len - pos)
+            return false;
+        if (id != 2) {
+            pos += size;
+            continue;
+        }
+        size_t end = pos + size;
+        uint32_t count, module_len, name_len;
+        if (!read_u32(m, end, &pos, &count) || count == 0
+            || !read_u32(m, end, &pos, &module_len) || module_len > end - pos)
+            return false;
+        size_t module_at = pos;
+        pos += module_len;
+        if (!read_u32(m, end, &pos, &name_len) || name_len > end - pos)
+            return false;
+        snprintf(what, what_len, "%.*s.%.*s%s", (int)module_len, (const char *)m + module_at,
+                 (int)name_len, (const char *)m + pos, count > 1 ? " and more" : "");
+        return true;
+    }
+    return false;
+}
+
+#define IMPORTS_REFUSAL                                                                            \
+    "the module imports %s; the embedded proplet provides no imports (no WASI), so export the "    \
+    "function to call and import nothing, or run the task on a proplet with WASI"
+
 #define COMPONENT_REFUSAL                                                                         \
     "the module is a WebAssembly component; this proplet runs core modules only: run the task on " \
     "a proplet that runs components"
@@ -484,6 +537,12 @@ static bool decode_inline(proplet_t *p, const start_msg_t *m, uint8_t **out, siz
     if (is_component(buf, *out_len)) {
         free(buf);
         decide_cannot_run(d, m, COMPONENT_REFUSAL);
+        return false;
+    }
+    char import[PROPLET_ERROR_TEXT_MAX / 2];
+    if (first_import(buf, *out_len, import, sizeof import)) {
+        free(buf);
+        decide_cannot_run(d, m, IMPORTS_REFUSAL, import);
         return false;
     }
     *out = buf;
@@ -792,10 +851,15 @@ static void handle_chunk(proplet_t *p, const char *payload, size_t len, bool bin
                 s->last_progress_ms = now_ms(p);
             if (st == ASSEMBLY_COMPLETE) {
                 s->module = assembler_take(&s->assembler, &s->module_len);
-                if (is_component(s->module, s->module_len)) {
+                char import[PROPLET_ERROR_TEXT_MAX / 2];
+                bool component = is_component(s->module, s->module_len);
+                if (component || first_import(s->module, s->module_len, import, sizeof import)) {
                     /* Placed here by a manager that did not know the module (a URL or an OCI
                      * reference): only once its bytes are here does the kind show. */
-                    copy_text(error, sizeof error, COMPONENT_REFUSAL);
+                    if (component)
+                        copy_text(error, sizeof error, COMPONENT_REFUSAL);
+                    else
+                        snprintf(error, sizeof error, IMPORTS_REFUSAL, import);
                     begin_report(s, &ref);
                     failed = true;
                     elsewhere = may_go_elsewhere(s->task.attempt, s->task.broadcast);

@@ -1,13 +1,16 @@
-"""A minimal reader of a core module's exports and their signatures, without compiling it.
+"""A minimal reader of a core module's exports and their signatures, and of what it imports,
+without compiling it.
 
 The external runtime needs to know, before starting `wasmtime run`, whether the task's function is
 an export (then `--invoke`, with the inputs checked and the printed results re-formatted by type)
 or the module is a command, exactly as the internal runtime decides. Parsing the type, import,
-function and export sections is enough and costs microseconds.
+function and export sections is enough and costs microseconds. The manager reads the modules a
+module imports from: one that needs WASI is not for a board (core.domain.ModuleNeeds).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 _VALTYPES = {0x7F: "i32", 0x7E: "i64", 0x7D: "f32", 0x7C: "f64", 0x7B: "v128", 0x70: "funcref",
@@ -26,7 +29,7 @@ class CoreExports:
 
 
 class _Reader:
-    def __init__(self, data: bytes, pos: int = 0, end: int | None = None) -> None:
+    def __init__(self, data: bytes | bytearray, pos: int = 0, end: int | None = None) -> None:
         self.data = data
         self.pos = pos
         self.end = len(data) if end is None else end
@@ -82,13 +85,10 @@ class _Reader:
             self.u32()
 
 
-def core_exports(wasm: bytes) -> CoreExports:
-    """Function exports of a core module with their signatures (raises WasmParseError)."""
+def _sections(wasm: bytes | bytearray) -> Iterator[tuple[int, _Reader]]:
+    """Each section's id and a reader of its body, in order (raises WasmParseError)."""
     if wasm[:4] != b"\0asm":
         raise WasmParseError("not a wasm binary")
-    types: list[tuple[tuple[str, ...], tuple[str, ...]]] = []
-    func_types: list[int] = []
-    exports: list[tuple[str, int, int]] = []
     pos = 8
     while pos < len(wasm):
         section_id = wasm[pos]
@@ -96,8 +96,46 @@ def core_exports(wasm: bytes) -> CoreExports:
         size = r.u32()
         if r.pos + size > len(wasm):
             raise WasmParseError(f"section {section_id} runs past the end of the binary")
-        body = _Reader(wasm, r.pos, r.pos + size)
+        yield section_id, _Reader(wasm, r.pos, r.pos + size)
         pos = r.pos + size
+
+
+def _import(body: _Reader) -> tuple[str, int | None]:
+    """One entry of the import section: its module's name, and its type index if it is a function."""
+    module = body.name()
+    body.name()
+    kind = body.byte()
+    if kind == 0:
+        return module, body.u32()
+    if kind == 1:
+        body.valtype()
+        body.limits()
+    elif kind == 2:
+        body.limits()
+    elif kind == 3:
+        body.valtype()
+        body.byte()
+    elif kind == 4:
+        body.byte()
+        body.u32()
+    return module, None
+
+
+def imported_modules(wasm: bytes | bytearray) -> frozenset[str]:
+    """The modules a core module imports from (`wasi_snapshot_preview1`, `env`, ...); raises
+    WasmParseError."""
+    for section_id, body in _sections(wasm):
+        if section_id == 2:
+            return frozenset(_import(body)[0] for _ in range(body.u32()))
+    return frozenset()
+
+
+def core_exports(wasm: bytes) -> CoreExports:
+    """Function exports of a core module with their signatures (raises WasmParseError)."""
+    types: list[tuple[tuple[str, ...], tuple[str, ...]]] = []
+    func_types: list[int] = []
+    exports: list[tuple[str, int, int]] = []
+    for section_id, body in _sections(wasm):
         if section_id == 1:
             for _ in range(body.u32()):
                 form = body.byte()
@@ -115,22 +153,9 @@ def core_exports(wasm: bytes) -> CoreExports:
                 types.append((params, results))
         elif section_id == 2:
             for _ in range(body.u32()):
-                body.name()
-                body.name()
-                kind = body.byte()
-                if kind == 0:
-                    func_types.append(body.u32())
-                elif kind == 1:
-                    body.valtype()
-                    body.limits()
-                elif kind == 2:
-                    body.limits()
-                elif kind == 3:
-                    body.valtype()
-                    body.byte()
-                elif kind == 4:
-                    body.byte()
-                    body.u32()
+                _, type_index = _import(body)
+                if type_index is not None:
+                    func_types.append(type_index)
         elif section_id == 3:
             func_types.extend(body.u32() for _ in range(body.u32()))
         elif section_id == 7:
