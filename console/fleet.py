@@ -223,6 +223,8 @@ def takes_text(p: Proplet) -> str:
         parts.append("core modules only")
     if not p.provides_wasi:
         parts.append("no WASI")
+    if not p.fetches_http:
+        parts.append("no HTTP URLs")
     if not p.holds_latent:
         parts.append("no latent tasks")
     return ", ".join(parts)

@@ -95,6 +95,12 @@ def is_component(wasm: bytes | bytearray | memoryview) -> bool:
     return len(wasm) >= 8 and wasm[:4] == WASM_MAGIC and wasm[4] in (0x0D, 0x0A) and wasm[6:8] == b"\x01\x00"
 
 
+def is_http_url(url: str) -> bool:
+    """Whether a task's image_url is fetched over HTTP(S) by the proplet (upstream's rule), rather
+    than in chunks over MQTT from an OCI registry through the proxy."""
+    return url[:8].lower().startswith(("http://", "https://"))
+
+
 # The import modules of WASI preview 1 (and its older name): a module importing from one needs a
 # proplet that provides WASI, which embedded proplets do not (the firmware links no host function,
 # upstream's embedded proplet only WAMR's libc-builtin).
@@ -319,6 +325,12 @@ class Proplet:
     def runs_components(self) -> bool:
         """Embedded proplets (WAMR, and the firmware's host build) run core modules only, unless they say."""
         return "components" in self.capabilities or not self.embedded
+
+    @property
+    def fetches_http(self) -> bool:
+        """Embedded proplets get modules in chunks over MQTT only (the firmware, upstream's embedded
+        proplet), not from an HTTP URL, unless they say so (`http_fetch`)."""
+        return "http_fetch" in self.capabilities or not self.embedded
 
     @property
     def provides_wasi(self) -> bool:

@@ -54,6 +54,7 @@ from core.domain import (
     TaskStateChanged,
     group_state,
     invocation_wait_s,
+    is_http_url,
     module_needs,
     new_task_id,
     utcnow,
@@ -1504,6 +1505,9 @@ class ManagerCore:
         if task.latent and not any(p.holds_latent for p in online):
             return ("no live proplet can hold a latent task (embedded proplets cannot): it starts when one that "
                     "can comes online")
+        if is_http_url(task.image_url) and not any(p.fetches_http for p in online):
+            return ("its module is fetched from an HTTP URL, which no live proplet does (embedded proplets take "
+                    "modules in chunks over MQTT only): it starts when one that does comes online")
         needs = self._module_needs.get(task.wasm_digest) if task.wasm_digest else None
         if needs is not None and not task.broadcast and not any(p.can_take(needs) for p in online):
             return _why_none_can_take(needs, online)
@@ -1543,6 +1547,8 @@ class ManagerCore:
         out = list(proplets)
         if task.latent:
             out = [p for p in out if p.holds_latent]
+        if is_http_url(task.image_url):
+            out = [p for p in out if p.fetches_http]
         needs = self._module_needs.get(task.wasm_digest) if task.wasm_digest else None
         if needs is not None:
             out = [p for p in out if p.can_take(needs)]
@@ -1578,9 +1584,7 @@ class ManagerCore:
                     continue  # stopped, deleted or already dispatched
                 if task.broadcast:
                     live = [p for p in self.proplets.values() if p.online and not p.draining]
-                    needs = self._module_needs.get(task.wasm_digest) if task.wasm_digest else None
-                    targets = [p for p in live if (not task.latent or p.holds_latent)
-                               and (needs is None or p.can_take(needs))]
+                    targets = self._able(task, live)
                     if not targets:
                         deferred.append(entry)
                         await self._set_reason(task)

@@ -474,6 +474,27 @@ static void answers_unsupported_for_a_module_with_imports(void **state)
     expect_contains(fake_published(TOPIC_RESULTS, 0), "\"results\":\"3\"");
 }
 
+/* An HTTP URL: the proplet fetches in chunks over MQTT only, which no one answers for a URL (the
+ * task failed after the fetch's retries). Our manager is told at once; upstream's gets the reason. */
+static void answers_unsupported_for_a_module_at_an_http_url(void **state)
+{
+    (void)state;
+    deliver(TOPIC_START, "{\"id\":\"t-24\",\"name\":\"add\",\"image_url\":\"HTTPS://web.lan/add.wasm\","
+                         "\"proplet_id\":\"dev-1\",\"attempt\":1}");
+    const char *said = fake_published(TOPIC_TASK_STATE, 0);
+    expect_contains(said, "\"state\":\"unsupported\"");
+    expect_contains(said, "takes modules in chunks over MQTT only, not from an HTTP URL");
+    assert_int_equal(fake_count(TOPIC_REGISTRY_REQUEST), 0);
+    deliver(TOPIC_START, "{\"id\":\"t-25\",\"name\":\"add\",\"image_url\":\"http://web.lan/add.wasm\","
+                         "\"proplet_id\":\"dev-1\"}");
+    expect_contains(fake_published(TOPIC_RESULTS, 0), "not from an HTTP URL");
+    /* An OCI reference that merely contains "http" is fetched in chunks as before. */
+    deliver(TOPIC_START, "{\"id\":\"t-26\",\"name\":\"add\",\"image_url\":\"reg.lan/httpd:1\","
+                         "\"proplet_id\":\"dev-1\",\"attempt\":1}");
+    assert_int_equal(fake_count(TOPIC_REGISTRY_REQUEST), 1);
+    assert_int_equal(proplet_busy_slots(p), 1);
+}
+
 /* The broker drops away while tasks finish: their results are kept and sent on the next connect;
  * more than the proplet can keep push the oldest out, counted and logged. */
 static void keeps_results_the_broker_did_not_take_until_it_is_back(void **state)
@@ -873,6 +894,7 @@ int main(void)
         TEST(frees_idle_modules_when_instantiation_runs_out_of_memory),
         TEST(fetches_a_chunked_module),
         TEST(answers_unsupported_for_a_fetched_module_it_cannot_run),
+        TEST(answers_unsupported_for_a_module_at_an_http_url),
         TEST(keeps_results_the_broker_did_not_take_until_it_is_back),
         TEST(a_manager_that_sends_attempts_gets_a_result_again_until_it_confirms),
         TEST(sends_a_result_again_until_the_manager_acknowledges_it),

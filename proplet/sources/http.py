@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 if TYPE_CHECKING:
     import httpx
 
+from core.domain import is_http_url
 from proplet.sources.base import (
     DEFAULT_MAX_MODULE_BYTES,
     BackgroundSha256,
@@ -35,10 +36,6 @@ log = logging.getLogger(__name__)
 ACCEPTED_CONTENT_TYPES = frozenset({"", "application/wasm", "application/octet-stream"})
 # Bytes handed to the hashing thread at a time (see _download).
 HASH_BATCH_BYTES = 2 * 1024 * 1024
-
-
-def is_http_url(url: str) -> bool:
-    return url[:8].lower().startswith(("http://", "https://"))
 
 
 def display_url(url: str) -> str:

@@ -349,14 +349,15 @@ def test_a_proplets_row_says_what_the_manager_sends_it_no_more() -> None:
     board = Proplet(id="esp-1", online=True, metadata={"environment": "embedded", "max_module_bytes": 4096,
                                                        "capabilities": ["task_state", "result_ack"]})
     row = PropletRow("esp-1")
-    assert row.update_from(board) and row.takes == "modules up to 4.0 KiB, core modules only, no WASI, no latent tasks"
+    assert row.update_from(board) and row.takes == ("modules up to 4.0 KiB, core modules only, no WASI, no HTTP URLs, "
+                                                "no latent tasks")
     ours = Proplet(id="gw-1", online=True, metadata={"environment": "binary", "max_module_bytes": 100 << 20})
     assert PropletRow("gw-1").update_from(ours)
     assert takes_text(ours) == "modules up to 100.0 MiB"
     assert takes_text(Proplet(id="rust-1", online=True)) == ""  # upstream's Rust proplet announces no limit
     board.metadata = {**board.metadata, "capabilities": ["latent", "components"]}
-    assert row.update_from(board) and row.takes == "modules up to 4.0 KiB, no WASI"
-    board.metadata = {**board.metadata, "capabilities": ["latent", "components", "wasi"]}
+    assert row.update_from(board) and row.takes == "modules up to 4.0 KiB, no WASI, no HTTP URLs"
+    board.metadata = {**board.metadata, "capabilities": ["latent", "components", "wasi", "http_fetch"]}
     assert row.update_from(board) and row.takes == "modules up to 4.0 KiB"
 
 

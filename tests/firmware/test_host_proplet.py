@@ -184,6 +184,24 @@ async def test_a_module_the_board_cannot_run_goes_to_a_proplet_that_can(manager_
                 assert linux.counters.unsupported == 0
 
 
+async def test_a_module_at_an_http_url_is_not_for_the_board(manager_factory, host_proplets, wasm) -> None:
+    """The board asked for an HTTP URL's module in chunks, which no one serves: the task failed after
+    the fetch's retries (12 s). The manager now sends such a task only to a proplet that downloads
+    it; pinned to the board, it fails at once, saying why."""
+    async with manager_factory() as core:
+        host_proplets(core, "esp-web")
+        await online(core, "esp-web")
+        unpinned = await core.create_task(TaskCreate(name="add", image_url="http://127.0.0.1:9/add.wasm"))
+        await core.start_task(unpinned.id)
+        started = utcnow()
+        done = await run_task(core, "esp-web", name="add", image_url="http://127.0.0.1:9/add.wasm")
+        assert done.state is TaskState.FAILED
+        assert "takes modules in chunks over MQTT only, not from an HTTP URL" in done.error
+        assert (utcnow() - started).total_seconds() < 5
+        waiting = await core.get_task(unpinned.id)
+        assert waiting.state is TaskState.PENDING and "fetched from an HTTP URL" in waiting.reason
+
+
 async def test_stop_interrupts_a_looping_task(manager_factory, host_proplets, wasm, broker) -> None:
     async with manager_factory() as core:
         topics = Topics(core.settings.tenant_id, core.settings.channel_id)

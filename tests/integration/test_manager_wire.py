@@ -426,16 +426,19 @@ async def test_a_task_goes_only_to_a_proplet_that_can_take_its_module(manager: A
         comp = await manager.create_task(add_task(file=component))
         large = await manager.create_task(add_task(file=big))
         command = await manager.create_task(add_task(file=wasi))
+        # Boards take modules in chunks only: an HTTP URL, asked for in chunks, was answered by no one.
+        web = await manager.create_task(TaskCreate(name="add", image_url="http://web.invalid/add.wasm"))
         small = await manager.create_task(add_task())
-        for task in (comp, large, command, small):
+        for task in (comp, large, command, web, small):
             await manager.start_task(task.id)
         assert (await finished(manager, small.id)).results == "42"  # a small core module runs on the board
         await asyncio.sleep(0.2)
-        waiting = {t.id: (await manager.get_task(t.id)) for t in (comp, large, command)}
+        waiting = {t.id: (await manager.get_task(t.id)) for t in (comp, large, command, web)}
         assert all(t.state is TaskState.PENDING for t in waiting.values())
         assert "its module is a component, and no live proplet runs components" in waiting[comp.id].reason
         assert "larger than every live proplet that could run it takes" in waiting[large.id].reason
         assert "its module imports WASI, and no live proplet provides it" in waiting[command.id].reason
+        assert "its module is fetched from an HTTP URL, which no live proplet does" in waiting[web.id].reason
         assert [s["id"] for s in board.starts] == [small.id]
         # Pinned to the board, it goes there (which says why it cannot run it).
         pinned = await manager.create_task(add_task(file=component, proplet_id="fit-board"))
@@ -443,9 +446,9 @@ async def test_a_task_goes_only_to_a_proplet_that_can_take_its_module(manager: A
         await eventually(lambda: pinned.id in {s["id"] for s in board.starts})
         async with SyntheticProplet(broker.url, manager.topics, "fit-linux",
                                     metadata={"environment": "binary", "max_module_bytes": 100 << 20}) as linux:
-            for task in (comp, large, command):
+            for task in (comp, large, command, web):
                 assert (await finished(manager, task.id)).proplet_id == "fit-linux"
-            assert {s["id"] for s in linux.starts} == {comp.id, large.id, command.id}
+            assert {s["id"] for s in linux.starts} == {comp.id, large.id, command.id, web.id}
 
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from core.domain import MODULE_HEAD_BYTES, ModuleNeeds, Proplet, module_needs
+from core.domain import MODULE_HEAD_BYTES, ModuleNeeds, Proplet, is_http_url, module_needs
 from core.wasmbin import WasmParseError, imported_modules
 from tests.wasmfixtures import wasm, with_custom_section
 
@@ -34,6 +34,15 @@ def test_a_head_that_cuts_the_imports_off_or_a_broken_module_counts_as_no_wasi()
     with pytest.raises(WasmParseError):
         imported_modules(b"not wasm")
     assert module_needs(8, b"not wasm") == ModuleNeeds(8, component=False, wasi=False)
+
+
+def test_embedded_proplets_fetch_no_http_url_unless_they_say_so() -> None:
+    assert is_http_url("HTTPS://web.lan/add.wasm") and is_http_url("http://x/y")
+    assert not is_http_url("reg.lan/httpd:1") and not is_http_url("blob:sha256:00")
+    board = Proplet(id="b", metadata={"environment": "embedded"})
+    assert not board.fetches_http
+    assert Proplet(id="h", metadata={"environment": "embedded", "capabilities": ["http_fetch"]}).fetches_http
+    assert Proplet(id="l", metadata={"environment": "binary"}).fetches_http
 
 
 def test_embedded_proplets_provide_no_wasi_unless_they_say_so() -> None:

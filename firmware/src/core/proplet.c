@@ -1,5 +1,6 @@
 #include "proplet.h"
 
+#include <ctype.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -443,6 +444,20 @@ static void decide_cannot_run(start_decision_t *d, const start_msg_t *m, const c
     d->outcome = may_go_elsewhere(m->attempt, m->broadcast) ? START_UNSUPPORTED : START_FAILED;
 }
 
+/* Whether an image_url is fetched over HTTP(S), as core.domain.is_http_url tells. */
+static bool is_http_url(const char *url)
+{
+    static const char *const schemes[] = {"http://", "https://"};
+    for (size_t s = 0; s < sizeof schemes / sizeof schemes[0]; s++) {
+        size_t i = 0;
+        while (schemes[s][i] != '\0' && tolower((unsigned char)url[i]) == schemes[s][i])
+            i++;
+        if (schemes[s][i] == '\0')
+            return true;
+    }
+    return false;
+}
+
 /* A WebAssembly component (layer 1) rather than a core module: the preamble's version field. */
 static bool is_component(const uint8_t *module, size_t len)
 {
@@ -602,6 +617,14 @@ static void decide_start(proplet_t *p, const start_msg_t *m, const char *untrust
     if (m->encrypted) {
         decide_cannot_run(d, m,
                           "encrypted tasks need a TEE, which the embedded proplet does not have");
+        return;
+    }
+    if (m->file_b64_len == 0 && is_http_url(m->image_url)) {
+        /* Asked for in chunks, an HTTP URL is answered by no one: the task failed after the
+         * fetch's retries, while a proplet that downloads over HTTP could run it. */
+        decide_cannot_run(d, m, "the embedded proplet takes modules in chunks over MQTT only, not from an "
+                                "HTTP URL: run the task on a proplet that downloads it, or push the module "
+                                "to a registry and give its OCI reference");
         return;
     }
     slot_t *slot = NULL;
