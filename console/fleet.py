@@ -17,7 +17,6 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from core.bounded import size_text
 from core.domain import (
     MessageRejected,
     Proplet,
@@ -194,7 +193,7 @@ class PropletRow:
         new = (p.name, p.online, p.last_alive_at, p.offline_reason, p.draining, p.task_count, p.max_in_flight,
                p.max_tasks, str(md.get("wasm_runtime", "")),
                "/".join(x for x in (str(md.get("os", "")), str(md.get("cpu_arch", ""))) if x), metrics_url,
-               takes_text(p))
+               p.takes)
         old = (self.name, self.online, self.last_seen, self.offline_reason, self.draining, self.task_count,
                self.capacity, self.slots, self.runtime, self.platform, self.metrics_url, self.takes)
         if new == old:
@@ -212,22 +211,6 @@ class PropletRow:
 
     def search_text(self) -> tuple[str, ...]:
         return (self.id, self.name, self.state, self.runtime, self.platform)
-
-
-def takes_text(p: Proplet) -> str:
-    """What limits the tasks the manager sends a proplet, from what it announced (core.domain.Proplet)."""
-    parts = []
-    if p.max_module_bytes is not None:
-        parts.append(f"modules up to {size_text(p.max_module_bytes)}")
-    if not p.runs_components:
-        parts.append("core modules only")
-    if not p.provides_wasi:
-        parts.append("no WASI")
-    if not p.fetches_http:
-        parts.append("no HTTP URLs")
-    if not p.holds_latent:
-        parts.append("no latent tasks")
-    return ", ".join(parts)
 
 
 # ------------------------------------------------------------------------------------------

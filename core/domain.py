@@ -13,6 +13,8 @@ from datetime import UTC, datetime
 from enum import IntEnum, StrEnum
 from typing import Any
 
+from core.bounded import size_text
+
 # Upstream serialises unset times as Go's zero time; clients of the upstream API expect it.
 ZERO_TIME = datetime(1, 1, 1, tzinfo=UTC)
 
@@ -341,6 +343,22 @@ class Proplet:
     def max_module_bytes(self) -> int | None:
         """The largest module it takes, as it announced (None: it did not say)."""
         return self._announced_count("max_module_bytes")
+
+    @property
+    def takes(self) -> str:
+        """What limits the tasks the manager sends it, in words, from what it announced ("" for none)."""
+        parts = []
+        if self.max_module_bytes is not None:
+            parts.append(f"modules up to {size_text(self.max_module_bytes)}")
+        if not self.runs_components:
+            parts.append("core modules only")
+        if not self.provides_wasi:
+            parts.append("no WASI")
+        if not self.fetches_http:
+            parts.append("no HTTP URLs")
+        if not self.holds_latent:
+            parts.append("no latent tasks")
+        return ", ".join(parts)
 
     def can_take(self, needs: ModuleNeeds) -> bool:
         """Whether it can run a module of this size and kind, by what it announced."""

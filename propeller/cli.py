@@ -903,10 +903,19 @@ def _runtime_name(runtime: Any) -> str:
 @click.argument("proplet_id")
 @_client_options
 def proplets_get(proplet_id: str, manager_url: str, token: str | None, as_json: bool) -> None:
-    """Show one proplet."""
+    """Show one proplet, and what limits the tasks the manager sends it (`takes`)."""
     _fetch_and_show(manager_url, token, as_json, lambda client: client.get_proplet(proplet_id),
                     lambda p: _table(["FIELD", "VALUE"], [
-        [k, json.dumps(v) if isinstance(v, (dict, list)) else v] for k, v in p.items()]))
+        *([k, json.dumps(v) if isinstance(v, (dict, list)) else v] for k, v in p.items()),
+        *([["takes", takes]] if (takes := _takes(p)) else [])]))
+
+
+def _takes(proplet: dict[str, Any]) -> str:
+    """What the manager sends the proplet no more of, by what it announced (core.domain.Proplet.takes)."""
+    from core.domain import Proplet
+
+    metadata = proplet.get("metadata")
+    return Proplet(id=str(proplet.get("id", "")), metadata=metadata if isinstance(metadata, dict) else {}).takes
 
 
 @main.group()

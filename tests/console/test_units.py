@@ -22,7 +22,6 @@ from console.fleet import (
     TrafficState,
     pretty_payload,
     summarise_payload,
-    takes_text,
 )
 from console.local import LaunchError, LocalFleet
 from console.modules import DispatchForm, FormErrors, ModuleSource, build_body, errors_by_field, split_inputs
@@ -353,8 +352,8 @@ def test_a_proplets_row_says_what_the_manager_sends_it_no_more() -> None:
                                                 "no latent tasks")
     ours = Proplet(id="gw-1", online=True, metadata={"environment": "binary", "max_module_bytes": 100 << 20})
     assert PropletRow("gw-1").update_from(ours)
-    assert takes_text(ours) == "modules up to 100.0 MiB"
-    assert takes_text(Proplet(id="rust-1", online=True)) == ""  # upstream's Rust proplet announces no limit
+    assert ours.takes == "modules up to 100.0 MiB"
+    assert Proplet(id="rust-1", online=True).takes == ""  # upstream's Rust proplet announces no limit
     board.metadata = {**board.metadata, "capabilities": ["latent", "components"]}
     assert row.update_from(board) and row.takes == "modules up to 4.0 KiB, no WASI, no HTTP URLs"
     board.metadata = {**board.metadata, "capabilities": ["latent", "components", "wasi", "http_fetch"]}

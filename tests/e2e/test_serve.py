@@ -534,7 +534,19 @@ async def test_tables_show_a_guests_output_as_printed(serve: Serve) -> None:
                          timeout=10)
         table = (await cli(serve, "proplets", "list")).stdout
         assert re.search(r"^ext-p\s.*\swasmtime \(external\)\s+linux/aarch64\s*$", table, re.MULTILINE), table
-        assert "/opt/wasmtime-v40.0.0-aarch64-linux/wasmtime" in (await cli(serve, "proplets", "get", "ext-p")).stdout
+        shown = (await cli(serve, "proplets", "get", "ext-p")).stdout
+        assert "/opt/wasmtime-v40.0.0-aarch64-linux/wasmtime" in shown and "takes" not in shown, shown
+    # A board: `proplets get` says what the manager sends it no more of, as the console's detail does.
+    board = {"environment": "embedded", "max_module_bytes": 49152, "capabilities": ["task_state"]}
+    async with SyntheticProplet(f"mqtt://127.0.0.1:{broker_port}", Topics("propeller", "default"), "esp-p",
+                                metadata=board):
+        async def listed() -> bool:
+            return (await cli(serve, "proplets", "get", "esp-p")).returncode == 0
+
+        await eventually(listed, timeout=10)
+        shown = (await cli(serve, "proplets", "get", "esp-p")).stdout
+        assert re.search(r"^takes\s+modules up to 48\.0 KiB, core modules only, no WASI, no HTTP URLs, no latent "
+                         r"tasks\s*$", shown, re.MULTILINE), shown
     serve.stop()
 
 
