@@ -14,6 +14,7 @@ from enum import IntEnum, StrEnum
 from typing import Any
 
 from core.bounded import size_text
+from core.wasmbin import WasmParseError, imported_modules
 
 # Upstream serialises unset times as Go's zero time; clients of the upstream API expect it.
 ZERO_TIME = datetime(1, 1, 1, tzinfo=UTC)
@@ -126,8 +127,6 @@ def module_needs(size: int, head: bytes | bytearray) -> ModuleNeeds:
     """The needs of a module of `size` bytes from its first bytes (the whole module, or at least
     MODULE_HEAD_BYTES of it). Imports cut off in a shorter head, or a module that does not parse, count
     as no WASI: the proplet it lands on then says whether it can run it (task_state unsupported)."""
-    from core.wasmbin import WasmParseError, imported_modules
-
     component = is_component(head)
     wasi = False
     if not component:

@@ -245,10 +245,11 @@ class ManagerCore:
         # Whose turn it is to answer the next call of each broadcast latent task (an index into
         # its holders), dropped with the task.
         self._invoke_turns: dict[str, int] = {}
-        # The size and kind of stored modules (by digest: noted as they arrive, read back for tasks
+        # What stored modules need of a proplet (by digest: noted as they arrive, read back for tasks
         # read from the database), to send a task only to a proplet that can take its module: not a
-        # component or a module over its announced max_module_bytes to the firmware. Unknown (a URL,
-        # an OCI reference): any proplet, which fails it saying why if it cannot.
+        # component, a WASI program or a module over its announced max_module_bytes to the firmware.
+        # Unknown (a URL, an OCI reference): any proplet, which answers `unsupported` if it cannot
+        # run it, and the task goes to another (_unsupported_on).
         self._module_needs: BoundedLru[str, ModuleNeeds] = BoundedLru(max_entries=4096, max_bytes=1 << 62,
                                                                       weigh=lambda _: 0)
         self._files = ArtifactCache(max_bytes=64 * 1024 * 1024)

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import click
 
-from core.domain import TaskState, invocation_wait_s
+from core.domain import Proplet, TaskState, invocation_wait_s
 from core.entrypoint import (
     LazyEpilogCommand,
     freeze_startup_objects,
@@ -912,8 +912,6 @@ def proplets_get(proplet_id: str, manager_url: str, token: str | None, as_json: 
 
 def _takes(proplet: dict[str, Any]) -> str:
     """What the manager sends the proplet no more of, by what it announced (core.domain.Proplet.takes)."""
-    from core.domain import Proplet
-
     metadata = proplet.get("metadata")
     return Proplet(id=str(proplet.get("id", "")), metadata=metadata if isinstance(metadata, dict) else {}).takes
 

@@ -245,6 +245,9 @@ static void answers_unsupported_for_tasks_it_can_never_run(void **state)
     /* A broken start is the task's fault, not this proplet's: failed wherever it goes. */
     start_with_file("t-14", "AGFz*QEAAAA=", ",\"attempt\":1");
     expect_contains(fake_published(TOPIC_RESULTS, 0), "field 'file' is not valid standard base64");
+    /* A component in the older encoding (version 0x0a) is one too, as core.domain.is_component says. */
+    start_with_file("t-14b", "AGFzbQoAAQA=", ",\"attempt\":1");
+    expect_contains(fake_published(TOPIC_TASK_STATE, 4), "the module is a WebAssembly component");
 }
 
 /* Upstream's manager reads no task_state (and numbers no attempts), and a broadcast's answer is

@@ -415,13 +415,18 @@ typedef struct {
     bool ready;
 } start_decision_t;
 
+static void decide_with(start_decision_t *d, start_outcome_t outcome, const char *fmt, va_list args)
+{
+    vsnprintf(d->text, sizeof d->text, fmt, args);
+    d->outcome = outcome;
+}
+
 static void decide_failed(start_decision_t *d, const char *fmt, ...)
 {
     va_list args;
     va_start(args, fmt);
-    vsnprintf(d->text, sizeof d->text, fmt, args);
+    decide_with(d, START_FAILED, fmt, args);
     va_end(args);
-    d->outcome = START_FAILED;
 }
 
 /* Whether a task that cannot run on this proplet, for what the proplet is (a component, a module
@@ -439,9 +444,9 @@ static void decide_cannot_run(start_decision_t *d, const start_msg_t *m, const c
 {
     va_list args;
     va_start(args, fmt);
-    vsnprintf(d->text, sizeof d->text, fmt, args);
+    bool elsewhere = may_go_elsewhere(m->attempt, m->broadcast);
+    decide_with(d, elsewhere ? START_UNSUPPORTED : START_FAILED, fmt, args);
     va_end(args);
-    d->outcome = may_go_elsewhere(m->attempt, m->broadcast) ? START_UNSUPPORTED : START_FAILED;
 }
 
 /* Whether an image_url is fetched over HTTP(S), as core.domain.is_http_url tells. */
@@ -458,12 +463,12 @@ static bool is_http_url(const char *url)
     return false;
 }
 
-/* A WebAssembly component (layer 1) rather than a core module: the preamble's version field. */
+/* A WebAssembly component rather than a core module, as core.domain.is_component tells: the
+ * preamble's version is 0x0d (0x0a in older encodings) and its layer 1. */
 static bool is_component(const uint8_t *module, size_t len)
 {
-    static const uint8_t component_preamble[8] = {0x00, 0x61, 0x73, 0x6d, 0x0d, 0x00, 0x01, 0x00};
-    return len >= sizeof component_preamble
-           && memcmp(module, component_preamble, sizeof component_preamble) == 0;
+    return len >= 8 && memcmp(module, "\0asm", 4) == 0 && (module[4] == 0x0d || module[4] == 0x0a)
+           && module[6] == 0x01 && module[7] == 0x00;
 }
 
 /* A LEB128 u32 at *pos, advancing it; false past `end` or over 32 bits. */
